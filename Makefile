@@ -1,0 +1,59 @@
+# percept: the two set-up commands are `make run` and `make test`; every other target is
+# reachable from them or documented in README.md.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+PERCEPT := $(VENV)/bin/percept
+SETUP_STAMP := $(VENV)/.percept-setup
+PROTO_DIR := protos
+PROTOS := $(wildcard $(PROTO_DIR)/percept/v1/*.proto)
+STYLE ?= starry-night
+
+.PHONY: setup run test protos bench lint train-superres train-style train-devise \
+        deploy deploy-validate clean
+
+## setup: install everything that is missing (idempotent)
+setup:
+	@scripts/setup.sh
+
+## run: the local cluster on the committed default models, with the demo (Ctrl-C stops it)
+run: setup
+	@$(PERCEPT) run
+
+## test: the whole suite
+test: setup
+	@$(PY) -m pytest -q
+
+## protos: regenerate percept/v1 Python code from the .proto files
+protos: setup
+	@$(PY) scripts/protogen.py
+
+## bench: speed and memory benchmarks, each against a baseline from the same run
+bench: setup
+	@$(PY) -m benchmarks.run
+
+## lint: ruff and mypy
+lint: setup
+	@$(VENV)/bin/ruff check . && $(VENV)/bin/mypy services training benchmarks
+
+train-superres: setup
+	@$(PERCEPT) train superres $(ARGS)
+
+train-style: setup
+	@$(PERCEPT) train style --style $(STYLE) $(ARGS)
+
+train-devise: setup
+	@$(PERCEPT) train devise $(ARGS)
+
+## deploy-validate: render every overlay, validate offline, run the policy checks
+deploy-validate: setup
+	@$(PY) deploy/validate.py
+
+## deploy: apply the gpu overlay to the current kubectl context and wait for the rollout
+deploy: deploy-validate
+	kubectl apply -k deploy/k8s/overlays/gpu
+	kubectl -n percept rollout status deployment --timeout=10m
+	kubectl -n percept rollout status statefulset --timeout=10m
+
+clean:
+	rm -rf out runs .pytest_cache .mypy_cache .ruff_cache

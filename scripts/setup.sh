@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything percept needs, from the project's own files:
+# Debian build libraries, a .venv with the pinned requirements, pillow-simd built last
+# (AVX2 when the CPU has it, SSE4 otherwise), the project itself, and the offline assets.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=.venv
+PY=${PYTHON:-}
+STAMP=$VENV/.percept-setup
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+# 1. Debian packages: headers pillow-simd compiles against (JPEG, zlib, WebP, TIFF, FreeType).
+APT_PKGS="libjpeg-dev zlib1g-dev libwebp-dev libtiff-dev libfreetype-dev"
+missing=""
+for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ]; then
+    log "apt-get install$missing"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  else
+    log "missing Debian packages:$missing (run as root, or: sudo apt-get install$missing)"; exit 1
+  fi
+fi
+
+# 2. The virtual environment. torch==2.13.0's CPU wheel lies on disk for Python 3.11.
+if [ ! -x $VENV/bin/python ]; then
+  if [ -z "$PY" ]; then
+    if command -v python3.11 >/dev/null; then PY=python3.11; else PY=python3; fi
+  fi
+  log "creating $VENV with $($PY --version)"
+  $PY -m venv $VENV
+fi
+VPY=$VENV/bin/python
+
+# 3. Pinned requirements, re-installed only when requirements.txt or this script changed.
+want=$(cat requirements.txt scripts/setup.sh | sha256sum | cut -c1-16)
+have=$(cat $STAMP 2>/dev/null || true)
+if [ "$want" != "$have" ]; then
+  log "installing pinned requirements (requirements.txt)"
+  $VPY -m pip install -q --upgrade pip wheel setuptools
+  $VPY -m pip install -q -r requirements.txt
+  rm -f $VENV/.pillow-simd
+fi
+
+# 4. pillow-simd last: anything depending on Pillow reinstalls stock Pillow over it.
+if ! $VPY -c "import PIL, sys; sys.exit(0 if 'post' in PIL.__version__ else 1)" 2>/dev/null; then
+  if grep -qw avx2 /proc/cpuinfo; then SIMD="-mavx2"; else SIMD="-msse4"; fi
+  log "building pillow-simd 12.1.1.post0 with CC='cc $SIMD' (about 30 s)"
+  $VPY -m pip uninstall -q -y pillow pillow-simd >/dev/null 2>&1 || true
+  CC="cc $SIMD" $VPY -m pip install -q --no-cache-dir --no-binary :all: --no-build-isolation pillow-simd==12.1.1.post0
+fi
+
+# 5. The project itself (editable; console script `percept`).
+if ! $VPY -c "import services, training, percept.v1" 2>/dev/null || [ "$want" != "$have" ]; then
+  log "installing percept (editable)"
+  $VPY -m pip install -q --no-deps --no-build-isolation -e .
+fi
+
+# 6. Offline assets (VGG19 weights ...), checked by sha256.
+$VPY -m training.assets fetch
+
+echo "$want" > $STAMP
+log "ready: $($VPY -c 'import PIL, torch, grpc; print(f"PIL {PIL.__version__}, torch {torch.__version__}, grpcio {grpc.__version__}")')"

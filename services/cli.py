@@ -1,0 +1,385 @@
+"""``percept``: the client and operator command line.
+
+Client commands talk to running services (``--target host:port``; defaults: the local
+cluster's ports, or ``$PERCEPT_TARGET``). A failed call prints the gRPC status name and
+message on stderr (``INVALID_ARGUMENT: not a decodable image``) and exits 1; a bad command
+line or unreadable file exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import grpc
+
+from services import client
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """A problem with the command line or local files (exit code 2)."""
+
+
+def _read(path: str, what: str = "input") -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise UsageError(f"cannot read {what} {path}: {error.strerror or error}") from error
+
+
+def _write(path: str, data: bytes) -> None:
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror or error}") from error
+
+
+def _add_target(parser: argparse.ArgumentParser, service: str) -> None:
+    parser.add_argument("--target", default=None,
+                        help=f"host:port of the {service} service "
+                             f"(default: $PERCEPT_TARGET or {client.default_target(service)})")
+    parser.set_defaults(service_for_target=service)
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    return client.connect(args.target or client.default_target(args.service_for_target))
+
+
+# -- serving -----------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from services.common.config import config_from_args
+    from services.common.server import run_server
+
+    return run_server(config_from_args(args.name, args))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from services.local_cluster import run_local_cluster
+
+    return run_local_cluster(out_dir=Path(args.out), demo=not args.no_demo,
+                             keep_serving=not args.once)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from services.common.config import SERVICE_PORTS
+
+    target = args.target or f"localhost:{SERVICE_PORTS['all']}"
+    status = client.health_status(client.connect(target), args.service, timeout=args.timeout)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+# -- client commands -----------------------------------------------------------------------
+def cmd_upscale(args: argparse.Namespace) -> int:
+    response = client.upscale(_channel(args), _read(args.input), model=args.model,
+                              output_format=client.format_for_path(args.output))
+    _write(args.output, response.image)
+    print(f"{args.output}: {response.width}x{response.height} ({response.model})")
+    return 0
+
+
+def cmd_styles(args: argparse.Namespace) -> int:
+    styles = client.list_styles(_channel(args))
+    if args.json:
+        print(json.dumps({"styles": [{"name": s.name, "title": s.title, "version": s.version}
+                                     for s in styles]}))
+    elif not styles:
+        print("no fixed styles installed (StylizeWithImage works with any --style-image)")
+    for style in styles if not args.json else []:
+        print(f"{style.name:20s} {style.title} (v{style.version})")
+    return 0
+
+
+def _layer_weights(pairs: Sequence[str]) -> dict[str, float]:
+    weights = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            weights[name.strip()] = float(value)
+        except ValueError as error:
+            raise UsageError(f"--layer-weight wants LAYER=WEIGHT, got {pair!r}") from error
+    return weights
+
+
+def cmd_stylize(args: argparse.Namespace) -> int:
+    from percept.v1 import style_pb2
+
+    if bool(args.style) == bool(args.style_image):
+        raise UsageError("give exactly one of --style NAME or --style-image PATH")
+    channel = _channel(args)
+    fmt = client.format_for_path(args.output)
+    mask = _read(args.mask, "mask") if args.mask else b""
+    if args.style:
+        request = style_pb2.StylizeRequest(image=_read(args.input), style=args.style,
+                                           preserve_color=args.preserve_color, mask=mask,
+                                           output_format=fmt)
+        if args.strength is not None:
+            request.strength = args.strength
+        result = client.stylize(channel, request)
+    else:
+        from tqdm import tqdm
+
+        optimisation = style_pb2.StylizeWithImageRequest(
+            content_image=_read(args.input), style_image=_read(args.style_image, "style image"),
+            iterations=args.iterations, preserve_color=args.preserve_color, mask=mask,
+            max_size=args.max_size, seed=args.seed, output_format=fmt,
+            init={"content": style_pb2.STYLE_INIT_CONTENT,
+                  "noise": style_pb2.STYLE_INIT_BLURRED_NOISE}[args.init],
+            optimizer={"lbfgs": style_pb2.STYLE_OPTIMIZER_LBFGS,
+                       "adam": style_pb2.STYLE_OPTIMIZER_ADAM}[args.optimizer],
+            style_layer_weights=_layer_weights(args.layer_weight))
+        for name in ("content_weight", "style_weight", "tv_weight"):
+            if getattr(args, name) is not None:
+                setattr(optimisation, name, getattr(args, name))
+        with tqdm(total=args.iterations, desc="stylize", unit="it", disable=args.quiet) as bar:
+            def on_progress(p: style_pb2.StylizeProgress) -> None:
+                bar.total = p.iterations
+                bar.update(p.iteration - bar.n)
+                bar.set_postfix(loss=f"{p.total_loss:.3g}")
+
+            result = client.stylize_with_image(channel, optimisation, on_progress,
+                                               timeout=args.timeout)
+    _write(args.output, result.image)
+    print(f"{args.output}: {result.width}x{result.height} ({result.model})")
+    return 0
+
+
+def _labels_json(response: object) -> dict[str, object]:
+    return {"labels": [{"wnid": label.wnid, "lemmas": list(label.lemmas), "gloss": label.gloss,
+                        "score": round(float(label.score), 4)}
+                       for label in response.labels]}  # type: ignore[attr-defined]
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from percept.v1 import embed_pb2
+
+    method = {"default": embed_pb2.EMBEDDING_METHOD_UNSPECIFIED,
+              "devise": embed_pb2.EMBEDDING_METHOD_DEVISE,
+              "conse": embed_pb2.EMBEDDING_METHOD_CONSE}[args.method]
+    response = client.label_image(_channel(args), _read(args.input), k=args.top, method=method,
+                                  under_wnid=args.under or "", zero_shot=args.zero_shot)
+    if args.json:
+        print(json.dumps(_labels_json(response)))
+        return 0
+    for label in response.labels:
+        print(f"{label.score:6.3f}  {label.wnid}  {', '.join(label.lemmas[:3])}  "
+              f"— {label.gloss[:70]}")
+    return 0
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _image_files(paths: Sequence[str], recursive: bool) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            pattern = "**/*" if recursive else "*"
+            files.extend(p for p in sorted(path.glob(pattern))
+                         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UsageError(f"no such file or folder: {raw}")
+    return files
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from percept.v1 import search_pb2
+
+    files = _image_files(args.paths, args.recursive)
+    unreadable: list[str] = []
+
+    def items() -> object:
+        for path in files:
+            try:
+                data = path.read_bytes()
+            except OSError as error:
+                unreadable.append(f"{path}: {error.strerror}")
+                continue
+            yield search_pb2.AddImageRequest(id=str(path.resolve()), uri=str(path), image=data)
+
+    added, rejected = 0, []
+    with tqdm(total=len(files), desc="index", unit="img", disable=args.quiet) as bar:
+        for ack in client.add_images(_channel(args), items()):  # type: ignore[arg-type]
+            added += len(ack.added)
+            rejected.extend(ack.rejected)
+            bar.update(len(ack.added) + len(ack.rejected))
+    for rejection in rejected:
+        print(f"warning: skipped {rejection.id}: {rejection.code}: {rejection.reason}",
+              file=sys.stderr)
+    for line in unreadable:
+        print(f"warning: skipped unreadable {line}", file=sys.stderr)
+    print(f"indexed {added} of {len(files)} images; skipped {len(rejected) + len(unreadable)}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    if bool(args.text) == bool(args.image):
+        raise UsageError("give a TEXT query or --image PATH, not both")
+    channel = _channel(args)
+    if args.image:
+        response = client.search_by_image(channel, _read(args.image), k=args.top)
+    else:
+        response = client.search_by_text(channel, args.text, k=args.top)
+    if args.json:
+        print(json.dumps({"hits": [{"id": h.id, "uri": h.uri, "score": round(float(h.score), 4)}
+                                   for h in response.hits]}))
+        return 0
+    for hit in response.hits:
+        print(f"{hit.score:6.3f}  {hit.uri or hit.id}")
+    return 0
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    from services.cluster_status import cluster_status
+
+    return cluster_status(namespace=args.namespace, context=args.context)
+
+
+# -- parser ------------------------------------------------------------------------------
+def _register_optional(sub: argparse._SubParsersAction, module: str) -> None:
+    """Commands that live in the training package (data, train, eval)."""
+    try:
+        registrar = importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name and module.startswith(error.name):
+            return
+        raise
+    registrar.register(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from services.common.config import SERVICES, add_server_arguments
+
+    parser = argparse.ArgumentParser(prog="percept", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run a service (or all of them) until SIGTERM")
+    serve.add_argument("name", choices=[*SERVICES, "all"])
+    add_server_arguments(serve)
+    serve.set_defaults(handler=cmd_serve)
+
+    run = sub.add_parser("run", help="the local cluster on the default models, with the demo")
+    run.add_argument("--out", default="out", help="where the demo writes its pictures")
+    run.add_argument("--no-demo", action="store_true", help="only serve")
+    run.add_argument("--once", action="store_true", help="stop after the demo")
+    run.set_defaults(handler=cmd_run)
+
+    health = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING")
+    health.add_argument("--target", default=None, help="host:port (default localhost:50050)")
+    health.add_argument("--service", default="", help="fully-qualified service name; '' = all")
+    health.add_argument("--timeout", type=float, default=5.0)
+    health.set_defaults(handler=cmd_health)
+
+    upscale = sub.add_parser("upscale", help="4x super-resolution of IN into OUT")
+    upscale.add_argument("input")
+    upscale.add_argument("output")
+    upscale.add_argument("--model", default="", help="model name (default: the server's)")
+    _add_target(upscale, "superres")
+    upscale.set_defaults(handler=cmd_upscale)
+
+    styles = sub.add_parser("styles", help="list the fixed styles")
+    styles.add_argument("--json", action="store_true")
+    _add_target(styles, "style")
+    styles.set_defaults(handler=cmd_styles)
+
+    stylize = sub.add_parser("stylize", help="style transfer: --style NAME or --style-image S")
+    stylize.add_argument("input")
+    stylize.add_argument("output")
+    stylize.add_argument("--style", help="a fixed style from `percept styles`")
+    stylize.add_argument("--style-image", help="any style image (optimisation-based, Gatys)")
+    stylize.add_argument("--preserve-color", action="store_true",
+                         help="transfer luminance only, keep the content's colours")
+    stylize.add_argument("--strength", type=float, default=None, help="0..1 blend (--style)")
+    stylize.add_argument("--mask", help="grey image: white = stylise, black = keep")
+    stylize.add_argument("--iterations", type=int, default=300)
+    stylize.add_argument("--init", choices=["content", "noise"], default="content")
+    stylize.add_argument("--optimizer", choices=["lbfgs", "adam"], default="lbfgs")
+    stylize.add_argument("--max-size", type=int, default=256, help="working longest side (px)")
+    stylize.add_argument("--layer-weight", action="append", default=[], metavar="LAYER=W",
+                         help="style weight of one VGG19 layer, e.g. relu1_1=0.5 (repeatable)")
+    stylize.add_argument("--content-weight", type=float, default=None)
+    stylize.add_argument("--style-weight", type=float, default=None)
+    stylize.add_argument("--tv-weight", type=float, default=None)
+    stylize.add_argument("--seed", type=int, default=0)
+    stylize.add_argument("--timeout", type=float, default=3600.0, help="deadline in seconds")
+    stylize.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_target(stylize, "style")
+    stylize.set_defaults(handler=cmd_stylize)
+
+    label = sub.add_parser("label", help="zero-shot WordNet labels for an image")
+    label.add_argument("input")
+    label.add_argument("--top", type=int, default=5)
+    label.add_argument("--method", choices=["default", "devise", "conse"], default="default")
+    label.add_argument("--under", help="only hyponyms of this wnid, e.g. n00015388 (animal)")
+    label.add_argument("--zero-shot", action="store_true", help="exclude the ImageNet classes")
+    label.add_argument("--json", action="store_true")
+    _add_target(label, "embed")
+    label.set_defaults(handler=cmd_label)
+
+    index = sub.add_parser("index", help="add images (files or folders) to the search index")
+    index.add_argument("paths", nargs="+")
+    index.add_argument("--recursive", action="store_true")
+    index.add_argument("--quiet", action="store_true")
+    _add_target(index, "search")
+    index.set_defaults(handler=cmd_index)
+
+    search = sub.add_parser("search", help="search indexed images by TEXT or --image")
+    search.add_argument("text", nargs="?", default="")
+    search.add_argument("--image")
+    search.add_argument("--top", type=int, default=10)
+    search.add_argument("--json", action="store_true")
+    _add_target(search, "search")
+    search.set_defaults(handler=cmd_search)
+
+    cluster = sub.add_parser("cluster", help="Kubernetes deployment status")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    status = cluster_sub.add_parser("status", help="readiness and replicas of the services")
+    status.add_argument("--namespace", default="percept")
+    status.add_argument("--context", default=None)
+    status.set_defaults(handler=cmd_cluster_status)
+
+    for module in ("training.data.cli", "training.cli_train", "training.cli_eval"):
+        _register_optional(sub, module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # no C-core INFO lines in CLI output
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except grpc.RpcError as error:
+        code = error.code() if hasattr(error, "code") else None
+        details = error.details() if hasattr(error, "details") else str(error)
+        name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+        print(f"{name}: {details}", file=sys.stderr)
+        return 1
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

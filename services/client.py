@@ -1,0 +1,114 @@
+"""The gRPC client used by the CLI, the demo and the tests: one function per RPC."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from percept.v1 import (
+    embed_pb2,
+    embed_pb2_grpc,
+    image_pb2,
+    search_pb2,
+    search_pb2_grpc,
+    style_pb2,
+    style_pb2_grpc,
+    superres_pb2,
+    superres_pb2_grpc,
+)
+from services.common.config import SERVICE_PORTS
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_EXTENSIONS = {".png": image_pb2.IMAGE_FORMAT_PNG, ".jpg": image_pb2.IMAGE_FORMAT_JPEG,
+               ".jpeg": image_pb2.IMAGE_FORMAT_JPEG, ".webp": image_pb2.IMAGE_FORMAT_WEBP}
+
+
+def default_target(service: str) -> str:
+    """``$PERCEPT_TARGET`` if set, else the local cluster's port for ``service``."""
+    return os.environ.get("PERCEPT_TARGET") or f"localhost:{SERVICE_PORTS[service]}"
+
+
+def connect(target: str) -> grpc.Channel:
+    """An insecure channel with percept's message-size limits and round-robin balancing
+    (a ``dns:///`` target over a headless Kubernetes Service spreads requests over pods)."""
+    return grpc.insecure_channel(target, options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.lb_policy_name", "round_robin"),
+    ])
+
+
+def format_for_path(path: str | Path) -> int:
+    """The ImageFormat enum for an output file's extension (PNG for unknown ones)."""
+    return _EXTENSIONS.get(Path(path).suffix.lower(), image_pb2.IMAGE_FORMAT_PNG)
+
+
+def health_status(channel: grpc.Channel, service: str = "", timeout: float = 5.0) -> str:
+    """The grpc.health.v1 status name of ``service`` ("" = the whole server)."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+def upscale(channel: grpc.Channel, image: bytes, *, model: str = "", output_format: int = 0,
+            timeout: float | None = 300) -> superres_pb2.UpscaleResponse:
+    stub = superres_pb2_grpc.SuperResolutionStub(channel)
+    return stub.Upscale(superres_pb2.UpscaleRequest(image=image, scale=4, model=model,
+                                                    output_format=output_format),
+                        timeout=timeout)
+
+
+def list_styles(channel: grpc.Channel, timeout: float | None = 30) -> list[style_pb2.StyleInfo]:
+    stub = style_pb2_grpc.StyleTransferStub(channel)
+    return list(stub.ListStyles(style_pb2.ListStylesRequest(), timeout=timeout).styles)
+
+
+def stylize(channel: grpc.Channel, request: style_pb2.StylizeRequest,
+            timeout: float | None = 300) -> style_pb2.StylizeResponse:
+    return style_pb2_grpc.StyleTransferStub(channel).Stylize(request, timeout=timeout)
+
+
+def stylize_with_image(channel: grpc.Channel, request: style_pb2.StylizeWithImageRequest,
+                       on_progress: Callable[[style_pb2.StylizeProgress], None] | None = None,
+                       timeout: float | None = 3600) -> style_pb2.StylizeResponse:
+    """Runs the optimisation, reporting streamed progress; returns the final result."""
+    stream = style_pb2_grpc.StyleTransferStub(channel).StylizeWithImage(request, timeout=timeout)
+    result = None
+    for message in stream:
+        if message.HasField("progress") and on_progress is not None:
+            on_progress(message.progress)
+        elif message.HasField("result"):
+            result = message.result
+    if result is None:
+        raise RuntimeError("the server closed the stream without a result")
+    return result
+
+
+def label_image(channel: grpc.Channel, image: bytes, *, k: int = 5, method: int = 0,
+                under_wnid: str = "", zero_shot: bool = False,
+                timeout: float | None = 60) -> embed_pb2.LabelImageResponse:
+    stub = embed_pb2_grpc.EmbeddingStub(channel)
+    return stub.LabelImage(embed_pb2.LabelImageRequest(
+        image=image, k=k, method=method, under_wnid=under_wnid, zero_shot=zero_shot),
+        timeout=timeout)
+
+
+def add_images(channel: grpc.Channel, items: Iterable[search_pb2.AddImageRequest],
+               timeout: float | None = None) -> Iterator[search_pb2.AddImagesAck]:
+    return search_pb2_grpc.ImageSearchStub(channel).AddImages(iter(items), timeout=timeout)
+
+
+def search_by_text(channel: grpc.Channel, text: str, k: int = 10,
+                   timeout: float | None = 60) -> search_pb2.SearchResponse:
+    return search_pb2_grpc.ImageSearchStub(channel).SearchByText(
+        search_pb2.SearchByTextRequest(text=text, k=k), timeout=timeout)
+
+
+def search_by_image(channel: grpc.Channel, image: bytes, k: int = 10,
+                    timeout: float | None = 60) -> search_pb2.SearchResponse:
+    return search_pb2_grpc.ImageSearchStub(channel).SearchByImage(
+        search_pb2.SearchByImageRequest(image=image, k=k), timeout=timeout)

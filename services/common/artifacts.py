@@ -1,0 +1,76 @@
+"""Loading versioned model artifacts from ``models/<name>/`` (format: docs/architecture.md).
+
+Services load artifacts by name; the architecture is data (``config.json``), built with
+``training.nets.build``, and the weights are a safetensors state_dict (fp16 on disk).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from training import nets
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A loaded model artifact."""
+
+    name: str
+    version: int
+    task: str
+    config: dict[str, Any]
+    module: nn.Module
+    path: Path
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing")
+    config: dict[str, Any] = json.loads(config_path.read_text())
+    for key in ("name", "version", "task", "architecture"):
+        if key not in config:
+            raise ValueError(f"{config_path}: missing key {key!r}")
+    return config
+
+
+def list_artifacts(models_dir: Path, task: str) -> list[str]:
+    """Names of the artifacts under ``models_dir`` whose config.json has ``task``."""
+    if not models_dir.is_dir():
+        return []
+    names = []
+    for child in sorted(models_dir.iterdir()):
+        config_path = child / "config.json"
+        if config_path.is_file():
+            try:
+                if json.loads(config_path.read_text()).get("task") == task:
+                    names.append(child.name)
+            except json.JSONDecodeError:
+                continue
+    return names
+
+
+def load_artifact(models_dir: Path, name: str, device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> Artifact:
+    """Builds the artifact's module, loads its weights strictly and moves it to device."""
+    path = models_dir / name
+    config = read_config(path)
+    module = nets.build(config["architecture"])
+    weights = path / config.get("weights", "weights.safetensors")
+    state = load_file(str(weights), device="cpu")
+    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    module.eval().requires_grad_(False)
+    module.to(device=device, dtype=dtype)
+    return Artifact(name=config["name"], version=int(config["version"]), task=config["task"],
+                    config=config, module=module, path=path)

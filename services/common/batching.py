@@ -1,0 +1,189 @@
+"""Dynamic micro-batching behind a bounded queue.
+
+Requests submitted with the same ``key`` (a compatible shape, a model name ...) are grouped
+into one call of the batch function: the first request of a group waits at most
+``max_wait_ms`` for up to ``max_batch - 1`` companions. The queue holds at most
+``max_queue`` requests (waiting or running); one more is refused at once with
+RESOURCE_EXHAUSTED, so memory never grows without bound. A request whose deadline has
+passed, or whose caller went away, is dropped before compute.
+
+The batch function runs in a single worker thread per batcher (one model, one stream of
+work), off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from services.common.errors import DeadlineExceeded, ResourceExhausted
+from services.common.metrics import BATCH_SIZE, DROPPED, QUEUE_DEPTH, REJECTED
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending(Generic[In]):
+    item: In
+    future: asyncio.Future[Any]
+    deadline: float | None  # time.monotonic() seconds
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class MicroBatcher(Generic[In, Out]):
+    """Groups concurrent requests into batches for ``process(items) -> results``."""
+
+    def __init__(self, name: str, process: Callable[[Sequence[In]], Sequence[Out]], *,
+                 max_batch: int, max_wait_ms: float, max_queue: int) -> None:
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError("max_batch and max_queue must be >= 1")
+        self.name = name
+        self._process = process
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self._groups: OrderedDict[Hashable, deque[_Pending[In]]] = OrderedDict()
+        self._waiting = 0
+        self._running = 0
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
+        self.batches_run = 0
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting plus requests in the running batch."""
+        return self._waiting + self._running
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._wakeup = asyncio.Event()
+            self._worker = asyncio.get_running_loop().create_task(self._run(),
+                                                                  name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        for group in self._groups.values():
+            for pending in group:
+                if not pending.future.done():
+                    pending.future.cancel()
+        self._groups.clear()
+        self._waiting = 0
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, item: In, *, key: Hashable = None,
+                     timeout: float | None = None) -> Out:
+        """Queues ``item`` and waits for its result.
+
+        Raises ResourceExhausted at once when the queue is full, DeadlineExceeded when the
+        deadline (``timeout`` seconds from now) passes before the item is computed."""
+        if self._worker is None:
+            self.start()
+        if self.depth >= self.max_queue:
+            REJECTED.labels(self.name).inc()
+            raise ResourceExhausted(
+                f"{self.name} queue is full ({self.max_queue} requests); retry with backoff")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = _Pending(item=item, future=loop.create_future(), deadline=deadline)
+        self._groups.setdefault(key, deque()).append(pending)
+        self._waiting += 1
+        QUEUE_DEPTH.labels(self.name).set(self.depth)
+        assert self._wakeup is not None
+        self._wakeup.set()
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            pending.future.cancel()
+            raise
+
+    def _take_batch(self) -> list[_Pending[In]]:
+        """Pops up to max_batch requests of the oldest group."""
+        key, group = next(iter(self._groups.items()))
+        batch = [group.popleft() for _ in range(min(self.max_batch, len(group)))]
+        if not group:
+            del self._groups[key]
+        self._waiting -= len(batch)
+        return batch
+
+    async def _wait_for_companions(self) -> None:
+        """Lets the oldest group fill up to max_batch, for at most max_wait."""
+        assert self._wakeup is not None
+        oldest = next(iter(self._groups.values()))
+        until = oldest[0].enqueued + self.max_wait
+        while len(oldest) < self.max_batch:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _live(self, batch: list[_Pending[In]]) -> list[_Pending[In]]:
+        """Drops requests whose caller left or whose deadline passed."""
+        now = time.monotonic()
+        live = []
+        for pending in batch:
+            if pending.future.done():
+                DROPPED.labels(self.name, "cancelled").inc()
+            elif pending.deadline is not None and now >= pending.deadline:
+                DROPPED.labels(self.name, "deadline").inc()
+                pending.future.set_exception(DeadlineExceeded(
+                    "deadline exceeded while queued; the request was dropped before compute"))
+            else:
+                live.append(pending)
+        return live
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._groups:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self.max_batch > 1:
+                await self._wait_for_companions()
+            batch = self._live(self._take_batch())
+            if not batch:
+                QUEUE_DEPTH.labels(self.name).set(self.depth)
+                continue
+            self._running = len(batch)
+            BATCH_SIZE.labels(self.name).observe(len(batch))
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, self._process, [p.item for p in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{self.name}: batch function returned {len(results)} "
+                                       f"results for {len(batch)} items")
+                for pending, result in zip(batch, results, strict=True):
+                    if pending.future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        pending.future.set_exception(result)
+                    else:
+                        pending.future.set_result(result)
+            except Exception as error:  # the batch failed: every caller gets the error
+                log.exception("batch failed", extra={"queue": self.name, "size": len(batch)})
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(error)
+            finally:
+                self.batches_run += 1
+                self._running = 0
+                QUEUE_DEPTH.labels(self.name).set(self.depth)

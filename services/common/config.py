@@ -1,0 +1,153 @@
+"""Server configuration from command-line flags, with ``PERCEPT_*`` environment fallbacks.
+
+A flag beats the environment, which beats the built-in default. The environment name of a
+flag is ``PERCEPT_`` + the flag in upper case with dashes as underscores, so
+``--max-batch`` reads ``PERCEPT_MAX_BATCH``. The Kubernetes ConfigMap sets these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from training.assets import REPO_ROOT
+
+SERVICES = ("superres", "style", "embed", "search")
+SERVICE_PORTS = {"all": 50050, "superres": 50051, "style": 50052, "embed": 50053, "search": 50054}
+METRICS_PORT_OFFSET = 9100 - 50050  # all -> 9100, superres -> 9101, ...
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything a server process needs to know; built by :func:`config_from_args`."""
+
+    service: str
+    host: str = "0.0.0.0"
+    port: int = 50050
+    metrics_port: int = 9100
+    models_dir: Path = REPO_ROOT / "models"
+    data_dir: Path = REPO_ROOT / "data" / "search"
+    device: str = "auto"
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+    max_queue: int = 64
+    max_message_mb: int = 64
+    max_pixels: int = 64_000_000
+    drain_seconds: float = 20.0
+    log_format: str = "json"
+    log_level: str = "info"
+    embed_target: str = ""
+    max_iterations: int = 2000
+    max_optimisations: int = 4
+    default_model: str = ""
+    warmup: bool = True
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 1024 * 1024
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """The services this process hosts (``all`` means every one)."""
+        return SERVICES if self.service == "all" else (self.service,)
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return ServerConfig(**values)
+
+
+def _env_name(flag: str) -> str:
+    return "PERCEPT_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
+    def parse(text: str) -> T:
+        value = kind(text)
+        if value <= 0:  # type: ignore[operator]
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {text}")
+    return value
+
+
+def _env_default(flag: str, default: Any, kind: Callable[[str], Any]) -> Any:
+    raw = os.environ.get(_env_name(flag))
+    if raw is None or raw == "":
+        return default
+    try:
+        return kind(raw)
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        raise SystemExit(f"{_env_name(flag)}={raw!r}: {error}") from error
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds every server flag (except the positional service name) to ``parser``."""
+    base = ServerConfig(service="all")
+
+    def add(flag: str, kind: Callable[[str], Any], default: Any, help_text: str,
+            **extra: Any) -> None:
+        value = _env_default(flag, default, kind)
+        parser.add_argument(flag, type=kind, default=value,
+                            help=f"{help_text} (env {_env_name(flag)}; default %(default)s)",
+                            **extra)
+
+    add("--host", str, base.host, "address to bind")
+    add("--port", _port, None, "gRPC port; default: 50050 for all, 50051..50054 per service")
+    add("--metrics-port", _port, None, "Prometheus /metrics port, 0 disables; default: 9100+")
+    add("--models-dir", Path, base.models_dir, "folder of model artifacts")
+    add("--data-dir", Path, base.data_dir, "where the search index lives")
+    add("--device", str, base.device, "auto | cpu | cuda", choices=["auto", "cpu", "cuda"])
+    add("--max-batch", _positive(int), base.max_batch, "largest micro-batch")
+    add("--max-wait-ms", float, base.max_wait_ms, "longest wait to fill a micro-batch")
+    add("--max-queue", _positive(int), base.max_queue,
+        "requests queued per model before RESOURCE_EXHAUSTED")
+    add("--max-message-mb", _positive(int), base.max_message_mb, "gRPC message size limit")
+    add("--max-pixels", _positive(int), base.max_pixels, "largest accepted image, in pixels")
+    add("--drain-seconds", float, base.drain_seconds, "grace period for in-flight RPCs on SIGTERM")
+    add("--log-format", str, base.log_format, "json | text", choices=["json", "text"])
+    add("--log-level", str, base.log_level, "debug | info | warning | error")
+    add("--embed-target", str, base.embed_target,
+        "search: address of the Embedding service; empty = in-process")
+    add("--max-iterations", _positive(int), base.max_iterations,
+        "style: most optimiser iterations a StylizeWithImage request may ask for")
+    add("--max-optimisations", _positive(int), base.max_optimisations,
+        "style: StylizeWithImage requests queued or running before RESOURCE_EXHAUSTED")
+    add("--default-model", str, base.default_model, "superres: model used when a request names none")
+    add("--warmup", _parse_bool, base.warmup, "run one warm-up inference before reporting SERVING")
+
+
+def config_from_args(service: str, args: argparse.Namespace) -> ServerConfig:
+    """Builds a ServerConfig for ``service`` from parsed flags."""
+    if service not in (*SERVICES, "all"):
+        raise ValueError(f"unknown service {service!r}; choose from all, {', '.join(SERVICES)}")
+    port = args.port if args.port is not None else SERVICE_PORTS[service]
+    metrics_port = args.metrics_port
+    if metrics_port is None:
+        metrics_port = SERVICE_PORTS[service] + METRICS_PORT_OFFSET
+    values = {f.name: getattr(args, f.name) for f in fields(ServerConfig)
+              if f.name not in {"service", "port", "metrics_port"} and hasattr(args, f.name)}
+    return ServerConfig(service=service, port=port, metrics_port=metrics_port, **values)

@@ -1,0 +1,196 @@
+"""Decoding, validation and encoding of the images that travel as bytes in requests.
+
+Every failure is an :class:`InvalidArgument` with a precise message; nothing here can make
+the server allocate more than the pixel cap allows: the size is read from the header before
+any pixel is decoded (decompression-bomb guard).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from percept.v1 import image_pb2
+from services.common.errors import InvalidArgument
+
+# We enforce our own cap from the header; Pillow's global guard would fire on a different,
+# process-wide number and with a less precise message.
+Image.MAX_IMAGE_PIXELS = None
+
+_FORMATS = {
+    image_pb2.IMAGE_FORMAT_UNSPECIFIED: "PNG",
+    image_pb2.IMAGE_FORMAT_PNG: "PNG",
+    image_pb2.IMAGE_FORMAT_JPEG: "JPEG",
+    image_pb2.IMAGE_FORMAT_WEBP: "WEBP",
+}
+_ALPHA_MODES = {"RGBA", "LA", "La", "RGBa", "PA"}
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image as 8-bit RGB, with its alpha channel kept apart when it has one."""
+
+    rgb: np.ndarray  # (H, W, 3) uint8
+    alpha: np.ndarray | None  # (H, W) uint8, or None when absent or fully opaque
+    source_format: str
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Scales 16/32-bit integer and float grey images to 8-bit grey."""
+    array = np.asarray(image)
+    if image.mode == "F":
+        lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
+        scale = 255.0 if hi <= 1.0 and lo >= 0.0 else 1.0
+        return Image.fromarray(np.clip(np.nan_to_num(array) * scale, 0, 255).astype(np.uint8))
+    peak = 65535 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255
+    return Image.fromarray(np.clip(array.astype(np.float64) * (255.0 / peak) + 0.5, 0, 255)
+                           .astype(np.uint8))
+
+
+def _normalise_mode(image: Image.Image) -> Image.Image:
+    """Converts any decoded mode to RGB or RGBA."""
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_8bit(image)
+    if image.mode == "P":
+        return image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in _ALPHA_MODES:
+        return image.convert("RGBA")
+    if image.mode != "RGB":
+        return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+    return image
+
+
+def probe_size(data: bytes, what: str = "image") -> tuple[int, int]:
+    """Width and height from the header alone."""
+    if not data:
+        raise InvalidArgument(f"empty {what}")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except (UnidentifiedImageError, SyntaxError, ValueError, OSError, EOFError) as error:
+        raise InvalidArgument(f"not a decodable {what}") from error
+
+
+def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> DecodedImage:
+    """Decodes ``data`` to RGB (+ alpha). The first frame of an animation is used and EXIF
+    orientation is applied. Raises InvalidArgument for empty, undecodable, truncated or
+    oversized input."""
+    if not data:
+        raise InvalidArgument(f"empty {what}")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, SyntaxError, ValueError, OSError, EOFError) as error:
+        raise InvalidArgument(f"not a decodable {what}") from error
+    with image:
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise InvalidArgument(f"{what} has zero size ({width} x {height})")
+        if width * height > max_pixels:
+            raise InvalidArgument(
+                f"{what} has {width} x {height} = {width * height} pixels, "
+                f"over the cap of {max_pixels}")
+        source_format = image.format or "unknown"
+        try:
+            if getattr(image, "n_frames", 1) > 1:
+                image.seek(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                image.load()
+                image = ImageOps.exif_transpose(image) or image
+        except OSError as error:
+            text = str(error)
+            if "truncated" in text or "broken data stream" in text or "unrecognized data" in text:
+                raise InvalidArgument(f"truncated {what}: {text}") from error
+            raise InvalidArgument(f"corrupt {what} data: {text}") from error
+        except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+            raise InvalidArgument(f"corrupt {what} data: {error}") from error
+        image = _normalise_mode(image)
+        array = np.asarray(image)
+    if array.shape[-1] == 4:
+        alpha = np.ascontiguousarray(array[..., 3])
+        rgb = np.ascontiguousarray(array[..., :3])
+        return DecodedImage(rgb=rgb, alpha=None if alpha.min() == 255 else alpha,
+                            source_format=source_format)
+    return DecodedImage(rgb=np.ascontiguousarray(array), alpha=None, source_format=source_format)
+
+
+def decode_mask(data: bytes, *, max_pixels: int, size: tuple[int, int],
+                aspect_tolerance: float = 0.02) -> np.ndarray:
+    """Decodes a grey mask (white = 1) and resizes it to ``size`` = (width, height).
+
+    The mask's aspect ratio must match the image's within ``aspect_tolerance``."""
+    decoded = decode_image(data, max_pixels=max_pixels, what="mask")
+    width, height = size
+    mask_ratio = decoded.width / decoded.height
+    image_ratio = width / height
+    if abs(mask_ratio / image_ratio - 1.0) > aspect_tolerance:
+        raise InvalidArgument(
+            f"mask aspect ratio {decoded.width}x{decoded.height} does not match the image's "
+            f"{width}x{height}")
+    grey = Image.fromarray(decoded.rgb).convert("L")
+    if decoded.alpha is not None:  # transparent = not stylised
+        grey = Image.fromarray((np.asarray(grey, np.float32) * (decoded.alpha / 255.0))
+                               .astype(np.uint8))
+    if grey.size != (width, height):
+        grey = grey.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(grey, dtype=np.float32) / 255.0
+
+
+def output_format_name(fmt: int) -> str:
+    if fmt not in _FORMATS:
+        raise InvalidArgument(f"unknown output_format {fmt}")
+    return _FORMATS[fmt]
+
+
+def output_format_enum(fmt: int) -> int:
+    return image_pb2.IMAGE_FORMAT_PNG if fmt == image_pb2.IMAGE_FORMAT_UNSPECIFIED else fmt
+
+
+def validate_quality(quality: int) -> int:
+    if quality == 0:
+        return 95
+    if not 1 <= quality <= 100:
+        raise InvalidArgument(f"quality must be 1..100, got {quality}")
+    return quality
+
+
+def encode_image(rgb: np.ndarray, *, alpha: np.ndarray | None = None, fmt: int = 0,
+                 quality: int = 95) -> bytes:
+    """Encodes (H, W, 3) uint8 RGB (+ optional alpha) as PNG, JPEG or WebP bytes."""
+    name = output_format_name(fmt)
+    if alpha is not None and name != "JPEG":
+        image = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    else:
+        image = Image.fromarray(rgb, "RGB")
+    buffer = io.BytesIO()
+    if name == "PNG":
+        image.save(buffer, "PNG", compress_level=1)
+    elif name == "JPEG":
+        image.save(buffer, "JPEG", quality=quality)
+    else:
+        image.save(buffer, "WEBP", quality=quality)
+    return buffer.getvalue()
+
+
+def resize_longest_side(rgb: np.ndarray, longest: int) -> np.ndarray:
+    """Resizes so the longest side is ``longest`` (bicubic; downscales use the reducer)."""
+    height, width = rgb.shape[:2]
+    scale = longest / max(height, width)
+    if abs(scale - 1.0) < 1e-9:
+        return rgb
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image = Image.fromarray(rgb)
+    return np.asarray(image.resize(size, Image.Resampling.BICUBIC,
+                                   reducing_gap=3.0 if scale < 1 else None))

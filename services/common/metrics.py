@@ -1,0 +1,155 @@
+"""Prometheus metrics for every server, and the interceptor that records them per RPC.
+
+Exposed on ``--metrics-port`` at ``/metrics``:
+
+- ``percept_requests_total{service, method, code}``: finished RPCs by gRPC status;
+- ``percept_request_seconds{service, method}``: latency histogram;
+- ``percept_inflight_requests{service}``;
+- ``percept_batch_size{queue}``: micro-batch sizes;
+- ``percept_queue_depth{queue}``: requests waiting or running per model queue;
+- ``percept_dropped_total{queue, reason}``: work dropped before compute (deadline, cancelled);
+- ``percept_rejected_total{queue}``: requests refused because the queue was full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+REQUESTS = Counter("percept_requests_total", "Finished RPCs by status code",
+                   ["service", "method", "code"])
+LATENCY = Histogram("percept_request_seconds", "RPC latency in seconds", ["service", "method"],
+                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                             10, 30, 60, 120, 300))
+INFLIGHT = Gauge("percept_inflight_requests", "RPCs in progress", ["service"])
+BATCH_SIZE = Histogram("percept_batch_size", "Micro-batch sizes", ["queue"],
+                       buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
+QUEUE_DEPTH = Gauge("percept_queue_depth", "Requests waiting or running", ["queue"])
+DROPPED = Counter("percept_dropped_total", "Requests dropped before compute", ["queue", "reason"])
+REJECTED = Counter("percept_rejected_total", "Requests refused: queue full", ["queue"])
+
+
+def start_metrics_server(port: int, host: str = "0.0.0.0") -> Any:
+    """Serves /metrics on ``port`` in a daemon thread; returns the HTTP server."""
+    result = start_http_server(port, addr=host)
+    return result[0] if isinstance(result, tuple) else result
+
+
+def _split_method(full_method: str) -> tuple[str, str]:
+    # "/percept.v1.StyleTransfer/Stylize" -> ("percept.v1.StyleTransfer", "Stylize")
+    _, _, rest = full_method.partition("/")
+    service, _, method = rest.partition("/")
+    return service, method
+
+
+def _status_name(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
+    if isinstance(error, asyncio.CancelledError):
+        return "CANCELLED"
+    code = context.code() if hasattr(context, "code") else None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        for status in grpc.StatusCode:
+            if status.value[0] == code:
+                return status.name
+    return "UNKNOWN" if error is not None and not isinstance(error, grpc.aio.AbortError) else "OK"
+
+
+# Long-lived infrastructure streams that must not hold up a drain.
+_INFRASTRUCTURE = ("grpc.health.v1.Health", "grpc.reflection.")
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every RPC by status code and records its latency.
+
+    ``active_work`` counts the in-flight RPCs other than health and reflection streams: the
+    drain waits for those alone."""
+
+    def __init__(self) -> None:
+        self.active_work = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        service, method = _split_method(handler_call_details.method)
+        is_work = not service.startswith(_INFRASTRUCTURE)
+
+        def begin() -> float:
+            INFLIGHT.labels(service).inc()
+            if is_work:
+                self.active_work += 1
+            return time.perf_counter()
+
+        def finish(context: grpc.aio.ServicerContext, started: float,
+                   error: BaseException | None) -> None:
+            if is_work:
+                self.active_work -= 1
+            INFLIGHT.labels(service).dec()
+            REQUESTS.labels(service, method, _status_name(context, error)).inc()
+            LATENCY.labels(service, method).observe(time.perf_counter() - started)
+
+        if handler.unary_unary or handler.stream_unary:
+            behaviour = handler.unary_unary or handler.stream_unary
+
+            async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = begin()
+                error: BaseException | None = None
+                try:
+                    return await behaviour(request, context)
+                except BaseException as caught:
+                    error = caught
+                    raise
+                finally:
+                    finish(context, started, error)
+
+            factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
+                       else grpc.stream_unary_rpc_method_handler)
+            return factory(unary_response, request_deserializer=handler.request_deserializer,
+                           response_serializer=handler.response_serializer)
+
+        streaming = handler.unary_stream or handler.stream_stream
+        factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
+                   else grpc.stream_stream_rpc_method_handler)
+
+        if not inspect.isasyncgenfunction(streaming):
+            # a coroutine handler that streams with context.write() (e.g. health Watch)
+            async def written_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = begin()
+                error: BaseException | None = None
+                try:
+                    return await streaming(request, context)
+                except BaseException as caught:
+                    error = caught
+                    raise
+                finally:
+                    finish(context, started, error)
+
+            return factory(written_response, request_deserializer=handler.request_deserializer,
+                           response_serializer=handler.response_serializer)
+
+        async def stream_response(request: Any,
+                                  context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = begin()
+            error: BaseException | None = None
+            try:
+                async for response in streaming(request, context):
+                    yield response
+            except BaseException as caught:
+                error = caught
+                raise
+            finally:
+                finish(context, started, error)
+
+        return factory(stream_response, request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)

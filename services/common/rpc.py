@@ -1,0 +1,62 @@
+"""Helpers shared by every servicer: error mapping and deadlines."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from services.common.errors import ServiceError
+
+log = logging.getLogger("percept.rpc")
+Self = TypeVar("Self")
+
+
+def unary_errors(method: Callable[[Self, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+                 ) -> Callable[[Self, Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    """Turns a raised ServiceError into ``context.abort(code, message)``; logs other errors
+    and answers INTERNAL without leaking internals."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except ServiceError as error:
+            await context.abort(error.code, error.message)
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception:
+            log.exception("unhandled error", extra={"method": method.__name__})
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+    return wrapper
+
+
+def stream_errors(method: Callable[[Self, Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+                  ) -> Callable[[Self, Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    """The streaming-response counterpart of :func:`unary_errors`."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Self, request: Any,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for response in method(self, request, context):
+                yield response
+        except ServiceError as error:
+            await context.abort(error.code, error.message)
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception:
+            log.exception("unhandled error", extra={"method": method.__name__})
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+    return wrapper
+
+
+def time_remaining(context: grpc.aio.ServicerContext) -> float | None:
+    """Seconds until the client's deadline, or None when it set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else max(0.0, remaining)

@@ -1,0 +1,227 @@
+"""The one server bootstrap every percept service runs on.
+
+Lifecycle of a server process:
+
+1. bind the gRPC port (grpc.aio) with the message-size limits, the metrics interceptor,
+   ``grpc.health.v1`` and server reflection; start the Prometheus ``/metrics`` port;
+2. report NOT_SERVING while each service loads its models and runs a warm-up inference;
+3. report SERVING;
+4. on SIGTERM or SIGINT: report NOT_SERVING at once, stop taking new RPCs, let in-flight
+   RPCs finish within ``--drain-seconds``, and exit 0.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import importlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.config import ServerConfig
+from services.common.logs import configure_logging
+from services.common.metrics import MetricsInterceptor, start_metrics_server
+
+log = logging.getLogger("percept.server")
+
+
+class ServiceModule(abc.ABC):
+    """One gRPC service hosted by the common server core."""
+
+    #: short name, as in ``percept serve NAME``
+    name: str = ""
+    #: fully-qualified gRPC service name, as reported by health and reflection
+    full_name: str = ""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+
+    @abc.abstractmethod
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Registers the servicer on ``server``."""
+
+    async def load(self) -> None:  # noqa: B027 - optional hook
+        """Loads models and starts batchers; blocking work belongs in a thread."""
+
+    async def warmup(self) -> None:  # noqa: B027 - optional hook
+        """Runs one representative inference so the first request is not slow."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Releases resources after the server stopped."""
+
+
+# Service name -> "module:class"; imported lazily so one service never loads another's code.
+SERVICE_CLASSES = {
+    "superres": "services.superres.service:SuperResolutionService",
+    "style": "services.style.service:StyleTransferService",
+    "embed": "services.embed.service:EmbeddingService",
+    "search": "services.search.service:ImageSearchService",
+}
+
+
+def build_modules(config: ServerConfig) -> list[ServiceModule]:
+    modules = []
+    for name in config.services:
+        module_path, _, class_name = SERVICE_CLASSES[name].partition(":")
+        cls = getattr(importlib.import_module(module_path), class_name)
+        modules.append(cls(config))
+    return modules
+
+
+class PerceptServer:
+    """A grpc.aio server hosting one or more ServiceModules."""
+
+    def __init__(self, modules: Sequence[ServiceModule], config: ServerConfig) -> None:
+        self.modules = list(modules)
+        self.config = config
+        self.port: int | None = None
+        self.ready = asyncio.Event()
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._metrics_http: object | None = None
+        self._interceptor = MetricsInterceptor()
+
+    @property
+    def service_names(self) -> list[str]:
+        return [m.full_name for m in self.modules]
+
+    async def _set_health(self, status: int) -> None:
+        for name in ["", *self.service_names]:
+            await self._health.set(name, status)
+
+    async def start(self) -> int:
+        """Binds and starts serving; loads and warms the models; returns the bound port."""
+        config = self.config
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options, interceptors=[self._interceptor])
+        for module in self.modules:
+            module.add_to_server(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        address = f"{config.host}:{config.port}"
+        self.port = server.add_insecure_port(address)
+        if not self.port:
+            raise RuntimeError(f"could not bind {address}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server = server
+        if config.metrics_port:
+            self._metrics_http = start_metrics_server(config.metrics_port, config.host)
+        log.info("listening; loading models", extra={
+            "port": self.port, "metrics_port": config.metrics_port,
+            "services": self.service_names})
+        started = time.perf_counter()
+        for module in self.modules:
+            await module.load()
+            if config.warmup:
+                await module.warmup()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set()
+        log.info("serving", extra={"port": self.port,
+                                   "load_seconds": round(time.perf_counter() - started, 2)})
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING at once, then drain in-flight RPCs for up to ``grace`` seconds.
+
+        New RPCs are refused from the start. Once the in-flight work RPCs have finished, the
+        remaining health Watch streams are closed too, so a watching client cannot hold the
+        drain open for the whole grace period."""
+        grace = self.config.drain_seconds if grace is None else grace
+        await self._health.enter_graceful_shutdown()
+        log.info("draining", extra={"grace_seconds": grace,
+                                    "in_flight": self._interceptor.active_work})
+        if self._server is not None:
+            stopping = asyncio.ensure_future(self._server.stop(grace))
+            while self._interceptor.active_work > 0 and not stopping.done():
+                await asyncio.sleep(0.05)
+            if not stopping.done():
+                await self._server.stop(0)
+            await stopping
+        for module in self.modules:
+            await module.close()
+        if self._metrics_http is not None and hasattr(self._metrics_http, "shutdown"):
+            self._metrics_http.shutdown()
+        log.info("stopped")
+
+
+async def serve(config: ServerConfig) -> int:
+    """Runs a server until SIGTERM/SIGINT; returns the process exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = PerceptServer(build_modules(config), config)
+    start = asyncio.create_task(server.start())
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if start in done and start.exception() is not None:
+        log.error("start-up failed: %s", start.exception(), exc_info=start.exception())
+        await server.stop(grace=0)
+        return 1
+    await stopper
+    if not start.done():
+        start.cancel()
+    await server.stop()
+    return 0
+
+
+def run_server(config: ServerConfig) -> int:
+    """The body of ``percept serve``."""
+    configure_logging(config.log_format, config.log_level)
+    return asyncio.run(serve(config))
+
+
+@dataclass
+class RunningServer:
+    """A server started in a background thread (tests, benchmarks, notebooks)."""
+
+    server: PerceptServer
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        assert self.server.port is not None
+        return self.server.port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, grace: float = 0.0) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+def start_in_thread(config: ServerConfig, modules: Sequence[ServiceModule] | None = None,
+                    timeout: float = 120.0) -> RunningServer:
+    """Starts a server on its own event loop thread and waits until it is SERVING."""
+    loop = asyncio.new_event_loop()
+    server = PerceptServer(modules if modules is not None else build_modules(config), config)
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name=f"percept-{config.service}", daemon=True)
+    thread.start()
+    started.wait()
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(timeout)
+    return RunningServer(server=server, loop=loop, thread=thread)

@@ -1,0 +1,120 @@
+"""Request parsing for StylizeWithImage: a protobuf request -> a validated Gatys job."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from percept.v1 import style_pb2
+from services.common.config import ServerConfig
+from services.common.errors import InvalidArgument
+from services.common.images import (
+    decode_image,
+    decode_mask,
+    output_format_enum,
+    resize_longest_side,
+    validate_quality,
+)
+from services.common.tensors import to_tensor
+from training.perceptual.gatys import GatysOptions, GatysProgress
+
+DEFAULT_ITERATIONS = 300
+DEFAULT_MAX_SIZE = 256
+MIN_SIZE, MAX_SIZE = 32, 1024
+DEFAULT_PROGRESS_EVERY = 10
+
+_INITS = {
+    style_pb2.STYLE_INIT_UNSPECIFIED: "content",
+    style_pb2.STYLE_INIT_CONTENT: "content",
+    style_pb2.STYLE_INIT_BLURRED_NOISE: "noise",
+}
+_OPTIMIZERS = {
+    style_pb2.STYLE_OPTIMIZER_UNSPECIFIED: "lbfgs",
+    style_pb2.STYLE_OPTIMIZER_LBFGS: "lbfgs",
+    style_pb2.STYLE_OPTIMIZER_ADAM: "adam",
+}
+
+
+@dataclass
+class OptimisationJob:
+    """One validated StylizeWithImage request, ready for the optimiser thread."""
+
+    content: torch.Tensor  # (1, 3, H, W) in [0, 1]
+    style: torch.Tensor  # (1, 3, h, w) in [0, 1]
+    mask: torch.Tensor | None  # (1, 1, H, W) in [0, 1]
+    alpha: np.ndarray | None  # content alpha at working size, reattached to the result
+    options: GatysOptions
+    progress_every: int
+    output_format: int
+    quality: int
+    on_progress: Callable[[GatysProgress], None] | None = None
+    should_stop: Callable[[], bool] = field(default=lambda: False)
+
+
+def _optional(request: style_pb2.StylizeWithImageRequest, name: str,
+              default: float | None) -> float | None:
+    return getattr(request, name) if request.HasField(name) else default
+
+
+def parse_request(request: style_pb2.StylizeWithImageRequest,
+                  config: ServerConfig) -> OptimisationJob:
+    """Validates every field; raises InvalidArgument with a precise message."""
+    iterations = request.iterations or DEFAULT_ITERATIONS
+    if not 1 <= iterations <= config.max_iterations:
+        raise InvalidArgument(f"iterations must be 1..{config.max_iterations}, "
+                              f"got {request.iterations}")
+    max_size = request.max_size or DEFAULT_MAX_SIZE
+    if not MIN_SIZE <= max_size <= MAX_SIZE:
+        raise InvalidArgument(f"max_size must be {MIN_SIZE}..{MAX_SIZE}, got {request.max_size}")
+    if request.init not in _INITS:
+        raise InvalidArgument(f"unknown init {request.init}")
+    if request.optimizer not in _OPTIMIZERS:
+        raise InvalidArgument(f"unknown optimizer {request.optimizer}")
+    progress_every = request.progress_every or DEFAULT_PROGRESS_EVERY
+    if progress_every < 1:
+        raise InvalidArgument(f"progress_every must be >= 1, got {request.progress_every}")
+
+    defaults = GatysOptions()
+    weights = dict(request.style_layer_weights) or dict(defaults.style_layer_weights)
+    values = {"content_weight": _optional(request, "content_weight", defaults.content_weight),
+              "style_weight": _optional(request, "style_weight", defaults.style_weight),
+              "tv_weight": _optional(request, "tv_weight", defaults.tv_weight)}
+    for name, value in values.items():
+        if value is None or not np.isfinite(value):
+            raise InvalidArgument(f"{name} must be a finite number")
+    options = GatysOptions(
+        iterations=iterations, init=_INITS[request.init],  # type: ignore[arg-type]
+        style_layer_weights=weights, content_weight=float(values["content_weight"] or 0.0),
+        style_weight=float(values["style_weight"] or 0.0),
+        tv_weight=float(values["tv_weight"] or 0.0),
+        optimizer=_OPTIMIZERS[request.optimizer],  # type: ignore[arg-type]
+        preserve_color=request.preserve_color, seed=request.seed)
+    try:
+        options.validate()
+    except ValueError as error:
+        raise InvalidArgument(str(error)) from error
+
+    content = decode_image(request.content_image, max_pixels=config.max_pixels,
+                           what="content image")
+    style = decode_image(request.style_image, max_pixels=config.max_pixels, what="style image")
+    longest = min(max_size, max(content.width, content.height))
+    content_rgb = resize_longest_side(content.rgb, longest)
+    style_longest = min(longest, max(style.width, style.height))
+    style_rgb = resize_longest_side(style.rgb, style_longest)
+    height, width = content_rgb.shape[:2]
+    alpha = None
+    if content.alpha is not None:
+        alpha = resize_longest_side(np.dstack([content.alpha] * 3), longest)[..., 0]
+    mask = None
+    if request.mask:
+        mask_array = decode_mask(request.mask, max_pixels=config.max_pixels,
+                                 size=(width, height))
+        mask = torch.from_numpy(mask_array)[None, None]
+    return OptimisationJob(
+        content=to_tensor(content_rgb), style=to_tensor(style_rgb), mask=mask, alpha=alpha,
+        options=options, progress_every=progress_every,
+        output_format=output_format_enum(request.output_format),
+        quality=validate_quality(request.quality))

@@ -1,0 +1,143 @@
+"""StyleTransfer: fixed-style feed-forward networks and optimisation-based transfer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import torch
+
+from percept.v1 import style_pb2, style_pb2_grpc
+from services.common.artifacts import Artifact, list_artifacts, load_artifact
+from services.common.batching import MicroBatcher
+from services.common.device import choose_device, describe
+from services.common.errors import NotFound, Unimplemented
+from services.common.images import encode_image
+from services.common.rpc import stream_errors, time_remaining, unary_errors
+from services.common.server import ServiceModule
+from services.common.tensors import to_uint8
+from services.style.optimisation import OptimisationJob, parse_request
+from training.nets.vgg19 import load_vgg19
+from training.perceptual.gatys import GatysProgress, StopRequested, stylize_with_image
+
+log = logging.getLogger("percept.style")
+
+
+class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
+    name = "style"
+    full_name = "percept.v1.StyleTransfer"
+
+    styles: dict[str, Artifact]
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        style_pb2_grpc.add_StyleTransferServicer_to_server(self, server)
+
+    async def load(self) -> None:
+        self.device = choose_device(self.config.device)
+        self.vgg = await asyncio.to_thread(load_vgg19, self.device)
+        names = list_artifacts(self.config.models_dir, "style")
+        self.styles = {}
+        for name in names:
+            artifact = await asyncio.to_thread(load_artifact, self.config.models_dir, name,
+                                               self.device)
+            self.styles[artifact.config.get("style", {}).get("name", name)] = artifact
+        # Optimisation runs are long: one at a time, a short bounded queue behind it.
+        self.optimiser = MicroBatcher("style-optimise", self._run_optimisations, max_batch=1,
+                                      max_wait_ms=0, max_queue=self.config.max_optimisations)
+        self.optimiser.start()
+        log.info("style service loaded", extra={"device": describe(self.device),
+                                                "styles": sorted(self.styles)})
+
+    async def warmup(self) -> None:
+        def run() -> None:
+            with torch.no_grad():
+                self.vgg(torch.rand(1, 3, 64, 64, device=self.device), ["relu5_1"])
+        await asyncio.to_thread(run)
+
+    async def close(self) -> None:
+        if hasattr(self, "optimiser"):
+            await self.optimiser.stop()
+
+    # -- fixed styles ------------------------------------------------------------------
+    @unary_errors
+    async def ListStyles(self, request: style_pb2.ListStylesRequest,
+                         context: grpc.aio.ServicerContext) -> style_pb2.ListStylesResponse:
+        return style_pb2.ListStylesResponse(styles=[
+            style_pb2.StyleInfo(name=name, title=a.config.get("style", {}).get("title", name),
+                                version=str(a.version))
+            for name, a in sorted(self.styles.items())])
+
+    @unary_errors
+    async def Stylize(self, request: style_pb2.StylizeRequest,
+                      context: grpc.aio.ServicerContext) -> style_pb2.StylizeResponse:
+        if not self.styles:
+            raise Unimplemented(
+                "no fast style networks are installed under "
+                f"{self.config.models_dir}; train one with `percept train style`, or use "
+                "StylizeWithImage (`percept stylize --style-image`)")
+        if request.style not in self.styles:
+            raise NotFound(f"unknown style {request.style!r}; available: "
+                           + ", ".join(sorted(self.styles)))
+        raise Unimplemented("fast style inference is not wired yet")
+
+    # -- optimisation-based (Gatys) ------------------------------------------------------
+    def _run_optimisations(self, jobs: Sequence[OptimisationJob]) -> list[object]:
+        results: list[object] = []
+        for job in jobs:
+            try:
+                output = stylize_with_image(
+                    self.vgg, job.content.to(self.device), job.style.to(self.device),
+                    job.options, mask=None if job.mask is None else job.mask.to(self.device),
+                    on_progress=job.on_progress, progress_every=job.progress_every,
+                    should_stop=job.should_stop)
+                results.append(output.cpu())
+            except StopRequested as stop:
+                results.append(stop)
+        return results
+
+    @stream_errors
+    async def StylizeWithImage(self, request: style_pb2.StylizeWithImageRequest,
+                               context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[style_pb2.StylizeWithImageResponse]:
+        job = await asyncio.to_thread(parse_request, request, self.config)
+        loop = asyncio.get_running_loop()
+        progress: asyncio.Queue[GatysProgress] = asyncio.Queue()
+        stop = threading.Event()
+        job.on_progress = lambda p: loop.call_soon_threadsafe(progress.put_nowait, p)
+        job.should_stop = stop.is_set
+        task = asyncio.ensure_future(self.optimiser.submit(job, timeout=time_remaining(context)))
+        getter: asyncio.Future[GatysProgress] | None = None
+        try:
+            while not task.done() or not progress.empty():
+                getter = asyncio.ensure_future(progress.get())
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield style_pb2.StylizeWithImageResponse(progress=_progress_message(
+                        getter.result()))
+                else:
+                    getter.cancel()
+            try:
+                output = task.result()
+            except StopRequested:  # the caller went away
+                return
+            rgb = to_uint8(output)
+            data = await asyncio.to_thread(encode_image, rgb, alpha=job.alpha,
+                                           fmt=job.output_format, quality=job.quality)
+            yield style_pb2.StylizeWithImageResponse(result=style_pb2.StylizeResponse(
+                image=data, width=rgb.shape[1], height=rgb.shape[0],
+                model="gatys-vgg19@1", format=job.output_format))
+        finally:
+            stop.set()
+            for pending in (task, getter):
+                if pending is not None and not pending.done():
+                    pending.cancel()
+
+
+def _progress_message(p: GatysProgress) -> style_pb2.StylizeProgress:
+    return style_pb2.StylizeProgress(
+        iteration=p.iteration, iterations=p.iterations, total_loss=p.total_loss,
+        content_loss=p.content_loss, style_loss=p.style_loss, tv_loss=p.tv_loss)
+

@@ -1,0 +1,69 @@
+"""Shared fixtures: real servers on loopback, real images, a corpus of broken ones."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from services.common.config import ServerConfig  # noqa: E402
+from services.common.server import RunningServer, start_in_thread  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def server_config(service: str = "all", **overrides: object) -> ServerConfig:
+    values: dict[str, object] = dict(service=service, host="127.0.0.1", port=0, metrics_port=0,
+                                     log_format="text", drain_seconds=5.0, device="cpu",
+                                     models_dir=REPO / "models")
+    values.update(overrides)
+    return ServerConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def all_server() -> Iterator[RunningServer]:
+    """Every service in one process, as `percept serve all` runs them."""
+    running = start_in_thread(server_config("all", metrics_port=free_port()))
+    yield running
+    running.stop()
+
+
+def encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None, **params: object) -> bytes:
+    image = Image.fromarray(array) if mode is None else Image.fromarray(array).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def photo() -> np.ndarray:
+    """A real photo (scikit-image's 'chelsea', a cat), 300x451 RGB."""
+    from skimage import data
+
+    return np.asarray(data.chelsea())
+
+
+@pytest.fixture(scope="session")
+def small_photo(photo: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(photo).resize((96, 64), Image.Resampling.BICUBIC))
+
+
+@pytest.fixture(scope="session")
+def style_photo() -> np.ndarray:
+    from skimage import data
+
+    return np.asarray(Image.fromarray(data.coffee()).resize((64, 48)))

@@ -1,0 +1,116 @@
+"""The micro-batcher: real batches, key grouping, bounded queue, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from services.common.batching import MicroBatcher
+from services.common.errors import DeadlineExceeded, ResourceExhausted
+
+
+class Recorder:
+    """A batch function that records each batch it was given."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.delay = delay
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, items: Sequence[int]) -> list[int]:
+        self.release.wait(10)
+        time.sleep(self.delay)
+        self.batches.append(list(items))
+        return [item * 2 for item in items]
+
+
+def test_concurrent_requests_form_batches_larger_than_one() -> None:
+    recorder = Recorder(delay=0.02)
+
+    async def main() -> list[int]:
+        batcher = MicroBatcher("t-batch", recorder, max_batch=8, max_wait_ms=20, max_queue=64)
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(32)))
+        await batcher.stop()
+        return list(results)
+
+    results = asyncio.run(main())
+    assert results == [i * 2 for i in range(32)]
+    assert max(len(b) for b in recorder.batches) > 1
+    assert all(len(b) <= 8 for b in recorder.batches)
+    assert len(recorder.batches) < 32
+
+
+def test_requests_with_different_keys_are_never_mixed() -> None:
+    recorder = Recorder()
+
+    async def main() -> None:
+        batcher = MicroBatcher("t-keys", recorder, max_batch=16, max_wait_ms=30, max_queue=64)
+        await asyncio.gather(*(batcher.submit(i, key=i % 2) for i in range(20)))
+        await batcher.stop()
+
+    asyncio.run(main())
+    for batch in recorder.batches:
+        assert len({item % 2 for item in batch}) == 1
+
+
+def test_full_queue_refuses_at_once() -> None:
+    recorder = Recorder()
+    recorder.release.clear()  # block the worker so the queue fills
+
+    async def main() -> None:
+        batcher = MicroBatcher("t-full", recorder, max_batch=1, max_wait_ms=0, max_queue=3)
+        accepted = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        with pytest.raises(ResourceExhausted, match="queue is full"):
+            await batcher.submit(99)
+        assert time.perf_counter() - started < 0.05
+        recorder.release.set()
+        assert await asyncio.gather(*accepted) == [0, 2, 4]
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_expired_requests_are_dropped_before_compute() -> None:
+    recorder = Recorder()
+    recorder.release.clear()
+
+    async def main() -> None:
+        batcher = MicroBatcher("t-deadline", recorder, max_batch=1, max_wait_ms=0, max_queue=8)
+        blocker = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.05)
+        doomed = asyncio.ensure_future(batcher.submit(2, timeout=0.05))
+        await asyncio.sleep(0.2)
+        recorder.release.set()
+        assert await blocker == 2
+        with pytest.raises(DeadlineExceeded, match="dropped before compute"):
+            await doomed
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert recorder.batches == [[1]]  # item 2 never reached the model
+
+
+def test_a_failing_batch_fails_its_callers_and_the_batcher_goes_on() -> None:
+    calls = []
+
+    def flaky(items: Sequence[int]) -> list[int]:
+        calls.append(list(items))
+        if 13 in items:
+            raise ValueError("unlucky")
+        return list(items)
+
+    async def main() -> None:
+        batcher = MicroBatcher("t-flaky", flaky, max_batch=1, max_wait_ms=0, max_queue=8)
+        with pytest.raises(ValueError, match="unlucky"):
+            await batcher.submit(13)
+        assert await batcher.submit(7) == 7
+        await batcher.stop()
+
+    asyncio.run(main())

@@ -1,0 +1,84 @@
+"""SIGTERM drains: a real `percept serve` process finishes in-flight work and exits 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from percept.v1 import style_pb2_grpc
+from services import client
+from tests.conftest import REPO, encode, free_port
+from tests.services.test_server_core import gatys_request
+
+
+def start_server(service: str, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "services.cli", "serve", service, "--host", "127.0.0.1",
+               "--port", str(port), "--metrics-port", "0", "--log-format", "json",
+               "--device", "cpu", *extra]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_serving(target: str, process: subprocess.Popen[bytes], seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    channel = client.connect(target)
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
+        try:
+            if client.health_status(channel, timeout=1) == "SERVING":
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server never became SERVING")
+
+
+def test_sigterm_lets_the_in_flight_request_finish_and_exits_zero(
+        small_photo: np.ndarray, style_photo: np.ndarray, tmp_path: Path) -> None:
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    process = start_server("style", port, "--drain-seconds", "60")
+    try:
+        wait_serving(target, process)
+        channel = client.connect(target)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="percept.v1.StyleTransfer"), timeout=120)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        call = style_pb2_grpc.StyleTransferStub(channel).StylizeWithImage(
+            gatys_request(encode(small_photo), encode(style_photo), iterations=15, max_size=48,
+                          progress_every=1), timeout=120)
+        assert next(call).HasField("progress")  # in flight
+        process.send_signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        results = []
+        consumer = threading.Thread(target=lambda: results.extend(call))
+        consumer.start()
+        consumer.join(120)
+        assert results and results[-1].HasField("result"), "the in-flight request was cut off"
+        assert results[-1].result.width == 48
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = process.stdout.read().decode()  # type: ignore[union-attr]
+    assert '"msg": "draining"' in log and '"msg": "stopped"' in log
+
+
+def test_bad_start_up_exits_non_zero_with_a_clear_log(tmp_path: Path) -> None:
+    env = {**os.environ, "PERCEPT_ASSETS_DIR": str(tmp_path / "no-assets")}
+    port = free_port()
+    process = subprocess.run(
+        [sys.executable, "-m", "services.cli", "serve", "style", "--host", "127.0.0.1",
+         "--port", str(port), "--metrics-port", "0", "--log-format", "text"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 1
+    assert "VGG19 weights not found" in process.stderr

@@ -1,0 +1,119 @@
+"""Image decoding and validation on real files, including broken ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.common.errors import InvalidArgument
+from services.common.images import decode_image, decode_mask, encode_image
+from tests.conftest import encode
+from tests.fixtures import bad_images
+
+CAP = 64_000_000
+
+
+def test_rgb_png_round_trip_is_exact(photo: np.ndarray) -> None:
+    decoded = decode_image(encode(photo), max_pixels=CAP)
+    assert decoded.rgb.shape == photo.shape and decoded.alpha is None
+    np.testing.assert_array_equal(decoded.rgb, photo)
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty image"),
+    (b"this is not an image at all", "not a decodable image"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, "not a decodable image"),
+])
+def test_garbage_is_rejected_precisely(data: bytes, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        decode_image(data, max_pixels=CAP)
+
+
+@pytest.mark.parametrize("make", [bad_images.truncated_jpeg, bad_images.truncated_png])
+def test_truncated_files_are_rejected(photo: np.ndarray, make: object) -> None:
+    with pytest.raises(InvalidArgument, match="truncated|corrupt"):
+        decode_image(make(photo), max_pixels=CAP)  # type: ignore[operator]
+
+
+def test_decompression_bomb_is_rejected_from_the_header() -> None:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InvalidArgument, match=r"100000 x 100000 = 10000000000 pixels, over the cap"):
+        decode_image(bad_images.png_bomb(), max_pixels=CAP)
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kb < 50_000, f"peak memory grew by {grown_kb} kB for a rejected bomb"
+
+
+def test_pixel_cap_is_configurable(photo: np.ndarray) -> None:
+    height, width = photo.shape[:2]
+    with pytest.raises(InvalidArgument, match="over the cap of 1000"):
+        decode_image(encode(photo), max_pixels=1000)
+    assert decode_image(encode(photo), max_pixels=height * width).width == width
+
+
+def test_cmyk_is_converted_to_rgb(photo: np.ndarray) -> None:
+    decoded = decode_image(bad_images.cmyk_jpeg(photo), max_pixels=CAP)
+    assert decoded.rgb.shape == photo.shape
+    # colours survive the CMYK round trip (JPEG-lossy), not inverted or garbled
+    assert np.abs(decoded.rgb.astype(int) - photo.astype(int)).mean() < 12
+
+
+def test_16_bit_grey_is_scaled_not_clipped(photo: np.ndarray) -> None:
+    decoded = decode_image(bad_images.grey16_png(photo), max_pixels=CAP)
+    from PIL import Image
+
+    grey = np.asarray(Image.fromarray(photo).convert("L"))
+    assert decoded.rgb.shape == photo.shape
+    np.testing.assert_allclose(decoded.rgb[..., 0], grey, atol=1)
+    assert (decoded.rgb[..., 0] == decoded.rgb[..., 2]).all()
+
+
+def test_palette_with_transparency_keeps_alpha(photo: np.ndarray) -> None:
+    decoded = decode_image(bad_images.palette_png_with_transparency(photo), max_pixels=CAP)
+    assert decoded.rgb.shape == photo.shape
+    assert decoded.alpha is not None and decoded.alpha.min() == 0
+    assert np.abs(decoded.rgb.astype(int) - photo.astype(int)).mean() < 20
+
+
+def test_grey_becomes_three_equal_channels(photo: np.ndarray) -> None:
+    decoded = decode_image(bad_images.grey_png(photo), max_pixels=CAP)
+    assert decoded.rgb.shape == photo.shape
+    assert (decoded.rgb[..., 0] == decoded.rgb[..., 1]).all()
+
+
+def test_rgba_alpha_is_kept_exactly(photo: np.ndarray) -> None:
+    decoded = decode_image(bad_images.rgba_png(photo), max_pixels=CAP)
+    np.testing.assert_array_equal(decoded.rgb, photo)
+    assert decoded.alpha is not None
+    assert decoded.alpha[0, 0] == 0 and decoded.alpha[0, -1] == 255
+
+
+def test_animated_gif_gives_the_first_frame(photo: np.ndarray) -> None:
+    decoded = decode_image(bad_images.animated_gif(photo), max_pixels=CAP)
+    # frame 1 is the photo, frame 2 its negative: the mean tells them apart
+    assert abs(decoded.rgb.mean() - photo.mean()) < abs(decoded.rgb.mean() - (255 - photo).mean())
+
+
+def test_webp_decodes(photo: np.ndarray) -> None:
+    decoded = decode_image(bad_images.webp(photo), max_pixels=CAP)
+    assert decoded.rgb.shape == photo.shape and decoded.source_format == "WEBP"
+
+
+def test_encode_keeps_alpha_in_png_and_drops_it_in_jpeg(photo: np.ndarray) -> None:
+    alpha = np.full(photo.shape[:2], 128, np.uint8)
+    png = decode_image(encode_image(photo, alpha=alpha, fmt=1), max_pixels=CAP)
+    assert png.alpha is not None and (png.alpha == 128).all()
+    jpeg = decode_image(encode_image(photo, alpha=alpha, fmt=2), max_pixels=CAP)
+    assert jpeg.alpha is None and jpeg.source_format == "JPEG"
+
+
+def test_mask_resizes_and_checks_aspect_ratio(photo: np.ndarray) -> None:
+    height, width = photo.shape[:2]
+    mask = np.zeros((height // 2, width // 2), np.uint8)
+    mask[:, : width // 4] = 255
+    resized = decode_mask(encode(mask), max_pixels=CAP, size=(width, height))
+    assert resized.shape == (height, width)
+    assert resized[:, :10].min() > 0.99 and resized[:, -10:].max() < 0.01
+    with pytest.raises(InvalidArgument, match="aspect ratio"):
+        decode_mask(encode(mask), max_pixels=CAP, size=(height, width))

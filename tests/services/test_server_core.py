@@ -1,0 +1,290 @@
+"""The common server core through real gRPC servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from prometheus_client import REGISTRY
+
+from percept.v1 import style_pb2, style_pb2_grpc
+from services import client
+from services.common.server import RunningServer, ServiceModule, start_in_thread
+from tests.conftest import encode, free_port, server_config
+from tests.fixtures import bad_images
+
+SERVICES = ["percept.v1.SuperResolution", "percept.v1.StyleTransfer", "percept.v1.Embedding",
+            "percept.v1.ImageSearch"]
+
+
+def gatys_request(content: bytes, style: bytes, **fields: object
+                  ) -> style_pb2.StylizeWithImageRequest:
+    values: dict[str, object] = dict(content_image=content, style_image=style, iterations=1,
+                                     max_size=32)
+    values.update(fields)
+    return style_pb2.StylizeWithImageRequest(**values)  # type: ignore[arg-type]
+
+
+def health(target: str, service: str = "") -> str:
+    return client.health_status(client.connect(target), service)
+
+
+def test_health_reports_every_service_serving(all_server: RunningServer) -> None:
+    for name in ["", *SERVICES]:
+        assert health(all_server.target, name) == "SERVING"
+
+
+def test_health_of_an_unknown_service_is_not_found(all_server: RunningServer) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        health(all_server.target, "percept.v1.Nope")
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_services(all_server: RunningServer) -> None:
+    database = ProtoReflectionDescriptorDatabase(client.connect(all_server.target))
+    services = set(database.get_services())
+    assert set(SERVICES) <= services
+    assert "grpc.health.v1.Health" in services
+
+
+class GatedModule(ServiceModule):
+    """A service whose model load waits for the test to open a gate."""
+
+    name = "gated"
+    full_name = "test.Gated"
+
+    def __init__(self, gate: asyncio.Event) -> None:
+        super().__init__(server_config("all"))
+        self.gate = gate
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        pass
+
+    async def load(self) -> None:
+        await self.gate.wait()
+
+
+def test_health_is_not_serving_until_loaded_then_serving_then_not_serving_on_drain() -> None:
+    import threading
+
+    from services.common.server import PerceptServer
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    gate = asyncio.Event()
+    server = PerceptServer([GatedModule(gate)], server_config("all"))
+    starting = asyncio.run_coroutine_threadsafe(server.start(), loop)
+    try:
+        target = None
+        for _ in range(200):
+            if server.port:
+                target = f"127.0.0.1:{server.port}"
+                break
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0.01), loop).result()
+        assert target is not None
+        channel = client.connect(target)
+        for _ in range(100):  # the port is bound slightly before health is set
+            try:
+                status = client.health_status(channel, "test.Gated")
+                break
+            except grpc.RpcError:
+                asyncio.run_coroutine_threadsafe(asyncio.sleep(0.02), loop).result()
+        assert status == "NOT_SERVING"
+        assert client.health_status(channel, "") == "NOT_SERVING"
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="test.Gated"), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        loop.call_soon_threadsafe(gate.set)
+        starting.result(10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        stopping = asyncio.run_coroutine_threadsafe(server.stop(grace=1.0), loop)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        stopping.result(10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: b"", "empty content image"),
+    (lambda p: b"GIF89a not really", "not a decodable content image"),
+    (lambda p: b"\xff\xd8\xff\xe0" + b"\x00" * 64, "not a decodable|truncated|corrupt"),
+    (bad_images.truncated_jpeg, "truncated content image|corrupt"),
+    (bad_images.truncated_png, "truncated content image|corrupt"),
+    (lambda p: bad_images.png_bomb(), "over the cap"),
+    (lambda p: bad_images.over_pixel_cap(64_000_000), "over the cap of 64000000"),
+])
+def test_bad_images_get_invalid_argument_and_the_server_stays_healthy(
+        all_server: RunningServer, photo: np.ndarray, style_photo: np.ndarray,
+        make: object, message: str) -> None:
+    stub = style_pb2_grpc.StyleTransferStub(client.connect(all_server.target))
+    request = gatys_request(make(photo), encode(style_photo))  # type: ignore[operator]
+    with pytest.raises(grpc.RpcError) as error:
+        list(stub.StylizeWithImage(request, timeout=30))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() and __import__("re").search(message, error.value.details())
+    assert health(all_server.target, "percept.v1.StyleTransfer") == "SERVING"
+
+
+@pytest.mark.parametrize("make, has_alpha", [
+    (bad_images.cmyk_jpeg, False), (bad_images.grey16_png, False),
+    (bad_images.palette_png_with_transparency, True), (bad_images.grey_png, False),
+    (bad_images.rgba_png, True), (bad_images.animated_gif, False), (bad_images.webp, False),
+])
+def test_unusual_but_valid_images_are_converted_and_served(
+        all_server: RunningServer, small_photo: np.ndarray, style_photo: np.ndarray,
+        make: object, has_alpha: bool) -> None:
+    from services.common.images import decode_image
+
+    result = client.stylize_with_image(client.connect(all_server.target), gatys_request(
+        make(small_photo), encode(style_photo)), timeout=60)  # type: ignore[operator]
+    decoded = decode_image(result.image, max_pixels=10**7)
+    assert (decoded.width, decoded.height) == (32, 21)  # 96x64 scaled to a 32 px longest side
+    assert (decoded.alpha is not None) == has_alpha
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"iterations": 5000}, "iterations must be 1..2000"),
+    ({"max_size": 4096}, "max_size must be 32..1024"),
+    ({"style_layer_weights": {"relu9_9": 1.0}}, "relu9_9"),
+    ({"style_weight": -1.0}, "style_weight"),
+    ({"style_image": b""}, "empty style image"),
+    ({"mask": b"nope"}, "not a decodable mask"),
+])
+def test_bad_options_get_invalid_argument(all_server: RunningServer, small_photo: np.ndarray,
+                                          style_photo: np.ndarray, fields: dict[str, object],
+                                          message: str) -> None:
+    request = gatys_request(encode(small_photo), encode(style_photo))
+    for name, value in fields.items():
+        if name == "style_layer_weights":
+            request.style_layer_weights.update(value)  # type: ignore[arg-type]
+        else:
+            setattr(request, name, value)
+    with pytest.raises(grpc.RpcError) as error:
+        list(style_pb2_grpc.StyleTransferStub(client.connect(all_server.target))
+             .StylizeWithImage(request, timeout=30))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.value.details()
+
+
+def test_unimplemented_rpcs_say_so_clearly(all_server: RunningServer, photo: np.ndarray) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        client.upscale(client.connect(all_server.target), encode(photo))
+    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "super-resolution" in error.value.details()
+
+
+def test_metrics_endpoint_counts_requests_by_status(all_server: RunningServer,
+                                                    photo: np.ndarray) -> None:
+    stub = style_pb2_grpc.StyleTransferStub(client.connect(all_server.target))
+    with pytest.raises(grpc.RpcError):
+        list(stub.StylizeWithImage(gatys_request(b"junk", b"junk"), timeout=10))
+    port = all_server.server.config.metrics_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert ('percept_requests_total{code="INVALID_ARGUMENT",method="StylizeWithImage",'
+            'service="percept.v1.StyleTransfer"}') in text
+    for family in ("percept_request_seconds_bucket", "percept_queue_depth",
+                   "percept_batch_size_bucket", "percept_inflight_requests"):
+        assert family in text
+
+
+@pytest.fixture()
+def single_slot_style_server() -> Iterator[RunningServer]:
+    """A style server whose optimiser queue holds one request: easy to overload."""
+    running = start_in_thread(server_config("style", max_optimisations=1))
+    yield running
+    running.stop()
+
+
+def _start_long_optimisation(target: str, content: bytes, style: bytes) -> grpc.Future:
+    stub = style_pb2_grpc.StyleTransferStub(client.connect(target))
+    call = stub.StylizeWithImage(gatys_request(content, style, iterations=2000, max_size=64,
+                                               progress_every=1), timeout=120)
+    first = next(call)
+    assert first.HasField("progress")  # it is running
+    return call
+
+
+def test_overload_gives_resource_exhausted_at_once(single_slot_style_server: RunningServer,
+                                                   small_photo: np.ndarray,
+                                                   style_photo: np.ndarray) -> None:
+    import time
+
+    target = single_slot_style_server.target
+    content, style = encode(small_photo), encode(style_photo)
+    running = _start_long_optimisation(target, content, style)
+    try:
+        started = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as error:
+            client.stylize_with_image(client.connect(target), gatys_request(content, style),
+                                      timeout=30)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue is full" in error.value.details()
+        assert time.perf_counter() - started < 2.0
+    finally:
+        running.cancel()
+    # the cancelled optimisation stops and the server serves again
+    for _ in range(50):
+        try:
+            client.stylize_with_image(client.connect(target), gatys_request(content, style),
+                                      timeout=30)
+            break
+        except grpc.RpcError as retry:
+            assert retry.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            time.sleep(0.1)
+    else:
+        pytest.fail("the server did not recover after the long request was cancelled")
+
+
+def test_expired_deadline_gives_deadline_exceeded_and_skips_compute(
+        small_photo: np.ndarray, style_photo: np.ndarray) -> None:
+    import time
+
+    running_server = start_in_thread(server_config("style", max_optimisations=2))
+    try:
+        target = running_server.target
+        module = running_server.server.modules[0]
+        content, style = encode(small_photo), encode(style_photo)
+        labels = {"queue": "style-optimise"}
+        dropped_before = sum(REGISTRY.get_sample_value("percept_dropped_total",
+                                                       {**labels, "reason": r}) or 0.0
+                             for r in ("deadline", "cancelled"))
+        running = _start_long_optimisation(target, content, style)
+        with pytest.raises(grpc.RpcError) as error:
+            client.stylize_with_image(client.connect(target), gatys_request(content, style),
+                                      timeout=0.5)
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        running.cancel()
+        for _ in range(100):
+            dropped = sum(REGISTRY.get_sample_value("percept_dropped_total",
+                                                    {**labels, "reason": r}) or 0.0
+                          for r in ("deadline", "cancelled"))
+            if dropped > dropped_before:
+                break
+            time.sleep(0.05)
+        assert dropped == dropped_before + 1
+        assert module.optimiser.batches_run == 1  # only the long request was computed
+    finally:
+        running_server.stop()
+
+
+def test_messages_over_the_size_limit_are_resource_exhausted(small_photo: np.ndarray) -> None:
+    running = start_in_thread(server_config("style", max_message_mb=1))
+    try:
+        request = gatys_request(b"\x00" * (2 * 1024 * 1024), encode(small_photo))
+        with pytest.raises(grpc.RpcError) as error:
+            list(style_pb2_grpc.StyleTransferStub(client.connect(running.target))
+                 .StylizeWithImage(request, timeout=30))
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert health(running.target, "percept.v1.StyleTransfer") == "SERVING"
+    finally:
+        running.stop()

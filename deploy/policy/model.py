@@ -1,0 +1,364 @@
+"""What the policies check against: the project's promises (ports, flags, uid), the
+`Bundle` of one rendered target, and helpers that read the typed `kubernetes.client`
+models (pod templates, selectors, effective environment, quantities)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from deploy.dockerfile import Dockerfile
+from deploy.objects import Resource
+
+# ---------------------------------------------------------------------------------------
+# What the project promises (docs/architecture.md, DESIGN.md)
+# ---------------------------------------------------------------------------------------
+
+NAMESPACE = "percept"
+PART_OF = "percept"
+UID = 10001
+IMAGE_REPOSITORY = "ghcr.io/percept/percept"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_NODE_LABEL = "nvidia.com/gpu.present"
+MONITORING_NAMESPACE = "monitoring"
+#: seconds of terminationGracePeriodSeconds beyond preStop + drain
+GRACE_MARGIN_SECONDS = 5
+
+NAME_LABEL = "app.kubernetes.io/name"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+PART_OF_LABEL = "app.kubernetes.io/part-of"
+
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob")
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One percept service as docs/architecture.md defines it."""
+
+    name: str
+    grpc_port: int
+    metrics_port: int
+    health_service: str
+    gpu: bool
+    kind: str
+
+
+SERVICES: dict[str, ServiceSpec] = {
+    "superres": ServiceSpec(
+        "superres", 50051, 9101, "percept.v1.SuperResolution", True, "Deployment"
+    ),
+    "style": ServiceSpec("style", 50052, 9102, "percept.v1.StyleTransfer", True, "Deployment"),
+    "embed": ServiceSpec("embed", 50053, 9103, "percept.v1.Embedding", True, "Deployment"),
+    "search": ServiceSpec("search", 50054, 9104, "percept.v1.ImageSearch", False, "StatefulSet"),
+}
+#: `percept serve all`: every service in one process (the image's default CMD).
+ALL_IN_ONE = ServiceSpec("all", 50050, 9100, "", False, "")
+
+#: `percept serve` flags (each read from PERCEPT_<FLAG>): docs/architecture.md and
+#: services/common/config.py (a test keeps this list in step with the server).
+SERVER_FLAGS = (
+    "host",
+    "port",
+    "metrics-port",
+    "models-dir",
+    "data-dir",
+    "device",
+    "max-batch",
+    "max-wait-ms",
+    "max-queue",
+    "max-message-mb",
+    "max-pixels",
+    "drain-seconds",
+    "log-format",
+    "log-level",
+    "embed-target",
+    "max-iterations",
+    "max-optimisations",
+    "default-model",
+    "warmup",
+)
+#: flags the server ConfigMap must set explicitly.
+REQUIRED_CONFIG = (
+    "PERCEPT_MAX_BATCH",
+    "PERCEPT_MAX_WAIT_MS",
+    "PERCEPT_MAX_QUEUE",
+    "PERCEPT_MAX_MESSAGE_MB",
+    "PERCEPT_MAX_PIXELS",
+    "PERCEPT_DRAIN_SECONDS",
+    "PERCEPT_LOG_FORMAT",
+)
+POSITIVE_INT_FLAGS = (
+    "PERCEPT_MAX_BATCH",
+    "PERCEPT_MAX_QUEUE",
+    "PERCEPT_MAX_MESSAGE_MB",
+    "PERCEPT_MAX_PIXELS",
+    "PERCEPT_PORT",
+    "PERCEPT_MAX_ITERATIONS",
+    "PERCEPT_MAX_OPTIMISATIONS",
+)
+NON_NEGATIVE_INT_FLAGS = ("PERCEPT_METRICS_PORT",)
+NON_NEGATIVE_FLOAT_FLAGS = ("PERCEPT_MAX_WAIT_MS", "PERCEPT_DRAIN_SECONDS")
+#: cache and home directories that must be writable under a read-only root filesystem.
+WRITABLE_ENV = ("HOME", "TORCH_HOME", "TORCHINDUCTOR_CACHE_DIR")
+OPTIONAL_WRITABLE_ENV = (
+    "XDG_CACHE_HOME",
+    "TRITON_CACHE_DIR",
+    "CUDA_CACHE_PATH",
+    "HF_HOME",
+    "MPLCONFIGDIR",
+)
+
+
+def flag_env(flag: str) -> str:
+    """`--max-batch` -> PERCEPT_MAX_BATCH."""
+    return "PERCEPT_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def architecture_ports(doc: Path) -> dict[str, tuple[int, int]]:
+    """The `| service | gRPC port | metrics port |` table of docs/architecture.md."""
+    ports: dict[str, tuple[int, int]] = {}
+    for line in doc.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^\|\s*([a-z]+)\b[^|]*\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*$", line)
+        if m:
+            ports[m.group(1)] = (int(m.group(2)), int(m.group(3)))
+    return ports
+
+
+def architecture_flags(doc: Path) -> set[str]:
+    """The `percept serve` flags named in docs/architecture.md (`--max-batch` ...)."""
+    text = doc.read_text(encoding="utf-8")
+    return set(re.findall(r"`--([a-z][a-z-]*)`", text))
+
+
+# ---------------------------------------------------------------------------------------
+# The bundle: one rendered target
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bundle:
+    """The typed objects of one rendered target, and what the checks need besides.
+
+    `accelerator` is the node type the target deploys to ("gpu" or "cpu"); `kind` is
+    "app" for an overlay, "job" for a job template; `companions` are the objects of the
+    target a job is applied beside (its PVC lives there).
+    """
+
+    target: str
+    accelerator: Literal["gpu", "cpu"]
+    resources: list[Resource]
+    kind: Literal["app", "job"] = "app"
+    companions: list[Resource] = field(default_factory=list)
+    dockerfile: Dockerfile | None = None
+    namespace: str = NAMESPACE
+
+    def of_kind(self, *kinds: str) -> list[Resource]:
+        """The objects of the given kinds, in render order."""
+        return [r for r in self.resources if r.kind in kinds]
+
+    def get(self, kind: str, name: str, *, companions: bool = False) -> Resource | None:
+        """The object of a kind and name, or None."""
+        pool = self.resources + (self.companions if companions else [])
+        for r in pool:
+            if r.kind == kind and r.name == name:
+                return r
+        return None
+
+    @property
+    def workloads(self) -> list[Resource]:
+        """Every object that runs pods."""
+        return self.of_kind(*WORKLOAD_KINDS)
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers over the typed models
+# ---------------------------------------------------------------------------------------
+
+
+def pod_template(res: Resource) -> Any:
+    """The V1PodTemplateSpec of a workload (None for other objects)."""
+    if res.kind == "CronJob":
+        return res.model.spec.job_template.spec.template
+    if res.kind in WORKLOAD_KINDS:
+        return res.model.spec.template
+    return None
+
+
+def pod_labels(res: Resource) -> dict[str, str]:
+    """The labels of a workload's pods."""
+    tpl = pod_template(res)
+    return dict((tpl.metadata.labels or {}) if tpl is not None and tpl.metadata else {})
+
+
+def app_name(res: Resource) -> str:
+    """The app.kubernetes.io/name of a workload's pods (or of the object itself)."""
+    labels = pod_labels(res) or dict(res.model.metadata.labels or {})
+    return labels.get(NAME_LABEL, "")
+
+
+def all_containers(pod_spec: Any) -> list[Any]:
+    """Init containers and containers of a pod spec."""
+    return list(pod_spec.init_containers or []) + list(pod_spec.containers or [])
+
+
+def named_ports(container: Any) -> dict[str, int]:
+    """A container's named ports: name -> containerPort."""
+    return {p.name: p.container_port for p in container.ports or [] if p.name}
+
+
+def server_container(res: Resource) -> Any:
+    """The container of a workload that serves gRPC (has a port named `grpc`), or None."""
+    tpl = pod_template(res)
+    if tpl is None:
+        return None
+    for c in tpl.spec.containers or []:
+        if "grpc" in named_ports(c):
+            return c
+    return None
+
+
+def serving_workloads(bundle: Bundle) -> list[tuple[Resource, Any]]:
+    """(workload, its gRPC container) for every workload that serves."""
+    out = []
+    for res in bundle.workloads:
+        c = server_container(res)
+        if c is not None:
+            out.append((res, c))
+    return out
+
+
+def model_services(bundle: Bundle) -> list[Resource]:
+    """The workloads that need a GPU on GPU nodes: the model servers and training Jobs."""
+    out = []
+    for res in bundle.workloads:
+        spec = SERVICES.get(app_name(res))
+        component = pod_labels(res).get(COMPONENT_LABEL)
+        if (spec is not None and spec.gpu) or (res.kind == "Job" and component == "training"):
+            out.append(res)
+    return out
+
+
+def field_value(obj: Any, name: str) -> Any:
+    """A field of a typed model or of a plain dict (some nested fields stay dicts)."""
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def selector_matches(selector: Any, labels: dict[str, str]) -> bool:
+    """Whether a label selector (V1LabelSelector or a dict) matches the labels.
+
+    An empty selector matches everything, as in NetworkPolicy and PDB semantics.
+    """
+    if selector is None:
+        return True
+    match_labels = (
+        field_value(selector, "match_labels") or field_value(selector, "matchLabels") or {}
+    )
+    for k, v in match_labels.items():
+        if labels.get(k) != v:
+            return False
+    exprs = (
+        field_value(selector, "match_expressions")
+        or field_value(selector, "matchExpressions")
+        or []
+    )
+    for expr in exprs:
+        key, op = field_value(expr, "key"), field_value(expr, "operator")
+        values = list(field_value(expr, "values") or [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def selector_is_empty(selector: Any) -> bool:
+    """True for a missing selector or one with no terms (it selects everything)."""
+    if selector is None:
+        return True
+    return not (field_value(selector, "match_labels") or field_value(selector, "match_expressions"))
+
+
+def configmap_data(bundle: Bundle, name: str) -> dict[str, str] | None:
+    """The data of a ConfigMap in the bundle (or its companions), or None."""
+    res = bundle.get("ConfigMap", name, companions=True)
+    if res is None:
+        return None
+    return dict(res.model.data or {})
+
+
+def effective_env(bundle: Bundle, container: Any) -> dict[str, str]:
+    """The environment Kubernetes gives a container: envFrom sources in order, then `env`
+    (which wins). Values from ConfigMaps are resolved; other sources are left out."""
+    env: dict[str, str] = {}
+    for source in container.env_from or []:
+        ref = source.config_map_ref
+        if ref is None:
+            continue
+        data = configmap_data(bundle, ref.name) or {}
+        for k, v in data.items():
+            env[(source.prefix or "") + k] = v
+    for var in container.env or []:
+        if var.value is not None:
+            env[var.name] = var.value
+        elif var.value_from is not None and var.value_from.config_map_key_ref is not None:
+            ref = var.value_from.config_map_key_ref
+            data = configmap_data(bundle, ref.name) or {}
+            if ref.key in data:
+                env[var.name] = data[ref.key]
+        else:
+            env.setdefault(var.name, "")
+    return env
+
+
+def parse_quantity(value: Any) -> Decimal:
+    """A Kubernetes quantity ("500m", "4Gi", "2") as a number."""
+    from kubernetes.utils import parse_quantity as kube_parse_quantity
+
+    return Decimal(kube_parse_quantity(value))
+
+
+def pre_stop_seconds(container: Any) -> int | None:
+    """How long a container's preStop hook sleeps (sleep action, or exec `sleep N`)."""
+    lifecycle = container.lifecycle
+    hook = lifecycle.pre_stop if lifecycle is not None else None
+    if hook is None:
+        return None
+    if hook.sleep is not None:
+        return int(hook.sleep.seconds)
+    if hook.var_exec is not None and hook.var_exec.command:
+        m = re.search(r"\bsleep\s+(\d+)\b", " ".join(hook.var_exec.command))
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def split_image(image: str) -> tuple[str, str | None, str | None]:
+    """`registry/repo:tag@sha256:...` -> (repository, tag, digest)."""
+    ref, _, digest = image.partition("@")
+    slash = ref.rfind("/")
+    colon = ref.rfind(":")
+    if colon > slash:
+        return ref[:colon], ref[colon + 1 :], digest or None
+    return ref, None, digest or None
+
+
+def located(res: Resource, container: Any | None = None) -> str:
+    return f"{res.ref} container {container.name}" if container is not None else res.ref
+
+
+def gpu_count(container: Any, which: str) -> str | None:
+    """A container's nvidia.com/gpu in `limits` or `requests`, or None."""
+    rr = container.resources
+    values = (getattr(rr, which) if rr else None) or {}
+    return values.get(GPU_RESOURCE)

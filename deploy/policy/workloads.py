@@ -1,0 +1,592 @@
+"""Policies on each workload's pods: resources, GPUs, probes, security, writable paths,
+images, labels, topology, ports, drain, configuration, references, training Jobs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from deploy.policy.model import (
+    COMPONENT_LABEL,
+    GPU_NODE_LABEL,
+    GPU_RESOURCE,
+    GRACE_MARGIN_SECONDS,
+    IMAGE_REPOSITORY,
+    NAME_LABEL,
+    NON_NEGATIVE_FLOAT_FLAGS,
+    NON_NEGATIVE_INT_FLAGS,
+    OPTIONAL_WRITABLE_ENV,
+    PART_OF,
+    PART_OF_LABEL,
+    POSITIVE_INT_FLAGS,
+    REQUIRED_CONFIG,
+    SERVER_FLAGS,
+    SERVICES,
+    UID,
+    WORKLOAD_KINDS,
+    WRITABLE_ENV,
+    Bundle,
+    all_containers,
+    app_name,
+    configmap_data,
+    effective_env,
+    field_value,
+    flag_env,
+    gpu_count,
+    located,
+    model_services,
+    named_ports,
+    parse_quantity,
+    pod_labels,
+    pod_template,
+    pre_stop_seconds,
+    selector_is_empty,
+    selector_matches,
+    server_container,
+    serving_workloads,
+    split_image,
+)
+
+
+def check_resources(bundle: Bundle) -> list[str]:
+    """Every container requests and limits cpu and memory, and requests <= limits."""
+    failures = []
+    for res in bundle.workloads:
+        for c in all_containers(pod_template(res).spec):
+            where = located(res, c)
+            rr = c.resources
+            requests = dict((rr.requests if rr else None) or {})
+            limits = dict((rr.limits if rr else None) or {})
+            for kind in ("cpu", "memory"):
+                if kind not in requests:
+                    failures.append(f"{where}: no {kind} request")
+                if kind not in limits:
+                    failures.append(f"{where}: no {kind} limit")
+            for kind, req in requests.items():
+                if kind in limits and parse_quantity(req) > parse_quantity(limits[kind]):
+                    failures.append(
+                        f"{where}: {kind} request {req} exceeds its limit {limits[kind]}"
+                    )
+    return failures
+
+
+def _has_gpu_toleration(pod_spec: Any) -> bool:
+    for t in pod_spec.tolerations or []:
+        if (
+            t.key == GPU_RESOURCE
+            and t.effect == "NoSchedule"
+            and t.operator in ("Exists", None, "Equal")
+        ):
+            return True
+    return False
+
+
+def check_gpu(bundle: Bundle) -> list[str]:
+    """GPU nodes: each model server and training Job limits nvidia.com/gpu to 1, selects GPU
+    nodes and tolerates their taint, and runs with PERCEPT_DEVICE=cuda; no other workload
+    asks for a GPU. CPU overlay: no GPU resources, selectors or tolerations anywhere."""
+    failures = []
+    gpu_workloads = {id(r) for r in model_services(bundle)}
+    for res in bundle.workloads:
+        spec = pod_template(res).spec
+        selector = dict(spec.node_selector or {})
+        wants_gpu = bundle.accelerator == "gpu" and id(res) in gpu_workloads
+        main = (spec.containers or [None])[0]
+        for c in all_containers(spec):
+            where = located(res, c)
+            limit, request = gpu_count(c, "limits"), gpu_count(c, "requests")
+            env = effective_env(bundle, c)
+            if wants_gpu and c is main:
+                if limit is None or parse_quantity(limit) != 1:
+                    failures.append(f"{where}: limits.{GPU_RESOURCE} is {limit!r}, want 1")
+                if request is not None and request != limit:
+                    failures.append(f"{where}: {GPU_RESOURCE} request {request} != limit {limit}")
+                if res.kind != "Job" and env.get("PERCEPT_DEVICE") != "cuda":
+                    failures.append(
+                        f"{where}: PERCEPT_DEVICE is {env.get('PERCEPT_DEVICE')!r}, want "
+                        "'cuda' (fail loudly instead of serving on the CPU)"
+                    )
+            elif limit is not None or request is not None:
+                failures.append(f"{where}: asks for {GPU_RESOURCE} but should not")
+            if bundle.accelerator == "cpu" and env.get("PERCEPT_DEVICE") == "cuda":
+                failures.append(f"{where}: PERCEPT_DEVICE=cuda in the CPU overlay")
+        if wants_gpu:
+            if selector.get(GPU_NODE_LABEL) != "true":
+                failures.append(f'{res.ref}: nodeSelector lacks {GPU_NODE_LABEL}: "true"')
+            if not _has_gpu_toleration(spec):
+                failures.append(f"{res.ref}: no toleration for the {GPU_RESOURCE} NoSchedule taint")
+        else:
+            gpu_keys = sorted(k for k in selector if k.startswith("nvidia.com/"))
+            if gpu_keys:
+                failures.append(
+                    f"{res.ref}: selects GPU nodes ({', '.join(gpu_keys)}) without a GPU"
+                )
+            if _has_gpu_toleration(spec):
+                failures.append(f"{res.ref}: tolerates the GPU taint without using a GPU")
+    if bundle.accelerator == "gpu" and bundle.kind == "app":
+        names = {app_name(r) for r in model_services(bundle)}
+        for spec_ in SERVICES.values():
+            if spec_.gpu and spec_.name not in names:
+                failures.append(f"no GPU workload for the {spec_.name} service")
+    return failures
+
+
+_PROBE_NAMES = {
+    "startup_probe": "startupProbe",
+    "readiness_probe": "readinessProbe",
+    "liveness_probe": "livenessProbe",
+}
+
+
+def check_probes(bundle: Bundle) -> list[str]:
+    """Serving containers have startup, readiness and liveness probes, all native gRPC on
+    the `grpc` port: readiness asks grpc.health.v1 for the service's fully-qualified name,
+    startup and liveness for the overall server ("")."""
+    failures = []
+    for res, c in serving_workloads(bundle):
+        where = located(res, c)
+        port = named_ports(c)["grpc"]
+        spec = SERVICES.get(app_name(res))
+        expected = {
+            "startup_probe": "",
+            "readiness_probe": spec.health_service if spec else None,
+            "liveness_probe": "",
+        }
+        for attr, want_service in expected.items():
+            probe = getattr(c, attr)
+            label = _PROBE_NAMES[attr]
+            if probe is None:
+                failures.append(f"{where}: no {label}")
+                continue
+            if probe.grpc is None:
+                other = [k for k in ("http_get", "tcp_socket", "var_exec") if getattr(probe, k)]
+                failures.append(
+                    f"{where}: {label} is not a gRPC probe ({', '.join(other) or 'none'})"
+                )
+                continue
+            if probe.grpc.port != port:
+                failures.append(
+                    f"{where}: {label} probes port {probe.grpc.port}, not grpc ({port})"
+                )
+            service = probe.grpc.service or ""
+            if want_service is not None and service != want_service:
+                failures.append(
+                    f"{where}: {label} asks for service {service!r}, want {want_service!r}"
+                )
+    return failures
+
+
+def _effective(container_sc: Any, pod_sc: Any, attr: str) -> Any:
+    """A security setting as Kubernetes applies it: the container's, else the pod's."""
+    value = getattr(container_sc, attr, None) if container_sc is not None else None
+    if value is None and pod_sc is not None:
+        value = getattr(pod_sc, attr, None)
+    return value
+
+
+def check_security(bundle: Bundle) -> list[str]:
+    """Pods run as uid 10001 and non-root, with the RuntimeDefault seccomp profile, no host
+    namespaces or hostPath, no service-account token; containers have a read-only root
+    filesystem, no privilege escalation and drop ALL capabilities (Pod Security
+    "restricted")."""
+    failures = []
+    for res in bundle.workloads:
+        spec = pod_template(res).spec
+        psc = spec.security_context
+        if spec.host_network or spec.host_pid or spec.host_ipc:
+            failures.append(f"{res.ref}: uses a host namespace")
+        if spec.automount_service_account_token is not False:
+            failures.append(f"{res.ref}: automountServiceAccountToken is not false")
+        for vol in spec.volumes or []:
+            if vol.host_path is not None:
+                failures.append(f"{res.ref}: volume {vol.name} is a hostPath")
+        for c in all_containers(spec):
+            where = located(res, c)
+            csc = c.security_context
+            if _effective(csc, psc, "run_as_non_root") is not True:
+                failures.append(f"{where}: runAsNonRoot is not true")
+            uid = _effective(csc, psc, "run_as_user")
+            if uid != UID:
+                failures.append(f"{where}: runAsUser is {uid}, want {UID}")
+            seccomp = _effective(csc, psc, "seccomp_profile")
+            if seccomp is None or field_value(seccomp, "type") != "RuntimeDefault":
+                failures.append(f"{where}: seccompProfile is not RuntimeDefault")
+            if csc is None:
+                failures.append(f"{where}: no securityContext")
+                continue
+            if csc.read_only_root_filesystem is not True:
+                failures.append(f"{where}: readOnlyRootFilesystem is not true")
+            if csc.allow_privilege_escalation is not False:
+                failures.append(f"{where}: allowPrivilegeEscalation is not false")
+            if csc.privileged:
+                failures.append(f"{where}: privileged")
+            caps = csc.capabilities
+            if caps is None or "ALL" not in (caps.drop or []):
+                failures.append(f"{where}: capabilities do not drop ALL")
+            if caps is not None and caps.add:
+                failures.append(f"{where}: adds capabilities {caps.add}")
+    return failures
+
+
+def _writable_mounts(spec: Any, container: Any) -> list[str]:
+    """Mount paths of a container that are writable volumes (emptyDir, PVC)."""
+    kinds = {}
+    for vol in spec.volumes or []:
+        kinds[vol.name] = (
+            "emptyDir"
+            if vol.empty_dir is not None
+            else "pvc"
+            if vol.persistent_volume_claim is not None
+            else "other"
+        )
+    out = []
+    for m in container.volume_mounts or []:
+        kind = kinds.get(m.name, "pvc")  # volumeClaimTemplates are PVCs
+        if kind in ("emptyDir", "pvc") and not m.read_only:
+            out.append(m.mount_path.rstrip("/") or "/")
+    return out
+
+
+def _under(path: str, roots: Iterable[str]) -> bool:
+    path = path.rstrip("/")
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def check_writable_paths(bundle: Bundle) -> list[str]:
+    """With a read-only root filesystem, /tmp is an emptyDir and HOME, TORCH_HOME and
+    TORCHINDUCTOR_CACHE_DIR (and any other cache directory set) lie on writable volumes."""
+    failures = []
+    for res in bundle.workloads:
+        spec = pod_template(res).spec
+        for c in all_containers(spec):
+            if not (c.security_context and c.security_context.read_only_root_filesystem):
+                continue
+            where = located(res, c)
+            writable = _writable_mounts(spec, c)
+            if "/tmp" not in writable:
+                failures.append(f"{where}: /tmp is not a writable volume")
+            env = effective_env(bundle, c)
+            for name in WRITABLE_ENV:
+                if name not in env:
+                    failures.append(f"{where}: {name} is not set")
+            for name in WRITABLE_ENV + OPTIONAL_WRITABLE_ENV:
+                if name in env and not _under(env[name], writable):
+                    failures.append(f"{where}: {name}={env[name]} is not on a writable volume")
+    return failures
+
+
+def check_images(bundle: Bundle) -> list[str]:
+    """Images are pinned (a tag other than `latest`, or a digest), come from the project's
+    repository, are the same everywhere, and are the variant of the overlay (`-cpu` tags
+    on CPU nodes only)."""
+    failures = []
+    seen: set[str] = set()
+    for res in bundle.workloads:
+        for c in all_containers(pod_template(res).spec):
+            where = located(res, c)
+            image = c.image or ""
+            repo, tag, digest = split_image(image)
+            seen.add(image)
+            if not image:
+                failures.append(f"{where}: no image")
+                continue
+            if tag is None and digest is None:
+                failures.append(f"{where}: image {image!r} is not pinned (no tag or digest)")
+            if tag == "latest":
+                failures.append(f"{where}: image {image!r} uses the :latest tag")
+            if repo != IMAGE_REPOSITORY and not repo.endswith("/percept"):
+                failures.append(f"{where}: image {image!r} is not the percept image")
+            if c.image_pull_policy not in (None, "IfNotPresent", "Always"):
+                failures.append(f"{where}: imagePullPolicy {c.image_pull_policy}")
+            if tag is not None:
+                is_cpu = tag.endswith("-cpu")
+                if bundle.accelerator == "cpu" and not is_cpu:
+                    failures.append(f"{where}: image {image!r} is not the CPU variant (-cpu)")
+                if bundle.accelerator == "gpu" and is_cpu:
+                    failures.append(f"{where}: image {image!r} is the CPU variant on GPU nodes")
+    if len(seen) > 1:
+        failures.append(f"the workloads run different images: {', '.join(sorted(seen))}")
+    return failures
+
+
+_LABELLED_KINDS = (
+    *WORKLOAD_KINDS,
+    "Service",
+    "HorizontalPodAutoscaler",
+    "PodDisruptionBudget",
+    "PersistentVolumeClaim",
+)
+
+
+def check_labels(bundle: Bundle) -> list[str]:
+    """Every object is part-of percept; workloads, Services, HPAs, PDBs and PVCs carry
+    app.kubernetes.io/name and /component; each workload's selector matches its own pod
+    template's labels and no other workload's pods."""
+    failures = []
+    for res in bundle.resources:
+        labels = dict(res.model.metadata.labels or {})
+        if labels.get(PART_OF_LABEL) != PART_OF:
+            failures.append(f"{res.ref}: label {PART_OF_LABEL} is not {PART_OF!r}")
+        if res.kind in _LABELLED_KINDS:
+            for key in (NAME_LABEL, COMPONENT_LABEL):
+                if not labels.get(key):
+                    failures.append(f"{res.ref}: no {key} label")
+    workloads = bundle.workloads
+    for res in workloads:
+        tpl_labels = pod_labels(res)
+        meta = dict(res.model.metadata.labels or {})
+        for key in (NAME_LABEL, COMPONENT_LABEL, PART_OF_LABEL):
+            if not tpl_labels.get(key):
+                failures.append(f"{res.ref}: pod template has no {key} label")
+            elif meta.get(key) and meta[key] != tpl_labels[key]:
+                failures.append(
+                    f"{res.ref}: {key} is {meta[key]!r} on the object but "
+                    f"{tpl_labels[key]!r} on its pods"
+                )
+        selector = res.model.spec.selector if res.kind != "CronJob" else None
+        if res.kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet"):
+            if selector_is_empty(selector):
+                failures.append(f"{res.ref}: empty selector")
+                continue
+            if not selector_matches(selector, tpl_labels):
+                failures.append(f"{res.ref}: selector does not match its pod template labels")
+            for other in workloads:
+                if other is not res and selector_matches(selector, pod_labels(other)):
+                    failures.append(f"{res.ref}: selector also matches the pods of {other.ref}")
+    return failures
+
+
+def check_topology(bundle: Bundle) -> list[str]:
+    """Deployments spread their pods over nodes (kubernetes.io/hostname) and StatefulSets
+    over zones at least; each constraint selects the workload's own pods only."""
+    failures = []
+    for res in bundle.of_kind("Deployment", "StatefulSet"):
+        spec = pod_template(res).spec
+        constraints = spec.topology_spread_constraints or []
+        keys = {t.topology_key for t in constraints}
+        if not constraints:
+            failures.append(f"{res.ref}: no topologySpreadConstraints")
+            continue
+        if res.kind == "Deployment" and "kubernetes.io/hostname" not in keys:
+            failures.append(f"{res.ref}: pods are not spread over nodes (kubernetes.io/hostname)")
+        own = pod_labels(res)
+        for t in constraints:
+            if selector_is_empty(t.label_selector) or not selector_matches(t.label_selector, own):
+                failures.append(
+                    f"{res.ref}: spread constraint on {t.topology_key} does not select its own pods"
+                )
+            for other in bundle.workloads:
+                if other is not res and selector_matches(t.label_selector, pod_labels(other)):
+                    failures.append(
+                        f"{res.ref}: spread constraint on {t.topology_key} also counts {other.ref}"
+                    )
+    return failures
+
+
+def check_ports(bundle: Bundle) -> list[str]:
+    """Each service runs as the workload kind and on the ports of docs/architecture.md:
+    container ports `grpc` and `metrics`, PERCEPT_PORT/PERCEPT_METRICS_PORT, `args` naming
+    the service for the image's `percept serve` entrypoint, and Prometheus scrape
+    annotations on the metrics port."""
+    failures = []
+    found: set[str] = set()
+    for res in bundle.workloads:
+        name = app_name(res)
+        spec = SERVICES.get(name)
+        c = server_container(res)
+        if c is None:
+            if spec is not None:
+                failures.append(f"{res.ref}: serves {name} but has no container port named grpc")
+            continue
+        where = located(res, c)
+        if spec is None:
+            failures.append(f"{where}: serves gRPC but {name!r} is not a percept service")
+            continue
+        found.add(name)
+        if res.kind != spec.kind:
+            failures.append(f"{res.ref}: {name} must be a {spec.kind}")
+        ports = named_ports(c)
+        for port_name, want in (("grpc", spec.grpc_port), ("metrics", spec.metrics_port)):
+            if ports.get(port_name) != want:
+                failures.append(f"{where}: port {port_name} is {ports.get(port_name)}, want {want}")
+        env = effective_env(bundle, c)
+        for var, want in (
+            ("PERCEPT_PORT", spec.grpc_port),
+            ("PERCEPT_METRICS_PORT", spec.metrics_port),
+        ):
+            if env.get(var) != str(want):
+                failures.append(f"{where}: {var} is {env.get(var)!r}, want '{want}'")
+        if c.command:
+            failures.append(f"{where}: overrides the image's entrypoint (command: {c.command})")
+        if not c.args or c.args[0] != name:
+            failures.append(f"{where}: args {c.args} do not start with the service name {name!r}")
+        ann = dict(pod_template(res).metadata.annotations or {})
+        if ann.get("prometheus.io/scrape") != "true":
+            failures.append(f'{res.ref}: pods lack prometheus.io/scrape: "true"')
+        if ann.get("prometheus.io/port") != str(spec.metrics_port):
+            failures.append(
+                f"{res.ref}: prometheus.io/port is {ann.get('prometheus.io/port')!r}, "
+                f"want '{spec.metrics_port}'"
+            )
+        if ann.get("prometheus.io/path") != "/metrics":
+            failures.append(f"{res.ref}: prometheus.io/path is {ann.get('prometheus.io/path')!r}")
+    if bundle.kind == "app":
+        for name in SERVICES:
+            if name not in found:
+                failures.append(f"no workload serves {name}")
+    return failures
+
+
+def _seconds(raw: str | None) -> float | None:
+    """A non-negative number of seconds from an env value, or None."""
+    try:
+        value = float(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) and value >= 0 else None
+
+
+def check_drain(bundle: Bundle) -> list[str]:
+    """terminationGracePeriodSeconds >= preStop sleep + the server's drain
+    (PERCEPT_DRAIN_SECONDS) + 5 s, and liveness tolerates a draining (NOT_SERVING) pod for
+    longer than the drain."""
+    failures = []
+    for res, c in serving_workloads(bundle):
+        where = located(res, c)
+        spec = pod_template(res).spec
+        grace = spec.termination_grace_period_seconds
+        grace = 30 if grace is None else grace
+        pre_stop = pre_stop_seconds(c)
+        if pre_stop is None:
+            failures.append(f"{where}: no preStop sleep")
+            pre_stop = 0
+        raw = effective_env(bundle, c).get("PERCEPT_DRAIN_SECONDS")
+        drain = _seconds(raw)
+        if drain is None:
+            failures.append(f"{where}: PERCEPT_DRAIN_SECONDS is {raw!r}, want seconds")
+            continue
+        need = pre_stop + drain + GRACE_MARGIN_SECONDS
+        if grace < need:
+            failures.append(
+                f"{res.ref}: terminationGracePeriodSeconds {grace} < preStop {pre_stop} + "
+                f"drain {drain:g} + margin {GRACE_MARGIN_SECONDS} = {need:g}"
+            )
+        live = c.liveness_probe
+        if live is not None:
+            window = (live.period_seconds or 10) * (live.failure_threshold or 3)
+            if window <= drain:
+                failures.append(
+                    f"{where}: liveness fails after {window} s, within the {drain:g} s drain"
+                )
+    return failures
+
+
+def check_config(bundle: Bundle) -> list[str]:
+    """The server ConfigMap sets the required flags (max batch, wait, queue, message size,
+    pixels, drain, log format json) with valid values; every PERCEPT_* variable names a
+    real `percept serve` flag; HF_HUB_OFFLINE=1 everywhere."""
+    failures = []
+    known = {flag_env(f) for f in SERVER_FLAGS}
+    for cm in bundle.of_kind("ConfigMap"):
+        for key in cm.model.data or {}:
+            if key.startswith("PERCEPT_") and key not in known:
+                failures.append(f"{cm.ref}: {key} is not a `percept serve` flag")
+    for res in bundle.workloads:
+        for c in all_containers(pod_template(res).spec):
+            where = located(res, c)
+            env = effective_env(bundle, c)
+            for key in env:
+                if key.startswith("PERCEPT_") and key not in known:
+                    failures.append(f"{where}: {key} is not a `percept serve` flag")
+            if env.get("HF_HUB_OFFLINE") != "1":
+                failures.append(f"{where}: HF_HUB_OFFLINE is not 1")
+            if server_container(res) is not c:
+                continue
+            for key in REQUIRED_CONFIG:
+                if key not in env:
+                    failures.append(f"{where}: {key} is not set")
+            for key in POSITIVE_INT_FLAGS + NON_NEGATIVE_INT_FLAGS:
+                if key in env:
+                    value = env[key]
+                    low = 1 if key in POSITIVE_INT_FLAGS else 0
+                    if not value.isdigit() or int(value) < low:
+                        failures.append(f"{where}: {key}={value!r} is not an integer >= {low}")
+            for key in NON_NEGATIVE_FLOAT_FLAGS:
+                if key in env and _seconds(env[key]) is None:
+                    failures.append(f"{where}: {key}={env[key]!r} is not a number >= 0")
+            if env.get("PERCEPT_LOG_FORMAT") not in (None, "json"):
+                failures.append(
+                    f"{where}: PERCEPT_LOG_FORMAT is {env['PERCEPT_LOG_FORMAT']!r}, want json"
+                )
+            if env.get("PERCEPT_DEVICE", "auto") not in ("auto", "cpu", "cuda"):
+                failures.append(f"{where}: PERCEPT_DEVICE {env['PERCEPT_DEVICE']!r}")
+            batch, queue = env.get("PERCEPT_MAX_BATCH", ""), env.get("PERCEPT_MAX_QUEUE", "")
+            if batch.isdigit() and queue.isdigit() and int(queue) < int(batch):
+                failures.append(f"{where}: PERCEPT_MAX_QUEUE {queue} < PERCEPT_MAX_BATCH {batch}")
+    return failures
+
+
+def check_references(bundle: Bundle) -> list[str]:
+    """Every ConfigMap (envFrom, env, volume) and PersistentVolumeClaim a pod refers to
+    exists in the render (a job's PVC in the overlay it is applied beside)."""
+    failures = []
+    for res in bundle.workloads:
+        spec = pod_template(res).spec
+        for c in all_containers(spec):
+            for source in c.env_from or []:
+                ref = source.config_map_ref
+                if (
+                    ref is not None
+                    and not ref.optional
+                    and configmap_data(bundle, ref.name) is None
+                ):
+                    failures.append(
+                        f"{located(res, c)}: envFrom ConfigMap {ref.name} does not exist"
+                    )
+            for var in c.env or []:
+                ref = var.value_from.config_map_key_ref if var.value_from else None
+                if ref is not None and not ref.optional:
+                    data = configmap_data(bundle, ref.name)
+                    if data is None or ref.key not in data:
+                        failures.append(
+                            f"{located(res, c)}: {var.name} refers to missing {ref.name}/{ref.key}"
+                        )
+        for vol in spec.volumes or []:
+            cm = vol.config_map
+            if cm is not None and not cm.optional and configmap_data(bundle, cm.name) is None:
+                failures.append(f"{res.ref}: volume {vol.name}: ConfigMap {cm.name} missing")
+            if vol.persistent_volume_claim is not None:
+                claim = vol.persistent_volume_claim.claim_name
+                if bundle.get("PersistentVolumeClaim", claim, companions=True) is None:
+                    failures.append(f"{res.ref}: volume {vol.name}: PVC {claim} does not exist")
+    return failures
+
+
+def check_jobs(bundle: Bundle) -> list[str]:
+    """Training Jobs run `percept train ...`, never restart in place, and are bounded:
+    backoffLimit, activeDeadlineSeconds and ttlSecondsAfterFinished are set; they write to
+    a PersistentVolumeClaim."""
+    failures = []
+    jobs = bundle.of_kind("Job")
+    if bundle.kind == "job" and not jobs:
+        failures.append("the job target renders no Job")
+    for job in jobs:
+        spec = job.model.spec
+        pod = spec.template.spec
+        if pod.restart_policy not in ("Never", "OnFailure"):
+            failures.append(f"{job.ref}: restartPolicy {pod.restart_policy}")
+        if spec.backoff_limit is None or spec.backoff_limit > 6:
+            failures.append(f"{job.ref}: backoffLimit {spec.backoff_limit} (want <= 6)")
+        if spec.active_deadline_seconds is None:
+            failures.append(
+                f"{job.ref}: no activeDeadlineSeconds (a stuck run holds a GPU forever)"
+            )
+        if spec.ttl_seconds_after_finished is None:
+            failures.append(f"{job.ref}: no ttlSecondsAfterFinished")
+        c = (pod.containers or [None])[0]
+        if c is None or list(c.command or [])[:2] != ["percept", "train"]:
+            failures.append(f"{job.ref}: does not run `percept train`")
+        if not any(v.persistent_volume_claim is not None for v in pod.volumes or []):
+            failures.append(f"{job.ref}: writes no PersistentVolumeClaim")
+    return failures

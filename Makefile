@@ -30,7 +30,7 @@ protos: setup
 
 ## bench: speed and memory benchmarks, each against a baseline from the same run
 bench: setup
-	@$(PY) -m benchmarks.run
+	@$(PY) -m benchmarks.run $(ARGS)
 
 ## lint: ruff and mypy
 lint: setup

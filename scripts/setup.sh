@@ -58,8 +58,12 @@ if ! $VPY -c "import services, training, percept.v1" 2>/dev/null || [ "$want" !=
   $VPY -m pip install -q --no-deps --no-build-isolation -e .
 fi
 
-# 6. Offline assets (VGG19 weights ...), checked by sha256.
+# 6. Offline assets (VGG19 weights, style paintings, WordNet 3.0 nouns), checked by sha256.
 $VPY -m training.assets fetch
+
+# 7. Word vectors of all 82,115 WordNet noun synsets (all-MiniLM-L6-v2), built once and
+#    cached by content hash under assets/vectors/ (minutes on a CPU; skipped when cached).
+HF_HUB_OFFLINE=1 $VPY -m services.embed.word_vectors build --threads "$(nproc)"
 
 echo "$want" > $STAMP
 log "ready: $($VPY -c 'import PIL, torch, grpc; print(f"PIL {PIL.__version__}, torch {torch.__version__}, grpcio {grpc.__version__}")')"

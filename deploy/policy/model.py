@@ -78,6 +78,7 @@ SERVER_FLAGS = (
     "max-iterations",
     "max-optimisations",
     "default-model",
+    "compile",
     "warmup",
 )
 #: flags the server ConfigMap must set explicitly.

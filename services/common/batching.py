@@ -14,6 +14,7 @@ work), off the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
@@ -72,10 +73,8 @@ class MicroBatcher(Generic[In, Out]):
     async def stop(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-            except asyncio.CancelledError:
-                pass
             self._worker = None
         for group in self._groups.values():
             for pending in group:

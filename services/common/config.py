@@ -46,6 +46,7 @@ class ServerConfig:
     max_iterations: int = 2000
     max_optimisations: int = 4
     default_model: str = ""
+    compile: str = "auto"
     warmup: bool = True
 
     @property
@@ -136,7 +137,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "style: most optimiser iterations a StylizeWithImage request may ask for")
     add("--max-optimisations", _positive(int), base.max_optimisations,
         "style: StylizeWithImage requests queued or running before RESOURCE_EXHAUSTED")
-    add("--default-model", str, base.default_model, "superres: model used when a request names none")
+    add("--default-model", str, base.default_model,
+        "superres: model used when a request names none")
+    add("--compile", str, base.compile,
+        "torch.compile image models: auto (on CUDA only), on, off", choices=["auto", "on", "off"])
     add("--warmup", _parse_bool, base.warmup, "run one warm-up inference before reporting SERVING")
 
 

@@ -90,7 +90,7 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> Decode
     if not data:
         raise InvalidArgument(f"empty {what}")
     try:
-        image = Image.open(io.BytesIO(data))
+        image: Image.Image = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, SyntaxError, ValueError, OSError, EOFError) as error:
         raise InvalidArgument(f"not a decodable {what}") from error
     with image:

@@ -43,6 +43,8 @@ class ServiceModule(abc.ABC):
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        #: the other modules hosted by the same process (set by PerceptServer)
+        self.siblings: list[ServiceModule] = []
 
     @abc.abstractmethod
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -81,6 +83,8 @@ class PerceptServer:
 
     def __init__(self, modules: Sequence[ServiceModule], config: ServerConfig) -> None:
         self.modules = list(modules)
+        for module in self.modules:
+            module.siblings = [m for m in self.modules if m is not module]
         self.config = config
         self.port: int | None = None
         self.ready = asyncio.Event()
@@ -104,6 +108,10 @@ class PerceptServer:
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # Clients balance requests round-robin over the pods they are connected to;
+            # recycling connections every 5 minutes lets them find pods added by a scale-up.
+            ("grpc.max_connection_age_ms", 300_000),
+            ("grpc.max_connection_age_grace_ms", 60_000),
         ]
         server = grpc.aio.server(options=options, interceptors=[self._interceptor])
         for module in self.modules:

@@ -1,36 +1,218 @@
-"""Embedding: DeViSE / ConSE image and text embeddings and WordNet noun labelling."""
+"""Embedding: DeViSE / ConSE image embeddings, text embeddings, and zero-shot labelling
+with nearest neighbours among every WordNet 3.0 noun (Frome et al. 2013; Norouzi et al.
+2014).
+
+Images go through EfficientNet-Lite0 once (pooled features and ImageNet logits); DeViSE
+maps the features linearly into the all-MiniLM-L6-v2 word space, ConSE takes the
+probability-weighted mean of the top-T class vectors. Both land in the space the text
+encoder writes, so words and images compare directly.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import grpc
+import numpy as np
+import torch
+from PIL import Image
 
 from percept.v1 import embed_pb2, embed_pb2_grpc
-from services.common.errors import Unimplemented
-from services.common.rpc import unary_errors
+from services.common.artifacts import Artifact, list_artifacts, load_artifact
+from services.common.batching import MicroBatcher
+from services.common.device import choose_device, describe
+from services.common.errors import InvalidArgument, NotFound, Unimplemented
+from services.common.images import decode_image
+from services.common.rpc import time_remaining, unary_errors
 from services.common.server import ServiceModule
+from services.embed.noun_index import NounIndex
+from services.embed.word_vectors import TextEncoder, load_or_build_noun_vectors
+from services.embed.wordnet import NounVocabulary, imagenet_indices
+from training.nets.devise import conse_embed
+from training.nets.efficientnet_lite import load_efficientnet_lite0
 
-_NOT_YET = ("the embedding model is not served yet: the DeViSE/ConSE model and the WordNet "
-            "noun index are not installed")
+log = logging.getLogger("percept.embed")
+
+INPUT_SIZE = 224
+CONSE_TOP_T = 10
+MAX_TEXT_CHARS = 1000
+MAX_K = 100
+DEFAULT_K = 5
+_WNID = re.compile(r"^n\d{8}$")
+DEVISE, CONSE = embed_pb2.EMBEDDING_METHOD_DEVISE, embed_pb2.EMBEDDING_METHOD_CONSE
+_METHOD_NAMES = {DEVISE: "devise", CONSE: "conse"}
+
+
+def preprocess(rgb: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
+    """Resize the shortest side to ``size`` (bicubic), centre-crop; never pad. uint8."""
+    image = Image.fromarray(rgb)
+    scale = size / min(image.size)
+    resized = image.resize((max(size, round(image.width * scale)),
+                            max(size, round(image.height * scale))),
+                           Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    return np.asarray(resized.crop((left, top, left + size, top + size)))
+
+
+@dataclass(frozen=True)
+class _Job:
+    pixels: np.ndarray  # (224, 224, 3) uint8
+    method: int
+    mask_imagenet_class: bool = False
 
 
 class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
     name = "embed"
     full_name = "percept.v1.Embedding"
 
+    devise: Artifact | None
+
     def add_to_server(self, server: grpc.aio.Server) -> None:
         embed_pb2_grpc.add_EmbeddingServicer_to_server(self, server)
 
+    async def load(self) -> None:
+        self.device = choose_device(self.config.device)
+        self.vocab = await asyncio.to_thread(NounVocabulary.from_file)
+        self.text = TextEncoder(device=self.device.type)
+        vectors = await asyncio.to_thread(load_or_build_noun_vectors, self.vocab,
+                                          encoder=self.text, progress=False)
+        self.index = await asyncio.to_thread(NounIndex, vectors, backend="flat")
+        self.imagenet_rows = imagenet_indices(self.vocab)
+        self.class_vectors = torch.from_numpy(vectors[self.imagenet_rows]).to(self.device)
+        self.backbone = await asyncio.to_thread(load_efficientnet_lite0, self.device)
+        names = list_artifacts(self.config.models_dir, "devise")
+        self.devise = None
+        if names:
+            self.devise = await asyncio.to_thread(load_artifact, self.config.models_dir,
+                                                  names[0], self.device)
+        preferred = (self.devise.config.get("default_method", "conse")
+                     if self.devise is not None else "conse")
+        self.default_method = DEVISE if preferred == "devise" and self.devise else CONSE
+        self.batcher: MicroBatcher[_Job, np.ndarray] = MicroBatcher(
+            "embed-images", self._embed_batch, max_batch=self.config.max_batch,
+            max_wait_ms=self.config.max_wait_ms, max_queue=self.config.max_queue)
+        self.batcher.start()
+        log.info("embed loaded", extra={
+            "device": describe(self.device), "nouns": len(self.vocab),
+            "devise": self.devise.tag if self.devise else None,
+            "default_method": _METHOD_NAMES[self.default_method]})
+
+    async def warmup(self) -> None:
+        blank = np.zeros((INPUT_SIZE, INPUT_SIZE, 3), np.uint8)
+        await asyncio.to_thread(self._embed_batch, [_Job(blank, self.default_method)])
+        await asyncio.to_thread(self.text.encode, ["warm-up"])
+
+    async def close(self) -> None:
+        if hasattr(self, "batcher"):
+            await self.batcher.stop()
+
+    # -- compute -------------------------------------------------------------------------
+    def _embed_batch(self, jobs: Sequence[_Job]) -> list[np.ndarray]:
+        pixels = torch.from_numpy(np.stack([job.pixels for job in jobs])).to(self.device)
+        x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+        with torch.inference_mode():
+            features = self.backbone.features(x)
+            method = jobs[0].method  # batches are keyed by method
+            if method == DEVISE:
+                assert self.devise is not None
+                vectors = self.devise.module(features)
+            else:
+                probabilities = torch.softmax(self.backbone._fc(features), dim=1)
+                vectors = conse_embed(probabilities, self.class_vectors, CONSE_TOP_T)
+        return list(vectors.float().cpu().numpy())
+
+    def _method(self, method: int) -> int:
+        if method == embed_pb2.EMBEDDING_METHOD_UNSPECIFIED:
+            return self.default_method
+        if method not in _METHOD_NAMES:
+            raise InvalidArgument(f"unknown method {method}")
+        if method == DEVISE and self.devise is None:
+            raise Unimplemented("no DeViSE map is installed under "
+                                f"{self.config.models_dir}; use method CONSE or train one "
+                                "with `percept train devise`")
+        return method
+
+    async def embed_images(self, images: Sequence[bytes], method: int = 0,
+                           timeout: float | None = None) -> list[np.ndarray]:
+        """Unit vectors for encoded images (the in-process API the search service uses).
+        Raises InvalidArgument naming the first bad image."""
+        method = self._method(method)
+        def decode(index: int, data: bytes) -> np.ndarray:
+            what = "image" if len(images) == 1 else f"image {index}"
+            return preprocess(decode_image(data, max_pixels=self.config.max_pixels,
+                                           what=what).rgb)
+
+        pixels = await asyncio.to_thread(lambda: [decode(i, d) for i, d in enumerate(images)])
+        return list(await asyncio.gather(*(
+            self.batcher.submit(_Job(p, method), key=method, timeout=timeout) for p in pixels)))
+
+    # -- RPCs ----------------------------------------------------------------------------
     @unary_errors
     async def EmbedImages(self, request: embed_pb2.EmbedImagesRequest,
                           context: grpc.aio.ServicerContext) -> embed_pb2.EmbedImagesResponse:
-        raise Unimplemented(_NOT_YET)
+        if not request.images:
+            raise InvalidArgument("images is empty: send 1 to "
+                                  f"{self.config.max_batch * 8} images")
+        if len(request.images) > self.config.max_batch * 8:
+            raise InvalidArgument(f"{len(request.images)} images is over the batch limit of "
+                                  f"{self.config.max_batch * 8}")
+        method = self._method(request.method)
+        vectors = await self.embed_images(request.images, method, time_remaining(context))
+        return embed_pb2.EmbedImagesResponse(
+            embeddings=[embed_pb2.Vector(values=v.tolist()) for v in vectors],
+            dimension=self.index.dimension, method=method, space=self.text.name)
+
+    async def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, 384) unit vectors for phrases (validated like EmbedText)."""
+        limit = self.config.max_batch * 8
+        if not texts:
+            raise InvalidArgument(f"texts is empty: send 1 to {limit} phrases")
+        if len(texts) > limit:
+            raise InvalidArgument(f"{len(texts)} texts is over the batch limit of {limit}")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidArgument(f"text {i} is empty")
+            if len(text) > MAX_TEXT_CHARS:
+                raise InvalidArgument(f"text {i} has {len(text)} characters, over the limit "
+                                      f"of {MAX_TEXT_CHARS}")
+        return await asyncio.to_thread(self.text.encode, list(texts))
 
     @unary_errors
     async def EmbedText(self, request: embed_pb2.EmbedTextRequest,
                         context: grpc.aio.ServicerContext) -> embed_pb2.EmbedTextResponse:
-        raise Unimplemented(_NOT_YET)
+        vectors = await self.embed_texts(list(request.texts))
+        return embed_pb2.EmbedTextResponse(
+            embeddings=[embed_pb2.Vector(values=v.tolist()) for v in vectors],
+            dimension=int(vectors.shape[1]), space=self.text.name)
 
     @unary_errors
     async def LabelImage(self, request: embed_pb2.LabelImageRequest,
                          context: grpc.aio.ServicerContext) -> embed_pb2.LabelImageResponse:
-        raise Unimplemented(_NOT_YET)
+        k = request.k or DEFAULT_K
+        if not 1 <= k <= MAX_K:
+            raise InvalidArgument(f"k must be 1..{MAX_K}, got {request.k}")
+        restrict = None
+        if request.under_wnid:
+            if not _WNID.match(request.under_wnid):
+                raise InvalidArgument(f"under_wnid {request.under_wnid!r} is not a wnid "
+                                      "('n' and 8 digits, e.g. n00015388)")
+            if request.under_wnid not in self.vocab:
+                raise NotFound(f"{request.under_wnid} is not a WordNet 3.0 noun synset")
+            restrict = self.vocab.hyponym_closure(request.under_wnid)
+        method = self._method(request.method)
+        vector = (await self.embed_images([request.image], method, time_remaining(context)))[0]
+        exclude = self.imagenet_rows if request.zero_shot else None
+        scores, rows = await asyncio.to_thread(self.index.search, vector[None], k,
+                                               restrict=restrict, exclude=exclude)
+        labels = []
+        for score, row in zip(scores[0], rows[0], strict=True):
+            if row < 0:
+                break
+            synset = self.vocab[int(row)]
+            labels.append(embed_pb2.Label(wnid=synset.wnid, lemmas=list(synset.lemmas),
+                                          gloss=synset.gloss, score=float(score)))
+        return embed_pb2.LabelImageResponse(labels=labels, method=method)

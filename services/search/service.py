@@ -1,18 +1,39 @@
-"""ImageSearch: word -> image and image -> image search over a durable index."""
+"""ImageSearch: word -> image and image -> image search over a durable, crash-safe index.
+
+The SQLite record (``store.py``) is the truth; the FAISS index (``vector_index.py``) is
+derived and snapshotted atomically. AddImages acknowledges a batch only after its
+transaction committed, so an acknowledged id survives ``kill -9`` at any moment.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
+import numpy as np
 
 from percept.v1 import search_pb2, search_pb2_grpc
-from services.common.errors import Unimplemented
+from services.common.errors import InvalidArgument, ServiceError
+from services.common.images import decode_image
 from services.common.rpc import stream_errors, unary_errors
 from services.common.server import ServiceModule
+from services.embed.service import EmbeddingService
+from services.search.embedder import Embedder, InProcessEmbedder, RemoteEmbedder
+from services.search.store import ImageStore
+from services.search.vector_index import IndexSettings, VectorIndex, disk_bytes
 
-_NOT_YET = ("image search is not served yet: it needs the Embedding service's model, "
-            "which is not installed")
+log = logging.getLogger("percept.search")
+
+ADD_BATCH = 16
+MAX_ID_CHARS = 256
+MAX_TEXT_CHARS = 1000
+MAX_K = 1000
+DEFAULT_K = 10
+MAX_DELETE = 10_000
+SNAPSHOT_EVERY_SECONDS = 30.0
 
 
 class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
@@ -22,29 +43,170 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
     def add_to_server(self, server: grpc.aio.Server) -> None:
         search_pb2_grpc.add_ImageSearchServicer_to_server(self, server)
 
+    # -- lifecycle -----------------------------------------------------------------------
+    def _make_embedder(self) -> Embedder:
+        if self.config.embed_target:
+            return RemoteEmbedder(self.config.embed_target)
+        for sibling in self.siblings:
+            if isinstance(sibling, EmbeddingService):
+                return InProcessEmbedder(sibling)
+        return InProcessEmbedder(EmbeddingService(self.config), own=True)
+
+    async def load(self) -> None:
+        self.embedder = self._make_embedder()
+        await self.embedder.start()
+        data_dir = self.config.data_dir
+        self.snapshots = data_dir / "snapshots"
+        self.store = ImageStore(data_dir / "images.sqlite3", self.embedder.dimension)
+        self.index, self.snapshot_seq = await asyncio.to_thread(self._recover)
+        self.write_lock = asyncio.Lock()
+        self._snapshotter = asyncio.get_running_loop().create_task(self._snapshot_loop())
+        log.info("search loaded", extra={"images": len(self.index), "index": self.index.kind,
+                                         "data_dir": str(data_dir)})
+
+    def _recover(self) -> tuple[VectorIndex, int]:
+        """The snapshot caught up from the change log, or a rebuild from the record."""
+        dimension = self.embedder.dimension
+        try:
+            index, seq = VectorIndex.load_snapshot(self.snapshots, dimension, IndexSettings())
+        except ValueError as problem:
+            log.warning("rebuilding the index from the record", extra={"reason": str(problem)})
+            index, seq = VectorIndex(dimension), 0
+            ids, vectors = [], []
+            for record in self.store.all_records():
+                ids.append(record.id)
+                vectors.append(record.vector)
+                if len(ids) >= 10_000:
+                    index.put(ids, np.vstack(vectors))
+                    ids, vectors = [], []
+            index.put(ids, np.vstack(vectors) if vectors else np.zeros((0, dimension)))
+            seq = self.store.last_seq()
+            index.save_snapshot(self.snapshots, seq)
+            return index, seq
+        changed = sorted({image_id for _, image_id, _ in self.store.changes_since(seq)})
+        if changed:
+            present = self.store.get(changed)
+            index.remove([i for i in changed if i not in present])
+            if present:
+                index.put(list(present), np.vstack([r.vector for r in present.values()]))
+            seq = self.store.last_seq()
+            log.info("caught up from the change log", extra={"changed": len(changed)})
+        return index, seq
+
+    async def snapshot(self) -> None:
+        seq = self.store.last_seq()
+        if seq != self.snapshot_seq:
+            await asyncio.to_thread(self.index.save_snapshot, self.snapshots, seq)
+            self.snapshot_seq = seq
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SNAPSHOT_EVERY_SECONDS)
+            try:
+                await self.snapshot()
+            except Exception:
+                log.exception("snapshot failed; the record stays the source of truth")
+
+    async def close(self) -> None:
+        if hasattr(self, "_snapshotter"):
+            self._snapshotter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._snapshotter
+            await self.snapshot()
+            self.store.close()
+        if hasattr(self, "embedder"):
+            await self.embedder.close()
+
+    # -- writes --------------------------------------------------------------------------
+    def _check_item(self, item: search_pb2.AddImageRequest) -> None:
+        if not item.id:
+            raise InvalidArgument("id is empty")
+        if len(item.id) > MAX_ID_CHARS:
+            raise InvalidArgument(f"id has {len(item.id)} characters, over {MAX_ID_CHARS}")
+        decode_image(item.image, max_pixels=self.config.max_pixels)
+
+    async def _add_batch(self, items: list[search_pb2.AddImageRequest],
+                         rejected: list[search_pb2.Rejection]) -> search_pb2.AddImagesAck:
+        vectors: list[np.ndarray] = []
+        if items:
+            vectors = await self.embedder.embed_images([i.image for i in items])
+        latest = {item.id: (item, vector) for item, vector in zip(items, vectors, strict=True)}
+        if latest:
+            async with self.write_lock:
+                entries = [(i, item.uri, vector) for i, (item, vector) in latest.items()]
+                await asyncio.to_thread(self.store.put_many, entries)
+                self.index.put(list(latest), np.vstack([v for _, v in latest.values()]))
+        return search_pb2.AddImagesAck(added=list(latest), rejected=rejected)
+
     @stream_errors
     async def AddImages(self, request_iterator: AsyncIterator[search_pb2.AddImageRequest],
                         context: grpc.aio.ServicerContext
                         ) -> AsyncIterator[search_pb2.AddImagesAck]:
-        raise Unimplemented(_NOT_YET)
-        yield  # pragma: no cover - makes this an async generator
-
-    @unary_errors
-    async def SearchByText(self, request: search_pb2.SearchByTextRequest,
-                           context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
-        raise Unimplemented(_NOT_YET)
-
-    @unary_errors
-    async def SearchByImage(self, request: search_pb2.SearchByImageRequest,
-                            context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
-        raise Unimplemented(_NOT_YET)
+        batch: list[search_pb2.AddImageRequest] = []
+        rejected: list[search_pb2.Rejection] = []
+        async for item in request_iterator:
+            try:
+                await asyncio.to_thread(self._check_item, item)
+                batch.append(item)
+            except ServiceError as problem:
+                rejected.append(search_pb2.Rejection(id=item.id, code=problem.code.name,
+                                                     reason=problem.message))
+            if len(batch) + len(rejected) >= ADD_BATCH:
+                yield await self._add_batch(batch, rejected)
+                batch, rejected = [], []
+        if batch or rejected:
+            yield await self._add_batch(batch, rejected)
 
     @unary_errors
     async def DeleteImages(self, request: search_pb2.DeleteImagesRequest,
                            context: grpc.aio.ServicerContext) -> search_pb2.DeleteImagesResponse:
-        raise Unimplemented(_NOT_YET)
+        if len(request.ids) > MAX_DELETE:
+            raise InvalidArgument(f"{len(request.ids)} ids is over the limit of {MAX_DELETE}")
+        ids = list(dict.fromkeys(request.ids))
+        async with self.write_lock:
+            missing, _ = await asyncio.to_thread(self.store.delete_many, ids)
+            self.index.remove(ids)
+        return search_pb2.DeleteImagesResponse(deleted=len(ids) - len(missing), missing=missing)
+
+    # -- reads ---------------------------------------------------------------------------
+    @staticmethod
+    def _k(k: int) -> int:
+        k = k or DEFAULT_K
+        if not 1 <= k <= MAX_K:
+            raise InvalidArgument(f"k must be 1..{MAX_K}, got {k}")
+        return k
+
+    async def _hits(self, vector: np.ndarray, k: int) -> search_pb2.SearchResponse:
+        found = (await asyncio.to_thread(self.index.search, vector[None], k))[0]
+        records = await asyncio.to_thread(self.store.get, [i for i, _ in found])
+        return search_pb2.SearchResponse(hits=[
+            search_pb2.Hit(id=i, uri=records[i].uri, score=score)
+            for i, score in found if i in records])
+
+    @unary_errors
+    async def SearchByText(self, request: search_pb2.SearchByTextRequest,
+                           context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
+        k = self._k(request.k)
+        if not request.text.strip():
+            raise InvalidArgument("text is empty")
+        if len(request.text) > MAX_TEXT_CHARS:
+            raise InvalidArgument(f"text has {len(request.text)} characters, over the limit "
+                                  f"of {MAX_TEXT_CHARS}")
+        return await self._hits(await self.embedder.embed_text(request.text), k)
+
+    @unary_errors
+    async def SearchByImage(self, request: search_pb2.SearchByImageRequest,
+                            context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
+        k = self._k(request.k)
+        await asyncio.to_thread(decode_image, request.image, max_pixels=self.config.max_pixels)
+        return await self._hits((await self.embedder.embed_images([request.image]))[0], k)
 
     @unary_errors
     async def Stats(self, request: search_pb2.StatsRequest,
                     context: grpc.aio.ServicerContext) -> search_pb2.StatsResponse:
-        raise Unimplemented(_NOT_YET)
+        count = await asyncio.to_thread(self.store.count)
+        size = await asyncio.to_thread(disk_bytes, self.config.data_dir)
+        return search_pb2.StatsResponse(count=count, index_type=self.index.kind,
+                                        dimension=self.embedder.dimension, disk_bytes=size)
+
+

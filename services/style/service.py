@@ -5,32 +5,47 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
+from typing import cast
 
 import grpc
 import torch
 
 from percept.v1 import style_pb2, style_pb2_grpc
-from services.common.artifacts import Artifact, list_artifacts, load_artifact
+from services.common.artifacts import list_artifacts, load_artifact
 from services.common.batching import MicroBatcher
 from services.common.device import choose_device, describe
-from services.common.errors import NotFound, Unimplemented
-from services.common.images import encode_image
+from services.common.errors import InvalidArgument, NotFound, Unimplemented
+from services.common.image_model import TiledImageModel
+from services.common.images import (
+    decode_image,
+    decode_mask,
+    encode_image,
+    output_format_enum,
+    validate_quality,
+)
 from services.common.rpc import stream_errors, time_remaining, unary_errors
 from services.common.server import ServiceModule
 from services.common.tensors import to_uint8
 from services.style.optimisation import OptimisationJob, parse_request
+from services.style.postprocess import finish
 from training.nets.vgg19 import load_vgg19
 from training.perceptual.gatys import GatysProgress, StopRequested, stylize_with_image
 
 log = logging.getLogger("percept.style")
+
+# Fast style nets use instance normalisation: big tiles keep the statistics close to the
+# whole image's, and a wide feathered overlap hides what difference remains.
+TILE = 512
+OVERLAP = 64
 
 
 class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
     name = "style"
     full_name = "percept.v1.StyleTransfer"
 
-    styles: dict[str, Artifact]
+    styles: dict[str, TiledImageModel]
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         style_pb2_grpc.add_StyleTransferServicer_to_server(self, server)
@@ -38,12 +53,14 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
     async def load(self) -> None:
         self.device = choose_device(self.config.device)
         self.vgg = await asyncio.to_thread(load_vgg19, self.device)
-        names = list_artifacts(self.config.models_dir, "style")
         self.styles = {}
-        for name in names:
+        for name in list_artifacts(self.config.models_dir, "style"):
             artifact = await asyncio.to_thread(load_artifact, self.config.models_dir, name,
                                                self.device)
-            self.styles[artifact.config.get("style", {}).get("name", name)] = artifact
+            model = TiledImageModel(artifact, self.device, self.config, scale=1, tile=TILE,
+                                    overlap=OVERLAP)
+            model.start()
+            self.styles[artifact.config.get("style", {}).get("name", name)] = model
         # Optimisation runs are long: one at a time, a short bounded queue behind it.
         self.optimiser = MicroBatcher("style-optimise", self._run_optimisations, max_batch=1,
                                       max_wait_ms=0, max_queue=self.config.max_optimisations)
@@ -56,19 +73,23 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
             with torch.no_grad():
                 self.vgg(torch.rand(1, 3, 64, 64, device=self.device), ["relu5_1"])
         await asyncio.to_thread(run)
+        for model in self.styles.values():
+            await model.warmup()
 
     async def close(self) -> None:
         if hasattr(self, "optimiser"):
             await self.optimiser.stop()
+        for model in getattr(self, "styles", {}).values():
+            await model.stop()
 
     # -- fixed styles ------------------------------------------------------------------
     @unary_errors
     async def ListStyles(self, request: style_pb2.ListStylesRequest,
                          context: grpc.aio.ServicerContext) -> style_pb2.ListStylesResponse:
         return style_pb2.ListStylesResponse(styles=[
-            style_pb2.StyleInfo(name=name, title=a.config.get("style", {}).get("title", name),
-                                version=str(a.version))
-            for name, a in sorted(self.styles.items())])
+            style_pb2.StyleInfo(name=name, version=str(model.artifact.version),
+                                title=model.artifact.config.get("style", {}).get("title", name))
+            for name, model in sorted(self.styles.items())])
 
     @unary_errors
     async def Stylize(self, request: style_pb2.StylizeRequest,
@@ -81,7 +102,29 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
         if request.style not in self.styles:
             raise NotFound(f"unknown style {request.style!r}; available: "
                            + ", ".join(sorted(self.styles)))
-        raise Unimplemented("fast style inference is not wired yet")
+        strength = request.strength if request.HasField("strength") else 1.0
+        if not 0.0 <= strength <= 1.0:
+            raise InvalidArgument(f"strength must be 0..1, got {strength:g}")
+        fmt = output_format_enum(request.output_format)
+        quality = validate_quality(request.quality)
+        decoded = await asyncio.to_thread(decode_image, request.image,
+                                          max_pixels=self.config.max_pixels)
+        mask = None
+        if request.mask:
+            mask = await asyncio.to_thread(decode_mask, request.mask,
+                                           max_pixels=self.config.max_pixels,
+                                           size=(decoded.width, decoded.height))
+        remaining = time_remaining(context)
+        deadline = None if remaining is None else time.monotonic() + remaining
+        model = self.styles[request.style]
+        stylised = await model.apply(decoded.rgb, deadline)
+        rgb = await asyncio.to_thread(finish, decoded.rgb, stylised,
+                                      preserve_color=request.preserve_color, strength=strength,
+                                      mask=mask)
+        data = await asyncio.to_thread(encode_image, rgb, alpha=decoded.alpha, fmt=fmt,
+                                       quality=quality)
+        return style_pb2.StylizeResponse(image=data, width=rgb.shape[1], height=rgb.shape[0],
+                                         model=model.artifact.tag, format=fmt)
 
     # -- optimisation-based (Gatys) ------------------------------------------------------
     def _run_optimisations(self, jobs: Sequence[OptimisationJob]) -> list[object]:
@@ -106,7 +149,10 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
         loop = asyncio.get_running_loop()
         progress: asyncio.Queue[GatysProgress] = asyncio.Queue()
         stop = threading.Event()
-        job.on_progress = lambda p: loop.call_soon_threadsafe(progress.put_nowait, p)
+        def report(update: GatysProgress) -> None:
+            loop.call_soon_threadsafe(progress.put_nowait, update)
+
+        job.on_progress = report
         job.should_stop = stop.is_set
         task = asyncio.ensure_future(self.optimiser.submit(job, timeout=time_remaining(context)))
         getter: asyncio.Future[GatysProgress] | None = None
@@ -120,7 +166,7 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
                 else:
                     getter.cancel()
             try:
-                output = task.result()
+                output = cast(torch.Tensor, task.result())
             except StopRequested:  # the caller went away
                 return
             rgb = to_uint8(output)

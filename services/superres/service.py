@@ -1,28 +1,110 @@
-"""SuperResolution: 4x upscaling with a perceptual-loss-trained network."""
+"""SuperResolution: 4x upscaling with a perceptual-loss-trained network (Johnson et al. 2016),
+tiled so that any image size runs in bounded memory, tiles batched across requests."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+
 import grpc
+import numpy as np
+from PIL import Image
 
 from percept.v1 import superres_pb2, superres_pb2_grpc
-from services.common.artifacts import list_artifacts
-from services.common.errors import Unimplemented
-from services.common.rpc import unary_errors
+from services.common.artifacts import list_artifacts, load_artifact
+from services.common.device import choose_device, describe
+from services.common.errors import InvalidArgument, NotFound, Unimplemented
+from services.common.image_model import TiledImageModel
+from services.common.images import (
+    decode_image,
+    encode_image,
+    output_format_enum,
+    validate_quality,
+)
+from services.common.rpc import time_remaining, unary_errors
 from services.common.server import ServiceModule
+
+log = logging.getLogger("percept.superres")
+
+SCALE = 4
+TILE = 128  # input pixels; 512 px output tiles
+OVERLAP = 16  # input pixels each side; well over the network's receptive-field radius
+MIN_SIDE = 8
+PREFERRED_DEFAULTS = ("superres-perceptual", "superres-psnr")
 
 
 class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionServicer):
     name = "superres"
     full_name = "percept.v1.SuperResolution"
 
+    models: dict[str, TiledImageModel]
+    default: str
+
     def add_to_server(self, server: grpc.aio.Server) -> None:
         superres_pb2_grpc.add_SuperResolutionServicer_to_server(self, server)
 
     async def load(self) -> None:
-        self.models = list_artifacts(self.config.models_dir, "superres")
+        self.device = choose_device(self.config.device)
+        self.models = {}
+        for name in list_artifacts(self.config.models_dir, "superres"):
+            artifact = await asyncio.to_thread(load_artifact, self.config.models_dir, name,
+                                               self.device)
+            model = TiledImageModel(artifact, self.device, self.config, scale=SCALE, tile=TILE,
+                                    overlap=OVERLAP)
+            model.start()
+            self.models[name] = model
+        requested = self.config.default_model
+        if requested and requested not in self.models:
+            raise RuntimeError(f"--default-model {requested!r} is not under "
+                               f"{self.config.models_dir}; found: {sorted(self.models)}")
+        fallback = [n for n in PREFERRED_DEFAULTS if n in self.models] + sorted(self.models)
+        self.default = requested or (fallback[0] if fallback else "")
+        log.info("superres loaded", extra={"device": describe(self.device),
+                                           "models": sorted(self.models),
+                                           "default": self.default})
+
+    async def warmup(self) -> None:
+        for model in self.models.values():
+            await model.warmup()
+
+    async def close(self) -> None:
+        for model in getattr(self, "models", {}).values():
+            await model.stop()
 
     @unary_errors
     async def Upscale(self, request: superres_pb2.UpscaleRequest,
                       context: grpc.aio.ServicerContext) -> superres_pb2.UpscaleResponse:
-        raise Unimplemented("super-resolution is not served yet: no model is loaded under "
-                            f"{self.config.models_dir}")
+        if not self.models:
+            raise Unimplemented("no super-resolution model is installed under "
+                                f"{self.config.models_dir}; train one with "
+                                "`percept train superres`")
+        if request.scale not in (0, SCALE):
+            raise InvalidArgument(f"scale must be {SCALE} (or 0 for the default), "
+                                  f"got {request.scale}")
+        name = request.model or self.default
+        if name not in self.models:
+            raise NotFound(f"unknown model {name!r}; available: {', '.join(sorted(self.models))}")
+        fmt = output_format_enum(request.output_format)
+        quality = validate_quality(request.quality)
+        decoded = await asyncio.to_thread(decode_image, request.image,
+                                          max_pixels=self.config.max_pixels)
+        if min(decoded.width, decoded.height) < MIN_SIDE:
+            raise InvalidArgument(f"image is {decoded.width}x{decoded.height}; the minimum is "
+                                  f"{MIN_SIDE}x{MIN_SIDE}")
+        output_pixels = decoded.width * decoded.height * SCALE * SCALE
+        output_cap = 2 * self.config.max_pixels
+        if output_pixels > output_cap:
+            raise InvalidArgument(f"the output would have {output_pixels} pixels, over the cap "
+                                  f"of {output_cap} (2 x --max-pixels); send a smaller image")
+        remaining = time_remaining(context)
+        deadline = None if remaining is None else time.monotonic() + remaining
+        model = self.models[name]
+        rgb = await model.apply(decoded.rgb, deadline)
+        alpha = None
+        if decoded.alpha is not None:
+            alpha = np.asarray(Image.fromarray(decoded.alpha).resize(
+                (rgb.shape[1], rgb.shape[0]), Image.Resampling.BICUBIC))
+        data = await asyncio.to_thread(encode_image, rgb, alpha=alpha, fmt=fmt, quality=quality)
+        return superres_pb2.UpscaleResponse(image=data, width=rgb.shape[1], height=rgb.shape[0],
+                                            model=model.artifact.tag, format=fmt)

@@ -31,7 +31,7 @@ def test_garbage_is_rejected_precisely(data: bytes, message: str) -> None:
 
 @pytest.mark.parametrize("make", [bad_images.truncated_jpeg, bad_images.truncated_png])
 def test_truncated_files_are_rejected(photo: np.ndarray, make: object) -> None:
-    with pytest.raises(InvalidArgument, match="truncated|corrupt"):
+    with pytest.raises(InvalidArgument, match=r"truncated|corrupt"):
         decode_image(make(photo), max_pixels=CAP)  # type: ignore[operator]
 
 
@@ -39,7 +39,8 @@ def test_decompression_bomb_is_rejected_from_the_header() -> None:
     import resource
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with pytest.raises(InvalidArgument, match=r"100000 x 100000 = 10000000000 pixels, over the cap"):
+    with pytest.raises(InvalidArgument,
+                       match=r"100000 x 100000 = 10000000000 pixels, over the cap"):
         decode_image(bad_images.png_bomb(), max_pixels=CAP)
     grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kb < 50_000, f"peak memory grew by {grown_kb} kB for a rejected bomb"

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from percept.v1 import style_pb2, style_pb2_grpc
 from services import client
 from services.common.server import RunningServer, ServiceModule, start_in_thread
-from tests.conftest import encode, free_port, server_config
+from tests.conftest import encode, server_config
 from tests.fixtures import bad_images
 
 SERVICES = ["percept.v1.SuperResolution", "percept.v1.StyleTransfer", "percept.v1.Embedding",

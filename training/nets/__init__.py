@@ -17,6 +17,7 @@ _ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
 _ARCHITECTURE_MODULES = (
     "training.nets.superres",
     "training.nets.transformer",
+    "training.nets.devise",
 )
 
 F = TypeVar("F", bound=Callable[..., nn.Module])

@@ -1,0 +1,73 @@
+"""`StyleTransfer.Stylize` on the CPU: served path vs plain fp32 eager of the same network,
+batching on/off; and the optimisation-based `StylizeWithImage` at 256 px.
+
+python -m benchmarks.bench_style [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from benchmarks.common import RESULTS, machine, served
+from benchmarks.image_models import bench, photo, png, report
+from percept.v1 import style_pb2
+from services import client
+from services.common.artifacts import list_artifacts
+from training.assets import REPO_ROOT, style_image_path
+
+
+def gatys(iterations: int, size: int) -> dict[str, Any]:
+    """Wall time of one StylizeWithImage run (L-BFGS) through the served path."""
+    with served("style") as server:
+        request = style_pb2.StylizeWithImageRequest(
+            content_image=png(photo(size)),
+            style_image=style_image_path("starry-night").read_bytes(),
+            iterations=iterations, max_size=size)
+        started = time.perf_counter()
+        client.stylize_with_image(client.connect(server.target), request)
+        seconds = time.perf_counter() - started
+    return {"size": size, "iterations": iterations, "seconds": seconds,
+            "ms_per_iteration": seconds / iterations * 1000}
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    result: dict[str, Any] = {"machine": machine()}
+    styles = list_artifacts(REPO_ROOT / "models", "style")
+    if styles:
+        model = styles[0]
+        name = model.removeprefix("style-")
+
+        def call(channel: Any, data: bytes) -> None:
+            client.stylize(channel, style_pb2.StylizeRequest(image=data, style=name),
+                           timeout=3600)
+
+        result["fast"] = bench("style", model, call,
+                               sizes=[256, 512] if quick else [256, 512, 1024],
+                               repeats=3 if quick else 5, compile_too=not quick,
+                               batch_size=128)
+    else:
+        result["fast"] = {"skipped": "no models/style-* installed"}
+    result["gatys"] = gatys(30 if quick else 300, 256)
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    fast = result["fast"]
+    text = (f"### Fast style transfer\n\nskipped: {fast['skipped']}" if "skipped" in fast
+            else report(f"Fast style transfer (Stylize, {fast['model']})", fast))
+    g = result["gatys"]
+    return text + (f"\n\nStylizeWithImage (Gatys, L-BFGS, VGG19): {g['size']} px, "
+                   f"{g['iterations']} iterations in {g['seconds']:.1f} s "
+                   f"({g['ms_per_iteration']:.0f} ms/iteration)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    outcome = run(parser.parse_args().quick)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "style.json").write_text(json.dumps(outcome, indent=2))
+    print(markdown(outcome))

@@ -1,0 +1,88 @@
+"""`SuperResolution.Upscale` on the CPU: served path vs plain fp32 eager, batching on/off,
+and the server's peak memory for a 2048x2048 input.
+
+python -m benchmarks.bench_superres [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from benchmarks.common import RESULTS, free_port, peak_rss_mb
+from benchmarks.image_models import bench, photo, png, report
+from services import client
+from services.common.artifacts import list_artifacts
+from training.assets import REPO_ROOT
+
+MODEL = "superres-perceptual"
+
+
+def call(channel: Any, data: bytes) -> None:
+    client.upscale(channel, data, model=MODEL, timeout=3600)
+
+
+def memory_2048() -> dict[str, Any]:
+    """Upscales a 2048x2048 photo through a `percept serve superres` subprocess and reads
+    the server's peak resident memory (VmHWM)."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "superres",
+                               "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+                               "--log-format", "text", "--log-level", "warning"],
+                              cwd=REPO_ROOT, env={**os.environ, "GRPC_VERBOSITY": "ERROR"})
+    try:
+        channel = client.connect(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if client.health_status(channel, timeout=1) == "SERVING":
+                    break
+            except Exception:
+                time.sleep(0.5)
+        baseline = peak_rss_mb(server.pid)
+        data = png(photo(2048))
+        started = time.perf_counter()
+        response = client.upscale(channel, data, model=MODEL, timeout=3600)
+        seconds = time.perf_counter() - started
+        return {"input": "2048x2048", "output": f"{response.width}x{response.height}",
+                "seconds": seconds, "peak_rss_mb": peak_rss_mb(server.pid),
+                "rss_after_start_mb": baseline, "target_mb": 3000}
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    if MODEL not in list_artifacts(REPO_ROOT / "models", "superres"):
+        return {"skipped": f"models/{MODEL} is not installed"}
+    result = bench("superres", MODEL, call, sizes=[128, 256] if quick else [128, 256, 512],
+                   repeats=3 if quick else 5, compile_too=not quick, batch_size=64)
+    if not quick:
+        result["memory"] = memory_2048()
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    if "skipped" in result:
+        return f"### Super-resolution\n\nskipped: {result['skipped']}"
+    text = report("Super-resolution (Upscale, 4x)", result)
+    if "memory" in result:
+        m = result["memory"]
+        text += (f"\n\n2048x2048 -> {m['output']}: {m['seconds']:.0f} s, server peak RSS "
+                 f"{m['peak_rss_mb']:.0f} MB (target < {m['target_mb']} MB; "
+                 f"{m['rss_after_start_mb']:.0f} MB after start-up)")
+    return text
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    outcome = run(parser.parse_args().quick)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "superres.json").write_text(json.dumps(outcome, indent=2))
+    print(markdown(outcome))

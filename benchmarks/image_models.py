@@ -1,0 +1,108 @@
+"""Speed of an image-to-image model artifact: the served gRPC path against plain fp32 eager
+PyTorch of the same network in the same run, plus batching on and off."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.common import interleaved_medians, machine, markdown_table, served
+from services import client
+from services.common.artifacts import load_artifact
+from training.assets import REPO_ROOT
+
+
+def photo(size: int) -> np.ndarray:
+    from skimage import data
+
+    image = Image.fromarray(np.asarray(data.astronaut()))
+    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC))
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def eager_forward(module: torch.nn.Module, array: np.ndarray) -> np.ndarray:
+    """The baseline: fp32, NCHW, the whole image in one eager forward pass."""
+    x = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255.0
+    with torch.inference_mode():
+        y = module(x).clamp(0, 1)
+    return (y[0].permute(1, 2, 0) * 255 + 0.5).byte().numpy()
+
+
+def latency(service: str, model: str, sizes: list[int], repeats: int, call: Any,
+            compile_too: bool) -> list[dict[str, Any]]:
+    """Median latency per size: eager fp32 vs the served path (and compiled, if asked)."""
+    artifact = load_artifact(REPO_ROOT / "models", model, torch.device("cpu"))
+    eager = artifact.module.float().eval()
+    rows = []
+    configs = {"served": {"compile": "off"}}
+    if compile_too:
+        configs["served+compile"] = {"compile": "on"}
+    servers = {name: served(service, **cfg) for name, cfg in configs.items()}
+    running = {name: ctx.__enter__() for name, ctx in servers.items()}
+    try:
+        for size in sizes:
+            image = photo(size)
+            data = png(image)
+            actions = {"eager fp32": lambda image=image: eager_forward(eager, image)}
+            for name, server in running.items():
+                channel = client.connect(server.target)
+                actions[name] = lambda channel=channel, data=data: call(channel, data)
+            medians = interleaved_medians(actions, repeats)
+            for name, seconds in medians.items():
+                rows.append({"size": size, "variant": name, "ms": seconds * 1000,
+                             "speedup_vs_eager": medians["eager fp32"] / seconds})
+    finally:
+        for ctx in servers.values():
+            ctx.__exit__(None, None, None)
+    return rows
+
+
+def batching(service: str, call: Any, size: int, requests: int,
+             max_batch: int) -> list[dict[str, Any]]:
+    """Throughput of `requests` concurrent calls with micro-batching on and off."""
+    import time
+
+    data = png(photo(size))
+    rows = []
+    for label, batch in (("no batching", 1), (f"max_batch={max_batch}", max_batch)):
+        with served(service, max_batch=batch, max_wait_ms=10, compile="off") as server:
+            channel = client.connect(server.target)
+            call(channel, data)
+            started = time.perf_counter()
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(lambda _, c=channel: call(c, data), range(requests)))
+            elapsed = time.perf_counter() - started
+        rows.append({"variant": label, "requests": requests, "size": size,
+                     "req_per_s": requests / elapsed})
+    rows[1]["speedup_vs_unbatched"] = rows[1]["req_per_s"] / rows[0]["req_per_s"]
+    return rows
+
+
+def report(title: str, result: dict[str, Any]) -> str:
+    lines = [f"### {title}", "", f"Machine: {result['machine']}", "",
+             markdown_table(["input px", "variant", "median ms", "x vs eager fp32"],
+                            [(r["size"], r["variant"], r["ms"], r["speedup_vs_eager"])
+                             for r in result["latency"]])]
+    if result.get("batching"):
+        rows = result["batching"]
+        lines += ["", markdown_table(["variant", "requests", "input px", "req/s", "x"],
+                                     [(r["variant"], r["requests"], r["size"], r["req_per_s"],
+                                       r.get("speedup_vs_unbatched", 1.0)) for r in rows])]
+    return "\n".join(lines)
+
+
+def bench(service: str, model: str, call: Any, *, sizes: list[int], repeats: int,
+          compile_too: bool, batch_size: int) -> dict[str, Any]:
+    return {"machine": machine(), "model": model,
+            "latency": latency(service, model, sizes, repeats, call, compile_too),
+            "batching": batching(service, call, batch_size, 32, 8)}

@@ -1,0 +1,71 @@
+"""`make bench`: every benchmark, each against a baseline measured in the same run.
+
+Results go to benchmarks/results/<name>.json, and the tables to benchmarks/README.md
+(between the BEGIN/END markers), with the machine, date and command.
+
+python -m benchmarks.run [--quick] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS, machine
+
+BENCHMARKS = ["preprocess", "superres", "style", "noun_search", "embed", "search_scale"]
+README = Path(__file__).resolve().parent / "README.md"
+BEGIN, END = "<!-- BEGIN RESULTS -->", "<!-- END RESULTS -->"
+
+
+def render(module: Any, result: dict[str, Any]) -> str:
+    for name in ("markdown", "table"):
+        if hasattr(module, name):
+            return str(getattr(module, name)(result))
+    return "```\n" + json.dumps(result, indent=2) + "\n```"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    parser.add_argument("--only", nargs="*", choices=BENCHMARKS, default=None)
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(exist_ok=True)
+    sections = []
+    for name in args.only or BENCHMARKS:
+        try:
+            module = importlib.import_module(f"benchmarks.bench_{name}")
+        except ModuleNotFoundError as error:
+            if error.name == f"benchmarks.bench_{name}":
+                print(f"[bench] {name}: not present yet, skipped", flush=True)
+                continue
+            raise
+        print(f"[bench] {name} ...", flush=True)
+        started = time.perf_counter()
+        result = module.run(quick=args.quick)
+        result["wall_seconds"] = round(time.perf_counter() - started, 1)
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+        section = render(module, result)
+        print(section, flush=True)
+        sections.append(section)
+    command = "make bench" if not args.quick else "python -m benchmarks.run --quick"
+    if args.only:
+        command += " (--only " + " ".join(args.only) + ")"
+    header = (f"Latest run: {dt.date.today().isoformat()}, `{command}`, machine: {machine()}")
+    block = "\n\n".join([header, *sections])
+    text = README.read_text() if README.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        README.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

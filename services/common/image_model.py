@@ -1,0 +1,93 @@
+"""An image-to-image model artifact served tile by tile through a micro-batcher.
+
+Used by the super-resolution and fast-style services: tiles of every concurrent request
+share one batcher (tiles of equal shape batch together), requests are admitted up to
+``--max-queue`` per model (one more gets RESOURCE_EXHAUSTED), and the per-request deadline
+applies to every tile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from services.common.artifacts import Artifact
+from services.common.batching import MicroBatcher
+from services.common.config import ServerConfig
+from services.common.errors import DeadlineExceeded, ResourceExhausted
+from services.common.metrics import REJECTED
+from services.common.tiling import tiled_apply
+
+# Per-request tiles queued at most at once: one row of tiles of a 64-megapixel image.
+_TILE_QUEUE_PER_REQUEST = 96
+
+
+class TiledImageModel:
+    """Runs ``artifact.module`` over images of any size in overlapping tiles."""
+
+    def __init__(self, artifact: Artifact, device: torch.device, config: ServerConfig, *,
+                 scale: int, tile: int, overlap: int) -> None:
+        self.artifact = artifact
+        self.device = device
+        self.scale = scale
+        self.tile = tile
+        self.overlap = overlap
+        # fp16 on CUDA; channels_last everywhere (oneDNN and cuDNN both prefer NHWC convs:
+        # 1.4x on a 2-core AVX2 CPU for the SR net, benchmarks/README.md).
+        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        module = artifact.module.to(dtype=self.dtype).to(  # type: ignore[call-overload]
+            memory_format=torch.channels_last)
+        use_compile = config.compile == "on" or (config.compile == "auto"
+                                                 and device.type == "cuda")
+        self.module = torch.compile(module) if use_compile else module
+        self.compiled = use_compile
+        self.queue_name = f"model-{artifact.name}"
+        self.max_requests = config.max_queue
+        self.active_requests = 0
+        self.batcher: MicroBatcher[np.ndarray, np.ndarray] = MicroBatcher(
+            self.queue_name, self.run_batch, max_batch=config.max_batch,
+            max_wait_ms=config.max_wait_ms, max_queue=config.max_queue * _TILE_QUEUE_PER_REQUEST)
+
+    def run_batch(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """uint8 (t, t, 3) tiles -> float32 (t*s, t*s, 3) outputs in [0, 1]."""
+        batch = torch.from_numpy(np.stack(tiles)).to(self.device).permute(0, 3, 1, 2)
+        batch = batch.to(self.dtype).div_(255.0).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            output = self.module(batch).float().clamp_(0.0, 1.0)
+        return list(output.permute(0, 2, 3, 1).cpu().numpy())
+
+    async def apply(self, rgb: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """(H, W, 3) uint8 -> (H*s, W*s, 3) uint8. ``deadline`` is time.monotonic()."""
+        if self.active_requests >= self.max_requests:
+            REJECTED.labels(self.queue_name).inc()
+            raise ResourceExhausted(f"{self.artifact.name} is busy ({self.max_requests} "
+                                    "requests in progress); retry with backoff")
+        self.active_requests += 1
+        try:
+            async def process(tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
+                timeout = None
+                if deadline is not None:
+                    timeout = deadline - time.monotonic()
+                    if timeout <= 0:
+                        raise DeadlineExceeded("deadline exceeded between tiles")
+                return list(await asyncio.gather(*(
+                    self.batcher.submit(t, key=t.shape, timeout=timeout) for t in tiles)))
+
+            return await tiled_apply(rgb, process, scale=self.scale, tile=self.tile,
+                                     overlap=self.overlap)
+        finally:
+            self.active_requests -= 1
+
+    async def warmup(self) -> None:
+        tile = np.random.default_rng(0).integers(0, 256, (self.tile, self.tile, 3), np.uint8)
+        await asyncio.to_thread(self.run_batch, [tile])
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()

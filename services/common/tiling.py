@@ -1,0 +1,120 @@
+"""Tiled inference for fully-convolutional image nets at any size, in bounded memory.
+
+The image is cut into overlapping tiles of one fixed size (so tiles of many requests batch
+together), each tile goes through the model, and the outputs are blended with linear
+feathering across the overlaps, so no seam shows even for nets whose statistics depend on
+the tile (instance normalisation). Tiles are processed one row at a time and only one band
+of float accumulators is alive, so memory grows with the image width, not its area.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# process(tiles) -> outputs: uint8 (t, t, 3) in, float32 (t*s, t*s, 3) in [0, 1] out
+TileProcessor = Callable[[Sequence[np.ndarray]], Awaitable[Sequence[np.ndarray]]]
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Tile geometry for one image: ``tile`` px squares overlapping by ``overlap`` px."""
+
+    height: int
+    width: int
+    tile: int
+    overlap: int
+
+    def starts(self, length: int) -> list[int]:
+        if length <= self.tile:
+            return [0]
+        stride = self.tile - self.overlap
+        starts = list(range(0, length - self.tile, stride))
+        starts.append(length - self.tile)
+        return starts
+
+    @property
+    def rows(self) -> list[int]:
+        return self.starts(self.height)
+
+    @property
+    def cols(self) -> list[int]:
+        return self.starts(self.width)
+
+    @property
+    def tile_height(self) -> int:
+        return min(self.tile, self.height)
+
+    @property
+    def tile_width(self) -> int:
+        return min(self.tile, self.width)
+
+    @property
+    def count(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+
+def _ramp(length: int, start: int, total: int, overlap: int, scale: int) -> np.ndarray:
+    """1-D feathering weights for a tile covering [start, start+length) of ``total``:
+    a linear ramp over the overlap on each side that has a neighbour, 1 elsewhere."""
+    ramp_len = overlap * scale
+    weights = np.ones(length * scale, np.float32)
+    if ramp_len == 0:
+        return weights
+    ramp = (np.arange(ramp_len, dtype=np.float32) + 0.5) / ramp_len
+    if start > 0:
+        weights[:ramp_len] = np.minimum(weights[:ramp_len], ramp)
+    if start + length < total:
+        weights[-ramp_len:] = np.minimum(weights[-ramp_len:], ramp[::-1])
+    return weights
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    return np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+async def tiled_apply(image: np.ndarray, process: TileProcessor, *, scale: int, tile: int,
+                      overlap: int) -> np.ndarray:
+    """Applies ``process`` to ``image`` (H, W, 3) uint8 tile by tile; returns uint8
+    (H*scale, W*scale, 3). Images no larger than one tile go through in one piece."""
+    height, width = image.shape[:2]
+    if overlap * 2 >= tile:
+        raise ValueError(f"overlap {overlap} must be under half the tile {tile}")
+    plan = TilePlan(height, width, tile, overlap)
+    out = np.empty((height * scale, width * scale, 3), np.uint8)
+    cols = plan.cols
+    th, tw = plan.tile_height, plan.tile_width
+    carry: np.ndarray | None = None  # accumulated (value, weight) rows shared with next band
+    carry_start = 0
+    rows = plan.rows
+    for row_index, y0 in enumerate(rows):
+        tiles = [image[y0:y0 + th, x0:x0 + tw] for x0 in cols]
+        outputs = await process(tiles)
+
+        def blend(outputs: Sequence[np.ndarray] = outputs, y0: int = y0,
+                  row_index: int = row_index) -> np.ndarray:
+            nonlocal carry, carry_start
+            band = np.zeros((th * scale, width * scale, 4), np.float32)
+            wy = _ramp(th, y0, height, overlap, scale)
+            for x0, result in zip(cols, outputs, strict=True):
+                weights = np.outer(wy, _ramp(tw, x0, width, overlap, scale))[..., None]
+                region = band[:, x0 * scale:(x0 + tw) * scale]
+                region[..., :3] += result * weights
+                region[..., 3:] += weights
+            if carry is not None:
+                offset = (carry_start - y0) * scale
+                band[offset:offset + carry.shape[0]] += carry
+            next_y0 = rows[row_index + 1] if row_index + 1 < len(rows) else height
+            final_rows = (next_y0 - y0) * scale
+            done = band[:final_rows]
+            out[y0 * scale:next_y0 * scale] = _to_uint8(done[..., :3] / np.maximum(
+                done[..., 3:], 1e-8))
+            carry = band[final_rows:].copy() if next_y0 < height else None
+            carry_start = next_y0
+            return out
+
+        await asyncio.to_thread(blend)
+    return out

@@ -1,0 +1,100 @@
+"""Where the search service gets its vectors: the Embedding service, over gRPC when it runs
+separately (``--embed-target``), or in-process (``percept serve all``)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+import grpc
+import numpy as np
+
+from percept.v1 import embed_pb2, embed_pb2_grpc
+from services.common.errors import InvalidArgument, ServiceError, Unavailable
+from services.embed.service import EmbeddingService
+
+
+class Embedder(abc.ABC):
+    dimension: int = 0
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    @abc.abstractmethod
+    async def embed_images(self, images: Sequence[bytes]) -> list[np.ndarray]: ...
+
+    @abc.abstractmethod
+    async def embed_text(self, text: str) -> np.ndarray: ...
+
+
+class InProcessEmbedder(Embedder):
+    """Calls an EmbeddingService hosted by this process."""
+
+    def __init__(self, service: EmbeddingService, own: bool = False) -> None:
+        self.service = service
+        self.own = own
+
+    async def start(self) -> None:
+        if self.own:
+            await self.service.load()
+        self.dimension = self.service.index.dimension
+
+    async def close(self) -> None:
+        if self.own:
+            await self.service.close()
+
+    async def embed_images(self, images: Sequence[bytes]) -> list[np.ndarray]:
+        return await self.service.embed_images(images)
+
+    async def embed_text(self, text: str) -> np.ndarray:
+        return (await self.service.embed_texts([text]))[0]
+
+
+class RemoteEmbedder(Embedder):
+    """Calls the Embedding service at ``target`` (round-robin over a headless Service)."""
+
+    def __init__(self, target: str, timeout: float = 120.0) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.channel = grpc.aio.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.lb_policy_name", "round_robin")])
+        self.stub = embed_pb2_grpc.EmbeddingStub(self.channel)
+
+    def _error(self, error: grpc.aio.AioRpcError) -> ServiceError:
+        if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            return InvalidArgument(error.details() or "invalid argument")
+        return ServiceError(f"embedding service at {self.target}: {error.code().name}: "
+                            f"{error.details()}",
+                            code=error.code() if error.code() != grpc.StatusCode.UNAVAILABLE
+                            else Unavailable.code)
+
+    async def start(self) -> None:
+        probe = await self.embed_text_batch(["dimension probe"])
+        self.dimension = int(probe.shape[1])
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def embed_text_batch(self, texts: Sequence[str]) -> np.ndarray:
+        try:
+            response = await self.stub.EmbedText(embed_pb2.EmbedTextRequest(texts=list(texts)),
+                                                 timeout=self.timeout, wait_for_ready=True)
+        except grpc.aio.AioRpcError as error:
+            raise self._error(error) from error
+        return np.array([v.values for v in response.embeddings], dtype=np.float32)
+
+    async def embed_images(self, images: Sequence[bytes]) -> list[np.ndarray]:
+        try:
+            response = await self.stub.EmbedImages(
+                embed_pb2.EmbedImagesRequest(images=list(images)), timeout=self.timeout)
+        except grpc.aio.AioRpcError as error:
+            raise self._error(error) from error
+        return [np.asarray(v.values, dtype=np.float32) for v in response.embeddings]
+
+    async def embed_text(self, text: str) -> np.ndarray:
+        return (await self.embed_text_batch([text]))[0]

@@ -1,0 +1,153 @@
+"""The durable record of indexed images: the source of truth for the search service.
+
+SQLite in WAL mode with ``synchronous=FULL``: a batch is one transaction, and it is
+acknowledged only after the commit returned, so every acknowledged write survives
+``kill -9`` (and power loss, as far as the disk honours fsync). A change log with a
+monotonic sequence number lets the in-memory FAISS index catch up from a snapshot.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id TEXT PRIMARY KEY,
+    uri TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    added REAL NOT NULL,
+    seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL,
+    op TEXT NOT NULL CHECK (op IN ('put', 'delete'))
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    uri: str
+    vector: np.ndarray  # float32 (D,)
+    added: float
+
+
+class ImageStore:
+    """Thread-safe access to ``<data_dir>/images.sqlite3``."""
+
+    def __init__(self, path: Path, dimension: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.dimension = dimension
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        stored = self._db.execute("SELECT value FROM meta WHERE key='dimension'").fetchone()
+        if stored is None:
+            self._db.execute("INSERT INTO meta VALUES ('dimension', ?)", (str(dimension),))
+        elif int(stored[0]) != dimension:
+            raise ValueError(f"{path} holds {stored[0]}-d vectors, the embedder makes "
+                             f"{dimension}-d ones: use another --data-dir")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def put_many(self, items: Sequence[tuple[str, str, np.ndarray]]) -> int:
+        """Inserts or replaces (id, uri, vector) items in one durable transaction; returns
+        the sequence number of the last change."""
+        now = time.time()
+        with self._lock:
+            cursor = self._db.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                seq = 0
+                for image_id, uri, vector in items:
+                    cursor.execute("INSERT INTO changes (id, op) VALUES (?, 'put')", (image_id,))
+                    seq = int(cursor.lastrowid or 0)
+                    blob = np.asarray(vector, dtype=np.float32).tobytes()
+                    cursor.execute("INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?)",
+                                   (image_id, uri, blob, now, seq))
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+        return seq
+
+    def delete_many(self, ids: Sequence[str]) -> tuple[list[str], int]:
+        """Deletes ids in one durable transaction; returns (the missing ids, last seq)."""
+        missing = []
+        with self._lock:
+            cursor = self._db.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                seq = 0
+                for image_id in ids:
+                    if cursor.execute("DELETE FROM images WHERE id = ?", (image_id,)).rowcount:
+                        cursor.execute("INSERT INTO changes (id, op) VALUES (?, 'delete')",
+                                       (image_id,))
+                        seq = int(cursor.lastrowid or 0)
+                    else:
+                        missing.append(image_id)
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+        return missing, seq
+
+    def _record(self, row: tuple[str, str, bytes, float]) -> Record:
+        vector = np.frombuffer(row[2], dtype=np.float32)
+        if vector.shape != (self.dimension,):
+            raise ValueError(f"record {row[0]!r} has a {vector.size}-d vector")
+        return Record(id=row[0], uri=row[1], vector=vector, added=row[3])
+
+    def get(self, ids: Sequence[str]) -> dict[str, Record]:
+        if not ids:
+            return {}
+        with self._lock:
+            marks = ",".join("?" * len(ids))
+            rows = self._db.execute(
+                f"SELECT id, uri, vector, added FROM images WHERE id IN ({marks})",
+                list(ids)).fetchall()
+        return {row[0]: self._record(row) for row in rows}
+
+    def all_records(self, batch: int = 10_000) -> Iterator[Record]:
+        """Every record, in id order (a consistent read of the committed state)."""
+        last = ""
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT id, uri, vector, added FROM images WHERE id > ? ORDER BY id LIMIT ?",
+                    (last, batch)).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield self._record(row)
+            last = rows[-1][0]
+
+    def changes_since(self, seq: int) -> list[tuple[int, str, str]]:
+        """(seq, id, op) for every change after ``seq``, oldest first."""
+        with self._lock:
+            return self._db.execute("SELECT seq, id, op FROM changes WHERE seq > ? ORDER BY seq",
+                                    (seq,)).fetchall()
+
+    def last_seq(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(seq) FROM changes").fetchone()
+        return int(row[0] or 0)
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM images").fetchone()[0])

@@ -1,0 +1,170 @@
+"""The FAISS noun index on real noun vectors, against numpy brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.embed.noun_index import BACKENDS, NounIndex, allowed_mask, brute_force_search
+from services.embed.wordnet import NounVocabulary, imagenet_indices
+from tests.embed.conftest import ANIMAL, CAR, DOG, GOLDEN_RETRIEVER, NounVectors
+
+K = 10
+ANN_ROWS = 10_000  # an HNSW graph over all 82,115 rows takes too long for a unit test
+
+
+def _queries(noun_vectors: NounVectors, count: int = 64, seed: int = 1) -> np.ndarray:
+    """Realistic queries: noun vectors plus noise (an image embedding never hits a label
+    exactly), so that neighbours are near-ties as in real use."""
+    rng = np.random.default_rng(seed)
+    base = noun_vectors.matrix[rng.choice(len(noun_vectors.matrix), count, replace=False)]
+    return (base + 0.05 * rng.standard_normal(base.shape)).astype(np.float32)
+
+
+def _local(noun_vectors: NounVectors, full_rows: set[int] | np.ndarray) -> np.ndarray:
+    """Positions in ``noun_vectors.matrix`` of the given full-vocabulary rows."""
+    wanted = np.zeros(len(noun_vectors.vocab), dtype=bool)
+    wanted[np.fromiter(full_rows, dtype=np.int64)] = True
+    return np.flatnonzero(wanted[noun_vectors.rows])
+
+
+def _assert_same_topk(scores: np.ndarray, indices: np.ndarray, ref_scores: np.ndarray,
+                      ref_indices: np.ndarray) -> None:
+    """Same scores; same indices except inside groups of tied scores."""
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+    untied = np.ones_like(ref_scores, dtype=bool)
+    gaps = np.abs(np.diff(ref_scores, axis=1)) < 1e-5
+    untied[:, 1:] &= ~gaps
+    untied[:, :-1] &= ~gaps
+    assert np.array_equal(indices[untied], ref_indices[untied])
+    for row in range(len(indices)):
+        assert set(indices[row]) == set(ref_indices[row]) or not untied[row].all()
+
+
+class LazyIndexes(dict[str, NounIndex]):
+    """One index per backend, built on first use; the approximate ones over the first
+    ANN_ROWS rows."""
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        super().__init__()
+        self.vectors = vectors
+
+    def __missing__(self, backend: str) -> NounIndex:
+        rows = self.vectors[:ANN_ROWS] if backend in ("hnsw", "ivf") else self.vectors
+        index = NounIndex(rows, backend=backend,  # type: ignore[arg-type]
+                          hnsw_m=32, ef_construction=64, ef_search=128, nlist=16, nprobe=8)
+        self[backend] = index
+        return index
+
+
+@pytest.fixture(scope="module")
+def indexes(noun_vectors: NounVectors) -> LazyIndexes:
+    return LazyIndexes(noun_vectors.matrix)
+
+
+@pytest.fixture(scope="module")
+def flat(indexes: LazyIndexes) -> NounIndex:
+    return indexes["flat"]
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("backend", ["flat", "torch", "numpy"])
+def test_exact_backends_match_brute_force(noun_vectors: NounVectors,
+                                          indexes: LazyIndexes, backend: str,
+                                          batch: int) -> None:
+    index = indexes[backend]
+    queries = _queries(noun_vectors, batch)
+    scores, indices = index.search(queries, K)
+    assert scores.shape == indices.shape == (batch, K)
+    assert scores.dtype == np.float32 and indices.dtype == np.int64
+    unit = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    _assert_same_topk(scores, indices, *brute_force_search(noun_vectors.matrix, unit, K))
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+
+
+@pytest.mark.parametrize(("backend", "minimum"), [("hnsw", 0.95), ("ivf", 0.9)])
+def test_approximate_recall_at_10(noun_vectors: NounVectors, indexes: LazyIndexes,
+                                  backend: str, minimum: float) -> None:
+    rows = noun_vectors.matrix[:ANN_ROWS]
+    queries = _queries(noun_vectors, 200, seed=2)
+    _, approx = indexes[backend].search(queries, K)
+    _, exact = NounIndex(rows, backend="numpy").search(queries, K)
+    recall = np.mean([len(set(a) & set(e)) / K for a, e in zip(approx, exact, strict=True)])
+    assert recall >= minimum, recall
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_restrict_to_animals_returns_only_animals(noun_vectors: NounVectors,
+                                                  vocab: NounVocabulary,
+                                                  indexes: LazyIndexes,
+                                                  backend: str) -> None:
+    animals = _local(noun_vectors, vocab.hyponym_closure(ANIMAL))
+    assert 0 < len(animals) < len(noun_vectors.rows)
+    index = indexes[backend]
+    animals = animals[animals < len(index)]
+    car = vocab.index[CAR]
+    car_local = int(np.flatnonzero(noun_vectors.rows == car)[0])
+    query = noun_vectors.matrix[car_local: car_local + 1]  # a car: no animal is near it
+    scores, indices = index.search(query, K, restrict=animals)
+    assert set(indices[0].tolist()) <= set(animals.tolist())
+    ref_scores, ref_indices = brute_force_search(index.vectors, query, K,
+                                                 allowed_mask(len(index), animals))
+    _assert_same_topk(scores, indices, ref_scores, ref_indices)  # exact, not post-filtered
+    # unrestricted, the car finds itself
+    assert index.search(query, 1)[1][0, 0] == car_local or backend in ("hnsw", "ivf")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exclude_imagenet_returns_none_of_them(noun_vectors: NounVectors,
+                                               vocab: NounVocabulary,
+                                               indexes: LazyIndexes,
+                                               backend: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    imagenet = _local(noun_vectors, imagenet_indices(vocab))
+    assert len(imagenet) > 0
+    index = indexes[backend]
+    # exact_below=0: the approximate backends use the FAISS selector, not a subset scan
+    monkeypatch.setattr(index, "exact_below", 0)
+    imagenet = imagenet[imagenet < len(index)]
+    golden = int(np.flatnonzero(noun_vectors.rows == vocab.index[GOLDEN_RETRIEVER])[0])
+    queries = np.concatenate([noun_vectors.matrix[imagenet[:8]], _queries(noun_vectors, 8)])
+    if golden < len(index):
+        queries = np.concatenate([queries, noun_vectors.matrix[golden:golden + 1]])
+    _, indices = index.search(queries, K, exclude=imagenet)
+    assert not set(indices.ravel().tolist()) & set(imagenet.tolist())
+    assert (indices >= 0).all()
+    if backend in ("flat", "torch", "numpy"):
+        ref_scores, _ = brute_force_search(
+            index.vectors, queries / np.linalg.norm(queries, axis=1, keepdims=True), K,
+            allowed_mask(len(index), exclude=imagenet))
+        np.testing.assert_allclose(index.search(queries, K, exclude=imagenet)[0], ref_scores,
+                                   atol=1e-5)
+
+
+def test_restrict_and_exclude_combine_and_pad(flat: NounIndex, noun_vectors: NounVectors,
+                                              vocab: NounVocabulary) -> None:
+    dogs = _local(noun_vectors, vocab.hyponym_closure(DOG))
+    golden = int(np.flatnonzero(noun_vectors.rows == vocab.index[GOLDEN_RETRIEVER])[0])
+    query = noun_vectors.matrix[golden:golden + 1]
+    _, indices = flat.search(query, 3, restrict=dogs, exclude=[golden])
+    assert golden not in indices[0] and set(indices[0].tolist()) <= set(dogs.tolist())
+    scores, indices = flat.search(query, 5, restrict=[golden, int(dogs[0])])
+    assert indices[0, 0] == golden and indices[0, 2:].tolist() == [-1, -1, -1]
+    assert np.isneginf(scores[0, 2:]).all()
+    mask = np.zeros(len(flat), dtype=bool)
+    mask[golden] = True
+    assert flat.search(query, 1, restrict=mask)[1][0, 0] == golden
+    _, none = flat.search(query, 2, restrict=[])
+    assert none.tolist() == [[-1, -1]]
+
+
+def test_bad_arguments(flat: NounIndex) -> None:
+    with pytest.raises(ValueError, match="queries must be"):
+        flat.search(np.zeros((2, 7), np.float32), 3)
+    with pytest.raises(ValueError, match="k must be"):
+        flat.search(flat.vectors[:1], 0)
+    with pytest.raises(ValueError, match="filter ids"):
+        flat.search(flat.vectors[:1], 3, restrict=[len(flat)])
+    with pytest.raises(ValueError, match="unknown backend"):
+        NounIndex(flat.vectors, backend="annoy")  # type: ignore[arg-type]
+    assert flat.search(flat.vectors[0], 1)[1].shape == (1, 1)  # one query as a vector

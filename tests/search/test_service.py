@@ -1,0 +1,155 @@
+"""The ImageSearch service over real gRPC with the real embedding model in-process."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from percept.v1 import search_pb2, search_pb2_grpc
+from services import client
+from services.common.server import RunningServer, start_in_thread
+from tests.conftest import encode, server_config
+from tests.search.conftest import add_requests
+
+
+@pytest.fixture(scope="module")
+def search_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    data_dir = tmp_path_factory.mktemp("search")
+    running = start_in_thread(server_config("search", data_dir=data_dir, max_message_mb=4),
+                              timeout=900)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(search_server: RunningServer) -> search_pb2_grpc.ImageSearchStub:
+    return search_pb2_grpc.ImageSearchStub(client.connect(search_server.target))
+
+
+def add(stub: search_pb2_grpc.ImageSearchStub, requests: list[search_pb2.AddImageRequest]
+        ) -> tuple[list[str], list[search_pb2.Rejection]]:
+    added, rejected = [], []
+    for ack in stub.AddImages(iter(requests), timeout=300):
+        added.extend(ack.added)
+        rejected.extend(ack.rejected)
+    return added, rejected
+
+
+def count(stub: search_pb2_grpc.ImageSearchStub) -> int:
+    return stub.Stats(search_pb2.StatsRequest(), timeout=30).count
+
+
+def test_words_find_the_right_photos(stub: search_pb2_grpc.ImageSearchStub,
+                                     photo: np.ndarray, style_photo: np.ndarray) -> None:
+    from skimage import data
+
+    photos = {"cat": photo, "coffee": np.asarray(data.coffee()),
+              "astronaut": np.asarray(data.astronaut()), "rocket": np.asarray(data.rocket())}
+    added, rejected = add(stub, [search_pb2.AddImageRequest(id=f"words-{n}", uri=f"{n}.png",
+                                                             image=encode(p))
+                                 for n, p in photos.items()])
+    assert sorted(added) == sorted(f"words-{n}" for n in photos) and not rejected
+    for query, expected in [("a cat", "words-cat"), ("a cup of coffee", "words-coffee"),
+                            ("a rocket launch", "words-rocket")]:
+        hits = stub.SearchByText(search_pb2.SearchByTextRequest(text=query, k=3), timeout=60).hits
+        assert hits[0].id == expected, (query, [(h.id, h.score) for h in hits])
+        assert hits[0].uri.endswith(".png") and -1 <= hits[0].score <= 1
+    by_image = stub.SearchByImage(search_pb2.SearchByImageRequest(image=encode(photo), k=1),
+                                  timeout=60)
+    assert by_image.hits[0].id == "words-cat" and by_image.hits[0].score > 0.99
+
+
+def test_a_bad_image_in_a_stream_is_rejected_and_the_rest_added(
+        stub: search_pb2_grpc.ImageSearchStub, variants: list[bytes]) -> None:
+    requests = add_requests(variants[:5], prefix="mixed")
+    requests.insert(2, search_pb2.AddImageRequest(id="mixed-bad", uri="x", image=b"junk"))
+    requests.insert(4, search_pb2.AddImageRequest(id="", uri="y", image=variants[0]))
+    added, rejected = add(stub, requests)
+    assert sorted(added) == sorted(f"mixed-{i}" for i in range(5))
+    reasons = {r.id: (r.code, r.reason) for r in rejected}
+    assert reasons["mixed-bad"] == ("INVALID_ARGUMENT", "not a decodable image")
+    assert reasons[""] == ("INVALID_ARGUMENT", "id is empty")
+
+
+def test_replace_and_delete(stub: search_pb2_grpc.ImageSearchStub, variants: list[bytes]) -> None:
+    before = count(stub)
+    first, second = variants[44], variants[45]  # used by no other test
+    add(stub, [search_pb2.AddImageRequest(id="swap", uri="first", image=first)])
+    add(stub, [search_pb2.AddImageRequest(id="swap", uri="second", image=second)])
+    assert count(stub) == before + 1
+    hit = stub.SearchByImage(search_pb2.SearchByImageRequest(image=second, k=1),
+                             timeout=60).hits[0]
+    assert (hit.id, hit.uri) == ("swap", "second")
+    response = stub.DeleteImages(search_pb2.DeleteImagesRequest(ids=["swap", "never-added"]),
+                                 timeout=30)
+    assert response.deleted == 1 and list(response.missing) == ["never-added"]
+    assert count(stub) == before
+    hits = stub.SearchByImage(search_pb2.SearchByImageRequest(image=second, k=50),
+                              timeout=60).hits
+    assert "swap" not in {h.id for h in hits}
+
+
+def test_concurrent_adds_and_searches(stub: search_pb2_grpc.ImageSearchStub,
+                                      variants: list[bytes]) -> None:
+    before = count(stub)
+    errors: list[BaseException] = []
+    searches = []
+    adding = threading.Event()
+
+    def searcher() -> None:
+        while adding.is_set():
+            try:
+                searches.append(stub.SearchByText(search_pb2.SearchByTextRequest(text="a cat"),
+                                                  timeout=60))
+            except BaseException as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+                return
+
+    adding.set()
+    threads = [threading.Thread(target=searcher) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        added, _ = add(stub, add_requests(variants[:32], prefix="conc"))
+    finally:
+        adding.clear()
+        for thread in threads:
+            thread.join(60)
+    assert not errors
+    assert len(added) == 32 and count(stub) == before + 32
+    assert len(searches) > 0
+
+
+@pytest.mark.parametrize("call, code, message", [
+    (lambda s: s.SearchByText(search_pb2.SearchByTextRequest(text="  "), timeout=30),
+     grpc.StatusCode.INVALID_ARGUMENT, "text is empty"),
+    (lambda s: s.SearchByText(search_pb2.SearchByTextRequest(text="x", k=5000), timeout=30),
+     grpc.StatusCode.INVALID_ARGUMENT, "k must be 1..1000"),
+    (lambda s: s.SearchByImage(search_pb2.SearchByImageRequest(image=b"junk"), timeout=30),
+     grpc.StatusCode.INVALID_ARGUMENT, "not a decodable image"),
+    (lambda s: s.DeleteImages(search_pb2.DeleteImagesRequest(ids=["x"] * 10_001), timeout=30),
+     grpc.StatusCode.INVALID_ARGUMENT, "over the limit of 10000"),
+    (lambda s: list(s.AddImages(iter([search_pb2.AddImageRequest(
+        id="big", image=b"\0" * (5 * 1024 * 1024))]), timeout=30)),
+     grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+])
+def test_bad_inputs(stub: search_pb2_grpc.ImageSearchStub, search_server: RunningServer,
+                    call: object, code: grpc.StatusCode, message: str) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        call(stub)  # type: ignore[operator]
+    assert error.value.code() == code and message in (error.value.details() or "")
+    assert client.health_status(client.connect(search_server.target),
+                                "percept.v1.ImageSearch") == "SERVING"
+
+
+def test_stats(stub: search_pb2_grpc.ImageSearchStub, search_server: RunningServer) -> None:
+    stats = stub.Stats(search_pb2.StatsRequest(), timeout=30)
+    assert stats.dimension == 384 and stats.index_type == "flat"
+    assert stats.count > 0 and stats.disk_bytes > 0
+    data_dir = Path(search_server.server.config.data_dir)
+    assert (data_dir / "images.sqlite3").is_file()

@@ -1,0 +1,169 @@
+"""The SuperResolution service over real gRPC, with a tiny real model artifact."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from services import client
+from services.common.images import decode_image
+from services.common.server import RunningServer, start_in_thread
+from services.common.tiling import tiled_apply
+from tests.conftest import encode, server_config
+from tests.fixtures import bad_images
+from training import nets
+from training.export import export_artifact
+
+ARCH = {"type": "superres-resnet", "width": 8, "blocks": 2}
+
+
+def make_tiny_model(models_dir: Path, name: str, seed: int) -> None:
+    torch.manual_seed(seed)
+    module = nets.build(ARCH)
+    with torch.no_grad():  # make the untrained residual visible, not just bicubic
+        module.tail.weight.mul_(20.0)
+    export_artifact(models_dir / name, name=name, task="superres", architecture=ARCH,
+                    module=module, metrics={"note": "untrained test model"}, data=[],
+                    command="tests", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sr_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    models_dir = tmp_path_factory.mktemp("models")
+    make_tiny_model(models_dir, "superres-psnr", 1)
+    make_tiny_model(models_dir, "superres-perceptual", 2)
+    return models_dir
+
+
+@pytest.fixture(scope="module")
+def sr_server(sr_models: Path) -> Iterator[RunningServer]:
+    running = start_in_thread(server_config("superres", models_dir=sr_models, max_batch=8,
+                                            max_wait_ms=20))
+    yield running
+    running.stop()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.mark.parametrize("fmt, ext", [("PNG", ".png"), ("JPEG", ".jpg")])
+def test_upscale_round_trip(sr_server: RunningServer, small_photo: np.ndarray, fmt: str,
+                            ext: str) -> None:
+    response = client.upscale(client.connect(sr_server.target), encode(small_photo, fmt),
+                              output_format=client.format_for_path("x" + ext))
+    decoded = decode_image(response.image, max_pixels=10**8)
+    assert (decoded.width, decoded.height) == (96 * 4, 64 * 4)
+    assert (response.width, response.height) == (384, 256)
+    assert response.model == "superres-perceptual@1"  # the preferred default
+    bicubic = np.asarray(Image.fromarray(small_photo).resize((384, 256), Image.Resampling.BICUBIC))
+    assert psnr(decoded.rgb, bicubic) > 20  # a real upscale of the same picture
+
+
+def test_grey_input_gives_grey_looking_rgb(sr_server: RunningServer,
+                                           small_photo: np.ndarray) -> None:
+    response = client.upscale(client.connect(sr_server.target), bad_images.grey_png(small_photo))
+    decoded = decode_image(response.image, max_pixels=10**8)
+    assert decoded.rgb.shape == (256, 384, 3)
+
+
+def test_alpha_is_upscaled_and_kept(sr_server: RunningServer, small_photo: np.ndarray) -> None:
+    response = client.upscale(client.connect(sr_server.target), bad_images.rgba_png(small_photo))
+    decoded = decode_image(response.image, max_pixels=10**8)
+    assert decoded.alpha is not None and decoded.alpha.shape == (256, 384)
+    assert decoded.alpha[:, :8].mean() < 20 and decoded.alpha[:, -8:].mean() > 235
+
+
+def test_model_is_chosen_by_name(sr_server: RunningServer, small_photo: np.ndarray) -> None:
+    channel = client.connect(sr_server.target)
+    psnr_model = client.upscale(channel, encode(small_photo), model="superres-psnr")
+    assert psnr_model.model == "superres-psnr@1"
+    with pytest.raises(grpc.RpcError) as error:
+        client.upscale(channel, encode(small_photo), model="nope")
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "superres-perceptual, superres-psnr" in error.value.details()
+
+
+@pytest.mark.parametrize("kwargs, data, message", [
+    ({}, b"", "empty image"),
+    ({}, b"not an image", "not a decodable image"),
+    ({}, None, "truncated|corrupt"),
+    ({"scale": 2}, "photo", "scale must be 4"),
+    ({}, "tiny", "the minimum is 8x8"),
+])
+def test_bad_requests(sr_server: RunningServer, small_photo: np.ndarray, kwargs: dict,
+                      data: object, message: str) -> None:
+    import re
+
+    from percept.v1 import superres_pb2, superres_pb2_grpc
+
+    if data is None:
+        data = bad_images.truncated_jpeg(small_photo)
+    elif data == "photo":
+        data = encode(small_photo)
+    elif data == "tiny":
+        data = encode(small_photo[:4, :4])
+    stub = superres_pb2_grpc.SuperResolutionStub(client.connect(sr_server.target))
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Upscale(superres_pb2.UpscaleRequest(image=data, **kwargs), timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert re.search(message, error.value.details())
+    assert client.health_status(client.connect(sr_server.target),
+                                "percept.v1.SuperResolution") == "SERVING"
+
+
+def test_output_pixel_cap(sr_models: Path, small_photo: np.ndarray) -> None:
+    running = start_in_thread(server_config("superres", models_dir=sr_models,
+                                            max_pixels=96 * 64 * 4))
+    try:
+        with pytest.raises(grpc.RpcError) as error:
+            client.upscale(client.connect(running.target), encode(small_photo))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "over the cap of 49152 (2 x --max-pixels)" in error.value.details()
+    finally:
+        running.stop()
+
+
+def test_tiled_and_untiled_outputs_agree(sr_server: RunningServer, photo: np.ndarray) -> None:
+    """A 512 px image in 128 px tiles against one untiled forward pass."""
+    model = sr_server.server.modules[0].models["superres-psnr"]
+    image = np.asarray(Image.fromarray(photo).resize((512, 341), Image.Resampling.BICUBIC))
+    whole = model.run_batch([image])[0]
+    untiled = np.clip(whole * 255 + 0.5, 0, 255).astype(np.uint8)
+
+    async def tiled() -> np.ndarray:
+        async def process(tiles: list[np.ndarray]) -> list[np.ndarray]:
+            return model.run_batch(tiles) if len({t.shape for t in tiles}) == 1 else \
+                [model.run_batch([t])[0] for t in tiles]
+        return await tiled_apply(image, process, scale=4, tile=128, overlap=16)
+
+    result = asyncio.run(tiled())
+    assert result.shape == untiled.shape
+    assert psnr(result, untiled) > 45, "tiling changed the output visibly"
+
+
+def test_concurrent_requests_batch_their_tiles(sr_server: RunningServer,
+                                               small_photo: np.ndarray) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prometheus_client import REGISTRY
+
+    queue = {"queue": "model-superres-perceptual"}
+    count_before = REGISTRY.get_sample_value("percept_batch_size_count", queue) or 0.0
+    sum_before = REGISTRY.get_sample_value("percept_batch_size_sum", queue) or 0.0
+    channel = client.connect(sr_server.target)
+    data = encode(small_photo)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: client.upscale(channel, data), range(16)))
+    batches = REGISTRY.get_sample_value("percept_batch_size_count", queue) - count_before
+    items = REGISTRY.get_sample_value("percept_batch_size_sum", queue) - sum_before
+    assert items == 16
+    assert batches < 16, "16 concurrent requests ran as 16 batches of one"

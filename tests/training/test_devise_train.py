@@ -1,0 +1,144 @@
+"""DeViSE training: the hinge rank loss, negatives, the feature cache and a short real run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from training.devise_features import compute_features, plan_crops, render_crops
+from training.nets.devise import DeViSEMap
+from training.train_devise import (
+    TrainSettings,
+    classifier_init,
+    hinge_rank_loss,
+    sample_negatives,
+    teacher_targets,
+    train_map,
+)
+
+torch.set_num_threads(1)
+
+
+def unit(*rows: list[float]) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=1)
+
+
+def test_hinge_rank_loss_is_zero_when_the_margin_is_met() -> None:
+    embedded = unit([1.0, 0.0, 0.0])
+    positive = unit([1.0, 0.0, 0.0])  # score 1
+    negatives = unit([0.0, 1.0, 0.0], [0.0, 0.0, 1.0])[None]  # scores 0 < 1 - 0.1
+    assert float(hinge_rank_loss(embedded, positive, negatives, margin=0.1)) == 0.0
+
+
+def test_hinge_rank_loss_by_hand_when_violated() -> None:
+    embedded = unit([1.0, 0.0])
+    positive = unit([0.6, 0.8])  # score 0.6
+    negatives = unit([0.8, 0.6], [0.0, 1.0])[None]  # scores 0.8 and 0.0
+    # max(0, 0.1 - 0.6 + 0.8) + max(0, 0.1 - 0.6 + 0.0) = 0.3
+    loss = hinge_rank_loss(embedded, positive, negatives, margin=0.1)
+    assert float(loss) == pytest.approx(0.3, abs=1e-6)
+    mask = torch.tensor([[False, True]])  # drop the violating negative
+    assert float(hinge_rank_loss(embedded, positive, negatives, 0.1, mask)) == 0.0
+
+
+def test_hinge_rank_gradient_pulls_towards_the_label_and_away_from_the_negative() -> None:
+    module = DeViSEMap(4, 2)
+    features = torch.tensor([[1.0, 0.5, 0.0, 2.0]])
+    positive = unit([1.0, 0.0])
+    negatives = unit([0.0, 1.0])[None]
+    with torch.no_grad():  # start closer to the negative than to the label
+        module.linear.weight.copy_(torch.tensor([[0.1, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]))
+        module.linear.bias.zero_()
+    optimiser = torch.optim.SGD(module.parameters(), lr=0.05)
+    before = module(features).detach()
+    loss = hinge_rank_loss(module(features), positive, negatives, margin=0.1)
+    assert float(loss.detach()) > 0
+    loss.backward()
+    optimiser.step()
+    after = module(features).detach()
+    assert float(after @ positive.T) > float(before @ positive.T)
+    assert float(after @ negatives[0].T) < float(before @ negatives[0].T)
+
+
+def test_sampled_negatives_come_from_the_pool_and_mask_the_label() -> None:
+    pool = torch.tensor([3, 5, 7])
+    targets = torch.tensor([5, 9])
+    rows, mask = sample_negatives(targets, pool, 50, torch.Generator().manual_seed(0))
+    assert rows.shape == mask.shape == (2, 50)
+    assert set(rows.unique().tolist()) <= {3, 5, 7}
+    assert torch.equal(mask, rows != targets[:, None])
+    assert not bool(mask[0][rows[0] == 5].any()) and bool(mask[1].all())
+
+
+@pytest.fixture(scope="module")
+def tiny_photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for name in ("chelsea", "coffee", "astronaut"):
+        image = Image.fromarray(getattr(data, name)())
+        image.thumbnail((160, 160))
+        path = folder / f"{name}.jpg"
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def test_crops_stay_inside_the_image_and_are_never_padded(tiny_photos: list[Path]) -> None:
+    crops = plan_crops(tiny_photos, crops_per_image=4, size=64, seed=3)
+    assert len(crops) == 12 and [c.image for c in crops[:4]] == [0, 0, 0, 0]
+    for crop in crops:
+        width, height = Image.open(tiny_photos[crop.image]).size
+        left, top, right, bottom = crop.box
+        assert 0 <= left < right <= width and 0 <= top < bottom <= height
+        assert right - left == pytest.approx(bottom - top)  # square
+    pixels = render_crops(tiny_photos[0], crops[:4], 64)
+    assert pixels.shape == (4, 64, 64, 3) and pixels.dtype == np.uint8
+    assert (pixels.reshape(4, -1, 3).max(axis=1) > 30).all()  # no black fill
+
+
+def test_features_are_cached_and_a_short_run_lowers_the_loss(tiny_photos: list[Path],
+                                                             tmp_path: Path) -> None:
+    first = compute_features(tiny_photos, crops_per_image=3, size=96, cache_dir=tmp_path,
+                             progress=False)
+    assert first.features.shape == (9, 1280) and first.logits.shape == (9, 1000)
+    assert (first.folder / "features.npy").is_file()
+    again = compute_features(tiny_photos, crops_per_image=3, size=96, cache_dir=tmp_path,
+                             progress=False)
+    assert again.key == first.key
+    np.testing.assert_array_equal(again.features, first.features)
+    other = compute_features(tiny_photos[:2], crops_per_image=3, size=96, cache_dir=tmp_path,
+                             progress=False)
+    assert other.key != first.key
+
+    # The teacher's top-1 classes are the labels; the label space is 1000 seeded unit vectors.
+    classes, confidence = teacher_targets(first.logits)
+    assert classes.shape == (9,) and ((confidence > 0) & (confidence <= 1)).all()
+    label_vectors = torch.nn.functional.normalize(
+        torch.randn(1000, 32, generator=torch.Generator().manual_seed(0)), dim=1)
+    features = torch.from_numpy(first.features)
+    targets = torch.from_numpy(classes)
+    module = DeViSEMap(1280, 32)
+    torch.manual_seed(0)
+    history = train_map(module, features, targets, label_vectors, torch.arange(1000),
+                        TrainSettings(margin=0.1, negatives=16, steps=20, batch_size=9,
+                                      lr=1e-2, seed=0), progress=False)
+    assert len(history) == 20
+    assert np.mean(history[-5:]) < 0.5 * np.mean(history[:5])
+
+
+def test_classifier_init_is_the_centred_logit_weighted_sum_of_class_vectors() -> None:
+    generator = torch.Generator().manual_seed(0)
+    fc_weight, fc_bias = torch.randn(5, 8, generator=generator), torch.randn(5, generator=generator)
+    class_vectors = torch.nn.functional.normalize(torch.randn(5, 3, generator=generator), dim=1)
+    features = torch.rand(4, 8, generator=generator)
+    module = DeViSEMap(8, 3)
+    classifier_init(module, fc_weight, fc_bias, class_vectors, features)
+    logits = features @ fc_weight.T + fc_bias
+    expected = (logits - logits.mean(dim=1, keepdim=True)) @ class_vectors
+    torch.testing.assert_close(module(features),
+                               torch.nn.functional.normalize(expected, dim=1))

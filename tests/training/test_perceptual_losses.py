@@ -1,0 +1,90 @@
+"""Perceptual losses: Gram matrices, content, style and total-variation losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.perceptual.losses import (
+    content_loss,
+    gram_matrix,
+    masked_gram_matrix,
+    style_loss,
+    total_variation_loss,
+)
+
+
+def test_gram_matrix_of_a_known_tensor() -> None:
+    # Two channels over a 1x3 map: a = (1, 2, 3), b = (0, 1, -1).
+    features = torch.tensor([[[[1.0, 2.0, 3.0]], [[0.0, 1.0, -1.0]]]])
+    expected = torch.tensor([[14.0, -1.0], [-1.0, 2.0]]) / (2 * 1 * 3)
+    gram = gram_matrix(features)
+    assert gram.shape == (1, 2, 2)
+    assert torch.allclose(gram[0], expected)
+
+
+def test_gram_matrix_is_batched_and_size_normalised() -> None:
+    features = torch.randn(3, 4, 5, 6)
+    grams = gram_matrix(features)
+    assert grams.shape == (3, 4, 4)
+    for index in range(3):
+        assert torch.allclose(grams[index], gram_matrix(features[index:index + 1])[0])
+    # Tiling the map twice over doubles H*W and the raw sums: the normalised Gram is equal.
+    assert torch.allclose(gram_matrix(features.repeat(1, 1, 2, 1)), grams, atol=1e-6)
+
+
+def test_masked_gram_with_a_full_mask_equals_the_gram() -> None:
+    features = torch.randn(1, 8, 6, 6)
+    assert torch.allclose(masked_gram_matrix(features, torch.ones(1, 1, 24, 24)),
+                          gram_matrix(features), atol=1e-6)
+    # Half mask: the Gram of the masked half only.
+    mask = torch.zeros(1, 1, 6, 6)
+    mask[..., :3] = 1.0
+    assert torch.allclose(masked_gram_matrix(features, mask),
+                          gram_matrix(features[..., :3]), atol=1e-6)
+
+
+def test_content_loss_is_mse() -> None:
+    a, b = torch.zeros(1, 2, 2, 2), torch.full((1, 2, 2, 2), 3.0)
+    assert float(content_loss(a, b)) == pytest.approx(9.0)
+    assert float(content_loss(a, a)) == 0.0
+    with pytest.raises(ValueError, match="differ in shape"):
+        content_loss(a, torch.zeros(1, 2, 2, 3))
+
+
+def test_style_loss_zero_for_identical_and_positive_otherwise() -> None:
+    torch.manual_seed(0)
+    feats = {"relu1_1": torch.rand(1, 4, 8, 8), "relu2_1": torch.rand(1, 6, 4, 4)}
+    other = {name: torch.rand_like(f) * 2 for name, f in feats.items()}
+    grams = {name: gram_matrix(f) for name, f in feats.items()}
+    weights = {"relu1_1": 1.0, "relu2_1": 1.0}
+    assert float(style_loss(feats, grams, weights)) == 0.0
+    assert float(style_loss(other, grams, weights)) > 0.0
+
+
+def test_style_loss_per_layer_weights() -> None:
+    torch.manual_seed(1)
+    feats = {"relu1_1": torch.rand(1, 4, 8, 8), "relu2_1": torch.rand(1, 6, 4, 4)}
+    target = {name: gram_matrix(torch.rand_like(f)) for name, f in feats.items()}
+    only_first = float(style_loss(feats, target, {"relu1_1": 1.0, "relu2_1": 0.0}))
+    only_second = float(style_loss(feats, target, {"relu1_1": 0.0, "relu2_1": 1.0}))
+    mixed = float(style_loss(feats, target, {"relu1_1": 2.0, "relu2_1": 0.5}))
+    assert only_first > 0 and only_second > 0
+    assert mixed == pytest.approx(2.0 * only_first + 0.5 * only_second, rel=1e-5)
+    expected_first = float((gram_matrix(feats["relu1_1"]) - target["relu1_1"]).pow(2).sum())
+    assert only_first == pytest.approx(expected_first, rel=1e-5)
+
+
+def test_style_loss_with_a_target_of_another_size() -> None:
+    style = torch.rand(1, 4, 16, 12)
+    image = torch.rand(1, 4, 8, 8)
+    loss = style_loss({"relu1_1": image}, {"relu1_1": gram_matrix(style)}, {"relu1_1": 1.0})
+    assert float(loss) > 0
+
+
+def test_total_variation() -> None:
+    assert float(total_variation_loss(torch.full((2, 3, 8, 8), 0.7))) == 0.0
+    ramp = torch.arange(4.0).view(1, 1, 1, 4).expand(1, 1, 3, 4)
+    assert float(total_variation_loss(ramp)) == pytest.approx(1.0)  # horizontal steps of 1
+    noisy = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert float(total_variation_loss(noisy)) > 0.05

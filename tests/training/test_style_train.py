@@ -1,0 +1,192 @@
+"""The fast style trainer: the loss, a few real optimisation steps, the CLI run with export,
+resume, and the export -> build round trip."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from training import nets
+from training.cli_style import DEFAULT_STYLE_LAYER_WEIGHTS, parse_layer_weight, register_train
+from training.export import export_artifact, load_exported
+
+pytest.importorskip("skimage")
+
+
+def _vgg_available() -> bool:
+    from training.assets import vgg19_weights_path
+
+    try:
+        vgg19_weights_path()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+needs_vgg = pytest.mark.skipif(not _vgg_available(),
+                               reason="VGG19 weights missing: run `make setup`")
+
+
+def _tiny_photos(count: int, size: int) -> np.ndarray:
+    """Real photo crops (scikit-image's astronaut, a training photo)."""
+    from skimage import data
+
+    image = Image.fromarray(data.astronaut()).resize((4 * size, 4 * size),
+                                                      Image.Resampling.BICUBIC)
+    array = np.asarray(image)
+    return np.stack([array[i * size:(i + 1) * size, i * size:(i + 1) * size]
+                     for i in range(count)])
+
+
+def _tiny_style(size: int) -> np.ndarray:
+    from skimage import data
+
+    return np.asarray(Image.fromarray(data.immunohistochemistry()).resize(
+        (size, size), Image.Resampling.BICUBIC))
+
+
+def _batch(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+@needs_vgg
+def test_three_training_steps_lower_the_loss() -> None:
+    from training.train_style import PerceptualStyleLoss
+
+    torch.manual_seed(0)
+    content = _batch(_tiny_photos(2, 32))
+    criterion = PerceptualStyleLoss(_batch(_tiny_style(48)[None]), torch.device("cpu"),
+                                    content_layer="relu2_2",
+                                    style_layers=DEFAULT_STYLE_LAYER_WEIGHTS,
+                                    content_weight=1.0, style_weight=3e-5, tv_weight=5e4)
+    model = nets.build({"type": "johnson-transformer", "width": 4, "blocks": 1})
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(criterion(model(content), content)[0])
+
+    before = loss()
+    for _ in range(3):
+        total, weighted, raw = criterion(model(content), content)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    after = loss()
+    assert set(weighted) == {"content", "style", "tv"}
+    assert {f"style/{k}" for k in DEFAULT_STYLE_LAYER_WEIGHTS} <= set(raw)
+    assert np.isfinite(after) and after < before, (before, after)
+
+
+def test_style_layer_weight_flag_parsing() -> None:
+    assert parse_layer_weight("relu3_3=0.25") == ("relu3_3", 0.25)
+    for bad in ("relu3_3", "relu3_3=x", "=1", "relu3_3=-1", "relu3_3=inf"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_layer_weight(bad)
+
+
+def test_bundled_styles_resolve_with_source_and_licence() -> None:
+    from training.train_style import bundled_styles, resolve_style
+
+    assert {"starry-night", "the-scream", "stained-tissue"} <= set(bundled_styles())
+    tissue = resolve_style("stained-tissue")
+    assert tissue.path.is_file() and "scikit-image" in tissue.source
+    assert "copyright" in tissue.licence
+    with pytest.raises(ValueError, match="unknown style"):
+        resolve_style("no-such-style")
+
+
+def _write_prepared(folder: Path, images: np.ndarray) -> Path:
+    """A minimal prepared folder in the `percept data prepare` format."""
+    folder.mkdir(parents=True)
+    size = images.shape[1]
+    np.save(folder / f"images_{size}.npy", images)
+    manifest = {"format": "percept-prepared/1", "count": len(images), "sizes": [size],
+                "arrays": {str(size): {"file": f"images_{size}.npy",
+                                       "shape": list(images.shape), "dtype": "uint8"}},
+                "sources": [{"path": "data/photos/train/skimage-astronaut.png",
+                             "sha256": "0" * 64}]}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    register_train(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["style", *argv])
+
+
+@needs_vgg
+def test_cli_training_exports_an_artifact_and_resumes(tmp_path: Path) -> None:
+    from training.train_style import train
+
+    prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 40))
+    out, run_dir = tmp_path / "models" / "style-stained-tissue", tmp_path / "run"
+    common = ["--style", "stained-tissue", "--data", str(prepared), "--out", str(out),
+              "--run-dir", str(run_dir), "--size", "32", "--width", "4", "--blocks", "1",
+              "--batch-size", "1", "--style-size", "48", "--device", "cpu", "--quiet",
+              "--style-layer-weight", "relu1_2=1", "--style-layer-weight", "relu3_3=0.1",
+              "--val-items", "2", "--sample-every", "0", "--checkpoint-every", "1"]
+    assert train(_parse([*common, "--steps", "2"])) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["task"] == "style" and config["name"] == "style-stained-tissue"
+    assert config["architecture"] == {"type": "johnson-transformer", "width": 4, "blocks": 1}
+    assert config["style"]["name"] == "stained-tissue"
+    assert {"title", "source", "licence", "sha256"} <= set(config["style"])
+    assert config["loss"]["style_layers"] == {"relu1_2": 1.0, "relu3_3": 0.1}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["device"] == "cpu, reduced size"
+    assert {"content", "style"} <= set(metrics["final_loss_unweighted"])
+    provenance = json.loads((out / "provenance.json").read_text())
+    kinds = {entry["kind"] for entry in provenance["data"]}
+    assert {"prepared array", "source photo", "style image", "weights"} <= kinds
+    assert provenance["git_sha"] and provenance["command"]
+    assert (out / "samples.png").is_file() and (out / "loss.png").is_file()
+    state = load_file(str(out / "weights.safetensors"))
+    assert all(t.dtype == torch.float16 for t in state.values())
+
+    assert train(_parse([*common, "--steps", "3", "--resume"])) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3
+
+
+def test_refuses_a_prepared_folder_of_heldout_photos(tmp_path: Path) -> None:
+    from training.data.arrays import PreparedDataError
+    from training.train_style import train
+
+    prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(2, 40))
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest["sources"] = [{"path": "data/photos/heldout/skimage-chelsea.png", "sha256": "0"}]
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
+    args = _parse(["--style", "stained-tissue", "--data", str(prepared), "--out",
+                   str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"), "--size", "32",
+                   "--steps", "1", "--device", "cpu", "--quiet"])
+    with pytest.raises(PreparedDataError, match="held-out"):
+        train(args)
+
+
+def test_export_then_build_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    architecture = {"type": "johnson-transformer", "width": 4, "blocks": 2}
+    model = nets.build(architecture).eval()
+    out = export_artifact(tmp_path / "style-test", name="style-test", task="style",
+                          architecture=architecture, module=model, metrics={"steps": 0},
+                          data=[], command="test", device="cpu",
+                          config_extra={"style": {"name": "test", "title": "Test"}})
+    config = json.loads((out / "config.json").read_text())
+    rebuilt = nets.build(config["architecture"])
+    rebuilt.load_state_dict({k: v.float() for k, v in
+                             load_file(str(out / config["weights"])).items()})
+    loaded, _ = load_exported(out)
+    x = torch.rand(1, 3, 27, 35)
+    with torch.no_grad():
+        reference, again, via_loader = model(x), rebuilt.eval()(x), loaded(x)
+    assert torch.allclose(reference, again, atol=2e-2)  # fp16 weights
+    assert torch.equal(again, via_loader)

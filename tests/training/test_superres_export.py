@@ -1,0 +1,78 @@
+"""Export -> load round trip through training.nets.build (and the services' loader)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training import nets
+from training.export import data_entry, export_artifact, load_exported, update_metrics
+
+ARCH = {"type": "superres-resnet", "width": 8, "blocks": 2, "upsample": "pixelshuffle"}
+
+
+def _export(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
+    torch.manual_seed(0)
+    module = nets.build(ARCH)
+    data_file = tmp_path / "data.bin"
+    data_file.write_bytes(b"prepared")
+    out = export_artifact(tmp_path / "models" / "sr-test", name="sr-test", task="superres",
+                          architecture=ARCH, module=module,
+                          metrics={"note": "cpu, reduced size", "steps": 1},
+                          data=[data_entry(data_file)], command="pytest", device="cpu",
+                          config_extra={"scale": 4})
+    return module, out
+
+
+def test_artifact_files_and_fields(tmp_path: Path) -> None:
+    _, out = _export(tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    assert config == {"name": "sr-test", "version": 1, "task": "superres", "architecture": ARCH,
+                      "weights": "weights.safetensors", "weights_dtype": "float16", "scale": 4}
+    state = load_file(str(out / "weights.safetensors"))
+    assert all(t.dtype == torch.float16 for t in state.values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["note"] == "cpu, reduced size" and metrics["device"] == "cpu"
+    assert metrics["weights_bytes"] == (out / "weights.safetensors").stat().st_size
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert set(provenance) == {"data", "command", "git_sha", "created", "device", "torch"}
+    assert provenance["data"] == [{"path": str(tmp_path / "data.bin"),
+                                   "sha256": hashlib.sha256(b"prepared").hexdigest()}]
+    assert provenance["git_sha"] == "uncommitted" or len(provenance["git_sha"]) == 40
+    assert provenance["torch"] == torch.__version__
+    update_metrics(out, {"heldout": {"y_psnr": 30.0}})
+    assert json.loads((out / "metrics.json").read_text())["heldout"] == {"y_psnr": 30.0}
+
+
+def test_round_trip_gives_the_same_outputs(tmp_path: Path) -> None:
+    module, out = _export(tmp_path)
+    loaded, config = load_exported(out)
+    assert config["architecture"] == ARCH
+    x = torch.rand(2, 3, 12, 12)
+    module.eval()
+    with torch.no_grad():
+        # fp16 weights: outputs agree to fp16 rounding of the weights
+        assert torch.allclose(module(x), loaded(x), atol=2e-3)
+
+
+def test_services_loader_reads_the_artifact(tmp_path: Path) -> None:
+    artifacts = pytest.importorskip("services.common.artifacts")
+    _, out = _export(tmp_path)
+    artifact = artifacts.load_artifact(out.parent, "sr-test", torch.device("cpu"))
+    assert artifact.task == "superres" and artifact.tag == "sr-test@1"
+    with torch.no_grad():
+        assert artifact.module(torch.rand(1, 3, 8, 8)).shape == (1, 3, 32, 32)
+
+
+def test_a_mismatched_state_dict_is_refused(tmp_path: Path) -> None:
+    module = nets.build(ARCH)
+    with pytest.raises(RuntimeError):
+        export_artifact(tmp_path / "bad", name="bad", task="superres",
+                        architecture={**ARCH, "width": 4}, module=module, metrics={},
+                        data=[], command="pytest", device="cpu")
+    assert not (tmp_path / "bad").exists()

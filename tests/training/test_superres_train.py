@@ -1,0 +1,119 @@
+"""Tiny real end-to-end runs: prepare -> train (checkpoint, resume) -> export -> evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from training import cli_superres
+from training.assets import VGG19_WEIGHTS
+from training.data.arrays import load_prepared
+from training.data.prepare import prepare
+from training.sr_data import Degradation, PairSampler, degrade, gaussian_blur, to_tensor
+from training.train_superres import lr_factor
+
+TINY = ["--width", "8", "--blocks", "1", "--crop", "24", "--batch-size", "2", "--threads", "2",
+        "--val-items", "2", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sr")
+    photos = root / "photos"
+    photos.mkdir()
+    Image.fromarray(skdata.astronaut()).save(photos / "astronaut.jpg", quality=92)
+    Image.fromarray(skdata.coffee()).save(photos / "coffee.png")
+    prepare(sorted(photos.iterdir()), root / "arrays", sizes=[32, 8], crops_per_image=3,
+            seed=0, workers=1, progress=False)
+    return root / "arrays"
+
+
+def test_sampler_keeps_pairs_exact(prepared: Path) -> None:
+    sampler = PairSampler(load_prepared(prepared), crop=16, seed=0)
+    lr, hr = sampler.sample(4, detail=2)
+    assert lr.shape == (4, 4, 4, 3) and hr.shape == (4, 16, 16, 3)
+    for low, high in zip(lr, hr, strict=True):
+        expected = np.asarray(Image.fromarray(np.ascontiguousarray(high)).resize(
+            (4, 4), Image.Resampling.BICUBIC))
+        # crops of an exact 32->8 pair: the 16->4 reduction of the crop agrees closely
+        assert np.abs(expected.astype(int) - low.astype(int)).mean() < 12
+
+
+def test_degradations(prepared: Path) -> None:
+    sampler = PairSampler(load_prepared(prepared), crop=16, seed=0)
+    lr, hr = sampler.sample(4)
+    hr_t = to_tensor(hr, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    plain = degrade(lr, hr_t, Degradation(), rng)
+    assert torch.equal(plain, to_tensor(lr, torch.device("cpu")))
+    noisy = degrade(lr, hr_t, Degradation(noise=0.1, jpeg=30, prob=1.0), rng)
+    assert noisy.shape == plain.shape and not torch.equal(noisy, plain)
+    blurred = gaussian_blur(hr_t, torch.tensor([0.0, 2.0, 0.0, 2.0]))
+    assert torch.allclose(blurred[0], hr_t[0], atol=1e-6)
+    assert float(blurred[1].diff(dim=-1).abs().mean()) < float(hr_t[1].diff(dim=-1).abs().mean())
+    low = degrade(lr, hr_t, Degradation(blur=1.5, prob=1.0), rng)
+    assert low.shape == plain.shape
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(99, 100, 10) < 0.05
+
+
+def test_train_resume_export_and_evaluate(prepared: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out, run = tmp_path / "models" / "sr-tiny", tmp_path / "run"
+    args = ["train", "--data", str(prepared), "--out", str(out), "--run-dir", str(run), *TINY,
+            "--checkpoint-every", "2", "--sample-every", "2"]
+    assert cli_superres.main([*args, "--steps", "3"]) == 0
+    assert (run / "checkpoint.pt").is_file() and (run / "samples.png").is_file()
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 3
+    assert cli_superres.main([*args, "--steps", "5", "--resume"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 5 and metrics["note"] == "cpu, reduced size"
+    assert (out / "loss.png").is_file() and (out / "samples.png").is_file()
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert any(d.get("kind") == "source photo" for d in provenance["data"])
+    assert "--resume" in provenance["command"]
+
+    heldout = tmp_path / "heldout"
+    heldout.mkdir()
+    Image.fromarray(skdata.chelsea()).save(heldout / "chelsea.png")
+    eval_out = tmp_path / "eval"
+    figure = tmp_path / "figure.png"
+    assert cli_superres.main(["eval", "--photos", str(heldout), "--models", str(out),
+                              "--hr-size", "64", "--resize-to", "128", "--out", str(eval_out),
+                              "--figure", str(figure), "--update-metrics",
+                              "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "| bicubic |" in table and "| sr-tiny |" in table and "| lanczos |" in table
+    report = json.loads((eval_out / "metrics.json").read_text())
+    assert report["tiles"] == 4 and set(report["summary"]) == {"bicubic", "lanczos", "sr-tiny"}
+    assert (eval_out / "comparison.png").is_file() and figure.is_file()
+    assert "heldout" in json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.skipif(not VGG19_WEIGHTS.path.is_file(), reason="VGG19 weights not fetched")
+def test_perceptual_loss_trains(prepared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "models" / "sr-perceptual"
+    assert cli_superres.main(["train", "--data", str(prepared), "--out", str(out),
+                              "--run-dir", str(tmp_path / "run"), *TINY, "--steps", "2",
+                              "--pixel-weight", "0.1", "--perceptual-weight", "1e-5",
+                              "--tv-weight", "0.1", "--sample-every", "0"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["final_loss"]) == {"total", "pixel", "perceptual", "tv"}
+
+
+def test_missing_data_is_a_clear_error(tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_superres.main(["train", "--data", str(tmp_path / "none"), "--out",
+                              str(tmp_path / "m"), "--run-dir", str(tmp_path / "r"),
+                              *TINY]) == 2
+    assert "percept data prepare" in capsys.readouterr().err

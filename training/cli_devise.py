@@ -1,0 +1,170 @@
+"""argparse front end for ``percept train devise`` and ``percept eval devise``.
+
+``services/cli.py`` creates the ``train`` and ``eval`` command groups (shared with the other
+trainers) and passes their subparsers to :func:`register_train` and :func:`register_eval`
+(also reachable as ``training.train_devise.register`` and
+``training.evaluate_devise.register``). Registering imports only the standard library;
+torch, faiss and the word vectors load when a command runs. Each parser stores its handler
+as ``func`` (``args.func(args) -> exit code``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from training.assets import REPO_ROOT
+
+DEFAULT_NAME = "devise-minilm"
+#: Hinge rank loss margin (Frome et al. 2013 used 0.1 with unit-norm vectors).
+DEFAULT_MARGIN = 0.1
+#: Negative labels sampled per example (the paper sums over all wrong labels but stops at
+#: the first violation; a fixed random sample keeps each step's cost constant).
+DEFAULT_NEGATIVES = 64
+#: ConSE's T (Norouzi et al. 2014 report T = 10 as their best).
+DEFAULT_TOP_T = 10
+#: hit@k cut-offs of the evaluation.
+DEFAULT_KS = (1, 2, 5, 10, 20)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training import train_devise
+
+    return train_devise.command(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training import evaluate_devise
+
+    return evaluate_devise.command(args)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--images", default=None, metavar="DIR",
+                      help="ImageFolder tree whose subfolders are wnids (n02084071) or noun "
+                           "lemmas (golden_retriever); each label's word vector is the "
+                           "target. Default: the training photos (data/photos/train) "
+                           "labelled by the backbone's own classifier (top-1 class)")
+    data.add_argument("--photos", default=str(REPO_ROOT / "data/photos/train"),
+                      help="training photos for the default (teacher) mode "
+                           "(default: data/photos/train; held-out photos are refused)")
+    data.add_argument("--crops-per-image", type=int, default=48,
+                      help="crops per photo: the centre square plus random squares at random "
+                           "scales, randomly mirrored (default: 48)")
+    data.add_argument("--val-photos", default=str(REPO_ROOT / "data/photos/heldout"),
+                      help="held-out photos for the teacher-agreement check, never trained "
+                           "on ('' skips it; default: data/photos/heldout)")
+    data.add_argument("--val-crops", type=int, default=8, help="crops per validation photo "
+                                                                "(default: 8)")
+    data.add_argument("--cache-dir", default=str(REPO_ROOT / "runs/devise-cache"),
+                      help="feature cache (default: runs/devise-cache)")
+    vectors = parser.add_argument_group("word space")
+    vectors.add_argument("--recipe", default=None,
+                         help="phrase recipe of the noun vectors (default: "
+                              "services.embed.word_vectors.DEFAULT_RECIPE)")
+    vectors.add_argument("--vectors-dir", default=None,
+                         help="noun-vector cache folder (default: assets/vectors)")
+    loss = parser.add_argument_group("hinge rank loss (Frome et al. 2013, eq. 1)")
+    loss.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                      help=f"default: {DEFAULT_MARGIN}")
+    loss.add_argument("--negatives", type=int, default=DEFAULT_NEGATIVES,
+                      help=f"negative labels sampled per example (default: {DEFAULT_NEGATIVES})")
+    loss.add_argument("--negatives-from", choices=["imagenet", "nouns"], default="imagenet",
+                      help="draw negatives from the 1000 ImageNet class vectors or from all "
+                           "82,115 noun vectors (default: imagenet)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--init", choices=["classifier", "random"], default="classifier",
+                     help="start M from the classifier (M0 v = sum_c (l_c(v) - mean l) t_c, "
+                          "the logit-weighted class vectors) or from small random weights "
+                          "(default: classifier)")
+    run.add_argument("--steps", type=int, default=600, help="Adam steps (default: 600)")
+    run.add_argument("--batch-size", type=int, default=128, help="default: 128")
+    run.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    run.add_argument("--weight-decay", type=float, default=0.0,
+                     help="L2 pull towards the initial map (default: 0)")
+    run.add_argument("--default-method", choices=["conse", "devise"], default="conse",
+                     help="the method config.json names as the service default (default: "
+                          "conse, the better one in `percept eval devise`)")
+    run.add_argument("--top-t", type=int, default=DEFAULT_TOP_T,
+                     help=f"ConSE's T recorded in config.json (default: {DEFAULT_TOP_T})")
+    run.add_argument("--name", default=DEFAULT_NAME, help=f"default: {DEFAULT_NAME}")
+    run.add_argument("--out", default=None, help="artifact folder (default: models/NAME)")
+    run.add_argument("--run-dir", default=None, help="loss plot and logs (default: runs/NAME)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                     help="default: auto (CUDA when present)")
+    run.add_argument("--threads", type=int, default=0,
+                     help="torch CPU threads (default: torch's choice; use 1 on a busy CPU)")
+    run.add_argument("--seed", type=int, default=0, help="default: 0")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=str(REPO_ROOT / "models" / DEFAULT_NAME),
+                        help=f"DeViSE artifact folder (default: models/{DEFAULT_NAME})")
+    parser.add_argument("--photos", default=str(REPO_ROOT / "training/evalsets/photos"),
+                        help="labelled photo folder with labels.json (default: "
+                             "training/evalsets/photos)")
+    parser.add_argument("--top-t", type=int, default=None,
+                        help="ConSE's T (default: the artifact's, else "
+                             f"{DEFAULT_TOP_T})")
+    parser.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS),
+                        help="hit@k cut-offs (default: 1 2 5 10 20)")
+    parser.add_argument("--hops", type=int, default=2,
+                        help="hierarchical hit: within this many WordNet hops (default: 2)")
+    parser.add_argument("--backend", default="flat",
+                        help="noun index backend (flat, hnsw, ivf, torch, numpy; default: flat)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "out/eval/devise/metrics.json"),
+                        help="JSON report (default: out/eval/devise/metrics.json)")
+    parser.add_argument("--cache-dir", default=str(REPO_ROOT / "runs/devise-cache"),
+                        help="feature cache (default: runs/devise-cache)")
+    parser.add_argument("--update-metrics", action="store_true",
+                        help="also write the results into the artifact's metrics.json")
+    parser.add_argument("--show", type=int, default=3,
+                        help="print each photo's top-N labels per method (default: 3; 0: none)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default: torch's choice)")
+
+
+def register_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Adds ``devise`` to the ``percept train`` subparsers."""
+    parser = subparsers.add_parser(
+        "devise", help="train the DeViSE linear map into word space (Frome et al. 2013)",
+        description="Train DeViSE's linear map M from EfficientNet-Lite0's pooled features "
+                    "into the MiniLM noun-vector space with the hinge rank loss, on an "
+                    "ImageFolder tree (--images) or, by default, on crops of the training "
+                    "photos labelled by the backbone's own classifier; export "
+                    "models/devise-minilm.")
+    add_train_arguments(parser)
+    parser.set_defaults(func=_train)
+    return parser
+
+
+def register_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Adds ``devise`` to the ``percept eval`` subparsers."""
+    parser = subparsers.add_parser(
+        "devise", help="hit@k of DeViSE and ConSE over all 82,115 WordNet nouns",
+        description="Label the evaluation photos with DeViSE and ConSE over every WordNet "
+                    "noun: flat, zero-shot and hierarchical (within 2 hops) hit@k; prints "
+                    "a Markdown table and writes JSON.")
+    add_eval_arguments(parser)
+    parser.set_defaults(func=_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.cli_devise {train,eval} ...``: ``percept {train,eval} devise``."""
+    parser = argparse.ArgumentParser(prog="python -m training.cli_devise")
+    groups = parser.add_subparsers(dest="group", required=True)
+    register_train(groups.add_parser("train").add_subparsers(dest="command", required=True))
+    register_eval(groups.add_parser("eval").add_subparsers(dest="command", required=True))
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments and arguments[0] in ("train", "eval"):
+        arguments = [arguments[0], "devise", *arguments[1:]]
+    args = parser.parse_args(arguments)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

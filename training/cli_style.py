@@ -1,0 +1,204 @@
+"""argparse front end for ``percept train style`` and ``percept eval style``.
+
+``services/cli.py`` creates the ``train`` and ``eval`` command groups (shared with the other
+trainers) and passes their subparsers to :func:`register_train` and :func:`register_eval`
+(also reachable as ``training.train_style.register`` and
+``training.evaluate_style.register``). Registering imports only the standard library;
+torch loads when a command runs. Each parser stores its handler as ``func``
+(``args.func(args) -> exit code``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from training.assets import REPO_ROOT
+
+#: Johnson et al. 2016 (sec. 4.1): content at relu2_2, style at these four layers. The
+#: default per-layer weights make each layer's Gram distance between a photo and a
+#: painting comparable (measured: relu3_3's raw distance is ~20x relu1_2's).
+DEFAULT_STYLE_LAYER_WEIGHTS = {"relu1_2": 1.0, "relu2_2": 1.0, "relu3_3": 0.1, "relu4_3": 0.3}
+DEFAULT_CONTENT_LAYER = "relu2_2"
+
+#: Defaults of the size flags: the paper's recipe on CUDA; on a CPU the reduced recipe the
+#: committed default models were trained with (so `make train-style` reproduces them).
+GPU_RECIPE = {"size": 256, "width": 32, "steps": 40000, "batch_size": 4}
+CPU_RECIPE = {"size": 128, "width": 16, "steps": 600, "batch_size": 2}
+GPU_LR, CPU_LR = 1e-3, 2e-3
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training import train_style
+
+    return train_style.command(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training import evaluate_style
+
+    return evaluate_style.command(args)
+
+
+def parse_layer_weight(text: str) -> tuple[str, float]:
+    """``relu1_2=0.5`` -> ("relu1_2", 0.5) (an argparse ``type``)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected LAYER=WEIGHT (e.g. relu3_3=0.1), got {text!r}")
+    try:
+        weight = float(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"weight in {text!r} is not a number") from error
+    if not weight >= 0 or weight == float("inf"):
+        raise argparse.ArgumentTypeError(f"weight in {text!r} must be finite and >= 0")
+    return name.strip(), weight
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    style = parser.add_argument_group("style (one of --style or --style-image)")
+    chosen = style.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--style", default=None, metavar="NAME",
+                        help="a bundled style image by name (starry-night, the-scream, "
+                             "stained-tissue); the model is named style-NAME")
+    chosen.add_argument("--style-image", default=None, metavar="PATH",
+                        help="any style image (then give --name)")
+    style.add_argument("--name", default=None,
+                       help="style name (the artifact is models/style-NAME); default: the "
+                            "--style name, else the --style-image file stem")
+    style.add_argument("--title", default=None, help="display title (default: from the "
+                                                     "bundled style, else NAME)")
+    style.add_argument("--licence", default=None,
+                       help="licence of a --style-image (recorded in config.json)")
+    style.add_argument("--style-size", type=int, default=256,
+                       help="resize the style image's longest side to this many pixels "
+                            "(sets the brush-stroke scale; default: 256)")
+    data = parser.add_argument_group("content data")
+    data.add_argument("--data", default=str(REPO_ROOT / "data/prepared/sr288"),
+                      help="prepared folder of training photos from `percept data prepare` "
+                           "(its largest size is used; default: data/prepared/sr288)")
+    data.add_argument("--size", type=int, default=None,
+                      help="square training crop in pixels (default: 256 on CUDA as in "
+                           f"Johnson et al., {CPU_RECIPE['size']} on CPU)")
+    data.add_argument("--min-scale", type=float, default=0.5,
+                      help="smallest crop side as a fraction of the prepared image before "
+                           "resizing to --size (default: 0.5)")
+    data.add_argument("--val-items", type=int, default=3,
+                      help="fixed content items for the sample grid (default: 3)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--width", type=int, default=None,
+                       help="full-resolution channels (default: 32 on CUDA as in the paper, "
+                            f"{CPU_RECIPE['width']} on CPU)")
+    model.add_argument("--blocks", type=int, default=5, help="residual blocks (default: 5)")
+    loss = parser.add_argument_group("loss")
+    loss.add_argument("--content-weight", type=float, default=1.0,
+                      help=f"weight of the {DEFAULT_CONTENT_LAYER} content loss (default: 1)")
+    loss.add_argument("--style-weight", type=float, default=3e-5,
+                      help="weight of the summed per-layer Gram losses (default: 3e-5)")
+    loss.add_argument("--style-layer-weight", type=parse_layer_weight, action="append",
+                      default=None, metavar="LAYER=W",
+                      help="per-layer style weight, repeatable; given layers replace the "
+                           "defaults (" + ", ".join(f"{k}={v:g}" for k, v in
+                                                    DEFAULT_STYLE_LAYER_WEIGHTS.items()) + ")")
+    loss.add_argument("--content-layer", default=DEFAULT_CONTENT_LAYER,
+                      help=f"default: {DEFAULT_CONTENT_LAYER} (Johnson et al.)")
+    loss.add_argument("--tv-weight", type=float, default=5e4,
+                      help="weight of total variation (default: 5e4)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default=None,
+                     help="artifact folder (default: models/style-NAME)")
+    run.add_argument("--run-dir", default=None,
+                     help="checkpoints, samples and loss plot (default: runs/style-NAME)")
+    run.add_argument("--steps", type=int, default=None,
+                     help="optimiser steps (default: 40000 on CUDA as in Johnson et al., "
+                          f"{CPU_RECIPE['steps']} on CPU)")
+    run.add_argument("--batch-size", type=int, default=None,
+                     help=f"default: 4 on CUDA, {CPU_RECIPE['batch_size']} on CPU")
+    run.add_argument("--lr", type=float, default=None,
+                     help="peak Adam learning rate (default: 1e-3 on CUDA as in Johnson et "
+                          f"al., {CPU_LR:g} on CPU for the short run)")
+    run.add_argument("--warmup", type=int, default=None,
+                     help="warm-up steps (default: steps/20, at most 100)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                     help="default: auto (CUDA when present)")
+    run.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                     help="NHWC memory format (default: auto = CUDA only)")
+    run.add_argument("--threads", type=int, default=0,
+                     help="torch CPU threads (default: torch's choice)")
+    run.add_argument("--seed", type=int, default=0, help="default: 0")
+    run.add_argument("--checkpoint-every", type=int, default=200, help="default: 200")
+    run.add_argument("--sample-every", type=int, default=200,
+                     help="write samples.png and loss.png every N steps (default: 200)")
+    run.add_argument("--max-minutes", type=float, default=0.0,
+                     help="stop (and export) after this much wall time (default: no limit)")
+    run.add_argument("--max-cpu-minutes", type=float, default=0.0,
+                     help="stop (and export) after this much process CPU time "
+                          "(default: no limit)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from RUN_DIR/checkpoint.pt")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="artifact folders (default: every models/style-*)")
+    parser.add_argument("--photos", nargs="+",
+                        default=[str(REPO_ROOT / "data/photos/heldout")],
+                        help="held-out photos or folders (default: data/photos/heldout; "
+                             "falls back to scikit-image's held-out chelsea and coffee)")
+    parser.add_argument("--size", type=int, default=256,
+                        help="resize each photo's shortest side to this and centre-crop to "
+                             "an even size (default: 256)")
+    parser.add_argument("--grid-photos", type=int, default=3,
+                        help="content photos (rows) in the grid (default: 3)")
+    parser.add_argument("--grid-cell", type=int, default=160,
+                        help="grid cell size in pixels (default: 160)")
+    parser.add_argument("--grid", default=str(REPO_ROOT / "docs/images/style_grid.png"),
+                        help="README grid image (default: docs/images/style_grid.png; "
+                             "'' skips it)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "out/eval/style"),
+                        help="folder for metrics.json (default: out/eval/style)")
+    parser.add_argument("--update-metrics", action="store_true",
+                        help="write the held-out numbers into each model's metrics.json")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+
+def register_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Adds ``style`` to the ``percept train`` subparsers."""
+    parser = subparsers.add_parser(
+        "style", help="train a fast style-transfer net (Johnson et al. 2016)",
+        description="Train Johnson et al.'s image-transformation net against the VGG19 "
+                    "perceptual loss (relu2_2 content, Gram style at relu1_2/2_2/3_3/4_3 "
+                    "with per-layer weights, TV) on prepared training photos, and export "
+                    "models/style-NAME.")
+    add_train_arguments(parser)
+    parser.set_defaults(func=_train)
+    return parser
+
+
+def register_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Adds ``style`` to the ``percept eval`` subparsers."""
+    parser = subparsers.add_parser(
+        "style", help="style-loss ratio, content loss and checkerboard check of style nets",
+        description="Evaluate fast style artifacts on held-out photos: how far each moves "
+                    "the Gram statistics towards its style, how much content it keeps, and "
+                    "the Nyquist (checkerboard) energy; writes JSON and a README grid.")
+    add_eval_arguments(parser)
+    parser.set_defaults(func=_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.cli_style {train,eval} ...``: ``percept {train,eval} style``."""
+    parser = argparse.ArgumentParser(prog="python -m training.cli_style")
+    groups = parser.add_subparsers(dest="group", required=True)
+    register_train(groups.add_parser("train").add_subparsers(dest="command", required=True))
+    register_eval(groups.add_parser("eval").add_subparsers(dest="command", required=True))
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments and arguments[0] in ("train", "eval"):
+        arguments = [arguments[0], "style", *arguments[1:]]
+    args = parser.parse_args(arguments)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,261 @@
+"""``percept data prepare``: contiguous uint8 training arrays, made fast.
+
+For each source image the job list holds one centre crop (resize the shortest side, then
+centre-crop: never padding) and, for sources bigger than the target, ``crops_per_image - 1``
+random square crops at random scales (:func:`training.data.images.random_square`). The job
+list is shuffled once with ``seed`` and written in that order to one ``.npy`` memmap per size,
+shape (N, S, S, 3), so that training reads contiguous, already-shuffled memory.
+
+The largest size is cut from the source; every smaller size is made from that crop by
+BICUBIC downscaling, so the arrays are exact pairs (item i of ``72.npy`` is the bicubic 4x
+reduction of item i of ``288.npy``: super-resolution pairs).
+
+Speed (DESIGN.md, "Fast data preparation"): pillow-simd resampling, JPEG ``draft()``
+decoding at the smallest DCT scale that still covers the smallest crop, ``reduce()`` before
+BICUBIC, and a ``multiprocessing`` pool over every core whose workers write straight into
+the memmaps (one task per source image, so each image is decoded once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import multiprocessing
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from training.assets import REPO_ROOT, sha256_of
+from training.data.images import (
+    Box,
+    centre_square,
+    decode_rgb,
+    displayed_size,
+    draft_request,
+    is_image_file,
+    random_square,
+    resize_box,
+    scale_box,
+)
+
+FORMAT = "percept-prepared/1"
+MANIFEST = "manifest.json"
+
+
+class PrepareError(RuntimeError):
+    """Bad sources or an unusable output folder; the message says which."""
+
+
+def array_name(size: int) -> str:
+    return f"images_{size}.npy"
+
+
+@dataclass
+class SourceTask:
+    """One source image and the crops to cut from it (indices into the shuffled arrays)."""
+
+    path: str
+    original: tuple[int, int]
+    crops: list[tuple[int, Box]] = field(default_factory=list)
+
+
+def find_sources(paths: Sequence[Path], allow_heldout: bool = False) -> list[Path]:
+    """Every image file under ``paths`` (recursively), sorted. Files inside a ``heldout``
+    folder are refused unless ``allow_heldout``: held-out photos are never trained on."""
+    found: list[Path] = []
+    for path in paths:
+        if not path.exists():
+            raise PrepareError(f"source {path} does not exist")
+        if path.is_dir():
+            found.extend(p for p in sorted(path.rglob("*")) if is_image_file(p))
+        elif is_image_file(path):
+            found.append(path)
+        else:
+            raise PrepareError(f"source {path} is not an image file")
+    if not found:
+        raise PrepareError(f"no image files under {', '.join(map(str, paths))}")
+    if not allow_heldout:
+        heldout = [p for p in found if "heldout" in p.parts]
+        if heldout:
+            raise PrepareError(f"{len(heldout)} source(s) are held-out photos (e.g. {heldout[0]});"
+                               " pass --allow-heldout only for evaluation data")
+    return sorted(set(found))
+
+
+def plan(sources: Sequence[Path], size: int, crops_per_image: int,
+         seed: int) -> tuple[list[SourceTask], list[tuple[int, int, Box]]]:
+    """The crop boxes per source and the shuffled output order.
+
+    Returns the per-source tasks and, in output order, (source index, crop index, box).
+    Everything random happens here, in one seeded generator, so the arrays do not depend
+    on how the pool schedules its work.
+    """
+    rng = np.random.default_rng(seed)
+    jobs: list[tuple[int, int, Box]] = []
+    tasks: list[SourceTask] = []
+    for source_index, path in enumerate(sources):
+        try:
+            width, height = displayed_size(path)
+        except (OSError, SyntaxError, ValueError) as error:
+            raise PrepareError(f"cannot read image {path}: {error}") from error
+        tasks.append(SourceTask(str(path), (width, height)))
+        count = crops_per_image if min(width, height) > size else 1
+        for crop_index in range(count):
+            box = centre_square(width, height) if crop_index == 0 else \
+                random_square(width, height, size, rng)
+            jobs.append((source_index, crop_index, box))
+    order = rng.permutation(len(jobs))
+    shuffled = [jobs[i] for i in order]
+    for out_index, (source_index, _, box) in enumerate(shuffled):
+        tasks[source_index].crops.append((out_index, box))
+    return tasks, shuffled
+
+
+# Per-worker memmaps, opened once per process.
+_OUTPUTS: dict[int, np.ndarray] = {}
+_SIZES: list[int] = []
+
+
+def _init_worker(out_dir: str, sizes: Sequence[int]) -> None:
+    _SIZES[:] = list(sizes)
+    _OUTPUTS.clear()
+    for size in sizes:
+        _OUTPUTS[size] = np.load(Path(out_dir) / array_name(size), mmap_mode="r+")
+
+
+def crop_pyramid(image: Image.Image, box: Box, sizes: Sequence[int]) -> list[np.ndarray]:
+    """The crop at ``sizes[0]`` and each smaller size made from it by BICUBIC reduction."""
+    top = resize_box(image, box, sizes[0])
+    arrays = [np.asarray(top)]
+    for size in sizes[1:]:
+        arrays.append(np.asarray(top.resize((size, size), Image.Resampling.BICUBIC)))
+    return arrays
+
+
+def _process(task: SourceTask) -> int:
+    size = _SIZES[0]
+    boxes = [box for _, box in task.crops]
+    image = decode_rgb(Path(task.path), need=draft_request(task.original, boxes, size))
+    for out_index, box in task.crops:
+        mapped = scale_box(box, task.original, image.size)
+        for level, array in zip(_SIZES, crop_pyramid(image, mapped, _SIZES), strict=True):
+            _OUTPUTS[level][out_index] = array
+    for array in _OUTPUTS.values():
+        if isinstance(array, np.memmap):
+            array.flush()
+    return len(task.crops)
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def prepare(sources: Sequence[Path], out: Path, sizes: Sequence[int], crops_per_image: int = 1,
+            seed: int = 0, workers: int | None = None, command: str | None = None,
+            progress: bool = True) -> dict[str, object]:
+    """Writes ``out/images_<size>.npy`` for every size plus ``out/manifest.json``.
+
+    ``sizes`` are square side lengths; the largest is cut from the sources and the others
+    are bicubic reductions of it. Returns the manifest.
+    """
+    sizes = sorted({int(s) for s in sizes}, reverse=True)
+    if not sizes or sizes[-1] < 1:
+        raise PrepareError(f"sizes must be positive integers, got {list(sizes)}")
+    if crops_per_image < 1:
+        raise PrepareError(f"--crops-per-image must be >= 1, got {crops_per_image}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise PrepareError(f"cannot write to {out}: {error.strerror or error}") from error
+
+    tasks, order = plan(sources, sizes[0], crops_per_image, seed)
+    count = len(order)
+    arrays = {}
+    for size in sizes:
+        arrays[str(size)] = {"file": array_name(size), "shape": [count, size, size, 3],
+                             "dtype": "uint8"}
+        np.lib.format.open_memmap(out / array_name(size), mode="w+", dtype=np.uint8,
+                                  shape=(count, size, size, 3)).flush()
+
+    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
+    # Big sources first, so the pool does not end waiting on one large image.
+    queue = sorted(tasks, key=lambda t: -t.original[0] * t.original[1] * len(t.crops))
+    bar = tqdm(total=count, unit="img", desc=f"prepare {'/'.join(map(str, sizes))}",
+               disable=not progress)
+    if workers == 1:
+        _init_worker(str(out), sizes)
+        for task in queue:
+            bar.update(_process(task))
+    else:
+        with _pool_context().Pool(workers, initializer=_init_worker,
+                                  initargs=(str(out), sizes)) as pool:
+            for done in pool.imap_unordered(_process, queue):
+                bar.update(done)
+    bar.close()
+    _OUTPUTS.clear()
+
+    source_entries = []
+    for task in tasks:
+        path = Path(task.path)
+        with Image.open(path) as image:
+            mode = image.mode
+        source_entries.append({"path": _display_path(path), "sha256": sha256_of(path),
+                               "width": task.original[0], "height": task.original[1],
+                               "mode": mode, "bytes": path.stat().st_size,
+                               "crops": len(task.crops)})
+    manifest: dict[str, object] = {
+        "format": FORMAT,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": command or "training.data.prepare.prepare(...)",
+        "seed": seed,
+        "sizes": sizes,
+        "crops_per_image": crops_per_image,
+        "count": count,
+        "pairing": "each smaller size is the PIL BICUBIC reduction of the largest size's item",
+        "arrays": arrays,
+        "sources": source_entries,
+        "items": [[s, c, *(round(v, 2) for v in box)] for s, c, box in order],
+        "items_columns": ["source", "crop", "left", "top", "right", "bottom"],
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _display_path(path: Path) -> str:
+    resolved = path.resolve()
+    try:
+        return str(resolved.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(resolved)
+
+
+def command(args: argparse.Namespace) -> int:
+    """``percept data prepare``."""
+    try:
+        sources = find_sources([Path(p) for p in args.photos], allow_heldout=args.allow_heldout)
+        manifest = prepare(sources, Path(args.out), args.sizes, args.crops_per_image,
+                           args.seed, args.workers, command=_command_line(),
+                           progress=not args.quiet)
+    except PrepareError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    print(f"[prepare] {manifest['count']} items x sizes {manifest['sizes']} from "
+          f"{len(sources)} images -> {args.out}")
+    return 0
+
+
+def _command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["percept", *sys.argv[1:]]) \
+        if Path(sys.argv[0]).name == "percept" else " ".join(shlex.quote(a) for a in sys.argv)

@@ -1,0 +1,1 @@
+"""Labelled evaluation sets (real photos) for the trainers' evaluation commands."""

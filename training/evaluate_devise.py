@@ -1,0 +1,332 @@
+"""``percept eval devise``: image -> WordNet noun labelling, DeViSE vs ConSE, hit@k.
+
+Both methods embed a photo into the 384-d noun-vector space and label it with the nearest
+of all 82,115 WordNet 3.0 noun synsets (cosine, :class:`services.embed.noun_index.NounIndex`):
+
+- **devise**: the trained linear map (Frome et al. 2013) applied to EfficientNet-Lite0's
+  pooled features;
+- **conse**: the convex combination of the classifier's top-T class vectors (Norouzi et al.
+  2014), no training;
+- **classifier** (reference only): the classifier's own top-k ImageNet classes as labels.
+  It can only ever name 1000 synsets; it shows what the word space adds.
+
+The evaluation photos are ``training/evalsets/photos`` (labels.json: file -> wnid), resized
+(shortest side 224) and centre-cropped. Variants, each as hit@k (the fraction of photos
+whose true synset is among the top k; k = 1, 2, 5, 10, 20):
+
+- **flat**: all 82,115 synsets are candidates; a hit is the exact true synset.
+- **zero-shot**: the photo's class is taken away from what the models know. The "masked
+  classes" of a photo are the ImageNet-1k classes that are its label or a kind of it (the
+  hyponym closure: all 118 dog breeds for ``dog``, ``tabby`` for the tabby). ConSE: their
+  probabilities are set to zero before the top-T (Norouzi et al.'s unseen-class setting).
+  Both methods: the candidates are the 81,115 synsets that are *not* ImageNet-1k classes
+  (the DeViSE and ConSE papers' zero-shot label sets exclude the 1000 training labels), plus
+  the photo's own label when that is an ImageNet class (otherwise it could never be hit).
+  DeViSE's map is not retrained per photo (it was trained on the training photos only,
+  whose teacher labels cover a few dozen classes), so its masking is the candidate set.
+- **hierarchical**: flat candidates; a hit is any returned synset within ``--hops`` (2)
+  undirected hypernym/hyponym edges of the true one (``NounVocabulary.neighbourhood``),
+  the "close enough" idea of the DeViSE paper's hierarchical precision@k (sec. 4.2).
+- **zero-shot hierarchical**: the zero-shot ranking scored the hierarchical way.
+
+The better method is the one with the higher mean hit@k over the flat, zero-shot and
+hierarchical variants; it should be the service's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.assets import REPO_ROOT
+from training.cli_devise import DEFAULT_TOP_T
+from training.devise_features import compute_features
+from training.export import load_exported, update_metrics
+from training.nets import devise as _devise_net  # noqa: F401  (registers "devise-linear")
+from training.nets.devise import conse_embed
+
+LABELS_FILE = "labels.json"
+METHODS = ("devise", "conse")
+VARIANTS = ("flat", "zero_shot", "hierarchical", "zero_shot_hierarchical")
+SCORED_VARIANTS = ("flat", "zero_shot", "hierarchical")
+
+
+class EvalSetError(ValueError):
+    """The evaluation set is missing or inconsistent."""
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    folder: Path
+    files: list[Path]
+    wnids: list[str]
+    lemmas: list[str]
+
+
+def load_eval_set(folder: Path, vocab: Any | None = None) -> EvalSet:
+    """Reads ``labels.json``; every file must exist and (given ``vocab``) every wnid must be a
+    noun synset of the vocabulary."""
+    labels_path = Path(folder) / LABELS_FILE
+    if not labels_path.is_file():
+        raise EvalSetError(f"{labels_path} not found")
+    labels: dict[str, dict[str, Any]] = json.loads(labels_path.read_text())
+    files, wnids, lemmas, problems = [], [], [], []
+    for name in sorted(labels):
+        entry = labels[name]
+        path = Path(folder) / name
+        if not path.is_file():
+            problems.append(f"{name}: file missing")
+        if vocab is not None and entry.get("wnid") not in vocab:
+            problems.append(f"{name}: {entry.get('wnid')!r} is not a WordNet noun synset")
+        files.append(path)
+        wnids.append(str(entry.get("wnid")))
+        lemmas.append(str(entry.get("lemma")))
+    if problems:
+        raise EvalSetError(f"{labels_path}: " + "; ".join(problems))
+    if not files:
+        raise EvalSetError(f"{labels_path} lists no photos")
+    return EvalSet(Path(folder), files, wnids, lemmas)
+
+
+# -- scoring --------------------------------------------------------------------------------
+def hits_at_k(ranked: np.ndarray, accepted: Sequence[Iterable[int]],
+              ks: Sequence[int]) -> dict[int, float]:
+    """Fraction of rows whose first k ranked ids contain an accepted id, for each k.
+
+    ``ranked``: (N, K) ids best first (-1 = padding, never accepted); ``accepted[i]``: the
+    ids that count as correct for row i (the true id for flat hit@k; its neighbourhood for
+    the hierarchical variant).
+    """
+    if len(ranked) != len(accepted):
+        raise ValueError(f"{len(ranked)} rankings but {len(accepted)} answer sets")
+    if not len(ranked):
+        return {int(k): float("nan") for k in ks}
+    first_hit = np.full(len(ranked), np.inf)
+    for row, (ids, good) in enumerate(zip(ranked, accepted, strict=True)):
+        good_set = set(int(g) for g in good)
+        for position, candidate in enumerate(ids):
+            if int(candidate) in good_set:
+                first_hit[row] = position
+                break
+    return {int(k): float(np.mean(first_hit < k)) for k in ks}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    probs = np.exp(shifted)
+    return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def masked_classes(vocab: Any, wnid: str, imagenet_rows: np.ndarray) -> np.ndarray:
+    """Output indices (0..999) of the ImageNet classes that are ``wnid`` or a kind of it."""
+    closure = vocab.hyponym_closure(wnid)
+    return np.flatnonzero(np.isin(imagenet_rows, np.fromiter(closure, dtype=np.int64)))
+
+
+def mean_score(results: Mapping[str, Mapping[int, float]]) -> float:
+    """Mean hit@k over :data:`SCORED_VARIANTS` and every k: the method ranking score."""
+    values = [v for variant in SCORED_VARIANTS for v in results[variant].values()]
+    return float(np.mean(values))
+
+
+# -- evaluation -----------------------------------------------------------------------------
+def _search_each(index: Any, queries: np.ndarray, k: int,
+                 excludes: Sequence[np.ndarray | None]) -> np.ndarray:
+    rows = []
+    for query, exclude in zip(queries, excludes, strict=True):
+        _, ids = index.search(query[None, :], k, exclude=exclude)
+        rows.append(ids[0])
+    return np.stack(rows)
+
+
+def evaluate(model_dir: Path, photos: Path, *, top_t: int | None = None,
+             ks: Sequence[int] = (1, 2, 5, 10, 20), hops: int = 2, backend: str = "flat",
+             cache_dir: Path | None = None, device: str = "cpu",
+             progress: bool = True) -> dict[str, Any]:
+    """Runs every method and variant; returns the JSON report."""
+    from services.embed.noun_index import NounIndex
+    from training.train_devise import load_word_space
+
+    module, config = load_exported(model_dir, device=device)
+    recipe = config.get("noun_vectors", {}).get("recipe")
+    space = load_word_space(recipe, progress=progress)
+    trained_on = config.get("noun_vectors", {}).get("cache_file")
+    if trained_on and trained_on != space.path.name:
+        print(f"[eval] warning: the map was trained against {trained_on}, evaluating "
+              f"against {space.path.name}", file=sys.stderr, flush=True)
+    vocab = space.vocab
+    evalset = load_eval_set(photos, vocab)
+    top_t = int(top_t or config.get("methods", {}).get("conse", {}).get("top_t",
+                                                                        DEFAULT_TOP_T))
+    kmax = max(ks)
+
+    cache = compute_features(evalset.files, crops_per_image=1, device=device,
+                             cache_dir=cache_dir, progress=progress, desc="eval photos")
+    probs = softmax(cache.logits)
+    class_vectors = torch.from_numpy(space.vectors[space.imagenet_rows])
+    truth = vocab.indices_of(evalset.wnids)
+    imagenet_set = set(space.imagenet_rows.tolist())
+    masks = [masked_classes(vocab, w, space.imagenet_rows) for w in evalset.wnids]
+    zero_probs = probs.copy()
+    for row, masked in enumerate(masks):
+        zero_probs[row, masked] = 0.0
+    neighbourhoods = [set(vocab.neighbourhood(w, hops)) for w in evalset.wnids]
+
+    with torch.no_grad():
+        queries = {
+            "devise": module(torch.from_numpy(cache.features).to(device)).cpu().numpy(),
+            "conse": conse_embed(torch.from_numpy(probs), class_vectors, top_t).numpy(),
+        }
+        zero_queries = {
+            "devise": queries["devise"],
+            "conse": conse_embed(torch.from_numpy(zero_probs), class_vectors, top_t).numpy(),
+        }
+    index = NounIndex(space.vectors, backend=backend)  # type: ignore[arg-type]
+    zero_excludes = []
+    for row in range(len(truth)):
+        exclude = space.imagenet_rows
+        if int(truth[row]) in imagenet_set:
+            exclude = exclude[exclude != truth[row]]
+        zero_excludes.append(exclude)
+
+    exact = [{int(t)} for t in truth]
+    results: dict[str, dict[str, dict[int, float]]] = {}
+    rankings: dict[str, dict[str, np.ndarray]] = {}
+    for method in METHODS:
+        _, flat = index.search(queries[method], kmax)
+        zero = _search_each(index, zero_queries[method], kmax, zero_excludes)
+        rankings[method] = {"flat": flat, "zero_shot": zero}
+        results[method] = {
+            "flat": hits_at_k(flat, exact, ks),
+            "zero_shot": hits_at_k(zero, exact, ks),
+            "hierarchical": hits_at_k(flat, neighbourhoods, ks),
+            "zero_shot_hierarchical": hits_at_k(zero, neighbourhoods, ks),
+        }
+    classifier_ranked = space.imagenet_rows[np.argsort(-probs, axis=1, kind="stable")[:, :kmax]]
+    reference = {"flat": hits_at_k(classifier_ranked, exact, ks),
+                 "hierarchical": hits_at_k(classifier_ranked, neighbourhoods, ks)}
+
+    scores = {m: mean_score(results[m]) for m in METHODS}
+    better = max(METHODS, key=lambda m: scores[m])
+
+    def names(ids: Iterable[int], n: int = 5) -> list[str]:
+        return [f"{vocab.synsets[int(i)].names[0]} ({vocab.synsets[int(i)].wnid})"
+                for i in list(ids)[:n] if int(i) >= 0]
+
+    per_image = []
+    for row, path in enumerate(evalset.files):
+        per_image.append({
+            "file": path.name, "wnid": evalset.wnids[row], "lemma": evalset.lemmas[row],
+            "masked_imagenet_classes": len(masks[row]),
+            "classifier_top3": names(classifier_ranked[row], 3),
+            **{f"{m}_{v}": names(rankings[m][v][row]) for m in METHODS
+               for v in ("flat", "zero_shot")},
+        })
+    from training.evalsets.build_photos import labels_digest
+
+    return {
+        "eval_set": {"path": _display(evalset.folder), "photos": len(evalset.files),
+                     "labels_sha256": labels_digest(evalset.folder / LABELS_FILE),
+                     "imagenet_labelled": int(sum(int(t) in imagenet_set for t in truth))},
+        "model": {"path": _display(model_dir), "name": config.get("name"),
+                  "version": config.get("version"), "space": config.get("space"),
+                  "noun_vectors": space.path.name},
+        "candidates": len(vocab), "top_t": top_t, "k": list(ks), "hops": hops,
+        "backend": backend,
+        "results": {m: {v: {str(k): r for k, r in results[m][v].items()} for v in VARIANTS}
+                    for m in METHODS},
+        "reference_classifier": {v: {str(k): r for k, r in reference[v].items()}
+                                 for v in reference},
+        "mean_hit": scores, "better": better,
+        "protocol": {
+            "flat": "all 82,115 synsets are candidates; exact synset",
+            "zero_shot": "ImageNet-1k classes in the label's hyponym closure zeroed in the "
+                         "classifier's probabilities before ConSE's top-T; candidates for "
+                         "both methods exclude the 1000 ImageNet synsets (the label itself "
+                         "stays a candidate); DeViSE's map is unchanged",
+            "hierarchical": f"flat candidates; a hit is any synset within {hops} "
+                            "hypernym/hyponym hops of the label",
+        },
+        "per_image": per_image,
+    }
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def markdown_table(report: Mapping[str, Any]) -> str:
+    """The hit@k table (methods x variants), with the classifier reference rows."""
+    ks = report["k"]
+    header = "| method | variant | " + " | ".join(f"hit@{k}" for k in ks) + " |"
+    lines = [header, "|" + "---|" * (len(ks) + 2)]
+    for method in METHODS:
+        for variant in VARIANTS:
+            row = report["results"][method][variant]
+            lines.append(f"| {method} | {variant.replace('_', '-')} | "
+                         + " | ".join(f"{row[str(k)]:.2f}" for k in ks) + " |")
+    for variant, row in report["reference_classifier"].items():
+        lines.append(f"| classifier (1k only) | {variant} | "
+                     + " | ".join(f"{row[str(k)]:.2f}" for k in ks) + " |")
+    return "\n".join(lines)
+
+
+def command(args: argparse.Namespace) -> int:
+    """``percept eval devise``."""
+    from training.assets import AssetMissingError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    started = time.perf_counter()
+    try:
+        report = evaluate(Path(args.model), Path(args.photos), top_t=args.top_t, ks=args.k,
+                          hops=args.hops, backend=args.backend,
+                          cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                          device=device)
+    except (EvalSetError, AssetMissingError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    report["wall_seconds"] = round(time.perf_counter() - started, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.show:
+        for item in report["per_image"]:
+            print(f"{item['file']:32s} {item['lemma']:22s} devise: "
+                  f"{', '.join(n.split(' (')[0] for n in item['devise_flat'][:args.show])} | "
+                  f"conse: {', '.join(n.split(' (')[0] for n in item['conse_flat'][:args.show])}")
+    print()
+    print(f"{report['eval_set']['photos']} photos, {report['candidates']} candidate synsets, "
+          f"ConSE T={report['top_t']}, hierarchical = within {report['hops']} hops")
+    print()
+    print(markdown_table(report))
+    print()
+    scores = report["mean_hit"]
+    print(f"better: {report['better']} (mean hit@k over flat, zero-shot, hierarchical: "
+          + ", ".join(f"{m} {scores[m]:.3f}" for m in METHODS) + f"); report {out}")
+    if args.update_metrics:
+        update_metrics(Path(args.model), {"eval_photos": {
+            "eval_set": report["eval_set"], "top_t": report["top_t"],
+            "results": report["results"], "mean_hit": scores, "better": report["better"]}})
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Adds ``devise`` to the ``percept eval`` subparsers (see training.cli_devise)."""
+    from training.cli_devise import register_eval
+
+    return register_eval(subparsers)

@@ -1,0 +1,453 @@
+"""``percept eval style``: quality checks of fast style-transfer artifacts on held-out photos.
+
+For every ``models/style-*`` artifact and every held-out photo it measures:
+
+- **Style-loss ratio**: the Gram style loss (Gatys et al. 2016, eqs. 4-5; with the model's
+  own per-layer weights and style-image size from its config.json) of the stylised photo
+  against the style image, divided by that of the content photo itself. Below 1 means the
+  network moved the photo's feature statistics towards the style; a good model gets well
+  below 0.5.
+- **Content loss** at relu2_2 (the training layer) and relu3_3 (Johnson et al. 2016,
+  eq. 2) of the stylised photo against the photo, and as a ratio to the content loss of the
+  style image (resized to the photo) against the photo: the output must stay far closer to
+  the photo's content than the painting is.
+- **Nyquist ratio** (checkerboard check; Odena, Dumoulin & Olah 2016, "Deconvolution and
+  Checkerboard Artifacts"): the spectral power at the Nyquist frequency (the 2D FFT's
+  highest frequency along each axis) relative to its neighbouring frequencies, in the
+  output over the same in the photo (:func:`nyquist_ratio`). A transposed convolution's
+  uneven overlap paints a period-2 pattern, a spike at Nyquist; resize-convolution does
+  not. The plain share of power at Nyquist (:func:`nyquist_energy_ratio`) is reported too.
+  A freshly initialised network is measured as a baseline.
+
+It prints a table, writes ``metrics.json`` under ``--out`` (and, with
+``--update-metrics``, a ``heldout`` block into each artifact's metrics.json), and saves the
+README grid (``docs/images/style_grid.png``): held-out photos x every style, plus one
+column with the colour preserved (luminance-only transfer, Gatys et al. 2016b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from training.assets import REPO_ROOT
+
+#: Photos of the held-out split that scikit-image bundles (training.data.photos.HELDOUT),
+#: used when data/photos/heldout has not been assembled.
+SKIMAGE_HELDOUT = ("chelsea", "coffee")
+#: Preferred rows of the README grid (held-out photos), in order.
+GRID_PREFERENCE = ("skimage-chelsea", "plasma-EveningGlow", "mate-LadyBird", "plasma-Path",
+                   "mate-Dune", "skimage-coffee")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+# -- the checkerboard measure -------------------------------------------------------------
+def _luma(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 or float [0, 1] -> float64 BT.601 luma on [0, 1]."""
+    data = image.astype(np.float64)
+    if image.dtype == np.uint8:
+        data /= 255.0
+    return data @ np.array([0.299, 0.587, 0.114]) if data.ndim == 3 else data
+
+
+def _power_spectrum(image: np.ndarray) -> np.ndarray:
+    luma = _luma(image)
+    height, width = luma.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"the Nyquist measures need an even-sized image, got {height}x{width}")
+    return np.abs(np.fft.fft2(luma - luma.mean())) ** 2
+
+
+def _nyquist_lines(power: np.ndarray) -> float:
+    """Mean power on the Nyquist row and column (each counted once)."""
+    height, width = power.shape
+    total = power[height // 2, :].sum() + power[:, width // 2].sum() \
+        - power[height // 2, width // 2]
+    return float(total / (height + width - 1))
+
+
+def nyquist_energy(image: np.ndarray) -> float:
+    """Mean power of the luma's 2D FFT on the Nyquist row and column (the highest frequency
+    along each axis), as a multiple of the mean AC power of the whole spectrum."""
+    power = _power_spectrum(image)
+    mean_ac = power.sum() / max(1, power.size - 1)
+    return _nyquist_lines(power) / mean_ac if mean_ac > 0 else 0.0
+
+
+def nyquist_peak(image: np.ndarray, band: int | None = None) -> float:
+    """Mean FFT power on the Nyquist row and column over the mean power on the ``band``
+    rows and columns next to them (default: 1/32 of the shorter side, at least 2).
+
+    Photos and painted textures have a smooth spectrum there (about 1); a period-2
+    checkerboard (a transposed convolution's overlap pattern) is a spike exactly at
+    Nyquist (measured: >10 for a freshly initialised net with transposed convolutions).
+    Dividing by the neighbouring band, not by the total power, keeps a stylised image's
+    legitimately richer high frequencies from reading as a checkerboard.
+    """
+    power = _power_spectrum(image)
+    height, width = power.shape
+    band = band or max(2, min(height, width) // 32)
+    offsets = [d for d in range(-band, band + 1) if d]
+    rows = [(height // 2 + d) % height for d in offsets]
+    cols = [(width // 2 + d) % width for d in offsets]
+    neighbours = (power[rows, :].sum() + power[:, cols].sum()) / (len(rows) * width
+                                                                  + len(cols) * height)
+    return _nyquist_lines(power) / neighbours if neighbours > 0 else 0.0
+
+
+def nyquist_ratio(output: np.ndarray, content: np.ndarray) -> float:
+    """:func:`nyquist_peak` of ``output`` over that of ``content``: about 1 when the output
+    has no more of a Nyquist spike than the photo; a checkerboard makes it large."""
+    return float(nyquist_peak(output) / max(nyquist_peak(content), 1e-12))
+
+
+def nyquist_energy_ratio(output: np.ndarray, content: np.ndarray) -> float:
+    """:func:`nyquist_energy` of ``output`` over that of ``content`` (the share of power at
+    the Nyquist frequency; it also grows with legitimate fine texture)."""
+    return float(nyquist_energy(output) / max(nyquist_energy(content), 1e-12))
+
+
+# -- photos -------------------------------------------------------------------------------
+def resize_short_side(image: np.ndarray, size: int) -> np.ndarray:
+    """Resizes the shortest side to ``size`` (Lanczos) and centre-crops to even H and W."""
+    pil = Image.fromarray(image)
+    scale = size / min(pil.size)
+    if scale != 1:
+        pil = pil.resize((max(2, round(pil.width * scale)), max(2, round(pil.height * scale))),
+                         Image.Resampling.LANCZOS)
+    array = np.asarray(pil)
+    height, width = array.shape[0] // 2 * 2, array.shape[1] // 2 * 2
+    top, left = (array.shape[0] - height) // 2, (array.shape[1] - width) // 2
+    return np.ascontiguousarray(array[top:top + height, left:left + width])
+
+
+def centre_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Shortest side to ``size``, then the centre ``size`` x ``size`` square."""
+    resized = resize_short_side(image, size)
+    top, left = (resized.shape[0] - size) // 2, (resized.shape[1] - size) // 2
+    return np.ascontiguousarray(resized[top:top + size, left:left + size])
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        image.draft("RGB", (1024, 1024))
+        return np.array(image.convert("RGB"))
+
+
+def skimage_heldout_photos() -> list[tuple[str, np.ndarray]]:
+    """scikit-image's bundled held-out photos (chelsea, coffee)."""
+    from skimage import data
+
+    return [(f"skimage-{name}", np.asarray(getattr(data, name)())) for name in SKIMAGE_HELDOUT]
+
+
+def load_photos(paths: Sequence[str | Path]) -> list[tuple[str, np.ndarray]]:
+    """(name, RGB uint8) for every image file in ``paths`` (files or folders), sorted by
+    name; falls back to scikit-image's held-out photos when none is found."""
+    files: list[Path] = []
+    for entry in map(Path, paths):
+        if entry.is_dir():
+            files.extend(p for p in sorted(entry.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif entry.is_file():
+            files.append(entry)
+    if not files:
+        return skimage_heldout_photos()
+    return [(path.stem, _read_rgb(path)) for path in sorted(files, key=lambda p: p.stem)]
+
+
+def grid_order(names: Sequence[str]) -> list[int]:
+    """Indices of ``names`` in the grid's preferred order (others after, by name)."""
+    rank = {name: i for i, name in enumerate(GRID_PREFERENCE)}
+    return sorted(range(len(names)), key=lambda i: (rank.get(names[i], len(rank)), names[i]))
+
+
+# -- models -------------------------------------------------------------------------------
+@dataclass
+class StyleModel:
+    """A loaded fast style artifact."""
+
+    path: Path
+    name: str
+    style_name: str
+    title: str
+    module: nn.Module
+    config: dict[str, Any]
+
+    @property
+    def style_layers(self) -> dict[str, float]:
+        from training.cli_style import DEFAULT_STYLE_LAYER_WEIGHTS
+
+        loss = self.config.get("loss", {})
+        return dict(loss.get("style_layers", DEFAULT_STYLE_LAYER_WEIGHTS))
+
+    @property
+    def style_size(self) -> int:
+        return int(self.config.get("loss", {}).get("style_size", 256))
+
+    def style_image(self) -> np.ndarray:
+        """The style image this model was trained on, at its training size."""
+        from training.train_style import load_style_image, resolve_style
+
+        try:
+            path = resolve_style(self.style_name).path
+        except ValueError:  # not a bundled style: the file recorded in provenance.json
+            provenance = json.loads((self.path / "provenance.json").read_text())
+            entries = [e for e in provenance["data"] if e.get("kind") == "style image"]
+            if not entries:
+                raise
+            path = Path(entries[0]["path"])
+            path = path if path.is_absolute() else REPO_ROOT / path
+        return load_style_image(path, self.style_size)
+
+
+def default_model_dirs(models_dir: Path = REPO_ROOT / "models") -> list[Path]:
+    """Every ``models/style-*`` folder with a config.json of task ``style``."""
+    found = []
+    for path in sorted(models_dir.glob("style-*")):
+        config = path / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("task") == "style":
+            found.append(path)
+    return found
+
+
+def load_style_model(path: Path, device: torch.device | str = "cpu") -> StyleModel:
+    from training.export import load_exported
+
+    module, config = load_exported(path, device)
+    style = config.get("style", {})
+    return StyleModel(path=path, name=config["name"],
+                      style_name=style.get("name", config["name"].removeprefix("style-")),
+                      title=style.get("title", config["name"]), module=module, config=config)
+
+
+def to_batch(image: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float in [0, 1]."""
+    return torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1)[None].float() / 255.0
+
+
+def to_image(batch: Tensor) -> np.ndarray:
+    """(1, 3, H, W) float in [0, 1] -> (H, W, 3) uint8."""
+    return batch[0].detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0) \
+        .cpu().numpy()
+
+
+def stylise_image(module: nn.Module, image: np.ndarray,
+                  device: torch.device | str = "cpu") -> np.ndarray:
+    with torch.no_grad():
+        return to_image(module(to_batch(image, device)))
+
+
+# -- the measures -------------------------------------------------------------------------
+class StyleMeasures:
+    """Style and content losses on VGG19 (the training network), one VGG for all models."""
+
+    CONTENT_LAYERS = ("relu2_2", "relu3_3")
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        from training.nets.vgg19 import load_vgg19
+
+        self.device = torch.device(device)
+        self.vgg = load_vgg19(self.device)
+        self._grams: dict[tuple[str, int], dict[str, Tensor]] = {}
+
+    def style_grams(self, key: str, style: np.ndarray, layers: Sequence[str]
+                    ) -> dict[str, Tensor]:
+        from training.perceptual.losses import gram_matrix
+
+        cache_key = (key, hash(tuple(layers)))
+        if cache_key not in self._grams:
+            with torch.no_grad():
+                features = self.vgg(to_batch(style, self.device), list(layers))
+            self._grams[cache_key] = {k: gram_matrix(v) for k, v in features.items()}
+        return self._grams[cache_key]
+
+    def style_loss(self, image: np.ndarray, grams: Mapping[str, Tensor],
+                   weights: Mapping[str, float]) -> float:
+        from training.perceptual.losses import style_loss
+
+        with torch.no_grad():
+            features = self.vgg(to_batch(image, self.device), list(grams))
+            return float(style_loss(features, grams, weights))
+
+    def content_losses(self, image: np.ndarray, content: np.ndarray) -> dict[str, float]:
+        from training.perceptual.losses import content_loss
+
+        with torch.no_grad():
+            a = self.vgg(to_batch(image, self.device), self.CONTENT_LAYERS)
+            b = self.vgg(to_batch(content, self.device), self.CONTENT_LAYERS)
+        return {layer: float(content_loss(a[layer], b[layer])) for layer in self.CONTENT_LAYERS}
+
+
+def measure(model: StyleModel, photo: np.ndarray, measures: StyleMeasures,
+            style: np.ndarray, output: np.ndarray | None = None) -> dict[str, float]:
+    """Every measure of ``model`` on one photo (see the module docstring)."""
+    if output is None:
+        output = stylise_image(model.module, photo, measures.device)
+    weights = {k: v for k, v in model.style_layers.items() if v > 0}
+    grams = measures.style_grams(model.name, style, list(weights))
+    style_output = measures.style_loss(output, grams, weights)
+    style_photo = measures.style_loss(photo, grams, weights)
+    content_output = measures.content_losses(output, photo)
+    painting = np.asarray(Image.fromarray(style).resize((photo.shape[1], photo.shape[0]),
+                                                        Image.Resampling.BICUBIC))
+    content_painting = measures.content_losses(painting, photo)
+    result = {
+        "style_loss_output": style_output,
+        "style_loss_photo": style_photo,
+        "style_loss_ratio": style_output / max(style_photo, 1e-12),
+        "nyquist_ratio": nyquist_ratio(output, photo),
+        "nyquist_energy_ratio": nyquist_energy_ratio(output, photo),
+    }
+    for layer in StyleMeasures.CONTENT_LAYERS:
+        result[f"content_{layer}_output"] = content_output[layer]
+        result[f"content_{layer}_style_image"] = content_painting[layer]
+        result[f"content_{layer}_ratio"] = content_output[layer] / max(content_painting[layer],
+                                                                        1e-12)
+    return result
+
+
+def summarise(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Mean of every measure over photos, and the worst (max) of the ratios."""
+    keys = rows[0].keys()
+    summary = {f"mean_{k}": float(np.mean([r[k] for r in rows])) for k in keys}
+    for key in ("style_loss_ratio", "nyquist_ratio", "content_relu2_2_ratio",
+                "content_relu3_3_ratio"):
+        summary[f"max_{key}"] = float(np.max([r[key] for r in rows]))
+    return summary
+
+
+def fresh_nyquist(width: int, photos: Sequence[np.ndarray], seed: int = 0) -> list[float]:
+    """Nyquist ratios of a freshly initialised (untrained) transformer on ``photos``."""
+    from training import nets
+
+    torch.manual_seed(seed)
+    module = nets.build({"type": "johnson-transformer", "width": width}).eval()
+    return [nyquist_ratio(stylise_image(module, photo), photo) for photo in photos]
+
+
+# -- the grid -----------------------------------------------------------------------------
+def style_grid(models: Sequence[StyleModel], photos: Sequence[tuple[str, np.ndarray]],
+               cell: int, rows: int, device: torch.device | str = "cpu") -> Image.Image:
+    """README grid: a header row of style images, then one row per photo with the photo,
+    each style, and the first style with the colour preserved."""
+    from training.perceptual.colour import preserve_colour
+    from training.plots import image_grid
+
+    order = grid_order([name for name, _ in photos])[:rows]
+    blank = np.full((cell, cell, 3), 255, np.uint8)
+    header = [blank] + [centre_square(m.style_image(), cell) for m in models]
+    if models:
+        header.append(header[1])
+    grid_rows = [header]
+    for index in order:
+        photo = centre_square(photos[index][1], cell)
+        row = [photo]
+        stylised = [stylise_image(m.module, photo, device) for m in models]
+        row.extend(stylised)
+        if models:
+            kept = preserve_colour(to_batch(stylised[0]), to_batch(photo))
+            row.append(to_image(kept))
+        grid_rows.append(row)
+    labels = ["photo / style"] + [m.style_name for m in models]
+    if models:
+        labels.append(f"{models[0].style_name}, colour kept")
+    return image_grid(grid_rows, labels=labels)
+
+
+# -- the command --------------------------------------------------------------------------
+def _format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    header = (f"{'model':<24} {'style ratio':>11} {'content r2_2':>13} {'c/painting':>10} "
+              f"{'c3_3/painting':>13} {'nyquist':>8} {'nyq max':>8}")
+    lines = [header, "-" * len(header)]
+    for name, entry in results.items():
+        s = entry["summary"]
+        lines.append(f"{name:<24} {s['mean_style_loss_ratio']:>11.3f} "
+                     f"{s['mean_content_relu2_2_output']:>13.4g} "
+                     f"{s['mean_content_relu2_2_ratio']:>10.3f} "
+                     f"{s['mean_content_relu3_3_ratio']:>13.3f} "
+                     f"{s['mean_nyquist_ratio']:>8.3f} {s['max_nyquist_ratio']:>8.3f}")
+    return "\n".join(lines)
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from training.train_superres import choose_device
+
+    device = choose_device(args.device)
+    model_dirs = [Path(p) for p in args.models] if args.models else default_model_dirs()
+    if not model_dirs:
+        raise FileNotFoundError("no style artifacts found (models/style-*); train one with "
+                                "`percept train style --style NAME`")
+    models = [load_style_model(path, device) for path in model_dirs]
+    raw_photos = load_photos(args.photos)
+    photos = [(name, resize_short_side(image, args.size)) for name, image in raw_photos]
+    measures = StyleMeasures(device)
+    results: dict[str, Any] = {}
+    names = [m.name for m in models]
+    for model in models:
+        key = model.name if names.count(model.name) == 1 else str(model.path)
+        style = model.style_image()
+        per_photo = {name: measure(model, photo, measures, style) for name, photo in photos}
+        results[key] = {"style": model.style_name, "path": str(model.path),
+                        "per_photo": per_photo,
+                               "summary": summarise(list(per_photo.values()))}
+    width = int(models[0].config["architecture"].get("width", 32))
+    fresh = fresh_nyquist(width, [p for _, p in photos])
+    report: dict[str, Any] = {
+        "photos": [name for name, _ in photos], "size": args.size, "device": str(device),
+        "models": results,
+        "fresh_init_nyquist_ratio": {"width": width, "mean": float(np.mean(fresh)),
+                                     "max": float(np.max(fresh))},
+    }
+    print(_format_table(results), flush=True)
+    print(f"freshly initialised johnson-transformer (width {width}): Nyquist ratio mean "
+          f"{np.mean(fresh):.3f}, max {np.max(fresh):.3f}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"[eval] wrote {out / 'metrics.json'}", flush=True)
+    if args.grid:
+        grid = style_grid(models, raw_photos, args.grid_cell, args.grid_photos, device)
+        grid_path = Path(args.grid)
+        grid_path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(grid_path, optimize=True)
+        print(f"[eval] wrote {grid_path} ({grid.width}x{grid.height}, "
+              f"{grid_path.stat().st_size / 1e3:.0f} kB)", flush=True)
+    if args.update_metrics:
+        from training.export import update_metrics
+
+        for model, entry in zip(models, results.values(), strict=True):
+            summary = entry["summary"]
+            update_metrics(model.path, {"heldout": {
+                "photos": report["photos"], "size": args.size,
+                **{k: round(v, 6) if abs(v) < 1e3 else float(f"{v:.6g}")
+                   for k, v in summary.items()}}})
+    return report
+
+
+def command(args: argparse.Namespace) -> int:
+    """``percept eval style``."""
+    from training.assets import AssetMissingError
+
+    try:
+        evaluate(args)
+    except (AssetMissingError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Adds ``style`` to the ``percept eval`` subparsers (see training.cli_style)."""
+    from training.cli_style import register_eval
+
+    return register_eval(subparsers)

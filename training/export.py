@@ -1,0 +1,145 @@
+"""Writing (and, for trainers and evaluation, reading) versioned model artifacts.
+
+The format is docs/architecture.md, "Model artifacts": ``models/<name>/`` holds
+
+- ``config.json``: ``{"name", "version", "task", "architecture": {"type", ...kwargs},
+  "weights": "weights.safetensors", "weights_dtype": "float16", ...task fields}``;
+- ``weights.safetensors``: the state_dict in fp16;
+- ``metrics.json``: what the run measured, including its size and device;
+- ``provenance.json``: ``{"data": [{"path", "sha256"}...], "command", "git_sha", "created",
+  "device", "torch"}``.
+
+Services load artifacts with ``services.common.artifacts.load_artifact``; this module is
+trainer code and is never imported by them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from training import nets
+from training.assets import REPO_ROOT, sha256_of
+
+WEIGHTS = "weights.safetensors"
+
+
+def git_sha(repo: Path = REPO_ROOT) -> str:
+    """``git rev-parse HEAD``, or ``"uncommitted"`` when there is no commit (or no git)."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                                text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "uncommitted"
+    sha = result.stdout.strip()
+    return sha if result.returncode == 0 and len(sha) == 40 else "uncommitted"
+
+
+def command_line(argv: Iterable[str] | None = None) -> str:
+    """The exact command that is running, shell-quoted."""
+    parts = list(sys.argv if argv is None else argv)
+    if parts and Path(parts[0]).name == "percept":
+        parts[0] = "percept"
+    elif parts and parts[0].endswith(".py"):  # ``python -m package.module`` sets argv[0]
+        try:
+            module = Path(parts[0]).resolve().relative_to(REPO_ROOT).with_suffix("")
+            parts[0:1] = ["python", "-m", ".".join(module.parts).removesuffix(".__main__")]
+        except ValueError:
+            parts.insert(0, "python")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def data_entry(path: Path, **extra: Any) -> dict[str, Any]:
+    """``{"path", "sha256", ...}`` for provenance, with the path relative to the repo."""
+    resolved = path.resolve()
+    try:
+        shown = str(resolved.relative_to(REPO_ROOT))
+    except ValueError:
+        shown = str(resolved)
+    return {"path": shown, "sha256": sha256_of(resolved), **extra}
+
+
+def fp16_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state_dict with floating tensors in fp16, contiguous, on the CPU."""
+    state = {}
+    for key, value in module.state_dict().items():
+        tensor = value.detach().to("cpu")
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float16)
+        state[key] = tensor.contiguous()
+    return state
+
+
+def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    partial.replace(path)
+
+
+def export_artifact(out_dir: Path, *, name: str, task: str, architecture: Mapping[str, Any],
+                    module: nn.Module, metrics: Mapping[str, Any],
+                    data: Iterable[Mapping[str, Any]], command: str, device: str,
+                    version: int = 1, config_extra: Mapping[str, Any] | None = None,
+                    ) -> Path:
+    """Writes config.json, weights.safetensors (fp16), metrics.json and provenance.json.
+
+    The weights are checked to load back strictly into ``nets.build(architecture)``
+    before anything is written, so a broken artifact never lands on disk.
+    """
+    if "type" not in architecture:
+        raise ValueError("architecture needs a 'type' (a training.nets registered name)")
+    state = fp16_state_dict(module)
+    probe = nets.build(architecture)
+    probe.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights_path = out_dir / WEIGHTS
+    partial = weights_path.with_suffix(".partial")
+    save_file(state, str(partial), metadata={"name": name, "task": task,
+                                             "architecture": json.dumps(dict(architecture))})
+    partial.replace(weights_path)
+    weights_path.chmod(0o644)  # safetensors writes 0600; services may run as another user
+    config: dict[str, Any] = {
+        "name": name, "version": int(version), "task": task,
+        "architecture": dict(architecture), "weights": WEIGHTS, "weights_dtype": "float16",
+        **(config_extra or {}),
+    }
+    _write_json(out_dir / "config.json", config)
+    sized_metrics = {**metrics, "weights_bytes": weights_path.stat().st_size,
+                     "parameters": sum(int(v.numel()) for v in state.values()),
+                     "device": metrics.get("device", device)}
+    _write_json(out_dir / "metrics.json", sized_metrics)
+    _write_json(out_dir / "provenance.json", {
+        "data": list(data), "command": command, "git_sha": git_sha(),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device": device, "torch": torch.__version__,
+    })
+    return out_dir
+
+
+def load_exported(path: Path, device: str | torch.device = "cpu",
+                  ) -> tuple[nn.Module, dict[str, Any]]:
+    """Builds an exported artifact's module (fp32, eval mode) and returns it with its config."""
+    config: dict[str, Any] = json.loads((path / "config.json").read_text())
+    module = nets.build(config["architecture"])
+    state = load_file(str(path / config.get("weights", WEIGHTS)), device="cpu")
+    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return module.eval().requires_grad_(False).to(device), config
+
+
+def update_metrics(path: Path, updates: Mapping[str, Any]) -> None:
+    """Merges ``updates`` into an artifact's metrics.json (used by evaluation)."""
+    metrics_path = path / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics.update(updates)
+    _write_json(metrics_path, metrics)

@@ -1,0 +1,157 @@
+"""The image-transformation network for fast style transfer.
+
+Johnson, Alahi & Fei-Fei 2016, "Perceptual Losses for Real-Time Style Transfer and
+Super-Resolution" (ECCV), sec. 3.1 and the supplementary material (table 1): a 9x9
+stride-1 convolution, two stride-2 3x3 convolutions, five residual blocks at 1/4
+resolution, two x2 upsampling stages and a 9x9 output convolution with a scaled tanh.
+
+With the fixes learned since the paper:
+
+- Reflection padding on every convolution (instead of zero padding, or the paper's
+  unpadded convolutions with cropped residual shortcuts), which avoids dark borders.
+- Instance normalisation (Ulyanov, Vedaldi & Lempitsky 2016, "Instance Normalization: The
+  Missing Ingredient for Fast Stylization") instead of batch normalisation, with learned
+  affine parameters.
+- Residual blocks conv-IN-ReLU-conv-IN followed by the add, with **no activation after
+  the add** (Gross & Wilber 2016, "Training and investigating Residual Nets"; the
+  supplementary material of Johnson et al. shows the same block).
+- Upsampling by nearest-neighbour x2 followed by a stride-1 convolution
+  ("resize-convolution"; Odena, Dumoulin & Olah 2016, "Deconvolution and Checkerboard
+  Artifacts", Distill) instead of a stride-1/2 transposed convolution, whose uneven
+  kernel overlap paints checkerboard patterns.
+
+Input and output: RGB in [0, 1], shape (N, 3, H, W), any H and W >= 1. Sizes that are not
+a multiple of 4 (or smaller than 8) are padded reflectively and the output is cropped
+back, so the output always has the input's size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from training.nets import register
+
+#: The two stride-2 stages downsample by this factor; inputs are padded to a multiple.
+DOWNSAMPLE = 4
+#: Smallest padded side: the 1/4-resolution map must be at least 2 px for reflection pads.
+MIN_PADDED_SIDE = 8
+
+
+class ConvLayer(nn.Module):
+    """Reflection padding + convolution (no zero padding anywhere in the network)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
+                 stride: int = 1) -> None:
+        super().__init__()
+        self.pad = nn.ReflectionPad2d(kernel_size // 2)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(self.pad(x))
+
+
+class ConvNormReLU(nn.Sequential):
+    """ConvLayer -> InstanceNorm (affine) -> ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
+                 stride: int = 1) -> None:
+        super().__init__(
+            ConvLayer(in_channels, out_channels, kernel_size, stride),
+            nn.InstanceNorm2d(out_channels, affine=True),
+            nn.ReLU(inplace=True),
+        )
+
+
+class ResidualBlock(nn.Module):
+    """``x + IN(conv(ReLU(IN(conv(x)))))``: two 3x3 convolutions and nothing after the add
+    (Johnson et al. 2016 supplementary, fig. 1; Gross & Wilber 2016)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            ConvLayer(channels, channels, 3),
+            nn.InstanceNorm2d(channels, affine=True),
+            nn.ReLU(inplace=True),
+            ConvLayer(channels, channels, 3),
+            nn.InstanceNorm2d(channels, affine=True),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class ResizeConv(nn.Module):
+    """Nearest-neighbour x``scale`` upsampling, then a stride-1 ConvLayer -> IN -> ReLU
+    (resize-convolution; Odena et al. 2016). Every output pixel sees the same number of
+    kernel taps, so there is no checkerboard."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 scale: int = 2) -> None:
+        super().__init__()
+        self.scale = scale
+        self.block = ConvNormReLU(in_channels, out_channels, kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(F.interpolate(x, scale_factor=self.scale, mode="nearest"))
+
+
+def _pad_amounts(size: int) -> tuple[int, int]:
+    """(before, after) padding that takes ``size`` to a multiple of 4 and at least 8."""
+    target = max(MIN_PADDED_SIDE, -(-size // DOWNSAMPLE) * DOWNSAMPLE)
+    extra = target - size
+    return extra // 2, extra - extra // 2
+
+
+class TransformerNet(nn.Module):
+    """Johnson et al. 2016's image-transformation network (see the module docstring).
+
+    ``width`` is the channel count of the full-resolution layers (32 in the paper); the
+    1/2- and 1/4-resolution layers have 2x and 4x as many. ``blocks`` residual blocks (5 in
+    the paper) run at 1/4 resolution.
+    """
+
+    def __init__(self, width: int = 32, blocks: int = 5) -> None:
+        super().__init__()
+        if width < 1 or blocks < 0:
+            raise ValueError(f"width must be >= 1 and blocks >= 0, got {width}, {blocks}")
+        self.width = width
+        self.blocks = blocks
+        self.encoder = nn.Sequential(
+            ConvNormReLU(3, width, 9),
+            ConvNormReLU(width, 2 * width, 3, stride=2),
+            ConvNormReLU(2 * width, 4 * width, 3, stride=2),
+        )
+        self.residuals = nn.Sequential(*(ResidualBlock(4 * width) for _ in range(blocks)))
+        self.decoder = nn.Sequential(
+            ResizeConv(4 * width, 2 * width),
+            ResizeConv(2 * width, width),
+        )
+        self.output = ConvLayer(width, 3, 9)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, 3, H, W) RGB in [0, 1] -> stylised (N, 3, H, W) RGB in [0, 1]."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected an (N, 3, H, W) RGB batch, got shape {tuple(x.shape)}")
+        height, width = x.shape[-2:]
+        top, bottom = _pad_amounts(height)
+        left, right = _pad_amounts(width)
+        padded = top or bottom or left or right
+        if padded:
+            # Reflection needs the pad to be smaller than the side; tiny inputs replicate.
+            mode = "reflect" if max(top, bottom) < height and max(left, right) < width \
+                else "replicate"
+            x = F.pad(x, (left, right, top, bottom), mode=mode)
+        y = self.output(self.decoder(self.residuals(self.encoder(x))))
+        # Scaled tanh (Johnson et al. 2016, sec. 3.1), mapped to the [0, 1] pixel range.
+        y = 0.5 * (torch.tanh(y) + 1.0)
+        if padded:
+            y = y[..., top:top + height, left:left + width]
+        return y
+
+
+@register("johnson-transformer")
+def johnson_transformer(width: int = 32, blocks: int = 5) -> TransformerNet:
+    """``{"type": "johnson-transformer", "width": 32, "blocks": 5}``."""
+    return TransformerNet(width=width, blocks=blocks)

@@ -1,0 +1,85 @@
+"""Training pictures: loss curves (matplotlib, Agg backend) and labelled image grids (PIL)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def _smooth(values: Sequence[float], window: int) -> np.ndarray:
+    data = np.asarray(values, dtype=np.float64)
+    if window <= 1 or len(data) < window:
+        return data
+    kernel = np.ones(window) / window
+    head = np.cumsum(data[: window - 1]) / np.arange(1, window)
+    return np.concatenate([head, np.convolve(data, kernel, mode="valid")])
+
+
+def save_loss_plot(history: Mapping[str, Sequence[float]], path: Path,
+                   steps: Sequence[int] | None = None, title: str = "training loss",
+                   smoothing: int = 25) -> Path:
+    """One log-scale curve per loss term (moving average over ``smoothing`` steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    try:
+        for label, values in history.items():
+            if not len(values):
+                continue
+            xs = np.asarray(steps if steps is not None else range(1, len(values) + 1))
+            ys = _smooth(values, smoothing)
+            if np.all(ys > 0):
+                axis.semilogy(xs[: len(ys)], ys, label=label, linewidth=1.2)
+            else:
+                axis.plot(xs[: len(ys)], ys, label=label, linewidth=1.2)
+        axis.set_xlabel("step")
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(loc="upper right", fontsize=8)
+        figure.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+    finally:
+        plt.close(figure)
+    return path
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float in [0, 1] or uint8 -> uint8."""
+    if image.dtype == np.uint8:
+        return image
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def image_grid(rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str] | None = None,
+               gap: int = 4, label_height: int = 16) -> Image.Image:
+    """Tiles (H, W, 3) images row by row (each cell the size of the largest image) with
+    optional column labels on top."""
+    cell_h = max(img.shape[0] for row in rows for img in row)
+    cell_w = max(img.shape[1] for row in rows for img in row)
+    columns = max(len(row) for row in rows)
+    top = label_height if labels else 0
+    canvas = Image.new("RGB", (columns * cell_w + (columns - 1) * gap,
+                               top + len(rows) * cell_h + (len(rows) - 1) * gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    if labels:
+        for column, label in enumerate(labels):
+            draw.text((column * (cell_w + gap) + 3, 2), label, fill="black")
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            canvas.paste(Image.fromarray(to_uint8(img)), (c * (cell_w + gap),
+                                                          top + r * (cell_h + gap)))
+    return canvas
+
+
+def save_image_grid(rows: Sequence[Sequence[np.ndarray]], path: Path,
+                    labels: Sequence[str] | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(rows, labels).save(path, optimize=True)
+    return path

@@ -1,0 +1,542 @@
+"""``percept train devise``: trains DeViSE's linear map from image features into word space.
+
+Frome et al. 2013, "DeViSE: A Deep Visual-Semantic Embedding Model" (NIPS), sec. 3.3: the
+softmax layer of a pretrained ImageNet CNN is replaced by a linear map M
+(:class:`training.nets.devise.DeViSEMap`) from its penultimate features v(x) into the word
+space, trained with the hinge rank loss (eq. 1)
+
+    loss(x, label) = sum_{j != label} max(0, margin - t_label . M v(x) + t_j . M v(x))
+
+where t are the unit label vectors and M v(x) is unit-normalised here, so the dot products
+are cosine similarities. As in the paper, the sum runs over a random sample of wrong labels
+(``--negatives``, drawn from the 1000 ImageNet class vectors or from all 82,115 nouns). The
+backbone (EfficientNet-Lite0) stays frozen, so its features are computed once and cached
+(:mod:`training.devise_features`), and training is a few hundred Adam steps on a 1280x384
+matrix.
+
+Two kinds of labels:
+
+- ``--images DIR``: an ImageFolder tree whose subfolders are wnids (``n02084071``) or noun
+  lemmas (``golden_retriever``), resolved through the WordNet vocabulary
+  (:func:`parse_image_folder`); the label's noun vector is the target.
+- default: the training photos (``data/photos/train``; never the held-out ones, never the
+  evaluation photos), cut into random crops, with the backbone's own 1000-way classifier as
+  the teacher. Each crop's target is the word vector of the classifier's **top-1** class.
+  Why top-1 and not the probability-weighted mean of the top-k: the hinge rank loss ranks
+  one correct label above wrong ones (a label vector that is a mixture is not any label and
+  cannot be "ranked"), and the probability-weighted mean of the top-k label vectors *is*
+  ConSE's embedding, so training on it would only distil ConSE into a linear map instead of
+  giving the DeViSE method the paper describes, its own results to compare against ConSE.
+
+With 23 photos the teacher names only a few dozen classes, so a map learnt from scratch
+sees a tiny part of the label space. ``--init classifier`` (the default) therefore starts M
+at the classifier's own linear read-out into word space, M0 v = sum_c (l_c(v) - mean_c l(v))
+t_c with l = W_fc v + b_fc (the logit-weighted sum of the 1000 class vectors; centring the
+logits removes the component shared by every class), and the hinge rank loss then adjusts
+it; ``--init random`` is the paper's setting. ``--weight-decay`` pulls M back towards M0.
+
+Outputs: ``models/NAME/`` (:func:`training.export.export_artifact`: fp16 weights,
+config.json with ``"task": "devise"``, the word space, the backbone and the noun-vector
+recipe, metrics.json, provenance.json) and ``runs/NAME/`` (loss.png, history.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from training.assets import REPO_ROOT, efficientnet_lite0_weights_path
+from training.data.images import is_image_file
+from training.devise_features import BACKBONE_NAME, FeatureCache, compute_features
+from training.export import command_line, data_entry, export_artifact
+from training.nets.devise import DeViSEMap
+from training.nets.efficientnet_lite import HEAD_CHANNELS, load_efficientnet_lite0
+
+if TYPE_CHECKING:  # the services import stays lazy at run time
+    from services.embed.wordnet import NounVocabulary
+
+TASK = "devise"
+ARCHITECTURE_TYPE = "devise-linear"
+_WNID = re.compile(r"^n\d{8}$")
+
+
+class ImageFolderError(ValueError):
+    """An ImageFolder tree that cannot be used; the message says why (e.g. which names are
+    not WordNet nouns)."""
+
+
+# -- labels ---------------------------------------------------------------------------------
+def lemma_lookup(vocab: NounVocabulary) -> dict[str, list[int]]:
+    """Case-folded lemma (underscores for spaces) -> the synsets it names, in file order."""
+    lookup: dict[str, list[int]] = {}
+    for index, synset in enumerate(vocab.synsets):
+        for lemma in synset.lemmas:
+            rows = lookup.setdefault(lemma.lower(), [])
+            if not rows or rows[-1] != index:
+                rows.append(index)
+    return lookup
+
+
+def resolve_class_name(name: str, vocab: NounVocabulary, lookup: dict[str, list[int]],
+                       preferred: Iterable[str] = ()) -> tuple[str, list[str]] | None:
+    """The wnid an ImageFolder class folder names, and the other senses it could mean.
+
+    ``n02084071`` must be a noun synset of the vocabulary. A lemma (``golden_retriever``,
+    ``Golden Retriever``; case-insensitive, spaces or dashes as underscores) picks among its
+    senses, in order: one of ``preferred`` (the ImageNet classes), a synset whose first
+    lemma it is (its head word), then the first in WordNet's file order. None: unknown.
+    """
+    if _WNID.match(name):
+        return (name, []) if name in vocab else None
+    key = re.sub(r"[\s]+", "_", name.strip()).lower()
+    rows = lookup.get(key) or lookup.get(key.replace("-", "_"))
+    if not rows:
+        return None
+    wnids = [vocab.synsets[r].wnid for r in rows]
+    chosen_set = set(preferred)
+    chosen = next((w for w in wnids if w in chosen_set), None)
+    if chosen is None:
+        chosen = next((vocab.synsets[r].wnid for r in rows
+                       if vocab.synsets[r].lemmas[0].lower() == key), wnids[0])
+    return chosen, [w for w in wnids if w != chosen]
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """An ImageFolder tree: every image with the wnid of its class folder."""
+
+    root: Path
+    paths: list[Path]
+    wnids: list[str]
+    classes: dict[str, str]  # folder name -> wnid
+    ambiguous: dict[str, list[str]]  # folder name -> the other senses of its lemma
+
+
+def parse_image_folder(root: Path, vocab: NounVocabulary,
+                       preferred: Iterable[str] = ()) -> LabelledImages:
+    """Reads ``root/<class>/**/<image>``; ``<class>`` is a wnid or a noun lemma.
+
+    Raises :class:`ImageFolderError` listing every folder name that is not a WordNet noun,
+    and when there are no class folders or no images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ImageFolderError(f"--images {root}: not a directory")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ImageFolderError(f"--images {root}: no class subfolders (expected "
+                               "ROOT/<wnid or lemma>/<images>)")
+    lookup = lemma_lookup(vocab)
+    preferred = list(preferred)
+    classes: dict[str, str] = {}
+    ambiguous: dict[str, list[str]] = {}
+    unknown: list[str] = []
+    for folder in folders:
+        resolved = resolve_class_name(folder.name, vocab, lookup, preferred)
+        if resolved is None:
+            unknown.append(folder.name)
+            continue
+        classes[folder.name], others = resolved
+        if others:
+            ambiguous[folder.name] = others
+    if unknown:
+        raise ImageFolderError(
+            f"--images {root}: {len(unknown)} class folder(s) are not WordNet 3.0 nouns "
+            f"(neither a noun wnid like n02084071 nor a noun lemma like golden_retriever): "
+            + ", ".join(unknown))
+    paths: list[Path] = []
+    wnids: list[str] = []
+    for folder in folders:
+        files = sorted(p for p in folder.rglob("*") if is_image_file(p))
+        paths.extend(files)
+        wnids.extend([classes[folder.name]] * len(files))
+    if not paths:
+        raise ImageFolderError(f"--images {root}: the class folders hold no images")
+    return LabelledImages(root, paths, wnids, classes, ambiguous)
+
+
+# -- word space -----------------------------------------------------------------------------
+@dataclass
+class WordSpace:
+    """Unit noun vectors for every synset (row i = synset i) and where they came from."""
+
+    vocab: NounVocabulary
+    vectors: np.ndarray  # (82115, 384) float32, unit rows
+    imagenet_rows: np.ndarray  # (1000,) int64, vocabulary rows in classifier output order
+    recipe: str
+    recipe_version: int
+    encoder_name: str
+    encoder_version: str
+    path: Path
+
+    def describe(self) -> dict[str, Any]:
+        """The ``"noun_vectors"`` block of config.json."""
+        return {"recipe": self.recipe, "recipe_version": self.recipe_version,
+                "encoder": self.encoder_name, "encoder_version": self.encoder_version,
+                "dimension": int(self.vectors.shape[1]), "synsets": int(self.vectors.shape[0]),
+                "wordnet_data_noun_sha256": self.vocab.sha256, "cache_file": self.path.name}
+
+    def files(self) -> list[Path]:
+        """The cached KeyedVectors files (the pickle and its vectors array)."""
+        return sorted(p for p in self.path.parent.glob(self.path.name + "*") if p.is_file())
+
+
+def load_word_space(recipe: str | None = None, vectors_dir: Path | None = None,
+                    progress: bool = True) -> WordSpace:
+    """The WordNet vocabulary and its noun vectors (from the cache, or built once)."""
+    from services.embed import word_vectors
+    from services.embed.wordnet import imagenet_indices, load_vocabulary
+
+    vocab = load_vocabulary()
+    encoder = word_vectors.TextEncoder()
+    recipe_name = recipe or word_vectors.DEFAULT_RECIPE
+    the_recipe = word_vectors.recipe(recipe_name)
+    path = word_vectors.noun_vectors_path(vocab, encoder, recipe_name, vectors_dir)
+    matrix = word_vectors.load_or_build_noun_vectors(vocab, vectors_dir, encoder=encoder,
+                                                     recipe_name=recipe_name,
+                                                     progress=progress)
+    return WordSpace(vocab=vocab, vectors=np.ascontiguousarray(matrix, dtype=np.float32),
+                     imagenet_rows=imagenet_indices(vocab), recipe=recipe_name,
+                     recipe_version=the_recipe.version, encoder_name=encoder.name,
+                     encoder_version=encoder.version, path=path)
+
+
+def teacher_targets(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(top-1 ImageNet class (N,) int64, its softmax probability (N,) float32)."""
+    logits64 = logits.astype(np.float64)
+    shifted = logits64 - logits64.max(axis=1, keepdims=True)
+    probs = np.exp(shifted)
+    probs /= probs.sum(axis=1, keepdims=True)
+    top = probs.argmax(axis=1)
+    return top.astype(np.int64), probs[np.arange(len(top)), top].astype(np.float32)
+
+
+# -- loss -----------------------------------------------------------------------------------
+def hinge_rank_loss(embedded: Tensor, positive: Tensor, negatives: Tensor, margin: float,
+                    mask: Tensor | None = None) -> Tensor:
+    """DeViSE's hinge rank loss (Frome et al. 2013, eq. 1), averaged over the batch:
+
+        mean_i sum_j max(0, margin - t_label(i) . e_i + t_j . e_i)
+
+    ``embedded`` e: (B, D) (the map's output); ``positive``: (B, D) label vectors;
+    ``negatives``: (B, K, D) wrong-label vectors; ``mask`` (B, K) bool drops negatives
+    (e.g. a sample that drew the true label).
+    """
+    if embedded.shape != positive.shape or negatives.dim() != 3 \
+            or negatives.shape[0] != embedded.shape[0] or negatives.shape[2] != embedded.shape[1]:
+        raise ValueError(f"shapes do not match: embedded {tuple(embedded.shape)}, positive "
+                         f"{tuple(positive.shape)}, negatives {tuple(negatives.shape)}")
+    positive_score = (embedded * positive).sum(dim=1, keepdim=True)  # (B, 1)
+    negative_score = torch.einsum("bd,bkd->bk", embedded, negatives)  # (B, K)
+    violation = F.relu(margin - positive_score + negative_score)
+    if mask is not None:
+        violation = violation * mask.to(violation.dtype)
+    return violation.sum(dim=1).mean()
+
+
+def sample_negatives(targets: Tensor, pool: Tensor, count: int,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """``count`` label rows per example drawn uniformly (with replacement) from ``pool``,
+    and a mask that is False where a draw hit the example's own label."""
+    picks = torch.randint(0, len(pool), (len(targets), count), generator=generator,
+                          device=pool.device)
+    rows = pool[picks]
+    return rows, rows != targets[:, None]
+
+
+# -- training -------------------------------------------------------------------------------
+def classifier_init(module: DeViSEMap, fc_weight: Tensor, fc_bias: Tensor,
+                    class_vectors: Tensor, features: Tensor | None = None) -> None:
+    """Sets M0 v = s * sum_c (l_c(v) - mean_c l(v)) t_c with l = W_fc v + b_fc, i.e.
+    weight = s T^T (W_fc - mean_c W_fc), bias = s T^T (b_fc - mean b_fc); ``s`` scales the
+    mean output norm over ``features`` to 1 (the output is normalised anyway; the scale
+    only sets how far an Adam step moves it)."""
+    weight = class_vectors.T @ (fc_weight - fc_weight.mean(dim=0, keepdim=True))
+    bias = class_vectors.T @ (fc_bias - fc_bias.mean())
+    scale = 1.0
+    if features is not None and len(features):
+        scale = 1.0 / float((features @ weight.T + bias).norm(dim=1).mean().clamp_min(1e-12))
+    with torch.no_grad():
+        module.linear.weight.copy_(weight * scale)
+        if module.linear.bias is not None:
+            module.linear.bias.copy_(bias * scale)
+
+
+@dataclass
+class TrainSettings:
+    margin: float = 0.1
+    negatives: int = 64
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def train_map(module: DeViSEMap, features: Tensor, targets: Tensor, label_vectors: Tensor,
+              negative_pool: Tensor, settings: TrainSettings, progress: bool = True,
+              ) -> list[float]:
+    """Adam on the hinge rank loss; returns the loss of every step.
+
+    ``features`` (N, F); ``targets`` (N,) rows of ``label_vectors`` (L, D);
+    ``negative_pool`` the rows negatives are drawn from. Minibatches are drawn without
+    replacement within an epoch (reshuffled each epoch). ``weight_decay`` adds
+    ``wd * ||W - W0||^2`` (a pull towards the initial map).
+    """
+    if len(features) != len(targets) or len(features) == 0:
+        raise ValueError("features and targets must be non-empty and the same length")
+    generator = torch.Generator(device=features.device).manual_seed(settings.seed)
+    optimiser = torch.optim.Adam(module.parameters(), lr=settings.lr)
+    initial = [p.detach().clone() for p in module.parameters()]
+    history: list[float] = []
+    order = torch.randperm(len(features), generator=generator, device=features.device)
+    cursor = 0
+    batch = min(settings.batch_size, len(features))
+    module.train()
+    with tqdm(range(settings.steps), desc="devise", unit="step", disable=not progress) as bar:
+        for _ in bar:
+            if cursor + batch > len(order):
+                order = torch.randperm(len(features), generator=generator,
+                                       device=features.device)
+                cursor = 0
+            rows = order[cursor:cursor + batch]
+            cursor += batch
+            label_rows = targets[rows]
+            negative_rows, mask = sample_negatives(label_rows, negative_pool,
+                                                   settings.negatives, generator)
+            embedded = module(features[rows])
+            loss = hinge_rank_loss(embedded, label_vectors[label_rows],
+                                   label_vectors[negative_rows], settings.margin, mask)
+            total = loss
+            if settings.weight_decay > 0:
+                total = total + settings.weight_decay * sum(
+                    ((p - p0) ** 2).sum() for p, p0 in zip(module.parameters(), initial,
+                                                         strict=True))
+            optimiser.zero_grad(set_to_none=True)
+            total.backward()
+            optimiser.step()
+            history.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
+    module.eval()
+    return history
+
+
+@torch.no_grad()
+def teacher_agreement(module: DeViSEMap, features: Tensor, logits: np.ndarray,
+                      class_vectors: Tensor) -> dict[str, float]:
+    """How often the map's nearest ImageNet class vector is the classifier's top-1 class
+    (``top1``), and lies in the classifier's top-5 (``in_top5``)."""
+    if len(features) == 0:
+        return {"top1": float("nan"), "in_top5": float("nan")}
+    nearest = (module(features) @ class_vectors.T).argmax(dim=1).cpu().numpy()
+    order = np.argsort(-logits, axis=1)
+    return {"top1": float(np.mean(nearest == order[:, 0])),
+            "in_top5": float(np.mean([n in row[:5] for n, row in zip(nearest, order,
+                                                                    strict=True)]))}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def _photo_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} not found; run `percept data photos`")
+    files = sorted(p for p in folder.iterdir() if is_image_file(p))
+    if not files:
+        raise FileNotFoundError(f"no photos in {folder}; run `percept data photos`")
+    return files
+
+
+def check_training_photos(paths: Sequence[Path]) -> None:
+    """Refuses held-out and evaluation photos as training data."""
+    evalsets = (REPO_ROOT / "training" / "evalsets").resolve()
+    for path in paths:
+        resolved = path.resolve()
+        if "heldout" in resolved.parts or resolved.is_relative_to(evalsets):
+            raise ValueError(f"{path} is a held-out/evaluation photo and is never trained on")
+
+
+def _class_names() -> list[str]:
+    from training.nets.efficientnet_lite import imagenet_labels
+
+    return [names[0] for _, names in imagenet_labels()]
+
+
+def train(args: argparse.Namespace) -> int:
+    """Runs ``percept train devise`` with parsed flags."""
+    started = time.perf_counter()
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    progress = not args.quiet
+    out = Path(args.out) if args.out else REPO_ROOT / "models" / args.name
+    run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / args.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+
+    space = load_word_space(args.recipe, Path(args.vectors_dir) if args.vectors_dir else None,
+                            progress=progress)
+    imagenet_wnids = [space.vocab.synsets[int(r)].wnid for r in space.imagenet_rows]
+    data_entries: list[dict[str, Any]] = []
+    if args.images:
+        labelled = parse_image_folder(Path(args.images), space.vocab, preferred=imagenet_wnids)
+        for name, others in sorted(labelled.ambiguous.items()):
+            print(f"[devise] class {name!r} -> {labelled.classes[name]} "
+                  f"({', '.join(space.vocab[labelled.classes[name]].names)}); other senses: "
+                  f"{', '.join(others)} (name the folder by wnid to choose)", flush=True)
+        images = labelled.paths
+        image_rows = space.vocab.indices_of(labelled.wnids)
+        mode = f"imagefolder:{labelled.root}"
+        data_entries += [data_entry(p, kind="training image",
+                                    wnid=labelled.wnids[i]) for i, p in enumerate(images)]
+    else:
+        images = _photo_files(Path(args.photos))
+        check_training_photos(images)
+        image_rows = None
+        mode = "teacher-top1"
+        data_entries += [data_entry(p, kind="training photo") for p in images]
+
+    feature_start = time.perf_counter()
+    cache = compute_features(images, crops_per_image=args.crops_per_image, seed=args.seed,
+                             device=str(device), cache_dir=cache_dir, progress=progress,
+                             desc="train crops")
+    val: FeatureCache | None = None
+    if args.val_photos:
+        val_files = _photo_files(Path(args.val_photos))
+        val = compute_features(val_files, crops_per_image=args.val_crops, seed=args.seed + 1,
+                               device=str(device), cache_dir=cache_dir, progress=progress,
+                               desc="val crops")
+        data_entries += [data_entry(p, kind="validation photo (not trained on)")
+                         for p in val_files]
+    feature_seconds = time.perf_counter() - feature_start
+
+    teacher_class, teacher_prob = teacher_targets(cache.logits)
+    if image_rows is None:
+        targets_np = space.imagenet_rows[teacher_class]
+    else:
+        targets_np = image_rows[cache.image_index]
+    label_vectors = torch.from_numpy(space.vectors).to(device)
+    class_vectors = label_vectors[torch.from_numpy(space.imagenet_rows).to(device)]
+    pool = (torch.from_numpy(space.imagenet_rows) if args.negatives_from == "imagenet"
+            else torch.arange(len(space.vectors))).to(device)
+    features = torch.from_numpy(cache.features).to(device)
+    targets = torch.from_numpy(np.asarray(targets_np, dtype=np.int64)).to(device)
+
+    architecture = {"type": ARCHITECTURE_TYPE, "in_features": HEAD_CHANNELS,
+                    "out_features": int(space.vectors.shape[1])}
+    module = DeViSEMap(HEAD_CHANNELS, int(space.vectors.shape[1])).to(device)
+    if args.init == "classifier":
+        backbone = load_efficientnet_lite0("cpu")
+        classifier_init(module, backbone._fc.weight.detach().to(device),
+                        backbone._fc.bias.detach().to(device), class_vectors, features)
+    settings = TrainSettings(margin=args.margin, negatives=args.negatives, steps=args.steps,
+                             batch_size=args.batch_size, lr=args.lr,
+                             weight_decay=args.weight_decay, seed=args.seed)
+    before_train = teacher_agreement(module, features, cache.logits, class_vectors)
+    before_val = (teacher_agreement(module, torch.from_numpy(val.features).to(device),
+                                    val.logits, class_vectors) if val is not None else None)
+    train_start = time.perf_counter()
+    history = train_map(module, features, targets, label_vectors, pool, settings,
+                        progress=progress)
+    train_seconds = time.perf_counter() - train_start
+    after_train = teacher_agreement(module, features, cache.logits, class_vectors)
+    after_val = (teacher_agreement(module, torch.from_numpy(val.features).to(device),
+                                   val.logits, class_vectors) if val is not None else None)
+
+    from training.plots import save_loss_plot
+
+    save_loss_plot({"hinge rank loss": history}, run_dir / "loss.png",
+                   title=f"DeViSE hinge rank loss (margin {args.margin}, "
+                         f"{args.negatives} negatives)")
+    (run_dir / "history.json").write_text(json.dumps({"loss": history}) + "\n")
+
+    names = _class_names()
+    tail = max(1, len(history) // 10)
+    classes = Counter(int(c) for c in teacher_class)
+    metrics: dict[str, Any] = {
+        "mode": mode, "images": len(images), "crops": len(cache),
+        "crops_per_image": args.crops_per_image, "steps": args.steps,
+        "batch_size": settings.batch_size, "lr": args.lr, "margin": args.margin,
+        "negatives": args.negatives, "negatives_from": args.negatives_from,
+        "init": args.init, "weight_decay": args.weight_decay, "seed": args.seed,
+        "loss_first": float(np.mean(history[:tail])) if history else None,
+        "loss_last": float(np.mean(history[-tail:])) if history else None,
+        "teacher_agreement_train": {"before": before_train, "after": after_train},
+        "teacher_agreement_val": ({"before": before_val, "after": after_val}
+                                  if val is not None else None),
+        "val_crops": len(val) if val is not None else 0,
+        "distinct_targets": len(set(targets_np.tolist())),
+        "teacher_mean_top1_probability": float(teacher_prob.mean()),
+        "teacher_top_classes": [{"class": names[c], "crops": n}
+                                for c, n in classes.most_common(15)],
+        "feature_seconds": round(feature_seconds, 1), "train_seconds": round(train_seconds, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "device": str(device), "threads": torch.get_num_threads(),
+        "feature_cache": cache.key,
+    }
+    data_entries += [data_entry(p, kind="noun vectors") for p in space.files()]
+    if space.vocab.source is not None:
+        data_entries.append(data_entry(space.vocab.source, kind="WordNet 3.0 data.noun"))
+    data_entries.append(data_entry(efficientnet_lite0_weights_path(), kind="backbone weights"))
+    config_extra = {
+        "space": space.encoder_name, "backbone": BACKBONE_NAME,
+        "backbone_sha256": data_entries[-1]["sha256"], "input_size": 224,
+        "noun_vectors": space.describe(), "default_method": args.default_method,
+        "methods": {"devise": {"normalised": True},
+                    "conse": {"top_t": args.top_t}},
+        "training": {"mode": mode, "target": "teacher top-1 class vector"
+                     if image_rows is None else "ImageFolder label vector",
+                     "loss": "hinge rank (Frome et al. 2013, eq. 1)", "init": args.init},
+    }
+    export_artifact(out, name=args.name, task=TASK, architecture=architecture,
+                    module=module.cpu(), metrics=metrics, data=data_entries,
+                    command=command_line(), device=str(device), config_extra=config_extra)
+    shutil.copyfile(run_dir / "loss.png", out / "loss.png")
+    losses = (f"loss {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f}" if history
+              else "no training (the initial map)")
+    print(f"[devise] {len(cache)} crops of {len(images)} images, {args.steps} steps: "
+          f"{losses}; teacher agreement "
+          f"train {after_train['top1']:.2f}"
+          + (f", val {after_val['top1']:.2f} (top-5 {after_val['in_top5']:.2f})"
+             if after_val is not None else "")
+          + f"; {metrics['wall_seconds']:.0f} s; artifact {out}", flush=True)
+    return 0
+
+
+def command(args: argparse.Namespace) -> int:
+    """``percept train devise``."""
+    from training.assets import AssetMissingError
+
+    try:
+        return train(args)
+    except (ImageFolderError, AssetMissingError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Adds ``devise`` to the ``percept train`` subparsers (see training.cli_devise)."""
+    from training.cli_devise import register_train
+
+    return register_train(subparsers)

@@ -1,0 +1,532 @@
+"""``percept train style``: trains a fast style-transfer network for one style image.
+
+Johnson, Alahi & Fei-Fei 2016, "Perceptual Losses for Real-Time Style Transfer and
+Super-Resolution" (ECCV), sec. 3 and 4.1: an image-transformation network
+(:mod:`training.nets.transformer`) is trained on photos to minimise, for each photo y_c,
+
+    content_weight * l_feat^{relu2_2}(y_hat, y_c)                      (eq. 2)
+  + style_weight   * sum_l w_l ||G_l(y_hat) - G_l(y_s)||_F^2            (eqs. 3-4)
+  + tv_weight      * TV(y_hat)                                         (sec. 3.3)
+
+with the Gram matrices of the one style image y_s at relu1_2, relu2_2, relu3_3 and relu4_3
+of VGG (here VGG19), each style layer with its own weight w_l (the lecture's per-layer
+style weights). The losses are :mod:`training.perceptual.losses`.
+
+Content photos are the prepared arrays of the training photos (``percept data prepare``;
+never the held-out ones: :func:`training.data.arrays.load_prepared` refuses them), cut
+into random-scale square crops resized to ``--size`` and randomly flipped. Adam with a
+linear warm-up and a cosine decay; on CUDA, bf16 (or fp16 with loss scaling) autocast and
+channels_last, with the Gram and loss arithmetic kept in fp32. The run folder (``--run-dir``,
+default ``runs/style-NAME``) gets a checkpoint every ``--checkpoint-every`` steps
+(``--resume`` continues from it), sample grids (content | output | style) and a loss plot;
+the artifact goes to ``--out`` (default ``models/style-NAME``).
+
+Needs only torch, numpy and pillow, the prepared arrays, the VGG19 weights file and the
+style image, so it runs on a bare GPU box. Never imports ``services``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from training import nets
+from training.assets import REPO_ROOT, STYLE_IMAGES, sha256_of, style_image_path
+from training.cli_style import (
+    CPU_LR,
+    CPU_RECIPE,
+    DEFAULT_STYLE_LAYER_WEIGHTS,
+    GPU_LR,
+    GPU_RECIPE,
+)
+from training.data.arrays import PreparedArrays, load_prepared
+from training.export import command_line, data_entry, export_artifact
+from training.plots import save_image_grid, save_loss_plot
+from training.sr_data import to_tensor, to_uint8_images
+from training.train_superres import (
+    _autocast_dtype,
+    _provenance_data,
+    _save_checkpoint,
+    choose_device,
+    lr_factor,
+)
+
+TASK = "style"
+ARCHITECTURE = "johnson-transformer"
+
+
+# -- style images -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StyleSource:
+    """A style image and what config.json says about it."""
+
+    name: str
+    title: str
+    path: Path
+    source: str
+    licence: str
+
+    def describe(self) -> dict[str, str]:
+        """The ``"style"`` block of config.json."""
+        return {"name": self.name, "title": self.title, "source": self.source,
+                "licence": self.licence, "sha256": sha256_of(self.path)}
+
+
+_DEBIAN_LICENCE = "public domain (the painter died more than 70 years ago)"
+
+#: The third default style: scikit-image's bundled immunohistochemistry micrograph.
+SKIMAGE_STYLES = {
+    "stained-tissue": {
+        "file": "ihc.png",
+        "title": "Stained tissue (immunohistochemistry micrograph of colonic glands)",
+        "source": "scikit-image 0.26 bundled data, skimage/data/ihc.png "
+                  "(skimage.data.immunohistochemistry(); acquired at the Center for "
+                  "Microscopy And Molecular Imaging, CMMI)",
+        "licence": "no known copyright restrictions (scikit-image data README / docstring)",
+    },
+}
+
+
+def bundled_styles() -> list[str]:
+    """Every style name ``--style`` accepts."""
+    return sorted({*STYLE_IMAGES, *SKIMAGE_STYLES})
+
+
+def _skimage_data_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("scikit-image is not installed; it provides this style image")
+    return Path(spec.origin).parent / "data"
+
+
+def resolve_style(name: str) -> StyleSource:
+    """A bundled style by name: the Debian paintings of :mod:`training.assets`, or a
+    scikit-image bundled image (:data:`SKIMAGE_STYLES`)."""
+    if name in STYLE_IMAGES:
+        asset = STYLE_IMAGES[name]
+        return StyleSource(name=name, title=asset.title, path=style_image_path(name),
+                           source=f"Debian package {asset.package}, "
+                                  f"{asset.member.lstrip('./').lstrip('/')}",
+                           licence=_DEBIAN_LICENCE)
+    if name in SKIMAGE_STYLES:
+        entry = SKIMAGE_STYLES[name]
+        path = _skimage_data_dir() / entry["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"scikit-image's {entry['file']} not found at {path}")
+        return StyleSource(name=name, title=entry["title"], path=path,
+                           source=entry["source"], licence=entry["licence"])
+    raise ValueError(f"unknown style {name!r}; bundled styles: {', '.join(bundled_styles())} "
+                     "(or pass --style-image PATH --name NAME)")
+
+
+def style_from_args(args: argparse.Namespace) -> StyleSource:
+    """The style named by ``--style``, or ``--style-image`` with ``--name``."""
+    if args.style:
+        source = resolve_style(args.style)
+        if args.name or args.title:
+            source = StyleSource(name=args.name or source.name,
+                                 title=args.title or source.title, path=source.path,
+                                 source=source.source, licence=source.licence)
+        return source
+    path = Path(args.style_image)
+    if not path.is_file():
+        raise FileNotFoundError(f"--style-image {path} does not exist")
+    name = args.name or path.stem.lower().replace("_", "-").replace(" ", "-")
+    return StyleSource(name=name, title=args.title or name, path=path,
+                       source=f"user-supplied file {path.name}",
+                       licence=args.licence or "unknown (user-supplied image)")
+
+
+def load_style_image(path: Path, longest: int) -> np.ndarray:
+    """The style image as (H, W, 3) uint8 RGB with its longest side resized to ``longest``
+    (never upscaled)."""
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    scale = longest / max(rgb.size)
+    if scale < 1:
+        size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+    return np.array(rgb)
+
+
+# -- content crops ------------------------------------------------------------------------
+class ContentSampler:
+    """Random-scale square crops of the prepared training photos, resized to ``size`` and
+    randomly flipped (seeded)."""
+
+    def __init__(self, prepared: PreparedArrays, size: int, min_scale: float = 0.5,
+                 seed: int = 0) -> None:
+        self.images = prepared.arrays[prepared.sizes[0]]
+        self.source_size = int(self.images.shape[1])
+        if size > self.source_size:
+            raise ValueError(f"--size {size} is larger than the prepared images "
+                             f"({self.source_size} px)")
+        if not 0 < min_scale <= 1:
+            raise ValueError(f"--min-scale must be in (0, 1], got {min_scale}")
+        self.size = size
+        self.min_side = max(size, round(min_scale * self.source_size))
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def _resize(self, crop: np.ndarray) -> np.ndarray:
+        if crop.shape[0] == self.size:
+            return np.ascontiguousarray(crop)
+        return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize(
+            (self.size, self.size), Image.Resampling.BILINEAR, reducing_gap=2.0))
+
+    def sample(self, batch: int) -> np.ndarray:
+        """(batch, size, size, 3) uint8."""
+        crops = []
+        for _ in range(batch):
+            index = int(self.rng.integers(0, len(self)))
+            side = int(self.rng.integers(self.min_side, self.source_size + 1))
+            top, left = self.rng.integers(0, self.source_size - side + 1, 2)
+            crop = self._resize(self.images[index, top:top + side, left:left + side])
+            if self.rng.random() < 0.5:
+                crop = crop[:, ::-1]
+            crops.append(crop)
+        return np.stack(crops)
+
+    def fixed(self, count: int) -> np.ndarray:
+        """The first ``count`` items (the arrays are already shuffled), whole but resized to
+        ``size``: a fixed batch for the sample grid."""
+        return np.stack([self._resize(self.images[i]) for i in range(min(count, len(self)))])
+
+
+# -- the loss -----------------------------------------------------------------------------
+class PerceptualStyleLoss(nn.Module):
+    """Johnson et al. 2016's loss for one style: weighted VGG19 content loss, per-layer Gram
+    style loss and total variation. Returns the total and each weighted term. The Gram and
+    loss arithmetic runs in fp32 even under autocast."""
+
+    def __init__(self, style_image: Tensor, device: torch.device, *, content_layer: str,
+                 style_layers: Mapping[str, float], content_weight: float,
+                 style_weight: float, tv_weight: float) -> None:
+        super().__init__()
+        from training.nets.vgg19 import check_layers, load_vgg19
+        from training.perceptual.losses import gram_matrix
+
+        check_layers([content_layer, *style_layers])
+        if content_weight < 0 or style_weight < 0 or tv_weight < 0:
+            raise ValueError("loss weights must be >= 0")
+        if not any(w > 0 for w in style_layers.values()) and style_weight > 0:
+            raise ValueError("every style layer weight is zero")
+        self.vgg = load_vgg19(device)
+        self.content_layer = content_layer
+        self.style_layers = {k: float(v) for k, v in style_layers.items() if v > 0}
+        self.content_weight = content_weight
+        self.style_weight = style_weight
+        self.tv_weight = tv_weight
+        self.layers = sorted({content_layer, *self.style_layers},
+                             key=lambda name: (int(name[4]), int(name[6])))
+        with torch.no_grad():
+            features = self.vgg(style_image.to(device).float(), list(self.style_layers))
+            self.target_grams = {k: gram_matrix(v.float()) for k, v in features.items()}
+
+    def unweighted(self, output: Tensor, content: Tensor) -> dict[str, Tensor]:
+        """Content loss, per-layer Gram distances (``style/<layer>``) and TV, unweighted."""
+        from training.perceptual.losses import (
+            content_loss,
+            gram_distance,
+            gram_matrix,
+            total_variation_loss,
+        )
+
+        with torch.no_grad():
+            target = self.vgg(content, [self.content_layer])[self.content_layer]
+        features = self.vgg(output, self.layers)
+        with torch.autocast(output.device.type, enabled=False):
+            terms = {"content": content_loss(features[self.content_layer].float(),
+                                             target.float())}
+            for layer in self.style_layers:
+                terms[f"style/{layer}"] = gram_distance(gram_matrix(features[layer].float()),
+                                                        self.target_grams[layer])
+            terms["tv"] = total_variation_loss(output.float())
+        return terms
+
+    def forward(self, output: Tensor, content: Tensor) -> tuple[Tensor, dict[str, float],
+                                                                 dict[str, float]]:
+        """(weighted total, weighted terms, unweighted terms) for a batch."""
+        raw = self.unweighted(output, content)
+        style = sum((w * raw[f"style/{k}"] for k, w in self.style_layers.items()),
+                    start=torch.zeros((), device=output.device))
+        weighted = {"content": self.content_weight * raw["content"],
+                    "style": self.style_weight * style,
+                    "tv": self.tv_weight * raw["tv"]}
+        total = weighted["content"] + weighted["style"] + weighted["tv"]
+        plain = {k: float(v.detach()) for k, v in raw.items()}
+        plain["style"] = float(style.detach())
+        return total, {k: float(v.detach()) for k, v in weighted.items()}, plain
+
+
+# -- training -----------------------------------------------------------------------------
+def resolve_recipe(args: argparse.Namespace, device: torch.device) -> dict[str, int]:
+    """Fills the size flags left unset: the paper's recipe on CUDA, the committed models'
+    reduced recipe on CPU."""
+    recipe = GPU_RECIPE if device.type == "cuda" else CPU_RECIPE
+    values = {key: getattr(args, key) if getattr(args, key) is not None else default
+              for key, default in recipe.items()}
+    for key, value in values.items():
+        if value < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+    return values
+
+
+def style_layer_weights(pairs: list[tuple[str, float]] | None) -> dict[str, float]:
+    """``--style-layer-weight`` pairs (they replace the defaults), else the defaults."""
+    if not pairs:
+        return dict(DEFAULT_STYLE_LAYER_WEIGHTS)
+    weights: dict[str, float] = {}
+    for layer, weight in pairs:
+        weights[layer] = weight
+    return weights
+
+
+def stylise(model: nn.Module, images: np.ndarray, device: torch.device,
+            channels_last: bool = False) -> np.ndarray:
+    """Eval-mode forward pass on (N, H, W, 3) uint8 images -> uint8 images."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        x = to_tensor(images, device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = to_uint8_images(model(x))
+    model.train(was_training)
+    return out
+
+
+def save_samples(model: nn.Module, content: np.ndarray, style: np.ndarray, path: Path,
+                 device: torch.device, channels_last: bool) -> Path:
+    """A grid with one row per content item: content | output | style image."""
+    output = stylise(model, content, device, channels_last)
+    side = content.shape[1]
+    thumb = Image.fromarray(style)
+    thumb.thumbnail((side, side), Image.Resampling.LANCZOS)
+    style_cell = np.asarray(thumb)
+    rows = [[c, o, style_cell] for c, o in zip(content, output, strict=True)]
+    return save_image_grid(rows, path, labels=["content", "output", "style"])
+
+
+def _use_channels_last(mode: str, device: torch.device) -> bool:
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def train(args: argparse.Namespace) -> int:
+    """Runs the training described by the parsed ``percept train style`` flags."""
+    device = choose_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    recipe = resolve_recipe(args, device)
+    style = style_from_args(args)
+    name = f"style-{style.name}"
+    out = Path(args.out) if args.out else REPO_ROOT / "models" / name
+    run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    prepared = load_prepared(Path(args.data))
+    sampler = ContentSampler(prepared, recipe["size"], args.min_scale, seed=args.seed)
+    val_content = sampler.fixed(args.val_items)
+    style_rgb = load_style_image(style.path, args.style_size)
+
+    architecture: dict[str, Any] = {"type": ARCHITECTURE, "width": recipe["width"],
+                                    "blocks": args.blocks}
+    model = nets.build(architecture)
+    channels_last = _use_channels_last(args.channels_last, device)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model.train()
+    layer_weights = style_layer_weights(args.style_layer_weight)
+    criterion = PerceptualStyleLoss(
+        to_tensor(style_rgb[None], device), device, content_layer=args.content_layer,
+        style_layers=layer_weights, content_weight=args.content_weight,
+        style_weight=args.style_weight, tv_weight=args.tv_weight)
+    lr = args.lr if args.lr is not None else (GPU_LR if device.type == "cuda" else CPU_LR)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = recipe["steps"]
+    warmup = args.warmup if args.warmup is not None else max(1, min(100, steps // 20))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps, warmup))
+    autocast_dtype = _autocast_dtype(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
+
+    step = 0
+    history: dict[str, list[float]] = {"total": []}
+    raw_history: dict[str, list[float]] = {}
+    elapsed_before = cpu_before = 0.0
+    checkpoint = run_dir / "checkpoint.pt"
+    style_sha = sha256_of(style.path)
+    if args.resume:
+        if not checkpoint.is_file():
+            raise SystemExit(f"error: --resume but {checkpoint} does not exist")
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state["architecture"] != architecture:
+            raise SystemExit(f"error: {checkpoint} holds {state['architecture']}, "
+                             f"not {architecture}")
+        if state.get("style_sha256") != style_sha:
+            raise SystemExit(f"error: {checkpoint} was trained on another style image")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        history, raw_history = state["history"], state["raw_history"]
+        elapsed_before = float(state["elapsed"])
+        cpu_before = float(state.get("cpu_seconds", 0.0))
+        sampler.rng.bit_generator.state = state["sampler_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        print(f"[train] resumed from {checkpoint} at step {step}", flush=True)
+
+    started, cpu_started = time.monotonic(), time.process_time()
+
+    def snapshot() -> dict[str, Any]:
+        return {"architecture": architecture, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "step": step, "history": history,
+                "raw_history": raw_history, "style_sha256": style_sha,
+                "elapsed": elapsed_before + time.monotonic() - started,
+                "cpu_seconds": cpu_before + time.process_time() - cpu_started,
+                "sampler_rng": sampler.rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(), "args": vars(args)}
+
+    def pictures() -> None:
+        save_samples(model, val_content, style_rgb, run_dir / "samples.png", device,
+                     channels_last)
+        save_loss_plot({k: v for k, v in history.items() if v}, run_dir / "loss.png",
+                       title=f"{name}: weighted loss terms")
+
+    deadline = started + args.max_minutes * 60 if args.max_minutes else math.inf
+    cpu_deadline = cpu_started + args.max_cpu_minutes * 60 - cpu_before \
+        if args.max_cpu_minutes else math.inf
+    stopped_early = False
+    bar = tqdm(total=steps, initial=step, unit="step", desc=f"train {name}",
+               disable=args.quiet, dynamic_ncols=True)
+    while step < steps:
+        if time.monotonic() > deadline or time.process_time() > cpu_deadline:
+            stopped_early = True
+            break
+        content = to_tensor(sampler.sample(recipe["batch_size"]), device)
+        if channels_last:
+            content = content.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast(device.type, dtype=autocast_dtype) \
+            if autocast_dtype is not None else contextlib.nullcontext()
+        with autocast:
+            output = model(content)
+            loss, terms, raw = criterion(output, content)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step += 1
+        history["total"].append(float(loss.detach()))
+        for key, value in terms.items():
+            history.setdefault(key, []).append(value)
+        for key, value in raw.items():
+            raw_history.setdefault(key, []).append(value)
+        bar.update(1)
+        bar.set_postfix(loss=f"{history['total'][-1]:.3g}",
+                        lr=f"{scheduler.get_last_lr()[0]:.1e}")
+        if args.sample_every and step % args.sample_every == 0:
+            pictures()
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            _save_checkpoint(checkpoint, snapshot())
+    bar.close()
+    train_seconds = elapsed_before + time.monotonic() - started
+    cpu_seconds = cpu_before + time.process_time() - cpu_started
+    _save_checkpoint(checkpoint, snapshot())
+    pictures()
+
+    tail = max(1, min(50, len(history["total"])))
+    on_cpu = device.type == "cpu"
+    metrics: dict[str, Any] = {
+        "task": TASK,
+        "style": style.name,
+        "device": "cpu, reduced size" if on_cpu else f"{device} ({torch.cuda.get_device_name()})",
+        "note": "trained on a 2-core CPU at reduced size (small width, small crops, few "
+                "steps); train on a GPU with the default flags for full quality"
+        if on_cpu else "full size",
+        "steps": step, "steps_planned": steps, "stopped_early": stopped_early,
+        "batch_size": recipe["batch_size"], "crop": recipe["size"],
+        "min_scale": args.min_scale, "style_size": args.style_size,
+        "width": recipe["width"], "blocks": args.blocks,
+        "lr": lr, "warmup": warmup, "seed": args.seed,
+        "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32",
+        "channels_last": channels_last,
+        "loss_weights": {"content": args.content_weight, "content_layer": args.content_layer,
+                         "style": args.style_weight, "style_layers": layer_weights,
+                         "tv": args.tv_weight},
+        "train_seconds": round(train_seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 1),
+        "seconds_per_step": round(train_seconds / max(1, step), 3),
+        "threads": torch.get_num_threads(),
+        "final_loss_weighted": {k: float(np.mean(v[-tail:])) for k, v in history.items() if v},
+        "final_loss_unweighted": {k: float(np.mean(v[-tail:]))
+                                  for k, v in raw_history.items() if v},
+        "final_loss_window": tail,
+    }
+    config_extra = {
+        "style": style.describe(),
+        "input": "RGB float in [0, 1], (N, 3, H, W), any H and W",
+        "output": "RGB float in [0, 1], same size as the input",
+        "description": "Johnson et al. 2016 image-transformation net (reflection padding, "
+                       "instance norm, resize-convolution upsampling, tanh output)",
+        "loss": {"content_layer": args.content_layer, "style_layers": layer_weights,
+                 "content_weight": args.content_weight, "style_weight": args.style_weight,
+                 "tv_weight": args.tv_weight, "style_size": args.style_size},
+    }
+    from training.assets import vgg19_weights_path
+
+    used = prepared.files()[0].name  # only the largest array is trained on
+    data = [entry for entry in _provenance_data(prepared, [vgg19_weights_path()])
+            if entry["kind"] != "prepared array" or entry["path"].endswith(used)]
+    data.append(data_entry(style.path, kind="style image", source=style.source))
+    export_artifact(out, name=name, task=TASK, architecture=architecture,
+                    module=model.to("cpu").float(), metrics=metrics, data=data,
+                    command=command_line(), device=str(device), config_extra=config_extra)
+    for picture in ("samples.png", "loss.png"):
+        shutil.copyfile(run_dir / picture, out / picture)
+    print(f"[train] {name}: {step} steps in {train_seconds / 60:.1f} min "
+          f"({cpu_seconds / 60:.1f} CPU min) -> {out}", flush=True)
+    print(json.dumps({"final_loss_unweighted": metrics["final_loss_unweighted"]}), flush=True)
+    return 0
+
+
+def command(args: argparse.Namespace) -> int:
+    """``percept train style``."""
+    from training.assets import AssetMissingError
+    from training.data.arrays import PreparedDataError
+
+    try:
+        return train(args)
+    except (PreparedDataError, AssetMissingError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Adds ``style`` to the ``percept train`` subparsers (see training.cli_style)."""
+    from training.cli_style import register_train
+
+    return register_train(subparsers)

@@ -1,0 +1,410 @@
+"""``percept train superres``: trains the 4x super-resolution network.
+
+Johnson et al. 2016 ("Perceptual Losses for Real-Time Style Transfer and
+Super-Resolution", sec. 4.2) train SR with a feature reconstruction loss on VGG relu2_2
+(Keras ``block2_conv2``, the lecture's layer) plus total variation, and show that plain
+per-pixel loss gives blurry output. The loss here is a weighted sum, each weight a flag:
+
+- pixel: L1 (default) or MSE between the output and the high-res target;
+- perceptual: ``content_loss`` (normalised squared error) of VGG19 relu2_2 features;
+- tv: total variation of the output (Johnson et al. 2016, sec. 3.3).
+
+Low-res inputs are the bicubic 4x reductions stored beside the high-res arrays (exact
+pairs, :mod:`training.sr_data`), optionally blurred/noised/JPEG-compressed. Adam with a
+linear warm-up and a cosine decay; on CUDA, bf16 (or fp16 with loss scaling) autocast
+and channels_last. The run folder (``--run-dir``, default ``runs/<name>``) gets a
+checkpoint every ``--checkpoint-every`` steps (``--resume`` continues from it), sample
+grids (low-res bicubic | output | target) and a loss plot; the artifact goes to ``--out``.
+
+Needs only torch, numpy and pillow, the prepared arrays and (for the perceptual loss) the
+VGG19 weights file, so it runs on a bare GPU box. Never imports ``services``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from training import nets
+from training.data.arrays import PreparedArrays, load_prepared
+from training.export import command_line, data_entry, export_artifact, load_exported
+from training.image_quality import y_psnr_ssim
+from training.plots import save_image_grid, save_loss_plot
+from training.sr_data import SCALE, Degradation, PairSampler, degrade, to_tensor, to_uint8_images
+
+PERCEPTUAL_LAYER = "relu2_2"  # Keras block2_conv2: Johnson et al. 2016's SR layer
+TASK = "superres"
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    pixel: float = 1.0
+    perceptual: float = 0.0
+    tv: float = 0.0
+    pixel_loss: str = "l1"
+
+
+def choose_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+class SuperResLoss(nn.Module):
+    """Weighted pixel + VGG relu2_2 feature + total-variation loss; returns the total and
+    each weighted term (for the plots)."""
+
+    def __init__(self, weights: LossWeights, device: torch.device) -> None:
+        super().__init__()
+        if weights.pixel_loss not in ("l1", "mse"):
+            raise ValueError(f"pixel loss must be 'l1' or 'mse', got {weights.pixel_loss!r}")
+        self.weights = weights
+        self.vgg: nn.Module | None = None
+        if weights.perceptual > 0:
+            from training.nets.vgg19 import load_vgg19
+
+            self.vgg = load_vgg19(device)
+
+    def forward(self, output: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
+        from training.perceptual.losses import content_loss, total_variation_loss
+
+        w = self.weights
+        terms: dict[str, Tensor] = {}
+        if w.pixel > 0:
+            pixel = F.l1_loss(output, target) if w.pixel_loss == "l1" else \
+                F.mse_loss(output, target)
+            terms["pixel"] = w.pixel * pixel.float()
+        if self.vgg is not None:
+            with torch.no_grad():
+                target_features = self.vgg(target, [PERCEPTUAL_LAYER])[PERCEPTUAL_LAYER]
+            features = self.vgg(output, [PERCEPTUAL_LAYER])[PERCEPTUAL_LAYER]
+            terms["perceptual"] = w.perceptual * content_loss(features.float(),
+                                                              target_features.float())
+        if w.tv > 0:
+            terms["tv"] = w.tv * total_variation_loss(output.float())
+        if not terms:
+            raise ValueError("every loss weight is zero")
+        total = torch.stack(list(terms.values())).sum()
+        return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def lr_factor(step: int, steps: int, warmup: int, final: float = 0.01) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``final`` x the base LR."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def bicubic_upscale(lr: np.ndarray) -> np.ndarray:
+    """(N, h, w, 3) uint8 -> (N, 4h, 4w, 3) uint8 with PIL BICUBIC (the baseline)."""
+    return np.stack([np.asarray(Image.fromarray(img).resize(
+        (img.shape[1] * SCALE, img.shape[0] * SCALE), Image.Resampling.BICUBIC)) for img in lr])
+
+
+def run_model(model: nn.Module, lr: np.ndarray, device: torch.device,
+              channels_last: bool) -> np.ndarray:
+    """Eval-mode forward pass on uint8 images -> uint8 images."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        x = to_tensor(lr, device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = to_uint8_images(model(x))
+    model.train(was_training)
+    return out
+
+
+def validate(model: nn.Module, lr: np.ndarray, hr: np.ndarray, device: torch.device,
+             channels_last: bool) -> dict[str, float]:
+    """Mean Y-PSNR/SSIM (4 px shaved) of the model and of bicubic on a fixed batch."""
+    output = run_model(model, lr, device, channels_last)
+    bicubic = bicubic_upscale(lr)
+    model_scores = [y_psnr_ssim(h, o) for h, o in zip(hr, output, strict=True)]
+    bicubic_scores = [y_psnr_ssim(h, b) for h, b in zip(hr, bicubic, strict=True)]
+    result = {
+        "y_psnr_model": float(np.mean([s[0] for s in model_scores])),
+        "y_psnr_bicubic": float(np.mean([s[0] for s in bicubic_scores])),
+        "y_ssim_model": float(np.mean([s[1] for s in model_scores])),
+        "y_ssim_bicubic": float(np.mean([s[1] for s in bicubic_scores])),
+    }
+    result["y_psnr_gain_db"] = result["y_psnr_model"] - result["y_psnr_bicubic"]
+    return result
+
+
+def save_samples(model: nn.Module, lr: np.ndarray, hr: np.ndarray, path: Path,
+                 device: torch.device, channels_last: bool, rows: int = 4) -> Path:
+    output = run_model(model, lr[:rows], device, channels_last)
+    bicubic = bicubic_upscale(lr[:rows])
+    grid = [[b, o, h] for b, o, h in zip(bicubic, output, hr[:rows], strict=True)]
+    return save_image_grid(grid, path, labels=["low-res (bicubic)", "output", "target"])
+
+
+def build_architecture(args: argparse.Namespace) -> dict[str, Any]:
+    architecture: dict[str, Any] = {"type": "superres-resnet", "width": args.width,
+                                    "blocks": args.blocks, "upsample": args.upsample}
+    if args.tail_width:
+        architecture["tail_width"] = args.tail_width
+    return architecture
+
+
+def _use_channels_last(mode: str, device: torch.device) -> bool:
+    # Measured on this 2-core CPU: channels_last halves the step time of this net (the 9x9,
+    # 3-output-channel convolution is ~3x faster in oneDNN's NHWC path), so 'auto' uses it
+    # on CPU as well as on CUDA (where it enables the tensor-core NHWC kernels).
+    return mode == "on" or (mode == "auto" and device.type in ("cuda", "cpu"))
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        return None  # CPU trains in fp32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _checkpoint_path(run_dir: Path) -> Path:
+    return run_dir / "checkpoint.pt"
+
+
+def _save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
+    partial = path.with_suffix(".partial")
+    torch.save(dict(payload), partial)
+    partial.replace(path)
+
+
+def _provenance_data(prepared: PreparedArrays, extra: list[Path]) -> list[dict[str, Any]]:
+    entries = [data_entry(f, kind="prepared array") for f in prepared.files()]
+    entries.append(data_entry(prepared.path / "manifest.json", kind="prepared manifest"))
+    for source in prepared.manifest.get("sources", []):
+        entries.append({"path": source["path"], "sha256": source["sha256"],
+                        "kind": "source photo"})
+    entries.extend(data_entry(p, kind="weights") for p in extra)
+    return entries
+
+
+def train(args: argparse.Namespace) -> int:
+    """Runs the training described by the parsed ``percept train superres`` flags."""
+    device = choose_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    name = args.name or out.name
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    prepared = load_prepared(Path(args.data))
+    sampler = PairSampler(prepared, args.crop, seed=args.seed)
+    val_lr, val_hr = sampler.fixed(args.val_items)
+    degradation = Degradation(blur=args.blur, noise=args.noise, jpeg=args.jpeg,
+                              prob=args.degrade_prob)
+    degrade_rng = np.random.default_rng(args.seed + 1)
+
+    architecture = build_architecture(args)
+    model = nets.build(architecture)
+    init_files: list[Path] = []
+    if args.init_from:
+        init_model, init_config = load_exported(Path(args.init_from))
+        if init_config["architecture"] != architecture:
+            raise SystemExit(f"error: --init-from {args.init_from} has architecture "
+                             f"{init_config['architecture']}, not {architecture}")
+        model.load_state_dict(init_model.state_dict())
+        init_files.append(Path(args.init_from) / init_config.get("weights",
+                                                                 "weights.safetensors"))
+    channels_last = _use_channels_last(args.channels_last, device)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model.train()
+    weights = LossWeights(pixel=args.pixel_weight, perceptual=args.perceptual_weight,
+                          tv=args.tv_weight, pixel_loss=args.pixel_loss)
+    criterion = SuperResLoss(weights, device)
+    if criterion.vgg is not None:
+        from training.assets import vgg19_weights_path
+
+        init_files.append(vgg19_weights_path())
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99))
+    warmup = args.warmup if args.warmup is not None else max(1, min(100, args.steps // 20))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, args.steps, warmup))
+    autocast_dtype = _autocast_dtype(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
+
+    step = 0
+    history: dict[str, list[float]] = {"total": []}
+    elapsed_before = 0.0
+    cpu_before = 0.0
+    checkpoint = _checkpoint_path(run_dir)
+    if args.resume:
+        if not checkpoint.is_file():
+            raise SystemExit(f"error: --resume but {checkpoint} does not exist")
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state["architecture"] != architecture:
+            raise SystemExit(f"error: {checkpoint} holds {state['architecture']}, "
+                             f"not {architecture}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        history = state["history"]
+        elapsed_before = float(state["elapsed"])
+        cpu_before = float(state.get("cpu_elapsed", 0.0))
+        sampler.rng.bit_generator.state = state["sampler_rng"]
+        degrade_rng.bit_generator.state = state["degrade_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        print(f"[train] resumed from {checkpoint} at step {step}", flush=True)
+
+    def snapshot() -> dict[str, Any]:
+        return {"architecture": architecture, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "step": step, "history": history,
+                "elapsed": elapsed_before + time.monotonic() - started,
+                "cpu_elapsed": cpu_before + time.process_time() - cpu_started,
+                "sampler_rng": sampler.rng.bit_generator.state,
+                "degrade_rng": degrade_rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(), "args": vars(args)}
+
+    def pictures() -> None:
+        save_samples(model, val_lr, val_hr, run_dir / "samples.png", device, channels_last)
+        save_loss_plot({k: v for k, v in history.items() if v}, run_dir / "loss.png",
+                       title=f"{name}: weighted loss terms; L1(output)/L1(bicubic)")
+
+    started = time.monotonic()
+    cpu_started = time.process_time()
+    deadline = started + args.max_minutes * 60 if args.max_minutes else math.inf
+    cpu_deadline = cpu_started + args.max_cpu_minutes * 60 if args.max_cpu_minutes \
+        else math.inf
+    stopped_early = False
+    bar = tqdm(total=args.steps, initial=step, unit="step", desc=f"train {name}",
+               disable=args.quiet, dynamic_ncols=True)
+    while step < args.steps:
+        if time.monotonic() > deadline or time.process_time() > cpu_deadline:
+            stopped_early = True
+            break
+        lr_u8, hr_u8 = sampler.sample(args.batch_size, detail=args.detail_oversample)
+        hr = to_tensor(hr_u8, device)
+        lr = degrade(lr_u8, hr, degradation, degrade_rng) if degradation.active else \
+            to_tensor(lr_u8, device)
+        if channels_last:
+            hr = hr.contiguous(memory_format=torch.channels_last)
+            lr = lr.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast(device.type, dtype=autocast_dtype) \
+            if autocast_dtype is not None else contextlib.nullcontext()
+        with autocast:
+            output = model(lr)
+            loss, terms = criterion(output, hr)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step += 1
+        history["total"].append(float(loss.detach()))
+        with torch.no_grad():  # progress that batch difficulty does not hide
+            bicubic = F.interpolate(lr.float(), scale_factor=float(SCALE), mode="bicubic",
+                                    align_corners=False)
+            history.setdefault("l1_vs_bicubic", []).append(
+                float(F.l1_loss(output.float(), hr) / F.l1_loss(bicubic, hr).clamp_min(1e-8)))
+        for key, value in terms.items():
+            history.setdefault(key, []).append(value)
+        bar.update(1)
+        bar.set_postfix(loss=f"{history['total'][-1]:.4f}",
+                        lr=f"{scheduler.get_last_lr()[0]:.1e}")
+        if args.sample_every and step % args.sample_every == 0:
+            pictures()
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            _save_checkpoint(checkpoint, snapshot())
+    bar.close()
+    train_seconds = elapsed_before + time.monotonic() - started
+    cpu_seconds = cpu_before + time.process_time() - cpu_started
+    _save_checkpoint(checkpoint, snapshot())
+    pictures()
+
+    validation = validate(model, val_lr, val_hr, device, channels_last)
+    tail = max(1, min(50, len(history["total"])))
+    on_cpu = device.type == "cpu"
+    metrics: dict[str, Any] = {
+        "task": TASK,
+        "note": "cpu, reduced size" if on_cpu else "full size",
+        "device": str(device) if not on_cpu else "cpu",
+        "steps": step, "steps_planned": args.steps, "stopped_early": stopped_early,
+        "batch_size": args.batch_size, "detail_oversample": args.detail_oversample,
+        "crop_hr": args.crop, "crop_lr": args.crop // SCALE,
+        "lr": args.lr, "warmup": warmup, "seed": args.seed,
+        "loss_weights": {"pixel": weights.pixel, "pixel_loss": weights.pixel_loss,
+                         "perceptual": weights.perceptual,
+                         "perceptual_layer": PERCEPTUAL_LAYER, "tv": weights.tv},
+        "degradation": {"blur": degradation.blur, "noise": degradation.noise,
+                        "jpeg": degradation.jpeg, "prob": degradation.prob},
+        "init_from": args.init_from,
+        "train_seconds": round(train_seconds, 1),
+        "train_cpu_seconds": round(cpu_seconds, 1),
+        "seconds_per_step": round(train_seconds / max(1, step), 3),
+        "threads": torch.get_num_threads(),
+        "final_loss": {k: float(np.mean(v[-tail:])) for k, v in history.items() if v},
+        "validation_train_arrays": {
+            **{k: round(v, 4) for k, v in validation.items()},
+            "items": len(val_lr), "crop_hr": args.crop,
+            "note": "centre crops of the first items of the training arrays (not held-out); "
+                    "held-out numbers come from `percept eval superres`",
+        },
+    }
+    config_extra = {
+        "scale": SCALE,
+        "input": "RGB float in [0, 1], (N, 3, h, w), h and w >= 5",
+        "output": "RGB float in [0, 1], (N, 3, 4h, 4w)",
+        "description": "bicubic upsampling plus a learned residual; " +
+                       ("pixel loss only" if weights.perceptual == 0 else
+                        f"VGG19 {PERCEPTUAL_LAYER} perceptual loss"),
+    }
+    export_artifact(out, name=name, task=TASK, architecture=architecture,
+                    module=model.to("cpu").float(), metrics=metrics,
+                    data=_provenance_data(prepared, init_files),
+                    command=getattr(args, "command_line", None) or command_line(),
+                    device=str(device), config_extra=config_extra)
+    for picture in ("samples.png", "loss.png"):
+        shutil.copyfile(run_dir / picture, out / picture)
+    print(f"[train] {name}: {step} steps in {train_seconds / 60:.1f} min; validation Y-PSNR "
+          f"{validation['y_psnr_model']:.2f} dB vs bicubic {validation['y_psnr_bicubic']:.2f} "
+          f"dB -> {out}", flush=True)
+    print(json.dumps(metrics["validation_train_arrays"]), flush=True)
+    return 0
+
+
+def command(args: argparse.Namespace) -> int:
+    """``percept train superres``."""
+    from training.data.arrays import PreparedDataError
+
+    try:
+        return train(args)
+    except (PreparedDataError, ValueError, FileNotFoundError) as error:
+        import sys
+
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Adds ``superres`` to the ``percept train`` subparsers (see training.cli_superres)."""
+    from training.cli_superres import register_train
+
+    return register_train(subparsers)

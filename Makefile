@@ -9,7 +9,7 @@ PROTO_DIR := protos
 PROTOS := $(wildcard $(PROTO_DIR)/percept/v1/*.proto)
 STYLE ?= starry-night
 
-.PHONY: setup run test protos bench lint train-superres train-style train-devise \
+.PHONY: setup run test protos bench lint data train-superres train-style train-devise \
         deploy deploy-validate clean
 
 ## setup: install everything that is missing (idempotent)
@@ -36,14 +36,24 @@ bench: setup
 lint: setup
 	@$(VENV)/bin/ruff check . && $(VENV)/bin/mypy services training benchmarks
 
-train-superres: setup
-	@$(PERCEPT) train superres $(ARGS)
+## data: the training photos (Debian wallpapers + scikit-image, with a held-out split) and
+## the prepared arrays every trainer reads (288 px crops and their 72 px bicubic pairs)
+data: setup
+	@$(PERCEPT) data photos
+	@$(PERCEPT) data prepare --photos data/photos/train --out data/prepared/sr288 \
+		--sizes 288 72 --crops-per-image 64 --seed 0
 
-train-style: setup
-	@$(PERCEPT) train style --style $(STYLE) $(ARGS)
+## train-*: train a default model (ARGS adds or overrides trainer flags); CPU runs are
+## reduced-size, a GPU trains at full size
+train-superres: data
+	@$(PERCEPT) train superres --data data/prepared/sr288 --out models/superres-psnr $(ARGS)
 
-train-devise: setup
+train-style: data
+	@$(PERCEPT) train style --style $(STYLE) --data data/prepared/sr288 $(ARGS)
+
+train-devise: data
 	@$(PERCEPT) train devise $(ARGS)
+	@$(PERCEPT) eval devise --update-metrics
 
 ## deploy-validate: render every overlay, validate offline, run the policy checks
 deploy-validate: setup

@@ -20,12 +20,13 @@ from typing import Any
 from benchmarks.common import RESULTS, machine
 
 BENCHMARKS = ["preprocess", "superres", "style", "noun_search", "embed", "search_scale"]
+# A module renders its result with markdown(result) or table(result), or format_table(result).
 README = Path(__file__).resolve().parent / "README.md"
 BEGIN, END = "<!-- BEGIN RESULTS -->", "<!-- END RESULTS -->"
 
 
 def render(module: Any, result: dict[str, Any]) -> str:
-    for name in ("markdown", "table"):
+    for name in ("markdown", "table", "format_table"):
         if hasattr(module, name):
             return str(getattr(module, name)(result))
     return "```\n" + json.dumps(result, indent=2) + "\n```"
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     parser.add_argument("--only", nargs="*", choices=BENCHMARKS, default=None)
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite README.md from the saved results/*.json, run nothing")
     args = parser.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
     sections = []
@@ -46,18 +49,27 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench] {name}: not present yet, skipped", flush=True)
                 continue
             raise
-        print(f"[bench] {name} ...", flush=True)
-        started = time.perf_counter()
-        result = module.run(quick=args.quick)
-        result["wall_seconds"] = round(time.perf_counter() - started, 1)
-        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+        saved = RESULTS / f"{name}.json"
+        if args.render_only:
+            if not saved.is_file():
+                continue
+            result = json.loads(saved.read_text())
+        else:
+            print(f"[bench] {name} ...", flush=True)
+            started = time.perf_counter()
+            result = module.run(quick=args.quick)
+            result["wall_seconds"] = round(time.perf_counter() - started, 1)
+            saved.write_text(json.dumps(result, indent=2, default=str))
         section = render(module, result)
         print(section, flush=True)
         sections.append(section)
     command = "make bench" if not args.quick else "python -m benchmarks.run --quick"
     if args.only:
         command += " (--only " + " ".join(args.only) + ")"
-    header = (f"Latest run: {dt.date.today().isoformat()}, `{command}`, machine: {machine()}")
+    header = (f"Latest run: {dt.date.today().isoformat()}, `{command}`, machine: {machine()}"
+              if not args.render_only else
+              f"Rendered {dt.date.today().isoformat()} from benchmarks/results/*.json; each "
+              "section names its own command and machine load.")
     block = "\n\n".join([header, *sections])
     text = README.read_text() if README.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     if BEGIN in text and END in text:

@@ -36,9 +36,11 @@ def server_config(service: str = "all", **overrides: object) -> ServerConfig:
 
 
 @pytest.fixture(scope="session")
-def all_server() -> Iterator[RunningServer]:
+def all_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """Every service in one process, as `percept serve all` runs them."""
-    running = start_in_thread(server_config("all", metrics_port=free_port()))
+    running = start_in_thread(server_config("all", metrics_port=free_port(),
+                                            data_dir=tmp_path_factory.mktemp("search")),
+                              timeout=900)
     yield running
     running.stop()
 

@@ -36,7 +36,8 @@ def test_services_never_import_trainer_code() -> None:
         "    importlib.import_module(spec.partition(':')[0])\n"
         "import services.cli, services.client\n"
         "allowed = ('training.nets', 'training.perceptual', 'training.assets')\n"
-        "bad = sorted(m for m in sys.modules if m.startswith('training.') and not m.startswith(allowed))\n"
+        "bad = sorted(m for m in sys.modules\n"
+        "             if m.startswith('training.') and not m.startswith(allowed))\n"
         "print(','.join(bad))\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=120)

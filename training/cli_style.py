@@ -101,6 +101,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                                                     DEFAULT_STYLE_LAYER_WEIGHTS.items()) + ")")
     loss.add_argument("--content-layer", default=DEFAULT_CONTENT_LAYER,
                       help=f"default: {DEFAULT_CONTENT_LAYER} (Johnson et al.)")
+    loss.add_argument("--vgg-pooling", choices=["max", "avg"], default="avg",
+                      help="VGG19 pooling in the loss network: avg (default; Gatys et al. "
+                           "2016) spreads the gradient over each 2x2 window, where max "
+                           "pooling's gradient hits one pixel in four and teaches the net "
+                           "periodic artifacts (Odena et al. 2016)")
     loss.add_argument("--tv-weight", type=float, default=5e4,
                       help="weight of total variation (default: 5e4)")
     run = parser.add_argument_group("run")

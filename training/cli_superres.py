@@ -117,6 +117,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--figure", default=None,
                         help="also save a small comparison picture here (e.g. "
                              "docs/images/superres_comparison.png)")
+    parser.add_argument("--figure-photos", nargs="*",
+                        default=["skimage-chelsea", "skimage-coffee"],
+                        help="photos (file stems) shown in --figure, one row each "
+                             "(default: skimage-chelsea skimage-coffee)")
     parser.add_argument("--update-metrics", action="store_true",
                         help="write the held-out numbers into each model's metrics.json")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -136,17 +136,20 @@ def markdown_table(summary: dict[str, dict[str, float]], tiles: int, photos: int
 
 
 def figure_rows(tiles: list[Tile], outputs: dict[str, np.ndarray], methods: list[str],
-                rows: int, crop: int) -> list[list[np.ndarray]]:
-    """Crops of the most detailed tiles (one per photo): method columns, then the original."""
+                rows: int, crop: int, photos: list[str] | None = None) -> list[list[np.ndarray]]:
+    """Centre crops of one tile per photo (its most detailed tile): method columns, then the
+    original. Photos are ``photos`` where given and present, else the most detailed tiles."""
     energy = [gradient_energy(rgb_to_y(t.hr)) for t in tiles]
-    chosen: list[int] = []
-    seen: set[str] = set()
-    for i in np.argsort(energy)[::-1]:
-        if tiles[i].photo not in seen:
-            chosen.append(int(i))
-            seen.add(tiles[i].photo)
-        if len(chosen) == rows:
+    ranked = [int(i) for i in np.argsort(energy)[::-1]]
+    wanted = [p for p in (photos or []) if any(t.photo == p for t in tiles)]
+    chosen: list[int] = [next(i for i in ranked if tiles[i].photo == p) for p in wanted][:rows]
+    seen = {tiles[i].photo for i in chosen}
+    for i in ranked:
+        if len(chosen) >= rows:
             break
+        if tiles[i].photo not in seen:
+            chosen.append(i)
+            seen.add(tiles[i].photo)
     result = []
     for i in chosen:
         size = tiles[i].hr.shape[0]
@@ -204,7 +207,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.figure:
         figure = Path(args.figure)
         figure.parent.mkdir(parents=True, exist_ok=True)
-        grid = image_grid(figure_rows(tiles, outputs, methods, rows=2, crop=128),
+        grid = image_grid(figure_rows(tiles, outputs, methods, rows=2, crop=128,
+                                      photos=args.figure_photos),
                           labels=[*methods, "original"])
         grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST) \
             .save(figure, optimize=True)

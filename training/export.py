@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import shlex
 import subprocess
-import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,10 @@ from torch import nn
 
 from training import nets
 from training.assets import REPO_ROOT, sha256_of
+from training.command import command_line
+
+__all__ = ["command_line", "data_entry", "export_artifact", "fp16_state_dict", "git_sha",
+           "load_exported", "update_metrics"]
 
 WEIGHTS = "weights.safetensors"
 
@@ -43,20 +45,6 @@ def git_sha(repo: Path = REPO_ROOT) -> str:
         return "uncommitted"
     sha = result.stdout.strip()
     return sha if result.returncode == 0 and len(sha) == 40 else "uncommitted"
-
-
-def command_line(argv: Iterable[str] | None = None) -> str:
-    """The exact command that is running, shell-quoted."""
-    parts = list(sys.argv if argv is None else argv)
-    if parts and Path(parts[0]).name == "percept":
-        parts[0] = "percept"
-    elif parts and parts[0].endswith(".py"):  # ``python -m package.module`` sets argv[0]
-        try:
-            module = Path(parts[0]).resolve().relative_to(REPO_ROOT).with_suffix("")
-            parts[0:1] = ["python", "-m", ".".join(module.parts).removesuffix(".__main__")]
-        except ValueError:
-            parts.insert(0, "python")
-    return " ".join(shlex.quote(p) for p in parts)
 
 
 def data_entry(path: Path, **extra: Any) -> dict[str, Any]:

@@ -220,7 +220,7 @@ class PerceptualStyleLoss(nn.Module):
 
     def __init__(self, style_image: Tensor, device: torch.device, *, content_layer: str,
                  style_layers: Mapping[str, float], content_weight: float,
-                 style_weight: float, tv_weight: float) -> None:
+                 style_weight: float, tv_weight: float, pooling: str = "max") -> None:
         super().__init__()
         from training.nets.vgg19 import check_layers, load_vgg19
         from training.perceptual.losses import gram_matrix
@@ -230,7 +230,9 @@ class PerceptualStyleLoss(nn.Module):
             raise ValueError("loss weights must be >= 0")
         if not any(w > 0 for w in style_layers.values()) and style_weight > 0:
             raise ValueError("every style layer weight is zero")
-        self.vgg = load_vgg19(device)
+        if pooling not in ("max", "avg"):
+            raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
+        self.vgg = load_vgg19(device, pooling="avg" if pooling == "avg" else "max")
         self.content_layer = content_layer
         self.style_layers = {k: float(v) for k, v in style_layers.items() if v > 0}
         self.content_weight = content_weight
@@ -361,7 +363,7 @@ def train(args: argparse.Namespace) -> int:
     criterion = PerceptualStyleLoss(
         to_tensor(style_rgb[None], device), device, content_layer=args.content_layer,
         style_layers=layer_weights, content_weight=args.content_weight,
-        style_weight=args.style_weight, tv_weight=args.tv_weight)
+        style_weight=args.style_weight, tv_weight=args.tv_weight, pooling=args.vgg_pooling)
     lr = args.lr if args.lr is not None else (GPU_LR if device.type == "cuda" else CPU_LR)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = recipe["steps"]
@@ -476,7 +478,7 @@ def train(args: argparse.Namespace) -> int:
         "channels_last": channels_last,
         "loss_weights": {"content": args.content_weight, "content_layer": args.content_layer,
                          "style": args.style_weight, "style_layers": layer_weights,
-                         "tv": args.tv_weight},
+                         "tv": args.tv_weight, "vgg_pooling": args.vgg_pooling},
         "train_seconds": round(train_seconds, 1),
         "cpu_seconds": round(cpu_seconds, 1),
         "seconds_per_step": round(train_seconds / max(1, step), 3),
@@ -494,7 +496,8 @@ def train(args: argparse.Namespace) -> int:
                        "instance norm, resize-convolution upsampling, tanh output)",
         "loss": {"content_layer": args.content_layer, "style_layers": layer_weights,
                  "content_weight": args.content_weight, "style_weight": args.style_weight,
-                 "tv_weight": args.tv_weight, "style_size": args.style_size},
+                 "tv_weight": args.tv_weight, "style_size": args.style_size,
+                 "vgg_pooling": args.vgg_pooling},
     }
     from training.assets import vgg19_weights_path
 

@@ -45,11 +45,38 @@ def test_a_failed_call_prints_status_and_message_and_exits_non_zero(
     assert capsys.readouterr().err.strip() == "INVALID_ARGUMENT: not a decodable content image"
 
 
-def test_unimplemented_services_are_reported_not_faked(all_server: RunningServer, cat_png: Path,
-                                                        tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["label", str(cat_png), "--json", "--target", all_server.target]) == 1
-    assert capsys.readouterr().err.startswith("UNIMPLEMENTED: ")
+def test_label_json_has_the_documented_shape(all_server: RunningServer, tmp_path: Path,
+                                             photo: np.ndarray,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    path = tmp_path / "cat.jpg"
+    path.write_bytes(encode(photo, "JPEG"))
+    assert main(["label", str(path), "--top", "3", "--json", "--target", all_server.target]) == 0
+    labels = json.loads(capsys.readouterr().out)["labels"]
+    assert len(labels) == 3
+    for label in labels:
+        assert set(label) == {"wnid", "lemmas", "gloss", "score"}
+        assert label["wnid"].startswith("n") and len(label["wnid"]) == 9
+        assert isinstance(label["lemmas"], list) and isinstance(label["score"], float)
+
+
+def test_search_json_has_the_documented_shape(all_server: RunningServer, tmp_path: Path,
+                                              photo: np.ndarray,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.png").write_bytes(encode(photo))
+    (folder / "broken.png").write_bytes(b"not an image")
+    assert main(["index", str(folder), "--quiet", "--target", all_server.target]) == 0
+    captured = capsys.readouterr()
+    assert "indexed 1 of 2 images; skipped 1" in captured.out
+    assert "broken.png" in captured.err and "not a decodable image" in captured.err
+    assert main(["search", "a cat", "--top", "1", "--json", "--target", all_server.target]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert set(hits[0]) == {"id", "uri", "score"}
 
 
 def test_missing_input_file_exits_2(all_server: RunningServer, tmp_path: Path,

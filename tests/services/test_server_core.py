@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -176,11 +177,15 @@ def test_bad_options_get_invalid_argument(all_server: RunningServer, small_photo
     assert message in error.value.details()
 
 
-def test_unimplemented_rpcs_say_so_clearly(all_server: RunningServer, photo: np.ndarray) -> None:
-    with pytest.raises(grpc.RpcError) as error:
-        client.upscale(client.connect(all_server.target), encode(photo))
-    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "super-resolution" in error.value.details()
+def test_a_service_without_models_says_so_clearly(tmp_path: Path, photo: np.ndarray) -> None:
+    running = start_in_thread(server_config("superres", models_dir=tmp_path))
+    try:
+        with pytest.raises(grpc.RpcError) as error:
+            client.upscale(client.connect(running.target), encode(photo))
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "no super-resolution model is installed" in error.value.details()
+    finally:
+        running.stop()
 
 
 def test_metrics_endpoint_counts_requests_by_status(all_server: RunningServer,

@@ -160,7 +160,9 @@ def test_order_is_deterministic_for_a_seed(sources: dict[str, Path], tmp_path: P
     assert first["items"] == second["items"] and np.array_equal(a, b)
     assert first["items"] != other["items"] and not np.array_equal(a, c)
     # the order is shuffled, not grouped by source
-    assert [item[0] for item in first["items"]] != sorted(item[0] for item in first["items"])
+    items = first["items"]
+    assert isinstance(items, list)
+    assert [item[0] for item in items] != sorted(item[0] for item in items)
 
 
 def test_manifest_records_sources_and_sha256(sources: dict[str, Path], tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ def test_configurable_width_blocks_and_no_transposed_convolutions() -> None:
     big = nets.build({"type": "superres-resnet", "width": 16, "blocks": 4, "tail_width": 16})
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(big) > 3 * count(small)
-    assert len(big.blocks) == 4
+    assert isinstance(big, SuperResolutionNet) and len(big.blocks) == 4
     for model in (small, big):
         assert not any(isinstance(m, nn.ConvTranspose2d) for m in model.modules())
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -70,6 +70,7 @@ def test_untrained_model_starts_near_bicubic() -> None:
 def test_icnr_subpixels_start_identical() -> None:
     model = nets.build({"type": "superres-resnet", "width": 8, "blocks": 1,
                         "upsample": "pixelshuffle"})
+    assert isinstance(model, SuperResolutionNet)
     weight = model.up1.conv.weight.detach()
     groups = weight.view(8, 4, *weight.shape[1:])
     assert torch.equal(groups, groups[:, :1].expand_as(groups))

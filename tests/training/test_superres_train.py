@@ -108,7 +108,7 @@ def test_perceptual_loss_trains(prepared: Path, tmp_path: Path) -> None:
                               "--pixel-weight", "0.1", "--perceptual-weight", "1e-5",
                               "--tv-weight", "0.1", "--sample-every", "0"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["final_loss"]) == {"total", "pixel", "perceptual", "tv"}
+    assert set(metrics["final_loss"]) == {"total", "pixel", "perceptual", "tv", "l1_vs_bicubic"}
 
 
 def test_missing_data_is_a_clear_error(tmp_path: Path,

@@ -23,7 +23,6 @@ import datetime as dt
 import json
 import multiprocessing
 import os
-import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from training.assets import REPO_ROOT, sha256_of
+from training.command import command_line
 from training.data.images import (
     Box,
     centre_square,
@@ -246,7 +246,7 @@ def command(args: argparse.Namespace) -> int:
     try:
         sources = find_sources([Path(p) for p in args.photos], allow_heldout=args.allow_heldout)
         manifest = prepare(sources, Path(args.out), args.sizes, args.crops_per_image,
-                           args.seed, args.workers, command=_command_line(),
+                           args.seed, args.workers, command=command_line(),
                            progress=not args.quiet)
     except PrepareError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
@@ -254,8 +254,3 @@ def command(args: argparse.Namespace) -> int:
     print(f"[prepare] {manifest['count']} items x sizes {manifest['sizes']} from "
           f"{len(sources)} images -> {args.out}")
     return 0
-
-
-def _command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["percept", *sys.argv[1:]]) \
-        if Path(sys.argv[0]).name == "percept" else " ".join(shlex.quote(a) for a in sys.argv)

@@ -1,0 +1,130 @@
+"""Embedding service on the CPU: LabelImage latency (served vs the direct in-process call),
+EmbedImages throughput with micro-batching vs batching off, and resident memory.
+
+python -m benchmarks.bench_embed [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from benchmarks.common import RESULTS, free_port, machine, markdown_table, peak_rss_mb, served
+from benchmarks.image_models import photo, png
+from percept.v1 import embed_pb2, embed_pb2_grpc
+from services import client
+from training.assets import REPO_ROOT
+
+
+def _percentiles(seconds: list[float]) -> tuple[float, float]:
+    ordered = sorted(seconds)
+    return (statistics.median(ordered) * 1000,
+            ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))] * 1000)
+
+
+def label_latency(requests: int) -> list[dict[str, Any]]:
+    data = png(photo(224))
+    rows = []
+    with served("embed", compile="off") as server:
+        module = server.server.modules[0]
+        channel = client.connect(server.target)
+        served_times, direct_times = [], []
+        client.label_image(channel, data)
+        for _ in range(requests):
+            started = time.perf_counter()
+            client.label_image(channel, data, k=5)
+            served_times.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            vector = asyncio.run_coroutine_threadsafe(module.embed_images([data]),
+                                                      server.loop).result()[0]
+            module.index.search(vector[None], 5)
+            direct_times.append(time.perf_counter() - started)
+    for name, times in (("LabelImage over gRPC", served_times),
+                        ("in-process embed + search (baseline)", direct_times)):
+        p50, p99 = _percentiles(times)
+        rows.append({"variant": name, "requests": requests, "p50_ms": p50, "p99_ms": p99})
+    return rows
+
+
+def batching_throughput(requests: int) -> list[dict[str, Any]]:
+    images = [png(photo(224 + i)) for i in range(4)]
+    rows = []
+    for label, batch in (("no batching (max_batch=1)", 1), ("micro-batching (max_batch=16)", 16)):
+        with served("embed", max_batch=batch, max_wait_ms=10) as server:
+            stub = embed_pb2_grpc.EmbeddingStub(client.connect(server.target))
+
+            def call(i: int, stub: Any = stub) -> None:
+                stub.EmbedImages(embed_pb2.EmbedImagesRequest(images=[images[i % 4]]),
+                                 timeout=600)
+
+            call(0)
+            started = time.perf_counter()
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(call, range(requests)))
+            elapsed = time.perf_counter() - started
+        rows.append({"variant": label, "concurrency": 16, "requests": requests,
+                     "images_per_s": requests / elapsed})
+    rows[1]["speedup"] = rows[1]["images_per_s"] / rows[0]["images_per_s"]
+    return rows
+
+
+def resident_memory(requests: int = 20) -> dict[str, Any]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "embed", "--host",
+                                "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+                                "--log-level", "warning"], cwd=REPO_ROOT,
+                               env={**os.environ, "GRPC_VERBOSITY": "ERROR"})
+    try:
+        channel = client.connect(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                if client.health_status(channel, timeout=1) == "SERVING":
+                    break
+            except Exception:
+                time.sleep(0.5)
+        data = png(photo(512))
+        for _ in range(requests):
+            client.label_image(channel, data)
+        return {"peak_rss_mb": peak_rss_mb(process.pid), "target_mb": 1536,
+                "after": f"start-up + {requests} LabelImage calls"}
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    return {"machine": machine(), "latency": label_latency(20 if quick else 100),
+            "batching": batching_throughput(32 if quick else 96),
+            "memory": resident_memory()}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    memory = result["memory"]
+    return "\n".join([
+        "### Embedding service (EfficientNet-Lite0 + ConSE, 224 px)", "",
+        markdown_table(["variant", "requests", "p50 ms", "p99 ms"],
+                       [(r["variant"], r["requests"], r["p50_ms"], r["p99_ms"])
+                        for r in result["latency"]]), "",
+        markdown_table(["EmbedImages", "concurrency", "requests", "images/s", "x"],
+                       [(r["variant"], r["concurrency"], r["requests"], r["images_per_s"],
+                         r.get("speedup", 1.0)) for r in result["batching"]]), "",
+        f"Resident memory of `percept serve embed`: peak {memory['peak_rss_mb']:.0f} MB "
+        f"after {memory['after']} (target < {memory['target_mb']} MB)."])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    outcome = run(parser.parse_args().quick)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "embed.json").write_text(json.dumps(outcome, indent=2))
+    print(markdown(outcome))

@@ -9,19 +9,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from benchmarks.common import RESULTS, free_port, machine, markdown_table, peak_rss_mb, served
+from benchmarks.common import RESULTS, machine, markdown_table, peak_rss_mb, served, server_process
 from benchmarks.image_models import photo, png
 from percept.v1 import embed_pb2, embed_pb2_grpc
 from services import client
-from training.assets import REPO_ROOT
 
 
 def _percentiles(seconds: list[float]) -> tuple[float, float]:
@@ -77,28 +73,12 @@ def batching_throughput(requests: int) -> list[dict[str, Any]]:
 
 
 def resident_memory(requests: int = 20) -> dict[str, Any]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "embed", "--host",
-                                "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-                                "--log-level", "warning"], cwd=REPO_ROOT,
-                               env={**os.environ, "GRPC_VERBOSITY": "ERROR"})
-    try:
-        channel = client.connect(f"127.0.0.1:{port}")
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                if client.health_status(channel, timeout=1) == "SERVING":
-                    break
-            except Exception:
-                time.sleep(0.5)
+    with server_process("embed") as (process, channel):
         data = png(photo(512))
         for _ in range(requests):
             client.label_image(channel, data)
         return {"peak_rss_mb": peak_rss_mb(process.pid), "target_mb": 1536,
                 "after": f"start-up + {requests} LabelImage calls"}
-    finally:
-        process.terminate()
-        process.wait(60)
 
 
 def run(quick: bool = False) -> dict[str, Any]:

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from typing import Any
 
-from benchmarks.common import RESULTS, free_port, peak_rss_mb
+from benchmarks.common import RESULTS, peak_rss_mb, server_process
 from benchmarks.image_models import bench, photo, png, report
 from services import client
 from services.common.artifacts import list_artifacts
@@ -30,20 +27,7 @@ def call(channel: Any, data: bytes) -> None:
 def memory_2048() -> dict[str, Any]:
     """Upscales a 2048x2048 photo through a `percept serve superres` subprocess and reads
     the server's peak resident memory (VmHWM)."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "superres",
-                               "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-                               "--log-format", "text", "--log-level", "warning"],
-                              cwd=REPO_ROOT, env={**os.environ, "GRPC_VERBOSITY": "ERROR"})
-    try:
-        channel = client.connect(f"127.0.0.1:{port}")
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if client.health_status(channel, timeout=1) == "SERVING":
-                    break
-            except Exception:
-                time.sleep(0.5)
+    with server_process("superres") as (server, channel):
         baseline = peak_rss_mb(server.pid)
         data = png(photo(2048))
         started = time.perf_counter()
@@ -52,9 +36,6 @@ def memory_2048() -> dict[str, Any]:
         return {"input": "2048x2048", "output": f"{response.width}x{response.height}",
                 "seconds": seconds, "peak_rss_mb": peak_rss_mb(server.pid),
                 "rss_after_start_mb": baseline, "target_mb": 3000}
-    finally:
-        server.terminate()
-        server.wait(60)
 
 
 def run(quick: bool = False) -> dict[str, Any]:

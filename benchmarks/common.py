@@ -96,6 +96,37 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextmanager
+def server_process(service: str) -> Iterator[tuple[Any, Any]]:
+    """`percept serve SERVICE` in a subprocess (its memory is its own); yields (process,
+    channel) once it is SERVING, and stops it afterwards."""
+    import subprocess
+    import sys
+
+    from services import client
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", service,
+                                "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
+                                "0", "--log-format", "text", "--log-level", "warning"],
+                               cwd=REPO_ROOT, env={**os.environ, "GRPC_VERBOSITY": "ERROR"})
+    try:
+        channel = client.connect(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                if client.health_status(channel, timeout=1) == "SERVING":
+                    break
+            except Exception:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError(f"{service} never became SERVING")
+        yield process, channel
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
 def peak_rss_mb(pid: int) -> float:
     """VmHWM (peak resident set) of a process, in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

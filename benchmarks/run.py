@@ -28,7 +28,9 @@ BEGIN, END = "<!-- BEGIN RESULTS -->", "<!-- END RESULTS -->"
 def render(module: Any, result: dict[str, Any]) -> str:
     for name in ("markdown", "table", "format_table"):
         if hasattr(module, name):
-            return str(getattr(module, name)(result))
+            text = str(getattr(module, name)(result))
+            is_markdown = any(line.startswith(("|", "#")) for line in text.splitlines())
+            return text if is_markdown else f"```\n{text}\n```"
     return "```\n" + json.dumps(result, indent=2) + "\n```"
 
 

@@ -183,8 +183,16 @@ def fetch_debian_asset(asset: DebianAsset, quiet: bool = False) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         if not quiet:
             print(f"[assets] apt-get download {asset.package}", flush=True)
-        subprocess.run(["apt-get", "download", "-q", asset.package], cwd=tmp, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        download = ["apt-get", "download", "-q", asset.package]
+        if subprocess.run(download, cwd=tmp, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode != 0:
+            # stale or missing package lists on a fresh machine: refresh them once
+            subprocess.run(["apt-get", "update", "-qq"], check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            result = subprocess.run(download, cwd=tmp, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"apt-get download {asset.package} failed: "
+                                   f"{result.stderr.strip()[-500:]}")
         debs = list(Path(tmp).glob(f"{asset.package}_*.deb"))
         if len(debs) != 1:
             raise RuntimeError(f"expected one .deb for {asset.package}, got {debs}")

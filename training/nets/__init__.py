@@ -56,5 +56,6 @@ def build(architecture: Mapping[str, Any]) -> nn.Module:
     spec = dict(architecture)
     kind = spec.pop("type", None)
     if kind not in _ARCHITECTURES:
-        raise ValueError(f"unknown architecture {kind!r}; known: {', '.join(sorted(_ARCHITECTURES))}")
+        known = ", ".join(sorted(_ARCHITECTURES))
+        raise ValueError(f"unknown architecture {kind!r}; known: {known}")
     return _ARCHITECTURES[kind](**spec)

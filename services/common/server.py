@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -78,6 +79,37 @@ def build_modules(config: ServerConfig) -> list[ServiceModule]:
     return modules
 
 
+class ReadinessGate(grpc.aio.ServerInterceptor):
+    """Answers UNAVAILABLE to service RPCs until the models are loaded and warm (health and
+    reflection always pass), so an early client retries instead of meeting half-loaded
+    state."""
+
+    def __init__(self) -> None:
+        self.ready = False
+
+    async def intercept_service(self, continuation: Any,
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or self.ready or method.startswith(("/grpc.health.",
+                                                               "/grpc.reflection.")):
+            return handler
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "the server is still loading its models; retry when "
+                                "grpc.health.v1 reports SERVING")
+
+        for kind, factory in (("unary_unary", grpc.unary_unary_rpc_method_handler),
+                              ("unary_stream", grpc.unary_stream_rpc_method_handler),
+                              ("stream_unary", grpc.stream_unary_rpc_method_handler),
+                              ("stream_stream", grpc.stream_stream_rpc_method_handler)):
+            if getattr(handler, kind):
+                return factory(refuse, request_deserializer=handler.request_deserializer,
+                               response_serializer=handler.response_serializer)
+        return handler
+
+
 class PerceptServer:
     """A grpc.aio server hosting one or more ServiceModules."""
 
@@ -92,6 +124,7 @@ class PerceptServer:
         self._health = health.aio.HealthServicer()
         self._metrics_http: object | None = None
         self._interceptor = MetricsInterceptor()
+        self._gate = ReadinessGate()
 
     @property
     def service_names(self) -> list[str]:
@@ -113,7 +146,7 @@ class PerceptServer:
             ("grpc.max_connection_age_ms", 300_000),
             ("grpc.max_connection_age_grace_ms", 60_000),
         ]
-        server = grpc.aio.server(options=options, interceptors=[self._interceptor])
+        server = grpc.aio.server(options=options, interceptors=[self._interceptor, self._gate])
         for module in self.modules:
             module.add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -136,6 +169,7 @@ class PerceptServer:
             await module.load()
             if config.warmup:
                 await module.warmup()
+        self._gate.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
         log.info("serving", extra={"port": self.port,

@@ -4,6 +4,8 @@ separately (``--embed-target``), or in-process (``percept serve all``)."""
 from __future__ import annotations
 
 import abc
+import asyncio
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -73,8 +75,18 @@ class RemoteEmbedder(Embedder):
                             code=error.code() if error.code() != grpc.StatusCode.UNAVAILABLE
                             else Unavailable.code)
 
-    async def start(self) -> None:
-        probe = await self.embed_text_batch(["dimension probe"])
+    async def start(self, wait_seconds: float = 900.0) -> None:
+        """Waits (up to ``wait_seconds``) until the Embedding service answers, then reads
+        its dimension: in a cluster it may still be loading when search starts."""
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                probe = await self.embed_text_batch(["dimension probe"])
+                break
+            except ServiceError as error:
+                if error.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1.0)
         self.dimension = int(probe.shape[1])
 
     async def close(self) -> None:

@@ -3,8 +3,6 @@ classifies real photos correctly."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -18,14 +16,7 @@ from training.nets.efficientnet_lite import (
     resize_and_centre_crop,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads() -> Iterator[None]:
-    """Small tensors: one intra-op thread is fastest on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:

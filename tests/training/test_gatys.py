@@ -3,7 +3,7 @@ real on the ImageNet VGG19 at tiny sizes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -22,14 +22,7 @@ from training.perceptual.gatys import (
 )
 from training.perceptual.losses import gram_matrix, total_variation_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads() -> Iterator[None]:
-    """Small tensors: one intra-op thread is fastest on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Shallow layers keep the tests that do not need the full objective fast.

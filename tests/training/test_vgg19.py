@@ -4,8 +4,6 @@ classifier's far better than a randomly initialised VGG19's do)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -20,14 +18,7 @@ from training.nets.vgg19 import (
     load_vgg19,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads() -> Iterator[None]:
-    """Small tensors: one intra-op thread is fastest on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Real photos (and real greyscale photos/textures) bundled with scikit-image.

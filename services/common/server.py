@@ -86,6 +86,13 @@ class ReadinessGate(grpc.aio.ServerInterceptor):
 
     def __init__(self) -> None:
         self.ready = False
+        self.reason = ("the server is still loading its models; retry when grpc.health.v1 "
+                       "reports SERVING")
+
+    def close(self) -> None:
+        """Refuses new service RPCs from now on (the drain)."""
+        self.ready = False
+        self.reason = "the server is shutting down; retry on another replica"
 
     async def intercept_service(self, continuation: Any,
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -95,10 +102,10 @@ class ReadinessGate(grpc.aio.ServerInterceptor):
                                                                "/grpc.reflection.")):
             return handler
 
+        reason = self.reason
+
         async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "the server is still loading its models; retry when "
-                                "grpc.health.v1 reports SERVING")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
 
         for kind, factory in (("unary_unary", grpc.unary_unary_rpc_method_handler),
                               ("unary_stream", grpc.unary_stream_rpc_method_handler),
@@ -179,20 +186,20 @@ class PerceptServer:
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once, then drain in-flight RPCs for up to ``grace`` seconds.
 
-        New RPCs are refused from the start. Once the in-flight work RPCs have finished, the
-        remaining health Watch streams are closed too, so a watching client cannot hold the
-        drain open for the whole grace period."""
+        New service RPCs get UNAVAILABLE from the start (the readiness gate closes). Once the
+        in-flight work RPCs have finished, or the grace period is over, the gRPC server stops
+        (once: concurrent stop() calls are unsafe in grpc.aio), which also closes health
+        Watch streams, so a watching client cannot hold the drain open."""
         grace = self.config.drain_seconds if grace is None else grace
+        self._gate.close()
         await self._health.enter_graceful_shutdown()
         log.info("draining", extra={"grace_seconds": grace,
                                     "in_flight": self._interceptor.active_work})
         if self._server is not None:
-            stopping = asyncio.ensure_future(self._server.stop(grace))
-            while self._interceptor.active_work > 0 and not stopping.done():
+            deadline = time.monotonic() + grace
+            while self._interceptor.active_work > 0 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            if not stopping.done():
-                await self._server.stop(0)
-            await stopping
+            await self._server.stop(max(0.0, min(1.0, deadline - time.monotonic())))
         for module in self.modules:
             await module.close()
         if self._metrics_http is not None and hasattr(self._metrics_http, "shutdown"):

@@ -2,11 +2,12 @@
 
 For every ``models/style-*`` artifact and every held-out photo it measures:
 
-- **Style-loss ratio**: the Gram style loss (Gatys et al. 2016, eqs. 4-5; with the model's
-  own per-layer weights and style-image size from its config.json) of the stylised photo
-  against the style image, divided by that of the content photo itself. Below 1 means the
-  network moved the photo's feature statistics towards the style; a good model gets well
-  below 0.5.
+- **Style-loss ratio**: the Gram style loss (Gatys et al. 2016, eqs. 4-5) of the stylised
+  photo against the style image, divided by that of the photo itself, with the model's own
+  loss network from its config.json (VGG pooling, style layers, per-layer weights,
+  style-image size). Below 1 means the network moved the photo's feature statistics
+  towards the style. **Gram ratios**: the same per layer (relu1_2 ... relu4_3) with the
+  standard max-pooling VGG19 and no weights, and their mean.
 - **Content loss** at relu2_2 (the training layer) and relu3_3 (Johnson et al. 2016,
   eq. 2) of the stylised photo against the photo, and as a ratio to the content loss of the
   style image (resized to the photo) against the photo: the output must stay far closer to
@@ -76,6 +77,20 @@ def _nyquist_lines(power: np.ndarray) -> float:
     return float(total / (height + width - 1))
 
 
+def _line_peak(power: np.ndarray, row: int, col: int, band: int | None) -> float:
+    """Mean power on row ``row`` and column ``col`` of the spectrum over the mean power
+    on the ``band`` rows and columns on either side of them."""
+    height, width = power.shape
+    band = band or max(2, min(height, width) // 32)
+    offsets = [d for d in range(-band, band + 1) if d]
+    rows = [(row + d) % height for d in offsets]
+    cols = [(col + d) % width for d in offsets]
+    lines = (power[row, :].sum() + power[:, col].sum()) / (width + height)
+    neighbours = (power[rows, :].sum() + power[:, cols].sum()) / (len(rows) * width
+                                                                  + len(cols) * height)
+    return float(lines / neighbours) if neighbours > 0 else 0.0
+
+
 def nyquist_energy(image: np.ndarray) -> float:
     """Mean power of the luma's 2D FFT on the Nyquist row and column (the highest frequency
     along each axis), as a multiple of the mean AC power of the whole spectrum."""
@@ -96,13 +111,20 @@ def nyquist_peak(image: np.ndarray, band: int | None = None) -> float:
     """
     power = _power_spectrum(image)
     height, width = power.shape
-    band = band or max(2, min(height, width) // 32)
-    offsets = [d for d in range(-band, band + 1) if d]
-    rows = [(height // 2 + d) % height for d in offsets]
-    cols = [(width // 2 + d) % width for d in offsets]
-    neighbours = (power[rows, :].sum() + power[:, cols].sum()) / (len(rows) * width
-                                                                  + len(cols) * height)
-    return _nyquist_lines(power) / neighbours if neighbours > 0 else 0.0
+    return _line_peak(power, height // 2, width // 2, band)
+
+
+def quarter_peak(image: np.ndarray, band: int | None = None) -> float:
+    """:func:`nyquist_peak` at a quarter of the sampling frequency (period 4, where two x2
+    upsampling stages put their pattern); H and W should be multiples of 4."""
+    power = _power_spectrum(image)
+    height, width = power.shape
+    return _line_peak(power, height // 4, width // 4, band)
+
+
+def quarter_ratio(output: np.ndarray, content: np.ndarray) -> float:
+    """:func:`quarter_peak` of ``output`` over that of ``content``."""
+    return float(quarter_peak(output) / max(quarter_peak(content), 1e-12))
 
 
 def nyquist_ratio(output: np.ndarray, content: np.ndarray) -> float:
@@ -119,14 +141,15 @@ def nyquist_energy_ratio(output: np.ndarray, content: np.ndarray) -> float:
 
 # -- photos -------------------------------------------------------------------------------
 def resize_short_side(image: np.ndarray, size: int) -> np.ndarray:
-    """Resizes the shortest side to ``size`` (Lanczos) and centre-crops to even H and W."""
+    """Resizes the shortest side to ``size`` (Lanczos) and centre-crops H and W to
+    multiples of 4 (the Nyquist and quarter-frequency measures need whole periods)."""
     pil = Image.fromarray(image)
     scale = size / min(pil.size)
     if scale != 1:
         pil = pil.resize((max(2, round(pil.width * scale)), max(2, round(pil.height * scale))),
                          Image.Resampling.LANCZOS)
     array = np.asarray(pil)
-    height, width = array.shape[0] // 2 * 2, array.shape[1] // 2 * 2
+    height, width = array.shape[0] // 4 * 4, array.shape[1] // 4 * 4
     top, left = (array.shape[0] - height) // 2, (array.shape[1] - width) // 2
     return np.ascontiguousarray(array[top:top + height, left:left + width])
 
@@ -191,6 +214,10 @@ class StyleModel:
         return dict(loss.get("style_layers", DEFAULT_STYLE_LAYER_WEIGHTS))
 
     @property
+    def vgg_pooling(self) -> str:
+        return str(self.config.get("loss", {}).get("vgg_pooling", "max"))
+
+    @property
     def style_size(self) -> int:
         return int(self.config.get("loss", {}).get("style_size", 256))
 
@@ -249,42 +276,61 @@ def stylise_image(module: nn.Module, image: np.ndarray,
 
 # -- the measures -------------------------------------------------------------------------
 class StyleMeasures:
-    """Style and content losses on VGG19 (the training network), one VGG for all models."""
+    """Style and content losses on VGG19, shared by every model.
+
+    The style loss uses each model's own loss network (its VGG pooling, style layers and
+    per-layer weights from config.json), so the ratio is the objective it was trained on;
+    the per-layer Gram ratios and the content losses use the standard max-pooling VGG19.
+    """
 
     CONTENT_LAYERS = ("relu2_2", "relu3_3")
+    GRAM_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self._grams: dict[tuple[str, str, tuple[str, ...]], dict[str, Tensor]] = {}
+
+    def vgg(self, pooling: str = "max") -> nn.Module:
         from training.nets.vgg19 import load_vgg19
 
-        self.device = torch.device(device)
-        self.vgg = load_vgg19(self.device)
-        self._grams: dict[tuple[str, int], dict[str, Tensor]] = {}
+        return load_vgg19(self.device, pooling="avg" if pooling == "avg" else "max")
 
-    def style_grams(self, key: str, style: np.ndarray, layers: Sequence[str]
-                    ) -> dict[str, Tensor]:
+    def features(self, image: np.ndarray, layers: Sequence[str],
+                 pooling: str = "max") -> dict[str, Tensor]:
+        with torch.no_grad():
+            result: dict[str, Tensor] = self.vgg(pooling)(to_batch(image, self.device),
+                                                          list(layers))
+        return result
+
+    def style_grams(self, key: str, style: np.ndarray, layers: Sequence[str],
+                    pooling: str = "max") -> dict[str, Tensor]:
         from training.perceptual.losses import gram_matrix
 
-        cache_key = (key, hash(tuple(layers)))
+        cache_key = (key, pooling, tuple(layers))
         if cache_key not in self._grams:
-            with torch.no_grad():
-                features = self.vgg(to_batch(style, self.device), list(layers))
+            features = self.features(style, layers, pooling)
             self._grams[cache_key] = {k: gram_matrix(v) for k, v in features.items()}
         return self._grams[cache_key]
 
     def style_loss(self, image: np.ndarray, grams: Mapping[str, Tensor],
-                   weights: Mapping[str, float]) -> float:
+                   weights: Mapping[str, float], pooling: str = "max") -> float:
         from training.perceptual.losses import style_loss
 
-        with torch.no_grad():
-            features = self.vgg(to_batch(image, self.device), list(grams))
-            return float(style_loss(features, grams, weights))
+        return float(style_loss(self.features(image, list(grams), pooling), grams, weights))
+
+    def gram_distances(self, image: np.ndarray, grams: Mapping[str, Tensor]
+                       ) -> dict[str, float]:
+        """Per-layer squared Frobenius Gram distance to ``grams`` (max-pooling VGG)."""
+        from training.perceptual.losses import gram_distance, gram_matrix
+
+        features = self.features(image, list(grams))
+        return {k: float(gram_distance(gram_matrix(v), grams[k])) for k, v in features.items()}
 
     def content_losses(self, image: np.ndarray, content: np.ndarray) -> dict[str, float]:
         from training.perceptual.losses import content_loss
 
-        with torch.no_grad():
-            a = self.vgg(to_batch(image, self.device), self.CONTENT_LAYERS)
-            b = self.vgg(to_batch(content, self.device), self.CONTENT_LAYERS)
+        a = self.features(image, self.CONTENT_LAYERS)
+        b = self.features(content, self.CONTENT_LAYERS)
         return {layer: float(content_loss(a[layer], b[layer])) for layer in self.CONTENT_LAYERS}
 
 
@@ -294,9 +340,13 @@ def measure(model: StyleModel, photo: np.ndarray, measures: StyleMeasures,
     if output is None:
         output = stylise_image(model.module, photo, measures.device)
     weights = {k: v for k, v in model.style_layers.items() if v > 0}
-    grams = measures.style_grams(model.name, style, list(weights))
-    style_output = measures.style_loss(output, grams, weights)
-    style_photo = measures.style_loss(photo, grams, weights)
+    pooling = model.vgg_pooling
+    grams = measures.style_grams(model.name, style, list(weights), pooling)
+    style_output = measures.style_loss(output, grams, weights, pooling)
+    style_photo = measures.style_loss(photo, grams, weights, pooling)
+    standard = measures.style_grams(model.name, style, StyleMeasures.GRAM_LAYERS)
+    gram_output = measures.gram_distances(output, standard)
+    gram_photo = measures.gram_distances(photo, standard)
     content_output = measures.content_losses(output, photo)
     painting = np.asarray(Image.fromarray(style).resize((photo.shape[1], photo.shape[0]),
                                                         Image.Resampling.BICUBIC))
@@ -305,14 +355,19 @@ def measure(model: StyleModel, photo: np.ndarray, measures: StyleMeasures,
         "style_loss_output": style_output,
         "style_loss_photo": style_photo,
         "style_loss_ratio": style_output / max(style_photo, 1e-12),
-        "nyquist_ratio": nyquist_ratio(output, photo),
-        "nyquist_energy_ratio": nyquist_energy_ratio(output, photo),
     }
+    for layer in StyleMeasures.GRAM_LAYERS:
+        result[f"gram_ratio_{layer}"] = gram_output[layer] / max(gram_photo[layer], 1e-12)
+    result["gram_ratio_mean"] = float(np.mean([result[f"gram_ratio_{layer}"]
+                                               for layer in StyleMeasures.GRAM_LAYERS]))
     for layer in StyleMeasures.CONTENT_LAYERS:
         result[f"content_{layer}_output"] = content_output[layer]
         result[f"content_{layer}_style_image"] = content_painting[layer]
         result[f"content_{layer}_ratio"] = content_output[layer] / max(content_painting[layer],
                                                                         1e-12)
+    result["nyquist_ratio"] = nyquist_ratio(output, photo)
+    result["nyquist_energy_ratio"] = nyquist_energy_ratio(output, photo)
+    result["quarter_ratio"] = quarter_ratio(output, photo)
     return result
 
 
@@ -320,19 +375,23 @@ def summarise(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """Mean of every measure over photos, and the worst (max) of the ratios."""
     keys = rows[0].keys()
     summary = {f"mean_{k}": float(np.mean([r[k] for r in rows])) for k in keys}
-    for key in ("style_loss_ratio", "nyquist_ratio", "content_relu2_2_ratio",
-                "content_relu3_3_ratio"):
+    for key in ("style_loss_ratio", "gram_ratio_mean", "nyquist_ratio", "quarter_ratio",
+                "content_relu2_2_ratio", "content_relu3_3_ratio"):
         summary[f"max_{key}"] = float(np.max([r[key] for r in rows]))
     return summary
 
 
-def fresh_nyquist(width: int, photos: Sequence[np.ndarray], seed: int = 0) -> list[float]:
-    """Nyquist ratios of a freshly initialised (untrained) transformer on ``photos``."""
+def fresh_baseline(architecture: Mapping[str, Any], photos: Sequence[np.ndarray],
+                   seed: int = 0) -> dict[str, list[float]]:
+    """Nyquist and quarter-frequency ratios of a freshly initialised (untrained) network
+    of ``architecture`` on ``photos``."""
     from training import nets
 
     torch.manual_seed(seed)
-    module = nets.build({"type": "johnson-transformer", "width": width}).eval()
-    return [nyquist_ratio(stylise_image(module, photo), photo) for photo in photos]
+    module = nets.build(architecture).eval()
+    outputs = [stylise_image(module, photo) for photo in photos]
+    return {"nyquist_ratio": [nyquist_ratio(o, p) for o, p in zip(outputs, photos, strict=True)],
+            "quarter_ratio": [quarter_ratio(o, p) for o, p in zip(outputs, photos, strict=True)]}
 
 
 # -- the grid -----------------------------------------------------------------------------
@@ -366,16 +425,20 @@ def style_grid(models: Sequence[StyleModel], photos: Sequence[tuple[str, np.ndar
 
 # -- the command --------------------------------------------------------------------------
 def _format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    header = (f"{'model':<24} {'style ratio':>11} {'content r2_2':>13} {'c/painting':>10} "
-              f"{'c3_3/painting':>13} {'nyquist':>8} {'nyq max':>8}")
+    """Means over the photos (worst photo in brackets for the checkerboard measure)."""
+    header = (f"{'model':<26} {'style ratio':>11} {'gram ratio':>10} {'content r2_2':>12} "
+              f"{'r2_2/paint':>10} {'r3_3/paint':>10} {'nyquist (max)':>14} "
+              f"{'quarter (max)':>14}")
     lines = [header, "-" * len(header)]
     for name, entry in results.items():
         s = entry["summary"]
-        lines.append(f"{name:<24} {s['mean_style_loss_ratio']:>11.3f} "
-                     f"{s['mean_content_relu2_2_output']:>13.4g} "
+        lines.append(f"{name:<26} {s['mean_style_loss_ratio']:>11.3f} "
+                     f"{s['mean_gram_ratio_mean']:>10.3f} "
+                     f"{s['mean_content_relu2_2_output']:>12.4g} "
                      f"{s['mean_content_relu2_2_ratio']:>10.3f} "
-                     f"{s['mean_content_relu3_3_ratio']:>13.3f} "
-                     f"{s['mean_nyquist_ratio']:>8.3f} {s['max_nyquist_ratio']:>8.3f}")
+                     f"{s['mean_content_relu3_3_ratio']:>10.3f} "
+                     f"{s['mean_nyquist_ratio']:>7.3f} ({s['max_nyquist_ratio']:.2f}) "
+                     f"{s['mean_quarter_ratio']:>7.3f} ({s['max_quarter_ratio']:.2f})")
     return "\n".join(lines)
 
 
@@ -400,17 +463,20 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         results[key] = {"style": model.style_name, "path": str(model.path),
                         "per_photo": per_photo,
                                "summary": summarise(list(per_photo.values()))}
-    width = int(models[0].config["architecture"].get("width", 32))
-    fresh = fresh_nyquist(width, [p for _, p in photos])
+    architecture = dict(models[0].config["architecture"])
+    fresh = fresh_baseline(architecture, [p for _, p in photos])
     report: dict[str, Any] = {
         "photos": [name for name, _ in photos], "size": args.size, "device": str(device),
         "models": results,
-        "fresh_init_nyquist_ratio": {"width": width, "mean": float(np.mean(fresh)),
-                                     "max": float(np.max(fresh))},
+        "fresh_init": {"architecture": architecture, "seed": 0,
+                       **{f"{key}_{stat}": float(fn(values)) for key, values in fresh.items()
+                          for stat, fn in (("mean", np.mean), ("max", np.max))}},
     }
     print(_format_table(results), flush=True)
-    print(f"freshly initialised johnson-transformer (width {width}): Nyquist ratio mean "
-          f"{np.mean(fresh):.3f}, max {np.max(fresh):.3f}", flush=True)
+    print(f"freshly initialised {architecture}: Nyquist ratio mean "
+          f"{np.mean(fresh['nyquist_ratio']):.3f} (max {np.max(fresh['nyquist_ratio']):.2f}), "
+          f"quarter ratio mean {np.mean(fresh['quarter_ratio']):.3f} "
+          f"(max {np.max(fresh['quarter_ratio']):.2f})", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -6,8 +6,9 @@ The format is docs/architecture.md, "Model artifacts": ``models/<name>/`` holds
   "weights": "weights.safetensors", "weights_dtype": "float16", ...task fields}``;
 - ``weights.safetensors``: the state_dict in fp16;
 - ``metrics.json``: what the run measured, including its size and device;
-- ``provenance.json``: ``{"data": [{"path", "sha256"}...], "command", "git_sha", "created",
-  "device", "torch"}``.
+- ``provenance.json``: ``{"data": [{"path", "sha256"}...], "command", "git_sha",
+  "git_modified" (tracked files that differed from that commit), "created", "device",
+  "torch"}``.
 
 Services load artifacts with ``services.common.artifacts.load_artifact``; this module is
 trainer code and is never imported by them.
@@ -30,8 +31,8 @@ from training import nets
 from training.assets import REPO_ROOT, sha256_of
 from training.command import command_line
 
-__all__ = ["command_line", "data_entry", "export_artifact", "fp16_state_dict", "git_sha",
-           "load_exported", "update_metrics"]
+__all__ = ["command_line", "data_entry", "export_artifact", "fp16_state_dict",
+           "git_dirty_paths", "git_sha", "load_exported", "update_metrics"]
 
 WEIGHTS = "weights.safetensors"
 
@@ -45,6 +46,20 @@ def git_sha(repo: Path = REPO_ROOT) -> str:
         return "uncommitted"
     sha = result.stdout.strip()
     return sha if result.returncode == 0 and len(sha) == 40 else "uncommitted"
+
+
+def git_dirty_paths(repo: Path = REPO_ROOT) -> list[str] | None:
+    """Tracked files that differ from HEAD (the training code may not be what ``git_sha``
+    names), or ``None`` when git cannot tell."""
+    try:
+        result = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=repo, capture_output=True, text=True, timeout=10,
+                                check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if result.returncode != 0:
+        return None
+    return sorted(line[3:] for line in result.stdout.splitlines() if line.strip())
 
 
 def data_entry(path: Path, **extra: Any) -> dict[str, Any]:
@@ -109,6 +124,7 @@ def export_artifact(out_dir: Path, *, name: str, task: str, architecture: Mappin
     _write_json(out_dir / "metrics.json", sized_metrics)
     _write_json(out_dir / "provenance.json", {
         "data": list(data), "command": command, "git_sha": git_sha(),
+        "git_modified": git_dirty_paths(),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": device, "torch": torch.__version__,
     })

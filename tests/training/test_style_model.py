@@ -9,6 +9,8 @@ from torch import nn
 from training import nets
 from training.nets.transformer import ResidualBlock, ResizeConv, TransformerNet
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def net() -> TransformerNet:

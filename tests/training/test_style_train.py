@@ -18,6 +18,7 @@ from training.cli_style import DEFAULT_STYLE_LAYER_WEIGHTS, parse_layer_weight, 
 from training.export import export_artifact, load_exported
 
 pytest.importorskip("skimage")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _vgg_available() -> bool:

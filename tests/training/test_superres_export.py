@@ -40,7 +40,9 @@ def test_artifact_files_and_fields(tmp_path: Path) -> None:
     assert metrics["note"] == "cpu, reduced size" and metrics["device"] == "cpu"
     assert metrics["weights_bytes"] == (out / "weights.safetensors").stat().st_size
     provenance = json.loads((out / "provenance.json").read_text())
-    assert set(provenance) == {"data", "command", "git_sha", "created", "device", "torch"}
+    assert set(provenance) == {"data", "command", "git_sha", "git_modified", "created",
+                              "device", "torch"}
+    assert isinstance(provenance["git_modified"], list)
     assert provenance["data"] == [{"path": str(tmp_path / "data.bin"),
                                    "sha256": hashlib.sha256(b"prepared").hexdigest()}]
     assert provenance["git_sha"] == "uncommitted" or len(provenance["git_sha"]) == 40

@@ -29,12 +29,15 @@ class TilePlan:
     overlap: int
 
     def starts(self, length: int) -> list[int]:
+        """The fewest tiles that cover ``length`` with at least ``overlap`` px shared by
+        neighbours, spread evenly (so no tile is spent on a sliver at the end)."""
         if length <= self.tile:
             return [0]
-        stride = self.tile - self.overlap
-        starts = list(range(0, length - self.tile, stride))
-        starts.append(length - self.tile)
-        return starts
+        count = -(-(length - self.overlap) // (self.tile - self.overlap))
+        span = length - self.tile
+        # floor(i * span / (count - 1)): steps differ by at most 1 and never exceed
+        # tile - overlap, because span / (count - 1) <= tile - overlap.
+        return [i * span // (count - 1) for i in range(count)]
 
     @property
     def rows(self) -> list[int]:

@@ -28,8 +28,14 @@ from services.common.server import ServiceModule
 log = logging.getLogger("percept.superres")
 
 SCALE = 4
-TILE = 128  # input pixels; 512 px output tiles
+# Input pixels. 256 + 16: images up to 272 px go through in one piece, and a 512 or 1024 px
+# side needs 2 or 4 tiles, not 3 or 5 (tiles overlap, so a power-of-two tile wastes most
+# of a row of tiles on a power-of-two image).
+TILE = 272
 OVERLAP = 16  # input pixels each side; well over the network's receptive-field radius
+# At most 3 tiles (3 x 272^2 input px, 3.5 megapixels out) per forward pass: on a 2048 px
+# input the fp32 activations of one pass stay near 1 GB (benchmarks: peak RSS).
+MAX_BATCH_PIXELS = 3 * TILE * TILE
 MIN_SIDE = 8
 PREFERRED_DEFAULTS = ("superres-perceptual", "superres-psnr")
 
@@ -51,7 +57,7 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
             artifact = await asyncio.to_thread(load_artifact, self.config.models_dir, name,
                                                self.device)
             model = TiledImageModel(artifact, self.device, self.config, scale=SCALE, tile=TILE,
-                                    overlap=OVERLAP)
+                                    overlap=OVERLAP, max_batch_pixels=MAX_BATCH_PIXELS)
             model.start()
             self.models[name] = model
         requested = self.config.default_model

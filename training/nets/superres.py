@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from training.nets import register
+from training.nets.folding import FoldedResizeConv
 
 Upsample = Literal["nearest", "pixelshuffle"]
 NEGATIVE_SLOPE = 0.2
@@ -96,8 +97,18 @@ class Upsample2x(nn.Module):
             assert self.conv.bias is not None
             nn.init.zeros_(self.conv.bias)
 
+        self.folded: FoldedResizeConv | None = None
+
+    def fold_for_inference(self) -> None:
+        """Resize-convolution computed at the low resolution (training.nets.folding):
+        the same output, 2.25x fewer multiply-adds. Inference only."""
+        if self.mode == "nearest" and self.folded is None:
+            self.folded = FoldedResizeConv(self.conv)
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.mode == "nearest":
+        if self.folded is not None and not self.training:
+            y = self.folded(x)
+        elif self.mode == "nearest":
             y = self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         else:
             y = F.pixel_shuffle(self.conv(x), 2)

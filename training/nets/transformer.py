@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from training.nets import register
+from training.nets.folding import FoldedResizeConv
 
 #: The two stride-2 stages downsample by this factor; inputs are padded to a multiple.
 DOWNSAMPLE = 4
@@ -92,8 +93,22 @@ class ResizeConv(nn.Module):
         super().__init__()
         self.scale = scale
         self.block = ConvNormReLU(in_channels, out_channels, kernel_size)
+        self.folded: FoldedResizeConv | None = None
+
+    def fold_for_inference(self) -> None:
+        """The upsampling and convolution computed at the low resolution
+        (training.nets.folding): the same output, 2.25x fewer multiply-adds. Inference
+        only; x2 with a 3x3 kernel."""
+        if self.scale == 2 and self.folded is None:
+            conv_layer = self.block[0]
+            assert isinstance(conv_layer, ConvLayer)
+            if conv_layer.conv.kernel_size == (3, 3):
+                self.folded = FoldedResizeConv(conv_layer.conv)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.folded is not None and not self.training:
+            norm, relu = self.block[1], self.block[2]
+            return relu(norm(self.folded(x)))
         return self.block(F.interpolate(x, scale_factor=self.scale, mode="nearest"))
 
 

@@ -54,6 +54,7 @@ train-style: data
 train-devise: data
 	@$(PERCEPT) train devise $(ARGS)
 	@$(PERCEPT) eval devise --update-metrics
+	@$(PERCEPT) eval search --method both --update-metrics
 
 ## deploy-validate: render every overlay, validate offline, run the policy checks
 deploy-validate: setup

@@ -253,7 +253,9 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
 
 # -- parser ------------------------------------------------------------------------------
 # Trainer front ends; each module imports only the standard library until a command runs.
-TRAINER_CLIS = ("training.cli_superres", "training.cli_style", "training.cli_devise")
+# Search has nothing to train: training.cli_search registers ``percept eval search`` only.
+TRAINER_CLIS = ("training.cli_superres", "training.cli_style", "training.cli_devise",
+                "training.cli_search")
 
 
 def _register_training(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -265,7 +267,8 @@ def _register_training(sub: argparse._SubParsersAction) -> None:  # type: ignore
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True, metavar="MODEL")
     for module in TRAINER_CLIS:
         cli = importlib.import_module(module)
-        cli.register_train(train_sub)
+        if hasattr(cli, "register_train"):
+            cli.register_train(train_sub)
         cli.register_eval(eval_sub)
 
 

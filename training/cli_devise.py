@@ -39,6 +39,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     return evaluate_devise.command(args)
 
 
+def add_word_vector_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                              *, for_eval: bool = False) -> None:
+    """``--word-vectors PATH`` and ``--word-vectors-format``."""
+    default = ("default: the vectors the artifact records (MiniLM, or the word-vector file "
+               "it was trained against)" if for_eval else
+               "default: the all-MiniLM-L6-v2 noun vectors, which cover every synset")
+    parser.add_argument("--word-vectors", default=None, metavar="PATH",
+                        help="a word2vec (text or binary), GloVe or fastText .vec file "
+                             "(.gz/.bz2 too) whose vectors are the word space: a lemma is "
+                             "its underscore token (golden_retriever), else the mean of its "
+                             "words' vectors; synsets with none are left out and the "
+                             f"coverage is printed ({default})")
+    parser.add_argument("--word-vectors-format", default="auto",
+                        choices=["auto", "word2vec", "word2vec-binary", "glove", "fasttext"],
+                        help="format of --word-vectors (default: auto, read from the file: a "
+                             "'COUNT DIM' header or not, text or binary records)")
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--images", default=None, metavar="DIR",
@@ -65,6 +83,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                               "services.embed.word_vectors.DEFAULT_RECIPE)")
     vectors.add_argument("--vectors-dir", default=None,
                          help="noun-vector cache folder (default: assets/vectors)")
+    add_word_vector_arguments(vectors)
     loss = parser.add_argument_group("hinge rank loss (Frome et al. 2013, eq. 1)")
     loss.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                       help=f"default: {DEFAULT_MARGIN}")
@@ -88,7 +107,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                           "conse, the better one in `percept eval devise`)")
     run.add_argument("--top-t", type=int, default=DEFAULT_TOP_T,
                      help=f"ConSE's T recorded in config.json (default: {DEFAULT_TOP_T})")
-    run.add_argument("--name", default=DEFAULT_NAME, help=f"default: {DEFAULT_NAME}")
+    run.add_argument("--name", default=None,
+                     help=f"default: {DEFAULT_NAME}, or devise-<file stem> with --word-vectors")
     run.add_argument("--out", default=None, help="artifact folder (default: models/NAME)")
     run.add_argument("--run-dir", default=None, help="loss plot and logs (default: runs/NAME)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -112,6 +132,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hit@k cut-offs (default: 1 2 5 10 20)")
     parser.add_argument("--hops", type=int, default=2,
                         help="hierarchical hit: within this many WordNet hops (default: 2)")
+    add_word_vector_arguments(parser, for_eval=True)
     parser.add_argument("--backend", default="flat",
                         help="noun index backend (flat, hnsw, ivf, torch, numpy; default: flat)")
     parser.add_argument("--out", default=str(REPO_ROOT / "out/eval/devise/metrics.json"),
@@ -132,10 +153,11 @@ def register_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     parser = subparsers.add_parser(
         "devise", help="train the DeViSE linear map into word space (Frome et al. 2013)",
         description="Train DeViSE's linear map M from EfficientNet-Lite0's pooled features "
-                    "into the MiniLM noun-vector space with the hinge rank loss, on an "
-                    "ImageFolder tree (--images) or, by default, on crops of the training "
-                    "photos labelled by the backbone's own classifier; export "
-                    "models/devise-minilm.")
+                    "into the MiniLM noun-vector space (or a word2vec/GloVe/fastText file's, "
+                    "--word-vectors) with the hinge rank loss, on an ImageFolder tree "
+                    "(--images) or, by default, on crops of the training photos labelled by "
+                    "the backbone's own classifier; export models/devise-minilm (or "
+                    "models/devise-<file stem>).")
     add_train_arguments(parser)
     parser.set_defaults(func=_train)
     return parser

@@ -10,11 +10,16 @@ of all 82,115 WordNet 3.0 noun synsets (cosine, :class:`services.embed.noun_inde
 - **classifier** (reference only): the classifier's own top-k ImageNet classes as labels.
   It can only ever name 1000 synsets; it shows what the word space adds.
 
+The word space is the one the artifact was trained against (config.json ``noun_vectors``):
+MiniLM, or the word2vec/GloVe/fastText file, found at its recorded path or given with
+``--word-vectors PATH``; a file whose sha256 or dimension differs is refused.
+
 The evaluation photos are ``training/evalsets/photos`` (labels.json: file -> wnid), resized
 (shortest side 224) and centre-cropped. Variants, each as hit@k (the fraction of photos
 whose true synset is among the top k; k = 1, 2, 5, 10, 20):
 
-- **flat**: all 82,115 synsets are candidates; a hit is the exact true synset.
+- **flat**: all 82,115 synsets are candidates (with ``--word-vectors``, those the file
+  covers); a hit is the exact true synset.
 - **zero-shot**: the photo's class is taken away from what the models know. The "masked
   classes" of a photo are the ImageNet-1k classes that are its label or a kind of it (the
   hyponym closure: all 118 dog breeds for ``dog``, ``tabby`` for the tabby). ConSE: their
@@ -151,18 +156,42 @@ def _search_each(index: Any, queries: np.ndarray, k: int,
 def evaluate(model_dir: Path, photos: Path, *, top_t: int | None = None,
              ks: Sequence[int] = (1, 2, 5, 10, 20), hops: int = 2, backend: str = "flat",
              cache_dir: Path | None = None, device: str = "cpu",
-             progress: bool = True) -> dict[str, Any]:
-    """Runs every method and variant; returns the JSON report."""
-    from services.embed.noun_index import NounIndex
+             progress: bool = True, word_vectors: Path | str | None = None,
+             word_vectors_format: str = "auto") -> dict[str, Any]:
+    """Runs every method and variant; returns the JSON report.
+
+    The word space is ``word_vectors`` (a word2vec/GloVe/fastText file) when given, else the
+    one the artifact records (MiniLM, or the word-vector file it was trained against). A
+    map trained against other vectors (another file, sha256 or dimension) is refused
+    (ValueError). Synsets without a vector are not candidates, and ConSE combines only
+    classes that have one.
+    """
+    from services.embed.word_vectors import (
+        SOURCE_WORD_VECTORS,
+        describe_source,
+        vector_space_mismatch,
+    )
     from training.train_devise import load_word_space
 
     module, config = load_exported(model_dir, device=device)
-    recipe = config.get("noun_vectors", {}).get("recipe")
-    space = load_word_space(recipe, progress=progress)
-    trained_on = config.get("noun_vectors", {}).get("cache_file")
-    if trained_on and trained_on != space.path.name:
+    recorded: dict[str, Any] = config.get("noun_vectors", {})
+    if word_vectors is None and recorded.get("source") == SOURCE_WORD_VECTORS:
+        word_vectors = Path(str(recorded.get("path")))
+        word_vectors_format = str(recorded.get("format", "auto"))
+        if not word_vectors.is_file():
+            raise FileNotFoundError(
+                f"{model_dir} was trained against the word vectors {word_vectors}, which are "
+                "not there; pass --word-vectors PATH (the same file: its sha256 is checked)")
+    space = load_word_space(recorded.get("recipe"), progress=progress,
+                            word_vectors=word_vectors, word_vectors_format=word_vectors_format)
+    reason = vector_space_mismatch(recorded, space.source)
+    if reason is not None:
+        raise ValueError(f"{model_dir} cannot be evaluated with {describe_source(space.source)}"
+                         f": {reason}")
+    trained_on = recorded.get("cache_file")
+    if trained_on and trained_on != space.source.get("cache_file"):
         print(f"[eval] warning: the map was trained against {trained_on}, evaluating "
-              f"against {space.path.name}", file=sys.stderr, flush=True)
+              f"against {space.source.get('cache_file')}", file=sys.stderr, flush=True)
     vocab = space.vocab
     evalset = load_eval_set(photos, vocab)
     top_t = int(top_t or config.get("methods", {}).get("conse", {}).get("top_t",
@@ -172,11 +201,12 @@ def evaluate(model_dir: Path, photos: Path, *, top_t: int | None = None,
     cache = compute_features(evalset.files, crops_per_image=1, device=device,
                              cache_dir=cache_dir, progress=progress, desc="eval photos")
     probs = softmax(cache.logits)
+    conse_probs = probs * space.imagenet_covered  # ConSE: only classes with a vector
     class_vectors = torch.from_numpy(space.vectors[space.imagenet_rows])
     truth = vocab.indices_of(evalset.wnids)
     imagenet_set = set(space.imagenet_rows.tolist())
     masks = [masked_classes(vocab, w, space.imagenet_rows) for w in evalset.wnids]
-    zero_probs = probs.copy()
+    zero_probs = conse_probs.copy()
     for row, masked in enumerate(masks):
         zero_probs[row, masked] = 0.0
     neighbourhoods = [set(vocab.neighbourhood(w, hops)) for w in evalset.wnids]
@@ -184,13 +214,14 @@ def evaluate(model_dir: Path, photos: Path, *, top_t: int | None = None,
     with torch.no_grad():
         queries = {
             "devise": module(torch.from_numpy(cache.features).to(device)).cpu().numpy(),
-            "conse": conse_embed(torch.from_numpy(probs), class_vectors, top_t).numpy(),
+            "conse": conse_embed(torch.from_numpy(conse_probs), class_vectors,
+                                 top_t).numpy(),
         }
         zero_queries = {
             "devise": queries["devise"],
             "conse": conse_embed(torch.from_numpy(zero_probs), class_vectors, top_t).numpy(),
         }
-    index = NounIndex(space.vectors, backend=backend)  # type: ignore[arg-type]
+    index = space.noun_space.index(backend=backend)  # only the synsets with a vector
     zero_excludes = []
     for row in range(len(truth)):
         exclude = space.imagenet_rows
@@ -236,11 +267,14 @@ def evaluate(model_dir: Path, photos: Path, *, top_t: int | None = None,
     return {
         "eval_set": {"path": _display(evalset.folder), "photos": len(evalset.files),
                      "labels_sha256": labels_digest(evalset.folder / LABELS_FILE),
-                     "imagenet_labelled": int(sum(int(t) in imagenet_set for t in truth))},
+                     "imagenet_labelled": int(sum(int(t) in imagenet_set for t in truth)),
+                     "labels_without_vector": int((~space.covered[truth]).sum())},
         "model": {"path": _display(model_dir), "name": config.get("name"),
                   "version": config.get("version"), "space": config.get("space"),
-                  "noun_vectors": space.path.name},
-        "candidates": len(vocab), "top_t": top_t, "k": list(ks), "hops": hops,
+                  "noun_vectors": space.source.get("cache_file") or space.name},
+        "word_space": {"name": space.name, "source": describe_source(space.source),
+                       "coverage": space.coverage.as_dict()},
+        "candidates": len(index), "top_t": top_t, "k": list(ks), "hops": hops,
         "backend": backend,
         "results": {m: {v: {str(k): r for k, r in results[m][v].items()} for v in VARIANTS}
                     for m in METHODS},
@@ -248,7 +282,8 @@ def evaluate(model_dir: Path, photos: Path, *, top_t: int | None = None,
                                  for v in reference},
         "mean_hit": scores, "better": better,
         "protocol": {
-            "flat": "all 82,115 synsets are candidates; exact synset",
+            "flat": "every synset with a vector (all 82,115 with MiniLM) is a candidate; "
+                    "exact synset",
             "zero_shot": "ImageNet-1k classes in the label's hyponym closure zeroed in the "
                          "classifier's probabilities before ConSE's top-T; candidates for "
                          "both methods exclude the 1000 ImageNet synsets (the label itself "
@@ -296,7 +331,8 @@ def command(args: argparse.Namespace) -> int:
         report = evaluate(Path(args.model), Path(args.photos), top_t=args.top_t, ks=args.k,
                           hops=args.hops, backend=args.backend,
                           cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                          device=device)
+                          device=device, word_vectors=getattr(args, "word_vectors", None),
+                          word_vectors_format=getattr(args, "word_vectors_format", "auto"))
     except (EvalSetError, AssetMissingError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
@@ -310,8 +346,9 @@ def command(args: argparse.Namespace) -> int:
                   f"{', '.join(n.split(' (')[0] for n in item['devise_flat'][:args.show])} | "
                   f"conse: {', '.join(n.split(' (')[0] for n in item['conse_flat'][:args.show])}")
     print()
-    print(f"{report['eval_set']['photos']} photos, {report['candidates']} candidate synsets, "
-          f"ConSE T={report['top_t']}, hierarchical = within {report['hops']} hops")
+    print(f"{report['eval_set']['photos']} photos, {report['candidates']} candidate synsets "
+          f"({report['word_space']['source']}), ConSE T={report['top_t']}, hierarchical = "
+          f"within {report['hops']} hops")
     print()
     print(markdown_table(report))
     print()

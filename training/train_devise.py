@@ -35,9 +35,19 @@ t_c with l = W_fc v + b_fc (the logit-weighted sum of the 1000 class vectors; ce
 logits removes the component shared by every class), and the hinge rank loss then adjusts
 it; ``--init random`` is the paper's setting. ``--weight-decay`` pulls M back towards M0.
 
+The word space is the MiniLM noun vectors by default, or with ``--word-vectors PATH`` a
+word2vec / GloVe / fastText ``.vec`` file (:func:`services.embed.word_vectors.load_noun_space`;
+format read from the file or ``--word-vectors-format``). Its coverage (synsets with a
+vector, overall and of the 1000 ImageNet classes) is printed; crops whose label has no
+vector are left out, and negatives are drawn from labels that have one.
+
 Outputs: ``models/NAME/`` (:func:`training.export.export_artifact`: fp16 weights,
-config.json with ``"task": "devise"``, the word space, the backbone and the noun-vector
-recipe, metrics.json, provenance.json) and ``runs/NAME/`` (loss.png, history.json).
+config.json with ``"task": "devise"``, the word space, the backbone and the vector source
+under ``"noun_vectors"``: the recipe and encoder for MiniLM, or the file's path, sha256,
+format, dimension and coverage, which the Embedding service and ``percept eval devise``
+check before they use the map; metrics.json, provenance.json) and ``runs/NAME/``
+(loss.png, history.json). NAME defaults to ``devise-minilm``, or ``devise-<file stem>``
+with ``--word-vectors``.
 """
 
 from __future__ import annotations
@@ -68,6 +78,7 @@ from training.nets.devise import DeViSEMap
 from training.nets.efficientnet_lite import HEAD_CHANNELS, load_efficientnet_lite0
 
 if TYPE_CHECKING:  # the services import stays lazy at run time
+    from services.embed.word_vectors import Coverage, NounSpace
     from services.embed.wordnet import NounVocabulary
 
 TASK = "devise"
@@ -173,47 +184,57 @@ def parse_image_folder(root: Path, vocab: NounVocabulary,
 # -- word space -----------------------------------------------------------------------------
 @dataclass
 class WordSpace:
-    """Unit noun vectors for every synset (row i = synset i) and where they came from."""
+    """Unit noun vectors for every synset (row i = synset i; zero rows where ``covered`` is
+    False), the rows of the ImageNet classes, and where the vectors came from."""
 
     vocab: NounVocabulary
-    vectors: np.ndarray  # (82115, 384) float32, unit rows
+    vectors: np.ndarray  # (82115, D) float32, unit rows where covered
+    covered: np.ndarray  # (82115,) bool
     imagenet_rows: np.ndarray  # (1000,) int64, vocabulary rows in classifier output order
-    recipe: str
-    recipe_version: int
-    encoder_name: str
-    encoder_version: str
-    path: Path
+    coverage: Coverage
+    source: dict[str, Any]  # services.embed.word_vectors.NounSpace.source
+    paths: list[Path]  # the files the vectors came from
+    noun_space: NounSpace
+
+    @property
+    def name(self) -> str:
+        """``sentence-transformers/all-MiniLM-L6-v2`` or ``word-vectors:FILE@SHA12``."""
+        from services.embed.word_vectors import space_name
+
+        return space_name(self.source)
+
+    @property
+    def imagenet_covered(self) -> np.ndarray:
+        """(1000,) bool: which ImageNet classes have a vector."""
+        return self.covered[self.imagenet_rows]
 
     def describe(self) -> dict[str, Any]:
-        """The ``"noun_vectors"`` block of config.json."""
-        return {"recipe": self.recipe, "recipe_version": self.recipe_version,
-                "encoder": self.encoder_name, "encoder_version": self.encoder_version,
-                "dimension": int(self.vectors.shape[1]), "synsets": int(self.vectors.shape[0]),
-                "wordnet_data_noun_sha256": self.vocab.sha256, "cache_file": self.path.name}
+        """The ``"noun_vectors"`` block of config.json: the vector source (for a word-vector
+        file its path, sha256, format, dimension) and its coverage."""
+        return {**self.source, "synsets": int(self.vectors.shape[0]),
+                "wordnet_data_noun_sha256": self.vocab.sha256,
+                "coverage": self.coverage.as_dict()}
 
     def files(self) -> list[Path]:
-        """The cached KeyedVectors files (the pickle and its vectors array)."""
-        return sorted(p for p in self.path.parent.glob(self.path.name + "*") if p.is_file())
+        """The files the vectors came from (cached KeyedVectors, or the word-vector file)."""
+        return list(self.paths)
 
 
 def load_word_space(recipe: str | None = None, vectors_dir: Path | None = None,
-                    progress: bool = True) -> WordSpace:
-    """The WordNet vocabulary and its noun vectors (from the cache, or built once)."""
-    from services.embed import word_vectors
+                    progress: bool = True, word_vectors: Path | str | None = None,
+                    word_vectors_format: str = "auto") -> WordSpace:
+    """The WordNet vocabulary and its noun vectors: MiniLM (from the cache, or built once)
+    or, with ``word_vectors``, a word2vec/GloVe/fastText file (its coverage is printed)."""
+    from services.embed import word_vectors as wv
     from services.embed.wordnet import imagenet_indices, load_vocabulary
 
     vocab = load_vocabulary()
-    encoder = word_vectors.TextEncoder()
-    recipe_name = recipe or word_vectors.DEFAULT_RECIPE
-    the_recipe = word_vectors.recipe(recipe_name)
-    path = word_vectors.noun_vectors_path(vocab, encoder, recipe_name, vectors_dir)
-    matrix = word_vectors.load_or_build_noun_vectors(vocab, vectors_dir, encoder=encoder,
-                                                     recipe_name=recipe_name,
-                                                     progress=progress)
-    return WordSpace(vocab=vocab, vectors=np.ascontiguousarray(matrix, dtype=np.float32),
-                     imagenet_rows=imagenet_indices(vocab), recipe=recipe_name,
-                     recipe_version=the_recipe.version, encoder_name=encoder.name,
-                     encoder_version=encoder.version, path=path)
+    space = wv.load_noun_space(vocab, word_vectors, word_vectors_format, cache_dir=vectors_dir,
+                               recipe_name=recipe or wv.DEFAULT_RECIPE, progress=progress,
+                               log=lambda line: print(f"[devise] {line}", flush=True))
+    return WordSpace(vocab=vocab, vectors=space.matrix, covered=space.covered,
+                     imagenet_rows=imagenet_indices(vocab), coverage=space.coverage,
+                     source=space.source, paths=space.files, noun_space=space)
 
 
 def teacher_targets(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -338,12 +359,16 @@ def train_map(module: DeViSEMap, features: Tensor, targets: Tensor, label_vector
 
 @torch.no_grad()
 def teacher_agreement(module: DeViSEMap, features: Tensor, logits: np.ndarray,
-                      class_vectors: Tensor) -> dict[str, float]:
+                      class_vectors: Tensor, allowed: Tensor | None = None) -> dict[str, float]:
     """How often the map's nearest ImageNet class vector is the classifier's top-1 class
-    (``top1``), and lies in the classifier's top-5 (``in_top5``)."""
+    (``top1``), and lies in the classifier's top-5 (``in_top5``). ``allowed`` (1000,) bool:
+    the classes that have a vector (the others are never the nearest)."""
     if len(features) == 0:
         return {"top1": float("nan"), "in_top5": float("nan")}
-    nearest = (module(features) @ class_vectors.T).argmax(dim=1).cpu().numpy()
+    scores = module(features) @ class_vectors.T
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    nearest = scores.argmax(dim=1).cpu().numpy()
     order = np.argsort(-logits, axis=1)
     return {"top1": float(np.mean(nearest == order[:, 0])),
             "in_top5": float(np.mean([n in row[:5] for n, row in zip(nearest, order,
@@ -390,13 +415,16 @@ def train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     progress = not args.quiet
-    out = Path(args.out) if args.out else REPO_ROOT / "models" / args.name
-    run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / args.name
+    word_vectors = getattr(args, "word_vectors", None)
+    name = args.name or default_name(word_vectors)
+    out = Path(args.out) if args.out else REPO_ROOT / "models" / name
+    run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
 
     space = load_word_space(args.recipe, Path(args.vectors_dir) if args.vectors_dir else None,
-                            progress=progress)
+                            progress=progress, word_vectors=word_vectors,
+                            word_vectors_format=getattr(args, "word_vectors_format", "auto"))
     imagenet_wnids = [space.vocab.synsets[int(r)].wnid for r in space.imagenet_rows]
     data_entries: list[dict[str, Any]] = []
     if args.images:
@@ -436,11 +464,26 @@ def train(args: argparse.Namespace) -> int:
         targets_np = space.imagenet_rows[teacher_class]
     else:
         targets_np = image_rows[cache.image_index]
+    # Crops whose label has no vector in this space cannot be ranked: they are left out.
+    keep = space.covered[targets_np]
+    dropped = int((~keep).sum())
+    if dropped:
+        missing = sorted({space.vocab.synsets[int(r)].names[0] for r in targets_np[~keep]})
+        print(f"[devise] {dropped} of {len(keep)} crops left out: their label has no vector "
+              f"in these word vectors ({', '.join(missing[:10])}"
+              f"{', ...' if len(missing) > 10 else ''})", flush=True)
+    if not keep.any():
+        raise ValueError("no training crop has a label with a vector in these word vectors "
+                         f"({space.coverage})")
+    targets_np = targets_np[keep]
+    train_features, train_logits = cache.features[keep], cache.logits[keep]
     label_vectors = torch.from_numpy(space.vectors).to(device)
     class_vectors = label_vectors[torch.from_numpy(space.imagenet_rows).to(device)]
-    pool = (torch.from_numpy(space.imagenet_rows) if args.negatives_from == "imagenet"
-            else torch.arange(len(space.vectors))).to(device)
-    features = torch.from_numpy(cache.features).to(device)
+    class_allowed = torch.from_numpy(space.imagenet_covered).to(device)
+    pool_rows = (space.imagenet_rows[space.imagenet_covered] if args.negatives_from == "imagenet"
+                 else np.flatnonzero(space.covered))
+    pool = torch.from_numpy(np.asarray(pool_rows, dtype=np.int64)).to(device)
+    features = torch.from_numpy(train_features).to(device)
     targets = torch.from_numpy(np.asarray(targets_np, dtype=np.int64)).to(device)
 
     architecture = {"type": ARCHITECTURE_TYPE, "in_features": HEAD_CHANNELS,
@@ -453,16 +496,20 @@ def train(args: argparse.Namespace) -> int:
     settings = TrainSettings(margin=args.margin, negatives=args.negatives, steps=args.steps,
                              batch_size=args.batch_size, lr=args.lr,
                              weight_decay=args.weight_decay, seed=args.seed)
-    before_train = teacher_agreement(module, features, cache.logits, class_vectors)
+    before_train = teacher_agreement(module, features, train_logits, class_vectors,
+                                     class_allowed)
     before_val = (teacher_agreement(module, torch.from_numpy(val.features).to(device),
-                                    val.logits, class_vectors) if val is not None else None)
+                                    val.logits, class_vectors, class_allowed)
+                  if val is not None else None)
     train_start = time.perf_counter()
     history = train_map(module, features, targets, label_vectors, pool, settings,
                         progress=progress)
     train_seconds = time.perf_counter() - train_start
-    after_train = teacher_agreement(module, features, cache.logits, class_vectors)
+    after_train = teacher_agreement(module, features, train_logits, class_vectors,
+                                    class_allowed)
     after_val = (teacher_agreement(module, torch.from_numpy(val.features).to(device),
-                                   val.logits, class_vectors) if val is not None else None)
+                                   val.logits, class_vectors, class_allowed)
+                 if val is not None else None)
 
     from training.plots import save_loss_plot
 
@@ -475,7 +522,9 @@ def train(args: argparse.Namespace) -> int:
     tail = max(1, len(history) // 10)
     classes = Counter(int(c) for c in teacher_class)
     metrics: dict[str, Any] = {
-        "mode": mode, "images": len(images), "crops": len(cache),
+        "mode": mode, "images": len(images), "crops": len(targets_np),
+        "crops_without_vector": dropped, "word_space": space.name,
+        "coverage": space.coverage.as_dict(),
         "crops_per_image": args.crops_per_image, "steps": args.steps,
         "batch_size": settings.batch_size, "lr": args.lr, "margin": args.margin,
         "negatives": args.negatives, "negatives_from": args.negatives_from,
@@ -495,12 +544,16 @@ def train(args: argparse.Namespace) -> int:
         "device": str(device), "threads": torch.get_num_threads(),
         "feature_cache": cache.key,
     }
-    data_entries += [data_entry(p, kind="noun vectors") for p in space.files()]
+    if word_vectors:  # its sha256 is already known (hashing a 3.6 GB file twice is slow)
+        data_entries.append({"path": space.source["path"], "sha256": space.source["sha256"],
+                             "kind": "word vectors", "format": space.source["format"]})
+    else:
+        data_entries += [data_entry(p, kind="noun vectors") for p in space.files()]
     if space.vocab.source is not None:
         data_entries.append(data_entry(space.vocab.source, kind="WordNet 3.0 data.noun"))
     data_entries.append(data_entry(efficientnet_lite0_weights_path(), kind="backbone weights"))
     config_extra = {
-        "space": space.encoder_name, "backbone": BACKBONE_NAME,
+        "space": space.name, "backbone": BACKBONE_NAME,
         "backbone_sha256": data_entries[-1]["sha256"], "input_size": 224,
         "noun_vectors": space.describe(), "default_method": args.default_method,
         "methods": {"devise": {"normalised": True},
@@ -509,19 +562,33 @@ def train(args: argparse.Namespace) -> int:
                      if image_rows is None else "ImageFolder label vector",
                      "loss": "hinge rank (Frome et al. 2013, eq. 1)", "init": args.init},
     }
-    export_artifact(out, name=args.name, task=TASK, architecture=architecture,
+    export_artifact(out, name=name, task=TASK, architecture=architecture,
                     module=module.cpu(), metrics=metrics, data=data_entries,
                     command=command_line(), device=str(device), config_extra=config_extra)
     shutil.copyfile(run_dir / "loss.png", out / "loss.png")
     losses = (f"loss {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f}" if history
               else "no training (the initial map)")
-    print(f"[devise] {len(cache)} crops of {len(images)} images, {args.steps} steps: "
+    print(f"[devise] {len(targets_np)} crops of {len(images)} images, {args.steps} steps: "
           f"{losses}; teacher agreement "
           f"train {after_train['top1']:.2f}"
           + (f", val {after_val['top1']:.2f} (top-5 {after_val['in_top5']:.2f})"
              if after_val is not None else "")
           + f"; {metrics['wall_seconds']:.0f} s; artifact {out}", flush=True)
     return 0
+
+
+def default_name(word_vectors: Path | str | None) -> str:
+    """``devise-minilm``, or ``devise-<file stem>`` for a word-vector file (``glove.6B.50d.txt``
+    -> ``devise-glove-6b-50d``), so a map for other vectors never overwrites the default."""
+    from training.cli_devise import DEFAULT_NAME
+
+    if not word_vectors:
+        return DEFAULT_NAME
+    stem = Path(word_vectors).name
+    for suffix in (".gz", ".bz2", ".txt", ".vec", ".bin"):
+        stem = stem.removesuffix(suffix)
+    slug = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-")
+    return f"devise-{slug or 'word-vectors'}"
 
 
 def command(args: argparse.Namespace) -> int:

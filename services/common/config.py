@@ -48,6 +48,8 @@ class ServerConfig:
     default_model: str = ""
     compile: str = "auto"
     warmup: bool = True
+    word_vectors: str = ""
+    word_vectors_format: str = "auto"
 
     @property
     def max_message_bytes(self) -> int:
@@ -142,6 +144,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     add("--compile", str, base.compile,
         "torch.compile image models: auto (on CUDA only), on, off", choices=["auto", "on", "off"])
     add("--warmup", _parse_bool, base.warmup, "run one warm-up inference before reporting SERVING")
+    add("--word-vectors", str, base.word_vectors,
+        "embed: a word2vec/GloVe/fastText .vec file whose vectors replace the MiniLM noun "
+        "vectors (text, nouns and DeViSE maps trained against that file); empty = MiniLM")
+    add("--word-vectors-format", str, base.word_vectors_format,
+        "embed: format of --word-vectors (auto reads it from the file)",
+        choices=["auto", "word2vec", "word2vec-binary", "glove", "fasttext"])
 
 
 def config_from_args(service: str, args: argparse.Namespace) -> ServerConfig:

@@ -40,5 +40,9 @@ class Unimplemented(ServiceError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE

@@ -16,6 +16,9 @@ Backends (``NounIndex(vectors, backend=...)``):
 - ``numpy``: brute force with ``argpartition``; exact; the reference in the tests and the
   baseline of ``benchmarks/bench_noun_search.py``.
 
+An index may hold only some synsets (``ids``: the vocabulary row of each vector, e.g. the
+synsets a word-vector file covers); results and filters then speak vocabulary rows.
+
 Filters: ``restrict`` (only these rows may be returned) and ``exclude`` (these may not).
 They apply inside the search, never as "search the top N then filter", so every exact
 backend returns the exact top-k of the allowed rows: FAISS through ``SearchParameters(sel=
@@ -128,11 +131,26 @@ class NounIndex:
     def __init__(self, vectors: np.ndarray, *, backend: Backend = "flat", hnsw_m: int = 32,
                  ef_construction: int = 100, ef_search: int = 128, nlist: int | None = None,
                  nprobe: int = 32, device: str | None = None, exact_below: int = 20_000,
-                 normalise_queries: bool = True) -> None:
+                 normalise_queries: bool = True, ids: np.ndarray | None = None,
+                 id_space: int | None = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if vectors.ndim != 2 or vectors.shape[0] == 0:
             raise ValueError(f"vectors must be a non-empty (N, D) matrix, got {vectors.shape}")
+        # ``ids``: the vocabulary row of each vector when the index holds only some synsets
+        # (e.g. those a word-vector file covers); results and filters then use those rows,
+        # out of ``id_space`` (default: the largest id + 1).
+        self.ids: np.ndarray | None = None
+        self.id_space = int(vectors.shape[0])
+        if ids is not None:
+            ids = np.asarray(ids, dtype=np.int64).ravel()
+            if ids.shape != (vectors.shape[0],) or (ids.size and ids.min() < 0) \
+                    or len(np.unique(ids)) != len(ids):
+                raise ValueError("ids must be distinct non-negative ids, one per vector row")
+            self.ids = ids
+            self.id_space = int(id_space if id_space is not None else ids.max() + 1)
+            if ids.max() >= self.id_space:
+                raise ValueError(f"ids must lie in [0, {self.id_space})")
         self.backend: Backend = backend
         self.vectors = normalise_rows(vectors)
         self.size, self.dimension = self.vectors.shape
@@ -195,7 +213,15 @@ class NounIndex:
             else np.ascontiguousarray(queries)
         if queries.shape[0] == 0:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        mask = allowed_mask(self.size, restrict, exclude)
+        mask = allowed_mask(self.id_space, restrict, exclude)
+        if self.ids is None:
+            return self._search_rows(queries, k, mask)
+        scores, local = self._search_rows(queries, k, mask[self.ids] if mask is not None
+                                          else None)
+        return scores, np.where(local >= 0, self.ids[np.maximum(local, 0)], -1)
+
+    def _search_rows(self, queries: np.ndarray, k: int,
+                     mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         if self.backend == "numpy":
             return brute_force_search(self.vectors, queries, k, mask)
         if self.backend == "torch":

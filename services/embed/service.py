@@ -6,6 +6,12 @@ Images go through EfficientNet-Lite0 once (pooled features and ImageNet logits);
 maps the features linearly into the all-MiniLM-L6-v2 word space, ConSE takes the
 probability-weighted mean of the top-T class vectors. Both land in the space the text
 encoder writes, so words and images compare directly.
+
+``--word-vectors PATH`` (a word2vec, GloVe or fastText ``.vec`` file) replaces that space:
+nouns, texts and ConSE's class vectors then come from the file, the noun index holds only
+the synsets it covers, and a DeViSE map is used only if it was trained against the same
+file (its config.json records the path, sha256, format and dimension); any other installed
+map is refused, and DEVISE requests say why (FAILED_PRECONDITION).
 """
 
 from __future__ import annotations
@@ -22,15 +28,19 @@ import torch
 from PIL import Image
 
 from percept.v1 import embed_pb2, embed_pb2_grpc
-from services.common.artifacts import Artifact, list_artifacts, load_artifact
+from services.common.artifacts import Artifact, list_artifacts, load_artifact, read_config
 from services.common.batching import MicroBatcher
 from services.common.device import choose_device, describe
-from services.common.errors import InvalidArgument, NotFound, Unimplemented
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from services.common.images import decode_image
 from services.common.rpc import time_remaining, unary_errors
 from services.common.server import ServiceModule
-from services.embed.noun_index import NounIndex
-from services.embed.word_vectors import TextEncoder, load_or_build_noun_vectors
+from services.embed.word_vectors import (
+    TextEncoder,
+    describe_source,
+    load_noun_space,
+    vector_space_mismatch,
+)
 from services.embed.wordnet import NounVocabulary, imagenet_indices
 from training.nets.devise import conse_embed
 from training.nets.efficientnet_lite import load_efficientnet_lite0
@@ -77,18 +87,31 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
     async def load(self) -> None:
         self.device = choose_device(self.config.device)
         self.vocab = await asyncio.to_thread(NounVocabulary.from_file)
-        self.text = TextEncoder(device=self.device.type)
-        vectors = await asyncio.to_thread(load_or_build_noun_vectors, self.vocab,
-                                          encoder=self.text, progress=False)
-        self.index = await asyncio.to_thread(NounIndex, vectors, backend="flat")
+        self.space = await asyncio.to_thread(
+            load_noun_space, self.vocab, self.config.word_vectors or None,
+            self.config.word_vectors_format, encoder=TextEncoder(device=self.device.type),
+            progress=False, log=log.info)
+        self.text = self.space.encoder
+        self.index = await asyncio.to_thread(self.space.index, backend="flat")
         self.imagenet_rows = imagenet_indices(self.vocab)
-        self.class_vectors = torch.from_numpy(vectors[self.imagenet_rows]).to(self.device)
+        self.class_vectors = torch.from_numpy(
+            self.space.matrix[self.imagenet_rows]).to(self.device)
+        # ConSE combines only classes that have a vector in this space
+        self.class_weights = torch.from_numpy(
+            self.space.covered[self.imagenet_rows].astype(np.float32)).to(self.device)
         self.backbone = await asyncio.to_thread(load_efficientnet_lite0, self.device)
-        names = list_artifacts(self.config.models_dir, "devise")
         self.devise = None
-        if names:
+        self.devise_refused: dict[str, str] = {}
+        for name in list_artifacts(self.config.models_dir, "devise"):
+            recorded = read_config(self.config.models_dir / name).get("noun_vectors")
+            reason = vector_space_mismatch(recorded, self.space.source)
+            if reason is not None:
+                self.devise_refused[name] = reason
+                log.error(f"DeViSE map {name} refused: {reason}", extra={"devise": name})
+                continue
             self.devise = await asyncio.to_thread(load_artifact, self.config.models_dir,
-                                                  names[0], self.device)
+                                                  name, self.device)
+            break
         preferred = (self.devise.config.get("default_method", "conse")
                      if self.devise is not None else "conse")
         self.default_method = DEVISE if preferred == "devise" and self.devise else CONSE
@@ -97,14 +120,16 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             max_wait_ms=self.config.max_wait_ms, max_queue=self.config.max_queue)
         self.batcher.start()
         log.info("embed loaded", extra={
-            "device": describe(self.device), "nouns": len(self.vocab),
+            "device": describe(self.device), "nouns": len(self.index),
+            "space": describe_source(self.space.source),
             "devise": self.devise.tag if self.devise else None,
             "default_method": _METHOD_NAMES[self.default_method]})
 
     async def warmup(self) -> None:
         blank = np.zeros((INPUT_SIZE, INPUT_SIZE, 3), np.uint8)
         await asyncio.to_thread(self._embed_batch, [_Job(blank, self.default_method)])
-        await asyncio.to_thread(self.text.encode, ["warm-up"])
+        if isinstance(self.text, TextEncoder):  # a word-vector file loads eagerly
+            await asyncio.to_thread(self.text.encode, ["warm-up"])
 
     async def close(self) -> None:
         if hasattr(self, "batcher"):
@@ -122,6 +147,7 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
                 vectors = self.devise.module(features)
             else:
                 probabilities = torch.softmax(self.backbone._fc(features), dim=1)
+                probabilities = probabilities * self.class_weights
                 vectors = conse_embed(probabilities, self.class_vectors, CONSE_TOP_T)
         return list(vectors.float().cpu().numpy())
 
@@ -130,6 +156,14 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             return self.default_method
         if method not in _METHOD_NAMES:
             raise InvalidArgument(f"unknown method {method}")
+        if method == DEVISE and self.devise is None and self.devise_refused:
+            raise FailedPrecondition(
+                "no installed DeViSE map fits this service's vectors, "
+                f"{describe_source(self.space.source)}: "
+                + "; ".join(f"{self.config.models_dir / n}: {r}"
+                            for n, r in self.devise_refused.items())
+                + "; train one for these vectors with `percept train devise --word-vectors "
+                  "PATH` (or serve the vectors it was trained on), or use method CONSE")
         if method == DEVISE and self.devise is None:
             raise Unimplemented("no DeViSE map is installed under "
                                 f"{self.config.models_dir}; use method CONSE or train one "
@@ -179,7 +213,10 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             if len(text) > MAX_TEXT_CHARS:
                 raise InvalidArgument(f"text {i} has {len(text)} characters, over the limit "
                                       f"of {MAX_TEXT_CHARS}")
-        return await asyncio.to_thread(self.text.encode, list(texts))
+        try:
+            return await asyncio.to_thread(self.text.encode, list(texts))
+        except ValueError as error:  # word vectors: a text none of whose words has one
+            raise InvalidArgument(str(error)) from error
 
     @unary_errors
     async def EmbedText(self, request: embed_pb2.EmbedTextRequest,

@@ -168,3 +168,30 @@ def test_bad_arguments(flat: NounIndex) -> None:
     with pytest.raises(ValueError, match="unknown backend"):
         NounIndex(flat.vectors, backend="annoy")  # type: ignore[arg-type]
     assert flat.search(flat.vectors[0], 1)[1].shape == (1, 1)  # one query as a vector
+
+
+@pytest.mark.parametrize("backend", ["flat", "numpy", "torch", "hnsw"])
+def test_an_index_over_some_synsets_speaks_vocabulary_rows(backend: str) -> None:
+    """``ids``: the index holds only some rows (the synsets a word-vector file covers);
+    results, ``restrict`` and ``exclude`` are vocabulary rows, the others never appear."""
+    rng = np.random.default_rng(3)
+    full = rng.standard_normal((40, 8)).astype(np.float32)
+    ids = np.array([1, 4, 5, 9, 17, 22, 30, 38], dtype=np.int64)
+    index = NounIndex(full[ids], ids=ids, id_space=40, backend=backend)  # type: ignore[arg-type]
+    assert len(index) == 8 and index.id_space == 40
+    queries = rng.standard_normal((5, 8)).astype(np.float32)
+    scores, rows = index.search(queries, 4)
+    held = np.zeros(40, dtype=bool)
+    held[ids] = True
+    normalised = full / np.linalg.norm(full, axis=1, keepdims=True)
+    unit_queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    ref_scores, ref_rows = brute_force_search(normalised, unit_queries, 4, held)
+    _assert_same_topk(scores, rows, ref_scores, ref_rows)
+    # filters name vocabulary rows, also rows the index does not hold (3 and 39)
+    _, restricted = index.search(queries, 8, restrict=[3, 4, 9, 39], exclude=[9])
+    assert set(restricted.ravel().tolist()) == {4, -1}
+    assert (restricted[:, 0] == 4).all() and (restricted[:, 1:] == -1).all()
+    with pytest.raises(ValueError, match="ids must"):
+        NounIndex(full[:3], ids=np.array([0, 0, 1]))
+    with pytest.raises(ValueError, match="ids must"):
+        NounIndex(full[:2], ids=np.array([0, 50]), id_space=40)

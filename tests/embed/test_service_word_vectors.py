@@ -1,0 +1,143 @@
+"""``percept serve embed --word-vectors``: the Embedding service over real gRPC in the space
+of a real (tiny) GloVe file, serving only a DeViSE map trained against that file."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from percept.v1 import embed_pb2, embed_pb2_grpc
+from services import client
+from services.common.config import ServerConfig, add_server_arguments, config_from_args
+from services.common.server import RunningServer, start_in_thread
+from services.embed.word_vectors import load_noun_space
+from services.embed.wordnet import NounVocabulary, imagenet_wnids
+from tests.conftest import REPO, encode, server_config
+from tests.embed.conftest import GOLDEN_RETRIEVER
+from training.export import export_artifact
+from training.nets.devise import DeViSEMap
+
+DIM = 8
+
+
+def write_glove(path: Path, vocab: NounVocabulary) -> Path:
+    """Every ImageNet class's first lemma, "golden_retriever" as a known unit vector, and
+    "golden" / "retriever": seeded random 8-d GloVe rows."""
+    rng = np.random.default_rng(0)
+    words = [w for w in dict.fromkeys(vocab[x].lemmas[0] for x in imagenet_wnids())
+             if w != "golden_retriever"]
+    rows = [f"{w} {' '.join(f'{x:.5f}' for x in rng.standard_normal(DIM))}"
+            for w in [*words, "golden", "retriever"]]
+    rows.append("golden_retriever " + " ".join(["1"] + ["0"] * (DIM - 1)))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_vectors(tmp_path_factory: pytest.TempPathFactory, vocab: NounVocabulary) -> Path:
+    return write_glove(tmp_path_factory.mktemp("vectors") / "glove.tiny.txt", vocab)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, vocab: NounVocabulary,
+           tiny_vectors: Path) -> Path:
+    """``devise-a-minilm`` (the committed MiniLM map, listed first) and ``devise-b-tiny``
+    (an untrained map whose config.json records the tiny file, as training writes it)."""
+    folder = tmp_path_factory.mktemp("models")
+    shutil.copytree(REPO / "models" / "devise-minilm", folder / "devise-a-minilm")
+    space = load_noun_space(vocab, tiny_vectors)
+    torch.manual_seed(0)
+    export_artifact(folder / "devise-b-tiny", name="devise-b-tiny", task="devise",
+                    architecture={"type": "devise-linear", "in_features": 1280,
+                                  "out_features": DIM},
+                    module=DeViSEMap(1280, DIM), metrics={}, data=[], command="test",
+                    device="cpu", config_extra={
+                        "space": space.name, "default_method": "devise",
+                        "noun_vectors": {**space.source, "synsets": len(vocab)}})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def covered(vocab: NounVocabulary, tiny_vectors: Path) -> np.ndarray:
+    return load_noun_space(vocab, tiny_vectors).covered
+
+
+def start(models_dir: Path, vectors: Path) -> RunningServer:
+    return start_in_thread(server_config("embed", models_dir=models_dir,
+                                         word_vectors=str(vectors)), timeout=600)
+
+
+@pytest.fixture(scope="module")
+def stub(models: Path, tiny_vectors: Path) -> Iterator[embed_pb2_grpc.EmbeddingStub]:
+    running = start(models, tiny_vectors)
+    yield embed_pb2_grpc.EmbeddingStub(client.connect(running.target))
+    running.stop()
+
+
+def test_the_flags_reach_the_config(tiny_vectors: Path) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    args = parser.parse_args(["--word-vectors", str(tiny_vectors),
+                              "--word-vectors-format", "glove"])
+    config = config_from_args("embed", args)
+    assert (config.word_vectors, config.word_vectors_format) == (str(tiny_vectors), "glove")
+    assert ServerConfig(service="embed").word_vectors == ""  # default: MiniLM
+
+
+def test_labels_and_texts_live_in_the_word_vector_space(
+        stub: embed_pb2_grpc.EmbeddingStub, photo: np.ndarray, vocab: NounVocabulary,
+        covered: np.ndarray) -> None:
+    for method in (embed_pb2.EMBEDDING_METHOD_DEVISE, embed_pb2.EMBEDDING_METHOD_CONSE,
+                   embed_pb2.EMBEDDING_METHOD_UNSPECIFIED):
+        response = stub.LabelImage(embed_pb2.LabelImageRequest(
+            image=encode(photo), k=20, method=method), timeout=60)
+        assert len(response.labels) == 20
+        # only synsets with a vector in the file are in the noun index
+        assert all(covered[vocab.index[label.wnid]] for label in response.labels)
+    assert response.method == embed_pb2.EMBEDDING_METHOD_DEVISE  # the map's default_method
+    texts = stub.EmbedText(embed_pb2.EmbedTextRequest(texts=["golden retriever"]), timeout=60)
+    assert texts.dimension == DIM and texts.space.startswith("word-vectors:glove.tiny.txt@")
+    np.testing.assert_allclose(texts.embeddings[0].values, [1] + [0] * (DIM - 1), atol=1e-6)
+    images = stub.EmbedImages(embed_pb2.EmbedImagesRequest(images=[encode(photo)]), timeout=60)
+    assert images.dimension == DIM and len(images.embeddings[0].values) == DIM
+    # the golden retriever (no hyponyms, covered by its token) is in the index
+    labels = stub.LabelImage(embed_pb2.LabelImageRequest(
+        image=encode(photo), k=1, under_wnid=GOLDEN_RETRIEVER), timeout=60).labels
+    assert [label.wnid for label in labels] == [GOLDEN_RETRIEVER]
+    with pytest.raises(grpc.RpcError) as error:
+        stub.EmbedText(embed_pb2.EmbedTextRequest(texts=["tax return"]), timeout=60)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "none of its words is in the word vectors" in error.value.details()
+
+
+def test_a_map_for_other_vectors_is_refused(models: Path, tiny_vectors: Path,
+                                            tmp_path: Path, photo: np.ndarray,
+                                            vocab: NounVocabulary,
+                                            covered: np.ndarray) -> None:
+    only_minilm = tmp_path / "models"
+    shutil.copytree(models / "devise-a-minilm", only_minilm / "devise-minilm")
+    running = start(only_minilm, tiny_vectors)
+    try:
+        stub = embed_pb2_grpc.EmbeddingStub(client.connect(running.target))
+        with pytest.raises(grpc.RpcError) as error:
+            stub.LabelImage(embed_pb2.LabelImageRequest(
+                image=encode(photo), method=embed_pb2.EMBEDDING_METHOD_DEVISE), timeout=60)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        details = error.value.details()
+        assert "devise-minilm" in details and "maps into 384-d vectors" in details
+        assert "glove.tiny.txt" in details and "percept train devise --word-vectors" in details
+        # ConSE (the default without a usable map) still labels, in the file's space
+        response = stub.LabelImage(embed_pb2.LabelImageRequest(image=encode(photo), k=5),
+                                   timeout=60)
+        assert response.method == embed_pb2.EMBEDDING_METHOD_CONSE
+        assert all(covered[vocab.index[label.wnid]] for label in response.labels)
+    finally:
+        running.stop()

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -116,17 +117,27 @@ def run_demo(out_dir: Path, targets: Mapping[str, str], *,
         report.ok("upscale", f"out/upscaled.png {response.width}x{response.height} "
                              f"({response.model})")
 
+    def stylize(name: str, *, preserve_color: bool = False) -> None:
+        response = client.stylize(channels["style"], style_pb2.StylizeRequest(
+            image=cat.read_bytes(), style=name, preserve_color=preserve_color))
+        suffix = "-preserve-color" if preserve_color else ""
+        path = out_dir / f"style-{name}{suffix}.png"
+        path.write_bytes(response.image)
+        report.pictures.append((name + (" (colour kept)" if preserve_color else ""), path))
+        report.ok(f"stylize --style {name}{' --preserve-color' if preserve_color else ''}",
+                  f"out/{path.name} {response.width}x{response.height} ({response.model})")
+
     def fixed_styles() -> None:
         styles = client.list_styles(channels["style"])
         if not styles:
             report.ok("styles", "no fixed styles installed")
+            return
+        report.ok("styles", ", ".join(style.name for style in styles))
+        # One step per style: a style that fails does not hide the others.
         for style in styles:
-            response = client.stylize(channels["style"], style_pb2.StylizeRequest(
-                image=cat.read_bytes(), style=style.name))
-            path = out_dir / f"style_{style.name}.png"
-            path.write_bytes(response.image)
-            report.pictures.append((style.name, path))
-            report.ok(f"stylize --style {style.name}", f"out/{path.name} ({response.model})")
+            _step(report, f"stylize --style {style.name}", partial(stylize, style.name))
+        _step(report, f"stylize --style {styles[0].name} --preserve-color",
+              partial(stylize, styles[0].name, preserve_color=True))
 
     def gatys() -> None:
         from training.assets import style_image_path

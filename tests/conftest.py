@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,6 +44,24 @@ def all_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServ
                               timeout=900)
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def style_server() -> Iterator[RunningServer]:
+    """The StyleTransfer service alone, on the committed models under models/."""
+    running = start_in_thread(server_config("style"), timeout=600)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: fastest for small tensors on the shared 2-core machine, and it
+    keeps a torch-heavy test module from starving everything else running beside it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None, **params: object) -> bytes:

@@ -23,6 +23,7 @@ from services.common.images import (
     decode_mask,
     encode_image,
     output_format_enum,
+    output_format_name,
     validate_quality,
 )
 from services.common.rpc import stream_errors, time_remaining, unary_errors
@@ -100,13 +101,16 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
                 "no fast style networks are installed under "
                 f"{self.config.models_dir}; train one with `percept train style`, or use "
                 "StylizeWithImage (`percept stylize --style-image`)")
+        available = ", ".join(sorted(self.styles))
+        if not request.style:
+            raise InvalidArgument(f"style is required; available: {available}")
         if request.style not in self.styles:
-            raise NotFound(f"unknown style {request.style!r}; available: "
-                           + ", ".join(sorted(self.styles)))
+            raise NotFound(f"unknown style {request.style!r}; available: {available}")
         strength = request.strength if request.HasField("strength") else 1.0
         if not 0.0 <= strength <= 1.0:
             raise InvalidArgument(f"strength must be 0..1, got {strength:g}")
         fmt = output_format_enum(request.output_format)
+        output_format_name(fmt)  # an unknown format fails now, not after the forward pass
         quality = validate_quality(request.quality)
         decoded = await asyncio.to_thread(decode_image, request.image,
                                           max_pixels=self.config.max_pixels)

@@ -67,7 +67,8 @@ class StyleTransferServicer:
 
     def Stylize(self, request, context):
         """Stylises an image with a fixed style network in one forward pass.
-        Errors: INVALID_ARGUMENT (bad image, strength outside 0..1, bad mask), NOT_FOUND
+        Errors: INVALID_ARGUMENT (no style, bad image, strength outside 0..1, bad mask, mask of
+        a different aspect ratio, unknown output_format or quality), NOT_FOUND
         (unknown style; the message lists the available ones), RESOURCE_EXHAUSTED,
         DEADLINE_EXCEEDED, UNIMPLEMENTED (no style networks installed).
         """

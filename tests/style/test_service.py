@@ -1,0 +1,383 @@
+"""The StyleTransfer service's fixed styles (fast style transfer, Johnson et al. 2016) over
+real gRPC on loopback, with the real committed models under models/style-*."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client import REGISTRY
+from skimage.color import rgb2lab
+
+from percept.v1 import image_pb2, style_pb2
+from services import client
+from services.common.image_model import TiledImageModel
+from services.common.images import DecodedImage, decode_image
+from services.common.server import RunningServer, start_in_thread
+from services.common.tiling import TilePlan, tiled_apply
+from services.style.service import OVERLAP, TILE
+from tests.conftest import encode, server_config
+from tests.fixtures import bad_images
+from tests.style.committed import EACH_STYLE, FIRST, NAMES, STYLES, needs_styles
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PNG = image_pb2.IMAGE_FORMAT_PNG
+JPEG = image_pb2.IMAGE_FORMAT_JPEG
+WEBP = image_pb2.IMAGE_FORMAT_WEBP
+
+
+@pytest.fixture(scope="module")
+def channel(style_server: RunningServer) -> grpc.Channel:
+    return client.connect(style_server.target)
+
+
+def stylize(channel: grpc.Channel, image: bytes, style: str, **fields: object
+            ) -> tuple[style_pb2.StylizeResponse, DecodedImage]:
+    response = client.stylize(channel, style_pb2.StylizeRequest(image=image, style=style,
+                                                                **fields), timeout=120)
+    return response, decode_image(response.image, max_pixels=10**8)
+
+
+@cache
+def _full(target: str, style: str, content: bytes) -> np.ndarray:
+    """The full-strength stylisation, computed once per style and content."""
+    return stylize(client.connect(target), content, style)[1].rgb
+
+
+def mean_abs(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def forward_passes(style: str) -> float:
+    """Tiles that style's model has run (the percept_batch_size histogram's sum)."""
+    queue = {"queue": f"model-{STYLES[style]['name']}"}
+    return REGISTRY.get_sample_value("percept_batch_size_sum", queue) or 0.0
+
+
+# -- ListStyles ----------------------------------------------------------------------------
+@needs_styles
+def test_list_styles_lists_every_committed_style(channel: grpc.Channel) -> None:
+    styles = client.list_styles(channel)
+    assert [s.name for s in styles] == NAMES
+    for info in styles:
+        config = STYLES[info.name]
+        assert info.version == str(config["version"])
+        assert info.title == config["style"]["title"] and info.title.strip()
+
+
+# -- every style, every output format ----------------------------------------------------------
+@pytest.mark.parametrize("style", EACH_STYLE)
+def test_every_committed_style_stylizes_a_photo(channel: grpc.Channel, photo: np.ndarray,
+                                                style: str) -> None:
+    config = STYLES[style]
+    height, width = photo.shape[:2]
+    response, result = stylize(channel, encode(photo, "JPEG", quality=95), style)
+    assert response.model == f"{config['name']}@{config['version']}"
+    assert response.format == PNG and response.image.startswith(b"\x89PNG\r\n\x1a\n")
+    assert (response.width, response.height) == (width, height)
+    assert result.rgb.shape == photo.shape and result.alpha is None
+    # Visibly restyled, and still a picture, not a flat wash. Measured on chelsea: mean
+    # abs difference 47.7 / 31.3 / 58.5 and standard deviation 37.0 / 40.6 / 22.0
+    # (starry-night / the-scream / stained-tissue).
+    assert mean_abs(result.rgb, photo) > 12.0
+    assert result.rgb.std() > 10.0
+    # The cat is still there: the luminance follows the content's (correlation 0.70 /
+    # 0.78 / 0.73).
+    luma_out = np.asarray(Image.fromarray(result.rgb).convert("L"), np.float64)
+    luma_in = np.asarray(Image.fromarray(photo).convert("L"), np.float64)
+    assert np.corrcoef(luma_out.ravel(), luma_in.ravel())[0, 1] > 0.3
+
+
+@pytest.mark.parametrize("fmt, pil_format, magic", [(JPEG, "JPEG", b"\xff\xd8\xff"),
+                                                    (WEBP, "WEBP", b"RIFF")])
+@pytest.mark.parametrize("style", EACH_STYLE)
+def test_output_formats(channel: grpc.Channel, style_server: RunningServer, photo: np.ndarray,
+                        style: str, fmt: int, pil_format: str, magic: bytes) -> None:
+    content = encode(photo)
+    response, result = stylize(channel, content, style, output_format=fmt, quality=90)
+    assert response.format == fmt and response.image.startswith(magic)
+    assert result.source_format == pil_format and result.rgb.shape == photo.shape
+    # The same picture as the lossless PNG result, up to the lossy encoding (measured at
+    # quality 90: 36.1 to 39.7 dB).
+    assert psnr(result.rgb, _full(style_server.target, style, content)) > 30
+
+
+# -- errors ------------------------------------------------------------------------------
+@needs_styles
+def test_unknown_style_is_not_found_and_lists_the_styles(channel: grpc.Channel,
+                                                         small_photo: np.ndarray) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        stylize(channel, encode(small_photo), "van-gogh")
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error.value.details() == f"unknown style 'van-gogh'; available: {', '.join(NAMES)}"
+    with pytest.raises(grpc.RpcError) as error:
+        stylize(channel, encode(small_photo), "")
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == f"style is required; available: {', '.join(NAMES)}"
+
+
+def _bad(case: str, photo: np.ndarray) -> tuple[bytes, dict[str, object]]:
+    """(image bytes, other request fields) for one bad request."""
+    good = encode(photo)
+    height, width = photo.shape[:2]
+    cases: dict[str, tuple[bytes, dict[str, object]]] = {
+        "empty image": (b"", {}),
+        "undecodable image": (b"GIF89a, or so it says", {}),
+        "truncated PNG": (bad_images.truncated_png(photo), {}),
+        "truncated JPEG": (bad_images.truncated_jpeg(photo), {}),
+        "image over the pixel cap": (bad_images.png_bomb(), {}),
+        "strength < 0": (good, {"strength": -0.25}),
+        "strength > 1": (good, {"strength": 1.5}),
+        "strength NaN": (good, {"strength": float("nan")}),
+        "square mask": (good, {"mask": encode(np.zeros((height, height), np.uint8))}),
+        "undecodable mask": (good, {"mask": b"not a mask"}),
+        "truncated mask": (good, {"mask": bad_images.truncated_png(
+            np.zeros((height, width), np.uint8))}),
+        "quality 101": (good, {"output_format": JPEG, "quality": 101}),
+        "unknown format": (good, {"output_format": 99}),
+    }
+    return cases[case]
+
+
+@needs_styles
+@pytest.mark.parametrize("case, message", [
+    ("empty image", r"^empty image$"),
+    ("undecodable image", r"^not a decodable image$"),
+    ("truncated PNG", r"^truncated image: "),
+    ("truncated JPEG", r"^truncated image: "),
+    ("image over the pixel cap", r"^image has 100000 x 100000 = 10000000000 pixels, over the "
+                                 r"cap of \d+$"),
+    ("strength < 0", r"^strength must be 0\.\.1, got -0\.25$"),
+    ("strength > 1", r"^strength must be 0\.\.1, got 1\.5$"),
+    ("strength NaN", r"^strength must be 0\.\.1, got nan$"),
+    ("square mask", r"^mask aspect ratio 300x300 does not match the image's 451x300$"),
+    ("undecodable mask", r"^not a decodable mask$"),
+    ("truncated mask", r"^truncated mask: "),
+    ("quality 101", r"^quality must be 1\.\.100, got 101$"),
+    ("unknown format", r"^unknown output_format 99$"),
+])
+def test_bad_requests_are_invalid_argument_and_cost_no_forward_pass(
+        channel: grpc.Channel, photo: np.ndarray, small_photo: np.ndarray, case: str,
+        message: str) -> None:
+    image, fields = _bad(case, photo)
+    before = forward_passes(FIRST)
+    with pytest.raises(grpc.RpcError) as error:
+        stylize(channel, image, FIRST, **fields)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert re.search(message, error.value.details()), error.value.details()
+    assert forward_passes(FIRST) == before, "a bad request ran the model before failing"
+    # The server keeps serving.
+    assert client.health_status(channel, "percept.v1.StyleTransfer") == "SERVING"
+    _, result = stylize(channel, encode(small_photo), FIRST)
+    assert result.rgb.shape == small_photo.shape
+
+
+@needs_styles
+def test_no_style_networks_is_unimplemented_with_a_way_out(tmp_path: Path,
+                                                           small_photo: np.ndarray) -> None:
+    empty = tmp_path / "models"
+    empty.mkdir()
+    running = start_in_thread(server_config("style", models_dir=empty), timeout=600)
+    try:
+        channel = client.connect(running.target)
+        assert client.list_styles(channel) == []
+        with pytest.raises(grpc.RpcError) as error:
+            stylize(channel, encode(small_photo), "starry-night")
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        details = error.value.details()
+        assert f"no fast style networks are installed under {empty}" in details
+        assert "`percept train style`" in details and "--style-image" in details
+        assert client.health_status(channel, "percept.v1.StyleTransfer") == "SERVING"
+    finally:
+        running.stop()
+
+
+# -- strength, colour preservation, masks ---------------------------------------------------
+@pytest.mark.parametrize("style", EACH_STYLE)
+def test_strength_blends_from_the_content_to_the_stylisation(
+        channel: grpc.Channel, style_server: RunningServer, photo: np.ndarray,
+        style: str) -> None:
+    content = encode(photo)
+    full = _full(style_server.target, style, content)
+    nothing = stylize(channel, content, style, strength=0.0)[1].rgb
+    assert np.abs(nothing.astype(int) - photo).max() <= 1  # measured: 0 for every style
+    half = stylize(channel, content, style, strength=0.5)[1].rgb
+    # Measured: 0.25 (the rounding to 8 bits) for every style.
+    assert mean_abs(half, (photo.astype(np.float64) + full) / 2) < 1.0
+    assert 0.4 < mean_abs(half, photo) / mean_abs(full, photo) < 0.6
+
+
+def chroma_error(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean distance between the CIELAB a*b* chroma of two RGB images."""
+    return float(np.mean(np.linalg.norm(rgb2lab(a)[..., 1:] - rgb2lab(b)[..., 1:], axis=-1)))
+
+
+def lightness_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.abs(rgb2lab(a)[..., 0] - rgb2lab(b)[..., 0])))
+
+
+@pytest.mark.parametrize("style", EACH_STYLE)
+def test_preserve_color_keeps_the_content_chroma(channel: grpc.Channel,
+                                                 style_server: RunningServer,
+                                                 photo: np.ndarray, style: str) -> None:
+    content = encode(photo)
+    full = _full(style_server.target, style, content)
+    kept = stylize(channel, content, style, preserve_color=True)[1].rgb
+    # Measured in CIELAB, not in the service's own YCbCr (where the distance is 0.01): the
+    # a*b* distance to the content on chelsea is 1.66 / 1.21 / 2.22 with preserve_color
+    # (what remains is gamut clipping where the lightness changed) and 41.7 / 17.7 / 18.1
+    # without (starry-night / the-scream / stained-tissue).
+    with_colour, without = chroma_error(kept, photo), chroma_error(full, photo)
+    assert with_colour < 4.0 and without > 4 * with_colour
+    # ... while the lightness is the stylisation's: L* distance to it 1.43 / 0.75 / 0.33,
+    # to the content 12.6 / 10.7 / 21.3.
+    assert lightness_error(kept, full) < 0.3 * lightness_error(kept, photo)
+
+
+@pytest.mark.parametrize("style", EACH_STYLE)
+def test_mask_limits_the_effect_to_its_white_part(channel: grpc.Channel,
+                                                  style_server: RunningServer,
+                                                  photo: np.ndarray, style: str) -> None:
+    content = encode(photo)
+    full = _full(style_server.target, style, content)
+    height, width = photo.shape[:2]
+    half = width // 2
+    mask = np.zeros((height, width), np.uint8)
+    mask[:, :half] = 255
+    result = stylize(channel, content, style, mask=encode(mask))[1].rgb
+    assert np.abs(result[:, half:].astype(int) - photo[:, half:]).max() <= 1  # kept
+    assert mean_abs(result[:, :half], full[:, :half]) < 0.5  # stylised
+    # A smaller mask of the same aspect ratio is resized to the image (bilinear), so only
+    # a few columns at the edge blend; a different aspect ratio is INVALID_ARGUMENT (above).
+    small_mask = encode(np.asarray(Image.fromarray(mask).resize((width // 2, height // 2),
+                                                                Image.Resampling.NEAREST)))
+    resized = stylize(channel, content, style, mask=small_mask)[1].rgb
+    assert np.abs(resized[:, half + 3:].astype(int) - photo[:, half + 3:]).max() <= 1
+    assert mean_abs(resized[:, :half - 3], full[:, :half - 3]) < 0.5
+
+
+# -- unusual inputs --------------------------------------------------------------------------
+@needs_styles
+def test_rgba_input_keeps_its_alpha(channel: grpc.Channel, photo: np.ndarray) -> None:
+    rgba = bad_images.rgba_png(photo)
+    source = decode_image(rgba, max_pixels=10**8)
+    _, result = stylize(channel, rgba, FIRST)
+    assert result.alpha is not None and source.alpha is not None
+    assert np.array_equal(result.alpha, source.alpha)
+    assert mean_abs(result.rgb, photo) > 12.0  # and the colour channels are stylised
+
+
+@needs_styles
+def test_grey_input_is_stylised_and_preserve_color_keeps_it_grey(channel: grpc.Channel,
+                                                                 photo: np.ndarray) -> None:
+    grey = bad_images.grey_png(photo)
+    luma = np.asarray(Image.fromarray(photo).convert("L"))
+    _, result = stylize(channel, grey, FIRST)
+    assert result.rgb.shape == photo.shape
+    assert mean_abs(result.rgb, np.dstack([luma] * 3)) > 12.0
+    _, kept = stylize(channel, grey, FIRST, preserve_color=True)
+    spread = kept.rgb.max(axis=-1).astype(int) - kept.rgb.min(axis=-1)
+    assert spread.max() <= 2  # grey content, kept colour: grey out
+
+
+@needs_styles
+@pytest.mark.parametrize("height, width", [(1, 1), (3, 5), (1, 700), (700, 2)])
+def test_tiny_and_thin_images(channel: grpc.Channel, photo: np.ndarray, height: int,
+                              width: int) -> None:
+    image = np.asarray(Image.fromarray(photo).resize((width, height)))
+    response, result = stylize(channel, encode(image), FIRST)
+    assert (response.width, response.height) == (width, height)
+    assert result.rgb.shape == (height, width, 3)
+
+
+# -- tiling ------------------------------------------------------------------------------------
+def tile_edges(plan: TilePlan) -> tuple[list[int], list[int]]:
+    """(columns, rows) where a tile starts or ends inside the image: where a seam would be."""
+    def edges(starts: Sequence[int], length: int, size: int) -> list[int]:
+        found = {s for s in starts if s > 0} | {s + size for s in starts if s + size < length}
+        return sorted(found)
+    return (edges(plan.cols, plan.width, plan.tile_width),
+            edges(plan.rows, plan.height, plan.tile_height))
+
+
+def seam_score(output: np.ndarray, reference: np.ndarray, plan: TilePlan) -> float:
+    """How much sharper ``output`` is across the tile edges than ``reference``, an untiled
+    pass: the mean absolute step between neighbouring columns (rows) within 2 px of each
+    edge, over the same step in the reference. About 1 without seams; a hard seam adds its
+    own step (the tiles' instance-norm statistics differ) on top of the picture's."""
+    columns, rows = tile_edges(plan)
+    worst = 0.0
+    for axis, edges in ((1, columns), (0, rows)):
+        other = 1 - axis
+        step_out = np.abs(np.diff(output.astype(np.float64), axis=axis)).mean(axis=(other, 2))
+        step_ref = np.abs(np.diff(reference.astype(np.float64), axis=axis)).mean(axis=(other, 2))
+        # diff index i lies between pixels i and i+1; a seam at edge e is at index e-1.
+        near = sorted({i for e in edges for i in range(e - 3, e + 2) if 0 <= i < len(step_out)})
+        if near:
+            worst = max(worst, float(np.max(step_out[near] / np.maximum(step_ref[near], 1e-3))))
+    return worst
+
+
+def untiled_pass(model: TiledImageModel, image: np.ndarray) -> np.ndarray:
+    whole = model.run_batch([image])[0]
+    return np.clip(whole * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def unfeathered_tiling(model: TiledImageModel, image: np.ndarray) -> np.ndarray:
+    """The same tiles without feathered overlaps: what a broken tiler would return."""
+    async def process(tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return model.run_batch(tiles)
+    return asyncio.run(tiled_apply(image, process, scale=1, tile=TILE, overlap=0))
+
+
+@pytest.mark.parametrize("style", EACH_STYLE)
+def test_large_image_is_tiled_without_seams(channel: grpc.Channel, style_server: RunningServer,
+                                            photo: np.ndarray, style: str) -> None:
+    """1100x700 (tiles of 576 px overlapping by 64: 3 x 2 tiles) against one untiled pass.
+
+    Instance normalisation makes a tile's statistics differ from the whole image's, so the
+    tiled result is a slightly different stylisation, not a copy: measured on chelsea at
+    1100x700, PSNR 29.3 dB (starry-night), 35.8 (the-scream), 33.0 (stained-tissue); 25.8 to
+    36 dB on skimage's astronaut, coffee and rocket. The untiled result shifted by just
+    2 px scores 23.5 / 29.2 / 27.6 dB against itself, so the tiled result must be both
+    above 26 dB and 3 dB closer than that shift: misplaced or misweighted tiles fail.
+
+    A seam barely moves the PSNR (a hard one cost 1 dB or even gained some), so the seam
+    score checks the tile edges: measured 1.08 / 1.07 / 1.05 on chelsea (at most 1.38 over
+    four photos) with the service's feathered tiling, and 2.24 / 2.49 / 2.20 on chelsea
+    (at least 1.74 over four photos) when the same tiles are blended without feathering."""
+    height, width = 700, 1100
+    image = np.asarray(Image.fromarray(photo).resize((width, height), Image.Resampling.BICUBIC))
+    plan = TilePlan(height, width, TILE, OVERLAP)
+    assert plan.count == 6 and plan.tile_width < width
+
+    before = forward_passes(style)
+    response, tiled = stylize(channel, encode(image), style)
+    assert forward_passes(style) - before == plan.count, "the image did not go through tiled"
+    assert (response.width, response.height) == (width, height)
+
+    model = style_server.server.modules[0].styles[style]  # type: ignore[attr-defined]
+    untiled = untiled_pass(model, image)
+    agreement = psnr(tiled.rgb, untiled)
+    assert agreement > 26.0
+    assert agreement > psnr(untiled, np.roll(untiled, 2, axis=1)) + 3.0
+    # Measured 0.06 to 0.13 of how far the stylisation moved the picture.
+    assert mean_abs(tiled.rgb, untiled) < 0.25 * mean_abs(untiled, image)
+
+    assert seam_score(tiled.rgb, untiled, plan) < 1.4, "a seam shows at a tile edge"
+    # The score is able to fail: the same tiles blended without feathering show seams.
+    broken = unfeathered_tiling(model, image)
+    assert seam_score(broken, untiled, TilePlan(height, width, TILE, 0)) > 1.6

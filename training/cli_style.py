@@ -90,6 +90,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="full-resolution channels (default: 32 on CUDA as in the paper, "
                             f"{CPU_RECIPE['width']} on CPU)")
     model.add_argument("--blocks", type=int, default=5, help="residual blocks (default: 5)")
+    model.add_argument("--upsample", choices=("nearest", "bilinear"), default="nearest",
+                       help="interpolation before each upsampling convolution "
+                            "(default: nearest)")
     loss = parser.add_argument_group("loss")
     loss.add_argument("--content-weight", type=float, default=1.0,
                       help=f"weight of the {DEFAULT_CONTENT_LAYER} content loss (default: 1)")
@@ -138,6 +141,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="write samples.png and loss.png every N steps (default: 200)")
     run.add_argument("--max-minutes", type=float, default=0.0,
                      help="stop (and export) after this much wall time (default: no limit)")
+    run.add_argument("--grid-check-every", type=int, default=30,
+                     help="measure grid artifacts on the sample items every N steps "
+                          "(default: 30)")
+    run.add_argument("--grid-margin", type=float, default=1.5,
+                     help="export the last checked state whose period-2 and period-4 "
+                          "spectral ratios (output over content) stay under this; 0 exports "
+                          "the final state unchecked (default: 1.5)")
     run.add_argument("--max-cpu-minutes", type=float, default=0.0,
                      help="stop (and export) after this much process CPU time "
                           "(default: no limit)")

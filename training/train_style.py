@@ -329,6 +329,19 @@ def save_samples(model: nn.Module, content: np.ndarray, style: np.ndarray, path:
     return save_image_grid(rows, path, labels=["content", "output", "style"])
 
 
+def grid_artifacts(model: nn.Module, content: np.ndarray, device: torch.device,
+                   channels_last: bool) -> dict[str, float]:
+    """Mean Nyquist (period 2) and quarter-frequency (period 4) ratios of the model's
+    outputs over its inputs (training.evaluate_style): how much grid-locked pattern the
+    upsampling stages paint. Near 1 = none; a visible grid measures several times more."""
+    from training.evaluate_style import nyquist_ratio, quarter_ratio
+
+    output = stylise(model, content, device, channels_last)
+    pairs = list(zip(output, content, strict=True))
+    return {"nyquist_ratio": float(np.mean([nyquist_ratio(o, c) for o, c in pairs])),
+            "quarter_ratio": float(np.mean([quarter_ratio(o, c) for o, c in pairs]))}
+
+
 def _use_channels_last(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
@@ -353,6 +366,8 @@ def train(args: argparse.Namespace) -> int:
 
     architecture: dict[str, Any] = {"type": ARCHITECTURE, "width": recipe["width"],
                                     "blocks": args.blocks}
+    if args.upsample != "nearest":  # keeps the committed nearest models' configs unchanged
+        architecture["upsample"] = args.upsample
     model = nets.build(architecture)
     channels_last = _use_channels_last(args.channels_last, device)
     model.to(device)
@@ -410,7 +425,8 @@ def train(args: argparse.Namespace) -> int:
                 "elapsed": elapsed_before + time.monotonic() - started,
                 "cpu_seconds": cpu_before + time.process_time() - cpu_started,
                 "sampler_rng": sampler.rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(), "args": vars(args)}
+                "torch_rng": torch.get_rng_state(), "args": vars(args),
+                "grid_checks": grid_checks, "passing_state": passing_state}
 
     def pictures() -> None:
         save_samples(model, val_content, style_rgb, run_dir / "samples.png", device,
@@ -422,6 +438,24 @@ def train(args: argparse.Namespace) -> int:
     cpu_deadline = cpu_started + args.max_cpu_minutes * 60 - cpu_before \
         if args.max_cpu_minutes else math.inf
     stopped_early = False
+    # Model selection against grid artifacts: every --grid-check-every steps the outputs on
+    # the fixed content items are measured; the export is the last checked state whose
+    # period-2 and period-4 ratios both stay under --grid-margin (style losses keep falling
+    # while the net learns to paint texture on its upsampling grid).
+    grid_checks: list[dict[str, Any]] = list(state.get("grid_checks", [])) if args.resume \
+        else []
+    passing_state: dict[str, Tensor] | None = state.get("passing_state") if args.resume \
+        else None
+
+    def grid_check() -> None:
+        nonlocal passing_state
+        measured = grid_artifacts(model, val_content, device, channels_last)
+        passed = max(measured.values()) < args.grid_margin
+        grid_checks.append({"step": step, **measured, "passed": passed})
+        if passed:
+            passing_state = {k: v.detach().to("cpu", copy=True)
+                             for k, v in model.state_dict().items()}
+
     bar = tqdm(total=steps, initial=step, unit="step", desc=f"train {name}",
                disable=args.quiet, dynamic_ncols=True)
     while step < steps:
@@ -452,9 +486,25 @@ def train(args: argparse.Namespace) -> int:
                         lr=f"{scheduler.get_last_lr()[0]:.1e}")
         if args.sample_every and step % args.sample_every == 0:
             pictures()
+        if args.grid_margin and args.grid_check_every and step % args.grid_check_every == 0:
+            grid_check()
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             _save_checkpoint(checkpoint, snapshot())
     bar.close()
+    selected_step = step
+    if args.grid_margin:
+        if not grid_checks or grid_checks[-1]["step"] != step:
+            grid_check()
+        if not grid_checks[-1]["passed"]:
+            if passing_state is not None:
+                selected_step = int(max(c["step"] for c in grid_checks if c["passed"]))
+                print(f"[train] step {step} paints a grid ({grid_checks[-1]}); exporting the "
+                      f"last state under the {args.grid_margin} margin, step {selected_step}",
+                      flush=True)
+                model.load_state_dict(passing_state)
+            else:
+                print(f"[train] warning: no checked state stayed under the grid margin "
+                      f"{args.grid_margin}; exporting the last one", flush=True)
     train_seconds = elapsed_before + time.monotonic() - started
     cpu_seconds = cpu_before + time.process_time() - cpu_started
     _save_checkpoint(checkpoint, snapshot())
@@ -470,6 +520,8 @@ def train(args: argparse.Namespace) -> int:
                 "steps); train on a GPU with the default flags for full quality"
         if on_cpu else "full size",
         "steps": step, "steps_planned": steps, "stopped_early": stopped_early,
+        "selected_step": selected_step, "grid_margin": args.grid_margin,
+        "grid_checks": grid_checks,
         "batch_size": recipe["batch_size"], "crop": recipe["size"],
         "min_scale": args.min_scale, "style_size": args.style_size,
         "width": recipe["width"], "blocks": args.blocks,

@@ -158,6 +158,68 @@ def test_cli_training_exports_an_artifact_and_resumes(tmp_path: Path) -> None:
     assert metrics["steps"] == 3
 
 
+@needs_vgg
+def test_grid_checks_select_the_last_state_under_the_margin(tmp_path: Path) -> None:
+    from training.train_style import train
+
+    prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 40))
+    common = ["--style", "stained-tissue", "--data", str(prepared), "--size", "32",
+              "--width", "4", "--blocks", "1", "--batch-size", "1", "--style-size", "48",
+              "--device", "cpu", "--quiet", "--val-items", "2", "--sample-every", "0",
+              "--checkpoint-every", "0", "--steps", "4", "--grid-check-every", "2"]
+
+    def run(name: str, margin: float) -> dict[str, object]:
+        out = tmp_path / name
+        assert train(_parse([*common, "--out", str(out), "--run-dir", str(tmp_path / f"run-{name}"),
+                             "--grid-margin", str(margin)])) == 0
+        metrics: dict[str, object] = json.loads((out / "metrics.json").read_text())
+        return metrics
+
+    generous = run("generous", 1e9)
+    checks = generous["grid_checks"]
+    assert isinstance(checks, list) and [c["step"] for c in checks] == [2, 4]
+    assert all(c["passed"] and c["nyquist_ratio"] > 0 and c["quarter_ratio"] > 0
+               for c in checks)
+    assert generous["selected_step"] == 4
+    impossible = run("impossible", 1e-9)  # nothing passes: the final state is exported
+    assert impossible["selected_step"] == 4
+    assert not any(c["passed"] for c in impossible["grid_checks"])  # type: ignore[attr-defined]
+
+
+@needs_vgg
+def test_a_state_that_paints_a_grid_is_not_exported(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The measure passes at step 2 and fails at step 4: step 2's weights are exported."""
+    import training.train_style as train_style
+
+    measured = iter([1.0, 3.0])
+    saved: dict[int, dict[str, torch.Tensor]] = {}
+    real_check = train_style.grid_artifacts
+
+    def fake_check(model: torch.nn.Module, *args: object) -> dict[str, float]:
+        value = next(measured)
+        saved[len(saved) + 1] = {k: v.detach().clone().float()
+                                 for k, v in model.state_dict().items()}
+        real_check(model, *args)  # type: ignore[arg-type]
+        return {"nyquist_ratio": 1.0, "quarter_ratio": value}
+
+    monkeypatch.setattr(train_style, "grid_artifacts", fake_check)
+    prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 40))
+    out = tmp_path / "out"
+    args = _parse(["--style", "stained-tissue", "--data", str(prepared), "--size", "32",
+                   "--width", "4", "--blocks", "1", "--batch-size", "1", "--style-size", "48",
+                   "--device", "cpu", "--quiet", "--val-items", "2", "--sample-every", "0",
+                   "--checkpoint-every", "0", "--steps", "4", "--grid-check-every", "2",
+                   "--out", str(out), "--run-dir", str(tmp_path / "run")])
+    assert train_style.train(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["selected_step"] == 2 and metrics["steps"] == 4
+    exported = load_file(str(out / "weights.safetensors"))
+    for key, value in exported.items():
+        torch.testing.assert_close(value.float(), saved[1][key].half().float())
+    assert any(not torch.equal(saved[1][k].half(), saved[2][k].half()) for k in exported)
+
+
 def test_refuses_a_prepared_folder_of_heldout_photos(tmp_path: Path) -> None:
     from training.data.arrays import PreparedDataError
     from training.train_style import train

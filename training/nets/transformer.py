@@ -34,6 +34,11 @@ from torch.nn import functional as F
 from training.nets import register
 from training.nets.folding import FoldedResizeConv
 
+#: Interpolation before each upsampling convolution. Both put no energy at the new Nyquist
+#: frequency; bilinear (a triangle kernel) also damps the spectral images near it, which
+#: nearest (a box) leaves for the convolution and the ReLU to turn into a grid pattern.
+UPSAMPLE_MODES = ("nearest", "bilinear")
+
 #: The two stride-2 stages downsample by this factor; inputs are padded to a multiple.
 DOWNSAMPLE = 4
 #: Smallest padded side: the 1/4-resolution map must be at least 2 px for reflection pads.
@@ -89,9 +94,12 @@ class ResizeConv(nn.Module):
     kernel taps, so there is no checkerboard."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 scale: int = 2) -> None:
+                 scale: int = 2, mode: str = "nearest") -> None:
         super().__init__()
+        if mode not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {mode!r}")
         self.scale = scale
+        self.mode = mode
         self.block = ConvNormReLU(in_channels, out_channels, kernel_size)
         self.folded: FoldedResizeConv | None = None
 
@@ -99,7 +107,7 @@ class ResizeConv(nn.Module):
         """The upsampling and convolution computed at the low resolution
         (training.nets.folding): the same output, 2.25x fewer multiply-adds. Inference
         only; x2 with a 3x3 kernel."""
-        if self.scale == 2 and self.folded is None:
+        if self.scale == 2 and self.mode == "nearest" and self.folded is None:
             conv_layer = self.block[0]
             assert isinstance(conv_layer, ConvLayer)
             if conv_layer.conv.kernel_size == (3, 3):
@@ -109,7 +117,11 @@ class ResizeConv(nn.Module):
         if self.folded is not None and not self.training:
             norm, relu = self.block[1], self.block[2]
             return relu(norm(self.folded(x)))
-        return self.block(F.interpolate(x, scale_factor=self.scale, mode="nearest"))
+        if self.mode == "bilinear":
+            up = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        else:
+            up = F.interpolate(x, scale_factor=self.scale, mode="nearest")
+        return self.block(up)
 
 
 def _pad_amounts(size: int) -> tuple[int, int]:
@@ -127,12 +139,13 @@ class TransformerNet(nn.Module):
     the paper) run at 1/4 resolution.
     """
 
-    def __init__(self, width: int = 32, blocks: int = 5) -> None:
+    def __init__(self, width: int = 32, blocks: int = 5, upsample: str = "nearest") -> None:
         super().__init__()
         if width < 1 or blocks < 0:
             raise ValueError(f"width must be >= 1 and blocks >= 0, got {width}, {blocks}")
         self.width = width
         self.blocks = blocks
+        self.upsample = upsample
         self.encoder = nn.Sequential(
             ConvNormReLU(3, width, 9),
             ConvNormReLU(width, 2 * width, 3, stride=2),
@@ -140,8 +153,8 @@ class TransformerNet(nn.Module):
         )
         self.residuals = nn.Sequential(*(ResidualBlock(4 * width) for _ in range(blocks)))
         self.decoder = nn.Sequential(
-            ResizeConv(4 * width, 2 * width),
-            ResizeConv(2 * width, width),
+            ResizeConv(4 * width, 2 * width, mode=upsample),
+            ResizeConv(2 * width, width, mode=upsample),
         )
         self.output = ConvLayer(width, 3, 9)
 
@@ -167,6 +180,8 @@ class TransformerNet(nn.Module):
 
 
 @register("johnson-transformer")
-def johnson_transformer(width: int = 32, blocks: int = 5) -> TransformerNet:
-    """``{"type": "johnson-transformer", "width": 32, "blocks": 5}``."""
-    return TransformerNet(width=width, blocks=blocks)
+def johnson_transformer(width: int = 32, blocks: int = 5,
+                        upsample: str = "nearest") -> TransformerNet:
+    """``{"type": "johnson-transformer", "width": 32, "blocks": 5, "upsample": "nearest"}``
+    (``upsample``: ``"nearest"`` or ``"bilinear"`` before each resize-convolution)."""
+    return TransformerNet(width=width, blocks=blocks, upsample=upsample)

@@ -50,7 +50,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                                batch_size=128)
     else:
         result["fast"] = {"skipped": "no models/style-* installed"}
-    result["gatys"] = gatys(30 if quick else 300, 256)
+    result["gatys"] = gatys(20 if quick else 60, 256)
     return result
 
 

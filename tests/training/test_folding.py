@@ -74,3 +74,18 @@ def test_training_mode_uses_the_unfolded_layers() -> None:
     loss = net(torch.rand(1, 3, 8, 8)).mean()
     loss.backward()
     assert net.up1.conv.weight.grad is not None
+
+
+def test_bilinear_resize_convolutions_are_left_unfolded() -> None:
+    """Only nearest-neighbour resize-convolution has the exact low-resolution form."""
+    torch.manual_seed(0)
+    net = nets.build({"type": "johnson-transformer", "width": 4, "blocks": 1,
+                      "upsample": "bilinear"}).eval()
+    x = torch.rand(1, 3, 20, 24)
+    with torch.inference_mode():
+        expected = net(x)
+        folded = fold_for_inference(net)
+        assert not any(isinstance(m, FoldedResizeConv) for m in folded.modules())
+        torch.testing.assert_close(folded(x), expected)
+    with pytest.raises(ValueError, match="upsample"):
+        nets.build({"type": "johnson-transformer", "upsample": "bicubic"})

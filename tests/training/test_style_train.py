@@ -181,6 +181,8 @@ def test_grid_checks_select_the_last_state_under_the_margin(tmp_path: Path) -> N
     assert all(c["passed"] and c["nyquist_ratio"] > 0 and c["quarter_ratio"] > 0
                for c in checks)
     assert generous["selected_step"] == 4
+    unchecked = run("unchecked", 0)  # the default: no checks, the final state
+    assert unchecked["grid_checks"] == [] and unchecked["selected_step"] == 4
     impossible = run("impossible", 1e-9)  # nothing passes: the final state is exported
     assert impossible["selected_step"] == 4
     assert not any(c["passed"] for c in impossible["grid_checks"])  # type: ignore[attr-defined]
@@ -210,7 +212,7 @@ def test_a_state_that_paints_a_grid_is_not_exported(tmp_path: Path,
                    "--width", "4", "--blocks", "1", "--batch-size", "1", "--style-size", "48",
                    "--device", "cpu", "--quiet", "--val-items", "2", "--sample-every", "0",
                    "--checkpoint-every", "0", "--steps", "4", "--grid-check-every", "2",
-                   "--out", str(out), "--run-dir", str(tmp_path / "run")])
+                   "--grid-margin", "1.5", "--out", str(out), "--run-dir", str(tmp_path / "run")])
     assert train_style.train(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["selected_step"] == 2 and metrics["steps"] == 4

@@ -30,7 +30,7 @@ def label_latency(requests: int) -> list[dict[str, Any]]:
     data = png(photo(224))
     rows = []
     with served("embed", compile="off") as server:
-        module = server.server.modules[0]
+        module: Any = server.server.modules[0]  # the EmbeddingService
         channel = client.connect(server.target)
         served_times, direct_times = [], []
         client.label_image(channel, data)
@@ -52,7 +52,7 @@ def label_latency(requests: int) -> list[dict[str, Any]]:
 
 def batching_throughput(requests: int) -> list[dict[str, Any]]:
     images = [png(photo(224 + i)) for i in range(4)]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, batch in (("no batching (max_batch=1)", 1), ("micro-batching (max_batch=16)", 16)):
         with served("embed", max_batch=batch, max_wait_ms=10) as server:
             stub = embed_pb2_grpc.EmbeddingStub(client.connect(server.target))

@@ -15,7 +15,7 @@ from benchmarks.common import RESULTS, machine, served
 from benchmarks.image_models import bench, photo, png, report
 from percept.v1 import style_pb2
 from services import client
-from services.common.artifacts import list_artifacts
+from services.common.artifacts import list_artifacts, read_config
 from training.assets import REPO_ROOT, style_image_path
 
 
@@ -35,29 +35,38 @@ def gatys(iterations: int, size: int) -> dict[str, Any]:
 
 def run(quick: bool = False) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": machine()}
-    styles = list_artifacts(REPO_ROOT / "models", "style")
-    if styles:
-        model = styles[0]
-        name = model.removeprefix("style-")
+    models = REPO_ROOT / "models"
+    # One model per distinct architecture (the styles share the network shape, but
+    # nearest and bilinear upsampling serve differently: only nearest folds).
+    by_architecture: dict[str, str] = {}
+    for model in list_artifacts(models, "style"):
+        architecture = json.dumps(read_config(models / model)["architecture"], sort_keys=True)
+        by_architecture.setdefault(architecture, model)
+    result["fast"] = [] if by_architecture else {"skipped": "no models/style-* installed"}
+    for model in by_architecture.values():
+        name = str(read_config(models / model).get("style", {}).get(
+            "name", model.removeprefix("style-")))
 
-        def call(channel: Any, data: bytes) -> None:
+        def call(channel: Any, data: bytes, name: str = name) -> None:
             client.stylize(channel, style_pb2.StylizeRequest(image=data, style=name),
                            timeout=3600)
 
-        result["fast"] = bench("style", model, call,
-                               sizes=[256, 512] if quick else [256, 512, 1024],
-                               repeats=3 if quick else 5, compile_too=not quick,
-                               batch_size=128)
-    else:
-        result["fast"] = {"skipped": "no models/style-* installed"}
+        entry = bench("style", model, call, sizes=[256, 512] if quick else [256, 512, 1024],
+                      repeats=3 if quick else 5, compile_too=not quick, batch_size=128)
+        entry["architecture"] = read_config(models / model)["architecture"]
+        result["fast"].append(entry)
     result["gatys"] = gatys(20 if quick else 60, 256)
     return result
 
 
 def markdown(result: dict[str, Any]) -> str:
     fast = result["fast"]
-    text = (f"### Fast style transfer\n\nskipped: {fast['skipped']}" if "skipped" in fast
-            else report(f"Fast style transfer (Stylize, {fast['model']})", fast))
+    if isinstance(fast, dict):  # skipped (or a result saved before one entry per net)
+        text = (f"### Fast style transfer\n\nskipped: {fast['skipped']}" if "skipped" in fast
+                else report(f"Fast style transfer (Stylize, {fast['model']})", fast))
+    else:
+        text = "\n\n".join(report(f"Fast style transfer (Stylize, {entry['model']}, "
+                                   f"{entry['architecture']})", entry) for entry in fast)
     g = result["gatys"]
     return text + (f"\n\nStylizeWithImage (Gatys, L-BFGS, VGG19): {g['size']} px, "
                    f"{g['iterations']} iterations in {g['seconds']:.1f} s "

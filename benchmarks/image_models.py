@@ -3,7 +3,9 @@ PyTorch of the same network in the same run, plus batching on and off."""
 
 from __future__ import annotations
 
+import functools
 import io
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -53,10 +55,11 @@ def latency(service: str, model: str, sizes: list[int], repeats: int, call: Any,
         for size in sizes:
             image = photo(size)
             data = png(image)
-            actions = {"eager fp32": lambda image=image: eager_forward(eager, image)}
+            actions: dict[str, Callable[[], object]] = {
+                "eager fp32": functools.partial(eager_forward, eager, image)}
             for name, server in running.items():
                 channel = client.connect(server.target)
-                actions[name] = lambda channel=channel, data=data: call(channel, data)
+                actions[name] = functools.partial(call, channel, data)
             medians = interleaved_medians(actions, repeats)
             for name, seconds in medians.items():
                 rows.append({"size": size, "variant": name, "ms": seconds * 1000,
@@ -73,7 +76,7 @@ def batching(service: str, call: Any, size: int, requests: int,
     import time
 
     data = png(photo(size))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, batch in (("no batching", 1), (f"max_batch={max_batch}", max_batch)):
         with served(service, max_batch=batch, max_wait_ms=10, compile="off") as server:
             channel = client.connect(server.target)

@@ -3,7 +3,7 @@
 Results go to benchmarks/results/<name>.json, and the tables to benchmarks/README.md
 (between the BEGIN/END markers), with the machine, date and command.
 
-python -m benchmarks.run [--quick] [--only NAME ...]
+python -m benchmarks.run [--quick] [--full] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib
+import inspect
 import json
 import sys
 import time
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     parser.add_argument("--only", nargs="*", choices=BENCHMARKS, default=None)
+    parser.add_argument("--full", action="store_true",
+                        help="the long variants too (search_scale: 1M vectors)")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite README.md from the saved results/*.json, run nothing")
     args = parser.parse_args(argv)
@@ -59,13 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"[bench] {name} ...", flush=True)
             started = time.perf_counter()
-            result = module.run(quick=args.quick)
+            extra = {"full": True} if args.full and "full" in inspect.signature(
+                module.run).parameters else {}
+            result = module.run(quick=args.quick, **extra)
             result["wall_seconds"] = round(time.perf_counter() - started, 1)
             saved.write_text(json.dumps(result, indent=2, default=str))
         section = render(module, result)
         print(section, flush=True)
         sections.append(section)
     command = "make bench" if not args.quick else "python -m benchmarks.run --quick"
+    if args.full:
+        command += " ARGS=--full"
     if args.only:
         command += " (--only " + " ".join(args.only) + ")"
     header = (f"Latest run: {dt.date.today().isoformat()}, `{command}`, machine: {machine()}"

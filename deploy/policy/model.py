@@ -80,6 +80,12 @@ SERVER_FLAGS = (
     "default-model",
     "compile",
     "warmup",
+    "word-vectors",
+    "word-vectors-format",
+    "search-index",
+    "search-ann-threshold",
+    "search-nprobe",
+    "search-ef-search",
 )
 #: flags the server ConfigMap must set explicitly.
 REQUIRED_CONFIG = (

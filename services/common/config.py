@@ -50,6 +50,11 @@ class ServerConfig:
     warmup: bool = True
     word_vectors: str = ""
     word_vectors_format: str = "auto"
+    # search index: services/search/vector_index.py IndexSettings, chosen by make bench
+    search_index: str = "hnsw"
+    search_ann_threshold: int = 10_000
+    search_nprobe: int = 128
+    search_ef_search: int = 64
 
     @property
     def max_message_bytes(self) -> int:
@@ -150,6 +155,15 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     add("--word-vectors-format", str, base.word_vectors_format,
         "embed: format of --word-vectors (auto reads it from the file)",
         choices=["auto", "word2vec", "word2vec-binary", "glove", "fasttext"])
+    add("--search-index", str, base.search_index,
+        "search: approximate index used from --search-ann-threshold vectors on",
+        choices=["hnsw", "ivf"])
+    add("--search-ann-threshold", _positive(int), base.search_ann_threshold,
+        "search: exact search below this many vectors, --search-index from it on")
+    add("--search-nprobe", _positive(int), base.search_nprobe,
+        "search: IVF inverted lists searched per query")
+    add("--search-ef-search", _positive(int), base.search_ef_search,
+        "search: HNSW candidate list length per query")
 
 
 def config_from_args(service: str, args: argparse.Namespace) -> ServerConfig:

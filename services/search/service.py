@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import numpy as np
 
 from percept.v1 import search_pb2, search_pb2_grpc
+from services.common.config import ServerConfig
 from services.common.errors import InvalidArgument, ServiceError
 from services.common.images import decode_image
 from services.common.rpc import stream_errors, unary_errors
@@ -34,6 +37,43 @@ MAX_K = 1000
 DEFAULT_K = 10
 MAX_DELETE = 10_000
 SNAPSHOT_EVERY_SECONDS = 30.0
+
+
+def index_settings(config: ServerConfig) -> IndexSettings:
+    """The index settings from the server flags (``--search-*``); the server switches and
+    rebuilds the index in a background thread, so neither searches nor writes wait."""
+    return IndexSettings(ann_threshold=config.search_ann_threshold, ann=config.search_index,
+                         nprobe=config.search_nprobe, ef_search=config.search_ef_search,
+                         background=True)
+
+
+def recover_index(store: ImageStore, snapshots: Path, dimension: int,
+                  settings: IndexSettings) -> tuple[VectorIndex, int]:
+    """The snapshot caught up from the change log, or a rebuild from the record."""
+    try:
+        index, seq = VectorIndex.load_snapshot(snapshots, dimension, settings)
+    except ValueError as problem:
+        log.warning("rebuilding the index from the record", extra={"reason": str(problem)})
+        seq = store.last_seq()
+        ids: list[str] = []
+        vectors = np.zeros((store.count(), dimension), dtype=np.float32)
+        for record in store.all_records():
+            if len(ids) == len(vectors):  # the store is not written during recovery
+                raise RuntimeError("the record grew during recovery") from None
+            vectors[len(ids)] = record.vector
+            ids.append(record.id)
+        index = VectorIndex.build(dimension, ids, vectors[:len(ids)], settings)
+        index.save_snapshot(snapshots, seq)
+        return index, seq
+    changed = sorted({image_id for _, image_id, _ in store.changes_since(seq)})
+    if changed:
+        present = store.get(changed)
+        index.remove([i for i in changed if i not in present])
+        if present:
+            index.put(list(present), np.vstack([r.vector for r in present.values()]))
+        seq = store.last_seq()
+        log.info("caught up from the change log", extra={"changed": len(changed)})
+    return index, seq
 
 
 class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
@@ -60,44 +100,28 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         self.store = ImageStore(data_dir / "images.sqlite3", self.embedder.dimension)
         self.index, self.snapshot_seq = await asyncio.to_thread(self._recover)
         self.write_lock = asyncio.Lock()
+        self._write_thread_lock = threading.Lock()
         self._snapshotter = asyncio.get_running_loop().create_task(self._snapshot_loop())
         log.info("search loaded", extra={"images": len(self.index), "index": self.index.kind,
                                          "data_dir": str(data_dir)})
 
     def _recover(self) -> tuple[VectorIndex, int]:
-        """The snapshot caught up from the change log, or a rebuild from the record."""
-        dimension = self.embedder.dimension
-        try:
-            index, seq = VectorIndex.load_snapshot(self.snapshots, dimension, IndexSettings())
-        except ValueError as problem:
-            log.warning("rebuilding the index from the record", extra={"reason": str(problem)})
-            index, seq = VectorIndex(dimension), 0
-            ids, vectors = [], []
-            for record in self.store.all_records():
-                ids.append(record.id)
-                vectors.append(record.vector)
-                if len(ids) >= 10_000:
-                    index.put(ids, np.vstack(vectors))
-                    ids, vectors = [], []
-            index.put(ids, np.vstack(vectors) if vectors else np.zeros((0, dimension)))
-            seq = self.store.last_seq()
-            index.save_snapshot(self.snapshots, seq)
-            return index, seq
-        changed = sorted({image_id for _, image_id, _ in self.store.changes_since(seq)})
-        if changed:
-            present = self.store.get(changed)
-            index.remove([i for i in changed if i not in present])
-            if present:
-                index.put(list(present), np.vstack([r.vector for r in present.values()]))
-            seq = self.store.last_seq()
-            log.info("caught up from the change log", extra={"changed": len(changed)})
-        return index, seq
+        return recover_index(self.store, self.snapshots, self.embedder.dimension,
+                             index_settings(self.config))
 
     async def snapshot(self) -> None:
-        seq = self.store.last_seq()
-        if seq != self.snapshot_seq:
-            await asyncio.to_thread(self.index.save_snapshot, self.snapshots, seq)
-            self.snapshot_seq = seq
+        await asyncio.to_thread(self._snapshot)
+
+    def _snapshot(self) -> None:
+        # seq and index state are read together, between two writes: a snapshot never
+        # claims a change that its index lacks (the catch-up would then skip it)
+        with self._write_thread_lock:
+            seq = self.store.last_seq()
+            if seq == self.snapshot_seq:
+                return
+            state = self.index.capture()
+        self.index.save_snapshot(self.snapshots, seq, state)
+        self.snapshot_seq = seq
 
     async def _snapshot_loop(self) -> None:
         while True:
@@ -118,6 +142,21 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
             await self.embedder.close()
 
     # -- writes --------------------------------------------------------------------------
+    # The record and the index change together in one worker thread, under a thread lock:
+    # a cancelled RPC either never started the change or sees it through, so the index
+    # cannot miss a committed change (the next snapshot would record it as included), and
+    # two writers cannot apply their changes to the two in different orders.
+    def _put(self, entries: list[tuple[str, str, np.ndarray]]) -> None:
+        with self._write_thread_lock:
+            self.store.put_many(entries)
+            self.index.put([i for i, _, _ in entries], np.vstack([v for _, _, v in entries]))
+
+    def _delete(self, ids: list[str]) -> list[str]:
+        with self._write_thread_lock:
+            missing, _ = self.store.delete_many(ids)
+            self.index.remove(ids)
+        return missing
+
     def _check_item(self, item: search_pb2.AddImageRequest) -> None:
         if not item.id:
             raise InvalidArgument("id is empty")
@@ -134,8 +173,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         if latest:
             async with self.write_lock:
                 entries = [(i, item.uri, vector) for i, (item, vector) in latest.items()]
-                await asyncio.to_thread(self.store.put_many, entries)
-                self.index.put(list(latest), np.vstack([v for _, v in latest.values()]))
+                await asyncio.to_thread(self._put, entries)
         return search_pb2.AddImagesAck(added=list(latest), rejected=rejected)
 
     @stream_errors
@@ -164,8 +202,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
             raise InvalidArgument(f"{len(request.ids)} ids is over the limit of {MAX_DELETE}")
         ids = list(dict.fromkeys(request.ids))
         async with self.write_lock:
-            missing, _ = await asyncio.to_thread(self.store.delete_many, ids)
-            self.index.remove(ids)
+            missing = await asyncio.to_thread(self._delete, ids)
         return search_pb2.DeleteImagesResponse(deleted=len(ids) - len(missing), missing=missing)
 
     # -- reads ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 from percept.v1 import search_pb2, search_pb2_grpc
 from services import client
+from services.search.vector_index import IndexSettings
 from tests.conftest import REPO, free_port
 from tests.search.conftest import add_requests, photo_variants
 
@@ -23,7 +25,7 @@ from tests.search.conftest import add_requests, photo_variants
 class SearchProcess:
     """`percept serve search` in a subprocess over a data directory."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
@@ -34,7 +36,7 @@ class SearchProcess:
                  "--port", str(self.port), "--metrics-port", "0", "--data-dir", str(data_dir),
                  "--log-format", "json", "--device", "cpu"],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.stub = search_pb2_grpc.ImageSearchStub(client.connect(self.target))
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -49,6 +51,9 @@ class SearchProcess:
 
     def count(self) -> int:
         return self.stub.Stats(search_pb2.StatsRequest(), timeout=30).count
+
+    def index_type(self) -> str:
+        return self.stub.Stats(search_pb2.StatsRequest(), timeout=30).index_type
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -102,17 +107,28 @@ def test_every_acknowledged_id_survives_kill_9(data_dir: Path) -> None:
         restarted.stop()
 
 
-@pytest.mark.parametrize("damage", ["delete", "corrupt"])
-def test_lost_or_corrupt_snapshot_is_rebuilt(data_dir: Path, damage: str) -> None:
+@pytest.mark.parametrize(("damage", "index"), [("delete", "flat"), ("corrupt", "flat"),
+                                               ("corrupt", "ann")])
+def test_lost_or_corrupt_snapshot_is_rebuilt(data_dir: Path, damage: str, index: str) -> None:
     images = photo_variants(12, seed=3)
-    server = SearchProcess(data_dir)
+    # "ann": a tiny threshold (a server flag, here from the environment) puts the 12 images
+    # in the approximate index, so the rebuild from the record must build that kind again
+    ann = IndexSettings().ann
+    env = {"PERCEPT_SEARCH_ANN_THRESHOLD": "8"} if index == "ann" else {}
+    server = SearchProcess(data_dir, env)
     try:
         for _ in server.stub.AddImages(iter(add_requests(images, prefix="snap")), timeout=300):
             pass
+        expected = ann if index == "ann" else "flat"
+        deadline = time.monotonic() + 120  # the switch runs in a background thread
+        while server.index_type() != expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert server.index_type() == expected
     finally:
         server.stop()  # a clean stop writes the snapshot
     snapshots = data_dir / "snapshots"
     current = snapshots / (snapshots / "CURRENT").read_text().strip()
+    assert json.loads((current / "meta.json").read_text())["kind"] == expected
     if damage == "delete":
         for path in snapshots.rglob("*"):
             if path.is_file():
@@ -122,12 +138,17 @@ def test_lost_or_corrupt_snapshot_is_rebuilt(data_dir: Path, damage: str) -> Non
         data = bytearray(index_file.read_bytes())
         data[len(data) // 2] ^= 0xFF
         index_file.write_bytes(bytes(data))
-    restarted = SearchProcess(data_dir)
+    restarted = SearchProcess(data_dir, env)
     try:
-        assert restarted.count() == 12
+        assert restarted.count() == 12 and restarted.index_type() == expected
         hits = restarted.stub.SearchByImage(search_pb2.SearchByImageRequest(image=images[5], k=1),
                                             timeout=60).hits
         assert hits[0].id == "snap-5"
+        if index == "ann":  # deletes work on the approximate index
+            restarted.stub.DeleteImages(search_pb2.DeleteImagesRequest(ids=["snap-5"]), timeout=60)
+            hits = restarted.stub.SearchByImage(search_pb2.SearchByImageRequest(
+                image=images[5], k=12), timeout=60).hits
+            assert "snap-5" not in {hit.id for hit in hits} and len(hits) == 11
     finally:
         restarted.stop()
     log = restarted.log.read_text()

@@ -352,7 +352,7 @@ def run(quick: bool = False, full: bool = False, threads: int | None = None,
                      "mean_norm": MEAN_NORM, "zipf": ZIPF},
             "rows": rows, "operating_points": summary, "load_average_end": load,
             "wall_s": round(time.perf_counter() - started, 1),
-            "note": "" if full or quick else "1M vectors runs only with --full"}
+            "note": "1M vectors runs only with --full" if sizes == [10_000, 100_000] else ""}
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -392,7 +392,10 @@ def markdown(result: dict[str, Any], title: str = "") -> str:
         met = [f"{kind} ({p['x_flat_batch1']:.0f}x)" for kind, p in kinds.items()
                if p["meets_target"]]
         target.append(f"{n}: " + (", ".join(met) if met else "none"))
-    variants = [markdown(variant, f"#### Variant: {variant['data']['concepts']} concepts")
+    variants = [markdown(variant, f"#### Variant: {variant['data']['concepts']} concepts, "
+                         + ", ".join(sorted({f"{r['index']} " + ", ".join(
+                             f"{k}={v}" for k, v in r["params"].items() if k != "train_points")
+                             for r in variant["rows"] if r["index"] != "flat"})))
                 for variant in result.get("variants", [])]
     return "\n".join([
         title or "### Search index scale (synthetic 384-d vectors, k=10)", "",

@@ -5,23 +5,26 @@ the snapshot is missing or fails its checksum, and caught up from the record's c
 when the snapshot is older than the record.
 
 Index type (the defaults come from ``make bench ARGS=--full``'s scale table in
-benchmarks/README.md, "Search index scale"; single-threaded, 384-d, recall@10 against exact
+benchmarks/README.md, "Search index scale"; one thread, 384-d, recall@10 against exact
 search in the same run):
 
 - below ``ann_threshold`` (10,000) vectors: exact inner product (``IndexFlatIP``). Under
   10k the best approximate index at recall@10 >= 0.95 was at most 1.6x faster (5k) or no
-  faster (2k); from 10k on it is 3x faster, 20x at 100k, 300x at 1M.
-- from ``ann_threshold`` on: HNSW (``ann="hnsw"``, the default; M=32, efConstruction=40,
-  efSearch=64). efSearch=64 gave recall@10 0.956-0.985 at every size from 5k to 1M, and it
-  was the fastest index at that recall from 20k on (5x exact at 20k, 21x at 100k, 312x at
-  1M, against IVF's 2x, 5x and 93x). HNSW cannot remove vectors: deleted or replaced ids are
-  hidden by a search-time selector, and the graph is rebuilt once more than max(1000, 10%)
-  are hidden.
+  faster (2k). From 10k on it was 3x faster, 21x at 100k and 312x at 1M.
+- from ``ann_threshold`` on: HNSW (``ann="hnsw"``, the default; M=32, efConstruction=80,
+  efSearch=64). efSearch=64 gave recall@10 0.956-0.985 at every size from 5k to 1M. From
+  20k on it was the fastest index at that recall: 5x exact at 20k, 21x at 100k and 312x at
+  1M, against IVF's 2x, 5x and 93x. On a harder 1M set (100k concepts instead of 10k),
+  0.95 needs efSearch=512 (0.969 at 21x exact, with efConstruction=80; 40 tops out at
+  0.947). IVF needs nprobe=512 there (0.967 at 4x). HNSW cannot remove vectors, so deleted
+  or replaced ids are hidden by a search-time selector. The graph is rebuilt once more than
+  max(1000, 10%) are hidden.
 - or IVF (``ann="ivf"``): ``IndexIVFFlat`` with nlist ~ 4 sqrt(n) lists, k-means trained on
   the vectors it holds when it switches, and ``nprobe`` lists searched (128 reached recall
-  0.95 at every size from 10k to 1M). It builds 2-3x faster and deletes in place
-  (``remove_ids`` through a hash-table direct map); it is retrained, with a new nlist, once
-  the index has grown ``retrain_growth`` (4) times past the count it was trained on.
+  0.95 at every size from 10k to 1M on the main set). It builds 2-3x faster and deletes in
+  place (``remove_ids`` through a hash-table direct map). It is retrained, with a new
+  nlist, once the index has grown ``retrain_growth`` (4) times past the count it was
+  trained on.
 
 An approximate index goes back to exact search when the index shrinks below half the
 threshold. A switch, retrain or rebuild builds the new index outside the lock (searches and,
@@ -64,7 +67,7 @@ class IndexSettings:
     retrain_growth: float = 4.0  # retrain IVF once the index is this many times larger
     background: bool = False  # switch/retrain/rebuild in a thread (the service: True)
     hnsw_m: int = 32
-    ef_construction: int = 40  # 80: 2x the build time for < +0.01 recall@10 (100k)
+    ef_construction: int = 80  # 2x the build time of 40; needed for 0.95 on the hard 1M set
     ef_search: int = 64
 
     def __post_init__(self) -> None:

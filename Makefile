@@ -20,9 +20,9 @@ setup:
 run: setup
 	@$(PERCEPT) run
 
-## test: the whole suite
+## test: the whole suite, on up to 4 cores (pytest-xdist)
 test: setup
-	@$(PY) -m pytest -q
+	@$(PY) -m pytest -q -n auto --maxprocesses 4
 
 ## protos: regenerate percept/v1 Python code from the .proto files
 protos: setup

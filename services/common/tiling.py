@@ -87,6 +87,9 @@ async def tiled_apply(image: np.ndarray, process: TileProcessor, *, scale: int, 
     if overlap * 2 >= tile:
         raise ValueError(f"overlap {overlap} must be under half the tile {tile}")
     plan = TilePlan(height, width, tile, overlap)
+    if plan.count == 1:  # nothing to blend
+        (result,) = await process([image])
+        return await asyncio.to_thread(_to_uint8, result)
     out = np.empty((height * scale, width * scale, 3), np.uint8)
     cols = plan.cols
     th, tw = plan.tile_height, plan.tile_width

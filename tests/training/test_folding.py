@@ -9,7 +9,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from training import nets
-from training.nets.folding import FoldedResizeConv, fold_for_inference
+from training.nets.folding import (
+    FoldedResizeConv,
+    FoldedUpsampleConv,
+    InferenceInstanceNorm,
+    fold_for_inference,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,6 +42,82 @@ def test_folded_layer_equals_resize_convolution(mode: str, shape: tuple[int, ...
         assert folded.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("kernel", [3, 5, 7, 9])
+@pytest.mark.parametrize("shape", [(2, 4, 7, 9), (1, 4, 3, 3), (1, 4, 12, 5)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_convolution_after_the_upsampling_folds_onto_the_parity_groups(
+        kernel: int, shape: tuple[int, ...], channels_last: bool) -> None:
+    """The output layer computed on the four parity groups at the low resolution equals
+    conv(reflect_pad(activation(resize_conv(x)))) at the 2x resolution, borders included."""
+    torch.manual_seed(kernel)
+    resize = nn.Conv2d(shape[1], 5, 3)
+    output = nn.Conv2d(5, 3, kernel, padding=kernel // 2, padding_mode="reflect")
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def activation(t: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(t, 0.2)
+
+    expected = output(activation(_resize_conv(resize, x, "reflect")))
+    folded = FoldedUpsampleConv.from_padded_conv(FoldedResizeConv(resize), output,
+                                                 activation=activation)(x)
+    assert folded.shape == expected.shape == (shape[0], 3, 2 * shape[2], 2 * shape[3])
+    torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_only_reflection_padded_odd_convolutions_fold_after_the_upsampling() -> None:
+    resize = FoldedResizeConv(nn.Conv2d(4, 4, 3))
+    for conv in (nn.Conv2d(4, 3, 9, padding=4),  # zero padding
+                 nn.Conv2d(4, 3, 4, padding=2, padding_mode="reflect"),  # even kernel
+                 nn.Conv2d(4, 3, 9, padding=4, padding_mode="reflect", stride=2),
+                 nn.Conv2d(5, 3, 9, padding=4, padding_mode="reflect")):  # channel mismatch
+        with pytest.raises(ValueError, match="odd square"):
+            FoldedUpsampleConv.from_padded_conv(resize, conv, activation=F.relu)
+    # A 2-pixel-wide upsampled image cannot be reflected by 4 (nor can the unfolded layer).
+    folded = FoldedUpsampleConv.from_padded_conv(
+        resize, nn.Conv2d(4, 3, 9, padding=4, padding_mode="reflect"), activation=F.relu)
+    with pytest.raises(ValueError, match="too small to reflect"):
+        folded(torch.rand(1, 4, 1, 8))
+
+
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_instance_norm_equals_instance_norm(affine: bool,
+                                                      channels_last: bool) -> None:
+    torch.manual_seed(0)
+    norm = nn.InstanceNorm2d(6, affine=affine)
+    if affine:
+        nn.init.normal_(norm.weight)
+        nn.init.normal_(norm.bias)
+    x = torch.randn(3, 6, 9, 11) * 4 + 2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(InferenceInstanceNorm(norm)(x), norm(x), rtol=1e-5,
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match="running statistics"):
+        InferenceInstanceNorm(nn.InstanceNorm2d(6, track_running_stats=True))
+
+
+def test_the_output_layer_folds_with_instance_norm_between() -> None:
+    """The style net's last stage: resize-conv, instance norm over the whole upsampled image
+    (all four parity groups), ReLU, reflection-padded 9x9 convolution."""
+    torch.manual_seed(1)
+    resize = nn.Conv2d(4, 6, 3)
+    norm = nn.InstanceNorm2d(6, affine=True)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    output = nn.Conv2d(6, 3, 9)
+    x = torch.randn(2, 4, 10, 7)
+    with torch.inference_mode():
+        up = F.relu(norm(_resize_conv(resize, x, "reflect")))
+        expected = output(F.pad(up, (4, 4, 4, 4), mode="reflect"))
+        folded = FoldedUpsampleConv(FoldedResizeConv(resize), output, pad=4, activation=F.relu,
+                                    norm=norm)(x)
+    torch.testing.assert_close(folded, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_only_3x3_stride_1_convolutions_fold() -> None:
     with pytest.raises(ValueError, match="3x3, stride-1"):
         FoldedResizeConv(nn.Conv2d(4, 4, 5))
@@ -51,15 +132,20 @@ def test_only_3x3_stride_1_convolutions_fold() -> None:
 def test_folded_networks_match_the_trained_form(architecture: dict[str, object]) -> None:
     torch.manual_seed(0)
     net = nets.build(architecture).eval()
-    for module in net.modules():  # make the convolutions matter (not just their init)
+    for module in net.modules():  # make the layers matter (not just their init)
         if isinstance(module, nn.Conv2d):
             nn.init.normal_(module.weight, std=0.2)
+        if isinstance(module, nn.InstanceNorm2d):
+            nn.init.normal_(module.weight)
+            nn.init.normal_(module.bias)
     x = torch.rand(2, 3, 21, 30)
     tolerance = {"rtol": 1e-4, "atol": 1e-3}  # float rounding; an 8-bit step is 3.9e-3
     with torch.inference_mode():
         expected = net(x)
     folded = fold_for_inference(net)
     assert sum(isinstance(m, FoldedResizeConv) for m in folded.modules()) == 2
+    # The output layer too (after the last upsampling; the style net's with its norm).
+    assert sum(isinstance(m, FoldedUpsampleConv) for m in folded.modules()) == 1
     with torch.inference_mode():
         torch.testing.assert_close(folded(x), expected, **tolerance)
         cl = folded.to(memory_format=torch.channels_last)

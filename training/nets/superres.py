@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from training.nets import register
-from training.nets.folding import FoldedResizeConv
+from training.nets.folding import FoldedResizeConv, FoldedUpsampleConv
 
 Upsample = Literal["nearest", "pixelshuffle"]
 NEGATIVE_SLOPE = 0.2
@@ -63,7 +63,11 @@ class ResidualBlock(nn.Module):
         self.residual_scale = residual_scale
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.residual_scale * self.conv2(F.relu(self.conv1(x)))
+        # In-place ReLU: the convolution's backward does not need its output.
+        residual = self.conv2(F.relu(self.conv1(x), inplace=True))
+        if self.residual_scale != 1.0:  # skip a full-size multiply by one
+            residual = residual * self.residual_scale
+        return x + residual
 
 
 def icnr_(weight: Tensor, scale: int = 2) -> None:
@@ -74,6 +78,10 @@ def icnr_(weight: Tensor, scale: int = 2) -> None:
     nn.init.kaiming_normal_(subkernel, a=NEGATIVE_SLOPE, nonlinearity="leaky_relu")
     with torch.no_grad():
         weight.copy_(subkernel.repeat_interleave(scale * scale, dim=0))
+
+
+def _leaky_relu(x: Tensor) -> Tensor:
+    return F.leaky_relu(x, NEGATIVE_SLOPE)
 
 
 class Upsample2x(nn.Module):
@@ -150,6 +158,16 @@ class SuperResolutionNet(nn.Module):
             self.tail.weight.mul_(output_init_scale)
             assert self.tail.bias is not None
             self.tail.bias.zero_()
+        self.folded_tail: FoldedUpsampleConv | None = None
+
+    def fold_for_inference(self) -> None:
+        """The second upsampling and the output convolution computed on the parity groups
+        at the trunk's 2x resolution (training.nets.folding.FoldedUpsampleConv): the
+        full-resolution activation is never built. Inference only."""
+        self.up2.fold_for_inference()
+        if self.up2.folded is not None and self.folded_tail is None:
+            self.folded_tail = FoldedUpsampleConv.from_padded_conv(
+                self.up2.folded, self.tail, activation=_leaky_relu)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
@@ -160,7 +178,10 @@ class SuperResolutionNet(nn.Module):
                              align_corners=False)
         features = self.head(x)  # no activation before the long skip (EDSR)
         features = features + self.body_out(self.blocks(features))  # long skip (EDSR)
-        residual = self.tail(self.up2(self.up1(features)))
+        if self.folded_tail is not None and not self.training:
+            residual = self.folded_tail(self.up1(features))
+        else:
+            residual = self.tail(self.up2(self.up1(features)))
         out = base + residual.to(base.dtype)
         return out if self.training else out.clamp(0.0, 1.0)
 

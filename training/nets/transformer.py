@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from training.nets import register
-from training.nets.folding import FoldedResizeConv
+from training.nets.folding import FoldedResizeConv, FoldedUpsampleConv, InferenceInstanceNorm
 
 #: Interpolation before each upsampling convolution. Both put no energy at the new Nyquist
 #: frequency; bilinear (a triangle kernel) also damps the spectral images near it, which
@@ -43,6 +43,10 @@ UPSAMPLE_MODES = ("nearest", "bilinear")
 DOWNSAMPLE = 4
 #: Smallest padded side: the 1/4-resolution map must be at least 2 px for reflection pads.
 MIN_PADDED_SIDE = 8
+
+
+def _relu_in_place(x: Tensor) -> Tensor:
+    return F.relu(x, inplace=True)
 
 
 class ConvLayer(nn.Module):
@@ -157,6 +161,27 @@ class TransformerNet(nn.Module):
             ResizeConv(2 * width, width, mode=upsample),
         )
         self.output = ConvLayer(width, 3, 9)
+        self.folded_output: FoldedUpsampleConv | None = None
+
+    def fold_for_inference(self) -> None:
+        """Inference-only rewrites (training.nets.folding), outputs equal to float rounding:
+        instance normalisation as one reduction and one multiply-add in any memory format,
+        and the last upsampling, its normalisation and the 9x9 output convolution computed
+        on the parity groups at half the resolution (the full-resolution activation is
+        never built)."""
+        for module in list(self.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.InstanceNorm2d):
+                    setattr(module, name, InferenceInstanceNorm(child))
+        last = self.decoder[-1]
+        assert isinstance(last, ResizeConv)
+        last.fold_for_inference()
+        norm = last.block[1]
+        if last.folded is not None and self.folded_output is None and \
+                isinstance(norm, InferenceInstanceNorm):
+            self.folded_output = FoldedUpsampleConv(
+                last.folded, self.output.conv, pad=int(self.output.pad.padding[0]),
+                activation=_relu_in_place, norm=norm.norm)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 3, H, W) RGB in [0, 1] -> stylised (N, 3, H, W) RGB in [0, 1]."""
@@ -171,7 +196,11 @@ class TransformerNet(nn.Module):
             mode = "reflect" if max(top, bottom) < height and max(left, right) < width \
                 else "replicate"
             x = F.pad(x, (left, right, top, bottom), mode=mode)
-        y = self.output(self.decoder(self.residuals(self.encoder(x))))
+        features = self.residuals(self.encoder(x))
+        if self.folded_output is not None and not self.training:
+            y = self.folded_output(self.decoder[0](features))
+        else:
+            y = self.output(self.decoder(features))
         # Scaled tanh (Johnson et al. 2016, sec. 3.1), mapped to the [0, 1] pixel range.
         y = 0.5 * (torch.tanh(y) + 1.0)
         if padded:

@@ -3,6 +3,7 @@ PyTorch of the same network in the same run, plus batching on and off."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import io
 from collections.abc import Callable
@@ -40,11 +41,47 @@ def eager_forward(module: torch.nn.Module, array: np.ndarray) -> np.ndarray:
     return (y[0].permute(1, 2, 0) * 255 + 0.5).byte().numpy()
 
 
+def served_network(service: str, model: str) -> tuple[Callable[[np.ndarray], object],
+                                                     Callable[[], None]]:
+    """The service's own TiledImageModel (same tiles, rewrites and batch caps) without gRPC
+    or image codecs: (uint8 RGB -> output, close). Shows how much of the served time is
+    the network and how much is the request around it."""
+    from services.common.config import ServerConfig
+    from services.common.image_model import TiledImageModel
+
+    if service == "superres":
+        from services.superres import service as module
+
+        extra = {"scale": module.SCALE, "max_batch_pixels": module.MAX_BATCH_PIXELS}
+    else:
+        from services.style import service as module  # type: ignore[no-redef]
+
+        extra = {"scale": 1}
+    device = torch.device("cpu")
+    network = TiledImageModel(load_artifact(REPO_ROOT / "models", model, device), device,
+                              ServerConfig(service=service, compile="off"),
+                              tile=module.TILE, overlap=module.OVERLAP, **extra)
+    loop = asyncio.new_event_loop()
+
+    async def start() -> None:
+        network.start()
+
+    loop.run_until_complete(start())
+
+    def close() -> None:
+        loop.run_until_complete(network.stop())
+        loop.close()
+
+    return (lambda image: loop.run_until_complete(network.apply(image))), close
+
+
 def latency(service: str, model: str, sizes: list[int], repeats: int, call: Any,
             compile_too: bool) -> list[dict[str, Any]]:
-    """Median latency per size: eager fp32 vs the served path (and compiled, if asked)."""
+    """Median latency per size: eager fp32 vs the served path (and compiled, if asked), and
+    the served form of the network alone (no gRPC, no PNG)."""
     artifact = load_artifact(REPO_ROOT / "models", model, torch.device("cpu"))
     eager = artifact.module.float().eval()
+    network, close_network = served_network(service, model)
     rows = []
     configs = {"served": {"compile": "off"}}
     if compile_too:
@@ -56,7 +93,8 @@ def latency(service: str, model: str, sizes: list[int], repeats: int, call: Any,
             image = photo(size)
             data = png(image)
             actions: dict[str, Callable[[], object]] = {
-                "eager fp32": functools.partial(eager_forward, eager, image)}
+                "eager fp32": functools.partial(eager_forward, eager, image),
+                "network only (served form, no gRPC/PNG)": functools.partial(network, image)}
             for name, server in running.items():
                 channel = client.connect(server.target)
                 actions[name] = functools.partial(call, channel, data)
@@ -67,6 +105,7 @@ def latency(service: str, model: str, sizes: list[int], repeats: int, call: Any,
     finally:
         for ctx in servers.values():
             ctx.__exit__(None, None, None)
+        close_network()
     return rows
 
 

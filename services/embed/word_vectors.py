@@ -228,7 +228,14 @@ class TextEncoder:
 # --------------------------------------------------------------------------- noun vectors
 
 
-def build_noun_vectors(vocab: NounVocabulary, encoder: TextEncoder, batch_size: int = 256,
+# Phrases per forward pass when building the noun vectors: 64 encoded 224 phrases/s against
+# 186 for 256 on a 2-core AVX2 CPU (6,144 random nouns, two runs each; vectors equal to
+# 1.3e-7). Shorter batches pad less.
+BUILD_BATCH_SIZE = 64
+
+
+def build_noun_vectors(vocab: NounVocabulary, encoder: TextEncoder,
+                       batch_size: int = BUILD_BATCH_SIZE,
                        progress: bool = True, recipe_name: str = DEFAULT_RECIPE,
                        rows: Sequence[int] | None = None) -> np.ndarray:
     """(len(vocab), dim) float32 unit vectors, row ``i`` for synset ``i``; with ``rows``,
@@ -308,7 +315,8 @@ def load_noun_keyed_vectors(path: Path, vocab: NounVocabulary | None = None) -> 
 
 def load_or_build_noun_vectors(vocab: NounVocabulary, cache_dir: Path | None = None, *,
                                encoder: TextEncoder | None = None,
-                               recipe_name: str = DEFAULT_RECIPE, batch_size: int = 256,
+                               recipe_name: str = DEFAULT_RECIPE,
+                               batch_size: int = BUILD_BATCH_SIZE,
                                progress: bool = True) -> np.ndarray:
     """The noun-vector matrix (row ``i`` = synset ``i``), from the cache if it is there,
     otherwise built (minutes on a CPU) and cached as gensim ``KeyedVectors``."""
@@ -899,7 +907,8 @@ def main(argv: list[str] | None = None) -> int:
     build = sub.add_parser("build", help="build the 82,115 noun vectors into the cache")
     build.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(PHRASE_RECIPES))
     build.add_argument("--cache-dir", type=Path, default=None)
-    build.add_argument("--batch-size", type=int, default=256)
+    build.add_argument("--batch-size", type=int, default=BUILD_BATCH_SIZE,
+                       help=f"phrases per forward pass (default: {BUILD_BATCH_SIZE})")
     build.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     coverage = sub.add_parser("coverage", help="coverage of an external word-vector file")
     coverage.add_argument("path", type=Path)

@@ -98,20 +98,18 @@ class FoldedResizeConv(nn.Module):
         return torch.stack(rows, dim=3).reshape(n, o, 2 * h, 2 * w)
 
 
-def _reflected_parity_rows(size: int, parity: int, pad: int) -> list[int]:
-    """Low-resolution rows of parity group ``parity`` that make up its rows ``-pad ..
-    size + pad - 1`` once the 2x-resolution image (``2 * size`` rows) is reflection-padded."""
-    rows = []
-    for row in range(-pad, size + pad):
+def _reflected_border_rows(size: int, parity: int, pad: int) -> list[tuple[int, int]]:
+    """``(padded row, source row)`` for the ``2 * pad`` border rows of parity group
+    ``parity`` (``size`` rows, padded by ``pad`` each side) once the 2x-resolution image
+    (``2 * size`` rows) is reflection-padded; both in padded coordinates."""
+    border = []
+    for row in (*range(-pad, 0), *range(size, size + pad)):
         high = 2 * row + parity
-        if high < 0:
-            high = -high
-        elif high >= 2 * size:
-            high = 2 * (2 * size - 1) - high
+        high = -high if high < 0 else 2 * (2 * size - 1) - high
         if not 0 <= high < 2 * size:
             raise ValueError(f"a {2 * size}-pixel side is too small to reflect by {2 * pad}")
-        rows.append((high - parity) // 2)  # reflection keeps the parity
-    return rows
+        border.append((row + pad, (high - parity) // 2 + pad))  # reflection keeps the parity
+    return border
 
 
 class InferenceInstanceNorm(nn.Module):
@@ -249,13 +247,10 @@ class FoldedUpsampleConv(nn.Module):
         for g, (a, b) in enumerate(_PARITIES):
             channels = slice(g * c, (g + 1) * c)
             padded[:, q:q + h, q:q + w, channels] = nhwc[:, a:a + h, b:b + w, channels]
-            for index, source in enumerate(_reflected_parity_rows(h, a, q)):
-                if not q <= index < q + h:
-                    padded[:, index, q:q + w, channels] = padded[:, source + q, q:q + w,
-                                                                 channels]
-            for index, source in enumerate(_reflected_parity_rows(w, b, q)):
-                if not q <= index < q + w:
-                    padded[:, :, index, channels] = padded[:, :, source + q, channels]
+            for index, source in _reflected_border_rows(h, a, q):
+                padded[:, index, q:q + w, channels] = padded[:, source, q:q + w, channels]
+            for index, source in _reflected_border_rows(w, b, q):
+                padded[:, :, index, channels] = padded[:, :, source, channels]
         padded = self.activation(padded)
         out = F.conv2d(padded.permute(0, 3, 1, 2), self.weight, self.bias)
         return F.pixel_shuffle(out, 2)

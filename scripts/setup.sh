@@ -35,12 +35,14 @@ fi
 VPY=$VENV/bin/python
 
 # 3. Pinned requirements, re-installed only when requirements.txt or this script changed.
-want=$(cat requirements.txt scripts/setup.sh | sha256sum | cut -c1-16)
+#    --no-compile: pip would byte-compile every file of every package (about 90 s on 2
+#    cores); step 6 compiles only what percept imports.
+want=$(cat requirements.txt scripts/setup.sh scripts/warm_bytecode.py | sha256sum | cut -c1-16)
 have=$(cat $STAMP 2>/dev/null || true)
 if [ "$want" != "$have" ]; then
   log "installing pinned requirements (requirements.txt)"
-  $VPY -m pip install -q --upgrade pip wheel setuptools
-  $VPY -m pip install -q -r requirements.txt
+  $VPY -m pip install -q --no-compile --upgrade pip wheel setuptools
+  $VPY -m pip install -q --no-compile -r requirements.txt
   rm -f $VENV/.pillow-simd
 fi
 
@@ -49,19 +51,25 @@ if ! $VPY -c "import PIL, sys; sys.exit(0 if 'post' in PIL.__version__ else 1)" 
   if grep -qw avx2 /proc/cpuinfo; then SIMD="-mavx2"; else SIMD="-msse4"; fi
   log "building pillow-simd 12.1.1.post0 with CC='cc $SIMD' (about 30 s)"
   $VPY -m pip uninstall -q -y pillow pillow-simd >/dev/null 2>&1 || true
-  CC="cc $SIMD" $VPY -m pip install -q --no-cache-dir --no-binary :all: --no-build-isolation pillow-simd==12.1.1.post0
+  CC="cc $SIMD" $VPY -m pip install -q --no-compile --no-cache-dir --no-binary :all: --no-build-isolation pillow-simd==12.1.1.post0
 fi
 
 # 5. The project itself (editable; console script `percept`).
 if ! $VPY -c "import services, training, percept.v1" 2>/dev/null || [ "$want" != "$have" ]; then
   log "installing percept (editable)"
-  $VPY -m pip install -q --no-deps --no-build-isolation -e .
+  $VPY -m pip install -q --no-compile --no-deps --no-build-isolation -e .
 fi
 
-# 6. Offline assets (VGG19 weights, style paintings, WordNet 3.0 nouns), checked by sha256.
+# 6. Bytecode for what percept and its tests import (written even where the environment
+#    sets PYTHONDONTWRITEBYTECODE; otherwise every process would compile torch again).
+if [ "$want" != "$have" ]; then
+  $VPY scripts/warm_bytecode.py
+fi
+
+# 7. Offline assets (VGG19 weights, style paintings, WordNet 3.0 nouns), checked by sha256.
 $VPY -m training.assets fetch
 
-# 7. Word vectors of all 82,115 WordNet noun synsets (all-MiniLM-L6-v2), built once and
+# 8. Word vectors of all 82,115 WordNet noun synsets (all-MiniLM-L6-v2), built once and
 #    cached by content hash under assets/vectors/ (minutes on a CPU; skipped when cached).
 HF_HUB_OFFLINE=1 $VPY -m services.embed.word_vectors build --threads "$(nproc)"
 

@@ -15,6 +15,7 @@ import importlib
 import pkgutil
 import sys
 import time
+from pathlib import Path
 
 PACKAGES = ("percept", "services", "training", "benchmarks")
 # Imported inside functions by percept's modules, so the walk above does not reach them.
@@ -27,6 +28,7 @@ LAZY = ("sentence_transformers", "transformers.models.bert.modeling_bert", "gens
 
 def main() -> int:
     sys.dont_write_bytecode = False
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
     started = time.monotonic()
     failed: list[str] = []
     names = list(LAZY)

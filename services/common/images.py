@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from percept.v1 import image_pb2
 from services.common.errors import InvalidArgument
+from services.common.png import encode_png
 
 # We enforce our own cap from the header; Pillow's global guard would fire on a different,
 # process-wide number and with a less precise message.
@@ -170,14 +171,14 @@ def encode_image(rgb: np.ndarray, *, alpha: np.ndarray | None = None, fmt: int =
                  quality: int = 95) -> bytes:
     """Encodes (H, W, 3) uint8 RGB (+ optional alpha) as PNG, JPEG or WebP bytes."""
     name = output_format_name(fmt)
+    if name == "PNG":  # lossless, on several threads (services/common/png.py)
+        return encode_png(rgb if alpha is None else np.dstack([rgb, alpha]), level=1)
     if alpha is not None and name != "JPEG":
         image = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
     else:
         image = Image.fromarray(rgb, "RGB")
     buffer = io.BytesIO()
-    if name == "PNG":
-        image.save(buffer, "PNG", compress_level=1)
-    elif name == "JPEG":
+    if name == "JPEG":
         image.save(buffer, "JPEG", quality=quality)
     else:
         image.save(buffer, "WEBP", quality=quality)

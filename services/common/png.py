@@ -1,0 +1,109 @@
+"""A fast lossless PNG encoder for the services' outputs: numpy filtering and zlib on
+several threads at once.
+
+Pillow encodes a PNG on one thread, with a filter chosen per row by trying all five. For
+the images the services return (a 512 px stylisation, a 2048 px 4x upscale), that one
+thread is a large share of the request: 33 ms for a 512x512 photo at compression level 1
+on a 2-core AVX2 CPU, while the network had finished and the other core sat idle. Here:
+
+- every row gets PNG's Up filter (each byte minus the byte above it), one vectorised
+  numpy subtraction. On photographs and network outputs it compressed as well as
+  Pillow's per-row choice, or better (512 px: 393 vs 395 kB; a 2048 px upscale: 2.9 vs
+  3.1 MB), and faster than Sub, Average or Paeth;
+- the filtered rows are cut into bands that are deflated in parallel (zlib releases the
+  GIL), each band but the last ending with a sync flush so that the raw deflate streams
+  concatenate into one valid stream (the technique of pigz); the zlib header and the
+  Adler-32 of the whole stream are written around them.
+
+The file is an ordinary 8-bit, non-interlaced PNG that any decoder reads; the pixels come
+back exactly (tests/services/test_png.py checks both with Pillow).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# PNG colour types by channel count: grey, grey + alpha, RGB, RGBA.
+_COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}
+_UP_FILTER = 2
+# Below this many filtered bytes one thread does it all (no hand-off cost).
+_MIN_BAND_BYTES = 256 * 1024
+_THREADS = max(1, min(4, os.cpu_count() or 1))
+_pool: ThreadPoolExecutor | None = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="png")
+    return _pool
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(
+        ">I", zlib.crc32(data, zlib.crc32(kind)) & 0xFFFFFFFF)
+
+
+def up_filtered_rows(pixels: np.ndarray) -> np.ndarray:
+    """(H, W, C) uint8 -> (H, 1 + W * C) uint8 scanlines: the Up filter's type byte, then
+    each byte minus the byte above it (modulo 256; the first row unchanged)."""
+    height, width, channels = pixels.shape
+    rows = pixels.reshape(height, width * channels)
+    out = np.empty((height, 1 + width * channels), np.uint8)
+    out[:, 0] = _UP_FILTER
+    out[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=out[1:, 1:])
+    return out
+
+
+def _deflate_band(band: memoryview, level: int, last: bool) -> bytes:
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -15, 9)
+    return compressor.compress(band) + compressor.flush(zlib.Z_FINISH if last
+                                                        else zlib.Z_SYNC_FLUSH)
+
+
+def deflate_parallel(data: bytes | memoryview, level: int = 1,
+                     threads: int = _THREADS) -> bytes:
+    """A zlib stream (RFC 1950) of ``data``, deflated in up to ``threads`` bands at once."""
+    view = memoryview(data).cast("B")
+    bands = max(1, min(threads, len(view) // _MIN_BAND_BYTES))
+    bounds = [len(view) * i // bands for i in range(bands + 1)]
+    parts = [view[bounds[i]:bounds[i + 1]] for i in range(bands)]
+    if bands == 1:
+        body = [_deflate_band(parts[0], level, True)]
+    else:
+        body = list(_executor().map(_deflate_band, parts, [level] * bands,
+                                    [i == bands - 1 for i in range(bands)]))
+    # CMF 0x78: deflate with a 32 KB window; FLG: the level's hint, made a multiple of 31.
+    hint = 0 if level <= 1 else 1 if level <= 5 else 2 if level == 6 else 3
+    cmf, flg = 0x78, hint << 6
+    flg += 31 - ((cmf << 8) + flg) % 31
+    return (bytes((cmf, flg)) + b"".join(body)
+            + struct.pack(">I", zlib.adler32(view) & 0xFFFFFFFF))
+
+
+def encode_png(pixels: np.ndarray, *, level: int = 1, threads: int = _THREADS) -> bytes:
+    """(H, W) or (H, W, C) uint8 pixels, C in 1-4 (grey, grey + alpha, RGB, RGBA) -> PNG
+    file bytes, at zlib ``level`` (1: fastest; 9: smallest)."""
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"PNG pixels must be uint8, got {pixels.dtype}")
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if pixels.ndim != 3 or pixels.shape[2] not in _COLOUR_TYPE:
+        raise ValueError(f"expected (H, W) or (H, W, 1-4) pixels, got shape {pixels.shape}")
+    height, width, channels = pixels.shape
+    if height < 1 or width < 1:
+        raise ValueError(f"cannot encode an empty {width}x{height} image")
+    if not 0 <= level <= 9:
+        raise ValueError(f"zlib level must be 0-9, got {level}")
+    header = struct.pack(">IIBBBBB", width, height, 8, _COLOUR_TYPE[channels], 0, 0, 0)
+    scanlines = up_filtered_rows(np.ascontiguousarray(pixels))
+    return b"".join((PNG_SIGNATURE, _chunk(b"IHDR", header),
+                     _chunk(b"IDAT", deflate_parallel(scanlines.data, level, threads)),
+                     _chunk(b"IEND", b"")))

@@ -49,18 +49,19 @@ def served_network(service: str, model: str) -> tuple[Callable[[np.ndarray], obj
     from services.common.config import ServerConfig
     from services.common.image_model import TiledImageModel
 
+    config = ServerConfig(service=service, compile="off")
     if service == "superres":
         from services.superres import service as module
 
-        extra = {"scale": module.SCALE, "max_batch_pixels": module.MAX_BATCH_PIXELS}
+        extra = {"scale": module.SCALE, "tile": module.TILE}
     else:
         from services.style import service as module  # type: ignore[no-redef]
 
-        extra = {"scale": 1}
+        extra = {"scale": 1, "tile": config.style_tile}
     device = torch.device("cpu")
     network = TiledImageModel(load_artifact(REPO_ROOT / "models", model, device), device,
-                              ServerConfig(service=service, compile="off"),
-                              tile=module.TILE, overlap=module.OVERLAP, **extra)
+                              config, overlap=module.OVERLAP,
+                              max_batch_pixels=module.MAX_BATCH_PIXELS, **extra)
     loop = asyncio.new_event_loop()
 
     async def start() -> None:

@@ -20,6 +20,8 @@ from services.common.config import ServerConfig
 from services.common.server import RunningServer, start_in_thread
 
 REPO = Path(__file__).resolve().parent.parent
+# The style_server's tile side (the service's default, --style-tile, is 1088).
+STYLE_TEST_TILE = 576
 
 
 def free_port() -> int:
@@ -48,8 +50,9 @@ def all_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServ
 
 @pytest.fixture(scope="session")
 def style_server() -> Iterator[RunningServer]:
-    """The StyleTransfer service alone, on the committed models under models/."""
-    running = start_in_thread(server_config("style"), timeout=600)
+    """The StyleTransfer service alone, on the committed models under models/, with tiles
+    of STYLE_TEST_TILE px (the tiling tests stay small)."""
+    running = start_in_thread(server_config("style", style_tile=STYLE_TEST_TILE), timeout=600)
     yield running
     running.stop()
 

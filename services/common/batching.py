@@ -43,12 +43,16 @@ class MicroBatcher(Generic[In, Out]):
     """Groups concurrent requests into batches for ``process(items) -> results``."""
 
     def __init__(self, name: str, process: Callable[[Sequence[In]], Sequence[Out]], *,
-                 max_batch: int, max_wait_ms: float, max_queue: int) -> None:
+                 max_batch: int, max_wait_ms: float, max_queue: int,
+                 batch_limit: Callable[[Hashable], int] | None = None) -> None:
+        """``batch_limit(key)``, when given, caps the batches of one key below
+        ``max_batch`` (say, by the pixels of the shape the key names); at least 1."""
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.name = name
         self._process = process
         self.max_batch = max_batch
+        self._batch_limit = batch_limit
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self._groups: OrderedDict[Hashable, deque[_Pending[In]]] = OrderedDict()
@@ -110,21 +114,27 @@ class MicroBatcher(Generic[In, Out]):
             pending.future.cancel()
             raise
 
+    def _limit(self, key: Hashable) -> int:
+        if self._batch_limit is None:
+            return self.max_batch
+        return max(1, min(self.max_batch, self._batch_limit(key)))
+
     def _take_batch(self) -> list[_Pending[In]]:
-        """Pops up to max_batch requests of the oldest group."""
+        """Pops up to the batch limit of requests of the oldest group."""
         key, group = next(iter(self._groups.items()))
-        batch = [group.popleft() for _ in range(min(self.max_batch, len(group)))]
+        batch = [group.popleft() for _ in range(min(self._limit(key), len(group)))]
         if not group:
             del self._groups[key]
         self._waiting -= len(batch)
         return batch
 
     async def _wait_for_companions(self) -> None:
-        """Lets the oldest group fill up to max_batch, for at most max_wait."""
+        """Lets the oldest group fill up to its batch limit, for at most max_wait."""
         assert self._wakeup is not None
-        oldest = next(iter(self._groups.values()))
+        key, oldest = next(iter(self._groups.items()))
         until = oldest[0].enqueued + self.max_wait
-        while len(oldest) < self.max_batch:
+        limit = self._limit(key)
+        while len(oldest) < limit:
             remaining = until - time.monotonic()
             if remaining <= 0:
                 return

@@ -47,6 +47,7 @@ class ServerConfig:
     max_optimisations: int = 4
     default_model: str = ""
     compile: str = "auto"
+    style_tile: int = 1088
     warmup: bool = True
     word_vectors: str = ""
     word_vectors_format: str = "auto"
@@ -148,6 +149,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "superres: model used when a request names none")
     add("--compile", str, base.compile,
         "torch.compile image models: auto (on CUDA only), on, off", choices=["auto", "on", "off"])
+    add("--style-tile", _positive(int), base.style_tile,
+        "style: tile side in pixels for fast style nets; larger images go through in "
+        "overlapping tiles (memory grows with its square)")
     add("--warmup", _parse_bool, base.warmup, "run one warm-up inference before reporting SERVING")
     add("--word-vectors", str, base.word_vectors,
         "embed: a word2vec/GloVe/fastText .vec file whose vectors replace the MiniLM noun "

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from training.nets.folding import fold_for_inference
 
 # Per-request tiles queued at most at once: one row of tiles of a 64-megapixel image.
 _TILE_QUEUE_PER_REQUEST = 96
+_EAGER_WARMUP_SIDE = 256
 
 
 class TiledImageModel:
@@ -54,13 +56,20 @@ class TiledImageModel:
         self.max_requests = config.max_queue
         self.active_requests = 0
         # Tiles per forward pass: --max-batch, and no more than max_batch_pixels of input
-        # (bounds the activation memory of one pass; a batch of one always runs).
+        # (bounds the activation memory of one pass; a batch of one always runs). Tiles
+        # batch by shape, so small images batch up to --max-batch and full tiles fewer.
         self.max_batch = config.max_batch
-        if max_batch_pixels is not None:
-            self.max_batch = max(1, min(self.max_batch, max_batch_pixels // (tile * tile)))
+        self.max_batch_pixels = max_batch_pixels
         self.batcher: MicroBatcher[np.ndarray, np.ndarray] = MicroBatcher(
             self.queue_name, self.run_batch, max_batch=self.max_batch,
-            max_wait_ms=config.max_wait_ms, max_queue=config.max_queue * _TILE_QUEUE_PER_REQUEST)
+            max_wait_ms=config.max_wait_ms, max_queue=config.max_queue * _TILE_QUEUE_PER_REQUEST,
+            batch_limit=None if max_batch_pixels is None else self.batch_limit)
+
+    def batch_limit(self, shape: Hashable) -> int:
+        """Tiles of ``shape`` (H, W, 3) per forward pass under ``max_batch_pixels``."""
+        assert self.max_batch_pixels is not None
+        height, width = cast(tuple[int, int, int], shape)[:2]
+        return max(1, min(self.max_batch, self.max_batch_pixels // (height * width)))
 
     def run_batch(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
         """uint8 (t, t, 3) tiles -> float32 (t*s, t*s, 3) outputs in [0, 1]."""
@@ -93,7 +102,11 @@ class TiledImageModel:
             self.active_requests -= 1
 
     async def warmup(self) -> None:
-        tile = np.random.default_rng(0).integers(0, 256, (self.tile, self.tile, 3), np.uint8)
+        """One forward pass before SERVING: of a full tile when compiled (compiling a shape
+        takes tens of seconds, better before the first request than in it), otherwise of a
+        small one (loads the kernels; a full 1088 px style tile would add seconds)."""
+        side = self.tile if self.compiled else min(self.tile, _EAGER_WARMUP_SIDE)
+        tile = np.random.default_rng(0).integers(0, 256, (side, side, 3), np.uint8)
         await asyncio.to_thread(self.run_batch, [tile])
 
     def start(self) -> None:

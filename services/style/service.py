@@ -37,10 +37,13 @@ from training.perceptual.gatys import GatysProgress, StopRequested, stylize_with
 log = logging.getLogger("percept.style")
 
 # Fast style nets use instance normalisation: big tiles keep the statistics close to the
-# whole image's, and a wide feathered overlap hides what difference remains.
-# 512 + 64: images up to 576 px go through whole, and a 1024 px side needs 2 tiles, not 3.
-TILE = 576
+# whole image's, and a wide feathered overlap hides what difference remains. The tile side
+# is --style-tile (default 1024 + 64: images up to 1088 px go through whole, a 2048 px side
+# needs 2 tiles); every extra tile costs its overlap twice and a blend.
 OVERLAP = 64
+# Full tiles per forward pass: two of 1088 px (fp32 activations near 1 GB on the CPU);
+# smaller images batch up to --max-batch.
+MAX_BATCH_PIXELS = 2 * 1088 * 1088
 
 
 class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
@@ -59,8 +62,9 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
         for name in list_artifacts(self.config.models_dir, "style"):
             artifact = await asyncio.to_thread(load_artifact, self.config.models_dir, name,
                                                self.device)
-            model = TiledImageModel(artifact, self.device, self.config, scale=1, tile=TILE,
-                                    overlap=OVERLAP)
+            model = TiledImageModel(artifact, self.device, self.config, scale=1,
+                                    tile=self.config.style_tile, overlap=OVERLAP,
+                                    max_batch_pixels=MAX_BATCH_PIXELS)
             model.start()
             self.styles[artifact.config.get("style", {}).get("name", name)] = model
         # Optimisation runs are long: one at a time, a short bounded queue behind it.

@@ -45,6 +45,30 @@ def test_concurrent_requests_form_batches_larger_than_one() -> None:
     assert len(recorder.batches) < 32
 
 
+def test_a_batch_limit_caps_the_batches_of_large_keys_only() -> None:
+    """As TiledImageModel uses it: a key's batch limit (from the pixels of its shape) caps
+    its batches; other keys still batch up to max_batch."""
+    recorder = Recorder(delay=0.02)
+    recorder.release.clear()  # queue everything first, so every batch can fill up
+
+    async def main() -> None:
+        batcher = MicroBatcher("t-limit", recorder, max_batch=8, max_wait_ms=30, max_queue=64,
+                               batch_limit=lambda key: 2 if key == "large" else 99)
+        calls = [batcher.submit(i, key="large" if i % 2 else "small") for i in range(24)]
+        tasks = [asyncio.ensure_future(c) for c in calls]
+        await asyncio.sleep(0.05)
+        recorder.release.set()
+        await asyncio.gather(*tasks)
+        await batcher.stop()
+
+    asyncio.run(main())
+    large = [b for b in recorder.batches if b[0] % 2]
+    small = [b for b in recorder.batches if not b[0] % 2]
+    assert sum(map(len, large)) == sum(map(len, small)) == 12
+    assert all(len(b) <= 2 for b in large) and max(len(b) for b in large) == 2
+    assert max(len(b) for b in small) > 2 and all(len(b) <= 8 for b in small)
+
+
 def test_requests_with_different_keys_are_never_mixed() -> None:
     recorder = Recorder()
 

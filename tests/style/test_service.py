@@ -22,7 +22,8 @@ from services.common.image_model import TiledImageModel
 from services.common.images import DecodedImage, decode_image
 from services.common.server import RunningServer, start_in_thread
 from services.common.tiling import TilePlan, tiled_apply
-from services.style.service import OVERLAP, TILE
+from services.style.service import OVERLAP
+from tests.conftest import STYLE_TEST_TILE as TILE
 from tests.conftest import encode, server_config
 from tests.fixtures import bad_images
 from tests.style.committed import EACH_STYLE, FIRST, NAMES, STYLES, needs_styles

@@ -17,15 +17,27 @@ import pytest
 
 from percept.v1 import search_pb2, search_pb2_grpc
 from services import client
+from services.common.server import start_in_thread
 from services.search.vector_index import IndexSettings
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, server_config
 from tests.search.conftest import add_requests, photo_variants
+
+
+@pytest.fixture(scope="module")
+def embed_target() -> Iterator[str]:
+    """One Embedding service for the module's search processes (`--embed-target`, as the
+    Kubernetes deployment runs them): each restart then loads no models of its own, 2.6
+    instead of 9 s on 2 cores. The crashes under test are the search process's."""
+    running = start_in_thread(server_config("embed"), timeout=900)
+    yield running.target
+    running.stop()
 
 
 class SearchProcess:
     """`percept serve search` in a subprocess over a data directory."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, embed_target: str,
+                 env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
@@ -34,7 +46,7 @@ class SearchProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "serve", "search", "--host", "127.0.0.1",
                  "--port", str(self.port), "--metrics-port", "0", "--data-dir", str(data_dir),
-                 "--log-format", "json", "--device", "cpu"],
+                 "--log-format", "json", "--device", "cpu", "--embed-target", embed_target],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.stub = search_pb2_grpc.ImageSearchStub(client.connect(self.target))
@@ -68,8 +80,8 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
     yield path
 
 
-def test_every_acknowledged_id_survives_kill_9(data_dir: Path) -> None:
-    server = SearchProcess(data_dir)
+def test_every_acknowledged_id_survives_kill_9(data_dir: Path, embed_target: str) -> None:
+    server = SearchProcess(data_dir, embed_target)
     images = photo_variants(96, seed=7)
     acknowledged: list[str] = []
     killed = threading.Event()
@@ -92,7 +104,7 @@ def test_every_acknowledged_id_survives_kill_9(data_dir: Path) -> None:
     server.process.wait(30)
     assert killed.is_set() and 32 <= len(acknowledged) < 96
 
-    restarted = SearchProcess(data_dir)
+    restarted = SearchProcess(data_dir, embed_target)
     try:
         stored = restarted.count()
         # every acknowledged id is there; at most the one batch in flight was committed
@@ -109,13 +121,14 @@ def test_every_acknowledged_id_survives_kill_9(data_dir: Path) -> None:
 
 @pytest.mark.parametrize(("damage", "index"), [("delete", "flat"), ("corrupt", "flat"),
                                                ("corrupt", "ann")])
-def test_lost_or_corrupt_snapshot_is_rebuilt(data_dir: Path, damage: str, index: str) -> None:
+def test_lost_or_corrupt_snapshot_is_rebuilt(data_dir: Path, embed_target: str, damage: str,
+                                             index: str) -> None:
     images = photo_variants(12, seed=3)
     # "ann": a tiny threshold (a server flag, here from the environment) puts the 12 images
     # in the approximate index, so the rebuild from the record must build that kind again
     ann = IndexSettings().ann
     env = {"PERCEPT_SEARCH_ANN_THRESHOLD": "8"} if index == "ann" else {}
-    server = SearchProcess(data_dir, env)
+    server = SearchProcess(data_dir, embed_target, env)
     try:
         for _ in server.stub.AddImages(iter(add_requests(images, prefix="snap")), timeout=300):
             pass
@@ -138,7 +151,7 @@ def test_lost_or_corrupt_snapshot_is_rebuilt(data_dir: Path, damage: str, index:
         data = bytearray(index_file.read_bytes())
         data[len(data) // 2] ^= 0xFF
         index_file.write_bytes(bytes(data))
-    restarted = SearchProcess(data_dir, env)
+    restarted = SearchProcess(data_dir, embed_target, env)
     try:
         assert restarted.count() == 12 and restarted.index_type() == expected
         hits = restarted.stub.SearchByImage(search_pb2.SearchByImageRequest(image=images[5], k=1),

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from training import nets
 from training.nets.folding import (
+    FoldedBilinearResizeConv,
     FoldedResizeConv,
     FoldedUpsampleConv,
     InferenceInstanceNorm,
@@ -40,6 +41,50 @@ def test_folded_layer_equals_resize_convolution(mode: str, shape: tuple[int, ...
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
     if channels_last:
         assert folded.is_contiguous(memory_format=torch.channels_last)
+
+
+def _bilinear_resize_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    up = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+    return conv(F.pad(up, (1, 1, 1, 1), mode="reflect"))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 5, 1, 3), (1, 5, 2, 2), (1, 5, 1, 1),
+                                   (1, 5, 16, 16)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bilinear_resize_convolution_folds_exactly(shape: tuple[int, ...],
+                                                   channels_last: bool) -> None:
+    """Borders included: the outermost rows and columns, where the layer's reflection
+    differs from the folded form's replication, are computed exactly."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(shape[1], 6, 3)
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = _bilinear_resize_conv(conv, x)
+    with torch.inference_mode():
+        folded = FoldedBilinearResizeConv(conv)(x)
+    assert folded.shape == expected.shape == (shape[0], 6, 2 * shape[2], 2 * shape[3])
+    torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
+    if channels_last and shape[2] * shape[3] > 1:  # a 1x1 map is both formats at once
+        assert folded.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 10, 7), (1, 4, 3, 3)])
+def test_the_output_layer_folds_after_a_bilinear_resize_convolution(
+        shape: tuple[int, ...]) -> None:
+    torch.manual_seed(4)
+    resize = nn.Conv2d(4, 6, 3)
+    norm = nn.InstanceNorm2d(6, affine=True)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    output = nn.Conv2d(6, 3, 9)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        up = F.relu(norm(_bilinear_resize_conv(resize, x)))
+        expected = output(F.pad(up, (4, 4, 4, 4), mode="reflect"))
+        folded = FoldedUpsampleConv(FoldedBilinearResizeConv(resize), output, pad=4,
+                                    activation=F.relu, norm=norm)(x)
+    torch.testing.assert_close(folded, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kernel", [3, 5, 7, 9])
@@ -118,16 +163,18 @@ def test_the_output_layer_folds_with_instance_norm_between() -> None:
     torch.testing.assert_close(folded, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_only_3x3_stride_1_convolutions_fold() -> None:
+@pytest.mark.parametrize("fold", [FoldedResizeConv, FoldedBilinearResizeConv])
+def test_only_3x3_stride_1_convolutions_fold(fold: type[nn.Module]) -> None:
     with pytest.raises(ValueError, match="3x3, stride-1"):
-        FoldedResizeConv(nn.Conv2d(4, 4, 5))
+        fold(nn.Conv2d(4, 4, 5))
     with pytest.raises(ValueError, match="3x3, stride-1"):
-        FoldedResizeConv(nn.Conv2d(4, 4, 3, stride=2))
+        fold(nn.Conv2d(4, 4, 3, stride=2))
 
 
 @pytest.mark.parametrize("architecture", [
     {"type": "superres-resnet", "width": 8, "blocks": 2},
     {"type": "johnson-transformer", "width": 8, "blocks": 2},
+    {"type": "johnson-transformer", "width": 8, "blocks": 2, "upsample": "bilinear"},
 ])
 def test_folded_networks_match_the_trained_form(architecture: dict[str, object]) -> None:
     torch.manual_seed(0)
@@ -143,7 +190,9 @@ def test_folded_networks_match_the_trained_form(architecture: dict[str, object])
     with torch.inference_mode():
         expected = net(x)
     folded = fold_for_inference(net)
-    assert sum(isinstance(m, FoldedResizeConv) for m in folded.modules()) == 2
+    resize_kind = FoldedBilinearResizeConv if architecture.get("upsample") == "bilinear" \
+        else FoldedResizeConv
+    assert sum(isinstance(m, resize_kind) for m in folded.modules()) == 2
     # The output layer too (after the last upsampling; the style net's with its norm).
     assert sum(isinstance(m, FoldedUpsampleConv) for m in folded.modules()) == 1
     with torch.inference_mode():
@@ -162,16 +211,6 @@ def test_training_mode_uses_the_unfolded_layers() -> None:
     assert net.up1.conv.weight.grad is not None
 
 
-def test_bilinear_resize_convolutions_are_left_unfolded() -> None:
-    """Only nearest-neighbour resize-convolution has the exact low-resolution form."""
-    torch.manual_seed(0)
-    net = nets.build({"type": "johnson-transformer", "width": 4, "blocks": 1,
-                      "upsample": "bilinear"}).eval()
-    x = torch.rand(1, 3, 20, 24)
-    with torch.inference_mode():
-        expected = net(x)
-        folded = fold_for_inference(net)
-        assert not any(isinstance(m, FoldedResizeConv) for m in folded.modules())
-        torch.testing.assert_close(folded(x), expected)
+def test_unknown_upsampling_modes_are_refused() -> None:
     with pytest.raises(ValueError, match="upsample"):
         nets.build({"type": "johnson-transformer", "upsample": "bicubic"})

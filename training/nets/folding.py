@@ -34,6 +34,12 @@ Reflection padding maps onto each parity group exactly: reflecting a row index k
 parity, so a group's padded row is another row of the same group (reflected on one side,
 mirrored with the edge repeated on the other).
 
+Bilinear x2 upsampling (:class:`FoldedBilinearResizeConv`) folds the same way: each
+upsampled row is 0.75 of one input row and 0.25 of its neighbour, so a 3x3 kernel over
+upsampled rows is, per output parity, a 3x3 kernel over input rows. That saves no
+multiply-adds, only the 4x larger upsampled copy, and gives the convolution 4x the output
+channels at a quarter of the pixels.
+
 Trainers never fold; services do, through :func:`fold_for_inference`, after loading.
 """
 
@@ -46,7 +52,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["FoldedResizeConv", "FoldedUpsampleConv", "InferenceInstanceNorm", "fold_for_inference"]
+__all__ = [
+    "FoldedBilinearResizeConv",
+    "FoldedResizeConv",
+    "FoldedUpsampleConv",
+    "InferenceInstanceNorm",
+    "fold_for_inference",
+]
 
 # (row parity, column parity) of each group of output channels of the folded kernel.
 _PARITIES = ((0, 0), (0, 1), (1, 0), (1, 1))
@@ -82,24 +94,102 @@ class FoldedResizeConv(nn.Module):
         bias = None if conv.bias is None else conv.bias.detach().repeat(4)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
+    #: Where group ``g``'s ``h x w`` window starts inside :meth:`parity_groups`' output.
+    offsets = _PARITIES
+
     def parity_groups(self, x: Tensor) -> Tensor:
         """(N, 4 * out, h + 1, w + 1): output pixel ``(2i + a, 2j + b)`` of group
         ``g = 2a + b`` is at ``[:, g * out + c, i + a, j + b]``."""
         return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        n, _, h, w = x.shape
-        y = self.parity_groups(x)
+        return _interleave(self.parity_groups(x), self.offsets, x)
+
+
+def _interleave(y: Tensor, offsets: tuple[tuple[int, int], ...], x: Tensor) -> Tensor:
+    """The 2x-resolution image whose parity group ``g`` is the ``h x w`` window of ``y``'s
+    channels ``g * C ...`` at ``offsets[g]`` (``x``: the low-resolution input, whose size
+    and memory format the result follows)."""
+    n, _, h, w = x.shape
+    o = y.shape[1] // 4
+    crops = [y[:, g * o:(g + 1) * o, a:a + h, b:b + w] for g, (a, b) in enumerate(offsets)]
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        # Interleave in NHWC so the result is channels_last without another copy.
+        out = y.new_empty((n, h, 2, w, 2, o))
+        for (a, b), crop in zip(_PARITIES, crops, strict=True):
+            out[:, :, a, :, b, :] = crop.permute(0, 2, 3, 1)
+        return out.view(n, 2 * h, 2 * w, o).permute(0, 3, 1, 2)
+    rows = [torch.stack(crops[0:2], dim=-1), torch.stack(crops[2:4], dim=-1)]
+    return torch.stack(rows, dim=3).reshape(n, o, 2 * h, 2 * w)
+
+
+# Bilinear x2 (align_corners=False) makes output row 2i + a of 0.75 X[i] and 0.25 of the
+# neighbour on side a (clamped at the edges); a 3-tap kernel over the upsampled rows
+# 2i + a - 1 ... 2i + a + 1 therefore reads low-resolution rows i - 1, i, i + 1 with taps
+# _BILINEAR_TAPS[a] @ (w0, w1, w2) (rows: rows i - 1, i, i + 1; columns: w0, w1, w2).
+_BILINEAR_TAPS = (
+    ((0.75, 0.25, 0.0), (0.25, 0.75, 0.75), (0.0, 0.0, 0.25)),
+    ((0.25, 0.0, 0.0), (0.75, 0.75, 0.25), (0.0, 0.25, 0.75)),
+)
+
+
+class FoldedBilinearResizeConv(nn.Module):
+    """``conv(reflect_pad(bilinear_x2(x)))`` computed at the low resolution: per output
+    parity ``(a, b)`` a 3x3 convolution of the replicate-padded input with the kernel
+    ``T_a w T_b^T`` (:data:`_BILINEAR_TAPS`), four parities as one convolution with 4x
+    the output channels. The same multiply-adds as the layer it replaces, but no 4x larger
+    upsampled copy, and a wide convolution at the low resolution.
+
+    Replicate padding of the input equals *replicate* padding of the upsampled image, not
+    the reflection the layer uses, so the outermost output rows and columns (row 0, row
+    2h - 1, column 0, column 2w - 1) are computed again exactly, from the two input rows or
+    columns they depend on, upsampled and convolved as in the original layer."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if (conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.dilation != (1, 1)
+                or conv.groups != 1):
+            raise ValueError("only a 3x3, stride-1, undilated, ungrouped convolution folds; "
+                             f"got {conv}")
+        weight = conv.weight.detach()
+        taps = weight.new_tensor(_BILINEAR_TAPS)  # (parity, 3 input rows, 3 kernel rows)
+        kernels = [torch.einsum("yk,oikl,xl->oiyx", taps[a], weight, taps[b])
+                   for a, b in _PARITIES]
+        self.out_channels = conv.out_channels
+        self.conv = conv  # for the border rows and columns
+        self.weight = nn.Parameter(torch.cat(kernels, 0).contiguous(), requires_grad=False)
+        bias = None if conv.bias is None else conv.bias.detach().repeat(4)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    #: Every group's window starts at (0, 0) of :meth:`parity_groups`' output.
+    offsets = ((0, 0),) * 4
+
+    def _exact(self, strip: Tensor) -> Tensor:
+        up = F.interpolate(strip, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return self.conv(F.pad(up, (1, 1, 1, 1), mode="reflect"))
+
+    def parity_groups(self, x: Tensor) -> Tensor:
+        """(N, 4 * out, h, w): output pixel ``(2i + a, 2j + b)`` of group ``g = 2a + b`` is
+        at ``[:, g * out + c, i, j]``."""
+        h, w = x.shape[-2:]
+        y = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self.weight, self.bias)
         o = self.out_channels
-        crops = [y[:, g * o:(g + 1) * o, a:a + h, b:b + w] for g, (a, b) in enumerate(_PARITIES)]
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            # Interleave in NHWC so the result is channels_last without another copy.
-            out = y.new_empty((n, h, 2, w, 2, o))
-            for (a, b), crop in zip(_PARITIES, crops, strict=True):
-                out[:, :, a, :, b, :] = crop.permute(0, 2, 3, 1)
-            return out.view(n, 2 * h, 2 * w, o).permute(0, 3, 1, 2)
-        rows = [torch.stack(crops[0:2], dim=-1), torch.stack(crops[2:4], dim=-1)]
-        return torch.stack(rows, dim=3).reshape(n, o, 2 * h, 2 * w)
+        top, bottom = self._exact(x[:, :, :2]), self._exact(x[:, :, -2:])
+        left, right = self._exact(x[:, :, :, :2]), self._exact(x[:, :, :, -2:])
+        for g, (a, b) in enumerate(_PARITIES):
+            group = y[:, g * o:(g + 1) * o]
+            if a == 0:
+                group[:, :, 0, :] = top[:, :, 0, b::2]
+            else:
+                group[:, :, h - 1, :] = bottom[:, :, -1, b::2]
+            if b == 0:
+                group[:, :, :, 0] = left[:, :, a::2, 0]
+            else:
+                group[:, :, :, w - 1] = right[:, :, a::2, -1]
+        return y
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _interleave(self.parity_groups(x), self.offsets, x)
 
 
 def _reflected_border_rows(size: int, parity: int, pad: int) -> list[tuple[int, int]]:
@@ -196,7 +286,8 @@ class FoldedUpsampleConv(nn.Module):
     elementwise.
     """
 
-    def __init__(self, resize: FoldedResizeConv, conv: nn.Conv2d, *, pad: int,
+    def __init__(self, resize: FoldedResizeConv | FoldedBilinearResizeConv, conv: nn.Conv2d,
+                 *, pad: int,
                  activation: Callable[[Tensor], Tensor],
                  norm: nn.InstanceNorm2d | None = None) -> None:
         super().__init__()
@@ -228,7 +319,8 @@ class FoldedUpsampleConv(nn.Module):
                                                            requires_grad=False)
 
     @classmethod
-    def from_padded_conv(cls, resize: FoldedResizeConv, conv: nn.Conv2d, *,
+    def from_padded_conv(cls, resize: FoldedResizeConv | FoldedBilinearResizeConv,
+                         conv: nn.Conv2d, *,
                          activation: Callable[[Tensor], Tensor],
                          norm: nn.InstanceNorm2d | None = None) -> FoldedUpsampleConv:
         """For a convolution that pads itself (``padding_mode="reflect"``)."""
@@ -238,6 +330,33 @@ class FoldedUpsampleConv(nn.Module):
         return cls(resize, conv, pad=int(conv.padding[0]), activation=activation, norm=norm)
 
     def _normalise(self, groups: Tensor, h: int, w: int) -> Tensor:
+        if self.resize.offsets == ((0, 0),) * 4:  # the groups are exactly h x w
+            return self._normalise_aligned(groups)
+        return self._normalise_offset(groups, h, w)
+
+    def _normalise_aligned(self, groups: Tensor) -> Tensor:
+        """Instance norm over the four ``h x w`` groups (pooled in float64)."""
+        assert self.norm is not None
+        c = self.in_channels
+        outputs = []
+        for sample in groups.split(1):
+            mean, var = torch.batch_norm_update_stats(sample, None, None, 0.0)  # biased var
+            mean, var = mean.double().view(4, c), var.double().view(4, c)
+            pooled_mean = mean.mean(0)
+            pooled_var = ((var + mean * mean).mean(0)
+                          - pooled_mean * pooled_mean).clamp_(min=0.0)
+            outputs.append(self._apply_norm(sample, pooled_mean, pooled_var))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _apply_norm(self, sample: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        assert self.norm is not None
+        weight = None if self.norm.weight is None else self.norm.weight.repeat(4)
+        bias = None if self.norm.bias is None else self.norm.bias.repeat(4)
+        return F.batch_norm(sample, mean.to(sample.dtype).repeat(4),
+                            var.to(sample.dtype).repeat(4), weight, bias, training=False,
+                            eps=self.norm.eps)
+
+    def _normalise_offset(self, groups: Tensor, h: int, w: int) -> Tensor:
         """Instance norm of the upsampled image, applied to its parity groups: each
         channel's statistics pool the valid ``h x w`` window of all four groups. Per group,
         the fast batch-norm statistics of the whole ``(h+1) x (w+1)`` output, less the
@@ -262,12 +381,7 @@ class FoldedUpsampleConv(nn.Module):
             pooled_mean = sums.view(4, c).sum(0) / (4 * h * w)
             pooled_var = (squares.view(4, c).sum(0) / (4 * h * w)
                           - pooled_mean * pooled_mean).clamp_(min=0.0)
-            dtype = sample.dtype
-            weight = None if self.norm.weight is None else self.norm.weight.repeat(4)
-            bias = None if self.norm.bias is None else self.norm.bias.repeat(4)
-            outputs.append(F.batch_norm(sample, pooled_mean.to(dtype).repeat(4),
-                                        pooled_var.to(dtype).repeat(4), weight, bias,
-                                        training=False, eps=self.norm.eps))
+            outputs.append(self._apply_norm(sample, pooled_mean, pooled_var))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     # Inductor turns the window gathers below into slow code (0.7x eager on the CPU for
@@ -275,7 +389,7 @@ class FoldedUpsampleConv(nn.Module):
     @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
-        groups = self.resize.parity_groups(x)  # (N, 4C, h+1, w+1)
+        groups = self.resize.parity_groups(x)  # (N, 4C, h+1, w+1) or (N, 4C, h, w)
         if self.norm is not None:
             groups = self._normalise(groups, h, w)
         c, q = self.in_channels, self.reach
@@ -285,8 +399,8 @@ class FoldedUpsampleConv(nn.Module):
         # The activation acts pixel by pixel, so it can come after.
         nhwc = groups.permute(0, 2, 3, 1)
         padded = _reflect_pad_groups(
-            [nhwc[:, a:a + h, b:b + w, g * c:(g + 1) * c] for g, (a, b) in enumerate(_PARITIES)],
-            q)
+            [nhwc[:, a:a + h, b:b + w, g * c:(g + 1) * c]
+             for g, (a, b) in enumerate(self.resize.offsets)], q)
         padded = self.activation(padded)
         out = F.conv2d(padded.permute(0, 3, 1, 2), self.weight, self.bias)
         return F.pixel_shuffle(out[:, :self.channels], 2)

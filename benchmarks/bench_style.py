@@ -37,7 +37,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": machine()}
     models = REPO_ROOT / "models"
     # One model per distinct architecture (the styles share the network shape, but
-    # nearest and bilinear upsampling serve differently: only nearest folds).
+    # nearest and bilinear upsampling fold into different serving forms).
     by_architecture: dict[str, str] = {}
     for model in list_artifacts(models, "style"):
         architecture = json.dumps(read_config(models / model)["architecture"], sort_keys=True)

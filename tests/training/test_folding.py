@@ -43,6 +43,14 @@ def test_folded_layer_equals_resize_convolution(mode: str, shape: tuple[int, ...
         assert folded.is_contiguous(memory_format=torch.channels_last)
 
 
+def _affine_norm(channels: int) -> nn.InstanceNorm2d:
+    """An instance norm whose affine parameters matter (not their init)."""
+    norm = nn.InstanceNorm2d(channels, affine=True)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    return norm
+
+
 def _bilinear_resize_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     up = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
     return conv(F.pad(up, (1, 1, 1, 1), mode="reflect"))
@@ -73,11 +81,7 @@ def test_bilinear_resize_convolution_folds_exactly(shape: tuple[int, ...],
 def test_the_output_layer_folds_after_a_bilinear_resize_convolution(
         shape: tuple[int, ...]) -> None:
     torch.manual_seed(4)
-    resize = nn.Conv2d(4, 6, 3)
-    norm = nn.InstanceNorm2d(6, affine=True)
-    nn.init.normal_(norm.weight)
-    nn.init.normal_(norm.bias)
-    output = nn.Conv2d(6, 3, 9)
+    resize, norm, output = nn.Conv2d(4, 6, 3), _affine_norm(6), nn.Conv2d(6, 3, 9)
     x = torch.randn(shape)
     with torch.inference_mode():
         up = F.relu(norm(_bilinear_resize_conv(resize, x)))
@@ -149,11 +153,7 @@ def test_the_output_layer_folds_with_instance_norm_between() -> None:
     """The style net's last stage: resize-conv, instance norm over the whole upsampled image
     (all four parity groups), ReLU, reflection-padded 9x9 convolution."""
     torch.manual_seed(1)
-    resize = nn.Conv2d(4, 6, 3)
-    norm = nn.InstanceNorm2d(6, affine=True)
-    nn.init.normal_(norm.weight)
-    nn.init.normal_(norm.bias)
-    output = nn.Conv2d(6, 3, 9)
+    resize, norm, output = nn.Conv2d(4, 6, 3), _affine_norm(6), nn.Conv2d(6, 3, 9)
     x = torch.randn(2, 4, 10, 7)
     with torch.inference_mode():
         up = F.relu(norm(_resize_conv(resize, x, "reflect")))

@@ -72,6 +72,15 @@ def _parity_taps(weight: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
 
 
+def _resize_conv_weight(conv: nn.Conv2d) -> Tensor:
+    """The weight of a resize-convolution that folds: 3x3, stride 1, undilated, ungrouped."""
+    if (conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.dilation != (1, 1)
+            or conv.groups != 1):
+        raise ValueError("only a 3x3, stride-1, undilated, ungrouped convolution folds; "
+                         f"got {conv}")
+    return conv.weight.detach()
+
+
 class FoldedResizeConv(nn.Module):
     """``conv(pad(nearest_x2(x)))`` computed at the low resolution (see the module doc).
 
@@ -81,11 +90,7 @@ class FoldedResizeConv(nn.Module):
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
-        if (conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.dilation != (1, 1)
-                or conv.groups != 1):
-            raise ValueError("only a 3x3, stride-1, undilated, ungrouped convolution folds; "
-                             f"got {conv}")
-        weight = conv.weight.detach()
+        weight = _resize_conv_weight(conv)
         kernels: list[Tensor] = []
         for row_kernel in _parity_taps(weight, 2):
             kernels.extend(_parity_taps(row_kernel, 3))
@@ -147,11 +152,7 @@ class FoldedBilinearResizeConv(nn.Module):
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
-        if (conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.dilation != (1, 1)
-                or conv.groups != 1):
-            raise ValueError("only a 3x3, stride-1, undilated, ungrouped convolution folds; "
-                             f"got {conv}")
-        weight = conv.weight.detach()
+        weight = _resize_conv_weight(conv)
         taps = weight.new_tensor(_BILINEAR_TAPS)  # (parity, 3 input rows, 3 kernel rows)
         kernels = [torch.einsum("yk,oikl,xl->oiyx", taps[a], weight, taps[b])
                    for a, b in _PARITIES]

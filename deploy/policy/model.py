@@ -79,6 +79,7 @@ SERVER_FLAGS = (
     "max-optimisations",
     "default-model",
     "compile",
+    "style-tile",
     "warmup",
     "word-vectors",
     "word-vectors-format",

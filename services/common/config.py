@@ -96,6 +96,18 @@ def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
     return parse
 
 
+#: Smallest --style-tile: tiles overlap by 64 px on each side (services/style/service.py),
+#: and a smaller tile would mostly be overlap, its instance-norm statistics a sliver's.
+MIN_STYLE_TILE = 256
+
+
+def _style_tile(text: str) -> int:
+    value = int(text)
+    if value < MIN_STYLE_TILE:
+        raise argparse.ArgumentTypeError(f"must be >= {MIN_STYLE_TILE} px, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -149,7 +161,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "superres: model used when a request names none")
     add("--compile", str, base.compile,
         "torch.compile image models: auto (on CUDA only), on, off", choices=["auto", "on", "off"])
-    add("--style-tile", _positive(int), base.style_tile,
+    add("--style-tile", _style_tile, base.style_tile,
         "style: tile side in pixels for fast style nets; larger images go through in "
         "overlapping tiles (memory grows with its square)")
     add("--warmup", _parse_bool, base.warmup, "run one warm-up inference before reporting SERVING")

@@ -382,3 +382,20 @@ def test_large_image_is_tiled_without_seams(channel: grpc.Channel, style_server:
     # The score is able to fail: the same tiles blended without feathering show seams.
     broken = unfeathered_tiling(model, image)
     assert seam_score(broken, untiled, TilePlan(height, width, TILE, 0)) > 1.6
+
+
+def test_the_style_tile_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """--style-tile (or PERCEPT_STYLE_TILE) sets the tile side; a tile that would be mostly
+    overlap is refused when the flags are parsed, not at the first request."""
+    import argparse
+
+    from services.common.config import ServerConfig, add_server_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    assert config_from_args("style", parser.parse_args([])).style_tile == \
+        ServerConfig(service="style").style_tile == 1088
+    assert config_from_args("style", parser.parse_args(["--style-tile", "512"])).style_tile == 512
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--style-tile", "128"])
+    assert "must be >= 256 px, got 128" in capsys.readouterr().err

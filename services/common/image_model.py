@@ -66,10 +66,11 @@ class TiledImageModel:
             batch_limit=None if max_batch_pixels is None else self.batch_limit)
 
     def batch_limit(self, shape: Hashable) -> int:
-        """Tiles of ``shape`` (H, W, 3) per forward pass under ``max_batch_pixels``."""
+        """Tiles of ``shape`` (H, W, 3) within ``max_batch_pixels`` (the batcher keeps it
+        between 1 and --max-batch)."""
         assert self.max_batch_pixels is not None
         height, width = cast(tuple[int, int, int], shape)[:2]
-        return max(1, min(self.max_batch, self.max_batch_pixels // (height * width)))
+        return self.max_batch_pixels // (height * width)
 
     def run_batch(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
         """uint8 (t, t, 3) tiles -> float32 (t*s, t*s, 3) outputs in [0, 1]."""

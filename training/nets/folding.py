@@ -207,18 +207,17 @@ def _reflected_border_rows(size: int, parity: int, pad: int) -> list[tuple[int, 
     return border
 
 
-def _parity_conv_weight(weight: Tensor, pad: int, *, groups_first: bool) -> Tensor:
+def _parity_conv_weight(weight: Tensor, pad: int) -> Tensor:
     """A KxK stride-1 convolution of a 2x-resolution image (padded by ``pad``) as a
     ``(2Q+1)x(2Q+1)`` convolution of its four parity groups, ``Q = (pad + 1) // 2``.
 
     Input channel ``g * C_in + c`` is channel ``c`` of parity group ``g = 2a + b`` (pixel
-    ``(2i + a, 2j + b)`` at ``(i, j)``); output channel ``g * C_out + c`` with
-    ``groups_first``, else ``c * 4 + g`` (``F.pixel_shuffle``'s order). Taps that fall
-    outside the original kernel are zero."""
+    ``(2i + a, 2j + b)`` at ``(i, j)``); output channel ``c * 4 + g``
+    (``F.pixel_shuffle``'s order). Taps that fall outside the original kernel are zero."""
     c_out, c_in = weight.shape[:2]
     reach = (pad + 1) // 2
     span = 2 * reach + 1
-    folded = weight.new_zeros((2, 2, c_out, 4, c_in, span, span))
+    folded = weight.new_zeros((c_out, 2, 2, 4, c_in, span, span))
     for out_row, out_col, in_row, in_col in itertools.product(range(2), repeat=4):
         group = 2 * in_row + in_col
         for offset_y in range(-reach, reach + 1):
@@ -229,10 +228,8 @@ def _parity_conv_weight(weight: Tensor, pad: int, *, groups_first: bool) -> Tens
                 dx = 2 * offset_x + in_col - out_col
                 if abs(dx) > pad:
                     continue
-                folded[out_row, out_col, :, group, :, offset_y + reach, offset_x + reach] = \
+                folded[:, out_row, out_col, group, :, offset_y + reach, offset_x + reach] = \
                     weight[:, :, dy + pad, dx + pad]
-    if not groups_first:
-        folded = folded.permute(2, 0, 1, 3, 4, 5, 6)
     return folded.reshape(4 * c_out, 4 * c_in, span, span).contiguous()
 
 
@@ -310,7 +307,7 @@ class FoldedUpsampleConv(nn.Module):
         # Output channel c * 4 + 2a + b: F.pixel_shuffle's order, then zero channels up to a
         # multiple of 8 (the AVX2 vector width; oneDNN ran 64 -> 16 in 38 ms against 55 ms
         # for 64 -> 12 at 256x256 on 2 cores), which forward() drops again.
-        weight = _parity_conv_weight(conv.weight.detach(), pad, groups_first=False)
+        weight = _parity_conv_weight(conv.weight.detach(), pad)
         self.channels = weight.shape[0]
         spare = -self.channels % _CHANNEL_MULTIPLE
         self.weight = nn.Parameter(F.pad(weight, (0, 0, 0, 0, 0, 0, 0, spare)).contiguous(),
@@ -331,58 +328,39 @@ class FoldedUpsampleConv(nn.Module):
         return cls(resize, conv, pad=int(conv.padding[0]), activation=activation, norm=norm)
 
     def _normalise(self, groups: Tensor, h: int, w: int) -> Tensor:
-        if self.resize.offsets == ((0, 0),) * 4:  # the groups are exactly h x w
-            return self._normalise_aligned(groups)
-        return self._normalise_offset(groups, h, w)
-
-    def _normalise_aligned(self, groups: Tensor) -> Tensor:
-        """Instance norm over the four ``h x w`` groups (pooled in float64)."""
-        assert self.norm is not None
-        c = self.in_channels
-        outputs = []
-        for sample in groups.split(1):
-            mean, var = torch.batch_norm_update_stats(sample, None, None, 0.0)  # biased var
-            mean, var = mean.double().view(4, c), var.double().view(4, c)
-            pooled_mean = mean.mean(0)
-            pooled_var = ((var + mean * mean).mean(0)
-                          - pooled_mean * pooled_mean).clamp_(min=0.0)
-            outputs.append(self._apply_norm(sample, pooled_mean, pooled_var))
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-
-    def _apply_norm(self, sample: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        assert self.norm is not None
-        weight = None if self.norm.weight is None else self.norm.weight.repeat(4)
-        bias = None if self.norm.bias is None else self.norm.bias.repeat(4)
-        return F.batch_norm(sample, mean.to(sample.dtype).repeat(4),
-                            var.to(sample.dtype).repeat(4), weight, bias, training=False,
-                            eps=self.norm.eps)
-
-    def _normalise_offset(self, groups: Tensor, h: int, w: int) -> Tensor:
         """Instance norm of the upsampled image, applied to its parity groups: each
         channel's statistics pool the valid ``h x w`` window of all four groups. Per group,
-        the fast batch-norm statistics of the whole ``(h+1) x (w+1)`` output, less the
-        row and column outside its window, pooled in float64 (exact to float rounding)."""
+        the fast batch-norm statistics of the whole map, less (when the map is ``(h+1) x
+        (w+1)``, :class:`FoldedResizeConv`) the row and column outside its window, pooled
+        in float64 (exact to float rounding)."""
         assert self.norm is not None
         c = self.in_channels
-        count = (h + 1) * (w + 1)
+        map_h, map_w = groups.shape[-2:]
+        count = map_h * map_w
         outputs = []
         for sample in groups.split(1):
             mean, var = torch.batch_norm_update_stats(sample, None, None, 0.0)  # biased var
             mean, var = mean.double(), var.double()
             sums = mean * count
             squares = (var + mean * mean) * count
-            for g, (a, b) in enumerate(_PARITIES):
-                channels = slice(g * c, (g + 1) * c)
-                row = sample[0, channels, 0 if a else h, :].double()  # (C, w+1)
-                col = sample[0, channels, :, 0 if b else w].double()  # (C, h+1)
-                corner = sample[0, channels, 0 if a else h, 0 if b else w].double()
-                sums[channels] -= row.sum(1) + col.sum(1) - corner
-                squares[channels] -= ((row * row).sum(1) + (col * col).sum(1)
-                                      - corner * corner)
+            if (map_h, map_w) != (h, w):
+                for g, (a, b) in enumerate(self.resize.offsets):
+                    channels = slice(g * c, (g + 1) * c)
+                    row = sample[0, channels, 0 if a else h, :].double()  # (C, w+1)
+                    col = sample[0, channels, :, 0 if b else w].double()  # (C, h+1)
+                    corner = sample[0, channels, 0 if a else h, 0 if b else w].double()
+                    sums[channels] -= row.sum(1) + col.sum(1) - corner
+                    squares[channels] -= ((row * row).sum(1) + (col * col).sum(1)
+                                          - corner * corner)
             pooled_mean = sums.view(4, c).sum(0) / (4 * h * w)
             pooled_var = (squares.view(4, c).sum(0) / (4 * h * w)
                           - pooled_mean * pooled_mean).clamp_(min=0.0)
-            outputs.append(self._apply_norm(sample, pooled_mean, pooled_var))
+            weight = None if self.norm.weight is None else self.norm.weight.repeat(4)
+            bias = None if self.norm.bias is None else self.norm.bias.repeat(4)
+            dtype = sample.dtype
+            outputs.append(F.batch_norm(sample, pooled_mean.to(dtype).repeat(4),
+                                        pooled_var.to(dtype).repeat(4), weight, bias,
+                                        training=False, eps=self.norm.eps))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     # Inductor turns the window gathers below into slow code (0.7x eager on the CPU for
@@ -395,7 +373,7 @@ class FoldedUpsampleConv(nn.Module):
             groups = self._normalise(groups, h, w)
         c, q = self.in_channels, self.reach
         # Each group's reflection-padded window, in NHWC: the interior is one slice copy
-        # (the group's offset inside ``groups`` is (a, b)), then the 2q border rows and
+        # (the group's offset inside ``groups`` is resize.offsets[g]), then the 2q border rows and
         # columns are copied from inside the window (rows first, so the corners follow).
         # The activation acts pixel by pixel, so it can come after.
         nhwc = groups.permute(0, 2, 3, 1)

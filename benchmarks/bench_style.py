@@ -12,10 +12,10 @@ import time
 from typing import Any
 
 from benchmarks.common import RESULTS, machine, served
-from benchmarks.image_models import bench, photo, png, report
+from benchmarks.image_models import bench, one_per_architecture, photo, png, report
 from percept.v1 import style_pb2
 from services import client
-from services.common.artifacts import list_artifacts, read_config
+from services.common.artifacts import read_config
 from training.assets import REPO_ROOT, style_image_path
 
 
@@ -38,12 +38,9 @@ def run(quick: bool = False) -> dict[str, Any]:
     models = REPO_ROOT / "models"
     # One model per distinct architecture (the styles share the network shape, but
     # nearest and bilinear upsampling fold into different serving forms).
-    by_architecture: dict[str, str] = {}
-    for model in list_artifacts(models, "style"):
-        architecture = json.dumps(read_config(models / model)["architecture"], sort_keys=True)
-        by_architecture.setdefault(architecture, model)
-    result["fast"] = [] if by_architecture else {"skipped": "no models/style-* installed"}
-    for model in by_architecture.values():
+    chosen = one_per_architecture("style")
+    result["fast"] = [] if chosen else {"skipped": "no models/style-* installed"}
+    for model in chosen:
         name = str(read_config(models / model).get("style", {}).get(
             "name", model.removeprefix("style-")))
 

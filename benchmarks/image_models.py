@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,6 +19,19 @@ from benchmarks.common import interleaved_medians, machine, markdown_table, serv
 from services import client
 from services.common.artifacts import load_artifact
 from training.assets import REPO_ROOT
+
+
+def one_per_architecture(task: str) -> list[str]:
+    """The first committed model of ``task`` for each distinct architecture (models of one
+    architecture differ only in weights, which do not change the time)."""
+    from services.common.artifacts import list_artifacts, read_config
+
+    models = REPO_ROOT / "models"
+    chosen: dict[str, str] = {}
+    for model in list_artifacts(models, task):
+        key = json.dumps(read_config(models / model)["architecture"], sort_keys=True)
+        chosen.setdefault(key, model)
+    return list(chosen.values())
 
 
 def photo(size: int) -> np.ndarray:

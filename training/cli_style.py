@@ -141,6 +141,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="write samples.png and loss.png every N steps (default: 200)")
     run.add_argument("--max-minutes", type=float, default=0.0,
                      help="stop (and export) after this much wall time (default: no limit)")
+    run.add_argument("--time-schedule", action="store_true",
+                     help="with --max-minutes, run the learning-rate warm-up and cosine decay "
+                          "on whichever is further along, steps or the clock, so a run the "
+                          "clock stops still ends annealed (for a fixed time budget whose "
+                          "step rate is unknown, as on a borrowed GPU)")
     run.add_argument("--grid-check-every", type=int, default=30,
                      help="measure grid artifacts on the sample items every N steps "
                           "(default: 30)")

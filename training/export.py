@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import re
 import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -38,14 +40,18 @@ WEIGHTS = "weights.safetensors"
 
 
 def git_sha(repo: Path = REPO_ROOT) -> str:
-    """``git rev-parse HEAD``, or ``"uncommitted"`` when there is no commit (or no git)."""
+    """``git rev-parse HEAD``; where git cannot tell (a copy of the tree without ``.git``,
+    such as the one a GPU machine trains in), ``$PERCEPT_GIT_SHA`` if the copy's sender set
+    it, else ``"uncommitted"``."""
+    fallback = os.environ.get("PERCEPT_GIT_SHA", "")
+    fallback = fallback if re.fullmatch(r"[0-9a-f]{40}", fallback) else "uncommitted"
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                                 text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
-        return "uncommitted"
+        return fallback
     sha = result.stdout.strip()
-    return sha if result.returncode == 0 and len(sha) == 40 else "uncommitted"
+    return sha if result.returncode == 0 and len(sha) == 40 else fallback
 
 
 def git_dirty_paths(repo: Path = REPO_ROOT) -> list[str] | None:

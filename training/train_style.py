@@ -293,6 +293,14 @@ def resolve_recipe(args: argparse.Namespace, device: torch.device) -> dict[str, 
     return values
 
 
+def _gpu_recipe_note(recipe: dict[str, int]) -> str:
+    """How a CUDA run's sizes compare with the paper's recipe (the GPU defaults)."""
+    changed = [f"{key.replace('_', ' ')} {value} (paper: {GPU_RECIPE[key]})"
+               for key, value in recipe.items() if value != GPU_RECIPE[key]]
+    return "trained on a GPU with the paper's sizes" if not changed \
+        else "trained on a GPU at changed sizes: " + ", ".join(changed)
+
+
 def style_layer_weights(pairs: list[tuple[str, float]] | None) -> dict[str, float]:
     """``--style-layer-weight`` pairs (they replace the defaults), else the defaults."""
     if not pairs:
@@ -383,8 +391,17 @@ def train(args: argparse.Namespace) -> int:
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = recipe["steps"]
     warmup = args.warmup if args.warmup is not None else max(1, min(100, steps // 20))
+    # With --time-schedule the cosine runs on the larger of step and clock progress, so a
+    # run that --max-minutes cuts short still ends with the learning rate decayed.
+    clock = {"started": time.monotonic(), "budget": args.max_minutes * 60}
+
+    def schedule_position(step: int) -> float:
+        if not (args.time_schedule and clock["budget"] > 0):
+            return step
+        return max(step, (time.monotonic() - clock["started"]) / clock["budget"] * steps)
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps, warmup))
+        optimizer, lambda step: lr_factor(schedule_position(step), steps, warmup))
     autocast_dtype = _autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
 
@@ -416,6 +433,7 @@ def train(args: argparse.Namespace) -> int:
         print(f"[train] resumed from {checkpoint} at step {step}", flush=True)
 
     started, cpu_started = time.monotonic(), time.process_time()
+    clock["started"] = started
 
     def snapshot() -> dict[str, Any]:
         return {"architecture": architecture, "model": model.state_dict(),
@@ -518,14 +536,15 @@ def train(args: argparse.Namespace) -> int:
         "device": "cpu, reduced size" if on_cpu else f"{device} ({torch.cuda.get_device_name()})",
         "note": "trained on a 2-core CPU at reduced size (small width, small crops, few "
                 "steps); train on a GPU with the default flags for full quality"
-        if on_cpu else "full size",
+        if on_cpu else _gpu_recipe_note(recipe),
         "steps": step, "steps_planned": steps, "stopped_early": stopped_early,
         "selected_step": selected_step, "grid_margin": args.grid_margin,
         "grid_checks": grid_checks,
         "batch_size": recipe["batch_size"], "crop": recipe["size"],
         "min_scale": args.min_scale, "style_size": args.style_size,
         "width": recipe["width"], "blocks": args.blocks,
-        "lr": lr, "warmup": warmup, "seed": args.seed,
+        "lr": lr, "warmup": warmup, "seed": args.seed, "time_schedule": args.time_schedule,
+        "final_lr": scheduler.get_last_lr()[0],
         "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32",
         "channels_last": channels_last,
         "loss_weights": {"content": args.content_weight, "content_layer": args.content_layer,

@@ -106,7 +106,7 @@ class SuperResLoss(nn.Module):
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
-def lr_factor(step: int, steps: int, warmup: int, final: float = 0.01) -> float:
+def lr_factor(step: float, steps: int, warmup: int, final: float = 0.01) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to ``final`` x the base LR."""
     if step < warmup:
         return (step + 1) / warmup

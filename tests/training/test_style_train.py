@@ -159,6 +159,33 @@ def test_cli_training_exports_an_artifact_and_resumes(tmp_path: Path) -> None:
 
 
 @needs_vgg
+def test_time_schedule_decays_the_learning_rate_by_the_deadline(tmp_path: Path) -> None:
+    """A run the clock stops (--max-minutes) ends annealed with --time-schedule, and near
+    the peak rate without it."""
+    from training.train_style import train
+
+    prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 40))
+    common = ["--style", "stained-tissue", "--data", str(prepared), "--size", "32",
+              "--width", "4", "--blocks", "1", "--batch-size", "1", "--style-size", "48",
+              "--device", "cpu", "--quiet", "--val-items", "1", "--sample-every", "0",
+              "--checkpoint-every", "0", "--steps", "100000", "--warmup", "1",
+              "--lr", "0.001", "--max-minutes", "0.03"]
+
+    def final(name: str, *extra: str) -> dict[str, object]:
+        out = tmp_path / name
+        assert train(_parse([*common, *extra, "--out", str(out),
+                             "--run-dir", str(tmp_path / f"run-{name}")])) == 0
+        metrics: dict[str, object] = json.loads((out / "metrics.json").read_text())
+        assert metrics["stopped_early"] is True
+        return metrics
+
+    timed = final("timed", "--time-schedule")
+    assert timed["time_schedule"] is True and float(timed["final_lr"]) < 1e-4  # type: ignore[arg-type]
+    stepped = final("stepped")
+    assert float(stepped["final_lr"]) > 9e-4  # type: ignore[arg-type]
+
+
+@needs_vgg
 def test_grid_checks_select_the_last_state_under_the_margin(tmp_path: Path) -> None:
     from training.train_style import train
 

@@ -78,3 +78,17 @@ def test_a_mismatched_state_dict_is_refused(tmp_path: Path) -> None:
                         architecture={**ARCH, "width": 4}, module=module, metrics={},
                         data=[], command="pytest", device="cpu")
     assert not (tmp_path / "bad").exists()
+
+
+def test_git_sha_outside_a_checkout_comes_from_the_sender(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy of the tree without .git (a GPU machine's) records the sha its sender set."""
+    from training.export import git_sha
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.delenv("PERCEPT_GIT_SHA", raising=False)
+    assert git_sha(tmp_path) == "uncommitted"
+    monkeypatch.setenv("PERCEPT_GIT_SHA", "0123456789abcdef" * 2 + "01234567")
+    assert git_sha(tmp_path) == "0123456789abcdef" * 2 + "01234567"
+    monkeypatch.setenv("PERCEPT_GIT_SHA", "not a sha")
+    assert git_sha(tmp_path) == "uncommitted"

@@ -1,0 +1,475 @@
+"""The style network on a CUDA GPU: fp32 eager PyTorch against half precision with
+channels_last, the inference rewrites, torch.compile and CUDA graphs, at 512 and 1024 px.
+
+    python -m benchmarks.bench_style_gpu [--sizes 512 1024] [--budget-s 240]
+
+Every variant runs the same weights on the same real photo, batch of one, whole image in
+one forward pass. Times are CUDA-event medians after warm-up. The baseline is plain fp32
+eager in NCHW with PyTorch's defaults (cuDNN may use TF32 for convolutions); fp32 with
+TF32 off is listed too. Each variant's output is compared with that strict fp32 output
+(PSNR and largest error in 8-bit levels), so a fast variant that computes something else
+shows. ``cudnn.benchmark`` is on for every variant, the baseline included.
+
+Nets: one committed model per architecture (nearest and bilinear upsampling), plus the
+paper's width 32 with random weights (speed only: time does not depend on the weights).
+Variants that compile are skipped once ``--budget-s`` has passed, and the served form
+(``TiledImageModel``: tiles, micro-batcher, uint8 in and out, host copies) is timed last.
+Needs a CUDA device; ``--device cpu`` runs the same code without CUDA graphs, as a check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from benchmarks.common import RESULTS, machine, markdown_table
+from benchmarks.image_models import one_per_architecture, photo
+from services.common.artifacts import load_artifact, read_config
+from training import nets
+from training.assets import REPO_ROOT
+from training.nets.folding import fold_for_inference
+
+Forward = Callable[[Tensor], Tensor]
+BASELINE = "fp32 eager"
+STRICT = "fp32 eager, TF32 off"
+
+
+# -- what runs ------------------------------------------------------------------------------
+def style_nets(models: Path, paper_width: bool) -> list[tuple[str, nn.Module]]:
+    """(label, fp32 eval module) in run order (what a cut-short run should have measured
+    first): the committed nearest-upsampling model, the paper's width-32 net with seeded
+    random weights, then the other committed architectures."""
+    result = [(f"{name} ({_describe(read_config(models / name)['architecture'])})",
+               load_artifact(models, name, torch.device("cpu")).module)
+              for name in served_models(models)]
+    if paper_width:
+        torch.manual_seed(0)
+        architecture = {"type": "johnson-transformer", "width": 32, "blocks": 5}
+        module = nets.build(architecture).eval().requires_grad_(False)
+        result.insert(min(1, len(result)),
+                      (f"paper width ({_describe(architecture)}, random weights)", module))
+    return result
+
+
+def served_models(models: Path) -> list[str]:
+    """One committed model per architecture, nearest upsampling (the default) first."""
+    return sorted(one_per_architecture("style"),
+                  key=lambda name: "upsample" in read_config(models / name)["architecture"])
+
+
+def _describe(architecture: dict[str, Any]) -> str:
+    return (f"width {architecture.get('width', 32)}, "
+            f"{architecture.get('upsample', 'nearest')} upsampling")
+
+
+def multiply_adds(module: nn.Module, side: int) -> int:
+    """Convolution multiply-adds of one forward pass at side x side (the unfolded net)."""
+    total = 0
+
+    def count(layer: nn.Module, _inputs: Any, output: Tensor) -> None:
+        nonlocal total
+        assert isinstance(layer, nn.Conv2d)
+        kernel = math.prod(layer.kernel_size) * layer.in_channels // layer.groups
+        total += output.numel() * kernel
+
+    hooks = [m.register_forward_hook(count) for m in module.modules()
+             if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.inference_mode():
+            module(torch.rand(1, 3, side, side))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def prepared(module: nn.Module, device: torch.device, dtype: torch.dtype, *,
+             channels_last: bool, fold: bool) -> nn.Module:
+    variant = copy.deepcopy(module)
+    if fold:
+        fold_for_inference(variant)
+    variant = variant.to(device=device, dtype=dtype)
+    if channels_last:
+        variant = variant.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return variant
+
+
+def as_input(image: np.ndarray, device: torch.device, dtype: torch.dtype,
+             channels_last: bool) -> Tensor:
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].to(device=device, dtype=dtype) / 255.0
+    return x.contiguous(memory_format=torch.channels_last if channels_last
+                        else torch.contiguous_format)
+
+
+def cuda_graphed(forward: Forward, example: Tensor) -> Forward:
+    """One captured CUDA graph of ``forward`` on a static copy of ``example``: each call
+    copies its input in, replays the graph and returns the static output."""
+    static_input = example.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.inference_mode():
+        for _ in range(3):
+            forward(static_input)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        static_output = forward(static_input)
+
+    def replay(x: Tensor) -> Tensor:
+        static_input.copy_(x)
+        graph.replay()
+        return static_output
+
+    return replay
+
+
+# -- timing -------------------------------------------------------------------------------
+def median_ms(forward: Forward, x: Tensor, device: torch.device, repeats: int,
+              warmup: int = 3) -> float:
+    """Median of ``repeats`` forward passes: CUDA events on a GPU, else a host clock."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            forward(x)
+        if device.type != "cuda":
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                forward(x)
+                times.append((time.perf_counter() - started) * 1000)
+            return statistics.median(times)
+        torch.cuda.synchronize()
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                 for _ in range(repeats)]
+        for start, end in pairs:
+            start.record()
+            forward(x)
+            end.record()
+        torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in pairs)
+
+
+def agreement(output: Tensor, reference: Tensor) -> dict[str, float]:
+    """PSNR (dB) and largest error (8-bit levels) of ``output`` against ``reference``."""
+    a = output.detach().float().clamp(0, 1).cpu()
+    b = reference.detach().float().clamp(0, 1).cpu()
+    mse = float(((a - b) ** 2).mean())
+    return {"psnr_db": math.inf if mse == 0 else 10 * math.log10(1 / mse),
+            "max_error_levels": float((a - b).abs().max()) * 255}
+
+
+class Budget:
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> bool:
+        return time.monotonic() < self.deadline
+
+
+Build = Callable[[], tuple[nn.Module, torch.dtype, bool]]
+
+
+def builder(module: nn.Module, device: torch.device, dtype: torch.dtype, *,
+            channels_last: bool, fold: bool) -> Build:
+    """-> (prepared module, input dtype, channels_last), built when called."""
+    return lambda: (prepared(module, device, dtype, channels_last=channels_last, fold=fold),
+                    dtype, channels_last)
+
+
+def half_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+
+
+def eager_variants(module: nn.Module, device: torch.device, half: torch.dtype
+                   ) -> list[tuple[str, Build]]:
+    """The eager variants in run order (the strict reference first)."""
+    fp32 = builder(module, device, torch.float32, channels_last=False, fold=False)
+    name = half_name(half)
+    return [
+        (STRICT, fp32),
+        (BASELINE, fp32),
+        (f"{name} channels_last eager",
+         builder(module, device, half, channels_last=True, fold=False)),
+        ("bf16 channels_last eager",
+         builder(module, device, torch.bfloat16, channels_last=True, fold=False)),
+        (f"{name} channels_last eager, folded (served eager form)",
+         builder(module, device, half, channels_last=True, fold=True)),
+    ]
+
+
+class SizeRun:
+    """The rows of one net at one size, against its strict fp32 output."""
+
+    def __init__(self, label: str, module: nn.Module, size: int, device: torch.device,
+                 repeats: int) -> None:
+        self.label, self.module, self.size = label, module, size
+        self.device, self.repeats = device, repeats
+        self.image = photo(size)
+        self.macs = multiply_adds(module, size)
+        self.reference: Tensor | None = None
+        self.rows: list[dict[str, Any]] = []
+
+    def row(self, variant: str, **extra: Any) -> dict[str, Any]:
+        row = {"net": self.label, "size": self.size, "variant": variant,
+               "gmac": self.macs / 1e9, **extra}
+        self.rows.append(row)
+        return row
+
+    def time(self, variant: str, forward: Forward, x: Tensor, **extra: Any) -> None:
+        with torch.inference_mode():
+            output = forward(x).float().clone()
+        ms = median_ms(forward, x, self.device, self.repeats)
+        if variant == STRICT:
+            self.reference = output
+        row = self.row(variant, ms=ms, tflops=2 * self.macs / (ms / 1000) / 1e12, **extra)
+        if self.reference is not None:
+            row.update(agreement(output, self.reference))
+        print(f"[gpu-bench] {self.label} {self.size}px {variant}: {ms:.2f} ms", flush=True)
+
+    def attempt(self, variant: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception as error:  # one failing variant is reported, the rest still run
+            self.row(variant, error=f"{type(error).__name__}: {error}"[:400])
+            print(f"[gpu-bench] {self.label} {self.size}px {variant}: {error}", flush=True)
+
+    def eager(self, variant: str, build: Build) -> None:
+        def action() -> None:
+            torch.backends.cudnn.allow_tf32 = variant != STRICT
+            try:
+                net, dtype, channels_last = build()
+                self.time(variant, net, as_input(self.image, self.device, dtype,
+                                                 channels_last))
+            finally:
+                torch.backends.cudnn.allow_tf32 = True
+
+        self.attempt(variant, action)
+
+    def graphed_eager(self, build: Build, dtype_name: str) -> None:
+        """``build`` uncompiled, replayed from one CUDA graph (launch gaps removed)."""
+        def action() -> None:
+            net, dtype, channels_last = build()
+            x = as_input(self.image, self.device, dtype, channels_last)
+            self.time(variant, cuda_graphed(net, x), x)
+
+        variant = f"{dtype_name} channels_last eager + CUDA graph, folded"
+        self.attempt(variant, action)
+
+    def compiled(self, build: Build, what: str, plain_too: bool) -> None:
+        """torch.compile of ``build`` (static shapes), timed as is (if ``plain_too``) and
+        replayed from one CUDA graph."""
+        net, dtype, channels_last = build()
+        name = f"{half_name(dtype)} channels_last + torch.compile"
+        x = as_input(self.image, self.device, dtype, channels_last)
+        state: dict[str, Any] = {}
+
+        def compile_once() -> None:
+            started = time.monotonic()
+            forward = torch.compile(net, dynamic=False)
+            with torch.inference_mode():
+                forward(x)
+            state["forward"], state["compile_s"] = forward, time.monotonic() - started
+            if plain_too:
+                self.time(f"{name}, {what}", forward, x, compile_s=state["compile_s"])
+
+        self.attempt(f"{name}, {what}", compile_once)
+        if "forward" not in state:
+            return
+        graph_variant = f"{name} + CUDA graph, {what.split(' (')[0]}"
+        if self.device.type != "cuda":
+            self.row(graph_variant, skipped="CUDA graphs need a CUDA device")
+            return
+        self.attempt(graph_variant, lambda: self.time(
+            graph_variant, cuda_graphed(state["forward"], x), x,
+            compile_s=state["compile_s"]))
+
+    def finish(self) -> None:
+        baseline = next((r["ms"] for r in self.rows if r["variant"] == BASELINE
+                         and "ms" in r), None)
+        for row in self.rows:
+            if "ms" in row:
+                row["speedup_vs_fp32_eager"] = None if baseline is None \
+                    else baseline / row["ms"]
+
+
+def measure(nets_to_run: list[tuple[str, nn.Module]], sizes: list[int],
+            device: torch.device, repeats: int, budget: Budget,
+            save: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+    """Every eager variant and the served form compiled (with and without a CUDA graph) for
+    each net and size; then, while the budget lasts, the unfolded net compiled."""
+    half = torch.float16 if device.type == "cuda" else torch.float32
+    runs: list[SizeRun] = []
+
+    def rows() -> list[dict[str, Any]]:
+        for run in runs:
+            run.finish()
+        return [row for run in runs for row in run.rows]
+
+    for label, module in nets_to_run:
+        for size in sizes:
+            run = SizeRun(label, module, size, device, repeats)
+            runs.append(run)
+            for variant, build in eager_variants(module, device, half):
+                run.eager(variant, build)
+            folded = builder(module, device, half, channels_last=True, fold=True)
+            if device.type == "cuda":
+                run.graphed_eager(folded, half_name(half))
+            if budget.left():
+                run.compiled(folded, "folded (served form on CUDA)", plain_too=True)
+            else:
+                run.row("compiled variants", skipped="time budget spent")
+            save(rows())
+    for run in runs:
+        if budget.left() and device.type == "cuda":
+            unfolded = builder(run.module, device, half, channels_last=True, fold=False)
+            run.compiled(unfolded, "unfolded", plain_too=False)
+            save(rows())
+    return rows()
+
+
+def served_form(models: Path, sizes: list[int], device: torch.device, repeats: int,
+                baselines: dict[tuple[str, int], float]) -> list[dict[str, Any]]:
+    """The style service's TiledImageModel on this device (compile as ``--compile auto``
+    decides), uint8 image in and out: what one Stylize costs besides gRPC and the codecs."""
+    from services.common.config import ServerConfig
+    from services.common.image_model import TiledImageModel
+    from services.style import service as style_service
+
+    rows = []
+    config = ServerConfig(service="style")
+    for name in served_models(models)[:1]:
+        network = TiledImageModel(load_artifact(models, name, device), device, config,
+                                  scale=1, tile=config.style_tile,
+                                  overlap=style_service.OVERLAP,
+                                  max_batch_pixels=style_service.MAX_BATCH_PIXELS)
+        loop = asyncio.new_event_loop()
+
+        async def start(network: TiledImageModel = network) -> None:
+            network.start()
+
+        try:
+            loop.run_until_complete(start())
+            started = time.monotonic()
+            loop.run_until_complete(network.warmup())
+            warmup_s = time.monotonic() - started
+            for size in sizes:
+                image = photo(size)
+                started = time.monotonic()
+                loop.run_until_complete(network.apply(image))  # a new shape compiles
+                first_s = time.monotonic() - started
+                times = []
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    loop.run_until_complete(network.apply(image))
+                    times.append((time.perf_counter() - started) * 1000)
+                ms = statistics.median(times)
+                base = next((v for (label, s), v in baselines.items()
+                             if s == size and label.startswith(name)), None)
+                rows.append({"model": name, "size": size, "compiled": network.compiled,
+                             "warmup_s": warmup_s, "first_request_s": first_s, "ms": ms,
+                             "speedup_vs_fp32_eager": None if base is None else base / ms})
+                print(f"[gpu-bench] served form {name} {size}px: {ms:.2f} ms", flush=True)
+        finally:
+            loop.run_until_complete(network.stop())
+            loop.close()
+    return rows
+
+
+def run(sizes: list[int], device: torch.device, repeats: int, budget_s: float,
+        paper_width: bool, out: Path) -> dict[str, Any]:
+    """Measures everything, rewriting ``out`` after each net and size (a run cut short
+    still leaves what it measured)."""
+    torch.backends.cudnn.benchmark = True
+    models = REPO_ROOT / "models"
+    budget = Budget(budget_s)
+    result: dict[str, Any] = {"machine": machine(), "device": str(device),
+                              "torch": torch.__version__,
+                              "cudnn": torch.backends.cudnn.version(), "sizes": sizes,
+                              "repeats": repeats, "budget_s": budget_s, "rows": []}
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        result["gpu"] = {"name": properties.name, "multiprocessors":
+                         properties.multi_processor_count,
+                         "memory_gib": properties.total_memory / 2**30}
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(rows: list[dict[str, Any]]) -> None:
+        result["rows"] = rows
+        out.write_text(json.dumps(result, indent=2))
+
+    result["rows"] = measure(style_nets(models, paper_width), sizes, device, repeats, budget,
+                             save)
+    baselines = {(r["net"], r["size"]): r["ms"] for r in result["rows"]
+                 if r["variant"] == BASELINE and "ms" in r}
+    try:
+        result["served_form"] = served_form(models, sizes, device, repeats, baselines)
+    except Exception as error:  # reported; the network rows still count
+        result["served_form"] = {"error": f"{type(error).__name__}: {error}"[:400]}
+    save(result["rows"])
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    gpu = result.get("gpu", {}).get("name", result["device"])
+    lines = [f"### Style network on {gpu} (torch {result['torch']}, cuDNN {result['cudnn']})",
+             "", "Batch of one, whole image per pass, CUDA-event medians. x = fp32 eager "
+             "(PyTorch defaults) / variant. PSNR and max error against fp32 with TF32 off.",
+             ""]
+    table: list[tuple[Any, ...]] = []
+    for r in result["rows"]:
+        if "ms" not in r:
+            table.append((r["net"], r["size"], r["variant"], r.get("skipped")
+                          or r.get("error", "?"), "", "", "", ""))
+            continue
+        nan = float("nan")
+        table.append((r["net"], r["size"], r["variant"], r["ms"],
+                      r["speedup_vs_fp32_eager"] or nan, r["tflops"], r.get("psnr_db", nan),
+                      r.get("max_error_levels", nan)))
+    lines.append(markdown_table(["net", "px", "variant", "median ms", "x", "TFLOP/s",
+                                 "PSNR dB", "max err (levels)"], table))
+    served = result.get("served_form")
+    if isinstance(served, list) and served:
+        lines += ["", "Served form (TiledImageModel: uint8 in/out, host copies, batcher):", "",
+                  markdown_table(["model", "px", "compiled", "median ms", "x vs fp32 eager",
+                                  "first request s"],
+                                 [(r["model"], r["size"], r["compiled"], r["ms"],
+                                   r["speedup_vs_fp32_eager"] or float("nan"),
+                                   r["first_request_s"]) for r in served])]
+    elif served:
+        lines += ["", f"Served form: {served}"]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 512])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--budget-s", type=float, default=240.0,
+                        help="no new compiled variant starts after this many seconds")
+    parser.add_argument("--no-paper-width", action="store_true",
+                        help="skip the width-32 random-weight net")
+    parser.add_argument("--out", default=str(RESULTS / "style_gpu.json"))
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device (use --device cpu to check the code path)")
+    outcome = run(args.sizes, torch.device(args.device), args.repeats, args.budget_s,
+                  not args.no_paper_width, Path(args.out))
+    print(markdown(outcome))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

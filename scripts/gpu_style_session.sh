@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One lease of a CUDA machine for fast style transfer, in a single call:
+#   1. the GPU benchmark (benchmarks/bench_style_gpu.py: fp32 eager against fp16/bf16,
+#      channels_last, torch.compile and CUDA graphs at 1024 and 512 px);
+#   2. training every default style on the GPU, all three processes at once, for the time
+#      that is left, the learning rate annealed by the clock (--time-schedule); the
+#      training images are prepared there from data/photos/train.
+# Everything it reports goes to $OUT: env.txt, bench.log, style_gpu.json, train.tar.gz.
+#
+# Usage, from the repository root of a copy that carries data/photos, assets/styles, the
+# VGG19 weights file and (for a bare machine without grpcio/protobuf of our versions) .whl/:
+#   OUT=/some/dir PERCEPT_GIT_SHA=$(git rev-parse HEAD) scripts/gpu_style_session.sh [SECONDS]
+# SECONDS (default 560) is the whole script's time; training stops early enough to fit.
+# A check without a GPU: DEVICE=cpu BENCH_ARGS="--sizes 64 --repeats 2" and
+# TRAIN_ARGS="--steps 3 --size 64 --batch-size 2" (appended flags win).
+set -u -o pipefail
+total=${1:-560}
+start=$(date +%s)
+elapsed() { echo $(( $(date +%s) - start )); }
+: "${OUT:?set OUT to the folder that receives the results}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+device=${DEVICE:-cuda}
+read -r -a bench_args <<<"${BENCH_ARGS:-}"
+read -r -a train_args <<<"${TRAIN_ARGS:-}"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD:$PWD/protos
+else
+    export PYTHONPATH=$PWD:$PWD/protos
+fi
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
+        --format=csv
+    python3 -c "import torch, grpc, google.protobuf as pb; print('torch', torch.__version__,
+'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'grpc', grpc.__version__,
+'protobuf', pb.__version__)"
+    nproc
+} >"$OUT/env.txt" 2>&1
+
+echo "[session] preparing the training images ($(elapsed) s)"
+python3 -m training.data.cli prepare --photos data/photos/train --out data/prepared/sr288 \
+    --sizes 288 72 --crops-per-image 64 --seed 0 >/tmp/prepare.log 2>&1 \
+    || { tail -5 /tmp/prepare.log; echo "[session] prepare failed"; }
+sha256sum data/prepared/sr288/images_288.npy >>"$OUT/env.txt" 2>&1
+
+echo "[session] GPU benchmark ($(elapsed) s)"
+timeout 300 python3 -m benchmarks.bench_style_gpu --device "$device" --budget-s 170 \
+    --out "$OUT/style_gpu.json" "${bench_args[@]}" 2>&1 | grep -v "it/s\]" >"$OUT/bench.log"
+echo "[session] benchmark exit ${PIPESTATUS[0]} ($(elapsed) s)"
+
+minutes=$(python3 -c "print(max(1.0, ($total - $(elapsed) - 45) / 60))")
+echo "[session] training three styles for at most $minutes min each, in parallel"
+mkdir -p /tmp/train
+for style in starry-night the-scream stained-tissue; do
+    extra=()
+    [ "$style" = stained-tissue ] && extra=(--upsample bilinear)
+    timeout $(python3 -c "print(int($minutes * 60 + 90))") \
+        python3 -m training.cli_style train --style "$style" "${extra[@]}" --device "$device" \
+        --width 16 --size 256 --batch-size 8 --steps 20000 --max-minutes "$minutes" \
+        --time-schedule --sample-every 1000 \
+        --checkpoint-every 100000 --out "/tmp/train/models/style-$style" \
+        --run-dir "/tmp/train/runs/style-$style" "${train_args[@]}" \
+        >"/tmp/train/$style.log" 2>&1 &
+done
+wait
+for style in starry-night the-scream stained-tissue; do
+    tr '\r' '\n' <"/tmp/train/$style.log" | grep -v "^\s*$" | tail -4
+done
+rm -f /tmp/train/runs/*/checkpoint.pt
+tar czf "$OUT/train.tar.gz" -C /tmp train
+echo "[session] done ($(elapsed) s)"
+tail -40 "$OUT/bench.log"

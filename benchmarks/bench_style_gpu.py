@@ -24,9 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import datetime as dt
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -434,14 +436,28 @@ def served_grpc(models: Path, sizes: list[int], device: torch.device, repeats: i
     return rows
 
 
-def run(sizes: list[int], device: torch.device, repeats: int, budget_s: float,
-        paper_width: bool, out: Path) -> dict[str, Any]:
+def unavailable() -> str | None:
+    """Why this benchmark cannot run here (``make bench`` then shows the saved result)."""
+    return None if torch.cuda.is_available() else "no CUDA device"
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """``make bench``'s entry: the defaults on the CUDA device."""
+    return measure_all([1024, 512], torch.device("cuda"), 10 if quick else 30, 240.0,
+                       not quick, RESULTS / "style_gpu.json")
+
+
+def measure_all(sizes: list[int], device: torch.device, repeats: int, budget_s: float,
+                paper_width: bool, out: Path) -> dict[str, Any]:
     """Measures everything, rewriting ``out`` after each net and size (a run cut short
     still leaves what it measured)."""
     torch.backends.cudnn.benchmark = True
     models = REPO_ROOT / "models"
     budget = Budget(budget_s)
-    result: dict[str, Any] = {"machine": machine(), "device": str(device),
+    result: dict[str, Any] = {"date": dt.date.today().isoformat(),
+                              "command": " ".join(["python -m benchmarks.bench_style_gpu",
+                                                   *sys.argv[1:]]),
+                              "machine": machine(), "device": str(device),
                               "torch": torch.__version__,
                               "cudnn": torch.backends.cudnn.version(), "sizes": sizes,
                               "repeats": repeats, "budget_s": budget_s, "rows": []}
@@ -472,7 +488,8 @@ def run(sizes: list[int], device: torch.device, repeats: int, budget_s: float,
 def markdown(result: dict[str, Any]) -> str:
     gpu = result.get("gpu", {}).get("name", result["device"])
     lines = [f"### Style network on {gpu} (torch {result['torch']}, cuDNN {result['cudnn']})",
-             "", "Batch of one, whole image per pass, CUDA-event medians. x plain = fp32 "
+             "", f"Measured {result.get('date', '?')}: `{result.get('command', '?')}`.", "",
+             "Batch of one, whole image per pass, CUDA-event medians. x plain = fp32 "
              "eager with PyTorch's defaults (cudnn.benchmark off) / variant; x tuned = fp32 "
              "eager with cudnn.benchmark on / variant. PSNR and max error against fp32 with "
              "TF32 off.",
@@ -527,8 +544,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device (use --device cpu to check the code path)")
-    outcome = run(args.sizes, torch.device(args.device), args.repeats, args.budget_s,
-                  not args.no_paper_width, Path(args.out))
+    outcome = measure_all(args.sizes, torch.device(args.device), args.repeats, args.budget_s,
+                          not args.no_paper_width, Path(args.out))
     print(markdown(outcome))
     return 0
 

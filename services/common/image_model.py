@@ -27,6 +27,8 @@ from training.nets.folding import fold_for_inference
 # Per-request tiles queued at most at once: one row of tiles of a 64-megapixel image.
 _TILE_QUEUE_PER_REQUEST = 96
 _EAGER_WARMUP_SIDE = 256
+# Compiled graphs kept per model class (each model: its tile shape, then one dynamic graph).
+_RECOMPILE_LIMIT = 64
 
 
 class TiledImageModel:
@@ -50,6 +52,13 @@ class TiledImageModel:
             memory_format=torch.channels_last)
         use_compile = config.compile == "on" or (config.compile == "auto"
                                                  and device.type == "cuda")
+        if use_compile:
+            # dynamo keeps one cache per code object: every model of one class (all the
+            # style nets share TransformerNet.forward) adds its shapes to it, and past
+            # recompile_limit (8) dynamo runs eager without a word. A GPU benchmark hit
+            # that with 8 nets and shapes (benchmarks/bench_style_gpu.py).
+            torch._dynamo.config.recompile_limit = max(
+                torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
         self.module = torch.compile(module) if use_compile else module
         self.compiled = use_compile
         self.queue_name = f"model-{artifact.name}"

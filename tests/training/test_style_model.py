@@ -98,3 +98,47 @@ def test_gradients_reach_every_parameter() -> None:
     module = nets.build({"type": "johnson-transformer", "width": 4, "blocks": 1})
     module(torch.rand(1, 3, 20, 20)).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
+
+
+@pytest.mark.parametrize("size", [(1, 1), (5, 7), (33, 50), (64, 64)])
+def test_edge_margin_keeps_the_input_size(size: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    model = nets.build({"type": "johnson-transformer", "width": 4, "blocks": 1,
+                        "edge_margin": 8}).eval()
+    with torch.no_grad():
+        y = model(torch.rand(2, 3, *size))
+    assert y.shape == (2, 3, *size)
+
+
+def test_edge_margin_is_a_reflected_border_cropped_away_at_inference() -> None:
+    """With a margin, the output is the plain net's output on the input reflected by the
+    margin, cropped back; in training mode the margin is off (the loss sees every pixel)."""
+    torch.manual_seed(0)
+    plain = TransformerNet(width=4, blocks=1).eval()
+    margined = TransformerNet(width=4, blocks=1, edge_margin=8).eval()
+    margined.load_state_dict(plain.state_dict())
+    x = torch.rand(1, 3, 32, 40)
+    with torch.no_grad():
+        expected = plain(torch.nn.functional.pad(x, (8, 8, 8, 8), mode="reflect"))
+        torch.testing.assert_close(margined(x), expected[..., 8:-8, 8:-8])
+        assert not torch.allclose(margined(x), plain(x), atol=1e-4)
+        margined.train()
+        plain.train()
+        torch.testing.assert_close(margined(x), plain(x))
+
+
+def test_edge_margin_survives_folding() -> None:
+    from training.nets.folding import fold_for_inference
+
+    torch.manual_seed(0)
+    model = TransformerNet(width=4, blocks=1, edge_margin=8).eval()
+    x = torch.rand(1, 3, 30, 26)
+    with torch.no_grad():
+        reference = model(x)
+        torch.testing.assert_close(fold_for_inference(model)(x), reference, atol=1e-5,
+                                   rtol=1e-4)
+
+
+def test_negative_edge_margin_is_refused() -> None:
+    with pytest.raises(ValueError, match="edge_margin"):
+        TransformerNet(width=4, blocks=1, edge_margin=-1)

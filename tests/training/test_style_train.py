@@ -282,3 +282,14 @@ def test_export_then_build_round_trip(tmp_path: Path) -> None:
         reference, again, via_loader = model(x), rebuilt.eval()(x), loaded(x)
     assert torch.allclose(reference, again, atol=2e-2)  # fp16 weights
     assert torch.equal(again, via_loader)
+
+
+def test_gpu_note_names_what_differs_from_the_paper() -> None:
+    from training.cli_style import GPU_RECIPE
+    from training.train_style import _gpu_recipe_note
+
+    assert _gpu_recipe_note(dict(GPU_RECIPE), GPU_RECIPE["steps"], False) == \
+        "trained on a GPU with the paper's sizes"
+    note = _gpu_recipe_note({**GPU_RECIPE, "width": 16}, 6373, True)
+    assert "width 16 (paper: 32)" in note and "steps 6373 (paper: 40000)" in note
+    assert note.endswith("stopped by the clock (--max-minutes)")

@@ -9,6 +9,7 @@ applies to every tile.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Hashable, Sequence
 from typing import cast
@@ -23,6 +24,8 @@ from services.common.errors import DeadlineExceeded, ResourceExhausted
 from services.common.metrics import REJECTED
 from services.common.tiling import tiled_apply
 from training.nets.folding import fold_for_inference
+
+log = logging.getLogger("percept.models")
 
 # Per-request tiles queued at most at once: one row of tiles of a 64-megapixel image.
 _TILE_QUEUE_PER_REQUEST = 96
@@ -59,6 +62,7 @@ class TiledImageModel:
             # that with 8 nets and shapes (benchmarks/bench_style_gpu.py).
             torch._dynamo.config.recompile_limit = max(
                 torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+        self.eager_module = module
         self.module = torch.compile(module) if use_compile else module
         self.compiled = use_compile
         self.queue_name = f"model-{artifact.name}"
@@ -82,12 +86,29 @@ class TiledImageModel:
         return self.max_batch_pixels // (height * width)
 
     def run_batch(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """uint8 (t, t, 3) tiles -> float32 (t*s, t*s, 3) outputs in [0, 1]."""
+        """uint8 (t, t, 3) tiles -> uint8 (t*s, t*s, 3) outputs, rounded on the device: a
+        quarter of the bytes to copy back from a GPU, and no float pass over the result on
+        the host (the tiler blends overlaps from these, to within one grey level of
+        blending the floats)."""
         batch = torch.from_numpy(np.stack(tiles)).to(self.device).permute(0, 3, 1, 2)
         batch = batch.to(self.dtype).div_(255.0).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            output = self.module(batch).float().clamp_(0.0, 1.0)
+            output = self.forward(batch).float().clamp_(0.0, 1.0).mul_(255.0).add_(0.5)
+            output = output.to(torch.uint8)
         return list(output.permute(0, 2, 3, 1).cpu().numpy())
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """The module on one batch. If torch.compile fails on a new shape (a compiler bug
+        is no reason to fail the request), the model is served eager from then on."""
+        try:
+            return cast(torch.Tensor, self.module(batch))
+        except torch._dynamo.exc.TorchDynamoException:
+            if not self.compiled:
+                raise
+            log.exception("torch.compile failed for %s on a %s batch; serving it eager from "
+                          "now on", self.artifact.name, tuple(batch.shape))
+            self.module, self.compiled = self.eager_module, False
+            return cast(torch.Tensor, self.module(batch))
 
     async def apply(self, rgb: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """(H, W, 3) uint8 -> (H*s, W*s, 3) uint8. ``deadline`` is time.monotonic()."""

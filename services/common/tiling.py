@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# process(tiles) -> outputs: uint8 (t, t, 3) in, float32 (t*s, t*s, 3) in [0, 1] out
+# process(tiles) -> outputs: uint8 (t, t, 3) in; (t*s, t*s, 3) out, either float32 in
+# [0, 1] or uint8 (already rounded: a single-tile image is then returned as it is)
 TileProcessor = Callable[[Sequence[np.ndarray]], Awaitable[Sequence[np.ndarray]]]
 
 
@@ -89,6 +90,8 @@ async def tiled_apply(image: np.ndarray, process: TileProcessor, *, scale: int, 
     plan = TilePlan(height, width, tile, overlap)
     if plan.count == 1:  # nothing to blend
         (result,) = await process([image])
+        if result.dtype == np.uint8:
+            return result
         return await asyncio.to_thread(_to_uint8, result)
     out = np.empty((height * scale, width * scale, 3), np.uint8)
     cols = plan.cols
@@ -108,7 +111,8 @@ async def tiled_apply(image: np.ndarray, process: TileProcessor, *, scale: int, 
             for x0, result in zip(cols, outputs, strict=True):
                 weights = np.outer(wy, _ramp(tw, x0, width, overlap, scale))[..., None]
                 region = band[:, x0 * scale:(x0 + tw) * scale]
-                region[..., :3] += result * weights
+                unit = np.float32(1 / 255) if result.dtype == np.uint8 else np.float32(1)
+                region[..., :3] += result * (weights * unit)
                 region[..., 3:] += weights
             if carry is not None:
                 offset = (carry_start - y0) * scale

@@ -334,7 +334,8 @@ def seam_score(output: np.ndarray, reference: np.ndarray, plan: TilePlan) -> flo
 
 def untiled_pass(model: TiledImageModel, image: np.ndarray) -> np.ndarray:
     whole = model.run_batch([image])[0]
-    return np.clip(whole * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    assert whole.dtype == np.uint8
+    return whole
 
 
 def unfeathered_tiling(model: TiledImageModel, image: np.ndarray) -> np.ndarray:

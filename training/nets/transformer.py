@@ -201,10 +201,22 @@ class TransformerNet(nn.Module):
         """(N, 3, H, W) RGB in [0, 1] -> stylised (N, 3, H, W) RGB in [0, 1]."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected an (N, 3, H, W) RGB batch, got shape {tuple(x.shape)}")
-        height, width = x.shape[-2:]
         margin = 0 if self.training else self.edge_margin
-        top, bottom = (margin + pad for pad in _pad_amounts(height + 2 * margin))
-        left, right = (margin + pad for pad in _pad_amounts(width + 2 * margin))
+        if margin:
+            # A separate constant pad (not folded into the multiple-of-4 one below): its
+            # shape arithmetic stays simple enough for torch.compile's dynamic shapes
+            # (folded together, inductor's CPU code generation failed on it).
+            height, width = x.shape[-2:]
+            mode = "reflect" if margin < min(height, width) else "replicate"
+            y = self._any_size(F.pad(x, (margin, margin, margin, margin), mode=mode))
+            return y[..., margin:margin + height, margin:margin + width]
+        return self._any_size(x)
+
+    def _any_size(self, x: Tensor) -> Tensor:
+        """The net on any H x W: padded to a multiple of 4 (at least 8) and cropped back."""
+        height, width = x.shape[-2:]
+        top, bottom = _pad_amounts(height)
+        left, right = _pad_amounts(width)
         padded = top or bottom or left or right
         if padded:
             # Reflection needs the pad to be smaller than the side; tiny inputs replicate.

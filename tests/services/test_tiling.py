@@ -1,0 +1,49 @@
+"""services.common.tiling: float and uint8 tile outputs blend to the same image."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
+
+from services.common.tiling import TilePlan, tiled_apply
+
+
+def _tile_dependent(tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """A stand-in net whose output depends on the tile (like instance normalisation):
+    each tile is shifted by its own mean, so overlaps disagree and must be blended."""
+    outputs = []
+    for tile in tiles:
+        values = tile.astype(np.float32) / 255.0
+        outputs.append(np.clip(values * 0.8 + 0.3 * (values.mean() - 0.5) + 0.1, 0.0, 1.0))
+    return outputs
+
+
+def _rounded(tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
+    return [np.clip(o * 255.0 + 0.5, 0, 255).astype(np.uint8) for o in _tile_dependent(tiles)]
+
+
+def _apply(image: np.ndarray, outputs_in_uint8: bool, tile: int) -> np.ndarray:
+    async def process(tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return _rounded(tiles) if outputs_in_uint8 else _tile_dependent(tiles)
+    return asyncio.run(tiled_apply(image, process, scale=1, tile=tile, overlap=16))
+
+
+def test_uint8_tile_outputs_blend_within_one_level_of_float_ones() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (150, 230, 3), np.uint8)
+    image[:, 115:] //= 3  # tiles with different means disagree in their overlaps
+    assert TilePlan(150, 230, 64, 16).count > 1
+    from_floats = _apply(image, outputs_in_uint8=False, tile=64)
+    from_uint8 = _apply(image, outputs_in_uint8=True, tile=64)
+    assert from_uint8.dtype == np.uint8 and from_uint8.shape == image.shape
+    difference = np.abs(from_uint8.astype(int) - from_floats.astype(int))
+    assert difference.max() <= 1
+    assert difference.mean() < 0.1
+
+
+def test_a_single_uint8_tile_is_the_output() -> None:
+    image = np.random.default_rng(1).integers(0, 256, (40, 50, 3), np.uint8)
+    assert np.array_equal(_apply(image, outputs_in_uint8=True, tile=64), _rounded([image])[0])
+    assert np.array_equal(_apply(image, outputs_in_uint8=False, tile=64), _rounded([image])[0])

@@ -2,7 +2,9 @@
 
 Requests submitted with the same ``key`` (a compatible shape, a model name ...) are grouped
 into one call of the batch function: the first request of a group waits at most
-``max_wait_ms`` for up to ``max_batch - 1`` companions. The queue holds at most
+``max_wait_ms`` for up to ``max_batch - 1`` companions. A request that arrives alone, at
+least ``max_wait_ms`` after the one before it, runs at once: no burst is under way, and
+waiting would only add its latency (a sequential client's every request). The queue holds at most
 ``max_queue`` requests (waiting or running); one more is refused at once with
 RESOURCE_EXHAUSTED, so memory never grows without bound. A request whose deadline has
 passed, or whose caller went away, is dropped before compute.
@@ -37,6 +39,7 @@ class _Pending(Generic[In]):
     future: asyncio.Future[Any]
     deadline: float | None  # time.monotonic() seconds
     enqueued: float = field(default_factory=time.monotonic)
+    gap: float = float("inf")  # seconds since the request submitted before this one
 
 
 class MicroBatcher(Generic[In, Out]):
@@ -61,7 +64,9 @@ class MicroBatcher(Generic[In, Out]):
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
+        self._last_arrival = float("-inf")
         self.batches_run = 0
+        self.waits_skipped = 0  # batches of a lone request run without waiting
 
     @property
     def depth(self) -> int:
@@ -103,6 +108,7 @@ class MicroBatcher(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = _Pending(item=item, future=loop.create_future(), deadline=deadline)
+        pending.gap, self._last_arrival = pending.enqueued - self._last_arrival, pending.enqueued
         self._groups.setdefault(key, deque()).append(pending)
         self._waiting += 1
         QUEUE_DEPTH.labels(self.name).set(self.depth)
@@ -127,6 +133,13 @@ class MicroBatcher(Generic[In, Out]):
             del self._groups[key]
         self._waiting -= len(batch)
         return batch
+
+    def _arrived_alone(self) -> bool:
+        """Only one request waits, and none came within max_wait before it."""
+        if self._waiting != 1:
+            return False
+        oldest = next(iter(self._groups.values()))[0]
+        return oldest.gap >= self.max_wait
 
     async def _wait_for_companions(self) -> None:
         """Lets the oldest group fill up to its batch limit, for at most max_wait."""
@@ -167,7 +180,10 @@ class MicroBatcher(Generic[In, Out]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
             if self.max_batch > 1:
-                await self._wait_for_companions()
+                if self._arrived_alone():
+                    self.waits_skipped += 1
+                else:
+                    await self._wait_for_companions()
             batch = self._live(self._take_batch())
             if not batch:
                 QUEUE_DEPTH.labels(self.name).set(self.depth)

@@ -138,3 +138,29 @@ def test_a_failing_batch_fails_its_callers_and_the_batcher_goes_on() -> None:
         await batcher.stop()
 
     asyncio.run(main())
+
+
+def test_a_lone_request_runs_without_waiting_but_a_burst_still_batches() -> None:
+    """A request that comes alone, long after the one before it, runs at once instead of
+    waiting max_wait for companions; requests that come together still batch."""
+    recorder = Recorder()
+
+    async def main() -> tuple[float, int, int]:
+        batcher = MicroBatcher("t-lone", recorder, max_batch=8, max_wait_ms=3000, max_queue=64)
+        started = time.monotonic()
+        assert await batcher.submit(1) == 2
+        alone = time.monotonic() - started
+        skipped = batcher.waits_skipped
+        recorder.release.clear()  # a burst: queued together while a batch is held
+        tasks = [asyncio.ensure_future(batcher.submit(i)) for i in range(10, 18)]
+        await asyncio.sleep(0.05)
+        recorder.release.set()
+        await asyncio.gather(*tasks)
+        await batcher.stop()
+        return alone, skipped, batcher.waits_skipped
+
+    alone, skipped_alone, skipped_total = asyncio.run(main())
+    assert alone < 1.5, f"a lone request waited {alone:.2f} s of the 3 s max_wait"
+    assert skipped_alone == 1
+    assert skipped_total == 1, "a request of the burst skipped the wait"
+    assert sorted(len(b) for b in recorder.batches) == [1, 8]

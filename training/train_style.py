@@ -364,6 +364,8 @@ def train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     recipe = resolve_recipe(args, device)
+    if args.time_schedule and not args.max_minutes:
+        raise ValueError("--time-schedule anneals by the clock: it needs --max-minutes")
     style = style_from_args(args)
     name = f"style-{style.name}"
     out = Path(args.out) if args.out else REPO_ROOT / "models" / name

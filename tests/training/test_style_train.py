@@ -165,11 +165,12 @@ def test_time_schedule_decays_the_learning_rate_by_the_deadline(tmp_path: Path) 
     from training.train_style import train
 
     prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 40))
-    common = ["--style", "stained-tissue", "--data", str(prepared), "--size", "32",
-              "--width", "4", "--blocks", "1", "--batch-size", "1", "--style-size", "48",
-              "--device", "cpu", "--quiet", "--val-items", "1", "--sample-every", "0",
-              "--checkpoint-every", "0", "--steps", "100000", "--warmup", "1",
-              "--lr", "0.001", "--max-minutes", "0.03"]
+    unbounded = ["--style", "stained-tissue", "--data", str(prepared), "--size", "32",
+                 "--width", "4", "--blocks", "1", "--batch-size", "1", "--style-size", "48",
+                 "--device", "cpu", "--quiet", "--val-items", "1", "--sample-every", "0",
+                 "--checkpoint-every", "0", "--steps", "100000", "--warmup", "1",
+                 "--lr", "0.001"]
+    common = [*unbounded, "--max-minutes", "0.03"]
 
     def final(name: str, *extra: str) -> dict[str, object]:
         out = tmp_path / name
@@ -179,6 +180,9 @@ def test_time_schedule_decays_the_learning_rate_by_the_deadline(tmp_path: Path) 
         assert metrics["stopped_early"] is True
         return metrics
 
+    from training.train_style import command
+
+    assert command(_parse([*unbounded, "--time-schedule", "--out", str(tmp_path / "x")])) == 2
     timed = final("timed", "--time-schedule")
     assert timed["time_schedule"] is True and float(timed["final_lr"]) < 1e-4  # type: ignore[arg-type]
     stepped = final("stepped")

@@ -22,7 +22,6 @@ Needs a CUDA device; ``--device cpu`` runs the same code without CUDA graphs, as
 from __future__ import annotations
 
 import argparse
-import asyncio
 import copy
 import datetime as dt
 import json
@@ -39,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.common import RESULTS, machine, markdown_table
-from benchmarks.image_models import one_per_architecture, photo
+from benchmarks.image_models import ServedNetwork, one_per_architecture, photo
 from services.common.artifacts import load_artifact, read_config
 from training import nets
 from training.assets import REPO_ROOT
@@ -350,52 +349,43 @@ def measure(nets_to_run: list[tuple[str, nn.Module]], sizes: list[int],
     return rows()
 
 
+def fp32_baseline(baselines: dict[tuple[str, int], float], model: str,
+                  size: int) -> float | None:
+    """The plain fp32 eager time of ``model``'s net at ``size`` from the network rows."""
+    return next((ms for (label, s), ms in baselines.items()
+                 if s == size and label.startswith(model)), None)
+
+
 def served_form(models: Path, sizes: list[int], device: torch.device, repeats: int,
                 baselines: dict[tuple[str, int], float]) -> list[dict[str, Any]]:
     """The style service's TiledImageModel on this device (compile as ``--compile auto``
     decides), uint8 image in and out: what one Stylize costs besides gRPC and the codecs."""
-    from services.common.config import ServerConfig
-    from services.common.image_model import TiledImageModel
-    from services.style import service as style_service
-
     rows = []
-    config = ServerConfig(service="style")
     for name in served_models(models)[:1]:
         torch._dynamo.reset()  # see SizeRun.compiled
-        network = TiledImageModel(load_artifact(models, name, device), device, config,
-                                  scale=1, tile=config.style_tile,
-                                  overlap=style_service.OVERLAP,
-                                  max_batch_pixels=style_service.MAX_BATCH_PIXELS)
-        loop = asyncio.new_event_loop()
-
-        async def start(network: TiledImageModel = network) -> None:
-            network.start()
-
+        network = ServedNetwork("style", name, device, compile="auto")
         try:
-            loop.run_until_complete(start())
             started = time.monotonic()
-            loop.run_until_complete(network.warmup())
+            network.warmup()
             warmup_s = time.monotonic() - started
             for size in sizes:
                 image = photo(size)
                 started = time.monotonic()
-                loop.run_until_complete(network.apply(image))  # a new shape compiles
+                network(image)  # a new shape compiles
                 first_s = time.monotonic() - started
                 times = []
                 for _ in range(repeats):
-                    started = time.perf_counter()
-                    loop.run_until_complete(network.apply(image))
-                    times.append((time.perf_counter() - started) * 1000)
+                    began = time.perf_counter()
+                    network(image)
+                    times.append((time.perf_counter() - began) * 1000)
                 ms = statistics.median(times)
-                base = next((v for (label, s), v in baselines.items()
-                             if s == size and label.startswith(name)), None)
-                rows.append({"model": name, "size": size, "compiled": network.compiled,
+                base = fp32_baseline(baselines, name, size)
+                rows.append({"model": name, "size": size, "compiled": network.model.compiled,
                              "warmup_s": warmup_s, "first_request_s": first_s, "ms": ms,
                              "speedup_vs_fp32_eager": None if base is None else base / ms})
                 print(f"[gpu-bench] served form {name} {size}px: {ms:.2f} ms", flush=True)
         finally:
-            loop.run_until_complete(network.stop())
-            loop.close()
+            network.close()
     return rows
 
 
@@ -427,8 +417,7 @@ def served_grpc(models: Path, sizes: list[int], device: torch.device, repeats: i
                 client.stylize(channel, request, timeout=900)
                 times.append((time.perf_counter() - began) * 1000)
             ms = statistics.median(times)
-            base = next((v for (label, s), v in baselines.items()
-                         if s == size and label.startswith(name)), None)
+            base = fp32_baseline(baselines, name, size)
             rows.append({"model": name, "size": size, "server_start_s": startup_s,
                          "first_request_s": first_s, "ms": ms,
                          "speedup_vs_fp32_eager": None if base is None else base / ms})

@@ -55,39 +55,48 @@ def eager_forward(module: torch.nn.Module, array: np.ndarray) -> np.ndarray:
     return (y[0].permute(1, 2, 0) * 255 + 0.5).byte().numpy()
 
 
-def served_network(service: str, model: str) -> tuple[Callable[[np.ndarray], object],
-                                                     Callable[[], None]]:
-    """The service's own TiledImageModel (same tiles, rewrites and batch caps) without gRPC
-    or image codecs: (uint8 RGB -> output, close). Shows how much of the served time is
-    the network and how much is the request around it."""
-    from services.common.config import ServerConfig
-    from services.common.image_model import TiledImageModel
+CPU = torch.device("cpu")
 
-    config = ServerConfig(service=service, compile="off")
-    if service == "superres":
-        from services.superres import service as module
 
-        extra = {"scale": module.SCALE, "tile": module.TILE}
-    else:
-        from services.style import service as module  # type: ignore[no-redef]
+class ServedNetwork:
+    """The service's own TiledImageModel (same tiles, rewrites and batch caps) on its own
+    event loop, without gRPC or image codecs: how much of the served time is the network
+    and how much is the request around it."""
 
-        extra = {"scale": 1, "tile": config.style_tile}
-    device = torch.device("cpu")
-    network = TiledImageModel(load_artifact(REPO_ROOT / "models", model, device), device,
-                              config, overlap=module.OVERLAP,
-                              max_batch_pixels=module.MAX_BATCH_PIXELS, **extra)
-    loop = asyncio.new_event_loop()
+    def __init__(self, service: str, model: str, device: torch.device = CPU,
+                 compile: str = "off") -> None:
+        from services.common.config import ServerConfig
+        from services.common.image_model import TiledImageModel
 
-    async def start() -> None:
-        network.start()
+        config = ServerConfig(service=service, compile=compile)
+        if service == "superres":
+            from services.superres import service as module
 
-    loop.run_until_complete(start())
+            extra = {"scale": module.SCALE, "tile": module.TILE}
+        else:
+            from services.style import service as module  # type: ignore[no-redef]
 
-    def close() -> None:
-        loop.run_until_complete(network.stop())
-        loop.close()
+            extra = {"scale": 1, "tile": config.style_tile}
+        self.model = TiledImageModel(load_artifact(REPO_ROOT / "models", model, device),
+                                     device, config, overlap=module.OVERLAP,
+                                     max_batch_pixels=module.MAX_BATCH_PIXELS, **extra)
+        self.loop = asyncio.new_event_loop()
 
-    return (lambda image: loop.run_until_complete(network.apply(image))), close
+        async def start() -> None:
+            self.model.start()
+
+        self.loop.run_until_complete(start())
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """uint8 RGB -> the service's output for it."""
+        return self.loop.run_until_complete(self.model.apply(image))
+
+    def warmup(self) -> None:
+        self.loop.run_until_complete(self.model.warmup())
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.model.stop())
+        self.loop.close()
 
 
 def latency(service: str, model: str, sizes: list[int], repeats: int, call: Any,
@@ -96,7 +105,7 @@ def latency(service: str, model: str, sizes: list[int], repeats: int, call: Any,
     the served form of the network alone (no gRPC, no PNG)."""
     artifact = load_artifact(REPO_ROOT / "models", model, torch.device("cpu"))
     eager = artifact.module.float().eval()
-    network, close_network = served_network(service, model)
+    network = ServedNetwork(service, model)
     rows = []
     configs = {"served": {"compile": "off"}}
     if compile_too:
@@ -120,7 +129,7 @@ def latency(service: str, model: str, sizes: list[int], repeats: int, call: Any,
     finally:
         for ctx in servers.values():
             ctx.__exit__(None, None, None)
-        close_network()
+        network.close()
     return rows
 
 

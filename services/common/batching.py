@@ -2,9 +2,11 @@
 
 Requests submitted with the same ``key`` (a compatible shape, a model name ...) are grouped
 into one call of the batch function: the first request of a group waits at most
-``max_wait_ms`` for up to ``max_batch - 1`` companions. A request that arrives alone, at
-least ``max_wait_ms`` after the one before it, runs at once: no burst is under way, and
-waiting would only add its latency (a sequential client's every request). The queue holds at most
+``max_wait_ms`` for up to ``max_batch - 1`` companions. A request that arrives while the
+batcher is idle (nothing queued, nothing running) and is still alone when the worker takes
+it runs at once: no burst is under way, and waiting would only add its latency (a
+sequential client's every request; on a GPU, where a request takes a millisecond or two,
+waiting for companions made the wait most of the request). The queue holds at most
 ``max_queue`` requests (waiting or running); one more is refused at once with
 RESOURCE_EXHAUSTED, so memory never grows without bound. A request whose deadline has
 passed, or whose caller went away, is dropped before compute.
@@ -39,7 +41,7 @@ class _Pending(Generic[In]):
     future: asyncio.Future[Any]
     deadline: float | None  # time.monotonic() seconds
     enqueued: float = field(default_factory=time.monotonic)
-    gap: float = float("inf")  # seconds since the request submitted before this one
+    idle_at_arrival: bool = False  # nothing was queued or running when it was submitted
 
 
 class MicroBatcher(Generic[In, Out]):
@@ -64,7 +66,6 @@ class MicroBatcher(Generic[In, Out]):
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
-        self._last_arrival = float("-inf")
         self.batches_run = 0
         self.waits_skipped = 0  # batches of a lone request run without waiting
 
@@ -107,8 +108,8 @@ class MicroBatcher(Generic[In, Out]):
                 f"{self.name} queue is full ({self.max_queue} requests); retry with backoff")
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
-        pending = _Pending(item=item, future=loop.create_future(), deadline=deadline)
-        pending.gap, self._last_arrival = pending.enqueued - self._last_arrival, pending.enqueued
+        pending = _Pending(item=item, future=loop.create_future(), deadline=deadline,
+                           idle_at_arrival=self.depth == 0)
         self._groups.setdefault(key, deque()).append(pending)
         self._waiting += 1
         QUEUE_DEPTH.labels(self.name).set(self.depth)
@@ -135,11 +136,10 @@ class MicroBatcher(Generic[In, Out]):
         return batch
 
     def _arrived_alone(self) -> bool:
-        """Only one request waits, and none came within max_wait before it."""
+        """Only one request waits, and it came when nothing was queued or running."""
         if self._waiting != 1:
             return False
-        oldest = next(iter(self._groups.values()))[0]
-        return oldest.gap >= self.max_wait
+        return next(iter(self._groups.values()))[0].idle_at_arrival
 
     async def _wait_for_companions(self) -> None:
         """Lets the oldest group fill up to its batch limit, for at most max_wait."""

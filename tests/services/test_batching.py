@@ -141,8 +141,8 @@ def test_a_failing_batch_fails_its_callers_and_the_batcher_goes_on() -> None:
 
 
 def test_a_lone_request_runs_without_waiting_but_a_burst_still_batches() -> None:
-    """A request that comes alone, long after the one before it, runs at once instead of
-    waiting max_wait for companions; requests that come together still batch."""
+    """A request that comes to an idle batcher runs at once instead of waiting max_wait
+    for companions; requests that come together still batch."""
     recorder = Recorder()
 
     async def main() -> tuple[float, int, int]:
@@ -164,3 +164,25 @@ def test_a_lone_request_runs_without_waiting_but_a_burst_still_batches() -> None
     assert skipped_alone == 1
     assert skipped_total == 1, "a request of the burst skipped the wait"
     assert sorted(len(b) for b in recorder.batches) == [1, 8]
+
+
+def test_a_sequential_client_never_waits_even_when_requests_come_back_to_back() -> None:
+    """Each request of a sequential client arrives at an idle batcher, however soon after
+    the one before (a GPU request takes a millisecond or two, far under max_wait), and so
+    runs at once."""
+    recorder = Recorder()
+
+    async def main() -> tuple[list[float], int]:
+        batcher = MicroBatcher("t-seq", recorder, max_batch=8, max_wait_ms=3000, max_queue=64)
+        times = []
+        for value in range(4):
+            started = time.monotonic()
+            assert await batcher.submit(value) == value * 2
+            times.append(time.monotonic() - started)
+        await batcher.stop()
+        return times, batcher.waits_skipped
+
+    times, skipped = asyncio.run(main())
+    assert max(times) < 1.5, f"a sequential request waited: {times}"
+    assert skipped == 4
+    assert [len(b) for b in recorder.batches] == [1, 1, 1, 1]

@@ -147,7 +147,12 @@ def test_bad_inputs(stub: search_pb2_grpc.ImageSearchStub, search_server: Runnin
                                 "percept.v1.ImageSearch") == "SERVING"
 
 
-def test_stats(stub: search_pb2_grpc.ImageSearchStub, search_server: RunningServer) -> None:
+def test_stats(stub: search_pb2_grpc.ImageSearchStub, search_server: RunningServer,
+               variants: list[bytes]) -> None:
+    # its own image: under pytest-xdist this test may run on a worker where no other test
+    # of this module added any
+    added, _ = add(stub, [search_pb2.AddImageRequest(id="stats", uri="s", image=variants[46])])
+    assert added == ["stats"]
     stats = stub.Stats(search_pb2.StatsRequest(), timeout=30)
     assert stats.dimension == 384 and stats.index_type == "flat"
     assert stats.count > 0 and stats.disk_bytes > 0

@@ -79,6 +79,7 @@ SERVER_FLAGS = (
     "max-optimisations",
     "default-model",
     "compile",
+    "cuda-graphs",
     "style-tile",
     "warmup",
     "word-vectors",

@@ -47,6 +47,7 @@ class ServerConfig:
     max_optimisations: int = 4
     default_model: str = ""
     compile: str = "auto"
+    cuda_graphs: bool = True
     style_tile: int = 1088
     warmup: bool = True
     word_vectors: str = ""
@@ -160,7 +161,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     add("--default-model", str, base.default_model,
         "superres: model used when a request names none")
     add("--compile", str, base.compile,
-        "torch.compile image models: auto (on CUDA only), on, off", choices=["auto", "on", "off"])
+        "torch.compile image models: auto (on CUDA when --cuda-graphs is off), on, off",
+        choices=["auto", "on", "off"])
+    add("--cuda-graphs", _parse_bool, base.cuda_graphs,
+        "on CUDA, replay image models from CUDA graphs, one captured per input shape "
+        "that recurs; off launches every kernel from the host")
     add("--style-tile", _style_tile, base.style_tile,
         "style: tile side in pixels for fast style nets; larger images go through in "
         "overlapping tiles (memory grows with its square)")

@@ -20,9 +20,10 @@ import torch
 from services.common.artifacts import Artifact
 from services.common.batching import MicroBatcher
 from services.common.config import ServerConfig
+from services.common.cuda_graphs import CudaGraphRunner
 from services.common.errors import DeadlineExceeded, ResourceExhausted
 from services.common.metrics import REJECTED
-from services.common.tiling import tiled_apply
+from services.common.tiling import TileOutput, tiled_apply
 from training.nets.folding import fold_for_inference
 
 log = logging.getLogger("percept.models")
@@ -32,6 +33,15 @@ _TILE_QUEUE_PER_REQUEST = 96
 _EAGER_WARMUP_SIDE = 256
 # Compiled graphs kept per model class (each model: its tile shape, then one dynamic graph).
 _RECOMPILE_LIMIT = 64
+
+
+def should_compile(mode: str, device: torch.device, cuda_graphs: bool) -> bool:
+    """``--compile``: on, off, or auto = on CUDA without CUDA graphs. Graphs remove the
+    kernel launch cost without compiling, and torch.compile recompiles for each new image
+    size (25 s on an H200, inside that request), which graphs of the eager net never do."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"--compile must be auto, on or off, got {mode!r}")
+    return mode == "on" or (mode == "auto" and device.type == "cuda" and not cuda_graphs)
 
 
 class TiledImageModel:
@@ -53,8 +63,8 @@ class TiledImageModel:
         module = fold_for_inference(artifact.module.eval())
         module = module.to(dtype=self.dtype).to(  # type: ignore[call-overload]
             memory_format=torch.channels_last)
-        use_compile = config.compile == "on" or (config.compile == "auto"
-                                                 and device.type == "cuda")
+        use_graphs = device.type == "cuda" and config.cuda_graphs
+        use_compile = should_compile(config.compile, device, use_graphs)
         if use_compile:
             # dynamo keeps one cache per code object: every model of one class (all the
             # style nets share TransformerNet.forward) adds its shapes to it, and past
@@ -65,6 +75,11 @@ class TiledImageModel:
         self.eager_module = module
         self.module = torch.compile(module) if use_compile else module
         self.compiled = use_compile
+        # CUDA graphs for recurring shapes: no per-kernel launch cost (services/common/
+        # cuda_graphs.py).
+        self.graphs: CudaGraphRunner | None = None
+        if use_graphs:
+            self.graphs = CudaGraphRunner(self.forward, artifact.name)
         self.queue_name = f"model-{artifact.name}"
         self.max_requests = config.max_queue
         self.active_requests = 0
@@ -73,7 +88,7 @@ class TiledImageModel:
         # batch by shape, so small images batch up to --max-batch and full tiles fewer.
         self.max_batch = config.max_batch
         self.max_batch_pixels = max_batch_pixels
-        self.batcher: MicroBatcher[np.ndarray, np.ndarray] = MicroBatcher(
+        self.batcher: MicroBatcher[np.ndarray, TileOutput] = MicroBatcher(
             self.queue_name, self.run_batch, max_batch=self.max_batch,
             max_wait_ms=config.max_wait_ms, max_queue=config.max_queue * _TILE_QUEUE_PER_REQUEST,
             batch_limit=None if max_batch_pixels is None else self.batch_limit)
@@ -85,17 +100,21 @@ class TiledImageModel:
         height, width = cast(tuple[int, int, int], shape)[:2]
         return self.max_batch_pixels // (height * width)
 
-    def run_batch(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """uint8 (t, t, 3) tiles -> uint8 (t*s, t*s, 3) outputs, rounded on the device: a
-        quarter of the bytes to copy back from a GPU, and no float pass over the result on
-        the host (the tiler blends overlaps from these, to within one grey level of
-        blending the floats)."""
+    def run_batch(self, tiles: Sequence[np.ndarray]) -> list[TileOutput]:
+        """uint8 (t, t, 3) tiles -> uint8 (t*s, t*s, 3) outputs, rounded on the device. On
+        a CPU they are numpy arrays; on a GPU they stay there as tensors (the tiler blends
+        overlaps there and copies back only finished rows of uint8)."""
         batch = torch.from_numpy(np.stack(tiles)).to(self.device).permute(0, 3, 1, 2)
         batch = batch.to(self.dtype).div_(255.0).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            output = self.forward(batch).float().clamp_(0.0, 1.0).mul_(255.0).add_(0.5)
-            output = output.to(torch.uint8)
-        return list(output.permute(0, 2, 3, 1).cpu().numpy())
+            output = self.graphs(batch) if self.graphs is not None else self.forward(batch)
+            output = output.float().clamp_(0.0, 1.0).mul_(255.0).add_(0.5)
+            output = output.to(torch.uint8).permute(0, 2, 3, 1)
+        if self.device.type == "cpu":
+            return list(output.numpy())
+        # HWC-contiguous on the device: the copy back is then one plain block, with no
+        # transposition left for the host
+        return list(output.contiguous())
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """The module on one batch. If torch.compile fails on a new shape (a compiler bug
@@ -118,7 +137,7 @@ class TiledImageModel:
                                     "requests in progress); retry with backoff")
         self.active_requests += 1
         try:
-            async def process(tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
+            async def process(tiles: Sequence[np.ndarray]) -> list[TileOutput]:
                 timeout = None
                 if deadline is not None:
                     timeout = deadline - time.monotonic()
@@ -134,11 +153,15 @@ class TiledImageModel:
 
     async def warmup(self) -> None:
         """One forward pass before SERVING: of a full tile when compiled (compiling a shape
-        takes tens of seconds, better before the first request than in it), otherwise of a
-        small one (loads the kernels; a full 1088 px style tile would add seconds)."""
-        side = self.tile if self.compiled else min(self.tile, _EAGER_WARMUP_SIDE)
+        takes tens of seconds, better before the first request than in it) or replayed from
+        CUDA graphs (a second pass captures the full tile's graph: a shape is captured
+        when it recurs), otherwise of a small one (loads the kernels; a full 1088 px style
+        tile would add seconds on a CPU)."""
+        side = (self.tile if self.compiled or self.graphs is not None
+                else min(self.tile, _EAGER_WARMUP_SIDE))
         tile = np.random.default_rng(0).integers(0, 256, (side, side, 3), np.uint8)
-        await asyncio.to_thread(self.run_batch, [tile])
+        for _ in range(1 if self.graphs is None else 2):
+            await asyncio.to_thread(self.run_batch, [tile])
 
     def start(self) -> None:
         self.batcher.start()

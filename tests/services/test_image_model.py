@@ -11,7 +11,7 @@ import torch
 
 from services.common.artifacts import list_artifacts, load_artifact
 from services.common.config import ServerConfig
-from services.common.image_model import TiledImageModel
+from services.common.image_model import TiledImageModel, should_compile
 from training.assets import REPO_ROOT
 
 MODELS = REPO_ROOT / "models"
@@ -69,3 +69,22 @@ def test_other_errors_are_not_swallowed() -> None:
     model.module = failing  # compiled stays False: nothing to fall back from
     with pytest.raises(torch._dynamo.exc.TorchDynamoException):
         model.run_batch([np.zeros((16, 16, 3), np.uint8)])
+
+
+@pytest.mark.parametrize(("mode", "device", "graphs", "expected"), [
+    ("auto", "cpu", False, False), ("auto", "cuda", True, False),
+    ("auto", "cuda", False, True), ("on", "cpu", False, True), ("on", "cuda", True, True),
+    ("off", "cuda", False, False)])
+def test_compile_auto_compiles_only_on_cuda_without_graphs(mode: str, device: str,
+                                                           graphs: bool, expected: bool) -> None:
+    assert should_compile(mode, torch.device(device), graphs) is expected
+
+
+def test_an_unknown_compile_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="auto, on or off"):
+        should_compile("sometimes", torch.device("cpu"), False)
+
+
+def test_no_cuda_graphs_on_the_cpu() -> None:
+    model = _model()
+    assert model.graphs is None and not model.compiled

@@ -6,8 +6,9 @@ import asyncio
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
-from services.common.tiling import TilePlan, tiled_apply
+from services.common.tiling import TilePlan, _ramp, tiled_apply
 
 
 def _tile_dependent(tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -47,3 +48,45 @@ def test_a_single_uint8_tile_is_the_output() -> None:
     image = np.random.default_rng(1).integers(0, 256, (40, 50, 3), np.uint8)
     assert np.array_equal(_apply(image, outputs_in_uint8=True, tile=64), _rounded([image])[0])
     assert np.array_equal(_apply(image, outputs_in_uint8=False, tile=64), _rounded([image])[0])
+
+
+def _whole_image_blend(image: np.ndarray, tile: int, overlap: int) -> np.ndarray:
+    """The blend done the plain way, for reference: every tile's feathered output added
+    into one float image of the whole size, divided by the summed weights."""
+    height, width = image.shape[:2]
+    plan = TilePlan(height, width, tile, overlap)
+    th, tw = plan.tile_height, plan.tile_width
+    total = np.zeros((height, width, 3), np.float64)
+    weight = np.zeros((height, width, 1), np.float64)
+    for y0 in plan.rows:
+        for x0 in plan.cols:
+            (output,) = _tile_dependent([image[y0:y0 + th, x0:x0 + tw]])
+            wy = _ramp(th, y0, height, overlap, 1)
+            wx = _ramp(tw, x0, width, overlap, 1)
+            w = np.outer(wy, wx)[..., None]
+            total[y0:y0 + th, x0:x0 + tw] += output * w
+            weight[y0:y0 + th, x0:x0 + tw] += w
+    return np.clip(total / weight * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+def test_the_banded_blend_equals_blending_the_whole_image_at_once() -> None:
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (203, 171, 3), np.uint8)
+    image[100:] //= 4
+    assert len(TilePlan(203, 171, 64, 16).rows) > 2
+    banded = _apply(image, outputs_in_uint8=False, tile=64)
+    reference = _whole_image_blend(image, tile=64, overlap=16)
+    assert np.abs(banded.astype(int) - reference.astype(int)).max() <= 1
+
+
+def test_torch_tile_outputs_blend_like_numpy_ones() -> None:
+    image = np.random.default_rng(3).integers(0, 256, (150, 230, 3), np.uint8)
+
+    async def process(tiles: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        return [torch.from_numpy(o) for o in _rounded(tiles)]
+
+    from_tensors = asyncio.run(tiled_apply(image, process, scale=1, tile=64, overlap=16))
+    assert np.array_equal(from_tensors, _apply(image, outputs_in_uint8=True, tile=64))
+    single = asyncio.run(tiled_apply(image[:40, :50], process, scale=1, tile=64, overlap=16))
+    assert isinstance(single, np.ndarray) and single.dtype == np.uint8
+    assert np.array_equal(single, _rounded([image[:40, :50]])[0])

@@ -273,11 +273,14 @@ class SizeRun:
         variant = f"{dtype_name} channels_last eager + CUDA graph, folded"
         self.attempt(variant, action)
 
-    def compiled(self, build: Build, what: str, plain_too: bool) -> None:
-        """torch.compile of ``build`` (static shapes), timed as is (if ``plain_too``) and
-        replayed from one CUDA graph."""
+    def compiled(self, build: Build, what: str, plain_too: bool, mode: str | None = None
+                 ) -> None:
+        """torch.compile of ``build`` (static shapes; ``mode`` as torch.compile's), timed
+        as is (if ``plain_too``) and replayed from one CUDA graph."""
         net, dtype, channels_last = build()
         name = f"{half_name(dtype)} channels_last + torch.compile"
+        if mode:
+            name += f" ({mode})"
         x = as_input(self.image, self.device, dtype, channels_last)
         state: dict[str, Any] = {}
 
@@ -287,7 +290,7 @@ class SizeRun:
             # cache per compiled variant keeps each one compiled.
             torch._dynamo.reset()
             started = time.monotonic()
-            forward = torch.compile(net, dynamic=False)
+            forward = torch.compile(net, dynamic=False, mode=mode)
             with torch.inference_mode():
                 forward(x)
             state["forward"], state["compile_s"] = forward, time.monotonic() - started
@@ -316,17 +319,11 @@ class SizeRun:
 
 def measure(nets_to_run: list[tuple[str, nn.Module]], sizes: list[int],
             device: torch.device, repeats: int, budget: Budget,
-            save: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+            save: Callable[[list[dict[str, Any]]], None]) -> list[SizeRun]:
     """Every eager variant and the served form compiled (with and without a CUDA graph) for
-    each net and size; then, while the budget lasts, the unfolded net compiled."""
+    each net and size."""
     half = torch.float16 if device.type == "cuda" else torch.float32
     runs: list[SizeRun] = []
-
-    def rows() -> list[dict[str, Any]]:
-        for run in runs:
-            run.finish()
-        return [row for run in runs for row in run.rows]
-
     for label, module in nets_to_run:
         for size in sizes:
             run = SizeRun(label, module, size, device, repeats)
@@ -340,13 +337,32 @@ def measure(nets_to_run: list[tuple[str, nn.Module]], sizes: list[int],
                 run.compiled(folded, "folded (served form on CUDA)", plain_too=True)
             else:
                 run.row("compiled variants", skipped="time budget spent")
-            save(rows())
+            save(all_rows(runs))
+    return runs
+
+
+def measure_more(runs: list[SizeRun], device: torch.device, budget: Budget, autotune: bool,
+                 save: Callable[[list[dict[str, Any]]], None]) -> None:
+    """While the budget lasts: the unfolded net compiled, or with ``autotune`` the folded
+    net compiled with max-autotune (Triton convolution templates and GEMM choices
+    benchmarked per layer: minutes of compiling)."""
+    half = torch.float16
     for run in runs:
-        if budget.left() and device.type == "cuda":
+        if not (budget.left() and device.type == "cuda"):
+            return
+        if autotune:
+            folded = builder(run.module, device, half, channels_last=True, fold=True)
+            run.compiled(folded, "folded", plain_too=True, mode="max-autotune-no-cudagraphs")
+        else:
             unfolded = builder(run.module, device, half, channels_last=True, fold=False)
             run.compiled(unfolded, "unfolded", plain_too=False)
-            save(rows())
-    return rows()
+        save(all_rows(runs))
+
+
+def all_rows(runs: list[SizeRun]) -> list[dict[str, Any]]:
+    for run in runs:
+        run.finish()
+    return [row for run in runs for row in run.rows]
 
 
 def fp32_baseline(baselines: dict[tuple[str, int], float], model: str,
@@ -356,47 +372,120 @@ def fp32_baseline(baselines: dict[tuple[str, int], float], model: str,
                  if s == size and label.startswith(model)), None)
 
 
+#: Serving configurations compared on the device: (label, --compile, --cuda-graphs).
+SERVED_CONFIGS = [
+    ("eager, no CUDA graphs", "off", False),
+    ("torch.compile, no CUDA graphs", "on", False),
+    ("CUDA graphs of the eager net", "off", True),
+    ("CUDA graphs of the compiled net", "on", True),
+]
+#: A size no other measurement uses: what the first requests at a new size cost.
+ODD_SIZE = (720, 960)
+
+
+def _request_times(network: ServedNetwork, image: np.ndarray, repeats: int
+                   ) -> tuple[float, float, float]:
+    """(first s, second s, median ms of ``repeats`` more) for ``image``."""
+    started = time.monotonic()
+    network(image)  # a new shape: compiles if compiled, runs eager if graphed
+    first = time.monotonic() - started
+    started = time.monotonic()
+    network(image)  # recurs: captured if graphed
+    second = time.monotonic() - started
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        network(image)
+        times.append((time.perf_counter() - began) * 1000)
+    return first, second, statistics.median(times)
+
+
 def served_form(models: Path, sizes: list[int], device: torch.device, repeats: int,
                 baselines: dict[tuple[str, int], float]) -> list[dict[str, Any]]:
-    """The style service's TiledImageModel on this device (compile as ``--compile auto``
-    decides), uint8 image in and out: what one Stylize costs besides gRPC and the codecs."""
+    """The style service's TiledImageModel on this device in each serving configuration,
+    uint8 image in and out: what one Stylize costs besides gRPC and the codecs."""
     rows = []
-    for name in served_models(models)[:1]:
+    name = served_models(models)[0]
+    configs = SERVED_CONFIGS if device.type == "cuda" else SERVED_CONFIGS[:2]
+    for label, compile_mode, graphs in configs:
         torch._dynamo.reset()  # see SizeRun.compiled
-        network = ServedNetwork("style", name, device, compile="auto")
+        started = time.monotonic()
+        network = ServedNetwork("style", name, device, compile=compile_mode,
+                                cuda_graphs=graphs)
         try:
-            started = time.monotonic()
             network.warmup()
             warmup_s = time.monotonic() - started
-            for size in sizes:
-                image = photo(size)
-                started = time.monotonic()
-                network(image)  # a new shape compiles
-                first_s = time.monotonic() - started
-                times = []
-                for _ in range(repeats):
-                    began = time.perf_counter()
-                    network(image)
-                    times.append((time.perf_counter() - began) * 1000)
-                ms = statistics.median(times)
-                base = fp32_baseline(baselines, name, size)
-                rows.append({"model": name, "size": size, "compiled": network.model.compiled,
-                             "warmup_s": warmup_s, "first_request_s": first_s, "ms": ms,
+            for size in [*sizes, ODD_SIZE]:
+                height, width = size if isinstance(size, tuple) else (size, size)
+                image = photo(width) if height == width else _resized(photo(width),
+                                                                      height, width)
+                first, second, ms = _request_times(network, image, repeats)
+                base = fp32_baseline(baselines, name, height) if height == width else None
+                rows.append({"model": name, "config": label, "size": f"{height}x{width}",
+                             "warmup_s": warmup_s, "first_request_s": first,
+                             "second_request_s": second, "ms": ms,
                              "speedup_vs_fp32_eager": None if base is None else base / ms})
-                print(f"[gpu-bench] served form {name} {size}px: {ms:.2f} ms", flush=True)
+                print(f"[gpu-bench] served form {label} {height}x{width}: {ms:.2f} ms "
+                      f"(first {first:.2f} s, second {second:.2f} s)", flush=True)
         finally:
             network.close()
     return rows
 
 
+def served_superres(models: Path, device: torch.device, repeats: int
+                    ) -> list[dict[str, Any]]:
+    """The super-resolution service's TiledImageModel with and without CUDA graphs
+    (272 px tiles, small convolutions: launch-bound on a GPU), against plain fp32 eager
+    of its network on the whole image, timed here."""
+    from services.common.artifacts import list_artifacts
+
+    name = next(iter(list_artifacts(models, "superres")), None)
+    if name is None or device.type != "cuda":
+        return []
+    eager = load_artifact(models, name, torch.device("cpu")).module.float().eval().to(device)
+    rows = []
+    for label, compile_mode, graphs in (SERVED_CONFIGS[0], SERVED_CONFIGS[2]):
+        network = ServedNetwork("superres", name, device, compile=compile_mode,
+                                cuda_graphs=graphs)
+        try:
+            started = time.monotonic()
+            network.warmup()
+            warmup_s = time.monotonic() - started
+            for size in (128, 256, 512):
+                image = photo(size)
+                torch.backends.cudnn.benchmark = False
+                base = median_ms(eager, as_input(image, device, torch.float32, False), device,
+                                 repeats)
+                torch.backends.cudnn.benchmark = True
+                first, second, ms = _request_times(network, image, repeats)
+                rows.append({"model": name, "config": label, "size": f"{size}x{size}",
+                             "warmup_s": warmup_s, "first_request_s": first,
+                             "second_request_s": second, "ms": ms, "fp32_eager_ms": base,
+                             "speedup_vs_fp32_eager": base / ms})
+                print(f"[gpu-bench] served form {name} {label} {size}px: {ms:.2f} ms "
+                      f"(fp32 eager {base:.2f} ms)", flush=True)
+        finally:
+            network.close()
+    return rows
+
+
+def _resized(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((width, height),
+                                                    Image.Resampling.BICUBIC))
+
+
 def served_grpc(models: Path, sizes: list[int], device: torch.device, repeats: int,
                 baselines: dict[tuple[str, int], float]) -> list[dict[str, Any]]:
-    """``Stylize`` end to end through an in-process gRPC server on this device: PNG in,
-    PNG out, as a client sees it."""
+    """``Stylize`` end to end through an in-process gRPC server on this device with the
+    default flags: PNG in, PNG out, as a client sees it; with the host's PNG decode and
+    encode of the same image timed alone, for scale."""
     from benchmarks.common import served
     from benchmarks.image_models import png
     from percept.v1 import style_pb2
     from services import client
+    from services.common.images import decode_image, encode_image
 
     name = served_models(models)[0]
     style = str(read_config(models / name)["style"]["name"])
@@ -406,20 +495,28 @@ def served_grpc(models: Path, sizes: list[int], device: torch.device, repeats: i
     with served("style", device=device.type) as server:
         startup_s = time.monotonic() - started
         channel = client.connect(server.target)
-        for size in sizes:
-            request = style_pb2.StylizeRequest(image=png(photo(size)), style=style)
+        for size in sorted({256, *sizes}):
+            image = photo(size)
+            data = png(image)
+            request = style_pb2.StylizeRequest(image=data, style=style)
             started = time.monotonic()
             client.stylize(channel, request, timeout=900)  # a new shape may compile
             first_s = time.monotonic() - started
             times = []
-            for _ in range(repeats):
+            for _ in range(repeats + 1):  # the first of these captures a CUDA graph
                 began = time.perf_counter()
                 client.stylize(channel, request, timeout=900)
                 times.append((time.perf_counter() - began) * 1000)
-            ms = statistics.median(times)
+            ms = statistics.median(times[1:])
+            codec = []
+            for _ in range(5):
+                began = time.perf_counter()
+                encode_image(decode_image(data, max_pixels=64_000_000).rgb)
+                codec.append((time.perf_counter() - began) * 1000)
             base = fp32_baseline(baselines, name, size)
             rows.append({"model": name, "size": size, "server_start_s": startup_s,
                          "first_request_s": first_s, "ms": ms,
+                         "png_decode_encode_ms": statistics.median(codec),
                          "speedup_vs_fp32_eager": None if base is None else base / ms})
             print(f"[gpu-bench] gRPC Stylize {name} {size}px: {ms:.2f} ms", flush=True)
     return rows
@@ -437,7 +534,8 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 def measure_all(sizes: list[int], device: torch.device, repeats: int, budget_s: float,
-                paper_width: bool, out: Path) -> dict[str, Any]:
+                paper_width: bool, out: Path, only: list[str] | None = None,
+                autotune: bool = False) -> dict[str, Any]:
     """Measures everything, rewriting ``out`` after each net and size (a run cut short
     still leaves what it measured)."""
     torch.backends.cudnn.benchmark = True
@@ -461,16 +559,22 @@ def measure_all(sizes: list[int], device: torch.device, repeats: int, budget_s: 
         result["rows"] = rows
         out.write_text(json.dumps(result, indent=2))
 
-    result["rows"] = measure(style_nets(models, paper_width), sizes, device, repeats, budget,
-                             save)
+    nets_to_run = [(label, module) for label, module in style_nets(models, paper_width)
+                   if not only or any(word in label for word in only)]
+    runs = measure(nets_to_run, sizes, device, repeats, budget, save)
+    result["rows"] = all_rows(runs)
     baselines = {(r["net"], r["size"]): r["ms"] for r in result["rows"]
                  if r["variant"] == BASELINE and "ms" in r}
-    for key, measure_served in (("served_form", served_form), ("grpc", served_grpc)):
+    for key, measure_served in (("served_form", served_form), ("grpc", served_grpc),
+                                ("superres_served", lambda models, _sizes, device, repeats,
+                                 _baselines: served_superres(models, device, repeats))):
         try:
             result[key] = measure_served(models, sizes, device, min(repeats, 10), baselines)
         except Exception as error:  # reported; the network rows still count
             result[key] = {"error": f"{type(error).__name__}: {error}"[:400]}
         save(result["rows"])
+    measure_more(runs, device, budget, autotune, save)
+    result["rows"] = all_rows(runs)
     return result
 
 
@@ -498,21 +602,38 @@ def markdown(result: dict[str, Any]) -> str:
                                 table))
     served = result.get("served_form")
     if isinstance(served, list) and served:
-        lines += ["", "Served form (TiledImageModel: uint8 in/out, host copies, batcher):", "",
-                  markdown_table(["model", "px", "compiled", "median ms", "x vs fp32 eager",
-                                  "first request s"],
-                                 [(r["model"], r["size"], r["compiled"], r["ms"],
-                                   r["speedup_vs_fp32_eager"] or float("nan"),
-                                   r["first_request_s"]) for r in served])]
+        lines += ["", "Served form (TiledImageModel: uint8 in/out, host copies, batcher), per "
+                  "serving configuration; first and second request at each size in s:", "",
+                  markdown_table(["model", "config", "px", "median ms", "x vs fp32 eager",
+                                  "first s", "second s", "warm-up s"],
+                                 [(r["model"], r.get("config", "compile auto"), r["size"],
+                                   r["ms"], r["speedup_vs_fp32_eager"] or float("nan"),
+                                   r["first_request_s"], r.get("second_request_s",
+                                                               float("nan")),
+                                   r["warmup_s"]) for r in served])]
     elif served:
         lines += ["", f"Served form: {served}"]
+    superres = result.get("superres_served")
+    if isinstance(superres, list) and superres:
+        lines += ["", "Super-resolution served form (input px; fp32 eager = the network on "
+                  "the whole image, same run):", "",
+                  markdown_table(["model", "config", "input px", "median ms", "fp32 eager ms",
+                                  "x vs fp32 eager", "first s", "second s"],
+                                 [(r["model"], r["config"], r["size"], r["ms"],
+                                   r["fp32_eager_ms"], r["speedup_vs_fp32_eager"],
+                                   r["first_request_s"], r["second_request_s"])
+                                  for r in superres])]
+    elif superres:
+        lines += ["", f"Super-resolution served form: {superres}"]
     grpc = result.get("grpc")
     if isinstance(grpc, list) and grpc:
-        lines += ["", "Stylize over gRPC (PNG in and out, compile as --compile auto):", "",
+        lines += ["", "Stylize over gRPC (PNG in and out, default flags); PNG decode + "
+                  "encode of the same image on the host alone, for scale:", "",
                   markdown_table(["model", "px", "median ms", "x vs plain fp32 network",
-                                  "first request s", "server start s"],
+                                  "PNG codecs ms", "first request s", "server start s"],
                                  [(r["model"], r["size"], r["ms"],
                                    r["speedup_vs_fp32_eager"] or float("nan"),
+                                   r.get("png_decode_encode_ms", float("nan")),
                                    r["first_request_s"], r["server_start_s"]) for r in grpc])]
     elif grpc:
         lines += ["", f"gRPC: {grpc}"]
@@ -529,12 +650,18 @@ def main() -> int:
                         help="no new compiled variant starts after this many seconds")
     parser.add_argument("--no-paper-width", action="store_true",
                         help="skip the width-32 random-weight net")
+    parser.add_argument("--only", nargs="+", metavar="WORD",
+                        help="measure only the nets whose label has one of these words "
+                        "(e.g. starry-night, paper); the served rows still run")
+    parser.add_argument("--autotune", action="store_true",
+                        help="after the main variants, compile the folded net with "
+                        "max-autotune (instead of the unfolded net with the default mode)")
     parser.add_argument("--out", default=str(RESULTS / "style_gpu.json"))
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device (use --device cpu to check the code path)")
     outcome = measure_all(args.sizes, torch.device(args.device), args.repeats, args.budget_s,
-                          not args.no_paper_width, Path(args.out))
+                          not args.no_paper_width, Path(args.out), args.only, args.autotune)
     print(markdown(outcome))
     return 0
 

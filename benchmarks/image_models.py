@@ -35,9 +35,15 @@ def one_per_architecture(task: str) -> list[str]:
 
 
 def photo(size: int) -> np.ndarray:
-    from skimage import data
+    """scikit-image's astronaut at ``size`` px square (a held-out photo where scikit-image
+    is not installed, as on a bare GPU machine)."""
+    try:
+        from skimage import data
 
-    image = Image.fromarray(np.asarray(data.astronaut()))
+        image = Image.fromarray(np.asarray(data.astronaut()))
+    except ImportError:
+        path = min((REPO_ROOT / "data" / "photos" / "heldout").glob("*.jpg"))
+        image = Image.open(path).convert("RGB")
     return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC))
 
 
@@ -64,11 +70,11 @@ class ServedNetwork:
     and how much is the request around it."""
 
     def __init__(self, service: str, model: str, device: torch.device = CPU,
-                 compile: str = "off") -> None:
+                 compile: str = "off", cuda_graphs: bool = True) -> None:
         from services.common.config import ServerConfig
         from services.common.image_model import TiledImageModel
 
-        config = ServerConfig(service=service, compile=compile)
+        config = ServerConfig(service=service, compile=compile, cuda_graphs=cuda_graphs)
         if service == "superres":
             from services.superres import service as module
 

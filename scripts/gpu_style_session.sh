@@ -19,27 +19,11 @@ start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 : "${OUT:?set OUT to the folder that receives the results}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 device=${DEVICE:-cuda}
 read -r -a bench_args <<<"${BENCH_ARGS:-}"
 read -r -a train_args <<<"${TRAIN_ARGS:-}"
-
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD:$PWD/protos
-else
-    export PYTHONPATH=$PWD:$PWD/protos
-fi
-
-{
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
-        --format=csv
-    python3 -c "import torch, grpc, google.protobuf as pb; print('torch', torch.__version__,
-'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'grpc', grpc.__version__,
-'protobuf', pb.__version__)"
-    nproc
-} >"$OUT/env.txt" 2>&1
+# shellcheck source=scripts/gpu_env.sh
+source "$(dirname "$0")/gpu_env.sh"
 
 echo "[session] preparing the training images ($(elapsed) s)"
 python3 -m training.data.cli prepare --photos data/photos/train --out data/prepared/sr288 \

@@ -1,0 +1,19 @@
+# Sourced by the GPU session scripts: puts this repository (and, on a bare machine, the
+# grpcio/protobuf/pytest wheels carried in .whl/) on PYTHONPATH and records the machine
+# in $OUT/env.txt.
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD:$PWD/protos
+else
+    export PYTHONPATH=$PWD:$PWD/protos
+fi
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
+        --format=csv
+    python3 -c "import torch, grpc, google.protobuf as pb; print('torch', torch.__version__,
+'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'grpc', grpc.__version__,
+'protobuf', pb.__version__)"
+    nproc
+} >"$OUT/env.txt" 2>&1

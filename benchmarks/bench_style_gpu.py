@@ -600,43 +600,35 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(markdown_table(["net", "px", "variant", "median ms", "x plain fp32",
                                  "x tuned fp32", "TFLOP/s", "PSNR dB", "max err (levels)"],
                                 table))
-    served = result.get("served_form")
-    if isinstance(served, list) and served:
-        lines += ["", "Served form (TiledImageModel: uint8 in/out, host copies, batcher), per "
-                  "serving configuration; first and second request at each size in s:", "",
-                  markdown_table(["model", "config", "px", "median ms", "x vs fp32 eager",
-                                  "first s", "second s", "warm-up s"],
-                                 [(r["model"], r.get("config", "compile auto"), r["size"],
-                                   r["ms"], r["speedup_vs_fp32_eager"] or float("nan"),
-                                   r["first_request_s"], r.get("second_request_s",
-                                                               float("nan")),
-                                   r["warmup_s"]) for r in served])]
-    elif served:
-        lines += ["", f"Served form: {served}"]
-    superres = result.get("superres_served")
-    if isinstance(superres, list) and superres:
-        lines += ["", "Super-resolution served form (input px; fp32 eager = the network on "
-                  "the whole image, same run):", "",
-                  markdown_table(["model", "config", "input px", "median ms", "fp32 eager ms",
-                                  "x vs fp32 eager", "first s", "second s"],
-                                 [(r["model"], r["config"], r["size"], r["ms"],
-                                   r["fp32_eager_ms"], r["speedup_vs_fp32_eager"],
-                                   r["first_request_s"], r["second_request_s"])
-                                  for r in superres])]
-    elif superres:
-        lines += ["", f"Super-resolution served form: {superres}"]
-    grpc = result.get("grpc")
-    if isinstance(grpc, list) and grpc:
-        lines += ["", "Stylize over gRPC (PNG in and out, default flags); PNG decode + "
-                  "encode of the same image on the host alone, for scale:", "",
-                  markdown_table(["model", "px", "median ms", "x vs plain fp32 network",
-                                  "PNG codecs ms", "first request s", "server start s"],
-                                 [(r["model"], r["size"], r["ms"],
-                                   r["speedup_vs_fp32_eager"] or float("nan"),
-                                   r.get("png_decode_encode_ms", float("nan")),
-                                   r["first_request_s"], r["server_start_s"]) for r in grpc])]
-    elif grpc:
-        lines += ["", f"gRPC: {grpc}"]
+    nan = float("nan")
+    sections: list[tuple[str, str, list[str], Callable[[dict[str, Any]], tuple[Any, ...]]]] = [
+        ("served_form", "Served form (TiledImageModel: uint8 in/out, host copies, batcher), "
+         "per serving configuration; first and second request at each size in s:",
+         ["model", "config", "px", "median ms", "x vs fp32 eager", "first s", "second s",
+          "warm-up s"],
+         lambda r: (r["model"], r.get("config", "compile auto"), r["size"], r["ms"],
+                    r["speedup_vs_fp32_eager"] or nan, r["first_request_s"],
+                    r.get("second_request_s", nan), r["warmup_s"])),
+        ("superres_served", "Super-resolution served form (input px; fp32 eager = the "
+         "network on the whole image, same run):",
+         ["model", "config", "input px", "median ms", "fp32 eager ms", "x vs fp32 eager",
+          "first s", "second s"],
+         lambda r: (r["model"], r["config"], r["size"], r["ms"], r["fp32_eager_ms"],
+                    r["speedup_vs_fp32_eager"], r["first_request_s"], r["second_request_s"])),
+        ("grpc", "Stylize over gRPC (PNG in and out, default flags); PNG decode + encode of "
+         "the same image on the host alone, for scale:",
+         ["model", "px", "median ms", "x vs plain fp32 network", "PNG codecs ms",
+          "first request s", "server start s"],
+         lambda r: (r["model"], r["size"], r["ms"], r["speedup_vs_fp32_eager"] or nan,
+                    r.get("png_decode_encode_ms", nan), r["first_request_s"],
+                    r["server_start_s"])),
+    ]
+    for key, title, headers, row in sections:
+        value = result.get(key)
+        if isinstance(value, list) and value:
+            lines += ["", title, "", markdown_table(headers, [row(r) for r in value])]
+        elif value:
+            lines += ["", f"{title.split(' (')[0]}: {value}"]
     return "\n".join(lines)
 
 

@@ -1,0 +1,117 @@
+"""The GPU style benchmark as a picture: the network's variants against fp32 eager, and the
+service's TiledImageModel in each serving configuration.
+
+    python -m benchmarks.plot_gpu [--results benchmarks/results/style_gpu.json]
+                                  [--out docs/images/style_gpu.png]
+
+Reads what ``benchmarks/bench_style_gpu.py`` saved; measures nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS
+from training.assets import REPO_ROOT
+
+#: (label on the chart, variant in the results) for the network panel, in bar order.
+NETWORK_VARIANTS = [
+    ("fp32 eager (baseline)", "fp32 eager (plain PyTorch defaults)"),
+    ("fp16 eager", "fp16 channels_last eager, folded (served eager form)"),
+    ("fp16 + CUDA graph", "fp16 channels_last eager + CUDA graph, folded"),
+    ("fp16 + compile", "fp16 channels_last + torch.compile, folded (served form on CUDA)"),
+    ("fp16 + compile + CUDA graph", "fp16 channels_last + torch.compile + CUDA graph, folded"),
+]
+
+
+def network_bars(result: dict[str, Any]) -> tuple[list[str], dict[str, list[float]]]:
+    """(group labels "net, px", {variant label: ms per group}) of the rows measured."""
+    times = {(r["net"], r["size"], r["variant"]): r["ms"] for r in result["rows"] if "ms" in r}
+    groups = sorted({(net, size) for net, size, _ in times},
+                    key=lambda group: (group[0], -group[1]))
+    labels = [f"{net.split(' (')[0]}\n{size} px" for net, size in groups]
+    bars = {label: [times.get((net, size, variant), float("nan")) for net, size in groups]
+            for label, variant in NETWORK_VARIANTS}
+    return labels, bars
+
+
+def served_bars(result: dict[str, Any]) -> tuple[list[str], dict[str, list[float]],
+                                                   dict[str, float]]:
+    """(sizes, {config: ms per size}, {config: first request at the largest size, s})."""
+    rows = result.get("served_form")
+    if not isinstance(rows, list) or not rows:
+        return [], {}, {}
+    sizes = sorted(dict.fromkeys(r["size"] for r in rows), key=pixels_of)
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    ms = {(r["config"], r["size"]): r["ms"] for r in rows}
+    largest = sizes[-1]
+    first = {r["config"]: r["first_request_s"] for r in rows if r["size"] == largest}
+    return sizes, {c: [ms.get((c, s), float("nan")) for s in sizes] for c in configs}, first
+
+
+def pixels_of(size: str) -> int:
+    height, width = (int(v) for v in size.split("x"))
+    return height * width
+
+
+def plot(result: dict[str, Any], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    labels, bars = network_bars(result)
+    sizes, served, first = served_bars(result)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12.8, 5.2), dpi=100,
+                                         gridspec_kw={"width_ratios": [3, 2]})
+    try:
+        width = 0.8 / len(bars)
+        for index, (label, values) in enumerate(bars.items()):
+            xs = [i + (index - (len(bars) - 1) / 2) * width for i in range(len(labels))]
+            left.bar(xs, values, width, label=label)
+        left.set_xticks(range(len(labels)), labels, fontsize=8)
+        left.set_ylabel("ms per image (CUDA events, median)")
+        left.set_title("style network alone, batch 1", fontsize=10)
+        left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=3)
+        if served:
+            width = 0.8 / len(served)
+            for index, (config, values) in enumerate(served.items()):
+                xs = [i + (index - (len(served) - 1) / 2) * width for i in range(len(sizes))]
+                right.bar(xs, values, width,
+                          label=f"{config} (first at a new size: {first.get(config, 0):.1f} s)")
+            right.set_xticks(range(len(sizes)), [f"{s} px" for s in sizes], fontsize=8)
+            right.set_ylabel("ms per request (median)")
+            right.set_title("served form (TiledImageModel), per serving configuration",
+                            fontsize=10)
+            right.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1),
+                         ncols=1)
+        gpu = result.get("gpu", {}).get("name", result.get("device", "?"))
+        figure.suptitle(f"{gpu}, torch {result.get('torch', '?')}, "
+                        f"{result.get('date', '?')}", fontsize=10)
+        figure.tight_layout()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(out)
+    finally:
+        plt.close(figure)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS / "style_gpu.json")
+    parser.add_argument("--out", type=Path,
+                        default=REPO_ROOT / "docs" / "images" / "style_gpu.png")
+    args = parser.parse_args()
+    if not args.results.is_file():
+        parser.error(f"{args.results} not found: run `python -m benchmarks.bench_style_gpu` "
+                     "on a CUDA machine first")
+    print(plot(json.loads(args.results.read_text()), args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

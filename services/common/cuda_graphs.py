@@ -1,7 +1,7 @@
 """CUDA graphs for serving image nets: one captured graph per input shape that recurs.
 
 Launching a style net's ~60 kernels one by one costs the host more time than the GPU takes
-to run them: on an H200 the fp16 style net at 512 px took 4.3 ms launched eagerly and 1.3 ms
+to run them: on an H200 the fp16 style net at 512 px took 6.4 ms launched eagerly and 1.3 ms
 replayed from a CUDA graph (benchmarks/results/style_gpu.json). A graph replays one fixed
 shape at fixed addresses, so each input shape (batch size included) gets its own graph.
 

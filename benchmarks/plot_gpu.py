@@ -16,6 +16,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS
 from training.assets import REPO_ROOT
+from training.plots import save_figure
 
 #: (label on the chart, variant in the results) for the network panel, in bar order.
 NETWORK_VARIANTS = [
@@ -91,12 +92,10 @@ def plot(result: dict[str, Any], out: Path) -> Path:
         gpu = result.get("gpu", {}).get("name", result.get("device", "?"))
         figure.suptitle(f"{gpu}, torch {result.get('torch', '?')}, "
                         f"{result.get('date', '?')}", fontsize=10)
-        figure.tight_layout()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(out)
-    finally:
+    except BaseException:
         plt.close(figure)
-    return out
+        raise
+    return save_figure(figure, out)
 
 
 def main() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -42,6 +43,18 @@ def save_loss_plot(history: Mapping[str, Sequence[float]], path: Path,
         axis.set_title(title)
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(loc="upper right", fontsize=8)
+    except BaseException:
+        plt.close(figure)
+        raise
+    return save_figure(figure, path)
+
+
+def save_figure(figure: Any, path: Path) -> Path:
+    """Lays out ``figure`` (a matplotlib Figure), writes it to ``path`` (folders made as
+    needed) and closes it."""
+    from matplotlib import pyplot as plt
+
+    try:
         figure.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path)

@@ -1,6 +1,10 @@
-# Sourced by the GPU session scripts: puts this repository (and, on a bare machine, the
-# grpcio/protobuf/pytest wheels carried in .whl/) on PYTHONPATH and records the machine
-# in $OUT/env.txt.
+# Sourced by the GPU session scripts: starts their clock (`elapsed`), checks $OUT, puts
+# this repository (and, on a bare machine, the grpcio/protobuf/pytest wheels carried in
+# .whl/) on PYTHONPATH and records the machine in $OUT/env.txt.
+start=$(date +%s)
+elapsed() { echo $(( $(date +%s) - start )); }
+: "${OUT:?set OUT to the folder that receives the results}"
+mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

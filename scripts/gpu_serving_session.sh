@@ -15,10 +15,6 @@
 # without a GPU: DEVICE=cpu BENCH_ARGS="--sizes 64 --repeats 2 --no-paper-width".
 set -u -o pipefail
 total=${1:-480}
-start=$(date +%s)
-elapsed() { echo $(( $(date +%s) - start )); }
-: "${OUT:?set OUT to the folder that receives the results}"
-mkdir -p "$OUT"
 read -r -a bench_args <<<"${BENCH_ARGS:-}"
 # shellcheck source=scripts/gpu_env.sh
 source "$(dirname "$0")/gpu_env.sh"

@@ -15,10 +15,6 @@
 # TRAIN_ARGS="--steps 3 --size 64 --batch-size 2" (appended flags win).
 set -u -o pipefail
 total=${1:-560}
-start=$(date +%s)
-elapsed() { echo $(( $(date +%s) - start )); }
-: "${OUT:?set OUT to the folder that receives the results}"
-mkdir -p "$OUT"
 device=${DEVICE:-cuda}
 read -r -a bench_args <<<"${BENCH_ARGS:-}"
 read -r -a train_args <<<"${TRAIN_ARGS:-}"

@@ -415,10 +415,8 @@ def served_form(models: Path, sizes: list[int], device: torch.device, repeats: i
         try:
             network.warmup()
             warmup_s = time.monotonic() - started
-            for size in [*sizes, ODD_SIZE]:
-                height, width = size if isinstance(size, tuple) else (size, size)
-                image = photo(width) if height == width else _resized(photo(width),
-                                                                      height, width)
+            for height, width in [*((size, size) for size in sizes), ODD_SIZE]:
+                image = photo(width, height)
                 first, second, ms = _request_times(network, image, repeats)
                 base = fp32_baseline(baselines, name, height) if height == width else None
                 rows.append({"model": name, "config": label, "size": f"{height}x{width}",
@@ -467,13 +465,6 @@ def served_superres(models: Path, device: torch.device, repeats: int
         finally:
             network.close()
     return rows
-
-
-def _resized(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(image).resize((width, height),
-                                                    Image.Resampling.BICUBIC))
 
 
 def served_grpc(models: Path, sizes: list[int], device: torch.device, repeats: int,

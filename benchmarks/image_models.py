@@ -34,9 +34,9 @@ def one_per_architecture(task: str) -> list[str]:
     return list(chosen.values())
 
 
-def photo(size: int) -> np.ndarray:
-    """scikit-image's astronaut at ``size`` px square (a held-out photo where scikit-image
-    is not installed, as on a bare GPU machine)."""
+def photo(size: int, height: int | None = None) -> np.ndarray:
+    """scikit-image's astronaut, ``size`` px wide and ``height`` (default ``size``) high (a
+    held-out photo where scikit-image is not installed, as on a bare GPU machine)."""
     try:
         from skimage import data
 
@@ -44,7 +44,7 @@ def photo(size: int) -> np.ndarray:
     except ImportError:
         path = min((REPO_ROOT / "data" / "photos" / "heldout").glob("*.jpg"))
         image = Image.open(path).convert("RGB")
-    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC))
+    return np.asarray(image.resize((size, height or size), Image.Resampling.BICUBIC))
 
 
 def png(array: np.ndarray) -> bytes:

@@ -116,17 +116,6 @@ def test_committed_models_have_no_checkerboard(committed: list[StyleModel],
         assert ratio < NYQUIST_MARGIN, f"{model.name}: Nyquist ratio {ratio:.2f}"
 
 
-#: Known exceptions to "every layer's Gram statistics move towards the style", measured
-#: with the standard max-pooling VGG19 on chelsea (issue 4 is open on them).
-GRAM_LAYER_EXCEPTIONS = {
-    ("stained-tissue", "relu2_2"): "measured 1.38 on 2026-11-26 (1.33 for the nearest-"
-                                   "upsampling net before it): the CPU-trained stained-tissue "
-                                   "net moves relu2_2 away from the style although its own "
-                                   "(average-pooling) loss network's style ratio is 0.28",
-    ("stained-tissue", "relu3_3"): "measured 1.02 on 2026-11-26 (0.97 before)",
-}
-
-
 def test_committed_models_move_gram_statistics_towards_their_style(
         committed: list[StyleModel], heldout_photos: list[np.ndarray]) -> None:
     measures = StyleMeasures("cpu")
@@ -135,22 +124,6 @@ def test_committed_models_move_gram_statistics_towards_their_style(
         result = measure(model, photo, measures, model.style_image())
         assert result["style_loss_ratio"] < MAX_STYLE_LOSS_RATIO, (model.name, result)
         for layer in StyleMeasures.GRAM_LAYERS:  # every layer's statistics move
-            if (model.style_name, layer) in GRAM_LAYER_EXCEPTIONS:
-                continue
             assert result[f"gram_ratio_{layer}"] < 1.0, (model.name, layer, result)
         for layer in StyleMeasures.CONTENT_LAYERS:
             assert result[f"content_{layer}_ratio"] < MAX_CONTENT_RATIO, (model.name, result)
-
-
-@pytest.mark.xfail(strict=True, reason="; ".join(f"{m} {layer}: {why}" for (m, layer), why
-                                                in GRAM_LAYER_EXCEPTIONS.items()))
-def test_known_gram_layer_exceptions_are_still_broken(
-        committed: list[StyleModel], heldout_photos: list[np.ndarray]) -> None:
-    """Each exception above still fails; a retrained model that fixes it makes this test
-    XPASS (strict: fail), so the exception must then be removed."""
-    measures = StyleMeasures("cpu")
-    by_style = {m.style_name: m for m in committed}
-    for style, layer in GRAM_LAYER_EXCEPTIONS:
-        model = by_style[style]
-        result = measure(model, heldout_photos[0], measures, model.style_image())
-        assert result[f"gram_ratio_{layer}"] < 1.0, (style, layer, result)

@@ -95,16 +95,35 @@ def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
     partial.replace(path)
 
 
+def next_version(out_dir: Path, name: str) -> int:
+    """1 for a new artifact; one more than the version in ``out_dir/config.json`` when it
+    holds an artifact of the same ``name``."""
+    try:
+        config = json.loads((out_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return 1
+    if not isinstance(config, dict) or config.get("name") != name:
+        return 1
+    try:
+        return int(config.get("version", 0)) + 1
+    except (TypeError, ValueError):
+        return 1
+
+
 def export_artifact(out_dir: Path, *, name: str, task: str, architecture: Mapping[str, Any],
                     module: nn.Module, metrics: Mapping[str, Any],
                     data: Iterable[Mapping[str, Any]], command: str, device: str,
-                    version: int = 1, config_extra: Mapping[str, Any] | None = None,
-                    ) -> Path:
+                    version: int | None = None,
+                    config_extra: Mapping[str, Any] | None = None) -> Path:
     """Writes config.json, weights.safetensors (fp16), metrics.json and provenance.json.
 
     The weights are checked to load back strictly into ``nets.build(architecture)``
-    before anything is written, so a broken artifact never lands on disk.
+    before anything is written, so a broken artifact never lands on disk. ``version``:
+    by default one more than the artifact of the same name already in ``out_dir`` (a
+    retrained model is served under a new tag, ``name@version``), else 1.
     """
+    if version is None:
+        version = next_version(out_dir, name)
     if "type" not in architecture:
         raise ValueError("architecture needs a 'type' (a training.nets registered name)")
     state = fp16_state_dict(module)

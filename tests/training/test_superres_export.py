@@ -92,3 +92,19 @@ def test_git_sha_outside_a_checkout_comes_from_the_sender(tmp_path: Path,
     assert git_sha(tmp_path) == "0123456789abcdef" * 2 + "01234567"
     monkeypatch.setenv("PERCEPT_GIT_SHA", "not a sha")
     assert git_sha(tmp_path) == "uncommitted"
+
+
+def test_exporting_again_over_an_artifact_bumps_its_version(tmp_path: Path) -> None:
+    _, out = _export(tmp_path)
+    _export(tmp_path)  # retrained in place: served under a new tag
+    assert json.loads((out / "config.json").read_text())["version"] == 2
+    other = tmp_path / "models" / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"name": "not-sr-test", "version": 7}))
+    module = nets.build(ARCH)
+    export_artifact(other, name="sr-test", task="superres", architecture=ARCH, module=module,
+                    metrics={}, data=[], command="pytest", device="cpu")
+    assert json.loads((other / "config.json").read_text())["version"] == 1  # another name
+    export_artifact(other, name="sr-test", task="superres", architecture=ARCH, module=module,
+                    metrics={}, data=[], command="pytest", device="cpu", version=5)
+    assert json.loads((other / "config.json").read_text())["version"] == 5  # as asked

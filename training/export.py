@@ -100,14 +100,11 @@ def next_version(out_dir: Path, name: str) -> int:
     holds an artifact of the same ``name``."""
     try:
         config = json.loads((out_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return 1
-    if not isinstance(config, dict) or config.get("name") != name:
-        return 1
-    try:
-        return int(config.get("version", 0)) + 1
-    except (TypeError, ValueError):
-        return 1
+        if config.get("name") == name:
+            return int(config.get("version", 0)) + 1
+    except (OSError, ValueError, TypeError, AttributeError):  # missing, unreadable, odd
+        pass
+    return 1
 
 
 def export_artifact(out_dir: Path, *, name: str, task: str, architecture: Mapping[str, Any],

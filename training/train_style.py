@@ -534,6 +534,9 @@ def train(args: argparse.Namespace) -> int:
     pictures()
 
     tail = max(1, min(50, len(history["total"])))
+    # The exported state's losses: the window ending at the selected step (the final
+    # window when no earlier state was selected for its grid).
+    selected_tail = max(1, min(50, selected_step))
     on_cpu = device.type == "cpu"
     metrics: dict[str, Any] = {
         "task": TASK,
@@ -563,6 +566,9 @@ def train(args: argparse.Namespace) -> int:
         "final_loss_unweighted": {k: float(np.mean(v[-tail:]))
                                   for k, v in raw_history.items() if v},
         "final_loss_window": tail,
+        "selected_loss_weighted": _window_means(history, selected_step, selected_tail),
+        "selected_loss_unweighted": _window_means(raw_history, selected_step, selected_tail),
+        "selected_loss_window": selected_tail,
     }
     config_extra = {
         "style": style.describe(),
@@ -590,6 +596,14 @@ def train(args: argparse.Namespace) -> int:
           f"({cpu_seconds / 60:.1f} CPU min) -> {out}", flush=True)
     print(json.dumps({"final_loss_unweighted": metrics["final_loss_unweighted"]}), flush=True)
     return 0
+
+
+def _window_means(history: dict[str, list[float]], end_step: int,
+                  window: int) -> dict[str, float]:
+    """Each loss averaged over the ``window`` steps ending at ``end_step`` (1-based; the
+    histories hold one value per step from step 1)."""
+    return {key: float(np.mean(values[max(0, end_step - window):end_step]))
+            for key, values in history.items() if values}
 
 
 def command(args: argparse.Namespace) -> int:

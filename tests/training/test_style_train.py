@@ -247,6 +247,12 @@ def test_a_state_that_paints_a_grid_is_not_exported(tmp_path: Path,
     assert train_style.train(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["selected_step"] == 2 and metrics["steps"] == 4
+    # the losses of the exported state are the window ending at step 2, not the final one
+    history = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["history"]
+    assert metrics["selected_loss_window"] == 2
+    assert metrics["selected_loss_weighted"]["total"] == pytest.approx(
+        sum(history["total"][:2]) / 2)
+    assert metrics["final_loss_weighted"]["total"] == pytest.approx(sum(history["total"]) / 4)
     exported = load_file(str(out / "weights.safetensors"))
     for key, value in exported.items():
         torch.testing.assert_close(value.float(), saved[1][key].half().float())

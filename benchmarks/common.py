@@ -6,7 +6,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ def median_seconds(action: Callable[[], object], repeats: int, warmup: int = 1) 
     return statistics.median(times)
 
 
-def interleaved_medians(actions: dict[str, Callable[[], object]], repeats: int,
+def interleaved_medians(actions: Mapping[str, Callable[[], object]], repeats: int,
                         warmup: int = 1) -> dict[str, float]:
     """Times several variants round-robin, so load drifts hit all of them alike."""
     for action in actions.values():

@@ -20,7 +20,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, machine
 
-BENCHMARKS = ["preprocess", "superres", "style", "style_gpu", "noun_search", "embed",
+BENCHMARKS = ["preprocess", "png", "superres", "style", "style_gpu", "noun_search", "embed",
               "search_scale"]
 # A module renders its result with markdown(result) or table(result), or format_table(result).
 README = Path(__file__).resolve().parent / "README.md"

@@ -10,10 +10,15 @@ on a 2-core AVX2 CPU, while the network had finished and the other core sat idle
   numpy subtraction. On photographs and network outputs it compressed as well as
   Pillow's per-row choice, or better (512 px: 393 vs 395 kB; a 2048 px upscale: 2.9 vs
   3.1 MB), and faster than Sub, Average or Paeth;
-- the filtered rows are cut into bands that are deflated in parallel (zlib releases the
-  GIL), each band but the last ending with a sync flush so that the raw deflate streams
-  concatenate into one valid stream (the technique of pigz); the zlib header and the
-  Adler-32 of the whole stream are written around them.
+- the filtered rows are deflated by ISA-L (Intel's Intelligent Storage Acceleration
+  Library, through the ``isal`` package) instead of zlib: at level 1 it compressed a
+  256 px stylisation 4.9x faster than zlib's level 1 (0.90 vs 4.44 ms on the 2-core AVX2
+  CPU) into a file 0.7% smaller, and a 1024 px one 4.6x faster (9.9 vs 45.6 ms), 2.3%
+  smaller. zlib remains the fallback where ``isal`` is not installed (a bare GPU machine);
+- the filtered rows are cut into bands that are deflated in parallel (both libraries
+  release the GIL), each band but the last ending with a sync flush so that the raw
+  deflate streams concatenate into one valid stream (the technique of pigz); the zlib
+  header and the Adler-32 of the whole stream are written around them.
 
 The file is an ordinary 8-bit, non-interlaced PNG that any decoder reads; the pixels come
 back exactly (tests/services/test_png.py checks both with Pillow).
@@ -25,8 +30,15 @@ import os
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 
 import numpy as np
+
+try:
+    from isal import isal_zlib
+except ImportError:  # pragma: no cover - isal is in requirements.txt; a bare GPU box lacks it
+    isal_zlib = None  # type: ignore[assignment]
+_isal: ModuleType | None = isal_zlib
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PNG colour types by channel count: grey, grey + alpha, RGB, RGBA.
@@ -63,10 +75,26 @@ def up_filtered_rows(pixels: np.ndarray) -> np.ndarray:
     return out
 
 
+def deflate_backend() -> str:
+    """The library that deflates: ``isal`` or ``zlib``."""
+    return "zlib" if _isal is None else "isal"
+
+
+def _isal_level(level: int) -> int:
+    """zlib's 1-9 on ISA-L's 0-3 (its 0 is a fast compression, not zlib's stored 0):
+    1 -> 1, 2-5 -> 2, 6-9 -> 3."""
+    return 1 if level <= 1 else 2 if level <= 5 else 3
+
+
 def _deflate_band(band: memoryview, level: int, last: bool) -> bytes:
-    compressor = zlib.compressobj(level, zlib.DEFLATED, -15, 9)
-    return compressor.compress(band) + compressor.flush(zlib.Z_FINISH if last
-                                                        else zlib.Z_SYNC_FLUSH)
+    """A raw deflate stream of ``band`` that ends the stream (``last``) or ends on a byte
+    boundary with a sync flush, so that the next band's stream can follow it."""
+    if _isal is None or level == 0:  # level 0 (stored blocks): zlib's is the one to use
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -15, 9)
+        return compressor.compress(band) + compressor.flush(zlib.Z_FINISH if last
+                                                            else zlib.Z_SYNC_FLUSH)
+    fast = _isal.compressobj(_isal_level(level), _isal.DEFLATED, -15)
+    return fast.compress(band) + fast.flush(_isal.Z_FINISH if last else _isal.Z_SYNC_FLUSH)
 
 
 def deflate_parallel(data: bytes | memoryview, level: int = 1,
@@ -86,7 +114,7 @@ def deflate_parallel(data: bytes | memoryview, level: int = 1,
     cmf, flg = 0x78, hint << 6
     flg += 31 - ((cmf << 8) + flg) % 31
     return (bytes((cmf, flg)) + b"".join(body)
-            + struct.pack(">I", zlib.adler32(view) & 0xFFFFFFFF))
+            + struct.pack(">I", (_isal or zlib).adler32(view) & 0xFFFFFFFF))
 
 
 def encode_png(pixels: np.ndarray, *, level: int = 1, threads: int = _THREADS) -> bytes:

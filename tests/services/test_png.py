@@ -88,3 +88,19 @@ def test_bad_pixels_are_refused(pixels: np.ndarray, message: str) -> None:
         encode_png(pixels)
     with pytest.raises(ValueError, match="level"):
         encode_png(np.zeros((2, 2, 3), np.uint8), level=10)
+
+
+def test_isal_deflates_when_installed_and_zlib_is_the_fallback(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """requirements.txt installs isal (ISA-L), so it is the one in use here; without it (a bare
+    GPU machine) zlib writes the same pixels, also in parallel bands."""
+    assert png.deflate_backend() == "isal"
+    photo = _photo((400, 300))
+    fast = encode_png(photo, threads=2)
+    monkeypatch.setattr(png, "_isal", None)
+    assert png.deflate_backend() == "zlib"
+    fallback = encode_png(photo, threads=2)
+    assert fast != fallback  # two different deflaters
+    for data in (fast, fallback):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), photo)
+        assert zlib.decompress(_chunks(data)[1][1]) == up_filtered_rows(photo).tobytes()

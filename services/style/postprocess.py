@@ -16,6 +16,11 @@ def _tensor(rows: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(rows, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
 
 
+def is_identity(*, preserve_color: bool, strength: float, mask: np.ndarray | None) -> bool:
+    """Whether :func:`finish` returns the stylisation as it is (no work, no thread hop)."""
+    return not preserve_color and strength >= 1.0 and mask is None
+
+
 def finish(content: np.ndarray, stylised: np.ndarray, *, preserve_color: bool, strength: float,
            mask: np.ndarray | None) -> np.ndarray:
     """content, stylised: (H, W, 3) uint8; mask: (H, W) float in [0, 1] (1 = stylise).
@@ -23,7 +28,7 @@ def finish(content: np.ndarray, stylised: np.ndarray, *, preserve_color: bool, s
     preserve_color keeps the content's chroma (YCbCr) under the stylised luminance (Gatys et
     al. 2016b); strength blends linearly from the content (0) to the stylisation (1); the
     mask then limits the result to its white part."""
-    if not preserve_color and strength >= 1.0 and mask is None:
+    if is_identity(preserve_color=preserve_color, strength=strength, mask=mask):
         return stylised
     out = np.empty_like(stylised)
     for top in range(0, content.shape[0], BAND_ROWS):

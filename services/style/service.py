@@ -30,7 +30,7 @@ from services.common.rpc import stream_errors, time_remaining, unary_errors
 from services.common.server import ServiceModule
 from services.common.tensors import to_uint8
 from services.style.optimisation import OptimisationJob, parse_request
-from services.style.postprocess import finish
+from services.style.postprocess import finish, is_identity
 from training.nets.vgg19 import load_vgg19
 from training.perceptual.gatys import GatysProgress, StopRequested, stylize_with_image
 
@@ -127,9 +127,12 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
         deadline = None if remaining is None else time.monotonic() + remaining
         model = self.styles[request.style]
         stylised = await model.apply(decoded.rgb, deadline)
-        rgb = await asyncio.to_thread(finish, decoded.rgb, stylised,
-                                      preserve_color=request.preserve_color, strength=strength,
-                                      mask=mask)
+        rgb = stylised
+        if not is_identity(preserve_color=request.preserve_color, strength=strength,
+                           mask=mask):
+            rgb = await asyncio.to_thread(finish, decoded.rgb, stylised,
+                                          preserve_color=request.preserve_color,
+                                          strength=strength, mask=mask)
         data = await asyncio.to_thread(encode_image, rgb, alpha=decoded.alpha, fmt=fmt,
                                        quality=quality)
         return style_pb2.StylizeResponse(image=data, width=rgb.shape[1], height=rgb.shape[0],

@@ -4,6 +4,7 @@ style, content kept."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,15 @@ def test_the_default_styles_are_committed(committed: list[StyleModel]) -> None:
         assert {"name", "title", "source", "licence"} <= set(model.config["style"])
         size = (model.path / "weights.safetensors").stat().st_size
         assert size < 8_000_000, f"{model.name}: {size} bytes of weights"
+        # metrics: the exported state's losses, the training size and the device
+        metrics = json.loads((model.path / "metrics.json").read_text())
+        assert metrics["device"] and metrics["crop"] > 0 and metrics["batch_size"] > 0
+        assert 0 < metrics["selected_step"] <= metrics["steps"]
+        for key in ("content", "style", "tv"):
+            assert metrics["selected_loss_weighted"][key] > 0, (model.name, key)
+        provenance = json.loads((model.path / "provenance.json").read_text())
+        assert provenance["git_sha"] and provenance["command"]
+        assert {"style image", "prepared array"} <= {d["kind"] for d in provenance["data"]}
 
 
 def test_committed_models_have_no_checkerboard(committed: list[StyleModel],

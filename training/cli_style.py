@@ -93,6 +93,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--upsample", choices=("nearest", "bilinear"), default="nearest",
                        help="interpolation before each upsampling convolution "
                             "(default: nearest)")
+    model.add_argument("--init-from", metavar="ARTIFACT", default=None,
+                       help="fine-tune: start from the weights of this exported style "
+                            "artifact (a folder such as models/style-NAME, whose "
+                            "architecture must match --width, --blocks and --upsample) "
+                            "instead of a fresh net")
     loss = parser.add_argument_group("loss")
     loss.add_argument("--content-weight", type=float, default=1.0,
                       help=f"weight of the {DEFAULT_CONTENT_LAYER} content loss (default: 1)")

@@ -353,6 +353,34 @@ def grid_artifacts(model: nn.Module, content: np.ndarray, device: torch.device,
             "quarter_ratio": float(np.mean([quarter_ratio(o, c) for o, c in pairs]))}
 
 
+def load_initial_weights(model: nn.Module, path: Path, architecture: dict[str, Any]
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``--init-from``: loads an exported artifact's weights into ``model``; returns what
+    metrics.json records of it and its provenance entry (taken now: the export may later
+    overwrite that very file)."""
+    from training.export import WEIGHTS, data_entry, load_exported
+
+    try:
+        source, config = load_exported(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise SystemExit(f"error: --init-from {path}: not a loadable artifact "
+                         f"({type(error).__name__}: {error})") from error
+    # edge_margin only changes inference; the weights are the same either way
+    theirs = {k: v for k, v in config["architecture"].items() if k != "edge_margin"}
+    if theirs != architecture:
+        raise SystemExit(f"error: --init-from {path} holds {theirs}, not the {architecture} "
+                         "being trained (set --width, --blocks and --upsample to match)")
+    model.load_state_dict(source.state_dict())
+    tag = f"{config['name']}@{config['version']}"
+    metrics = json.loads((path / "metrics.json").read_text()) \
+        if (path / "metrics.json").is_file() else {}
+    info = {"artifact": tag, "steps": metrics.get("selected_step", metrics.get("steps")),
+            "device": metrics.get("device")}
+    entry = data_entry(path / config.get("weights", WEIGHTS), kind="initial weights",
+                       artifact=tag)
+    return info, entry
+
+
 def _use_channels_last(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
@@ -382,6 +410,15 @@ def train(args: argparse.Namespace) -> int:
     if args.upsample != "nearest":  # keeps the committed nearest models' configs unchanged
         architecture["upsample"] = args.upsample
     model = nets.build(architecture)
+    init_from: dict[str, Any] | None = None
+    init_entries: list[dict[str, Any]] = []
+    if args.init_from:
+        if args.resume:
+            raise SystemExit("error: --init-from starts a new run from an artifact; --resume "
+                             "continues a run from its checkpoint: give one of them")
+        init_from, entry = load_initial_weights(model, Path(args.init_from), architecture)
+        init_entries.append(entry)
+        print(f"[train] starting from the weights of {init_from['artifact']}", flush=True)
     channels_last = _use_channels_last(args.channels_last, device)
     model.to(device)
     if channels_last:
@@ -570,6 +607,8 @@ def train(args: argparse.Namespace) -> int:
         "selected_loss_unweighted": _window_means(raw_history, selected_step, selected_tail),
         "selected_loss_window": selected_tail,
     }
+    if init_from is not None:
+        metrics["init_from"] = init_from
     config_extra = {
         "style": style.describe(),
         "input": "RGB float in [0, 1], (N, 3, H, W), any H and W",
@@ -587,6 +626,7 @@ def train(args: argparse.Namespace) -> int:
     data = [entry for entry in _provenance_data(prepared, [vgg19_weights_path()])
             if entry["kind"] != "prepared array" or entry["path"].endswith(used)]
     data.append(data_entry(style.path, kind="style image", source=style.source))
+    data.extend(init_entries)
     export_artifact(out, name=name, task=TASK, architecture=architecture,
                     module=model.to("cpu").float(), metrics=metrics, data=data,
                     command=command_line(), device=str(device), config_extra=config_extra)

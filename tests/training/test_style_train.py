@@ -259,6 +259,47 @@ def test_a_state_that_paints_a_grid_is_not_exported(tmp_path: Path,
     assert any(not torch.equal(saved[1][k].half(), saved[2][k].half()) for k in exported)
 
 
+@needs_vgg
+def test_init_from_fine_tunes_an_exported_artifact(tmp_path: Path) -> None:
+    """--init-from starts from an artifact's weights (with a learning rate of 0 they come
+    out unchanged), records it in metrics.json and provenance, and refuses an artifact of
+    another architecture or a run that also resumes."""
+    from training.train_style import train
+
+    prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 40))
+    common = ["--style", "stained-tissue", "--data", str(prepared), "--size", "32",
+              "--blocks", "1", "--batch-size", "1", "--style-size", "48", "--device", "cpu",
+              "--quiet", "--val-items", "1", "--sample-every", "0", "--checkpoint-every", "0"]
+    base = tmp_path / "base"
+    assert train(_parse([*common, "--width", "4", "--steps", "2", "--out", str(base),
+                         "--run-dir", str(tmp_path / "run-base")])) == 0
+    tuned = tmp_path / "tuned"
+    assert train(_parse([*common, "--width", "4", "--steps", "2", "--lr", "0",
+                         "--init-from", str(base), "--out", str(tuned),
+                         "--run-dir", str(tmp_path / "run-tuned")])) == 0
+    before, after = (load_file(str(p / "weights.safetensors")) for p in (base, tuned))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    metrics = json.loads((tuned / "metrics.json").read_text())
+    assert metrics["init_from"] == {"artifact": "style-stained-tissue@1", "steps": 2,
+                                    "device": "cpu, reduced size"}
+    provenance = json.loads((tuned / "provenance.json").read_text())
+    (entry,) = [d for d in provenance["data"] if d["kind"] == "initial weights"]
+    assert entry["artifact"] == "style-stained-tissue@1" and len(entry["sha256"]) == 64
+
+    with pytest.raises(SystemExit, match=r"width.: 4.*not the .*width.: 8"):
+        train(_parse([*common, "--width", "8", "--steps", "1", "--init-from", str(base),
+                      "--out", str(tmp_path / "wide"), "--run-dir", str(tmp_path / "r3")]))
+    with pytest.raises(SystemExit, match="not a loadable artifact"):
+        train(_parse([*common, "--width", "4", "--steps", "1", "--init-from",
+                      str(tmp_path / "nothing"), "--out", str(tmp_path / "none"),
+                      "--run-dir", str(tmp_path / "r4")]))
+    with pytest.raises(SystemExit, match="--resume continues"):
+        train(_parse([*common, "--width", "4", "--steps", "1", "--init-from", str(base),
+                      "--resume", "--out", str(tmp_path / "both"),
+                      "--run-dir", str(tmp_path / "run-base")]))
+
+
 def test_refuses_a_prepared_folder_of_heldout_photos(tmp_path: Path) -> None:
     from training.data.arrays import PreparedDataError
     from training.train_style import train

@@ -599,9 +599,8 @@ def train(args: argparse.Namespace) -> int:
         "cpu_seconds": round(cpu_seconds, 1),
         "seconds_per_step": round(train_seconds / max(1, step), 3),
         "threads": torch.get_num_threads(),
-        "final_loss_weighted": {k: float(np.mean(v[-tail:])) for k, v in history.items() if v},
-        "final_loss_unweighted": {k: float(np.mean(v[-tail:]))
-                                  for k, v in raw_history.items() if v},
+        "final_loss_weighted": _window_means(history, len(history["total"]), tail),
+        "final_loss_unweighted": _window_means(raw_history, len(history["total"]), tail),
         "final_loss_window": tail,
         "selected_loss_weighted": _window_means(history, selected_step, selected_tail),
         "selected_loss_unweighted": _window_means(raw_history, selected_step, selected_tail),

@@ -98,6 +98,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                             "artifact (a folder such as models/style-NAME, whose "
                             "architecture must match --width, --blocks and --upsample) "
                             "instead of a fresh net")
+    model.add_argument("--edge-margin", type=int, default=None, metavar="PX",
+                       help="inference-only reflected border, cropped away again, written to "
+                            "config.json (default: that of the --init-from artifact, else 0; "
+                            "8 hides the dark frame a net trained on crops can paint)")
     loss = parser.add_argument_group("loss")
     loss.add_argument("--content-weight", type=float, default=1.0,
                       help=f"weight of the {DEFAULT_CONTENT_LAYER} content loss (default: 1)")
@@ -119,6 +123,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                       help="weight of total variation (default: 4e6; it is what keeps the "
                            "net from painting period-2/period-4 texture on the upsampling "
                            "grid, which the Nyquist check of `percept eval style` measures)")
+    loss.add_argument("--grid-weight", type=float, default=0.0,
+                      help="weight of the grid penalty: how far the output's spectral peaks "
+                           "at periods 2 and 4 (the network's pixel lattice) rise above the "
+                           "photo's, as a log ratio (default: 0 = off; 2e4 makes a ratio of "
+                           "4 cost about what total variation does)")
     run = parser.add_argument_group("run")
     run.add_argument("--out", default=None,
                      help="artifact folder (default: models/style-NAME)")

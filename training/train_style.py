@@ -7,10 +7,13 @@ Super-Resolution" (ECCV), sec. 3 and 4.1: an image-transformation network
     content_weight * l_feat^{relu2_2}(y_hat, y_c)                      (eq. 2)
   + style_weight   * sum_l w_l ||G_l(y_hat) - G_l(y_s)||_F^2            (eqs. 3-4)
   + tv_weight      * TV(y_hat)                                         (sec. 3.3)
+  + grid_weight    * grid(y_hat, y_c)                                  (ours, off by default)
 
 with the Gram matrices of the one style image y_s at relu1_2, relu2_2, relu3_3 and relu4_3
 of VGG (here VGG19), each style layer with its own weight w_l (the lecture's per-layer
-style weights). The losses are :mod:`training.perceptual.losses`.
+style weights). The losses are :mod:`training.perceptual.losses`; ``grid`` is our penalty
+on period-2 and period-4 spectral peaks that the output has and the photo has not
+(:func:`training.perceptual.losses.grid_loss`).
 
 Content photos are the prepared arrays of the training photos (``percept data prepare``;
 never the held-out ones: :func:`training.data.arrays.load_prepared` refuses them), cut
@@ -37,7 +40,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -56,6 +59,7 @@ from training.cli_style import (
 )
 from training.data.arrays import PreparedArrays, load_prepared
 from training.export import command_line, data_entry, export_artifact
+from training.nets.transformer import TransformerNet
 from training.plots import save_image_grid, save_loss_plot
 from training.sr_data import to_tensor, to_uint8_images
 from training.train_superres import (
@@ -215,18 +219,20 @@ class ContentSampler:
 # -- the loss -----------------------------------------------------------------------------
 class PerceptualStyleLoss(nn.Module):
     """Johnson et al. 2016's loss for one style: weighted VGG19 content loss, per-layer Gram
-    style loss and total variation. Returns the total and each weighted term. The Gram and
-    loss arithmetic runs in fp32 even under autocast."""
+    style loss and total variation, plus our grid penalty when ``grid_weight`` > 0. Returns
+    the total and each weighted term. The Gram and loss arithmetic runs in fp32 even under
+    autocast."""
 
     def __init__(self, style_image: Tensor, device: torch.device, *, content_layer: str,
                  style_layers: Mapping[str, float], content_weight: float,
-                 style_weight: float, tv_weight: float, pooling: str = "max") -> None:
+                 style_weight: float, tv_weight: float, pooling: str = "max",
+                 grid_weight: float = 0.0) -> None:
         super().__init__()
         from training.nets.vgg19 import check_layers, load_vgg19
         from training.perceptual.losses import gram_matrix
 
         check_layers([content_layer, *style_layers])
-        if content_weight < 0 or style_weight < 0 or tv_weight < 0:
+        if min(content_weight, style_weight, tv_weight, grid_weight) < 0:
             raise ValueError("loss weights must be >= 0")
         if not any(w > 0 for w in style_layers.values()) and style_weight > 0:
             raise ValueError("every style layer weight is zero")
@@ -238,6 +244,7 @@ class PerceptualStyleLoss(nn.Module):
         self.content_weight = content_weight
         self.style_weight = style_weight
         self.tv_weight = tv_weight
+        self.grid_weight = grid_weight
         self.layers = sorted({content_layer, *self.style_layers},
                              key=lambda name: (int(name[4]), int(name[6])))
         with torch.no_grad():
@@ -245,11 +252,13 @@ class PerceptualStyleLoss(nn.Module):
             self.target_grams = {k: gram_matrix(v.float()) for k, v in features.items()}
 
     def unweighted(self, output: Tensor, content: Tensor) -> dict[str, Tensor]:
-        """Content loss, per-layer Gram distances (``style/<layer>``) and TV, unweighted."""
+        """Content loss, per-layer Gram distances (``style/<layer>``), TV and (with a grid
+        weight) the grid penalty, unweighted."""
         from training.perceptual.losses import (
             content_loss,
             gram_distance,
             gram_matrix,
+            grid_loss,
             total_variation_loss,
         )
 
@@ -263,6 +272,8 @@ class PerceptualStyleLoss(nn.Module):
                 terms[f"style/{layer}"] = gram_distance(gram_matrix(features[layer].float()),
                                                         self.target_grams[layer])
             terms["tv"] = total_variation_loss(output.float())
+            if self.grid_weight > 0:
+                terms["grid"] = grid_loss(output.float(), content.float())
         return terms
 
     def forward(self, output: Tensor, content: Tensor) -> tuple[Tensor, dict[str, float],
@@ -274,7 +285,9 @@ class PerceptualStyleLoss(nn.Module):
         weighted = {"content": self.content_weight * raw["content"],
                     "style": self.style_weight * style,
                     "tv": self.tv_weight * raw["tv"]}
-        total = weighted["content"] + weighted["style"] + weighted["tv"]
+        if "grid" in raw:
+            weighted["grid"] = self.grid_weight * raw["grid"]
+        total = sum(weighted.values(), start=torch.zeros((), device=output.device))
         plain = {k: float(v.detach()) for k, v in raw.items()}
         plain["style"] = float(style.detach())
         return total, {k: float(v.detach()) for k, v in weighted.items()}, plain
@@ -354,10 +367,10 @@ def grid_artifacts(model: nn.Module, content: np.ndarray, device: torch.device,
 
 
 def load_initial_weights(model: nn.Module, path: Path, architecture: dict[str, Any]
-                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+                         ) -> tuple[dict[str, Any], dict[str, Any], int]:
     """``--init-from``: loads an exported artifact's weights into ``model``; returns what
-    metrics.json records of it and its provenance entry (taken now: the export may later
-    overwrite that very file)."""
+    metrics.json records of it, its provenance entry (taken now: the export may later
+    overwrite that very file) and its ``edge_margin``."""
     from training.export import WEIGHTS, data_entry, load_exported
 
     try:
@@ -378,7 +391,7 @@ def load_initial_weights(model: nn.Module, path: Path, architecture: dict[str, A
             "device": metrics.get("device")}
     entry = data_entry(path / config.get("weights", WEIGHTS), kind="initial weights",
                        artifact=tag)
-    return info, entry
+    return info, entry, int(config["architecture"].get("edge_margin", 0))
 
 
 def _use_channels_last(mode: str, device: torch.device) -> bool:
@@ -392,6 +405,9 @@ def train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     recipe = resolve_recipe(args, device)
+    if args.grid_weight and recipe["size"] % 4:
+        raise ValueError(f"--grid-weight measures period-4 patterns: --size must be a "
+                         f"multiple of 4, got {recipe['size']}")
     if args.time_schedule and not args.max_minutes:
         raise ValueError("--time-schedule anneals by the clock: it needs --max-minutes")
     style = style_from_args(args)
@@ -416,9 +432,16 @@ def train(args: argparse.Namespace) -> int:
         if args.resume:
             raise SystemExit("error: --init-from starts a new run from an artifact; --resume "
                              "continues a run from its checkpoint: give one of them")
-        init_from, entry = load_initial_weights(model, Path(args.init_from), architecture)
+        init_from, entry, edge_margin = load_initial_weights(model, Path(args.init_from),
+                                                             architecture)
         init_entries.append(entry)
         print(f"[train] starting from the weights of {init_from['artifact']}", flush=True)
+    else:
+        edge_margin = 0
+    if args.edge_margin is not None:
+        if args.edge_margin < 0:
+            raise ValueError(f"--edge-margin must be >= 0, got {args.edge_margin}")
+        edge_margin = args.edge_margin
     channels_last = _use_channels_last(args.channels_last, device)
     model.to(device)
     if channels_last:
@@ -428,7 +451,8 @@ def train(args: argparse.Namespace) -> int:
     criterion = PerceptualStyleLoss(
         to_tensor(style_rgb[None], device), device, content_layer=args.content_layer,
         style_layers=layer_weights, content_weight=args.content_weight,
-        style_weight=args.style_weight, tv_weight=args.tv_weight, pooling=args.vgg_pooling)
+        style_weight=args.style_weight, tv_weight=args.tv_weight, pooling=args.vgg_pooling,
+        grid_weight=args.grid_weight)
     lr = args.lr if args.lr is not None else (GPU_LR if device.type == "cuda" else CPU_LR)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = recipe["steps"]
@@ -468,12 +492,16 @@ def train(args: argparse.Namespace) -> int:
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
         history, raw_history = state["history"], state["raw_history"]
+        if args.edge_margin is None:
+            edge_margin = int(state.get("edge_margin", 0))
         elapsed_before = float(state["elapsed"])
         cpu_before = float(state.get("cpu_seconds", 0.0))
         sampler.rng.bit_generator.state = state["sampler_rng"]
         torch.set_rng_state(state["torch_rng"])
         print(f"[train] resumed from {checkpoint} at step {step}", flush=True)
 
+    # Inference only (eval-mode forward: the sample grids, the grid checks, the export)
+    cast(TransformerNet, model).edge_margin = edge_margin
     started, cpu_started = time.monotonic(), time.process_time()
     clock["started"] = started
 
@@ -486,7 +514,8 @@ def train(args: argparse.Namespace) -> int:
                 "cpu_seconds": cpu_before + time.process_time() - cpu_started,
                 "sampler_rng": sampler.rng.bit_generator.state,
                 "torch_rng": torch.get_rng_state(), "args": vars(args),
-                "grid_checks": grid_checks, "passing_state": passing_state}
+                "grid_checks": grid_checks, "passing_state": passing_state,
+                "edge_margin": edge_margin}
 
     def pictures() -> None:
         save_samples(model, val_content, style_rgb, run_dir / "samples.png", device,
@@ -594,7 +623,8 @@ def train(args: argparse.Namespace) -> int:
         "channels_last": channels_last,
         "loss_weights": {"content": args.content_weight, "content_layer": args.content_layer,
                          "style": args.style_weight, "style_layers": layer_weights,
-                         "tv": args.tv_weight, "vgg_pooling": args.vgg_pooling},
+                         "tv": args.tv_weight, "grid": args.grid_weight,
+                         "vgg_pooling": args.vgg_pooling},
         "train_seconds": round(train_seconds, 1),
         "cpu_seconds": round(cpu_seconds, 1),
         "seconds_per_step": round(train_seconds / max(1, step), 3),
@@ -616,7 +646,8 @@ def train(args: argparse.Namespace) -> int:
                        "instance norm, resize-convolution upsampling, tanh output)",
         "loss": {"content_layer": args.content_layer, "style_layers": layer_weights,
                  "content_weight": args.content_weight, "style_weight": args.style_weight,
-                 "tv_weight": args.tv_weight, "style_size": args.style_size,
+                 "tv_weight": args.tv_weight, "grid_weight": args.grid_weight,
+                 "style_size": args.style_size,
                  "vgg_pooling": args.vgg_pooling},
     }
     from training.assets import vgg19_weights_path
@@ -626,6 +657,8 @@ def train(args: argparse.Namespace) -> int:
             if entry["kind"] != "prepared array" or entry["path"].endswith(used)]
     data.append(data_entry(style.path, kind="style image", source=style.source))
     data.extend(init_entries)
+    if edge_margin:
+        architecture = {**architecture, "edge_margin": edge_margin}
     export_artifact(out, name=name, task=TASK, architecture=architecture,
                     module=model.to("cpu").float(), metrics=metrics, data=data,
                     command=command_line(), device=str(device), config_extra=config_extra)

@@ -1,4 +1,5 @@
-"""Perceptual losses: Gram matrices, content, style and total-variation losses."""
+"""Perceptual losses: Gram matrices, content, style and total-variation losses, and the
+grid penalty."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import torch
 from training.perceptual.losses import (
     content_loss,
     gram_matrix,
+    grid_line_peaks,
+    grid_loss,
     masked_gram_matrix,
     style_loss,
     total_variation_loss,
@@ -88,3 +91,51 @@ def test_total_variation() -> None:
     assert float(total_variation_loss(ramp)) == pytest.approx(1.0)  # horizontal steps of 1
     noisy = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     assert float(total_variation_loss(noisy)) > 0.05
+
+
+def _smooth_image(size: int = 64, seed: int = 0) -> torch.Tensor:
+    """Low-pass noise (a photo-like falling spectrum), (1, 3, size, size) in [0, 1]."""
+    noise = torch.rand(1, 3, size // 8, size // 8, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(noise, size=(size, size), mode="bicubic",
+                                           align_corners=False).clamp(0, 1)
+
+
+def _with_grid(image: torch.Tensor, period: int, amplitude: float = 0.03) -> torch.Tensor:
+    """``image`` plus a pattern locked to the pixel lattice: rows of period ``period``."""
+    rows = torch.arange(image.shape[-2], dtype=torch.float32)
+    pattern = torch.cos(2 * torch.pi * rows / period).view(1, 1, -1, 1)
+    return image + amplitude * pattern
+
+
+def test_grid_line_peaks_see_a_lattice_pattern_of_their_period_only() -> None:
+    photo = _smooth_image()
+    for period in (2, 4):
+        clean = float(grid_line_peaks(photo, period))
+        # the rows' pattern fills one of the two lines the measure averages
+        assert float(grid_line_peaks(_with_grid(photo, period), period)) > 5 * clean
+    # a period-4 pattern is not a period-2 one, and a pattern off the lines is neither
+    assert float(grid_line_peaks(_with_grid(photo, 4), 2)) == pytest.approx(
+        float(grid_line_peaks(photo, 2)), rel=1e-3)
+    assert float(grid_line_peaks(_with_grid(photo, 6), 4)) < 2 * float(
+        grid_line_peaks(photo, 4))
+    with pytest.raises(ValueError, match="multiples of 4"):
+        grid_line_peaks(torch.rand(1, 3, 30, 32), 4)
+
+
+def test_grid_loss_is_zero_without_a_grid_and_its_gradient_removes_one() -> None:
+    photo = _smooth_image(seed=1)
+    assert float(grid_loss(photo, photo)) == 0.0
+    # an output with less lattice energy than its photo is not pulled anywhere either
+    gridded_photo = _with_grid(photo, 4)
+    assert float(grid_loss(photo, gridded_photo)) < 1e-6
+    output = _with_grid(photo, 4).requires_grad_(True)
+    before = grid_loss(output, photo)
+    assert float(before) > 1.0
+    optimizer = torch.optim.Adam([output], lr=2e-3)
+    for _ in range(50):
+        optimizer.zero_grad()
+        grid_loss(output, photo).backward()
+        optimizer.step()
+    assert float(grid_loss(output.detach(), photo)) < 0.3 * float(before)
+    with pytest.raises(ValueError, match="differ in shape"):
+        grid_loss(photo, photo[..., :32])

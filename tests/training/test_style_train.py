@@ -86,6 +86,28 @@ def test_three_training_steps_lower_the_loss() -> None:
     assert np.isfinite(after) and after < before, (before, after)
 
 
+@needs_vgg
+def test_grid_weight_adds_the_grid_term_to_the_total() -> None:
+    from training.train_style import PerceptualStyleLoss
+
+    torch.manual_seed(0)
+    content = _batch(_tiny_photos(2, 32))
+    common = {"content_layer": "relu2_2", "style_layers": DEFAULT_STYLE_LAYER_WEIGHTS,
+              "content_weight": 1.0, "style_weight": 3e-5, "tv_weight": 5e4}
+    style = _batch(_tiny_style(48)[None])
+    plain = PerceptualStyleLoss(style, torch.device("cpu"), **common)
+    gridded = PerceptualStyleLoss(style, torch.device("cpu"), **common, grid_weight=1e3)
+    rows = torch.arange(32, dtype=torch.float32).view(1, 1, -1, 1)
+    output = (content + 0.05 * torch.cos(torch.pi * rows / 2)).clamp(0, 1)
+    total_plain, weighted_plain, _ = plain(output, content)
+    total, weighted, raw = gridded(output, content)
+    assert "grid" not in weighted_plain and raw["grid"] > 0.5
+    assert weighted["grid"] == pytest.approx(1e3 * raw["grid"])
+    assert float(total) == pytest.approx(float(total_plain) + weighted["grid"], rel=1e-5)
+    with pytest.raises(ValueError, match=">= 0"):
+        PerceptualStyleLoss(style, torch.device("cpu"), **common, grid_weight=-1.0)
+
+
 def test_style_layer_weight_flag_parsing() -> None:
     assert parse_layer_weight("relu3_3=0.25") == ("relu3_3", 0.25)
     for bad in ("relu3_3", "relu3_3=x", "=1", "relu3_3=-1", "relu3_3=inf"):
@@ -262,8 +284,9 @@ def test_a_state_that_paints_a_grid_is_not_exported(tmp_path: Path,
 @needs_vgg
 def test_init_from_fine_tunes_an_exported_artifact(tmp_path: Path) -> None:
     """--init-from starts from an artifact's weights (with a learning rate of 0 they come
-    out unchanged), records it in metrics.json and provenance, and refuses an artifact of
-    another architecture or a run that also resumes."""
+    out unchanged), records it in metrics.json and provenance, keeps its edge_margin unless
+    --edge-margin says otherwise, and refuses an artifact of another architecture or a run
+    that also resumes."""
     from training.train_style import train
 
     prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 40))
@@ -272,7 +295,7 @@ def test_init_from_fine_tunes_an_exported_artifact(tmp_path: Path) -> None:
               "--quiet", "--val-items", "1", "--sample-every", "0", "--checkpoint-every", "0"]
     base = tmp_path / "base"
     assert train(_parse([*common, "--width", "4", "--steps", "2", "--out", str(base),
-                         "--run-dir", str(tmp_path / "run-base")])) == 0
+                         "--edge-margin", "3", "--run-dir", str(tmp_path / "run-base")])) == 0
     tuned = tmp_path / "tuned"
     assert train(_parse([*common, "--width", "4", "--steps", "2", "--lr", "0",
                          "--init-from", str(base), "--out", str(tuned),
@@ -286,6 +309,15 @@ def test_init_from_fine_tunes_an_exported_artifact(tmp_path: Path) -> None:
     provenance = json.loads((tuned / "provenance.json").read_text())
     (entry,) = [d for d in provenance["data"] if d["kind"] == "initial weights"]
     assert entry["artifact"] == "style-stained-tissue@1" and len(entry["sha256"]) == 64
+    architecture = json.loads((tuned / "config.json").read_text())["architecture"]
+    assert architecture == {"type": "johnson-transformer", "width": 4, "blocks": 1,
+                            "edge_margin": 3}
+    no_margin = tmp_path / "no-margin"
+    assert train(_parse([*common, "--width", "4", "--steps", "1", "--init-from", str(base),
+                         "--edge-margin", "0", "--out", str(no_margin),
+                         "--run-dir", str(tmp_path / "run-no-margin")])) == 0
+    assert "edge_margin" not in json.loads((no_margin / "config.json").read_text())[
+        "architecture"]
 
     with pytest.raises(SystemExit, match=r"width.: 4.*not the .*width.: 8"):
         train(_parse([*common, "--width", "8", "--steps", "1", "--init-from", str(base),

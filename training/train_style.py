@@ -638,6 +638,8 @@ def train(args: argparse.Namespace) -> int:
     }
     if init_from is not None:
         metrics["init_from"] = init_from
+        metrics["note"] += (f"; fine-tuned from {init_from['artifact']} ({init_from['steps']} "
+                            f"steps on {init_from['device']}), whose weights it started from")
     config_extra = {
         "style": style.describe(),
         "input": "RGB float in [0, 1], (N, 3, H, W), any H and W",

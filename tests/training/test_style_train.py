@@ -306,6 +306,8 @@ def test_init_from_fine_tunes_an_exported_artifact(tmp_path: Path) -> None:
     metrics = json.loads((tuned / "metrics.json").read_text())
     assert metrics["init_from"] == {"artifact": "style-stained-tissue@1", "steps": 2,
                                     "device": "cpu, reduced size"}
+    assert metrics["note"].endswith("; fine-tuned from style-stained-tissue@1 (2 steps on "
+                                    "cpu, reduced size), whose weights it started from")
     provenance = json.loads((tuned / "provenance.json").read_text())
     (entry,) = [d for d in provenance["data"] if d["kind"] == "initial weights"]
     assert entry["artifact"] == "style-stained-tissue@1" and len(entry["sha256"]) == 64

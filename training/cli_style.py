@@ -195,6 +195,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", default=str(REPO_ROOT / "docs/images/style_grid.png"),
                         help="README grid image (default: docs/images/style_grid.png; "
                              "'' skips it)")
+    parser.add_argument("--zoom", default="", metavar="PNG",
+                        help="also write the centre of the grid's first photo and of every "
+                             "model's output for it, enlarged 3x (no smoothing: a period-4 "
+                             "grid shows), to this file (default: none)")
+    parser.add_argument("--zoom-crop", type=int, default=96, metavar="PX",
+                        help="side of --zoom's centre crop at --size (default: 96)")
     parser.add_argument("--out", default=str(REPO_ROOT / "out/eval/style"),
                         help="folder for metrics.json (default: out/eval/style)")
     parser.add_argument("--update-metrics", action="store_true",

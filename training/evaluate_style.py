@@ -395,6 +395,10 @@ def fresh_baseline(architecture: Mapping[str, Any], photos: Sequence[np.ndarray]
 
 
 # -- the grid -----------------------------------------------------------------------------
+#: Enlargement of ``--zoom``'s crops.
+ZOOM = 3
+
+
 def style_grid(models: Sequence[StyleModel], photos: Sequence[tuple[str, np.ndarray]],
                cell: int, rows: int, device: torch.device | str = "cpu") -> Image.Image:
     """README grid: a header row of style images, then one row per photo with the photo,
@@ -421,6 +425,29 @@ def style_grid(models: Sequence[StyleModel], photos: Sequence[tuple[str, np.ndar
     if models:
         labels.append(f"{models[0].style_name}, colour kept")
     return image_grid(grid_rows, labels=labels)
+
+
+def zoom_strip(models: Sequence[StyleModel], photo: np.ndarray, crop: int, zoom: int,
+               device: torch.device | str = "cpu") -> Image.Image:
+    """The centre ``crop`` px of ``photo`` and of each model's output for the whole photo,
+    each enlarged ``zoom`` times with nearest neighbours (every output pixel a visible
+    square): where a pattern locked to the network's pixel lattice shows, at the size the
+    measures above were taken."""
+    from training.plots import image_grid
+
+    height, width = photo.shape[:2]
+    if not 0 < crop <= min(height, width) or zoom < 1:
+        raise ValueError(f"--zoom-crop must be 1..{min(height, width)} px and the zoom >= 1, "
+                         f"got {crop} and {zoom}")
+    top, left = (height - crop) // 2, (width - crop) // 2
+
+    def enlarge(image: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(
+            image[top:top + crop, left:left + crop].repeat(zoom, 0).repeat(zoom, 1))
+
+    cells = [enlarge(photo)] + [enlarge(stylise_image(m.module, photo, device)) for m in models]
+    labels = ["photo"] + [f"{m.name}@{m.config.get('version', 1)}" for m in models]
+    return image_grid([cells], labels=labels)
 
 
 # -- the command --------------------------------------------------------------------------
@@ -488,6 +515,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         grid.save(grid_path, optimize=True)
         print(f"[eval] wrote {grid_path} ({grid.width}x{grid.height}, "
               f"{grid_path.stat().st_size / 1e3:.0f} kB)", flush=True)
+    if args.zoom:
+        name, photo = photos[grid_order([n for n, _ in photos])[0]]
+        strip = zoom_strip(models, photo, args.zoom_crop, ZOOM, device)
+        zoom_path = Path(args.zoom)
+        zoom_path.parent.mkdir(parents=True, exist_ok=True)
+        strip.save(zoom_path, optimize=True)
+        print(f"[eval] wrote {zoom_path} (the centre {args.zoom_crop} px of {name} at "
+              f"{args.size} px, x{ZOOM})", flush=True)
     if args.update_metrics:
         from training.export import update_metrics
 

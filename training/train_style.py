@@ -306,14 +306,15 @@ def resolve_recipe(args: argparse.Namespace, device: torch.device) -> dict[str, 
     return values
 
 
-def _gpu_recipe_note(recipe: dict[str, int], steps_run: int, stopped_early: bool) -> str:
-    """How a CUDA run's sizes (with the steps it ran) compare with the paper's recipe (the
-    GPU defaults)."""
+def _recipe_note(recipe: dict[str, int], steps_run: int, stopped_early: bool,
+                 device: str = "a GPU") -> str:
+    """How a run's sizes (with the steps it ran) compare with the paper's recipe (the GPU
+    defaults), on ``device``."""
     ran = {**recipe, "steps": steps_run}
     changed = [f"{key.replace('_', ' ')} {value} (paper: {GPU_RECIPE[key]})"
                for key, value in ran.items() if value != GPU_RECIPE[key]]
-    note = "trained on a GPU with the paper's sizes" if not changed \
-        else "trained on a GPU at changed sizes: " + ", ".join(changed)
+    note = f"trained on {device} with the paper's sizes" if not changed \
+        else f"trained on {device} at changed sizes: " + ", ".join(changed)
     return note + ("; stopped by the clock (--max-minutes)" if stopped_early else "")
 
 
@@ -608,9 +609,9 @@ def train(args: argparse.Namespace) -> int:
         "task": TASK,
         "style": style.name,
         "device": "cpu, reduced size" if on_cpu else f"{device} ({torch.cuda.get_device_name()})",
-        "note": "trained on a 2-core CPU at reduced size (small width, small crops, few "
-                "steps); train on a GPU with the default flags for full quality"
-        if on_cpu else _gpu_recipe_note(recipe, step, stopped_early),
+        "note": _recipe_note(recipe, step, stopped_early, "a CPU") + "; train on a GPU with "
+                "the default flags for full quality"
+        if on_cpu else _recipe_note(recipe, step, stopped_early),
         "steps": step, "steps_planned": steps, "stopped_early": stopped_early,
         "selected_step": selected_step, "grid_margin": args.grid_margin,
         "grid_checks": grid_checks,

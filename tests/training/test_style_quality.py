@@ -23,6 +23,7 @@ from training.evaluate_style import (
     nyquist_ratio,
     resize_short_side,
     stylise_image,
+    zoom_strip,
 )
 
 pytest.importorskip("skimage")
@@ -137,3 +138,19 @@ def test_committed_models_move_gram_statistics_towards_their_style(
             assert result[f"gram_ratio_{layer}"] < 1.0, (model.name, layer, result)
         for layer in StyleMeasures.CONTENT_LAYERS:
             assert result[f"content_{layer}_ratio"] < MAX_CONTENT_RATIO, (model.name, result)
+
+
+def test_zoom_strip_enlarges_the_centre_of_the_photo_and_of_each_output(
+        committed: list[StyleModel], heldout_photos: list[np.ndarray]) -> None:
+    photo = heldout_photos[0]
+    strip = np.asarray(zoom_strip(committed[:2], photo, crop=32, zoom=3))
+    cell, gap, label = 96, 4, 16
+    assert strip.shape == (label + cell, 3 * cell + 2 * gap, 3)
+    top, left = (photo.shape[0] - 32) // 2, (photo.shape[1] - 32) // 2
+    centre = photo[top:top + 32, left:left + 32]
+    assert np.array_equal(strip[label:, :cell], centre.repeat(3, 0).repeat(3, 1))
+    output = stylise_image(committed[1].module, photo)[top:top + 32, left:left + 32]
+    second = strip[label:, 2 * (cell + gap):]
+    assert np.array_equal(second[::3, ::3], output)
+    with pytest.raises(ValueError, match="zoom-crop"):
+        zoom_strip(committed[:1], photo, crop=4096, zoom=3)

@@ -369,12 +369,15 @@ def test_export_then_build_round_trip(tmp_path: Path) -> None:
     assert torch.equal(again, via_loader)
 
 
-def test_gpu_note_names_what_differs_from_the_paper() -> None:
-    from training.cli_style import GPU_RECIPE
-    from training.train_style import _gpu_recipe_note
+def test_recipe_note_names_what_differs_from_the_paper() -> None:
+    from training.cli_style import CPU_RECIPE, GPU_RECIPE
+    from training.train_style import _recipe_note
 
-    assert _gpu_recipe_note(dict(GPU_RECIPE), GPU_RECIPE["steps"], False) == \
+    assert _recipe_note(dict(GPU_RECIPE), GPU_RECIPE["steps"], False) == \
         "trained on a GPU with the paper's sizes"
-    note = _gpu_recipe_note({**GPU_RECIPE, "width": 16}, 6373, True)
+    note = _recipe_note({**GPU_RECIPE, "width": 16}, 6373, True)
     assert "width 16 (paper: 32)" in note and "steps 6373 (paper: 40000)" in note
     assert note.endswith("stopped by the clock (--max-minutes)")
+    assert _recipe_note(dict(CPU_RECIPE), 540, False, "a CPU") == (
+        "trained on a CPU at changed sizes: size 128 (paper: 256), width 16 (paper: 32), "
+        "steps 540 (paper: 40000), batch size 2 (paper: 4)")

@@ -126,8 +126,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     loss.add_argument("--grid-weight", type=float, default=0.0,
                       help="weight of the grid penalty: how far the output's spectral peaks "
                            "at periods 2 and 4 (the network's pixel lattice) rise above the "
-                           "photo's, as a log ratio (default: 0 = off; 2e4 makes a ratio of "
-                           "4 cost about what total variation does)")
+                           "photo's, as a log ratio (default: 0 = off, the paper's loss; "
+                           "5e3 took starry-night's period-4 ratio from 4.05 to 0.67 in a "
+                           "300-step fine-tune, its style ratio unchanged)")
     run = parser.add_argument_group("run")
     run.add_argument("--out", default=None,
                      help="artifact folder (default: models/style-NAME)")

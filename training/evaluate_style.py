@@ -473,6 +473,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from training.train_superres import choose_device
 
     device = choose_device(args.device)
+    if args.zoom and args.zoom_crop < 1:
+        raise ValueError(f"--zoom-crop must be at least 1 px, got {args.zoom_crop}")
     model_dirs = [Path(p) for p in args.models] if args.models else default_model_dirs()
     if not model_dirs:
         raise FileNotFoundError("no style artifacts found (models/style-*); train one with "

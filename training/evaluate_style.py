@@ -79,16 +79,11 @@ def _nyquist_lines(power: np.ndarray) -> float:
 
 def _line_peak(power: np.ndarray, row: int, col: int, band: int | None) -> float:
     """Mean power on row ``row`` and column ``col`` of the spectrum over the mean power
-    on the ``band`` rows and columns on either side of them."""
-    height, width = power.shape
-    band = band or max(2, min(height, width) // 32)
-    offsets = [d for d in range(-band, band + 1) if d]
-    rows = [(row + d) % height for d in offsets]
-    cols = [(col + d) % width for d in offsets]
-    lines = (power[row, :].sum() + power[:, col].sum()) / (width + height)
-    neighbours = (power[rows, :].sum() + power[:, cols].sum()) / (len(rows) * width
-                                                                  + len(cols) * height)
-    return float(lines / neighbours) if neighbours > 0 else 0.0
+    on the ``band`` rows and columns on either side of them (the training loss's measure,
+    :func:`training.perceptual.losses.spectral_line_peak`, in float64)."""
+    from training.perceptual.losses import spectral_line_peak
+
+    return float(spectral_line_peak(torch.from_numpy(power), row, col, band))
 
 
 def nyquist_energy(image: np.ndarray) -> float:

@@ -144,15 +144,25 @@ def grid_line_peaks(image: Tensor, period: int, band: int | None = None) -> Tens
     x = image.float()
     spectrum = torch.fft.fft2(x - x.mean(dim=(-2, -1), keepdim=True))
     power = (spectrum.real.square() + spectrum.imag.square()).sum(1)  # (N, H, W)
-    row, col = height // period, width // period
+    return spectral_line_peak(power, height // period, width // period, band)
+
+
+def spectral_line_peak(power: Tensor, row: int, col: int, band: int | None = None) -> Tensor:
+    """(..., H, W) power spectra -> (...): the mean power on row ``row`` and column ``col``
+    over the mean power on the ``band`` rows and columns on either side of them (default:
+    1/32 of the shorter side, at least 2); 0 where those neighbours hold no power. The
+    measure behind :func:`grid_line_peaks` and ``training.evaluate_style``'s Nyquist and
+    quarter-frequency peaks."""
+    height, width = power.shape[-2:]
     band = band or max(2, min(height, width) // 32)
     offsets = [d for d in range(-band, band + 1) if d]
     rows = [(row + d) % height for d in offsets]
     cols = [(col + d) % width for d in offsets]
-    lines = (power[:, row, :].sum(-1) + power[:, :, col].sum(-1)) / (width + height)
-    neighbours = (power[:, rows, :].sum((-2, -1)) + power[:, :, cols].sum((-2, -1))) / (
+    lines = (power[..., row, :].sum(-1) + power[..., :, col].sum(-1)) / (width + height)
+    neighbours = (power[..., rows, :].sum((-2, -1)) + power[..., :, cols].sum((-2, -1))) / (
         len(rows) * width + len(cols) * height)
-    return lines / neighbours.clamp_min(torch.finfo(torch.float32).tiny)
+    positive = neighbours > 0
+    return torch.where(positive, lines / torch.where(positive, neighbours, 1.0), 0.0)
 
 
 def grid_loss(output: Tensor, content: Tensor, periods: tuple[int, ...] = (2, 4)) -> Tensor:
@@ -165,6 +175,8 @@ def grid_loss(output: Tensor, content: Tensor, periods: tuple[int, ...] = (2, 4)
                          "differ in shape")
     terms = []
     for period in periods:
-        ratio = grid_line_peaks(output, period) / grid_line_peaks(content.detach(), period)
-        terms.append(F.relu(torch.log(ratio.clamp_min(torch.finfo(torch.float32).tiny))))
+        tiny = torch.finfo(torch.float32).tiny
+        ratio = grid_line_peaks(output, period) / grid_line_peaks(
+            content.detach(), period).clamp_min(tiny)
+        terms.append(F.relu(torch.log(ratio.clamp_min(tiny))))
     return torch.stack(terms).mean()

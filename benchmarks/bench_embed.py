@@ -6,15 +6,20 @@ python -m benchmarks.bench_embed [--quick]
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from benchmarks.common import RESULTS, machine, markdown_table, peak_rss_mb, served, server_process
+from benchmarks.common import (
+    machine,
+    markdown_table,
+    peak_rss_mb,
+    run_as_script,
+    served,
+    server_process,
+)
 from benchmarks.image_models import photo, png
 from percept.v1 import embed_pb2, embed_pb2_grpc
 from services import client
@@ -102,9 +107,4 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    outcome = run(parser.parse_args().quick)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "embed.json").write_text(json.dumps(outcome, indent=2))
-    print(markdown(outcome))
+    run_as_script("embed", __doc__, run, markdown)

@@ -11,10 +11,8 @@ python -m benchmarks.bench_png [--quick]
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import RESULTS, interleaved_medians, machine, markdown_table
+from benchmarks.common import interleaved_medians, machine, markdown_table, run_as_script
 from benchmarks.image_models import photo
 from services.common import png
 
@@ -88,9 +86,4 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    outcome = run(parser.parse_args().quick)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "png.json").write_text(json.dumps(outcome, indent=2))
-    print(markdown(outcome))
+    run_as_script("png", __doc__, run, markdown)

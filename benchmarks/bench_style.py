@@ -6,12 +6,10 @@ python -m benchmarks.bench_style [--quick]
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from typing import Any
 
-from benchmarks.common import RESULTS, machine, served
+from benchmarks.common import machine, run_as_script, served
 from benchmarks.image_models import bench, one_per_architecture, photo, png, report
 from percept.v1 import style_pb2
 from services import client
@@ -71,9 +69,4 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    outcome = run(parser.parse_args().quick)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "style.json").write_text(json.dumps(outcome, indent=2))
-    print(markdown(outcome))
+    run_as_script("style", __doc__, run, markdown)

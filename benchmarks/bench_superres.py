@@ -6,12 +6,10 @@ python -m benchmarks.bench_superres [--quick]
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from typing import Any
 
-from benchmarks.common import RESULTS, peak_rss_mb, server_process
+from benchmarks.common import peak_rss_mb, run_as_script, server_process
 from benchmarks.image_models import bench, photo, png, report
 from services import client
 from services.common.artifacts import list_artifacts
@@ -61,9 +59,4 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    outcome = run(parser.parse_args().quick)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "superres.json").write_text(json.dumps(outcome, indent=2))
-    print(markdown(outcome))
+    run_as_script("superres", __doc__, run, markdown)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import statistics
@@ -18,6 +20,19 @@ from services.common.server import RunningServer, start_in_thread
 from training.assets import REPO_ROOT
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_as_script(name: str, description: str | None,
+                  run: Callable[[bool], dict[str, Any]],
+                  markdown: Callable[[dict[str, Any]], str]) -> None:
+    """``python -m benchmarks.bench_NAME [--quick]``: runs one benchmark, saves
+    ``results/NAME.json`` and prints its table."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true")
+    outcome = run(parser.parse_args().quick)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(outcome, indent=2))
+    print(markdown(outcome))
 
 
 def machine() -> dict[str, Any]:

@@ -96,8 +96,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--init-from", metavar="ARTIFACT", default=None,
                        help="fine-tune: start from the weights of this exported style "
                             "artifact (a folder such as models/style-NAME, whose "
-                            "architecture must match --width, --blocks and --upsample) "
-                            "instead of a fresh net")
+                            "--width and --blocks must match; --upsample may differ, the "
+                            "weights carry over) instead of a fresh net")
     model.add_argument("--edge-margin", type=int, default=None, metavar="PX",
                        help="inference-only reflected border, cropped away again, written to "
                             "config.json (default: that of the --init-from artifact, else 0; "

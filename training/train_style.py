@@ -379,17 +379,30 @@ def load_initial_weights(model: nn.Module, path: Path, architecture: dict[str, A
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise SystemExit(f"error: --init-from {path}: not a loadable artifact "
                          f"({type(error).__name__}: {error})") from error
-    # edge_margin only changes inference; the weights are the same either way
-    theirs = {k: v for k, v in config["architecture"].items() if k != "edge_margin"}
-    if theirs != architecture:
-        raise SystemExit(f"error: --init-from {path} holds {theirs}, not the {architecture} "
-                         "being trained (set --width, --blocks and --upsample to match)")
+    # edge_margin only changes inference, and upsample only the interpolation before the
+    # decoder's convolutions: the weights have the same shapes either way (a fine-tune can
+    # move a bilinear net to the cheaper-to-serve nearest upsampling, training/nets/folding.py)
+    def weight_shapes(arch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in arch.items() if k not in ("edge_margin", "upsample")}
+
+    theirs = weight_shapes(config["architecture"])
+    if theirs != weight_shapes(architecture):
+        raise SystemExit(f"error: --init-from {path} holds {theirs}, not the "
+                         f"{weight_shapes(architecture)} being trained (set --width and "
+                         "--blocks to match)")
+    their_upsample = config["architecture"].get("upsample", "nearest")
+    our_upsample = architecture.get("upsample", "nearest")
+    if their_upsample != our_upsample:
+        print(f"[train] --init-from {path} upsampled with {their_upsample}; this run trains "
+              f"it with {our_upsample} upsampling", flush=True)
     model.load_state_dict(source.state_dict())
     tag = f"{config['name']}@{config['version']}"
     metrics = json.loads((path / "metrics.json").read_text()) \
         if (path / "metrics.json").is_file() else {}
     info = {"artifact": tag, "steps": metrics.get("selected_step", metrics.get("steps")),
             "device": metrics.get("device")}
+    if their_upsample != our_upsample:
+        info["upsample"] = their_upsample
     entry = data_entry(path / config.get("weights", WEIGHTS), kind="initial weights",
                        artifact=tag)
     return info, entry, int(config["architecture"].get("edge_margin", 0))
@@ -641,6 +654,9 @@ def train(args: argparse.Namespace) -> int:
         metrics["init_from"] = init_from
         metrics["note"] += (f"; fine-tuned from {init_from['artifact']} ({init_from['steps']} "
                             f"steps on {init_from['device']}), whose weights it started from")
+        if "upsample" in init_from:
+            metrics["note"] += (f" ({init_from['upsample']} upsampling there, "
+                                f"{args.upsample} here)")
     config_extra = {
         "style": style.describe(),
         "input": "RGB float in [0, 1], (N, 3, H, W), any H and W",

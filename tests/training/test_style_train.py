@@ -285,8 +285,8 @@ def test_a_state_that_paints_a_grid_is_not_exported(tmp_path: Path,
 def test_init_from_fine_tunes_an_exported_artifact(tmp_path: Path) -> None:
     """--init-from starts from an artifact's weights (with a learning rate of 0 they come
     out unchanged), records it in metrics.json and provenance, keeps its edge_margin unless
-    --edge-margin says otherwise, and refuses an artifact of another architecture or a run
-    that also resumes."""
+    --edge-margin says otherwise, may switch its upsampling, and refuses an artifact of
+    other weight shapes or a run that also resumes."""
     from training.train_style import train
 
     prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 40))
@@ -320,6 +320,16 @@ def test_init_from_fine_tunes_an_exported_artifact(tmp_path: Path) -> None:
                          "--run-dir", str(tmp_path / "run-no-margin")])) == 0
     assert "edge_margin" not in json.loads((no_margin / "config.json").read_text())[
         "architecture"]
+    # The upsampling may change (the weights have the same shapes): the note says so.
+    bilinear = tmp_path / "bilinear"
+    assert train(_parse([*common, "--width", "4", "--steps", "1", "--init-from", str(base),
+                         "--upsample", "bilinear", "--out", str(bilinear),
+                         "--run-dir", str(tmp_path / "run-bilinear")])) == 0
+    assert json.loads((bilinear / "config.json").read_text())["architecture"][
+        "upsample"] == "bilinear"
+    metrics = json.loads((bilinear / "metrics.json").read_text())
+    assert metrics["init_from"]["upsample"] == "nearest"
+    assert metrics["note"].endswith("(nearest upsampling there, bilinear here)")
 
     with pytest.raises(SystemExit, match=r"width.: 4.*not the .*width.: 8"):
         train(_parse([*common, "--width", "8", "--steps", "1", "--init-from", str(base),

@@ -129,6 +129,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                            "photo's, as a log ratio (default: 0 = off, the paper's loss; "
                            "5e3 took starry-night's period-4 ratio from 4.05 to 0.67 in a "
                            "300-step fine-tune, its style ratio unchanged)")
+    loss.add_argument("--tile-weight", type=float, default=0.0,
+                      help="weight of the tile-consistency term: the net run on a window "
+                           "of 5/8 of the crop should paint what it painted there on the "
+                           "whole crop (mean squared difference, 16 px from the window's "
+                           "edges), so that tiled serving agrees with one pass (default: 0 "
+                           "= off)")
     run = parser.add_argument_group("run")
     run.add_argument("--out", default=None,
                      help="artifact folder (default: models/style-NAME)")

@@ -8,12 +8,15 @@ Super-Resolution" (ECCV), sec. 3 and 4.1: an image-transformation network
   + style_weight   * sum_l w_l ||G_l(y_hat) - G_l(y_s)||_F^2            (eqs. 3-4)
   + tv_weight      * TV(y_hat)                                         (sec. 3.3)
   + grid_weight    * grid(y_hat, y_c)                                  (ours, off by default)
+  + tile_weight    * ||f(y_c[window]) - y_hat[window]||^2               (ours, off by default)
 
 with the Gram matrices of the one style image y_s at relu1_2, relu2_2, relu3_3 and relu4_3
 of VGG (here VGG19), each style layer with its own weight w_l (the lecture's per-layer
 style weights). The losses are :mod:`training.perceptual.losses`; ``grid`` is our penalty
 on period-2 and period-4 spectral peaks that the output has and the photo has not
-(:func:`training.perceptual.losses.grid_loss`).
+(:func:`training.perceptual.losses.grid_loss`); ``tile`` asks the net f to paint on a window
+of the crop what it painted there on the whole crop (:func:`tile_consistency`), which is
+what tiled serving needs of an instance-normalised net.
 
 Content photos are the prepared arrays of the training photos (``percept data prepare``;
 never the held-out ones: :func:`training.data.arrays.load_prepared` refuses them), cut
@@ -46,6 +49,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from training import nets
@@ -408,6 +412,34 @@ def load_initial_weights(model: nn.Module, path: Path, architecture: dict[str, A
     return info, entry, int(config["architecture"].get("edge_margin", 0))
 
 
+#: tile_consistency: the window's side as a fraction of the crop, and the pixels along its
+#: edges left out of the comparison (where the window's own reflection padding shows).
+TILE_FRACTION = 5 / 8
+TILE_MARGIN = 16
+
+
+def tile_consistency(model: nn.Module, content: Tensor, output: Tensor,
+                     rng: np.random.Generator) -> Tensor:
+    """Mean squared difference between the net's output for a random window of ``content``
+    (``TILE_FRACTION`` of its side, at a multiple of 4 px) and ``output``, its output for
+    the whole crop, over the same region less ``TILE_MARGIN`` px along the window's edges.
+    Instance normalisation makes the two differ (each sees its own statistics): this is
+    what tiled serving changes, and the term trains the net to depend on it less. The whole
+    crop's output is the target (no gradient through it)."""
+    height, width = content.shape[-2:]
+    side = int(min(height, width) * TILE_FRACTION) // 4 * 4
+    if side <= 2 * TILE_MARGIN:
+        raise ValueError(f"--tile-weight compares windows of 5/8 of the crop, less "
+                         f"{TILE_MARGIN} px along their edges: crops of {height}x{width} px "
+                         "are too small")
+    y0 = int(rng.integers(0, (height - side) // 4 + 1)) * 4
+    x0 = int(rng.integers(0, (width - side) // 4 + 1)) * 4
+    window = model(content[..., y0:y0 + side, x0:x0 + side])
+    inner = slice(TILE_MARGIN, side - TILE_MARGIN)
+    target = output[..., y0:y0 + side, x0:x0 + side].detach()
+    return F.mse_loss(window[..., inner, inner].float(), target[..., inner, inner].float())
+
+
 def _use_channels_last(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
@@ -419,6 +451,8 @@ def train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     recipe = resolve_recipe(args, device)
+    if args.tile_weight < 0:
+        raise ValueError(f"--tile-weight must be >= 0, got {args.tile_weight}")
     if args.grid_weight and recipe["size"] % 4:
         raise ValueError(f"--grid-weight measures period-4 patterns: --size must be a "
                          f"multiple of 4, got {recipe['size']}")
@@ -432,6 +466,7 @@ def train(args: argparse.Namespace) -> int:
 
     prepared = load_prepared(Path(args.data))
     sampler = ContentSampler(prepared, recipe["size"], args.min_scale, seed=args.seed)
+    tile_rng = np.random.default_rng(args.seed + 1)
     val_content = sampler.fixed(args.val_items)
     style_rgb = load_style_image(style.path, args.style_size)
 
@@ -573,6 +608,11 @@ def train(args: argparse.Namespace) -> int:
         with autocast:
             output = model(content)
             loss, terms, raw = criterion(output, content)
+            if args.tile_weight > 0:
+                tile = tile_consistency(model, content, output, tile_rng)
+                loss = loss + args.tile_weight * tile
+                terms["tile"] = args.tile_weight * float(tile.detach())
+                raw["tile"] = float(tile.detach())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -638,6 +678,7 @@ def train(args: argparse.Namespace) -> int:
         "loss_weights": {"content": args.content_weight, "content_layer": args.content_layer,
                          "style": args.style_weight, "style_layers": layer_weights,
                          "tv": args.tv_weight, "grid": args.grid_weight,
+                         "tile": args.tile_weight,
                          "vgg_pooling": args.vgg_pooling},
         "train_seconds": round(train_seconds, 1),
         "cpu_seconds": round(cpu_seconds, 1),
@@ -666,6 +707,7 @@ def train(args: argparse.Namespace) -> int:
         "loss": {"content_layer": args.content_layer, "style_layers": layer_weights,
                  "content_weight": args.content_weight, "style_weight": args.style_weight,
                  "tv_weight": args.tv_weight, "grid_weight": args.grid_weight,
+                 "tile_weight": args.tile_weight,
                  "style_size": args.style_size,
                  "vgg_pooling": args.vgg_pooling},
     }

@@ -86,6 +86,35 @@ def test_three_training_steps_lower_the_loss() -> None:
     assert np.isfinite(after) and after < before, (before, after)
 
 
+def test_tile_consistency_is_zero_without_normalisation_and_trains_the_window() -> None:
+    """A net without normalisation paints the same on a window as on the whole crop away
+    from the window's edges (the term is 0); an instance-normalised one does not, the
+    gradient reaches its weights through the window and not through the whole-crop
+    target; crops too small for the window and its margin are refused."""
+    from torch import nn
+
+    from training.train_style import tile_consistency
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    content = torch.rand(2, 3, 96, 96)
+    plain = nn.Sequential(nn.ReflectionPad2d(2), nn.Conv2d(3, 3, 5))
+    with torch.no_grad():
+        assert float(tile_consistency(plain, content, plain(content), rng)) < 1e-12
+
+    net = nets.build({"type": "johnson-transformer", "width": 4, "blocks": 1})
+    output = net(content)
+    term = tile_consistency(net, content, output, rng)
+    assert float(term.detach()) > 1e-6
+    (through_target,) = torch.autograd.grad(term, output, retain_graph=True,
+                                            allow_unused=True)
+    assert through_target is None
+    term.backward()
+    assert all(p.grad is not None for p in net.parameters())
+    with pytest.raises(ValueError, match="too small"):
+        tile_consistency(net, content[..., :48, :48], output[..., :48, :48], rng)
+
+
 @needs_vgg
 def test_grid_weight_adds_the_grid_term_to_the_total() -> None:
     from training.train_style import PerceptualStyleLoss
@@ -342,6 +371,31 @@ def test_init_from_fine_tunes_an_exported_artifact(tmp_path: Path) -> None:
         train(_parse([*common, "--width", "4", "--steps", "1", "--init-from", str(base),
                       "--resume", "--out", str(tmp_path / "both"),
                       "--run-dir", str(tmp_path / "run-base")]))
+
+
+@needs_vgg
+def test_a_run_with_a_tile_weight_records_the_term(tmp_path: Path) -> None:
+    """--tile-weight adds the tile-consistency term: it shows in the loss history, in
+    metrics.json's weights and in config.json; a negative weight is refused."""
+    from training.train_style import train
+
+    prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 64))
+    common = ["--style", "stained-tissue", "--data", str(prepared), "--size", "64",
+              "--width", "4", "--blocks", "1", "--batch-size", "1", "--style-size", "48",
+              "--device", "cpu", "--quiet", "--val-items", "1", "--sample-every", "0",
+              "--checkpoint-every", "0", "--steps", "2"]
+    out = tmp_path / "tiled"
+    assert train(_parse([*common, "--tile-weight", "1e3", "--out", str(out),
+                         "--run-dir", str(tmp_path / "run")])) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["loss_weights"]["tile"] == 1e3
+    assert metrics["final_loss_unweighted"]["tile"] > 0
+    assert metrics["final_loss_weighted"]["tile"] == pytest.approx(
+        1e3 * metrics["final_loss_unweighted"]["tile"])
+    assert json.loads((out / "config.json").read_text())["loss"]["tile_weight"] == 1e3
+    with pytest.raises(ValueError, match="--tile-weight must be >= 0"):
+        train(_parse([*common, "--tile-weight", "-1", "--out", str(tmp_path / "bad"),
+                      "--run-dir", str(tmp_path / "run-bad")]))
 
 
 def test_refuses_a_prepared_folder_of_heldout_photos(tmp_path: Path) -> None:

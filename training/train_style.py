@@ -418,6 +418,17 @@ TILE_FRACTION = 5 / 8
 TILE_MARGIN = 16
 
 
+def tile_window_side(crop: int) -> int:
+    """The side of :func:`tile_consistency`'s window for crops of ``crop`` px (ValueError
+    when the window would have nothing left to compare)."""
+    side = int(crop * TILE_FRACTION) // 4 * 4
+    if side <= 2 * TILE_MARGIN:
+        raise ValueError(f"--tile-weight compares windows of 5/8 of the crop, less "
+                         f"{TILE_MARGIN} px along their edges: crops of {crop} px are too "
+                         "small")
+    return side
+
+
 def tile_consistency(model: nn.Module, content: Tensor, output: Tensor,
                      rng: np.random.Generator) -> Tensor:
     """Mean squared difference between the net's output for a random window of ``content``
@@ -427,11 +438,7 @@ def tile_consistency(model: nn.Module, content: Tensor, output: Tensor,
     what tiled serving changes, and the term trains the net to depend on it less. The whole
     crop's output is the target (no gradient through it)."""
     height, width = content.shape[-2:]
-    side = int(min(height, width) * TILE_FRACTION) // 4 * 4
-    if side <= 2 * TILE_MARGIN:
-        raise ValueError(f"--tile-weight compares windows of 5/8 of the crop, less "
-                         f"{TILE_MARGIN} px along their edges: crops of {height}x{width} px "
-                         "are too small")
+    side = tile_window_side(min(height, width))
     y0 = int(rng.integers(0, (height - side) // 4 + 1)) * 4
     x0 = int(rng.integers(0, (width - side) // 4 + 1)) * 4
     window = model(content[..., y0:y0 + side, x0:x0 + side])
@@ -453,6 +460,8 @@ def train(args: argparse.Namespace) -> int:
     recipe = resolve_recipe(args, device)
     if args.tile_weight < 0:
         raise ValueError(f"--tile-weight must be >= 0, got {args.tile_weight}")
+    if args.tile_weight:
+        tile_window_side(recipe["size"])  # refuses crops too small now, not at step 1
     if args.grid_weight and recipe["size"] % 4:
         raise ValueError(f"--grid-weight measures period-4 patterns: --size must be a "
                          f"multiple of 4, got {recipe['size']}")
@@ -466,7 +475,6 @@ def train(args: argparse.Namespace) -> int:
 
     prepared = load_prepared(Path(args.data))
     sampler = ContentSampler(prepared, recipe["size"], args.min_scale, seed=args.seed)
-    tile_rng = np.random.default_rng(args.seed + 1)
     val_content = sampler.fixed(args.val_items)
     style_rgb = load_style_image(style.path, args.style_size)
 
@@ -609,7 +617,8 @@ def train(args: argparse.Namespace) -> int:
             output = model(content)
             loss, terms, raw = criterion(output, content)
             if args.tile_weight > 0:
-                tile = tile_consistency(model, content, output, tile_rng)
+                # the sampler's generator: checkpointed, so --resume picks the same windows
+                tile = tile_consistency(model, content, output, sampler.rng)
                 loss = loss + args.tile_weight * tile
                 terms["tile"] = args.tile_weight * float(tile.detach())
                 raw["tile"] = float(tile.detach())

@@ -208,6 +208,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "grid shows), to this file (default: none)")
     parser.add_argument("--zoom-crop", type=int, default=96, metavar="PX",
                         help="side of --zoom's centre crop at --size (default: 96)")
+    parser.add_argument("--tiling", type=int, default=0, metavar="PX",
+                        help="also resize each photo to 1100x700 and stylise it in PX-px "
+                             "tiles with the service's tiler and whole: PSNR of one against "
+                             "the other, and against the whole result shifted 2 px "
+                             "(576 as the service test; default: 0, off)")
     parser.add_argument("--out", default=str(REPO_ROOT / "out/eval/style"),
                         help="folder for metrics.json (default: out/eval/style)")
     parser.add_argument("--update-metrics", action="store_true",

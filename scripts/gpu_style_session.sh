@@ -4,7 +4,10 @@
 #      channels_last, torch.compile and CUDA graphs at 1024 and 512 px);
 #   2. training every default style on the GPU, all three processes at once, for the time
 #      that is left, the learning rate annealed by the clock (--time-schedule), with the
-#      grid penalty (--grid-weight 5e3: the H200 run without it painted period-4 grids);
+#      grid penalty (--grid-weight 5e3: the H200 run without it painted period-4 grids) and
+#      the tile-consistency term (--tile-weight, TILE_WEIGHT, default 4e6: the H200 run
+#      without it gave a the-scream that tiled little better than a 2 px shift; on the CPU
+#      4e6 raised a fine-tune's held-out tiling gap from 1.0 to 4.2 dB, README);
 #      the training images are prepared there from data/photos/train.
 # Everything it reports goes to $OUT: env.txt, bench.log, style_gpu.json, train.tar.gz.
 #
@@ -42,7 +45,8 @@ for style in starry-night the-scream stained-tissue; do
     timeout $(python3 -c "print(int($minutes * 60 + 90))") \
         python3 -m training.cli_style train --style "$style" --device "$device" \
         --width 16 --size 256 --batch-size 8 --steps 20000 --max-minutes "$minutes" \
-        --time-schedule --grid-weight 5e3 --sample-every 1000 \
+        --time-schedule --grid-weight 5e3 --tile-weight "${TILE_WEIGHT:-4e6}" \
+        --sample-every 1000 \
         --checkpoint-every 100000 --out "/tmp/train/models/style-$style" \
         --run-dir "/tmp/train/runs/style-$style" "${train_args[@]}" \
         >"/tmp/train/$style.log" 2>&1 &

@@ -46,8 +46,10 @@ def run(quick: bool = False) -> dict[str, Any]:
             client.stylize(channel, style_pb2.StylizeRequest(image=data, style=name),
                            timeout=3600)
 
+        # The served rows come from `percept serve style` processes, as deployed.
         entry = bench("style", model, call, sizes=[256, 512] if quick else [256, 512, 1024],
-                      repeats=3 if quick else 5, compile_too=not quick, batch_size=128)
+                      repeats=3 if quick else 5, compile_too=not quick, batch_size=128,
+                      server_processes=True)
         entry["architecture"] = read_config(models / model)["architecture"]
         result["fast"].append(entry)
     result["gatys"] = gatys(20 if quick else 60, 256)

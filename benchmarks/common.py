@@ -112,9 +112,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def server_process(service: str) -> Iterator[tuple[Any, Any]]:
-    """`percept serve SERVICE` in a subprocess (its memory is its own); yields (process,
-    channel) once it is SERVING, and stops it afterwards."""
+def server_process(service: str, *flags: str) -> Iterator[tuple[Any, Any]]:
+    """`percept serve SERVICE [FLAGS]` in a subprocess (its memory and its allocator
+    settings are its own); yields (process, channel) once it is SERVING, and stops it
+    afterwards."""
     import subprocess
     import sys
 
@@ -123,7 +124,8 @@ def server_process(service: str) -> Iterator[tuple[Any, Any]]:
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", service,
                                 "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
-                                "0", "--log-format", "text", "--log-level", "warning"],
+                                "0", "--log-format", "text", "--log-level", "warning",
+                                *flags],
                                cwd=REPO_ROOT, env={**os.environ, "GRPC_VERBOSITY": "ERROR"})
     try:
         channel = client.connect(f"127.0.0.1:{port}")

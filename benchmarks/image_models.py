@@ -15,7 +15,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import interleaved_medians, machine, markdown_table, served
+from benchmarks.common import (
+    interleaved_medians,
+    machine,
+    markdown_table,
+    served,
+    server_process,
+)
 from services import client
 from services.common.artifacts import load_artifact
 from training.assets import REPO_ROOT
@@ -106,9 +112,12 @@ class ServedNetwork:
 
 
 def latency(service: str, model: str, sizes: list[int], repeats: int, call: Any,
-            compile_too: bool) -> list[dict[str, Any]]:
+            compile_too: bool, server_processes: bool = False) -> list[dict[str, Any]]:
     """Median latency per size: eager fp32 vs the served path (and compiled, if asked), and
-    the served form of the network alone (no gRPC, no PNG)."""
+    the served form of the network alone (no gRPC, no PNG). With ``server_processes`` the
+    servers are `percept serve` processes, as deployed (their allocator settings,
+    ``--retain-memory``, apply there and not to the baseline in this process); otherwise
+    they run in this process."""
     artifact = load_artifact(REPO_ROOT / "models", model, torch.device("cpu"))
     eager = artifact.module.float().eval()
     network = ServedNetwork(service, model)
@@ -116,8 +125,12 @@ def latency(service: str, model: str, sizes: list[int], repeats: int, call: Any,
     configs = {"served": {"compile": "off"}}
     if compile_too:
         configs["served+compile"] = {"compile": "on"}
-    servers = {name: served(service, **cfg) for name, cfg in configs.items()}
-    running = {name: ctx.__enter__() for name, ctx in servers.items()}
+    servers: dict[str, Any] = {
+        name: (server_process(service, "--compile", cfg["compile"]) if server_processes
+               else served(service, **cfg)) for name, cfg in configs.items()}
+    entered = {name: ctx.__enter__() for name, ctx in servers.items()}
+    running = {name: client.connect(value.target) if not server_processes else value[1]
+               for name, value in entered.items()}
     try:
         for size in sizes:
             image = photo(size)
@@ -125,8 +138,7 @@ def latency(service: str, model: str, sizes: list[int], repeats: int, call: Any,
             actions: dict[str, Callable[[], object]] = {
                 "eager fp32": functools.partial(eager_forward, eager, image),
                 "network only (served form, no gRPC/PNG)": functools.partial(network, image)}
-            for name, server in running.items():
-                channel = client.connect(server.target)
+            for name, channel in running.items():
                 actions[name] = functools.partial(call, channel, data)
             # A 256 px image takes a tenth of a second: three times the repeats there cost
             # little and steady the medians most exposed to the machine's noise.
@@ -176,7 +188,9 @@ def report(title: str, result: dict[str, Any]) -> str:
 
 
 def bench(service: str, model: str, call: Any, *, sizes: list[int], repeats: int,
-          compile_too: bool, batch_size: int) -> dict[str, Any]:
-    return {"machine": machine(), "model": model,
-            "latency": latency(service, model, sizes, repeats, call, compile_too),
+          compile_too: bool, batch_size: int, server_processes: bool = False
+          ) -> dict[str, Any]:
+    return {"machine": machine(), "model": model, "server_processes": server_processes,
+            "latency": latency(service, model, sizes, repeats, call, compile_too,
+                               server_processes),
             "batching": batching(service, call, batch_size, 32, 8)}

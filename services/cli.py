@@ -56,10 +56,15 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
 
 # -- serving -----------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
+    from services.common.allocator import retain_freed_memory
     from services.common.config import config_from_args
+
+    config = config_from_args(args.name, args)
+    if config.retain_memory:  # before the server's threads first allocate
+        retain_freed_memory()
     from services.common.server import run_server
 
-    return run_server(config_from_args(args.name, args))
+    return run_server(config)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

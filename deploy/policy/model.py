@@ -82,6 +82,7 @@ SERVER_FLAGS = (
     "cuda-graphs",
     "style-tile",
     "warmup",
+    "retain-memory",
     "word-vectors",
     "word-vectors-format",
     "search-index",

@@ -50,6 +50,7 @@ class ServerConfig:
     cuda_graphs: bool = True
     style_tile: int = 1088
     warmup: bool = True
+    retain_memory: bool = True
     word_vectors: str = ""
     word_vectors_format: str = "auto"
     # search index: services/search/vector_index.py IndexSettings, chosen by make bench
@@ -170,6 +171,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "style: tile side in pixels for fast style nets; larger images go through in "
         "overlapping tiles (memory grows with its square)")
     add("--warmup", _parse_bool, base.warmup, "run one warm-up inference before reporting SERVING")
+    add("--retain-memory", _parse_bool, base.retain_memory,
+        "glibc: keep memory freed by a forward pass for the next request (one malloc arena, "
+        "no mmap below 1 GiB, no trim below 2 GiB) instead of returning it to the kernel "
+        "and faulting it back in; off keeps glibc's defaults")
     add("--word-vectors", str, base.word_vectors,
         "embed: a word2vec/GloVe/fastText .vec file whose vectors replace the MiniLM noun "
         "vectors (text, nouns and DeViSE maps trained against that file); empty = MiniLM")

@@ -64,14 +64,18 @@ def median_seconds(action: Callable[[], object], repeats: int, warmup: int = 1) 
 
 
 def interleaved_medians(actions: Mapping[str, Callable[[], object]], repeats: int,
-                        warmup: int = 1) -> dict[str, float]:
-    """Times several variants round-robin, so load drifts hit all of them alike."""
+                        warmup: int = 1, settle_s: float = 0.0) -> dict[str, float]:
+    """Times several variants round-robin, so load drifts hit all of them alike.
+    ``settle_s``: an untimed pause before each action, so that what the previous one left
+    running (OpenMP workers spin-wait for a few ms after a parallel region, in whichever
+    process ran it) does not share the cores with the next."""
     for action in actions.values():
         for _ in range(warmup):
             action()
     times: dict[str, list[float]] = {name: [] for name in actions}
     for _ in range(repeats):
         for name, action in actions.items():
+            time.sleep(settle_s)
             started = time.perf_counter()
             action()
             times[name].append(time.perf_counter() - started)

@@ -7,6 +7,8 @@ import asyncio
 import functools
 import io
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -111,6 +113,60 @@ class ServedNetwork:
         self.loop.close()
 
 
+# The eager baseline in a process of its own, given `percept serve --retain-memory`'s
+# allocator settings before anything else allocates; one forward pass per line of stdin
+# (the image size), answered by a line.
+_RETAINED_EAGER_WORKER = """
+import sys
+from services.common.allocator import retain_freed_memory
+retained = retain_freed_memory()
+import torch
+from benchmarks.image_models import eager_forward, photo
+from services.common.artifacts import load_artifact
+from training.assets import REPO_ROOT
+torch.set_num_threads(int(sys.argv[2]))
+eager = load_artifact(REPO_ROOT / "models", sys.argv[1], torch.device("cpu")).module.float().eval()
+images = {}
+print("ready" if retained else "not retained", flush=True)
+for line in sys.stdin:
+    size = int(line)
+    image = images.setdefault(size, photo(size))
+    eager_forward(eager, image)
+    print("done", flush=True)
+"""
+RETAINED_EAGER = "eager fp32, allocator retained (own process)"
+#: Untimed pause before each timed call (benchmarks.common.interleaved_medians).
+SETTLE_S = 0.05
+
+
+class RetainedEager:
+    """The fp32 eager baseline in its own process with the server's allocator settings
+    (services/common/allocator.py), timed in the same round-robin as the rest: its ratio to
+    the plain baseline is what the allocator alone is worth, and the served path's ratio to
+    it is what the rest of the serving work is worth."""
+
+    def __init__(self, model: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _RETAINED_EAGER_WORKER, model, str(torch.get_num_threads())],
+            cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.stdin, self.stdout = self.process.stdin, self.process.stdout
+        status = self.stdout.readline().strip()
+        if status != "ready":
+            self.close()
+            raise RuntimeError(f"the retained-allocator baseline did not start: {status!r}")
+
+    def __call__(self, size: int) -> None:
+        self.stdin.write(f"{size}\n")
+        self.stdin.flush()
+        if self.stdout.readline().strip() != "done":
+            raise RuntimeError("the retained-allocator baseline stopped")
+
+    def close(self) -> None:
+        self.stdin.close()
+        self.process.wait(60)
+
+
 def latency(service: str, model: str, sizes: list[int], repeats: int, call: Any,
             compile_too: bool, server_processes: bool = False) -> list[dict[str, Any]]:
     """Median latency per size: eager fp32 vs the served path (and compiled, if asked), and
@@ -129,6 +185,7 @@ def latency(service: str, model: str, sizes: list[int], repeats: int, call: Any,
         name: (server_process(service, "--compile", cfg["compile"]) if server_processes
                else served(service, **cfg)) for name, cfg in configs.items()}
     entered = {name: ctx.__enter__() for name, ctx in servers.items()}
+    retained = RetainedEager(model) if server_processes else None
     running = {name: client.connect(value.target) if not server_processes else value[1]
                for name, value in entered.items()}
     try:
@@ -138,18 +195,28 @@ def latency(service: str, model: str, sizes: list[int], repeats: int, call: Any,
             actions: dict[str, Callable[[], object]] = {
                 "eager fp32": functools.partial(eager_forward, eager, image),
                 "network only (served form, no gRPC/PNG)": functools.partial(network, image)}
+            if retained is not None:
+                actions[RETAINED_EAGER] = functools.partial(retained, size)
             for name, channel in running.items():
                 actions[name] = functools.partial(call, channel, data)
             # A 256 px image takes a tenth of a second: three times the repeats there cost
             # little and steady the medians most exposed to the machine's noise.
-            medians = interleaved_medians(actions, repeats * 3 if size <= 256 else repeats)
+            # The variants run in up to four processes: a pause before each lets the
+            # previous one's OpenMP workers stop spinning first.
+            medians = interleaved_medians(actions, repeats * 3 if size <= 256 else repeats,
+                                          settle_s=SETTLE_S)
             for name, seconds in medians.items():
-                rows.append({"size": size, "variant": name, "ms": seconds * 1000,
-                             "speedup_vs_eager": medians["eager fp32"] / seconds})
+                row = {"size": size, "variant": name, "ms": seconds * 1000,
+                       "speedup_vs_eager": medians["eager fp32"] / seconds}
+                if RETAINED_EAGER in medians:
+                    row["speedup_vs_retained_eager"] = medians[RETAINED_EAGER] / seconds
+                rows.append(row)
     finally:
         for ctx in servers.values():
             ctx.__exit__(None, None, None)
         network.close()
+        if retained is not None:
+            retained.close()
     return rows
 
 
@@ -175,15 +242,20 @@ def batching(service: str, call: Any, size: int, requests: int,
 
 
 def report(title: str, result: dict[str, Any]) -> str:
+    rows = result["latency"]
+    headers = ["input px", "variant", "median ms", "x vs eager fp32"]
+    if all("speedup_vs_retained_eager" in r for r in rows):  # served by processes
+        headers.append("x vs eager fp32, allocator retained")
     lines = [f"### {title}", "", f"Machine: {result['machine']}", "",
-             markdown_table(["input px", "variant", "median ms", "x vs eager fp32"],
-                            [(r["size"], r["variant"], r["ms"], r["speedup_vs_eager"])
-                             for r in result["latency"]])]
+             markdown_table(headers, [(r["size"], r["variant"], r["ms"], r["speedup_vs_eager"],
+                                       *([r["speedup_vs_retained_eager"]]
+                                         if len(headers) > 4 else []))
+                                      for r in rows])]
     if result.get("batching"):
-        rows = result["batching"]
+        batches = result["batching"]
         lines += ["", markdown_table(["variant", "requests", "input px", "req/s", "x"],
                                      [(r["variant"], r["requests"], r["size"], r["req_per_s"],
-                                       r.get("speedup_vs_unbatched", 1.0)) for r in rows])]
+                                       r.get("speedup_vs_unbatched", 1.0)) for r in batches])]
     return "\n".join(lines)
 
 

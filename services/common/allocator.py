@@ -16,7 +16,9 @@ faults and 499 ms with these settings. They make plain eager PyTorch faster too:
 The settings: one arena for every thread (``M_ARENA_MAX``), no mmap below 1 GiB
 (``M_MMAP_THRESHOLD``) and no trimming until 2 GiB are free at the top of the heap
 (``M_TRIM_THRESHOLD``). The cost is that the process keeps its peak memory, bounded by the
-tile and batch caps, instead of shrinking between requests.
+tile and batch caps, instead of shrinking between requests, and peaks somewhat higher: a
+2048x2048 -> 8192x8192 upscale peaked at 2,145 MB against 1,866 MB, and took 18.2 s
+against 28.3 s.
 
 They must be applied before other threads first allocate (a thread keeps the arena it got),
 so ``percept serve`` applies them first thing; an in-process server (tests, benchmarks)

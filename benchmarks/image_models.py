@@ -185,10 +185,13 @@ def latency(service: str, model: str, sizes: list[int], repeats: int, call: Any,
         name: (server_process(service, "--compile", cfg["compile"]) if server_processes
                else served(service, **cfg)) for name, cfg in configs.items()}
     entered = {name: ctx.__enter__() for name, ctx in servers.items()}
-    retained = RetainedEager(model) if server_processes else None
-    running = {name: client.connect(value.target) if not server_processes else value[1]
+    # server_process yields (process, channel); served yields a RunningServer.
+    running = {name: value[1] if server_processes else client.connect(value.target)
                for name, value in entered.items()}
+    retained: RetainedEager | None = None
     try:
+        if server_processes:
+            retained = RetainedEager(model)
         for size in sizes:
             image = photo(size)
             data = png(image)
@@ -244,13 +247,12 @@ def batching(service: str, call: Any, size: int, requests: int,
 def report(title: str, result: dict[str, Any]) -> str:
     rows = result["latency"]
     headers = ["input px", "variant", "median ms", "x vs eager fp32"]
+    columns = ["size", "variant", "ms", "speedup_vs_eager"]
     if all("speedup_vs_retained_eager" in r for r in rows):  # served by processes
         headers.append("x vs eager fp32, allocator retained")
+        columns.append("speedup_vs_retained_eager")
     lines = [f"### {title}", "", f"Machine: {result['machine']}", "",
-             markdown_table(headers, [(r["size"], r["variant"], r["ms"], r["speedup_vs_eager"],
-                                       *([r["speedup_vs_retained_eager"]]
-                                         if len(headers) > 4 else []))
-                                      for r in rows])]
+             markdown_table(headers, [[r[c] for c in columns] for r in rows])]
     if result.get("batching"):
         batches = result["batching"]
         lines += ["", markdown_table(["variant", "requests", "input px", "req/s", "x"],

@@ -42,9 +42,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         name = str(read_config(models / model).get("style", {}).get(
             "name", model.removeprefix("style-")))
 
-        def call(channel: Any, data: bytes, name: str = name) -> None:
-            client.stylize(channel, style_pb2.StylizeRequest(image=data, style=name),
-                           timeout=3600)
+        def call(channel: Any, data: bytes, name: str = name) -> bytes:
+            return client.stylize(channel, style_pb2.StylizeRequest(image=data, style=name),
+                                  timeout=3600).image
 
         # The served rows come from `percept serve style` processes, as deployed.
         entry = bench("style", model, call, sizes=[256, 512] if quick else [256, 512, 1024],

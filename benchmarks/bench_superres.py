@@ -18,8 +18,8 @@ from training.assets import REPO_ROOT
 MODEL = "superres-perceptual"
 
 
-def call(channel: Any, data: bytes) -> None:
-    client.upscale(channel, data, model=MODEL, timeout=3600)
+def call(channel: Any, data: bytes) -> bytes:
+    return client.upscale(channel, data, model=MODEL, timeout=3600).image
 
 
 def memory_2048() -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from services.common.config import ServerConfig
+from services.common.device import dtype_name
 from services.common.server import RunningServer, start_in_thread
 from training.assets import REPO_ROOT
 
@@ -46,7 +47,9 @@ def machine() -> dict[str, Any]:
         pass
     info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(),
                             "torch_threads": torch.get_num_threads(),
-                            "torch": torch.__version__, "python": platform.python_version()}
+                            "torch": torch.__version__, "python": platform.python_version(),
+                            # what --cpu-dtype auto serves image models in on this CPU
+                            "cpu_serving_dtype": dtype_name(torch.device("cpu"))}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import io
 import json
+import math
 import subprocess
 import sys
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from benchmarks.common import (
 )
 from services import client
 from services.common.artifacts import load_artifact
+from services.common.device import dtype_name
 from training.assets import REPO_ROOT
 
 
@@ -52,13 +54,29 @@ def photo(size: int, height: int | None = None) -> np.ndarray:
     except ImportError:
         path = min((REPO_ROOT / "data" / "photos" / "heldout").glob("*.jpg"))
         image = Image.open(path).convert("RGB")
-    return np.asarray(image.resize((size, height or size), Image.Resampling.BICUBIC))
+    # np.array: a writable copy (torch.from_numpy warns on Pillow's read-only buffer)
+    return np.array(image.resize((size, height or size), Image.Resampling.BICUBIC))
 
 
 def png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def fidelity(output: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """PSNR (dB, 8-bit peak) and largest error (levels) of ``output`` against the fp32
+    eager ``reference``: what a faster variant gives up, if anything."""
+    if output.shape != reference.shape:
+        raise ValueError(f"output {output.shape} and reference {reference.shape} differ")
+    error = output.astype(np.float64) - reference.astype(np.float64)
+    mse = float(np.mean(error**2))
+    return {"psnr_db": math.inf if mse == 0 else 10 * math.log10(255**2 / mse),
+            "max_error_levels": float(np.abs(error).max())}
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def eager_forward(module: torch.nn.Module, array: np.ndarray) -> np.ndarray:
@@ -178,12 +196,18 @@ def latency(service: str, model: str, sizes: list[int], repeats: int, call: Any,
     eager = artifact.module.float().eval()
     network = ServedNetwork(service, model)
     rows = []
-    configs = {"served": {"compile": "off"}}
+    # The served default (--cpu-dtype auto: bf16 on CPUs with native bf16), and where that
+    # is not fp32, the fp32 served path too (the same rewrites, no precision given up).
+    configs: dict[str, dict[str, str]] = {"served": {"compile": "off"}}
+    if dtype_name(CPU) != "float32":
+        configs["served, --cpu-dtype float32"] = {"compile": "off", "cpu_dtype": "float32"}
     if compile_too:
         configs["served+compile"] = {"compile": "on"}
     servers: dict[str, Any] = {
-        name: (server_process(service, "--compile", cfg["compile"]) if server_processes
-               else served(service, **cfg)) for name, cfg in configs.items()}
+        name: (server_process(service, *(f"--{key.replace('_', '-')}={value}"
+                                         for key, value in cfg.items()))
+               if server_processes else served(service, **cfg))
+        for name, cfg in configs.items()}
     entered = {name: ctx.__enter__() for name, ctx in servers.items()}
     # server_process yields (process, channel); served yields a RunningServer.
     running = {name: value[1] if server_processes else client.connect(value.target)
@@ -208,11 +232,17 @@ def latency(service: str, model: str, sizes: list[int], repeats: int, call: Any,
             # previous one's OpenMP workers stop spinning first.
             medians = interleaved_medians(actions, repeats * 3 if size <= 256 else repeats,
                                           settle_s=SETTLE_S)
+            # Outputs of the variants that compute differently from the baseline, against it.
+            reference = eager_forward(eager, image)
+            outputs = {name: decode(call(channel, data)) for name, channel in running.items()}
+            outputs["network only (served form, no gRPC/PNG)"] = network(image)
             for name, seconds in medians.items():
                 row = {"size": size, "variant": name, "ms": seconds * 1000,
                        "speedup_vs_eager": medians["eager fp32"] / seconds}
                 if RETAINED_EAGER in medians:
                     row["speedup_vs_retained_eager"] = medians[RETAINED_EAGER] / seconds
+                if name in outputs:
+                    row.update(fidelity(outputs[name], reference))
                 rows.append(row)
     finally:
         for ctx in servers.values():
@@ -251,8 +281,11 @@ def report(title: str, result: dict[str, Any]) -> str:
     if all("speedup_vs_retained_eager" in r for r in rows):  # served by processes
         headers.append("x vs eager fp32, allocator retained")
         columns.append("speedup_vs_retained_eager")
+    if any("psnr_db" in r for r in rows):  # results saved before fidelity was measured lack it
+        headers += ["PSNR vs eager fp32 (dB)", "max err (levels)"]
+        columns += ["psnr_db", "max_error_levels"]
     lines = [f"### {title}", "", f"Machine: {result['machine']}", "",
-             markdown_table(headers, [[r[c] for c in columns] for r in rows])]
+             markdown_table(headers, [[r.get(c, "") for c in columns] for r in rows])]
     if result.get("batching"):
         batches = result["batching"]
         lines += ["", markdown_table(["variant", "requests", "input px", "req/s", "x"],

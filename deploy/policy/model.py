@@ -80,6 +80,7 @@ SERVER_FLAGS = (
     "default-model",
     "compile",
     "cuda-graphs",
+    "cpu-dtype",
     "style-tile",
     "warmup",
     "retain-memory",

@@ -16,6 +16,10 @@ from typing import Any, TypeVar
 
 from training.assets import REPO_ROOT
 
+#: ``--cpu-dtype`` choices: the precision image models (style, super-resolution) run in on a
+#: CPU (services/common/device.py serving_dtype). On CUDA they run in float16.
+CPU_DTYPES = ("auto", "float32", "bfloat16")
+
 SERVICES = ("superres", "style", "embed", "search")
 SERVICE_PORTS = {"all": 50050, "superres": 50051, "style": 50052, "embed": 50053, "search": 50054}
 METRICS_PORT_OFFSET = 9100 - 50050  # all -> 9100, superres -> 9101, ...
@@ -48,6 +52,7 @@ class ServerConfig:
     default_model: str = ""
     compile: str = "auto"
     cuda_graphs: bool = True
+    cpu_dtype: str = "auto"
     style_tile: int = 1088
     warmup: bool = True
     retain_memory: bool = True
@@ -167,6 +172,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     add("--cuda-graphs", _parse_bool, base.cuda_graphs,
         "on CUDA, replay image models from CUDA graphs, one captured per input shape "
         "that recurs; off launches every kernel from the host")
+    add("--cpu-dtype", str, base.cpu_dtype,
+        "precision of the style and super-resolution nets on a CPU: auto (bfloat16 where "
+        "the CPU has native bfloat16 instructions, avx512_bf16 or amx_bf16; else float32), "
+        "float32, bfloat16. On CUDA they run in float16", choices=list(CPU_DTYPES))
     add("--style-tile", _style_tile, base.style_tile,
         "style: tile side in pixels for fast style nets; larger images go through in "
         "overlapping tiles (memory grows with its square)")

@@ -21,6 +21,7 @@ from services.common.artifacts import Artifact
 from services.common.batching import MicroBatcher
 from services.common.config import ServerConfig
 from services.common.cuda_graphs import CudaGraphRunner
+from services.common.device import serving_dtype
 from services.common.errors import DeadlineExceeded, ResourceExhausted
 from services.common.metrics import REJECTED
 from services.common.tiling import TileOutput, tiled_apply
@@ -55,9 +56,10 @@ class TiledImageModel:
         self.scale = scale
         self.tile = tile
         self.overlap = overlap
-        # fp16 on CUDA; channels_last everywhere (oneDNN and cuDNN both prefer NHWC convs:
-        # 1.4x on a 2-core AVX2 CPU for the SR net, benchmarks/README.md).
-        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        # fp16 on CUDA; on a CPU --cpu-dtype (bf16 where the CPU computes it natively,
+        # services/common/device.py); channels_last everywhere (oneDNN and cuDNN both prefer
+        # NHWC convs: 1.4x on a 2-core CPU for the SR net, benchmarks/README.md).
+        self.dtype = serving_dtype(device, config.cpu_dtype)
         # Exact rewrites first (resize-convolution computed at the low resolution; 2.25x
         # fewer multiply-adds in the upsampling layers: training/nets/folding.py).
         module = fold_for_inference(artifact.module.eval())

@@ -15,7 +15,7 @@ import torch
 from percept.v1 import style_pb2, style_pb2_grpc
 from services.common.artifacts import list_artifacts, load_artifact
 from services.common.batching import MicroBatcher
-from services.common.device import choose_device, describe
+from services.common.device import choose_device, describe, dtype_name
 from services.common.errors import InvalidArgument, NotFound, Unimplemented
 from services.common.image_model import TiledImageModel
 from services.common.images import (
@@ -71,8 +71,9 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
         self.optimiser = MicroBatcher("style-optimise", self._run_optimisations, max_batch=1,
                                       max_wait_ms=0, max_queue=self.config.max_optimisations)
         self.optimiser.start()
+        dtype = dtype_name(self.device, self.config.cpu_dtype)
         log.info("style service loaded", extra={"device": describe(self.device),
-                                                "styles": sorted(self.styles)})
+                                                "dtype": dtype, "styles": sorted(self.styles)})
 
     async def warmup(self) -> None:
         def run() -> None:

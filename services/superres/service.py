@@ -13,7 +13,7 @@ from PIL import Image
 
 from percept.v1 import superres_pb2, superres_pb2_grpc
 from services.common.artifacts import list_artifacts, load_artifact
-from services.common.device import choose_device, describe
+from services.common.device import choose_device, describe, dtype_name
 from services.common.errors import InvalidArgument, NotFound, Unimplemented
 from services.common.image_model import TiledImageModel
 from services.common.images import (
@@ -68,7 +68,8 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
         self.default = requested or (fallback[0] if fallback else "")
         log.info("superres loaded", extra={"device": describe(self.device),
                                            "models": sorted(self.models),
-                                           "default": self.default})
+                                           "default": self.default,
+                                           "dtype": dtype_name(self.device, self.config.cpu_dtype)})
 
     async def warmup(self) -> None:
         for model in self.models.values():

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from benchmarks.common import RESULTS, machine, markdown_table
 from benchmarks.image_models import ServedNetwork, one_per_architecture, photo
+from benchmarks.kernel_profile import top_kernels
 from services.common.artifacts import load_artifact, read_config
 from training import nets
 from training.assets import REPO_ROOT
@@ -223,6 +224,8 @@ class SizeRun:
         self.image = photo(size)
         self.macs = multiply_adds(module, size)
         self.reference: Tensor | None = None
+        # The served form compiled (default mode) and its input, for --profile.
+        self.compiled_served: tuple[Forward, Tensor] | None = None
         self.rows: list[dict[str, Any]] = []
 
     def row(self, variant: str, **extra: Any) -> dict[str, Any]:
@@ -294,6 +297,8 @@ class SizeRun:
             with torch.inference_mode():
                 forward(x)
             state["forward"], state["compile_s"] = forward, time.monotonic() - started
+            if mode is None and what.startswith("folded") and self.compiled_served is None:
+                self.compiled_served = (forward, x)
             if plain_too:
                 self.time(f"{name}, {what}", forward, x, compile_s=state["compile_s"])
 
@@ -524,9 +529,27 @@ def run(quick: bool = False) -> dict[str, Any]:
                        not quick, RESULTS / "style_gpu.json")
 
 
+def kernel_profiles(runs: list[SizeRun], device: torch.device) -> list[dict[str, Any]]:
+    """For each net and size whose served form compiled: the kernels that take its time
+    (benchmarks/kernel_profile.py), to show what stands between it and the target."""
+    profiles = []
+    for run in runs:
+        if run.compiled_served is None:
+            continue
+        forward, x = run.compiled_served
+        try:
+            found = top_kernels(forward, x, device)
+        except Exception as error:  # reported; the timings still count
+            found = {"error": f"{type(error).__name__}: {error}"[:400]}
+        profiles.append({"net": run.label, "size": run.size,
+                         "variant": "torch.compile, folded (served form), no CUDA graph",
+                         **found})
+    return profiles
+
+
 def measure_all(sizes: list[int], device: torch.device, repeats: int, budget_s: float,
                 paper_width: bool, out: Path, only: list[str] | None = None,
-                autotune: bool = False) -> dict[str, Any]:
+                autotune: bool = False, profile: bool = False) -> dict[str, Any]:
     """Measures everything, rewriting ``out`` after each net and size (a run cut short
     still leaves what it measured)."""
     torch.backends.cudnn.benchmark = True
@@ -553,6 +576,9 @@ def measure_all(sizes: list[int], device: torch.device, repeats: int, budget_s: 
     nets_to_run = [(label, module) for label, module in style_nets(models, paper_width)
                    if not only or any(word in label for word in only)]
     runs = measure(nets_to_run, sizes, device, repeats, budget, save)
+    if profile:
+        result["kernel_profile"] = kernel_profiles(runs, device)
+        save(all_rows(runs))
     result["rows"] = all_rows(runs)
     baselines = {(r["net"], r["size"]): r["ms"] for r in result["rows"]
                  if r["variant"] == BASELINE and "ms" in r}
@@ -620,6 +646,15 @@ def markdown(result: dict[str, Any]) -> str:
             lines += ["", title, "", markdown_table(headers, [row(r) for r in value])]
         elif value:
             lines += ["", f"{title.split(' (')[0]}: {value}"]
+    for found in result.get("kernel_profile", []):
+        lines += ["", f"Kernels of {found['net']} at {found['size']} px, {found['variant']}:"]
+        if "error" in found:
+            lines.append(found["error"])
+            continue
+        lines += [f"{found['total_us_per_pass']:.0f} us of kernel time per pass.", "",
+                  markdown_table(["kernel", "calls/pass", "us/pass", "share"],
+                                 [(k["name"], k["calls_per_pass"], k["us_per_pass"],
+                                   k["share"]) for k in found["kernels"]])]
     return "\n".join(lines)
 
 
@@ -639,12 +674,16 @@ def main() -> int:
     parser.add_argument("--autotune", action="store_true",
                         help="after the main variants, compile the folded net with "
                         "max-autotune (instead of the unfolded net with the default mode)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the main variants, profile the compiled served form "
+                        "of each net and size: the kernels that take its time")
     parser.add_argument("--out", default=str(RESULTS / "style_gpu.json"))
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device (use --device cpu to check the code path)")
     outcome = measure_all(args.sizes, torch.device(args.device), args.repeats, args.budget_s,
-                          not args.no_paper_width, Path(args.out), args.only, args.autotune)
+                          not args.no_paper_width, Path(args.out), args.only, args.autotune,
+                          args.profile)
     print(markdown(outcome))
     return 0
 

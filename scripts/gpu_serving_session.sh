@@ -5,7 +5,8 @@
 #   2. benchmarks/bench_style_gpu.py: fp32 eager against the fast variants, the style and
 #      super-resolution services' TiledImageModel in each serving configuration (eager,
 #      torch.compile, CUDA graphs of either), Stylize over gRPC, and, while its budget
-#      lasts, more compiled variants (BENCH_ARGS=--autotune: max-autotune ones).
+#      lasts, more compiled variants (BENCH_ARGS=--autotune: max-autotune ones), and
+#      --profile: the kernels that take the compiled served form's time.
 # Everything it reports goes to $OUT: env.txt, pytest.log, bench.log, style_gpu.json.
 #
 # Usage, from the repository root of a copy that carries data/photos, assets/styles, the
@@ -33,7 +34,7 @@ left=$(( total - $(elapsed) - 15 ))
 echo "[session] GPU benchmark, at most $left s ($(elapsed) s)"
 timeout "$left" python3 -m benchmarks.bench_style_gpu --device "${DEVICE:-cuda}" \
     --only starry-night paper \
-    --budget-s $(( left * 2 / 3 )) --out "$OUT/style_gpu.json" "${bench_args[@]}" \
+    --budget-s $(( left * 2 / 3 )) --profile --out "$OUT/style_gpu.json" "${bench_args[@]}" \
     2>&1 | grep -v "it/s\]" >"$OUT/bench.log"
 echo "[session] benchmark exit ${PIPESTATUS[0]} ($(elapsed) s)"
 grep "^\[gpu-bench\]" "$OUT/bench.log" | tail -60

@@ -1,0 +1,30 @@
+"""benchmarks.kernel_profile on the CPU: a real small network, profiled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.kernel_profile import top_kernels
+
+
+def test_the_convolution_dominates_a_conv_net_and_shares_add_up() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 5, padding=2), nn.ReLU(), nn.Conv2d(32, 32, 3,
+                                                                            padding=1)).eval()
+    x = torch.rand(1, 3, 96, 96)
+    found = top_kernels(net, x, torch.device("cpu"), passes=3, top=5)
+    assert found["passes"] == 3 and found["total_us_per_pass"] > 0
+    kernels = found["kernels"]
+    assert 1 <= len(kernels) <= 5
+    assert [k["us_per_pass"] for k in kernels] == sorted((k["us_per_pass"] for k in kernels),
+                                                         reverse=True)
+    assert 0 < sum(k["share"] for k in kernels) <= 1 + 1e-9
+    assert "conv" in kernels[0]["name"]  # two convolutions and a ReLU: a conv is on top
+    assert kernels[0]["calls_per_pass"] >= 1
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="passes and top"):
+        top_kernels(nn.Identity(), torch.zeros(1), torch.device("cpu"), passes=0)

@@ -60,8 +60,9 @@ def serving_dtype(device: torch.device, cpu_dtype: str = "auto",
     """The precision an image model is served in: float16 on CUDA; on a CPU ``cpu_dtype``,
     where ``auto`` is bfloat16 when the CPU has native bfloat16 instructions (twice the
     convolution throughput of float32 on a 2-core Zen 4: 0.85 vs 1.7 ms for a 64-channel
-    3x3 convolution at 68x68; the style and super-resolution outputs stay 50-54 dB PSNR from
-    float32's, benchmarks/README.md)
+    3x3 convolution at 68x68; with the layer that reads the image kept in float32,
+    services/common/precision.py, the style outputs stay 52-55 dB PSNR from float32's and
+    the super-resolution ones 64-68 dB, README.md)
     and float32 otherwise."""
     if cpu_dtype not in CPU_DTYPES:
         raise ValueError(f"--cpu-dtype must be one of {', '.join(CPU_DTYPES)}, got "

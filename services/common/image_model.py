@@ -24,6 +24,7 @@ from services.common.cuda_graphs import CudaGraphRunner
 from services.common.device import serving_dtype
 from services.common.errors import DeadlineExceeded, ResourceExhausted
 from services.common.metrics import REJECTED
+from services.common.precision import to_serving_precision
 from services.common.tiling import TileOutput, tiled_apply
 from training.nets.folding import fold_for_inference
 
@@ -63,8 +64,10 @@ class TiledImageModel:
         # Exact rewrites first (resize-convolution computed at the low resolution; 2.25x
         # fewer multiply-adds in the upsampling layers: training/nets/folding.py).
         module = fold_for_inference(artifact.module.eval())
-        module = module.to(dtype=self.dtype).to(  # type: ignore[call-overload]
-            memory_format=torch.channels_last)
+        # In bf16 the layer reading the image stays fp32, and so does the input batch
+        # (services/common/precision.py).
+        module, self.input_dtype = to_serving_precision(module, self.dtype)
+        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         use_graphs = device.type == "cuda" and config.cuda_graphs
         use_compile = should_compile(config.compile, device, use_graphs)
         if use_compile:
@@ -107,7 +110,8 @@ class TiledImageModel:
         a CPU they are numpy arrays; on a GPU they stay there as tensors (the tiler blends
         overlaps there and copies back only finished rows of uint8)."""
         batch = torch.from_numpy(np.stack(tiles)).to(self.device).permute(0, 3, 1, 2)
-        batch = batch.to(self.dtype).div_(255.0).contiguous(memory_format=torch.channels_last)
+        batch = batch.to(self.input_dtype).div_(255.0).contiguous(
+            memory_format=torch.channels_last)
         with torch.inference_mode():
             output = self.graphs(batch) if self.graphs is not None else self.forward(batch)
             output = output.float().clamp_(0.0, 1.0).mul_(255.0).add_(0.5)

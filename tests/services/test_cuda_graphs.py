@@ -45,7 +45,7 @@ def _model(graphs: bool, tile: int = 576) -> TiledImageModel:
 
 def _batch(model: TiledImageModel, image: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(np.array(image)).to(CUDA).permute(2, 0, 1)[None]
-    return x.to(model.dtype).div(255).contiguous(memory_format=torch.channels_last)
+    return x.to(model.input_dtype).div(255).contiguous(memory_format=torch.channels_last)
 
 
 def test_a_shape_is_replayed_from_a_graph_once_it_recurs() -> None:

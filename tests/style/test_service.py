@@ -391,7 +391,7 @@ def test_large_image_is_tiled_without_seams(channel: grpc.Channel, style_server:
 def test_the_cpu_dtype_flag_over_grpc(photo: np.ndarray, cpu_dtype: str) -> None:
     """`percept serve --cpu-dtype`: a float32 server returns the fp32 eager network's output
     to one grey level (one tile: the rewrites are exact); a bfloat16 server, on any CPU,
-    stays close to it (measured 51.6-54.3 dB on this crop for the three styles)."""
+    stays close to it (53-55 dB on the same photo for the three styles)."""
     import torch
 
     from services.common.artifacts import load_artifact

@@ -1,6 +1,9 @@
-"""Device choice: CUDA when present (or asked for), else the CPU."""
+"""Device choice (CUDA when present or asked for, else the CPU) and the precision image
+models are served in on it (--cpu-dtype)."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -31,14 +34,21 @@ def describe(device: torch.device) -> str:
 _NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
+@functools.cache
+def _proc_cpuinfo() -> str:
+    """/proc/cpuinfo, read once per process (every image model asks for its dtype)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            return file.read()
+    except OSError:
+        return ""
+
+
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
-    """The instruction-set flags of the first CPU in ``/proc/cpuinfo`` (empty elsewhere)."""
+    """The instruction-set flags of the first CPU in ``cpuinfo`` (default: this machine's
+    ``/proc/cpuinfo``; empty where there is none)."""
     if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as file:
-                cpuinfo = file.read()
-        except OSError:
-            return frozenset()
+        cpuinfo = _proc_cpuinfo()
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "flags":

@@ -241,19 +241,24 @@ def _reflect_pad_groups(groups: list[Tensor], q: int,
     interior is one copy per group, then the border rows and columns are copied from
     inside (rows first, so the corners follow).
 
-    ``affine`` = ``(scale, shift)``, each ``(N, 4C)``: the interior is written as
-    ``group * scale + shift`` instead (a per-channel normalisation in the same pass as the
-    copy, rather than one pass over the groups and another to copy them)."""
+    ``affine`` = ``(scale, shift)``, each ``(N, 4C)``: the interior becomes
+    ``group * scale + shift`` (a per-channel normalisation), in one pass over all four
+    groups' channels once they are copied, before the borders are. Applied per group while
+    copying, a bfloat16 addcmul into each C-channel window took 2.0 ms for the style net's
+    last layer at 256 px (four 16-channel windows, 2 Zen 4 cores) against 0.55 ms for the
+    copies and one pass; in float32 the two took the same time."""
+    if len(groups) != len(_PARITIES):
+        raise ValueError(f"expected {len(_PARITIES)} parity groups, got {len(groups)}")
     n, h, w, c = groups[0].shape
     padded = groups[0].new_empty((n, h + 2 * q, w + 2 * q, 4 * c))
-    for g, ((a, b), group) in enumerate(zip(_PARITIES, groups, strict=True)):
+    interior = padded[:, q:q + h, q:q + w]
+    for g, group in enumerate(groups):
+        interior[..., g * c:(g + 1) * c].copy_(group)
+    if affine is not None:
+        scale, shift = (t[:, None, None, :] for t in affine)
+        torch.addcmul(shift, interior, scale, out=interior)
+    for g, (a, b) in enumerate(_PARITIES):
         channels = slice(g * c, (g + 1) * c)
-        interior = padded[:, q:q + h, q:q + w, channels]
-        if affine is None:
-            interior.copy_(group)
-        else:
-            scale, shift = (t[:, None, None, channels] for t in affine)
-            torch.addcmul(shift, group, scale, out=interior)
         for index, source in _reflected_border_rows(h, a, q):
             padded[:, index, q:q + w, channels] = padded[:, source, q:q + w, channels]
         for index, source in _reflected_border_rows(w, b, q):

@@ -7,7 +7,6 @@ import asyncio
 import functools
 import io
 import json
-import math
 import subprocess
 import sys
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from services import client
 from services.common.artifacts import load_artifact
 from services.common.device import dtype_name
 from training.assets import REPO_ROOT
+from training.image_quality import psnr
 
 
 def one_per_architecture(task: str) -> list[str]:
@@ -67,12 +67,8 @@ def png(array: np.ndarray) -> bytes:
 def fidelity(output: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """PSNR (dB, 8-bit peak) and largest error (levels) of ``output`` against the fp32
     eager ``reference``: what a faster variant gives up, if anything."""
-    if output.shape != reference.shape:
-        raise ValueError(f"output {output.shape} and reference {reference.shape} differ")
-    error = output.astype(np.float64) - reference.astype(np.float64)
-    mse = float(np.mean(error**2))
-    return {"psnr_db": math.inf if mse == 0 else 10 * math.log10(255**2 / mse),
-            "max_error_levels": float(np.abs(error).max())}
+    error = np.abs(output.astype(np.float64) - reference.astype(np.float64))
+    return {"psnr_db": psnr(reference, output), "max_error_levels": float(error.max())}
 
 
 def decode(data: bytes) -> np.ndarray:
@@ -142,6 +138,7 @@ import torch
 from benchmarks.image_models import eager_forward, photo
 from services.common.artifacts import load_artifact
 from training.assets import REPO_ROOT
+from training.image_quality import psnr
 torch.set_num_threads(int(sys.argv[2]))
 eager = load_artifact(REPO_ROOT / "models", sys.argv[1], torch.device("cpu")).module.float().eval()
 images = {}

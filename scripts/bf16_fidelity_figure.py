@@ -20,6 +20,7 @@ from services.common.artifacts import list_artifacts, load_artifact
 from services.common.config import ServerConfig
 from services.common.image_model import TiledImageModel
 from services.style.service import OVERLAP
+from training.image_quality import psnr
 from training.plots import save_image_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,11 +48,6 @@ def outputs(models: list[TiledImageModel], images: list[np.ndarray]
                 await model.stop()
 
     return asyncio.run(run())
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * np.log10(255**2 / mse) if mse else float("inf")
 
 
 def main() -> None:

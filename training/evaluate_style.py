@@ -50,6 +50,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from training import image_quality
 from training.assets import REPO_ROOT
 
 #: Photos of the held-out split that scikit-image bundles (training.data.photos.HELDOUT),
@@ -386,9 +387,7 @@ def measure(model: StyleModel, photo: np.ndarray, measures: StyleMeasures,
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR of two uint8 images in dB (:data:`PSNR_IDENTICAL` when they are equal)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return PSNR_IDENTICAL if mse == 0 else min(PSNR_IDENTICAL,
-                                               float(10 * np.log10(255.0**2 / mse)))
+    return min(PSNR_IDENTICAL, image_quality.psnr(a, b))
 
 
 def check_tiling_tile(tile: int) -> None:

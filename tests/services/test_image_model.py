@@ -13,6 +13,7 @@ from services.common.artifacts import list_artifacts, load_artifact
 from services.common.config import ServerConfig
 from services.common.image_model import TiledImageModel, should_compile
 from training.assets import REPO_ROOT
+from training.image_quality import psnr
 
 MODELS = REPO_ROOT / "models"
 STYLES = list_artifacts(MODELS, "style")
@@ -47,11 +48,6 @@ def test_outputs_are_rounded_uint8_of_the_network(cpu_dtype: str, dtype: torch.d
     assert np.abs(output.astype(int) - expected_uint8.numpy().astype(int)).max() <= 1
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * np.log10(255**2 / mse) if mse else float("inf")
-
-
 def _real_photo() -> np.ndarray:
     """scikit-image's chelsea, or where it is not installed (a bare GPU machine runs this
     module) a held-out photo carried with the tree."""
@@ -78,7 +74,7 @@ def test_bfloat16_serving_stays_close_to_float32(style: str) -> None:
     image = np.ascontiguousarray(_real_photo()[:192, :256])
     f32 = _model("float32", style).run_batch([image])[0]
     bf16 = _model("bfloat16", style).run_batch([image])[0]
-    assert _psnr(bf16, f32) > 45
+    assert psnr(f32, bf16) > 45
     assert np.abs(bf16.astype(int) - f32).max() <= 24
 
 

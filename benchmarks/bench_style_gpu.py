@@ -7,8 +7,11 @@ Every variant runs the same weights on the same real photo, batch of one, whole 
 one forward pass. Times are CUDA-event medians after warm-up. The baseline is plain fp32
 eager in NCHW with PyTorch's defaults (cudnn.benchmark off; cuDNN may use TF32 for
 convolutions); fp32 eager with cudnn.benchmark on (every other variant has it on) is a
-second, tuned baseline, and fp32 with TF32 off a third. Each variant's output is compared
-with that strict fp32 output (PSNR and largest error in 8-bit levels), so a fast variant
+second, tuned baseline, and fp32 with TF32 off (IEEE single precision throughout, as
+cuDNN's own fp32 kernels compute it) a third, timed with cudnn.benchmark off and on.
+TF32 rounds each convolution's inputs to a 10-bit mantissa, so the plain baseline already
+computes in reduced precision; the no-TF32 baseline is the one whose numbers are fp32's.
+Each variant's output is compared with the strict fp32 output (PSNR and largest error in 8-bit levels), so a fast variant
 that computes something else shows.
 
 Nets: one committed model per architecture (nearest and bilinear upsampling), plus the
@@ -49,6 +52,7 @@ Forward = Callable[[Tensor], Tensor]
 BASELINE = "fp32 eager (plain PyTorch defaults)"
 TUNED = "fp32 eager, cudnn.benchmark on"
 STRICT = "fp32 eager, cudnn.benchmark on, TF32 off"
+IEEE = "fp32 eager, TF32 off (cudnn.benchmark off)"
 
 
 # -- what runs ------------------------------------------------------------------------------
@@ -203,6 +207,7 @@ def eager_variants(module: nn.Module, device: torch.device, half: torch.dtype
     name = half_name(half)
     return [
         (STRICT, fp32),
+        (IEEE, fp32),
         (BASELINE, fp32),
         (TUNED, fp32),
         (f"{name} channels_last eager",
@@ -254,8 +259,8 @@ class SizeRun:
 
     def eager(self, variant: str, build: Build) -> None:
         def action() -> None:
-            torch.backends.cudnn.allow_tf32 = variant != STRICT
-            torch.backends.cudnn.benchmark = variant != BASELINE
+            torch.backends.cudnn.allow_tf32 = variant not in (STRICT, IEEE)
+            torch.backends.cudnn.benchmark = variant not in (BASELINE, IEEE)
             try:
                 net, dtype, channels_last = build()
                 self.time(variant, net, as_input(self.image, self.device, dtype,
@@ -318,7 +323,8 @@ class SizeRun:
         for row in self.rows:
             if "ms" in row:
                 for key, variant in (("speedup_vs_fp32_eager", BASELINE),
-                                     ("speedup_vs_tuned_fp32", TUNED)):
+                                     ("speedup_vs_tuned_fp32", TUNED),
+                                     ("speedup_vs_fp32_no_tf32", IEEE)):
                     row[key] = times[variant] / row["ms"] if variant in times else None
 
 
@@ -600,23 +606,27 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"### Style network on {gpu} (torch {result['torch']}, cuDNN {result['cudnn']})",
              "", f"Measured {result.get('date', '?')}: `{result.get('command', '?')}`.", "",
              "Batch of one, whole image per pass, CUDA-event medians. x plain = fp32 "
-             "eager with PyTorch's defaults (cudnn.benchmark off) / variant; x tuned = fp32 "
-             "eager with cudnn.benchmark on / variant. PSNR and max error against fp32 with "
-             "TF32 off.",
+             "eager with PyTorch's defaults (cudnn.benchmark off; TF32 convolutions) / "
+             "variant; x tuned = fp32 eager with cudnn.benchmark on / variant; x no-TF32 = "
+             "fp32 eager with TF32 off and cudnn.benchmark off (IEEE fp32) / variant. PSNR "
+             "and max error against fp32 with TF32 off.",
              ""]
     table: list[tuple[Any, ...]] = []
     for r in result["rows"]:
         if "ms" not in r:
             table.append((r["net"], r["size"], r["variant"], r.get("skipped")
-                          or r.get("error", "?"), "", "", "", "", ""))
+                          or r.get("error", "?"), "", "", "", "", "", ""))
             continue
         nan = float("nan")
+        # Runs saved before the no-TF32 baseline existed have no such ratio.
+        no_tf32 = r.get("speedup_vs_fp32_no_tf32") or "not timed"
         table.append((r["net"], r["size"], r["variant"], r["ms"],
                       r["speedup_vs_fp32_eager"] or nan, r["speedup_vs_tuned_fp32"] or nan,
-                      r["tflops"], r.get("psnr_db", nan), r.get("max_error_levels", nan)))
+                      no_tf32, r["tflops"], r.get("psnr_db", nan),
+                      r.get("max_error_levels", nan)))
     lines.append(markdown_table(["net", "px", "variant", "median ms", "x plain fp32",
-                                 "x tuned fp32", "TFLOP/s", "PSNR dB", "max err (levels)"],
-                                table))
+                                 "x tuned fp32", "x no-TF32 fp32", "TFLOP/s", "PSNR dB",
+                                 "max err (levels)"], table))
     nan = float("nan")
     sections: list[tuple[str, str, list[str], Callable[[dict[str, Any]], tuple[Any, ...]]]] = [
         ("served_form", "Served form (TiledImageModel: uint8 in/out, host copies, batcher), "

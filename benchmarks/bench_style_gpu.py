@@ -11,8 +11,8 @@ second, tuned baseline, and fp32 with TF32 off (IEEE single precision throughout
 cuDNN's own fp32 kernels compute it) a third, timed with cudnn.benchmark off and on.
 TF32 rounds each convolution's inputs to a 10-bit mantissa, so the plain baseline already
 computes in reduced precision; the no-TF32 baseline is the one whose numbers are fp32's.
-Each variant's output is compared with the strict fp32 output (PSNR and largest error in 8-bit levels), so a fast variant
-that computes something else shows.
+Each variant's output is compared with the strict fp32 output (PSNR and largest error in
+8-bit levels), so a fast variant that computes something else shows.
 
 Nets: one committed model per architecture (nearest and bilinear upsampling), plus the
 paper's width 32 with random weights (speed only: time does not depend on the weights).

@@ -11,22 +11,18 @@ service's tiler, and their difference amplified. Writes an image and prints the 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import subprocess
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from services.common.tiling import tiled_apply
 from training.evaluate_style import (
     TILING_IMAGE,
-    TILING_OVERLAP,
     TILING_SHIFT,
     load_style_model,
-    stylise_image,
+    whole_and_tiled,
 )
 from training.image_quality import psnr
 from training.plots import save_image_grid
@@ -43,18 +39,6 @@ def artifact_at(revision: str, folder: str, into: Path) -> Path:
                               check=True, capture_output=True).stdout
         (into / name).write_bytes(blob)
     return into
-
-
-def whole_and_tiled(folder: Path, image: np.ndarray, tile: int
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    module = load_style_model(folder).module
-    whole = stylise_image(module, image)
-
-    async def process(tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return [stylise_image(module, t) for t in tiles]
-
-    tiled = asyncio.run(tiled_apply(image, process, scale=1, tile=tile, overlap=TILING_OVERLAP))
-    return whole, tiled
 
 
 def amplified(a: np.ndarray, b: np.ndarray, gain: float) -> np.ndarray:
@@ -90,7 +74,7 @@ def main() -> int:
         versions = [(f"{args.before}", artifact_at(args.before, folder, Path(scratch))),
                     ("working tree", REPO / folder)]
         for label, path in versions:
-            whole, tiled = whole_and_tiled(path, image, args.tile)
+            whole, tiled = whole_and_tiled(load_style_model(path).module, image, args.tile)
             shift = psnr(whole, np.roll(whole, TILING_SHIFT, axis=1))
             print(f"{args.style} at {label}: tiled vs whole {psnr(tiled, whole):.2f} dB, "
                   f"whole vs itself shifted {TILING_SHIFT} px {shift:.2f} dB")

@@ -399,21 +399,29 @@ def check_tiling_tile(tile: int) -> None:
                          f"tiles both ways), got {tile}")
 
 
-def tiling_agreement(module: nn.Module, photo: np.ndarray, tile: int,
-                     device: torch.device | str = "cpu") -> dict[str, float]:
-    """The tiling measures of one photo (see the module docstring): ``tiling_psnr`` (tiled
-    against whole), ``tiling_shift_psnr`` (whole against itself shifted) and their
-    difference ``tiling_gap``."""
+def whole_and_tiled(module: nn.Module, image: np.ndarray, tile: int,
+                    device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """``image`` stylised in one pass, and in ``tile``-px tiles by the service's tiler
+    (overlap ``TILING_OVERLAP``)."""
     from services.common.tiling import tiled_apply
 
-    check_tiling_tile(tile)
-    image = np.asarray(Image.fromarray(photo).resize(TILING_IMAGE, Image.Resampling.BICUBIC))
     whole = stylise_image(module, image, device)
 
     async def process(tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
         return [stylise_image(module, t, device) for t in tiles]
 
     tiled = asyncio.run(tiled_apply(image, process, scale=1, tile=tile, overlap=TILING_OVERLAP))
+    return whole, tiled
+
+
+def tiling_agreement(module: nn.Module, photo: np.ndarray, tile: int,
+                     device: torch.device | str = "cpu") -> dict[str, float]:
+    """The tiling measures of one photo (see the module docstring): ``tiling_psnr`` (tiled
+    against whole), ``tiling_shift_psnr`` (whole against itself shifted) and their
+    difference ``tiling_gap``."""
+    check_tiling_tile(tile)
+    image = np.asarray(Image.fromarray(photo).resize(TILING_IMAGE, Image.Resampling.BICUBIC))
+    whole, tiled = whole_and_tiled(module, image, tile, device)
     agreement = psnr(tiled, whole)
     bar = psnr(whole, np.roll(whole, TILING_SHIFT, axis=1))
     return {"tiling_psnr": agreement, "tiling_shift_psnr": bar, "tiling_gap": agreement - bar}

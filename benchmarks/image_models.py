@@ -138,7 +138,6 @@ import torch
 from benchmarks.image_models import eager_forward, photo
 from services.common.artifacts import load_artifact
 from training.assets import REPO_ROOT
-from training.image_quality import psnr
 torch.set_num_threads(int(sys.argv[2]))
 eager = load_artifact(REPO_ROOT / "models", sys.argv[1], torch.device("cpu")).module.float().eval()
 images = {}

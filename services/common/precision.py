@@ -69,9 +69,9 @@ def to_serving_precision(module: nn.Module, dtype: torch.dtype) -> tuple[nn.Modu
     if dtype != torch.bfloat16:
         return module.to(dtype=dtype), dtype
     first = first_convolution(module)
-    kept = None if first is None else copy.deepcopy(first)  # before its weights are rounded
+    if first is None:
+        return module.to(dtype=dtype), dtype
+    kept = copy.deepcopy(first)  # before its weights are rounded
     module.to(dtype=dtype)
-    if first is None or kept is None:
-        return module, dtype
     _replace(module, first, Float32Conv(kept, dtype))
     return module, torch.float32

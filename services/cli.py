@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run a service (or all of them) until SIGTERM")
-    serve.add_argument("name", choices=[*SERVICES, "all"])
+    serve.add_argument("name", choices=[*SERVICES, "all"], help="which service; all = every "
+                       "one in this process")
     add_server_arguments(serve)
     serve.set_defaults(handler=cmd_serve)
 
@@ -298,75 +299,86 @@ def build_parser() -> argparse.ArgumentParser:
     health = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING")
     health.add_argument("--target", default=None, help="host:port (default localhost:50050)")
     health.add_argument("--service", default="", help="fully-qualified service name; '' = all")
-    health.add_argument("--timeout", type=float, default=5.0)
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     health.set_defaults(handler=cmd_health)
 
     upscale = sub.add_parser("upscale", help="4x super-resolution of IN into OUT")
-    upscale.add_argument("input")
-    upscale.add_argument("output")
+    upscale.add_argument("input", help="image file (PNG, JPEG, WebP, ...)")
+    upscale.add_argument("output", help="where to write the result; its extension (.png, "
+                         ".jpg, .webp) picks the format")
     upscale.add_argument("--model", default="", help="model name (default: the server's)")
     _add_target(upscale, "superres")
     upscale.set_defaults(handler=cmd_upscale)
 
     styles = sub.add_parser("styles", help="list the fixed styles")
-    styles.add_argument("--json", action="store_true")
+    styles.add_argument("--json", action="store_true", help="print JSON, not a table")
     _add_target(styles, "style")
     styles.set_defaults(handler=cmd_styles)
 
     stylize = sub.add_parser("stylize", help="style transfer: --style NAME or --style-image S")
-    stylize.add_argument("input")
-    stylize.add_argument("output")
+    stylize.add_argument("input", help="content image file")
+    stylize.add_argument("output", help="where to write the result; its extension (.png, "
+                         ".jpg, .webp) picks the format")
     stylize.add_argument("--style", help="a fixed style from `percept styles`")
     stylize.add_argument("--style-image", help="any style image (optimisation-based, Gatys)")
     stylize.add_argument("--preserve-color", action="store_true",
                          help="transfer luminance only, keep the content's colours")
     stylize.add_argument("--strength", type=float, default=None, help="0..1 blend (--style)")
     stylize.add_argument("--mask", help="grey image: white = stylise, black = keep")
-    stylize.add_argument("--iterations", type=int, default=300)
-    stylize.add_argument("--init", choices=["content", "noise"], default="content")
-    stylize.add_argument("--optimizer", choices=["lbfgs", "adam"], default="lbfgs")
-    stylize.add_argument("--max-size", type=int, default=256, help="working longest side (px)")
+    stylize.add_argument("--iterations", type=int, default=300,
+                         help="optimisation steps (--style-image; default 300)")
+    stylize.add_argument("--init", choices=["content", "noise"], default="content",
+                         help="start from the content image or blurred noise (--style-image)")
+    stylize.add_argument("--optimizer", choices=["lbfgs", "adam"], default="lbfgs",
+                         help="(--style-image; default lbfgs)")
+    stylize.add_argument("--max-size", type=int, default=256,
+                         help="working longest side in px (--style-image; default 256)")
     stylize.add_argument("--layer-weight", action="append", default=[], metavar="LAYER=W",
                          help="style weight of one VGG19 layer, e.g. relu1_1=0.5 (repeatable)")
-    stylize.add_argument("--content-weight", type=float, default=None)
-    stylize.add_argument("--style-weight", type=float, default=None)
-    stylize.add_argument("--tv-weight", type=float, default=None)
-    stylize.add_argument("--seed", type=int, default=0)
+    stylize.add_argument("--content-weight", type=float, default=None,
+                         help="(--style-image; the server's default: 1)")
+    stylize.add_argument("--style-weight", type=float, default=None,
+                         help="(--style-image; the server's default: 1)")
+    stylize.add_argument("--tv-weight", type=float, default=None,
+                         help="total-variation weight (--style-image; the server's default: 10)")
+    stylize.add_argument("--seed", type=int, default=0, help="(--style-image --init noise)")
     stylize.add_argument("--timeout", type=float, default=3600.0, help="deadline in seconds")
     stylize.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_target(stylize, "style")
     stylize.set_defaults(handler=cmd_stylize)
 
     label = sub.add_parser("label", help="zero-shot WordNet labels for an image")
-    label.add_argument("input")
-    label.add_argument("--top", type=int, default=5)
-    label.add_argument("--method", choices=["default", "devise", "conse"], default="default")
+    label.add_argument("input", help="image file")
+    label.add_argument("--top", type=int, default=5, help="labels to return (default 5)")
+    label.add_argument("--method", choices=["default", "devise", "conse"], default="default",
+                       help="DeViSE's projection or ConSE's convex combination of class vectors; "
+                       "default: the served model's default_method")
     label.add_argument("--under", help="only hyponyms of this wnid, e.g. n00015388 (animal)")
     label.add_argument("--zero-shot", action="store_true", help="exclude the ImageNet classes")
-    label.add_argument("--json", action="store_true")
+    label.add_argument("--json", action="store_true", help="print JSON, not a table")
     _add_target(label, "embed")
     label.set_defaults(handler=cmd_label)
 
     index = sub.add_parser("index", help="add images (files or folders) to the search index")
-    index.add_argument("paths", nargs="+")
-    index.add_argument("--recursive", action="store_true")
-    index.add_argument("--quiet", action="store_true")
+    index.add_argument("paths", nargs="+", help="image files or folders")
+    index.add_argument("--recursive", action="store_true", help="descend into subfolders")
+    index.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_target(index, "search")
     index.set_defaults(handler=cmd_index)
 
     search = sub.add_parser("search", help="search indexed images by TEXT or --image")
-    search.add_argument("text", nargs="?", default="")
-    search.add_argument("--image")
-    search.add_argument("--top", type=int, default=10)
-    search.add_argument("--json", action="store_true")
+    search.add_argument("text", nargs="?", default="", help="words to search for")
+    search.add_argument("--image", help="an image file: find indexed images like it")
+    search.add_argument("--top", type=int, default=10, help="results to return (default 10)")
+    search.add_argument("--json", action="store_true", help="print JSON, not a table")
     _add_target(search, "search")
     search.set_defaults(handler=cmd_search)
 
     cluster = sub.add_parser("cluster", help="Kubernetes deployment status")
     cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
     status = cluster_sub.add_parser("status", help="readiness and replicas of the services")
-    status.add_argument("--namespace", default="percept")
-    status.add_argument("--context", default=None)
+    status.add_argument("--namespace", default="percept", help="(default percept)")
+    status.add_argument("--context", default=None, help="kubectl context (default: the current)")
     status.set_defaults(handler=cmd_cluster_status)
 
     _register_training(sub)

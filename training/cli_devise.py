@@ -143,7 +143,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the results into the artifact's metrics.json")
     parser.add_argument("--show", type=int, default=3,
                         help="print each photo's top-N labels per method (default: 3; 0: none)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="default: auto (CUDA when present)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default: torch's choice)")
 

@@ -123,7 +123,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: skimage-chelsea skimage-coffee)")
     parser.add_argument("--update-metrics", action="store_true",
                         help="write the held-out numbers into each model's metrics.json")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="default: auto (CUDA when present)")
 
 
 def register_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]

@@ -105,3 +105,23 @@ def test_unreachable_server_is_unavailable(tmp_path: Path, cat_png: Path,
     code = main(["styles", "--target", f"127.0.0.1:{free_port()}"])
     assert code == 1
     assert capsys.readouterr().err.startswith("UNAVAILABLE: ")
+
+
+def test_every_argument_of_every_command_has_help() -> None:
+    """`percept COMMAND --help` explains each argument: none is listed bare."""
+    import argparse
+
+    from services.cli import build_parser
+
+    bare: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, command: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{command} {name}".strip())
+            elif not action.help and not isinstance(action, argparse._HelpAction):
+                bare.append(f"percept {command} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "")
+    assert not bare, f"arguments without help: {bare}"

@@ -11,9 +11,9 @@ as ``func`` (``args.func(args) -> exit code``).
 from __future__ import annotations
 
 import argparse
-import sys
 
 from training.assets import REPO_ROOT
+from training.command import run_task_cli
 
 DEFAULT_NAME = "devise-minilm"
 #: Hinge rank loss margin (Frome et al. 2013 used 0.1 with unit-norm vectors).
@@ -178,15 +178,8 @@ def register_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m training.cli_devise {train,eval} ...``: ``percept {train,eval} devise``."""
-    parser = argparse.ArgumentParser(prog="python -m training.cli_devise")
-    groups = parser.add_subparsers(dest="group", required=True)
-    register_train(groups.add_parser("train").add_subparsers(dest="command", required=True))
-    register_eval(groups.add_parser("eval").add_subparsers(dest="command", required=True))
-    arguments = sys.argv[1:] if argv is None else argv
-    if arguments and arguments[0] in ("train", "eval"):
-        arguments = [arguments[0], "devise", *arguments[1:]]
-    args = parser.parse_args(arguments)
-    return int(args.func(args))
+    groups = {"train": register_train, "eval": register_eval}
+    return run_task_cli("training.cli_devise", "devise", groups, argv)
 
 
 if __name__ == "__main__":

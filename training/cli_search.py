@@ -10,9 +10,9 @@ embedding models load when the command runs. The parser stores its handler as ``
 from __future__ import annotations
 
 import argparse
-import sys
 
 from training.assets import REPO_ROOT
+from training.command import run_task_cli
 
 #: Cut-offs of recall@k and relevant_recall@k.
 DEFAULT_KS = (1, 5, 10)
@@ -68,14 +68,7 @@ def register_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m training.cli_search eval ...``: ``percept eval search``."""
-    parser = argparse.ArgumentParser(prog="python -m training.cli_search")
-    groups = parser.add_subparsers(dest="group", required=True)
-    register_eval(groups.add_parser("eval").add_subparsers(dest="command", required=True))
-    arguments = sys.argv[1:] if argv is None else argv
-    if arguments and arguments[0] == "eval":
-        arguments = [arguments[0], "search", *arguments[1:]]
-    args = parser.parse_args(arguments)
-    return int(args.func(args))
+    return run_task_cli("training.cli_search", "search", {"eval": register_eval}, argv)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ torch loads when a command runs. Each parser stores its handler as ``func``
 from __future__ import annotations
 
 import argparse
-import sys
 
 from training.assets import REPO_ROOT
+from training.command import run_task_cli
 
 #: Johnson et al. 2016 (sec. 4.1): content at relu2_2, style at these four layers. The
 #: default per-layer weights make each layer's Gram distance between a training photo and
@@ -248,15 +248,8 @@ def register_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m training.cli_style {train,eval} ...``: ``percept {train,eval} style``."""
-    parser = argparse.ArgumentParser(prog="python -m training.cli_style")
-    groups = parser.add_subparsers(dest="group", required=True)
-    register_train(groups.add_parser("train").add_subparsers(dest="command", required=True))
-    register_eval(groups.add_parser("eval").add_subparsers(dest="command", required=True))
-    arguments = sys.argv[1:] if argv is None else argv
-    if arguments and arguments[0] in ("train", "eval"):
-        arguments = [arguments[0], "style", *arguments[1:]]
-    args = parser.parse_args(arguments)
-    return int(args.func(args))
+    groups = {"train": register_train, "eval": register_eval}
+    return run_task_cli("training.cli_style", "style", groups, argv)
 
 
 if __name__ == "__main__":

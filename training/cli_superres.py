@@ -9,10 +9,9 @@ parser stores its handler as ``func`` (``args.func(args) -> exit code``).
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 
 from training.assets import REPO_ROOT
+from training.command import run_task_cli
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -151,18 +150,8 @@ def register_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m training.cli_superres {train,eval} ...``: ``percept {train,eval} superres``."""
-    parser = argparse.ArgumentParser(prog="python -m training.cli_superres")
-    groups = parser.add_subparsers(dest="group", required=True)
-    register_train(groups.add_parser("train").add_subparsers(dest="command", required=True))
-    register_eval(groups.add_parser("eval").add_subparsers(dest="command", required=True))
-    arguments = sys.argv[1:] if argv is None else argv
-    if arguments and arguments[0] in ("train", "eval"):
-        arguments = [arguments[0], "superres", *arguments[1:]]
-    args = parser.parse_args(arguments)
-    args.command_line = " ".join(["python", "-m", "training.cli_superres",
-                                  *(shlex.quote(a) for a in (sys.argv[1:] if argv is None
-                                                             else argv))])
-    return int(args.func(args))
+    groups = {"train": register_train, "eval": register_eval}
+    return run_task_cli("training.cli_superres", "superres", groups, argv)
 
 
 if __name__ == "__main__":

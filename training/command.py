@@ -1,10 +1,12 @@
-"""The exact command line of the running process, for manifests and provenance (stdlib)."""
+"""The exact command line of the running process, for manifests and provenance, and the
+``python -m training.cli_TASK`` entry point each trainer front end shares (stdlib)."""
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from training.assets import REPO_ROOT
@@ -23,3 +25,24 @@ def command_line(argv: Iterable[str] | None = None) -> str:
         except ValueError:
             parts.insert(0, "python")
     return " ".join(shlex.quote(p) for p in parts)
+
+
+#: Adds one task's command to a group's subparsers (``percept train`` or ``percept eval``).
+Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], object]
+
+
+def run_task_cli(module: str, task: str, groups: Mapping[str, Register],
+                 argv: Sequence[str] | None = None) -> int:
+    """``python -m MODULE GROUP ARGS``, the same as ``percept GROUP TASK ARGS``: ``groups``
+    maps each group ("train", "eval") to the function that registers TASK in it. The
+    handler's provenance records the command as given (``args.command_line``), also when
+    ``argv`` comes from a caller rather than ``sys.argv``."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}")
+    subparsers = parser.add_subparsers(dest="group", required=True)
+    for group, register in groups.items():
+        register(subparsers.add_parser(group).add_subparsers(dest="command", required=True))
+    given = list(sys.argv[1:] if argv is None else argv)
+    arguments = [given[0], task, *given[1:]] if given and given[0] in groups else given
+    args = parser.parse_args(arguments)
+    args.command_line = " ".join(["python", "-m", module, *(shlex.quote(a) for a in given)])
+    return int(args.func(args))

@@ -564,7 +564,8 @@ def train(args: argparse.Namespace) -> int:
     }
     export_artifact(out, name=name, task=TASK, architecture=architecture,
                     module=module.cpu(), metrics=metrics, data=data_entries,
-                    command=command_line(), device=str(device), config_extra=config_extra)
+                    command=getattr(args, "command_line", None) or command_line(),
+                    device=str(device), config_extra=config_extra)
     shutil.copyfile(run_dir / "loss.png", out / "loss.png")
     losses = (f"loss {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f}" if history
               else "no training (the initial map)")

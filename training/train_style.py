@@ -731,7 +731,8 @@ def train(args: argparse.Namespace) -> int:
         architecture = {**architecture, "edge_margin": edge_margin}
     export_artifact(out, name=name, task=TASK, architecture=architecture,
                     module=model.to("cpu").float(), metrics=metrics, data=data,
-                    command=command_line(), device=str(device), config_extra=config_extra)
+                    command=getattr(args, "command_line", None) or command_line(),
+                    device=str(device), config_extra=config_extra)
     for picture in ("samples.png", "loss.png"):
         shutil.copyfile(run_dir / picture, out / picture)
     print(f"[train] {name}: {step} steps in {train_seconds / 60:.1f} min "

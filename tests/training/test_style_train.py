@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from training import nets
+from training import cli_style, nets
 from training.cli_style import DEFAULT_STYLE_LAYER_WEIGHTS, parse_layer_weight, register_train
 from training.export import export_artifact, load_exported
 
@@ -186,7 +186,8 @@ def test_cli_training_exports_an_artifact_and_resumes(tmp_path: Path) -> None:
               "--batch-size", "1", "--style-size", "48", "--device", "cpu", "--quiet",
               "--style-layer-weight", "relu1_2=1", "--style-layer-weight", "relu3_3=0.1",
               "--val-items", "2", "--sample-every", "0", "--checkpoint-every", "1"]
-    assert train(_parse([*common, "--steps", "2"])) == 0
+    # through `python -m training.cli_style`, which records the command as given
+    assert cli_style.main(["train", *common, "--steps", "2"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["task"] == "style" and config["name"] == "style-stained-tissue"
     assert config["architecture"] == {"type": "johnson-transformer", "width": 4, "blocks": 1}
@@ -199,7 +200,9 @@ def test_cli_training_exports_an_artifact_and_resumes(tmp_path: Path) -> None:
     provenance = json.loads((out / "provenance.json").read_text())
     kinds = {entry["kind"] for entry in provenance["data"]}
     assert {"prepared array", "source photo", "style image", "weights"} <= kinds
-    assert provenance["git_sha"] and provenance["command"]
+    assert provenance["git_sha"]
+    assert provenance["command"] == " ".join(["python -m training.cli_style train", *common,
+                                              "--steps 2"])
     assert (out / "samples.png").is_file() and (out / "loss.png").is_file()
     state = load_file(str(out / "weights.safetensors"))
     assert all(t.dtype == torch.float16 for t in state.values())

@@ -33,6 +33,7 @@ from PIL import Image
 
 from training.data.images import is_image_file, load_centre_crop
 from training.export import command_line, load_exported, update_metrics
+from training.image_batches import to_tensor, to_uint8_images
 from training.image_quality import (
     gradient_energy,
     laplacian_variance,
@@ -41,7 +42,7 @@ from training.image_quality import (
     y_psnr_ssim,
 )
 from training.plots import image_grid, save_image_grid
-from training.sr_data import SCALE, to_tensor, to_uint8_images
+from training.sr_data import SCALE
 
 BORDER = 4  # pixels shaved for 4x SR (the SR convention)
 

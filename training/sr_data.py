@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from training.data.arrays import PreparedArrays
+from training.image_batches import to_tensor, to_uint8_images
 
 SCALE = 4
 
@@ -44,18 +45,6 @@ class Degradation:
     @property
     def active(self) -> bool:
         return self.blur > 0 or self.noise > 0 or self.jpeg > 0
-
-
-def to_tensor(batch: np.ndarray, device: torch.device) -> Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [0, 1] on ``device``."""
-    tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True)
-    return tensor.permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def to_uint8_images(batch: Tensor) -> np.ndarray:
-    """(N, 3, H, W) float in [0, 1] -> (N, H, W, 3) uint8 (rounded, clamped)."""
-    return batch.detach().float().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1) \
-        .cpu().numpy()
 
 
 def _gradient_energy(image: np.ndarray) -> float:

@@ -63,9 +63,9 @@ from training.cli_style import (
 )
 from training.data.arrays import PreparedArrays, load_prepared
 from training.export import command_line, data_entry, export_artifact
+from training.image_batches import predict_images, to_tensor
 from training.nets.transformer import TransformerNet
 from training.plots import save_image_grid, save_loss_plot
-from training.sr_data import to_tensor, to_uint8_images
 from training.train_superres import (
     _autocast_dtype,
     _provenance_data,
@@ -332,24 +332,10 @@ def style_layer_weights(pairs: list[tuple[str, float]] | None) -> dict[str, floa
     return weights
 
 
-def stylise(model: nn.Module, images: np.ndarray, device: torch.device,
-            channels_last: bool = False) -> np.ndarray:
-    """Eval-mode forward pass on (N, H, W, 3) uint8 images -> uint8 images."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        x = to_tensor(images, device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out = to_uint8_images(model(x))
-    model.train(was_training)
-    return out
-
-
 def save_samples(model: nn.Module, content: np.ndarray, style: np.ndarray, path: Path,
                  device: torch.device, channels_last: bool) -> Path:
     """A grid with one row per content item: content | output | style image."""
-    output = stylise(model, content, device, channels_last)
+    output = predict_images(model, content, device, channels_last)
     side = content.shape[1]
     thumb = Image.fromarray(style)
     thumb.thumbnail((side, side), Image.Resampling.LANCZOS)
@@ -365,7 +351,7 @@ def grid_artifacts(model: nn.Module, content: np.ndarray, device: torch.device,
     upsampling stages paint. Near 1 = none; a visible grid measures several times more."""
     from training.evaluate_style import nyquist_ratio, quarter_ratio
 
-    output = stylise(model, content, device, channels_last)
+    output = predict_images(model, content, device, channels_last)
     pairs = list(zip(output, content, strict=True))
     return {"nyquist_ratio": float(np.mean([nyquist_ratio(o, c) for o, c in pairs])),
             "quarter_ratio": float(np.mean([quarter_ratio(o, c) for o, c in pairs]))}

@@ -43,9 +43,10 @@ from tqdm import tqdm
 from training import nets
 from training.data.arrays import PreparedArrays, load_prepared
 from training.export import command_line, data_entry, export_artifact, load_exported
+from training.image_batches import predict_images, to_tensor
 from training.image_quality import y_psnr_ssim
 from training.plots import save_image_grid, save_loss_plot
-from training.sr_data import SCALE, Degradation, PairSampler, degrade, to_tensor, to_uint8_images
+from training.sr_data import SCALE, Degradation, PairSampler, degrade
 
 PERCEPTUAL_LAYER = "relu2_2"  # Keras block2_conv2: Johnson et al. 2016's SR layer
 TASK = "superres"
@@ -120,24 +121,10 @@ def bicubic_upscale(lr: np.ndarray) -> np.ndarray:
         (img.shape[1] * SCALE, img.shape[0] * SCALE), Image.Resampling.BICUBIC)) for img in lr])
 
 
-def run_model(model: nn.Module, lr: np.ndarray, device: torch.device,
-              channels_last: bool) -> np.ndarray:
-    """Eval-mode forward pass on uint8 images -> uint8 images."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        x = to_tensor(lr, device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out = to_uint8_images(model(x))
-    model.train(was_training)
-    return out
-
-
 def validate(model: nn.Module, lr: np.ndarray, hr: np.ndarray, device: torch.device,
              channels_last: bool) -> dict[str, float]:
     """Mean Y-PSNR/SSIM (4 px shaved) of the model and of bicubic on a fixed batch."""
-    output = run_model(model, lr, device, channels_last)
+    output = predict_images(model, lr, device, channels_last)
     bicubic = bicubic_upscale(lr)
     model_scores = [y_psnr_ssim(h, o) for h, o in zip(hr, output, strict=True)]
     bicubic_scores = [y_psnr_ssim(h, b) for h, b in zip(hr, bicubic, strict=True)]
@@ -153,7 +140,7 @@ def validate(model: nn.Module, lr: np.ndarray, hr: np.ndarray, device: torch.dev
 
 def save_samples(model: nn.Module, lr: np.ndarray, hr: np.ndarray, path: Path,
                  device: torch.device, channels_last: bool, rows: int = 4) -> Path:
-    output = run_model(model, lr[:rows], device, channels_last)
+    output = predict_images(model, lr[:rows], device, channels_last)
     bicubic = bicubic_upscale(lr[:rows])
     grid = [[b, o, h] for b, o, h in zip(bicubic, output, hr[:rows], strict=True)]
     return save_image_grid(grid, path, labels=["low-res (bicubic)", "output", "target"])

@@ -15,7 +15,8 @@ from training import cli_superres
 from training.assets import VGG19_WEIGHTS
 from training.data.arrays import load_prepared
 from training.data.prepare import prepare
-from training.sr_data import Degradation, PairSampler, degrade, gaussian_blur, to_tensor
+from training.image_batches import to_tensor
+from training.sr_data import Degradation, PairSampler, degrade, gaussian_blur
 from training.train_superres import lr_factor
 
 TINY = ["--width", "8", "--blocks", "1", "--crop", "24", "--batch-size", "2", "--threads", "2",

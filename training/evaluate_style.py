@@ -538,7 +538,7 @@ def _format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from training.train_superres import choose_device
+    from training.loop import choose_device
 
     device = choose_device(args.device)
     if args.zoom and args.zoom_crop < 1:

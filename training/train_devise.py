@@ -74,6 +74,7 @@ from training.assets import REPO_ROOT, efficientnet_lite0_weights_path
 from training.data.images import is_image_file
 from training.devise_features import BACKBONE_NAME, FeatureCache, compute_features
 from training.export import command_line, data_entry, export_artifact
+from training.loop import choose_device
 from training.nets.devise import DeViSEMap
 from training.nets.efficientnet_lite import HEAD_CHANNELS, load_efficientnet_lite0
 
@@ -375,14 +376,6 @@ def teacher_agreement(module: DeViSEMap, features: Tensor, logits: np.ndarray,
                                                                     strict=True)]))}
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available")
-    return torch.device(name)
-
-
 def _photo_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} not found; run `percept data photos`")
@@ -410,7 +403,7 @@ def _class_names() -> list[str]:
 def train(args: argparse.Namespace) -> int:
     """Runs ``percept train devise`` with parsed flags."""
     started = time.perf_counter()
-    device = _device(args.device)
+    device = choose_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

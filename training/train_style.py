@@ -64,15 +64,18 @@ from training.cli_style import (
 from training.data.arrays import PreparedArrays, load_prepared
 from training.export import command_line, data_entry, export_artifact
 from training.image_batches import predict_images, to_tensor
-from training.nets.transformer import TransformerNet
-from training.plots import save_image_grid, save_loss_plot
-from training.train_superres import (
-    _autocast_dtype,
-    _provenance_data,
-    _save_checkpoint,
+from training.loop import (
+    CHECKPOINT_NAME,
+    autocast_dtype,
     choose_device,
     lr_factor,
+    prepared_data_provenance,
+    read_checkpoint,
+    restore_training_state,
+    save_checkpoint,
 )
+from training.nets.transformer import TransformerNet
+from training.plots import save_image_grid, save_loss_plot
 
 TASK = "style"
 ARCHITECTURE = "johnson-transformer"
@@ -511,29 +514,20 @@ def train(args: argparse.Namespace) -> int:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(schedule_position(step), steps, warmup))
-    autocast_dtype = _autocast_dtype(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
+    amp_dtype = autocast_dtype(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     step = 0
     history: dict[str, list[float]] = {"total": []}
     raw_history: dict[str, list[float]] = {}
     elapsed_before = cpu_before = 0.0
-    checkpoint = run_dir / "checkpoint.pt"
+    checkpoint = run_dir / CHECKPOINT_NAME
     style_sha = sha256_of(style.path)
     if args.resume:
-        if not checkpoint.is_file():
-            raise SystemExit(f"error: --resume but {checkpoint} does not exist")
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["architecture"] != architecture:
-            raise SystemExit(f"error: {checkpoint} holds {state['architecture']}, "
-                             f"not {architecture}")
+        state = read_checkpoint(checkpoint, device, architecture)
         if state.get("style_sha256") != style_sha:
             raise SystemExit(f"error: {checkpoint} was trained on another style image")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
+        step = restore_training_state(state, model, optimizer, scheduler, scaler)
         history, raw_history = state["history"], state["raw_history"]
         if args.edge_margin is None:
             edge_margin = int(state.get("edge_margin", 0))
@@ -597,8 +591,8 @@ def train(args: argparse.Namespace) -> int:
         content = to_tensor(sampler.sample(recipe["batch_size"]), device)
         if channels_last:
             content = content.contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast(device.type, dtype=autocast_dtype) \
-            if autocast_dtype is not None else contextlib.nullcontext()
+        autocast = torch.autocast(device.type, dtype=amp_dtype) \
+            if amp_dtype is not None else contextlib.nullcontext()
         with autocast:
             output = model(content)
             loss, terms, raw = criterion(output, content)
@@ -627,7 +621,7 @@ def train(args: argparse.Namespace) -> int:
         if args.grid_margin and args.grid_check_every and step % args.grid_check_every == 0:
             grid_check()
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            _save_checkpoint(checkpoint, snapshot())
+            save_checkpoint(checkpoint, snapshot())
     bar.close()
     selected_step = step
     if args.grid_margin:
@@ -645,7 +639,7 @@ def train(args: argparse.Namespace) -> int:
                       f"{args.grid_margin}; exporting the last one", flush=True)
     train_seconds = elapsed_before + time.monotonic() - started
     cpu_seconds = cpu_before + time.process_time() - cpu_started
-    _save_checkpoint(checkpoint, snapshot())
+    save_checkpoint(checkpoint, snapshot())
     pictures()
 
     tail = max(1, min(50, len(history["total"])))
@@ -668,7 +662,7 @@ def train(args: argparse.Namespace) -> int:
         "width": recipe["width"], "blocks": args.blocks,
         "lr": lr, "warmup": warmup, "seed": args.seed, "time_schedule": args.time_schedule,
         "final_lr": scheduler.get_last_lr()[0],
-        "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32",
+        "autocast": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
         "channels_last": channels_last,
         "loss_weights": {"content": args.content_weight, "content_layer": args.content_layer,
                          "style": args.style_weight, "style_layers": layer_weights,
@@ -709,7 +703,7 @@ def train(args: argparse.Namespace) -> int:
     from training.assets import vgg19_weights_path
 
     used = prepared.files()[0].name  # only the largest array is trained on
-    data = [entry for entry in _provenance_data(prepared, [vgg19_weights_path()])
+    data = [entry for entry in prepared_data_provenance(prepared, [vgg19_weights_path()])
             if entry["kind"] != "prepared array" or entry["path"].endswith(used)]
     data.append(data_entry(style.path, kind="style image", source=style.source))
     data.extend(init_entries)

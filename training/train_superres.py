@@ -28,7 +28,6 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,10 +40,20 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from training import nets
-from training.data.arrays import PreparedArrays, load_prepared
-from training.export import command_line, data_entry, export_artifact, load_exported
+from training.data.arrays import load_prepared
+from training.export import command_line, export_artifact, load_exported
 from training.image_batches import predict_images, to_tensor
 from training.image_quality import y_psnr_ssim
+from training.loop import (
+    CHECKPOINT_NAME,
+    autocast_dtype,
+    choose_device,
+    lr_factor,
+    prepared_data_provenance,
+    read_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+)
 from training.plots import save_image_grid, save_loss_plot
 from training.sr_data import SCALE, Degradation, PairSampler, degrade
 
@@ -58,15 +67,6 @@ class LossWeights:
     perceptual: float = 0.0
     tv: float = 0.0
     pixel_loss: str = "l1"
-
-
-def choose_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 class SuperResLoss(nn.Module):
@@ -105,14 +105,6 @@ class SuperResLoss(nn.Module):
             raise ValueError("every loss weight is zero")
         total = torch.stack(list(terms.values())).sum()
         return total, {k: float(v.detach()) for k, v in terms.items()}
-
-
-def lr_factor(step: float, steps: int, warmup: int, final: float = 0.01) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to ``final`` x the base LR."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def bicubic_upscale(lr: np.ndarray) -> np.ndarray:
@@ -161,32 +153,6 @@ def _use_channels_last(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type in ("cuda", "cpu"))
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
-        return None  # CPU trains in fp32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _checkpoint_path(run_dir: Path) -> Path:
-    return run_dir / "checkpoint.pt"
-
-
-def _save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
-    partial = path.with_suffix(".partial")
-    torch.save(dict(payload), partial)
-    partial.replace(path)
-
-
-def _provenance_data(prepared: PreparedArrays, extra: list[Path]) -> list[dict[str, Any]]:
-    entries = [data_entry(f, kind="prepared array") for f in prepared.files()]
-    entries.append(data_entry(prepared.path / "manifest.json", kind="prepared manifest"))
-    for source in prepared.manifest.get("sources", []):
-        entries.append({"path": source["path"], "sha256": source["sha256"],
-                        "kind": "source photo"})
-    entries.extend(data_entry(p, kind="weights") for p in extra)
-    return entries
-
-
 def train(args: argparse.Namespace) -> int:
     """Runs the training described by the parsed ``percept train superres`` flags."""
     device = choose_device(args.device)
@@ -232,26 +198,17 @@ def train(args: argparse.Namespace) -> int:
     warmup = args.warmup if args.warmup is not None else max(1, min(100, args.steps // 20))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, args.steps, warmup))
-    autocast_dtype = _autocast_dtype(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
+    amp_dtype = autocast_dtype(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     step = 0
     history: dict[str, list[float]] = {"total": []}
     elapsed_before = 0.0
     cpu_before = 0.0
-    checkpoint = _checkpoint_path(run_dir)
+    checkpoint = run_dir / CHECKPOINT_NAME
     if args.resume:
-        if not checkpoint.is_file():
-            raise SystemExit(f"error: --resume but {checkpoint} does not exist")
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["architecture"] != architecture:
-            raise SystemExit(f"error: {checkpoint} holds {state['architecture']}, "
-                             f"not {architecture}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
+        state = read_checkpoint(checkpoint, device, architecture)
+        step = restore_training_state(state, model, optimizer, scheduler, scaler)
         history = state["history"]
         elapsed_before = float(state["elapsed"])
         cpu_before = float(state.get("cpu_elapsed", 0.0))
@@ -294,8 +251,8 @@ def train(args: argparse.Namespace) -> int:
         if channels_last:
             hr = hr.contiguous(memory_format=torch.channels_last)
             lr = lr.contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast(device.type, dtype=autocast_dtype) \
-            if autocast_dtype is not None else contextlib.nullcontext()
+        autocast = torch.autocast(device.type, dtype=amp_dtype) \
+            if amp_dtype is not None else contextlib.nullcontext()
         with autocast:
             output = model(lr)
             loss, terms = criterion(output, hr)
@@ -319,11 +276,11 @@ def train(args: argparse.Namespace) -> int:
         if args.sample_every and step % args.sample_every == 0:
             pictures()
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            _save_checkpoint(checkpoint, snapshot())
+            save_checkpoint(checkpoint, snapshot())
     bar.close()
     train_seconds = elapsed_before + time.monotonic() - started
     cpu_seconds = cpu_before + time.process_time() - cpu_started
-    _save_checkpoint(checkpoint, snapshot())
+    save_checkpoint(checkpoint, snapshot())
     pictures()
 
     validation = validate(model, val_lr, val_hr, device, channels_last)
@@ -365,7 +322,7 @@ def train(args: argparse.Namespace) -> int:
     }
     export_artifact(out, name=name, task=TASK, architecture=architecture,
                     module=model.to("cpu").float(), metrics=metrics,
-                    data=_provenance_data(prepared, init_files),
+                    data=prepared_data_provenance(prepared, init_files),
                     command=getattr(args, "command_line", None) or command_line(),
                     device=str(device), config_extra=config_extra)
     for picture in ("samples.png", "loss.png"):

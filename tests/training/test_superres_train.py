@@ -16,8 +16,8 @@ from training.assets import VGG19_WEIGHTS
 from training.data.arrays import load_prepared
 from training.data.prepare import prepare
 from training.image_batches import to_tensor
+from training.loop import lr_factor
 from training.sr_data import Degradation, PairSampler, degrade, gaussian_blur
-from training.train_superres import lr_factor
 
 TINY = ["--width", "8", "--blocks", "1", "--crop", "24", "--batch-size", "2", "--threads", "2",
         "--val-items", "2", "--device", "cpu", "--quiet"]

@@ -1,0 +1,72 @@
+"""The trainers' shared loop plumbing (training/loop.py): device choice, checkpoints."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from training import cli_style
+from training.loop import (
+    choose_device,
+    read_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+)
+
+ARCHITECTURE = {"type": "tiny", "width": 2}
+
+
+def _training_state() -> tuple[nn.Module, torch.optim.Optimizer,
+                               torch.optim.lr_scheduler.LRScheduler, torch.amp.GradScaler]:
+    model = nn.Conv2d(3, 2, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+    return model, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=False)
+
+
+def test_a_checkpoint_round_trips_and_replaces_the_old_one_whole(tmp_path: Path) -> None:
+    model, optimizer, scheduler, scaler = _training_state()
+    model(torch.rand(1, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"the previous checkpoint")
+    save_checkpoint(path, {"architecture": ARCHITECTURE, "model": model.state_dict(),
+                           "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                           "step": 7})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no .partial left
+
+    fresh, fresh_optimizer, fresh_scheduler, fresh_scaler = _training_state()
+    state = read_checkpoint(path, torch.device("cpu"), ARCHITECTURE)
+    assert restore_training_state(state, fresh, fresh_optimizer, fresh_scheduler,
+                                  fresh_scaler) == 7
+    assert torch.equal(fresh.weight, model.weight)
+    assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr() == [5e-4]
+    assert fresh_optimizer.state_dict()["state"][0]["step"] == 1
+
+
+def test_resuming_without_a_checkpoint_or_from_another_architecture_says_so(
+        tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(SystemExit, match=re.escape(f"--resume but {path} does not exist")):
+        read_checkpoint(path, torch.device("cpu"), ARCHITECTURE)
+    save_checkpoint(path, {"architecture": {"type": "tiny", "width": 4}})
+    with pytest.raises(SystemExit, match=r"holds .*'width': 4.*, not .*'width': 2"):
+        read_checkpoint(path, torch.device("cpu"), ARCHITECTURE)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_device_cuda_without_cuda_exits_2_with_a_message(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert choose_device("auto") == torch.device("cpu")
+    with pytest.raises(SystemExit) as exited:
+        cli_style.main(["train", "--style", "starry-night", "--device", "cuda",
+                        "--out", str(tmp_path / "style-x")])
+    assert exited.value.code == 2
+    assert "--device cuda, but no CUDA device is available" in capsys.readouterr().err
+    assert not (tmp_path / "style-x").exists()

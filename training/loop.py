@@ -1,0 +1,91 @@
+"""What the trainers' loops share: the device, the autocast dtype, the learning-rate
+schedule, checkpoints (written atomically, checked when resumed) and the provenance of
+the prepared arrays they read."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.data.arrays import PreparedArrays
+from training.export import data_entry
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def choose_device(name: str) -> torch.device:
+    """``--device``: ``auto`` -> CUDA when present, else the CPU. ``cuda`` without a CUDA
+    device exits with status 2 and says so."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but no CUDA device is available (use --device auto "
+              "or cpu)", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA (bf16 where supported, else fp16); the CPU trains in fp32."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def lr_factor(step: float, steps: int, warmup: int, final: float = 0.01) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``final`` x the base LR."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
+    """Writes ``payload`` to ``path`` through a temporary file: a run killed while saving
+    keeps its previous checkpoint."""
+    partial = path.with_suffix(".partial")
+    torch.save(dict(payload), partial)
+    partial.replace(path)
+
+
+def read_checkpoint(path: Path, device: torch.device, architecture: Mapping[str, Any]
+                    ) -> dict[str, Any]:
+    """The checkpoint ``--resume`` continues from; exits with a message when there is none
+    or it holds another architecture."""
+    if not path.is_file():
+        raise SystemExit(f"error: --resume but {path} does not exist")
+    state: dict[str, Any] = torch.load(path, map_location=device, weights_only=False)
+    if state["architecture"] != architecture:
+        raise SystemExit(f"error: {path} holds {state['architecture']}, not {architecture}")
+    return state
+
+
+def restore_training_state(state: Mapping[str, Any], model: nn.Module,
+                           optimizer: torch.optim.Optimizer,
+                           scheduler: torch.optim.lr_scheduler.LRScheduler,
+                           scaler: torch.amp.GradScaler) -> int:
+    """Loads the model, optimiser, schedule and gradient scaler; returns the step reached."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    return int(state["step"])
+
+
+def prepared_data_provenance(prepared: PreparedArrays, extra: list[Path]
+                             ) -> list[dict[str, Any]]:
+    """Provenance entries: the prepared arrays, their manifest, the source photos it names,
+    and ``extra`` files (weights)."""
+    entries = [data_entry(f, kind="prepared array") for f in prepared.files()]
+    entries.append(data_entry(prepared.path / "manifest.json", kind="prepared manifest"))
+    for source in prepared.manifest.get("sources", []):
+        entries.append({"path": source["path"], "sha256": source["sha256"],
+                        "kind": "source photo"})
+    entries.extend(data_entry(p, kind="weights") for p in extra)
+    return entries

@@ -15,6 +15,20 @@ log = logging.getLogger("percept.rpc")
 Self = TypeVar("Self")
 
 
+async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, method: str
+                     ) -> None:
+    """Called in an ``except`` block: a ServiceError becomes its status and message; an
+    abort already under way goes on; anything else is logged with its traceback and
+    answered INTERNAL, without leaking internals."""
+    if isinstance(error, (grpc.aio.AbortError, grpc.aio.UsageError)):
+        raise error
+    if isinstance(error, ServiceError):
+        await context.abort(error.code, error.message)
+    else:
+        log.exception("unhandled error", extra={"method": method})
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+
 def unary_errors(method: Callable[[Self, Any, grpc.aio.ServicerContext], Awaitable[Any]]
                  ) -> Callable[[Self, Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     """Turns a raised ServiceError into ``context.abort(code, message)``; logs other errors
@@ -24,13 +38,8 @@ def unary_errors(method: Callable[[Self, Any, grpc.aio.ServicerContext], Awaitab
     async def wrapper(self: Self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
-        except ServiceError as error:
-            await context.abort(error.code, error.message)
-        except (grpc.aio.AbortError, grpc.aio.UsageError):
-            raise
-        except Exception:
-            log.exception("unhandled error", extra={"method": method.__name__})
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        except Exception as error:
+            await _abort_for(error, context, method.__name__)
 
     return wrapper
 
@@ -45,13 +54,8 @@ def stream_errors(method: Callable[[Self, Any, grpc.aio.ServicerContext], AsyncI
         try:
             async for response in method(self, request, context):
                 yield response
-        except ServiceError as error:
-            await context.abort(error.code, error.message)
-        except (grpc.aio.AbortError, grpc.aio.UsageError):
-            raise
-        except Exception:
-            log.exception("unhandled error", extra={"method": method.__name__})
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        except Exception as error:
+            await _abort_for(error, context, method.__name__)
 
     return wrapper
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from PIL import Image
 
 from training.assets import sha256_of
+from training.data.folders import unwritable_reason
 
 PLASMA = "plasma-workspace-wallpapers"
 MATE = "mate-backgrounds"
@@ -172,13 +173,8 @@ def _deb_version(deb: Path) -> str:
 def assemble(out: Path, cache: Path, quiet: bool = False) -> dict[str, object]:
     """Copies every curated photo into ``out/train`` or ``out/heldout`` (bytes unchanged)
     and writes ``out/manifest.json``; returns the manifest."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise PhotosError(f"cannot write to {out}: {error.strerror}") from error
+    if (reason := unwritable_reason(out)) is not None:
+        raise PhotosError(f"cannot write to {out}: {reason}")
 
     roots: dict[str, Path] = {SKIMAGE: skimage_root()}
     packages: dict[str, dict[str, str]] = {}

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from training.assets import REPO_ROOT, sha256_of
 from training.command import command_line
+from training.data.folders import unwritable_reason
 from training.data.images import (
     Box,
     centre_square,
@@ -172,13 +173,8 @@ def prepare(sources: Sequence[Path], out: Path, sizes: Sequence[int], crops_per_
         raise PrepareError(f"sizes must be positive integers, got {list(sizes)}")
     if crops_per_image < 1:
         raise PrepareError(f"--crops-per-image must be >= 1, got {crops_per_image}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise PrepareError(f"cannot write to {out}: {error.strerror or error}") from error
+    if (reason := unwritable_reason(out)) is not None:
+        raise PrepareError(f"cannot write to {out}: {reason}")
 
     tasks, order = plan(sources, sizes[0], crops_per_image, seed)
     count = len(order)

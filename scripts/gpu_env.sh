@@ -1,8 +1,8 @@
 # Sourced by the GPU session scripts: starts their clock (`elapsed`), checks $OUT, puts
-# this repository (and, on a bare machine, the wheels carried in .whl/: grpcio, protobuf,
-# pytest and isal, fetched with `pip download --only-binary :all: --python-version 3.12
-# --platform manylinux2014_x86_64 --no-deps -d .whl grpcio==1.85.1 ... isal==1.9.1`) on
-# PYTHONPATH and records the machine in $OUT/env.txt.
+# this repository (and, on a bare machine, the wheels carried in .whl/: the gRPC stack,
+# prometheus_client, safetensors, tqdm, pytest and isal at our pinned versions, fetched
+# beforehand by scripts/gpu_wheels.sh) on PYTHONPATH and records the machine in
+# $OUT/env.txt.
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 : "${OUT:?set OUT to the folder that receives the results}"

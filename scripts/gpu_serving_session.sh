@@ -10,8 +10,8 @@
 # Everything it reports goes to $OUT: env.txt, pytest.log, bench.log, style_gpu.json.
 #
 # Usage, from the repository root of a copy that carries data/photos, assets/styles, the
-# VGG19 weights file and (on a bare machine) .whl/ with grpcio, protobuf, pytest and isal
-# wheels (without isal the PNG encoder falls back to zlib, about 3x slower):
+# VGG19 weights file and (on a bare machine) .whl/ from scripts/gpu_wheels.sh (without
+# its isal wheel the PNG encoder falls back to zlib, about 3x slower):
 #   OUT=/some/dir scripts/gpu_serving_session.sh [SECONDS]
 # SECONDS (default 480) bounds the whole script. BENCH_ARGS adds benchmark flags; a check
 # without a GPU: DEVICE=cpu BENCH_ARGS="--sizes 64 --repeats 2 --no-paper-width".

@@ -12,7 +12,8 @@
 # Everything it reports goes to $OUT: env.txt, bench.log, style_gpu.json, train.tar.gz.
 #
 # Usage, from the repository root of a copy that carries data/photos, assets/styles, the
-# VGG19 weights file and (for a bare machine without grpcio/protobuf of our versions) .whl/:
+# VGG19 weights file and (for a bare machine without our gRPC stack) .whl/ from
+# scripts/gpu_wheels.sh:
 #   OUT=/some/dir PERCEPT_GIT_SHA=$(git rev-parse HEAD) scripts/gpu_style_session.sh [SECONDS]
 # SECONDS (default 560) is the whole script's time; training stops early enough to fit.
 # A check without a GPU: DEVICE=cpu BENCH_ARGS="--sizes 64 --repeats 2" and

@@ -13,6 +13,9 @@
 # VGG19 weights file and (on a bare machine) .whl/ from scripts/gpu_wheels.sh (without
 # its isal wheel the PNG encoder falls back to zlib, about 3x slower):
 #   OUT=/some/dir scripts/gpu_serving_session.sh [SECONDS]
+# With the device tool: carry data/photos, assets/styles,
+# assets/vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin and .whl (with the tracked
+# tree, about 57 MB of the 64 allowed on 27 Nov).
 # SECONDS (default 480) bounds the whole script. BENCH_ARGS adds benchmark flags; a check
 # without a GPU: DEVICE=cpu BENCH_ARGS="--sizes 64 --repeats 2 --no-paper-width".
 set -u -o pipefail

@@ -553,6 +553,26 @@ def kernel_profiles(runs: list[SizeRun], device: torch.device) -> list[dict[str,
     return profiles
 
 
+def served_profile(models: Path, size: int, device: torch.device, repeats: int
+                   ) -> dict[str, Any]:
+    """One ``size`` px request to the style service's TiledImageModel with the default
+    serving flags (on CUDA: CUDA graphs of the eager net): its median wall time, and the
+    device's busy time and top kernels (copies included) per request. Wall minus busy is
+    what the host adds: uint8 stacking, pageable copies, the batcher's thread hop."""
+    name = served_models(models)[0]
+    network = ServedNetwork("style", name, device, compile="auto",
+                            cuda_graphs=device.type == "cuda")
+    try:
+        network.warmup()
+        image = photo(size)
+        _, _, wall_ms = _request_times(network, image, repeats)
+        found = top_kernels(network, image, device, passes=5)
+    finally:
+        network.close()
+    return {"model": name, "size": size, "config": "default serving flags",
+            "device": device.type, "wall_ms": wall_ms, **found}
+
+
 def measure_all(sizes: list[int], device: torch.device, repeats: int, budget_s: float,
                 paper_width: bool, out: Path, only: list[str] | None = None,
                 autotune: bool = False, profile: bool = False) -> dict[str, Any]:
@@ -584,6 +604,11 @@ def measure_all(sizes: list[int], device: torch.device, repeats: int, budget_s: 
     runs = measure(nets_to_run, sizes, device, repeats, budget, save)
     if profile:
         result["kernel_profile"] = kernel_profiles(runs, device)
+        try:
+            result["served_profile"] = served_profile(models, max(sizes), device,
+                                                      min(repeats, 10))
+        except Exception as error:  # reported; the timings still count
+            result["served_profile"] = {"error": f"{type(error).__name__}: {error}"[:400]}
         save(all_rows(runs))
     result["rows"] = all_rows(runs)
     baselines = {(r["net"], r["size"]): r["ms"] for r in result["rows"]
@@ -665,6 +690,21 @@ def markdown(result: dict[str, Any]) -> str:
                   markdown_table(["kernel", "calls/pass", "us/pass", "share"],
                                  [(k["name"], k["calls_per_pass"], k["us_per_pass"],
                                    k["share"]) for k in found["kernels"]])]
+    served = result.get("served_profile")
+    if served:
+        lines += ["", "One served request, where its time goes:"]
+        if "error" in served:
+            lines.append(served["error"])
+        else:
+            busy_ms = served["total_us_per_pass"] / 1000
+            busy = ("of GPU time, the rest is the host's" if served.get("device") == "cuda"
+                    else "of operators' own time (CPU: a check of the code path)")
+            lines += [f"{served['model']} at {served['size']} px, {served['config']}: "
+                      f"{served['wall_ms']:.2f} ms wall, {busy_ms:.2f} ms {busy}.", "",
+                      markdown_table(["kernel or copy", "calls/request", "us/request",
+                                      "share"],
+                                     [(k["name"], k["calls_per_pass"], k["us_per_pass"],
+                                       k["share"]) for k in served["kernels"]])]
     return "\n".join(lines)
 
 
@@ -686,7 +726,8 @@ def main() -> int:
                         "max-autotune (instead of the unfolded net with the default mode)")
     parser.add_argument("--profile", action="store_true",
                         help="after the main variants, profile the compiled served form "
-                        "of each net and size: the kernels that take its time")
+                        "of each net and size: the kernels that take its time; and one "
+                        "served request at the largest size: wall against device time")
     parser.add_argument("--out", default=str(RESULTS / "style_gpu.json"))
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -24,7 +24,17 @@ def _self_time_us(event: Any, device: torch.device) -> float:
     return 0.0
 
 
-def top_kernels(forward: Callable[[Tensor], Tensor], x: Tensor, device: torch.device,
+def _all_threads_config() -> Any:
+    """The profiler option that records operators of every thread (a served request runs
+    its network on the batcher's worker thread), or None where this torch lacks it; CUDA
+    kernels are recorded from every thread either way."""
+    try:
+        return torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    except (AttributeError, TypeError):
+        return None
+
+
+def top_kernels(forward: Callable[[Any], Any], x: Tensor | Any, device: torch.device,
                 passes: int = 10, top: int = 15) -> dict[str, Any]:
     """Profiles ``passes`` forward passes after one untimed pass, and returns the ``top``
     kernels by own time per pass: name, calls per pass, microseconds per pass and share of
@@ -32,7 +42,9 @@ def top_kernels(forward: Callable[[Tensor], Tensor], x: Tensor, device: torch.de
     to a pass's wall time is launch overhead and idle time). On a CPU the rows are
     operators' own times, a check of the code path more than a measure: code that
     torch.compile generated is no operator, and its time can land on a neighbouring one
-    (a 64 px pass of a compiled style net put 11 of its 19 ms on one aten::split)."""
+    (a 64 px pass of a compiled style net put 11 of its 19 ms on one aten::split).
+    ``forward`` may be a whole served request (``x`` a uint8 image): on CUDA its host-device
+    copies are then rows too (``Memcpy HtoD``, ``Memcpy DtoH``)."""
     if passes < 1 or top < 1:
         raise ValueError(f"passes and top must be >= 1, got {passes} and {top}")
     activities = [ProfilerActivity.CPU]
@@ -42,7 +54,8 @@ def top_kernels(forward: Callable[[Tensor], Tensor], x: Tensor, device: torch.de
         forward(x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        with profile(activities=activities) as profiler:
+        with profile(activities=activities, experimental_config=_all_threads_config()
+                     ) as profiler:
             for _ in range(passes):
                 forward(x)
             if device.type == "cuda":

@@ -6,7 +6,8 @@
 #      super-resolution services' TiledImageModel in each serving configuration (eager,
 #      torch.compile, CUDA graphs of either), Stylize over gRPC, and, while its budget
 #      lasts, more compiled variants (BENCH_ARGS=--autotune: max-autotune ones), and
-#      --profile: the kernels that take the compiled served form's time.
+#      --profile: the kernels that take the compiled served form's time, and one
+#      served request's wall time against the GPU's busy time.
 # Everything it reports goes to $OUT: env.txt, pytest.log, bench.log, style_gpu.json.
 #
 # Usage, from the repository root of a copy that carries data/photos, assets/styles, the

@@ -28,3 +28,17 @@ def test_the_convolution_dominates_a_conv_net_and_shares_add_up() -> None:
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="passes and top"):
         top_kernels(nn.Identity(), torch.zeros(1), torch.device("cpu"), passes=0)
+
+
+def test_work_on_another_thread_is_profiled() -> None:
+    """A served request runs its network on the batcher's worker thread; the profile must
+    still see it (without the all-threads option it measured no time at all)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    net = nn.Conv2d(3, 16, 5, padding=2).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with ThreadPoolExecutor(1) as worker:
+        found = top_kernels(lambda image: worker.submit(net, image).result(), x,
+                            torch.device("cpu"), passes=2, top=3)
+    assert found["total_us_per_pass"] > 0
+    assert any("conv" in k["name"] for k in found["kernels"])

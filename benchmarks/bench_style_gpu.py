@@ -626,6 +626,12 @@ def measure_all(sizes: list[int], device: torch.device, repeats: int, budget_s: 
     return result
 
 
+def _kernel_rows(found: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """A top_kernels result's rows for a markdown table."""
+    return [(k["name"], k["calls_per_pass"], k["us_per_pass"], k["share"])
+            for k in found["kernels"]]
+
+
 def markdown(result: dict[str, Any]) -> str:
     gpu = result.get("gpu", {}).get("name", result["device"])
     lines = [f"### Style network on {gpu} (torch {result['torch']}, cuDNN {result['cudnn']})",
@@ -688,8 +694,7 @@ def markdown(result: dict[str, Any]) -> str:
             continue
         lines += [f"{found['total_us_per_pass']:.0f} us of kernel time per pass.", "",
                   markdown_table(["kernel", "calls/pass", "us/pass", "share"],
-                                 [(k["name"], k["calls_per_pass"], k["us_per_pass"],
-                                   k["share"]) for k in found["kernels"]])]
+                                 _kernel_rows(found))]
     served = result.get("served_profile")
     if served:
         lines += ["", "One served request, where its time goes:"]
@@ -702,9 +707,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines += [f"{served['model']} at {served['size']} px, {served['config']}: "
                       f"{served['wall_ms']:.2f} ms wall, {busy_ms:.2f} ms {busy}.", "",
                       markdown_table(["kernel or copy", "calls/request", "us/request",
-                                      "share"],
-                                     [(k["name"], k["calls_per_pass"], k["us_per_pass"],
-                                       k["share"]) for k in served["kernels"]])]
+                                      "share"], _kernel_rows(served))]
     return "\n".join(lines)
 
 

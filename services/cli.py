@@ -3,17 +3,21 @@
 Client commands talk to running services (``--target host:port``; defaults: the local
 cluster's ports, or ``$PERCEPT_TARGET``). A failed call prints the gRPC status name and
 message on stderr (``INVALID_ARGUMENT: not a decodable image``) and exits 1; a bad command
-line or unreadable file exits 2.
+line, an unreadable input or an unwritable output exits 2 before anything is sent. Outputs
+are written whole or not at all (a temporary file, renamed into place).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import os
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -34,13 +38,55 @@ def _read(path: str, what: str = "input") -> bytes:
         raise UsageError(f"cannot read {what} {path}: {error.strerror or error}") from error
 
 
-def _write(path: str, data: bytes) -> None:
+def _output_format(path: str) -> int:
+    try:
+        return client.format_for_path(path)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _output(path: str) -> Iterator[Callable[[bytes], None]]:
+    """Opens a temporary file beside ``path`` (making its folders) before the request is
+    sent, so an unwritable output fails at once, not after the server's work; yields the
+    function that writes the result and renames it into place. The target, which may be
+    the input itself, is never left half written."""
     target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"cannot write {path}: it is a folder")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
+                                             suffix=".partial")
     except OSError as error:
         raise UsageError(f"cannot write {path}: {error.strerror or error}") from error
+
+    file = os.fdopen(handle, "wb")
+    # mkstemp makes the file private; give it what a plain open() would (or the mode of
+    # the file it replaces)
+    mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
+
+    def write(data: bytes) -> None:
+        try:
+            with file:
+                file.write(data)
+            os.chmod(temporary, mode)
+            os.replace(temporary, target)
+        except OSError as error:
+            raise UsageError(f"cannot write {path}: {error.strerror or error}") from error
+
+    try:
+        yield write
+    finally:
+        file.close()  # a no-op once written
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)  # left only when the call or the write failed
 
 
 def _add_target(parser: argparse.ArgumentParser, service: str) -> None:
@@ -84,10 +130,19 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 # -- client commands -----------------------------------------------------------------------
+def _positive_timeout(seconds: float) -> float:
+    if not seconds > 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, got {seconds:g}")
+    return seconds
+
+
 def cmd_upscale(args: argparse.Namespace) -> int:
-    response = client.upscale(_channel(args), _read(args.input), model=args.model,
-                              output_format=client.format_for_path(args.output))
-    _write(args.output, response.image)
+    fmt, image = _output_format(args.output), _read(args.input)
+    timeout = _positive_timeout(args.timeout)
+    with _output(args.output) as write:
+        response = client.upscale(_channel(args), image, model=args.model, output_format=fmt,
+                                  timeout=timeout)
+        write(response.image)
     print(f"{args.output}: {response.width}x{response.height} ({response.model})")
     return 0
 
@@ -117,26 +172,57 @@ def _layer_weights(pairs: Sequence[str]) -> dict[str, float]:
     return weights
 
 
+# Options of one kind of stylisation only; the other kind refuses them rather than
+# ignoring them. Each is None unless given (the defaults are applied in cmd_stylize).
+STYLE_IMAGE_ONLY = ("iterations", "init", "optimizer", "max_size", "layer_weight",
+                    "content_weight", "style_weight", "tv_weight", "seed")
+FIXED_STYLE_ONLY = ("strength",)
+STYLE_IMAGE_DEFAULTS = {"iterations": 300, "init": "content", "optimizer": "lbfgs",
+                        "max_size": 256, "layer_weight": [], "seed": 0}
+STYLIZE_TIMEOUTS = {"style": 300.0, "style_image": 3600.0}
+
+
+def _refuse_options_of_the_other_kind(args: argparse.Namespace) -> None:
+    mode, other = ("--style", STYLE_IMAGE_ONLY) if args.style else ("--style-image",
+                                                                      FIXED_STYLE_ONLY)
+    given = [f"--{name.replace('_', '-')}" for name in other if getattr(args, name) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply "
+                         f"to {mode}")
+
+
 def cmd_stylize(args: argparse.Namespace) -> int:
     from percept.v1 import style_pb2
 
     if bool(args.style) == bool(args.style_image):
         raise UsageError("give exactly one of --style NAME or --style-image PATH")
-    channel = _channel(args)
-    fmt = client.format_for_path(args.output)
-    mask = _read(args.mask, "mask") if args.mask else b""
+    _refuse_options_of_the_other_kind(args)
+    for name, default in STYLE_IMAGE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    timeout = _positive_timeout(args.timeout if args.timeout is not None
+                                else STYLIZE_TIMEOUTS["style" if args.style else "style_image"])
+    fmt = _output_format(args.output)
+    image = _read(args.input)
+    mask = b""
+    if args.mask is not None:
+        mask = _read(args.mask, "mask")
+        if not mask:  # an empty mask field means "no mask" on the wire
+            raise UsageError(f"mask {args.mask} is an empty file")
     if args.style:
-        request = style_pb2.StylizeRequest(image=_read(args.input), style=args.style,
+        request = style_pb2.StylizeRequest(image=image, style=args.style,
                                            preserve_color=args.preserve_color, mask=mask,
                                            output_format=fmt)
         if args.strength is not None:
             request.strength = args.strength
-        result = client.stylize(channel, request)
+        with _output(args.output) as write:
+            result = client.stylize(_channel(args), request, timeout=timeout)
+            write(result.image)
     else:
         from tqdm import tqdm
 
         optimisation = style_pb2.StylizeWithImageRequest(
-            content_image=_read(args.input), style_image=_read(args.style_image, "style image"),
+            content_image=image, style_image=_read(args.style_image, "style image"),
             iterations=args.iterations, preserve_color=args.preserve_color, mask=mask,
             max_size=args.max_size, seed=args.seed, output_format=fmt,
             init={"content": style_pb2.STYLE_INIT_CONTENT,
@@ -147,15 +233,16 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         for name in ("content_weight", "style_weight", "tv_weight"):
             if getattr(args, name) is not None:
                 setattr(optimisation, name, getattr(args, name))
-        with tqdm(total=args.iterations, desc="stylize", unit="it", disable=args.quiet) as bar:
+        with (_output(args.output) as write,
+              tqdm(total=args.iterations, desc="stylize", unit="it", disable=args.quiet) as bar):
             def on_progress(p: style_pb2.StylizeProgress) -> None:
                 bar.total = p.iterations
                 bar.update(p.iteration - bar.n)
                 bar.set_postfix(loss=f"{p.total_loss:.3g}")
 
-            result = client.stylize_with_image(channel, optimisation, on_progress,
-                                               timeout=args.timeout)
-    _write(args.output, result.image)
+            result = client.stylize_with_image(_channel(args), optimisation, on_progress,
+                                               timeout=timeout)
+            write(result.image)
     print(f"{args.output}: {result.width}x{result.height} ({result.model})")
     return 0
 
@@ -307,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("output", help="where to write the result; its extension (.png, "
                          ".jpg, .webp) picks the format")
     upscale.add_argument("--model", default="", help="model name (default: the server's)")
+    upscale.add_argument("--timeout", type=float, default=300.0,
+                         help="deadline in seconds (default 300)")
     _add_target(upscale, "superres")
     upscale.set_defaults(handler=cmd_upscale)
 
@@ -323,26 +412,34 @@ def build_parser() -> argparse.ArgumentParser:
     stylize.add_argument("--style-image", help="any style image (optimisation-based, Gatys)")
     stylize.add_argument("--preserve-color", action="store_true",
                          help="transfer luminance only, keep the content's colours")
-    stylize.add_argument("--strength", type=float, default=None, help="0..1 blend (--style)")
-    stylize.add_argument("--mask", help="grey image: white = stylise, black = keep")
-    stylize.add_argument("--iterations", type=int, default=300,
+    stylize.add_argument("--strength", type=float, default=None,
+                         help="0..1 blend from the content to the stylisation (--style; "
+                         "default 1)")
+    stylize.add_argument("--mask", help="grey image of the same aspect ratio: white = "
+                         "stylise, black = keep")
+    stylize.add_argument("--iterations", type=int, default=None,
                          help="optimisation steps (--style-image; default 300)")
-    stylize.add_argument("--init", choices=["content", "noise"], default="content",
-                         help="start from the content image or blurred noise (--style-image)")
-    stylize.add_argument("--optimizer", choices=["lbfgs", "adam"], default="lbfgs",
+    stylize.add_argument("--init", choices=["content", "noise"], default=None,
+                         help="start from the content image or blurred noise (--style-image; "
+                         "default content)")
+    stylize.add_argument("--optimizer", choices=["lbfgs", "adam"], default=None,
                          help="(--style-image; default lbfgs)")
-    stylize.add_argument("--max-size", type=int, default=256,
+    stylize.add_argument("--max-size", type=int, default=None,
                          help="working longest side in px (--style-image; default 256)")
-    stylize.add_argument("--layer-weight", action="append", default=[], metavar="LAYER=W",
-                         help="style weight of one VGG19 layer, e.g. relu1_1=0.5 (repeatable)")
+    stylize.add_argument("--layer-weight", action="append", default=None, metavar="LAYER=W",
+                         help="style weight of one VGG19 layer, e.g. relu1_1=0.5 "
+                         "(--style-image; repeatable)")
     stylize.add_argument("--content-weight", type=float, default=None,
                          help="(--style-image; the server's default: 1)")
     stylize.add_argument("--style-weight", type=float, default=None,
                          help="(--style-image; the server's default: 1)")
     stylize.add_argument("--tv-weight", type=float, default=None,
                          help="total-variation weight (--style-image; the server's default: 10)")
-    stylize.add_argument("--seed", type=int, default=0, help="(--style-image --init noise)")
-    stylize.add_argument("--timeout", type=float, default=3600.0, help="deadline in seconds")
+    stylize.add_argument("--seed", type=int, default=None,
+                         help="(--style-image --init noise; default 0)")
+    stylize.add_argument("--timeout", type=float, default=None,
+                         help="deadline in seconds (default 300 with --style, 3600 with "
+                         "--style-image)")
     stylize.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_target(stylize, "style")
     stylize.set_defaults(handler=cmd_stylize)
@@ -386,8 +483,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import os
-
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # no C-core INFO lines in CLI output
     parser = build_parser()
     arguments = list(sys.argv[1:] if argv is None else argv)
@@ -407,6 +502,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`percept styles | head -1`)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit
+        return 141  # 128 + SIGPIPE, as if the signal had ended the process
 
 
 if __name__ == "__main__":

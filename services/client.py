@@ -43,8 +43,12 @@ def connect(target: str) -> grpc.Channel:
 
 
 def format_for_path(path: str | Path) -> int:
-    """The ImageFormat enum for an output file's extension (PNG for unknown ones)."""
-    return _EXTENSIONS.get(Path(path).suffix.lower(), image_pb2.IMAGE_FORMAT_PNG)
+    """The ImageFormat enum for an output file's extension; ValueError for any other."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in _EXTENSIONS:
+        raise ValueError(f"cannot tell the output format from {str(path)!r}: end it in "
+                         f"{', '.join(_EXTENSIONS)}")
+    return _EXTENSIONS[suffix]
 
 
 def health_status(channel: grpc.Channel, service: str = "", timeout: float = 5.0) -> str:

@@ -148,7 +148,8 @@ class TiledImageModel:
                 if deadline is not None:
                     timeout = deadline - time.monotonic()
                     if timeout <= 0:
-                        raise DeadlineExceeded("deadline exceeded between tiles")
+                        raise DeadlineExceeded(
+                            "deadline exceeded; the remaining tiles were not computed")
                 return list(await asyncio.gather(*(
                     self.batcher.submit(t, key=t.shape, timeout=timeout) for t in tiles)))
 

@@ -38,6 +38,10 @@ class DecodedImage:
     rgb: np.ndarray  # (H, W, 3) uint8
     alpha: np.ndarray | None  # (H, W) uint8, or None when absent or fully opaque
     source_format: str
+    # The embedded ICC profile when it describes an RGB space the pixels are still in
+    # (Display P3, Adobe RGB...): outputs carry it on, so a viewer shows their colours as
+    # the input's. None for untagged (sRGB) images and for converted ones (CMYK, grey).
+    icc_profile: bytes | None = None
 
     @property
     def width(self) -> int:
@@ -49,13 +53,21 @@ class DecodedImage:
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """Scales 16/32-bit integer and float grey images to 8-bit grey."""
+    """Scales 16/32-bit integer and float grey images to 8-bit grey.
+
+    Floats in 0..1 are scaled by 255 and others taken as 0..255 (NaN and inf become 0).
+    Integers: 8-bit values stay, 16-bit ones are scaled from 0..65535, and 32-bit values
+    beyond that range (which has no standard white) from 0 to the image's own maximum."""
     array = np.asarray(image)
     if image.mode == "F":
-        lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
+        finite = array[np.isfinite(array)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
         scale = 255.0 if hi <= 1.0 and lo >= 0.0 else 1.0
-        return Image.fromarray(np.clip(np.nan_to_num(array) * scale, 0, 255).astype(np.uint8))
-    peak = 65535 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255
+        clean = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
+        return Image.fromarray(np.clip(clean * scale, 0, 255).astype(np.uint8))
+    top = int(array.max(initial=0))
+    peak = top if top > 65535 else (
+        65535 if image.mode.startswith("I;16") or top > 255 else 255)
     return Image.fromarray(np.clip(array.astype(np.float64) * (255.0 / peak) + 0.5, 0, 255)
                            .astype(np.uint8))
 
@@ -71,6 +83,16 @@ def _normalise_mode(image: Image.Image) -> Image.Image:
     if image.mode != "RGB":
         return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
     return image
+
+
+def _rgb_icc_profile(image: Image.Image) -> bytes | None:
+    """The image's embedded ICC profile if its pixels are RGB and it describes an RGB
+    space (bytes 16-19 of an ICC header name the data colour space)."""
+    profile = image.info.get("icc_profile")
+    if (image.mode not in ("RGB", "RGBA", "P", "PA") or not isinstance(profile, bytes)
+            or len(profile) < 128 or profile[16:20] != b"RGB "):
+        return None
+    return profile
 
 
 def probe_size(data: bytes, what: str = "image") -> tuple[int, int]:
@@ -117,14 +139,18 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> Decode
             raise InvalidArgument(f"corrupt {what} data: {text}") from error
         except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
             raise InvalidArgument(f"corrupt {what} data: {error}") from error
-        image = _normalise_mode(image)
+        icc_profile = _rgb_icc_profile(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = _normalise_mode(image)
         array = np.asarray(image)
     if array.shape[-1] == 4:
         alpha = np.ascontiguousarray(array[..., 3])
         rgb = np.ascontiguousarray(array[..., :3])
         return DecodedImage(rgb=rgb, alpha=None if alpha.min() == 255 else alpha,
-                            source_format=source_format)
-    return DecodedImage(rgb=np.ascontiguousarray(array), alpha=None, source_format=source_format)
+                            source_format=source_format, icc_profile=icc_profile)
+    return DecodedImage(rgb=np.ascontiguousarray(array), alpha=None, source_format=source_format,
+                        icc_profile=icc_profile)
 
 
 def decode_mask(data: bytes, *, max_pixels: int, size: tuple[int, int],
@@ -139,7 +165,7 @@ def decode_mask(data: bytes, *, max_pixels: int, size: tuple[int, int],
     if abs(mask_ratio / image_ratio - 1.0) > aspect_tolerance:
         raise InvalidArgument(
             f"mask aspect ratio {decoded.width}x{decoded.height} does not match the image's "
-            f"{width}x{height}")
+            f"{width}x{height} (both as displayed, after any EXIF orientation)")
     grey = Image.fromarray(decoded.rgb).convert("L")
     if decoded.alpha is not None:  # transparent = not stylised
         grey = Image.fromarray((np.asarray(grey, np.float32) * (decoded.alpha / 255.0))
@@ -168,20 +194,23 @@ def validate_quality(quality: int) -> int:
 
 
 def encode_image(rgb: np.ndarray, *, alpha: np.ndarray | None = None, fmt: int = 0,
-                 quality: int = 95) -> bytes:
-    """Encodes (H, W, 3) uint8 RGB (+ optional alpha) as PNG, JPEG or WebP bytes."""
+                 quality: int = 95, icc_profile: bytes | None = None) -> bytes:
+    """Encodes (H, W, 3) uint8 RGB (+ optional alpha) as PNG, JPEG or WebP bytes, tagged
+    with ``icc_profile`` when given (the input's, see DecodedImage)."""
     name = output_format_name(fmt)
     if name == "PNG":  # lossless, on several threads (services/common/png.py)
-        return encode_png(rgb if alpha is None else np.dstack([rgb, alpha]), level=1)
+        return encode_png(rgb if alpha is None else np.dstack([rgb, alpha]), level=1,
+                          icc_profile=icc_profile)
     if alpha is not None and name != "JPEG":
         image = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
     else:
         image = Image.fromarray(rgb, "RGB")
     buffer = io.BytesIO()
+    extra = {} if icc_profile is None else {"icc_profile": icc_profile}
     if name == "JPEG":
-        image.save(buffer, "JPEG", quality=quality)
+        image.save(buffer, "JPEG", quality=quality, **extra)
     else:
-        image.save(buffer, "WEBP", quality=quality)
+        image.save(buffer, "WEBP", quality=quality, **extra)
     return buffer.getvalue()
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 _RESERVED = set(vars(logging.makeLogRecord({})))
 
@@ -42,10 +42,14 @@ class TextFormatter(logging.Formatter):
         return text
 
 
-def configure_logging(log_format: str = "json", level: str = "info") -> None:
-    """Routes the root logger to stderr in the chosen format."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(log_format: str = "json", level: str = "info",
+                      stream: TextIO | None = None) -> None:
+    """Routes the root logger to ``stream`` (default stderr) in the chosen format. Python
+    warnings go through it too (logger ``py.warnings``), so a library's warning cannot
+    break a JSON log into lines that are not JSON."""
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)

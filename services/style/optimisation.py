@@ -50,6 +50,7 @@ class OptimisationJob:
     progress_every: int
     output_format: int
     quality: int
+    icc_profile: bytes | None = None  # the content's RGB profile, carried to the result
     on_progress: Callable[[GatysProgress], None] | None = None
     should_stop: Callable[[], bool] = field(default=lambda: False)
 
@@ -117,4 +118,4 @@ def parse_request(request: style_pb2.StylizeWithImageRequest,
         content=to_tensor(content_rgb), style=to_tensor(style_rgb), mask=mask, alpha=alpha,
         options=options, progress_every=progress_every,
         output_format=output_format_enum(request.output_format),
-        quality=validate_quality(request.quality))
+        quality=validate_quality(request.quality), icc_profile=content.icc_profile)

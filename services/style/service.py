@@ -127,15 +127,18 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
         remaining = time_remaining(context)
         deadline = None if remaining is None else time.monotonic() + remaining
         model = self.styles[request.style]
-        stylised = await model.apply(decoded.rgb, deadline)
-        rgb = stylised
-        if not is_identity(preserve_color=request.preserve_color, strength=strength,
-                           mask=mask):
-            rgb = await asyncio.to_thread(finish, decoded.rgb, stylised,
-                                          preserve_color=request.preserve_color,
-                                          strength=strength, mask=mask)
+        if strength == 0.0 or (mask is not None and not mask.any()):
+            rgb = decoded.rgb  # nothing of the stylisation would show: skip the network
+        else:
+            stylised = await model.apply(decoded.rgb, deadline)
+            rgb = stylised
+            if not is_identity(preserve_color=request.preserve_color, strength=strength,
+                               mask=mask):
+                rgb = await asyncio.to_thread(finish, decoded.rgb, stylised,
+                                              preserve_color=request.preserve_color,
+                                              strength=strength, mask=mask)
         data = await asyncio.to_thread(encode_image, rgb, alpha=decoded.alpha, fmt=fmt,
-                                       quality=quality)
+                                       quality=quality, icc_profile=decoded.icc_profile)
         return style_pb2.StylizeResponse(image=data, width=rgb.shape[1], height=rgb.shape[0],
                                          model=model.artifact.tag, format=fmt)
 
@@ -184,7 +187,8 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
                 return
             rgb = to_uint8(output)
             data = await asyncio.to_thread(encode_image, rgb, alpha=job.alpha,
-                                           fmt=job.output_format, quality=job.quality)
+                                           fmt=job.output_format, quality=job.quality,
+                                           icc_profile=job.icc_profile)
             yield style_pb2.StylizeWithImageResponse(result=style_pb2.StylizeResponse(
                 image=data, width=rgb.shape[1], height=rgb.shape[0],
                 model="gatys-vgg19@1", format=job.output_format))

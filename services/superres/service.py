@@ -112,6 +112,7 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
         if decoded.alpha is not None:
             alpha = np.asarray(Image.fromarray(decoded.alpha).resize(
                 (rgb.shape[1], rgb.shape[0]), Image.Resampling.BICUBIC))
-        data = await asyncio.to_thread(encode_image, rgb, alpha=alpha, fmt=fmt, quality=quality)
+        data = await asyncio.to_thread(encode_image, rgb, alpha=alpha, fmt=fmt, quality=quality,
+                                       icc_profile=decoded.icc_profile)
         return superres_pb2.UpscaleResponse(image=data, width=rgb.shape[1], height=rgb.shape[0],
                                             model=model.artifact.tag, format=fmt)

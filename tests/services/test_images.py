@@ -118,3 +118,77 @@ def test_mask_resizes_and_checks_aspect_ratio(photo: np.ndarray) -> None:
     assert resized[:, :10].min() > 0.99 and resized[:, -10:].max() < 0.01
     with pytest.raises(InvalidArgument, match="aspect ratio"):
         decode_mask(encode(mask), max_pixels=CAP, size=(height, width))
+
+
+@pytest.mark.parametrize("source", ["PNG", "JPEG"])
+@pytest.mark.parametrize("fmt, name", [(1, "PNG"), (2, "JPEG"), (3, "WEBP")])
+def test_an_rgb_icc_profile_travels_to_every_output_format(
+        photo: np.ndarray, source: str, fmt: int, name: str) -> None:
+    import io
+
+    from PIL import Image
+
+    profile = bad_images.icc_profile(b"RGB ")
+    tagged = bad_images.with_icc_profile(photo, "RGB", profile, source)
+    decoded = decode_image(tagged, max_pixels=CAP)
+    assert decoded.icc_profile == profile
+    output = encode_image(decoded.rgb, fmt=fmt, icc_profile=decoded.icc_profile)
+    with Image.open(io.BytesIO(output)) as image:
+        assert image.format == name and image.info.get("icc_profile") == profile
+        image.load()  # the pixels still decode
+    untagged = encode_image(decoded.rgb, fmt=fmt)
+    with Image.open(io.BytesIO(untagged)) as image:
+        assert not image.info.get("icc_profile")
+
+
+def test_a_profile_the_converted_pixels_no_longer_match_is_dropped(photo: np.ndarray) -> None:
+    grey = bad_images.with_icc_profile(photo, "L", bad_images.icc_profile(b"GRAY"))
+    # grey pixels become RGB: a grey profile on them would lie
+    assert decode_image(grey, max_pixels=CAP).icc_profile is None
+    cmyk = bad_images.with_icc_profile(photo, "CMYK", bad_images.icc_profile(b"CMYK"), "JPEG")
+    assert decode_image(cmyk, max_pixels=CAP).icc_profile is None
+    assert decode_image(encode(photo), max_pixels=CAP).icc_profile is None
+
+
+def test_float_images_with_nan_and_inf_decode_without_warnings() -> None:
+    import io
+    import warnings
+
+    from PIL import Image
+
+    values = np.full((8, 8), np.nan, np.float32)
+    values[0, :4] = [0.0, 0.5, 1.0, np.inf]
+    for array in (values, np.full((8, 8), np.nan, np.float32)):
+        buffer = io.BytesIO()
+        Image.fromarray(array, "F").save(buffer, "TIFF")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            decoded = decode_image(buffer.getvalue(), max_pixels=CAP)
+        assert decoded.rgb.shape == (8, 8, 3)
+    assert list(decoded.rgb[0, :4, 0]) == [0, 0, 0, 0]  # all NaN: black
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        buffer = io.BytesIO()
+        Image.fromarray(values, "F").save(buffer, "TIFF")
+        first = decode_image(buffer.getvalue(), max_pixels=CAP)
+    assert list(first.rgb[0, :4, 0]) == [0, 127, 255, 0]
+
+
+def test_32_bit_values_beyond_16_bits_are_scaled_by_their_own_maximum(
+        photo: np.ndarray) -> None:
+    import io
+
+    from PIL import Image
+
+    grey = np.asarray(Image.fromarray(photo).convert("L")).astype(np.int32)
+    buffer = io.BytesIO()
+    Image.fromarray(grey * 1000, "I").save(buffer, "TIFF")
+    decoded = decode_image(buffer.getvalue(), max_pixels=CAP)
+    expected = np.round(grey * (255.0 / grey.max()))
+    np.testing.assert_allclose(decoded.rgb[..., 0], expected, atol=1)
+
+
+def test_the_aspect_ratio_error_names_the_displayed_sizes(photo: np.ndarray) -> None:
+    height, width = photo.shape[:2]
+    with pytest.raises(InvalidArgument, match=r"after any EXIF orientation"):
+        decode_mask(encode(photo), max_pixels=CAP, size=(height, width))

@@ -113,3 +113,86 @@ def test_stylize_errors_print_the_status_and_exit_1(style_server: RunningServer,
     code = main(["stylize", str(cat_png), str(out), *args, "--target", style_server.target])
     assert code == 1 and not out.exists()
     assert capsys.readouterr().err.strip() == expected
+
+
+def _unreachable() -> str:
+    from tests.conftest import free_port
+
+    return f"127.0.0.1:{free_port()}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--style", "x", "--iterations", "5", "--seed", "1"],
+     "--iterations, --seed do not apply to --style"),
+    (["--style-image", "s.png", "--strength", "0.5"], "--strength does not apply to --style-image"),
+    (["--style", "x", "--timeout", "0"], "--timeout must be a positive number of seconds, got 0"),
+])
+def test_stylize_refuses_options_it_would_ignore(cat_png: Path, tmp_path: Path, args: list[str],
+                                                 message: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before anything is sent: the target does not even exist."""
+    out = tmp_path / "o.png"
+    assert main(["stylize", str(cat_png), str(out), *args, "--target", _unreachable()]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not out.exists()
+
+
+def test_stylize_refuses_bad_outputs_and_an_empty_mask_before_sending(
+        cat_png: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = _unreachable()
+    (tmp_path / "a-file").write_bytes(b"")
+    (tmp_path / "empty-mask.png").write_bytes(b"")
+    (tmp_path / "folder.png").mkdir()
+    cases = [
+        (str(tmp_path / "out.bmp"), [], "cannot tell the output format from"),
+        (str(tmp_path / "no-extension"), [], "end it in .png, .jpg, .jpeg, .webp"),
+        (str(tmp_path / "folder.png"), [], "it is a folder"),
+        (str(tmp_path / "a-file" / "o.png"), [], "cannot write"),
+        (str(tmp_path / "o.png"), ["--mask", str(tmp_path / "empty-mask.png")],
+         "is an empty file"),
+    ]
+    for output, extra, message in cases:
+        code = main(["stylize", str(cat_png), output, "--style", "x", *extra, "--target", target])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (output, err)  # never UNAVAILABLE: not sent
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "cat.png", "empty-mask.png",
+                                                          "folder.png"]
+    assert not any((tmp_path / "folder.png").iterdir())
+
+
+@needs_styles
+def test_stylize_timeout_reaches_the_server_and_leaves_nothing_behind(
+        style_server: RunningServer, cat_png: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "late.png"
+    code = main(["stylize", str(cat_png), str(out), "--style", FIRST, "--timeout", "0.0001",
+                 "--target", style_server.target])
+    assert code == 1 and capsys.readouterr().err.startswith("DEADLINE_EXCEEDED")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.png"]  # no partial file
+
+
+@needs_styles
+def test_stylize_can_replace_its_input(style_server: RunningServer, cat_png: Path,
+                                       photo: np.ndarray, tmp_path: Path) -> None:
+    cat_png.chmod(0o640)
+    assert main(["stylize", str(cat_png), str(cat_png), "--style", FIRST,
+                 "--target", style_server.target]) == 0
+    written = decode_image(cat_png.read_bytes(), max_pixels=10**8).rgb
+    assert written.shape == photo.shape and np.abs(written.astype(int) - photo).mean() > 5
+    assert cat_png.stat().st_mode & 0o777 == 0o640  # the replaced file's mode is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.png"]
+
+
+@needs_styles
+def test_a_closed_pipe_ends_quietly(style_server: RunningServer) -> None:
+    """`percept styles | head -c 1`: no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "services.cli", "styles",
+                                "--target", style_server.target],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # the reader goes away before the first line is printed
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141 and "Traceback" not in stderr, stderr

@@ -164,7 +164,8 @@ def _bad(case: str, photo: np.ndarray) -> tuple[bytes, dict[str, object]]:
     ("strength < 0", r"^strength must be 0\.\.1, got -0\.25$"),
     ("strength > 1", r"^strength must be 0\.\.1, got 1\.5$"),
     ("strength NaN", r"^strength must be 0\.\.1, got nan$"),
-    ("square mask", r"^mask aspect ratio 300x300 does not match the image's 451x300$"),
+    ("square mask", r"^mask aspect ratio 300x300 does not match the image's 451x300 "
+                    r"\(both as displayed, after any EXIF orientation\)$"),
     ("undecodable mask", r"^not a decodable mask$"),
     ("truncated mask", r"^truncated mask: "),
     ("quality 101", r"^quality must be 1\.\.100, got 101$"),
@@ -268,6 +269,32 @@ def test_mask_limits_the_effect_to_its_white_part(channel: grpc.Channel,
     resized = stylize(channel, content, style, mask=small_mask)[1].rgb
     assert np.abs(resized[:, half + 3:].astype(int) - photo[:, half + 3:]).max() <= 1
     assert mean_abs(resized[:, :half - 3], full[:, :half - 3]) < 0.5
+
+
+@needs_styles
+def test_nothing_to_show_costs_no_forward_pass(channel: grpc.Channel, photo: np.ndarray) -> None:
+    """Strength 0, or a mask with no white, returns the content as it is without running
+    the network."""
+    before = forward_passes(FIRST)
+    black = encode(np.zeros(photo.shape[:2], np.uint8))
+    for fields in ({"strength": 0.0}, {"mask": black}, {"mask": black, "preserve_color": True}):
+        _, result = stylize(channel, encode(photo), FIRST, **fields)
+        np.testing.assert_array_equal(result.rgb, photo)
+    assert forward_passes(FIRST) == before
+    stylize(channel, encode(photo), FIRST, strength=0.01)
+    assert forward_passes(FIRST) > before  # the counter does see a real pass
+
+
+@needs_styles
+def test_an_rgb_colour_profile_is_carried_to_the_output(channel: grpc.Channel,
+                                                        small_photo: np.ndarray) -> None:
+    profile = bad_images.icc_profile(b"RGB ")
+    for fmt in (PNG, JPEG, WEBP):
+        _, result = stylize(channel, bad_images.with_icc_profile(small_photo), FIRST,
+                            output_format=fmt)
+        assert result.icc_profile == profile
+    _, untagged = stylize(channel, encode(small_photo), FIRST)
+    assert untagged.icc_profile is None
 
 
 # -- unusual inputs --------------------------------------------------------------------------

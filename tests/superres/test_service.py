@@ -82,6 +82,14 @@ def test_alpha_is_upscaled_and_kept(sr_server: RunningServer, small_photo: np.nd
     assert decoded.alpha[:, :8].mean() < 20 and decoded.alpha[:, -8:].mean() > 235
 
 
+def test_an_rgb_colour_profile_is_carried_to_the_output(sr_server: RunningServer,
+                                                        small_photo: np.ndarray) -> None:
+    response = client.upscale(client.connect(sr_server.target),
+                              bad_images.with_icc_profile(small_photo))
+    decoded = decode_image(response.image, max_pixels=10**8)
+    assert decoded.icc_profile == bad_images.icc_profile() and decoded.width == 384
+
+
 def test_model_is_chosen_by_name(sr_server: RunningServer, small_photo: np.ndarray) -> None:
     channel = client.connect(sr_server.target)
     psnr_model = client.upscale(channel, encode(small_photo), model="superres-psnr")

@@ -62,11 +62,17 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
         for name in list_artifacts(self.config.models_dir, "style"):
             artifact = await asyncio.to_thread(load_artifact, self.config.models_dir, name,
                                                self.device)
+            style = artifact.config.get("style", {}).get("name", name)
+            if style in self.styles:  # one would hide the other: say so, do not pick one
+                raise ValueError(
+                    f"two style artifacts are both named {style!r}: "
+                    f"{self.styles[style].artifact.path} and {artifact.path}; remove one, or "
+                    "retrain one with another --name")
             model = TiledImageModel(artifact, self.device, self.config, scale=1,
                                     tile=self.config.style_tile, overlap=OVERLAP,
                                     max_batch_pixels=MAX_BATCH_PIXELS)
             model.start()
-            self.styles[artifact.config.get("style", {}).get("name", name)] = model
+            self.styles[style] = model
         # Optimisation runs are long: one at a time, a short bounded queue behind it.
         self.optimiser = MicroBatcher("style-optimise", self._run_optimisations, max_batch=1,
                                       max_wait_ms=0, max_queue=self.config.max_optimisations)

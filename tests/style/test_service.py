@@ -26,7 +26,7 @@ from services.style.service import OVERLAP
 from tests.conftest import STYLE_TEST_TILE as TILE
 from tests.conftest import encode, server_config
 from tests.fixtures import bad_images
-from tests.style.committed import EACH_STYLE, FIRST, NAMES, STYLES, needs_styles
+from tests.style.committed import EACH_STYLE, FIRST, MODELS, NAMES, STYLES, needs_styles
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -205,6 +205,25 @@ def test_no_style_networks_is_unimplemented_with_a_way_out(tmp_path: Path,
         assert client.health_status(channel, "percept.v1.StyleTransfer") == "SERVING"
     finally:
         running.stop()
+
+
+@needs_styles
+def test_two_artifacts_of_one_style_name_stop_the_start(tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture
+                                                         ) -> None:
+    """Neither may silently hide the other: `percept serve` exits 1 and names both."""
+    import shutil
+
+    from services.common.server import serve
+
+    models = tmp_path / "models"
+    source = MODELS / STYLES[FIRST]["name"]
+    shutil.copytree(source, models / STYLES[FIRST]["name"])
+    shutil.copytree(source, models / "style-mine")
+    assert asyncio.run(serve(server_config("style", models_dir=models, warmup=False))) == 1
+    failure = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert f"two style artifacts are both named {FIRST!r}" in failure
+    assert str(models / "style-mine") in failure and "retrain one with another --name" in failure
 
 
 # -- strength, colour preservation, masks ---------------------------------------------------

@@ -23,7 +23,8 @@ DEFAULT_STYLE_LAYER_WEIGHTS = {"relu1_2": 1.0, "relu2_2": 4.0, "relu3_3": 0.5, "
 DEFAULT_CONTENT_LAYER = "relu2_2"
 
 #: Defaults of the size flags: the paper's recipe on CUDA; on a CPU the reduced recipe the
-#: committed default models were trained with (so `make train-style` reproduces them).
+#: first committed CPU models were trained with. The committed models were then fine-tuned
+#: with other flags (each one's provenance.json holds its exact commands).
 GPU_RECIPE = {"size": 256, "width": 32, "steps": 40000, "batch_size": 4}
 CPU_RECIPE = {"size": 128, "width": 16, "steps": 540, "batch_size": 2}
 GPU_LR, CPU_LR = 1e-3, 2e-3
@@ -62,17 +63,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a bundled style image by name (starry-night, the-scream, "
                              "stained-tissue); the model is named style-NAME")
     chosen.add_argument("--style-image", default=None, metavar="PATH",
-                        help="any style image (then give --name)")
+                        help="any style image file (the name defaults to its file stem; "
+                             "--name sets another)")
     style.add_argument("--name", default=None,
                        help="style name (the artifact is models/style-NAME); default: the "
                             "--style name, else the --style-image file stem")
     style.add_argument("--title", default=None, help="display title (default: from the "
                                                      "bundled style, else NAME)")
     style.add_argument("--licence", default=None,
-                       help="licence of a --style-image (recorded in config.json)")
+                       help="licence recorded in config.json (default: the bundled "
+                            "style's, else 'unknown')")
     style.add_argument("--style-size", type=int, default=384,
-                       help="resize the style image's longest side to this many pixels "
-                            "(sets the brush-stroke scale; default: 384)")
+                       help="shrink the style image so its longest side is at most this "
+                            "many pixels; a smaller image is used as it is, never enlarged "
+                            "(sets the brush-stroke scale; default: 384, at least 32)")
     data = parser.add_argument_group("content data")
     data.add_argument("--data", default=str(REPO_ROOT / "data/prepared/sr288"),
                       help="prepared folder of training photos from `percept data prepare` "
@@ -157,9 +161,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--threads", type=int, default=0,
                      help="torch CPU threads (default: torch's choice)")
     run.add_argument("--seed", type=int, default=0, help="default: 0")
-    run.add_argument("--checkpoint-every", type=int, default=200, help="default: 200")
+    run.add_argument("--checkpoint-every", type=int, default=200,
+                     help="write RUN_DIR/checkpoint.pt every N steps, and at the end "
+                          "(default: 200; 0 = only at the end)")
     run.add_argument("--sample-every", type=int, default=200,
-                     help="write samples.png and loss.png every N steps (default: 200)")
+                     help="write samples.png and loss.png every N steps, and at the end "
+                          "(default: 200; 0 = only at the end)")
     run.add_argument("--max-minutes", type=float, default=0.0,
                      help="stop (and export) after this much wall time (default: no limit)")
     run.add_argument("--time-schedule", action="store_true",
@@ -168,30 +175,38 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                           "clock stops still ends annealed (for a fixed time budget whose "
                           "step rate is unknown, as on a borrowed GPU)")
     run.add_argument("--grid-check-every", type=int, default=30,
-                     help="measure grid artifacts on the sample items every N steps "
-                          "(default: 30)")
+                     help="with --grid-margin above 0, measure grid artifacts on the sample "
+                          "items every N steps (default: 30)")
     run.add_argument("--grid-margin", type=float, default=0.0,
                      help="export the last checked state whose period-2 and period-4 "
                           "spectral ratios (output over content) on the sample items stay "
                           "under this, e.g. 1.5; 0 (the default) exports the final state. Off "
                           "by default: on the 3 small training crops of a CPU run the ratios "
                           "swing between checks (starry-night 2.2-8.2 over 540 steps) and "
-                          "disagree with held-out photos, so they are logged, not trusted")
+                          "disagree with held-out photos, so they are not measured unless "
+                          "asked for)")
     run.add_argument("--max-cpu-minutes", type=float, default=0.0,
                      help="stop (and export) after this much process CPU time "
                           "(default: no limit)")
     run.add_argument("--resume", action="store_true",
-                     help="continue from RUN_DIR/checkpoint.pt")
+                     help="continue from RUN_DIR/checkpoint.pt with the flags it was "
+                          "started with; only --steps, --max-minutes, --max-cpu-minutes, "
+                          "--out, --run-dir, --checkpoint-every, --sample-every, "
+                          "--grid-check-every, --grid-margin, --edge-margin, --threads, "
+                          "--device, --channels-last, --name, --title and --licence may "
+                          "change. Without --resume, an existing checkpoint in RUN_DIR is "
+                          "refused, not overwritten")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=None,
                         help="artifact folders (default: every models/style-*)")
-    parser.add_argument("--photos", nargs="+",
-                        default=[str(REPO_ROOT / "data/photos/heldout")],
-                        help="held-out photos or folders (default: data/photos/heldout; "
-                             "falls back to scikit-image's held-out chelsea and coffee)")
+    parser.add_argument("--photos", nargs="+", default=None,
+                        help="held-out photos or folders; a path that does not exist, a "
+                             "folder with no images or a file that cannot be decoded is an "
+                             "error (default: data/photos/heldout, and only when that folder "
+                             "is absent scikit-image's held-out chelsea and coffee)")
     parser.add_argument("--size", type=int, default=256,
                         help="resize each photo's shortest side to this and centre-crop to "
                              "an even size (default: 256)")
@@ -199,9 +214,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="content photos (rows) in the grid (default: 3)")
     parser.add_argument("--grid-cell", type=int, default=160,
                         help="grid cell size in pixels (default: 160)")
-    parser.add_argument("--grid", default=str(REPO_ROOT / "docs/images/style_grid.png"),
-                        help="README grid image (default: docs/images/style_grid.png; "
-                             "'' skips it)")
+    parser.add_argument("--grid", default=None, metavar="PNG",
+                        help="grid image of photos x styles ('' skips it; default: the README's "
+                             "docs/images/style_grid.png when measuring the default models on "
+                             "the default photos, i.e. without --models and --photos, else "
+                             "style_grid.png in the --out folder)")
     parser.add_argument("--zoom", default="", metavar="PNG",
                         help="also write the centre of the grid's first photo and of every "
                              "model's output for it, enlarged 3x (no smoothing: a period-4 "
@@ -213,8 +230,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "tiles with the service's tiler and whole: PSNR of one against "
                              "the other, and against the whole result shifted 2 px "
                              "(576 as the service test; default: 0, off)")
+    parser.add_argument("--style-image", nargs="+", default=None, metavar="PATH",
+                        help="style image files for models trained with `percept train style "
+                             "--style-image`: each model is measured against the image whose "
+                             "sha256 its config.json records, which is looked for as the "
+                             "bundled style of its name, the file provenance.json names, then "
+                             "these; none matching is an error")
     parser.add_argument("--out", default=str(REPO_ROOT / "out/eval/style"),
-                        help="folder for metrics.json (default: out/eval/style)")
+                        help="folder for metrics.json (and the grid when not the README's; "
+                             "default: out/eval/style)")
     parser.add_argument("--update-metrics", action="store_true",
                         help="write the held-out numbers into each model's metrics.json")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",

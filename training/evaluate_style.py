@@ -29,9 +29,15 @@ For every ``models/style-*`` artifact and every held-out photo it measures:
   chelsea in 576 px tiles).
 
 It prints a table, writes ``metrics.json`` under ``--out`` (and, with
-``--update-metrics``, a ``heldout`` block into each artifact's metrics.json), and saves the
-README grid (``docs/images/style_grid.png``): held-out photos x every style, plus one
-column with the colour preserved (luminance-only transfer, Gatys et al. 2016b).
+``--update-metrics``, a ``heldout`` block into each artifact's metrics.json), and saves a
+grid: held-out photos x every style, plus one column with the colour preserved
+(luminance-only transfer, Gatys et al. 2016b). By default the grid is the README's
+(``docs/images/style_grid.png``) only when the default models are measured on the default
+photos; with ``--models`` or ``--photos`` it goes to ``--out`` (:func:`grid_path`).
+
+Each model is measured against the style image it was trained on: the one whose sha256
+its config.json records (:meth:`StyleModel.find_style_image`; ``--style-image`` supplies
+it when it is neither bundled under the style's name nor where provenance.json says).
 """
 
 from __future__ import annotations
@@ -56,6 +62,12 @@ from training.assets import REPO_ROOT
 #: Photos of the held-out split that scikit-image bundles (training.data.photos.HELDOUT),
 #: used when data/photos/heldout has not been assembled.
 SKIMAGE_HELDOUT = ("chelsea", "coffee")
+#: The default ``--photos`` folder (``percept data`` assembles it).
+HELDOUT_PHOTOS = REPO_ROOT / "data/photos/heldout"
+#: The grid the README shows, written by default only for the default models and photos.
+README_GRID = REPO_ROOT / "docs/images/style_grid.png"
+#: The grid's file name under ``--out`` otherwise.
+GRID_NAME = "style_grid.png"
 #: Preferred rows of the README grid (held-out photos), in order.
 GRID_PREFERENCE = ("skimage-chelsea", "plasma-EveningGlow", "mate-LadyBird", "plasma-Path",
                    "mate-Dune", "skimage-coffee")
@@ -176,9 +188,14 @@ def centre_square(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        image.draft("RGB", (1024, 1024))
-        return np.array(image.convert("RGB"))
+    """The RGB pixels of the image file ``path``; a ValueError naming it when it cannot be
+    opened or decoded."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (1024, 1024))
+            return np.array(image.convert("RGB"))
+    except (OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read photo {path}: {error}") from error
 
 
 def skimage_heldout_photos() -> list[tuple[str, np.ndarray]]:
@@ -188,17 +205,29 @@ def skimage_heldout_photos() -> list[tuple[str, np.ndarray]]:
     return [(f"skimage-{name}", np.asarray(getattr(data, name)())) for name in SKIMAGE_HELDOUT]
 
 
-def load_photos(paths: Sequence[str | Path]) -> list[tuple[str, np.ndarray]]:
+def load_photos(paths: Sequence[str | Path] | None = None) -> list[tuple[str, np.ndarray]]:
     """(name, RGB uint8) for every image file in ``paths`` (files or folders), sorted by
-    name; falls back to scikit-image's held-out photos when none is found."""
+    name. A path that does not exist, a folder with no images (:data:`IMAGE_SUFFIXES`) and
+    a file that cannot be decoded are errors naming it. ``None`` (no ``--photos``): the
+    images in :data:`HELDOUT_PHOTOS`, or scikit-image's held-out photos when that folder
+    is absent."""
+    if paths is None:
+        if not HELDOUT_PHOTOS.exists():
+            return skimage_heldout_photos()
+        paths = [HELDOUT_PHOTOS]
     files: list[Path] = []
     for entry in map(Path, paths):
         if entry.is_dir():
-            files.extend(p for p in sorted(entry.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = [p for p in sorted(entry.iterdir())
+                     if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+            if not found:
+                raise ValueError(f"photos folder {entry} holds no images "
+                                 f"({', '.join(IMAGE_SUFFIXES)})")
+            files.extend(found)
         elif entry.is_file():
             files.append(entry)
-    if not files:
-        return skimage_heldout_photos()
+        else:
+            raise FileNotFoundError(f"--photos {entry}: no such file or folder")
     return [(path.stem, _read_rgb(path)) for path in sorted(files, key=lambda p: p.stem)]
 
 
@@ -219,6 +248,8 @@ class StyleModel:
     title: str
     module: nn.Module
     config: dict[str, Any]
+    #: The style image measured against (:meth:`find_style_image`; found when first used).
+    style_path: Path | None = None
 
     @property
     def style_layers(self) -> dict[str, float]:
@@ -235,36 +266,127 @@ class StyleModel:
     def style_size(self) -> int:
         return int(self.config.get("loss", {}).get("style_size", 256))
 
-    def style_image(self) -> np.ndarray:
-        """The style image this model was trained on, at its training size."""
-        from training.train_style import load_style_image, resolve_style
-
+    def _provenance_style_images(self) -> list[Path]:
+        """The style image files provenance.json names (none when it has none)."""
         try:
-            path = resolve_style(self.style_name).path
-        except ValueError:  # not a bundled style: the file recorded in provenance.json
             provenance = json.loads((self.path / "provenance.json").read_text())
-            entries = [e for e in provenance["data"] if e.get("kind") == "style image"]
-            if not entries:
-                raise
-            path = Path(entries[0]["path"])
-            path = path if path.is_absolute() else REPO_ROOT / path
-        return load_style_image(path, self.style_size)
+        except (OSError, ValueError):
+            return []
+        data = provenance.get("data", []) if isinstance(provenance, dict) else []
+        paths = [Path(e["path"]) for e in data
+                 if isinstance(e, dict) and e.get("kind") == "style image" and "path" in e]
+        return [p if p.is_absolute() else REPO_ROOT / p for p in paths]
+
+    def find_style_image(self, candidates: Sequence[Path] = ()) -> Path:
+        """The file of the style image this model was trained on.
+
+        When config.json records the image's sha256 (every export does), the first file
+        with that sha256 of: the bundled style of the model's style name, the file
+        provenance.json names, ``candidates`` (``--style-image``); none is a ValueError
+        asking for ``--style-image``. A model trained with ``--style-image`` under a
+        bundled style's name is thus never measured against the bundled painting. Without
+        a sha256: the bundled style of that name, else the provenance file.
+        """
+        from training.assets import sha256_of
+        from training.train_style import resolve_style
+
+        expected = self.config.get("style", {}).get("sha256")
+        found: list[Path] = []
+        bundled_error: Exception | None = None
+        try:
+            found.append(resolve_style(self.style_name).path)
+        except (ValueError, FileNotFoundError) as error:  # not bundled, or not fetched
+            bundled_error = error
+        found.extend(self._provenance_style_images())
+        if not expected:
+            existing = [p for p in found if p.is_file()]
+            if existing:
+                return existing[0]
+            if bundled_error is not None:
+                raise bundled_error
+            raise FileNotFoundError(f"{self.path}: style image {self.style_name!r} not found")
+        found = list(dict.fromkeys(found))
+        for path in dict.fromkeys([*found, *candidates]):
+            if path.is_file() and sha256_of(path) == expected:
+                return path
+        looked = ", ".join(str(p) for p in found) or "no bundled style or provenance file"
+        raise ValueError(
+            f"{self.path}: config.json records style image {self.style_name!r} with sha256 "
+            f"{expected[:12]}..., and no file has it (looked at {looked}"
+            + (f" and {len(candidates)} --style-image file(s)" if candidates else "")
+            + "); pass --style-image PATH with the image it was trained on")
+
+    def style_image(self) -> np.ndarray:
+        """The style image this model was trained on (:meth:`find_style_image`, or
+        :attr:`style_path` when set), at its training size."""
+        from training.train_style import load_style_image
+
+        if self.style_path is None:
+            self.style_path = self.find_style_image()
+        return load_style_image(self.style_path, self.style_size)
 
 
 def default_model_dirs(models_dir: Path = REPO_ROOT / "models") -> list[Path]:
     """Every ``models/style-*`` folder with a config.json of task ``style``."""
     found = []
     for path in sorted(models_dir.glob("style-*")):
-        config = path / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("task") == "style":
+        if (path / "config.json").is_file() and _read_config(path).get("task") == "style":
             found.append(path)
     return found
 
 
-def load_style_model(path: Path, device: torch.device | str = "cpu") -> StyleModel:
-    from training.export import load_exported
+def _read_config(path: Path) -> dict[str, Any]:
+    """An artifact folder's config.json; errors name the folder or the file."""
+    config_path = path / "config.json"
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found ({path} is not an exported model "
+                                "folder)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} is not a JSON object")
+    return config
 
-    module, config = load_exported(path, device)
+
+def _state_dict_problem(error: RuntimeError) -> str:
+    """The first line of torch's multi-line ``load_state_dict`` error, shortened."""
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    first = lines[0] if lines else str(error)
+    first = first if len(first) <= 200 else first[:197] + "..."
+    return first + (f" (and {len(lines) - 1} more)" if len(lines) > 1 else "")
+
+
+def load_style_model(path: Path, device: torch.device | str = "cpu") -> StyleModel:
+    """Loads the style artifact in folder ``path``. Every way the folder can be unusable is
+    a FileNotFoundError or ValueError naming the file: no config.json, a config.json that is
+    not JSON, of another task, or without ``name`` or ``architecture``, weights that are
+    missing, unreadable, or do not fit the architecture."""
+    from safetensors import SafetensorError
+
+    from training.export import WEIGHTS, load_exported
+
+    config_path = path / "config.json"
+    config = _read_config(path)
+    if config.get("task") != "style":
+        task = config.get("task") or f"none in {config_path}"
+        raise ValueError(f"{path} is not a style model (task: {task})")
+    for key in ("name", "architecture"):
+        if key not in config:
+            raise ValueError(f"{config_path} has no {key!r}")
+    weights = path / str(config.get("weights", WEIGHTS))
+    try:
+        module, config = load_exported(path, device)
+    except SafetensorError as error:
+        raise ValueError(f"{weights} is not a readable safetensors file ({error})") from error
+    except RuntimeError as error:
+        if "state_dict" not in str(error):  # not load_state_dict's: not the files' fault
+            raise
+        raise ValueError(f"{weights} does not fit the architecture in {config_path}: "
+                         f"{_state_dict_problem(error)}") from error
     style = config.get("style", {})
     return StyleModel(path=path, name=config["name"],
                       style_name=style.get("name", config["name"].removeprefix("style-")),
@@ -537,6 +659,18 @@ def _format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def grid_path(args: argparse.Namespace) -> Path | None:
+    """Where the grid goes: ``--grid`` when given ('' = nowhere); by default the README's
+    :data:`README_GRID` for the default models on the default photos (no ``--models``, no
+    ``--photos``), else :data:`GRID_NAME` under ``--out``, so evaluating other models or
+    photos never overwrites the tracked README image."""
+    if args.grid is not None:
+        return Path(args.grid) if args.grid else None
+    if args.models or args.photos is not None:
+        return Path(args.out) / GRID_NAME
+    return README_GRID
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from training.loop import choose_device
 
@@ -550,8 +684,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise FileNotFoundError("no style artifacts found (models/style-*); train one with "
                                 "`percept train style --style NAME`")
     models = [load_style_model(path, device) for path in model_dirs]
+    candidates = [Path(p) for p in args.style_image or []]
+    for candidate in candidates:
+        if not candidate.is_file():
+            raise FileNotFoundError(f"--style-image {candidate} does not exist")
+    for model in models:
+        model.style_path = model.find_style_image(candidates)
     raw_photos = load_photos(args.photos)
     photos = [(name, resize_short_side(image, args.size)) for name, image in raw_photos]
+    grid_file = grid_path(args)
     measures = StyleMeasures(device)
     results: dict[str, Any] = {}
     names = [m.name for m in models]
@@ -563,8 +704,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             for name, raw in raw_photos:
                 per_photo[name].update(tiling_agreement(model.module, raw, args.tiling, device))
         results[key] = {"style": model.style_name, "path": str(model.path),
-                        "per_photo": per_photo,
-                               "summary": summarise(list(per_photo.values()))}
+                        "style_image": str(model.style_path), "per_photo": per_photo,
+                        "summary": summarise(list(per_photo.values()))}
     architecture = dict(models[0].config["architecture"])
     fresh = fresh_baseline(architecture, [p for _, p in photos])
     report: dict[str, Any] = {
@@ -585,13 +726,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"[eval] wrote {out / 'metrics.json'}", flush=True)
-    if args.grid:
+    if grid_file is not None:
         grid = style_grid(models, raw_photos, args.grid_cell, args.grid_photos, device)
-        grid_path = Path(args.grid)
-        grid_path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(grid_path, optimize=True)
-        print(f"[eval] wrote {grid_path} ({grid.width}x{grid.height}, "
-              f"{grid_path.stat().st_size / 1e3:.0f} kB)", flush=True)
+        grid_file.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(grid_file, optimize=True)
+        print(f"[eval] wrote {grid_file} ({grid.width}x{grid.height}, "
+              f"{grid_file.stat().st_size / 1e3:.0f} kB)", flush=True)
     if args.zoom:
         name, photo = photos[grid_order([n for n, _ in photos])[0]]
         strip = zoom_strip(models, photo, args.zoom_crop, ZOOM, device)

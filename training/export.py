@@ -107,6 +107,35 @@ def next_version(out_dir: Path, name: str) -> int:
     return 1
 
 
+def check_output_folder(out_dir: Path, name: str, flag: str = "--out") -> str:
+    """Before a long run: ValueError when the export to ``out_dir`` is bound to fail (a
+    file in the way, a folder that cannot be written) or would replace an artifact of
+    another name. Returns what the export will do, for the log: a new artifact, or the
+    next version of the one there."""
+    from training.data.folders import unwritable_reason
+
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {out_dir}: {existing} is a file, not a folder")
+    reason = unwritable_reason(existing)
+    if reason:
+        raise ValueError(f"{flag} {out_dir} cannot be written: {reason}")
+    config_path = out_dir / "config.json"
+    if not config_path.is_file():
+        return f"a new artifact {name}@1 in {out_dir}"
+    try:
+        held = json.loads(config_path.read_text())
+        held_name, held_version = held.get("name"), held.get("version")
+    except (OSError, ValueError, AttributeError):
+        held_name = held_version = None
+    if held_name != name:
+        raise ValueError(f"{flag} {out_dir} holds the artifact {held_name!r}, and the export "
+                         f"of {name} would replace it: choose another {flag}")
+    return f"{name}@{next_version(out_dir, name)}, replacing version {held_version} in {out_dir}"
+
+
 def export_artifact(out_dir: Path, *, name: str, task: str, architecture: Mapping[str, Any],
                     module: nn.Module, metrics: Mapping[str, Any],
                     data: Iterable[Mapping[str, Any]], command: str, device: str,

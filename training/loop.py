@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +54,47 @@ def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
     partial.replace(path)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed as asked (the trainers exit 2 with its message)."""
+
+
+#: What every trainer's checkpoint holds (restore_training_state reads them all).
+CHECKPOINT_KEYS = ("architecture", "model", "optimizer", "scheduler", "scaler", "step")
+
+
 def read_checkpoint(path: Path, device: torch.device, architecture: Mapping[str, Any]
                     ) -> dict[str, Any]:
-    """The checkpoint ``--resume`` continues from; exits with a message when there is none
-    or it holds another architecture."""
+    """The checkpoint ``--resume`` continues from. CheckpointError when there is none, it
+    is unreadable (truncated, not a checkpoint at all), lacks what a resume needs, or holds
+    another architecture."""
     if not path.is_file():
-        raise SystemExit(f"error: --resume but {path} does not exist")
-    state: dict[str, Any] = torch.load(path, map_location=device, weights_only=False)
-    if state["architecture"] != architecture:
-        raise SystemExit(f"error: {path} holds {state['architecture']}, not {architecture}")
+        raise CheckpointError(f"--resume but {path} does not exist")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as error:  # any file can be named, and torch raises many types
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or another "
+                              f"kind of file: {type(error).__name__}: {error}); start a new "
+                              "run without --resume, or in another --run-dir") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a training checkpoint (it holds a "
+                              f"{type(state).__name__})")
+    if "architecture" in state and state["architecture"] != architecture:
+        raise CheckpointError(f"{path} holds {state['architecture']}, not {architecture}")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a complete training checkpoint (no "
+                              f"{', '.join(missing)})")
     return state
+
+
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any],
+                     may_change: Collection[str]) -> list[str]:
+    """``--flag saved -> current`` for each setting recorded in both ``saved`` and
+    ``current`` (parsed flags by destination) that differs and is not in ``may_change``:
+    what a resumed run would silently do differently from the run it continues."""
+    return [f"--{key.replace('_', '-')} {saved[key]!r} -> {current[key]!r}"
+            for key in sorted(set(saved) & set(current))
+            if key not in may_change and saved[key] != current[key]]
 
 
 def restore_training_state(state: Mapping[str, Any], model: nn.Module,

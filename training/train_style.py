@@ -62,11 +62,12 @@ from training.cli_style import (
     GPU_RECIPE,
 )
 from training.data.arrays import PreparedArrays, load_prepared
-from training.export import command_line, data_entry, export_artifact
+from training.export import check_output_folder, command_line, data_entry, export_artifact
 from training.image_batches import predict_images, to_tensor
 from training.loop import (
     CHECKPOINT_NAME,
     autocast_dtype,
+    changed_settings,
     choose_device,
     lr_factor,
     prepared_data_provenance,
@@ -151,12 +152,14 @@ def style_from_args(args: argparse.Namespace) -> StyleSource:
     """The style named by ``--style``, or ``--style-image`` with ``--name``."""
     if args.style:
         source = resolve_style(args.style)
-        if args.name or args.title:
+        if args.name or args.title or args.licence:
             source = StyleSource(name=args.name or source.name,
                                  title=args.title or source.title, path=source.path,
-                                 source=source.source, licence=source.licence)
+                                 source=source.source, licence=args.licence or source.licence)
         return source
     path = Path(args.style_image)
+    if path.is_dir():
+        raise ValueError(f"--style-image {path} is a folder; give one image file")
     if not path.is_file():
         raise FileNotFoundError(f"--style-image {path} does not exist")
     name = args.name or path.stem.lower().replace("_", "-").replace(" ", "-")
@@ -165,15 +168,30 @@ def style_from_args(args: argparse.Namespace) -> StyleSource:
                        licence=args.licence or "unknown (user-supplied image)")
 
 
+#: Shortest side a style image (after --style-size) may have: relu4_3, the deepest default
+#: style layer, sits after three 2x2 poolings, so 32 px leaves it a 4x4 map to take Gram
+#: statistics of.
+MIN_STYLE_SIDE = 32
+
+
 def load_style_image(path: Path, longest: int) -> np.ndarray:
     """The style image as (H, W, 3) uint8 RGB with its longest side resized to ``longest``
-    (never upscaled)."""
-    with Image.open(path) as image:
-        rgb = image.convert("RGB")
+    (never upscaled). ValueError for a file that is not a whole image, or one too small to
+    have style statistics."""
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:  # unidentified, truncated, corrupt
+        raise ValueError(f"style image {path} is not a readable image "
+                         f"({type(error).__name__}: {error})") from error
     scale = longest / max(rgb.size)
     if scale < 1:
         size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
         rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+    if min(rgb.size) < MIN_STYLE_SIDE:
+        raise ValueError(f"style image {path} is {rgb.width}x{rgb.height} px at --style-size "
+                         f"{longest}; its shorter side needs at least {MIN_STYLE_SIDE} px for "
+                         "the VGG style layers")
     return np.array(rgb)
 
 
@@ -370,7 +388,7 @@ def load_initial_weights(model: nn.Module, path: Path, architecture: dict[str, A
     try:
         source, config = load_exported(path)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise SystemExit(f"error: --init-from {path}: not a loadable artifact "
+        raise ValueError(f"--init-from {path}: not a loadable artifact "
                          f"({type(error).__name__}: {error})") from error
     # edge_margin only changes inference, and upsample only the interpolation before the
     # decoder's convolutions: the weights have the same shapes either way (a fine-tune can
@@ -380,7 +398,7 @@ def load_initial_weights(model: nn.Module, path: Path, architecture: dict[str, A
 
     theirs = weight_shapes(config["architecture"])
     if theirs != weight_shapes(architecture):
-        raise SystemExit(f"error: --init-from {path} holds {theirs}, not the "
+        raise ValueError(f"--init-from {path} holds {theirs}, not the "
                          f"{weight_shapes(architecture)} being trained (set --width and "
                          "--blocks to match)")
     their_upsample = config["architecture"].get("upsample", "nearest")
@@ -440,26 +458,56 @@ def _use_channels_last(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
+#: Flags a --resume may change: how long it runs, how often it writes, where its outputs
+#: go, and which checked state it exports. Any other flag the checkpoint recorded must be
+#: as it was: the loss, the data, the sizes and the schedule define the run.
+RESUMABLE_CHANGES = frozenset({
+    "steps", "max_minutes", "max_cpu_minutes", "checkpoint_every", "sample_every",
+    "grid_check_every", "grid_margin", "threads", "quiet", "out", "run_dir", "resume",
+    "device", "channels_last", "edge_margin", "name", "title", "licence", "command",
+    "train_command", "func", "command_line"})
+
+
+def check_run_flags(args: argparse.Namespace) -> None:
+    """Refuses flag values that mean nothing or would fail only later (after the data and
+    VGG have loaded, or mid-run), before anything loads."""
+    def at_least(flag: str, value: float | None, low: float) -> None:
+        if value is not None and not (math.isfinite(value) and value >= low):
+            raise ValueError(f"--{flag} must be >= {low:g}, got {value:g}")
+
+    for flag in ("lr", "threads", "max_minutes", "max_cpu_minutes", "warmup", "grid_margin",
+                 "checkpoint_every", "sample_every", "tile_weight", "grid_weight"):
+        at_least(flag.replace("_", "-"), getattr(args, flag), 0)
+    at_least("val-items", args.val_items, 1)
+    at_least("grid-check-every", args.grid_check_every, 1)
+    at_least("style-size", args.style_size, MIN_STYLE_SIDE)
+    if args.time_schedule and not args.max_minutes:
+        raise ValueError("--time-schedule anneals by the clock: it needs --max-minutes")
+
+
 def train(args: argparse.Namespace) -> int:
     """Runs the training described by the parsed ``percept train style`` flags."""
+    check_run_flags(args)
     device = choose_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     recipe = resolve_recipe(args, device)
-    if args.tile_weight < 0:
-        raise ValueError(f"--tile-weight must be >= 0, got {args.tile_weight}")
     if args.tile_weight:
         tile_window_side(recipe["size"])  # refuses crops too small now, not at step 1
-    if args.grid_weight and recipe["size"] % 4:
-        raise ValueError(f"--grid-weight measures period-4 patterns: --size must be a "
-                         f"multiple of 4, got {recipe['size']}")
-    if args.time_schedule and not args.max_minutes:
-        raise ValueError("--time-schedule anneals by the clock: it needs --max-minutes")
+    for flag in ("grid_weight", "grid_margin"):
+        if getattr(args, flag) and recipe["size"] % 4:
+            raise ValueError(f"--{flag.replace('_', '-')} measures period-4 patterns: --size "
+                             f"must be a multiple of 4, got {recipe['size']}")
     style = style_from_args(args)
     name = f"style-{style.name}"
     out = Path(args.out) if args.out else REPO_ROOT / "models" / name
     run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
+    export_plan = check_output_folder(out, name)
+    checkpoint = run_dir / CHECKPOINT_NAME
+    if checkpoint.is_file() and not args.resume:
+        raise ValueError(f"{checkpoint} holds an earlier run: pass --resume to continue it, "
+                         "or give another --run-dir (or remove that one) to start afresh")
     run_dir.mkdir(parents=True, exist_ok=True)
 
     prepared = load_prepared(Path(args.data))
@@ -476,7 +524,7 @@ def train(args: argparse.Namespace) -> int:
     init_entries: list[dict[str, Any]] = []
     if args.init_from:
         if args.resume:
-            raise SystemExit("error: --init-from starts a new run from an artifact; --resume "
+            raise ValueError("--init-from starts a new run from an artifact; --resume "
                              "continues a run from its checkpoint: give one of them")
         init_from, entry, edge_margin = load_initial_weights(model, Path(args.init_from),
                                                              architecture)
@@ -521,12 +569,23 @@ def train(args: argparse.Namespace) -> int:
     history: dict[str, list[float]] = {"total": []}
     raw_history: dict[str, list[float]] = {}
     elapsed_before = cpu_before = 0.0
-    checkpoint = run_dir / CHECKPOINT_NAME
     style_sha = sha256_of(style.path)
     if args.resume:
         state = read_checkpoint(checkpoint, device, architecture)
         if state.get("style_sha256") != style_sha:
-            raise SystemExit(f"error: {checkpoint} was trained on another style image")
+            raise ValueError(f"{checkpoint} was trained on another style image")
+        changed = changed_settings(state.get("args", {}), vars(args), RESUMABLE_CHANGES)
+        # Sizes left to the device's default differ between a CPU and a CUDA run.
+        changed += changed_settings({k: v for k, v in state.get("recipe", {}).items()
+                                     if state.get("args", {}).get(k) == getattr(args, k)},
+                                    recipe, RESUMABLE_CHANGES)
+        if changed:
+            raise ValueError(f"--resume would continue the run in {checkpoint} with other "
+                             f"settings: {'; '.join(changed)}. Resume with the settings it "
+                             "was started with, or start a new run in another --run-dir")
+        if int(state["step"]) > steps:
+            raise ValueError(f"{checkpoint} is at step {state['step']}, past --steps "
+                             f"{steps}: give --steps {state['step']} or more")
         step = restore_training_state(state, model, optimizer, scheduler, scaler)
         history, raw_history = state["history"], state["raw_history"]
         if args.edge_margin is None:
@@ -550,7 +609,7 @@ def train(args: argparse.Namespace) -> int:
                 "elapsed": elapsed_before + time.monotonic() - started,
                 "cpu_seconds": cpu_before + time.process_time() - cpu_started,
                 "sampler_rng": sampler.rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(), "args": vars(args),
+                "torch_rng": torch.get_rng_state(), "args": vars(args), "recipe": recipe,
                 "grid_checks": grid_checks, "passing_state": passing_state,
                 "edge_margin": edge_margin}
 
@@ -582,6 +641,7 @@ def train(args: argparse.Namespace) -> int:
             passing_state = {k: v.detach().to("cpu", copy=True)
                              for k, v in model.state_dict().items()}
 
+    print(f"[train] exports {export_plan}", flush=True)
     bar = tqdm(total=steps, initial=step, unit="step", desc=f"train {name}",
                disable=args.quiet, dynamic_ncols=True)
     while step < steps:

@@ -11,6 +11,8 @@ from torch import nn
 
 from training import cli_style
 from training.loop import (
+    CheckpointError,
+    changed_settings,
     choose_device,
     read_checkpoint,
     restore_training_state,
@@ -53,11 +55,43 @@ def test_a_checkpoint_round_trips_and_replaces_the_old_one_whole(tmp_path: Path)
 def test_resuming_without_a_checkpoint_or_from_another_architecture_says_so(
         tmp_path: Path) -> None:
     path = tmp_path / "checkpoint.pt"
-    with pytest.raises(SystemExit, match=re.escape(f"--resume but {path} does not exist")):
+    with pytest.raises(CheckpointError, match=re.escape(f"--resume but {path} does not exist")):
         read_checkpoint(path, torch.device("cpu"), ARCHITECTURE)
     save_checkpoint(path, {"architecture": {"type": "tiny", "width": 4}})
-    with pytest.raises(SystemExit, match=r"holds .*'width': 4.*, not .*'width': 2"):
+    with pytest.raises(CheckpointError, match=r"holds .*'width': 4.*, not .*'width': 2"):
         read_checkpoint(path, torch.device("cpu"), ARCHITECTURE)
+
+
+def test_a_broken_checkpoint_is_refused_with_one_line(tmp_path: Path) -> None:
+    model, optimizer, scheduler, scaler = _training_state()
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, {"architecture": ARCHITECTURE, "model": model.state_dict(),
+                           "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                           "step": 3})
+    whole = good.read_bytes()
+    cases = {"half.pt": whole[: len(whole) // 2], "empty.pt": b"", "text.pt": b"garbage\n"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match=r"is not a readable checkpoint \(truncated"):
+            read_checkpoint(tmp_path / name, torch.device("cpu"), ARCHITECTURE)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match=r"not a training checkpoint .*a list"):
+        read_checkpoint(tmp_path / "list.pt", torch.device("cpu"), ARCHITECTURE)
+    save_checkpoint(tmp_path / "bare.pt", {"architecture": ARCHITECTURE, "step": 3})
+    with pytest.raises(CheckpointError,
+                       match=r"not a complete training checkpoint \(no model, optimizer, "
+                             r"scheduler, scaler\)"):
+        read_checkpoint(tmp_path / "bare.pt", torch.device("cpu"), ARCHITECTURE)
+    assert read_checkpoint(good, torch.device("cpu"), ARCHITECTURE)["step"] == 3
+
+
+def test_changed_settings_lists_what_a_resume_would_change() -> None:
+    saved = {"lr": 0.002, "size": 64, "steps": 100, "quiet": False, "only_then": 1}
+    current = {"lr": 0.5, "size": 64, "steps": 200, "quiet": True, "only_now": 2}
+    assert changed_settings(saved, current, may_change={"steps", "quiet"}) == [
+        "--lr 0.002 -> 0.5"]
+    assert changed_settings(saved, saved, may_change=()) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from tests.conftest import encode
 from training import cli_style, nets
 from training.cli_style import DEFAULT_STYLE_LAYER_WEIGHTS, parse_layer_weight, register_train
 from training.export import export_artifact, load_exported
@@ -363,14 +366,14 @@ def test_init_from_fine_tunes_an_exported_artifact(tmp_path: Path) -> None:
     assert metrics["init_from"]["upsample"] == "nearest"
     assert metrics["note"].endswith("(nearest upsampling there, bilinear here)")
 
-    with pytest.raises(SystemExit, match=r"width.: 4.*not the .*width.: 8"):
+    with pytest.raises(ValueError, match=r"width.: 4.*not the .*width.: 8"):
         train(_parse([*common, "--width", "8", "--steps", "1", "--init-from", str(base),
                       "--out", str(tmp_path / "wide"), "--run-dir", str(tmp_path / "r3")]))
-    with pytest.raises(SystemExit, match="not a loadable artifact"):
+    with pytest.raises(ValueError, match="not a loadable artifact"):
         train(_parse([*common, "--width", "4", "--steps", "1", "--init-from",
                       str(tmp_path / "nothing"), "--out", str(tmp_path / "none"),
                       "--run-dir", str(tmp_path / "r4")]))
-    with pytest.raises(SystemExit, match="--resume continues"):
+    with pytest.raises(ValueError, match="--resume continues"):
         train(_parse([*common, "--width", "4", "--steps", "1", "--init-from", str(base),
                       "--resume", "--out", str(tmp_path / "both"),
                       "--run-dir", str(tmp_path / "run-base")]))
@@ -448,3 +451,101 @@ def test_recipe_note_names_what_differs_from_the_paper() -> None:
     assert _recipe_note(dict(CPU_RECIPE), 540, False, "a CPU") == (
         "trained on a CPU at changed sizes: size 128 (paper: 256), width 16 (paper: 32), "
         "steps 540 (paper: 40000), batch size 2 (paper: 4)")
+
+
+# -- refusals: before any work, and never overwriting what a user has -----------------------
+def _tiny_run(tmp_path: Path, prepared: Path, *extra: str) -> list[str]:
+    return ["--style", "stained-tissue", "--data", str(prepared), "--size", "32",
+            "--width", "4", "--blocks", "1", "--batch-size", "1", "--style-size", "48",
+            "--device", "cpu", "--quiet", "--val-items", "1", "--sample-every", "0",
+            "--checkpoint-every", "1", "--out", str(tmp_path / "out"),
+            "--run-dir", str(tmp_path / "run"), *extra]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "-1"], "--lr must be >= 0, got -1"),
+    (["--lr", "nan"], "--lr must be >= 0, got nan"),
+    (["--threads", "-1"], "--threads must be >= 0, got -1"),
+    (["--val-items", "0"], "--val-items must be >= 1, got 0"),
+    (["--max-minutes", "-1"], "--max-minutes must be >= 0, got -1"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0, got -1"),
+    (["--grid-check-every", "0"], "--grid-check-every must be >= 1, got 0"),
+    (["--style-size", "0"], "--style-size must be >= 32, got 0"),
+    (["--size", "66", "--grid-margin", "1.5"],
+     "--grid-margin measures period-4 patterns: --size must be a multiple of 4, got 66"),
+])
+def test_bad_flag_values_are_refused_before_anything_loads(
+        tmp_path: Path, flags: list[str], message: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The data folder does not even exist: the flag is refused first, exit 2."""
+    argv = ["train", *_tiny_run(tmp_path, tmp_path / "no-data"), *flags]
+    assert cli_style.main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+
+
+def test_an_output_the_export_would_fail_on_or_replace_is_refused_first(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from training.train_style import train
+
+    prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(2, 40))
+    (tmp_path / "a-file").write_text("")
+    other = tmp_path / "models" / "style-the-scream"
+    other.mkdir(parents=True)
+    (other / "config.json").write_text(json.dumps({"name": "style-the-scream", "version": 3}))
+    cases = [(tmp_path / "a-file" / "out", "a-file is a file, not a folder"),
+             (tmp_path / "a-file", "a-file is a file, not a folder"),
+             (other, "holds the artifact 'style-the-scream', and the export of "
+                     "style-stained-tissue would replace it: choose another --out")]
+    for out, message in cases:
+        argv = [*_tiny_run(tmp_path, prepared), "--steps", "1", "--out", str(out)]
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train(_parse(argv))
+    assert not (tmp_path / "run").exists()  # refused before the run began
+    assert json.loads((other / "config.json").read_text())["version"] == 3
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda path: path.write_bytes(b"not an image"), "is not a readable image"),
+    (lambda path: path.write_bytes(b""), "is not a readable image"),
+    (lambda path: path.write_bytes(encode(_tiny_style(64), "JPEG")[:300]),
+     "is not a readable image"),
+    (lambda path: path.write_bytes(encode(_tiny_style(64)[:20, :20])),
+     "is 20x20 px at --style-size 48; its shorter side needs at least 32 px"),
+    (lambda path: path.mkdir(), "is a folder; give one image file"),
+])
+def test_a_bad_style_image_is_one_line_and_exit_2(
+        tmp_path: Path, make: Any, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(2, 40))
+    style = tmp_path / "style.jpg"
+    make(style)
+    argv = ["train", *_tiny_run(tmp_path, prepared), "--steps", "1"]
+    argv[argv.index("--style"):argv.index("--style") + 2] = ["--style-image", str(style)]
+    assert cli_style.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@needs_vgg
+def test_a_resume_keeps_its_settings_and_a_new_run_keeps_the_old_checkpoint(
+        tmp_path: Path) -> None:
+    from training.train_style import train
+
+    prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 40))
+    common = _tiny_run(tmp_path, prepared)
+    assert train(_parse([*common, "--steps", "2"])) == 0
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    saved = checkpoint.read_bytes()
+    with pytest.raises(ValueError, match=r"holds an earlier run: pass --resume to continue it"):
+        train(_parse([*common, "--steps", "2"]))
+    with pytest.raises(ValueError, match=r"with other settings: --lr None -> 0\.5; "
+                                         r"--tv-weight 4000000\.0 -> 0\.0\. Resume with"):
+        train(_parse([*common, "--steps", "3", "--resume", "--lr", "0.5", "--tv-weight", "0"]))
+    with pytest.raises(ValueError, match=r"is at step 2, past --steps 1: give --steps 2 or"):
+        train(_parse([*common, "--steps", "1", "--resume"]))
+    assert checkpoint.read_bytes() == saved  # every refusal left the run as it was
+    # What may change does: more steps, another checkpoint interval, a time limit
+    assert train(_parse([*common, "--steps", "3", "--resume", "--checkpoint-every", "5",
+                         "--max-minutes", "10"])) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 3

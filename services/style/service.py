@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import threading
 import time
@@ -116,7 +117,9 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
         if not request.style:
             raise InvalidArgument(f"style is required; available: {available}")
         if request.style not in self.styles:
-            raise NotFound(f"unknown style {request.style!r}; available: {available}")
+            close = difflib.get_close_matches(request.style.strip().lower(), self.styles, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise NotFound(f"unknown style {request.style!r}{hint}; available: {available}")
         strength = request.strength if request.HasField("strength") else 1.0
         if not 0.0 <= strength <= 1.0:
             raise InvalidArgument(f"strength must be 0..1, got {strength:g}")

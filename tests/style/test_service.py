@@ -124,6 +124,12 @@ def test_unknown_style_is_not_found_and_lists_the_styles(channel: grpc.Channel,
         stylize(channel, encode(small_photo), "van-gogh")
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     assert error.value.details() == f"unknown style 'van-gogh'; available: {', '.join(NAMES)}"
+    for typo in (FIRST.upper(), f" {FIRST}", FIRST[:-1]):  # a near miss gets a suggestion
+        with pytest.raises(grpc.RpcError) as error:
+            stylize(channel, encode(small_photo), typo)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error.value.details() == (f"unknown style {typo!r} (did you mean {FIRST!r}?); "
+                                         f"available: {', '.join(NAMES)}")
     with pytest.raises(grpc.RpcError) as error:
         stylize(channel, encode(small_photo), "")
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -97,6 +97,44 @@ def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any],
             if key not in may_change and saved[key] != current[key]]
 
 
+#: Flags every trainer's --resume may change: how long it runs, how often it writes, where
+#: its outputs go, the machine. The rest (loss, data, sizes, schedule) define the run.
+RESUMABLE_FLAGS = frozenset({
+    "steps", "max_minutes", "max_cpu_minutes", "checkpoint_every", "sample_every", "threads",
+    "quiet", "out", "run_dir", "resume", "device", "channels_last", "name", "command",
+    "train_command", "func", "command_line"})
+
+
+def check_new_run(checkpoint: Path, resume: bool) -> None:
+    """A run without --resume must not overwrite the checkpoint of an earlier one."""
+    if checkpoint.is_file() and not resume:
+        raise CheckpointError(f"{checkpoint} holds an earlier run: pass --resume to continue "
+                              "it, or give another --run-dir (or remove that one) to start "
+                              "afresh")
+
+
+def check_resumed_run(checkpoint: Path, state: Mapping[str, Any], args: Mapping[str, Any],
+                      may_change: Collection[str], steps: int,
+                      resolved: Mapping[str, Any] | None = None) -> None:
+    """CheckpointError when ``--resume`` would continue ``state`` with other settings than
+    it was started with (flags outside ``may_change``, or ``resolved`` values: defaults a
+    trainer filled in, which a flag left unset may give differently on another device), or
+    when the checkpoint is already past ``steps``."""
+    saved_args = state.get("args", {})
+    changed = changed_settings(saved_args, args, may_change)
+    if resolved is not None:
+        unset_alike = {k: v for k, v in state.get("resolved", {}).items()
+                       if saved_args.get(k) == args.get(k)}
+        changed += changed_settings(unset_alike, resolved, may_change)
+    if changed:
+        raise CheckpointError(f"--resume would continue the run in {checkpoint} with other "
+                              f"settings: {'; '.join(changed)}. Resume with the settings it "
+                              "was started with, or start a new run in another --run-dir")
+    if int(state["step"]) > steps:
+        raise CheckpointError(f"{checkpoint} is at step {state['step']}, past --steps {steps}: "
+                              f"give --steps {state['step']} or more")
+
+
 def restore_training_state(state: Mapping[str, Any], model: nn.Module,
                            optimizer: torch.optim.Optimizer,
                            scheduler: torch.optim.lr_scheduler.LRScheduler,

@@ -66,8 +66,10 @@ from training.export import check_output_folder, command_line, data_entry, expor
 from training.image_batches import predict_images, to_tensor
 from training.loop import (
     CHECKPOINT_NAME,
+    RESUMABLE_FLAGS,
     autocast_dtype,
-    changed_settings,
+    check_new_run,
+    check_resumed_run,
     choose_device,
     lr_factor,
     prepared_data_provenance,
@@ -458,14 +460,10 @@ def _use_channels_last(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
-#: Flags a --resume may change: how long it runs, how often it writes, where its outputs
-#: go, and which checked state it exports. Any other flag the checkpoint recorded must be
-#: as it was: the loss, the data, the sizes and the schedule define the run.
-RESUMABLE_CHANGES = frozenset({
-    "steps", "max_minutes", "max_cpu_minutes", "checkpoint_every", "sample_every",
-    "grid_check_every", "grid_margin", "threads", "quiet", "out", "run_dir", "resume",
-    "device", "channels_last", "edge_margin", "name", "title", "licence", "command",
-    "train_command", "func", "command_line"})
+#: Flags a --resume may change beyond training.loop.RESUMABLE_FLAGS: which checked state
+#: it exports, and what only inference or the artifact's labels use.
+RESUMABLE_CHANGES = RESUMABLE_FLAGS | {"grid_check_every", "grid_margin", "edge_margin",
+                                       "title", "licence"}
 
 
 def check_run_flags(args: argparse.Namespace) -> None:
@@ -505,9 +503,7 @@ def train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
     export_plan = check_output_folder(out, name)
     checkpoint = run_dir / CHECKPOINT_NAME
-    if checkpoint.is_file() and not args.resume:
-        raise ValueError(f"{checkpoint} holds an earlier run: pass --resume to continue it, "
-                         "or give another --run-dir (or remove that one) to start afresh")
+    check_new_run(checkpoint, args.resume)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     prepared = load_prepared(Path(args.data))
@@ -574,18 +570,9 @@ def train(args: argparse.Namespace) -> int:
         state = read_checkpoint(checkpoint, device, architecture)
         if state.get("style_sha256") != style_sha:
             raise ValueError(f"{checkpoint} was trained on another style image")
-        changed = changed_settings(state.get("args", {}), vars(args), RESUMABLE_CHANGES)
-        # Sizes left to the device's default differ between a CPU and a CUDA run.
-        changed += changed_settings({k: v for k, v in state.get("recipe", {}).items()
-                                     if state.get("args", {}).get(k) == getattr(args, k)},
-                                    recipe, RESUMABLE_CHANGES)
-        if changed:
-            raise ValueError(f"--resume would continue the run in {checkpoint} with other "
-                             f"settings: {'; '.join(changed)}. Resume with the settings it "
-                             "was started with, or start a new run in another --run-dir")
-        if int(state["step"]) > steps:
-            raise ValueError(f"{checkpoint} is at step {state['step']}, past --steps "
-                             f"{steps}: give --steps {state['step']} or more")
+        # the sizes left to the device's default differ between a CPU and a CUDA run
+        check_resumed_run(checkpoint, state, vars(args), RESUMABLE_CHANGES, steps,
+                          resolved={k: v for k, v in recipe.items() if k != "steps"})
         step = restore_training_state(state, model, optimizer, scheduler, scaler)
         history, raw_history = state["history"], state["raw_history"]
         if args.edge_margin is None:
@@ -609,7 +596,8 @@ def train(args: argparse.Namespace) -> int:
                 "elapsed": elapsed_before + time.monotonic() - started,
                 "cpu_seconds": cpu_before + time.process_time() - cpu_started,
                 "sampler_rng": sampler.rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(), "args": vars(args), "recipe": recipe,
+                "torch_rng": torch.get_rng_state(), "args": vars(args),
+                "resolved": {k: v for k, v in recipe.items() if k != "steps"},
                 "grid_checks": grid_checks, "passing_state": passing_state,
                 "edge_margin": edge_margin}
 

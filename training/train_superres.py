@@ -41,12 +41,15 @@ from tqdm import tqdm
 
 from training import nets
 from training.data.arrays import load_prepared
-from training.export import command_line, export_artifact, load_exported
+from training.export import check_output_folder, command_line, export_artifact, load_exported
 from training.image_batches import predict_images, to_tensor
 from training.image_quality import y_psnr_ssim
 from training.loop import (
     CHECKPOINT_NAME,
+    RESUMABLE_FLAGS,
     autocast_dtype,
+    check_new_run,
+    check_resumed_run,
     choose_device,
     lr_factor,
     prepared_data_provenance,
@@ -162,6 +165,9 @@ def train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     name = args.name or out.name
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
+    export_plan = check_output_folder(out, name)
+    checkpoint = run_dir / CHECKPOINT_NAME
+    check_new_run(checkpoint, args.resume)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     prepared = load_prepared(Path(args.data))
@@ -177,7 +183,7 @@ def train(args: argparse.Namespace) -> int:
     if args.init_from:
         init_model, init_config = load_exported(Path(args.init_from))
         if init_config["architecture"] != architecture:
-            raise SystemExit(f"error: --init-from {args.init_from} has architecture "
+            raise ValueError(f"--init-from {args.init_from} has architecture "
                              f"{init_config['architecture']}, not {architecture}")
         model.load_state_dict(init_model.state_dict())
         init_files.append(Path(args.init_from) / init_config.get("weights",
@@ -205,9 +211,9 @@ def train(args: argparse.Namespace) -> int:
     history: dict[str, list[float]] = {"total": []}
     elapsed_before = 0.0
     cpu_before = 0.0
-    checkpoint = run_dir / CHECKPOINT_NAME
     if args.resume:
         state = read_checkpoint(checkpoint, device, architecture)
+        check_resumed_run(checkpoint, state, vars(args), RESUMABLE_FLAGS, args.steps)
         step = restore_training_state(state, model, optimizer, scheduler, scaler)
         history = state["history"]
         elapsed_before = float(state["elapsed"])
@@ -238,6 +244,7 @@ def train(args: argparse.Namespace) -> int:
     cpu_deadline = cpu_started + args.max_cpu_minutes * 60 if args.max_cpu_minutes \
         else math.inf
     stopped_early = False
+    print(f"[train] exports {export_plan}", flush=True)
     bar = tqdm(total=args.steps, initial=step, unit="step", desc=f"train {name}",
                disable=args.quiet, dynamic_ncols=True)
     while step < args.steps:

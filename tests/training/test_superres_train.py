@@ -76,6 +76,13 @@ def test_train_resume_export_and_evaluate(prepared: Path, tmp_path: Path,
     assert cli_superres.main([*args, "--steps", "3"]) == 0
     assert (run / "checkpoint.pt").is_file() and (run / "samples.png").is_file()
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3
+    # a new run would overwrite the checkpoint; a resume may not change the loss
+    saved = (run / "checkpoint.pt").read_bytes()
+    assert cli_superres.main([*args, "--steps", "5"]) == 2
+    assert "holds an earlier run: pass --resume" in capsys.readouterr().err
+    assert cli_superres.main([*args, "--steps", "5", "--resume", "--lr", "0.5"]) == 2
+    assert "with other settings: --lr 0.001 -> 0.5" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == saved
     assert cli_superres.main([*args, "--steps", "5", "--resume"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 5 and metrics["note"] == "cpu, reduced size"
@@ -99,6 +106,19 @@ def test_train_resume_export_and_evaluate(prepared: Path, tmp_path: Path,
     assert report["tiles"] == 4 and set(report["summary"]) == {"bicubic", "lanczos", "sr-tiny"}
     assert (eval_out / "comparison.png").is_file() and figure.is_file()
     assert "heldout" in json.loads((out / "metrics.json").read_text())
+
+
+def test_an_out_holding_another_artifact_is_refused_before_training(
+        prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "models" / "superres-perceptual"
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"name": "superres-perceptual", "version": 2}))
+    assert cli_superres.main(["train", "--data", str(prepared), "--out", str(out), "--name",
+                              "sr-mine", "--run-dir", str(tmp_path / "run"), *TINY,
+                              "--steps", "1"]) == 2
+    assert ("holds the artifact 'superres-perceptual', and the export of sr-mine would "
+            "replace it") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(not VGG19_WEIGHTS.path.is_file(), reason="VGG19 weights not fetched")

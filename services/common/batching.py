@@ -162,8 +162,9 @@ class MicroBatcher(Generic[In, Out]):
         now = time.monotonic()
         live = []
         for pending in batch:
-            if pending.future.done():
-                DROPPED.labels(self.name, "cancelled").inc()
+            if pending.future.done():  # the caller left: it hung up, or its deadline passed
+                expired = pending.deadline is not None and now >= pending.deadline
+                DROPPED.labels(self.name, "deadline" if expired else "cancelled").inc()
             elif pending.deadline is not None and now >= pending.deadline:
                 DROPPED.labels(self.name, "deadline").inc()
                 pending.future.set_exception(DeadlineExceeded(

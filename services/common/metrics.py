@@ -50,7 +50,10 @@ def _split_method(full_method: str) -> tuple[str, str]:
 
 def _status_name(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
     if isinstance(error, asyncio.CancelledError):
-        return "CANCELLED"
+        # gRPC cancels the handler both when the caller hangs up and when its deadline
+        # passes; the time left tells the two apart
+        remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
     code = context.code() if hasattr(context, "code") else None
     if isinstance(code, grpc.StatusCode):
         return code.name

@@ -15,11 +15,12 @@ from services.common.images import (
     decode_image,
     decode_mask,
     output_format_enum,
+    output_format_name,
     resize_longest_side,
     validate_quality,
 )
 from services.common.tensors import to_tensor
-from training.perceptual.gatys import GatysOptions, GatysProgress
+from training.perceptual.gatys import GatysOptions, GatysProgress, min_image_side
 
 DEFAULT_ITERATIONS = 300
 DEFAULT_MAX_SIZE = 256
@@ -98,6 +99,10 @@ def parse_request(request: style_pb2.StylizeWithImageRequest,
     except ValueError as error:
         raise InvalidArgument(str(error)) from error
 
+    output_format = output_format_enum(request.output_format)
+    output_format_name(output_format)  # an unknown format fails now, not after the run
+    quality = validate_quality(request.quality)
+
     content = decode_image(request.content_image, max_pixels=config.max_pixels,
                            what="content image")
     style = decode_image(request.style_image, max_pixels=config.max_pixels, what="style image")
@@ -105,6 +110,13 @@ def parse_request(request: style_pb2.StylizeWithImageRequest,
     content_rgb = resize_longest_side(content.rgb, longest)
     style_longest = min(longest, max(style.width, style.height))
     style_rgb = resize_longest_side(style.rgb, style_longest)
+    min_side = min_image_side(options)
+    for what, rgb in (("content image", content_rgb), ("style image", style_rgb)):
+        if min(rgb.shape[:2]) < min_side:
+            raise InvalidArgument(
+                f"{what} is {rgb.shape[1]}x{rgb.shape[0]} px at the working size (longest "
+                f"side {longest}; the style image no larger than the content); the VGG layers "
+                f"used need at least {min_side} px on each side")
     height, width = content_rgb.shape[:2]
     alpha = None
     if content.alpha is not None:
@@ -117,5 +129,4 @@ def parse_request(request: style_pb2.StylizeWithImageRequest,
     return OptimisationJob(
         content=to_tensor(content_rgb), style=to_tensor(style_rgb), mask=mask, alpha=alpha,
         options=options, progress_every=progress_every,
-        output_format=output_format_enum(request.output_format),
-        quality=validate_quality(request.quality), icc_profile=content.icc_profile)
+        output_format=output_format, quality=quality, icc_profile=content.icc_profile)

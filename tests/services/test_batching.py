@@ -121,6 +121,38 @@ def test_expired_requests_are_dropped_before_compute() -> None:
     assert recorder.batches == [[1]]  # item 2 never reached the model
 
 
+def test_a_caller_gone_at_its_deadline_counts_as_a_deadline_drop() -> None:
+    """gRPC cancels a handler when its deadline passes: the dropped item is counted under
+    reason="deadline", and only a caller that hung up before it under "cancelled"."""
+    from prometheus_client import REGISTRY
+
+    recorder = Recorder()
+    recorder.release.clear()
+
+    def dropped(reason: str) -> float:
+        return REGISTRY.get_sample_value("percept_dropped_total",
+                                         {"queue": "t-gone", "reason": reason}) or 0.0
+
+    async def main() -> None:
+        batcher = MicroBatcher("t-gone", recorder, max_batch=1, max_wait_ms=0, max_queue=8)
+        blocker = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.05)
+        timed = asyncio.ensure_future(batcher.submit(2, timeout=0.05))
+        hung_up = asyncio.ensure_future(batcher.submit(3, timeout=60))
+        await asyncio.sleep(0.1)  # past the first one's deadline
+        timed.cancel()  # as gRPC does at the deadline
+        hung_up.cancel()  # long before its deadline
+        recorder.release.set()
+        assert await blocker == 2
+        await asyncio.sleep(0.1)
+        await batcher.stop()
+
+    before = dropped("deadline"), dropped("cancelled")
+    asyncio.run(main())
+    assert (dropped("deadline"), dropped("cancelled")) == (before[0] + 1, before[1] + 1)
+    assert recorder.batches == [[1]]
+
+
 def test_a_failing_batch_fails_its_callers_and_the_batcher_goes_on() -> None:
     calls = []
 

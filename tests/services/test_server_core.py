@@ -160,21 +160,33 @@ def test_unusual_but_valid_images_are_converted_and_served(
     ({"style_weight": -1.0}, "style_weight"),
     ({"style_image": b""}, "empty style image"),
     ({"mask": b"nope"}, "not a decodable mask"),
+    ({"output_format": 99}, "unknown output_format 99"),
+    ({"style_image": encode(np.zeros((1, 1, 3), np.uint8))},
+     "style image is 1x1 px at the working size (longest side 32; the style image no larger "
+     "than the content); the VGG layers used need at least 16 px on each side"),
+    ({"style_image": encode(np.zeros((8, 200, 3), np.uint8))},
+     "style image is 32x1 px at the working size"),
+    ({"content_image": encode(np.zeros((5, 200, 3), np.uint8))},
+     "content image is 32x1 px at the working size"),
 ])
 def test_bad_options_get_invalid_argument(all_server: RunningServer, small_photo: np.ndarray,
                                           style_photo: np.ndarray, fields: dict[str, object],
                                           message: str) -> None:
+    """Refused before the optimisation starts: not one progress message is streamed."""
     request = gatys_request(encode(small_photo), encode(style_photo))
     for name, value in fields.items():
         if name == "style_layer_weights":
             request.style_layer_weights.update(value)  # type: ignore[arg-type]
         else:
             setattr(request, name, value)
+    streamed = []
     with pytest.raises(grpc.RpcError) as error:
-        list(style_pb2_grpc.StyleTransferStub(client.connect(all_server.target))
-             .StylizeWithImage(request, timeout=30))
+        for message_seen in (style_pb2_grpc.StyleTransferStub(client.connect(all_server.target))
+                             .StylizeWithImage(request, timeout=30)):
+            streamed.append(message_seen)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in error.value.details()
+    assert streamed == []
 
 
 def test_a_service_without_models_says_so_clearly(tmp_path: Path, photo: np.ndarray) -> None:
@@ -263,6 +275,9 @@ def test_expired_deadline_gives_deadline_exceeded_and_skips_compute(
         dropped_before = sum(REGISTRY.get_sample_value("percept_dropped_total",
                                                        {**labels, "reason": r}) or 0.0
                              for r in ("deadline", "cancelled"))
+        status = {"code": "DEADLINE_EXCEEDED", "method": "StylizeWithImage",
+                  "service": "percept.v1.StyleTransfer"}
+        counted_before = REGISTRY.get_sample_value("percept_requests_total", status) or 0.0
         running = _start_long_optimisation(target, content, style)
         with pytest.raises(grpc.RpcError) as error:
             client.stylize_with_image(client.connect(target), gatys_request(content, style),
@@ -278,6 +293,8 @@ def test_expired_deadline_gives_deadline_exceeded_and_skips_compute(
             time.sleep(0.05)
         assert dropped == dropped_before + 1
         assert module.optimiser.batches_run == 1  # only the long request was computed
+        # the server counts the expiry as what the caller saw, not as a cancellation
+        assert REGISTRY.get_sample_value("percept_requests_total", status) == counted_before + 1
     finally:
         running_server.stop()
 

@@ -231,7 +231,9 @@ def _energy(value: Tensor) -> float:
     return max(float(value), 1e-12)
 
 
-def _min_size(options: GatysOptions) -> int:
+def min_image_side(options: GatysOptions) -> int:
+    """The shortest side, in pixels, that the content and style images need for the
+    deepest VGG layer ``options`` use (its stride: one feature pixel at least)."""
     deepest = options.required_layers()[-1] if options.required_layers() else "relu1_1"
     return TAP_STRIDE[deepest]
 
@@ -277,7 +279,7 @@ def stylize_with_image(
         if mask.shape[-2:] != content.shape[-2:]:
             raise ValueError(f"mask size {tuple(mask.shape[-2:])} differs from the content's "
                              f"{tuple(content.shape[-2:])}")
-    min_size = _min_size(options)
+    min_size = min_image_side(options)
     for name, image in (("content", content), ("style", style)):
         if min(image.shape[-2:]) < min_size:
             raise ValueError(f"{name} is {tuple(image.shape[-2:])} pixels; the layers used "

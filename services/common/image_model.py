@@ -3,13 +3,17 @@
 Used by the super-resolution and fast-style services: tiles of every concurrent request
 share one batcher (tiles of equal shape batch together), requests are admitted up to
 ``--max-queue`` per model (one more gets RESOURCE_EXHAUSTED), and the per-request deadline
-applies to every tile.
+applies to every tile. A request is admitted (:meth:`TiledImageModel.admit`) before its
+image is decoded, from the size in its header: a busy model refuses it at once, and an
+image too elongated for its pixel count (a 1 x 1,000,000 strip takes a tile per 1,024
+pixels) is refused rather than computed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Hashable, Sequence
 from typing import cast
@@ -22,16 +26,24 @@ from services.common.batching import MicroBatcher
 from services.common.config import ServerConfig
 from services.common.cuda_graphs import CudaGraphRunner
 from services.common.device import serving_dtype
-from services.common.errors import DeadlineExceeded, ResourceExhausted
+from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from services.common.images import probe_size
 from services.common.metrics import REJECTED
 from services.common.precision import to_serving_precision
-from services.common.tiling import TileOutput, tiled_apply
+from services.common.tiling import TileOutput, TilePlan, tiled_apply
 from training.nets.folding import fold_for_inference
 
 log = logging.getLogger("percept.models")
 
 # Per-request tiles queued at most at once: one row of tiles of a 64-megapixel image.
 _TILE_QUEUE_PER_REQUEST = 96
+# Tiles one request may take: this many times what the largest square image under the
+# pixel cap takes, and never fewer than _MIN_TILE_LIMIT. The cost of a request is its
+# tiles, not its pixels; without a limit a strip one pixel high and under the cap would
+# cost a forward pass per 1,024 pixels (measured: 977 tiles and 24 CPU seconds for
+# 1 x 1,000,000 on the 2-core CPU, against 0.7 for 1000 x 1000).
+_TILE_LIMIT_FACTOR = 4
+_MIN_TILE_LIMIT = 16
 _EAGER_WARMUP_SIDE = 256
 # Compiled graphs kept per model class (each model: its tile shape, then one dynamic graph).
 _RECOMPILE_LIMIT = 64
@@ -88,6 +100,9 @@ class TiledImageModel:
         self.queue_name = f"model-{artifact.name}"
         self.max_requests = config.max_queue
         self.active_requests = 0
+        side = math.isqrt(config.max_pixels)
+        self.max_tiles = max(_MIN_TILE_LIMIT,
+                             _TILE_LIMIT_FACTOR * TilePlan(side, side, tile, overlap).count)
         # Tiles per forward pass: --max-batch, and no more than max_batch_pixels of input
         # (bounds the activation memory of one pass; a batch of one always runs). Tiles
         # batch by shape, so small images batch up to --max-batch and full tiles fewer.
@@ -135,12 +150,38 @@ class TiledImageModel:
             self.module, self.compiled = self.eager_module, False
             return cast(torch.Tensor, self.module(batch))
 
-    async def apply(self, rgb: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        """(H, W, 3) uint8 -> (H*s, W*s, 3) uint8. ``deadline`` is time.monotonic()."""
+    def admit(self, width: int, height: int) -> None:
+        """The checks a request passes before any work on it: RESOURCE_EXHAUSTED while
+        ``--max-queue`` requests are in progress, INVALID_ARGUMENT for an image that would
+        take more tiles than one request may (in all, or in one row or column, which is
+        queued at once)."""
         if self.active_requests >= self.max_requests:
             REJECTED.labels(self.queue_name).inc()
             raise ResourceExhausted(f"{self.artifact.name} is busy ({self.max_requests} "
                                     "requests in progress); retry with backoff")
+        plan = TilePlan(height, width, self.tile, self.overlap)
+        rows, cols = len(plan.rows), len(plan.cols)
+        if plan.count > self.max_tiles or max(rows, cols) > _TILE_QUEUE_PER_REQUEST:
+            raise InvalidArgument(
+                f"a {width}x{height} image takes {plan.count} tiles of {self.tile} px ({rows} "
+                f"x {cols}); one request may take {self.max_tiles}, and "
+                f"{_TILE_QUEUE_PER_REQUEST} in a row or column: send a less elongated image, "
+                "or cut it into parts")
+
+    def admit_encoded(self, data: bytes, max_pixels: int) -> None:
+        """:meth:`admit` on the size an encoded image's header states, before it is decoded.
+        An image that cannot be read or is over ``max_pixels`` passes: decoding it then
+        fails with the precise message."""
+        try:
+            width, height = probe_size(data)
+        except InvalidArgument:
+            return
+        if width * height <= max_pixels:
+            self.admit(width, height)
+
+    async def apply(self, rgb: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """(H, W, 3) uint8 -> (H*s, W*s, 3) uint8. ``deadline`` is time.monotonic()."""
+        self.admit(rgb.shape[1], rgb.shape[0])
         self.active_requests += 1
         try:
             async def process(tiles: Sequence[np.ndarray]) -> list[TileOutput]:
@@ -150,8 +191,14 @@ class TiledImageModel:
                     if timeout <= 0:
                         raise DeadlineExceeded(
                             "deadline exceeded; the remaining tiles were not computed")
-                return list(await asyncio.gather(*(
-                    self.batcher.submit(t, key=t.shape, timeout=timeout) for t in tiles)))
+                submitted = [asyncio.ensure_future(
+                    self.batcher.submit(t, key=t.shape, timeout=timeout)) for t in tiles]
+                try:
+                    return list(await asyncio.gather(*submitted))
+                except BaseException:  # one tile failed: the row's others are not wanted
+                    for pending in submitted:
+                        pending.cancel()
+                    raise
 
             return await tiled_apply(rgb, process, scale=self.scale, tile=self.tile,
                                      overlap=self.overlap)

@@ -126,6 +126,8 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
         fmt = output_format_enum(request.output_format)
         output_format_name(fmt)  # an unknown format fails now, not after the forward pass
         quality = validate_quality(request.quality)
+        model = self.styles[request.style]
+        model.admit_encoded(request.image, self.config.max_pixels)  # busy or too elongated
         decoded = await asyncio.to_thread(decode_image, request.image,
                                           max_pixels=self.config.max_pixels)
         mask = None
@@ -135,7 +137,6 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
                                            size=(decoded.width, decoded.height))
         remaining = time_remaining(context)
         deadline = None if remaining is None else time.monotonic() + remaining
-        model = self.styles[request.style]
         if strength == 0.0 or (mask is not None and not mask.any()):
             rgb = decoded.rgb  # nothing of the stylisation would show: skip the network
         else:

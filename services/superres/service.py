@@ -94,6 +94,8 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
             raise NotFound(f"unknown model {name!r}; available: {', '.join(sorted(self.models))}")
         fmt = output_format_enum(request.output_format)
         quality = validate_quality(request.quality)
+        model = self.models[name]
+        model.admit_encoded(request.image, self.config.max_pixels)  # busy or too elongated
         decoded = await asyncio.to_thread(decode_image, request.image,
                                           max_pixels=self.config.max_pixels)
         if min(decoded.width, decoded.height) < MIN_SIDE:
@@ -106,7 +108,6 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
                                   f"of {output_cap} (2 x --max-pixels); send a smaller image")
         remaining = time_remaining(context)
         deadline = None if remaining is None else time.monotonic() + remaining
-        model = self.models[name]
         rgb = await model.apply(decoded.rgb, deadline)
         alpha = None
         if decoded.alpha is not None:

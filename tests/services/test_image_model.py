@@ -127,3 +127,59 @@ def test_an_unknown_compile_mode_is_refused() -> None:
 def test_no_cuda_graphs_on_the_cpu() -> None:
     model = _model()
     assert model.graphs is None and not model.compiled
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header states width x height (its pixel data is a stub: admission reads
+    the header alone)."""
+    from tests.fixtures.bad_images import png_bomb
+
+    return png_bomb(width, height)
+
+
+def test_admission_refuses_images_that_take_too_many_tiles() -> None:
+    """The limit is 4x the tiles of the largest square under the pixel cap (at least 16),
+    and 96 in one row or column: cost follows tiles, not pixels."""
+    from services.common.errors import InvalidArgument
+    from services.common.tiling import TilePlan
+
+    def model_for(max_pixels: int) -> TiledImageModel:
+        artifact = load_artifact(MODELS, STYLES[0], torch.device("cpu"))  # each its own copy
+        config = ServerConfig(service="style", compile="off", max_pixels=max_pixels)
+        return TiledImageModel(artifact, torch.device("cpu"), config, scale=1, tile=256,
+                               overlap=32)
+
+    small_cap, default_cap = model_for(1_000_000), model_for(64_000_000)
+    caps = {id(small_cap): 1_000_000, id(default_cap): 64_000_000}
+    assert small_cap.max_tiles == 4 * TilePlan(1000, 1000, 256, 32).count == 100
+    assert default_cap.max_tiles == 4 * TilePlan(8000, 8000, 256, 32).count
+    cases = [(small_cap, 1000, 1000, True), (small_cap, 8000, 100, True),  # 25, 36 tiles
+             (small_cap, 1, 1_000_000, False), (small_cap, 1_000_000, 1, False),  # 4465
+             (small_cap, 40, 25_000, False),  # 112
+             (default_cap, 8000, 8000, True),  # 1296
+             (default_cap, 30_000, 100, False)]  # 134 in one row: over 96
+    for model, width, height, accepted in cases:
+        plan = TilePlan(height, width, 256, 32)
+        if accepted:
+            model.admit(width, height)
+            continue
+        with pytest.raises(InvalidArgument,
+                           match=rf"a {width}x{height} image takes {plan.count} tiles of 256 "
+                                 rf"px \({len(plan.rows)} x {len(plan.cols)}\); one "
+                                 rf"request may take {model.max_tiles}, and 96 in a row or "
+                                 "column"):
+            model.admit(width, height)
+        with pytest.raises(InvalidArgument):  # the same from the header, before decoding
+            model.admit_encoded(_png_header_only(width, height), caps[id(model)])
+
+
+def test_a_busy_model_refuses_before_decoding() -> None:
+    from services.common.errors import ResourceExhausted
+
+    model = _model()
+    model.active_requests = model.max_requests
+    with pytest.raises(ResourceExhausted, match="is busy"):
+        model.admit_encoded(_png_header_only(64, 64), 10**6)
+    # what decoding will refuse precisely is left to it: over the cap, or not an image
+    model.admit_encoded(_png_header_only(100_000, 100_000), 10**6)
+    model.admit_encoded(b"not an image", 10**6)

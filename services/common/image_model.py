@@ -3,7 +3,7 @@
 Used by the super-resolution and fast-style services: tiles of every concurrent request
 share one batcher (tiles of equal shape batch together), requests are admitted up to
 ``--max-queue`` per model (one more gets RESOURCE_EXHAUSTED), and the per-request deadline
-applies to every tile. A request is admitted (:meth:`TiledImageModel.admit`) before its
+applies to every tile. A request is admitted (:meth:`TiledImageModel.admitted`) before its
 image is decoded, from the size in its header: a busy model refuses it at once, and an
 image too elongated for its pixel count (a 1 x 1,000,000 strip takes a tile per 1,024
 pixels) is refused rather than computed.
@@ -12,10 +12,11 @@ pixels) is refused rather than computed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import cast
 
 import numpy as np
@@ -150,15 +151,15 @@ class TiledImageModel:
             self.module, self.compiled = self.eager_module, False
             return cast(torch.Tensor, self.module(batch))
 
-    def admit(self, width: int, height: int) -> None:
-        """The checks a request passes before any work on it: RESOURCE_EXHAUSTED while
-        ``--max-queue`` requests are in progress, INVALID_ARGUMENT for an image that would
-        take more tiles than one request may (in all, or in one row or column, which is
-        queued at once)."""
+    def _check_not_busy(self) -> None:
         if self.active_requests >= self.max_requests:
             REJECTED.labels(self.queue_name).inc()
             raise ResourceExhausted(f"{self.artifact.name} is busy ({self.max_requests} "
                                     "requests in progress); retry with backoff")
+
+    def check_tiles(self, width: int, height: int) -> None:
+        """INVALID_ARGUMENT for an image that would take more tiles than one request may:
+        in all, or in one row or column (a row is queued at once)."""
         plan = TilePlan(height, width, self.tile, self.overlap)
         rows, cols = len(plan.rows), len(plan.cols)
         if plan.count > self.max_tiles or max(rows, cols) > _TILE_QUEUE_PER_REQUEST:
@@ -168,21 +169,36 @@ class TiledImageModel:
                 f"{_TILE_QUEUE_PER_REQUEST} in a row or column: send a less elongated image, "
                 "or cut it into parts")
 
-    def admit_encoded(self, data: bytes, max_pixels: int) -> None:
-        """:meth:`admit` on the size an encoded image's header states, before it is decoded.
-        An image that cannot be read or is over ``max_pixels`` passes: decoding it then
-        fails with the precise message."""
+    @contextlib.contextmanager
+    def admitted(self, data: bytes, max_pixels: int) -> Iterator[None]:
+        """Holds one of the model's ``--max-queue`` request slots from before the encoded
+        image ``data`` is decoded until the block ends (run :meth:`apply` inside it with
+        ``slot_held=True``). Refuses at once: RESOURCE_EXHAUSTED when no slot is free, and
+        INVALID_ARGUMENT when the size the header states takes too many tiles. An image that
+        cannot be read, or is over ``max_pixels``, is left to decoding's precise errors."""
+        self._check_not_busy()
         try:
             width, height = probe_size(data)
         except InvalidArgument:
-            return
-        if width * height <= max_pixels:
-            self.admit(width, height)
-
-    async def apply(self, rgb: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        """(H, W, 3) uint8 -> (H*s, W*s, 3) uint8. ``deadline`` is time.monotonic()."""
-        self.admit(rgb.shape[1], rgb.shape[0])
+            width = height = 0
+        if 0 < width * height <= max_pixels:
+            self.check_tiles(width, height)
         self.active_requests += 1
+        try:
+            yield
+        finally:
+            self.active_requests -= 1
+
+    async def apply(self, rgb: np.ndarray, deadline: float | None = None, *,
+                    slot_held: bool = False) -> np.ndarray:
+        """(H, W, 3) uint8 -> (H*s, W*s, 3) uint8. ``deadline`` is time.monotonic().
+        ``slot_held``: the caller runs it inside :meth:`admitted`; otherwise it takes a
+        request slot itself (or RESOURCE_EXHAUSTED)."""
+        if not slot_held:
+            self._check_not_busy()
+        self.check_tiles(rgb.shape[1], rgb.shape[0])
+        if not slot_held:
+            self.active_requests += 1
         try:
             async def process(tiles: Sequence[np.ndarray]) -> list[TileOutput]:
                 timeout = None
@@ -203,7 +219,8 @@ class TiledImageModel:
             return await tiled_apply(rgb, process, scale=self.scale, tile=self.tile,
                                      overlap=self.overlap)
         finally:
-            self.active_requests -= 1
+            if not slot_held:
+                self.active_requests -= 1
 
     async def warmup(self) -> None:
         """One forward pass before SERVING: of a full tile when compiled (compiling a shape

@@ -95,25 +95,26 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
         fmt = output_format_enum(request.output_format)
         quality = validate_quality(request.quality)
         model = self.models[name]
-        model.admit_encoded(request.image, self.config.max_pixels)  # busy or too elongated
-        decoded = await asyncio.to_thread(decode_image, request.image,
-                                          max_pixels=self.config.max_pixels)
-        if min(decoded.width, decoded.height) < MIN_SIDE:
-            raise InvalidArgument(f"image is {decoded.width}x{decoded.height}; the minimum is "
-                                  f"{MIN_SIDE}x{MIN_SIDE}")
-        output_pixels = decoded.width * decoded.height * SCALE * SCALE
-        output_cap = 2 * self.config.max_pixels
-        if output_pixels > output_cap:
-            raise InvalidArgument(f"the output would have {output_pixels} pixels, over the cap "
-                                  f"of {output_cap} (2 x --max-pixels); send a smaller image")
-        remaining = time_remaining(context)
-        deadline = None if remaining is None else time.monotonic() + remaining
-        rgb = await model.apply(decoded.rgb, deadline)
-        alpha = None
-        if decoded.alpha is not None:
-            alpha = np.asarray(Image.fromarray(decoded.alpha).resize(
-                (rgb.shape[1], rgb.shape[0]), Image.Resampling.BICUBIC))
-        data = await asyncio.to_thread(encode_image, rgb, alpha=alpha, fmt=fmt, quality=quality,
-                                       icc_profile=decoded.icc_profile)
+        with model.admitted(request.image, self.config.max_pixels):  # busy, too elongated
+            decoded = await asyncio.to_thread(decode_image, request.image,
+                                              max_pixels=self.config.max_pixels)
+            if min(decoded.width, decoded.height) < MIN_SIDE:
+                raise InvalidArgument(f"image is {decoded.width}x{decoded.height}; the minimum "
+                                      f"is {MIN_SIDE}x{MIN_SIDE}")
+            output_pixels = decoded.width * decoded.height * SCALE * SCALE
+            output_cap = 2 * self.config.max_pixels
+            if output_pixels > output_cap:
+                raise InvalidArgument(f"the output would have {output_pixels} pixels, over the "
+                                      f"cap of {output_cap} (2 x --max-pixels); send a smaller "
+                                      "image")
+            remaining = time_remaining(context)
+            deadline = None if remaining is None else time.monotonic() + remaining
+            rgb = await model.apply(decoded.rgb, deadline, slot_held=True)
+            alpha = None
+            if decoded.alpha is not None:
+                alpha = np.asarray(Image.fromarray(decoded.alpha).resize(
+                    (rgb.shape[1], rgb.shape[0]), Image.Resampling.BICUBIC))
+            data = await asyncio.to_thread(encode_image, rgb, alpha=alpha, fmt=fmt,
+                                           quality=quality, icc_profile=decoded.icc_profile)
         return superres_pb2.UpscaleResponse(image=data, width=rgb.shape[1], height=rgb.shape[0],
                                             model=model.artifact.tag, format=fmt)

@@ -3,6 +3,8 @@ far bfloat16 serving is from float32, and eager serving when torch.compile fails
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 import numpy as np
@@ -161,25 +163,38 @@ def test_admission_refuses_images_that_take_too_many_tiles() -> None:
     for model, width, height, accepted in cases:
         plan = TilePlan(height, width, 256, 32)
         if accepted:
-            model.admit(width, height)
+            model.check_tiles(width, height)
             continue
         with pytest.raises(InvalidArgument,
                            match=rf"a {width}x{height} image takes {plan.count} tiles of 256 "
                                  rf"px \({len(plan.rows)} x {len(plan.cols)}\); one "
                                  rf"request may take {model.max_tiles}, and 96 in a row or "
                                  "column"):
-            model.admit(width, height)
-        with pytest.raises(InvalidArgument):  # the same from the header, before decoding
-            model.admit_encoded(_png_header_only(width, height), caps[id(model)])
+            model.check_tiles(width, height)
+        header = _png_header_only(width, height)  # the same from the header, before decoding
+        with pytest.raises(InvalidArgument), model.admitted(header, caps[id(model)]):
+            pytest.fail("admitted")
+        assert model.active_requests == 0
 
 
-def test_a_busy_model_refuses_before_decoding() -> None:
+def test_a_slot_is_held_from_before_decoding_and_a_busy_model_refuses_at_once() -> None:
+    """The slot is taken before the image is decoded, so of concurrent requests that arrive
+    together only --max-queue are decoded; the others are refused from their headers."""
     from services.common.errors import ResourceExhausted
 
     model = _model()
-    model.active_requests = model.max_requests
-    with pytest.raises(ResourceExhausted, match="is busy"):
-        model.admit_encoded(_png_header_only(64, 64), 10**6)
-    # what decoding will refuse precisely is left to it: over the cap, or not an image
-    model.admit_encoded(_png_header_only(100_000, 100_000), 10**6)
-    model.admit_encoded(b"not an image", 10**6)
+    assert model.max_requests >= 1
+    header = _png_header_only(64, 64)
+    with contextlib.ExitStack() as held:
+        for _ in range(model.max_requests):
+            held.enter_context(model.admitted(header, 10**6))
+        assert model.active_requests == model.max_requests
+        with pytest.raises(ResourceExhausted, match="is busy"), model.admitted(header, 10**6):
+            pytest.fail("admitted")
+        with pytest.raises(ResourceExhausted, match="is busy"):  # apply outside a slot too
+            asyncio.run(model.apply(np.zeros((8, 8, 3), np.uint8)))
+    assert model.active_requests == 0
+    # what decoding refuses precisely is left to it (holding a slot meanwhile)
+    for data in (_png_header_only(100_000, 100_000), b"not an image"):
+        with model.admitted(data, 10**6):
+            assert model.active_requests == 1

@@ -392,6 +392,9 @@ def load_initial_weights(model: nn.Module, path: Path, architecture: dict[str, A
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ValueError(f"--init-from {path}: not a loadable artifact "
                          f"({type(error).__name__}: {error})") from error
+    if config.get("task") != TASK:
+        raise ValueError(f"--init-from {path} is a {config.get('task')!r} artifact "
+                         f"({config['architecture'].get('type')}), not a style network")
     # edge_margin only changes inference, and upsample only the interpolation before the
     # decoder's convolutions: the weights have the same shapes either way (a fine-tune can
     # move a bilinear net to the cheaper-to-serve nearest upsampling, training/nets/folding.py)

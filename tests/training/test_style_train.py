@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import encode
 from training import cli_style, nets
+from training.assets import REPO_ROOT
 from training.cli_style import DEFAULT_STYLE_LAYER_WEIGHTS, parse_layer_weight, register_train
 from training.export import export_artifact, load_exported
 
@@ -369,6 +370,11 @@ def test_init_from_fine_tunes_an_exported_artifact(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"width.: 4.*not the .*width.: 8"):
         train(_parse([*common, "--width", "8", "--steps", "1", "--init-from", str(base),
                       "--out", str(tmp_path / "wide"), "--run-dir", str(tmp_path / "r3")]))
+    with pytest.raises(ValueError, match=r"is a 'superres' artifact \(.*\), not a style "
+                                         "network"):
+        train(_parse([*common, "--width", "4", "--steps", "1", "--init-from",
+                      str(REPO_ROOT / "models" / "superres-psnr"), "--out",
+                      str(tmp_path / "sr"), "--run-dir", str(tmp_path / "r5")]))
     with pytest.raises(ValueError, match="not a loadable artifact"):
         train(_parse([*common, "--width", "4", "--steps", "1", "--init-from",
                       str(tmp_path / "nothing"), "--out", str(tmp_path / "none"),

@@ -8,7 +8,10 @@ elapsed() { echo $(( $(date +%s) - start )); }
 : "${OUT:?set OUT to the folder that receives the results}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-if compgen -G ".whl/*.whl" >/dev/null; then
+# The wheels are built for the GPU box's Python 3.12; elsewhere (a dry run with DEVICE=cpu
+# in the project's venv) the installed packages serve.
+if compgen -G ".whl/*.whl" >/dev/null \
+        && python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:$PWD:$PWD/protos

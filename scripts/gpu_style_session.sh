@@ -7,7 +7,7 @@
 #      grid penalty (--grid-weight 5e3: the H200 run without it painted period-4 grids) and
 #      the tile-consistency term (--tile-weight, TILE_WEIGHT, default 4e6: the H200 run
 #      without it gave a the-scream that tiled little better than a 2 px shift; on the CPU
-#      4e6 raised a fine-tune's held-out tiling gap from 1.0 to 4.2 dB, README);
+#      4e6 raised a fine-tune's held-out tiling gap from 1.0 to 4.2 dB, docs/style_training.md);
 #      the training images are prepared there from data/photos/train.
 # Everything it reports goes to $OUT: env.txt, bench.log, style_gpu.json, train.tar.gz.
 #

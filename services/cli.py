@@ -56,8 +56,8 @@ def _output(path: str) -> Iterator[Callable[[bytes], None]]:
     """Opens a temporary file beside ``path`` (making its folders) before the request is
     sent, so an unwritable output fails at once, not after the server's work; yields the
     function that writes the result and renames it into place. The target, which may be
-    the input itself, is never left half written."""
-    target = Path(path)
+    the input itself, is never left half written; a symbolic link is written through."""
+    target = Path(os.path.realpath(path))
     if target.is_dir():
         raise UsageError(f"cannot write {path}: it is a folder")
     try:

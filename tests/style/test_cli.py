@@ -181,6 +181,13 @@ def test_stylize_can_replace_its_input(style_server: RunningServer, cat_png: Pat
     assert written.shape == photo.shape and np.abs(written.astype(int) - photo).mean() > 5
     assert cat_png.stat().st_mode & 0o777 == 0o640  # the replaced file's mode is kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.png"]
+    # an output that is a symbolic link is written through, the link kept
+    link = tmp_path / "link.png"
+    link.symlink_to(cat_png)
+    assert main(["stylize", str(link), str(link), "--style", FIRST, "--strength", "0",
+                 "--target", style_server.target]) == 0
+    assert link.is_symlink() and link.resolve() == cat_png.resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.png", "link.png"]
 
 
 @needs_styles

@@ -73,7 +73,7 @@ from tqdm import tqdm
 from training.assets import REPO_ROOT, efficientnet_lite0_weights_path
 from training.data.images import is_image_file
 from training.devise_features import BACKBONE_NAME, FeatureCache, compute_features
-from training.export import command_line, data_entry, export_artifact
+from training.export import check_output_folder, command_line, data_entry, export_artifact
 from training.loop import choose_device
 from training.nets.devise import DeViSEMap
 from training.nets.efficientnet_lite import HEAD_CHANNELS, load_efficientnet_lite0
@@ -412,6 +412,7 @@ def train(args: argparse.Namespace) -> int:
     name = args.name or default_name(word_vectors)
     out = Path(args.out) if args.out else REPO_ROOT / "models" / name
     run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
+    print(f"[devise] exports {check_output_folder(out, name)}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
 

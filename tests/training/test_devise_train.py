@@ -142,3 +142,20 @@ def test_classifier_init_is_the_centred_logit_weighted_sum_of_class_vectors() ->
     expected = (logits - logits.mean(dim=1, keepdim=True)) @ class_vectors
     torch.testing.assert_close(module(features),
                                torch.nn.functional.normalize(expected, dim=1))
+
+
+def test_an_out_holding_another_artifact_is_refused_before_anything_loads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from training import cli_devise
+
+    other = tmp_path / "models" / "devise-minilm"
+    other.mkdir(parents=True)
+    (other / "config.json").write_text(json.dumps({"name": "devise-minilm", "version": 4}))
+    assert cli_devise.main(["train", "--name", "devise-mine", "--out", str(other),
+                            "--run-dir", str(tmp_path / "run"), "--device", "cpu",
+                            "--quiet"]) == 2
+    assert ("holds the artifact 'devise-minilm', and the export of devise-mine would replace "
+            "it") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

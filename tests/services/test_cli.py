@@ -87,6 +87,22 @@ def test_missing_input_file_exits_2(all_server: RunningServer, tmp_path: Path,
     assert "cannot read input" in capsys.readouterr().err
 
 
+def test_upscale_refuses_an_unknown_extension_and_honours_its_timeout(
+        all_server: RunningServer, cat_png: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "big.tiff"
+    assert main(["upscale", str(cat_png), str(out), "--target", all_server.target]) == 2
+    assert "cannot tell the output format from" in capsys.readouterr().err
+    assert main(["upscale", str(cat_png), str(tmp_path / "big.png"), "--timeout", "0.0001",
+                 "--target", all_server.target]) == 1
+    assert capsys.readouterr().err.startswith("DEADLINE_EXCEEDED")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.png"]  # nothing half-written
+    assert main(["upscale", str(cat_png), str(tmp_path / "big.webp"),
+                 "--target", all_server.target]) == 0
+    with Image.open(tmp_path / "big.webp") as image:
+        assert image.format == "WEBP"
+
+
 def test_stylize_needs_exactly_one_style_source(cat_png: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["stylize", str(cat_png), str(tmp_path / "o.png")]) == 2

@@ -115,17 +115,25 @@ def check_new_run(checkpoint: Path, resume: bool) -> None:
 
 def check_resumed_run(checkpoint: Path, state: Mapping[str, Any], args: Mapping[str, Any],
                       may_change: Collection[str], steps: int,
-                      resolved: Mapping[str, Any] | None = None) -> None:
+                      resolved: Mapping[str, Any] | None = None,
+                      paths: Collection[str] = ()) -> None:
     """CheckpointError when ``--resume`` would continue ``state`` with other settings than
-    it was started with (flags outside ``may_change``, or ``resolved`` values: defaults a
-    trainer filled in, which a flag left unset may give differently on another device), or
-    when the checkpoint is already past ``steps``."""
-    saved_args = state.get("args", {})
-    changed = changed_settings(saved_args, args, may_change)
-    if resolved is not None:
-        unset_alike = {k: v for k, v in state.get("resolved", {}).items()
-                       if saved_args.get(k) == args.get(k)}
-        changed += changed_settings(unset_alike, resolved, may_change)
+    it was started with, or when the checkpoint is already past ``steps``.
+
+    The flags outside ``may_change`` are compared by the values the run used: ``resolved``
+    holds the defaults a trainer filled in for flags left unset (they may differ from one
+    device to another), and the flags named in ``paths`` are compared as the folders or
+    files they name (``data/prepared/sr288`` is the absolute default when run from the
+    repository)."""
+    saved, current = dict(state.get("args", {})), dict(args)
+    if resolved is not None and "resolved" in state:  # older checkpoints: the raw flags
+        saved.update(state["resolved"])
+        current.update(resolved)
+    for key in paths:
+        for values in (saved, current):
+            if isinstance(values.get(key), str):
+                values[key] = str(Path(values[key]).resolve())
+    changed = changed_settings(saved, current, may_change)
     if changed:
         raise CheckpointError(f"--resume would continue the run in {checkpoint} with other "
                               f"settings: {'; '.join(changed)}. Resume with the settings it "

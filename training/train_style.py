@@ -466,7 +466,7 @@ def _use_channels_last(mode: str, device: torch.device) -> bool:
 #: Flags a --resume may change beyond training.loop.RESUMABLE_FLAGS: which checked state
 #: it exports, and what only inference or the artifact's labels use.
 RESUMABLE_CHANGES = RESUMABLE_FLAGS | {"grid_check_every", "grid_margin", "edge_margin",
-                                       "title", "licence"}
+                                       "title", "licence", "init_from"}
 
 
 def check_run_flags(args: argparse.Namespace) -> None:
@@ -547,6 +547,8 @@ def train(args: argparse.Namespace) -> int:
         style_weight=args.style_weight, tv_weight=args.tv_weight, pooling=args.vgg_pooling,
         grid_weight=args.grid_weight)
     lr = args.lr if args.lr is not None else (GPU_LR if device.type == "cuda" else CPU_LR)
+    # the values of the flags left to the device's defaults, for --resume to compare
+    resolved = {**{k: v for k, v in recipe.items() if k != "steps"}, "lr": lr}
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = recipe["steps"]
     warmup = args.warmup if args.warmup is not None else max(1, min(100, steps // 20))
@@ -575,7 +577,10 @@ def train(args: argparse.Namespace) -> int:
             raise ValueError(f"{checkpoint} was trained on another style image")
         # the sizes left to the device's default differ between a CPU and a CUDA run
         check_resumed_run(checkpoint, state, vars(args), RESUMABLE_CHANGES, steps,
-                          resolved={k: v for k, v in recipe.items() if k != "steps"})
+                          resolved=resolved, paths=("data", "style_image"))
+        # a fine-tune's origin (its weights are in the checkpoint now) stays in metrics.json
+        init_from = state.get("init_from")
+        init_entries = list(state.get("init_entries", []))
         step = restore_training_state(state, model, optimizer, scheduler, scaler)
         history, raw_history = state["history"], state["raw_history"]
         if args.edge_margin is None:
@@ -600,7 +605,7 @@ def train(args: argparse.Namespace) -> int:
                 "cpu_seconds": cpu_before + time.process_time() - cpu_started,
                 "sampler_rng": sampler.rng.bit_generator.state,
                 "torch_rng": torch.get_rng_state(), "args": vars(args),
-                "resolved": {k: v for k, v in recipe.items() if k != "steps"},
+                "resolved": resolved, "init_from": init_from, "init_entries": init_entries,
                 "grid_checks": grid_checks, "passing_state": passing_state,
                 "edge_margin": edge_margin}
 

@@ -213,7 +213,8 @@ def train(args: argparse.Namespace) -> int:
     cpu_before = 0.0
     if args.resume:
         state = read_checkpoint(checkpoint, device, architecture)
-        check_resumed_run(checkpoint, state, vars(args), RESUMABLE_FLAGS, args.steps)
+        check_resumed_run(checkpoint, state, vars(args), RESUMABLE_FLAGS, args.steps,
+                          paths=("data", "init_from"))
         step = restore_training_state(state, model, optimizer, scheduler, scaler)
         history = state["history"]
         elapsed_before = float(state["elapsed"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -545,13 +546,40 @@ def test_a_resume_keeps_its_settings_and_a_new_run_keeps_the_old_checkpoint(
     saved = checkpoint.read_bytes()
     with pytest.raises(ValueError, match=r"holds an earlier run: pass --resume to continue it"):
         train(_parse([*common, "--steps", "2"]))
-    with pytest.raises(ValueError, match=r"with other settings: --lr None -> 0\.5; "
+    # compared by the values the run used: --lr was left to the CPU default, 2e-3
+    with pytest.raises(ValueError, match=r"with other settings: --lr 0\.002 -> 0\.5; "
                                          r"--tv-weight 4000000\.0 -> 0\.0\. Resume with"):
         train(_parse([*common, "--steps", "3", "--resume", "--lr", "0.5", "--tv-weight", "0"]))
+    with pytest.raises(ValueError, match=r"with other settings: --batch-size 1 -> 2\."):
+        train(_parse([*common, "--steps", "3", "--resume", "--batch-size", "2"]))
     with pytest.raises(ValueError, match=r"is at step 2, past --steps 1: give --steps 2 or"):
         train(_parse([*common, "--steps", "1", "--resume"]))
     assert checkpoint.read_bytes() == saved  # every refusal left the run as it was
-    # What may change does: more steps, another checkpoint interval, a time limit
-    assert train(_parse([*common, "--steps", "3", "--resume", "--checkpoint-every", "5",
-                         "--max-minutes", "10"])) == 0
+    # What may change does: more steps, another checkpoint interval, a time limit; the
+    # default lr named explicitly, and the data folder named by a relative path, are the
+    # same settings
+    relative_data = os.path.relpath(prepared)
+    same = [relative_data if arg == str(prepared) else arg for arg in common]
+    assert train(_parse([*same, "--steps", "3", "--resume", "--checkpoint-every", "5",
+                         "--max-minutes", "10", "--lr", "0.002"])) == 0
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 3
+
+
+@needs_vgg
+def test_a_fine_tune_resumes_and_keeps_its_origin(tmp_path: Path) -> None:
+    """A run started with --init-from resumes without it (the checkpoint holds the
+    weights), and its export still records what it was fine-tuned from."""
+    from training.train_style import train
+
+    prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 40))
+    base = [*_tiny_run(tmp_path, prepared), "--steps", "1"]
+    base[base.index("--out") + 1] = str(tmp_path / "base")
+    base[base.index("--run-dir") + 1] = str(tmp_path / "run-base")
+    assert train(_parse(base)) == 0
+    common = _tiny_run(tmp_path, prepared)
+    assert train(_parse([*common, "--steps", "2", "--init-from", str(tmp_path / "base")])) == 0
+    assert train(_parse([*common, "--steps", "3", "--resume"])) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["init_from"]["artifact"] == "style-stained-tissue@1"
+    provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert [d["kind"] for d in provenance["data"]].count("initial weights") == 1

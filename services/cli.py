@@ -130,9 +130,15 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 # -- client commands -----------------------------------------------------------------------
+#: The longest --timeout: gRPC turns larger deadlines (1e10 s, inf) into an immediate
+#: DEADLINE_EXCEEDED.
+MAX_TIMEOUT_SECONDS = 1_000_000.0
+
+
 def _positive_timeout(seconds: float) -> float:
-    if not seconds > 0:
-        raise UsageError(f"--timeout must be a positive number of seconds, got {seconds:g}")
+    if not 0 < seconds <= MAX_TIMEOUT_SECONDS:
+        raise UsageError(f"--timeout must be a positive number of seconds up to "
+                         f"{MAX_TIMEOUT_SECONDS:g}, got {seconds:g}")
     return seconds
 
 

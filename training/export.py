@@ -114,6 +114,8 @@ def check_output_folder(out_dir: Path, name: str, flag: str = "--out") -> str:
     next version of the one there."""
     from training.data.folders import unwritable_reason
 
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise ValueError(f"{flag} {out_dir} is a symbolic link to nothing")
     existing = out_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -128,8 +130,9 @@ def check_output_folder(out_dir: Path, name: str, flag: str = "--out") -> str:
     try:
         held = json.loads(config_path.read_text())
         held_name, held_version = held.get("name"), held.get("version")
-    except (OSError, ValueError, AttributeError):
-        held_name = held_version = None
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"{flag} {out_dir} holds a config.json that cannot be read ({error}); "
+                         f"choose another {flag}, or remove that folder") from error
     if held_name != name:
         raise ValueError(f"{flag} {out_dir} holds the artifact {held_name!r}, and the export "
                          f"of {name} would replace it: choose another {flag}")

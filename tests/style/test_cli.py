@@ -125,7 +125,10 @@ def _unreachable() -> str:
     (["--style", "x", "--iterations", "5", "--seed", "1"],
      "--iterations, --seed do not apply to --style"),
     (["--style-image", "s.png", "--strength", "0.5"], "--strength does not apply to --style-image"),
-    (["--style", "x", "--timeout", "0"], "--timeout must be a positive number of seconds, got 0"),
+    (["--style", "x", "--timeout", "0"],
+     "--timeout must be a positive number of seconds up to 1e+06, got 0"),
+    (["--style", "x", "--timeout", "inf"],
+     "--timeout must be a positive number of seconds up to 1e+06, got inf"),
 ])
 def test_stylize_refuses_options_it_would_ignore(cat_png: Path, tmp_path: Path, args: list[str],
                                                  message: str,

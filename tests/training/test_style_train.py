@@ -500,7 +500,12 @@ def test_an_output_the_export_would_fail_on_or_replace_is_refused_first(
     other = tmp_path / "models" / "style-the-scream"
     other.mkdir(parents=True)
     (other / "config.json").write_text(json.dumps({"name": "style-the-scream", "version": 3}))
-    cases = [(tmp_path / "a-file" / "out", "a-file is a file, not a folder"),
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    cases = [(tmp_path / "dangling", "dangling is a symbolic link to nothing"),
+             (tmp_path / "broken", "holds a config.json that cannot be read"),
+             (tmp_path / "a-file" / "out", "a-file is a file, not a folder"),
              (tmp_path / "a-file", "a-file is a file, not a folder"),
              (other, "holds the artifact 'style-the-scream', and the export of "
                      "style-stained-tissue would replace it: choose another --out")]

@@ -36,7 +36,8 @@ from training.nets.folding import fold_for_inference
 
 log = logging.getLogger("percept.models")
 
-# Per-request tiles queued at most at once: one row of tiles of a 64-megapixel image.
+# Per-request tiles queued at most at once (a longer row of tiles is queued in parts), so
+# --max-queue requests never overflow the tile queue of --max-queue times this.
 _TILE_QUEUE_PER_REQUEST = 96
 # Tiles one request may take: this many times what the largest square image under the
 # pixel cap takes, and never fewer than _MIN_TILE_LIMIT. The cost of a request is its
@@ -158,16 +159,13 @@ class TiledImageModel:
                                     "requests in progress); retry with backoff")
 
     def check_tiles(self, width: int, height: int) -> None:
-        """INVALID_ARGUMENT for an image that would take more tiles than one request may:
-        in all, or in one row or column (a row is queued at once)."""
+        """INVALID_ARGUMENT for an image that would take more tiles than one request may."""
         plan = TilePlan(height, width, self.tile, self.overlap)
-        rows, cols = len(plan.rows), len(plan.cols)
-        if plan.count > self.max_tiles or max(rows, cols) > _TILE_QUEUE_PER_REQUEST:
+        if plan.count > self.max_tiles:
             raise InvalidArgument(
-                f"a {width}x{height} image takes {plan.count} tiles of {self.tile} px ({rows} "
-                f"x {cols}); one request may take {self.max_tiles}, and "
-                f"{_TILE_QUEUE_PER_REQUEST} in a row or column: send a less elongated image, "
-                "or cut it into parts")
+                f"a {width}x{height} image takes {plan.count} tiles of {self.tile} px "
+                f"({len(plan.rows)} x {len(plan.cols)}); one request may take "
+                f"{self.max_tiles}: send a less elongated image, or cut it into parts")
 
     @contextlib.contextmanager
     def admitted(self, data: bytes, max_pixels: int) -> Iterator[None]:
@@ -201,20 +199,24 @@ class TiledImageModel:
             self.active_requests += 1
         try:
             async def process(tiles: Sequence[np.ndarray]) -> list[TileOutput]:
-                timeout = None
-                if deadline is not None:
-                    timeout = deadline - time.monotonic()
-                    if timeout <= 0:
-                        raise DeadlineExceeded(
-                            "deadline exceeded; the remaining tiles were not computed")
-                submitted = [asyncio.ensure_future(
-                    self.batcher.submit(t, key=t.shape, timeout=timeout)) for t in tiles]
-                try:
-                    return list(await asyncio.gather(*submitted))
-                except BaseException:  # one tile failed: the row's others are not wanted
-                    for pending in submitted:
-                        pending.cancel()
-                    raise
+                outputs: list[TileOutput] = []
+                for first in range(0, len(tiles), _TILE_QUEUE_PER_REQUEST):
+                    timeout = None
+                    if deadline is not None:
+                        timeout = deadline - time.monotonic()
+                        if timeout <= 0:
+                            raise DeadlineExceeded(
+                                "deadline exceeded; the remaining tiles were not computed")
+                    submitted = [asyncio.ensure_future(
+                        self.batcher.submit(t, key=t.shape, timeout=timeout))
+                        for t in tiles[first:first + _TILE_QUEUE_PER_REQUEST]]
+                    try:
+                        outputs.extend(await asyncio.gather(*submitted))
+                    except BaseException:  # one tile failed: the others are not wanted
+                        for pending in submitted:
+                            pending.cancel()
+                        raise
+                return outputs
 
             return await tiled_apply(rgb, process, scale=self.scale, tile=self.tile,
                                      overlap=self.overlap)

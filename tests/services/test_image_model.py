@@ -140,8 +140,8 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 
 def test_admission_refuses_images_that_take_too_many_tiles() -> None:
-    """The limit is 4x the tiles of the largest square under the pixel cap (at least 16),
-    and 96 in one row or column: cost follows tiles, not pixels."""
+    """The limit is 4x the tiles of the largest square under the pixel cap (at least 16):
+    cost follows tiles, not pixels."""
     from services.common.errors import InvalidArgument
     from services.common.tiling import TilePlan
 
@@ -159,7 +159,8 @@ def test_admission_refuses_images_that_take_too_many_tiles() -> None:
              (small_cap, 1, 1_000_000, False), (small_cap, 1_000_000, 1, False),  # 4465
              (small_cap, 40, 25_000, False),  # 112
              (default_cap, 8000, 8000, True),  # 1296
-             (default_cap, 30_000, 100, False)]  # 134 in one row: over 96
+             (default_cap, 30_000, 100, True),  # 134 in one row: queued in two parts
+             (default_cap, 1_200_000, 10, False)]  # 5357
     for model, width, height, accepted in cases:
         plan = TilePlan(height, width, 256, 32)
         if accepted:
@@ -168,8 +169,8 @@ def test_admission_refuses_images_that_take_too_many_tiles() -> None:
         with pytest.raises(InvalidArgument,
                            match=rf"a {width}x{height} image takes {plan.count} tiles of 256 "
                                  rf"px \({len(plan.rows)} x {len(plan.cols)}\); one "
-                                 rf"request may take {model.max_tiles}, and 96 in a row or "
-                                 "column"):
+                                 rf"request may take {model.max_tiles}: send a less "
+                                 "elongated image"):
             model.check_tiles(width, height)
         header = _png_header_only(width, height)  # the same from the header, before decoding
         with pytest.raises(InvalidArgument), model.admitted(header, caps[id(model)]):
@@ -198,3 +199,31 @@ def test_a_slot_is_held_from_before_decoding_and_a_busy_model_refuses_at_once() 
     for data in (_png_header_only(100_000, 100_000), b"not an image"):
         with model.admitted(data, 10**6):
             assert model.active_requests == 1
+
+
+def test_a_row_longer_than_the_per_request_queue_is_queued_in_parts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row of more tiles than one request may queue at once goes through in parts, with
+    the same result, and never holds more of the tile queue than its share."""
+    from services.common import image_model
+
+    model = _model(tile=128)  # 32 px overlap: a tile every 96 px
+    rgb = np.random.default_rng(1).integers(0, 256, (16, 40 * 96 + 32, 3), np.uint8)
+    depths: list[int] = []
+    submit = model.batcher.submit
+
+    async def watching(*args: object, **kwargs: object) -> object:
+        depths.append(model.batcher.depth)
+        return await submit(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def both() -> tuple[np.ndarray, np.ndarray]:
+        whole = await model.apply(rgb)
+        monkeypatch.setattr(model.batcher, "submit", watching)
+        monkeypatch.setattr(image_model, "_TILE_QUEUE_PER_REQUEST", 5)
+        parts = await model.apply(rgb)
+        await model.stop()
+        return whole, parts
+
+    whole, parts = asyncio.run(both())
+    assert len(depths) == 40 and max(depths) < 5
+    assert np.abs(parts.astype(int) - whole.astype(int)).max() <= 1

@@ -60,6 +60,11 @@ def _output(path: str) -> Iterator[Callable[[bytes], None]]:
     target = Path(os.path.realpath(path))
     if target.is_dir():
         raise UsageError(f"cannot write {path}: it is a folder")
+    made = []  # the folders this makes, removed again if nothing is written
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
@@ -87,6 +92,10 @@ def _output(path: str) -> Iterator[Callable[[bytes], None]]:
         file.close()  # a no-op once written
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)  # left only when the call or the write failed
+        if not target.exists():
+            for empty in made:  # deepest first
+                with contextlib.suppress(OSError):
+                    empty.rmdir()
 
 
 def _add_target(parser: argparse.ArgumentParser, service: str) -> None:

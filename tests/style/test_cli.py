@@ -172,6 +172,10 @@ def test_stylize_timeout_reaches_the_server_and_leaves_nothing_behind(
                  "--target", style_server.target])
     assert code == 1 and capsys.readouterr().err.startswith("DEADLINE_EXCEEDED")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.png"]  # no partial file
+    # nor the folders it made for the output
+    code = main(["stylize", str(cat_png), str(tmp_path / "new" / "sub" / "late.png"),
+                 "--style", FIRST, "--timeout", "0.0001", "--target", style_server.target])
+    assert code == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["cat.png"]
 
 
 @needs_styles

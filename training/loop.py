@@ -31,6 +31,16 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_flag_minimums(args: Any, minimums: Mapping[str, float]) -> None:
+    """ValueError ``--flag must be >= low, got value`` for the first flag (by destination
+    name) whose value is set and not a finite number of at least its minimum. Trainers run
+    it before anything loads, so a bad number fails at once and says which flag."""
+    for name, low in minimums.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= low):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low:g}, got {value:g}")
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """Mixed precision on CUDA (bf16 where supported, else fp16); the CPU trains in fp32."""
     if device.type != "cuda":

@@ -68,6 +68,7 @@ from training.loop import (
     CHECKPOINT_NAME,
     RESUMABLE_FLAGS,
     autocast_dtype,
+    check_flag_minimums,
     check_new_run,
     check_resumed_run,
     choose_device,
@@ -472,16 +473,11 @@ RESUMABLE_CHANGES = RESUMABLE_FLAGS | {"grid_check_every", "grid_margin", "edge_
 def check_run_flags(args: argparse.Namespace) -> None:
     """Refuses flag values that mean nothing or would fail only later (after the data and
     VGG have loaded, or mid-run), before anything loads."""
-    def at_least(flag: str, value: float | None, low: float) -> None:
-        if value is not None and not (math.isfinite(value) and value >= low):
-            raise ValueError(f"--{flag} must be >= {low:g}, got {value:g}")
-
-    for flag in ("lr", "threads", "max_minutes", "max_cpu_minutes", "warmup", "grid_margin",
-                 "checkpoint_every", "sample_every", "tile_weight", "grid_weight"):
-        at_least(flag.replace("_", "-"), getattr(args, flag), 0)
-    at_least("val-items", args.val_items, 1)
-    at_least("grid-check-every", args.grid_check_every, 1)
-    at_least("style-size", args.style_size, MIN_STYLE_SIDE)
+    check_flag_minimums(args, {
+        **dict.fromkeys(("lr", "threads", "max_minutes", "max_cpu_minutes", "warmup",
+                         "grid_margin", "checkpoint_every", "sample_every", "tile_weight",
+                         "grid_weight"), 0),
+        "val_items": 1, "grid_check_every": 1, "style_size": MIN_STYLE_SIDE})
     if args.time_schedule and not args.max_minutes:
         raise ValueError("--time-schedule anneals by the clock: it needs --max-minutes")
 

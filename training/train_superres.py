@@ -48,6 +48,7 @@ from training.loop import (
     CHECKPOINT_NAME,
     RESUMABLE_FLAGS,
     autocast_dtype,
+    check_flag_minimums,
     check_new_run,
     check_resumed_run,
     choose_device,
@@ -156,8 +157,24 @@ def _use_channels_last(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type in ("cuda", "cpu"))
 
 
+#: The smallest value of each numeric flag (checked before anything loads).
+FLAG_MINIMUMS = {
+    **dict.fromkeys(("steps", "batch_size", "val_items", "width", "blocks",
+                     "detail_oversample"), 1),
+    **dict.fromkeys(("threads", "lr", "warmup", "checkpoint_every", "sample_every",
+                     "max_minutes", "max_cpu_minutes", "blur", "noise", "jpeg", "degrade_prob",
+                     "tail_width", "pixel_weight", "perceptual_weight", "tv_weight"), 0),
+    "crop": 4 * SCALE,
+}
+
+
 def train(args: argparse.Namespace) -> int:
     """Runs the training described by the parsed ``percept train superres`` flags."""
+    check_flag_minimums(args, FLAG_MINIMUMS)
+    if args.jpeg > 100 or args.degrade_prob > 1 or args.crop % SCALE:
+        raise ValueError(f"--jpeg must be at most 100, --degrade-prob at most 1 and --crop a "
+                         f"multiple of {SCALE}; got {args.jpeg}, {args.degrade_prob:g} and "
+                         f"{args.crop}")
     device = choose_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -121,6 +121,28 @@ def test_an_out_holding_another_artifact_is_refused_before_training(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--threads", "-1"], "--threads must be >= 0, got -1"),
+    (["--lr", "-1"], "--lr must be >= 0, got -1"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--val-items", "0"], "--val-items must be >= 1, got 0"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0, got -1"),
+    (["--max-minutes", "-1"], "--max-minutes must be >= 0, got -1"),
+    (["--crop", "0"], "--crop must be >= 16, got 0"),
+    (["--crop", "18"], "--crop a multiple of 4; got 0, 0.5 and 18"),
+])
+def test_bad_numbers_are_refused_before_anything_loads(
+        tmp_path: Path, flags: list[str], message: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The data folder does not even exist: the flag is refused first, exit 2."""
+    assert cli_superres.main(["train", "--data", str(tmp_path / "no-data"), "--out",
+                              str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"),
+                              *TINY, *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(not VGG19_WEIGHTS.path.is_file(), reason="VGG19 weights not fetched")
 def test_perceptual_loss_trains(prepared: Path, tmp_path: Path) -> None:
     out = tmp_path / "models" / "sr-perceptual"

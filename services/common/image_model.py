@@ -16,8 +16,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Hashable, Iterator, Sequence
-from typing import cast
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from services.common.tiling import TileOutput, TilePlan, tiled_apply
 from training.nets.folding import fold_for_inference
 
 log = logging.getLogger("percept.models")
+T = TypeVar("T")
 
 # Per-request tiles queued at most at once (a longer row of tiles is queued in parts), so
 # --max-queue requests never overflow the tile queue of --max-queue times this.
@@ -58,6 +59,48 @@ def should_compile(mode: str, device: torch.device, cuda_graphs: bool) -> bool:
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"--compile must be auto, on or off, got {mode!r}")
     return mode == "on" or (mode == "auto" and device.type == "cuda" and not cuda_graphs)
+
+
+class RequestSlot:
+    """One of a model's ``--max-queue`` request slots (:meth:`TiledImageModel.admitted`).
+
+    Work started through :meth:`to_thread` keeps the slot until it ends, even when the
+    request is cancelled first: a thread decoding an image cannot be stopped, and without
+    this a client that hangs up at once would free its slot for the next one while its
+    decode still ran, so decodes would pile up past the slots."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
+        self._threads = 0
+        self._closed = False
+
+    async def to_thread(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``asyncio.to_thread``, holding the slot until ``function`` returns."""
+        loop = asyncio.get_running_loop()
+        self._threads += 1
+
+        def run() -> T:
+            try:
+                return function(*args, **kwargs)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to free
+                    loop.call_soon_threadsafe(self._thread_done)
+
+        return await loop.run_in_executor(None, run)
+
+    def _thread_done(self) -> None:
+        self._threads -= 1
+        self._release_if_done()
+
+    def close(self) -> None:
+        """The request is over; the slot is free once its threads are done too."""
+        self._closed = True
+        self._release_if_done()
+
+    def _release_if_done(self) -> None:
+        if self._closed and self._threads == 0 and self._release is not None:
+            release, self._release = self._release, None
+            release()
 
 
 class TiledImageModel:
@@ -168,9 +211,10 @@ class TiledImageModel:
                 f"{self.max_tiles}: send a less elongated image, or cut it into parts")
 
     @contextlib.contextmanager
-    def admitted(self, data: bytes, max_pixels: int) -> Iterator[None]:
+    def admitted(self, data: bytes, max_pixels: int) -> Iterator[RequestSlot]:
         """Holds one of the model's ``--max-queue`` request slots from before the encoded
-        image ``data`` is decoded until the block ends (run :meth:`apply` inside it with
+        image ``data`` is decoded until the block ends, and until the work the block
+        started on threads through the slot has ended (run :meth:`apply` inside it with
         ``slot_held=True``). Refuses at once: RESOURCE_EXHAUSTED when no slot is free, and
         INVALID_ARGUMENT when the size the header states takes too many tiles. An image that
         cannot be read, or is over ``max_pixels``, is left to decoding's precise errors."""
@@ -182,10 +226,14 @@ class TiledImageModel:
         if 0 < width * height <= max_pixels:
             self.check_tiles(width, height)
         self.active_requests += 1
+        slot = RequestSlot(self._release_slot)
         try:
-            yield
+            yield slot
         finally:
-            self.active_requests -= 1
+            slot.close()
+
+    def _release_slot(self) -> None:
+        self.active_requests -= 1
 
     async def apply(self, rgb: np.ndarray, deadline: float | None = None, *,
                     slot_held: bool = False) -> np.ndarray:

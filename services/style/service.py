@@ -127,14 +127,15 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
         output_format_name(fmt)  # an unknown format fails now, not after the forward pass
         quality = validate_quality(request.quality)
         model = self.styles[request.style]
-        with model.admitted(request.image, self.config.max_pixels):  # busy, too elongated
-            decoded = await asyncio.to_thread(decode_image, request.image,
-                                              max_pixels=self.config.max_pixels)
+        # busy, or too elongated: refused from the header
+        with model.admitted(request.image, self.config.max_pixels) as slot:
+            decoded = await slot.to_thread(decode_image, request.image,
+                                           max_pixels=self.config.max_pixels)
             mask = None
             if request.mask:
-                mask = await asyncio.to_thread(decode_mask, request.mask,
-                                               max_pixels=self.config.max_pixels,
-                                               size=(decoded.width, decoded.height))
+                mask = await slot.to_thread(decode_mask, request.mask,
+                                            max_pixels=self.config.max_pixels,
+                                            size=(decoded.width, decoded.height))
             remaining = time_remaining(context)
             deadline = None if remaining is None else time.monotonic() + remaining
             if strength == 0.0 or (mask is not None and not mask.any()):
@@ -144,11 +145,11 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
                 rgb = stylised
                 if not is_identity(preserve_color=request.preserve_color, strength=strength,
                                    mask=mask):
-                    rgb = await asyncio.to_thread(finish, decoded.rgb, stylised,
-                                                  preserve_color=request.preserve_color,
-                                                  strength=strength, mask=mask)
-            data = await asyncio.to_thread(encode_image, rgb, alpha=decoded.alpha, fmt=fmt,
-                                           quality=quality, icc_profile=decoded.icc_profile)
+                    rgb = await slot.to_thread(finish, decoded.rgb, stylised,
+                                               preserve_color=request.preserve_color,
+                                               strength=strength, mask=mask)
+            data = await slot.to_thread(encode_image, rgb, alpha=decoded.alpha, fmt=fmt,
+                                        quality=quality, icc_profile=decoded.icc_profile)
         return style_pb2.StylizeResponse(image=data, width=rgb.shape[1], height=rgb.shape[0],
                                          model=model.artifact.tag, format=fmt)
 

@@ -95,9 +95,10 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
         fmt = output_format_enum(request.output_format)
         quality = validate_quality(request.quality)
         model = self.models[name]
-        with model.admitted(request.image, self.config.max_pixels):  # busy, too elongated
-            decoded = await asyncio.to_thread(decode_image, request.image,
-                                              max_pixels=self.config.max_pixels)
+        # busy, or too elongated: refused from the header
+        with model.admitted(request.image, self.config.max_pixels) as slot:
+            decoded = await slot.to_thread(decode_image, request.image,
+                                           max_pixels=self.config.max_pixels)
             if min(decoded.width, decoded.height) < MIN_SIDE:
                 raise InvalidArgument(f"image is {decoded.width}x{decoded.height}; the minimum "
                                       f"is {MIN_SIDE}x{MIN_SIDE}")
@@ -114,7 +115,7 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
             if decoded.alpha is not None:
                 alpha = np.asarray(Image.fromarray(decoded.alpha).resize(
                     (rgb.shape[1], rgb.shape[0]), Image.Resampling.BICUBIC))
-            data = await asyncio.to_thread(encode_image, rgb, alpha=alpha, fmt=fmt,
-                                           quality=quality, icc_profile=decoded.icc_profile)
+            data = await slot.to_thread(encode_image, rgb, alpha=alpha, fmt=fmt,
+                                        quality=quality, icc_profile=decoded.icc_profile)
         return superres_pb2.UpscaleResponse(image=data, width=rgb.shape[1], height=rgb.shape[0],
                                             model=model.artifact.tag, format=fmt)

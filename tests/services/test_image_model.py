@@ -227,3 +227,40 @@ def test_a_row_longer_than_the_per_request_queue_is_queued_in_parts(
     whole, parts = asyncio.run(both())
     assert len(depths) == 40 and max(depths) < 5
     assert np.abs(parts.astype(int) - whole.astype(int)).max() <= 1
+
+
+def test_a_cancelled_request_keeps_its_slot_until_its_thread_ends() -> None:
+    """A decode cannot be stopped: a request cancelled while its thread runs frees the slot
+    only when the thread returns, so clients that hang up cannot pile decodes up."""
+    import threading
+
+    from services.common.errors import ResourceExhausted
+
+    model = _model()
+    model.max_requests = 1
+    header = _png_header_only(64, 64)
+    release = threading.Event()
+
+    async def request() -> None:
+        with model.admitted(header, 10**6) as slot:
+            await slot.to_thread(release.wait, 10)  # a decode that takes a while
+
+    async def main() -> None:
+        task = asyncio.ensure_future(request())
+        await asyncio.sleep(0.05)
+        task.cancel()  # the caller hangs up while its thread runs
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert model.active_requests == 1
+        with pytest.raises(ResourceExhausted), model.admitted(header, 10**6):
+            pytest.fail("admitted while the cancelled request's thread still runs")
+        release.set()
+        for _ in range(100):
+            if model.active_requests == 0:
+                break
+            await asyncio.sleep(0.01)
+        with model.admitted(header, 10**6) as slot:  # free again
+            assert await slot.to_thread(sum, [1, 2]) == 3
+        assert model.active_requests == 0
+
+    asyncio.run(main())

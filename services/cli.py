@@ -4,38 +4,27 @@ Client commands talk to running services (``--target host:port``; defaults: the 
 cluster's ports, or ``$PERCEPT_TARGET``). A failed call prints the gRPC status name and
 message on stderr (``INVALID_ARGUMENT: not a decodable image``) and exits 1; a bad command
 line, an unreadable input or an unwritable output exits 2 before anything is sent. Outputs
-are written whole or not at all (a temporary file, renamed into place).
+are written whole or not at all (a temporary file, renamed into place). ``upscale`` and
+``stylize --style`` also take a folder of images (``services.folder_runs``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import os
 import shlex
 import sys
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
 
-from services import client
+from services import client, folder_runs
+from services.local_files import UsageError, atomic_output, read_input
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-class UsageError(Exception):
-    """A problem with the command line or local files (exit code 2)."""
-
-
-def _read(path: str, what: str = "input") -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as error:
-        raise UsageError(f"cannot read {what} {path}: {error.strerror or error}") from error
 
 
 def _output_format(path: str) -> int:
@@ -43,59 +32,6 @@ def _output_format(path: str) -> int:
         return client.format_for_path(path)
     except ValueError as error:
         raise UsageError(str(error)) from error
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def _output(path: str) -> Iterator[Callable[[bytes], None]]:
-    """Opens a temporary file beside ``path`` (making its folders) before the request is
-    sent, so an unwritable output fails at once, not after the server's work; yields the
-    function that writes the result and renames it into place. The target, which may be
-    the input itself, is never left half written; a symbolic link is written through."""
-    target = Path(os.path.realpath(path))
-    if target.is_dir():
-        raise UsageError(f"cannot write {path}: it is a folder")
-    made = []  # the folders this makes, removed again if nothing is written
-    folder = target.parent
-    while not folder.exists() and folder != folder.parent:
-        made.append(folder)
-        folder = folder.parent
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
-                                             suffix=".partial")
-    except OSError as error:
-        raise UsageError(f"cannot write {path}: {error.strerror or error}") from error
-
-    file = os.fdopen(handle, "wb")
-    # mkstemp makes the file private; give it what a plain open() would (or the mode of
-    # the file it replaces)
-    mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
-
-    def write(data: bytes) -> None:
-        try:
-            with file:
-                file.write(data)
-            os.chmod(temporary, mode)
-            os.replace(temporary, target)
-        except OSError as error:
-            raise UsageError(f"cannot write {path}: {error.strerror or error}") from error
-
-    try:
-        yield write
-    finally:
-        file.close()  # a no-op once written
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)  # left only when the call or the write failed
-        if not target.exists():
-            for empty in made:  # deepest first
-                with contextlib.suppress(OSError):
-                    empty.rmdir()
 
 
 def _add_target(parser: argparse.ArgumentParser, service: str) -> None:
@@ -151,11 +87,60 @@ def _positive_timeout(seconds: float) -> float:
     return seconds
 
 
+def _folder_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("folder input (IN and OUT are folders)")
+    group.add_argument("--format", choices=list(folder_runs.OUTPUT_SUFFIXES), default=None,
+                       help="the outputs' format (default png)")
+    group.add_argument("--recursive", action="store_true", default=None,
+                       help="descend into subfolders (OUT mirrors them)")
+    group.add_argument("--skip-existing", action="store_true", default=None,
+                       help="leave outputs that are already there (resumes a stopped run)")
+    group.add_argument("--jobs", type=int, default=None,
+                       help=f"requests in flight, batched by the server (default "
+                       f"{FOLDER_JOBS}, at most {folder_runs.MAX_JOBS})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+FOLDER_ONLY = ("format", "recursive", "skip_existing", "jobs")
+FOLDER_JOBS = 4
+
+
+def _is_folder_run(args: argparse.Namespace) -> bool:
+    """True when IN is a folder; a file input refuses the folder-only options."""
+    if Path(args.input).is_dir():
+        return True
+    given = [f"--{name.replace('_', '-')}" for name in FOLDER_ONLY
+             if getattr(args, name) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} "
+                         "only when IN is a folder (for one file, the output's extension "
+                         "picks the format)")
+    return False
+
+
+def _run_folder(args: argparse.Namespace, channel: grpc.Channel,
+                call: Callable[[bytes], bytes], verb: str) -> int:
+    source, target = Path(args.input), Path(args.output)
+    jobs = folder_runs.plan_folder(source, target, args.format or "png", bool(args.recursive))
+    report = folder_runs.run_folder(
+        jobs, call, workers=FOLDER_JOBS if args.jobs is None else args.jobs,
+        skip_existing=bool(args.skip_existing), quiet=args.quiet, desc=args.command,
+        on_stop=channel.close)
+    print(folder_runs.summary(report, len(jobs), target, verb))
+    return 1 if report.failures else 0
+
+
 def cmd_upscale(args: argparse.Namespace) -> int:
-    fmt, image = _output_format(args.output), _read(args.input)
     timeout = _positive_timeout(args.timeout)
-    with _output(args.output) as write:
-        response = client.upscale(_channel(args), image, model=args.model, output_format=fmt,
+    channel = _channel(args)
+    if _is_folder_run(args):
+        fmt = client.format_for_path(f"x.{args.format or 'png'}")
+        return _run_folder(args, channel, lambda image: client.upscale(
+            channel, image, model=args.model, output_format=fmt, timeout=timeout).image,
+            "upscaled")
+    fmt, image = _output_format(args.output), read_input(args.input)
+    with atomic_output(args.output) as write:
+        response = client.upscale(channel, image, model=args.model, output_format=fmt,
                                   timeout=timeout)
         write(response.image)
     print(f"{args.output}: {response.width}x{response.height} ({response.model})")
@@ -217,27 +202,46 @@ def cmd_stylize(args: argparse.Namespace) -> int:
             setattr(args, name, default)
     timeout = _positive_timeout(args.timeout if args.timeout is not None
                                 else STYLIZE_TIMEOUTS["style" if args.style else "style_image"])
-    fmt = _output_format(args.output)
-    image = _read(args.input)
+    folder_run = _is_folder_run(args)
+    if folder_run and not args.style:
+        raise UsageError("a folder input needs --style NAME: --style-image runs a long "
+                         "optimisation per image (loop over the files to do that)")
     mask = b""
     if args.mask is not None:
-        mask = _read(args.mask, "mask")
+        mask = read_input(args.mask, "mask")
         if not mask:  # an empty mask field means "no mask" on the wire
             raise UsageError(f"mask {args.mask} is an empty file")
+    if folder_run:
+        channel = _channel(args)
+        fixed = style_pb2.StylizeRequest(
+            style=args.style, preserve_color=args.preserve_color, mask=mask,
+            output_format=client.format_for_path(f"x.{args.format or 'png'}"))
+        if args.strength is not None:
+            fixed.strength = args.strength
+
+        def stylize_one(image: bytes) -> bytes:
+            request = style_pb2.StylizeRequest()
+            request.CopyFrom(fixed)
+            request.image = image
+            return client.stylize(channel, request, timeout=timeout).image
+
+        return _run_folder(args, channel, stylize_one, "stylised")
+    fmt = _output_format(args.output)
+    image = read_input(args.input)
     if args.style:
         request = style_pb2.StylizeRequest(image=image, style=args.style,
                                            preserve_color=args.preserve_color, mask=mask,
                                            output_format=fmt)
         if args.strength is not None:
             request.strength = args.strength
-        with _output(args.output) as write:
+        with atomic_output(args.output) as write:
             result = client.stylize(_channel(args), request, timeout=timeout)
             write(result.image)
     else:
         from tqdm import tqdm
 
         optimisation = style_pb2.StylizeWithImageRequest(
-            content_image=image, style_image=_read(args.style_image, "style image"),
+            content_image=image, style_image=read_input(args.style_image, "style image"),
             iterations=args.iterations, preserve_color=args.preserve_color, mask=mask,
             max_size=args.max_size, seed=args.seed, output_format=fmt,
             init={"content": style_pb2.STYLE_INIT_CONTENT,
@@ -248,7 +252,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         for name in ("content_weight", "style_weight", "tv_weight"):
             if getattr(args, name) is not None:
                 setattr(optimisation, name, getattr(args, name))
-        with (_output(args.output) as write,
+        with (atomic_output(args.output) as write,
               tqdm(total=args.iterations, desc="stylize", unit="it", disable=args.quiet) as bar):
             def on_progress(p: style_pb2.StylizeProgress) -> None:
                 bar.total = p.iterations
@@ -274,7 +278,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     method = {"default": embed_pb2.EMBEDDING_METHOD_UNSPECIFIED,
               "devise": embed_pb2.EMBEDDING_METHOD_DEVISE,
               "conse": embed_pb2.EMBEDDING_METHOD_CONSE}[args.method]
-    response = client.label_image(_channel(args), _read(args.input), k=args.top, method=method,
+    response = client.label_image(_channel(args), read_input(args.input), k=args.top, method=method,
                                   under_wnid=args.under or "", zero_shot=args.zero_shot)
     if args.json:
         print(json.dumps(_labels_json(response)))
@@ -340,7 +344,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("give a TEXT query or --image PATH, not both")
     channel = _channel(args)
     if args.image:
-        response = client.search_by_image(channel, _read(args.image), k=args.top)
+        response = client.search_by_image(channel, read_input(args.image), k=args.top)
     else:
         response = client.search_by_text(channel, args.text, k=args.top)
     if args.json:
@@ -405,12 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     health.set_defaults(handler=cmd_health)
 
     upscale = sub.add_parser("upscale", help="4x super-resolution of IN into OUT")
-    upscale.add_argument("input", help="image file (PNG, JPEG, WebP, ...)")
+    upscale.add_argument("input", help="image file (PNG, JPEG, WebP, ...), or a folder of them")
     upscale.add_argument("output", help="where to write the result; its extension (.png, "
-                         ".jpg, .webp) picks the format")
+                         ".jpg, .webp) picks the format (a folder for a folder IN)")
     upscale.add_argument("--model", default="", help="model name (default: the server's)")
     upscale.add_argument("--timeout", type=float, default=300.0,
                          help="deadline in seconds (default 300)")
+    _folder_options(upscale)
     _add_target(upscale, "superres")
     upscale.set_defaults(handler=cmd_upscale)
 
@@ -420,9 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     styles.set_defaults(handler=cmd_styles)
 
     stylize = sub.add_parser("stylize", help="style transfer: --style NAME or --style-image S")
-    stylize.add_argument("input", help="content image file")
+    stylize.add_argument("input", help="content image file, or a folder of them (--style)")
     stylize.add_argument("output", help="where to write the result; its extension (.png, "
-                         ".jpg, .webp) picks the format")
+                         ".jpg, .webp) picks the format (a folder for a folder IN)")
     stylize.add_argument("--style", help="a fixed style from `percept styles`")
     stylize.add_argument("--style-image", help="any style image (optimisation-based, Gatys)")
     stylize.add_argument("--preserve-color", action="store_true",
@@ -455,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     stylize.add_argument("--timeout", type=float, default=None,
                          help="deadline in seconds (default 300 with --style, 3600 with "
                          "--style-image)")
-    stylize.add_argument("--quiet", action="store_true", help="no progress bar")
+    _folder_options(stylize)
     _add_target(stylize, "style")
     stylize.set_defaults(handler=cmd_stylize)
 

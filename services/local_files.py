@@ -1,0 +1,79 @@
+"""The command line's local files: inputs read with a clear error, outputs written whole
+or not at all (a temporary file beside the target, renamed into place)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """A problem with the command line or local files (exit code 2)."""
+
+
+def read_input(path: str | Path, what: str = "input") -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise UsageError(f"cannot read {what} {path}: {error.strerror or error}") from error
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: Read once, at import: os.umask() can only be read by setting it, which would race with
+#: the threads of a folder run creating files.
+_UMASK = _current_umask()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Callable[[bytes], None]]:
+    """Opens a temporary file beside ``path`` (making its folders) before the request is
+    sent, so an unwritable output fails at once, not after the server's work; yields the
+    function that writes the result and renames it into place. The target, which may be
+    the input itself, is never left half written; a symbolic link is written through."""
+    target = Path(os.path.realpath(path))
+    if target.is_dir():
+        raise UsageError(f"cannot write {path}: it is a folder")
+    made = []  # the folders this makes, removed again if nothing is written
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
+                                             suffix=".partial")
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror or error}") from error
+
+    file = os.fdopen(handle, "wb")
+    # mkstemp makes the file private; give it what a plain open() would (or the mode of
+    # the file it replaces)
+    mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_UMASK
+
+    def write(data: bytes) -> None:
+        try:
+            with file:
+                file.write(data)
+            os.chmod(temporary, mode)
+            os.replace(temporary, target)
+        except OSError as error:
+            raise UsageError(f"cannot write {path}: {error.strerror or error}") from error
+
+    try:
+        yield write
+    finally:
+        file.close()  # a no-op once written
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)  # left only when the call or the write failed
+        if not target.exists():
+            for empty in made:  # deepest first
+                with contextlib.suppress(OSError):
+                    empty.rmdir()

@@ -56,6 +56,7 @@ from training.assets import REPO_ROOT
 from training.cli_devise import DEFAULT_TOP_T
 from training.devise_features import compute_features
 from training.export import load_exported, update_metrics
+from training.loop import check_flag_minimums
 from training.nets import devise as _devise_net  # noqa: F401  (registers "devise-linear")
 from training.nets.devise import conse_embed
 
@@ -322,6 +323,13 @@ def command(args: argparse.Namespace) -> int:
     """``percept eval devise``."""
     from training.assets import AssetMissingError
 
+    try:
+        check_flag_minimums(args, {"top_t": 1, "hops": 0, "show": 0, "threads": 0})
+        if min(args.k) < 1:
+            raise ValueError(f"--k must be numbers of at least 1, got {args.k}")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (

@@ -42,7 +42,11 @@ def save_loss_plot(history: Mapping[str, Sequence[float]], path: Path,
         axis.set_xlabel("step")
         axis.set_title(title)
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(loc="upper right", fontsize=8)
+        if axis.get_lines():
+            axis.legend(loc="upper right", fontsize=8)
+        else:  # e.g. --steps 0: say so rather than draw an empty frame
+            axis.text(0.5, 0.5, "no steps were run", ha="center", va="center",
+                      transform=axis.transAxes)
     except BaseException:
         plt.close(figure)
         raise

@@ -74,7 +74,7 @@ from training.assets import REPO_ROOT, efficientnet_lite0_weights_path
 from training.data.images import is_image_file
 from training.devise_features import BACKBONE_NAME, FeatureCache, compute_features
 from training.export import check_output_folder, command_line, data_entry, export_artifact
-from training.loop import choose_device
+from training.loop import check_flag_minimums, choose_device
 from training.nets.devise import DeViSEMap
 from training.nets.efficientnet_lite import HEAD_CHANNELS, load_efficientnet_lite0
 
@@ -400,8 +400,16 @@ def _class_names() -> list[str]:
     return [names[0] for _, names in imagenet_labels()]
 
 
+#: The least value of each numeric flag (``--steps 0`` exports the initial map, untrained).
+FLAG_MINIMUMS = {
+    **dict.fromkeys(("crops_per_image", "val_crops", "negatives", "batch_size", "top_t"), 1),
+    **dict.fromkeys(("steps", "margin", "lr", "weight_decay", "threads"), 0),
+}
+
+
 def train(args: argparse.Namespace) -> int:
     """Runs ``percept train devise`` with parsed flags."""
+    check_flag_minimums(args, FLAG_MINIMUMS)  # before anything loads
     started = time.perf_counter()
     device = choose_device(args.device)
     if args.threads:

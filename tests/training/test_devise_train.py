@@ -159,3 +159,50 @@ def test_an_out_holding_another_artifact_is_refused_before_anything_loads(
     assert ("holds the artifact 'devise-minilm', and the export of devise-mine would replace "
             "it") in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),  # was a NaN map, exported
+    (["--negatives", "0"], "--negatives must be >= 1, got 0"),  # was a loss of 0, no training
+    (["--margin", "-1"], "--margin must be >= 0, got -1"),
+    (["--top-t", "0"], "--top-t must be >= 1, got 0"),
+    (["--crops-per-image", "0"], "--crops-per-image must be >= 1, got 0"),
+    (["--lr", "nan"], "--lr must be >= 0, got nan"),
+])
+def test_bad_numbers_are_refused_before_anything_loads(
+        tmp_path: Path, flags: list[str], message: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from training import cli_devise
+
+    out, run = tmp_path / "out", tmp_path / "run"
+    assert cli_devise.main(["train", *flags, "--out", str(out), "--run-dir", str(run),
+                            "--photos", str(tmp_path / "missing"), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not out.exists() and not run.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--k", "0", "5"], "--k must be numbers of at least 1, got [0, 5]"),
+    (["--hops", "-1"], "--hops must be >= 0, got -1"),
+    (["--top-t", "0"], "--top-t must be >= 1, got 0"),
+])
+def test_eval_refuses_bad_numbers(tmp_path: Path, flags: list[str], message: str,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from training import cli_devise
+
+    out = tmp_path / "metrics.json"
+    assert cli_devise.main(["eval", *flags, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not out.exists()
+
+
+def test_the_loss_plot_of_a_run_without_steps_says_so(tmp_path: Path) -> None:
+    """`--steps 0` exports the initial map; its loss plot draws no curve and no warning."""
+    import warnings
+
+    from training.plots import save_loss_plot
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = save_loss_plot({"hinge rank loss": []}, tmp_path / "loss.png")
+    assert path.stat().st_size > 0

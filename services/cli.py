@@ -11,6 +11,7 @@ are written whole or not at all (a temporary file, renamed into place). ``upscal
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 import grpc
 
 from services import client, folder_runs
-from services.local_files import UsageError, atomic_output, read_input
+from services.local_files import Terminated, UsageError, atomic_output, read_input, sigterm_raises
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -111,6 +112,8 @@ def _is_folder_run(args: argparse.Namespace) -> bool:
         return True
     given = [f"--{name.replace('_', '-')}" for name in FOLDER_ONLY
              if getattr(args, name) is not None]
+    if given and not Path(args.input).exists():
+        raise UsageError(f"cannot read input {args.input}: no such file or folder")
     if given:
         raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} "
                          "only when IN is a folder (for one file, the output's extension "
@@ -119,15 +122,25 @@ def _is_folder_run(args: argparse.Namespace) -> bool:
 
 
 def _run_folder(args: argparse.Namespace, channel: grpc.Channel,
-                call: Callable[[bytes], bytes], verb: str) -> int:
+                call: Callable[[bytes], bytes], verb: str, timeout: float) -> int:
     source, target = Path(args.input), Path(args.output)
-    jobs = folder_runs.plan_folder(source, target, args.format or "png", bool(args.recursive))
-    report = folder_runs.run_folder(
-        jobs, call, workers=FOLDER_JOBS if args.jobs is None else args.jobs,
-        skip_existing=bool(args.skip_existing), quiet=args.quiet, desc=args.command,
-        on_stop=channel.close)
-    print(folder_runs.summary(report, len(jobs), target, verb))
-    return 1 if report.failures else 0
+    plan = folder_runs.plan_folder(source, target, args.format or "png", bool(args.recursive))
+    for problem in plan.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    report = folder_runs.FolderReport()
+    try:
+        folder_runs.run_folder(
+            plan.jobs, call, report, workers=FOLDER_JOBS if args.jobs is None else args.jobs,
+            patience=timeout, skip_existing=bool(args.skip_existing), quiet=args.quiet,
+            desc=args.command, on_stop=channel.close)
+    except UsageError:
+        raise  # nothing was sent
+    except BaseException:
+        if report.written or report.failures:  # what a stopped run did, and how to go on
+            print(folder_runs.summary(report, len(plan.jobs), target, verb), flush=True)
+        raise
+    print(folder_runs.summary(report, len(plan.jobs), target, verb))
+    return 1 if report.failures or plan.problems else 0
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
@@ -137,7 +150,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         fmt = client.format_for_path(f"x.{args.format or 'png'}")
         return _run_folder(args, channel, lambda image: client.upscale(
             channel, image, model=args.model, output_format=fmt, timeout=timeout).image,
-            "upscaled")
+            "upscaled", timeout)
     fmt, image = _output_format(args.output), read_input(args.input)
     with atomic_output(args.output) as write:
         response = client.upscale(channel, image, model=args.model, output_format=fmt,
@@ -191,6 +204,26 @@ def _refuse_options_of_the_other_kind(args: argparse.Namespace) -> None:
                          f"to {mode}")
 
 
+def _check_shared_options(args: argparse.Namespace, mask: bytes) -> None:
+    """What every file of a folder run shares is checked once, here, so that a bad value is
+    one error before anything is sent, not the same failure for every file."""
+    import io
+    import math
+
+    from PIL import Image, UnidentifiedImageError
+
+    if args.strength is not None and not (math.isfinite(args.strength)
+                                          and 0 <= args.strength <= 1):
+        raise UsageError(f"--strength must be 0..1, got {args.strength:g}")
+    if mask:
+        try:
+            with Image.open(io.BytesIO(mask)) as image:
+                image.load()
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError
+                ) as error:
+            raise UsageError(f"mask {args.mask} is not a decodable image ({error})") from error
+
+
 def cmd_stylize(args: argparse.Namespace) -> int:
     from percept.v1 import style_pb2
 
@@ -212,6 +245,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         if not mask:  # an empty mask field means "no mask" on the wire
             raise UsageError(f"mask {args.mask} is an empty file")
     if folder_run:
+        _check_shared_options(args, mask)
         channel = _channel(args)
         fixed = style_pb2.StylizeRequest(
             style=args.style, preserve_color=args.preserve_color, mask=mask,
@@ -225,7 +259,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
             request.image = image
             return client.stylize(channel, request, timeout=timeout).image
 
-        return _run_folder(args, channel, stylize_one, "stylised")
+        return _run_folder(args, channel, stylize_one, "stylised", timeout)
     fmt = _output_format(args.output)
     image = read_input(args.input)
     if args.style:
@@ -509,8 +543,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(arguments)
     args.command_line = " ".join(["percept", *(shlex.quote(a) for a in arguments)])
     handler: Handler = getattr(args, "handler", None) or args.func
+    writes_outputs = args.command in ("upscale", "stylize")
     try:
-        return handler(args)
+        with sigterm_raises() if writes_outputs else contextlib.nullcontext():
+            return handler(args)
     except grpc.RpcError as error:
         code = error.code() if hasattr(error, "code") else None
         details = error.details() if hasattr(error, "details") else str(error)
@@ -520,8 +556,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except folder_runs.FolderRunStopped as error:
+        print(f"stopped: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+    except Terminated:
+        return 143
     except BrokenPipeError:  # the reader went away (`percept styles | head -1`)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit

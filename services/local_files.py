@@ -5,13 +5,39 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 
 class UsageError(Exception):
     """A problem with the command line or local files (exit code 2)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread (see :func:`sigterm_raises`; exit code 143)."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises Terminated in the main thread, as Ctrl-C raises
+    KeyboardInterrupt, so that the temporary files of unfinished outputs are removed
+    rather than left behind by the default action (an immediate exit)."""
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def read_input(path: str | Path, what: str = "input") -> bytes:

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from services.common.errors import DeadlineExceeded, ResourceExhausted
+from services.common.errors import Busy, DeadlineExceeded
 from services.common.metrics import BATCH_SIZE, DROPPED, QUEUE_DEPTH, REJECTED
 
 In = TypeVar("In")
@@ -98,13 +98,13 @@ class MicroBatcher(Generic[In, Out]):
                      timeout: float | None = None) -> Out:
         """Queues ``item`` and waits for its result.
 
-        Raises ResourceExhausted at once when the queue is full, DeadlineExceeded when the
+        Raises Busy (RESOURCE_EXHAUSTED) at once when the queue is full, DeadlineExceeded when the
         deadline (``timeout`` seconds from now) passes before the item is computed."""
         if self._worker is None:
             self.start()
         if self.depth >= self.max_queue:
             REJECTED.labels(self.name).inc()
-            raise ResourceExhausted(
+            raise Busy(
                 f"{self.name} queue is full ({self.max_queue} requests); retry with backoff")
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout

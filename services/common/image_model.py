@@ -27,7 +27,7 @@ from services.common.batching import MicroBatcher
 from services.common.config import ServerConfig
 from services.common.cuda_graphs import CudaGraphRunner
 from services.common.device import serving_dtype
-from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from services.common.errors import Busy, DeadlineExceeded, InvalidArgument
 from services.common.images import probe_size
 from services.common.metrics import REJECTED
 from services.common.precision import to_serving_precision
@@ -198,7 +198,7 @@ class TiledImageModel:
     def _check_not_busy(self) -> None:
         if self.active_requests >= self.max_requests:
             REJECTED.labels(self.queue_name).inc()
-            raise ResourceExhausted(f"{self.artifact.name} is busy ({self.max_requests} "
+            raise Busy(f"{self.artifact.name} is busy ({self.max_requests} "
                                     "requests in progress); retry with backoff")
 
     def check_tiles(self, width: int, height: int) -> None:

@@ -107,8 +107,10 @@ def test_a_status_that_would_fail_every_file_stops_the_run(
 
 @pytest.fixture(scope="module")
 def busy_style_server() -> Iterator[RunningServer]:
-    """A style server that takes one request at a time (--max-queue 1)."""
-    running = start_in_thread(server_config("style", max_queue=1), timeout=600)
+    """A style server that takes one request at a time (--max-queue 1) of at most 1 MB
+    (--max-message-mb 1)."""
+    running = start_in_thread(server_config("style", max_queue=1, max_message_mb=1),
+                              timeout=600)
     yield running
     running.stop()
 
@@ -122,6 +124,7 @@ def test_a_busy_server_is_retried_with_backoff(busy_style_server: RunningServer,
         (folder / f"{i}.png").write_bytes(encode(np.roll(small_photo, i, axis=1)))
     channel = client.connect(busy_style_server.target)
     codes: collections.Counter[str] = collections.Counter()
+    trailers: list[dict[str, str]] = []
 
     def stylize(image: bytes) -> bytes:
         try:
@@ -129,22 +132,26 @@ def test_a_busy_server_is_retried_with_backoff(busy_style_server: RunningServer,
                                                                     style=FIRST)).image
         except grpc.RpcError as error:
             codes[error.code().name] += 1
+            trailers.append(dict(error.trailing_metadata() or ()))
             raise
 
-    jobs = folder_runs.plan_folder(folder, tmp_path / "out", "png", recursive=False)
-    report = folder_runs.run_folder(jobs, stylize, workers=8, skip_existing=False, quiet=True,
-                                    desc="stylize")
+    jobs = folder_runs.plan_folder(folder, tmp_path / "out", "png", recursive=False).jobs
+    report = folder_runs.FolderReport()
+    folder_runs.run_folder(jobs, stylize, report, workers=8, patience=300,
+                           skip_existing=False, quiet=True, desc="stylize")
     assert report.written == 8 and not report.failures
     assert codes["RESOURCE_EXHAUSTED"] > 0 and set(codes) == {"RESOURCE_EXHAUSTED"}
+    assert all(t.get("grpc-retry-pushback-ms") == "100" for t in trailers)  # "busy: retry"
     for job in jobs:
         assert decode_image(job.target.read_bytes(), max_pixels=10**8).rgb.shape == \
             small_photo.shape
 
 
 @needs_styles
-def test_ctrl_c_stops_the_run_and_leaves_only_whole_files(style_server: RunningServer,
-                                                          photo: np.ndarray,
-                                                          tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_stops_the_run_and_leaves_only_whole_files(
+        style_server: RunningServer, photo: np.ndarray, tmp_path: Path, stop: signal.Signals,
+        code: int) -> None:
     folder, out = tmp_path / "big", tmp_path / "out"
     folder.mkdir()
     large = np.asarray(Image.fromarray(photo).resize((1200, 800)))
@@ -157,10 +164,11 @@ def test_ctrl_c_stops_the_run_and_leaves_only_whole_files(style_server: RunningS
     deadline = time.monotonic() + 120
     while not (out.exists() and any(out.glob("*.png"))) and time.monotonic() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr.decode()
-    written = _tree(out)
+    process.send_signal(stop)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == code, stderr.decode()
+    written = _tree(out)  # no hidden partial files among them
+    assert f"of 40 images into {out}; stopped early: --skip-existing resumes" in stdout.decode()
     assert 0 < len(written) < 40 and all(name.endswith(".png") for name in written)
     for name in written:  # whole files only: every one decodes
         assert decode_image((out / name).read_bytes(), max_pixels=10**8).rgb.shape == \
@@ -217,3 +225,101 @@ def test_bad_folder_runs_are_refused_before_anything_is_sent(
     code = main(["upscale", str(photos), str(tmp_path / "a-file"), "--target", _unreachable()])
     assert code == 2 and "the output must be one too" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "clash", "empty", "in"]
+
+
+@needs_styles
+def test_a_file_over_the_message_limit_is_skipped_not_retried(
+        busy_style_server: RunningServer, small_photo: np.ndarray, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Both are RESOURCE_EXHAUSTED; only the busy answer carries the retry trailer."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode(small_photo))
+    noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+    (folder / "b-large.png").write_bytes(encode(noise))  # 1.4 MB, over the 1 MB cap
+    (folder / "c.png").write_bytes(encode(small_photo[::-1]))
+    started = time.monotonic()
+    code = main(["stylize", str(folder), str(tmp_path / "out"), "--style", FIRST, "--jobs",
+                 "1", "--quiet", "--target", busy_style_server.target])
+    captured = capsys.readouterr()
+    assert code == 1 and time.monotonic() - started < 30
+    assert f"warning: skipped {folder / 'b-large.png'}: RESOURCE_EXHAUSTED: " in captured.err
+    assert "larger than max" in captured.err
+    assert captured.out.strip() == f"stylised 2 of 3 images into {tmp_path / 'out'} (1 failed)"
+
+
+@needs_styles
+def test_a_run_of_deadline_failures_stops_the_run(style_server: RunningServer, photos: Path,
+                                                  small_photo: np.ndarray, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A hung server or a --timeout too short fails every file: the run stops after
+    folder_runs.STREAK of them (with --jobs 1), not after the whole folder."""
+    for i in range(6):
+        (photos / f"more-{i}.png").write_bytes(encode(small_photo))
+    out = tmp_path / "out"
+    code = main(["stylize", str(photos), str(out), "--style", FIRST, "--jobs", "1",
+                 "--timeout", "0.0001", "--quiet", "--target", style_server.target])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.err.count("DEADLINE_EXCEEDED") >= folder_runs.STREAK
+    assert captured.err.count("warning: skipped") <= folder_runs.STREAK + 1  # the broken one
+    assert "stopped: the last 3 files failed in a row (DEADLINE_EXCEEDED: " in captured.err
+    assert captured.out.strip().endswith("; stopped early: --skip-existing resumes")
+    assert not out.exists()
+
+
+def test_a_shared_option_that_would_fail_every_file_is_refused_once(
+        photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "mask.png").write_bytes(b"not an image")
+    cases = [(["--strength", "2"], "--strength must be 0..1, got 2"),
+             (["--strength", "nan"], "--strength must be 0..1, got nan"),
+             (["--mask", str(tmp_path / "mask.png")], "is not a decodable image")]
+    for args, message in cases:
+        code = main(["stylize", str(photos), str(tmp_path / "o"), "--style", "x", *args,
+                     "--target", _unreachable()])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (args, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_outputs_never_overwrite_inputs_or_clash_with_folders(
+        tmp_path: Path, small_photo: np.ndarray, capsys: pytest.CaptureFixture[str]) -> None:
+    nested = tmp_path / "anc" / "s"
+    (nested / "s").mkdir(parents=True)
+    (nested / "a.png").write_bytes(encode(small_photo))
+    (nested / "s" / "a.png").write_bytes(encode(small_photo[::-1]))
+    clash = tmp_path / "clash"
+    (clash / "x.png").mkdir(parents=True)  # a folder named like x.jpg's output
+    (clash / "x.png" / "c.png").write_bytes(encode(small_photo))
+    (clash / "x.jpg").write_bytes(encode(small_photo, "JPEG"))
+    linked = tmp_path / "linked"
+    (linked / "in").mkdir(parents=True)
+    (linked / "in" / "a.png").write_bytes(encode(small_photo))
+    (linked / "out").mkdir()
+    (linked / "out" / "a.png").symlink_to(linked / "in" / "a.png")
+    cases = [
+        # IN inside OUT: anc/s/s/a.png -> anc/s/a.png, an input
+        ([str(nested), str(tmp_path / "anc"), "--recursive"], "over the input"),
+        ([str(clash), str(tmp_path / "o"), "--recursive"], "needs as a folder"),
+        ([str(linked / "in"), str(linked / "out")], "over the input"),  # through a link
+        ([str(nested), str(tmp_path / "out.tif")], "the output must be one too, not"),
+        ([str(tmp_path / "missing"), str(tmp_path / "o"), "--jobs", "2"],
+         "cannot read input"),
+    ]
+    for args, message in cases:
+        code = main(["upscale", *args, "--target", _unreachable()])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (args, err)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "out.tif").exists()
+    assert (nested / "a.png").read_bytes() == encode(small_photo)
+
+
+@needs_styles
+def test_links_to_folders_are_followed_once(style_server: RunningServer, photos: Path,
+                                            tmp_path: Path) -> None:
+    (photos / "broken.jpg").unlink()
+    (photos / "sub" / "loop").symlink_to(photos, target_is_directory=True)
+    out = tmp_path / "out"
+    assert main(["stylize", str(photos), str(out), "--style", FIRST, "--recursive",
+                 "--quiet", "--target", style_server.target]) == 0
+    assert _tree(out) == ["a.png", "b.png", "sub", "sub/c.png"]

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import io
 import json
+import math
 import os
 import shlex
 import sys
@@ -88,10 +90,16 @@ def _positive_timeout(seconds: float) -> float:
     return seconds
 
 
+#: Options of folder runs only (a file IN refuses them); each is None unless given.
+FOLDER_ONLY = ("format", "recursive", "skip_existing", "jobs")
+FOLDER_JOBS = 4
+FOLDER_FORMAT = "png"
+
+
 def _folder_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("folder input (IN and OUT are folders)")
     group.add_argument("--format", choices=list(folder_runs.OUTPUT_SUFFIXES), default=None,
-                       help="the outputs' format (default png)")
+                       help=f"the outputs' format (default {FOLDER_FORMAT})")
     group.add_argument("--recursive", action="store_true", default=None,
                        help="descend into subfolders (OUT mirrors them)")
     group.add_argument("--skip-existing", action="store_true", default=None,
@@ -102,17 +110,18 @@ def _folder_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-FOLDER_ONLY = ("format", "recursive", "skip_existing", "jobs")
-FOLDER_JOBS = 4
-
-
 def _is_folder_run(args: argparse.Namespace) -> bool:
-    """True when IN is a folder; a file input refuses the folder-only options."""
-    if Path(args.input).is_dir():
+    """True when IN is a folder (the folder options then get their defaults); a file input
+    refuses the folder-only options."""
+    if os.path.isdir(args.input):
+        args.format = args.format or FOLDER_FORMAT
+        args.jobs = FOLDER_JOBS if args.jobs is None else args.jobs
+        if not 1 <= args.jobs <= folder_runs.MAX_JOBS:
+            raise UsageError(f"--jobs must be from 1 to {folder_runs.MAX_JOBS}, got {args.jobs}")
         return True
     given = [f"--{name.replace('_', '-')}" for name in FOLDER_ONLY
              if getattr(args, name) is not None]
-    if given and not Path(args.input).exists():
+    if given and not os.path.lexists(args.input):
         raise UsageError(f"cannot read input {args.input}: no such file or folder")
     if given:
         raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} "
@@ -121,39 +130,72 @@ def _is_folder_run(args: argparse.Namespace) -> bool:
     return False
 
 
-def _run_folder(args: argparse.Namespace, channel: grpc.Channel,
-                call: Callable[[bytes], bytes], verb: str, timeout: float) -> int:
+#: How long a folder run waits for its first connection (seconds).
+CONNECT_TIMEOUT_SECONDS = 20.0
+
+
+class _Unreachable(grpc.RpcError):
+    """UNAVAILABLE before the first request: reported as a failed call (exit 1)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.target = target
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return f"cannot connect to {self.target}"
+
+
+def _run_folder(args: argparse.Namespace, verb: str, timeout: float,
+                start_for: Callable[[grpc.Channel, int], folder_runs.Start]) -> int:
+    """The folder run of ``args``; ``start_for(channel, output_format)`` gives the function
+    that starts one file's call."""
     source, target = Path(args.input), Path(args.output)
-    plan = folder_runs.plan_folder(source, target, args.format or "png", bool(args.recursive))
+    plan = folder_runs.plan_folder(source, target, args.format, bool(args.recursive))
     for problem in plan.problems:
         print(f"warning: {problem}", file=sys.stderr)
-    report = folder_runs.FolderReport()
-    try:
-        folder_runs.run_folder(
-            plan.jobs, call, report, workers=FOLDER_JOBS if args.jobs is None else args.jobs,
-            patience=timeout, skip_existing=bool(args.skip_existing), quiet=args.quiet,
-            desc=args.command, on_stop=channel.close)
-    except UsageError:
-        raise  # nothing was sent
-    except BaseException:
-        if report.written or report.failures:  # what a stopped run did, and how to go on
+    report = folder_runs.FolderReport(unread_folders=len(plan.problems))
+    address = args.target or client.default_target(args.service_for_target)
+    with _channel(args) as channel:  # closed on every path: an open one stalls the exit
+        if not client.connects(channel, CONNECT_TIMEOUT_SECONDS):
+            raise _Unreachable(address)  # at once, rather than as the first file's failure
+
+        def serving() -> bool:
+            try:
+                return client.health_status(channel, timeout=folder_runs.HEALTH_TIMEOUT_SECONDS
+                                            ) == "SERVING"
+            except grpc.RpcError:
+                return False
+
+        start = start_for(channel, client.format_for_path(f"x.{args.format}"))
+        try:
+            folder_runs.run_folder(plan.jobs, start, report, workers=args.jobs,
+                                   patience=timeout, skip_existing=bool(args.skip_existing),
+                                   quiet=args.quiet, desc=args.command, server_serving=serving)
+        except UsageError:
+            raise  # nothing was sent
+        except grpc.RpcError:
+            if report.written or report.failures or report.skipped:
+                print(folder_runs.summary(report, len(plan.jobs), target, verb), flush=True)
+            raise  # the status says the rest
+        except BaseException:  # Ctrl-C, SIGTERM, a streak: how far the run got
             print(folder_runs.summary(report, len(plan.jobs), target, verb), flush=True)
-        raise
+            raise
     print(folder_runs.summary(report, len(plan.jobs), target, verb))
     return 1 if report.failures or plan.problems else 0
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
     timeout = _positive_timeout(args.timeout)
-    channel = _channel(args)
     if _is_folder_run(args):
-        fmt = client.format_for_path(f"x.{args.format or 'png'}")
-        return _run_folder(args, channel, lambda image: client.upscale(
-            channel, image, model=args.model, output_format=fmt, timeout=timeout).image,
-            "upscaled", timeout)
+        return _run_folder(args, "upscaled", timeout, lambda channel, fmt: (
+            lambda image: client.upscale_future(channel, image, model=args.model,
+                                                output_format=fmt, timeout=timeout)))
     fmt, image = _output_format(args.output), read_input(args.input)
     with atomic_output(args.output) as write:
-        response = client.upscale(channel, image, model=args.model, output_format=fmt,
+        response = client.upscale(_channel(args), image, model=args.model, output_format=fmt,
                                   timeout=timeout)
         write(response.image)
     print(f"{args.output}: {response.width}x{response.height} ({response.model})")
@@ -205,11 +247,8 @@ def _refuse_options_of_the_other_kind(args: argparse.Namespace) -> None:
 
 
 def _check_shared_options(args: argparse.Namespace, mask: bytes) -> None:
-    """What every file of a folder run shares is checked once, here, so that a bad value is
-    one error before anything is sent, not the same failure for every file."""
-    import io
-    import math
-
+    """--strength and --mask, checked before anything is sent (in a folder run they are
+    shared by every file: a bad one is one error, not the same failure for every file)."""
     from PIL import Image, UnidentifiedImageError
 
     if args.strength is not None and not (math.isfinite(args.strength)
@@ -221,7 +260,7 @@ def _check_shared_options(args: argparse.Namespace, mask: bytes) -> None:
                 image.load()
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError
                 ) as error:
-            raise UsageError(f"mask {args.mask} is not a decodable image ({error})") from error
+            raise UsageError(f"mask {args.mask} is not a decodable image") from error
 
 
 def cmd_stylize(args: argparse.Namespace) -> int:
@@ -244,22 +283,20 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         mask = read_input(args.mask, "mask")
         if not mask:  # an empty mask field means "no mask" on the wire
             raise UsageError(f"mask {args.mask} is an empty file")
+    _check_shared_options(args, mask)
     if folder_run:
-        _check_shared_options(args, mask)
-        channel = _channel(args)
-        fixed = style_pb2.StylizeRequest(
-            style=args.style, preserve_color=args.preserve_color, mask=mask,
-            output_format=client.format_for_path(f"x.{args.format or 'png'}"))
-        if args.strength is not None:
-            fixed.strength = args.strength
 
-        def stylize_one(image: bytes) -> bytes:
-            request = style_pb2.StylizeRequest()
-            request.CopyFrom(fixed)
-            request.image = image
-            return client.stylize(channel, request, timeout=timeout).image
+        def start_for(channel: grpc.Channel, fmt: int) -> folder_runs.Start:
+            def start(image: bytes) -> grpc.Future:
+                request = style_pb2.StylizeRequest(
+                    image=image, style=args.style, preserve_color=args.preserve_color,
+                    mask=mask, output_format=fmt)
+                if args.strength is not None:
+                    request.strength = args.strength
+                return client.stylize_future(channel, request, timeout=timeout)
+            return start
 
-        return _run_folder(args, channel, stylize_one, "stylised", timeout)
+        return _run_folder(args, "stylised", timeout, start_for)
     fmt = _output_format(args.output)
     image = read_input(args.input)
     if args.style:
@@ -323,17 +360,16 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
 def _image_files(paths: Sequence[str], recursive: bool) -> list[Path]:
+    """The files named, and the images of the folders named (as folder runs read them)."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            pattern = "**/*" if recursive else "*"
-            files.extend(p for p in sorted(path.glob(pattern))
-                         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found, problems = folder_runs.image_files(path, recursive)
+            files.extend(found)
+            for problem in problems:
+                print(f"warning: {problem}", file=sys.stderr)
         elif path.is_file():
             files.append(path)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -51,6 +52,26 @@ def format_for_path(path: str | Path) -> int:
     return _EXTENSIONS[suffix]
 
 
+def connects(channel: grpc.Channel, timeout: float) -> bool:
+    """Whether ``channel`` connects within ``timeout`` seconds: False as soon as a first
+    attempt fails (connection refused, no such host), rather than retrying until then."""
+    settled = threading.Event()
+    states: list[grpc.ChannelConnectivity] = []
+
+    def on_change(state: grpc.ChannelConnectivity) -> None:
+        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                     grpc.ChannelConnectivity.SHUTDOWN):
+            states.append(state)
+            settled.set()
+
+    channel.subscribe(on_change, try_to_connect=True)
+    try:
+        settled.wait(timeout)
+    finally:
+        channel.unsubscribe(on_change)
+    return bool(states) and states[0] == grpc.ChannelConnectivity.READY
+
+
 def health_status(channel: grpc.Channel, service: str = "", timeout: float = 5.0) -> str:
     """The grpc.health.v1 status name of ``service`` ("" = the whole server)."""
     stub = health_pb2_grpc.HealthStub(channel)
@@ -66,6 +87,14 @@ def upscale(channel: grpc.Channel, image: bytes, *, model: str = "", output_form
                         timeout=timeout)
 
 
+def upscale_future(channel: grpc.Channel, image: bytes, *, model: str = "",
+                   output_format: int = 0, timeout: float | None = 300) -> grpc.Future:
+    """:func:`upscale` started, not waited for: its future can be cancelled."""
+    stub = superres_pb2_grpc.SuperResolutionStub(channel)
+    return stub.Upscale.future(superres_pb2.UpscaleRequest(
+        image=image, scale=4, model=model, output_format=output_format), timeout=timeout)
+
+
 def list_styles(channel: grpc.Channel, timeout: float | None = 30) -> list[style_pb2.StyleInfo]:
     stub = style_pb2_grpc.StyleTransferStub(channel)
     return list(stub.ListStyles(style_pb2.ListStylesRequest(), timeout=timeout).styles)
@@ -74,6 +103,12 @@ def list_styles(channel: grpc.Channel, timeout: float | None = 30) -> list[style
 def stylize(channel: grpc.Channel, request: style_pb2.StylizeRequest,
             timeout: float | None = 300) -> style_pb2.StylizeResponse:
     return style_pb2_grpc.StyleTransferStub(channel).Stylize(request, timeout=timeout)
+
+
+def stylize_future(channel: grpc.Channel, request: style_pb2.StylizeRequest,
+                   timeout: float | None = 300) -> grpc.Future:
+    """:func:`stylize` started, not waited for: its future can be cancelled."""
+    return style_pb2_grpc.StyleTransferStub(channel).Stylize.future(request, timeout=timeout)
 
 
 def stylize_with_image(channel: grpc.Channel, request: style_pb2.StylizeWithImageRequest,

@@ -7,12 +7,15 @@ What happens to each kind of failure:
 - about one file (INVALID_ARGUMENT: not an image, over the pixel cap, a mask of another
   aspect ratio; RESOURCE_EXHAUSTED without a retry trailer: a message over the size limit;
   an unreadable file): reported, skipped, and the run goes on;
-- the server is busy (RESOURCE_EXHAUSTED with the ``grpc-retry-pushback-ms`` trailer): the
-  request is retried with backoff for up to ``--timeout`` seconds;
-- DEADLINE_EXCEEDED, still busy after ``--timeout``, an output that cannot be written:
-  reported and skipped, but :data:`a run of them <STREAK>` with no success in between
-  means a hung or overloaded server, or a full disk, so the run stops;
-- any other status (UNAVAILABLE, NOT_FOUND for an unknown style, ...) would fail every
+- the server is busy (RESOURCE_EXHAUSTED with the ``grpc-retry-pushback-ms`` trailer) or
+  unavailable for a while (a restart, a connection aged out): the request is retried with
+  backoff, for up to ``--timeout`` seconds (one minute when unavailable);
+- DEADLINE_EXCEEDED, INTERNAL, still busy or unavailable after that: reported and
+  skipped; after :data:`a streak of them <STREAK>` with no success in between, the server
+  gets a health check, and the run stops unless it answers SERVING;
+- an output that cannot be written: reported and skipped; a streak of them (a full disk)
+  stops the run;
+- any other status (NOT_FOUND for an unknown style, UNIMPLEMENTED, ...) would fail every
   file the same way: the run stops at once.
 
 Each output is written whole or not at all, so a stopped run resumes with
@@ -28,12 +31,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
+from services.common.errors import RETRY_PUSHBACK_KEY
 from services.local_files import Terminated, UsageError, atomic_output, read_input
 
 #: The files a folder run reads (by extension, case-insensitively); hidden files are skipped.
@@ -41,17 +45,21 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 #: The output formats a folder run can write, by ``--format``.
 OUTPUT_SUFFIXES = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 MAX_JOBS = 64
-#: The trailer of a busy answer (services.common.errors.RETRY_PUSHBACK_KEY).
-RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
-#: The longest wait between two tries of a busy request (seconds; the first is 0.25 s).
-MAX_BACKOFF_SECONDS = 5.0
-#: A run stops after this many failures in a row (or ``--jobs``, if more) of the kinds that
-#: say more about the server or the disk than about the file.
+#: The longest wait between two tries of a busy request (seconds; the first waits the
+#: server's pushback, then the waits double).
+MAX_BACKOFF_SECONDS = 1.0
+#: How long a request is retried while the server is unavailable (seconds, at most).
+UNAVAILABLE_PATIENCE_SECONDS = 60.0
+#: After this many failures in a row (or ``--jobs``, if more) of the kinds that say more
+#: about the server or the disk than about the file, the run checks on the server (or
+#: stops, for the disk).
 STREAK = 3
+#: The health check after a streak (seconds).
+HEALTH_TIMEOUT_SECONDS = 5.0
 
 
 class FolderRunStopped(Exception):
-    """The run stopped early: a run of failures that no file would escape."""
+    """The run stopped early: a streak of failures that no file would escape."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,7 @@ class FolderReport:
     written: int = 0
     skipped: int = 0  # --skip-existing
     failures: list[str] = field(default_factory=list)
+    unread_folders: int = 0
     stopped: bool = False
 
 
@@ -90,16 +99,15 @@ def image_files(folder: Path, recursive: bool) -> tuple[list[Path], list[str]]:
     seen = {os.path.realpath(folder)}
     for root, folders, names in os.walk(folder, onerror=unreadable, followlinks=True):
         kept = []
-        for name in sorted(folders) if recursive else []:
-            path = Path(root, name)
-            real = os.path.realpath(path)
-            if name.startswith("."):
-                continue
-            if real in seen:  # a link loop, or a second way into the same folder
+        # a folder itself before a link to it, when both are here
+        for name in sorted(folders, key=lambda n: (os.path.islink(os.path.join(root, n)), n)
+                           ) if recursive else []:
+            real = os.path.realpath(os.path.join(root, name))
+            if name.startswith(".") or real in seen:  # a link loop, or a second way in
                 continue
             seen.add(real)
             kept.append(name)
-        folders[:] = kept
+        folders[:] = sorted(kept)
         files.extend(Path(root, name) for name in names
                      if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES)
     return sorted(files, key=lambda p: p.relative_to(folder).parts), problems
@@ -113,10 +121,10 @@ def plan_folder(source: Path, target: Path, output_format: str, recursive: bool)
     if output_format not in OUTPUT_SUFFIXES:
         raise UsageError(f"--format must be one of {', '.join(OUTPUT_SUFFIXES)}, "
                          f"got {output_format!r}")
-    if target.exists() and not target.is_dir():
+    if os.path.lexists(target) and not os.path.isdir(target):
         raise UsageError(f"{source} is a folder, so the output must be one too; {target} is "
                          "a file")
-    if target.suffix.lower() in IMAGE_SUFFIXES and not target.exists():
+    if target.suffix.lower() in IMAGE_SUFFIXES and not os.path.isdir(target):
         raise UsageError(f"{source} is a folder, so the output must be one too, not "
                          f"{target}; --format picks the files' format (default png)")
     if target.resolve() == source.resolve() or (
@@ -130,6 +138,7 @@ def plan_folder(source: Path, target: Path, output_format: str, recursive: bool)
                          + "".join(f"; {problem}" for problem in problems))
     suffix = OUTPUT_SUFFIXES[output_format]
     inputs = {os.path.realpath(path): path for path in files}
+    real_source, real_target = Path(os.path.realpath(source)), Path(os.path.realpath(target))
     jobs: list[FileJob] = []
     sources: dict[Path, Path] = {}
     for path in files:
@@ -137,11 +146,16 @@ def plan_folder(source: Path, target: Path, output_format: str, recursive: bool)
         if output in sources:
             raise UsageError(f"{sources[output]} and {path} would both be written to {output}; "
                              "rename one of them")
-        overwritten = inputs.get(os.path.realpath(output))
+        real = Path(os.path.realpath(output))
+        overwritten = inputs.get(str(real))
         if overwritten is not None:
             raise UsageError(f"{path} would be written to {output}, over the input "
                              f"{overwritten}; write into another folder")
-        if output.is_dir():
+        unlinked = real_target / path.relative_to(source).with_suffix(suffix)
+        if real != unlinked and real.is_relative_to(real_source):
+            raise UsageError(f"{path} would be written to {output}, which a link in "
+                             f"{target} leads into {source}; write into another folder")
+        if os.path.isdir(output):
             raise UsageError(f"{path} would be written to {output}, which is a folder")
         sources[output] = path
         jobs.append(FileJob(path, output))
@@ -156,41 +170,30 @@ def plan_folder(source: Path, target: Path, output_format: str, recursive: bool)
 
 
 def _pushback_seconds(error: grpc.RpcError) -> float | None:
-    """The server's retry pushback, when ``error`` is a busy answer; else None."""
+    """The server's retry pushback when ``error`` is a busy answer; None when it is not (or
+    the pushback is negative: gRFC A6's "do not retry")."""
     if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
         return None
     for key, value in error.trailing_metadata() or ():
         if key == RETRY_PUSHBACK_KEY:
-            with contextlib.suppress(ValueError):
-                return max(0.0, int(value) / 1000)
+            try:
+                milliseconds = int(value)
+            except ValueError:
+                return None
+            return milliseconds / 1000 if milliseconds >= 0 else None
     return None
 
 
-class _BusyTooLong(Exception):
-    pass
+class _Stopped(Exception):
+    """The run is stopping: this file is left alone."""
 
 
-def _call_when_not_busy(call: Callable[[bytes], bytes], data: bytes, patience: float,
-                        stopping: threading.Event) -> bytes:
-    """``call(data)``, retried while the server answers busy, for up to ``patience``
-    seconds: then _BusyTooLong."""
-    started, backoff = time.monotonic(), 0.25
-    while True:
-        try:
-            return call(data)
-        except grpc.RpcError as error:
-            pushback = _pushback_seconds(error)
-            if pushback is None:
-                raise
-            waited = time.monotonic() - started
-            if waited >= patience:
-                raise _BusyTooLong(f"{error.code().name}: {error.details()} (still busy "
-                                   f"after {waited:.0f} s)") from error
-        delay = min(max(pushback, backoff) * random.uniform(0.75, 1.25),
-                    patience - waited)
-        backoff = min(2 * backoff, MAX_BACKOFF_SECONDS)
-        if stopping.wait(delay):
-            raise InterruptedError("the run stopped")
+class _RetriedTooLong(Exception):
+    """Still busy (or unavailable) after all the retries allowed."""
+
+
+#: What one file's request returns: the call's future, whose result has ``.image``.
+Start = Callable[[bytes], "grpc.Future"]
 
 
 def _describe(error: grpc.RpcError) -> str:
@@ -201,8 +204,8 @@ def _make_folders(jobs: Sequence[FileJob]) -> list[Path]:
     """Makes the output folders (once, here, so that the workers never race over them)
     and checks that each can be written into; returns those it made, shallowest first."""
     folders = sorted({job.target.parent for job in jobs})
-    made = sorted({f for folder in folders for f in (folder, *folder.parents) if not f.exists()},
-                  key=lambda p: len(p.parts))
+    made = sorted({f for folder in folders for f in (folder, *folder.parents)
+                   if not os.path.lexists(f)}, key=lambda p: len(p.parts))
     for folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -221,115 +224,217 @@ def _remove_empty(folders: Sequence[Path]) -> None:
             folder.rmdir()
 
 
-def run_folder(jobs: Sequence[FileJob], call: Callable[[bytes], bytes], report: FolderReport,
-               *, workers: int, patience: float, skip_existing: bool, quiet: bool, desc: str,
-               on_stop: Callable[[], None] = lambda: None) -> None:
-    """Runs ``call`` (image bytes in, output bytes out) on every job with ``workers``
+#: Statuses about one file that say nothing about the server: skip it, and go on.
+FILE_STATUSES = frozenset({grpc.StatusCode.INVALID_ARGUMENT,
+                           grpc.StatusCode.RESOURCE_EXHAUSTED})  # without pushback: too large
+#: Statuses about one file that may also mean a hung, overloaded or broken server.
+SERVER_STATUSES = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
+                             grpc.StatusCode.UNKNOWN})
+
+
+@dataclass(frozen=True)
+class _Failure:
+    reason: str
+    kind: str = "file"  # "file", "server" (a streak: a health check) or "disk" (stop)
+
+
+class _Run:
+    """The state of one folder run, shared by its worker threads (under ``lock``)."""
+
+    def __init__(self, start: Start, report: FolderReport, bar: Any, *, patience: float,
+                 streak_limit: int, server_serving: Callable[[], bool]) -> None:
+        self.start, self.report, self.bar = start, report, bar
+        self.patience, self.streak_limit = patience, streak_limit
+        self.server_serving = server_serving
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.in_flight: set[grpc.Future] = set()
+        self.fatal: list[BaseException] = []
+        self.streak = 0
+
+    def stop(self, error: BaseException) -> None:
+        """Records the first reason to stop, starts no more calls and cancels those in
+        flight (the channel stays open, so no call can start on a closed one)."""
+        with self.lock:
+            if self.stopping.is_set():
+                return
+            self.fatal.append(error)
+            self.stopping.set()
+            for future in self.in_flight:
+                future.cancel()
+
+    def call_once(self, data: bytes) -> bytes:
+        with self.lock:  # a stop either comes first, or sees this call and cancels it
+            if self.stopping.is_set():
+                raise _Stopped
+            future = self.start(data)
+            self.in_flight.add(future)
+        try:
+            return bytes(future.result().image)
+        except grpc.FutureCancelledError as error:
+            raise _Stopped from error
+        except grpc.RpcError:
+            if self.stopping.is_set():
+                raise _Stopped from None  # cancelled by the stop
+            raise
+        finally:
+            with self.lock:
+                self.in_flight.discard(future)
+
+    def call(self, data: bytes) -> bytes:
+        """The call, retried with backoff while the server answers busy (for up to
+        ``patience`` seconds) or unavailable (up to a minute of it)."""
+        started, backoff = time.monotonic(), 0.0
+        while True:
+            try:
+                return self.call_once(data)
+            except grpc.RpcError as error:
+                pushback = _pushback_seconds(error)
+                limit = self.patience
+                if pushback is None and error.code() == grpc.StatusCode.UNAVAILABLE:
+                    pushback, limit = 0.25, min(limit, UNAVAILABLE_PATIENCE_SECONDS)
+                if pushback is None:
+                    raise
+                waited = time.monotonic() - started
+                if waited >= limit:
+                    raise _RetriedTooLong(f"{_describe(error)} (retried for {waited:.0f} s)"
+                                          ) from error
+                backoff = min(max(pushback, 2 * backoff), MAX_BACKOFF_SECONDS)
+                delay = min(backoff * random.uniform(0.75, 1.25), limit - waited)
+            if self.stopping.wait(delay):
+                raise _Stopped
+
+    def outcome(self, job: FileJob) -> _Failure | None:
+        """None once ``job`` is written, else why it failed; raises _Stopped, or what
+        should stop the run."""
+        try:
+            data = read_input(job.source)
+        except UsageError as error:
+            return _Failure(str(error))
+        try:
+            with atomic_output(job.target) as write:
+                write(self.call(data))
+        except UsageError as error:  # the output cannot be written
+            return _Failure(str(error), "disk")
+        except _RetriedTooLong as error:
+            return _Failure(str(error), "server")
+        except grpc.RpcError as error:
+            if error.code() in FILE_STATUSES:
+                return _Failure(_describe(error))
+            if error.code() in SERVER_STATUSES:
+                return _Failure(_describe(error), "server")
+            raise
+        return None
+
+    def record(self, job: FileJob, failure: _Failure | None) -> None:
+        with self.lock:
+            if failure is None:
+                self.report.written += 1
+                self.streak = 0
+            else:
+                self.report.failures.append(f"{job.source}: {failure.reason}")
+                self.bar.set_postfix(failed=len(self.report.failures), refresh=False)
+                self.streak += failure.kind != "file"
+            self.bar.update(1)
+            streak = self.streak
+            if streak >= self.streak_limit:
+                self.streak = 0  # one check per streak
+        if failure is None:
+            return
+        self.bar.write(f"warning: skipped {job.source}: {failure.reason}", file=sys.stderr)
+        if streak < self.streak_limit:
+            return
+        if failure.kind == "disk":
+            self.stop(FolderRunStopped(f"the last {streak} outputs could not be written "
+                                       f"({failure.reason})"))
+        elif not self.server_serving():
+            self.stop(FolderRunStopped(
+                f"the last {streak} files failed in a row ({failure.reason}), and the server "
+                f"does not answer a health check with SERVING within "
+                f"{HEALTH_TIMEOUT_SECONDS:g} s: it is hung or broken"))
+        else:
+            self.bar.write(f"note: the last {streak} files failed in a row, but the server "
+                           "answers its health check, so the run goes on (a longer "
+                           "--timeout may help)", file=sys.stderr)
+
+    def one(self, job: FileJob) -> None:
+        """A worker's whole job: nothing it raises is lost, all of it stops the run."""
+        try:
+            if not self.stopping.is_set():
+                self.record(job, self.outcome(job))
+        except _Stopped:
+            return
+        except BaseException as error:
+            self.stop(error)
+
+
+def run_folder(jobs: Sequence[FileJob], start: Start, report: FolderReport, *, workers: int,
+               patience: float, skip_existing: bool, quiet: bool, desc: str,
+               server_serving: Callable[[], bool]) -> None:
+    """Runs ``start`` (image bytes in, the call's future out) on every job with ``workers``
     requests in flight, under a progress bar, counting into ``report``. A status not about
-    one file is raised, and a streak of failures raises FolderRunStopped; Ctrl-C
-    (KeyboardInterrupt) and SIGTERM (Terminated) are raised too. Each calls ``on_stop``
-    first, which should cancel the calls in flight (e.g. by closing their channel)."""
+    one file is raised, and so is FolderRunStopped after a streak of failures when
+    ``server_serving()`` (a health check) is False; Ctrl-C (KeyboardInterrupt) and SIGTERM
+    (Terminated) are raised too. Each first cancels the calls in flight and lets the
+    workers end."""
     from tqdm import tqdm
 
     if not 1 <= workers <= MAX_JOBS:
         raise UsageError(f"--jobs must be from 1 to {MAX_JOBS}, got {workers}")
-    pending = [job for job in jobs if not (skip_existing and job.target.exists())]
+    pending = [job for job in jobs if not (skip_existing and os.path.lexists(job.target))]
     report.skipped = len(jobs) - len(pending)
     made = _make_folders(pending)
-    stopping = threading.Event()
-    lock = threading.Lock()
-    streak_limit = max(STREAK, workers)
-    streak = 0
-    fatal: list[BaseException] = []
-
-    def stop(error: BaseException) -> None:
-        with lock:
-            if stopping.is_set():
-                return
-            fatal.append(error)
-            stopping.set()
-        on_stop()
-
     with tqdm(total=len(jobs), initial=report.skipped, desc=desc, unit="img",
               disable=quiet, file=sys.stderr) as bar:
+        run = _Run(start, report, bar, patience=patience, streak_limit=max(STREAK, workers),
+                   server_serving=server_serving)
+        queue = iter(pending)
+        # Each worker sets its own event as it ends. (Not Thread.join: an exception raised
+        # by a signal handler inside join() can leave a live thread marked as ended, and
+        # the process would then exit under a worker with a temporary file open.)
+        ended = [threading.Event() for _ in range(min(workers, len(pending)))]
 
-        def done(job: FileJob, failure: str | None = None, systemic: bool = False) -> None:
-            nonlocal streak
-            with lock:
-                if failure is None:
-                    report.written += 1
-                    streak = 0
-                else:
-                    report.failures.append(f"{job.source}: {failure}")
-                    bar.set_postfix(failed=len(report.failures), refresh=False)
-                    streak = streak + 1 if systemic else streak
-                bar.update(1)
-                too_many = streak >= streak_limit
-            if failure is not None:
-                bar.write(f"warning: skipped {job.source}: {failure}", file=sys.stderr)
-            if too_many:
-                stop(FolderRunStopped(
-                    f"the last {streak} files failed in a row ({failure}): the server may be "
-                    "hung or overloaded (a longer --timeout, fewer --jobs), or the output "
-                    "folder unwritable"))
-
-        def one(job: FileJob) -> None:
-            if stopping.is_set():
-                return
+        def work(done: threading.Event) -> None:
             try:
-                data = read_input(job.source)
-            except UsageError as error:
-                return done(job, str(error))
-            try:
-                with atomic_output(job.target) as write:
-                    result = _call_when_not_busy(call, data, patience, stopping)
-                    write(result)
-            except UsageError as error:  # the output cannot be written
-                return done(job, str(error), systemic=True)
-            except _BusyTooLong as error:
-                return done(job, str(error), systemic=True)
-            except grpc.RpcError as error:
-                if stopping.is_set():
-                    return None  # cancelled by the stop
-                code = error.code()
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    return done(job, _describe(error), systemic=True)
-                if code in (grpc.StatusCode.INVALID_ARGUMENT,
-                            grpc.StatusCode.RESOURCE_EXHAUSTED):  # not busy: too large
-                    return done(job, _describe(error))
-                stop(error)
-                return None
-            except InterruptedError:
-                return None
-            except BaseException as error:
-                stop(error)
-                raise
-            return done(job)
+                while not run.stopping.is_set():
+                    with run.lock:
+                        job = next(queue, None)
+                    if job is None:
+                        return
+                    run.one(job)
+            finally:
+                done.set()
 
-        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="percept-job")
+        started: list[threading.Event] = []
         try:
-            futures: list[Future[None]] = [executor.submit(one, job) for job in pending]
-            while not stopping.is_set():
-                _, running = wait(futures, timeout=0.5, return_when=FIRST_EXCEPTION)
-                if not running:
-                    break
+            for i, done in enumerate(ended):
+                threading.Thread(target=work, args=(done,), name=f"percept-job-{i}",
+                                 daemon=True).start()
+                started.append(done)
+            for done in started:
+                while not done.wait(0.5):  # short waits: Ctrl-C is seen at once
+                    pass
         except (KeyboardInterrupt, Terminated) as interrupt:
-            stop(interrupt)
+            run.stop(interrupt)
         finally:
-            executor.shutdown(wait=True, cancel_futures=True)
+            for done in started:
+                done.wait()
             _remove_empty(made)  # those left empty
-    if fatal:
+    if run.fatal:
         report.stopped = True
-        raise fatal[0]
+        raise run.fatal[0]
 
 
 def summary(report: FolderReport, total: int, target: Path, verb: str) -> str:
-    """``stylised 10 of 12 images into out (2 failed, 3 already there)``."""
+    """``stylised 7 of 12 images into out (2 failed, 3 already there)``."""
     notes = []
     if report.failures:
         notes.append(f"{len(report.failures)} failed")
     if report.skipped:
         notes.append(f"{report.skipped} already there")
+    if report.unread_folders:
+        notes.append(f"{report.unread_folders} folder{'s' * (report.unread_folders > 1)} "
+                     "not read")
     line = (f"{verb} {report.written} of {total} images into {target}"
             + (f" ({', '.join(notes)})" if notes else ""))
     return line + ("; stopped early: --skip-existing resumes" if report.stopped else "")

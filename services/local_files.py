@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
@@ -29,15 +30,15 @@ def sigterm_raises() -> Iterator[None]:
     def terminate(signum: int, frame: FrameType | None) -> None:
         raise Terminated
 
-    try:
-        previous = signal.signal(signal.SIGTERM, terminate)
-    except ValueError:  # not the main thread: leave SIGTERM alone
-        yield
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers: leave SIGTERM alone
         return
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: a handler installed from C, which Python cannot restore; the default then
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def read_input(path: str | Path, what: str = "input") -> bytes:
@@ -65,11 +66,11 @@ def atomic_output(path: str | Path) -> Iterator[Callable[[bytes], None]]:
     function that writes the result and renames it into place. The target, which may be
     the input itself, is never left half written; a symbolic link is written through."""
     target = Path(os.path.realpath(path))
-    if target.is_dir():
+    if os.path.isdir(target):
         raise UsageError(f"cannot write {path}: it is a folder")
     made = []  # the folders this makes, removed again if nothing is written
     folder = target.parent
-    while not folder.exists() and folder != folder.parent:
+    while not os.path.lexists(folder) and folder != folder.parent:
         made.append(folder)
         folder = folder.parent
     try:
@@ -82,7 +83,10 @@ def atomic_output(path: str | Path) -> Iterator[Callable[[bytes], None]]:
     file = os.fdopen(handle, "wb")
     # mkstemp makes the file private; give it what a plain open() would (or the mode of
     # the file it replaces)
-    mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_UMASK
+    try:
+        mode = target.stat().st_mode & 0o7777
+    except OSError:  # a new file
+        mode = 0o666 & ~_UMASK
 
     def write(data: bytes) -> None:
         try:
@@ -99,7 +103,7 @@ def atomic_output(path: str | Path) -> Iterator[Callable[[bytes], None]]:
         file.close()  # a no-op once written
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)  # left only when the call or the write failed
-        if not target.exists():
+        if not os.path.lexists(target):
             for empty in made:  # deepest first
                 with contextlib.suppress(OSError):
                     empty.rmdir()

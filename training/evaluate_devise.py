@@ -323,19 +323,15 @@ def command(args: argparse.Namespace) -> int:
     """``percept eval devise``."""
     from training.assets import AssetMissingError
 
-    try:
-        check_flag_minimums(args, {"top_t": 1, "hops": 0, "show": 0, "threads": 0})
-        if min(args.k) < 1:
-            raise ValueError(f"--k must be numbers of at least 1, got {args.k}")
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
     started = time.perf_counter()
     try:
+        check_flag_minimums(args, {"top_t": 1, "hops": 0, "show": 0, "threads": 0})
+        if min(args.k) < 1:
+            raise ValueError(f"--k must be >= 1, got {' '.join(map(str, args.k))}")
+        if args.threads:
+            torch.set_num_threads(args.threads)
         report = evaluate(Path(args.model), Path(args.photos), top_t=args.top_t, ks=args.k,
                           hops=args.hops, backend=args.backend,
                           cache_dir=Path(args.cache_dir) if args.cache_dir else None,

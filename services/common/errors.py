@@ -19,6 +19,11 @@ class ServiceError(Exception):
     def message(self) -> str:
         return str(self)
 
+    @property
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Sent with the status (none, but for Busy)."""
+        return ()
+
 
 class InvalidArgument(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT

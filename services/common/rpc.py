@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from services.common.errors import Busy, ServiceError
+from services.common.errors import ServiceError
 
 log = logging.getLogger("percept.rpc")
 Self = TypeVar("Self")
@@ -22,10 +22,8 @@ async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, method
     answered INTERNAL, without leaking internals."""
     if isinstance(error, (grpc.aio.AbortError, grpc.aio.UsageError)):
         raise error
-    if isinstance(error, Busy):
+    if isinstance(error, ServiceError):
         await context.abort(error.code, error.message, error.trailing_metadata)
-    elif isinstance(error, ServiceError):
-        await context.abort(error.code, error.message)
     else:
         log.exception("unhandled error", extra={"method": method})
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")

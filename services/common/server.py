@@ -151,7 +151,9 @@ class PerceptServer:
             # Clients balance requests round-robin over the pods they are connected to;
             # recycling connections every 5 minutes lets them find pods added by a scale-up.
             ("grpc.max_connection_age_ms", 300_000),
-            ("grpc.max_connection_age_grace_ms", 60_000),
+            # The grace lets requests in flight on an aged connection finish: an hour, the
+            # longest default deadline of the CLI (a StylizeWithImage optimisation).
+            ("grpc.max_connection_age_grace_ms", 3_600_000),
         ]
         server = grpc.aio.server(options=options, interceptors=[self._interceptor, self._gate])
         for module in self.modules:

@@ -12,7 +12,13 @@ import grpc
 import numpy as np
 
 from percept.v1 import embed_pb2, embed_pb2_grpc
-from services.common.errors import InvalidArgument, ServiceError, Unavailable
+from services.common.errors import (
+    RETRY_PUSHBACK_KEY,
+    Busy,
+    InvalidArgument,
+    ServiceError,
+    Unavailable,
+)
 from services.embed.service import EmbeddingService
 
 
@@ -70,6 +76,12 @@ class RemoteEmbedder(Embedder):
     def _error(self, error: grpc.aio.AioRpcError) -> ServiceError:
         if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidArgument(error.details() or "invalid argument")
+        pushback = dict(error.trailing_metadata() or ()).get(RETRY_PUSHBACK_KEY)
+        if (error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and pushback is not None
+                and pushback.isdigit()):
+            # the embedding service is busy: so is search, and the client may retry
+            return Busy(f"embedding service at {self.target}: {error.details()}",
+                        retry_after_ms=int(pushback))
         return ServiceError(f"embedding service at {self.target}: {error.code().name}: "
                             f"{error.details()}",
                             code=error.code() if error.code() != grpc.StatusCode.UNAVAILABLE

@@ -8,18 +8,23 @@ import collections
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image
 
-from percept.v1 import image_pb2, style_pb2
+from percept.v1 import image_pb2, style_pb2, style_pb2_grpc
 from services import client, folder_runs
 from services.cli import main
+from services.common.errors import RETRY_PUSHBACK_KEY
 from services.common.images import decode_image
 from services.common.server import RunningServer, start_in_thread
 from tests.conftest import REPO, encode, free_port, server_config
@@ -115,6 +120,22 @@ def busy_style_server() -> Iterator[RunningServer]:
     running.stop()
 
 
+def _counting_start(channel: grpc.Channel, started: collections.Counter[bytes],
+                   answers: list[tuple[str, dict[str, str]]]) -> folder_runs.Start:
+    """Starts a Stylize call per file, counting the calls per image and recording each
+    answer's status and trailers."""
+    def record(future: grpc.Future) -> None:
+        answers.append((future.code().name, dict(future.trailing_metadata() or ())))
+
+    def start(image: bytes) -> grpc.Future:
+        started[image] += 1
+        future = client.stylize_future(channel, style_pb2.StylizeRequest(image=image,
+                                                                         style=FIRST))
+        future.add_done_callback(record)
+        return future
+    return start
+
+
 @needs_styles
 def test_a_busy_server_is_retried_with_backoff(busy_style_server: RunningServer,
                                                small_photo: np.ndarray, tmp_path: Path) -> None:
@@ -122,29 +143,46 @@ def test_a_busy_server_is_retried_with_backoff(busy_style_server: RunningServer,
     folder.mkdir()
     for i in range(8):
         (folder / f"{i}.png").write_bytes(encode(np.roll(small_photo, i, axis=1)))
-    channel = client.connect(busy_style_server.target)
-    codes: collections.Counter[str] = collections.Counter()
-    trailers: list[dict[str, str]] = []
-
-    def stylize(image: bytes) -> bytes:
-        try:
-            return client.stylize(channel, style_pb2.StylizeRequest(image=image,
-                                                                    style=FIRST)).image
-        except grpc.RpcError as error:
-            codes[error.code().name] += 1
-            trailers.append(dict(error.trailing_metadata() or ()))
-            raise
-
+    started: collections.Counter[bytes] = collections.Counter()
+    answers: list[tuple[str, dict[str, str]]] = []
     jobs = folder_runs.plan_folder(folder, tmp_path / "out", "png", recursive=False).jobs
     report = folder_runs.FolderReport()
-    folder_runs.run_folder(jobs, stylize, report, workers=8, patience=300,
-                           skip_existing=False, quiet=True, desc="stylize")
+    with client.connect(busy_style_server.target) as channel:
+        folder_runs.run_folder(jobs, _counting_start(channel, started, answers), report,
+                               workers=8, patience=300, skip_existing=False, quiet=True,
+                               desc="stylize", server_serving=lambda: True)
     assert report.written == 8 and not report.failures
-    assert codes["RESOURCE_EXHAUSTED"] > 0 and set(codes) == {"RESOURCE_EXHAUSTED"}
-    assert all(t.get("grpc-retry-pushback-ms") == "100" for t in trailers)  # "busy: retry"
+    refused = [trailers for code, trailers in answers if code != "OK"]
+    assert refused and all(code in ("OK", "RESOURCE_EXHAUSTED") for code, _ in answers)
+    assert all(t.get("grpc-retry-pushback-ms") == "100" for t in refused)  # "busy: retry"
+    assert sum(started.values()) == len(answers) == 8 + len(refused)
     for job in jobs:
         assert decode_image(job.target.read_bytes(), max_pixels=10**8).rgb.shape == \
             small_photo.shape
+
+
+@needs_styles
+def test_a_file_over_the_message_limit_is_tried_once_and_skipped(
+        busy_style_server: RunningServer, small_photo: np.ndarray, tmp_path: Path) -> None:
+    """Both are RESOURCE_EXHAUSTED; only the busy answer carries the retry trailer."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode(small_photo))
+    noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+    large = encode(noise)  # 1.4 MB, over the 1 MB cap
+    (folder / "b-large.png").write_bytes(large)
+    (folder / "c.png").write_bytes(encode(small_photo[::-1]))
+    started: collections.Counter[bytes] = collections.Counter()
+    jobs = folder_runs.plan_folder(folder, tmp_path / "out", "png", recursive=False).jobs
+    report = folder_runs.FolderReport()
+    with client.connect(busy_style_server.target) as channel:
+        folder_runs.run_folder(jobs, _counting_start(channel, started, []), report,
+                               workers=1, patience=300, skip_existing=False, quiet=True,
+                               desc="stylize", server_serving=lambda: True)
+    assert started[large] == 1 and report.written == 2
+    (failure,) = report.failures
+    assert failure.startswith(f"{folder / 'b-large.png'}: RESOURCE_EXHAUSTED: ")
+    assert "larger than max" in failure and "retried" not in failure
 
 
 @needs_styles
@@ -164,6 +202,7 @@ def test_ctrl_c_or_sigterm_stops_the_run_and_leaves_only_whole_files(
     deadline = time.monotonic() + 120
     while not (out.exists() and any(out.glob("*.png"))) and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert any(out.glob("*.png")), "no output within 120 s"
     process.send_signal(stop)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == code, stderr.decode()
@@ -228,44 +267,128 @@ def test_bad_folder_runs_are_refused_before_anything_is_sent(
 
 
 @needs_styles
-def test_a_file_over_the_message_limit_is_skipped_not_retried(
-        busy_style_server: RunningServer, small_photo: np.ndarray, tmp_path: Path,
+def test_a_run_of_timeouts_goes_on_while_the_server_answers_its_health_check(
+        style_server: RunningServer, photos: Path, small_photo: np.ndarray, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    """Both are RESOURCE_EXHAUSTED; only the busy answer carries the retry trailer."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    (folder / "a.png").write_bytes(encode(small_photo))
-    noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
-    (folder / "b-large.png").write_bytes(encode(noise))  # 1.4 MB, over the 1 MB cap
-    (folder / "c.png").write_bytes(encode(small_photo[::-1]))
-    started = time.monotonic()
-    code = main(["stylize", str(folder), str(tmp_path / "out"), "--style", FIRST, "--jobs",
-                 "1", "--quiet", "--target", busy_style_server.target])
-    captured = capsys.readouterr()
-    assert code == 1 and time.monotonic() - started < 30
-    assert f"warning: skipped {folder / 'b-large.png'}: RESOURCE_EXHAUSTED: " in captured.err
-    assert "larger than max" in captured.err
-    assert captured.out.strip() == f"stylised 2 of 3 images into {tmp_path / 'out'} (1 failed)"
-
-
-@needs_styles
-def test_a_run_of_deadline_failures_stops_the_run(style_server: RunningServer, photos: Path,
-                                                  small_photo: np.ndarray, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    """A hung server or a --timeout too short fails every file: the run stops after
-    folder_runs.STREAK of them (with --jobs 1), not after the whole folder."""
-    for i in range(6):
+    """--timeout too short for every file: the server is fine (it answers its health check
+    after each streak), so every file is tried, and each failure reported."""
+    for i in range(4):
         (photos / f"more-{i}.png").write_bytes(encode(small_photo))
     out = tmp_path / "out"
     code = main(["stylize", str(photos), str(out), "--style", FIRST, "--jobs", "1",
                  "--timeout", "0.0001", "--quiet", "--target", style_server.target])
     captured = capsys.readouterr()
     assert code == 1
-    assert captured.err.count("DEADLINE_EXCEEDED") >= folder_runs.STREAK
-    assert captured.err.count("warning: skipped") <= folder_runs.STREAK + 1  # the broken one
-    assert "stopped: the last 3 files failed in a row (DEADLINE_EXCEEDED: " in captured.err
-    assert captured.out.strip().endswith("; stopped early: --skip-existing resumes")
+    assert captured.err.count("warning: skipped") == 7  # all of them
+    assert captured.err.count("DEADLINE_EXCEEDED") >= 6  # the broken one may be decoded first
+    assert (f"note: the last {folder_runs.STREAK} files failed in a row, but the server "
+            "answers its health check") in captured.err
+    assert captured.out.strip() == f"stylised 0 of 7 images into {out} (7 failed)"
     assert not out.exists()
+
+
+class ScriptedStyle(style_pb2_grpc.StyleTransferServicer):
+    """A StyleTransfer server that answers each Stylize by what its image bytes say:
+    ``ok-...`` at once, ``internal-...`` INTERNAL, ``busy-...`` busy (RESOURCE_EXHAUSTED
+    with the pushback trailer), ``flaky-...`` UNAVAILABLE twice and then ok."""
+
+    def __init__(self) -> None:
+        self.calls: collections.Counter[bytes] = collections.Counter()
+        self.lock = threading.Lock()
+
+    def Stylize(self, request: style_pb2.StylizeRequest,
+                context: grpc.ServicerContext) -> style_pb2.StylizeResponse:
+        with self.lock:
+            self.calls[request.image] += 1
+            calls = self.calls[request.image]
+        kind = request.image.split(b"-")[0]
+        if kind == b"internal":
+            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        if kind == b"busy":
+            context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, "20"),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy; retry with backoff")
+        if kind == b"flaky" and calls <= 2:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "max connection age")
+        return style_pb2.StylizeResponse(image=b"styled:" + request.image)
+
+
+@dataclass
+class Scripted:
+    target: str
+    style: ScriptedStyle
+    health: health.HealthServicer
+
+    def folder(self, root: Path, *names: str) -> Path:
+        root.mkdir()
+        for name in names:
+            (root / f"{name}.png").write_bytes(name.encode())
+        return root
+
+
+@pytest.fixture()
+def scripted() -> Iterator[Scripted]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    style, checks = ScriptedStyle(), health.HealthServicer()
+    style_pb2_grpc.add_StyleTransferServicer_to_server(style, server)
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+    checks.set("", health_pb2.HealthCheckResponse.SERVING)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield Scripted(f"127.0.0.1:{port}", style, checks)
+    server.stop(grace=None)
+
+
+def test_busy_is_retried_until_the_timeout_and_unavailable_for_a_while(
+        scripted: Scripted, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = scripted.folder(tmp_path / "in", "busy-1", "flaky-1", "ok-1")
+    out = tmp_path / "out"
+    code = main(["stylize", str(folder), str(out), "--style", "x", "--jobs", "1",
+                 "--timeout", "0.5", "--quiet", "--target", scripted.target])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert scripted.style.calls[b"busy-1"] > 2  # retried, then given up after --timeout
+    assert (f"warning: skipped {folder / 'busy-1.png'}: RESOURCE_EXHAUSTED: busy; retry with "
+            "backoff (retried for ") in captured.err
+    assert scripted.style.calls[b"flaky-1"] == 3  # a restart, say: retried until it answers
+    assert (out / "flaky-1.png").read_bytes() == b"styled:flaky-1"
+    assert captured.out.strip() == f"stylised 2 of 3 images into {out} (1 failed)"
+
+
+@pytest.mark.parametrize("serving", [True, False])
+def test_a_streak_of_server_errors_stops_the_run_only_if_the_health_check_fails(
+        scripted: Scripted, tmp_path: Path, serving: bool,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    folder = scripted.folder(tmp_path / "in", "internal-1", "internal-2", "internal-3",
+                             "internal-4", "ok-5")
+    if not serving:
+        scripted.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    out = tmp_path / "out"
+    code = main(["stylize", str(folder), str(out), "--style", "x", "--jobs", "1", "--quiet",
+                 "--target", scripted.target])
+    captured = capsys.readouterr()
+    assert code == 1
+    if serving:  # every file tried; the one that can be done is
+        assert sum(scripted.style.calls.values()) == 5
+        assert (out / "ok-5.png").read_bytes() == b"styled:ok-5"
+        assert captured.out.strip() == f"stylised 1 of 5 images into {out} (4 failed)"
+    else:
+        assert sum(scripted.style.calls.values()) == folder_runs.STREAK
+        assert ("stopped: the last 3 files failed in a row (INTERNAL: internal error; see the "
+                "server log), and the server does not answer a health check with SERVING"
+                ) in captured.err
+        assert captured.out.strip() == (f"stylised 0 of 5 images into {out} (3 failed); "
+                                        "stopped early: --skip-existing resumes")
+        assert not out.exists()
+
+
+def test_an_unreachable_server_fails_the_run_at_once(photos: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    target = _unreachable()
+    started = time.monotonic()
+    assert main(["upscale", str(photos), str(tmp_path / "out"), "--target", target]) == 1
+    assert capsys.readouterr().err.strip() == f"UNAVAILABLE: cannot connect to {target}"
+    assert time.monotonic() - started < 20  # not after the first file's deadline
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_shared_option_that_would_fail_every_file_is_refused_once(
@@ -297,11 +420,18 @@ def test_outputs_never_overwrite_inputs_or_clash_with_folders(
     (linked / "in" / "a.png").write_bytes(encode(small_photo))
     (linked / "out").mkdir()
     (linked / "out" / "a.png").symlink_to(linked / "in" / "a.png")
+    into = tmp_path / "into"  # a link to a folder of IN, in OUT
+    (into / "in" / "sub").mkdir(parents=True)
+    (into / "in" / "sub" / "b.jpg").write_bytes(encode(small_photo, "JPEG"))
+    (into / "out").mkdir()
+    (into / "out" / "sub").symlink_to(into / "in" / "sub", target_is_directory=True)
     cases = [
         # IN inside OUT: anc/s/s/a.png -> anc/s/a.png, an input
         ([str(nested), str(tmp_path / "anc"), "--recursive"], "over the input"),
         ([str(clash), str(tmp_path / "o"), "--recursive"], "needs as a folder"),
         ([str(linked / "in"), str(linked / "out")], "over the input"),  # through a link
+        ([str(into / "in"), str(into / "out"), "--recursive"],
+         "which a link in"),
         ([str(nested), str(tmp_path / "out.tif")], "the output must be one too, not"),
         ([str(tmp_path / "missing"), str(tmp_path / "o"), "--jobs", "2"],
          "cannot read input"),
@@ -312,6 +442,7 @@ def test_outputs_never_overwrite_inputs_or_clash_with_folders(
         assert code == 2 and message in err, (args, err)
     assert not (tmp_path / "o").exists() and not (tmp_path / "out.tif").exists()
     assert (nested / "a.png").read_bytes() == encode(small_photo)
+    assert sorted(p.name for p in (into / "in" / "sub").iterdir()) == ["b.jpg"]
 
 
 @needs_styles

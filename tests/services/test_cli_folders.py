@@ -454,3 +454,21 @@ def test_links_to_folders_are_followed_once(style_server: RunningServer, photos:
     assert main(["stylize", str(photos), str(out), "--style", FIRST, "--recursive",
                  "--quiet", "--target", style_server.target]) == 0
     assert _tree(out) == ["a.png", "b.png", "sub", "sub/c.png"]
+
+
+def test_a_streak_of_outputs_that_cannot_be_written_stops_the_run(
+        scripted: Scripted, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Names so long that the temporary file beside each output cannot be made (as a full
+    disk would fail every write): the run stops after the streak, without a health check."""
+    long = "x" * 240  # + ".png" fits a name; ".<name>.png.XXXXXXXX.partial" does not
+    folder = scripted.folder(tmp_path / "in", *(f"ok-{i}{long}" for i in range(5)))
+    out = tmp_path / "out"
+    code = main(["stylize", str(folder), str(out), "--style", "x", "--jobs", "1", "--quiet",
+                 "--target", scripted.target])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.err.count("warning: skipped") == folder_runs.STREAK
+    assert "File name too long" in captured.err
+    assert f"stopped: the last {folder_runs.STREAK} outputs could not be written" in captured.err
+    assert sum(scripted.style.calls.values()) == 0  # found before any request was sent
+    assert not out.exists()

@@ -201,10 +201,13 @@ def test_a_service_without_models_says_so_clearly(tmp_path: Path, photo: np.ndar
 
 
 def test_metrics_endpoint_counts_requests_by_status(all_server: RunningServer,
-                                                    photo: np.ndarray) -> None:
-    stub = style_pb2_grpc.StyleTransferStub(client.connect(all_server.target))
-    with pytest.raises(grpc.RpcError):
-        list(stub.StylizeWithImage(gatys_request(b"junk", b"junk"), timeout=10))
+                                                    small_photo: np.ndarray) -> None:
+    channel = client.connect(all_server.target)
+    stub = style_pb2_grpc.StyleTransferStub(channel)
+    with pytest.raises(grpc.RpcError) as refused:
+        list(stub.StylizeWithImage(gatys_request(b"junk", b"junk"), timeout=120))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    client.upscale(channel, encode(small_photo))  # a batch, whatever ran before this test
     port = all_server.server.config.metrics_port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert ('percept_requests_total{code="INVALID_ARGUMENT",method="StylizeWithImage",'

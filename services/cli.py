@@ -18,13 +18,16 @@ import json
 import math
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc loads: no C-core INFO lines
+
 import grpc
 
-from services import client, folder_runs
+from services import client, folder_runs, local_files
 from services.local_files import Terminated, UsageError, atomic_output, read_input, sigterm_raises
 
 Handler = Callable[[argparse.Namespace], int]
@@ -110,9 +113,21 @@ def _folder_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _check_reachable(path: str) -> None:
+    """UsageError when a folder on the way to ``path`` cannot be entered (a missing path is
+    left to the caller: for an output it is no error)."""
+    try:
+        os.stat(path)
+    except PermissionError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror}") from error
+    except OSError:
+        pass
+
+
 def _is_folder_run(args: argparse.Namespace) -> bool:
     """True when IN is a folder (the folder options then get their defaults); a file input
     refuses the folder-only options."""
+    _check_reachable(args.input)
     if os.path.isdir(args.input):
         args.format = args.format or FOLDER_FORMAT
         args.jobs = FOLDER_JOBS if args.jobs is None else args.jobs
@@ -158,8 +173,9 @@ def _run_folder(args: argparse.Namespace, verb: str, timeout: float,
         print(f"warning: {problem}", file=sys.stderr)
     report = folder_runs.FolderReport(unread_folders=len(plan.problems))
     address = args.target or client.default_target(args.service_for_target)
-    with _channel(args) as channel:  # closed on every path: an open one stalls the exit
-        if not client.connects(channel, CONNECT_TIMEOUT_SECONDS):
+    channel = _channel(args)
+    try:
+        if not client.answers(channel, CONNECT_TIMEOUT_SECONDS):
             raise _Unreachable(address)  # at once, rather than as the first file's failure
 
         def serving() -> bool:
@@ -183,6 +199,11 @@ def _run_folder(args: argparse.Namespace, verb: str, timeout: float,
         except BaseException:  # Ctrl-C, SIGTERM, a streak: how far the run got
             print(folder_runs.summary(report, len(plan.jobs), target, verb), flush=True)
             raise
+    finally:
+        with local_files.signals_deferred() as noted:  # grpc hangs on an interrupted close
+            channel.close()
+        if noted:
+            raise KeyboardInterrupt if noted[0] == signal.SIGINT else Terminated
     print(folder_runs.summary(report, len(plan.jobs), target, verb))
     return 1 if report.failures or plan.problems else 0
 
@@ -365,12 +386,13 @@ def _image_files(paths: Sequence[str], recursive: bool) -> list[Path]:
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
+        _check_reachable(raw)
+        if os.path.isdir(path):
             found, problems = folder_runs.image_files(path, recursive)
             files.extend(found)
             for problem in problems:
                 print(f"warning: {problem}", file=sys.stderr)
-        elif path.is_file():
+        elif os.path.isfile(path):
             files.append(path)
         else:
             raise UsageError(f"no such file or folder: {raw}")
@@ -573,7 +595,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # no C-core INFO lines in CLI output
     parser = build_parser()
     arguments = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(arguments)

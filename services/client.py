@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -52,24 +51,16 @@ def format_for_path(path: str | Path) -> int:
     return _EXTENSIONS[suffix]
 
 
-def connects(channel: grpc.Channel, timeout: float) -> bool:
-    """Whether ``channel`` connects within ``timeout`` seconds: False as soon as a first
-    attempt fails (connection refused, no such host), rather than retrying until then."""
-    settled = threading.Event()
-    states: list[grpc.ChannelConnectivity] = []
-
-    def on_change(state: grpc.ChannelConnectivity) -> None:
-        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-                     grpc.ChannelConnectivity.SHUTDOWN):
-            states.append(state)
-            settled.set()
-
-    channel.subscribe(on_change, try_to_connect=True)
+def answers(channel: grpc.Channel, timeout: float) -> bool:
+    """Whether a server answers on ``channel`` within ``timeout`` seconds (a health check,
+    which fails at once when the connection is refused; a server without the health service
+    answers too, with UNIMPLEMENTED)."""
     try:
-        settled.wait(timeout)
-    finally:
-        channel.unsubscribe(on_change)
-    return bool(states) and states[0] == grpc.ChannelConnectivity.READY
+        health_status(channel, timeout=timeout)
+    except grpc.RpcError as error:
+        return error.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                    grpc.StatusCode.DEADLINE_EXCEEDED)
+    return True
 
 
 def health_status(channel: grpc.Channel, service: str = "", timeout: float = 5.0) -> str:

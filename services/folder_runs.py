@@ -38,7 +38,13 @@ from typing import Any
 import grpc
 
 from services.common.errors import RETRY_PUSHBACK_KEY
-from services.local_files import Terminated, UsageError, atomic_output, read_input
+from services.local_files import (
+    Terminated,
+    UsageError,
+    atomic_output,
+    read_input,
+    signals_deferred,
+)
 
 #: The files a folder run reads (by extension, case-insensitively); hidden files are skipped.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -84,6 +90,12 @@ class FolderReport:
     stopped: bool = False
 
 
+def _regular_or_dangling(path: str) -> bool:
+    """A regular file (a pipe or device would block the read), or a link to nothing (read,
+    it is reported as unreadable rather than silently left out)."""
+    return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
+
+
 def image_files(folder: Path, recursive: bool) -> tuple[list[Path], list[str]]:
     """The image files of ``folder`` (and of its subfolders when ``recursive``; a link to a
     folder is followed, each folder read once) sorted, and the subfolders that could not
@@ -109,7 +121,8 @@ def image_files(folder: Path, recursive: bool) -> tuple[list[Path], list[str]]:
             kept.append(name)
         folders[:] = sorted(kept)
         files.extend(Path(root, name) for name in names
-                     if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES)
+                     if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+                     and _regular_or_dangling(os.path.join(root, name)))
     return sorted(files, key=lambda p: p.relative_to(folder).parts), problems
 
 
@@ -351,7 +364,7 @@ class _Run:
             self.stop(FolderRunStopped(
                 f"the last {streak} files failed in a row ({failure.reason}), and the server "
                 f"does not answer a health check with SERVING within "
-                f"{HEALTH_TIMEOUT_SECONDS:g} s: it is hung or broken"))
+                f"{HEALTH_TIMEOUT_SECONDS:g} s: it is down, hung or broken"))
         else:
             self.bar.write(f"note: the last {streak} files failed in a row, but the server "
                            "answers its health check, so the run goes on (a longer "
@@ -415,11 +428,16 @@ def run_folder(jobs: Sequence[FileJob], start: Start, report: FolderReport, *, w
                 while not done.wait(0.5):  # short waits: Ctrl-C is seen at once
                     pass
         except (KeyboardInterrupt, Terminated) as interrupt:
-            run.stop(interrupt)
+            with signals_deferred():  # a second Ctrl-C must not cut the cleanup short
+                report.stopped = True
+                run.stop(interrupt)
+                for done in started:
+                    done.wait()
         finally:
-            for done in started:
-                done.wait()
-            _remove_empty(made)  # those left empty
+            with signals_deferred():
+                for done in started:
+                    done.wait()
+                _remove_empty(made)  # those left empty
     if run.fatal:
         report.stopped = True
         raise run.fatal[0]

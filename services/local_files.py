@@ -60,6 +60,29 @@ _UMASK = _current_umask()
 
 
 @contextlib.contextmanager
+def signals_deferred() -> Iterator[list[int]]:
+    """Within the block, SIGINT and SIGTERM are noted (in the yielded list), not raised, so
+    that cleanup (cancelling calls, removing temporary files, closing a channel: grpc can
+    hang on a channel whose closing was interrupted) runs to its end; the caller raises
+    afterwards. Outside the main thread, a no-op."""
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        noted.append(signum)
+
+    previous = {number: signal.signal(number, note)
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield noted
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
+@contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[Callable[[bytes], None]]:
     """Opens a temporary file beside ``path`` (making its folders) before the request is
     sent, so an unwritable output fails at once, not after the server's work; yields the
@@ -101,7 +124,7 @@ def atomic_output(path: str | Path) -> Iterator[Callable[[bytes], None]]:
         yield write
     finally:
         file.close()  # a no-op once written
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone, or its folder made read-only meanwhile
             os.unlink(temporary)  # left only when the call or the write failed
         if not os.path.lexists(target):
             for empty in made:  # deepest first

@@ -472,3 +472,14 @@ def test_a_streak_of_outputs_that_cannot_be_written_stops_the_run(
     assert f"stopped: the last {folder_runs.STREAK} outputs could not be written" in captured.err
     assert sum(scripted.style.calls.values()) == 0  # found before any request was sent
     assert not out.exists()
+
+
+def test_a_pipe_among_the_images_is_left_out(photos: Path) -> None:
+    """Reading a named pipe would block the run for ever."""
+    import os
+
+    os.mkfifo(photos / "zz-pipe.png")
+    (photos / "dangling.png").symlink_to(photos / "nowhere.png")
+    files, problems = folder_runs.image_files(photos, recursive=False)
+    assert [p.name for p in files] == ["a.png", "b.JPG", "broken.jpg", "dangling.png"]
+    assert problems == []  # the dangling link is kept, to be reported as unreadable

@@ -178,12 +178,12 @@ def _run_folder(args: argparse.Namespace, verb: str, timeout: float,
         if not client.answers(channel, CONNECT_TIMEOUT_SECONDS):
             raise _Unreachable(address)  # at once, rather than as the first file's failure
 
-        def serving() -> bool:
+        def serving() -> bool:  # True too for a server without the health service
             try:
                 return client.health_status(channel, timeout=folder_runs.HEALTH_TIMEOUT_SECONDS
                                             ) == "SERVING"
-            except grpc.RpcError:
-                return False
+            except grpc.RpcError as error:
+                return error.code() == grpc.StatusCode.UNIMPLEMENTED
 
         start = start_for(channel, client.format_for_path(f"x.{args.format}"))
         try:
@@ -202,9 +202,9 @@ def _run_folder(args: argparse.Namespace, verb: str, timeout: float,
     finally:
         with local_files.signals_deferred() as noted:  # grpc hangs on an interrupted close
             channel.close()
-        if noted:
-            raise KeyboardInterrupt if noted[0] == signal.SIGINT else Terminated
     print(folder_runs.summary(report, len(plan.jobs), target, verb))
+    if noted:  # a signal during the close of a finished run
+        raise KeyboardInterrupt if noted[0] == signal.SIGINT else Terminated
     return 1 if report.failures or plan.problems else 0
 
 

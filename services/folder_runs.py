@@ -10,9 +10,10 @@ What happens to each kind of failure:
 - the server is busy (RESOURCE_EXHAUSTED with the ``grpc-retry-pushback-ms`` trailer) or
   unavailable for a while (a restart, a connection aged out): the request is retried with
   backoff, for up to ``--timeout`` seconds (one minute when unavailable);
-- DEADLINE_EXCEEDED, INTERNAL, still busy or unavailable after that: reported and
-  skipped; after :data:`a streak of them <STREAK>` with no success in between, the server
-  gets a health check, and the run stops unless it answers SERVING;
+- DEADLINE_EXCEEDED, INTERNAL, CANCELLED (not by this run), still busy or unavailable
+  after that: reported and skipped; after :data:`a streak of them <STREAK>` with no
+  success in between, the server gets a health check, and the run stops unless it
+  answers SERVING;
 - an output that cannot be written: reported and skipped; a streak of them (a full disk)
   stops the run;
 - any other status (NOT_FOUND for an unknown style, UNIMPLEMENTED, ...) would fail every
@@ -242,7 +243,7 @@ FILE_STATUSES = frozenset({grpc.StatusCode.INVALID_ARGUMENT,
                            grpc.StatusCode.RESOURCE_EXHAUSTED})  # without pushback: too large
 #: Statuses about one file that may also mean a hung, overloaded or broken server.
 SERVER_STATUSES = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
-                             grpc.StatusCode.UNKNOWN})
+                             grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED})
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,7 @@ class _Run:
         self.stopping = threading.Event()
         self.in_flight: set[grpc.Future] = set()
         self.fatal: list[BaseException] = []
-        self.streak = 0
+        self.streaks = {"server": 0, "disk": 0}  # failures of each kind in a row
 
     def stop(self, error: BaseException) -> None:
         """Records the first reason to stop, starts no more calls and cancels those in
@@ -343,15 +344,17 @@ class _Run:
         with self.lock:
             if failure is None:
                 self.report.written += 1
-                self.streak = 0
+                self.streaks = dict.fromkeys(self.streaks, 0)
             else:
                 self.report.failures.append(f"{job.source}: {failure.reason}")
                 self.bar.set_postfix(failed=len(self.report.failures), refresh=False)
-                self.streak += failure.kind != "file"
             self.bar.update(1)
-            streak = self.streak
-            if streak >= self.streak_limit:
-                self.streak = 0  # one check per streak
+            streak = 0
+            if failure is not None and failure.kind in self.streaks:
+                self.streaks[failure.kind] += 1
+                streak = self.streaks[failure.kind]
+                if streak >= self.streak_limit:
+                    self.streaks[failure.kind] = 0  # one check per streak
         if failure is None:
             return
         self.bar.write(f"warning: skipped {job.source}: {failure.reason}", file=sys.stderr)
@@ -419,22 +422,29 @@ def run_folder(jobs: Sequence[FileJob], start: Start, report: FolderReport, *, w
                 done.set()
 
         started: list[threading.Event] = []
+        finished = False
         try:
             for i, done in enumerate(ended):
-                threading.Thread(target=work, args=(done,), name=f"percept-job-{i}",
-                                 daemon=True).start()
-                started.append(done)
+                started.append(done)  # before start(), which a signal may interrupt
+                try:
+                    threading.Thread(target=work, args=(done,), name=f"percept-job-{i}",
+                                     daemon=True).start()
+                except RuntimeError:  # "can't start new thread": none to wait for
+                    done.set()
+                    raise
             for done in started:
                 while not done.wait(0.5):  # short waits: Ctrl-C is seen at once
                     pass
+            finished = True
         except (KeyboardInterrupt, Terminated) as interrupt:
-            with signals_deferred():  # a second Ctrl-C must not cut the cleanup short
-                report.stopped = True
-                run.stop(interrupt)
-                for done in started:
-                    done.wait()
+            report.stopped = True
+            run.stop(interrupt)
         finally:
+            # a second Ctrl-C must not cut the cleanup short (or skip the stop)
             with signals_deferred():
+                if not finished:
+                    report.stopped = True
+                    run.stop(KeyboardInterrupt())  # no-op if already stopped
                 for done in started:
                     done.wait()
                 _remove_empty(made)  # those left empty

@@ -74,7 +74,8 @@ def signals_deferred() -> Iterator[list[int]]:
         noted.append(signum)
 
     previous = {number: signal.signal(number, note)
-                for number in (signal.SIGINT, signal.SIGTERM)}
+                for number in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(number) is not signal.SIG_IGN}  # ignored stays ignored
     try:
         yield noted
     finally:

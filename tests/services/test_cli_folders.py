@@ -483,3 +483,17 @@ def test_a_pipe_among_the_images_is_left_out(photos: Path) -> None:
     files, problems = folder_runs.image_files(photos, recursive=False)
     assert [p.name for p in files] == ["a.png", "b.JPG", "broken.jpg", "dangling.png"]
     assert problems == []  # the dangling link is kept, to be reported as unreadable
+
+
+def test_streaks_of_different_kinds_are_counted_apart(
+        scripted: Scripted, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two server errors and one unwritable output are no streak of either kind."""
+    folder = scripted.folder(tmp_path / "in", "internal-1", "internal-2", "ok-3" + "x" * 240,
+                             "ok-4")
+    scripted.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # never asked
+    out = tmp_path / "out"
+    code = main(["stylize", str(folder), str(out), "--style", "x", "--jobs", "1", "--quiet",
+                 "--target", scripted.target])
+    captured = capsys.readouterr()
+    assert code == 1 and "stopped" not in captured.err
+    assert captured.out.strip() == f"stylised 1 of 4 images into {out} (3 failed)"

@@ -270,12 +270,11 @@ class _Run:
         """Records the first reason to stop, starts no more calls and cancels those in
         flight (the channel stays open, so no call can start on a closed one)."""
         with self.lock:
-            if self.stopping.is_set():
-                return
-            self.fatal.append(error)
-            self.stopping.set()
-            for future in self.in_flight:
-                future.cancel()
+            if not self.stopping.is_set():
+                self.fatal.append(error)
+                self.stopping.set()
+            for future in self.in_flight:  # again on a second call: one cut short by a
+                future.cancel()  # signal may not have cancelled them all
 
     def call_once(self, data: bytes) -> bytes:
         with self.lock:  # a stop either comes first, or sees this call and cancels it
@@ -444,7 +443,7 @@ def run_folder(jobs: Sequence[FileJob], start: Start, report: FolderReport, *, w
             with signals_deferred():
                 if not finished:
                     report.stopped = True
-                    run.stop(KeyboardInterrupt())  # no-op if already stopped
+                    run.stop(KeyboardInterrupt())  # cancels what is still in flight
                 for done in started:
                     done.wait()
                 _remove_empty(made)  # those left empty

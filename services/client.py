@@ -70,20 +70,23 @@ def health_status(channel: grpc.Channel, service: str = "", timeout: float = 5.0
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
 
+def _upscale_request(image: bytes, model: str, output_format: int
+                     ) -> superres_pb2.UpscaleRequest:
+    return superres_pb2.UpscaleRequest(image=image, scale=4, model=model,
+                                       output_format=output_format)
+
+
 def upscale(channel: grpc.Channel, image: bytes, *, model: str = "", output_format: int = 0,
             timeout: float | None = 300) -> superres_pb2.UpscaleResponse:
     stub = superres_pb2_grpc.SuperResolutionStub(channel)
-    return stub.Upscale(superres_pb2.UpscaleRequest(image=image, scale=4, model=model,
-                                                    output_format=output_format),
-                        timeout=timeout)
+    return stub.Upscale(_upscale_request(image, model, output_format), timeout=timeout)
 
 
 def upscale_future(channel: grpc.Channel, image: bytes, *, model: str = "",
                    output_format: int = 0, timeout: float | None = 300) -> grpc.Future:
     """:func:`upscale` started, not waited for: its future can be cancelled."""
     stub = superres_pb2_grpc.SuperResolutionStub(channel)
-    return stub.Upscale.future(superres_pb2.UpscaleRequest(
-        image=image, scale=4, model=model, output_format=output_format), timeout=timeout)
+    return stub.Upscale.future(_upscale_request(image, model, output_format), timeout=timeout)
 
 
 def list_styles(channel: grpc.Channel, timeout: float | None = 30) -> list[style_pb2.StyleInfo]:

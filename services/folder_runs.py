@@ -436,8 +436,7 @@ def run_folder(jobs: Sequence[FileJob], start: Start, report: FolderReport, *, w
                     pass
             finished = True
         except (KeyboardInterrupt, Terminated) as interrupt:
-            report.stopped = True
-            run.stop(interrupt)
+            run.stop(interrupt)  # recorded: it is raised again below
         finally:
             # a second Ctrl-C must not cut the cleanup short (or skip the stop)
             with signals_deferred():

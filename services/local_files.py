@@ -21,6 +21,27 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread (see :func:`sigterm_raises`; exit code 143)."""
 
 
+SignalHandler = Callable[[int, FrameType | None], None]
+
+
+@contextlib.contextmanager
+def _handling(signals: tuple[signal.Signals, ...], handler: SignalHandler) -> Iterator[None]:
+    """``handler`` for ``signals`` within the block, the previous handlers restored after.
+    Only the main thread may set handlers: elsewhere, a no-op. A signal that is ignored
+    stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, handler) for number in signals
+                if signal.getsignal(number) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for number, earlier in previous.items():
+            # None: a handler installed from C, which Python cannot restore; the default
+            signal.signal(number, signal.SIG_DFL if earlier is None else earlier)
+
+
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
     """Within the block, SIGTERM raises Terminated in the main thread, as Ctrl-C raises
@@ -30,15 +51,8 @@ def sigterm_raises() -> Iterator[None]:
     def terminate(signum: int, frame: FrameType | None) -> None:
         raise Terminated
 
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set handlers: leave SIGTERM alone
-        return
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
+    with _handling((signal.SIGTERM,), terminate):
         yield
-    finally:
-        # None: a handler installed from C, which Python cannot restore; the default then
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def read_input(path: str | Path, what: str = "input") -> bytes:
@@ -66,21 +80,8 @@ def signals_deferred() -> Iterator[list[int]]:
     hang on a channel whose closing was interrupted) runs to its end; the caller raises
     afterwards. Outside the main thread, a no-op."""
     noted: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
+    with _handling((signal.SIGINT, signal.SIGTERM), lambda signum, frame: noted.append(signum)):
         yield noted
-        return
-
-    def note(signum: int, frame: FrameType | None) -> None:
-        noted.append(signum)
-
-    previous = {number: signal.signal(number, note)
-                for number in (signal.SIGINT, signal.SIGTERM)
-                if signal.getsignal(number) is not signal.SIG_IGN}  # ignored stays ignored
-    try:
-        yield noted
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
 
 @contextlib.contextmanager

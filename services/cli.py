@@ -178,18 +178,13 @@ def _run_folder(args: argparse.Namespace, verb: str, timeout: float,
         if not client.answers(channel, CONNECT_TIMEOUT_SECONDS):
             raise _Unreachable(address)  # at once, rather than as the first file's failure
 
-        def serving() -> bool:  # True too for a server without the health service
-            try:
-                return client.health_status(channel, timeout=folder_runs.HEALTH_TIMEOUT_SECONDS
-                                            ) == "SERVING"
-            except grpc.RpcError as error:
-                return error.code() == grpc.StatusCode.UNIMPLEMENTED
-
         start = start_for(channel, client.format_for_path(f"x.{args.format}"))
         try:
             folder_runs.run_folder(plan.jobs, start, report, workers=args.jobs,
                                    patience=timeout, skip_existing=bool(args.skip_existing),
-                                   quiet=args.quiet, desc=args.command, server_serving=serving)
+                                   quiet=args.quiet, desc=args.command,
+                                   check_health=lambda: client.health_future(
+                                       channel, folder_runs.HEALTH_TIMEOUT_SECONDS))
         except UsageError:
             raise  # nothing was sent
         except grpc.RpcError:

@@ -65,9 +65,15 @@ def answers(channel: grpc.Channel, timeout: float) -> bool:
 
 def health_status(channel: grpc.Channel, service: str = "", timeout: float = 5.0) -> str:
     """The grpc.health.v1 status name of ``service`` ("" = the whole server)."""
-    stub = health_pb2_grpc.HealthStub(channel)
-    response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    response = health_future(channel, timeout, service).result()
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+def health_future(channel: grpc.Channel, timeout: float, service: str = "") -> grpc.Future:
+    """A grpc.health.v1 check of ``service`` ("" = the whole server), as a cancellable
+    future of its HealthCheckResponse."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check.future(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
 
 
 def _upscale_request(image: bytes, model: str, output_format: int

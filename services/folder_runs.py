@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from services.common.errors import RETRY_PUSHBACK_KEY
 from services.local_files import (
@@ -256,10 +257,10 @@ class _Run:
     """The state of one folder run, shared by its worker threads (under ``lock``)."""
 
     def __init__(self, start: Start, report: FolderReport, bar: Any, *, patience: float,
-                 streak_limit: int, server_serving: Callable[[], bool]) -> None:
+                 streak_limit: int, check_health: Callable[[], grpc.Future]) -> None:
         self.start, self.report, self.bar = start, report, bar
         self.patience, self.streak_limit = patience, streak_limit
-        self.server_serving = server_serving
+        self.check_health = check_health
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.in_flight: set[grpc.Future] = set()
@@ -276,14 +277,15 @@ class _Run:
             for future in self.in_flight:  # again on a second call: one cut short by a
                 future.cancel()  # signal may not have cancelled them all
 
-    def call_once(self, data: bytes) -> bytes:
+    def tracked(self, begin: Callable[[], grpc.Future]) -> Any:
+        """The result of the call that ``begin()`` starts; a stop cancels it (_Stopped)."""
         with self.lock:  # a stop either comes first, or sees this call and cancels it
             if self.stopping.is_set():
                 raise _Stopped
-            future = self.start(data)
+            future = begin()
             self.in_flight.add(future)
         try:
-            return bytes(future.result().image)
+            return future.result()
         except grpc.FutureCancelledError as error:
             raise _Stopped from error
         except grpc.RpcError:
@@ -293,6 +295,18 @@ class _Run:
         finally:
             with self.lock:
                 self.in_flight.discard(future)
+
+    def call_once(self, data: bytes) -> bytes:
+        return bytes(self.tracked(lambda: self.start(data)).image)
+
+    def server_serving(self) -> bool:
+        """Whether the server answers its health check with SERVING (a server without the
+        health service counts as serving); a stop cuts the check short (_Stopped)."""
+        try:
+            answer = self.tracked(self.check_health)
+        except grpc.RpcError as error:
+            return error.code() == grpc.StatusCode.UNIMPLEMENTED
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
     def call(self, data: bytes) -> bytes:
         """The call, retried with backoff while the server answers busy (for up to
@@ -385,13 +399,13 @@ class _Run:
 
 def run_folder(jobs: Sequence[FileJob], start: Start, report: FolderReport, *, workers: int,
                patience: float, skip_existing: bool, quiet: bool, desc: str,
-               server_serving: Callable[[], bool]) -> None:
+               check_health: Callable[[], grpc.Future]) -> None:
     """Runs ``start`` (image bytes in, the call's future out) on every job with ``workers``
     requests in flight, under a progress bar, counting into ``report``. A status not about
-    one file is raised, and so is FolderRunStopped after a streak of failures when
-    ``server_serving()`` (a health check) is False; Ctrl-C (KeyboardInterrupt) and SIGTERM
-    (Terminated) are raised too. Each first cancels the calls in flight and lets the
-    workers end."""
+    one file is raised, and so is FolderRunStopped after a streak of failures when the
+    health check that ``check_health()`` starts (a future) does not answer SERVING;
+    Ctrl-C (KeyboardInterrupt) and SIGTERM (Terminated) are raised too. Each first cancels
+    the calls in flight, the health check included, and lets the workers end."""
     from tqdm import tqdm
 
     if not 1 <= workers <= MAX_JOBS:
@@ -402,7 +416,7 @@ def run_folder(jobs: Sequence[FileJob], start: Start, report: FolderReport, *, w
     with tqdm(total=len(jobs), initial=report.skipped, desc=desc, unit="img",
               disable=quiet, file=sys.stderr) as bar:
         run = _Run(start, report, bar, patience=patience, streak_limit=max(STREAK, workers),
-                   server_serving=server_serving)
+                   check_health=check_health)
         queue = iter(pending)
         # Each worker sets its own event as it ends. (Not Thread.join: an exception raised
         # by a signal handler inside join() can leave a live thread marked as ended, and

@@ -150,7 +150,8 @@ def test_a_busy_server_is_retried_with_backoff(busy_style_server: RunningServer,
     with client.connect(busy_style_server.target) as channel:
         folder_runs.run_folder(jobs, _counting_start(channel, started, answers), report,
                                workers=8, patience=300, skip_existing=False, quiet=True,
-                               desc="stylize", server_serving=lambda: True)
+                               desc="stylize",
+                               check_health=lambda: client.health_future(channel, 5))
     assert report.written == 8 and not report.failures
     refused = [trailers for code, trailers in answers if code != "OK"]
     assert refused and all(code in ("OK", "RESOURCE_EXHAUSTED") for code, _ in answers)
@@ -178,7 +179,8 @@ def test_a_file_over_the_message_limit_is_tried_once_and_skipped(
     with client.connect(busy_style_server.target) as channel:
         folder_runs.run_folder(jobs, _counting_start(channel, started, []), report,
                                workers=1, patience=300, skip_existing=False, quiet=True,
-                               desc="stylize", server_serving=lambda: True)
+                               desc="stylize",
+                               check_health=lambda: client.health_future(channel, 5))
     assert started[large] == 1 and report.written == 2
     (failure,) = report.failures
     assert failure.startswith(f"{folder / 'b-large.png'}: RESOURCE_EXHAUSTED: ")
@@ -497,3 +499,53 @@ def test_streaks_of_different_kinds_are_counted_apart(
     captured = capsys.readouterr()
     assert code == 1 and "stopped" not in captured.err
     assert captured.out.strip() == f"stylised 1 of 4 images into {out} (3 failed)"
+
+
+class HangingHealth(health_pb2_grpc.HealthServicer):
+    """A health service that answers its first Check (the CLI's probe) and hangs on the
+    next until the client gives up on it, noting how many seconds of its deadline were left
+    then."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.entered, self.ended = threading.Event(), threading.Event()
+        self.left: list[float] = []
+
+    def Check(self, request: health_pb2.HealthCheckRequest,
+              context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
+        self.calls += 1
+        if self.calls > 1:
+            def gone() -> None:
+                self.left.append(context.time_remaining() or 0.0)
+                self.ended.set()
+            context.add_callback(gone)
+            self.entered.set()
+            self.ended.wait(60)
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+def test_ctrl_c_during_a_streaks_health_check_cancels_it(tmp_path: Path) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    checks = HangingHealth()
+    style_pb2_grpc.add_StyleTransferServicer_to_server(ScriptedStyle(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        folder = Scripted("", ScriptedStyle(), health.HealthServicer()).folder(
+            tmp_path / "in", "internal-1", "internal-2", "internal-3", "ok-4")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "stylize", str(folder), str(tmp_path / "out"),
+             "--style", "x", "--jobs", "1", "--quiet", "--target", f"127.0.0.1:{port}"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert checks.entered.wait(60), "no health check after the streak"
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+        assert process.returncode == 130, stderr.decode()
+        assert checks.ended.wait(10)
+        # cancelled by the stop, well before its 5 s deadline
+        assert checks.left[-1] > folder_runs.HEALTH_TIMEOUT_SECONDS - 3, checks.left
+        assert "stylised 0 of 4 images" in stdout.decode()
+    finally:
+        checks.ended.set()
+        server.stop(grace=None)

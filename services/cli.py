@@ -376,22 +376,25 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_files(paths: Sequence[str], recursive: bool) -> list[Path]:
-    """The files named, and the images of the folders named (as folder runs read them)."""
+def _image_files(paths: Sequence[str], recursive: bool) -> tuple[list[Path], int]:
+    """The files named, and the images of the folders named (as folder runs read them);
+    with the number of subfolders that could not be read (each reported)."""
     files: list[Path] = []
+    unread_folders = 0
     for raw in paths:
         path = Path(raw)
         _check_reachable(raw)
         if os.path.isdir(path):
             found, problems = folder_runs.image_files(path, recursive)
             files.extend(found)
+            unread_folders += len(problems)
             for problem in problems:
                 print(f"warning: {problem}", file=sys.stderr)
         elif os.path.isfile(path):
             files.append(path)
         else:
             raise UsageError(f"no such file or folder: {raw}")
-    return files
+    return files, unread_folders
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -399,7 +402,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     from percept.v1 import search_pb2
 
-    files = _image_files(args.paths, args.recursive)
+    files, unread_folders = _image_files(args.paths, args.recursive)
     unreadable: list[str] = []
 
     def items() -> object:
@@ -422,8 +425,11 @@ def cmd_index(args: argparse.Namespace) -> int:
               file=sys.stderr)
     for line in unreadable:
         print(f"warning: skipped unreadable {line}", file=sys.stderr)
-    print(f"indexed {added} of {len(files)} images; skipped {len(rejected) + len(unreadable)}")
-    return 0
+    skipped = len(rejected) + len(unreadable)
+    folders = (f"; {unread_folders} folder{'s' * (unread_folders > 1)} not read"
+               if unread_folders else "")
+    print(f"indexed {added} of {len(files)} images; skipped {skipped}{folders}")
+    return 1 if skipped or unread_folders else 0  # as folder runs: something was left out
 
 
 def cmd_search(args: argparse.Namespace) -> int:

@@ -70,7 +70,8 @@ def test_search_json_has_the_documented_shape(all_server: RunningServer, tmp_pat
     folder.mkdir()
     (folder / "cat.png").write_bytes(encode(photo))
     (folder / "broken.png").write_bytes(b"not an image")
-    assert main(["index", str(folder), "--quiet", "--target", all_server.target]) == 0
+    # the broken file is reported and the exit status says something was left out
+    assert main(["index", str(folder), "--quiet", "--target", all_server.target]) == 1
     captured = capsys.readouterr()
     assert "indexed 1 of 2 images; skipped 1" in captured.out
     assert "broken.png" in captured.err and "not a decodable image" in captured.err

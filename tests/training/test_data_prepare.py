@@ -206,3 +206,59 @@ def test_cli_reports_errors_and_exits_non_zero(tmp_path: Path,
     assert cli.main(["prepare", "--photos", str(empty), "--out", str(tmp_path / "ok"),
                      "--sizes", "16", "--quiet", "--workers", "1"]) == 0
     assert load_prepared(tmp_path / "ok").arrays[16].shape == (1, 16, 16, 3)
+
+
+def test_an_up_to_date_folder_is_left_alone_and_anything_else_rebuilt(
+        sources: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for key in ("rgb_jpeg", "grey_png"):
+        (photos / sources[key].name).write_bytes(sources[key].read_bytes())
+    out = tmp_path / "out"
+    args = ["prepare", "--photos", str(photos), "--out", str(out), "--sizes", "32", "8",
+            "--crops-per-image", "2", "--workers", "1", "--quiet"]
+
+    def run(*extra: str) -> str:
+        assert cli.main([*args, *extra]) == 0
+        return capsys.readouterr().out
+
+    def stamps() -> list[int]:
+        return [(out / name).stat().st_mtime_ns
+                for name in ("manifest.json", "images_32.npy", "images_8.npy")]
+
+    assert "up to date" not in run()
+    before = stamps()
+    assert "[prepare] up to date: 4 items x sizes [32, 8] from 2 images" in run()
+    assert stamps() == before  # not rewritten
+    assert "up to date" not in run("--force")
+    assert "up to date" not in run("--seed", "1")  # other crops
+    assert load_prepared(out).manifest["seed"] == 1
+    assert "up to date" not in run()  # back to seed 0
+    with Image.open(photos / sources["grey_png"].name) as image:  # same name, new pixels
+        image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / sources["grey_png"].name)
+    assert "up to date" not in run()
+    assert "up to date" in run()
+    np.save(out / "images_8.npy", np.zeros((3, 8, 8, 3), np.uint8))  # a damaged array
+    assert "up to date" not in run()
+    assert load_prepared(out).arrays[8].shape == (4, 8, 8, 3)
+    (out / "manifest.json").unlink()  # as an interrupted run leaves it
+    assert "up to date" not in run()
+
+
+def test_a_rebuild_first_removes_the_manifest(sources: dict[str, Path], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted rebuild must not leave the old manifest vouching for new arrays."""
+    from training.data import prepare as prepare_module
+
+    files = [sources["rgb_jpeg"]]
+    prepare(files, tmp_path, sizes=[32], crops_per_image=2, seed=0, workers=1, progress=False)
+
+    def interrupted(task: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "_process", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(files, tmp_path, sizes=[32], crops_per_image=2, seed=1, workers=1,
+                progress=False)
+    with pytest.raises(PreparedDataError, match="not found"):
+        load_prepared(tmp_path)

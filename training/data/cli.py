@@ -52,6 +52,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="processes (default: every core)")
     parser.add_argument("--allow-heldout", action="store_true",
                         help="accept photos from a heldout/ folder (evaluation data only)")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild even when --out already holds these arrays (by default "
+                             "an up-to-date folder is left as it is)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -27,12 +27,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from training.assets import REPO_ROOT, sha256_of
+from training.data.arrays import MANIFEST, PreparedDataError, load_prepared
 from training.command import command_line
 from training.data.folders import unwritable_reason
 from training.data.images import (
@@ -48,7 +50,6 @@ from training.data.images import (
 )
 
 FORMAT = "percept-prepared/1"
-MANIFEST = "manifest.json"
 
 
 class PrepareError(RuntimeError):
@@ -168,16 +169,14 @@ def prepare(sources: Sequence[Path], out: Path, sizes: Sequence[int], crops_per_
     ``sizes`` are square side lengths; the largest is cut from the sources and the others
     are bicubic reductions of it. Returns the manifest.
     """
-    sizes = sorted({int(s) for s in sizes}, reverse=True)
-    if not sizes or sizes[-1] < 1:
-        raise PrepareError(f"sizes must be positive integers, got {list(sizes)}")
-    if crops_per_image < 1:
-        raise PrepareError(f"--crops-per-image must be >= 1, got {crops_per_image}")
+    sizes = _checked(sizes, crops_per_image)
     if (reason := unwritable_reason(out)) is not None:
         raise PrepareError(f"cannot write to {out}: {reason}")
 
     tasks, order = plan(sources, sizes[0], crops_per_image, seed)
     count = len(order)
+    # An interrupted run must not leave the old manifest vouching for half-written arrays.
+    (out / MANIFEST).unlink(missing_ok=True)
     arrays = {}
     for size in sizes:
         arrays[str(size)] = {"file": array_name(size), "shape": [count, size, size, 3],
@@ -202,15 +201,6 @@ def prepare(sources: Sequence[Path], out: Path, sizes: Sequence[int], crops_per_
     bar.close()
     _OUTPUTS.clear()
 
-    source_entries = []
-    for task in tasks:
-        path = Path(task.path)
-        with Image.open(path) as image:
-            mode = image.mode
-        source_entries.append({"path": _display_path(path), "sha256": sha256_of(path),
-                               "width": task.original[0], "height": task.original[1],
-                               "mode": mode, "bytes": path.stat().st_size,
-                               "crops": len(task.crops)})
     manifest: dict[str, object] = {
         "format": FORMAT,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -221,11 +211,60 @@ def prepare(sources: Sequence[Path], out: Path, sizes: Sequence[int], crops_per_
         "count": count,
         "pairing": "each smaller size is the PIL BICUBIC reduction of the largest size's item",
         "arrays": arrays,
-        "sources": source_entries,
-        "items": [[s, c, *(round(v, 2) for v in box)] for s, c, box in order],
+        "sources": _source_entries(tasks),
+        "items": _items(order),
         "items_columns": ["source", "crop", "left", "top", "right", "bottom"],
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _checked(sizes: Sequence[int], crops_per_image: int) -> list[int]:
+    """The sizes, largest first; PrepareError for bad sizes or crop counts."""
+    ordered = sorted({int(s) for s in sizes}, reverse=True)
+    if not ordered or ordered[-1] < 1:
+        raise PrepareError(f"sizes must be positive integers, got {list(sizes)}")
+    if crops_per_image < 1:
+        raise PrepareError(f"--crops-per-image must be >= 1, got {crops_per_image}")
+    return ordered
+
+
+def _source_entries(tasks: Sequence[SourceTask]) -> list[dict[str, object]]:
+    entries: list[dict[str, object]] = []
+    for task in tasks:
+        path = Path(task.path)
+        with Image.open(path) as image:
+            mode = image.mode
+        entries.append({"path": _display_path(path), "sha256": sha256_of(path),
+                        "width": task.original[0], "height": task.original[1],
+                        "mode": mode, "bytes": path.stat().st_size, "crops": len(task.crops)})
+    return entries
+
+
+def _items(order: Sequence[tuple[int, int, Box]]) -> list[list[float]]:
+    return [[s, c, *(round(v, 2) for v in box)] for s, c, box in order]
+
+
+def up_to_date(sources: Sequence[Path], out: Path, sizes: Sequence[int],
+               crops_per_image: int = 1, seed: int = 0) -> dict[str, Any] | None:
+    """The manifest of ``out`` when the folder already holds what :func:`prepare` would
+    write there (the same photos by content, sizes, crops, seed and crop boxes, and whole
+    arrays of the listed shapes), else None."""
+    try:
+        manifest: dict[str, Any] = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    sizes = _checked(sizes, crops_per_image)
+    tasks, order = plan(sources, sizes[0], crops_per_image, seed)
+    expected = {"format": FORMAT, "seed": seed, "sizes": sizes,
+                "crops_per_image": crops_per_image, "count": len(order),
+                "items": _items(order), "sources": _source_entries(tasks)}
+    if any(manifest.get(key) != value for key, value in expected.items()):
+        return None
+    try:
+        load_prepared(out, allow_heldout=True)  # every array there, of its listed shape
+    except (PreparedDataError, OSError, ValueError, KeyError, TypeError):
+        return None
     return manifest
 
 
@@ -241,6 +280,12 @@ def command(args: argparse.Namespace) -> int:
     """``percept data prepare``."""
     try:
         sources = find_sources([Path(p) for p in args.photos], allow_heldout=args.allow_heldout)
+        current = None if args.force else up_to_date(
+            sources, Path(args.out), args.sizes, args.crops_per_image, args.seed)
+        if current is not None:
+            print(f"[prepare] up to date: {current['count']} items x sizes {current['sizes']} "
+                  f"from {len(sources)} images in {args.out} (--force rebuilds)")
+            return 0
         manifest = prepare(sources, Path(args.out), args.sizes, args.crops_per_image,
                            args.seed, args.workers, command=command_line(),
                            progress=not args.quiet)

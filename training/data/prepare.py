@@ -34,8 +34,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from training.assets import REPO_ROOT, sha256_of
-from training.data.arrays import MANIFEST, PreparedDataError, load_prepared
 from training.command import command_line
+from training.data.arrays import MANIFEST, PreparedDataError, load_prepared
 from training.data.folders import unwritable_reason
 from training.data.images import (
     Box,

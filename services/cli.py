@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import io
 import json
 import math
 import os
@@ -265,18 +264,17 @@ def _refuse_options_of_the_other_kind(args: argparse.Namespace) -> None:
 def _check_shared_options(args: argparse.Namespace, mask: bytes) -> None:
     """--strength and --mask, checked before anything is sent (in a folder run they are
     shared by every file: a bad one is one error, not the same failure for every file)."""
-    from PIL import Image, UnidentifiedImageError
+    from services.common.errors import InvalidArgument
+    from services.common.images import decode_image
 
     if args.strength is not None and not (math.isfinite(args.strength)
                                           and 0 <= args.strength <= 1):
-        raise UsageError(f"--strength must be 0..1, got {args.strength:g}")
+        raise UsageError(f"--strength must be 0..1, got {args.strength!r}")
     if mask:
-        try:
-            with Image.open(io.BytesIO(mask)) as image:
-                image.load()
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError
-                ) as error:
-            raise UsageError(f"mask {args.mask} is not a decodable image") from error
+        try:  # as the server decodes it; the server's pixel cap is its own to check
+            decode_image(mask, max_pixels=sys.maxsize, what=f"mask {args.mask}")
+        except InvalidArgument as error:
+            raise UsageError(str(error)) from error
 
 
 def cmd_stylize(args: argparse.Namespace) -> int:

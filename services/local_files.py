@@ -98,6 +98,8 @@ def atomic_output(path: str | Path) -> Iterator[Callable[[bytes], None]]:
     while not os.path.lexists(folder) and folder != folder.parent:
         made.append(folder)
         folder = folder.parent
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise UsageError(f"cannot write {path}: {folder} is a file, not a folder")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",

@@ -4,6 +4,38 @@ from __future__ import annotations
 
 import grpc
 
+#: The most bytes a status message may take on the wire (gRPC percent-encodes it into the
+#: ``grpc-message`` trailer; clients refuse metadata over 8 KiB by default, so a longer
+#: message would turn the precise status into RESOURCE_EXHAUSTED on the client).
+MAX_MESSAGE_WIRE_BYTES = 4096
+
+
+def _wire_bytes(text: str) -> int:
+    """The size of ``text`` percent-encoded as gRPC sends a status message."""
+    return sum(1 if 0x20 <= b < 0x7F and b != 0x25 else 3 for b in text.encode())
+
+
+def fit_status_message(text: str, limit: int = MAX_MESSAGE_WIRE_BYTES) -> str:
+    """``text``, cut (and marked) where it would not fit in ``limit`` wire bytes."""
+    if _wire_bytes(text) <= limit:
+        return text
+    low, high = 0, len(text)
+    while low < high:  # the longest prefix that fits with the marker
+        middle = (low + high + 1) // 2
+        if _wire_bytes(text[:middle]) + 40 <= limit:
+            low = middle
+        else:
+            high = middle - 1
+    return f"{text[:low]}... ({len(text) - low} characters cut)"
+
+
+def shown(value: str, limit: int = 80) -> str:
+    """``value`` as a client sent it, quoted for a message, its first ``limit`` characters
+    only (a 20 000-character style name is not echoed whole)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
 
 class ServiceError(Exception):
     """An error to report to the client with a precise status code and message."""
@@ -17,7 +49,8 @@ class ServiceError(Exception):
 
     @property
     def message(self) -> str:
-        return str(self)
+        """The status message, cut to what a client accepts in a trailer."""
+        return fit_status_message(str(self))
 
     @property
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:

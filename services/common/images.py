@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from percept.v1 import image_pb2
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.png import encode_png
 
 # We enforce our own cap from the header; Pillow's global guard would fire on a different,
@@ -29,6 +29,10 @@ _FORMATS = {
     image_pb2.IMAGE_FORMAT_WEBP: "WEBP",
 }
 _ALPHA_MODES = {"RGBA", "LA", "La", "RGBa", "PA"}
+#: The decoders a request's bytes may reach (image.proto's list; the JPEG one also opens
+#: cameras' multi-picture JPEGs, as MPO). Pillow's others (EPS, which runs Ghostscript,
+#: PSD, DDS, ICO...) are not given untrusted input.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 @dataclass(frozen=True)
@@ -95,27 +99,39 @@ def _rgb_icc_profile(image: Image.Image) -> bytes | None:
     return profile
 
 
-def probe_size(data: bytes, what: str = "image") -> tuple[int, int]:
-    """Width and height from the header alone."""
+def _open(data: bytes, what: str) -> Image.Image:
+    """Opens ``data`` with the accepted decoders, reading the header only."""
     if not data:
         raise InvalidArgument(f"empty {what}")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
-    except (UnidentifiedImageError, SyntaxError, ValueError, OSError, EOFError) as error:
-        raise InvalidArgument(f"not a decodable {what}") from error
+        with warnings.catch_warnings():  # "Corrupt EXIF data" and the like: not for the log
+            warnings.simplefilter("ignore")
+            return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except MemoryError:
+        raise
+    except UnidentifiedImageError as error:
+        raise InvalidArgument(f"not a decodable {what} (PNG, JPEG, WebP, GIF, BMP or TIFF)"
+                              ) from error
+    except Exception as error:  # a plugin's own failure on a damaged header
+        raise InvalidArgument(f"not a decodable {what}: {_reason(error)}") from error
+
+
+def _reason(error: Exception) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def probe_size(data: bytes, what: str = "image") -> tuple[int, int]:
+    """Width and height from the header alone."""
+    with _open(data, what) as image:
+        return image.size
 
 
 def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> DecodedImage:
     """Decodes ``data`` to RGB (+ alpha). The first frame of an animation is used and EXIF
     orientation is applied. Raises InvalidArgument for empty, undecodable, truncated or
-    oversized input."""
-    if not data:
-        raise InvalidArgument(f"empty {what}")
-    try:
-        image: Image.Image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, SyntaxError, ValueError, OSError, EOFError) as error:
-        raise InvalidArgument(f"not a decodable {what}") from error
+    oversized input, whatever the decoder raised."""
+    image = _open(data, what)
     with image:
         width, height = image.size
         if width <= 0 or height <= 0:
@@ -132,17 +148,30 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> Decode
                 warnings.simplefilter("ignore")
                 image.load()
                 image = ImageOps.exif_transpose(image) or image
+        except MemoryError:
+            raise
         except OSError as error:
             text = str(error)
             if "truncated" in text or "broken data stream" in text or "unrecognized data" in text:
                 raise InvalidArgument(f"truncated {what}: {text}") from error
             raise InvalidArgument(f"corrupt {what} data: {text}") from error
-        except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
-            raise InvalidArgument(f"corrupt {what} data: {error}") from error
+        except Exception as error:  # a decoder's failure on damaged data, whatever its type
+            raise InvalidArgument(f"corrupt {what} data: {_reason(error)}") from error
         icc_profile = _rgb_icc_profile(image)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = _normalise_mode(image)
+        mode = image.mode
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                image = _normalise_mode(image)
+        except MemoryError:
+            raise
+        except ImportError as error:  # LAB needs littlecms, which a Pillow build may lack
+            raise InvalidArgument(f"cannot convert a {mode} {what} to RGB: this server's "
+                                  "image library has no colour management; send RGB"
+                                  ) from error
+        except Exception as error:
+            raise InvalidArgument(f"cannot convert a {mode} {what} to RGB: {_reason(error)}"
+                                  ) from error
         array = np.asarray(image)
     if array.shape[-1] == 4:
         alpha = np.ascontiguousarray(array[..., 3])
@@ -193,10 +222,30 @@ def validate_quality(quality: int) -> int:
     return quality
 
 
+#: Room left in a reply for its other fields and protobuf framing (bytes).
+REPLY_OVERHEAD_BYTES = 4096
+
+
 def encode_image(rgb: np.ndarray, *, alpha: np.ndarray | None = None, fmt: int = 0,
-                 quality: int = 95, icc_profile: bytes | None = None) -> bytes:
+                 quality: int = 95, icc_profile: bytes | None = None,
+                 max_reply_bytes: int | None = None) -> bytes:
     """Encodes (H, W, 3) uint8 RGB (+ optional alpha) as PNG, JPEG or WebP bytes, tagged
-    with ``icc_profile`` when given (the input's, see DecodedImage)."""
+    with ``icc_profile`` when given (the input's, see DecodedImage). With
+    ``max_reply_bytes`` (the server's message limit), a result too large to send is
+    RESOURCE_EXHAUSTED with what to do, not gRPC's bare refusal."""
+    data = _encode(rgb, alpha=alpha, fmt=fmt, quality=quality, icc_profile=icc_profile)
+    if max_reply_bytes is not None and len(data) + REPLY_OVERHEAD_BYTES > max_reply_bytes:
+        name = output_format_name(fmt)
+        other = "; ask for JPEG or WebP output" if name == "PNG" else ""
+        raise ResourceExhausted(
+            f"the {rgb.shape[1]}x{rgb.shape[0]} result encodes to {len(data) / 2**20:.1f} MiB "
+            f"as {name}, over this server's message limit of {max_reply_bytes / 2**20:.0f} MiB "
+            f"(--max-message-mb){other}, or send a smaller image")
+    return data
+
+
+def _encode(rgb: np.ndarray, *, alpha: np.ndarray | None, fmt: int, quality: int,
+            icc_profile: bytes | None) -> bytes:
     name = output_format_name(fmt)
     if name == "PNG":  # lossless, on several threads (services/common/png.py)
         return encode_png(rgb if alpha is None else np.dstack([rgb, alpha]), level=1,

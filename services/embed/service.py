@@ -31,7 +31,13 @@ from percept.v1 import embed_pb2, embed_pb2_grpc
 from services.common.artifacts import Artifact, list_artifacts, load_artifact, read_config
 from services.common.batching import MicroBatcher
 from services.common.device import choose_device, describe
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unimplemented,
+    shown,
+)
 from services.common.images import decode_image
 from services.common.rpc import time_remaining, unary_errors
 from services.common.server import ServiceModule
@@ -235,7 +241,7 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         restrict = None
         if request.under_wnid:
             if not _WNID.match(request.under_wnid):
-                raise InvalidArgument(f"under_wnid {request.under_wnid!r} is not a wnid "
+                raise InvalidArgument(f"under_wnid {shown(request.under_wnid)} is not a wnid "
                                       "('n' and 8 digits, e.g. n00015388)")
             if request.under_wnid not in self.vocab:
                 raise NotFound(f"{request.under_wnid} is not a WordNet 3.0 noun synset")

@@ -17,7 +17,7 @@ from percept.v1 import style_pb2, style_pb2_grpc
 from services.common.artifacts import list_artifacts, load_artifact
 from services.common.batching import MicroBatcher
 from services.common.device import choose_device, describe, dtype_name
-from services.common.errors import InvalidArgument, NotFound, Unimplemented
+from services.common.errors import Busy, InvalidArgument, NotFound, Unimplemented, shown
 from services.common.image_model import TiledImageModel
 from services.common.images import (
     decode_image,
@@ -74,7 +74,10 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
                                     max_batch_pixels=MAX_BATCH_PIXELS)
             model.start()
             self.styles[style] = model
-        # Optimisation runs are long: one at a time, a short bounded queue behind it.
+        # Optimisation runs are long: one at a time, a short bounded queue behind it. A
+        # request holds a place from before its images are decoded, so a burst past the
+        # limit is refused at once instead of after decoding up to 64 MP each.
+        self.optimisations_admitted = 0
         self.optimiser = MicroBatcher("style-optimise", self._run_optimisations, max_batch=1,
                                       max_wait_ms=0, max_queue=self.config.max_optimisations)
         self.optimiser.start()
@@ -119,10 +122,10 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
         if request.style not in self.styles:
             close = difflib.get_close_matches(request.style.strip().lower(), self.styles, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise NotFound(f"unknown style {request.style!r}{hint}; available: {available}")
+            raise NotFound(f"unknown style {shown(request.style)}{hint}; available: {available}")
         strength = request.strength if request.HasField("strength") else 1.0
         if not 0.0 <= strength <= 1.0:
-            raise InvalidArgument(f"strength must be 0..1, got {strength:g}")
+            raise InvalidArgument(f"strength must be 0..1, got {strength!r}")
         fmt = output_format_enum(request.output_format)
         output_format_name(fmt)  # an unknown format fails now, not after the forward pass
         quality = validate_quality(request.quality)
@@ -149,7 +152,8 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
                                                preserve_color=request.preserve_color,
                                                strength=strength, mask=mask)
             data = await slot.to_thread(encode_image, rgb, alpha=decoded.alpha, fmt=fmt,
-                                        quality=quality, icc_profile=decoded.icc_profile)
+                                        quality=quality, icc_profile=decoded.icc_profile,
+                                        max_reply_bytes=self.config.max_message_bytes)
         return style_pb2.StylizeResponse(image=data, width=rgb.shape[1], height=rgb.shape[0],
                                          model=model.artifact.tag, format=fmt)
 
@@ -172,6 +176,19 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
     async def StylizeWithImage(self, request: style_pb2.StylizeWithImageRequest,
                                context: grpc.aio.ServicerContext
                                ) -> AsyncIterator[style_pb2.StylizeWithImageResponse]:
+        if self.optimisations_admitted >= self.config.max_optimisations:
+            raise Busy(f"{self.optimiser.name} queue is full ({self.config.max_optimisations} "
+                       "requests); retry with backoff")
+        self.optimisations_admitted += 1
+        try:
+            async for response in self._stylize_with_image(request, context):
+                yield response
+        finally:
+            self.optimisations_admitted -= 1
+
+    async def _stylize_with_image(self, request: style_pb2.StylizeWithImageRequest,
+                                  context: grpc.aio.ServicerContext
+                                  ) -> AsyncIterator[style_pb2.StylizeWithImageResponse]:
         job = await asyncio.to_thread(parse_request, request, self.config)
         loop = asyncio.get_running_loop()
         progress: asyncio.Queue[GatysProgress] = asyncio.Queue()
@@ -199,7 +216,8 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
             rgb = to_uint8(output)
             data = await asyncio.to_thread(encode_image, rgb, alpha=job.alpha,
                                            fmt=job.output_format, quality=job.quality,
-                                           icc_profile=job.icc_profile)
+                                           icc_profile=job.icc_profile,
+                                           max_reply_bytes=self.config.max_message_bytes)
             yield style_pb2.StylizeWithImageResponse(result=style_pb2.StylizeResponse(
                 image=data, width=rgb.shape[1], height=rgb.shape[0],
                 model="gatys-vgg19@1", format=job.output_format))

@@ -14,7 +14,7 @@ from PIL import Image
 from percept.v1 import superres_pb2, superres_pb2_grpc
 from services.common.artifacts import list_artifacts, load_artifact
 from services.common.device import choose_device, describe, dtype_name
-from services.common.errors import InvalidArgument, NotFound, Unimplemented
+from services.common.errors import InvalidArgument, NotFound, Unimplemented, shown
 from services.common.image_model import TiledImageModel
 from services.common.images import (
     decode_image,
@@ -91,7 +91,8 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
                                   f"got {request.scale}")
         name = request.model or self.default
         if name not in self.models:
-            raise NotFound(f"unknown model {name!r}; available: {', '.join(sorted(self.models))}")
+            raise NotFound(f"unknown model {shown(name)}; "
+                           f"available: {', '.join(sorted(self.models))}")
         fmt = output_format_enum(request.output_format)
         quality = validate_quality(request.quality)
         model = self.models[name]
@@ -116,6 +117,7 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
                 alpha = np.asarray(Image.fromarray(decoded.alpha).resize(
                     (rgb.shape[1], rgb.shape[0]), Image.Resampling.BICUBIC))
             data = await slot.to_thread(encode_image, rgb, alpha=alpha, fmt=fmt,
-                                        quality=quality, icc_profile=decoded.icc_profile)
+                                        quality=quality, icc_profile=decoded.icc_profile,
+                                        max_reply_bytes=self.config.max_message_bytes)
         return superres_pb2.UpscaleResponse(image=data, width=rgb.shape[1], height=rgb.shape[0],
                                             model=model.artifact.tag, format=fmt)

@@ -72,7 +72,8 @@ def test_a_bad_image_in_a_stream_is_rejected_and_the_rest_added(
     added, rejected = add(stub, requests)
     assert sorted(added) == sorted(f"mixed-{i}" for i in range(5))
     reasons = {r.id: (r.code, r.reason) for r in rejected}
-    assert reasons["mixed-bad"] == ("INVALID_ARGUMENT", "not a decodable image")
+    assert reasons["mixed-bad"] == ("INVALID_ARGUMENT", "not a decodable image (PNG, JPEG, "
+                                                     "WebP, GIF, BMP or TIFF)")
     assert reasons[""] == ("INVALID_ARGUMENT", "id is empty")
 
 

@@ -42,7 +42,8 @@ def test_a_failed_call_prints_status_and_message_and_exits_non_zero(
     code = main(["stylize", str(junk), str(tmp_path / "o.png"), "--style-image", str(junk),
                  "--quiet", "--target", all_server.target])
     assert code == 1
-    assert capsys.readouterr().err.strip() == "INVALID_ARGUMENT: not a decodable content image"
+    assert capsys.readouterr().err.strip() == ("INVALID_ARGUMENT: not a decodable content image "
+                                                "(PNG, JPEG, WebP, GIF, BMP or TIFF)")
 
 
 def test_label_json_has_the_documented_shape(all_server: RunningServer, tmp_path: Path,

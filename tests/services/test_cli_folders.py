@@ -396,9 +396,11 @@ def test_an_unreachable_server_fails_the_run_at_once(photos: Path, tmp_path: Pat
 def test_a_shared_option_that_would_fail_every_file_is_refused_once(
         photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "mask.png").write_bytes(b"not an image")
-    cases = [(["--strength", "2"], "--strength must be 0..1, got 2"),
+    cases = [(["--strength", "2"], "--strength must be 0..1, got 2.0"),
+             (["--strength", "1.0000001"], "--strength must be 0..1, got 1.0000001"),
              (["--strength", "nan"], "--strength must be 0..1, got nan"),
-             (["--mask", str(tmp_path / "mask.png")], "is not a decodable image")]
+             (["--mask", str(tmp_path / "mask.png")],
+              f"not a decodable mask {tmp_path / 'mask.png'} (PNG, JPEG, WebP, GIF, BMP or TIFF)")]
     for args, message in cases:
         code = main(["stylize", str(photos), str(tmp_path / "o"), "--style", "x", *args,
                      "--target", _unreachable()])

@@ -192,3 +192,26 @@ def test_the_aspect_ratio_error_names_the_displayed_sizes(photo: np.ndarray) -> 
     height, width = photo.shape[:2]
     with pytest.raises(InvalidArgument, match=r"after any EXIF orientation"):
         decode_mask(encode(photo), max_pixels=CAP, size=(height, width))
+
+
+def test_only_the_documented_formats_are_decoded(small_photo: np.ndarray) -> None:
+    """Pillow reads more (EPS would run Ghostscript on the request's bytes): not here."""
+    formats = bad_images.outside_the_accepted_formats(small_photo)
+    assert len(formats) == 6
+    for data in formats.values():
+        with pytest.raises(InvalidArgument, match=r"^not a decodable image \(PNG, JPEG, WebP, "
+                                                  r"GIF, BMP or TIFF\)$"):
+            decode_image(data, max_pixels=CAP)
+
+
+def test_a_decoder_failure_of_any_type_is_invalid_argument(small_photo: np.ndarray) -> None:
+    # Pillow raises TypeError("Missing dimensions") counting this file's frames
+    with pytest.raises(InvalidArgument, match=r"^corrupt image data: TypeError: "):
+        decode_image(bad_images.tiff_second_page_without_width(small_photo), max_pixels=CAP)
+    try:  # without littlecms Pillow cannot convert LAB; with it the image decodes
+        decoded = decode_image(bad_images.lab_tiff(small_photo), max_pixels=CAP)
+    except InvalidArgument as error:
+        assert str(error) == ("cannot convert a LAB image to RGB: this server's image library "
+                              "has no colour management; send RGB")
+    else:
+        assert decoded.rgb.shape == small_photo.shape

@@ -25,6 +25,8 @@ class Servicer:
             raise InvalidArgument("the request is bad")
         if request == b"bug":
             raise RuntimeError(f"could not open {SECRET}")
+        if request.startswith(b"long:"):  # a message echoing what the client sent, whole
+            raise InvalidArgument(f"no such name: {request[5:].decode()}")
         if request == b"abort":
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "aborted by the method")
         return b"echo:" + request
@@ -92,6 +94,20 @@ def test_a_service_error_is_answered_with_its_status_and_message(channel: grpc.C
         _unary(channel, b"bad")
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.value.details() == "the request is bad"
+    assert _unary(channel, b"ok") == b"echo:ok"
+
+
+@pytest.mark.parametrize("name", ["x" * 20_000, "é" * 20_000, "%" * 20_000])
+def test_a_message_too_long_for_a_trailer_is_cut_not_turned_into_another_status(
+        channel: grpc.Channel, name: str) -> None:
+    """gRPC percent-encodes the message into a trailer, which a client refuses over 8 KiB
+    (RESOURCE_EXHAUSTED: "received metadata size exceeds"): the status must survive."""
+    with pytest.raises(grpc.RpcError) as error:
+        _unary(channel, b"long:" + name.encode())
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = error.value.details()
+    assert details.startswith("no such name: " + name[:100])
+    assert details.endswith(" characters cut)") and len(details) < 4096
     assert _unary(channel, b"ok") == b"echo:ok"
 
 

@@ -250,6 +250,12 @@ def test_overload_gives_resource_exhausted_at_once(single_slot_style_server: Run
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue is full" in error.value.details()
         assert time.perf_counter() - started < 2.0
+        # refused before its images are decoded: undecodable ones get the same answer
+        with pytest.raises(grpc.RpcError) as error:
+            client.stylize_with_image(client.connect(target),
+                                      gatys_request(b"not an image", style), timeout=30)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert dict(error.value.trailing_metadata())["grpc-retry-pushback-ms"] == "100"
     finally:
         running.cancel()
     # the cancelled optimisation stops and the server serves again

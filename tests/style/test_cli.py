@@ -149,7 +149,10 @@ def test_stylize_refuses_bad_outputs_and_an_empty_mask_before_sending(
         (str(tmp_path / "out.bmp"), [], "cannot tell the output format from"),
         (str(tmp_path / "no-extension"), [], "end it in .png, .jpg, .jpeg, .webp"),
         (str(tmp_path / "folder.png"), [], "it is a folder"),
-        (str(tmp_path / "a-file" / "o.png"), [], "cannot write"),
+        (str(tmp_path / "a-file" / "o.png"), [],
+         f"cannot write {tmp_path / 'a-file' / 'o.png'}: {tmp_path / 'a-file'} is a file, "
+         "not a folder"),
+        (str(tmp_path / "a-file" / "deeper" / "o.png"), [], f"{tmp_path / 'a-file'} is a file"),
         (str(tmp_path / "o.png"), ["--mask", str(tmp_path / "empty-mask.png")],
          "is an empty file"),
     ]

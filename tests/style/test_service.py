@@ -134,6 +134,11 @@ def test_unknown_style_is_not_found_and_lists_the_styles(channel: grpc.Channel,
         stylize(channel, encode(small_photo), "")
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.value.details() == f"style is required; available: {', '.join(NAMES)}"
+    with pytest.raises(grpc.RpcError) as error:  # not echoed whole (a trailer is <= 8 KiB)
+        stylize(channel, encode(small_photo), "x" * 20_000)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error.value.details() == (f"unknown style {'x' * 80!r}... (20000 characters); "
+                                     f"available: {', '.join(NAMES)}")
 
 
 def _bad(case: str, photo: np.ndarray) -> tuple[bytes, dict[str, object]]:
@@ -164,7 +169,7 @@ def _bad(case: str, photo: np.ndarray) -> tuple[bytes, dict[str, object]]:
 @needs_styles
 @pytest.mark.parametrize("case, message", [
     ("empty image", r"^empty image$"),
-    ("undecodable image", r"^not a decodable image$"),
+    ("undecodable image", r"^not a decodable image \(PNG, JPEG, WebP, GIF, BMP or TIFF\)$"),
     ("truncated PNG", r"^truncated image: "),
     ("truncated JPEG", r"^truncated image: "),
     ("image over the pixel cap", r"^image has 100000 x 100000 = 10000000000 pixels, over the "
@@ -177,7 +182,7 @@ def _bad(case: str, photo: np.ndarray) -> tuple[bytes, dict[str, object]]:
     ("strength NaN", r"^strength must be 0\.\.1, got nan$"),
     ("square mask", r"^mask aspect ratio 300x300 does not match the image's 451x300 "
                     r"\(both as displayed, after any EXIF orientation\)$"),
-    ("undecodable mask", r"^not a decodable mask$"),
+    ("undecodable mask", r"^not a decodable mask \(PNG, JPEG, WebP, GIF, BMP or TIFF\)$"),
     ("truncated mask", r"^truncated mask: "),
     ("quality 101", r"^quality must be 1\.\.100, got 101$"),
     ("unknown format", r"^unknown output_format 99$"),

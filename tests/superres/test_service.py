@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,8 +110,6 @@ def test_model_is_chosen_by_name(sr_server: RunningServer, small_photo: np.ndarr
 ])
 def test_bad_requests(sr_server: RunningServer, small_photo: np.ndarray, kwargs: dict,
                       data: object, message: str) -> None:
-    import re
-
     from percept.v1 import superres_pb2, superres_pb2_grpc
 
     if data is None:
@@ -136,6 +135,32 @@ def test_output_pixel_cap(sr_models: Path, small_photo: np.ndarray) -> None:
             client.upscale(client.connect(running.target), encode(small_photo))
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "over the cap of 49152 (2 x --max-pixels)" in error.value.details()
+    finally:
+        running.stop()
+
+
+def test_a_result_over_the_message_limit_says_what_to_do(sr_models: Path) -> None:
+    """A 256 px noise JPEG (well under 1 MiB) upscales to 1024 px of noise: over 1 MiB as
+    PNG. The refusal is ours, with the fix, not gRPC's bare 'larger than max'; JPEG fits."""
+    from percept.v1 import image_pb2
+
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    request = encode(noise, "JPEG", quality=90)
+    assert len(request) < 2**20
+    running = start_in_thread(server_config("superres", models_dir=sr_models, max_message_mb=1))
+    try:
+        channel = client.connect(running.target)
+        with pytest.raises(grpc.RpcError) as error:
+            client.upscale(channel, request)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert re.fullmatch(r"the 1024x1024 result encodes to \d+\.\d MiB as PNG, over this "
+                            r"server's message limit of 1 MiB \(--max-message-mb\); ask for "
+                            r"JPEG or WebP output, or send a smaller image",
+                            error.value.details()), error.value.details()
+        assert not dict(error.value.trailing_metadata() or ())  # not "busy": no retry
+        reply = client.upscale(channel, request, output_format=image_pb2.IMAGE_FORMAT_JPEG)
+        assert (reply.width, reply.height) == (1024, 1024) and len(reply.image) < 2**20
+        channel.close()
     finally:
         running.stop()
 

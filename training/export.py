@@ -107,6 +107,16 @@ def next_version(out_dir: Path, name: str) -> int:
     return 1
 
 
+class NonFiniteWeights(ValueError):
+    """An export refused because weights are NaN or infinite (a diverged run)."""
+
+
+#: The files an export writes (and a training run copies in): a folder holding anything
+#: else is not an artifact folder, and --out refuses it.
+ARTIFACT_FILES = frozenset({"config.json", "weights.safetensors", "weights.partial",
+                            "metrics.json", "provenance.json", "samples.png", "loss.png"})
+
+
 def check_output_folder(out_dir: Path, name: str, flag: str = "--out") -> str:
     """Before a long run: ValueError when the export to ``out_dir`` is bound to fail (a
     file in the way, a folder that cannot be written) or would replace an artifact of
@@ -125,6 +135,13 @@ def check_output_folder(out_dir: Path, name: str, flag: str = "--out") -> str:
     if reason:
         raise ValueError(f"{flag} {out_dir} cannot be written: {reason}")
     config_path = out_dir / "config.json"
+    others = sorted(p.name for p in out_dir.iterdir()
+                    if p.name not in ARTIFACT_FILES and not p.name.startswith(".")) \
+        if out_dir.is_dir() else []
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise ValueError(f"{flag} {out_dir} holds other files ({len(others)}: {shown}), not "
+                         f"an artifact: choose a new or empty folder")
     if not config_path.is_file():
         return f"a new artifact {name}@1 in {out_dir}"
     try:
@@ -156,6 +173,13 @@ def export_artifact(out_dir: Path, *, name: str, task: str, architecture: Mappin
     if "type" not in architecture:
         raise ValueError("architecture needs a 'type' (a training.nets registered name)")
     state = fp16_state_dict(module)
+    broken = [key for key, value in state.items()
+              if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if broken:
+        raise NonFiniteWeights(
+            f"not exported: {len(broken)} weight tensors hold NaN or infinite values in "
+            f"float16 ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}); the run "
+            "diverged, or its weights outgrow float16's range (65504)")
     probe = nets.build(architecture)
     probe.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 

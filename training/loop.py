@@ -4,10 +4,13 @@ the prepared arrays they read."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import sys
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -31,14 +34,77 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_flag_minimums(args: Any, minimums: Mapping[str, float]) -> None:
+def check_flag_minimums(args: Any, minimums: Mapping[str, float],
+                        above: Collection[str] = ()) -> None:
     """ValueError ``--flag must be >= low, got value`` for the first flag (by destination
-    name) whose value is set and not a finite number of at least its minimum. Trainers run
-    it before anything loads, so a bad number fails at once and says which flag."""
+    name) whose value is set and not a finite number of at least its minimum (more than
+    it, for the flags named in ``above``). Trainers run it before anything loads, so a bad
+    number fails at once and says which flag."""
     for name, low in minimums.items():
         value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value >= low):
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low:g}, got {value:g}")
+        if value is None:
+            continue
+        strict = name in above
+        if not (math.isfinite(value) and (value > low if strict else value >= low)):
+            raise ValueError(f"--{name.replace('_', '-')} must be {'>' if strict else '>='} "
+                             f"{low:g}, got {value:g}")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or infinite: nothing is exported."""
+
+
+def check_finite(loss: float, terms: Mapping[str, float], step: int) -> None:
+    """TrainingDiverged, naming the terms, when the loss of ``step`` is not finite."""
+    if not math.isfinite(loss):
+        shown = ", ".join(f"{key} {value:.3g}" for key, value in terms.items())
+        raise TrainingDiverged(
+            f"the loss is {loss} at step {step} ({shown}): the run diverged, so nothing is "
+            "exported; lower --lr or the loss weights, and start again (or --resume from "
+            "the last checkpoint, written before it diverged)")
+
+
+def finite_weights(module: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+class StopRequest:
+    """Set by the first Ctrl-C or SIGTERM during :func:`stop_requests`: the loop finishes
+    its step, saves a checkpoint and ends; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signal or signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_requests(message: str) -> Iterator[StopRequest]:
+    """Catches SIGINT and SIGTERM for a training loop (from the main thread only): the
+    first prints ``message`` and sets the request, the second raises KeyboardInterrupt."""
+    request = StopRequest()
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if request:
+            raise KeyboardInterrupt
+        request.signal = signum
+        print(f"\n{message}", file=sys.stderr, flush=True)
+
+    try:
+        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals stay as they are
+        yield request
+        return
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -113,6 +179,30 @@ RESUMABLE_FLAGS = frozenset({
     "steps", "max_minutes", "max_cpu_minutes", "checkpoint_every", "sample_every", "threads",
     "quiet", "out", "run_dir", "resume", "device", "channels_last", "name", "command",
     "train_command", "func", "command_line"})
+
+
+def recorded_flags(args: Any) -> dict[str, Any]:
+    """The parsed flags a checkpoint records, without the handler function argparse keeps
+    there (pickled by reference, it would tie the checkpoint to the module that ran it:
+    one saved under ``python -m training.cli_style`` could not be loaded anywhere else)."""
+    return {key: value for key, value in vars(args).items() if not callable(value)}
+
+
+def check_run_folder(run_dir: Path, flag: str = "--run-dir") -> None:
+    """ValueError, before anything loads, when ``run_dir`` cannot hold the run's
+    checkpoints and pictures (a file in the way, a link to nothing, no write access)."""
+    from training.data.folders import unwritable_reason
+
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise ValueError(f"{flag} {run_dir} is a symbolic link to nothing")
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {run_dir}: {existing} is a file, not a folder")
+    reason = unwritable_reason(existing)
+    if reason:
+        raise ValueError(f"{flag} {run_dir} cannot be written: {reason}")
 
 
 def check_new_run(checkpoint: Path, resume: bool) -> None:

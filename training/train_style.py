@@ -67,16 +67,22 @@ from training.image_batches import predict_images, to_tensor
 from training.loop import (
     CHECKPOINT_NAME,
     RESUMABLE_FLAGS,
+    TrainingDiverged,
     autocast_dtype,
+    check_finite,
     check_flag_minimums,
     check_new_run,
     check_resumed_run,
+    check_run_folder,
     choose_device,
+    finite_weights,
     lr_factor,
     prepared_data_provenance,
     read_checkpoint,
+    recorded_flags,
     restore_training_state,
     save_checkpoint,
+    stop_requests,
 )
 from training.nets.transformer import TransformerNet
 from training.plots import save_image_grid, save_loss_plot
@@ -175,6 +181,14 @@ def style_from_args(args: argparse.Namespace) -> StyleSource:
 #: style layer, sits after three 2x2 poolings, so 32 px leaves it a 4x4 map to take Gram
 #: statistics of.
 MIN_STYLE_SIDE = 32
+#: The smallest crop: two stride-2 downsamplings leave 2 px for the residual blocks'
+#: reflection padding.
+MIN_CROP = 8
+#: The most reflected pixels --edge-margin may add on each side at inference.
+MAX_EDGE_MARGIN = 128
+#: Steps in a row whose loss may overflow under fp16 autocast (the gradient scaler skips
+#: them) before the run counts as diverged.
+MAX_OVERFLOWS_IN_A_ROW = 20
 
 
 def load_style_image(path: Path, longest: int) -> np.ndarray:
@@ -334,7 +348,7 @@ def resolve_recipe(args: argparse.Namespace, device: torch.device) -> dict[str, 
     return values
 
 
-def _recipe_note(recipe: dict[str, int], steps_run: int, stopped_early: bool,
+def _recipe_note(recipe: dict[str, int], steps_run: int, stopped_by: str | None,
                  device: str = "a GPU") -> str:
     """How a run's sizes (with the steps it ran) compare with the paper's recipe (the GPU
     defaults), on ``device``."""
@@ -343,7 +357,7 @@ def _recipe_note(recipe: dict[str, int], steps_run: int, stopped_early: bool,
                for key, value in ran.items() if value != GPU_RECIPE[key]]
     note = f"trained on {device} with the paper's sizes" if not changed \
         else f"trained on {device} at changed sizes: " + ", ".join(changed)
-    return note + ("; stopped by the clock (--max-minutes)" if stopped_early else "")
+    return note + (f"; stopped by {stopped_by}" if stopped_by else "")
 
 
 def style_layer_weights(pairs: list[tuple[str, float]] | None) -> dict[str, float]:
@@ -476,10 +490,19 @@ def check_run_flags(args: argparse.Namespace) -> None:
     check_flag_minimums(args, {
         **dict.fromkeys(("lr", "threads", "max_minutes", "max_cpu_minutes", "warmup",
                          "grid_margin", "checkpoint_every", "sample_every", "tile_weight",
-                         "grid_weight"), 0),
-        "val_items": 1, "grid_check_every": 1, "style_size": MIN_STYLE_SIDE})
+                         "grid_weight", "content_weight", "style_weight", "tv_weight",
+                         "seed"), 0),
+        "val_items": 1, "grid_check_every": 1, "style_size": MIN_STYLE_SIDE, "size": MIN_CROP})
     if args.time_schedule and not args.max_minutes:
         raise ValueError("--time-schedule anneals by the clock: it needs --max-minutes")
+    if args.edge_margin is not None and not 0 <= args.edge_margin <= MAX_EDGE_MARGIN:
+        raise ValueError(f"--edge-margin must be 0..{MAX_EDGE_MARGIN} px, got {args.edge_margin}")
+    if args.warmup is not None and args.steps is not None and args.warmup > args.steps:
+        raise ValueError(f"--warmup {args.warmup} is longer than the run (--steps {args.steps}):"
+                         " the learning rate would never reach --lr")
+    if args.out and args.run_dir and Path(args.out).resolve() == Path(args.run_dir).resolve():
+        raise ValueError("--out and --run-dir must be different folders (the run folder "
+                         "holds checkpoints, the artifact folder what is served)")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -501,9 +524,9 @@ def train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else REPO_ROOT / "models" / name
     run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
     export_plan = check_output_folder(out, name)
+    check_run_folder(run_dir)
     checkpoint = run_dir / CHECKPOINT_NAME
     check_new_run(checkpoint, args.resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     prepared = load_prepared(Path(args.data))
     sampler = ContentSampler(prepared, recipe["size"], args.min_scale, seed=args.seed)
@@ -528,8 +551,6 @@ def train(args: argparse.Namespace) -> int:
     else:
         edge_margin = 0
     if args.edge_margin is not None:
-        if args.edge_margin < 0:
-            raise ValueError(f"--edge-margin must be >= 0, got {args.edge_margin}")
         edge_margin = args.edge_margin
     channels_last = _use_channels_last(args.channels_last, device)
     model.to(device)
@@ -543,13 +564,20 @@ def train(args: argparse.Namespace) -> int:
         style_weight=args.style_weight, tv_weight=args.tv_weight, pooling=args.vgg_pooling,
         grid_weight=args.grid_weight)
     lr = args.lr if args.lr is not None else (GPU_LR if device.type == "cuda" else CPU_LR)
-    # the values of the flags left to the device's defaults, for --resume to compare
-    resolved = {**{k: v for k, v in recipe.items() if k != "steps"}, "lr": lr}
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = recipe["steps"]
-    warmup = args.warmup if args.warmup is not None else max(1, min(100, steps // 20))
+    state: dict[str, Any] = {}
+    if args.resume:
+        state = read_checkpoint(checkpoint, device, architecture)
+    # a resumed run keeps the warm-up it started with, whatever --steps is now
+    default_warmup = state.get("resolved", {}).get("warmup", max(1, min(100, steps // 20)))
+    warmup = args.warmup if args.warmup is not None else int(default_warmup)
+    # the values of the flags left to the device's defaults, for --resume to compare
+    resolved = {**{k: v for k, v in recipe.items() if k != "steps"}, "lr": lr,
+                "warmup": warmup}
     # With --time-schedule the cosine runs on the larger of step and clock progress, so a
-    # run that --max-minutes cuts short still ends with the learning rate decayed.
+    # run that --max-minutes cuts short still ends with the learning rate decayed. The
+    # clock counts the time of the runs a --resume continues.
     clock = {"started": time.monotonic(), "budget": args.max_minutes * 60}
 
     def schedule_position(step: int) -> float:
@@ -568,7 +596,6 @@ def train(args: argparse.Namespace) -> int:
     elapsed_before = cpu_before = 0.0
     style_sha = sha256_of(style.path)
     if args.resume:
-        state = read_checkpoint(checkpoint, device, architecture)
         if state.get("style_sha256") != style_sha:
             raise ValueError(f"{checkpoint} was trained on another style image")
         # the sizes left to the device's default differ between a CPU and a CUDA run
@@ -590,7 +617,7 @@ def train(args: argparse.Namespace) -> int:
     # Inference only (eval-mode forward: the sample grids, the grid checks, the export)
     cast(TransformerNet, model).edge_margin = edge_margin
     started, cpu_started = time.monotonic(), time.process_time()
-    clock["started"] = started
+    clock["started"] = started - elapsed_before
 
     def snapshot() -> dict[str, Any]:
         return {"architecture": architecture, "model": model.state_dict(),
@@ -600,7 +627,7 @@ def train(args: argparse.Namespace) -> int:
                 "elapsed": elapsed_before + time.monotonic() - started,
                 "cpu_seconds": cpu_before + time.process_time() - cpu_started,
                 "sampler_rng": sampler.rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(), "args": vars(args),
+                "torch_rng": torch.get_rng_state(), "args": recorded_flags(args),
                 "resolved": resolved, "init_from": init_from, "init_entries": init_entries,
                 "grid_checks": grid_checks, "passing_state": passing_state,
                 "edge_margin": edge_margin}
@@ -611,10 +638,12 @@ def train(args: argparse.Namespace) -> int:
         save_loss_plot({k: v for k, v in history.items() if v}, run_dir / "loss.png",
                        title=f"{name}: weighted loss terms")
 
-    deadline = started + args.max_minutes * 60 if args.max_minutes else math.inf
+    # both budgets count the runs a --resume continues
+    deadline = started + args.max_minutes * 60 - elapsed_before if args.max_minutes \
+        else math.inf
     cpu_deadline = cpu_started + args.max_cpu_minutes * 60 - cpu_before \
         if args.max_cpu_minutes else math.inf
-    stopped_early = False
+    stopped_by: str | None = None
     # Model selection against grid artifacts: every --grid-check-every steps the outputs on
     # the fixed content items are measured; the export is the last checked state whose
     # period-2 and period-4 ratios both stay under --grid-margin (style losses keep falling
@@ -633,13 +662,17 @@ def train(args: argparse.Namespace) -> int:
             passing_state = {k: v.detach().to("cpu", copy=True)
                              for k, v in model.state_dict().items()}
 
-    print(f"[train] exports {export_plan}", flush=True)
-    bar = tqdm(total=steps, initial=step, unit="step", desc=f"train {name}",
-               disable=args.quiet, dynamic_ncols=True)
-    while step < steps:
-        if time.monotonic() > deadline or time.process_time() > cpu_deadline:
-            stopped_early = True
-            break
+    def checkpoint_now() -> None:
+        if not finite_weights(model):  # a diverged state is never saved over a good one
+            raise TrainingDiverged(
+                f"the weights hold NaN or infinite values at step {step}: the run diverged, "
+                "so nothing is exported; lower --lr or the loss weights, and start again (or "
+                f"--resume from the last checkpoint in {run_dir})")
+        save_checkpoint(checkpoint, snapshot())
+
+    def train_step() -> bool:
+        """One optimiser step; False (and no step) when the loss overflowed under fp16
+        autocast, which the gradient scaler skips."""
         content = to_tensor(sampler.sample(recipe["batch_size"]), device)
         if channels_last:
             content = content.contiguous(memory_format=torch.channels_last)
@@ -654,44 +687,76 @@ def train(args: argparse.Namespace) -> int:
                 loss = loss + args.tile_weight * tile
                 terms["tile"] = args.tile_weight * float(tile.detach())
                 raw["tile"] = float(tile.detach())
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            overflows.append(value)
+            if not scaler.is_enabled() or len(overflows) >= MAX_OVERFLOWS_IN_A_ROW:
+                check_finite(value, terms, step + 1)
+            return False
+        overflows.clear()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        step += 1
-        history["total"].append(float(loss.detach()))
-        for key, value in terms.items():
-            history.setdefault(key, []).append(value)
-        for key, value in raw.items():
-            raw_history.setdefault(key, []).append(value)
-        bar.update(1)
-        bar.set_postfix(loss=f"{history['total'][-1]:.3g}",
-                        lr=f"{scheduler.get_last_lr()[0]:.1e}")
-        if args.sample_every and step % args.sample_every == 0:
-            pictures()
-        if args.grid_margin and args.grid_check_every and step % args.grid_check_every == 0:
-            grid_check()
-        if args.checkpoint_every and step % args.checkpoint_every == 0:
-            save_checkpoint(checkpoint, snapshot())
+        history["total"].append(value)
+        for key, term in terms.items():
+            history.setdefault(key, []).append(term)
+        for key, term in raw.items():
+            raw_history.setdefault(key, []).append(term)
+        return True
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[train] exports {export_plan}", flush=True)
+    bar = tqdm(total=steps, initial=step, unit="step", desc=f"train {name}",
+               disable=args.quiet, dynamic_ncols=True)
+    overflows: list[float] = []
+    with stop_requests("[train] stopping: this step ends and a checkpoint is saved "
+                       "(Ctrl-C again stops at once)") as stop:
+        while step < steps and not stop:
+            if time.monotonic() > deadline:
+                stopped_by = "the clock (--max-minutes)"
+                break
+            if time.process_time() > cpu_deadline:
+                stopped_by = "the CPU clock (--max-cpu-minutes)"
+                break
+            if not train_step():
+                continue
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{history['total'][-1]:.3g}",
+                            lr=f"{scheduler.get_last_lr()[0]:.1e}")
+            if args.sample_every and step % args.sample_every == 0:
+                pictures()
+            if args.grid_margin and args.grid_check_every and \
+                    step % args.grid_check_every == 0:
+                grid_check()
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                checkpoint_now()
     bar.close()
+    if stop:
+        checkpoint_now()
+        pictures()
+        print(f"[train] stopped at step {step} of {steps}; the checkpoint is in {checkpoint} "
+              "and nothing was exported: run the same command with --resume to go on",
+              file=sys.stderr, flush=True)
+        return stop.exit_code
     selected_step = step
-    if args.grid_margin:
-        if not grid_checks or grid_checks[-1]["step"] != step:
-            grid_check()
-        if not grid_checks[-1]["passed"]:
-            if passing_state is not None:
-                selected_step = int(max(c["step"] for c in grid_checks if c["passed"]))
-                print(f"[train] step {step} paints a grid ({grid_checks[-1]}); exporting the "
-                      f"last state under the {args.grid_margin} margin, step {selected_step}",
-                      flush=True)
-                model.load_state_dict(passing_state)
-            else:
-                print(f"[train] warning: no checked state stayed under the grid margin "
-                      f"{args.grid_margin}; exporting the last one", flush=True)
+    if args.grid_margin and (not grid_checks or grid_checks[-1]["step"] != step):
+        grid_check()
+    checkpoint_now()  # the state the run reached, which --resume continues
+    if args.grid_margin and not grid_checks[-1]["passed"]:
+        if passing_state is not None:
+            selected_step = int(max(c["step"] for c in grid_checks if c["passed"]))
+            print(f"[train] step {step} paints a grid ({grid_checks[-1]}); exporting the "
+                  f"last state under the {args.grid_margin} margin, step {selected_step}",
+                  flush=True)
+            model.load_state_dict(passing_state)
+        else:
+            print(f"[train] warning: no checked state stayed under the grid margin "
+                  f"{args.grid_margin}; exporting the last one", flush=True)
     train_seconds = elapsed_before + time.monotonic() - started
     cpu_seconds = cpu_before + time.process_time() - cpu_started
-    save_checkpoint(checkpoint, snapshot())
     pictures()
 
     tail = max(1, min(50, len(history["total"])))
@@ -703,10 +768,10 @@ def train(args: argparse.Namespace) -> int:
         "task": TASK,
         "style": style.name,
         "device": "cpu, reduced size" if on_cpu else f"{device} ({torch.cuda.get_device_name()})",
-        "note": _recipe_note(recipe, step, stopped_early, "a CPU") + "; train on a GPU with "
+        "note": _recipe_note(recipe, step, stopped_by, "a CPU") + "; train on a GPU with "
                 "the default flags for full quality"
-        if on_cpu else _recipe_note(recipe, step, stopped_early),
-        "steps": step, "steps_planned": steps, "stopped_early": stopped_early,
+        if on_cpu else _recipe_note(recipe, step, stopped_by),
+        "steps": step, "steps_planned": steps, "stopped_early": stopped_by is not None,
         "selected_step": selected_step, "grid_margin": args.grid_margin,
         "grid_checks": grid_checks,
         "batch_size": recipe["batch_size"], "crop": recipe["size"],
@@ -788,6 +853,9 @@ def command(args: argparse.Namespace) -> int:
 
     try:
         return train(args)
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     except (PreparedDataError, AssetMissingError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2

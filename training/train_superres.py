@@ -55,6 +55,7 @@ from training.loop import (
     lr_factor,
     prepared_data_provenance,
     read_checkpoint,
+    recorded_flags,
     restore_training_state,
     save_checkpoint,
 )
@@ -249,7 +250,7 @@ def train(args: argparse.Namespace) -> int:
                 "cpu_elapsed": cpu_before + time.process_time() - cpu_started,
                 "sampler_rng": sampler.rng.bit_generator.state,
                 "degrade_rng": degrade_rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(), "args": vars(args)}
+                "torch_rng": torch.get_rng_state(), "args": recorded_flags(args)}
 
     def pictures() -> None:
         save_samples(model, val_lr, val_hr, run_dir / "samples.png", device, channels_last)

@@ -69,6 +69,12 @@ def load_artifact(models_dir: Path, name: str, device: torch.device,
     module = nets.build(config["architecture"])
     weights = path / config.get("weights", "weights.safetensors")
     state = load_file(str(weights), device="cpu")
+    broken = [key for key, value in state.items()
+              if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if broken:  # it would answer every request with a black image
+        raise ValueError(f"{weights}: {len(broken)} weight tensors hold NaN or infinite "
+                         f"values ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''})"
+                         "; the training run diverged: retrain it, or remove the artifact")
     module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     module.eval().requires_grad_(False)
     module.to(device=device, dtype=dtype)

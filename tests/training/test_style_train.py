@@ -316,6 +316,12 @@ def test_a_state_that_paints_a_grid_is_not_exported(tmp_path: Path,
     for key, value in exported.items():
         torch.testing.assert_close(value.float(), saved[1][key].half().float())
     assert any(not torch.equal(saved[1][k].half(), saved[2][k].half()) for k in exported)
+    # the checkpoint is the state the run reached (step 4's weights with step 4's optimiser),
+    # not the exported step-2 weights under step 4's counters
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["step"] == 4
+    for key, value in checkpoint["model"].items():
+        torch.testing.assert_close(value.float(), saved[2][key])
 
 
 @needs_vgg
@@ -450,12 +456,12 @@ def test_recipe_note_names_what_differs_from_the_paper() -> None:
     from training.cli_style import CPU_RECIPE, GPU_RECIPE
     from training.train_style import _recipe_note
 
-    assert _recipe_note(dict(GPU_RECIPE), GPU_RECIPE["steps"], False) == \
+    assert _recipe_note(dict(GPU_RECIPE), GPU_RECIPE["steps"], None) == \
         "trained on a GPU with the paper's sizes"
-    note = _recipe_note({**GPU_RECIPE, "width": 16}, 6373, True)
+    note = _recipe_note({**GPU_RECIPE, "width": 16}, 6373, "the clock (--max-minutes)")
     assert "width 16 (paper: 32)" in note and "steps 6373 (paper: 40000)" in note
     assert note.endswith("stopped by the clock (--max-minutes)")
-    assert _recipe_note(dict(CPU_RECIPE), 540, False, "a CPU") == (
+    assert _recipe_note(dict(CPU_RECIPE), 540, None, "a CPU") == (
         "trained on a CPU at changed sizes: size 128 (paper: 256), width 16 (paper: 32), "
         "steps 540 (paper: 40000), batch size 2 (paper: 4)")
 
@@ -480,6 +486,16 @@ def _tiny_run(tmp_path: Path, prepared: Path, *extra: str) -> list[str]:
     (["--style-size", "0"], "--style-size must be >= 32, got 0"),
     (["--size", "66", "--grid-margin", "1.5"],
      "--grid-margin measures period-4 patterns: --size must be a multiple of 4, got 66"),
+    # non-finite loss weights trained an all-NaN model and exported it, exit 0
+    (["--content-weight", "nan"], "--content-weight must be >= 0, got nan"),
+    (["--style-weight", "inf"], "--style-weight must be >= 0, got inf"),
+    (["--tv-weight", "-1"], "--tv-weight must be >= 0, got -1"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--size", "6"], "--size must be >= 8, got 6"),  # failed at step 1
+    (["--edge-margin", "100000"], "--edge-margin must be 0..128 px, got 100000"),  # at export
+    (["--steps", "10", "--warmup", "100"],
+     "--warmup 100 is longer than the run (--steps 10): the learning rate would never "
+     "reach --lr"),
 ])
 def test_bad_flag_values_are_refused_before_anything_loads(
         tmp_path: Path, flags: list[str], message: str,
@@ -588,3 +604,118 @@ def test_a_fine_tune_resumes_and_keeps_its_origin(tmp_path: Path) -> None:
     assert metrics["steps"] == 3 and metrics["init_from"]["artifact"] == "style-stained-tissue@1"
     provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
     assert [d["kind"] for d in provenance["data"]].count("initial weights") == 1
+
+
+def test_outputs_and_run_folders_that_cannot_work_are_refused_before_anything_loads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"")
+    same = str(tmp_path / "same")
+    cases = [
+        (["--run-dir", str(tmp_path / "a-file")], "--run-dir", "a-file is a file, not a folder"),
+        (["--run-dir", str(tmp_path / "a-file" / "run")], "--run-dir", "a-file is a file"),
+        (["--run-dir", str(tmp_path / "dangling")], "--run-dir", "is a symbolic link to nothing"),
+        (["--out", str(photos)], "--out", "holds other files (1: holiday.jpg), not an artifact: "
+                                          "choose a new or empty folder"),
+        (["--out", same, "--run-dir", same], "", "--out and --run-dir must be different"),
+    ]
+    for flags, _, message in cases:
+        argv = ["train", *_tiny_run(tmp_path, tmp_path / "no-data"), "--steps", "1", *flags]
+        assert cli_style.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (flags, err)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+    assert sorted(p.name for p in photos.iterdir()) == ["holiday.jpg"]
+
+
+def test_a_prepared_folder_with_a_broken_manifest_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "manifest.json").write_text("{}")
+    assert cli_style.main(["train", *_tiny_run(tmp_path, prepared), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a prepared-arrays manifest" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()  # nothing made for a run that never began
+
+
+@needs_vgg
+@pytest.mark.parametrize("flags", [["--style-weight", "1e38", "--content-weight", "1e38"],
+                                   ["--lr", "1e10"]])
+def test_a_diverging_run_stops_and_exports_nothing(
+        tmp_path: Path, flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Both exported an all-NaN model with exit 0 before."""
+    prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 40))
+    argv = ["train", *_tiny_run(tmp_path, prepared), "--steps", "6", "--warmup", "1", *flags]
+    assert cli_style.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "the run diverged, so nothing is exported" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    if checkpoint.exists():  # only states with finite weights were saved
+        state = torch.load(checkpoint, weights_only=False)
+        assert all(bool(torch.isfinite(v).all()) for v in state["model"].values())
+
+
+def test_an_artifact_with_non_finite_weights_is_never_written(tmp_path: Path) -> None:
+    from training.export import NonFiniteWeights
+
+    architecture = {"type": "johnson-transformer", "width": 4, "blocks": 1}
+    module = nets.build(architecture)
+    with torch.no_grad():
+        next(module.parameters()).fill_(1e6)  # finite in fp32, inf in the fp16 export
+    with pytest.raises(NonFiniteWeights, match="hold NaN or infinite values in float16"):
+        export_artifact(tmp_path / "out", name="style-x", task="style",
+                        architecture=architecture, module=module, metrics={}, data=[],
+                        command="tests", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+@needs_vgg
+def test_ctrl_c_saves_a_checkpoint_and_resume_goes_on_from_it(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 40))
+    common = [*_tiny_run(tmp_path, prepared), "--checkpoint-every", "0", "--threads", "1"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "training.cli_style", "train", *common, "--steps", "100000"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    assert "[train] exports" in process.stdout.readline()  # the loop is about to start
+    time.sleep(3)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    step = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"]
+    assert step > 0 and f"[train] stopped at step {step} of 100000" in err
+    assert "run the same command with --resume" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # stopped, not finished: nothing exported
+    from training.train_style import train
+
+    assert train(_parse([*common, "--steps", str(step + 1), "--resume"])) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == step + 1
+
+
+@needs_vgg
+def test_a_resume_keeps_the_warmup_and_the_clock_of_the_run_it_continues(
+        tmp_path: Path) -> None:
+    from training.train_style import train
+
+    prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 40))
+    common = _tiny_run(tmp_path, prepared)
+    assert train(_parse([*common, "--steps", "2"])) == 0  # default warm-up: 1 step
+    # --steps 60 alone would default to 3 warm-up steps: the run keeps its 1
+    assert train(_parse([*common, "--steps", "3", "--resume", "--warmup", "1"])) == 0
+    assert train(_parse([*common, "--steps", "60", "--resume", "--max-minutes", "0.001"])) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["warmup"] == 1
+    # the 0.06 s budget was spent by the runs before: the resumed one stops at once
+    assert metrics["steps"] == 3 and metrics["stopped_early"] is True
+    assert metrics["note"].endswith("stopped by the clock (--max-minutes); train on a GPU "
+                                    "with the default flags for full quality")

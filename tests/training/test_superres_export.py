@@ -71,6 +71,23 @@ def test_services_loader_reads_the_artifact(tmp_path: Path) -> None:
         assert artifact.module(torch.rand(1, 3, 8, 8)).shape == (1, 3, 32, 32)
 
 
+def test_services_refuse_an_artifact_with_non_finite_weights(tmp_path: Path) -> None:
+    """A diverged run's weights (written by hand here: the export refuses them) would
+    answer every request with a black image: the service does not start on them."""
+    from safetensors.torch import save_file
+
+    artifacts = pytest.importorskip("services.common.artifacts")
+    _, out = _export(tmp_path)
+    weights = out / "weights.safetensors"
+    state = load_file(str(weights))
+    first = sorted(state)[0]
+    state[first] = torch.full_like(state[first], float("nan"))
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=rf"1 weight tensors hold NaN or infinite values "
+                                         rf"\({first}\); the training run diverged"):
+        artifacts.load_artifact(out.parent, "sr-test", torch.device("cpu"))
+
+
 def test_a_mismatched_state_dict_is_refused(tmp_path: Path) -> None:
     module = nets.build(ARCH)
     with pytest.raises(RuntimeError):

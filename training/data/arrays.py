@@ -45,7 +45,15 @@ def load_prepared(path: Path, allow_heldout: bool = False) -> PreparedArrays:
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise PreparedDataError(f"{manifest_path} not found; run `percept data prepare` first")
-    manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    try:
+        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as error:
+        raise PreparedDataError(f"{manifest_path} cannot be read ({error}); run "
+                                "`percept data prepare` again") from error
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("arrays"), dict)
+            and manifest["arrays"] and isinstance(manifest.get("count"), int)):
+        raise PreparedDataError(f"{manifest_path} is not a prepared-arrays manifest (no "
+                                "'arrays' and 'count'); run `percept data prepare` again")
     if not allow_heldout:
         heldout = [s["path"] for s in manifest.get("sources", [])
                    if "heldout" in Path(s["path"]).parts]
@@ -53,12 +61,21 @@ def load_prepared(path: Path, allow_heldout: bool = False) -> PreparedArrays:
             raise PreparedDataError(f"{path} was prepared from held-out photos ({heldout[0]} ...)")
     arrays: dict[int, np.ndarray] = {}
     for size_text, entry in manifest["arrays"].items():
-        file = path / entry["file"]
+        try:
+            file, shape, size = path / entry["file"], list(entry["shape"]), int(size_text)
+        except (KeyError, TypeError, ValueError) as error:
+            raise PreparedDataError(f"{manifest_path}: a malformed entry for size "
+                                    f"{size_text!r}; run `percept data prepare` again"
+                                    ) from error
         if not file.is_file():
             raise PreparedDataError(f"{file} listed in the manifest is missing")
-        array = np.load(file, mmap_mode="r")
-        if list(array.shape) != list(entry["shape"]) or array.dtype != np.uint8:
+        try:
+            array = np.load(file, mmap_mode="r")
+        except (OSError, ValueError) as error:
+            raise PreparedDataError(f"{file} cannot be read as an array ({error}); run "
+                                    "`percept data prepare` again") from error
+        if list(array.shape) != shape or array.dtype != np.uint8:
             raise PreparedDataError(f"{file}: shape {array.shape} {array.dtype} does not match "
-                                    f"the manifest's {entry['shape']} uint8")
-        arrays[int(size_text)] = array
+                                    f"the manifest's {shape} uint8")
+        arrays[size] = array
     return PreparedArrays(path=path, manifest=manifest, arrays=arrays)

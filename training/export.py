@@ -122,18 +122,9 @@ def check_output_folder(out_dir: Path, name: str, flag: str = "--out") -> str:
     file in the way, a folder that cannot be written) or would replace an artifact of
     another name. Returns what the export will do, for the log: a new artifact, or the
     next version of the one there."""
-    from training.data.folders import unwritable_reason
+    from training.data.folders import check_folder_to_make
 
-    if out_dir.is_symlink() and not out_dir.exists():
-        raise ValueError(f"{flag} {out_dir} is a symbolic link to nothing")
-    existing = out_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{flag} {out_dir}: {existing} is a file, not a folder")
-    reason = unwritable_reason(existing)
-    if reason:
-        raise ValueError(f"{flag} {out_dir} cannot be written: {reason}")
+    check_folder_to_make(out_dir, flag)
     config_path = out_dir / "config.json"
     others = sorted(p.name for p in out_dir.iterdir()
                     if p.name not in ARTIFACT_FILES and not p.name.startswith(".")) \

@@ -188,23 +188,6 @@ def recorded_flags(args: Any) -> dict[str, Any]:
     return {key: value for key, value in vars(args).items() if not callable(value)}
 
 
-def check_run_folder(run_dir: Path, flag: str = "--run-dir") -> None:
-    """ValueError, before anything loads, when ``run_dir`` cannot hold the run's
-    checkpoints and pictures (a file in the way, a link to nothing, no write access)."""
-    from training.data.folders import unwritable_reason
-
-    if run_dir.is_symlink() and not run_dir.exists():
-        raise ValueError(f"{flag} {run_dir} is a symbolic link to nothing")
-    existing = run_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{flag} {run_dir}: {existing} is a file, not a folder")
-    reason = unwritable_reason(existing)
-    if reason:
-        raise ValueError(f"{flag} {run_dir} cannot be written: {reason}")
-
-
 def check_new_run(checkpoint: Path, resume: bool) -> None:
     """A run without --resume must not overwrite the checkpoint of an earlier one."""
     if checkpoint.is_file() and not resume:

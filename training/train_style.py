@@ -62,6 +62,7 @@ from training.cli_style import (
     GPU_RECIPE,
 )
 from training.data.arrays import PreparedArrays, load_prepared
+from training.data.folders import check_folder_to_make
 from training.export import check_output_folder, command_line, data_entry, export_artifact
 from training.image_batches import predict_images, to_tensor
 from training.loop import (
@@ -73,7 +74,6 @@ from training.loop import (
     check_flag_minimums,
     check_new_run,
     check_resumed_run,
-    check_run_folder,
     choose_device,
     finite_weights,
     lr_factor,
@@ -524,7 +524,7 @@ def train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else REPO_ROOT / "models" / name
     run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
     export_plan = check_output_folder(out, name)
-    check_run_folder(run_dir)
+    check_folder_to_make(run_dir, "--run-dir")
     checkpoint = run_dir / CHECKPOINT_NAME
     check_new_run(checkpoint, args.resume)
 

@@ -105,7 +105,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--edge-margin", type=int, default=None, metavar="PX",
                        help="inference-only reflected border, cropped away again, written to "
                             "config.json (default: that of the --init-from artifact, else 0; "
-                            "8 hides the dark frame a net trained on crops can paint)")
+                            "8 hides the dark frame a net trained on crops can paint; at most "
+                            "128)")
     loss = parser.add_argument_group("loss")
     loss.add_argument("--content-weight", type=float, default=1.0,
                       help=f"weight of the {DEFAULT_CONTENT_LAYER} content loss (default: 1)")
@@ -168,7 +169,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="write samples.png and loss.png every N steps, and at the end "
                           "(default: 200; 0 = only at the end)")
     run.add_argument("--max-minutes", type=float, default=0.0,
-                     help="stop (and export) after this much wall time (default: no limit)")
+                     help="stop (and export) after this much wall time, counting the runs a "
+                          "--resume continues (default: no limit)")
     run.add_argument("--time-schedule", action="store_true",
                      help="with --max-minutes, run the learning-rate warm-up and cosine decay "
                           "on whichever is further along, steps or the clock, so a run the "
@@ -186,16 +188,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                           "disagree with held-out photos, so they are not measured unless "
                           "asked for)")
     run.add_argument("--max-cpu-minutes", type=float, default=0.0,
-                     help="stop (and export) after this much process CPU time "
-                          "(default: no limit)")
+                     help="stop (and export) after this much process CPU time, counting "
+                          "the runs a --resume continues (default: no limit)")
     run.add_argument("--resume", action="store_true",
                      help="continue from RUN_DIR/checkpoint.pt with the flags it was "
                           "started with; only --steps, --max-minutes, --max-cpu-minutes, "
                           "--out, --run-dir, --checkpoint-every, --sample-every, "
                           "--grid-check-every, --grid-margin, --edge-margin, --threads, "
                           "--device, --channels-last, --name, --title and --licence may "
-                          "change. Without --resume, an existing checkpoint in RUN_DIR is "
-                          "refused, not overwritten")
+                          "change (a longer --steps stretches the cosine decay; the warm-up "
+                          "stays). Without --resume, an existing checkpoint in RUN_DIR is "
+                          "refused, not overwritten. Ctrl-C or SIGTERM ends the step, saves "
+                          "a checkpoint and exits (130 / 143) without exporting")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -208,12 +212,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "error (default: data/photos/heldout, and only when that folder "
                              "is absent scikit-image's held-out chelsea and coffee)")
     parser.add_argument("--size", type=int, default=256,
-                        help="resize each photo's shortest side to this and centre-crop to "
-                             "an even size (default: 256)")
+                        help="resize each photo's shortest side to this and centre-crop "
+                             "both sides to multiples of 4 (the period-4 measure needs whole "
+                             "periods); a multiple of 4 from 16 to 4096 (default: 256)")
     parser.add_argument("--grid-photos", type=int, default=3,
-                        help="content photos (rows) in the grid (default: 3)")
+                        help="content photos (rows) in the grid, at least 1 (--grid '' "
+                             "writes no grid; default: 3)")
     parser.add_argument("--grid-cell", type=int, default=160,
-                        help="grid cell size in pixels (default: 160)")
+                        help="grid cell size in pixels, 16 to 1024 (default: 160)")
     parser.add_argument("--grid", default=None, metavar="PNG",
                         help="grid image of photos x styles ('' skips it; default: the README's "
                              "docs/images/style_grid.png when measuring the default models on "
@@ -224,7 +230,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "model's output for it, enlarged 3x (no smoothing: a period-4 "
                              "grid shows), to this file (default: none)")
     parser.add_argument("--zoom-crop", type=int, default=96, metavar="PX",
-                        help="side of --zoom's centre crop at --size (default: 96)")
+                        help="side of --zoom's centre crop at --size, from 8 px to --size "
+                             "(default: 96)")
     parser.add_argument("--tiling", type=int, default=0, metavar="PX",
                         help="also resize each photo to 1100x700 and stylise it in PX-px "
                              "tiles with the service's tiler and whole: PSNR of one against "

@@ -82,6 +82,15 @@ TILING_SHIFT = 2
 #: PSNR reported for identical images (a net without instance normalisation tiles exactly).
 PSNR_IDENTICAL = 100.0
 
+#: ``--size``, a multiple of 4 in this range: the measures need whole periods of 4 px;
+#: VGG19's relu4_3 (after three 2x2 poolings) sees 2x2 at 16 px, and at 8 px the bands
+#: beside the Nyquist and quarter-frequency lines reach the DC and Nyquist lines. VGG19
+#: on a 4096 px photo already holds several GB per first-block activation.
+SIZE_RANGE = (16, 4096)
+#: ``--grid-cell``'s range, and ``--zoom-crop``'s minimum (its maximum is ``--size``).
+GRID_CELL_RANGE = (16, 1024)
+MIN_ZOOM_CROP = 8
+
 
 # -- the checkerboard measure -------------------------------------------------------------
 def _luma(image: np.ndarray) -> np.ndarray:
@@ -410,6 +419,22 @@ def stylise_image(module: nn.Module, image: np.ndarray,
         return to_image(module(to_batch(image, device)))
 
 
+def stylise_checked(model: StyleModel, name: str, photo: np.ndarray,
+                    device: torch.device | str = "cpu") -> np.ndarray:
+    """:func:`stylise_image` of photo ``name`` by ``model``, refusing an output that is
+    not finite: :func:`to_image` would turn NaN into a black image, which the measures
+    score as clean (no power at Nyquist). A ValueError naming the model and the photo."""
+    with torch.no_grad():
+        output = model.module(to_batch(photo, device))
+    finite = torch.isfinite(output)
+    if not bool(finite.all()):
+        share = 1.0 - float(finite.float().mean())
+        raise ValueError(f"{model.path}: its output on photo {name} is not finite (NaN or "
+                         f"infinity in {share:.0%} of the values); the model is broken "
+                         "(weights with NaN or infinity, or a diverged training run)")
+    return to_image(output)
+
+
 # -- the measures -------------------------------------------------------------------------
 class StyleMeasures:
     """Style and content losses on VGG19, shared by every model.
@@ -671,14 +696,54 @@ def grid_path(args: argparse.Namespace) -> Path | None:
     return README_GRID
 
 
+def _check_range(flag: str, value: int, low: int, high: int, note: str = "") -> None:
+    """ValueError ``FLAG must be LOW..HIGH px`` unless ``low <= value <= high``."""
+    if not low <= value <= high:
+        raise ValueError(f"{flag} must be {low}..{high} px{note}, got {value}")
+
+
+def check_writable(path: Path, flag: str, folder: bool = False) -> None:
+    """ValueError naming ``flag`` when the file ``path`` (the folder, with ``folder``)
+    cannot be written: a folder where the file goes, or a folder for it that could not be
+    made and written (:func:`training.data.folders.check_folder_to_make`). Creates no
+    folder."""
+    from training.data.folders import check_folder_to_make
+
+    if not folder and path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder, not a file")
+    check_folder_to_make(path if folder else path.parent, flag, path)
+
+
+def check_eval_flags(args: argparse.Namespace) -> None:
+    """Refuses flag values that would fail only after every model was measured (some
+    after metrics.json was written), crash, or exhaust the memory, before anything loads:
+    ValueErrors naming the flag and the values it takes."""
+    low, high = SIZE_RANGE
+    if not (low <= args.size <= high and args.size % 4 == 0):
+        raise ValueError(f"--size must be a multiple of 4 from {low} to {high} px (the "
+                         f"measures need whole 4 px periods), got {args.size}")
+    _check_range("--grid-cell", args.grid_cell, *GRID_CELL_RANGE)
+    if args.grid_photos < 1:
+        raise ValueError("--grid-photos must be at least 1 (--grid '' writes no grid), "
+                         f"got {args.grid_photos}")
+    if args.zoom:
+        _check_range("--zoom-crop", args.zoom_crop, MIN_ZOOM_CROP, args.size,
+                     " (at most --size)")
+    if args.tiling:
+        check_tiling_tile(args.tiling)
+    check_writable(Path(args.out), "--out", folder=True)
+    grid_file = grid_path(args)
+    if grid_file is not None:
+        check_writable(grid_file, "--grid")
+    if args.zoom:
+        check_writable(Path(args.zoom), "--zoom")
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from training.loop import choose_device
 
+    check_eval_flags(args)
     device = choose_device(args.device)
-    if args.zoom and args.zoom_crop < 1:
-        raise ValueError(f"--zoom-crop must be at least 1 px, got {args.zoom_crop}")
-    if args.tiling:
-        check_tiling_tile(args.tiling)
     model_dirs = [Path(p) for p in args.models] if args.models else default_model_dirs()
     if not model_dirs:
         raise FileNotFoundError("no style artifacts found (models/style-*); train one with "
@@ -699,7 +764,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     for model in models:
         key = model.name if names.count(model.name) == 1 else str(model.path)
         style = model.style_image()
-        per_photo = {name: measure(model, photo, measures, style) for name, photo in photos}
+        per_photo = {name: measure(model, photo, measures, style,
+                                   stylise_checked(model, name, photo, device))
+                     for name, photo in photos}
         if args.tiling:
             for name, raw in raw_photos:
                 per_photo[name].update(tiling_agreement(model.module, raw, args.tiling, device))

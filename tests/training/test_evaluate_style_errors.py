@@ -1,7 +1,8 @@
 """`percept eval style` with inputs a user gets wrong: other models or photos never overwrite
 the README grid, missing or unreadable photos and model files are one-line errors naming
-the file (exit 2), and a model is measured only against the style image it was trained on
-(the sha256 in its config.json)."""
+the file (exit 2), a model is measured only against the style image it was trained on
+(the sha256 in its config.json), a model whose output is NaN is an error, not a clean
+score, and numbers and paths that would fail late are refused before anything loads."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from training import cli_style, evaluate_style
 from training.assets import sha256_of
@@ -203,3 +206,81 @@ def test_broken_model_files_are_one_line_errors_naming_the_file(
         message = _error(capsys)
         assert str(named) in message and reason in message, message
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_whose_output_is_nan_is_an_error_naming_it_and_the_photo(
+        tmp_path: Path, model: Path, photo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """NaN weights make a NaN output, which to_image would draw black and the measures
+    would score as clean (Nyquist 0): exit 2 before metrics.json is written."""
+    weights = load_file(model / "weights.safetensors")
+    first = next(iter(weights))
+    weights[first] = torch.full_like(weights[first], float("nan"))
+    save_file(weights, model / "weights.safetensors")
+    assert _eval(tmp_path, "--models", str(model), "--photos", str(photo), "--grid", "") == 2
+    message = _error(capsys)
+    assert str(model) in message and "photo photo" in message and "not finite" in message, \
+        message
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_numbers_and_paths_that_would_fail_late_are_refused_before_any_model_loads(
+        tmp_path: Path, model: Path, photo: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each was a traceback, an OOM kill, an error after metrics.json was written, or a
+    header-only grid: now exit 2, one line naming the flag and what it takes, nothing
+    loaded or written."""
+    def no_loading(*args: object, **kwargs: object) -> None:
+        pytest.fail("a model was loaded before the flags were checked")
+
+    monkeypatch.setattr(evaluate_style, "load_style_model", no_loading)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    zoom = ["--zoom", str(tmp_path / "zoom.png")]
+    size = "--size must be a multiple of 4 from 16 to 4096 px"
+    cell = "--grid-cell must be 16..1024 px"
+    crop = "--zoom-crop must be 8..64 px (at most --size)"
+    cases: list[tuple[list[str], str]] = [
+        *[(["--size", value], size) for value in ("0", "-5", "3", "5", "8", "66", "100000")],
+        *[(["--grid-cell", value], cell) for value in ("0", "-10", "8", "100000")],
+        *[(["--grid-photos", value], "--grid-photos must be at least 1 (--grid '' writes no "
+           "grid)") for value in ("0", "-1")],
+        *[([*zoom, "--zoom-crop", value], crop) for value in ("1000", "4", "0")],
+        (zoom, f"{crop}, got 96"),  # the default crop is larger than --size 64
+        (["--grid", str(a_file / "grid.png")], f"{a_file} is a file, not a folder"),
+        (["--grid", str(tmp_path)], f"--grid {tmp_path} is a folder, not a file"),
+        (["--out", str(a_file / "out")], f"--out {a_file / 'out'}: {a_file} is a file, not "
+                                         "a folder"),
+        (["--zoom", str(a_file / "z.png"), "--zoom-crop", "32"],
+         f"--zoom {a_file / 'z.png'}: {a_file} is a file, not a folder"),
+    ]
+    if Path("/proc/self").is_dir():  # Linux: /proc refuses new files, even to root
+        cases.append((["--grid", "/proc/x.png"], "--grid /proc/x.png cannot be written"))
+    out = tmp_path / "out"
+    for flags, expected in cases:
+        assert cli_style.main(["eval", "--models", str(model), "--photos", str(photo),
+                               "--size", "64", "--device", "cpu", "--out", str(out),
+                               *flags]) == 2, flags
+        message = _error(capsys)
+        assert expected in message, (flags, message)
+    assert not out.exists()
+    assert not (tmp_path / "zoom.png").exists()
+
+
+def test_the_smallest_sizes_allowed_are_measured(
+        tmp_path: Path, model: Path, photo: Path) -> None:
+    """--size 16, --grid-cell 16 and --zoom-crop 8 (the minimums) run to the end, and the
+    --size help says what the code does: both sides cropped to multiples of 4."""
+    grid, zoom = tmp_path / "grid.png", tmp_path / "zoom.png"
+    assert cli_style.main(["eval", "--models", str(model), "--photos", str(photo),
+                           "--size", "16", "--grid-cell", "16", "--grid-photos", "1",
+                           "--grid", str(grid), "--zoom", str(zoom), "--zoom-crop", "8",
+                           "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["size"] == 16
+    assert grid.is_file() and zoom.is_file()
+    assert evaluate_style.resize_short_side(np.zeros((30, 47, 3), np.uint8), 18).shape \
+        == (16, 28, 3)
+    parser = argparse.ArgumentParser()
+    cli_style.add_eval_arguments(parser)
+    (size_help,) = [a.help for a in parser._actions if a.dest == "size"]
+    assert size_help is not None and "multiples of 4" in size_help and "even" not in size_help

@@ -18,16 +18,18 @@ def unwritable_reason(folder: Path) -> str | None:
     return None
 
 
-def check_folder_to_make(folder: Path, flag: str) -> None:
-    """ValueError naming ``flag`` when ``folder`` could not be made and written later (a
-    link to nothing, a file in the way, no write access); makes nothing new."""
+def check_folder_to_make(folder: Path, flag: str, named: Path | None = None) -> None:
+    """ValueError naming ``flag`` (and ``named``, the path it gave, when that is a file to
+    go in ``folder``) when ``folder`` could not be made and written later: a link to
+    nothing, a file in the way, no write access. Makes nothing new."""
+    given = folder if named is None else named
     if folder.is_symlink() and not folder.exists():
-        raise ValueError(f"{flag} {folder} is a symbolic link to nothing")
+        raise ValueError(f"{flag} {given}: {folder} is a symbolic link to nothing")
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"{flag} {folder}: {existing} is a file, not a folder")
+        raise ValueError(f"{flag} {given}: {existing} is a file, not a folder")
     reason = unwritable_reason(existing)
     if reason:
-        raise ValueError(f"{flag} {folder} cannot be written: {reason}")
+        raise ValueError(f"{flag} {given} cannot be written: {reason}")

@@ -50,6 +50,11 @@ def check_flag_minimums(args: Any, minimums: Mapping[str, float],
                              f"{low:g}, got {value:g}")
 
 
+#: Steps in a row whose loss may overflow under fp16 autocast (the gradient scaler skips
+#: them) before a run counts as diverged.
+MAX_OVERFLOWS_IN_A_ROW = 20
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or infinite: nothing is exported."""
 

@@ -67,6 +67,7 @@ from training.export import check_output_folder, command_line, data_entry, expor
 from training.image_batches import predict_images, to_tensor
 from training.loop import (
     CHECKPOINT_NAME,
+    MAX_OVERFLOWS_IN_A_ROW,
     RESUMABLE_FLAGS,
     TrainingDiverged,
     autocast_dtype,
@@ -186,9 +187,6 @@ MIN_STYLE_SIDE = 32
 MIN_CROP = 8
 #: The most reflected pixels --edge-margin may add on each side at inference.
 MAX_EDGE_MARGIN = 128
-#: Steps in a row whose loss may overflow under fp16 autocast (the gradient scaler skips
-#: them) before the run counts as diverged.
-MAX_OVERFLOWS_IN_A_ROW = 20
 
 
 def load_style_image(path: Path, longest: int) -> np.ndarray:

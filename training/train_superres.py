@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,23 +42,29 @@ from tqdm import tqdm
 
 from training import nets
 from training.data.arrays import load_prepared
+from training.data.folders import check_folder_to_make
 from training.export import check_output_folder, command_line, export_artifact, load_exported
 from training.image_batches import predict_images, to_tensor
 from training.image_quality import y_psnr_ssim
 from training.loop import (
     CHECKPOINT_NAME,
+    MAX_OVERFLOWS_IN_A_ROW,
     RESUMABLE_FLAGS,
+    TrainingDiverged,
     autocast_dtype,
+    check_finite,
     check_flag_minimums,
     check_new_run,
     check_resumed_run,
     choose_device,
+    finite_weights,
     lr_factor,
     prepared_data_provenance,
     read_checkpoint,
     recorded_flags,
     restore_training_state,
     save_checkpoint,
+    stop_requests,
 )
 from training.plots import save_image_grid, save_loss_plot
 from training.sr_data import SCALE, Degradation, PairSampler, degrade
@@ -183,10 +190,13 @@ def train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     name = args.name or out.name
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
+    if out.resolve() == run_dir.resolve():
+        raise ValueError("--out and --run-dir must be different folders (the run folder "
+                         "holds checkpoints, the artifact folder what is served)")
     export_plan = check_output_folder(out, name)
+    check_folder_to_make(run_dir, "--run-dir")
     checkpoint = run_dir / CHECKPOINT_NAME
     check_new_run(checkpoint, args.resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     prepared = load_prepared(Path(args.data))
     sampler = PairSampler(prepared, args.crop, seed=args.seed)
@@ -257,19 +267,17 @@ def train(args: argparse.Namespace) -> int:
         save_loss_plot({k: v for k, v in history.items() if v}, run_dir / "loss.png",
                        title=f"{name}: weighted loss terms; L1(output)/L1(bicubic)")
 
-    started = time.monotonic()
-    cpu_started = time.process_time()
-    deadline = started + args.max_minutes * 60 if args.max_minutes else math.inf
-    cpu_deadline = cpu_started + args.max_cpu_minutes * 60 if args.max_cpu_minutes \
-        else math.inf
-    stopped_early = False
-    print(f"[train] exports {export_plan}", flush=True)
-    bar = tqdm(total=args.steps, initial=step, unit="step", desc=f"train {name}",
-               disable=args.quiet, dynamic_ncols=True)
-    while step < args.steps:
-        if time.monotonic() > deadline or time.process_time() > cpu_deadline:
-            stopped_early = True
-            break
+    def checkpoint_now() -> None:
+        if not finite_weights(model):  # a diverged state is never saved over a good one
+            raise TrainingDiverged(
+                f"the weights hold NaN or infinite values at step {step}: the run diverged, "
+                "so nothing is exported; lower --lr or the loss weights, and start again (or "
+                f"--resume from the last checkpoint in {run_dir})")
+        save_checkpoint(checkpoint, snapshot())
+
+    def train_step() -> bool:
+        """One optimiser step; False (and no step) when the loss overflowed under fp16
+        autocast, which the gradient scaler skips."""
         lr_u8, hr_u8 = sampler.sample(args.batch_size, detail=args.detail_oversample)
         hr = to_tensor(hr_u8, device)
         lr = degrade(lr_u8, hr, degradation, degrade_rng) if degradation.active else \
@@ -282,32 +290,67 @@ def train(args: argparse.Namespace) -> int:
         with autocast:
             output = model(lr)
             loss, terms = criterion(output, hr)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            overflows.append(value)
+            if not scaler.is_enabled() or len(overflows) >= MAX_OVERFLOWS_IN_A_ROW:
+                check_finite(value, terms, step + 1)
+            return False
+        overflows.clear()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        step += 1
-        history["total"].append(float(loss.detach()))
+        history["total"].append(value)
         with torch.no_grad():  # progress that batch difficulty does not hide
             bicubic = F.interpolate(lr.float(), scale_factor=float(SCALE), mode="bicubic",
                                     align_corners=False)
             history.setdefault("l1_vs_bicubic", []).append(
                 float(F.l1_loss(output.float(), hr) / F.l1_loss(bicubic, hr).clamp_min(1e-8)))
-        for key, value in terms.items():
-            history.setdefault(key, []).append(value)
-        bar.update(1)
-        bar.set_postfix(loss=f"{history['total'][-1]:.4f}",
-                        lr=f"{scheduler.get_last_lr()[0]:.1e}")
-        if args.sample_every and step % args.sample_every == 0:
-            pictures()
-        if args.checkpoint_every and step % args.checkpoint_every == 0:
-            save_checkpoint(checkpoint, snapshot())
+        for key, term in terms.items():
+            history.setdefault(key, []).append(term)
+        return True
+
+    started = time.monotonic()
+    cpu_started = time.process_time()
+    # both budgets count the runs a --resume continues
+    deadline = started + args.max_minutes * 60 - elapsed_before if args.max_minutes \
+        else math.inf
+    cpu_deadline = cpu_started + args.max_cpu_minutes * 60 - cpu_before \
+        if args.max_cpu_minutes else math.inf
+    stopped_early = False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[train] exports {export_plan}", flush=True)
+    bar = tqdm(total=args.steps, initial=step, unit="step", desc=f"train {name}",
+               disable=args.quiet, dynamic_ncols=True)
+    overflows: list[float] = []
+    with stop_requests("[train] stopping: this step ends and a checkpoint is saved "
+                       "(Ctrl-C again stops at once)") as stop:
+        while step < args.steps and not stop:
+            if time.monotonic() > deadline or time.process_time() > cpu_deadline:
+                stopped_early = True
+                break
+            if not train_step():
+                continue
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{history['total'][-1]:.4f}",
+                            lr=f"{scheduler.get_last_lr()[0]:.1e}")
+            if args.sample_every and step % args.sample_every == 0:
+                pictures()
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                checkpoint_now()
     bar.close()
     train_seconds = elapsed_before + time.monotonic() - started
     cpu_seconds = cpu_before + time.process_time() - cpu_started
-    save_checkpoint(checkpoint, snapshot())
+    checkpoint_now()
     pictures()
+    if stop:
+        print(f"[train] stopped at step {step} of {args.steps}; the checkpoint is in "
+              f"{checkpoint} and nothing was exported: run the same command with --resume "
+              "to go on", file=sys.stderr, flush=True)
+        return stop.exit_code
 
     validation = validate(model, val_lr, val_hr, device, channels_last)
     tail = max(1, min(50, len(history["total"])))
@@ -366,9 +409,10 @@ def command(args: argparse.Namespace) -> int:
 
     try:
         return train(args)
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     except (PreparedDataError, ValueError, FileNotFoundError) as error:
-        import sys
-
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
 

@@ -160,3 +160,48 @@ def test_missing_data_is_a_clear_error(tmp_path: Path,
                               str(tmp_path / "m"), "--run-dir", str(tmp_path / "r"),
                               *TINY]) == 2
     assert "percept data prepare" in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_and_exports_nothing(
+        prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "models" / "sr-diverged"
+    assert cli_superres.main(["train", "--data", str(prepared), "--out", str(out),
+                              "--run-dir", str(tmp_path / "run"), *TINY, "--steps", "8",
+                              "--warmup", "1", "--lr", "1e12", "--checkpoint-every", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "the run diverged, so nothing is exported" in err and "Traceback" not in err, err
+    assert not out.exists()
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    if checkpoint.exists():  # only states with finite weights were saved
+        state = torch.load(checkpoint, weights_only=False)
+        assert all(bool(torch.isfinite(v).all()) for v in state["model"].values())
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_same_run_dir_is_refused_as_out(
+        prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from training.assets import REPO_ROOT
+
+    out, run = tmp_path / "models" / "sr-tiny", tmp_path / "run"
+    args = ["train", "--data", str(prepared), "--out", str(out), "--run-dir", str(run), *TINY,
+            "--checkpoint-every", "0", "--sample-every", "0"]
+    assert cli_superres.main([*args[:5], "--run-dir", str(out), *args[7:], "--steps", "1"]) == 2
+    assert "--out and --run-dir must be different folders" in capsys.readouterr().err
+    process = subprocess.Popen([sys.executable, "-m", "training.cli_superres", *args,
+                                "--steps", "100000"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    assert "[train] exports" in process.stdout.readline()
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    step = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+    assert step > 0 and f"[train] stopped at step {step} of 100000" in err
+    assert not out.exists()
+    assert cli_superres.main([*args, "--steps", str(step + 1), "--resume"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == step + 1

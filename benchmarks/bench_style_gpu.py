@@ -78,6 +78,14 @@ def served_models(models: Path) -> list[str]:
                   key=lambda name: "upsample" in read_config(models / name)["architecture"])
 
 
+def served_model(models: Path, labels: list[str]) -> str:
+    """The committed model the served rows time: one whose plain fp32 eager net is among
+    the nets measured (``labels``), so that it is their baseline in the same run."""
+    committed = served_models(models)
+    return next((name for name in committed
+                 if any(label.startswith(f"{name} ") for label in labels)), committed[0])
+
+
 def _describe(architecture: dict[str, Any]) -> str:
     return (f"width {architecture.get('width', 32)}, "
             f"{architecture.get('upsample', 'nearest')} upsampling")
@@ -411,12 +419,11 @@ def _request_times(network: ServedNetwork, image: np.ndarray, repeats: int
     return first, second, statistics.median(times)
 
 
-def served_form(models: Path, sizes: list[int], device: torch.device, repeats: int,
+def served_form(models: Path, name: str, sizes: list[int], device: torch.device, repeats: int,
                 baselines: dict[tuple[str, int], float]) -> list[dict[str, Any]]:
     """The style service's TiledImageModel on this device in each serving configuration,
     uint8 image in and out: what one Stylize costs besides gRPC and the codecs."""
     rows = []
-    name = served_models(models)[0]
     configs = SERVED_CONFIGS if device.type == "cuda" else SERVED_CONFIGS[:2]
     for label, compile_mode, graphs in configs:
         torch._dynamo.reset()  # see SizeRun.compiled
@@ -478,7 +485,7 @@ def served_superres(models: Path, device: torch.device, repeats: int
     return rows
 
 
-def served_grpc(models: Path, sizes: list[int], device: torch.device, repeats: int,
+def served_grpc(models: Path, name: str, sizes: list[int], device: torch.device, repeats: int,
                 baselines: dict[tuple[str, int], float]) -> list[dict[str, Any]]:
     """``Stylize`` end to end through an in-process gRPC server on this device with the
     default flags: PNG in, PNG out, as a client sees it; with the host's PNG decode and
@@ -489,7 +496,6 @@ def served_grpc(models: Path, sizes: list[int], device: torch.device, repeats: i
     from services import client
     from services.common.images import decode_image, encode_image
 
-    name = served_models(models)[0]
     style = str(read_config(models / name)["style"]["name"])
     torch._dynamo.reset()  # see SizeRun.compiled
     started = time.monotonic()
@@ -553,13 +559,12 @@ def kernel_profiles(runs: list[SizeRun], device: torch.device) -> list[dict[str,
     return profiles
 
 
-def served_profile(models: Path, size: int, device: torch.device, repeats: int
+def served_profile(models: Path, name: str, size: int, device: torch.device, repeats: int
                    ) -> dict[str, Any]:
     """One ``size`` px request to the style service's TiledImageModel with the default
     serving flags (on CUDA: CUDA graphs of the eager net): its median wall time, and the
     device's busy time and top kernels (copies included) per request. Wall minus busy is
     what the host adds: uint8 stacking, pageable copies, the batcher's thread hop."""
-    name = served_models(models)[0]
     network = ServedNetwork("style", name, device, compile="auto",
                             cuda_graphs=device.type == "cuda")
     try:
@@ -601,11 +606,13 @@ def measure_all(sizes: list[int], device: torch.device, repeats: int, budget_s: 
 
     nets_to_run = [(label, module) for label, module in style_nets(models, paper_width)
                    if not only or any(word in label for word in only)]
+    served = served_model(models, [label for label, _ in nets_to_run])
+    result["served_model"] = served
     runs = measure(nets_to_run, sizes, device, repeats, budget, save)
     if profile:
         result["kernel_profile"] = kernel_profiles(runs, device)
         try:
-            result["served_profile"] = served_profile(models, max(sizes), device,
+            result["served_profile"] = served_profile(models, served, max(sizes), device,
                                                       min(repeats, 10))
         except Exception as error:  # reported; the timings still count
             result["served_profile"] = {"error": f"{type(error).__name__}: {error}"[:400]}
@@ -614,10 +621,12 @@ def measure_all(sizes: list[int], device: torch.device, repeats: int, budget_s: 
     baselines = {(r["net"], r["size"]): r["ms"] for r in result["rows"]
                  if r["variant"] == BASELINE and "ms" in r}
     for key, measure_served in (("served_form", served_form), ("grpc", served_grpc),
-                                ("superres_served", lambda models, _sizes, device, repeats,
-                                 _baselines: served_superres(models, device, repeats))):
+                                ("superres_served", lambda models, _name, _sizes, device,
+                                 repeats, _baselines: served_superres(models, device,
+                                                                      repeats))):
         try:
-            result[key] = measure_served(models, sizes, device, min(repeats, 10), baselines)
+            result[key] = measure_served(models, served, sizes, device, min(repeats, 10),
+                                         baselines)
         except Exception as error:  # reported; the network rows still count
             result[key] = {"error": f"{type(error).__name__}: {error}"[:400]}
         save(result["rows"])

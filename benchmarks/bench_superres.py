@@ -41,7 +41,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         return {"skipped": f"models/{MODEL} is not installed"}
     # The served rows come from `percept serve superres` processes, as deployed.
     result = bench("superres", MODEL, call, sizes=[128, 256] if quick else [128, 256, 512],
-                   repeats=3 if quick else 5, compile_too=not quick, batch_size=64,
+                   repeats=3 if quick else 5, compile_too=not quick, batching_size=64,
                    server_processes=True)
     if not quick:
         result["memory"] = memory_2048()

@@ -284,16 +284,19 @@ def report(title: str, result: dict[str, Any]) -> str:
              markdown_table(headers, [[r.get(c, "") for c in columns] for r in rows])]
     if result.get("batching"):
         batches = result["batching"]
-        lines += ["", markdown_table(["variant", "requests", "input px", "req/s", "x"],
+        lines += ["", f"Micro-batching: {batches[0]['requests']} concurrent requests (16 in "
+                  "flight) to a server in the benchmark's process, the same server with "
+                  "and without batching:", "",
+                  markdown_table(["variant", "requests", "input px", "req/s", "x"],
                                      [(r["variant"], r["requests"], r["size"], r["req_per_s"],
                                        r.get("speedup_vs_unbatched", 1.0)) for r in batches])]
     return "\n".join(lines)
 
 
 def bench(service: str, model: str, call: Any, *, sizes: list[int], repeats: int,
-          compile_too: bool, batch_size: int, server_processes: bool = False
+          compile_too: bool, batching_size: int, server_processes: bool = False
           ) -> dict[str, Any]:
     return {"machine": machine(), "model": model, "server_processes": server_processes,
             "latency": latency(service, model, sizes, repeats, call, compile_too,
                                server_processes),
-            "batching": batching(service, call, batch_size, 32, 8)}
+            "batching": batching(service, call, batching_size, 32, 8)}

@@ -114,7 +114,7 @@ def run_demo(out_dir: Path, targets: Mapping[str, str], *,
         response = client.upscale(channels["superres"], buffer.getvalue())
         (out_dir / "upscaled.png").write_bytes(response.image)
         report.pictures.append(("upscaled 4x", out_dir / "upscaled.png"))
-        report.ok("upscale", f"out/upscaled.png {response.width}x{response.height} "
+        report.ok("upscale", f"{out_dir / 'upscaled.png'} {response.width}x{response.height} "
                              f"({response.model})")
 
     def stylize(name: str, *, preserve_color: bool = False) -> None:
@@ -125,7 +125,7 @@ def run_demo(out_dir: Path, targets: Mapping[str, str], *,
         path.write_bytes(response.image)
         report.pictures.append((name + (" (colour kept)" if preserve_color else ""), path))
         report.ok(f"stylize --style {name}{' --preserve-color' if preserve_color else ''}",
-                  f"out/{path.name} {response.width}x{response.height} ({response.model})")
+                  f"{path} {response.width}x{response.height} ({response.model})")
 
     def fixed_styles() -> None:
         styles = client.list_styles(channels["style"])
@@ -152,13 +152,13 @@ def run_demo(out_dir: Path, targets: Mapping[str, str], *,
         path.write_bytes(response.image)
         report.pictures.append(("Gatys: Starry Night", path))
         report.ok("stylize --style-image starry_night.jpg",
-                  f"out/{path.name} {response.width}x{response.height}, {iterations} iterations "
+                  f"{path} {response.width}x{response.height}, {iterations} iterations "
                   f"in {time.perf_counter() - started:.1f} s")
 
     def label() -> None:
         response = client.label_image(channels["embed"], cat.read_bytes(), k=5)
         words = ", ".join(f"{lbl.lemmas[0]} ({lbl.score:.2f})" for lbl in response.labels)
-        report.ok("label out/samples/cat.png", words)
+        report.ok(f"label {cat}", words)
 
     def search() -> None:
         items = [search_pb2.AddImageRequest(id=name, uri=str(path), image=path.read_bytes())
@@ -174,7 +174,8 @@ def run_demo(out_dir: Path, targets: Mapping[str, str], *,
                          ("index + search", search)]:
         _step(report, name, action)
     contact_sheet(report.pictures, out_dir / "demo.png")
-    print(f"demo: overview picture out/demo.png; {report.failures} failures", flush=True)
+    print(f"demo: overview picture {out_dir / 'demo.png'}; {report.failures} failures",
+          flush=True)
     return report
 
 

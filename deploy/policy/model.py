@@ -71,6 +71,7 @@ SERVER_FLAGS = (
     "max-queue",
     "max-message-mb",
     "max-pixels",
+    "max-inflight-mpixels",
     "drain-seconds",
     "log-format",
     "log-level",

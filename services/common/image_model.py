@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -59,6 +60,42 @@ def should_compile(mode: str, device: torch.device, cuda_graphs: bool) -> bool:
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"--compile must be auto, on or off, got {mode!r}")
     return mode == "on" or (mode == "auto" and device.type == "cuda" and not cuda_graphs)
+
+
+class PixelBudget:
+    """The pixels (input plus output) of the image requests a server process holds at
+    once, up to ``--max-inflight-mpixels``: the request queues bound how many requests
+    wait, this bounds how much memory their images take (a few 64 MP images at once would
+    outgrow a container's memory limit long before the queues fill). One request is
+    always admitted, whatever its size."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self.holders = 0
+
+    def take(self, pixels: int) -> bool:
+        if self.holders and self.in_use + pixels > self.limit:
+            return False
+        self.in_use += pixels
+        self.holders += 1
+        return True
+
+    def give(self, pixels: int) -> None:
+        self.in_use -= pixels
+        self.holders -= 1
+
+
+#: One budget per server configuration (a process runs one server; tests run several),
+#: shared by every image model of that server. The config is kept so its id stays unique.
+_BUDGETS: dict[int, tuple[ServerConfig, PixelBudget]] = {}
+
+
+def pixel_budget(config: ServerConfig) -> PixelBudget:
+    """The budget of the server that ``config`` configures."""
+    if id(config) not in _BUDGETS:
+        _BUDGETS[id(config)] = (config, PixelBudget(config.max_inflight_mpixels * 1_000_000))
+    return _BUDGETS[id(config)][1]
 
 
 class RequestSlot:
@@ -145,6 +182,7 @@ class TiledImageModel:
         self.queue_name = f"model-{artifact.name}"
         self.max_requests = config.max_queue
         self.active_requests = 0
+        self.pixels = pixel_budget(config)
         side = math.isqrt(config.max_pixels)
         self.max_tiles = max(_MIN_TILE_LIMIT,
                              _TILE_LIMIT_FACTOR * TilePlan(side, side, tile, overlap).count)
@@ -223,17 +261,33 @@ class TiledImageModel:
             width, height = probe_size(data)
         except InvalidArgument:
             width = height = 0
+        pixels = 0
         if 0 < width * height <= max_pixels:
             self.check_tiles(width, height)
+            pixels = self._take_pixels(width, height)
         self.active_requests += 1
-        slot = RequestSlot(self._release_slot)
+        slot = RequestSlot(functools.partial(self._release_slot, pixels))
         try:
             yield slot
         finally:
             slot.close()
 
-    def _release_slot(self) -> None:
+    def _take_pixels(self, width: int, height: int) -> int:
+        """Takes a ``width`` x ``height`` request's pixels (input plus output) from the
+        process's budget, or refuses it as busy; returns what it took."""
+        pixels = width * height * (1 + self.scale ** 2)
+        if not self.pixels.take(pixels):
+            REJECTED.labels(self.queue_name).inc()
+            raise Busy(f"the images in progress take {self.pixels.in_use / 1e6:.0f} of the "
+                       f"{self.pixels.limit / 1e6:.0f} megapixels this server holds at once "
+                       f"(--max-inflight-mpixels), and this one needs {pixels / 1e6:.0f} "
+                       "more; retry with backoff")
+        return pixels
+
+    def _release_slot(self, pixels: int) -> None:
         self.active_requests -= 1
+        if pixels:
+            self.pixels.give(pixels)
 
     async def apply(self, rgb: np.ndarray, deadline: float | None = None, *,
                     slot_held: bool = False) -> np.ndarray:
@@ -243,6 +297,7 @@ class TiledImageModel:
         if not slot_held:
             self._check_not_busy()
         self.check_tiles(rgb.shape[1], rgb.shape[0])
+        pixels = 0 if slot_held else self._take_pixels(rgb.shape[1], rgb.shape[0])
         if not slot_held:
             self.active_requests += 1
         try:
@@ -270,7 +325,7 @@ class TiledImageModel:
                                      overlap=self.overlap)
         finally:
             if not slot_held:
-                self.active_requests -= 1
+                self._release_slot(pixels)
 
     async def warmup(self) -> None:
         """One forward pass before SERVING: of a full tile when compiled (compiling a shape

@@ -6,7 +6,8 @@ Exposed on ``--metrics-port`` at ``/metrics``:
 - ``percept_request_seconds{service, method}``: latency histogram;
 - ``percept_inflight_requests{service}``;
 - ``percept_batch_size{queue}``: micro-batch sizes;
-- ``percept_queue_depth{queue}``: requests waiting or running per model queue;
+- ``percept_queue_depth{queue}``: work items waiting or running per model queue (tiles, for
+  the image models: one large image counts many);
 - ``percept_dropped_total{queue, reason}``: work dropped before compute (deadline, cancelled);
 - ``percept_rejected_total{queue}``: requests refused because the queue was full.
 """
@@ -30,7 +31,8 @@ LATENCY = Histogram("percept_request_seconds", "RPC latency in seconds", ["servi
 INFLIGHT = Gauge("percept_inflight_requests", "RPCs in progress", ["service"])
 BATCH_SIZE = Histogram("percept_batch_size", "Micro-batch sizes", ["queue"],
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
-QUEUE_DEPTH = Gauge("percept_queue_depth", "Requests waiting or running", ["queue"])
+QUEUE_DEPTH = Gauge("percept_queue_depth",
+                    "Work items waiting or running (tiles, for the image models)", ["queue"])
 DROPPED = Counter("percept_dropped_total", "Requests dropped before compute", ["queue", "reason"])
 REJECTED = Counter("percept_rejected_total", "Requests refused: queue full", ["queue"])
 

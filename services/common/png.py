@@ -26,13 +26,14 @@ back exactly (tests/services/test_png.py checks both with Pillow).
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
 import numpy as np
+
+from services.common.cpus import available_cpus
 
 try:
     from isal import isal_zlib
@@ -47,7 +48,7 @@ _UP_FILTER = 2
 # Below this many filtered bytes one thread does it all (no hand-off cost). A 256 px RGB
 # image (197 kB) splits in two: 3.0 instead of 4.8 ms on a 2-core AVX2 CPU, 0.3% larger.
 _MIN_BAND_BYTES = 64 * 1024
-_THREADS = max(1, min(4, os.cpu_count() or 1))
+_THREADS = min(4, available_cpus())
 _pool: ThreadPoolExecutor | None = None
 
 

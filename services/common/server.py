@@ -16,6 +16,7 @@ import abc
 import asyncio
 import importlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -28,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.config import ServerConfig
+from services.common.cpus import available_cpus
 from services.common.logs import configure_logging
 from services.common.metrics import MetricsInterceptor, start_metrics_server
 
@@ -117,6 +119,34 @@ class ReadinessGate(grpc.aio.ServerInterceptor):
         return handler
 
 
+class DrainingHealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1 whose Watch streams end once the drain starts, right after they
+    have sent NOT_SERVING, so that no watching client holds a graceful stop open."""
+
+    #: How long a Watch stream has to send its NOT_SERVING before it ends (seconds).
+    LAST_WORD_SECONDS = 0.5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._draining = asyncio.Event()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> None:
+        watching = asyncio.ensure_future(super().Watch(request, context))
+        draining = asyncio.ensure_future(self._draining.wait())
+        try:
+            await asyncio.wait({watching, draining}, return_when=asyncio.FIRST_COMPLETED)
+            if not watching.done():
+                await asyncio.wait({watching}, timeout=self.LAST_WORD_SECONDS)
+        finally:
+            for task in (watching, draining):
+                task.cancel()
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()
+        self._draining.set()
+
+
 class PerceptServer:
     """A grpc.aio server hosting one or more ServiceModules."""
 
@@ -128,7 +158,7 @@ class PerceptServer:
         self.port: int | None = None
         self.ready = asyncio.Event()
         self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        self._health = DrainingHealthServicer()
         self._metrics_http: object | None = None
         self._interceptor = MetricsInterceptor()
         self._gate = ReadinessGate()
@@ -188,20 +218,19 @@ class PerceptServer:
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once, then drain in-flight RPCs for up to ``grace`` seconds.
 
-        New service RPCs get UNAVAILABLE from the start (the readiness gate closes). Once the
-        in-flight work RPCs have finished, or the grace period is over, the gRPC server stops
-        (once: concurrent stop() calls are unsafe in grpc.aio), which also closes health
-        Watch streams, so a watching client cannot hold the drain open."""
+        Health watchers are told NOT_SERVING and their streams end. The gRPC server then
+        stops at once (once: concurrent stop() calls are unsafe in grpc.aio): its GOAWAY
+        tells every client to send new calls elsewhere, so a round-robin client moves them
+        to the other replicas instead of meeting UNAVAILABLE here, and gRPC retries a call
+        that crossed the GOAWAY on another connection by itself. The calls in flight run
+        on until they finish or the grace period ends."""
         grace = self.config.drain_seconds if grace is None else grace
-        self._gate.close()
         await self._health.enter_graceful_shutdown()
+        self._gate.close()  # a call that slips in before the stop below is refused
         log.info("draining", extra={"grace_seconds": grace,
                                     "in_flight": self._interceptor.active_work})
         if self._server is not None:
-            deadline = time.monotonic() + grace
-            while self._interceptor.active_work > 0 and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            await self._server.stop(max(0.0, min(1.0, deadline - time.monotonic())))
+            await self._server.stop(grace)
         for module in self.modules:
             await module.close()
         if self._metrics_http is not None and hasattr(self._metrics_http, "shutdown"):
@@ -232,7 +261,12 @@ async def serve(config: ServerConfig) -> int:
 
 def run_server(config: ServerConfig) -> int:
     """The body of ``percept serve``."""
+    import torch
+
     configure_logging(config.log_format, config.log_level)
+    if "OMP_NUM_THREADS" not in os.environ:  # one thread per CPU the quota allows
+        torch.set_num_threads(available_cpus())
+    log.info("cpu threads", extra={"torch_threads": torch.get_num_threads()})
     return asyncio.run(serve(config))
 
 

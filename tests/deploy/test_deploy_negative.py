@@ -614,15 +614,6 @@ CASES: list[tuple[str, str, str, str, Mutation, str, str]] = [
         "drain 60",
     ),
     (
-        "impatient-liveness",
-        "overlays/gpu",
-        "Deployment",
-        "embed",
-        lambda r: server(r)["livenessProbe"].update(periodSeconds=5, failureThreshold=2),
-        "drain",
-        "within the 20 s drain",
-    ),
-    (
         "typo-flag",
         "overlays/gpu",
         "ConfigMap",

@@ -82,3 +82,51 @@ def test_bad_start_up_exits_non_zero_with_a_clear_log(tmp_path: Path) -> None:
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert process.returncode == 1
     assert "VGG19 weights not found" in process.stderr
+
+
+def test_a_draining_replica_sends_new_calls_to_the_others(
+        small_photo: np.ndarray, style_photo: np.ndarray) -> None:
+    """Two replicas behind one round-robin channel (as a dns:/// client sees a headless
+    Service). While the first drains a long call, every new call is served by the other:
+    the GOAWAY moves them. (The readiness gate used to answer them UNAVAILABLE while the
+    draining replica kept its connections: half the calls failed.)"""
+    from percept.v1 import style_pb2
+    from tests.style.committed import FIRST
+
+    ports = [free_port(), free_port()]
+    processes = [start_server("style", port, "--drain-seconds", "60") for port in ports]
+    channels: list[grpc.Channel] = []
+    try:
+        for port, process in zip(ports, processes, strict=True):
+            wait_serving(f"127.0.0.1:{port}", process)
+        balanced = grpc.insecure_channel(f"ipv4:127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}",
+                                         options=[("grpc.lb_policy_name", "round_robin")])
+        direct = client.connect(f"127.0.0.1:{ports[0]}")
+        channels += [balanced, direct]
+        stub = style_pb2_grpc.StyleTransferStub(balanced)
+        request = style_pb2.StylizeRequest(image=encode(small_photo), style=FIRST)
+        for _ in range(4):  # both replicas connected and warm
+            stub.Stylize(request, timeout=60)
+        long_call = style_pb2_grpc.StyleTransferStub(direct).StylizeWithImage(
+            gatys_request(encode(small_photo), encode(style_photo), iterations=2000,
+                          max_size=48, progress_every=1), timeout=120)
+        assert next(long_call).HasField("progress")  # holds the first replica's drain open
+        processes[0].send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        codes = []
+        for _ in range(20):
+            try:
+                stub.Stylize(request, timeout=60)
+                codes.append("OK")
+            except grpc.RpcError as error:
+                codes.append(error.code().name)
+        assert processes[0].poll() is None, "the first replica was not draining any more"
+        assert codes == ["OK"] * 20, codes
+        long_call.cancel()
+        assert processes[0].wait(60) == 0
+    finally:
+        for channel in channels:
+            channel.close()
+        for process in processes:
+            if process.poll() is None:
+                process.kill()

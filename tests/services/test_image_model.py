@@ -201,6 +201,36 @@ def test_a_slot_is_held_from_before_decoding_and_a_busy_model_refuses_at_once() 
             assert model.active_requests == 1
 
 
+def test_the_pixels_in_flight_are_bounded_across_the_models_of_a_server() -> None:
+    """--max-inflight-mpixels bounds the memory of the images a server holds: a request
+    that would take it over is busy (with the retry trailer), one request is always
+    admitted, and the pixels come back when a request ends. Two models of one server share
+    the budget; another server has its own."""
+    from services.common.errors import Busy
+
+    config = ServerConfig(service="style", compile="off", max_inflight_mpixels=1)
+    first, second = (TiledImageModel(load_artifact(MODELS, STYLES[0], torch.device("cpu")),
+                                     torch.device("cpu"), config, scale=1, tile=256,
+                                     overlap=32) for _ in range(2))
+    half = _png_header_only(500, 500)  # 0.25 MP in, 0.25 out: half the budget
+    with contextlib.ExitStack() as held:
+        held.enter_context(first.admitted(half, 10**8))
+        held.enter_context(second.admitted(half, 10**8))  # the other model: same budget
+        with pytest.raises(Busy, match=r"the images in progress take 1 of the 1 megapixels "
+                                       r"this server holds at once \(--max-inflight-mpixels\)"
+                           ) as refused, first.admitted(_png_header_only(10, 10), 10**8):
+            pytest.fail("admitted")
+        assert refused.value.trailing_metadata == (("grpc-retry-pushback-ms", "100"),)
+        other = _model()  # another server's config: its own budget
+        with other.admitted(half, 10**8):
+            pass
+    assert first.pixels.in_use == 0 and first.pixels.holders == 0
+    with (first.admitted(_png_header_only(3000, 3000), 10**8),  # 18 MP alone: admitted
+          pytest.raises(Busy), second.admitted(_png_header_only(10, 10), 10**8)):
+        pytest.fail("admitted")
+    assert first.pixels.in_use == 0
+
+
 def test_a_row_longer_than_the_per_request_queue_is_queued_in_parts(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A row of more tiles than one request may queue at once goes through in parts, with

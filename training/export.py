@@ -127,7 +127,8 @@ def check_output_folder(out_dir: Path, name: str, flag: str = "--out") -> str:
     check_folder_to_make(out_dir, flag)
     config_path = out_dir / "config.json"
     others = sorted(p.name for p in out_dir.iterdir()
-                    if p.name not in ARTIFACT_FILES and not p.name.startswith(".")) \
+                    if p.name not in ARTIFACT_FILES and not p.name.startswith(".")
+                    and not p.name.endswith(".partial")) \
         if out_dir.is_dir() else []
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")

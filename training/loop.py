@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import sys
 from collections.abc import Collection, Iterator, Mapping
@@ -95,8 +96,12 @@ def stop_requests(message: str) -> Iterator[StopRequest]:
     request = StopRequest()
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        if request:
-            raise KeyboardInterrupt
+        if request:  # the second: at once, as the signal would without this handler
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         request.signal = signum
         print(f"\n{message}", file=sys.stderr, flush=True)
 
@@ -109,7 +114,8 @@ def stop_requests(message: str) -> Iterator[StopRequest]:
         yield request
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            # None: a handler installed outside Python, which cannot be put back
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

@@ -573,6 +573,8 @@ def train(args: argparse.Namespace) -> int:
     # the values of the flags left to the device's defaults, for --resume to compare
     resolved = {**{k: v for k, v in recipe.items() if k != "steps"}, "lr": lr,
                 "warmup": warmup}
+    if args.resume and "warmup" not in state.get("resolved", {"warmup": None}):
+        del resolved["warmup"]  # a checkpoint from before the warm-up was recorded
     # With --time-schedule the cosine runs on the larger of step and clock progress, so a
     # run that --max-minutes cuts short still ends with the learning rate decayed. The
     # clock counts the time of the runs a --resume continues.

@@ -244,6 +244,8 @@ def train(args: argparse.Namespace) -> int:
         check_resumed_run(checkpoint, state, vars(args), RESUMABLE_FLAGS, args.steps,
                           paths=("data", "init_from"))
         step = restore_training_state(state, model, optimizer, scheduler, scaler)
+        if args.warmup is None and "warmup" in state:  # kept when --steps grows
+            warmup = int(state["warmup"])  # the schedule's lambda reads it from here
         history = state["history"]
         elapsed_before = float(state["elapsed"])
         cpu_before = float(state.get("cpu_elapsed", 0.0))
@@ -260,7 +262,8 @@ def train(args: argparse.Namespace) -> int:
                 "cpu_elapsed": cpu_before + time.process_time() - cpu_started,
                 "sampler_rng": sampler.rng.bit_generator.state,
                 "degrade_rng": degrade_rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(), "args": recorded_flags(args)}
+                "torch_rng": torch.get_rng_state(), "args": recorded_flags(args),
+                "warmup": warmup}
 
     def pictures() -> None:
         save_samples(model, val_lr, val_hr, run_dir / "samples.png", device, channels_last)

@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
@@ -86,16 +87,18 @@ class PixelBudget:
         self.holders -= 1
 
 
-#: One budget per server configuration (a process runs one server; tests run several),
-#: shared by every image model of that server. The config is kept so its id stays unique.
-_BUDGETS: dict[int, tuple[ServerConfig, PixelBudget]] = {}
+#: One budget per server configuration object (a process runs one server; tests run
+#: several), shared by every image model of that server; dropped with the config.
+_BUDGETS: dict[int, PixelBudget] = {}
 
 
 def pixel_budget(config: ServerConfig) -> PixelBudget:
     """The budget of the server that ``config`` configures."""
-    if id(config) not in _BUDGETS:
-        _BUDGETS[id(config)] = (config, PixelBudget(config.max_inflight_mpixels * 1_000_000))
-    return _BUDGETS[id(config)][1]
+    key = id(config)
+    if key not in _BUDGETS:
+        _BUDGETS[key] = PixelBudget(config.max_inflight_mpixels * 1_000_000)
+        weakref.finalize(config, _BUDGETS.pop, key, None)  # before the id can be reused
+    return _BUDGETS[key]
 
 
 class RequestSlot:
@@ -144,7 +147,8 @@ class TiledImageModel:
     """Runs ``artifact.module`` over images of any size in overlapping tiles."""
 
     def __init__(self, artifact: Artifact, device: torch.device, config: ServerConfig, *,
-                 scale: int, tile: int, overlap: int, max_batch_pixels: int | None = None
+                 scale: int, tile: int, overlap: int, max_batch_pixels: int | None = None,
+                 max_output_pixels: int | None = None
                  ) -> None:
         self.artifact = artifact
         self.device = device
@@ -183,6 +187,7 @@ class TiledImageModel:
         self.max_requests = config.max_queue
         self.active_requests = 0
         self.pixels = pixel_budget(config)
+        self.max_output_pixels = max_output_pixels
         side = math.isqrt(config.max_pixels)
         self.max_tiles = max(_MIN_TILE_LIMIT,
                              _TILE_LIMIT_FACTOR * TilePlan(side, side, tile, overlap).count)
@@ -264,6 +269,7 @@ class TiledImageModel:
         pixels = 0
         if 0 < width * height <= max_pixels:
             self.check_tiles(width, height)
+            self.check_output(width, height)  # a refusal no retry would change: not busy
             pixels = self._take_pixels(width, height)
         self.active_requests += 1
         slot = RequestSlot(functools.partial(self._release_slot, pixels))
@@ -271,6 +277,15 @@ class TiledImageModel:
             yield slot
         finally:
             slot.close()
+
+    def check_output(self, width: int, height: int) -> None:
+        """INVALID_ARGUMENT when a ``width`` x ``height`` input's output would be over the
+        model's output cap (``max_output_pixels``)."""
+        output = width * height * self.scale ** 2
+        if self.max_output_pixels is not None and output > self.max_output_pixels:
+            raise InvalidArgument(f"the output would have {output} pixels, over the cap of "
+                                  f"{self.max_output_pixels} (2 x --max-pixels); send a "
+                                  "smaller image")
 
     def _take_pixels(self, width: int, height: int) -> int:
         """Takes a ``width`` x ``height`` request's pixels (input plus output) from the

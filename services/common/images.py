@@ -18,6 +18,12 @@ from percept.v1 import image_pb2
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.png import encode_png
 
+# Pillow warns about what it repairs or skips in a request's image (corrupt EXIF data,
+# transparency in a palette...): the image still decodes, and the server's log is no place
+# for it. A filter, set once: warnings.catch_warnings() is not thread-safe, and images are
+# decoded on several threads at once (one could leave every warning silenced).
+warnings.filterwarnings("ignore", module="PIL")
+
 # We enforce our own cap from the header; Pillow's global guard would fire on a different,
 # process-wide number and with a less precise message.
 Image.MAX_IMAGE_PIXELS = None
@@ -104,9 +110,7 @@ def _open(data: bytes, what: str) -> Image.Image:
     if not data:
         raise InvalidArgument(f"empty {what}")
     try:
-        with warnings.catch_warnings():  # "Corrupt EXIF data" and the like: not for the log
-            warnings.simplefilter("ignore")
-            return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except MemoryError:
         raise
     except UnidentifiedImageError as error:
@@ -144,10 +148,8 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> Decode
         try:
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                image.load()
-                image = ImageOps.exif_transpose(image) or image
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
         except MemoryError:
             raise
         except OSError as error:
@@ -160,8 +162,7 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> Decode
         icc_profile = _rgb_icc_profile(image)
         mode = image.mode
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with np.errstate(all="ignore"):  # NaN in float images: handled (thread-local)
                 image = _normalise_mode(image)
         except MemoryError:
             raise

@@ -66,15 +66,16 @@ def _status_name(context: grpc.aio.ServicerContext, error: BaseException | None)
     return "UNKNOWN" if error is not None and not isinstance(error, grpc.aio.AbortError) else "OK"
 
 
-# Long-lived infrastructure streams that must not hold up a drain.
-_INFRASTRUCTURE = ("grpc.health.v1.Health", "grpc.reflection.")
+#: The infrastructure services (prefixes of their names): their long-lived streams are not
+#: work, and the drain ends them (services/common/server.py, InfrastructureStreams).
+INFRASTRUCTURE_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every RPC by status code and records its latency.
 
-    ``active_work`` counts the in-flight RPCs other than health and reflection streams: the
-    drain waits for those alone."""
+    ``active_work`` counts the in-flight RPCs other than health and reflection streams (the
+    drain's log line reports it)."""
 
     def __init__(self) -> None:
         self.active_work = 0
@@ -88,7 +89,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         service, method = _split_method(handler_call_details.method)
-        is_work = not service.startswith(_INFRASTRUCTURE)
+        is_work = not service.startswith(INFRASTRUCTURE_SERVICES)
 
         def begin() -> float:
             INFLIGHT.labels(service).inc()

@@ -31,7 +31,11 @@ from grpc_reflection.v1alpha import reflection
 from services.common.config import ServerConfig
 from services.common.cpus import available_cpus
 from services.common.logs import configure_logging
-from services.common.metrics import MetricsInterceptor, start_metrics_server
+from services.common.metrics import (
+    INFRASTRUCTURE_SERVICES,
+    MetricsInterceptor,
+    start_metrics_server,
+)
 
 log = logging.getLogger("percept.server")
 
@@ -81,6 +85,10 @@ def build_modules(config: ServerConfig) -> list[ServiceModule]:
     return modules
 
 
+#: Method-name prefixes of the infrastructure services (health, reflection).
+_INFRASTRUCTURE = tuple(f"/{name}" for name in INFRASTRUCTURE_SERVICES)
+
+
 class ReadinessGate(grpc.aio.ServerInterceptor):
     """Answers UNAVAILABLE to service RPCs until the models are loaded and warm (health and
     reflection always pass), so an early client retries instead of meeting half-loaded
@@ -100,8 +108,7 @@ class ReadinessGate(grpc.aio.ServerInterceptor):
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or self.ready or method.startswith(("/grpc.health.",
-                                                               "/grpc.reflection.")):
+        if handler is None or self.ready or method.startswith(_INFRASTRUCTURE):
             return handler
 
         reason = self.reason
@@ -119,32 +126,80 @@ class ReadinessGate(grpc.aio.ServerInterceptor):
         return handler
 
 
-class DrainingHealthServicer(health.aio.HealthServicer):
-    """grpc.health.v1 whose Watch streams end once the drain starts, right after they
-    have sent NOT_SERVING, so that no watching client holds a graceful stop open."""
+class InfrastructureStreams(grpc.aio.ServerInterceptor):
+    """Ends the long-lived infrastructure streams (health Watch, server reflection) once
+    the drain starts, so that none holds a graceful stop open for its whole grace period:
+    a Watch stream first gets a moment to send its NOT_SERVING, a reflection stream ends
+    at its next request. Work RPCs are left alone."""
 
-    #: How long a Watch stream has to send its NOT_SERVING before it ends (seconds).
+    #: How long a Watch stream has to send its last status once the drain starts (seconds).
     LAST_WORD_SECONDS = 0.5
 
     def __init__(self) -> None:
-        super().__init__()
-        self._draining = asyncio.Event()
+        self._draining: asyncio.Event | None = None
 
-    async def Watch(self, request: health_pb2.HealthCheckRequest,
-                    context: grpc.aio.ServicerContext) -> None:
-        watching = asyncio.ensure_future(super().Watch(request, context))
-        draining = asyncio.ensure_future(self._draining.wait())
-        try:
-            await asyncio.wait({watching, draining}, return_when=asyncio.FIRST_COMPLETED)
-            if not watching.done():
-                await asyncio.wait({watching}, timeout=self.LAST_WORD_SECONDS)
-        finally:
-            for task in (watching, draining):
-                task.cancel()
+    def _event(self) -> asyncio.Event:
+        if self._draining is None:  # made on the server's loop
+            self._draining = asyncio.Event()
+        return self._draining
 
-    async def enter_graceful_shutdown(self) -> None:
-        await super().enter_graceful_shutdown()
-        self._draining.set()
+    def drain(self) -> None:
+        self._event().set()
+
+    async def intercept_service(self, continuation: Any,
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(_INFRASTRUCTURE):
+            return handler
+        if handler.unary_stream is not None:  # Watch: a coroutine that writes its stream
+            watch = handler.unary_stream
+
+            async def until_drained(request: Any, context: grpc.aio.ServicerContext) -> None:
+                streaming = asyncio.ensure_future(watch(request, context))
+                draining = asyncio.ensure_future(self._event().wait())
+                try:
+                    await asyncio.wait({streaming, draining},
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if not streaming.done():
+                        await asyncio.wait({streaming}, timeout=self.LAST_WORD_SECONDS)
+                    if streaming.done() and not streaming.cancelled():
+                        streaming.result()  # its own error, if it ended in one
+                finally:
+                    for task in (streaming, draining):
+                        task.cancel()
+
+            return grpc.unary_stream_rpc_method_handler(
+                until_drained, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.stream_stream is not None:  # reflection: answers request by request
+            answer = handler.stream_stream
+
+            def requests_until_drained(requests: Any) -> Any:
+                async def generate() -> Any:
+                    iterator = requests.__aiter__()
+                    while True:
+                        following = asyncio.ensure_future(iterator.__anext__())
+                        draining = asyncio.ensure_future(self._event().wait())
+                        await asyncio.wait({following, draining},
+                                           return_when=asyncio.FIRST_COMPLETED)
+                        draining.cancel()
+                        if not following.done():
+                            following.cancel()
+                            return
+                        try:
+                            yield following.result()
+                        except StopAsyncIteration:
+                            return
+                return generate()
+
+            async def reflection(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                async for response in answer(requests_until_drained(requests), context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                reflection, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
 
 
 class PerceptServer:
@@ -158,7 +213,8 @@ class PerceptServer:
         self.port: int | None = None
         self.ready = asyncio.Event()
         self._server: grpc.aio.Server | None = None
-        self._health = DrainingHealthServicer()
+        self._health = health.aio.HealthServicer()
+        self._streams = InfrastructureStreams()
         self._metrics_http: object | None = None
         self._interceptor = MetricsInterceptor()
         self._gate = ReadinessGate()
@@ -185,7 +241,8 @@ class PerceptServer:
             # longest default deadline of the CLI (a StylizeWithImage optimisation).
             ("grpc.max_connection_age_grace_ms", 3_600_000),
         ]
-        server = grpc.aio.server(options=options, interceptors=[self._interceptor, self._gate])
+        server = grpc.aio.server(options=options, interceptors=[self._interceptor, self._gate,
+                                                        self._streams])
         for module in self.modules:
             module.add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -218,7 +275,8 @@ class PerceptServer:
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once, then drain in-flight RPCs for up to ``grace`` seconds.
 
-        Health watchers are told NOT_SERVING and their streams end. The gRPC server then
+        Health watchers are told NOT_SERVING, and their streams and reflection streams end
+        (:class:`InfrastructureStreams`). The gRPC server then
         stops at once (once: concurrent stop() calls are unsafe in grpc.aio): its GOAWAY
         tells every client to send new calls elsewhere, so a round-robin client moves them
         to the other replicas instead of meeting UNAVAILABLE here, and gRPC retries a call
@@ -226,6 +284,7 @@ class PerceptServer:
         on until they finish or the grace period ends."""
         grace = self.config.drain_seconds if grace is None else grace
         await self._health.enter_graceful_shutdown()
+        self._streams.drain()
         self._gate.close()  # a call that slips in before the stop below is refused
         log.info("draining", extra={"grace_seconds": grace,
                                     "in_flight": self._interceptor.active_work})

@@ -27,6 +27,7 @@ from services.common.images import (
     output_format_name,
     validate_quality,
 )
+from services.common.metrics import REJECTED
 from services.common.rpc import stream_errors, time_remaining, unary_errors
 from services.common.server import ServiceModule
 from services.common.tensors import to_uint8
@@ -177,6 +178,7 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
                                context: grpc.aio.ServicerContext
                                ) -> AsyncIterator[style_pb2.StylizeWithImageResponse]:
         if self.optimisations_admitted >= self.config.max_optimisations:
+            REJECTED.labels(self.optimiser.name).inc()
             raise Busy(f"{self.optimiser.name} queue is full ({self.config.max_optimisations} "
                        "requests); retry with backoff")
         self.optimisations_admitted += 1

@@ -57,7 +57,8 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
             artifact = await asyncio.to_thread(load_artifact, self.config.models_dir, name,
                                                self.device)
             model = TiledImageModel(artifact, self.device, self.config, scale=SCALE, tile=TILE,
-                                    overlap=OVERLAP, max_batch_pixels=MAX_BATCH_PIXELS)
+                                    overlap=OVERLAP, max_batch_pixels=MAX_BATCH_PIXELS,
+                                    max_output_pixels=2 * self.config.max_pixels)
             model.start()
             self.models[name] = model
         requested = self.config.default_model
@@ -103,12 +104,7 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
             if min(decoded.width, decoded.height) < MIN_SIDE:
                 raise InvalidArgument(f"image is {decoded.width}x{decoded.height}; the minimum "
                                       f"is {MIN_SIDE}x{MIN_SIDE}")
-            output_pixels = decoded.width * decoded.height * SCALE * SCALE
-            output_cap = 2 * self.config.max_pixels
-            if output_pixels > output_cap:
-                raise InvalidArgument(f"the output would have {output_pixels} pixels, over the "
-                                      f"cap of {output_cap} (2 x --max-pixels); send a smaller "
-                                      "image")
+            model.check_output(decoded.width, decoded.height)  # if the header could not say
             remaining = time_remaining(context)
             deadline = None if remaining is None else time.monotonic() + remaining
             rgb = await model.apply(decoded.rgb, deadline, slot_held=True)

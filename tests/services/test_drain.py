@@ -130,3 +130,40 @@ def test_a_draining_replica_sends_new_calls_to_the_others(
         for process in processes:
             if process.poll() is None:
                 process.kill()
+
+
+def test_open_watch_and_reflection_streams_do_not_hold_the_drain() -> None:
+    """A client that keeps a health Watch and a reflection stream open (a dashboard, a
+    grpcurl session) must not keep a stopping server for its whole grace period: the
+    Watch gets NOT_SERVING and ends, the reflection stream ends at its next request."""
+    import queue
+
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from services.common.server import start_in_thread
+    from tests.conftest import server_config
+
+    running = start_in_thread(server_config("style", max_optimisations=1))
+    channel = client.connect(running.target)
+    pending: queue.Queue[reflection_pb2.ServerReflectionRequest | None] = queue.Queue()
+    pending.put(reflection_pb2.ServerReflectionRequest(list_services=""))
+
+    def requests() -> object:
+        while (request := pending.get()) is not None:
+            yield request
+
+    try:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=60)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            requests(), timeout=60)
+        assert next(reflection).HasField("list_services_response")  # open, waiting
+        started = time.monotonic()
+        running.stop(grace=30)
+        assert time.monotonic() - started < 10, "the streams held the drain"
+        seen = list(watch)  # NOT_SERVING, then the stream ends (not cut off by the grace)
+        assert [m.status for m in seen] == [health_pb2.HealthCheckResponse.NOT_SERVING]
+    finally:
+        pending.put(None)
+        channel.close()

@@ -139,6 +139,29 @@ def test_output_pixel_cap(sr_models: Path, small_photo: np.ndarray) -> None:
         running.stop()
 
 
+def test_an_output_over_the_cap_is_invalid_even_when_the_server_is_busy(
+        sr_models: Path) -> None:
+    """Refused from the header with INVALID_ARGUMENT, before the pixel budget: a busy
+    answer would tell the client to retry a request that can never succeed."""
+    from services.common.artifacts import load_artifact
+    from services.common.errors import Busy, InvalidArgument
+    from services.common.image_model import TiledImageModel
+    from tests.fixtures.bad_images import png_bomb
+
+    config = server_config("superres", models_dir=sr_models, max_pixels=1_000_000,
+                           max_inflight_mpixels=1)
+    model = TiledImageModel(load_artifact(sr_models, "superres-psnr", torch.device("cpu")),
+                            torch.device("cpu"), config, scale=4, tile=64, overlap=8,
+                            max_output_pixels=2 * config.max_pixels)
+    with model.admitted(png_bomb(200, 200), config.max_pixels):  # 0.68 of the 1 MP budget
+        with (pytest.raises(InvalidArgument, match=r"^the output would have 16000000 pixels, "
+                                                   r"over the cap of 2000000"),
+              model.admitted(png_bomb(1000, 1000), config.max_pixels)):
+            pytest.fail("admitted")
+        with pytest.raises(Busy), model.admitted(png_bomb(150, 150), config.max_pixels):
+            pytest.fail("admitted")
+
+
 def test_a_result_over_the_message_limit_says_what_to_do(sr_models: Path) -> None:
     """A 256 px noise JPEG (well under 1 MiB) upscales to 1024 px of noise: over 1 MiB as
     PNG. The refusal is ours, with the fix, not gRPC's bare 'larger than max'; JPEG fits."""

@@ -719,3 +719,19 @@ def test_a_resume_keeps_the_warmup_and_the_clock_of_the_run_it_continues(
     assert metrics["steps"] == 3 and metrics["stopped_early"] is True
     assert metrics["note"].endswith("stopped by the clock (--max-minutes); train on a GPU "
                                     "with the default flags for full quality")
+
+
+@needs_vgg
+def test_a_checkpoint_from_before_the_warmup_was_recorded_still_resumes(
+        tmp_path: Path) -> None:
+    from training.train_style import train
+
+    prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 40))
+    common = _tiny_run(tmp_path, prepared)
+    assert train(_parse([*common, "--steps", "2"])) == 0
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    del state["resolved"]["warmup"]  # as written before today
+    torch.save(state, checkpoint)
+    assert train(_parse([*common, "--steps", "3", "--resume"])) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 3

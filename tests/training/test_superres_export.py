@@ -125,3 +125,17 @@ def test_exporting_again_over_an_artifact_bumps_its_version(tmp_path: Path) -> N
     export_artifact(other, name="sr-test", task="superres", architecture=ARCH, module=module,
                     metrics={}, data=[], command="pytest", device="cpu", version=5)
     assert json.loads((other / "config.json").read_text())["version"] == 5  # as asked
+
+
+def test_an_artifact_folder_with_an_interrupted_write_can_be_exported_into_again(
+        tmp_path: Path) -> None:
+    """A write cut short leaves `*.partial` files: the folder is still the artifact's,
+    and another export replaces it; anything else in it is refused."""
+    from training.export import check_output_folder
+
+    _, out = _export(tmp_path)
+    (out / "metrics.json.partial").write_text("{")
+    assert check_output_folder(out, "sr-test").startswith("sr-test@2, replacing version 1")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds other files \(1: notes.txt\)"):
+        check_output_folder(out, "sr-test")

@@ -205,3 +205,17 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_run_dir_is_refused_as_out(
     assert not out.exists()
     assert cli_superres.main([*args, "--steps", str(step + 1), "--resume"]) == 0
     assert json.loads((out / "metrics.json").read_text())["steps"] == step + 1
+
+
+def test_a_resume_with_more_steps_keeps_the_warmup(prepared: Path, tmp_path: Path) -> None:
+    out, run = tmp_path / "models" / "sr-tiny", tmp_path / "run"
+    args = ["train", "--data", str(prepared), "--out", str(out), "--run-dir", str(run), *TINY,
+            "--checkpoint-every", "0", "--sample-every", "0"]
+    assert cli_superres.main([*args, "--steps", "2"]) == 0  # the default warm-up: 1 step
+    # --steps 200 alone would default to 10 warm-up steps: the run keeps its 1
+    assert cli_superres.main([*args, "--steps", "3", "--resume"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["warmup"] == 1 and metrics["steps"] == 3
+    assert cli_superres.main([*args, "--steps", "200", "--resume", "--max-cpu-minutes",
+                              "0.0001"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["warmup"] == 1

@@ -9,7 +9,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -72,6 +72,46 @@ def check_finite(loss: float, terms: Mapping[str, float], step: int) -> None:
 
 def finite_weights(module: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+class LossGuard:
+    """Which steps to skip for a loss that is not finite: under fp16 autocast, the few
+    overflows the gradient scaler skips; anything else, or too many in a row, is a
+    diverged run (TrainingDiverged)."""
+
+    def __init__(self, scaler: torch.amp.GradScaler) -> None:
+        self.scaler = scaler
+        self.in_a_row = 0
+
+    def skips(self, loss: float, terms: Mapping[str, float], step: int) -> bool:
+        if math.isfinite(loss):
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        if not self.scaler.is_enabled() or self.in_a_row >= MAX_OVERFLOWS_IN_A_ROW:
+            check_finite(loss, terms, step)
+        return True
+
+
+def save_finite_checkpoint(path: Path, model: nn.Module, snapshot: Callable[[], Any],
+                           step: int) -> None:
+    """``snapshot()`` saved to ``path``, unless the weights stopped being finite: a diverged
+    state is never saved over a good one (TrainingDiverged)."""
+    if not finite_weights(model):
+        raise TrainingDiverged(
+            f"the weights hold NaN or infinite values at step {step}: the run diverged, so "
+            "nothing is exported; lower --lr or the loss weights, and start again (or "
+            f"--resume from the last checkpoint in {path.parent})")
+    save_checkpoint(path, snapshot())
+
+
+#: What the first Ctrl-C or SIGTERM of a training loop prints.
+STOPPING = "[train] stopping: this step ends and a checkpoint is saved (Ctrl-C again stops at once)"
+
+
+def stopped_note(step: int, steps: int, checkpoint: Path) -> str:
+    return (f"[train] stopped at step {step} of {steps}; the checkpoint is in {checkpoint} and "
+            "nothing was exported: run the same command with --resume to go on")
 
 
 class StopRequest:

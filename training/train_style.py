@@ -67,23 +67,23 @@ from training.export import check_output_folder, command_line, data_entry, expor
 from training.image_batches import predict_images, to_tensor
 from training.loop import (
     CHECKPOINT_NAME,
-    MAX_OVERFLOWS_IN_A_ROW,
     RESUMABLE_FLAGS,
+    STOPPING,
+    LossGuard,
     TrainingDiverged,
     autocast_dtype,
-    check_finite,
     check_flag_minimums,
     check_new_run,
     check_resumed_run,
     choose_device,
-    finite_weights,
     lr_factor,
     prepared_data_provenance,
     read_checkpoint,
     recorded_flags,
     restore_training_state,
-    save_checkpoint,
+    save_finite_checkpoint,
     stop_requests,
+    stopped_note,
 )
 from training.nets.transformer import TransformerNet
 from training.plots import save_image_grid, save_loss_plot
@@ -663,12 +663,7 @@ def train(args: argparse.Namespace) -> int:
                              for k, v in model.state_dict().items()}
 
     def checkpoint_now() -> None:
-        if not finite_weights(model):  # a diverged state is never saved over a good one
-            raise TrainingDiverged(
-                f"the weights hold NaN or infinite values at step {step}: the run diverged, "
-                "so nothing is exported; lower --lr or the loss weights, and start again (or "
-                f"--resume from the last checkpoint in {run_dir})")
-        save_checkpoint(checkpoint, snapshot())
+        save_finite_checkpoint(checkpoint, model, snapshot, step)
 
     def train_step() -> bool:
         """One optimiser step; False (and no step) when the loss overflowed under fp16
@@ -688,12 +683,8 @@ def train(args: argparse.Namespace) -> int:
                 terms["tile"] = args.tile_weight * float(tile.detach())
                 raw["tile"] = float(tile.detach())
         value = float(loss.detach())
-        if not math.isfinite(value):
-            overflows.append(value)
-            if not scaler.is_enabled() or len(overflows) >= MAX_OVERFLOWS_IN_A_ROW:
-                check_finite(value, terms, step + 1)
+        if guard.skips(value, terms, step + 1):
             return False
-        overflows.clear()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -710,9 +701,8 @@ def train(args: argparse.Namespace) -> int:
     print(f"[train] exports {export_plan}", flush=True)
     bar = tqdm(total=steps, initial=step, unit="step", desc=f"train {name}",
                disable=args.quiet, dynamic_ncols=True)
-    overflows: list[float] = []
-    with stop_requests("[train] stopping: this step ends and a checkpoint is saved "
-                       "(Ctrl-C again stops at once)") as stop:
+    guard = LossGuard(scaler)
+    with stop_requests(STOPPING) as stop:
         while step < steps and not stop:
             if time.monotonic() > deadline:
                 stopped_by = "the clock (--max-minutes)"
@@ -737,9 +727,7 @@ def train(args: argparse.Namespace) -> int:
     if stop:
         checkpoint_now()
         pictures()
-        print(f"[train] stopped at step {step} of {steps}; the checkpoint is in {checkpoint} "
-              "and nothing was exported: run the same command with --resume to go on",
-              file=sys.stderr, flush=True)
+        print(stopped_note(step, steps, checkpoint), file=sys.stderr, flush=True)
         return stop.exit_code
     selected_step = step
     if args.grid_margin and (not grid_checks or grid_checks[-1]["step"] != step):

@@ -48,23 +48,23 @@ from training.image_batches import predict_images, to_tensor
 from training.image_quality import y_psnr_ssim
 from training.loop import (
     CHECKPOINT_NAME,
-    MAX_OVERFLOWS_IN_A_ROW,
     RESUMABLE_FLAGS,
+    STOPPING,
+    LossGuard,
     TrainingDiverged,
     autocast_dtype,
-    check_finite,
     check_flag_minimums,
     check_new_run,
     check_resumed_run,
     choose_device,
-    finite_weights,
     lr_factor,
     prepared_data_provenance,
     read_checkpoint,
     recorded_flags,
     restore_training_state,
-    save_checkpoint,
+    save_finite_checkpoint,
     stop_requests,
+    stopped_note,
 )
 from training.plots import save_image_grid, save_loss_plot
 from training.sr_data import SCALE, Degradation, PairSampler, degrade
@@ -271,12 +271,7 @@ def train(args: argparse.Namespace) -> int:
                        title=f"{name}: weighted loss terms; L1(output)/L1(bicubic)")
 
     def checkpoint_now() -> None:
-        if not finite_weights(model):  # a diverged state is never saved over a good one
-            raise TrainingDiverged(
-                f"the weights hold NaN or infinite values at step {step}: the run diverged, "
-                "so nothing is exported; lower --lr or the loss weights, and start again (or "
-                f"--resume from the last checkpoint in {run_dir})")
-        save_checkpoint(checkpoint, snapshot())
+        save_finite_checkpoint(checkpoint, model, snapshot, step)
 
     def train_step() -> bool:
         """One optimiser step; False (and no step) when the loss overflowed under fp16
@@ -294,12 +289,8 @@ def train(args: argparse.Namespace) -> int:
             output = model(lr)
             loss, terms = criterion(output, hr)
         value = float(loss.detach())
-        if not math.isfinite(value):
-            overflows.append(value)
-            if not scaler.is_enabled() or len(overflows) >= MAX_OVERFLOWS_IN_A_ROW:
-                check_finite(value, terms, step + 1)
+        if guard.skips(value, terms, step + 1):
             return False
-        overflows.clear()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -327,9 +318,8 @@ def train(args: argparse.Namespace) -> int:
     print(f"[train] exports {export_plan}", flush=True)
     bar = tqdm(total=args.steps, initial=step, unit="step", desc=f"train {name}",
                disable=args.quiet, dynamic_ncols=True)
-    overflows: list[float] = []
-    with stop_requests("[train] stopping: this step ends and a checkpoint is saved "
-                       "(Ctrl-C again stops at once)") as stop:
+    guard = LossGuard(scaler)
+    with stop_requests(STOPPING) as stop:
         while step < args.steps and not stop:
             if time.monotonic() > deadline or time.process_time() > cpu_deadline:
                 stopped_early = True
@@ -350,9 +340,7 @@ def train(args: argparse.Namespace) -> int:
     checkpoint_now()
     pictures()
     if stop:
-        print(f"[train] stopped at step {step} of {args.steps}; the checkpoint is in "
-              f"{checkpoint} and nothing was exported: run the same command with --resume "
-              "to go on", file=sys.stderr, flush=True)
+        print(stopped_note(step, args.steps, checkpoint), file=sys.stderr, flush=True)
         return stop.exit_code
 
     validation = validate(model, val_lr, val_hr, device, channels_last)

@@ -219,7 +219,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="content photos (rows) in the grid, at least 1 (--grid '' "
                              "writes no grid; default: 3)")
     parser.add_argument("--grid-cell", type=int, default=160,
-                        help="grid cell size in pixels, 16 to 1024 (default: 160)")
+                        help="grid cell size in pixels, a multiple of 4 from 16 to 1024 "
+                             "(default: 160)")
     parser.add_argument("--grid", default=None, metavar="PNG",
                         help="grid image of photos x styles ('' skips it; default: the README's "
                              "docs/images/style_grid.png when measuring the default models on "

@@ -722,7 +722,10 @@ def check_eval_flags(args: argparse.Namespace) -> None:
     if not (low <= args.size <= high and args.size % 4 == 0):
         raise ValueError(f"--size must be a multiple of 4 from {low} to {high} px (the "
                          f"measures need whole 4 px periods), got {args.size}")
-    _check_range("--grid-cell", args.grid_cell, *GRID_CELL_RANGE)
+    low, high = GRID_CELL_RANGE
+    if not (low <= args.grid_cell <= high and args.grid_cell % 4 == 0):
+        raise ValueError(f"--grid-cell must be a multiple of 4 from {low} to {high} px (the "
+                         f"photos are cropped to multiples of 4), got {args.grid_cell}")
     if args.grid_photos < 1:
         raise ValueError("--grid-photos must be at least 1 (--grid '' writes no grid), "
                          f"got {args.grid_photos}")

@@ -237,11 +237,11 @@ def test_numbers_and_paths_that_would_fail_late_are_refused_before_any_model_loa
     a_file.write_text("")
     zoom = ["--zoom", str(tmp_path / "zoom.png")]
     size = "--size must be a multiple of 4 from 16 to 4096 px"
-    cell = "--grid-cell must be 16..1024 px"
+    cell = "--grid-cell must be a multiple of 4 from 16 to 1024 px"
     crop = "--zoom-crop must be 8..64 px (at most --size)"
     cases: list[tuple[list[str], str]] = [
         *[(["--size", value], size) for value in ("0", "-5", "3", "5", "8", "66", "100000")],
-        *[(["--grid-cell", value], cell) for value in ("0", "-10", "8", "100000")],
+        *[(["--grid-cell", value], cell) for value in ("0", "-10", "8", "161", "100000")],
         *[(["--grid-photos", value], "--grid-photos must be at least 1 (--grid '' writes no "
            "grid)") for value in ("0", "-1")],
         *[([*zoom, "--zoom-crop", value], crop) for value in ("1000", "4", "0")],

@@ -498,9 +498,6 @@ def check_run_flags(args: argparse.Namespace) -> None:
     if args.warmup is not None and args.steps is not None and args.warmup > args.steps:
         raise ValueError(f"--warmup {args.warmup} is longer than the run (--steps {args.steps}):"
                          " the learning rate would never reach --lr")
-    if args.out and args.run_dir and Path(args.out).resolve() == Path(args.run_dir).resolve():
-        raise ValueError("--out and --run-dir must be different folders (the run folder "
-                         "holds checkpoints, the artifact folder what is served)")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -521,6 +518,10 @@ def train(args: argparse.Namespace) -> int:
     name = f"style-{style.name}"
     out = Path(args.out) if args.out else REPO_ROOT / "models" / name
     run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
+    if out.resolve() == run_dir.resolve():  # given, or by default (runs/NAME, models/NAME)
+        raise ValueError(f"--out and --run-dir are both {out}: they must be different folders "
+                         "(the run folder holds checkpoints, the artifact folder what is "
+                         "served)")
     export_plan = check_output_folder(out, name)
     check_folder_to_make(run_dir, "--run-dir")
     checkpoint = run_dir / CHECKPOINT_NAME

@@ -620,7 +620,7 @@ def test_outputs_and_run_folders_that_cannot_work_are_refused_before_anything_lo
         (["--run-dir", str(tmp_path / "dangling")], "--run-dir", "is a symbolic link to nothing"),
         (["--out", str(photos)], "--out", "holds other files (1: holiday.jpg), not an artifact: "
                                           "choose a new or empty folder"),
-        (["--out", same, "--run-dir", same], "", "--out and --run-dir must be different"),
+        (["--out", same, "--run-dir", same], "", "must be different folders"),
     ]
     for flags, _, message in cases:
         argv = ["train", *_tiny_run(tmp_path, tmp_path / "no-data"), "--steps", "1", *flags]
@@ -629,6 +629,14 @@ def test_outputs_and_run_folders_that_cannot_work_are_refused_before_anything_lo
         assert message in err and "Traceback" not in err, (flags, err)
     assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
     assert sorted(p.name for p in photos.iterdir()) == ["holiday.jpg"]
+    # --out naming the default run folder (no --run-dir): refused too, not a traceback at
+    # the end of the run
+    default_run = REPO_ROOT / "runs" / "style-stained-tissue"
+    argv = ["train", *_tiny_run(tmp_path, tmp_path / "no-data"), "--steps", "1"]
+    at = argv.index("--run-dir")
+    del argv[at:at + 2]
+    assert cli_style.main([*argv, "--out", str(default_run)]) == 2
+    assert f"--out and --run-dir are both {default_run}" in capsys.readouterr().err
 
 
 def test_a_prepared_folder_with_a_broken_manifest_is_one_line(

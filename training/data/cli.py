@@ -61,8 +61,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     """Adds ``data {photos,prepare}`` to a CLI's subparsers; returns the ``data`` parser."""
     data = subparsers.add_parser("data", help="assemble training photos and prepare arrays",
-                                 description="Training data preparation (DESIGN.md, "
-                                             "'Fast data preparation').")
+                                 description="Training data preparation: the curated photos, "
+                                             "and the uint8 arrays every trainer reads "
+                                             "(training/data/prepare.py).")
     commands = data.add_subparsers(dest="data_command", metavar="{photos,prepare}")
     commands.required = True
     photos_parser = commands.add_parser(

@@ -276,12 +276,12 @@ class PerceptServer:
         """NOT_SERVING at once, then drain in-flight RPCs for up to ``grace`` seconds.
 
         Health watchers are told NOT_SERVING, and their streams and reflection streams end
-        (:class:`InfrastructureStreams`). The gRPC server then
-        stops at once (once: concurrent stop() calls are unsafe in grpc.aio): its GOAWAY
-        tells every client to send new calls elsewhere, so a round-robin client moves them
-        to the other replicas instead of meeting UNAVAILABLE here, and gRPC retries a call
-        that crossed the GOAWAY on another connection by itself. The calls in flight run
-        on until they finish or the grace period ends."""
+        (:class:`InfrastructureStreams`). The gRPC server then stops at once (once:
+        concurrent stop() calls are unsafe in grpc.aio): its GOAWAY tells every client to
+        send new calls elsewhere, so a round-robin client moves them to the other replicas
+        instead of meeting UNAVAILABLE here, and gRPC retries a call that crossed the GOAWAY
+        on another connection by itself. The calls in flight run on until they finish or
+        the grace period ends."""
         grace = self.config.drain_seconds if grace is None else grace
         await self._health.enter_graceful_shutdown()
         self._streams.drain()

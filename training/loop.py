@@ -132,7 +132,8 @@ class StopRequest:
 @contextlib.contextmanager
 def stop_requests(message: str) -> Iterator[StopRequest]:
     """Catches SIGINT and SIGTERM for a training loop (from the main thread only): the
-    first prints ``message`` and sets the request, the second raises KeyboardInterrupt."""
+    first prints ``message`` and sets the request; a second stops the process at once
+    (KeyboardInterrupt for SIGINT, the signal's own default for SIGTERM)."""
     request = StopRequest()
 
     def handle(signum: int, frame: FrameType | None) -> None:
@@ -286,6 +287,12 @@ def restore_training_state(state: Mapping[str, Any], model: nn.Module,
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        # the rate of the next step under this run's schedule (a longer --steps moves it);
+        # the optimiser's saved rate is the old schedule's
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs,
+                                       scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(scheduler.last_epoch)
     return int(state["step"])
 
 

@@ -568,14 +568,17 @@ def train(args: argparse.Namespace) -> int:
     state: dict[str, Any] = {}
     if args.resume:
         state = read_checkpoint(checkpoint, device, architecture)
-    # a resumed run keeps the warm-up it started with, whatever --steps is now
-    default_warmup = state.get("resolved", {}).get("warmup", max(1, min(100, steps // 20)))
+    # a resumed run keeps the warm-up it started with, whatever --steps is now (one
+    # from before the warm-up was recorded: the default of the steps it was started with)
+    first_steps = state.get("args", {}).get("steps") or steps
+    default_warmup = state.get("resolved", {}).get("warmup", max(1, min(100, first_steps // 20)))
     warmup = args.warmup if args.warmup is not None else int(default_warmup)
     # the values of the flags left to the device's defaults, for --resume to compare
     resolved = {**{k: v for k, v in recipe.items() if k != "steps"}, "lr": lr,
                 "warmup": warmup}
+    compared = resolved  # a checkpoint from before the warm-up was recorded: not compared
     if args.resume and "warmup" not in state.get("resolved", {"warmup": None}):
-        del resolved["warmup"]  # a checkpoint from before the warm-up was recorded
+        compared = {k: v for k, v in resolved.items() if k != "warmup"}
     # With --time-schedule the cosine runs on the larger of step and clock progress, so a
     # run that --max-minutes cuts short still ends with the learning rate decayed. The
     # clock counts the time of the runs a --resume continues.
@@ -601,7 +604,7 @@ def train(args: argparse.Namespace) -> int:
             raise ValueError(f"{checkpoint} was trained on another style image")
         # the sizes left to the device's default differ between a CPU and a CUDA run
         check_resumed_run(checkpoint, state, vars(args), RESUMABLE_CHANGES, steps,
-                          resolved=resolved, paths=("data", "style_image"))
+                          resolved=compared, paths=("data", "style_image"))
         # a fine-tune's origin (its weights are in the checkpoint now) stays in metrics.json
         init_from = state.get("init_from")
         init_entries = list(state.get("init_entries", []))

@@ -129,8 +129,8 @@ class ReadinessGate(grpc.aio.ServerInterceptor):
 class InfrastructureStreams(grpc.aio.ServerInterceptor):
     """Ends the long-lived infrastructure streams (health Watch, server reflection) once
     the drain starts, so that none holds a graceful stop open for its whole grace period:
-    a Watch stream first gets a moment to send its NOT_SERVING, a reflection stream ends
-    at its next request. Work RPCs are left alone."""
+    a Watch stream first gets a moment to send its NOT_SERVING, a reflection stream waiting
+    for its client's next request ends at once. Work RPCs are left alone."""
 
     #: How long a Watch stream has to send its last status once the drain starts (seconds).
     LAST_WORD_SECONDS = 0.5
@@ -177,19 +177,27 @@ class InfrastructureStreams(grpc.aio.ServerInterceptor):
             def requests_until_drained(requests: Any) -> Any:
                 async def generate() -> Any:
                     iterator = requests.__aiter__()
-                    while True:
-                        following = asyncio.ensure_future(iterator.__anext__())
-                        draining = asyncio.ensure_future(self._event().wait())
-                        await asyncio.wait({following, draining},
-                                           return_when=asyncio.FIRST_COMPLETED)
+                    draining = asyncio.ensure_future(self._event().wait())
+                    following: asyncio.Future[Any] | None = None
+                    try:
+                        while True:
+                            following = asyncio.ensure_future(iterator.__anext__())
+                            await asyncio.wait({following, draining},
+                                               return_when=asyncio.FIRST_COMPLETED)
+                            if not following.done():
+                                return  # draining
+                            try:
+                                request = following.result()
+                            except StopAsyncIteration:
+                                return
+                            following = None
+                            yield request
+                    finally:  # also when the client cancels: leave no task behind
                         draining.cancel()
-                        if not following.done():
+                        if following is not None and not following.done():
                             following.cancel()
-                            return
-                        try:
-                            yield following.result()
-                        except StopAsyncIteration:
-                            return
+                        elif following is not None and not following.cancelled():
+                            following.exception()  # retrieved, so asyncio logs nothing
                 return generate()
 
             async def reflection(requests: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -167,3 +167,38 @@ def test_open_watch_and_reflection_streams_do_not_hold_the_drain() -> None:
     finally:
         pending.put(None)
         channel.close()
+
+
+def test_reflection_clients_that_hang_up_leave_no_task_behind() -> None:
+    """A reflection client reads one answer and drops the call (grpcurl and
+    ProtoReflectionDescriptorDatabase do): the server's stream wrapper must not leave a
+    task waiting for the drain per call."""
+    import asyncio
+
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    from services.common.server import start_in_thread
+    from tests.conftest import server_config
+
+    running = start_in_thread(server_config("style", warmup=False))
+
+    async def tasks() -> int:
+        return len(asyncio.all_tasks())
+
+    def count() -> int:
+        return asyncio.run_coroutine_threadsafe(tasks(), running.loop).result(10)
+
+    try:
+        channel = client.connect(running.target)
+        ProtoReflectionDescriptorDatabase(channel).get_services()
+        time.sleep(0.5)
+        before = count()
+        for _ in range(30):
+            ProtoReflectionDescriptorDatabase(channel).get_services()
+        time.sleep(1.0)
+        assert count() <= before + 2, (before, count())
+        channel.close()
+    finally:
+        running.stop()

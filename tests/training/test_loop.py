@@ -104,3 +104,26 @@ def test_device_cuda_without_cuda_exits_2_with_a_message(
     assert exited.value.code == 2
     assert "--device cuda, but no CUDA device is available" in capsys.readouterr().err
     assert not (tmp_path / "style-x").exists()
+
+
+def test_a_resume_runs_its_next_step_at_this_runs_schedule() -> None:
+    """The optimiser's saved rate is the old schedule's (a run of 2 steps ends at its 1%);
+    resumed with more --steps, the next step takes the new schedule's rate."""
+    from training.loop import lr_factor
+
+    model = nn.Conv2d(3, 2, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, 2, 1))
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "step": 2,
+             "scaler": torch.amp.GradScaler("cuda", enabled=False).state_dict()}
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)  # the end of 2 steps
+    model = nn.Conv2d(3, 2, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, 200, 1))
+    assert restore_training_state(state, model, optimizer, scheduler,
+                                  torch.amp.GradScaler("cuda", enabled=False)) == 2
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(2, 200, 1))

@@ -8,6 +8,7 @@ flag is ``PERCEPT_`` + the flag in upper case with dashes as underscores, so
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -123,6 +124,36 @@ def _port(text: str) -> int:
     return value
 
 
+def _host(text: str) -> str:
+    """``--host``: an IPv4 or IPv6 address (``::`` or ``[::]``) or a host name; stored bare,
+    without an IPv6 literal's brackets (:func:`listen_address` adds them for gRPC)."""
+    host = bare_host(text.strip())
+    if not host or any(c in host for c in "[]/ ") or (":" in host and not _is_ipv6(host)):
+        raise argparse.ArgumentTypeError(
+            f"not a host: {text!r}; give an address such as 0.0.0.0, :: or 127.0.0.1 "
+            "(the port is --port)")
+    return host
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def listen_address(host: str, port: int) -> str:
+    """The ``host:port`` gRPC binds, with an IPv6 literal in brackets (``[::]:50050``)."""
+    host = bare_host(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bare_host(host: str) -> str:
+    """``host`` without an IPv6 literal's brackets, as sockets take it."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def _env_default(flag: str, default: Any, kind: Callable[[str], Any]) -> Any:
     raw = os.environ.get(_env_name(flag))
     if raw is None or raw == "":
@@ -144,7 +175,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"{help_text} (env {_env_name(flag)}; default %(default)s)",
                             **extra)
 
-    add("--host", str, base.host, "address to bind")
+    add("--host", _host, base.host,
+        "address to bind: 0.0.0.0 (every IPv4 interface), :: (IPv6 and, where the "
+        "system maps them, IPv4 too), 127.0.0.1, or a host name")
     add("--port", _port, None, "gRPC port; default: 50050 for all, 50051..50054 per service")
     add("--metrics-port", _port, None, "Prometheus /metrics port, 0 disables; default: 9100+")
     add("--models-dir", Path, base.models_dir, "folder of model artifacts")

@@ -28,7 +28,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.config import ServerConfig
+from services.common.config import ServerConfig, bare_host, listen_address
 from services.common.cpus import available_cpus
 from services.common.logs import configure_logging
 from services.common.metrics import (
@@ -256,7 +256,7 @@ class PerceptServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        address = f"{config.host}:{config.port}"
+        address = listen_address(config.host, config.port)
         self.port = server.add_insecure_port(address)
         if not self.port:
             raise RuntimeError(f"could not bind {address}")
@@ -264,7 +264,7 @@ class PerceptServer:
         await server.start()
         self._server = server
         if config.metrics_port:
-            self._metrics_http = start_metrics_server(config.metrics_port, config.host)
+            self._metrics_http = start_metrics_server(config.metrics_port, bare_host(config.host))
         log.info("listening; loading models", extra={
             "port": self.port, "metrics_port": config.metrics_port,
             "services": self.service_names})
@@ -352,7 +352,10 @@ class RunningServer:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        """Where a client on this machine reaches it: loopback for a wildcard address."""
+        host = bare_host(self.server.config.host)
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        return listen_address(host, self.port)
 
     def stop(self, grace: float = 0.0) -> None:
         asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result(60)

@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from percept.v1 import image_pb2
 from services.common.errors import InvalidArgument, ResourceExhausted
@@ -39,6 +39,17 @@ _ALPHA_MODES = {"RGBA", "LA", "La", "RGBa", "PA"}
 #: cameras' multi-picture JPEGs, as MPO). Pillow's others (EPS, which runs Ghostscript,
 #: PSD, DDS, ICO...) are not given untrusted input.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+#: The largest side each lossy encoder can write (libjpeg's JPEG_MAX_DIMENSION; WebP's
+#: 14-bit sizes). PNG's 2^31 - 1 is beyond any result.
+MAX_OUTPUT_SIDE = {"JPEG": 65_500, "WEBP": 16_383}
+_T = Image.Transpose
+#: What shows a stored image upright, by EXIF orientation (as ImageOps.exif_transpose).
+_UPRIGHT = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM,
+            5: _T.TRANSPOSE, 6: _T.ROTATE_270, 7: _T.TRANSVERSE, 8: _T.ROTATE_90}
+#: PNG raw modes whose pixels Pillow gives unchanged, so a tRNS colour key matches them:
+#: 1-bit, 8-bit and 16-bit grey, 8-bit RGB. (2- and 4-bit grey are rescaled to 0..255
+#: and 16-bit RGB cut to its high bytes, while the key is not: it is not applied there.)
+_COLOUR_KEY_RAWMODES = {"1", "L", "I;16B", "RGB"}
 
 
 @dataclass(frozen=True)
@@ -82,8 +93,33 @@ def _to_8bit(image: Image.Image) -> Image.Image:
                            .astype(np.uint8))
 
 
-def _normalise_mode(image: Image.Image) -> Image.Image:
-    """Converts any decoded mode to RGB or RGBA."""
+def _colour_key_alpha(image: Image.Image, png_rawmode: str | None) -> np.ndarray | None:
+    """The alpha of a grey or RGB PNG's tRNS colour key (the one value that is fully
+    transparent): 0 where the pixel equals it, 255 elsewhere; None without a key, or where
+    the decoded pixels no longer hold the values the key was written for."""
+    key = image.info.get("transparency")
+    if png_rawmode not in _COLOUR_KEY_RAWMODES or key is None:
+        return None
+    pixels = np.asarray(image)
+    if image.mode == "RGB":
+        if not (isinstance(key, tuple) and len(key) == 3 and all(0 <= k <= 255 for k in key)):
+            return None
+        transparent = (pixels == np.array(key, np.uint8)).all(axis=-1)
+    elif isinstance(key, int) and pixels.ndim == 2:
+        transparent = pixels == (key != 0) if pixels.dtype == bool else pixels == key
+    else:
+        return None
+    return np.where(transparent, 0, 255).astype(np.uint8) if transparent.any() else None
+
+
+def _normalise_mode(image: Image.Image, png_rawmode: str | None = None) -> Image.Image:
+    """Converts any decoded mode to RGB or RGBA (a PNG's colour key becomes alpha)."""
+    key_alpha = _colour_key_alpha(image, png_rawmode)
+    if key_alpha is not None:
+        grey_or_rgb = _to_8bit(image) if image.mode.startswith("I") else image
+        rgba = grey_or_rgb.convert("RGB").convert("RGBA")
+        rgba.putalpha(Image.fromarray(key_alpha))
+        return rgba
     if image.mode.startswith("I") or image.mode == "F":
         image = _to_8bit(image)
     if image.mode == "P":
@@ -93,6 +129,18 @@ def _normalise_mode(image: Image.Image) -> Image.Image:
     if image.mode != "RGB":
         return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
     return image
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says. A damaged EXIF block (unreadable, or
+    an orientation that is no number) leaves the image as stored: it costs the orientation,
+    not the request. Unlike ImageOps.exif_transpose, the EXIF is not written back, which
+    fails on tags it cannot serialise, and an upright image is not copied."""
+    try:
+        method = _UPRIGHT.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # Pillow's TIFF parser on damaged bytes: SyntaxError, struct.error...
+        return image
+    return image if method is None else image.transpose(method)
 
 
 def _rgb_icc_profile(image: Image.Image) -> bytes | None:
@@ -131,10 +179,22 @@ def probe_size(data: bytes, what: str = "image") -> tuple[int, int]:
         return image.size
 
 
+def _png_rawmode(image: Image.Image) -> str | None:
+    """How a PNG's pixels are stored ("L;2", "I;16B", "RGB;16B"...), read before loading
+    (which forgets it); None for other formats."""
+    if image.format != "PNG" or not isinstance(image, ImageFile.ImageFile) or not image.tile:
+        return None
+    args = image.tile[0].args
+    return args if isinstance(args, str) else None
+
+
 def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> DecodedImage:
     """Decodes ``data`` to RGB (+ alpha). The first frame of an animation is used and EXIF
-    orientation is applied. Raises InvalidArgument for empty, undecodable, truncated or
-    oversized input, whatever the decoder raised."""
+    orientation is applied (ignored when the EXIF block is unreadable). Alpha comes from
+    an alpha channel, a palette's transparency, or a grey or 8-bit RGB PNG's colour key
+    (tRNS); it is kept apart, not composited: ``rgb`` is the stored colour. Raises
+    InvalidArgument for empty, undecodable, truncated or oversized input, whatever the
+    decoder raised."""
     image = _open(data, what)
     with image:
         width, height = image.size
@@ -148,8 +208,9 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> Decode
         try:
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)
+            png_rawmode = _png_rawmode(image)
             image.load()
-            image = ImageOps.exif_transpose(image) or image
+            image = _upright(image)
         except MemoryError:
             raise
         except OSError as error:
@@ -163,7 +224,7 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> Decode
         mode = image.mode
         try:
             with np.errstate(all="ignore"):  # NaN in float images: handled (thread-local)
-                image = _normalise_mode(image)
+                image = _normalise_mode(image, png_rawmode)
         except MemoryError:
             raise
         except ImportError as error:  # LAB needs littlecms, which a Pillow build may lack
@@ -211,6 +272,16 @@ def output_format_name(fmt: int) -> str:
     return _FORMATS[fmt]
 
 
+def check_output_size(width: int, height: int, fmt: int) -> None:
+    """InvalidArgument when a ``width`` x ``height`` result is too large for the encoder of
+    output format ``fmt`` (a service can call this before computing the result)."""
+    name = output_format_name(fmt)
+    limit = MAX_OUTPUT_SIDE.get(name)
+    if limit is not None and max(width, height) > limit:
+        raise InvalidArgument(f"the {width}x{height} result is over {name}'s limit of {limit} "
+                              "px a side; ask for PNG output, or send a smaller image")
+
+
 def output_format_enum(fmt: int) -> int:
     return image_pb2.IMAGE_FORMAT_PNG if fmt == image_pb2.IMAGE_FORMAT_UNSPECIFIED else fmt
 
@@ -233,7 +304,9 @@ def encode_image(rgb: np.ndarray, *, alpha: np.ndarray | None = None, fmt: int =
     """Encodes (H, W, 3) uint8 RGB (+ optional alpha) as PNG, JPEG or WebP bytes, tagged
     with ``icc_profile`` when given (the input's, see DecodedImage). With
     ``max_reply_bytes`` (the server's message limit), a result too large to send is
-    RESOURCE_EXHAUSTED with what to do, not gRPC's bare refusal."""
+    RESOURCE_EXHAUSTED with what to do, not gRPC's bare refusal; a side over what JPEG or
+    WebP can hold is INVALID_ARGUMENT (see check_output_size)."""
+    check_output_size(rgb.shape[1], rgb.shape[0], fmt)
     data = _encode(rgb, alpha=alpha, fmt=fmt, quality=quality, icc_profile=icc_profile)
     if max_reply_bytes is not None and len(data) + REPLY_OVERHEAD_BYTES > max_reply_bytes:
         name = output_format_name(fmt)

@@ -20,6 +20,7 @@ from services.common.device import choose_device, describe, dtype_name
 from services.common.errors import Busy, InvalidArgument, NotFound, Unimplemented, shown
 from services.common.image_model import TiledImageModel
 from services.common.images import (
+    check_output_size,
     decode_image,
     decode_mask,
     encode_image,
@@ -135,6 +136,7 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
         with model.admitted(request.image, self.config.max_pixels) as slot:
             decoded = await slot.to_thread(decode_image, request.image,
                                            max_pixels=self.config.max_pixels)
+            check_output_size(decoded.width, decoded.height, fmt)  # before the forward pass
             mask = None
             if request.mask:
                 mask = await slot.to_thread(decode_mask, request.mask,

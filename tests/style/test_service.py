@@ -162,6 +162,8 @@ def _bad(case: str, photo: np.ndarray) -> tuple[bytes, dict[str, object]]:
             np.zeros((height, width), np.uint8))}),
         "quality 101": (good, {"output_format": JPEG, "quality": 101}),
         "unknown format": (good, {"output_format": 99}),
+        "too wide for WebP": (encode(np.zeros((2, 16_384, 3), np.uint8)),
+                              {"output_format": WEBP}),
     }
     return cases[case]
 
@@ -186,6 +188,8 @@ def _bad(case: str, photo: np.ndarray) -> tuple[bytes, dict[str, object]]:
     ("truncated mask", r"^truncated mask: "),
     ("quality 101", r"^quality must be 1\.\.100, got 101$"),
     ("unknown format", r"^unknown output_format 99$"),
+    ("too wide for WebP", r"^the 16384x2 result is over WEBP's limit of 16383 px a side; ask "
+                          r"for PNG output, or send a smaller image$"),
 ])
 def test_bad_requests_are_invalid_argument_and_cost_no_forward_pass(
         channel: grpc.Channel, photo: np.ndarray, small_photo: np.ndarray, case: str,

@@ -148,8 +148,10 @@ class TiledImageModel:
 
     def __init__(self, artifact: Artifact, device: torch.device, config: ServerConfig, *,
                  scale: int, tile: int, overlap: int, max_batch_pixels: int | None = None,
-                 max_output_pixels: int | None = None
+                 max_output_pixels: int | None = None, max_output_source: str = ""
                  ) -> None:
+        """``max_output_pixels``: the largest output a request may ask for, if any;
+        ``max_output_source`` says where that cap comes from, for its error message."""
         self.artifact = artifact
         self.device = device
         self.scale = scale
@@ -188,6 +190,7 @@ class TiledImageModel:
         self.active_requests = 0
         self.pixels = pixel_budget(config)
         self.max_output_pixels = max_output_pixels
+        self.max_output_source = max_output_source
         side = math.isqrt(config.max_pixels)
         self.max_tiles = max(_MIN_TILE_LIMIT,
                              _TILE_LIMIT_FACTOR * TilePlan(side, side, tile, overlap).count)
@@ -283,9 +286,9 @@ class TiledImageModel:
         model's output cap (``max_output_pixels``)."""
         output = width * height * self.scale ** 2
         if self.max_output_pixels is not None and output > self.max_output_pixels:
+            source = f" ({self.max_output_source})" if self.max_output_source else ""
             raise InvalidArgument(f"the output would have {output} pixels, over the cap of "
-                                  f"{self.max_output_pixels} (2 x --max-pixels); send a "
-                                  "smaller image")
+                                  f"{self.max_output_pixels}{source}; send a smaller image")
 
     def _take_pixels(self, width: int, height: int) -> int:
         """Takes a ``width`` x ``height`` request's pixels (input plus output) from the

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from percept.v1 import style_pb2
+from services.common.alpha import ALPHA_FORMATS, fill_transparent
 from services.common.config import ServerConfig
 from services.common.errors import InvalidArgument
 from services.common.images import (
@@ -107,7 +108,10 @@ def parse_request(request: style_pb2.StylizeWithImageRequest,
                            what="content image")
     style = decode_image(request.style_image, max_pixels=config.max_pixels, what="style image")
     longest = min(max_size, max(content.width, content.height))
-    content_rgb = resize_longest_side(content.rgb, longest)
+    source = content.rgb
+    if content.alpha is not None and output_format_name(output_format) in ALPHA_FORMATS:
+        source = fill_transparent(source, content.alpha)  # hidden colour: kept out of the edge
+    content_rgb = resize_longest_side(source, longest)
     style_longest = min(longest, max(style.width, style.height))
     style_rgb = resize_longest_side(style.rgb, style_longest)
     min_side = min_image_side(options)

@@ -14,6 +14,7 @@ import grpc
 import torch
 
 from percept.v1 import style_pb2, style_pb2_grpc
+from services.common.alpha import ALPHA_FORMATS, fill_transparent
 from services.common.artifacts import list_artifacts, load_artifact
 from services.common.batching import MicroBatcher
 from services.common.device import choose_device, describe, dtype_name
@@ -137,6 +138,10 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
             decoded = await slot.to_thread(decode_image, request.image,
                                            max_pixels=self.config.max_pixels)
             check_output_size(decoded.width, decoded.height, fmt)  # before the forward pass
+            content = decoded.rgb
+            if decoded.alpha is not None and output_format_name(fmt) in ALPHA_FORMATS:
+                # the colour hidden under alpha 0 must not bleed into the visible edge
+                content = await slot.to_thread(fill_transparent, content, decoded.alpha)
             mask = None
             if request.mask:
                 mask = await slot.to_thread(decode_mask, request.mask,
@@ -147,11 +152,11 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
             if strength == 0.0 or (mask is not None and not mask.any()):
                 rgb = decoded.rgb  # nothing of the stylisation would show: skip the network
             else:
-                stylised = await model.apply(decoded.rgb, deadline, slot_held=True)
+                stylised = await model.apply(content, deadline, slot_held=True)
                 rgb = stylised
                 if not is_identity(preserve_color=request.preserve_color, strength=strength,
                                    mask=mask):
-                    rgb = await slot.to_thread(finish, decoded.rgb, stylised,
+                    rgb = await slot.to_thread(finish, content, stylised,
                                                preserve_color=request.preserve_color,
                                                strength=strength, mask=mask)
             data = await slot.to_thread(encode_image, rgb, alpha=decoded.alpha, fmt=fmt,

@@ -348,6 +348,27 @@ def test_rgba_input_keeps_its_alpha(channel: grpc.Channel, photo: np.ndarray) ->
 
 
 @needs_styles
+@pytest.mark.parametrize("output_format", [PNG, WEBP])
+def test_the_colour_hidden_under_transparency_does_not_show(
+        channel: grpc.Channel, photo: np.ndarray, output_format: int) -> None:
+    """A cut-out (a photo inside a transparent frame) comes out the same wherever alpha > 0
+    whatever colour the frame hides: black, as most exporters write it, or white. The
+    network sees across the edge, so without filling the frame from the visible pixels the
+    hidden black bled into the visible border."""
+    alpha = np.zeros(photo.shape[:2], np.uint8)
+    alpha[40:-40, 60:-60] = 255
+    alpha[39, 60:-60] = 128  # a soft edge
+    results = []
+    for hidden in (0, 255):
+        rgb = np.where(alpha[..., None] > 0, photo, np.uint8(hidden))
+        _, result = stylize(channel, encode(np.dstack([rgb, alpha])), FIRST,
+                            output_format=output_format, quality=100)
+        assert result.alpha is not None
+        results.append(result.rgb[alpha > 0].astype(int))
+    assert np.array_equal(results[0], results[1])
+
+
+@needs_styles
 def test_grey_input_is_stylised_and_preserve_color_keeps_it_grey(channel: grpc.Channel,
                                                                  photo: np.ndarray) -> None:
     grey = bad_images.grey_png(photo)

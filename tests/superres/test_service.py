@@ -223,3 +223,135 @@ def test_concurrent_requests_batch_their_tiles(sr_server: RunningServer,
     items = REGISTRY.get_sample_value("percept_batch_size_sum", queue) - sum_before
     assert items == 16
     assert batches < 16, "16 concurrent requests ran as 16 batches of one"
+
+
+def test_an_unknown_output_format_is_refused_before_any_tile_runs(
+        sr_server: RunningServer, photo: np.ndarray) -> None:
+    """INVALID_ARGUMENT at once, not after the network has upscaled the whole image (which
+    takes seconds to minutes on a CPU) only for the encoder to refuse the format."""
+    from percept.v1 import superres_pb2, superres_pb2_grpc
+    from services.superres.service import SuperResolutionService
+
+    service = sr_server.server.modules[0]
+    assert isinstance(service, SuperResolutionService)
+    models = service.models
+    before = {name: model.batcher.batches_run for name, model in models.items()}
+    stub = superres_pb2_grpc.SuperResolutionStub(client.connect(sr_server.target))
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Upscale(superres_pb2.UpscaleRequest(image=encode(photo), output_format=99),
+                     timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == "unknown output_format 99"
+    assert {name: model.batcher.batches_run for name, model in models.items()} == before
+
+
+RED = (220, 30, 30)
+
+
+def red_disc_on_transparent_black(side: int = 64) -> np.ndarray:
+    """An RGBA logo as exporters write it: an anti-aliased red disc (its edge pixels red and
+    partly transparent) on fully transparent pixels whose hidden colour is black."""
+    sub = 8  # alpha = the disc's coverage of each pixel, from 8x8 samples
+    centre, radius = side / 2, side * 0.35
+    coords = (np.arange(side * sub) + 0.5) / sub
+    inside = (coords[None, :] - centre) ** 2 + (coords[:, None] - centre) ** 2 < radius**2
+    alpha = np.round(inside.reshape(side, sub, side, sub).mean((1, 3)) * 255).astype(np.uint8)
+    rgb = np.where(alpha[..., None] > 0, np.array(RED, np.uint8), np.uint8(0))
+    return np.dstack([rgb, alpha])
+
+
+def test_alpha_edges_keep_the_visible_colour(sr_server: RunningServer) -> None:
+    """The colour hidden under fully transparent pixels is invisible in the input and must
+    stay so: every pixel the output shows (alpha > 0) of a uniformly red disc is the red of
+    a uniformly red image's upscale, not darkened by the black around it (a dark halo that
+    plain bicubic resizing in Pillow, which weights colours by alpha, does not draw)."""
+    logo = red_disc_on_transparent_black()
+    channel = client.connect(sr_server.target)
+    result = decode_image(client.upscale(channel, encode(logo)).image, max_pixels=10**8)
+    solid = np.broadcast_to(np.array(RED, np.uint8), (*logo.shape[:2], 3)).copy()
+    reference = decode_image(client.upscale(channel, encode(solid)).image, max_pixels=10**8)
+    assert result.alpha is not None and result.alpha.shape == (256, 256)
+    shown_px = result.alpha > 0
+    assert shown_px.sum() > 0.3 * shown_px.size and not shown_px.all()
+    error = np.abs(result.rgb.astype(int) - reference.rgb.astype(int))[shown_px]
+    assert error.max() <= 2, f"edge colours off by up to {error.max()} levels"
+
+
+def test_a_jpeg_of_an_rgba_image_is_the_upscale_of_its_colour_channels(
+        sr_server: RunningServer) -> None:
+    """JPEG holds no alpha: the result is that of the colours as stored (the transparent
+    corners stay black), not of colours invented for pixels that only PNG/WebP hide."""
+    from percept.v1 import image_pb2
+
+    logo = red_disc_on_transparent_black()
+    reply = client.upscale(client.connect(sr_server.target), encode(logo),
+                           output_format=image_pb2.IMAGE_FORMAT_JPEG)
+    result = decode_image(reply.image, max_pixels=10**8)
+    assert result.alpha is None and result.rgb.shape == (256, 256, 3)
+    assert result.rgb[:24, :24].max() < 16 and result.rgb[-24:, -24:].max() < 16
+    assert np.abs(result.rgb[128, 128].astype(int) - RED).max() < 16
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_colour_key_transparency_is_kept(sr_server: RunningServer, small_photo: np.ndarray,
+                                           mode: str) -> None:
+    """An RGB or grey PNG may mark one colour transparent (its tRNS chunk) instead of
+    carrying an alpha channel; the output keeps those pixels transparent."""
+    image = small_photo.copy()
+    image[:, :32] = 0  # the left third: the transparent colour
+    data = bad_images.save(Image.fromarray(image).convert(mode), "PNG",
+                           transparency=(0, 0, 0) if mode == "RGB" else 0)
+    result = decode_image(client.upscale(client.connect(sr_server.target), data).image,
+                          max_pixels=10**8)
+    assert result.alpha is not None
+    assert result.alpha[:, :120].max() == 0 and result.alpha[:, 136:].min() == 255
+
+
+def test_fill_transparent_gives_hidden_pixels_the_nearest_visible_colour() -> None:
+    from services.common.alpha import fill_transparent
+
+    red, green = np.array([200, 10, 10], np.uint8), np.array([10, 200, 10], np.uint8)
+    rgb = np.zeros((10, 64, 3), np.uint8)
+    rgb[:, :29], rgb[:, 35:] = red, green
+    alpha = np.full((10, 64), 255, np.uint8)
+    alpha[:, 29:35] = 0  # a hidden black strip between the two
+    alpha[:, 0] = 1  # visible, though barely: kept as it is
+    rgb[:, 0] = 77
+    filled = fill_transparent(rgb, alpha)
+    assert (filled[alpha > 0] == rgb[alpha > 0]).all()
+    assert (filled[:, 29:32] == red).all() and (filled[:, 32:35] == green).all()
+
+    # one visible pixel of an odd-sized strip colours it all, whatever the shape
+    for shape in [(1, 9), (9, 1), (7, 5)]:
+        rgb, alpha = np.zeros((*shape, 3), np.uint8), np.zeros(shape, np.uint8)
+        rgb[-1, -1], alpha[-1, -1] = (10, 20, 30), 128
+        assert (fill_transparent(rgb, alpha) == (10, 20, 30)).all()
+    # colours are weighted by their alpha
+    rgb, alpha = np.zeros((2, 2, 3), np.uint8), np.array([[255, 85], [0, 0]], np.uint8)
+    rgb[0, 0], rgb[0, 1] = (200, 0, 0), (0, 0, 200)
+    assert fill_transparent(rgb, alpha)[1].tolist() == [[150, 0, 50]] * 2
+    # nothing hidden, or nothing visible: nothing to take a colour from, or to give one to
+    rgb = np.full((4, 4, 3), 9, np.uint8)
+    assert fill_transparent(rgb, np.full((4, 4), 255, np.uint8)) is rgb
+    assert fill_transparent(rgb, np.zeros((4, 4), np.uint8)) is rgb
+
+
+@pytest.mark.parametrize("fmt, side, limit", [("WEBP", 4100, 16383), ("JPEG", 16400, 65500)])
+def test_a_result_too_wide_for_the_format_is_refused_before_any_tile_runs(
+        sr_server: RunningServer, fmt: str, side: int, limit: int) -> None:
+    """4x of a 4,100 px wide strip is over WebP's 16,383 px a side (16,400 over JPEG's
+    65,500): INVALID_ARGUMENT saying to ask for PNG, before the network upscales it all."""
+    from percept.v1 import image_pb2
+    from services.superres.service import SuperResolutionService
+
+    service = sr_server.server.modules[0]
+    assert isinstance(service, SuperResolutionService)
+    batches = service.models["superres-perceptual"].batcher.batches_run
+    strip = np.random.default_rng(0).integers(0, 256, (8, side, 3), np.uint8)
+    with pytest.raises(grpc.RpcError) as error:
+        client.upscale(client.connect(sr_server.target), encode(strip),
+                       output_format=getattr(image_pb2, f"IMAGE_FORMAT_{fmt}"))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith(
+        f"the {4 * side}x32 result is over {fmt}'s limit of {limit} px a side; ask for PNG")
+    assert service.models["superres-perceptual"].batcher.batches_run == batches

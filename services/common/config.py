@@ -190,9 +190,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-message-mb", _positive(int), base.max_message_mb, "gRPC message size limit")
     add("--max-pixels", _positive(int), base.max_pixels, "largest accepted image, in pixels")
     add("--max-inflight-mpixels", _positive(int), base.max_inflight_mpixels,
-        "image models: megapixels (input plus output) of the requests this process holds at "
-        "once before RESOURCE_EXHAUSTED (busy); bounds its memory, about 8 bytes each on "
-        "the CPU; one request is always admitted")
+        "megapixels (input plus output) of the image requests this process holds at once "
+        "(style and super-resolution requests, and the embedding service's decodes) "
+        "before RESOURCE_EXHAUSTED (busy); bounds its memory, about 8 bytes each on the "
+        "CPU; one request is always admitted")
     add("--drain-seconds", float, base.drain_seconds, "grace period for in-flight RPCs on SIGTERM")
     add("--log-format", str, base.log_format, "json | text", choices=["json", "text"])
     add("--log-level", str, base.log_level, "debug | info | warning | error")

@@ -17,6 +17,7 @@ map is refused, and DEVISE requests say why (FAILED_PRECONDITION).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from collections.abc import Sequence
@@ -32,13 +33,16 @@ from services.common.artifacts import Artifact, list_artifacts, load_artifact, r
 from services.common.batching import MicroBatcher
 from services.common.device import choose_device, describe
 from services.common.errors import (
+    Busy,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unimplemented,
     shown,
 )
-from services.common.images import decode_image
+from services.common.image_model import RequestSlot, pixel_budget
+from services.common.images import decode_image, probe_size
+from services.common.metrics import REJECTED
 from services.common.rpc import time_remaining, unary_errors
 from services.common.server import ServiceModule
 from services.embed.word_vectors import (
@@ -74,6 +78,10 @@ def preprocess(rgb: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
     return np.asarray(resized.crop((left, top, left + size, top + size)))
 
 
+def _nothing() -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class _Job:
     pixels: np.ndarray  # (224, 224, 3) uint8
@@ -106,6 +114,7 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         self.class_weights = torch.from_numpy(
             self.space.covered[self.imagenet_rows].astype(np.float32)).to(self.device)
         self.backbone = await asyncio.to_thread(load_efficientnet_lite0, self.device)
+        self.pixels = pixel_budget(self.config)
         self.devise = None
         self.devise_refused: dict[str, str] = {}
         for name in list_artifacts(self.config.models_dir, "devise"):
@@ -179,16 +188,48 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
     async def embed_images(self, images: Sequence[bytes], method: int = 0,
                            timeout: float | None = None) -> list[np.ndarray]:
         """Unit vectors for encoded images (the in-process API the search service uses).
-        Raises InvalidArgument naming the first bad image."""
+        Raises InvalidArgument naming the first bad image, and Busy when decoding the
+        largest would take the server over --max-inflight-mpixels."""
         method = self._method(method)
-        def decode(index: int, data: bytes) -> np.ndarray:
-            what = "image" if len(images) == 1 else f"image {index}"
-            return preprocess(decode_image(data, max_pixels=self.config.max_pixels,
-                                           what=what).rgb)
+        whats = ["image" if len(images) == 1 else f"image {i}" for i in range(len(images))]
 
-        pixels = await asyncio.to_thread(lambda: [decode(i, d) for i, d in enumerate(images)])
+        def decode() -> list[np.ndarray]:
+            return [preprocess(decode_image(data, max_pixels=self.config.max_pixels,
+                                            what=what).rgb)
+                    for what, data in zip(whats, images, strict=True)]
+
+        # The images are decoded one at a time, so the largest is what the decode holds at
+        # once. It is taken from the process's pixel budget (--max-inflight-mpixels, shared
+        # with the style and super-resolution services) before decoding, and given back when
+        # the decode thread ends, even if the request was cancelled before that.
+        taken = self._take_pixels(images, whats)
+        slot = RequestSlot(functools.partial(self.pixels.give, taken) if taken else _nothing)
+        try:
+            pixels = await slot.to_thread(decode)
+        finally:
+            slot.close()
         return list(await asyncio.gather(*(
             self.batcher.submit(_Job(p, method), key=method, timeout=timeout) for p in pixels)))
+
+    def _take_pixels(self, images: Sequence[bytes], whats: Sequence[str]) -> int:
+        """Takes the largest image's pixels (from its header) from the pixel budget, or
+        refuses the request as busy; returns what it took. An image that cannot be read
+        raises InvalidArgument, and one over --max-pixels counts as none (decoding refuses
+        it with its precise error)."""
+        largest = 0
+        for what, data in zip(whats, images, strict=True):
+            width, height = probe_size(data, what)
+            if width * height <= self.config.max_pixels:
+                largest = max(largest, width * height)
+        if not largest:  # nothing will be decoded
+            return 0
+        if not self.pixels.take(largest):
+            REJECTED.labels("embed-images").inc()
+            raise Busy(f"the images in progress take {self.pixels.in_use / 1e6:.0f} of the "
+                       f"{self.pixels.limit / 1e6:.0f} megapixels this server holds at once "
+                       f"(--max-inflight-mpixels), and this one needs {largest / 1e6:.0f} "
+                       "more; retry with backoff")
+        return largest
 
     # -- RPCs ----------------------------------------------------------------------------
     @unary_errors

@@ -21,6 +21,11 @@ from services.common.errors import (
 )
 from services.embed.service import EmbeddingService
 
+#: Room kept in an EmbedImages request for its other fields and framing, and per image
+#: (a protobuf tag and length).
+MESSAGE_OVERHEAD_BYTES = 4096
+IMAGE_FRAMING_BYTES = 16
+
 
 class Embedder(abc.ABC):
     dimension: int = 0
@@ -64,12 +69,14 @@ class InProcessEmbedder(Embedder):
 class RemoteEmbedder(Embedder):
     """Calls the Embedding service at ``target`` (round-robin over a headless Service)."""
 
-    def __init__(self, target: str, timeout: float = 120.0) -> None:
+    def __init__(self, target: str, timeout: float = 120.0,
+                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
         self.target = target
         self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
         self.channel = grpc.aio.insecure_channel(target, options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.lb_policy_name", "round_robin")])
         self.stub = embed_pb2_grpc.EmbeddingStub(self.channel)
 
@@ -112,13 +119,35 @@ class RemoteEmbedder(Embedder):
             raise self._error(error) from error
         return np.array([v.values for v in response.embeddings], dtype=np.float32)
 
+    def _parts(self, images: Sequence[bytes]) -> list[Sequence[bytes]]:
+        """``images`` in consecutive parts that each fit one message (an image alone may
+        not: the embedding service then says so)."""
+        room = self.max_message_bytes - MESSAGE_OVERHEAD_BYTES
+        parts: list[Sequence[bytes]] = []
+        start, size = 0, 0
+        for end, image in enumerate(images):
+            cost = len(image) + IMAGE_FRAMING_BYTES
+            if end > start and size + cost > room:
+                parts.append(images[start:end])
+                start, size = end, 0
+            size += cost
+        if start < len(images):
+            parts.append(images[start:])
+        return parts
+
     async def embed_images(self, images: Sequence[bytes]) -> list[np.ndarray]:
-        try:
-            response = await self.stub.EmbedImages(
-                embed_pb2.EmbedImagesRequest(images=list(images)), timeout=self.timeout)
-        except grpc.aio.AioRpcError as error:
-            raise self._error(error) from error
-        return [np.asarray(v.values, dtype=np.float32) for v in response.embeddings]
+        """One EmbedImages call per part of ``images`` that fits a message: a batch of
+        photos may be larger than one message although each of them fits."""
+        vectors: list[np.ndarray] = []
+        for part in self._parts(images):
+            try:
+                response = await self.stub.EmbedImages(
+                    embed_pb2.EmbedImagesRequest(images=list(part)), timeout=self.timeout)
+            except grpc.aio.AioRpcError as error:
+                raise self._error(error) from error
+            vectors.extend(np.asarray(v.values, dtype=np.float32)
+                           for v in response.embeddings)
+        return vectors
 
     async def embed_text(self, text: str) -> np.ndarray:
         return (await self.embed_text_batch([text]))[0]

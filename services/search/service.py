@@ -20,7 +20,7 @@ import numpy as np
 from percept.v1 import search_pb2, search_pb2_grpc
 from services.common.config import ServerConfig
 from services.common.errors import InvalidArgument, ServiceError
-from services.common.images import decode_image
+from services.common.images import probe_size
 from services.common.rpc import stream_errors, unary_errors
 from services.common.server import ServiceModule
 from services.embed.service import EmbeddingService
@@ -86,7 +86,8 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
     # -- lifecycle -----------------------------------------------------------------------
     def _make_embedder(self) -> Embedder:
         if self.config.embed_target:
-            return RemoteEmbedder(self.config.embed_target)
+            return RemoteEmbedder(self.config.embed_target,
+                                  max_message_bytes=self.config.max_message_bytes)
         for sibling in self.siblings:
             if isinstance(sibling, EmbeddingService):
                 return InProcessEmbedder(sibling)
@@ -158,17 +159,37 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         return missing
 
     def _check_item(self, item: search_pb2.AddImageRequest) -> None:
+        """The id, and the image's header. The image is decoded once, by the embedder
+        (within the server's pixel budget), not here as well."""
         if not item.id:
             raise InvalidArgument("id is empty")
         if len(item.id) > MAX_ID_CHARS:
             raise InvalidArgument(f"id has {len(item.id)} characters, over {MAX_ID_CHARS}")
-        decode_image(item.image, max_pixels=self.config.max_pixels)
+        probe_size(item.image)
+
+    async def _embed_each(self, items: list[search_pb2.AddImageRequest],
+                          rejected: list[search_pb2.Rejection]
+                          ) -> tuple[list[search_pb2.AddImageRequest], list[np.ndarray]]:
+        """Embeds ``items`` one by one, after their batch was refused for a bad image:
+        each bad image becomes a rejection of its own, the others are kept."""
+        kept, vectors = [], []
+        for item in items:
+            try:
+                vectors.append((await self.embedder.embed_images([item.image]))[0])
+                kept.append(item)
+            except InvalidArgument as problem:
+                rejected.append(search_pb2.Rejection(id=item.id, code=problem.code.name,
+                                                     reason=problem.message))
+        return kept, vectors
 
     async def _add_batch(self, items: list[search_pb2.AddImageRequest],
                          rejected: list[search_pb2.Rejection]) -> search_pb2.AddImagesAck:
         vectors: list[np.ndarray] = []
         if items:
-            vectors = await self.embedder.embed_images([i.image for i in items])
+            try:
+                vectors = await self.embedder.embed_images([i.image for i in items])
+            except InvalidArgument:  # an image whose header read but whose pixels did not
+                items, vectors = await self._embed_each(items, rejected)
         latest = {item.id: (item, vector) for item, vector in zip(items, vectors, strict=True)}
         if latest:
             async with self.write_lock:
@@ -235,7 +256,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
     async def SearchByImage(self, request: search_pb2.SearchByImageRequest,
                             context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
         k = self._k(request.k)
-        await asyncio.to_thread(decode_image, request.image, max_pixels=self.config.max_pixels)
+        # the embedder decodes the image (and names what is wrong with it)
         return await self._hits((await self.embedder.embed_images([request.image]))[0], k)
 
     @unary_errors

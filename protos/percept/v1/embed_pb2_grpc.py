@@ -63,7 +63,8 @@ class EmbeddingServicer:
     def EmbedImages(self, request, context):
         """Embeds a batch of images into the word-vector space (unit-length vectors).
         Errors: INVALID_ARGUMENT (a bad image: the message names its index; empty batch),
-        INVALID_ARGUMENT (batch over the limit, 64 by default), RESOURCE_EXHAUSTED,
+        INVALID_ARGUMENT (batch over the limit, 64 by default), RESOURCE_EXHAUSTED (busy: the
+        server's --max-inflight-mpixels, or its queue; with the retry trailer),
         DEADLINE_EXCEEDED, UNIMPLEMENTED (no embedding model installed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -81,7 +82,7 @@ class EmbeddingServicer:
     def LabelImage(self, request, context):
         """Labels one image with the k nearest WordNet noun synsets.
         Errors: INVALID_ARGUMENT (bad image, k outside 1..100, under_wnid malformed),
-        NOT_FOUND (under_wnid is not a noun synset).
+        NOT_FOUND (under_wnid is not a noun synset), RESOURCE_EXHAUSTED (busy, as EmbedImages).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -72,7 +72,8 @@ class ImageSearchServicer:
         """Adds images. The client streams items; the server embeds them in batches and answers
         one acknowledgement per batch. An acknowledged id is durable. Re-adding an id replaces it.
         Per-item problems (bad image, empty id) are rejections inside an acknowledgement and
-        the rest of the stream goes on. Errors for the whole stream: RESOURCE_EXHAUSTED,
+        the rest of the stream goes on. Errors for the whole stream: RESOURCE_EXHAUSTED (busy,
+        with the retry trailer: resend what was not acknowledged),
         UNAVAILABLE (embedding service unreachable), UNIMPLEMENTED (no embedding model).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -87,7 +88,8 @@ class ImageSearchServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchByImage(self, request, context):
-        """Searches by an example image. Errors: INVALID_ARGUMENT (bad image, k outside 1..1000).
+        """Searches by an example image. Errors: INVALID_ARGUMENT (bad image, k outside 1..1000),
+        RESOURCE_EXHAUSTED (busy, with the retry trailer).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,144 @@
+"""The search service with the Embedding service in another server (``--embed-target``, as
+the Kubernetes deployment runs them), over real gRPC: batches of large photos, bad images in
+a batch, and an embedding service that is busy decoding."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from percept.v1 import search_pb2, search_pb2_grpc
+from services import client
+from services.common.errors import RETRY_PUSHBACK_KEY
+from services.common.server import RunningServer, start_in_thread
+from tests.conftest import server_config
+from tests.search.conftest import add_requests
+
+MESSAGE_MB = 4
+BUDGET_MPIXELS = 25
+
+
+@pytest.fixture(scope="module")
+def embed_server() -> Iterator[RunningServer]:
+    running = start_in_thread(server_config("embed", max_message_mb=MESSAGE_MB,
+                                            max_inflight_mpixels=BUDGET_MPIXELS), timeout=900)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def search_server(embed_server: RunningServer, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[RunningServer]:
+    running = start_in_thread(server_config(
+        "search", data_dir=tmp_path_factory.mktemp("remote"), embed_target=embed_server.target,
+        max_message_mb=MESSAGE_MB), timeout=900)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(search_server: RunningServer) -> search_pb2_grpc.ImageSearchStub:
+    return search_pb2_grpc.ImageSearchStub(client.connect(search_server.target))
+
+
+def noisy_pngs(count: int) -> list[bytes]:
+    """``count`` distinct 400 x 400 PNGs of noise, 0.46 MiB each (noise does not compress):
+    each fits a 4 MiB message, 16 of them do not."""
+    rng = np.random.default_rng(5)
+    images = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (400, 400, 3), np.uint8)).save(
+            buffer, "PNG", compress_level=1)
+        images.append(buffer.getvalue())
+    return images
+
+
+def add(stub: search_pb2_grpc.ImageSearchStub, requests: list[search_pb2.AddImageRequest]
+        ) -> tuple[list[str], list[search_pb2.Rejection]]:
+    added, rejected = [], []
+    for ack in stub.AddImages(iter(requests), timeout=300):
+        added.extend(ack.added)
+        rejected.extend(ack.rejected)
+    return added, rejected
+
+
+def test_a_batch_of_photos_larger_than_one_message_is_added(
+        stub: search_pb2_grpc.ImageSearchStub) -> None:
+    """16 images of 0.46 MiB (one AddImages batch, 7.4 MiB) under a 4 MiB message limit:
+    each image fits a message, so the batch must reach the embedding service in parts."""
+    images = noisy_pngs(17)
+    assert all(len(i) < MESSAGE_MB * 2**20 // 4 for i in images)
+    assert sum(len(i) for i in images[:16]) > MESSAGE_MB * 2**20
+    added, rejected = add(stub, add_requests(images, prefix="large"))
+    assert not rejected and sorted(added) == sorted(f"large-{i}" for i in range(17))
+    hit = stub.SearchByImage(search_pb2.SearchByImageRequest(image=images[3], k=1),
+                             timeout=60).hits[0]
+    assert hit.id == "large-3" and hit.score > 0.99
+
+
+def test_a_bad_image_inside_a_batch_is_rejected_alone(
+        stub: search_pb2_grpc.ImageSearchStub, variants: list[bytes]) -> None:
+    """A truncated image (its header reads, its pixels do not) is a rejection of its own;
+    the rest of its batch is added."""
+    truncated = variants[10][: len(variants[10]) // 2]
+    over_cap = io.BytesIO()
+    Image.new("RGB", (9000, 8000)).save(over_cap, "PNG", compress_level=1)  # 72 MP > 64 MP
+    requests = add_requests(variants[:6], prefix="batch")
+    requests.insert(2, search_pb2.AddImageRequest(id="batch-truncated", image=truncated))
+    requests.insert(5, search_pb2.AddImageRequest(id="batch-big", image=over_cap.getvalue()))
+    added, rejected = add(stub, requests)
+    assert sorted(added) == sorted(f"batch-{i}" for i in range(6))
+    reasons = {r.id: (r.code, r.reason) for r in rejected}
+    assert set(reasons) == {"batch-truncated", "batch-big"}
+    assert reasons["batch-truncated"][0] == "INVALID_ARGUMENT"
+    assert reasons["batch-truncated"][1].startswith("truncated image:")
+    assert reasons["batch-big"] == ("INVALID_ARGUMENT", "image has 9000 x 8000 = 72000000 "
+                                                        "pixels, over the cap of 64000000")
+
+
+def test_search_by_a_bad_image_names_the_problem(stub: search_pb2_grpc.ImageSearchStub,
+                                                 variants: list[bytes]) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        stub.SearchByImage(search_pb2.SearchByImageRequest(image=variants[0][:500]), timeout=60)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.value.details() or "").startswith("truncated image:")
+
+
+def test_a_burst_of_large_queries_is_refused_as_busy(stub: search_pb2_grpc.ImageSearchStub,
+                                                     search_server: RunningServer,
+                                                     variants: list[bytes]) -> None:
+    pixels = np.zeros((4000, 5000, 3), np.uint8)  # 20 MP: two at once are over 25 MP
+    pixels[..., 1] = np.arange(5000) % 256
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG", compress_level=1)
+    large = buffer.getvalue()
+
+    def query(_: int) -> tuple[str, str, str | None]:
+        try:
+            stub.SearchByImage(search_pb2.SearchByImageRequest(image=large, k=1), timeout=120)
+            return "OK", "", None
+        except grpc.RpcError as error:
+            trailers = dict(error.trailing_metadata() or ())  # type: ignore[attr-defined]
+            return error.code().name, error.details() or "", trailers.get(RETRY_PUSHBACK_KEY)
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(query, range(8)))
+    codes = [code for code, _, _ in outcomes]
+    assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes, outcomes
+    assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, outcomes
+    for code, details, pushback in outcomes:
+        if code == "RESOURCE_EXHAUSTED":
+            assert "--max-inflight-mpixels" in details and pushback is not None, details
+    assert stub.SearchByImage(search_pb2.SearchByImageRequest(image=variants[0], k=1),
+                              timeout=60).hits
+    assert client.health_status(client.connect(search_server.target),
+                                "percept.v1.ImageSearch") == "SERVING"
+    assert Path(search_server.server.config.data_dir).is_dir()

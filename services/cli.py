@@ -16,9 +16,11 @@ import importlib
 import json
 import math
 import os
+import random
 import shlex
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -83,6 +85,9 @@ def cmd_health(args: argparse.Namespace) -> int:
 #: The longest --timeout: gRPC turns larger deadlines (1e10 s, inf) into an immediate
 #: DEADLINE_EXCEEDED.
 MAX_TIMEOUT_SECONDS = 1_000_000.0
+#: How long ``percept index`` keeps resending what was not acknowledged while the server
+#: answers busy (seconds).
+INDEX_BUSY_PATIENCE_SECONDS = 300.0
 
 
 def _positive_timeout(seconds: float) -> float:
@@ -402,22 +407,43 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     files, unread_folders = _image_files(args.paths, args.recursive)
     unreadable: list[str] = []
+    answered: set[str] = set()  # ids acknowledged (added or rejected), or not read
 
     def items() -> object:
         for path in files:
+            image_id = str(path.resolve())
+            if image_id in answered:
+                continue
             try:
                 data = path.read_bytes()
             except OSError as error:
                 unreadable.append(f"{path}: {error.strerror}")
+                answered.add(image_id)
                 continue
-            yield search_pb2.AddImageRequest(id=str(path.resolve()), uri=str(path), image=data)
+            yield search_pb2.AddImageRequest(id=image_id, uri=str(path), image=data)
 
     added, rejected = 0, []
+    channel = _channel(args)
+    started, backoff = time.monotonic(), 0.0
     with tqdm(total=len(files), desc="index", unit="img", disable=args.quiet) as bar:
-        for ack in client.add_images(_channel(args), items()):  # type: ignore[arg-type]
-            added += len(ack.added)
-            rejected.extend(ack.rejected)
-            bar.update(len(ack.added) + len(ack.rejected))
+        while True:
+            try:
+                for ack in client.add_images(channel, items()):  # type: ignore[arg-type]
+                    added += len(ack.added)
+                    rejected.extend(ack.rejected)
+                    answered.update(ack.added)
+                    answered.update(r.id for r in ack.rejected)
+                    bar.update(len(ack.added) + len(ack.rejected))
+                break
+            except grpc.RpcError as error:
+                # Busy (the server's pixel budget or queue): the acknowledged images are
+                # in; the stream starts again with the rest, after the server's pushback.
+                pushback = folder_runs.pushback_seconds(error)
+                waited = time.monotonic() - started
+                if pushback is None or waited >= INDEX_BUSY_PATIENCE_SECONDS:
+                    raise
+                backoff = min(max(pushback, 2 * backoff), folder_runs.MAX_BACKOFF_SECONDS)
+                time.sleep(backoff * random.uniform(0.75, 1.25))
     for rejection in rejected:
         print(f"warning: skipped {rejection.id}: {rejection.code}: {rejection.reason}",
               file=sys.stderr)
@@ -431,8 +457,10 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    if bool(args.text) == bool(args.image):
+    if args.text and args.image:
         raise UsageError("give a TEXT query or --image PATH, not both")
+    if not args.text and not args.image:
+        raise UsageError("give a TEXT query or --image PATH")
     channel = _channel(args)
     if args.image:
         response = client.search_by_image(channel, read_input(args.image), k=args.top)
@@ -567,7 +595,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(label, "embed")
     label.set_defaults(handler=cmd_label)
 
-    index = sub.add_parser("index", help="add images (files or folders) to the search index")
+    index = sub.add_parser(
+        "index", help="add images (files or folders) to the search index",
+        description="Add images to the search index (an image's id is its absolute path; "
+                    "adding it again replaces it). Unreadable or undecodable files are "
+                    "skipped with a warning and exit 1. While the server answers busy, "
+                    "what it has not acknowledged is sent again (for up to "
+                    f"{INDEX_BUSY_PATIENCE_SECONDS:.0f} s).")
     index.add_argument("paths", nargs="+", help="image files or folders")
     index.add_argument("--recursive", action="store_true", help="descend into subfolders")
     index.add_argument("--quiet", action="store_true", help="no progress bar")

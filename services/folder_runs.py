@@ -184,7 +184,7 @@ def plan_folder(source: Path, target: Path, output_format: str, recursive: bool)
     return FolderPlan(jobs, problems)
 
 
-def _pushback_seconds(error: grpc.RpcError) -> float | None:
+def pushback_seconds(error: grpc.RpcError) -> float | None:
     """The server's retry pushback when ``error`` is a busy answer; None when it is not (or
     the pushback is negative: gRFC A6's "do not retry")."""
     if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -316,7 +316,7 @@ class _Run:
             try:
                 return self.call_once(data)
             except grpc.RpcError as error:
-                pushback = _pushback_seconds(error)
+                pushback = pushback_seconds(error)
                 limit = self.patience
                 if pushback is None and error.code() == grpc.StatusCode.UNAVAILABLE:
                     pushback, limit = 0.25, min(limit, UNAVAILABLE_PATIENCE_SECONDS)

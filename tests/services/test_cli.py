@@ -81,6 +81,63 @@ def test_search_json_has_the_documented_shape(all_server: RunningServer, tmp_pat
     assert set(hits[0]) == {"id", "uri", "score"}
 
 
+def test_index_resends_what_a_busy_server_did_not_acknowledge(
+        all_server: RunningServer, tmp_path: Path, photo: np.ndarray, small_photo: np.ndarray,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """While the server's pixel budget is full, AddImages answers busy (with the retry
+    trailer): `percept index` waits and sends the images again, rather than failing."""
+    import asyncio
+    import threading
+    import time
+
+    from services.common.image_model import pixel_budget
+    from services.common.metrics import REJECTED
+
+    folder = tmp_path / "busy"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode(photo))
+    (folder / "b.png").write_bytes(encode(small_photo))
+    budget = pixel_budget(all_server.server.config)
+    rejected = REJECTED.labels("embed-images")
+    refused_before = rejected._value.get()
+
+    async def hold(pixels: int) -> None:  # on the server's loop, as requests take it
+        assert budget.take(pixels)
+
+    async def release(pixels: int) -> None:
+        budget.give(pixels)
+
+    held = budget.limit
+    asyncio.run_coroutine_threadsafe(hold(held), all_server.loop).result(10)
+    codes: list[int] = []
+    run = threading.Thread(target=lambda: codes.append(
+        main(["index", str(folder), "--quiet", "--target", all_server.target])))
+    try:
+        run.start()
+        deadline = time.monotonic() + 60
+        while rejected._value.get() == refused_before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert rejected._value.get() > refused_before, "the index was never refused as busy"
+    finally:
+        asyncio.run_coroutine_threadsafe(release(held), all_server.loop).result(10)
+    run.join(120)
+    assert codes == [0]
+    assert "indexed 2 of 2 images; skipped 0" in capsys.readouterr().out
+    assert main(["search", "--image", str(folder / "b.png"), "--top", "1", "--json",
+                 "--target", all_server.target]) == 0
+    assert '"uri": "' + str(folder / "b.png") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give a TEXT query or --image PATH\n"),
+    (["a cat", "--image", "x.png"], "give a TEXT query or --image PATH, not both"),
+])
+def test_search_needs_one_query(argv: list[str], message: str,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["search", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_missing_input_file_exits_2(all_server: RunningServer, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["upscale", str(tmp_path / "missing.png"), str(tmp_path / "o.png"),

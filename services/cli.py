@@ -3,7 +3,9 @@
 Client commands talk to running services (``--target host:port``; defaults: the local
 cluster's ports, or ``$PERCEPT_TARGET``). A failed call prints the gRPC status name and
 message on stderr (``INVALID_ARGUMENT: not a decodable image``) and exits 1; a bad command
-line, an unreadable input or an unwritable output exits 2 before anything is sent. Outputs
+line, an unreadable input or an unwritable output exits 2 before anything is sent. A busy
+server (RESOURCE_EXHAUSTED with a retry trailer) is asked again after its pushback
+(``services.retries``), until the command's timeout. Outputs
 are written whole or not at all (a temporary file, renamed into place). ``upscale`` and
 ``stylize --style`` also take a folder of images (``services.folder_runs``).
 """
@@ -16,11 +18,9 @@ import importlib
 import json
 import math
 import os
-import random
 import shlex
 import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,6 +30,7 @@ import grpc
 
 from services import client, folder_runs, local_files
 from services.local_files import Terminated, UsageError, atomic_output, read_input, sigterm_raises
+from services.retries import RetriedTooLong, retrying
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -85,6 +86,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 #: The longest --timeout: gRPC turns larger deadlines (1e10 s, inf) into an immediate
 #: DEADLINE_EXCEEDED.
 MAX_TIMEOUT_SECONDS = 1_000_000.0
+#: How long ``percept label`` and ``search`` retry while the server answers busy (seconds).
+QUERY_BUSY_PATIENCE_SECONDS = 60.0
 #: How long ``percept index`` keeps resending what was not acknowledged while the server
 #: answers busy (seconds).
 INDEX_BUSY_PATIENCE_SECONDS = 300.0
@@ -215,8 +218,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
                                                 output_format=fmt, timeout=timeout)))
     fmt, image = _output_format(args.output), read_input(args.input)
     with atomic_output(args.output) as write:
-        response = client.upscale(_channel(args), image, model=args.model, output_format=fmt,
-                                  timeout=timeout)
+        response = retrying(lambda: client.upscale(
+            _channel(args), image, model=args.model, output_format=fmt, timeout=timeout),
+            patience=timeout, retry_unavailable=False)
         write(response.image)
     print(f"{args.output}: {response.width}x{response.height} ({response.model})")
     return 0
@@ -325,7 +329,8 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         if args.strength is not None:
             request.strength = args.strength
         with atomic_output(args.output) as write:
-            result = client.stylize(_channel(args), request, timeout=timeout)
+            result = retrying(lambda: client.stylize(_channel(args), request, timeout=timeout),
+                              patience=timeout, retry_unavailable=False)
             write(result.image)
     else:
         from tqdm import tqdm
@@ -349,8 +354,9 @@ def cmd_stylize(args: argparse.Namespace) -> int:
                 bar.update(p.iteration - bar.n)
                 bar.set_postfix(loss=f"{p.total_loss:.3g}")
 
-            result = client.stylize_with_image(_channel(args), optimisation, on_progress,
-                                               timeout=timeout)
+            result = retrying(lambda: client.stylize_with_image(
+                _channel(args), optimisation, on_progress, timeout=timeout),
+                patience=timeout, retry_unavailable=False)
             write(result.image)
     print(f"{args.output}: {result.width}x{result.height} ({result.model})")
     return 0
@@ -368,8 +374,10 @@ def cmd_label(args: argparse.Namespace) -> int:
     method = {"default": embed_pb2.EMBEDDING_METHOD_UNSPECIFIED,
               "devise": embed_pb2.EMBEDDING_METHOD_DEVISE,
               "conse": embed_pb2.EMBEDDING_METHOD_CONSE}[args.method]
-    response = client.label_image(_channel(args), read_input(args.input), k=args.top, method=method,
-                                  under_wnid=args.under or "", zero_shot=args.zero_shot)
+    image = read_input(args.input)
+    response = retrying(lambda: client.label_image(
+        _channel(args), image, k=args.top, method=method, under_wnid=args.under or "",
+        zero_shot=args.zero_shot), patience=QUERY_BUSY_PATIENCE_SECONDS, retry_unavailable=False)
     if args.json:
         print(json.dumps(_labels_json(response)))
         return 0
@@ -424,26 +432,19 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     added, rejected = 0, []
     channel = _channel(args)
-    started, backoff = time.monotonic(), 0.0
     with tqdm(total=len(files), desc="index", unit="img", disable=args.quiet) as bar:
-        while True:
-            try:
-                for ack in client.add_images(channel, items()):  # type: ignore[arg-type]
-                    added += len(ack.added)
-                    rejected.extend(ack.rejected)
-                    answered.update(ack.added)
-                    answered.update(r.id for r in ack.rejected)
-                    bar.update(len(ack.added) + len(ack.rejected))
-                break
-            except grpc.RpcError as error:
-                # Busy (the server's pixel budget or queue): the acknowledged images are
-                # in; the stream starts again with the rest, after the server's pushback.
-                pushback = folder_runs.pushback_seconds(error)
-                waited = time.monotonic() - started
-                if pushback is None or waited >= INDEX_BUSY_PATIENCE_SECONDS:
-                    raise
-                backoff = min(max(pushback, 2 * backoff), folder_runs.MAX_BACKOFF_SECONDS)
-                time.sleep(backoff * random.uniform(0.75, 1.25))
+        def send_the_rest() -> None:
+            nonlocal added
+            for ack in client.add_images(channel, items()):  # type: ignore[arg-type]
+                added += len(ack.added)
+                rejected.extend(ack.rejected)
+                answered.update(ack.added)
+                answered.update(r.id for r in ack.rejected)
+                bar.update(len(ack.added) + len(ack.rejected))
+
+        # busy (the server's pixel budget or queue): what was acknowledged is in, and a
+        # new stream sends the rest after the server's pushback
+        retrying(send_the_rest, patience=INDEX_BUSY_PATIENCE_SECONDS, retry_unavailable=False)
     for rejection in rejected:
         print(f"warning: skipped {rejection.id}: {rejection.code}: {rejection.reason}",
               file=sys.stderr)
@@ -463,9 +464,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("give a TEXT query or --image PATH")
     channel = _channel(args)
     if args.image:
-        response = client.search_by_image(channel, read_input(args.image), k=args.top)
+        image = read_input(args.image)
+        response = retrying(lambda: client.search_by_image(channel, image, k=args.top),
+                            patience=QUERY_BUSY_PATIENCE_SECONDS, retry_unavailable=False)
     else:
-        response = client.search_by_text(channel, args.text, k=args.top)
+        response = retrying(lambda: client.search_by_text(channel, args.text, k=args.top),
+                            patience=QUERY_BUSY_PATIENCE_SECONDS, retry_unavailable=False)
     if args.json:
         print(json.dumps({"hits": [{"id": h.id, "uri": h.uri, "score": round(float(h.score), 4)}
                                    for h in response.hits]}))
@@ -642,6 +646,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         details = error.details() if hasattr(error, "details") else str(error)
         name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
         print(f"{name}: {details}", file=sys.stderr)
+        return 1
+    except RetriedTooLong as error:
+        print(error, file=sys.stderr)
         return 1
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)

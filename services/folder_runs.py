@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +37,6 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
-from services.common.errors import RETRY_PUSHBACK_KEY
 from services.local_files import (
     Terminated,
     UsageError,
@@ -47,17 +44,13 @@ from services.local_files import (
     read_input,
     signals_deferred,
 )
+from services.retries import RetriedTooLong, describe, retrying
 
 #: The files a folder run reads (by extension, case-insensitively); hidden files are skipped.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 #: The output formats a folder run can write, by ``--format``.
 OUTPUT_SUFFIXES = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 MAX_JOBS = 64
-#: The longest wait between two tries of a busy request (seconds; the first waits the
-#: server's pushback, then the waits double).
-MAX_BACKOFF_SECONDS = 1.0
-#: How long a request is retried while the server is unavailable (seconds, at most).
-UNAVAILABLE_PATIENCE_SECONDS = 60.0
 #: After this many failures in a row (or ``--jobs``, if more) of the kinds that say more
 #: about the server or the disk than about the file, the run checks on the server (or
 #: stops, for the disk).
@@ -184,35 +177,12 @@ def plan_folder(source: Path, target: Path, output_format: str, recursive: bool)
     return FolderPlan(jobs, problems)
 
 
-def pushback_seconds(error: grpc.RpcError) -> float | None:
-    """The server's retry pushback when ``error`` is a busy answer; None when it is not (or
-    the pushback is negative: gRFC A6's "do not retry")."""
-    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return None
-    for key, value in error.trailing_metadata() or ():
-        if key == RETRY_PUSHBACK_KEY:
-            try:
-                milliseconds = int(value)
-            except ValueError:
-                return None
-            return milliseconds / 1000 if milliseconds >= 0 else None
-    return None
-
-
 class _Stopped(Exception):
     """The run is stopping: this file is left alone."""
 
 
-class _RetriedTooLong(Exception):
-    """Still busy (or unavailable) after all the retries allowed."""
-
-
 #: What one file's request returns: the call's future, whose result has ``.image``.
 Start = Callable[[bytes], "grpc.Future"]
-
-
-def _describe(error: grpc.RpcError) -> str:
-    return f"{error.code().name}: {error.details()}"
 
 
 def _make_folders(jobs: Sequence[FileJob]) -> list[Path]:
@@ -310,26 +280,12 @@ class _Run:
 
     def call(self, data: bytes) -> bytes:
         """The call, retried with backoff while the server answers busy (for up to
-        ``patience`` seconds) or unavailable (up to a minute of it)."""
-        started, backoff = time.monotonic(), 0.0
-        while True:
-            try:
-                return self.call_once(data)
-            except grpc.RpcError as error:
-                pushback = pushback_seconds(error)
-                limit = self.patience
-                if pushback is None and error.code() == grpc.StatusCode.UNAVAILABLE:
-                    pushback, limit = 0.25, min(limit, UNAVAILABLE_PATIENCE_SECONDS)
-                if pushback is None:
-                    raise
-                waited = time.monotonic() - started
-                if waited >= limit:
-                    raise _RetriedTooLong(f"{_describe(error)} (retried for {waited:.0f} s)"
-                                          ) from error
-                backoff = min(max(pushback, 2 * backoff), MAX_BACKOFF_SECONDS)
-                delay = min(backoff * random.uniform(0.75, 1.25), limit - waited)
-            if self.stopping.wait(delay):
+        ``patience`` seconds) or unavailable (up to a minute of it): services/retries.py."""
+        def wait(seconds: float) -> None:
+            if self.stopping.wait(seconds):
                 raise _Stopped
+
+        return retrying(lambda: self.call_once(data), patience=self.patience, wait=wait)
 
     def outcome(self, job: FileJob) -> _Failure | None:
         """None once ``job`` is written, else why it failed; raises _Stopped, or what
@@ -343,13 +299,13 @@ class _Run:
                 write(self.call(data))
         except UsageError as error:  # the output cannot be written
             return _Failure(str(error), "disk")
-        except _RetriedTooLong as error:
+        except RetriedTooLong as error:
             return _Failure(str(error), "server")
         except grpc.RpcError as error:
             if error.code() in FILE_STATUSES:
-                return _Failure(_describe(error))
+                return _Failure(describe(error))
             if error.code() in SERVER_STATUSES:
-                return _Failure(_describe(error), "server")
+                return _Failure(describe(error), "server")
             raise
         return None
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,51 +86,94 @@ def test_search_json_has_the_documented_shape(all_server: RunningServer, tmp_pat
     assert set(hits[0]) == {"id", "uri", "score"}
 
 
-def test_index_resends_what_a_busy_server_did_not_acknowledge(
-        all_server: RunningServer, tmp_path: Path, photo: np.ndarray, small_photo: np.ndarray,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    """While the server's pixel budget is full, AddImages answers busy (with the retry
-    trailer): `percept index` waits and sends the images again, rather than failing."""
-    import asyncio
-    import threading
-    import time
-
-    from services.common.image_model import pixel_budget
+def _rejections() -> float:
+    """Every request refused busy so far, by any queue or budget of this process."""
     from services.common.metrics import REJECTED
 
-    folder = tmp_path / "busy"
+    return sum(sample.value for metric in REJECTED.collect() for sample in metric.samples
+               if sample.name == "percept_rejected_total")
+
+
+@contextlib.contextmanager
+def _pixel_budget_full(server: RunningServer) -> Iterator[None]:
+    """The server's pixel budget (--max-inflight-mpixels) all taken, as by a large request
+    in progress: every image request is refused busy, with the retry trailer."""
+    from services.common.image_model import pixel_budget
+
+    budget = pixel_budget(server.server.config)
+
+    async def hold() -> None:  # on the server's loop, as requests take it
+        assert budget.take(budget.limit)
+
+    async def release() -> None:
+        budget.give(budget.limit)
+
+    asyncio.run_coroutine_threadsafe(hold(), server.loop).result(10)
+    try:
+        yield
+    finally:
+        asyncio.run_coroutine_threadsafe(release(), server.loop).result(10)
+
+
+def _busy_commands(folder: Path, out: Path) -> dict[str, list[str]]:
+    return {
+        "index": ["index", str(folder)],
+        "label": ["label", str(folder / "b.png"), "--json"],
+        "search --image": ["search", "--image", str(folder / "b.png"), "--json"],
+        "upscale": ["upscale", str(folder / "b.png"), str(out / "b.png")],
+        "stylize --style": ["stylize", str(folder / "b.png"), str(out / "s.png"),
+                            "--style", "starry-night"],
+    }
+
+
+@pytest.mark.parametrize("command", ["index", "label", "search --image", "upscale",
+                                     "stylize --style"])
+def test_a_busy_server_is_asked_again_after_its_pushback(
+        all_server: RunningServer, tmp_path: Path, photo: np.ndarray, small_photo: np.ndarray,
+        capsys: pytest.CaptureFixture[str], command: str) -> None:
+    """While the server's pixel budget is full, image requests are answered busy (with the
+    retry trailer): the command waits and asks again, rather than failing (`percept index`
+    sends again what was not acknowledged)."""
+    folder, out = tmp_path / "busy", tmp_path / "out"
     folder.mkdir()
     (folder / "a.png").write_bytes(encode(photo))
     (folder / "b.png").write_bytes(encode(small_photo))
-    budget = pixel_budget(all_server.server.config)
-    rejected = REJECTED.labels("embed-images")
-    refused_before = rejected._value.get()
-
-    async def hold(pixels: int) -> None:  # on the server's loop, as requests take it
-        assert budget.take(pixels)
-
-    async def release(pixels: int) -> None:
-        budget.give(pixels)
-
-    held = budget.limit
-    asyncio.run_coroutine_threadsafe(hold(held), all_server.loop).result(10)
+    argv = [*_busy_commands(folder, out)[command], "--target", all_server.target]
+    if command == "index":
+        argv.append("--quiet")
+    refused_before = _rejections()
     codes: list[int] = []
-    run = threading.Thread(target=lambda: codes.append(
-        main(["index", str(folder), "--quiet", "--target", all_server.target])))
-    try:
+    run = threading.Thread(target=lambda: codes.append(main(argv)))
+    with _pixel_budget_full(all_server):
         run.start()
         deadline = time.monotonic() + 60
-        while rejected._value.get() == refused_before and time.monotonic() < deadline:
+        while _rejections() == refused_before and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert rejected._value.get() > refused_before, "the index was never refused as busy"
-    finally:
-        asyncio.run_coroutine_threadsafe(release(held), all_server.loop).result(10)
+        assert _rejections() > refused_before, "the request was never refused as busy"
     run.join(120)
-    assert codes == [0]
-    assert "indexed 2 of 2 images; skipped 0" in capsys.readouterr().out
-    assert main(["search", "--image", str(folder / "b.png"), "--top", "1", "--json",
-                 "--target", all_server.target]) == 0
-    assert '"uri": "' + str(folder / "b.png") in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert codes == [0], captured.err
+    if command == "index":
+        assert "indexed 2 of 2 images; skipped 0" in captured.out
+        assert main(["search", "--image", str(folder / "b.png"), "--top", "1", "--json",
+                     "--target", all_server.target]) == 0
+        assert '"uri": "' + str(folder / "b.png") in capsys.readouterr().out
+
+
+def test_a_server_busy_for_longer_than_the_patience_fails_saying_so(
+        all_server: RunningServer, tmp_path: Path, small_photo: np.ndarray,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import services.cli
+
+    monkeypatch.setattr(services.cli, "QUERY_BUSY_PATIENCE_SECONDS", 1.0)
+    image = tmp_path / "b.png"
+    image.write_bytes(encode(small_photo))
+    with _pixel_budget_full(all_server):
+        code = main(["label", str(image), "--target", all_server.target])
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("RESOURCE_EXHAUSTED: the images in progress take"), err
+    assert err.endswith("retry with backoff (retried for 1 s)"), err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import os
 import socket
@@ -92,3 +94,32 @@ def style_photo() -> np.ndarray:
     from skimage import data
 
     return np.asarray(Image.fromarray(data.coffee()).resize((64, 48)))
+
+
+def rejections() -> float:
+    """Every request refused busy so far, by any queue or budget of this process."""
+    from services.common.metrics import REJECTED
+
+    return sum(sample.value for metric in REJECTED.collect() for sample in metric.samples
+               if sample.name == "percept_rejected_total")
+
+
+@contextlib.contextmanager
+def pixel_budget_full(server: RunningServer) -> Iterator[None]:
+    """The server's pixel budget (--max-inflight-mpixels) all taken, as by a large request
+    in progress: every image request is refused busy, with the retry trailer."""
+    from services.common.image_model import pixel_budget
+
+    budget = pixel_budget(server.server.config)
+
+    async def hold() -> None:  # on the server's loop, as requests take it
+        assert budget.take(budget.limit)
+
+    async def release() -> None:
+        budget.give(budget.limit)
+
+    asyncio.run_coroutine_threadsafe(hold(), server.loop).result(10)
+    try:
+        yield
+    finally:
+        asyncio.run_coroutine_threadsafe(release(), server.loop).result(10)

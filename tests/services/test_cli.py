@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ from PIL import Image
 
 from services.cli import main
 from services.common.server import RunningServer
-from tests.conftest import encode
+from tests.conftest import encode, pixel_budget_full, rejections
 
 
 @pytest.fixture()
@@ -86,35 +83,6 @@ def test_search_json_has_the_documented_shape(all_server: RunningServer, tmp_pat
     assert set(hits[0]) == {"id", "uri", "score"}
 
 
-def _rejections() -> float:
-    """Every request refused busy so far, by any queue or budget of this process."""
-    from services.common.metrics import REJECTED
-
-    return sum(sample.value for metric in REJECTED.collect() for sample in metric.samples
-               if sample.name == "percept_rejected_total")
-
-
-@contextlib.contextmanager
-def _pixel_budget_full(server: RunningServer) -> Iterator[None]:
-    """The server's pixel budget (--max-inflight-mpixels) all taken, as by a large request
-    in progress: every image request is refused busy, with the retry trailer."""
-    from services.common.image_model import pixel_budget
-
-    budget = pixel_budget(server.server.config)
-
-    async def hold() -> None:  # on the server's loop, as requests take it
-        assert budget.take(budget.limit)
-
-    async def release() -> None:
-        budget.give(budget.limit)
-
-    asyncio.run_coroutine_threadsafe(hold(), server.loop).result(10)
-    try:
-        yield
-    finally:
-        asyncio.run_coroutine_threadsafe(release(), server.loop).result(10)
-
-
 def _busy_commands(folder: Path, out: Path) -> dict[str, list[str]]:
     return {
         "index": ["index", str(folder)],
@@ -141,15 +109,15 @@ def test_a_busy_server_is_asked_again_after_its_pushback(
     argv = [*_busy_commands(folder, out)[command], "--target", all_server.target]
     if command == "index":
         argv.append("--quiet")
-    refused_before = _rejections()
+    refused_before = rejections()
     codes: list[int] = []
     run = threading.Thread(target=lambda: codes.append(main(argv)))
-    with _pixel_budget_full(all_server):
+    with pixel_budget_full(all_server):
         run.start()
         deadline = time.monotonic() + 60
-        while _rejections() == refused_before and time.monotonic() < deadline:
+        while rejections() == refused_before and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _rejections() > refused_before, "the request was never refused as busy"
+        assert rejections() > refused_before, "the request was never refused as busy"
     run.join(120)
     captured = capsys.readouterr()
     assert codes == [0], captured.err
@@ -168,7 +136,7 @@ def test_a_server_busy_for_longer_than_the_patience_fails_saying_so(
     monkeypatch.setattr(services.cli, "QUERY_BUSY_PATIENCE_SECONDS", 1.0)
     image = tmp_path / "b.png"
     image.write_bytes(encode(small_photo))
-    with _pixel_budget_full(all_server):
+    with pixel_budget_full(all_server):
         code = main(["label", str(image), "--target", all_server.target])
     assert code == 1
     err = capsys.readouterr().err.strip()

@@ -134,9 +134,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hierarchical hit: within this many WordNet hops (default: 2)")
     add_word_vector_arguments(parser, for_eval=True)
     parser.add_argument("--backend", default="flat",
+                        choices=["flat", "hnsw", "ivf", "torch", "numpy"],
                         help="noun index backend (flat, hnsw, ivf, torch, numpy; default: flat)")
     parser.add_argument("--out", default=str(REPO_ROOT / "out/eval/devise/metrics.json"),
-                        help="JSON report (default: out/eval/devise/metrics.json)")
+                        help="JSON report file, replaced only when it is an earlier report "
+                             "(default: out/eval/devise/metrics.json)")
     parser.add_argument("--cache-dir", default=str(REPO_ROOT / "runs/devise-cache"),
                         help="feature cache (default: runs/devise-cache)")
     parser.add_argument("--update-metrics", action="store_true",

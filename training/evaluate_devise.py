@@ -319,6 +319,54 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: Keys every report of :func:`evaluate` holds: an existing --out file without them is not
+#: an earlier report, and is never replaced.
+REPORT_KEYS = ("eval_set", "results", "mean_hit")
+#: ConSE's T combines at most every ImageNet class.
+MAX_TOP_T = 1000
+
+
+def check_report_path(out: Path, keys: Sequence[str], flag: str = "--out") -> None:
+    """ValueError before the evaluation runs when the report ``out`` could not be written,
+    is a folder, or is a file other than an earlier report (one with ``keys``), such as an
+    artifact's metrics.json."""
+    from training.data.folders import check_folder_to_make
+
+    if out.is_dir():
+        raise ValueError(f"{flag} {out} is a folder; give the report's file name "
+                         f"({out / 'metrics.json'})")
+    check_folder_to_make(out.parent, flag, out)
+    if out.exists() or out.is_symlink():
+        try:
+            held = json.loads(out.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{flag} {out} exists and is not an earlier report "
+                             f"({error}); choose another file") from error
+        if not (isinstance(held, dict) and all(key in held for key in keys)):
+            raise ValueError(f"{flag} {out} exists and is not an earlier report of this "
+                             "command (an artifact's metrics.json?); choose another file")
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Before anything loads: the numbers, the artifact, the photos, the word-vector file
+    and the report path."""
+    check_flag_minimums(args, {"top_t": 1, "hops": 0, "show": 0, "threads": 0})
+    if min(args.k) < 1:
+        raise ValueError(f"--k must be >= 1, got {' '.join(map(str, args.k))}")
+    if args.top_t is not None and args.top_t > MAX_TOP_T:
+        raise ValueError(f"--top-t must be <= {MAX_TOP_T} (the ImageNet classes), got "
+                         f"{args.top_t}")
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model}: no config.json there (not an artifact)")
+    if not (Path(args.photos) / LABELS_FILE).is_file():
+        raise EvalSetError(f"--photos {args.photos}: {LABELS_FILE} not found")
+    word_vectors = getattr(args, "word_vectors", None)
+    if word_vectors and not Path(word_vectors).is_file():
+        raise FileNotFoundError(f"word-vector file not found: {word_vectors}")
+    check_report_path(Path(args.out), REPORT_KEYS)
+
+
 def command(args: argparse.Namespace) -> int:
     """``percept eval devise``."""
     from training.assets import AssetMissingError
@@ -327,9 +375,7 @@ def command(args: argparse.Namespace) -> int:
         "cpu" if args.device == "auto" else args.device)
     started = time.perf_counter()
     try:
-        check_flag_minimums(args, {"top_t": 1, "hops": 0, "show": 0, "threads": 0})
-        if min(args.k) < 1:
-            raise ValueError(f"--k must be >= 1, got {' '.join(map(str, args.k))}")
+        check_inputs(args)
         if args.threads:
             torch.set_num_threads(args.threads)
         report = evaluate(Path(args.model), Path(args.photos), top_t=args.top_t, ks=args.k,
@@ -343,7 +389,9 @@ def command(args: argparse.Namespace) -> int:
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(out)
     if args.show:
         for item in report["per_image"]:
             print(f"{item['file']:32s} {item['lemma']:22s} devise: "

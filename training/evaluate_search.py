@@ -357,24 +357,76 @@ def per_query_table(report: Mapping[str, Any], top: int = 3) -> str:
     return "\n".join(lines)
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
 def write_report(report: Mapping[str, Any], out: Path) -> None:
     """``out/metrics.json`` and ``out/per_query.md``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "per_query.md").write_text(
+    _write_atomically(out / "metrics.json", json.dumps(report, indent=2) + "\n")
+    _write_atomically(
+        out / "per_query.md",
         "# percept eval search: per query\n\n"
         f"{report['eval_set']['photos']} photos, relevance = is-a (the photo's label is the "
         "query synset or a kind of it); rank = rank of the first relevant photo; "
         "* = relevant.\n\n" + per_query_table(report, top=5) + "\n")
 
 
+#: What :func:`write_report` writes into --out; a folder holding anything else is refused.
+REPORT_FILES = frozenset({"metrics.json", "per_query.md", "metrics.json.partial",
+                          "per_query.md.partial"})
+#: Keys every report holds: a metrics.json without them is not an earlier report.
+REPORT_KEYS = ("eval_set", "queries", "results", "chance")
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Before anything loads: the numbers, the photos, the models folder, and an --out
+    folder that can be written and holds nothing but an earlier report."""
+    from training.data.folders import check_folder_to_make
+
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if min(args.k) < 1:
+        raise ValueError(f"--k must be >= 1, got {' '.join(map(str, args.k))}")
+    if not (Path(args.photos) / LABELS_FILE).is_file():
+        raise EvalSetError(f"--photos {args.photos}: {LABELS_FILE} not found")
+    if not Path(args.models_dir).is_dir():
+        raise FileNotFoundError(f"--models-dir {args.models_dir}: not a folder")
+    out = Path(args.out)
+    check_folder_to_make(out, "--out")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir()
+                        if p.name not in REPORT_FILES and not p.name.startswith("."))
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise ValueError(f"--out {out} holds other files ({shown}), not an earlier "
+                             "report: choose a new or empty folder")
+        held = out / "metrics.json"
+        if held.exists():
+            try:
+                report = json.loads(held.read_text())
+            except (OSError, ValueError):
+                report = None
+            if not (isinstance(report, dict) and all(key in report for key in REPORT_KEYS)):
+                raise ValueError(f"--out {out} holds a metrics.json that is not an earlier "
+                                 "report of percept eval search: choose another folder")
+
+
 def command(args: argparse.Namespace) -> int:
     """``percept eval search``."""
-    import torch
-
     from services.common.errors import ServiceError
     from training.assets import AssetMissingError
     from training.export import update_metrics
+
+    try:
+        check_inputs(args)
+    except (EvalSetError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
 import sys
@@ -71,10 +72,17 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from training.assets import REPO_ROOT, efficientnet_lite0_weights_path
+from training.data.folders import check_folder_to_make
 from training.data.images import is_image_file
 from training.devise_features import BACKBONE_NAME, FeatureCache, compute_features
-from training.export import check_output_folder, command_line, data_entry, export_artifact
-from training.loop import check_flag_minimums, choose_device
+from training.export import (
+    NonFiniteWeights,
+    check_output_folder,
+    command_line,
+    data_entry,
+    export_artifact,
+)
+from training.loop import TrainingDiverged, check_flag_minimums, choose_device, finite_weights
 from training.nets.devise import DeViSEMap
 from training.nets.efficientnet_lite import HEAD_CHANNELS, load_efficientnet_lite0
 
@@ -349,12 +357,26 @@ def train_map(module: DeViSEMap, features: Tensor, targets: Tensor, label_vector
                 total = total + settings.weight_decay * sum(
                     ((p - p0) ** 2).sum() for p, p0 in zip(module.parameters(), initial,
                                                          strict=True))
+            value = float(total.detach())
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"the hinge rank loss is {value} at step {len(history) + 1}: the run "
+                    "diverged, so nothing is exported; lower --lr and start again")
             optimiser.zero_grad(set_to_none=True)
             total.backward()
-            optimiser.step()
+            try:
+                optimiser.step()
+            except RuntimeError as error:  # e.g. a step size beyond float32 (a huge --lr)
+                raise TrainingDiverged(f"the Adam step failed at step {len(history) + 1} "
+                                       f"({error}): nothing is exported; lower --lr and "
+                                       "start again") from error
             history.append(float(loss.detach()))
             bar.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
     module.eval()
+    if not finite_weights(module):
+        raise TrainingDiverged(f"the map's weights hold NaN or infinite values after "
+                               f"{settings.steps} steps: the run diverged, so nothing is "
+                               "exported; lower --lr and start again")
     return history
 
 
@@ -403,25 +425,69 @@ def _class_names() -> list[str]:
 #: The least value of each numeric flag (``--steps 0`` exports the initial map, untrained).
 FLAG_MINIMUMS = {
     **dict.fromkeys(("crops_per_image", "val_crops", "negatives", "batch_size", "top_t"), 1),
-    **dict.fromkeys(("steps", "margin", "lr", "weight_decay", "threads"), 0),
+    **dict.fromkeys(("steps", "margin", "lr", "weight_decay", "threads", "seed"), 0),
 }
+#: ConSE's T combines at most every ImageNet class.
+MAX_TOP_T = 1000
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def check_paths(args: argparse.Namespace, out: Path, run_dir: Path) -> None:
+    """Before anything loads: ValueError / FileNotFoundError for an input that is not
+    there (``--images``, ``--photos``, ``--val-photos``, ``--word-vectors``), and for outputs
+    that cannot be written or would land in the data (``--run-dir`` or ``--out`` inside an
+    input folder, where loss.png would become a training image) or in each other."""
+    inputs: list[tuple[str, Path]] = []
+    if args.images:
+        images = Path(args.images)
+        if not images.is_dir():
+            raise ImageFolderError(f"--images {images}: not a directory")
+        inputs.append(("--images", images))
+    else:
+        photos = Path(args.photos)
+        check_training_photos(_photo_files(photos))
+        inputs.append(("--photos", photos))
+    if args.val_photos:
+        _photo_files(Path(args.val_photos))
+        inputs.append(("--val-photos", Path(args.val_photos)))
+    word_vectors = getattr(args, "word_vectors", None)
+    if word_vectors and not Path(word_vectors).is_file():
+        raise FileNotFoundError(f"word-vector file not found: {word_vectors}")
+    check_folder_to_make(run_dir, "--run-dir")
+    if args.cache_dir:
+        check_folder_to_make(Path(args.cache_dir), "--cache-dir")
+    if run_dir.resolve() == out.resolve():
+        raise ValueError(f"--run-dir {run_dir} is the artifact folder --out {out}: the run's "
+                         "logs (history.json) do not belong in an artifact; choose another")
+    for flag, folder in (("--out", out), ("--run-dir", run_dir)):
+        for source, data in inputs:
+            if _within(folder, data):
+                raise ValueError(f"{flag} {folder} is inside {source} {data}: what the run "
+                                 "writes there would become training data; choose a folder "
+                                 "outside it")
 
 
 def train(args: argparse.Namespace) -> int:
     """Runs ``percept train devise`` with parsed flags."""
     check_flag_minimums(args, FLAG_MINIMUMS)  # before anything loads
+    if args.top_t > MAX_TOP_T:
+        raise ValueError(f"--top-t must be <= {MAX_TOP_T} (the ImageNet classes), got "
+                         f"{args.top_t}")
     started = time.perf_counter()
+    word_vectors = getattr(args, "word_vectors", None)
+    name = args.name or default_name(word_vectors)
+    out = Path(args.out) if args.out else REPO_ROOT / "models" / name
+    run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
+    check_paths(args, out, run_dir)
+    print(f"[devise] exports {check_output_folder(out, name)}", flush=True)
     device = choose_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     progress = not args.quiet
-    word_vectors = getattr(args, "word_vectors", None)
-    name = args.name or default_name(word_vectors)
-    out = Path(args.out) if args.out else REPO_ROOT / "models" / name
-    run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
-    print(f"[devise] exports {check_output_folder(out, name)}", flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
 
     space = load_word_space(args.recipe, Path(args.vectors_dir) if args.vectors_dir else None,
@@ -515,6 +581,7 @@ def train(args: argparse.Namespace) -> int:
 
     from training.plots import save_loss_plot
 
+    run_dir.mkdir(parents=True, exist_ok=True)
     save_loss_plot({"hinge rank loss": history}, run_dir / "loss.png",
                    title=f"DeViSE hinge rank loss (margin {args.margin}, "
                          f"{args.negatives} negatives)")
@@ -600,9 +667,15 @@ def command(args: argparse.Namespace) -> int:
 
     try:
         return train(args)
+    except (TrainingDiverged, NonFiniteWeights) as error:  # a failed run, not a usage error
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     except (ImageFolderError, AssetMissingError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        print("\n[devise] stopped: nothing was exported", file=sys.stderr, flush=True)
+        return 130
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,26 @@ def test_unwritable_destination_is_a_clear_error(tmp_path: Path,
     assert cli.main(["photos", "--out", str(blocker / "photos"), "--cache",
                      str(tmp_path / "cache"), "--quiet"]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+def test_files_it_did_not_write_are_refused_before_anything_is_fetched(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A re-run removes what an earlier allow-list wrote; it silently deleted a user's own
+    photo in --out/train too."""
+    out = tmp_path / "photos"
+    (out / "train").mkdir(parents=True)
+    mine = out / "train" / "my-holiday.jpg"
+    mine.write_bytes(b"mine")
+    (out / "manifest.json").write_text(json.dumps(
+        {"photos": [{"file": "train/old-allow-list.jpg"}]}))
+    (out / "train" / "old-allow-list.jpg").write_bytes(b"ours")  # ours: removable
+    assert cli.main(["photos", "--out", str(out), "--cache", str(tmp_path / "no-cache"),
+                     "--quiet"]) == 2
+    assert ("holds files this command did not write (1: train/my-holiday.jpg)"
+            in capsys.readouterr().err)
+    assert mine.read_bytes() == b"mine" and not (tmp_path / "no-cache").exists()
+    (out / "manifest.json").write_text('{"format": "percept-prepared/1"}')  # not ours
+    mine.unlink()
+    assert cli.main(["photos", "--out", str(out), "--cache", str(tmp_path / "no-cache"),
+                     "--quiet"]) == 2
+    assert "holds a manifest.json that is not a photos manifest" in capsys.readouterr().err

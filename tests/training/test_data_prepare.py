@@ -262,3 +262,66 @@ def test_a_rebuild_first_removes_the_manifest(sources: dict[str, Path], tmp_path
                 progress=False)
     with pytest.raises(PreparedDataError, match="not found"):
         load_prepared(tmp_path)
+
+
+def test_a_truncated_image_is_named_and_leaves_no_arrays(
+        sources: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its header reads, its body does not: was a worker traceback and half-written arrays."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    good = sources["rgb_jpeg"].read_bytes()
+    (photos / "good.jpg").write_bytes(good)
+    (photos / "cut.jpg").write_bytes(good[:len(good) // 3])
+    out = tmp_path / "out"
+    for workers in ("1", "2"):
+        assert cli.main(["prepare", "--photos", str(photos), "--out", str(out), "--sizes",
+                         "32", "8", "--workers", workers, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot decode image {photos / 'cut.jpg'}" in err and "Traceback" not in err
+        assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_an_out_holding_other_files_is_refused_and_left_alone(
+        sources: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--out data/photos` replaced the photos' own manifest.json with the arrays'."""
+    photos = tmp_path / "photos"
+    (photos / "train").mkdir(parents=True)
+    (photos / "train" / "a.jpg").write_bytes(sources["rgb_jpeg"].read_bytes())
+    manifest = photos / "manifest.json"
+    manifest.write_text('{"photos": []}\n')
+    for out in (photos, photos / "train"):
+        assert cli.main(["prepare", "--photos", str(photos / "train"), "--out", str(out),
+                         "--sizes", "16", "--workers", "1", "--quiet"]) == 2
+        assert f"--out {out} holds other files" in capsys.readouterr().err
+    assert manifest.read_text() == '{"photos": []}\n'
+    assert sorted(p.name for p in photos.rglob("*")) == ["a.jpg", "manifest.json", "train"]
+    lone = tmp_path / "lone"  # only a foreign manifest.json
+    lone.mkdir()
+    (lone / "manifest.json").write_text('{"photos": []}\n')
+    assert cli.main(["prepare", "--photos", str(photos / "train"), "--out", str(lone),
+                     "--sizes", "16", "--workers", "1", "--quiet"]) == 2
+    assert "not a prepared-arrays manifest" in capsys.readouterr().err
+    assert (lone / "manifest.json").read_text() == '{"photos": []}\n'
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),  # was a numpy traceback
+    (["--workers", "-2"], "--workers must be >= 1, got -2"),  # was silently 1
+])
+def test_bad_numbers_are_refused(tmp_path: Path, sources: dict[str, Path], flags: list[str],
+                                 message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["prepare", "--photos", str(sources["rgb_jpeg"]), "--out",
+                     str(tmp_path / "out"), "--sizes", "16", "--quiet", *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_link_to_a_photo_found_anyway_is_one_photo(sources: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(sources["rgb_jpeg"].read_bytes())
+    (photos / "b.jpg").symlink_to("a.jpg")
+    (photos / "gone.jpg").symlink_to("missing.jpg")  # a dangling link is no photo
+    found = find_sources([photos])
+    assert found == [photos / "a.jpg"]

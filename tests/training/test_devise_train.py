@@ -168,6 +168,7 @@ def test_an_out_holding_another_artifact_is_refused_before_anything_loads(
     (["--top-t", "0"], "--top-t must be >= 1, got 0"),
     (["--crops-per-image", "0"], "--crops-per-image must be >= 1, got 0"),
     (["--lr", "nan"], "--lr must be >= 0, got nan"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),  # was 'expected non-negative integer'
 ])
 def test_bad_numbers_are_refused_before_anything_loads(
         tmp_path: Path, flags: list[str], message: str,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -176,3 +177,30 @@ def test_errors_are_reported_not_raised(tmp_path: Path) -> None:
                        "--out", str(tmp_path / "out"))
     assert code == 2
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("held, message", [
+    ({"config.json": "{}", "metrics.json": '{"steps": 600}'}, "holds other files (config.json)"),
+    ({"metrics.json": '{"steps": 600}'}, "holds a metrics.json that is not an earlier report"),
+])
+def test_an_out_holding_what_it_did_not_write_is_refused_before_anything_loads(
+        tmp_path: Path, held: dict[str, str], message: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--out models/devise-minilm` replaced the artifact's metrics.json with the report."""
+    out = tmp_path / "artifact"
+    out.mkdir()
+    for name, text in held.items():
+        (out / name).write_text(text)
+    started = time.perf_counter()
+    code, _ = _percept("eval", "search", "--quiet", "--out", str(out))
+    assert code == 2 and time.perf_counter() - started < 5.0
+    assert f"--out {out} {message}" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in out.iterdir()} == held
+
+
+def test_negative_threads_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                      ) -> None:
+    code, _ = _percept("eval", "search", "--threads", "-1", "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "error: --threads must be >= 0, got -1"
+    assert not (tmp_path / "o").exists()

@@ -70,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "photos", help="copy the curated real photos into data/photos/{train,heldout}",
         description="apt-get download + dpkg-deb -x plasma-workspace-wallpapers and "
                     "mate-backgrounds, take the allow-listed real photos (plus "
-                    "scikit-image's), hold ~20%% out, and write manifest.json.")
+                    "scikit-image's), hold ~20% out, and write manifest.json.")
     add_photos_arguments(photos_parser)
     photos_parser.set_defaults(func=_photos)
     prepare_parser = commands.add_parser(

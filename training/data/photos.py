@@ -170,11 +170,51 @@ def _deb_version(deb: Path) -> str:
     return deb.name.split("_")[1].replace("%3a", ":")
 
 
+def _previously_written(out: Path) -> set[Path]:
+    """The photo files ``out/manifest.json`` lists (what an earlier run wrote), if it is a
+    photos manifest; else none."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        return {out / str(entry["file"]) for entry in manifest["photos"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def check_out_folder(out: Path) -> None:
+    """PhotosError, before anything is fetched, when ``out`` holds files this command did
+    not write: a manifest.json of another kind, or files in ``train/`` or ``heldout/`` that
+    neither the allow-list names nor an earlier manifest lists (a re-run replaces what it
+    wrote and removes what a previous allow-list put there, and would remove those)."""
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        try:
+            held = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            held = None
+        if not (isinstance(held, dict) and isinstance(held.get("photos"), list)):
+            raise PhotosError(f"{out} holds a manifest.json that is not a photos manifest: "
+                              "choose a new or empty --out")
+    known = _previously_written(out) | {out / split_of(p) / p.name for p in PHOTOS}
+    foreign = []
+    for split in ("train", "heldout"):
+        folder = out / split
+        if folder.is_dir():
+            foreign += [f for f in sorted(folder.iterdir())
+                        if f.with_suffix("") not in known and f not in known
+                        and not f.name.startswith(".")]
+    if foreign:
+        shown = ", ".join(str(f.relative_to(out)) for f in foreign[:3])
+        raise PhotosError(f"{out} holds files this command did not write ({len(foreign)}: "
+                          f"{shown}{', ...' if len(foreign) > 3 else ''}): choose a new or "
+                          "empty --out")
+
+
 def assemble(out: Path, cache: Path, quiet: bool = False) -> dict[str, object]:
     """Copies every curated photo into ``out/train`` or ``out/heldout`` (bytes unchanged)
     and writes ``out/manifest.json``; returns the manifest."""
     if (reason := unwritable_reason(out)) is not None:
         raise PhotosError(f"cannot write to {out}: {reason}")
+    check_out_folder(out)
 
     roots: dict[str, Path] = {SKIMAGE: skimage_root()}
     packages: dict[str, dict[str, str]] = {}
@@ -209,9 +249,10 @@ def assemble(out: Path, cache: Path, quiet: bool = False) -> dict[str, object]:
             "width": width, "height": height, "mode": mode, "bytes": target.stat().st_size,
             "sha256": sha256_of(target),
         })
+    written = _previously_written(out)
     for split in ("train", "heldout"):  # drop files a previous allow-list put there
         for stale in sorted((out / split).iterdir()):
-            if stale.is_file() and stale not in wanted:
+            if stale.is_file() and stale not in wanted and stale in written:
                 stale.unlink()
     manifest: dict[str, object] = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import multiprocessing
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -84,12 +85,21 @@ def find_sources(paths: Sequence[Path], allow_heldout: bool = False) -> list[Pat
             raise PrepareError(f"source {path} is not an image file")
     if not found:
         raise PrepareError(f"no image files under {', '.join(map(str, paths))}")
+    # A link to a photo that is also found under its own name is one photo, not two.
+    seen: set[Path] = set()
+    unique: list[Path] = []
+    for path in sorted(set(found)):
+        resolved = path.resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            unique.append(path)
+    found = unique
     if not allow_heldout:
         heldout = [p for p in found if "heldout" in p.parts]
         if heldout:
             raise PrepareError(f"{len(heldout)} source(s) are held-out photos (e.g. {heldout[0]});"
                                " pass --allow-heldout only for evaluation data")
-    return sorted(set(found))
+    return found
 
 
 def plan(sources: Sequence[Path], size: int, crops_per_image: int,
@@ -145,10 +155,14 @@ def crop_pyramid(image: Image.Image, box: Box, sizes: Sequence[int]) -> list[np.
 def _process(task: SourceTask) -> int:
     size = _SIZES[0]
     boxes = [box for _, box in task.crops]
-    image = decode_rgb(Path(task.path), need=draft_request(task.original, boxes, size))
-    for out_index, box in task.crops:
-        mapped = scale_box(box, task.original, image.size)
-        for level, array in zip(_SIZES, crop_pyramid(image, mapped, _SIZES), strict=True):
+    try:  # the header read in plan(); a truncated or damaged body fails only here
+        image = decode_rgb(Path(task.path), need=draft_request(task.original, boxes, size))
+        crops = [crop_pyramid(image, scale_box(box, task.original, image.size), _SIZES)
+                 for _, box in task.crops]
+    except Exception as error:  # whatever a decoder raises on damaged data
+        raise PrepareError(f"cannot decode image {task.path}: {error}") from None
+    for (out_index, _), pyramid in zip(task.crops, crops, strict=True):
+        for level, array in zip(_SIZES, pyramid, strict=True):
             _OUTPUTS[level][out_index] = array
     for array in _OUTPUTS.values():
         if isinstance(array, np.memmap):
@@ -169,9 +183,10 @@ def prepare(sources: Sequence[Path], out: Path, sizes: Sequence[int], crops_per_
     ``sizes`` are square side lengths; the largest is cut from the sources and the others
     are bicubic reductions of it. Returns the manifest.
     """
-    sizes = _checked(sizes, crops_per_image)
+    sizes = _checked(sizes, crops_per_image, seed, workers)
     if (reason := unwritable_reason(out)) is not None:
         raise PrepareError(f"cannot write to {out}: {reason}")
+    check_out_folder(out)
 
     tasks, order = plan(sources, sizes[0], crops_per_image, seed)
     count = len(order)
@@ -189,16 +204,23 @@ def prepare(sources: Sequence[Path], out: Path, sizes: Sequence[int], crops_per_
     queue = sorted(tasks, key=lambda t: -t.original[0] * t.original[1] * len(t.crops))
     bar = tqdm(total=count, unit="img", desc=f"prepare {'/'.join(map(str, sizes))}",
                disable=not progress)
-    if workers == 1:
-        _init_worker(str(out), sizes)
-        for task in queue:
-            bar.update(_process(task))
-    else:
-        with _pool_context().Pool(workers, initializer=_init_worker,
-                                  initargs=(str(out), sizes)) as pool:
-            for done in pool.imap_unordered(_process, queue):
-                bar.update(done)
-    bar.close()
+    try:
+        if workers == 1:
+            _init_worker(str(out), sizes)
+            for task in queue:
+                bar.update(_process(task))
+        else:
+            with _pool_context().Pool(workers, initializer=_init_worker,
+                                      initargs=(str(out), sizes)) as pool:
+                for done in pool.imap_unordered(_process, queue):
+                    bar.update(done)
+    except BaseException:
+        _OUTPUTS.clear()
+        for size in sizes:  # half-written arrays, which no manifest vouches for
+            (out / array_name(size)).unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
     _OUTPUTS.clear()
 
     manifest: dict[str, object] = {
@@ -219,14 +241,47 @@ def prepare(sources: Sequence[Path], out: Path, sizes: Sequence[int], crops_per_
     return manifest
 
 
-def _checked(sizes: Sequence[int], crops_per_image: int) -> list[int]:
-    """The sizes, largest first; PrepareError for bad sizes or crop counts."""
+def _checked(sizes: Sequence[int], crops_per_image: int, seed: int = 0,
+             workers: int | None = None) -> list[int]:
+    """The sizes, largest first; PrepareError for bad sizes, crop counts, seeds or worker
+    counts."""
     ordered = sorted({int(s) for s in sizes}, reverse=True)
     if not ordered or ordered[-1] < 1:
         raise PrepareError(f"sizes must be positive integers, got {list(sizes)}")
     if crops_per_image < 1:
         raise PrepareError(f"--crops-per-image must be >= 1, got {crops_per_image}")
+    if seed < 0:
+        raise PrepareError(f"--seed must be >= 0, got {seed}")
+    if workers is not None and workers < 1:
+        raise PrepareError(f"--workers must be >= 1, got {workers}")
     return ordered
+
+
+_ARRAY_FILE = re.compile(r"^images_\d+\.npy$")
+
+
+def check_out_folder(out: Path) -> None:
+    """PrepareError when ``out`` holds anything but prepared arrays and their manifest
+    (photos, another command's manifest.json): a rebuild removes the manifest and
+    replaces the arrays, so it must never run in someone else's folder."""
+    if not out.is_dir():
+        return
+    others = sorted(p.name for p in out.iterdir()
+                    if not (p.name == MANIFEST or _ARRAY_FILE.match(p.name)
+                            or p.name.startswith(".")))
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise PrepareError(f"--out {out} holds other files ({len(others)}: {shown}), not "
+                           "prepared arrays: choose a new or empty folder")
+    manifest = out / MANIFEST
+    if manifest.exists():
+        try:
+            held = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            held = None
+        if not (isinstance(held, dict) and held.get("format") == FORMAT):
+            raise PrepareError(f"--out {out} holds a {MANIFEST} that is not a prepared-arrays "
+                               f"manifest ({FORMAT}): choose a new or empty folder")
 
 
 def _source_entries(tasks: Sequence[SourceTask]) -> list[dict[str, object]]:
@@ -279,6 +334,8 @@ def _display_path(path: Path) -> str:
 def command(args: argparse.Namespace) -> int:
     """``percept data prepare``."""
     try:
+        _checked(args.sizes, args.crops_per_image, args.seed, args.workers)
+        check_out_folder(Path(args.out))
         sources = find_sources([Path(p) for p in args.photos], allow_heldout=args.allow_heldout)
         current = None if args.force else up_to_date(
             sources, Path(args.out), args.sizes, args.crops_per_image, args.seed)

@@ -432,28 +432,36 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     added, rejected = 0, []
     channel = _channel(args)
-    with tqdm(total=len(files), desc="index", unit="img", disable=args.quiet) as bar:
-        def send_the_rest() -> None:
-            nonlocal added
-            for ack in client.add_images(channel, items()):  # type: ignore[arg-type]
-                added += len(ack.added)
-                rejected.extend(ack.rejected)
-                answered.update(ack.added)
-                answered.update(r.id for r in ack.rejected)
-                bar.update(len(ack.added) + len(ack.rejected))
 
-        # busy (the server's pixel budget or queue): what was acknowledged is in, and a
-        # new stream sends the rest after the server's pushback
-        retrying(send_the_rest, patience=INDEX_BUSY_PATIENCE_SECONDS, retry_unavailable=False)
-    for rejection in rejected:
-        print(f"warning: skipped {rejection.id}: {rejection.code}: {rejection.reason}",
-              file=sys.stderr)
-    for line in unreadable:
-        print(f"warning: skipped unreadable {line}", file=sys.stderr)
-    skipped = len(rejected) + len(unreadable)
-    folders = (f"; {unread_folders} folder{'s' * (unread_folders > 1)} not read"
-               if unread_folders else "")
-    print(f"indexed {added} of {len(files)} images; skipped {skipped}{folders}")
+    def send_the_rest() -> None:
+        nonlocal added
+        for ack in client.add_images(channel, items()):  # type: ignore[arg-type]
+            added += len(ack.added)
+            rejected.extend(ack.rejected)
+            answered.update(ack.added)
+            answered.update(r.id for r in ack.rejected)
+            bar.update(len(ack.added) + len(ack.rejected))
+
+    finished = False
+    try:
+        with tqdm(total=len(files), desc="index", unit="img", disable=args.quiet) as bar:
+            # busy (the server's pixel budget or queue): what was acknowledged is in, and a
+            # new stream sends the rest after the server's pushback; the patience starts
+            # again whenever a stream got further
+            retrying(send_the_rest, patience=INDEX_BUSY_PATIENCE_SECONDS,
+                     retry_unavailable=False, progress=lambda: len(answered))
+        finished = True
+    finally:  # what was done is said even when the run fails part way
+        for rejection in rejected:
+            print(f"warning: skipped {rejection.id}: {rejection.code}: {rejection.reason}",
+                  file=sys.stderr)
+        for line in unreadable:
+            print(f"warning: skipped unreadable {line}", file=sys.stderr)
+        skipped = len(rejected) + len(unreadable)
+        folders = (f"; {unread_folders} folder{'s' * (unread_folders > 1)} not read"
+                   if unread_folders else "")
+        print(f"indexed {added} of {len(files)} images; skipped {skipped}{folders}"
+              f"{'' if finished else '; the run failed'}", flush=True)
     return 1 if skipped or unread_folders else 0  # as folder runs: something was left out
 
 

@@ -59,12 +59,18 @@ def pushback_seconds(error: grpc.RpcError) -> float | None:
 
 
 def retrying(call: Callable[[], T], *, patience: float, retry_unavailable: bool = True,
-             wait: Callable[[float], None] = time.sleep) -> T:
-    """``call()``, tried again while it fails busy (for up to ``patience`` seconds) or,
-    with ``retry_unavailable``, unavailable (up to a minute of that). Any other failure is
-    raised at once; raises :class:`RetriedTooLong` when the time is up. ``wait(seconds)``
-    sleeps between tries (a caller that can be stopped raises from it)."""
-    started, backoff = time.monotonic(), 0.0
+             wait: Callable[[float], None] = time.sleep,
+             progress: Callable[[], int] | None = None) -> T:
+    """``call()``, tried again while it fails busy (for up to ``patience`` seconds from the
+    first such answer) or, with ``retry_unavailable``, unavailable (up to a minute of
+    that). Any other failure is raised at once; raises :class:`RetriedTooLong` when the
+    time is up. ``wait(seconds)`` sleeps between tries (a caller that can be stopped raises
+    from it). ``progress()``, for a call that does part of its work before it fails (a
+    stream): a count of what is done; when a try has moved it on, the patience and the
+    backoff start again."""
+    started: float | None = None
+    backoff = 0.0
+    done = progress() if progress is not None else 0
     while True:
         try:
             return call()
@@ -77,9 +83,13 @@ def retrying(call: Callable[[], T], *, patience: float, retry_unavailable: bool 
                 limit = min(limit, UNAVAILABLE_PATIENCE_SECONDS)
             if pushback is None:
                 raise
-            waited = time.monotonic() - started
+            now = time.monotonic()
+            if progress is not None and progress() != done:
+                done, started, backoff = progress(), None, 0.0
+            started = now if started is None else started
+            waited = now - started
             if waited >= limit:
                 raise RetriedTooLong(error, waited) from error
             backoff = min(max(pushback, 2 * backoff), MAX_BACKOFF_SECONDS)
-            delay = min(backoff * random.uniform(0.75, 1.25), limit - waited)
+            delay = min(backoff * random.uniform(0.75, 1.25), max(limit - waited, 0.0))
         wait(delay)

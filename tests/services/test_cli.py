@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -141,7 +142,25 @@ def test_a_server_busy_for_longer_than_the_patience_fails_saying_so(
     assert code == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("RESOURCE_EXHAUSTED: the images in progress take"), err
-    assert err.endswith("retry with backoff (retried for 1 s)"), err
+    assert re.search(r"retry with backoff \(retried for \d+ s\)$", err), err
+
+
+def test_an_index_run_that_stays_busy_still_says_what_it_did(
+        all_server: RunningServer, tmp_path: Path, small_photo: np.ndarray,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import services.cli
+
+    monkeypatch.setattr(services.cli, "INDEX_BUSY_PATIENCE_SECONDS", 0.5)
+    folder = tmp_path / "stays-busy"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode(small_photo))
+    with pixel_budget_full(all_server):
+        code = main(["index", str(folder), "--quiet", "--target", all_server.target])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "indexed 0 of 1 images; skipped 0; the run failed" in captured.out
+    assert captured.err.strip().startswith("RESOURCE_EXHAUSTED: the images in progress take")
+    assert re.search(r"\(retried for \d+ s\)$", captured.err.strip())
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -143,6 +143,13 @@ class RequestSlot:
             release()
 
 
+def _stated_size(data: bytes) -> tuple[int, int]:
+    try:
+        return probe_size(data)
+    except InvalidArgument:
+        return 0, 0
+
+
 class TiledImageModel:
     """Runs ``artifact.module`` over images of any size in overlapping tiles."""
 
@@ -256,19 +263,25 @@ class TiledImageModel:
                 f"({len(plan.rows)} x {len(plan.cols)}); one request may take "
                 f"{self.max_tiles}: send a less elongated image, or cut it into parts")
 
+    async def header_size(self, data: bytes) -> tuple[int, int]:
+        """The (width, height) the encoded image ``data`` states, (0, 0) when it cannot be
+        read; a busy model refuses first. Off the event loop: reading a header walks every
+        chunk before the pixels, and a crafted PNG or JPEG makes that take seconds."""
+        self._check_not_busy()
+        return await asyncio.to_thread(_stated_size, data)
+
     @contextlib.contextmanager
-    def admitted(self, data: bytes, max_pixels: int) -> Iterator[RequestSlot]:
+    def admitted(self, data: bytes, max_pixels: int,
+                 size: tuple[int, int] | None = None) -> Iterator[RequestSlot]:
         """Holds one of the model's ``--max-queue`` request slots from before the encoded
         image ``data`` is decoded until the block ends, and until the work the block
         started on threads through the slot has ended (run :meth:`apply` inside it with
         ``slot_held=True``). Refuses at once: RESOURCE_EXHAUSTED when no slot is free, and
         INVALID_ARGUMENT when the size the header states takes too many tiles. An image that
-        cannot be read, or is over ``max_pixels``, is left to decoding's precise errors."""
+        cannot be read, or is over ``max_pixels``, is left to decoding's precise errors.
+        ``size``: what :meth:`header_size` read (services pass it; read here without)."""
         self._check_not_busy()
-        try:
-            width, height = probe_size(data)
-        except InvalidArgument:
-            width = height = 0
+        width, height = size if size is not None else _stated_size(data)
         pixels = 0
         if 0 < width * height <= max_pixels:
             self.check_tiles(width, height)

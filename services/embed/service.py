@@ -202,7 +202,10 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         # once. It is taken from the process's pixel budget (--max-inflight-mpixels, shared
         # with the style and super-resolution services) before decoding, and given back when
         # the decode thread ends, even if the request was cancelled before that.
-        taken = self._take_pixels(images, whats)
+        # the headers are read off the event loop: a crafted PNG or JPEG takes seconds
+        sizes = await asyncio.to_thread(
+            lambda: [probe_size(data, what) for what, data in zip(whats, images, strict=True)])
+        taken = self._take_pixels(sizes)
         slot = RequestSlot(functools.partial(self.pixels.give, taken) if taken else _nothing)
         try:
             pixels = await slot.to_thread(decode)
@@ -211,14 +214,12 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         return list(await asyncio.gather(*(
             self.batcher.submit(_Job(p, method), key=method, timeout=timeout) for p in pixels)))
 
-    def _take_pixels(self, images: Sequence[bytes], whats: Sequence[str]) -> int:
-        """Takes the largest image's pixels (from its header) from the pixel budget, or
-        refuses the request as busy; returns what it took. An image that cannot be read
-        raises InvalidArgument, and one over --max-pixels counts as none (decoding refuses
-        it with its precise error)."""
+    def _take_pixels(self, sizes: Sequence[tuple[int, int]]) -> int:
+        """Takes the largest image's pixels (as its header states them) from the pixel
+        budget, or refuses the request as busy; returns what it took. One over --max-pixels
+        counts as none (decoding refuses it with its precise error)."""
         largest = 0
-        for what, data in zip(whats, images, strict=True):
-            width, height = probe_size(data, what)
+        for width, height in sizes:
             if width * height <= self.config.max_pixels:
                 largest = max(largest, width * height)
         if not largest:  # nothing will be decoded

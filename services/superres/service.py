@@ -109,8 +109,12 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
         keeps_alpha = output_format_name(fmt) in ALPHA_FORMATS
         quality = validate_quality(request.quality)
         model = self.models[name]
-        # busy, or too elongated: refused from the header
-        with model.admitted(request.image, self.config.max_pixels) as slot:
+        # busy, too small or too elongated: refused from the header
+        size = await model.header_size(request.image)
+        if 0 < min(size) < MIN_SIDE:
+            raise InvalidArgument(f"image is {size[0]}x{size[1]}; the minimum is "
+                                  f"{MIN_SIDE}x{MIN_SIDE}")
+        with model.admitted(request.image, self.config.max_pixels, size) as slot:
             decoded = await slot.to_thread(decode_image, request.image,
                                            max_pixels=self.config.max_pixels)
             if min(decoded.width, decoded.height) < MIN_SIDE:

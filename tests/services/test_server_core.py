@@ -319,3 +319,38 @@ def test_messages_over_the_size_limit_are_resource_exhausted(small_photo: np.nda
         assert health(running.target, "percept.v1.StyleTransfer") == "SERVING"
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("rpc", ["Stylize", "Upscale", "LabelImage"])
+def test_image_headers_are_read_off_the_event_loop(
+        all_server: RunningServer, small_photo: np.ndarray, monkeypatch: pytest.MonkeyPatch,
+        rpc: str) -> None:
+    """Reading a header walks every chunk before the pixels: a crafted PNG (millions of
+    empty chunks) or JPEG (a 48 MiB comment) takes seconds, which on the event loop would
+    stall every call of the process, health checks included."""
+    import threading
+
+    import services.common.image_model
+    import services.embed.service
+    from percept.v1 import embed_pb2, embed_pb2_grpc, style_pb2
+
+    threads: list[str] = []
+    for module in (services.common.image_model, services.embed.service):
+        real = module.probe_size
+
+        def recording(data: bytes, *args: object, real: object = real) -> tuple[int, int]:
+            threads.append(threading.current_thread().name)
+            return real(data, *args)  # type: ignore[operator]
+
+        monkeypatch.setattr(module, "probe_size", recording)
+    channel = client.connect(all_server.target)
+    image = encode(small_photo)
+    if rpc == "Stylize":
+        client.stylize(channel, style_pb2.StylizeRequest(image=image, style="starry-night"))
+    elif rpc == "Upscale":
+        client.upscale(channel, image)
+    else:
+        embed_pb2_grpc.EmbeddingStub(channel).LabelImage(
+            embed_pb2.LabelImageRequest(image=image, k=1), timeout=60)
+    assert threads, "the header was not read through probe_size"
+    assert all_server.thread.name not in threads, threads

@@ -107,6 +107,8 @@ def test_model_is_chosen_by_name(sr_server: RunningServer, small_photo: np.ndarr
     ({}, None, "truncated|corrupt"),
     ({"scale": 2}, "photo", "scale must be 4"),
     ({}, "tiny", "the minimum is 8x8"),
+    # from the header, without decoding 7 million pixels first
+    ({}, "thin header", "^image is 7x1000000; the minimum is 8x8$"),
 ])
 def test_bad_requests(sr_server: RunningServer, small_photo: np.ndarray, kwargs: dict,
                       data: object, message: str) -> None:
@@ -118,6 +120,8 @@ def test_bad_requests(sr_server: RunningServer, small_photo: np.ndarray, kwargs:
         data = encode(small_photo)
     elif data == "tiny":
         data = encode(small_photo[:4, :4])
+    elif data == "thin header":
+        data = bad_images.png_bomb(7, 1_000_000)
     stub = superres_pb2_grpc.SuperResolutionStub(client.connect(sr_server.target))
     with pytest.raises(grpc.RpcError) as error:
         stub.Upscale(superres_pb2.UpscaleRequest(image=data, **kwargs), timeout=30)

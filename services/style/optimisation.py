@@ -108,10 +108,13 @@ def parse_request(request: style_pb2.StylizeWithImageRequest,
                            what="content image")
     style = decode_image(request.style_image, max_pixels=config.max_pixels, what="style image")
     longest = min(max_size, max(content.width, content.height))
-    source = content.rgb
     if content.alpha is not None and output_format_name(output_format) in ALPHA_FORMATS:
-        source = fill_transparent(source, content.alpha)  # hidden colour: kept out of the edge
-    content_rgb = resize_longest_side(source, longest)
+        # The hidden colour is kept out of the visible edge: Pillow resizes RGBA weighting
+        # colours by alpha, then what is still hidden is filled, at the working size.
+        rgba = resize_longest_side(np.dstack([content.rgb, content.alpha]), longest)
+        content_rgb = fill_transparent(np.ascontiguousarray(rgba[..., :3]), rgba[..., 3])
+    else:
+        content_rgb = resize_longest_side(content.rgb, longest)
     style_longest = min(longest, max(style.width, style.height))
     style_rgb = resize_longest_side(style.rgb, style_longest)
     min_side = min_image_side(options)

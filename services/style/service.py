@@ -139,10 +139,6 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
             decoded = await slot.to_thread(decode_image, request.image,
                                            max_pixels=self.config.max_pixels)
             check_output_size(decoded.width, decoded.height, fmt)  # before the forward pass
-            content = decoded.rgb
-            if decoded.alpha is not None and output_format_name(fmt) in ALPHA_FORMATS:
-                # the colour hidden under alpha 0 must not bleed into the visible edge
-                content = await slot.to_thread(fill_transparent, content, decoded.alpha)
             mask = None
             if request.mask:
                 mask = await slot.to_thread(decode_mask, request.mask,
@@ -153,6 +149,10 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
             if strength == 0.0 or (mask is not None and not mask.any()):
                 rgb = decoded.rgb  # nothing of the stylisation would show: skip the network
             else:
+                content = decoded.rgb
+                if decoded.alpha is not None and output_format_name(fmt) in ALPHA_FORMATS:
+                    # the colour hidden under alpha 0 must not bleed into the visible edge
+                    content = await slot.to_thread(fill_transparent, content, decoded.alpha)
                 stylised = await model.apply(content, deadline, slot_held=True)
                 rgb = stylised
                 if not is_identity(preserve_color=request.preserve_color, strength=strength,

@@ -368,6 +368,26 @@ def test_the_colour_hidden_under_transparency_does_not_show(
     assert np.array_equal(results[0], results[1])
 
 
+def test_the_colour_hidden_under_transparency_does_not_reach_an_optimisation(
+        channel: grpc.Channel, photo: np.ndarray, style_photo: np.ndarray) -> None:
+    """StylizeWithImage: the same, at its working size (the content is resized with its
+    colours weighted by alpha, then what is still hidden is filled)."""
+    alpha = np.zeros(photo.shape[:2], np.uint8)
+    alpha[40:-40, 60:-60] = 255
+    alpha[39, 60:-60] = 128
+    results = []
+    for hidden in (0, 255):
+        rgb = np.where(alpha[..., None] > 0, photo, np.uint8(hidden))
+        request = style_pb2.StylizeWithImageRequest(
+            content_image=encode(np.dstack([rgb, alpha])), style_image=encode(style_photo),
+            iterations=2, max_size=96, seed=1)
+        result = decode_image(client.stylize_with_image(channel, request, timeout=120).image,
+                              max_pixels=10**8)
+        assert result.alpha is not None
+        results.append(result.rgb[result.alpha > 0].astype(int))
+    assert np.array_equal(results[0], results[1])
+
+
 @needs_styles
 def test_grey_input_is_stylised_and_preserve_color_keeps_it_grey(channel: grpc.Channel,
                                                                  photo: np.ndarray) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -124,15 +125,34 @@ def _port(text: str) -> int:
     return value
 
 
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
 def _host(text: str) -> str:
     """``--host``: an IPv4 or IPv6 address (``::`` or ``[::]``) or a host name; stored bare,
-    without an IPv6 literal's brackets (:func:`listen_address` adds them for gRPC)."""
+    without an IPv6 literal's brackets (:func:`listen_address` adds them for gRPC). An IPv6
+    address with a zone (``fe80::1%eth0``) is refused: /metrics cannot bind one."""
     host = bare_host(text.strip())
-    if not host or any(c in host for c in "[]/ ") or (":" in host and not _is_ipv6(host)):
+    if ":" in host:
+        valid = _is_ipv6(host) and "%" not in host
+    elif host.replace(".", "").isdigit():
+        valid = _is_ipv4(host)
+    else:
+        valid = bool(_HOST_NAME.match(host))
+    if not valid:
         raise argparse.ArgumentTypeError(
-            f"not a host: {text!r}; give an address such as 0.0.0.0, :: or 127.0.0.1 "
-            "(the port is --port)")
+            f"not a host: {text!r}; give an address such as 0.0.0.0, :: or 127.0.0.1, or a "
+            "host name (the port is --port; IPv6 zones such as %eth0 are not supported)")
     return host
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_ipv6(host: str) -> bool:

@@ -24,12 +24,15 @@ def parse_host(*argv: str) -> str:
 @pytest.mark.parametrize("given, stored", [
     ("0.0.0.0", "0.0.0.0"), ("::", "::"), ("[::]", "::"), ("::1", "::1"),
     ("[fd00::12]", "fd00::12"), ("localhost", "localhost"), ("127.0.0.1", "127.0.0.1"),
+    ("::ffff:127.0.0.1", "::ffff:127.0.0.1"), ("superres.percept.svc.cluster.local.",
+                                               "superres.percept.svc.cluster.local."),
 ])
 def test_host_takes_ipv4_ipv6_and_names(given: str, stored: str) -> None:
     assert parse_host("--host", given) == stored
 
 
-@pytest.mark.parametrize("given", ["0.0.0.0:50050", "", "[::", "fd00::12::zz", "a b"])
+@pytest.mark.parametrize("given", ["0.0.0.0:50050", "", "[::", "fd00::12::zz", "a b",
+                                   "fe80::1%eth0", "*", "-", "a_b", "1.2.3", "256.1.1.1"])
 def test_a_host_that_is_not_one_exits_2_naming_it(
         given: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stopped:

@@ -81,7 +81,7 @@ class StyleTransferServicer:
         Streams progress messages while it optimises, then one message with the result.
         It takes seconds on a GPU and minutes on a CPU: set a generous deadline.
         Errors: INVALID_ARGUMENT (bad images, iterations outside 1..max, unknown layer name,
-        negative weight, mask of a different aspect ratio), RESOURCE_EXHAUSTED (queue full),
+        negative weight, mask of a different aspect ratio), RESOURCE_EXHAUSTED (busy),
         DEADLINE_EXCEEDED, CANCELLED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -52,8 +52,8 @@ class SuperResolutionServicer:
         """Upscales one image by 4x. Large images are processed in overlapping tiles, so the
         server's memory stays bounded at any size.
         Errors: INVALID_ARGUMENT (bad image, under 8x8, unsupported scale, output over the
-        pixel cap: 2 x the server's --max-pixels),
-        NOT_FOUND (unknown model), RESOURCE_EXHAUSTED (queue full), DEADLINE_EXCEEDED,
+        pixel cap: 2 x the server's --max-pixels), NOT_FOUND (unknown model),
+        RESOURCE_EXHAUSTED (busy: queue or pixel budget full), DEADLINE_EXCEEDED,
         UNIMPLEMENTED (no super-resolution model installed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

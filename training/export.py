@@ -3,7 +3,8 @@
 The format is docs/architecture.md, "Model artifacts": ``models/<name>/`` holds
 
 - ``config.json``: ``{"name", "version", "task", "architecture": {"type", ...kwargs},
-  "weights": "weights.safetensors", "weights_dtype": "float16", ...task fields}``;
+  "weights": "weights.safetensors", "weights_dtype": "float16", "weights_sha256",
+  ...task fields}`` (written last);
 - ``weights.safetensors``: the state_dict in fp16;
 - ``metrics.json``: what the run measured, including its size and device;
 - ``provenance.json``: ``{"data": [{"path", "sha256"}...], "command", "git_sha",
@@ -182,12 +183,14 @@ def export_artifact(out_dir: Path, *, name: str, task: str, architecture: Mappin
                                              "architecture": json.dumps(dict(architecture))})
     partial.replace(weights_path)
     weights_path.chmod(0o644)  # safetensors writes 0600; services may run as another user
+    # config.json is written last, naming the weights' digest: an export cut short leaves
+    # the old config.json, which the new weights do not match, and services refuse that
+    # pair (services/common/artifacts.py) rather than serve new weights as the old version.
     config: dict[str, Any] = {
         "name": name, "version": int(version), "task": task,
         "architecture": dict(architecture), "weights": WEIGHTS, "weights_dtype": "float16",
-        **(config_extra or {}),
+        "weights_sha256": sha256_of(weights_path), **(config_extra or {}),
     }
-    _write_json(out_dir / "config.json", config)
     sized_metrics = {**metrics, "weights_bytes": weights_path.stat().st_size,
                      "parameters": sum(int(v.numel()) for v in state.values()),
                      "device": metrics.get("device", device)}
@@ -198,6 +201,7 @@ def export_artifact(out_dir: Path, *, name: str, task: str, architecture: Mappin
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": device, "torch": torch.__version__,
     })
+    _write_json(out_dir / "config.json", config)
     return out_dir
 
 

@@ -6,6 +6,7 @@ Services load artifacts by name; the architecture is data (``config.json``), bui
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,24 @@ def list_artifacts(models_dir: Path, task: str) -> list[str]:
     return names
 
 
+def check_weights_digest(weights: Path, config: dict[str, Any]) -> None:
+    """ValueError when the weights file is not the one config.json names by its SHA-256
+    (``weights_sha256``, written last by an export): an export cut short between the two,
+    or a file changed by hand. Artifacts from before the digest was recorded pass."""
+    expected = config.get("weights_sha256")
+    if expected is None:
+        return
+    digest = hashlib.sha256()
+    with weights.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise ValueError(f"{weights} is not the weights file {weights.parent / 'config.json'} "
+                         f"names (SHA-256 {digest.hexdigest()[:12]}..., expected "
+                         f"{str(expected)[:12]}...): an export was cut short, or the file was "
+                         "changed; export the model again, or restore the artifact")
+
+
 def load_artifact(models_dir: Path, name: str, device: torch.device,
                   dtype: torch.dtype = torch.float32) -> Artifact:
     """Builds the artifact's module, loads its weights strictly and moves it to device."""
@@ -68,6 +87,7 @@ def load_artifact(models_dir: Path, name: str, device: torch.device,
     config = read_config(path)
     module = nets.build(config["architecture"])
     weights = path / config.get("weights", "weights.safetensors")
+    check_weights_digest(weights, config)
     state = load_file(str(weights), device="cpu")
     broken = [key for key, value in state.items()
               if value.is_floating_point() and not bool(torch.isfinite(value).all())]

@@ -11,7 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from training import nets
-from training.export import data_entry, export_artifact, load_exported, update_metrics
+from training.assets import REPO_ROOT as REPO
+from training.export import (
+    data_entry,
+    export_artifact,
+    fp16_state_dict,
+    load_exported,
+    update_metrics,
+)
 
 ARCH = {"type": "superres-resnet", "width": 8, "blocks": 2, "upsample": "pixelshuffle"}
 
@@ -32,8 +39,10 @@ def _export(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
 def test_artifact_files_and_fields(tmp_path: Path) -> None:
     _, out = _export(tmp_path)
     config = json.loads((out / "config.json").read_text())
+    digest = hashlib.sha256((out / "weights.safetensors").read_bytes()).hexdigest()
     assert config == {"name": "sr-test", "version": 1, "task": "superres", "architecture": ARCH,
-                      "weights": "weights.safetensors", "weights_dtype": "float16", "scale": 4}
+                      "weights": "weights.safetensors", "weights_dtype": "float16",
+                      "weights_sha256": digest, "scale": 4}
     state = load_file(str(out / "weights.safetensors"))
     assert all(t.dtype == torch.float16 for t in state.values())
     metrics = json.loads((out / "metrics.json").read_text())
@@ -83,9 +92,54 @@ def test_services_refuse_an_artifact_with_non_finite_weights(tmp_path: Path) -> 
     first = sorted(state)[0]
     state[first] = torch.full_like(state[first], float("nan"))
     save_file(state, str(weights))
+    _name_the_weights(out)
     with pytest.raises(ValueError, match=rf"1 weight tensors hold NaN or infinite values "
                                          rf"\({first}\); the training run diverged"):
         artifacts.load_artifact(out.parent, "sr-test", torch.device("cpu"))
+
+
+def _name_the_weights(out: Path) -> None:
+    """config.json's weights_sha256 set to the weights file there now."""
+    config = json.loads((out / "config.json").read_text())
+    config["weights_sha256"] = hashlib.sha256((out / "weights.safetensors").read_bytes()
+                                              ).hexdigest()
+    (out / "config.json").write_text(json.dumps(config))
+
+
+def test_config_json_names_the_weights_by_their_digest(tmp_path: Path) -> None:
+    _, out = _export(tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    assert config["weights_sha256"] == hashlib.sha256(
+        (out / "weights.safetensors").read_bytes()).hexdigest()
+
+
+def test_services_refuse_weights_their_config_does_not_name(tmp_path: Path) -> None:
+    """An export cut short after the new weights but before config.json (written last)
+    leaves weights the old config does not name: the service refuses to start on them
+    rather than serve them as the old version. Artifacts without a digest still load."""
+    artifacts = pytest.importorskip("services.common.artifacts")
+    module, out = _export(tmp_path)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(0.01)
+    from safetensors.torch import save_file
+
+    save_file(fp16_state_dict(module), str(out / "weights.safetensors"))
+    with pytest.raises(ValueError, match=r"weights.safetensors is not the weights file .*"
+                                         r"config.json names .*an export was cut short"):
+        artifacts.load_artifact(out.parent, "sr-test", torch.device("cpu"))
+    config = json.loads((out / "config.json").read_text())
+    del config["weights_sha256"]  # as written before the digest was recorded
+    (out / "config.json").write_text(json.dumps(config))
+    assert artifacts.load_artifact(out.parent, "sr-test", torch.device("cpu")).version == 1
+
+
+def test_every_committed_artifact_names_its_weights() -> None:
+    artifacts = pytest.importorskip("services.common.artifacts")
+    for config_path in sorted((REPO / "models").glob("*/config.json")):
+        config = json.loads(config_path.read_text())
+        assert "weights_sha256" in config, config_path
+        artifacts.check_weights_digest(config_path.parent / config["weights"], config)
 
 
 def test_a_mismatched_state_dict_is_refused(tmp_path: Path) -> None:

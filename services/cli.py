@@ -218,8 +218,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
                                                 output_format=fmt, timeout=timeout)))
     fmt, image = _output_format(args.output), read_input(args.input)
     with atomic_output(args.output) as write:
+        channel = _channel(args)
         response = retrying(lambda: client.upscale(
-            _channel(args), image, model=args.model, output_format=fmt, timeout=timeout),
+            channel, image, model=args.model, output_format=fmt, timeout=timeout),
             patience=timeout, retry_unavailable=False)
         write(response.image)
     print(f"{args.output}: {response.width}x{response.height} ({response.model})")
@@ -329,7 +330,8 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         if args.strength is not None:
             request.strength = args.strength
         with atomic_output(args.output) as write:
-            result = retrying(lambda: client.stylize(_channel(args), request, timeout=timeout),
+            channel = _channel(args)
+            result = retrying(lambda: client.stylize(channel, request, timeout=timeout),
                               patience=timeout, retry_unavailable=False)
             write(result.image)
     else:
@@ -354,8 +356,9 @@ def cmd_stylize(args: argparse.Namespace) -> int:
                 bar.update(p.iteration - bar.n)
                 bar.set_postfix(loss=f"{p.total_loss:.3g}")
 
+            channel = _channel(args)
             result = retrying(lambda: client.stylize_with_image(
-                _channel(args), optimisation, on_progress, timeout=timeout),
+                channel, optimisation, on_progress, timeout=timeout),
                 patience=timeout, retry_unavailable=False)
             write(result.image)
     print(f"{args.output}: {result.width}x{result.height} ({result.model})")
@@ -375,8 +378,9 @@ def cmd_label(args: argparse.Namespace) -> int:
               "devise": embed_pb2.EMBEDDING_METHOD_DEVISE,
               "conse": embed_pb2.EMBEDDING_METHOD_CONSE}[args.method]
     image = read_input(args.input)
+    channel = _channel(args)
     response = retrying(lambda: client.label_image(
-        _channel(args), image, k=args.top, method=method, under_wnid=args.under or "",
+        channel, image, k=args.top, method=method, under_wnid=args.under or "",
         zero_shot=args.zero_shot), patience=QUERY_BUSY_PATIENCE_SECONDS, retry_unavailable=False)
     if args.json:
         print(json.dumps(_labels_json(response)))

@@ -7,7 +7,7 @@ import contextlib
 import io
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -105,21 +105,50 @@ def rejections() -> float:
 
 
 @contextlib.contextmanager
-def pixel_budget_full(server: RunningServer) -> Iterator[None]:
-    """The server's pixel budget (--max-inflight-mpixels) all taken, as by a large request
-    in progress: every image request is refused busy, with the retry trailer."""
+def pixel_budget_full(server: RunningServer, leave: int = 0) -> Iterator[None]:
+    """The server's pixel budget (--max-inflight-mpixels) taken but for ``leave`` pixels,
+    as by a large request in progress: every image request needing more is refused busy,
+    with the retry trailer."""
     from services.common.image_model import pixel_budget
 
     budget = pixel_budget(server.server.config)
+    held = budget.limit - leave
 
     async def hold() -> None:  # on the server's loop, as requests take it
-        assert budget.take(budget.limit)
+        assert budget.take(held)
 
     async def release() -> None:
-        budget.give(budget.limit)
+        budget.give(held)
 
     asyncio.run_coroutine_threadsafe(hold(), server.loop).result(10)
     try:
         yield
     finally:
         asyncio.run_coroutine_threadsafe(release(), server.loop).result(10)
+
+
+def check_a_hung_up_header_read_holds_its_slot(
+        call: Callable[[bytes, float], object], slow: bytes, good: bytes) -> None:
+    """Against a server with one request slot (--max-queue 1): a client that gives up on
+    an image whose header takes seconds to read (bad_images.slow_header_png) leaves the
+    read running, and it keeps the slot: the next request is busy (RESOURCE_EXHAUSTED)
+    until the read ends, then served. Reads of hung-up requests must not pile up."""
+    import time
+
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as gave_up:
+        call(slow, 0.3)
+    assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    with pytest.raises(grpc.RpcError) as busy:
+        call(good, 30)
+    assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, busy.value.details()
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            call(good, 30)
+            return
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

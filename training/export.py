@@ -210,7 +210,13 @@ def load_exported(path: Path, device: str | torch.device = "cpu",
     """Builds an exported artifact's module (fp32, eval mode) and returns it with its config."""
     config: dict[str, Any] = json.loads((path / "config.json").read_text())
     module = nets.build(config["architecture"])
-    state = load_file(str(path / config.get("weights", WEIGHTS)), device="cpu")
+    weights = path / config.get("weights", WEIGHTS)
+    expected = config.get("weights_sha256")
+    if expected is not None and sha256_of(weights) != expected:  # as the services refuse it
+        raise ValueError(f"{weights} is not the weights file {path / 'config.json'} names "
+                         "(weights_sha256): an export was cut short, or the file was "
+                         "changed; export the model again, or restore the artifact")
+    state = load_file(str(weights), device="cpu")
     module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return module.eval().requires_grad_(False).to(device), config
 

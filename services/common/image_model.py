@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import math
 import time
 import weakref
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -113,6 +112,10 @@ class RequestSlot:
         self._release: Callable[[], None] | None = release
         self._threads = 0
         self._closed = False
+        #: what the image's header states, (0, 0) if it could not be read; and the pixels
+        #: the request holds of the server's budget (TiledImageModel.admission)
+        self.stated_size = (0, 0)
+        self.pixels = 0
 
     async def to_thread(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """``asyncio.to_thread``, holding the slot until ``function`` returns."""
@@ -263,36 +266,50 @@ class TiledImageModel:
                 f"({len(plan.rows)} x {len(plan.cols)}); one request may take "
                 f"{self.max_tiles}: send a less elongated image, or cut it into parts")
 
-    async def header_size(self, data: bytes) -> tuple[int, int]:
-        """The (width, height) the encoded image ``data`` states, (0, 0) when it cannot be
-        read; a busy model refuses first. Off the event loop: reading a header walks every
-        chunk before the pixels, and a crafted PNG or JPEG makes that take seconds."""
-        self._check_not_busy()
-        return await asyncio.to_thread(_stated_size, data)
-
-    @contextlib.contextmanager
-    def admitted(self, data: bytes, max_pixels: int,
-                 size: tuple[int, int] | None = None) -> Iterator[RequestSlot]:
+    @contextlib.asynccontextmanager
+    async def admission(self, data: bytes, max_pixels: int) -> AsyncIterator[RequestSlot]:
         """Holds one of the model's ``--max-queue`` request slots from before the encoded
-        image ``data`` is decoded until the block ends, and until the work the block
+        image ``data``'s header is read until the block ends, and until the work the block
         started on threads through the slot has ended (run :meth:`apply` inside it with
-        ``slot_held=True``). Refuses at once: RESOURCE_EXHAUSTED when no slot is free, and
-        INVALID_ARGUMENT when the size the header states takes too many tiles. An image that
-        cannot be read, or is over ``max_pixels``, is left to decoding's precise errors.
-        ``size``: what :meth:`header_size` read (services pass it; read here without)."""
-        self._check_not_busy()
-        width, height = size if size is not None else _stated_size(data)
-        pixels = 0
-        if 0 < width * height <= max_pixels:
-            self.check_tiles(width, height)
-            self.check_output(width, height)  # a refusal no retry would change: not busy
-            pixels = self._take_pixels(width, height)
-        self.active_requests += 1
-        slot = RequestSlot(functools.partial(self._release_slot, pixels))
+        ``slot_held=True``). Refuses: RESOURCE_EXHAUSTED at once when no slot is free, or
+        when the pixels the header states would take the server over its pixel budget;
+        INVALID_ARGUMENT when they take too many tiles or make too large an output. An
+        image that cannot be read, or is over ``max_pixels``, is left to decoding's precise
+        errors. The header is read off the event loop (it walks every chunk before the
+        pixels, which a crafted PNG or JPEG makes take seconds), and the slot is held while
+        it is read, even for a client that hangs up; ``slot.stated_size`` is what it says."""
+        slot = self._open_slot()
         try:
+            size = await slot.to_thread(_stated_size, data)
+            self._admit(slot, size, max_pixels)
             yield slot
         finally:
             slot.close()
+
+    @contextlib.contextmanager
+    def admitted(self, data: bytes, max_pixels: int) -> Iterator[RequestSlot]:
+        """:meth:`admission` with the header read on the calling thread (callers without
+        an event loop to keep free)."""
+        slot = self._open_slot()
+        try:
+            self._admit(slot, _stated_size(data), max_pixels)
+            yield slot
+        finally:
+            slot.close()
+
+    def _open_slot(self) -> RequestSlot:
+        self._check_not_busy()
+        self.active_requests += 1
+        slot = RequestSlot(lambda: self._release_slot(slot.pixels))
+        return slot
+
+    def _admit(self, slot: RequestSlot, size: tuple[int, int], max_pixels: int) -> None:
+        """The checks the stated ``size`` allows, and its pixels taken from the budget."""
+        width, height = slot.stated_size = size
+        if 0 < width * height <= max_pixels:
+            self.check_tiles(width, height)
+            self.check_output(width, height)  # a refusal no retry would change: not busy
+            slot.pixels = self._take_pixels(width, height)
 
     def check_output(self, width: int, height: int) -> None:
         """INVALID_ARGUMENT when a ``width`` x ``height`` input's output would be over the

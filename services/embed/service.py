@@ -17,7 +17,6 @@ map is refused, and DEVISE requests say why (FAILED_PRECONDITION).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import re
 from collections.abc import Sequence
@@ -78,10 +77,6 @@ def preprocess(rgb: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
     return np.asarray(resized.crop((left, top, left + size, top + size)))
 
 
-def _nothing() -> None:
-    pass
-
-
 @dataclass(frozen=True)
 class _Job:
     pixels: np.ndarray  # (224, 224, 3) uint8
@@ -115,6 +110,7 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             self.space.covered[self.imagenet_rows].astype(np.float32)).to(self.device)
         self.backbone = await asyncio.to_thread(load_efficientnet_lite0, self.device)
         self.pixels = pixel_budget(self.config)
+        self.image_requests = 0  # EmbedImages/LabelImage calls reading or decoding images
         self.devise = None
         self.devise_refused: dict[str, str] = {}
         for name in list_artifacts(self.config.models_dir, "devise"):
@@ -198,21 +194,33 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
                                             what=what).rgb)
                     for what, data in zip(whats, images, strict=True)]
 
-        # The images are decoded one at a time, so the largest is what the decode holds at
-        # once. It is taken from the process's pixel budget (--max-inflight-mpixels, shared
-        # with the style and super-resolution services) before decoding, and given back when
-        # the decode thread ends, even if the request was cancelled before that.
-        # the headers are read off the event loop: a crafted PNG or JPEG takes seconds
-        sizes = await asyncio.to_thread(
-            lambda: [probe_size(data, what) for what, data in zip(whats, images, strict=True)])
-        taken = self._take_pixels(sizes)
-        slot = RequestSlot(functools.partial(self.pixels.give, taken) if taken else _nothing)
+        # One of --max-queue image-request slots is held from before the headers are read
+        # (off the event loop: a crafted PNG or JPEG takes seconds) until the decode thread
+        # ends, even if the request is cancelled first. The images are decoded one at a
+        # time, so the largest is what the decode holds at once: it is taken from the
+        # process's pixel budget (--max-inflight-mpixels, shared with the style and
+        # super-resolution services) before decoding.
+        if self.image_requests >= self.config.max_queue:
+            REJECTED.labels("embed-images").inc()
+            raise Busy(f"the embedding service is busy ({self.config.max_queue} image "
+                       "requests in progress); retry with backoff")
+        self.image_requests += 1
+        slot = RequestSlot(lambda: self._release_image_request(slot.pixels))
         try:
+            sizes = await slot.to_thread(
+                lambda: [probe_size(data, what)
+                         for what, data in zip(whats, images, strict=True)])
+            slot.pixels = self._take_pixels(sizes)
             pixels = await slot.to_thread(decode)
         finally:
             slot.close()
         return list(await asyncio.gather(*(
             self.batcher.submit(_Job(p, method), key=method, timeout=timeout) for p in pixels)))
+
+    def _release_image_request(self, pixels: int) -> None:
+        self.image_requests -= 1
+        if pixels:
+            self.pixels.give(pixels)
 
     def _take_pixels(self, sizes: Sequence[tuple[int, int]]) -> int:
         """Takes the largest image's pixels (as its header states them) from the pixel

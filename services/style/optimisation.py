@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from percept.v1 import style_pb2
-from services.common.alpha import ALPHA_FORMATS, fill_transparent
+from services.common.alpha import ALPHA_FORMATS, resize_with_alpha
 from services.common.config import ServerConfig
 from services.common.errors import InvalidArgument
 from services.common.images import (
@@ -109,10 +109,8 @@ def parse_request(request: style_pb2.StylizeWithImageRequest,
     style = decode_image(request.style_image, max_pixels=config.max_pixels, what="style image")
     longest = min(max_size, max(content.width, content.height))
     if content.alpha is not None and output_format_name(output_format) in ALPHA_FORMATS:
-        # The hidden colour is kept out of the visible edge: Pillow resizes RGBA weighting
-        # colours by alpha, then what is still hidden is filled, at the working size.
-        rgba = resize_longest_side(np.dstack([content.rgb, content.alpha]), longest)
-        content_rgb = fill_transparent(np.ascontiguousarray(rgba[..., :3]), rgba[..., 3])
+        # the hidden colour is kept out of the visible edge, at the working size
+        content_rgb, _ = resize_with_alpha(content.rgb, content.alpha, longest)
     else:
         content_rgb = resize_longest_side(content.rgb, longest)
     style_longest = min(longest, max(style.width, style.height))

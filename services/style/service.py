@@ -134,8 +134,7 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
         quality = validate_quality(request.quality)
         model = self.styles[request.style]
         # busy, or too elongated: refused from the header
-        size = await model.header_size(request.image)
-        with model.admitted(request.image, self.config.max_pixels, size) as slot:
+        async with model.admission(request.image, self.config.max_pixels) as slot:
             decoded = await slot.to_thread(decode_image, request.image,
                                            max_pixels=self.config.max_pixels)
             check_output_size(decoded.width, decoded.height, fmt)  # before the forward pass

@@ -110,11 +110,11 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
         quality = validate_quality(request.quality)
         model = self.models[name]
         # busy, too small or too elongated: refused from the header
-        size = await model.header_size(request.image)
-        if 0 < min(size) < MIN_SIDE:
-            raise InvalidArgument(f"image is {size[0]}x{size[1]}; the minimum is "
-                                  f"{MIN_SIDE}x{MIN_SIDE}")
-        with model.admitted(request.image, self.config.max_pixels, size) as slot:
+        async with model.admission(request.image, self.config.max_pixels) as slot:
+            width, height = slot.stated_size
+            if 0 < min(width, height) < MIN_SIDE:
+                raise InvalidArgument(f"image is {width}x{height}; the minimum is "
+                                      f"{MIN_SIDE}x{MIN_SIDE}")
             decoded = await slot.to_thread(decode_image, request.image,
                                            max_pixels=self.config.max_pixels)
             if min(decoded.width, decoded.height) < MIN_SIDE:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -18,10 +17,16 @@ from services import client
 from services.common.errors import RETRY_PUSHBACK_KEY
 from services.common.image_model import pixel_budget
 from services.common.server import RunningServer, start_in_thread
-from tests.conftest import encode, server_config
+from tests.conftest import (
+    check_a_hung_up_header_read_holds_its_slot,
+    encode,
+    pixel_budget_full,
+    rejections,
+    server_config,
+)
+from tests.fixtures import bad_images
 
 BUDGET_MPIXELS = 25
-BURST = 8
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +58,11 @@ def _outcome(call: object) -> tuple[str, str, str | None]:
 
 
 @pytest.mark.parametrize("rpc", ["LabelImage", "EmbedImages"])
-def test_a_burst_of_large_images_over_the_pixel_budget_is_refused_as_busy(
+def test_a_large_image_over_what_is_left_of_the_pixel_budget_is_refused_as_busy(
         tight_server: RunningServer, large_png: bytes, photo: np.ndarray, rpc: str) -> None:
+    """While other requests hold all but 10 MP of the 25 MP budget, a 20 MP image is
+    refused busy (with the retry trailer) before it is decoded, and a small one is served;
+    once they are done, the large one is served too."""
     stub = embed_pb2_grpc.EmbeddingStub(client.connect(tight_server.target))
 
     def call() -> object:
@@ -63,19 +71,19 @@ def test_a_burst_of_large_images_over_the_pixel_budget_is_refused_as_busy(
                                    timeout=120)
         return stub.EmbedImages(embed_pb2.EmbedImagesRequest(images=[large_png]), timeout=120)
 
-    with ThreadPoolExecutor(BURST) as pool:
-        outcomes = list(pool.map(lambda _: _outcome(call), range(BURST)))
-    codes = [code for code, _, _ in outcomes]
-    assert "OK" in codes, outcomes
-    busy = [o for o in outcomes if o[0] == "RESOURCE_EXHAUSTED"]
-    assert busy and len(busy) + codes.count("OK") == BURST, outcomes
-    for _, details, pushback in busy:
+    refused_before = rejections()
+    with pixel_budget_full(tight_server, leave=10_000_000):
+        code, details, pushback = _outcome(call)
+        assert code == "RESOURCE_EXHAUSTED", details
         assert "--max-inflight-mpixels" in details and "retry" in details, details
         assert pushback is not None and pushback.isdigit()
+        small = stub.LabelImage(embed_pb2.LabelImageRequest(image=encode(photo), k=1),
+                                timeout=60)
+        assert len(small.labels) == 1
+    assert rejections() == refused_before + 1
+    assert _outcome(call)[0] == "OK"
     # every request gave back what it took, and the service still answers
     assert pixel_budget(tight_server.server.config).in_use == 0
-    response = stub.LabelImage(embed_pb2.LabelImageRequest(image=encode(photo), k=1), timeout=60)
-    assert len(response.labels) == 1
     assert client.health_status(client.connect(tight_server.target),
                                 "percept.v1.Embedding") == "SERVING"
 
@@ -88,3 +96,17 @@ def test_one_image_over_the_whole_budget_is_still_served(tight_server: RunningSe
         image=encode(pixels, compress_level=1), k=1), timeout=120)
     assert len(response.labels) == 1
     assert pixel_budget(tight_server.server.config).in_use == 0
+
+
+def test_a_hung_up_header_read_keeps_its_request_slot(small_photo: np.ndarray) -> None:
+    running = start_in_thread(server_config("embed", max_queue=1), timeout=900)
+    channel = client.connect(running.target)
+    stub = embed_pb2_grpc.EmbeddingStub(channel)
+    try:
+        check_a_hung_up_header_read_holds_its_slot(
+            lambda image, timeout: stub.LabelImage(
+                embed_pb2.LabelImageRequest(image=image, k=1), timeout=timeout),
+            bad_images.slow_header_png(small_photo), encode(small_photo))
+    finally:
+        channel.close()
+        running.stop()

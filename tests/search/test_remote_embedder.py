@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -18,7 +17,7 @@ from percept.v1 import search_pb2, search_pb2_grpc
 from services import client
 from services.common.errors import RETRY_PUSHBACK_KEY
 from services.common.server import RunningServer, start_in_thread
-from tests.conftest import server_config
+from tests.conftest import pixel_budget_full, server_config
 from tests.search.conftest import add_requests
 
 MESSAGE_MB = 4
@@ -112,16 +111,18 @@ def test_search_by_a_bad_image_names_the_problem(stub: search_pb2_grpc.ImageSear
     assert (error.value.details() or "").startswith("truncated image:")
 
 
-def test_a_burst_of_large_queries_is_refused_as_busy(stub: search_pb2_grpc.ImageSearchStub,
-                                                     search_server: RunningServer,
-                                                     variants: list[bytes]) -> None:
-    pixels = np.zeros((4000, 5000, 3), np.uint8)  # 20 MP: two at once are over 25 MP
+def test_a_large_query_the_embedding_service_is_too_busy_for_is_refused_as_busy(
+        stub: search_pb2_grpc.ImageSearchStub, search_server: RunningServer,
+        embed_server: RunningServer, variants: list[bytes]) -> None:
+    """The embed server's busy answer (its pixel budget full but for 10 MP, a 20 MP query)
+    reaches the search client as RESOURCE_EXHAUSTED with the retry trailer."""
+    pixels = np.zeros((4000, 5000, 3), np.uint8)
     pixels[..., 1] = np.arange(5000) % 256
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "PNG", compress_level=1)
     large = buffer.getvalue()
 
-    def query(_: int) -> tuple[str, str, str | None]:
+    def query() -> tuple[str, str, str | None]:
         try:
             stub.SearchByImage(search_pb2.SearchByImageRequest(image=large, k=1), timeout=120)
             return "OK", "", None
@@ -129,14 +130,11 @@ def test_a_burst_of_large_queries_is_refused_as_busy(stub: search_pb2_grpc.Image
             trailers = dict(error.trailing_metadata() or ())  # type: ignore[attr-defined]
             return error.code().name, error.details() or "", trailers.get(RETRY_PUSHBACK_KEY)
 
-    with ThreadPoolExecutor(8) as pool:
-        outcomes = list(pool.map(query, range(8)))
-    codes = [code for code, _, _ in outcomes]
-    assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes, outcomes
-    assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, outcomes
-    for code, details, pushback in outcomes:
-        if code == "RESOURCE_EXHAUSTED":
-            assert "--max-inflight-mpixels" in details and pushback is not None, details
+    with pixel_budget_full(embed_server, leave=10_000_000):
+        code, details, pushback = query()
+    assert code == "RESOURCE_EXHAUSTED", details
+    assert "--max-inflight-mpixels" in details and pushback is not None, details
+    assert query()[0] == "OK"
     assert stub.SearchByImage(search_pb2.SearchByImageRequest(image=variants[0], k=1),
                               timeout=60).hits
     assert client.health_status(client.connect(search_server.target),

@@ -17,7 +17,7 @@ from services import client
 from services.common.images import decode_image
 from services.common.server import RunningServer, start_in_thread
 from services.common.tiling import tiled_apply
-from tests.conftest import encode, server_config
+from tests.conftest import check_a_hung_up_header_read_holds_its_slot, encode, server_config
 from tests.fixtures import bad_images
 from training import nets
 from training.export import export_artifact
@@ -129,6 +129,19 @@ def test_bad_requests(sr_server: RunningServer, small_photo: np.ndarray, kwargs:
     assert re.search(message, error.value.details())
     assert client.health_status(client.connect(sr_server.target),
                                 "percept.v1.SuperResolution") == "SERVING"
+
+
+def test_a_hung_up_header_read_keeps_its_request_slot(sr_models: Path,
+                                                       small_photo: np.ndarray) -> None:
+    running = start_in_thread(server_config("superres", models_dir=sr_models, max_queue=1))
+    channel = client.connect(running.target)
+    try:
+        check_a_hung_up_header_read_holds_its_slot(
+            lambda image, timeout: client.upscale(channel, image, timeout=timeout),
+            bad_images.slow_header_png(small_photo), encode(small_photo))
+    finally:
+        channel.close()
+        running.stop()
 
 
 def test_output_pixel_cap(sr_models: Path, small_photo: np.ndarray) -> None:

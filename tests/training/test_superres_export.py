@@ -128,6 +128,8 @@ def test_services_refuse_weights_their_config_does_not_name(tmp_path: Path) -> N
     with pytest.raises(ValueError, match=r"weights.safetensors is not the weights file .*"
                                          r"config.json names .*an export was cut short"):
         artifacts.load_artifact(out.parent, "sr-test", torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"an export was cut short"):  # evaluation, --init-from
+        load_exported(out)
     config = json.loads((out / "config.json").read_text())
     del config["weights_sha256"]  # as written before the digest was recorded
     (out / "config.json").write_text(json.dumps(config))

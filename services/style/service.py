@@ -19,7 +19,7 @@ from services.common.artifacts import list_artifacts, load_artifact
 from services.common.batching import MicroBatcher
 from services.common.device import choose_device, describe, dtype_name
 from services.common.errors import Busy, InvalidArgument, NotFound, Unimplemented, shown
-from services.common.image_model import TiledImageModel
+from services.common.image_model import RequestSlot, TiledImageModel
 from services.common.images import (
     check_output_size,
     decode_image,
@@ -189,16 +189,22 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
             raise Busy(f"{self.optimiser.name} queue is full ({self.config.max_optimisations} "
                        "requests); retry with backoff")
         self.optimisations_admitted += 1
+        # held until the request ends and the decodes it started on threads have ended too
+        # (a client that hangs up during a large image's decode must not free its place)
+        slot = RequestSlot(self._optimisation_done)
         try:
-            async for response in self._stylize_with_image(request, context):
+            async for response in self._stylize_with_image(request, context, slot):
                 yield response
         finally:
-            self.optimisations_admitted -= 1
+            slot.close()
+
+    def _optimisation_done(self) -> None:
+        self.optimisations_admitted -= 1
 
     async def _stylize_with_image(self, request: style_pb2.StylizeWithImageRequest,
-                                  context: grpc.aio.ServicerContext
+                                  context: grpc.aio.ServicerContext, slot: RequestSlot
                                   ) -> AsyncIterator[style_pb2.StylizeWithImageResponse]:
-        job = await asyncio.to_thread(parse_request, request, self.config)
+        job = await slot.to_thread(parse_request, request, self.config)
         loop = asyncio.get_running_loop()
         progress: asyncio.Queue[GatysProgress] = asyncio.Queue()
         stop = threading.Event()
@@ -223,10 +229,10 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
             except StopRequested:  # the caller went away
                 return
             rgb = to_uint8(output)
-            data = await asyncio.to_thread(encode_image, rgb, alpha=job.alpha,
-                                           fmt=job.output_format, quality=job.quality,
-                                           icc_profile=job.icc_profile,
-                                           max_reply_bytes=self.config.max_message_bytes)
+            data = await slot.to_thread(encode_image, rgb, alpha=job.alpha,
+                                        fmt=job.output_format, quality=job.quality,
+                                        icc_profile=job.icc_profile,
+                                        max_reply_bytes=self.config.max_message_bytes)
             yield style_pb2.StylizeWithImageResponse(result=style_pb2.StylizeResponse(
                 image=data, width=rgb.shape[1], height=rgb.shape[0],
                 model="gatys-vgg19@1", format=job.output_format))

@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 from percept.v1 import style_pb2, style_pb2_grpc
 from services import client
 from services.common.server import RunningServer, ServiceModule, start_in_thread
-from tests.conftest import encode, server_config
+from tests.conftest import check_a_hung_up_header_read_holds_its_slot, encode, server_config
 from tests.fixtures import bad_images
 
 SERVICES = ["percept.v1.SuperResolution", "percept.v1.StyleTransfer", "percept.v1.Embedding",
@@ -354,3 +354,20 @@ def test_image_headers_are_read_off_the_event_loop(
             embed_pb2.LabelImageRequest(image=image, k=1), timeout=60)
     assert threads, "the header was not read through probe_size"
     assert all_server.thread.name not in threads, threads
+
+
+def test_a_hung_up_optimisation_keeps_its_place_while_its_images_decode(
+        small_photo: np.ndarray, style_photo: np.ndarray) -> None:
+    """StylizeWithImage with --max-optimisations 1: a client that gives up while its
+    content image (one whose header takes seconds to read) is decoding does not free its
+    place for the next request until that decode has ended."""
+    running = start_in_thread(server_config("style", max_optimisations=1), timeout=600)
+    channel = client.connect(running.target)
+    try:
+        check_a_hung_up_header_read_holds_its_slot(
+            lambda content, timeout: client.stylize_with_image(
+                channel, gatys_request(content, encode(style_photo)), timeout=timeout),
+            bad_images.slow_header_png(small_photo), encode(small_photo))
+    finally:
+        channel.close()
+        running.stop()

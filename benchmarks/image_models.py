@@ -100,14 +100,15 @@ class ServedNetwork:
         if service == "superres":
             from services.superres import service as module
 
-            extra = {"scale": module.SCALE, "tile": module.TILE}
+            scale, tile = module.SCALE, module.TILE
         else:
             from services.style import service as module  # type: ignore[no-redef]
 
-            extra = {"scale": 1, "tile": config.style_tile}
+            scale, tile = 1, config.style_tile
         self.model = TiledImageModel(load_artifact(REPO_ROOT / "models", model, device),
-                                     device, config, overlap=module.OVERLAP,
-                                     max_batch_pixels=module.MAX_BATCH_PIXELS, **extra)
+                                     device, config, scale=scale, tile=tile,
+                                     overlap=module.OVERLAP,
+                                     max_batch_pixels=module.MAX_BATCH_PIXELS)
         self.loop = asyncio.new_event_loop()
 
         async def start() -> None:

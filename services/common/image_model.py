@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Sequence
@@ -30,7 +31,7 @@ from services.common.cuda_graphs import CudaGraphRunner
 from services.common.device import serving_dtype
 from services.common.errors import Busy, DeadlineExceeded, InvalidArgument
 from services.common.images import probe_size
-from services.common.metrics import REJECTED
+from services.common.metrics import INFLIGHT_PIXELS, REJECTED, REQUEST_SLOTS
 from services.common.precision import to_serving_precision
 from services.common.tiling import TileOutput, TilePlan, tiled_apply
 from training.nets.folding import fold_for_inference
@@ -79,11 +80,13 @@ class PixelBudget:
             return False
         self.in_use += pixels
         self.holders += 1
+        INFLIGHT_PIXELS.inc(pixels)
         return True
 
     def give(self, pixels: int) -> None:
         self.in_use -= pixels
         self.holders -= 1
+        INFLIGHT_PIXELS.dec(pixels)
 
 
 #: One budget per server configuration object (a process runs one server; tests run
@@ -118,18 +121,35 @@ class RequestSlot:
         self.pixels = 0
 
     async def to_thread(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """``asyncio.to_thread``, holding the slot until ``function`` returns."""
+        """``asyncio.to_thread``, holding the slot until ``function`` returns. A call
+        cancelled while it still waits for a thread (every thread of the executor busy)
+        never runs ``function``, and its hold ends at once: cancelling the executor's future
+        drops the work unrun, so no thread would ever say that it ended."""
         loop = asyncio.get_running_loop()
         self._threads += 1
+        lock = threading.Lock()  # who comes first: the thread starting, or the cancel
+        started = given_up = False
 
         def run() -> T:
+            nonlocal started
+            with lock:
+                if given_up:  # the caller left before a thread took it: do nothing
+                    raise asyncio.CancelledError
+                started = True
             try:
                 return function(*args, **kwargs)
             finally:
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to free
                     loop.call_soon_threadsafe(self._thread_done)
 
-        return await loop.run_in_executor(None, run)
+        try:
+            return await loop.run_in_executor(None, run)
+        except asyncio.CancelledError:
+            with lock:
+                given_up = not started
+            if given_up:  # no thread will run it, or call _thread_done
+                self._thread_done()
+            raise
 
     def _thread_done(self) -> None:
         self._threads -= 1
@@ -300,6 +320,7 @@ class TiledImageModel:
     def _open_slot(self) -> RequestSlot:
         self._check_not_busy()
         self.active_requests += 1
+        REQUEST_SLOTS.labels(self.queue_name).inc()
         slot = RequestSlot(lambda: self._release_slot(slot.pixels))
         return slot
 
@@ -334,6 +355,7 @@ class TiledImageModel:
 
     def _release_slot(self, pixels: int) -> None:
         self.active_requests -= 1
+        REQUEST_SLOTS.labels(self.queue_name).dec()
         if pixels:
             self.pixels.give(pixels)
 

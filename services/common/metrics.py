@@ -35,6 +35,12 @@ QUEUE_DEPTH = Gauge("percept_queue_depth",
                     "Work items waiting or running (tiles, for the image models)", ["queue"])
 DROPPED = Counter("percept_dropped_total", "Requests dropped before compute", ["queue", "reason"])
 REJECTED = Counter("percept_rejected_total", "Requests refused: queue full", ["queue"])
+INFLIGHT_PIXELS = Gauge("percept_inflight_pixels",
+                        "Pixels (input plus output) of the image requests held, of "
+                        "--max-inflight-mpixels")
+REQUEST_SLOTS = Gauge("percept_request_slots_in_use",
+                      "Request slots held (reading, decoding, computing or encoding), of "
+                      "--max-queue (--max-optimisations for StylizeWithImage)", ["queue"])
 
 
 def start_metrics_server(port: int, host: str = "0.0.0.0") -> Any:

@@ -41,7 +41,7 @@ from services.common.errors import (
 )
 from services.common.image_model import RequestSlot, pixel_budget
 from services.common.images import decode_image, probe_size
-from services.common.metrics import REJECTED
+from services.common.metrics import REJECTED, REQUEST_SLOTS
 from services.common.rpc import time_remaining, unary_errors
 from services.common.server import ServiceModule
 from services.embed.word_vectors import (
@@ -205,6 +205,7 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             raise Busy(f"the embedding service is busy ({self.config.max_queue} image "
                        "requests in progress); retry with backoff")
         self.image_requests += 1
+        REQUEST_SLOTS.labels("embed-images").inc()
         slot = RequestSlot(lambda: self._release_image_request(slot.pixels))
         try:
             sizes = await slot.to_thread(
@@ -219,6 +220,7 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
 
     def _release_image_request(self, pixels: int) -> None:
         self.image_requests -= 1
+        REQUEST_SLOTS.labels("embed-images").dec()
         if pixels:
             self.pixels.give(pixels)
 

@@ -29,7 +29,7 @@ from services.common.images import (
     output_format_name,
     validate_quality,
 )
-from services.common.metrics import REJECTED
+from services.common.metrics import REJECTED, REQUEST_SLOTS
 from services.common.rpc import stream_errors, time_remaining, unary_errors
 from services.common.server import ServiceModule
 from services.common.tensors import to_uint8
@@ -189,6 +189,7 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
             raise Busy(f"{self.optimiser.name} queue is full ({self.config.max_optimisations} "
                        "requests); retry with backoff")
         self.optimisations_admitted += 1
+        REQUEST_SLOTS.labels(self.optimiser.name).inc()
         # held until the request ends and the decodes it started on threads have ended too
         # (a client that hangs up during a large image's decode must not free its place)
         slot = RequestSlot(self._optimisation_done)
@@ -200,6 +201,7 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
 
     def _optimisation_done(self) -> None:
         self.optimisations_admitted -= 1
+        REQUEST_SLOTS.labels(self.optimiser.name).dec()
 
     async def _stylize_with_image(self, request: style_pb2.StylizeWithImageRequest,
                                   context: grpc.aio.ServicerContext, slot: RequestSlot

@@ -231,6 +231,28 @@ def test_the_pixels_in_flight_are_bounded_across_the_models_of_a_server() -> Non
     assert first.pixels.in_use == 0
 
 
+def test_the_slots_and_pixels_held_are_metrics() -> None:
+    """percept_request_slots_in_use{queue} and percept_inflight_pixels show what requests
+    hold (a leak of either would otherwise show only as busy answers), and fall back when
+    the requests end."""
+    from prometheus_client import REGISTRY
+
+    model = _model()
+
+    def slots() -> float:
+        return REGISTRY.get_sample_value("percept_request_slots_in_use",
+                                         {"queue": model.queue_name}) or 0.0
+
+    def pixels() -> float:
+        return REGISTRY.get_sample_value("percept_inflight_pixels") or 0.0
+
+    slots_before, pixels_before = slots(), pixels()
+    with model.admitted(_png_header_only(100, 50), 10**6):
+        assert slots() == slots_before + 1
+        assert pixels() == pixels_before + 100 * 50 * 2  # input plus output (scale 1)
+    assert (slots(), pixels()) == (slots_before, pixels_before)
+
+
 def test_a_row_longer_than_the_per_request_queue_is_queued_in_parts(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A row of more tiles than one request may queue at once goes through in parts, with

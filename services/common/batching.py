@@ -119,7 +119,23 @@ class MicroBatcher(Generic[In, Out]):
             return await pending.future
         except asyncio.CancelledError:
             pending.future.cancel()
+            self._withdraw(key, pending)
             raise
+
+    def _withdraw(self, key: Hashable, pending: _Pending[In]) -> None:
+        """Takes a request whose caller left out of the queue at once, so that its place
+        is free for the next one (once its batch has started, it is only not answered)."""
+        group = self._groups.get(key)
+        if group is None or pending not in group:
+            return
+        group.remove(pending)
+        if not group:
+            del self._groups[key]
+        self._waiting -= 1
+        # gRPC cancels a handler when its deadline passes, too
+        expired = pending.deadline is not None and time.monotonic() >= pending.deadline
+        DROPPED.labels(self.name, "deadline" if expired else "cancelled").inc()
+        QUEUE_DEPTH.labels(self.name).set(self.depth)
 
     def _limit(self, key: Hashable) -> int:
         if self._batch_limit is None:

@@ -215,8 +215,14 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             pixels = await slot.to_thread(decode)
         finally:
             slot.close()
-        return list(await asyncio.gather(*(
-            self.batcher.submit(_Job(p, method), key=method, timeout=timeout) for p in pixels)))
+        jobs = [asyncio.ensure_future(self.batcher.submit(_Job(p, method), key=method,
+                                                          timeout=timeout)) for p in pixels]
+        try:
+            return list(await asyncio.gather(*jobs))
+        except BaseException:  # one image refused (a full queue): the others are dropped
+            for job in jobs:
+                job.cancel()
+            raise
 
     def _release_image_request(self, pixels: int) -> None:
         self.image_requests -= 1

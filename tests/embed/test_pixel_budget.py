@@ -110,3 +110,29 @@ def test_a_hung_up_header_read_keeps_its_request_slot(small_photo: np.ndarray) -
     finally:
         channel.close()
         running.stop()
+
+
+def test_a_batch_refused_part_way_computes_none_of_the_rest(photo: np.ndarray) -> None:
+    """EmbedImages of more images than the queue holds is busy, and the images it had
+    already queued are dropped, not computed for a caller that got its answer."""
+    from prometheus_client import REGISTRY
+
+    running = start_in_thread(server_config("embed", max_queue=4, max_batch=1,
+                                            max_wait_ms=50.0), timeout=900)
+    stub = embed_pb2_grpc.EmbeddingStub(client.connect(running.target))
+
+    def computed() -> float:
+        return REGISTRY.get_sample_value("percept_batch_size_sum",
+                                         {"queue": "embed-images"}) or 0.0
+
+    try:
+        before = computed()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.EmbedImages(embed_pb2.EmbedImagesRequest(images=[encode(photo)] * 5),
+                             timeout=60)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue is full" in (refused.value.details() or "")
+        stub.EmbedImages(embed_pb2.EmbedImagesRequest(images=[encode(photo)]), timeout=60)
+        assert computed() - before <= 2  # the refused request's first image, at most
+    finally:
+        running.stop()

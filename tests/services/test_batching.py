@@ -153,6 +153,33 @@ def test_a_caller_gone_at_its_deadline_counts_as_a_deadline_drop() -> None:
     assert recorder.batches == [[1]]
 
 
+def test_a_queued_request_whose_caller_left_frees_its_place_at_once() -> None:
+    """Its place in --max-queue is free for the next request at once, not only when the
+    worker reaches it (a client that hangs up must not make the next one busy)."""
+    recorder = Recorder()
+    recorder.release.clear()
+
+    async def main() -> None:
+        batcher = MicroBatcher("t-withdraw", recorder, max_batch=1, max_wait_ms=0,
+                               max_queue=2)
+        running = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.05)
+        left = asyncio.ensure_future(batcher.submit(2))
+        await asyncio.sleep(0.01)
+        assert batcher.depth == 2
+        left.cancel()
+        await asyncio.gather(left, return_exceptions=True)
+        assert batcher.depth == 1
+        after = asyncio.ensure_future(batcher.submit(3))  # not busy
+        await asyncio.sleep(0.01)
+        recorder.release.set()
+        assert (await running, await after) == (2, 6)
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert recorder.batches == [[1], [3]]
+
+
 def test_a_failing_batch_fails_its_callers_and_the_batcher_goes_on() -> None:
     calls = []
 

@@ -301,7 +301,13 @@ def test_expired_deadline_gives_deadline_exceeded_and_skips_compute(
                 break
             time.sleep(0.05)
         assert dropped == dropped_before + 1
+        for _ in range(200):  # the long request's batch ends once it sees the cancel
+            if module.optimiser.batches_run:
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)
         assert module.optimiser.batches_run == 1  # only the long request was computed
+        assert module.optimiser.depth == 0
         # the server counts the expiry as what the caller saw, not as a cancellation
         assert REGISTRY.get_sample_value("percept_requests_total", status) == counted_before + 1
     finally:

@@ -135,9 +135,9 @@ def _host(text: str) -> str:
     address with a zone (``fe80::1%eth0``) is refused: /metrics cannot bind one."""
     host = bare_host(text.strip())
     if ":" in host:
-        valid = _is_ipv6(host) and "%" not in host
+        valid = _is_address(host, ipaddress.IPv6Address) and "%" not in host
     elif host.replace(".", "").isdigit():
-        valid = _is_ipv4(host)
+        valid = _is_address(host, ipaddress.IPv4Address)
     else:
         valid = bool(_HOST_NAME.match(host))
     if not valid:
@@ -147,17 +147,10 @@ def _host(text: str) -> str:
     return host
 
 
-def _is_ipv4(host: str) -> bool:
+def _is_address(host: str, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address]
+                ) -> bool:
     try:
-        ipaddress.IPv4Address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_ipv6(host: str) -> bool:
-    try:
-        ipaddress.IPv6Address(host)
+        kind(host)
     except ValueError:
         return False
     return True

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from percept.v1 import search_pb2
+from percept.v1 import search_pb2, search_pb2_grpc
 from tests.conftest import encode
 
 
@@ -29,6 +29,16 @@ def photo_variants(count: int, seed: int = 0) -> list[bytes]:
         images.append(encode(np.asarray(Image.fromarray(np.ascontiguousarray(crop))
                                         .resize((96, 96), Image.Resampling.BILINEAR))))
     return images
+
+
+def add(stub: search_pb2_grpc.ImageSearchStub, requests: list[search_pb2.AddImageRequest]
+        ) -> tuple[list[str], list[search_pb2.Rejection]]:
+    """Streams ``requests`` to AddImages: (the ids added, the rejections)."""
+    added, rejected = [], []
+    for ack in stub.AddImages(iter(requests), timeout=300):
+        added.extend(ack.added)
+        rejected.extend(ack.rejected)
+    return added, rejected
 
 
 def add_requests(images: list[bytes], prefix: str = "img") -> list[search_pb2.AddImageRequest]:

@@ -14,7 +14,7 @@ from percept.v1 import search_pb2, search_pb2_grpc
 from services import client
 from services.common.server import RunningServer, start_in_thread
 from tests.conftest import encode, server_config
-from tests.search.conftest import add_requests
+from tests.search.conftest import add, add_requests
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +29,6 @@ def search_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
 @pytest.fixture(scope="module")
 def stub(search_server: RunningServer) -> search_pb2_grpc.ImageSearchStub:
     return search_pb2_grpc.ImageSearchStub(client.connect(search_server.target))
-
-
-def add(stub: search_pb2_grpc.ImageSearchStub, requests: list[search_pb2.AddImageRequest]
-        ) -> tuple[list[str], list[search_pb2.Rejection]]:
-    added, rejected = [], []
-    for ack in stub.AddImages(iter(requests), timeout=300):
-        added.extend(ack.added)
-        rejected.extend(ack.rejected)
-    return added, rejected
 
 
 def count(stub: search_pb2_grpc.ImageSearchStub) -> int:

@@ -481,8 +481,9 @@ def train(args: argparse.Namespace) -> int:
     name = args.name or default_name(word_vectors)
     out = Path(args.out) if args.out else REPO_ROOT / "models" / name
     run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
+    export_plan = check_output_folder(out, name)  # (needs no data, so it is said first)
     check_paths(args, out, run_dir)
-    print(f"[devise] exports {check_output_folder(out, name)}", flush=True)
+    print(f"[devise] exports {export_plan}", flush=True)
     device = choose_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

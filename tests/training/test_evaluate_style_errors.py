@@ -216,6 +216,9 @@ def test_a_model_whose_output_is_nan_is_an_error_naming_it_and_the_photo(
     first = next(iter(weights))
     weights[first] = torch.full_like(weights[first], float("nan"))
     save_file(weights, model / "weights.safetensors")
+    config = json.loads((model / "config.json").read_text())  # as an export would name them
+    config["weights_sha256"] = sha256_of(model / "weights.safetensors")
+    (model / "config.json").write_text(json.dumps(config))
     assert _eval(tmp_path, "--models", str(model), "--photos", str(photo), "--grid", "") == 2
     message = _error(capsys)
     assert str(model) in message and "photo photo" in message and "not finite" in message, \

@@ -35,7 +35,7 @@ Out = TypeVar("Out")
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: items (image tiles, tensors) have no plain ==
 class _Pending(Generic[In]):
     item: In
     future: asyncio.Future[Any]
@@ -136,6 +136,8 @@ class MicroBatcher(Generic[In, Out]):
         expired = pending.deadline is not None and time.monotonic() >= pending.deadline
         DROPPED.labels(self.name, "deadline" if expired else "cancelled").inc()
         QUEUE_DEPTH.labels(self.name).set(self.depth)
+        if self._wakeup is not None:  # a worker waiting for companions looks again
+            self._wakeup.set()
 
     def _limit(self, key: Hashable) -> int:
         if self._batch_limit is None:
@@ -163,7 +165,7 @@ class MicroBatcher(Generic[In, Out]):
         key, oldest = next(iter(self._groups.items()))
         until = oldest[0].enqueued + self.max_wait
         limit = self._limit(key)
-        while len(oldest) < limit:
+        while len(oldest) < limit and self._groups.get(key) is oldest:  # (all may leave)
             remaining = until - time.monotonic()
             if remaining <= 0:
                 return
@@ -201,6 +203,8 @@ class MicroBatcher(Generic[In, Out]):
                     self.waits_skipped += 1
                 else:
                     await self._wait_for_companions()
+                if not self._groups:  # every request waiting left meanwhile
+                    continue
             batch = self._live(self._take_batch())
             if not batch:
                 QUEUE_DEPTH.labels(self.name).set(self.depth)

@@ -126,7 +126,6 @@ class RequestSlot:
         never runs ``function``, and its hold ends at once: cancelling the executor's future
         drops the work unrun, so no thread would ever say that it ended."""
         loop = asyncio.get_running_loop()
-        self._threads += 1
         lock = threading.Lock()  # who comes first: the thread starting, or the cancel
         started = given_up = False
 
@@ -142,8 +141,10 @@ class RequestSlot:
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to free
                     loop.call_soon_threadsafe(self._thread_done)
 
+        submitted = loop.run_in_executor(None, run)  # raises if the executor is shut down
+        self._threads += 1
         try:
-            return await loop.run_in_executor(None, run)
+            return await submitted
         except asyncio.CancelledError:
             with lock:
                 given_up = not started
@@ -178,10 +179,11 @@ class TiledImageModel:
 
     def __init__(self, artifact: Artifact, device: torch.device, config: ServerConfig, *,
                  scale: int, tile: int, overlap: int, max_batch_pixels: int | None = None,
-                 max_output_pixels: int | None = None, max_output_source: str = ""
-                 ) -> None:
+                 max_output_pixels: int | None = None, max_output_source: str = "",
+                 min_side: int = 1) -> None:
         """``max_output_pixels``: the largest output a request may ask for, if any;
-        ``max_output_source`` says where that cap comes from, for its error message."""
+        ``max_output_source`` says where that cap comes from, for its error message.
+        ``min_side``: the smallest input side the model takes."""
         self.artifact = artifact
         self.device = device
         self.scale = scale
@@ -221,6 +223,7 @@ class TiledImageModel:
         self.pixels = pixel_budget(config)
         self.max_output_pixels = max_output_pixels
         self.max_output_source = max_output_source
+        self.min_side = min_side
         side = math.isqrt(config.max_pixels)
         self.max_tiles = max(_MIN_TILE_LIMIT,
                              _TILE_LIMIT_FACTOR * TilePlan(side, side, tile, overlap).count)
@@ -327,10 +330,18 @@ class TiledImageModel:
     def _admit(self, slot: RequestSlot, size: tuple[int, int], max_pixels: int) -> None:
         """The checks the stated ``size`` allows, and its pixels taken from the budget."""
         width, height = slot.stated_size = size
+        self.check_min_side(width, height)
         if 0 < width * height <= max_pixels:
             self.check_tiles(width, height)
             self.check_output(width, height)  # a refusal no retry would change: not busy
             slot.pixels = self._take_pixels(width, height)
+
+    def check_min_side(self, width: int, height: int) -> None:
+        """INVALID_ARGUMENT for an image under the model's smallest side (0 x 0: unknown,
+        left to decoding)."""
+        if 0 < min(width, height) < self.min_side:
+            raise InvalidArgument(f"image is {width}x{height}; the minimum is "
+                                  f"{self.min_side}x{self.min_side}")
 
     def check_output(self, width: int, height: int) -> None:
         """INVALID_ARGUMENT when a ``width`` x ``height`` input's output would be over the
@@ -370,6 +381,7 @@ class TiledImageModel:
         pixels = 0 if slot_held else self._take_pixels(rgb.shape[1], rgb.shape[0])
         if not slot_held:
             self.active_requests += 1
+            REQUEST_SLOTS.labels(self.queue_name).inc()
         try:
             async def process(tiles: Sequence[np.ndarray]) -> list[TileOutput]:
                 outputs: list[TileOutput] = []

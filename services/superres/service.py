@@ -68,7 +68,8 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
             model = TiledImageModel(artifact, self.device, self.config, scale=SCALE, tile=TILE,
                                     overlap=OVERLAP, max_batch_pixels=MAX_BATCH_PIXELS,
                                     max_output_pixels=2 * self.config.max_pixels,
-                                    max_output_source="2 x --max-pixels")
+                                    max_output_source="2 x --max-pixels",
+                                    min_side=MIN_SIDE)
             model.start()
             self.models[name] = model
         requested = self.config.default_model
@@ -111,16 +112,11 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
         model = self.models[name]
         # busy, too small or too elongated: refused from the header
         async with model.admission(request.image, self.config.max_pixels) as slot:
-            width, height = slot.stated_size
-            if 0 < min(width, height) < MIN_SIDE:
-                raise InvalidArgument(f"image is {width}x{height}; the minimum is "
-                                      f"{MIN_SIDE}x{MIN_SIDE}")
             decoded = await slot.to_thread(decode_image, request.image,
                                            max_pixels=self.config.max_pixels)
-            if min(decoded.width, decoded.height) < MIN_SIDE:
-                raise InvalidArgument(f"image is {decoded.width}x{decoded.height}; the minimum "
-                                      f"is {MIN_SIDE}x{MIN_SIDE}")
-            model.check_output(decoded.width, decoded.height)  # if the header could not say
+            # what the header could not say (EXIF may turn it, too)
+            model.check_min_side(decoded.width, decoded.height)
+            model.check_output(decoded.width, decoded.height)
             # a side the format cannot hold: now, not after every tile has run
             check_output_size(decoded.width * SCALE, decoded.height * SCALE, fmt)
             remaining = time_remaining(context)

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 
 from services.common.batching import MicroBatcher
@@ -178,6 +179,56 @@ def test_a_queued_request_whose_caller_left_frees_its_place_at_once() -> None:
 
     asyncio.run(main())
     assert recorder.batches == [[1], [3]]
+
+
+def test_the_worker_survives_every_waiting_request_leaving_while_it_waits() -> None:
+    """All the requests a batch was waiting to fill with leave within --max-wait-ms: the
+    worker goes back to waiting (it died on the empty queue, and every later request hung)."""
+    recorder = Recorder()
+
+    async def main() -> int:
+        batcher = MicroBatcher("t-all-left", recorder, max_batch=4, max_wait_ms=100,
+                               max_queue=8)
+        left = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0.02)
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        await asyncio.sleep(0.15)  # past the wait for companions
+        result = await asyncio.wait_for(batcher.submit(5), 5)
+        await batcher.stop()
+        return result
+
+    assert asyncio.run(main()) == 10
+    assert recorder.batches == [[5]]
+
+
+def test_a_request_that_left_behind_others_with_array_items_leaves_the_queue() -> None:
+    """Queued items are image tiles (arrays, whose == is elementwise): the request is
+    found by identity, its place is freed, and its caller sees a plain cancellation."""
+    release = threading.Event()
+
+    def tiles(items: Sequence[np.ndarray]) -> list[float]:
+        release.wait(10)
+        return [float(item.sum()) for item in items]
+
+    async def main() -> None:
+        batcher = MicroBatcher("t-arrays", tiles, max_batch=1, max_wait_ms=0, max_queue=8)
+        running = asyncio.ensure_future(batcher.submit(np.ones((4, 4))))
+        await asyncio.sleep(0.05)
+        ahead = asyncio.ensure_future(batcher.submit(np.ones((4, 4))))
+        behind = asyncio.ensure_future(batcher.submit(np.ones((4, 4))))
+        await asyncio.sleep(0.01)
+        assert batcher.depth == 3
+        behind.cancel()
+        outcome = (await asyncio.gather(behind, return_exceptions=True))[0]
+        assert isinstance(outcome, asyncio.CancelledError), repr(outcome)
+        assert batcher.depth == 2
+        release.set()
+        assert (await running, await ahead) == (16.0, 16.0)
+        await batcher.stop()
+
+    asyncio.run(main())
 
 
 def test_a_failing_batch_fails_its_callers_and_the_batcher_goes_on() -> None:

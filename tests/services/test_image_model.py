@@ -251,6 +251,8 @@ def test_the_slots_and_pixels_held_are_metrics() -> None:
         assert slots() == slots_before + 1
         assert pixels() == pixels_before + 100 * 50 * 2  # input plus output (scale 1)
     assert (slots(), pixels()) == (slots_before, pixels_before)
+    asyncio.run(model.apply(np.zeros((8, 8, 3), np.uint8)))  # takes and gives its own
+    assert (slots(), pixels()) == (slots_before, pixels_before)
 
 
 def test_a_row_longer_than_the_per_request_queue_is_queued_in_parts(

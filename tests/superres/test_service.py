@@ -17,7 +17,12 @@ from services import client
 from services.common.images import decode_image
 from services.common.server import RunningServer, start_in_thread
 from services.common.tiling import tiled_apply
-from tests.conftest import check_a_hung_up_header_read_holds_its_slot, encode, server_config
+from tests.conftest import (
+    check_a_hung_up_header_read_holds_its_slot,
+    encode,
+    pixel_budget_full,
+    server_config,
+)
 from tests.fixtures import bad_images
 from training import nets
 from training.export import export_artifact
@@ -129,6 +134,16 @@ def test_bad_requests(sr_server: RunningServer, small_photo: np.ndarray, kwargs:
     assert re.search(message, error.value.details())
     assert client.health_status(client.connect(sr_server.target),
                                 "percept.v1.SuperResolution") == "SERVING"
+
+
+def test_an_image_too_small_is_invalid_even_when_the_server_is_busy(
+        sr_server: RunningServer, small_photo: np.ndarray) -> None:
+    """Under 8x8 is refused from the header before the pixel budget: a busy answer would
+    tell the client to retry a request that can never succeed."""
+    with pixel_budget_full(sr_server), pytest.raises(grpc.RpcError) as error:
+        client.upscale(client.connect(sr_server.target), encode(small_photo[:7, :40]))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == "image is 40x7; the minimum is 8x8"
 
 
 def test_a_hung_up_header_read_keeps_its_request_slot(sr_models: Path,

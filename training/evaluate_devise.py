@@ -56,6 +56,7 @@ from training.assets import REPO_ROOT
 from training.cli_devise import DEFAULT_TOP_T
 from training.devise_features import compute_features
 from training.export import load_exported, update_metrics
+from training.files import write_text_atomically
 from training.loop import check_flag_minimums
 from training.nets import devise as _devise_net  # noqa: F401  (registers "devise-linear")
 from training.nets.devise import conse_embed
@@ -389,9 +390,7 @@ def command(args: argparse.Namespace) -> int:
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    partial.replace(out)
+    write_text_atomically(out, json.dumps(report, indent=2) + "\n")
     if args.show:
         for item in report["per_image"]:
             print(f"{item['file']:32s} {item['lemma']:22s} devise: "

@@ -54,6 +54,7 @@ import numpy as np
 
 from training.assets import REPO_ROOT
 from training.evaluate_devise import LABELS_FILE, EvalSet, EvalSetError, load_eval_set
+from training.files import read_json_object, write_text_atomically
 
 METHODS = ("conse", "devise")
 RELEVANCE = ("is_a", "exact")
@@ -357,17 +358,11 @@ def per_query_table(report: Mapping[str, Any], top: int = 3) -> str:
     return "\n".join(lines)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
-
-
 def write_report(report: Mapping[str, Any], out: Path) -> None:
     """``out/metrics.json`` and ``out/per_query.md``."""
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out / "metrics.json", json.dumps(report, indent=2) + "\n")
-    _write_atomically(
+    write_text_atomically(out / "metrics.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomically(
         out / "per_query.md",
         "# percept eval search: per query\n\n"
         f"{report['eval_set']['photos']} photos, relevance = is-a (the photo's label is the "
@@ -406,11 +401,8 @@ def check_inputs(args: argparse.Namespace) -> None:
                              "report: choose a new or empty folder")
         held = out / "metrics.json"
         if held.exists():
-            try:
-                report = json.loads(held.read_text())
-            except (OSError, ValueError):
-                report = None
-            if not (isinstance(report, dict) and all(key in report for key in REPORT_KEYS)):
+            report = read_json_object(held)
+            if not (report is not None and all(key in report for key in REPORT_KEYS)):
                 raise ValueError(f"--out {out} holds a metrics.json that is not an earlier "
                                  "report of percept eval search: choose another folder")
 

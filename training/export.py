@@ -33,6 +33,7 @@ from torch import nn
 from training import nets
 from training.assets import REPO_ROOT, sha256_of
 from training.command import command_line
+from training.files import write_text_atomically
 
 __all__ = ["command_line", "data_entry", "export_artifact", "fp16_state_dict",
            "git_dirty_paths", "git_sha", "load_exported", "update_metrics"]
@@ -91,9 +92,7 @@ def fp16_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    partial = path.with_suffix(path.suffix + ".partial")
-    partial.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    partial.replace(path)
+    write_text_atomically(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 def next_version(out_dir: Path, name: str) -> int:

@@ -39,6 +39,7 @@ from PIL import Image
 
 from training.assets import sha256_of
 from training.data.folders import unwritable_reason
+from training.files import read_json_object
 
 PLASMA = "plasma-workspace-wallpapers"
 MATE = "mate-backgrounds"
@@ -187,11 +188,8 @@ def check_out_folder(out: Path) -> None:
     wrote and removes what a previous allow-list put there, and would remove those)."""
     manifest = out / "manifest.json"
     if manifest.exists():
-        try:
-            held = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            held = None
-        if not (isinstance(held, dict) and isinstance(held.get("photos"), list)):
+        held = read_json_object(manifest)
+        if not (held is not None and isinstance(held.get("photos"), list)):
             raise PhotosError(f"{out} holds a manifest.json that is not a photos manifest: "
                               "choose a new or empty --out")
     known = _previously_written(out) | {out / split_of(p) / p.name for p in PHOTOS}

@@ -49,6 +49,7 @@ from training.data.images import (
     resize_box,
     scale_box,
 )
+from training.files import read_json_object
 
 FORMAT = "percept-prepared/1"
 
@@ -275,11 +276,8 @@ def check_out_folder(out: Path) -> None:
                            "prepared arrays: choose a new or empty folder")
     manifest = out / MANIFEST
     if manifest.exists():
-        try:
-            held = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            held = None
-        if not (isinstance(held, dict) and held.get("format") == FORMAT):
+        held = read_json_object(manifest)
+        if not (held is not None and held.get("format") == FORMAT):
             raise PrepareError(f"--out {out} holds a {MANIFEST} that is not a prepared-arrays "
                                f"manifest ({FORMAT}): choose a new or empty folder")
 

@@ -54,7 +54,7 @@ import numpy as np
 
 from training.assets import REPO_ROOT
 from training.evaluate_devise import LABELS_FILE, EvalSet, EvalSetError, load_eval_set
-from training.files import read_json_object, write_text_atomically
+from training.files import listed, other_files, read_json_object, write_text_atomically
 
 METHODS = ("conse", "devise")
 RELEVANCE = ("is_a", "exact")
@@ -393,11 +393,9 @@ def check_inputs(args: argparse.Namespace) -> None:
     out = Path(args.out)
     check_folder_to_make(out, "--out")
     if out.is_dir():
-        others = sorted(p.name for p in out.iterdir()
-                        if p.name not in REPORT_FILES and not p.name.startswith("."))
+        others = other_files(out, lambda name: name in REPORT_FILES)
         if others:
-            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-            raise ValueError(f"--out {out} holds other files ({shown}), not an earlier "
+            raise ValueError(f"--out {out} holds other files ({listed(others)}), not an earlier "
                              "report: choose a new or empty folder")
         held = out / "metrics.json"
         if held.exists():

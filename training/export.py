@@ -33,7 +33,7 @@ from torch import nn
 from training import nets
 from training.assets import REPO_ROOT, sha256_of
 from training.command import command_line
-from training.files import write_text_atomically
+from training.files import listed, other_files, write_text_atomically
 
 __all__ = ["command_line", "data_entry", "export_artifact", "fp16_state_dict",
            "git_dirty_paths", "git_sha", "load_exported", "update_metrics"]
@@ -126,13 +126,11 @@ def check_output_folder(out_dir: Path, name: str, flag: str = "--out") -> str:
 
     check_folder_to_make(out_dir, flag)
     config_path = out_dir / "config.json"
-    others = sorted(p.name for p in out_dir.iterdir()
-                    if p.name not in ARTIFACT_FILES and not p.name.startswith(".")
-                    and not p.name.endswith(".partial")) \
-        if out_dir.is_dir() else []
+    others = other_files(out_dir, lambda name: name in ARTIFACT_FILES
+                         or name.endswith(".partial"))
     if others:
-        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise ValueError(f"{flag} {out_dir} holds other files ({len(others)}: {shown}), not "
+        raise ValueError(f"{flag} {out_dir} holds other files ({len(others)}: "
+                         f"{listed(others)}), not "
                          f"an artifact: choose a new or empty folder")
     if not config_path.is_file():
         return f"a new artifact {name}@1 in {out_dir}"

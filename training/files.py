@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,3 +23,17 @@ def read_json_object(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return held if isinstance(held, dict) else None
+
+
+def other_files(folder: Path, belongs: Callable[[str], bool]) -> list[str]:
+    """The sorted names in ``folder`` that ``belongs`` does not claim, hidden files left
+    out; none when ``folder`` is no folder (what a command refuses to write among)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir()
+                  if not p.name.startswith(".") and not belongs(p.name))
+
+
+def listed(names: Sequence[str], most: int = 3) -> str:
+    """``"a, b, c, ..."``: the first ``most`` names, and an ellipsis when there are more."""
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")

@@ -39,7 +39,7 @@ from PIL import Image
 
 from training.assets import sha256_of
 from training.data.folders import unwritable_reason
-from training.files import read_json_object
+from training.files import listed, read_json_object
 
 PLASMA = "plasma-workspace-wallpapers"
 MATE = "mate-backgrounds"
@@ -201,10 +201,9 @@ def check_out_folder(out: Path) -> None:
                         if f.with_suffix("") not in known and f not in known
                         and not f.name.startswith(".")]
     if foreign:
-        shown = ", ".join(str(f.relative_to(out)) for f in foreign[:3])
+        shown = listed([str(f.relative_to(out)) for f in foreign])
         raise PhotosError(f"{out} holds files this command did not write ({len(foreign)}: "
-                          f"{shown}{', ...' if len(foreign) > 3 else ''}): choose a new or "
-                          "empty --out")
+                          f"{shown}): choose a new or empty --out")
 
 
 def assemble(out: Path, cache: Path, quiet: bool = False) -> dict[str, object]:

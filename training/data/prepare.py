@@ -49,7 +49,7 @@ from training.data.images import (
     resize_box,
     scale_box,
 )
-from training.files import read_json_object
+from training.files import listed, other_files, read_json_object
 
 FORMAT = "percept-prepared/1"
 
@@ -265,14 +265,9 @@ def check_out_folder(out: Path) -> None:
     """PrepareError when ``out`` holds anything but prepared arrays and their manifest
     (photos, another command's manifest.json): a rebuild removes the manifest and
     replaces the arrays, so it must never run in someone else's folder."""
-    if not out.is_dir():
-        return
-    others = sorted(p.name for p in out.iterdir()
-                    if not (p.name == MANIFEST or _ARRAY_FILE.match(p.name)
-                            or p.name.startswith(".")))
+    others = other_files(out, lambda name: name == MANIFEST or bool(_ARRAY_FILE.match(name)))
     if others:
-        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise PrepareError(f"--out {out} holds other files ({len(others)}: {shown}), not "
+        raise PrepareError(f"--out {out} holds other files ({len(others)}: {listed(others)}), not "
                            "prepared arrays: choose a new or empty folder")
     manifest = out / MANIFEST
     if manifest.exists():

@@ -221,7 +221,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         channel = _channel(args)
         response = retrying(lambda: client.upscale(
             channel, image, model=args.model, output_format=fmt, timeout=timeout),
-            patience=timeout, retry_unavailable=False)
+            patience=timeout)
         write(response.image)
     print(f"{args.output}: {response.width}x{response.height} ({response.model})")
     return 0
@@ -332,7 +332,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         with atomic_output(args.output) as write:
             channel = _channel(args)
             result = retrying(lambda: client.stylize(channel, request, timeout=timeout),
-                              patience=timeout, retry_unavailable=False)
+                              patience=timeout)
             write(result.image)
     else:
         from tqdm import tqdm
@@ -359,7 +359,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
             channel = _channel(args)
             result = retrying(lambda: client.stylize_with_image(
                 channel, optimisation, on_progress, timeout=timeout),
-                patience=timeout, retry_unavailable=False)
+                patience=timeout)
             write(result.image)
     print(f"{args.output}: {result.width}x{result.height} ({result.model})")
     return 0
@@ -381,7 +381,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     channel = _channel(args)
     response = retrying(lambda: client.label_image(
         channel, image, k=args.top, method=method, under_wnid=args.under or "",
-        zero_shot=args.zero_shot), patience=QUERY_BUSY_PATIENCE_SECONDS, retry_unavailable=False)
+        zero_shot=args.zero_shot), patience=QUERY_BUSY_PATIENCE_SECONDS)
     if args.json:
         print(json.dumps(_labels_json(response)))
         return 0
@@ -453,7 +453,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             # new stream sends the rest after the server's pushback; the patience starts
             # again whenever a stream got further
             retrying(send_the_rest, patience=INDEX_BUSY_PATIENCE_SECONDS,
-                     retry_unavailable=False, progress=lambda: len(answered))
+                     progress=lambda: len(answered))
         finished = True
     finally:  # what was done is said even when the run fails part way
         for rejection in rejected:
@@ -478,10 +478,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.image:
         image = read_input(args.image)
         response = retrying(lambda: client.search_by_image(channel, image, k=args.top),
-                            patience=QUERY_BUSY_PATIENCE_SECONDS, retry_unavailable=False)
+                            patience=QUERY_BUSY_PATIENCE_SECONDS)
     else:
         response = retrying(lambda: client.search_by_text(channel, args.text, k=args.top),
-                            patience=QUERY_BUSY_PATIENCE_SECONDS, retry_unavailable=False)
+                            patience=QUERY_BUSY_PATIENCE_SECONDS)
     if args.json:
         print(json.dumps({"hits": [{"id": h.id, "uri": h.uri, "score": round(float(h.score), 4)}
                                    for h in response.hits]}))

@@ -285,7 +285,8 @@ class _Run:
             if self.stopping.wait(seconds):
                 raise _Stopped
 
-        return retrying(lambda: self.call_once(data), patience=self.patience, wait=wait)
+        return retrying(lambda: self.call_once(data), patience=self.patience,
+                        retry_unavailable=True, wait=wait)
 
     def outcome(self, job: FileJob) -> _Failure | None:
         """None once ``job`` is written, else why it failed; raises _Stopped, or what

@@ -58,7 +58,7 @@ def pushback_seconds(error: grpc.RpcError) -> float | None:
     return None
 
 
-def retrying(call: Callable[[], T], *, patience: float, retry_unavailable: bool = True,
+def retrying(call: Callable[[], T], *, patience: float, retry_unavailable: bool = False,
              wait: Callable[[float], None] = time.sleep,
              progress: Callable[[], int] | None = None) -> T:
     """``call()``, tried again while it fails busy (for up to ``patience`` seconds from the

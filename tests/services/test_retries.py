@@ -74,7 +74,7 @@ def test_what_a_retry_would_not_change_is_raised_at_once(failure: Failed) -> Non
 
 def test_unavailable_is_retried_only_when_asked() -> None:
     call, tries = answers(Failed(grpc.StatusCode.UNAVAILABLE), "done")
-    assert retrying(call, patience=10) == "done" and tries[0] == 2
+    assert retrying(call, patience=10, retry_unavailable=True) == "done" and tries[0] == 2
     call, tries = answers(Failed(grpc.StatusCode.UNAVAILABLE), "done")
     with pytest.raises(grpc.RpcError):
         retrying(call, patience=10, retry_unavailable=False)

@@ -46,12 +46,31 @@ from benchmarks.kernel_profile import top_kernels
 from services.common.artifacts import load_artifact, read_config
 from training import nets
 from training.assets import REPO_ROOT
-from training.nets.folding import fold_for_inference
+from training.nets.folding import (
+    ChannelPaddedConv,
+    FoldedUpsampleConv,
+    SpaceToDepthConv,
+    fold_for_inference,
+    for_compile_on_cuda,
+)
+from training.nets.transformer import ConvLayer, TransformerNet
 
 Forward = Callable[[Tensor], Tensor]
 BASELINE = "fp32 eager (plain PyTorch defaults)"
 TUNED = "fp32 eager, cudnn.benchmark on"
 STRICT = "fp32 eager, cudnn.benchmark on, TF32 off"
+TRACED = "folded, output layer traced"
+SERVED_COMPILED = f"{TRACED}, first layer space-to-depth (served form compiled on CUDA)"
+# The folded forms compiled in the main pass: --forms name -> (variant label, the output
+# layer's form, the first layer's form (see prepared()), also timed without a CUDA graph).
+COMPILED_FORMS = {
+    "eager-output": ("folded, output layer eager", "eager", "plain", True),
+    "traced": (TRACED, "traced", "plain", True),
+    "unfolded-output": ("folded, output layer unfolded", "unfolded", "plain", False),
+    "padded-input": (f"{TRACED}, input padded to 8 channels", "traced", "padded", True),
+    # training.nets.folding.for_compile_on_cuda: what the services compile on CUDA
+    "served": (SERVED_COMPILED, "traced", "space-to-depth", True),
+}
 IEEE = "fp32 eager, TF32 off (cudnn.benchmark off)"
 
 
@@ -113,14 +132,40 @@ def multiply_adds(module: nn.Module, side: int) -> int:
 
 
 def prepared(module: nn.Module, device: torch.device, dtype: torch.dtype, *,
-             channels_last: bool, fold: bool) -> nn.Module:
+             channels_last: bool, fold: bool, output: str = "eager",
+             first: str = "plain") -> nn.Module:
+    """A copy of ``module`` in ``dtype`` (folded if ``fold``). ``output`` says what becomes
+    of the folded output layer (FoldedUpsampleConv) under torch.compile: "eager" (run
+    between the compiled parts), "traced" (compiled with the rest) or "unfolded" (the
+    last resize-convolution stays folded, its norm and the 9x9 output convolution run at
+    full resolution, compiled with the rest). ``first`` is the first convolution's form:
+    "plain", "padded" (its 3 input channels get 5 zero ones: ChannelPaddedConv) or
+    "space-to-depth" (SpaceToDepthConv). "traced" with "space-to-depth" is
+    for_compile_on_cuda, the services' own rewrite for torch.compile on CUDA."""
     variant = copy.deepcopy(module)
     if fold:
         fold_for_inference(variant)
-    variant = variant.to(device=device, dtype=dtype)
+        if (output, first) == ("traced", "space-to-depth"):
+            return _placed(for_compile_on_cuda(variant), device, dtype, channels_last)
+        for layer in variant.modules():
+            if isinstance(layer, FoldedUpsampleConv):
+                layer.traced_by_compile = output == "traced"
+        if output == "unfolded" and isinstance(variant, TransformerNet):
+            variant.folded_output = None
+    if first != "plain" and isinstance(variant, TransformerNet):
+        layer = variant.encoder[0][0]  # type: ignore[index]
+        assert isinstance(layer, ConvLayer)
+        form = ChannelPaddedConv if first == "padded" else SpaceToDepthConv
+        layer.conv = form(layer.conv)  # type: ignore[assignment]
+    return _placed(variant, device, dtype, channels_last)
+
+
+def _placed(module: nn.Module, device: torch.device, dtype: torch.dtype,
+            channels_last: bool) -> nn.Module:
+    module = module.to(device=device, dtype=dtype)
     if channels_last:
-        variant = variant.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    return variant
+        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return module
 
 
 def as_input(image: np.ndarray, device: torch.device, dtype: torch.dtype,
@@ -198,10 +243,11 @@ Build = Callable[[], tuple[nn.Module, torch.dtype, bool]]
 
 
 def builder(module: nn.Module, device: torch.device, dtype: torch.dtype, *,
-            channels_last: bool, fold: bool) -> Build:
+            channels_last: bool, fold: bool, output: str = "eager", first: str = "plain"
+            ) -> Build:
     """-> (prepared module, input dtype, channels_last), built when called."""
-    return lambda: (prepared(module, device, dtype, channels_last=channels_last, fold=fold),
-                    dtype, channels_last)
+    return lambda: (prepared(module, device, dtype, channels_last=channels_last, fold=fold,
+                             output=output, first=first), dtype, channels_last)
 
 
 def half_name(dtype: torch.dtype) -> str:
@@ -237,8 +283,8 @@ class SizeRun:
         self.image = photo(size)
         self.macs = multiply_adds(module, size)
         self.reference: Tensor | None = None
-        # The served form compiled (default mode) and its input, for --profile.
-        self.compiled_served: tuple[Forward, Tensor] | None = None
+        # Each folded form compiled in the default mode, and its input, for --profile.
+        self.compiled_forms: dict[str, tuple[Forward, Tensor]] = {}
         self.rows: list[dict[str, Any]] = []
 
     def row(self, variant: str, **extra: Any) -> dict[str, Any]:
@@ -310,8 +356,8 @@ class SizeRun:
             with torch.inference_mode():
                 forward(x)
             state["forward"], state["compile_s"] = forward, time.monotonic() - started
-            if mode is None and what.startswith("folded") and self.compiled_served is None:
-                self.compiled_served = (forward, x)
+            if mode is None and what.startswith("folded"):
+                self.compiled_forms.setdefault(what, (forward, x))
             if plain_too:
                 self.time(f"{name}, {what}", forward, x, compile_s=state["compile_s"])
 
@@ -338,9 +384,12 @@ class SizeRun:
 
 def measure(nets_to_run: list[tuple[str, nn.Module]], sizes: list[int],
             device: torch.device, repeats: int, budget: Budget,
-            save: Callable[[list[dict[str, Any]]], None]) -> list[SizeRun]:
-    """Every eager variant and the served form compiled (with and without a CUDA graph) for
+            save: Callable[[list[dict[str, Any]]], None],
+            forms: list[str] | None = None, baselines_only: bool = False) -> list[SizeRun]:
+    """Every eager variant (with ``baselines_only``, the fp32 ones alone) and each of
+    ``forms`` (COMPILED_FORMS; default all) compiled, with and without a CUDA graph, for
     each net and size."""
+    forms = list(COMPILED_FORMS) if forms is None else forms
     half = torch.float16 if device.type == "cuda" else torch.float32
     runs: list[SizeRun] = []
     for label, module in nets_to_run:
@@ -348,14 +397,18 @@ def measure(nets_to_run: list[tuple[str, nn.Module]], sizes: list[int],
             run = SizeRun(label, module, size, device, repeats)
             runs.append(run)
             for variant, build in eager_variants(module, device, half):
-                run.eager(variant, build)
+                if not baselines_only or variant in (STRICT, IEEE, BASELINE, TUNED):
+                    run.eager(variant, build)
             folded = builder(module, device, half, channels_last=True, fold=True)
-            if device.type == "cuda":
+            if device.type == "cuda" and not baselines_only:
                 run.graphed_eager(folded, half_name(half))
-            if budget.left():
-                run.compiled(folded, "folded (served form on CUDA)", plain_too=True)
-            else:
-                run.row("compiled variants", skipped="time budget spent")
+            for form in forms:
+                if not budget.left():
+                    run.row("compiled variants", skipped="time budget spent")
+                    break
+                what, output, first, plain_too = COMPILED_FORMS[form]
+                run.compiled(builder(module, device, half, channels_last=True, fold=True,
+                                     output=output, first=first), what, plain_too=plain_too)
             save(all_rows(runs))
     return runs
 
@@ -546,16 +599,13 @@ def kernel_profiles(runs: list[SizeRun], device: torch.device) -> list[dict[str,
     (benchmarks/kernel_profile.py), to show what stands between it and the target."""
     profiles = []
     for run in runs:
-        if run.compiled_served is None:
-            continue
-        forward, x = run.compiled_served
-        try:
-            found = top_kernels(forward, x, device)
-        except Exception as error:  # reported; the timings still count
-            found = {"error": f"{type(error).__name__}: {error}"[:400]}
-        profiles.append({"net": run.label, "size": run.size,
-                         "variant": "torch.compile, folded (served form), no CUDA graph",
-                         **found})
+        for what, (forward, x) in run.compiled_forms.items():
+            try:
+                found = top_kernels(forward, x, device)
+            except Exception as error:  # reported; the timings still count
+                found = {"error": f"{type(error).__name__}: {error}"[:400]}
+            profiles.append({"net": run.label, "size": run.size,
+                             "variant": f"torch.compile, {what}, no CUDA graph", **found})
     return profiles
 
 
@@ -580,7 +630,9 @@ def served_profile(models: Path, name: str, size: int, device: torch.device, rep
 
 def measure_all(sizes: list[int], device: torch.device, repeats: int, budget_s: float,
                 paper_width: bool, out: Path, only: list[str] | None = None,
-                autotune: bool = False, profile: bool = False) -> dict[str, Any]:
+                autotune: bool = False, profile: bool = False, served: bool = True,
+                forms: list[str] | None = None, baselines_only: bool = False
+                ) -> dict[str, Any]:
     """Measures everything, rewriting ``out`` after each net and size (a run cut short
     still leaves what it measured)."""
     torch.backends.cudnn.benchmark = True
@@ -606,16 +658,17 @@ def measure_all(sizes: list[int], device: torch.device, repeats: int, budget_s: 
 
     nets_to_run = [(label, module) for label, module in style_nets(models, paper_width)
                    if not only or any(word in label for word in only)]
-    served = served_model(models, [label for label, _ in nets_to_run])
-    result["served_model"] = served
-    runs = measure(nets_to_run, sizes, device, repeats, budget, save)
+    served_name = served_model(models, [label for label, _ in nets_to_run])
+    result["served_model"] = served_name
+    runs = measure(nets_to_run, sizes, device, repeats, budget, save, forms, baselines_only)
     if profile:
         result["kernel_profile"] = kernel_profiles(runs, device)
-        try:
-            result["served_profile"] = served_profile(models, served, max(sizes), device,
-                                                      min(repeats, 10))
-        except Exception as error:  # reported; the timings still count
-            result["served_profile"] = {"error": f"{type(error).__name__}: {error}"[:400]}
+        if served:
+            try:
+                result["served_profile"] = served_profile(models, served_name, max(sizes),
+                                                          device, min(repeats, 10))
+            except Exception as error:  # reported; the timings still count
+                result["served_profile"] = {"error": f"{type(error).__name__}: {error}"[:400]}
         save(all_rows(runs))
     result["rows"] = all_rows(runs)
     baselines = {(r["net"], r["size"]): r["ms"] for r in result["rows"]
@@ -623,14 +676,16 @@ def measure_all(sizes: list[int], device: torch.device, repeats: int, budget_s: 
     for key, measure_served in (("served_form", served_form), ("grpc", served_grpc),
                                 ("superres_served", lambda models, _name, _sizes, device,
                                  repeats, _baselines: served_superres(models, device,
-                                                                      repeats))):
+                                                                      repeats))
+                                ) if served else ():
         try:
-            result[key] = measure_served(models, served, sizes, device, min(repeats, 10),
-                                         baselines)
+            result[key] = measure_served(models, served_name, sizes, device,
+                                         min(repeats, 10), baselines)
         except Exception as error:  # reported; the network rows still count
             result[key] = {"error": f"{type(error).__name__}: {error}"[:400]}
         save(result["rows"])
-    measure_more(runs, device, budget, autotune, save)
+    if forms is None:  # a run that names its forms wants those alone
+        measure_more(runs, device, budget, autotune, save)
     result["rows"] = all_rows(runs)
     return result
 
@@ -740,13 +795,21 @@ def main() -> int:
                         help="after the main variants, profile the compiled served form "
                         "of each net and size: the kernels that take its time; and one "
                         "served request at the largest size: wall against device time")
+    parser.add_argument("--networks-only", action="store_true",
+                        help="time the networks alone: skip the served form, Stylize over "
+                        "gRPC and super-resolution")
+    parser.add_argument("--forms", nargs="+", choices=list(COMPILED_FORMS),
+                        help="the folded forms to compile (default: all)")
+    parser.add_argument("--baselines-only", action="store_true",
+                        help="of the eager variants, time only the fp32 baselines")
     parser.add_argument("--out", default=str(RESULTS / "style_gpu.json"))
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device (use --device cpu to check the code path)")
     outcome = measure_all(args.sizes, torch.device(args.device), args.repeats, args.budget_s,
                           not args.no_paper_width, Path(args.out), args.only, args.autotune,
-                          args.profile)
+                          args.profile, served=not args.networks_only, forms=args.forms,
+                          baselines_only=args.baselines_only)
     print(markdown(outcome))
     return 0
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 NAME_CHARS = 140
@@ -22,6 +23,17 @@ def _self_time_us(event: Any, device: torch.device) -> float:
         if hasattr(event, name):
             return float(getattr(event, name))
     return 0.0
+
+
+def _counts(event: Any, device: torch.device) -> bool:
+    """Whether an averaged event's own time is counted. On a CPU every operator nests
+    inside others, and only own time counts, which self time already is. On CUDA only the
+    device's own events (kernels, copies, memsets) count: an operator such as
+    ``aten::cudnn_convolution`` reports the time of the kernels it launched as its own
+    device time too, and counting both doubled the total (seen on an H200, 27 Nov)."""
+    if device.type != "cuda":
+        return True
+    return getattr(event, "device_type", None) != DeviceType.CPU
 
 
 def _all_threads_config() -> Any:
@@ -60,9 +72,8 @@ def top_kernels(forward: Callable[[Any], Any], x: Tensor | Any, device: torch.de
                 forward(x)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-    events = [(event, _self_time_us(event, device)) for event in profiler.key_averages()]
-    # On a CPU every operator nests inside others: only leaf-like own time counts, which
-    # self time already is. On CUDA the CPU-side operators have no device time of their own.
+    events = [(event, _self_time_us(event, device)) for event in profiler.key_averages()
+              if _counts(event, device)]
     events = [(event, us) for event, us in events if us > 0]
     total = sum(us for _, us in events)
     events.sort(key=lambda pair: pair[1], reverse=True)

@@ -42,3 +42,19 @@ def test_work_on_another_thread_is_profiled() -> None:
                             torch.device("cpu"), passes=2, top=3)
     assert found["total_us_per_pass"] > 0
     assert any("conv" in k["name"] for k in found["kernels"])
+
+
+def test_on_cuda_only_the_devices_own_events_count() -> None:
+    """An operator reports the device time of the kernels it launched as its own too: on
+    CUDA only kernels, copies and memsets count, or the total doubles."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.kernel_profile import _counts
+
+    operator = SimpleNamespace(device_type=DeviceType.CPU)
+    kernel = SimpleNamespace(device_type=DeviceType.CUDA)
+    assert not _counts(operator, torch.device("cuda"))
+    assert _counts(kernel, torch.device("cuda"))
+    assert _counts(operator, torch.device("cpu"))

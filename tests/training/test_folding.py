@@ -10,11 +10,16 @@ from torch.nn import functional as F
 
 from training import nets
 from training.nets.folding import (
+    ChannelPaddedConv,
     FoldedBilinearResizeConv,
     FoldedResizeConv,
     FoldedUpsampleConv,
     InferenceInstanceNorm,
+    SpaceToDepthConv,
+    _gathered_pad_groups,
+    _reflect_pad_groups,
     fold_for_inference,
+    for_compile_on_cuda,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -214,3 +219,115 @@ def test_training_mode_uses_the_unfolded_layers() -> None:
 def test_unknown_upsampling_modes_are_refused() -> None:
     with pytest.raises(ValueError, match="upsample"):
         nets.build({"type": "johnson-transformer", "upsample": "bicubic"})
+
+
+@pytest.mark.parametrize("q", [1, 2])
+@pytest.mark.parametrize("affine", [False, True])
+def test_gathered_padding_equals_the_in_place_one(q: int, affine: bool) -> None:
+    """The functional padding the traced layer uses (one gather per group) writes what the
+    in-place one writes: interior, reflected borders, corners and the normalisation."""
+    torch.manual_seed(q)
+    groups = [torch.randn(2, 5, 7, 3) for _ in range(4)]
+    scale_shift = (torch.randn(2, 12), torch.randn(2, 12)) if affine else None
+    expected = _reflect_pad_groups(groups, q, scale_shift)
+    gathered = _gathered_pad_groups(groups, q, scale_shift)
+    assert gathered.shape == expected.shape == (2, 5 + 2 * q, 7 + 2 * q, 12)
+    torch.testing.assert_close(gathered, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("upsample", ["nearest", "bilinear"])
+def test_the_traced_output_layer_compiles_whole_and_equals_the_eager_one(upsample: str
+                                                                         ) -> None:
+    """``traced_by_compile`` lets torch.compile take the folded output layer into the graph
+    (one graph, no break), with the same output as the default layer run eagerly."""
+    torch.manual_seed(0)
+    net = fold_for_inference(nets.build({"type": "johnson-transformer", "width": 4,
+                                         "blocks": 1, "upsample": upsample}).eval())
+    for module in net.modules():
+        if isinstance(module, InferenceInstanceNorm):
+            nn.init.normal_(module.norm.weight)
+            nn.init.normal_(module.norm.bias)
+    x = torch.rand(1, 3, 20, 28)
+    with torch.inference_mode():
+        expected = net(x)
+    layer = net.folded_output
+    assert layer is not None
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert torch._dynamo.explain(net)(x).graph_break_count == 1  # the eager layer
+    layer.traced_by_compile = True
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(net)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.compile(net, dynamic=False)(x), expected,
+                                   rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(("in_channels", "stride", "padding"), [(3, 1, 0), (3, 2, 4), (8, 1, 1)])
+def test_a_convolution_with_padded_input_channels_is_the_same_convolution(
+        in_channels: int, stride: int, padding: int) -> None:
+    torch.manual_seed(in_channels)
+    conv = nn.Conv2d(in_channels, 5, 9 if in_channels == 3 else 3, stride=stride,
+                     padding=padding)
+    x = torch.randn(2, in_channels, 21, 17)
+    padded = ChannelPaddedConv(conv)
+    assert padded.weight.shape[1] == 8
+    with torch.inference_mode():
+        torch.testing.assert_close(padded(x), conv(x), rtol=1e-5, atol=1e-5)
+        channels_last = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(padded(channels_last), conv(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="ungrouped"):
+        ChannelPaddedConv(nn.Conv2d(4, 4, 3, groups=2))
+
+
+@pytest.mark.parametrize(("kernel", "shape"), [(9, (2, 3, 20, 26)), (3, (1, 4, 8, 6)),
+                                               (9, (1, 3, 19, 26))])
+def test_space_to_depth_convolution_is_the_same_convolution(kernel: int,
+                                                            shape: tuple[int, ...]) -> None:
+    """Odd sides (the last case) take the original convolution."""
+    torch.manual_seed(kernel)
+    conv = nn.Conv2d(shape[1], 5, kernel)
+    x = torch.randn(shape)
+    folded = SpaceToDepthConv(conv)
+    channels = -(-4 * shape[1] // 8) * 8  # up to a multiple of 8
+    assert folded.weight.shape == (20, channels, kernel // 2 + 1, kernel // 2 + 1)
+    with torch.inference_mode():
+        expected = conv(x)
+        torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(folded(x.contiguous(memory_format=torch.channels_last)),
+                                   expected, rtol=1e-5, atol=1e-5)
+    for refused in (nn.Conv2d(3, 5, 4), nn.Conv2d(3, 5, 9, stride=2),
+                    nn.Conv2d(3, 5, 9, padding=4)):
+        with pytest.raises(ValueError, match="space-to-depth"):
+            SpaceToDepthConv(refused)
+
+
+def test_the_cuda_compile_forms_compile_whole_and_equal_the_folded_net() -> None:
+    """for_compile_on_cuda: the output layer traced and the 3-channel 9x9 first layer as
+    space-to-depth; one graph under torch.compile, the folded net's output, and a second
+    call changes nothing."""
+    torch.manual_seed(2)
+    net = fold_for_inference(nets.build({"type": "johnson-transformer", "width": 8,
+                                         "blocks": 1}).eval())
+    x = torch.rand(1, 3, 24, 20)
+    with torch.inference_mode():
+        expected = net(x)
+    for_compile_on_cuda(net)
+    for_compile_on_cuda(net)
+    first = net.encoder[0][0].conv
+    assert isinstance(first, SpaceToDepthConv) and type(first.conv) is nn.Conv2d
+    assert sum(isinstance(m, SpaceToDepthConv) for m in net.modules()) == 1
+    assert net.folded_output is not None and net.folded_output.traced_by_compile
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(net)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    torch._dynamo.reset()

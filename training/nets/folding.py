@@ -53,11 +53,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 __all__ = [
+    "ChannelPaddedConv",
     "FoldedBilinearResizeConv",
     "FoldedResizeConv",
     "FoldedUpsampleConv",
     "InferenceInstanceNorm",
+    "SpaceToDepthConv",
     "fold_for_inference",
+    "for_compile_on_cuda",
 ]
 
 # (row parity, column parity) of each group of output channels of the folded kernel.
@@ -266,6 +269,107 @@ def _reflect_pad_groups(groups: list[Tensor], q: int,
     return padded
 
 
+def _gathered_pad_groups(groups: list[Tensor], q: int,
+                         affine: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """What :func:`_reflect_pad_groups` returns, computed without writing into slices:
+    each group gathers its padded rows and columns by index, and the four are
+    concatenated. Functional code that torch.compile traces whole (the in-place version's
+    ``out=`` into a channel window is a graph break) and can fuse into one pass."""
+    if len(groups) != len(_PARITIES):
+        raise ValueError(f"expected {len(_PARITIES)} parity groups, got {len(groups)}")
+    h, w = groups[0].shape[1:3]
+    parts = []
+    for group, (a, b) in zip(groups, _PARITIES, strict=True):
+        rows = torch.tensor(_padded_sources(h, a, q), device=group.device)
+        cols = torch.tensor(_padded_sources(w, b, q), device=group.device)
+        parts.append(group.index_select(1, rows).index_select(2, cols))
+    padded = torch.cat(parts, dim=-1)
+    if affine is not None:
+        scale, shift = (t[:, None, None, :] for t in affine)
+        padded = torch.addcmul(shift, padded, scale)
+    return padded
+
+
+def _padded_sources(size: int, parity: int, pad: int) -> list[int]:
+    """For each of the ``size + 2 * pad`` padded rows of parity group ``parity``, the
+    unpadded row it holds (:func:`_reflected_border_rows` for the border)."""
+    sources = [row - pad for row in range(size + 2 * pad)]
+    for index, source in _reflected_border_rows(size, parity, pad):
+        sources[index] = source - pad
+    return sources
+
+
+class ChannelPaddedConv(nn.Module):
+    """A convolution whose input gets zero channels up to a multiple of ``multiple`` (and
+    its weight zero input channels to match): the same output. cuDNN's fp16 NHWC kernels
+    for a 3-channel input (the style net's 9x9 first layer) are slow, indexed kernels;
+    with 8 channels the input is aligned for the tensor cores' fast paths. On the CPU it
+    only adds work."""
+
+    def __init__(self, conv: nn.Conv2d, multiple: int = _CHANNEL_MULTIPLE) -> None:
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros" or multiple < 1:
+            raise ValueError(f"only an ungrouped, zero-padded convolution pads; got {conv}")
+        self.spare = -conv.in_channels % multiple
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        weight = F.pad(conv.weight.detach(), (0, 0, 0, 0, 0, self.spare))
+        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(),
+                                                                requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.spare:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.spare))
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+
+class SpaceToDepthConv(nn.Module):
+    """A KxK stride-1 convolution (K odd, no padding of its own: the layer before pads)
+    computed on the input's 2x2 pixel-unshuffled form, which has 4x the channels at half
+    the resolution, as a ``(K//2 + 1)``-square convolution to 4x the output channels,
+    then pixel-shuffled back: the same sums (zero taps added). Output pixel
+    ``(2i + a, 2j + b)`` reads input rows ``2i + a + dy``, which is row ``i + m`` of
+    parity group ``r`` for ``a + dy = 2m + r``.
+
+    For the style net's 9x9 first layer (3 input channels) this is a 12 -> 4 * width
+    convolution with 5x5 taps: 1.23x the multiply-adds, in a shape the tensor cores run
+    well, where cuDNN runs the 3-channel one with a slow indexed kernel. The unshuffled
+    channels get zero ones up to a multiple of 8 (12 -> 16: fp16 tensor-core kernels
+    want 16-byte rows). Inputs with an odd side take the original convolution."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        k = conv.kernel_size[0]
+        if (conv.kernel_size != (k, k) or k % 2 == 0 or conv.stride != (1, 1)
+                or conv.dilation != (1, 1) or conv.groups != 1 or conv.padding != (0, 0)):
+            raise ValueError("only an odd square, stride-1, undilated, ungrouped, unpadded "
+                             f"convolution goes to space-to-depth; got {conv}")
+        self.conv = conv
+        weight = conv.weight.detach()
+        c_out, c_in = weight.shape[:2]
+        span = k // 2 + 1
+        folded = weight.new_zeros((c_out, 2, 2, c_in, 2, 2, span, span))
+        for a, b, ry, rx in itertools.product(range(2), repeat=4):
+            for my, mx in itertools.product(range(span), repeat=2):
+                dy, dx = 2 * my + ry - a, 2 * mx + rx - b
+                if 0 <= dy < k and 0 <= dx < k:
+                    folded[:, a, b, :, ry, rx, my, mx] = weight[:, :, dy, dx]
+        self.spare = -4 * c_in % _CHANNEL_MULTIPLE
+        folded = F.pad(folded.reshape(4 * c_out, 4 * c_in, span, span),
+                       (0, 0, 0, 0, 0, self.spare))
+        self.weight = nn.Parameter(folded.contiguous(), requires_grad=False)
+        bias = None if conv.bias is None else conv.bias.detach().repeat_interleave(4)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2] % 2 or x.shape[-1] % 2:
+            return self.conv(x)
+        x = F.pixel_unshuffle(x, 2)
+        if self.spare:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.spare))
+        return F.pixel_shuffle(F.conv2d(x, self.weight, self.bias), 2)
+
+
 class InferenceInstanceNorm(nn.Module):
     """``nn.InstanceNorm2d`` (no running statistics) as batch normalisation in training mode
     of one sample at a time, which *is* instance normalisation for a batch of one.
@@ -357,7 +461,12 @@ class FoldedUpsampleConv(nn.Module):
         count = map_h * map_w
         scales, shifts = [], []
         for sample in groups.split(1):
-            mean, var = torch.batch_norm_update_stats(sample, None, None, 0.0)  # biased var
+            if torch.compiler.is_compiling():
+                # batch_norm_update_stats is no inductor op: on CUDA it stayed a separate
+                # kernel that read the map at a tenth of the memory bandwidth.
+                var, mean = torch.var_mean(sample.float(), dim=(0, 2, 3), correction=0)
+            else:
+                mean, var = torch.batch_norm_update_stats(sample, None, None, 0.0)  # biased
             mean, var = mean.double(), var.double()
             sums = mean * count
             squares = (var + mean * mean) * count
@@ -383,10 +492,22 @@ class FoldedUpsampleConv(nn.Module):
             shifts.append(shift.repeat(4))
         return (torch.stack(scales).to(groups.dtype), torch.stack(shifts).to(groups.dtype))
 
-    # Inductor turns the window gathers below into slow code (0.7x eager on the CPU for
-    # the SR net, 2.1x with this layer left eager and the rest compiled).
-    @torch.compiler.disable
+    #: Whether torch.compile traces this layer (True) or runs it eagerly between the
+    #: compiled parts around it (False, the default). On the CPU, inductor turned the
+    #: window gathers below into slow code: 0.7x eager for the SR net, 2.1x with this layer
+    #: left eager and the rest compiled. ``benchmarks/bench_style_gpu.py`` times both.
+    traced_by_compile = False
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.traced_by_compile:
+            return self._forward(x)
+        return self._forward_eagerly(x)
+
+    @torch.compiler.disable
+    def _forward_eagerly(self, x: Tensor) -> Tensor:
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
         groups = self.resize.parity_groups(x)  # (N, 4C, h+1, w+1) or (N, 4C, h, w)
         affine = None if self.norm is None else self._norm_affine(groups, h, w)
@@ -397,12 +518,46 @@ class FoldedUpsampleConv(nn.Module):
         # window (rows first, so the corners follow). The activation acts pixel by pixel,
         # so it can come after.
         nhwc = groups.permute(0, 2, 3, 1)
-        padded = _reflect_pad_groups(
+        pad_groups = _gathered_pad_groups if torch.compiler.is_compiling() \
+            else _reflect_pad_groups
+        padded = pad_groups(
             [nhwc[:, a:a + h, b:b + w, g * c:(g + 1) * c]
              for g, (a, b) in enumerate(self.resize.offsets)], q, affine)
         padded = self.activation(padded)
         out = F.conv2d(padded.permute(0, 3, 1, 2), self.weight, self.bias)
         return F.pixel_shuffle(out[:, :self.channels], 2)
+
+
+_FOLDS = (FoldedResizeConv, FoldedBilinearResizeConv, FoldedUpsampleConv, SpaceToDepthConv)
+
+
+@torch.no_grad()
+def for_compile_on_cuda(module: nn.Module) -> nn.Module:
+    """Rewrites, in place, of a folded net (:func:`fold_for_inference`) that torch.compile
+    runs faster on CUDA, outputs equal to float rounding: every
+    :class:`FoldedUpsampleConv` traced with the rest of the graph, and every unpadded,
+    odd-kernel, stride-1 convolution of at most 4 input channels (the style net's 9x9
+    first layer) as a :class:`SpaceToDepthConv`. Returns ``module``.
+
+    On an H200 (fp16, channels_last, compiled, one CUDA graph; 27 Nov 2026,
+    benchmarks/README.md) the paper-width style net at 1024 px took 2.87 ms with the
+    output layer left eager, 2.17-2.27 ms traced and 1.94 ms traced with the first layer
+    space-to-depth. Not for the CPU: there inductor made the traced output layer slower
+    (see FoldedUpsampleConv)."""
+    for layer in module.modules():
+        if isinstance(layer, FoldedUpsampleConv):
+            layer.traced_by_compile = True
+    for parent in list(module.modules()):
+        if isinstance(parent, _FOLDS):
+            continue
+        for name, child in list(parent.named_children()):
+            if (type(child) is nn.Conv2d and child.in_channels <= 4
+                    and child.stride == (1, 1) and child.padding == (0, 0)
+                    and child.dilation == (1, 1) and child.groups == 1
+                    and child.kernel_size[0] == child.kernel_size[1] > 1
+                    and child.kernel_size[0] % 2 == 1):
+                setattr(parent, name, SpaceToDepthConv(child))
+    return module
 
 
 @torch.no_grad()

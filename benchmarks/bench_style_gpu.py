@@ -60,6 +60,7 @@ BASELINE = "fp32 eager (plain PyTorch defaults)"
 TUNED = "fp32 eager, cudnn.benchmark on"
 STRICT = "fp32 eager, cudnn.benchmark on, TF32 off"
 TRACED = "folded, output layer traced"
+PROFILE_ROWS_SHOWN = 6
 SERVED_COMPILED = f"{TRACED}, first layer space-to-depth (served form compiled on CUDA)"
 # The folded forms compiled in the main pass: --forms name -> (variant label, the output
 # layer's form, the first layer's form (see prepared()), also timed without a CUDA graph).
@@ -699,8 +700,22 @@ def _kernel_rows(found: dict[str, Any]) -> list[tuple[Any, ...]]:
 def markdown(result: dict[str, Any]) -> str:
     gpu = result.get("gpu", {}).get("name", result["device"])
     lines = [f"### Style network on {gpu} (torch {result['torch']}, cuDNN {result['cudnn']})",
-             "", f"Measured {result.get('date', '?')}: `{result.get('command', '?')}`.", "",
-             "Batch of one, whole image per pass, CUDA-event medians. x plain = fp32 "
+             "", *_network_tables(result)]
+    lines += _served_tables(result)
+    for name in result.get("companions", []):  # later runs of some variants, saved apart
+        path = RESULTS / name
+        if path.is_file():
+            companion = json.loads(path.read_text())
+            lines += ["", f"#### Later run ({name})", "", *_network_tables(companion)]
+    return "\n".join(lines)
+
+
+def _network_tables(result: dict[str, Any]) -> list[str]:
+    """The network rows of a run, and its kernel profiles."""
+    lines = [f"Measured {result.get('date', '?')}: `{result.get('command', '?')}`.", ""]
+    if result.get("note"):
+        lines += [result["note"], ""]
+    lines += ["Batch of one, whole image per pass, CUDA-event medians. x plain = fp32 "
              "eager with PyTorch's defaults (cudnn.benchmark off; TF32 convolutions) / "
              "variant; x tuned = fp32 eager with cudnn.benchmark on / variant; x no-TF32 = "
              "fp32 eager with TF32 off and cudnn.benchmark off (IEEE fp32) / variant. PSNR "
@@ -722,6 +737,26 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(markdown_table(["net", "px", "variant", "median ms", "x plain fp32",
                                  "x tuned fp32", "x no-TF32 fp32", "TFLOP/s", "PSNR dB",
                                  "max err (levels)"], table))
+    # The profiles of the first net at the largest size, their top kernels (the JSON keeps
+    # every net and size, 15 kernels each).
+    profiles = result.get("kernel_profile", [])
+    for found in profiles:
+        if (found["net"], found["size"]) != (profiles[0]["net"], max(result["sizes"])):
+            continue
+        lines += ["", f"Kernels of {found['net']} at {found['size']} px, {found['variant']}:"]
+        if "error" in found:
+            lines.append(found["error"])
+            continue
+        lines += [f"{found['total_us_per_pass']:.0f} us of kernel time per pass.", "",
+                  markdown_table(["kernel", "calls/pass", "us/pass", "share"],
+                                 _kernel_rows(found)[:PROFILE_ROWS_SHOWN])]
+    return lines
+
+
+def _served_tables(result: dict[str, Any]) -> list[str]:
+    """The served form's, gRPC's and super-resolution's rows of a run, and its profile
+    of one served request."""
+    lines: list[str] = []
     nan = float("nan")
     sections: list[tuple[str, str, list[str], Callable[[dict[str, Any]], tuple[Any, ...]]]] = [
         ("served_form", "Served form (TiledImageModel: uint8 in/out, host copies, batcher), "
@@ -751,14 +786,6 @@ def markdown(result: dict[str, Any]) -> str:
             lines += ["", title, "", markdown_table(headers, [row(r) for r in value])]
         elif value:
             lines += ["", f"{title.split(' (')[0]}: {value}"]
-    for found in result.get("kernel_profile", []):
-        lines += ["", f"Kernels of {found['net']} at {found['size']} px, {found['variant']}:"]
-        if "error" in found:
-            lines.append(found["error"])
-            continue
-        lines += [f"{found['total_us_per_pass']:.0f} us of kernel time per pass.", "",
-                  markdown_table(["kernel", "calls/pass", "us/pass", "share"],
-                                 _kernel_rows(found))]
     served = result.get("served_profile")
     if served:
         lines += ["", "One served request, where its time goes:"]
@@ -772,7 +799,7 @@ def markdown(result: dict[str, Any]) -> str:
                       f"{served['wall_ms']:.2f} ms wall, {busy_ms:.2f} ms {busy}.", "",
                       markdown_table(["kernel or copy", "calls/request", "us/request",
                                       "share"], _kernel_rows(served))]
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> int:

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bench_style_gpu import SERVED_COMPILED
 from benchmarks.common import RESULTS
 from training.assets import REPO_ROOT
 from training.plots import save_figure
@@ -21,22 +22,37 @@ from training.plots import save_figure
 #: (label on the chart, variant in the results) for the network panel, in bar order.
 NETWORK_VARIANTS = [
     ("fp32 eager (baseline)", "fp32 eager (plain PyTorch defaults)"),
+    ("fp32 eager, TF32 off", "fp32 eager, TF32 off (cudnn.benchmark off)"),
     ("fp16 eager", "fp16 channels_last eager, folded (served eager form)"),
-    ("fp16 + CUDA graph", "fp16 channels_last eager + CUDA graph, folded"),
-    ("fp16 + compile", "fp16 channels_last + torch.compile, folded (served form on CUDA)"),
-    ("fp16 + compile + CUDA graph", "fp16 channels_last + torch.compile + CUDA graph, folded"),
+    ("fp16 + CUDA graph (served default)", "fp16 channels_last eager + CUDA graph, folded"),
+    ("fp16 + compile + CUDA graph, output layer eager",
+     "fp16 channels_last + torch.compile + CUDA graph, folded, output layer eager"),
+    ("fp16 + compile + CUDA graph, served compiled form",
+     "fp16 channels_last + torch.compile + CUDA graph, " + SERVED_COMPILED),
 ]
 
 
 def network_bars(result: dict[str, Any]) -> tuple[list[str], dict[str, list[float]]]:
-    """(group labels "net, px", {variant label: ms per group}) of the rows measured."""
-    times = {(r["net"], r["size"], r["variant"]): r["ms"] for r in result["rows"] if "ms" in r}
+    """(group labels "net, px", {variant label: ms per group}) of the rows measured: the
+    run's own, then those of its companions (later runs of other variants, saved apart)
+    for variants the run lacks. Variants measured nowhere get no bar."""
+    times: dict[tuple[str, int, str], float] = {}
+    for name in reversed(result.get("companions", [])):
+        path = RESULTS / name
+        if path.is_file():
+            times.update(_times(json.loads(path.read_text())))
+    times.update(_times(result))
     groups = sorted({(net, size) for net, size, _ in times},
                     key=lambda group: (group[0], -group[1]))
     labels = [f"{net.split(' (')[0]}\n{size} px" for net, size in groups]
     bars = {label: [times.get((net, size, variant), float("nan")) for net, size in groups]
             for label, variant in NETWORK_VARIANTS}
-    return labels, bars
+    return labels, {label: values for label, values in bars.items()
+                    if any(value == value for value in values)}  # NaN != NaN
+
+
+def _times(result: dict[str, Any]) -> dict[tuple[str, int, str], float]:
+    return {(r["net"], r["size"], r["variant"]): r["ms"] for r in result["rows"] if "ms" in r}
 
 
 def served_bars(result: dict[str, Any]) -> tuple[list[str], dict[str, list[float]],
@@ -85,7 +101,7 @@ def plot(result: dict[str, Any], out: Path) -> Path:
                           label=f"{config} (first at a new size: {first.get(config, 0):.1f} s)")
             right.set_xticks(range(len(sizes)), [f"{s} px" for s in sizes], fontsize=8)
             right.set_ylabel("ms per request (median)")
-            right.set_title("served form (TiledImageModel), per serving configuration",
+            right.set_title("served form (TiledImageModel) per configuration",
                             fontsize=10)
             right.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1),
                          ncols=1)

@@ -13,9 +13,11 @@ import torch
 
 from services.common.artifacts import list_artifacts, load_artifact
 from services.common.config import ServerConfig
-from services.common.image_model import TiledImageModel, should_compile
+from services.common.image_model import TiledImageModel, compiled_for, should_compile
+from training import nets
 from training.assets import REPO_ROOT
 from training.image_quality import psnr
+from training.nets.folding import fold_for_inference
 
 MODELS = REPO_ROOT / "models"
 STYLES = list_artifacts(MODELS, "style")
@@ -119,6 +121,30 @@ def test_other_errors_are_not_swallowed() -> None:
 def test_compile_auto_compiles_only_on_cuda_without_graphs(mode: str, device: str,
                                                            graphs: bool, expected: bool) -> None:
     assert should_compile(mode, torch.device(device), graphs) is expected
+
+
+def test_the_cuda_compile_takes_the_gpu_forms_at_static_shapes() -> None:
+    """compiled_for on CUDA: for_compile_on_cuda's forms (space-to-depth first layer,
+    traced output layer), compiled per input size. Run here on the CPU's inductor, at two
+    sizes, one odd (which the space-to-depth layer computes as the plain convolution),
+    each the eager net's output; with dynamic shapes the second size failed in inductor."""
+    from training.nets.folding import SpaceToDepthConv
+
+    torch.manual_seed(0)
+    eager = fold_for_inference(nets.build({"type": "johnson-transformer", "width": 8,
+                                           "blocks": 1, "edge_margin": 4}).eval())
+    images = [torch.rand(1, 3, 40, 56), torch.rand(1, 3, 37, 29)]
+    with torch.inference_mode():
+        expected = [eager(x) for x in images]
+    torch._dynamo.reset()
+    try:
+        compiled = compiled_for(eager, torch.device("cuda"))
+        assert any(isinstance(m, SpaceToDepthConv) for m in eager.modules())
+        with torch.inference_mode():
+            for x, want in zip(images, expected, strict=True):
+                torch.testing.assert_close(compiled(x), want, rtol=1e-4, atol=1e-4)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_an_unknown_compile_mode_is_refused() -> None:

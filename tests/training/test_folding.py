@@ -252,17 +252,11 @@ def test_the_traced_output_layer_compiles_whole_and_equals_the_eager_one(upsampl
         expected = net(x)
     layer = net.folded_output
     assert layer is not None
-    torch._dynamo.reset()
-    with torch.no_grad():
-        assert torch._dynamo.explain(net)(x).graph_break_count == 1  # the eager layer
+    assert _graphs_and_breaks(net, x)[1] == 1  # the eager layer
     layer.traced_by_compile = True
     with torch.inference_mode():
         torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-5)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        explained = torch._dynamo.explain(net)(x)
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
-    torch._dynamo.reset()
+    assert _graphs_and_breaks(net, x) == (1, 0)
     with torch.inference_mode():
         torch.testing.assert_close(torch.compile(net, dynamic=False)(x), expected,
                                    rtol=1e-4, atol=1e-4)
@@ -326,8 +320,15 @@ def test_the_cuda_compile_forms_compile_whole_and_equal_the_folded_net() -> None
     assert net.folded_output is not None and net.folded_output.traced_by_compile
     with torch.inference_mode():
         torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-5)
+    assert _graphs_and_breaks(net, x) == (1, 0)
+
+
+def _graphs_and_breaks(net: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(graphs, graph breaks) torch.compile's dynamo makes of ``net`` on ``x``."""
     torch._dynamo.reset()
-    with torch.no_grad():
-        explained = torch._dynamo.explain(net)(x)
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
-    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            explained = torch._dynamo.explain(net)(x)
+    finally:
+        torch._dynamo.reset()
+    return explained.graph_count, explained.graph_break_count

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -43,10 +45,50 @@ REQUEST_SLOTS = Gauge("percept_request_slots_in_use",
                       "--max-queue (--max-optimisations for StylizeWithImage)", ["queue"])
 
 
-def start_metrics_server(port: int, host: str = "0.0.0.0") -> Any:
-    """Serves /metrics on ``port`` in a daemon thread; returns the HTTP server."""
-    result = start_http_server(port, addr=host)
-    return result[0] if isinstance(result, tuple) else result
+_resolve = socket.getaddrinfo  # the name lookup, replaceable in tests
+
+
+class MetricsServers:
+    """The /metrics HTTP servers of one process, one per address; stopped together."""
+
+    def __init__(self, servers: list[Any]) -> None:
+        self.servers = servers
+
+    def shutdown(self) -> None:
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+
+
+def start_metrics_server(port: int, host: str = "0.0.0.0") -> MetricsServers:
+    """Serves /metrics on ``port`` in daemon threads, on every address ``host`` names: a
+    name such as ``localhost`` resolves to 127.0.0.1 and ::1, and gRPC listens on both,
+    so /metrics does too (it took the first alone, IPv4). An address that cannot be bound
+    (no IPv6 in the container) is skipped while another binds; if none does, the first
+    error is raised."""
+    servers, errors = [], []
+    for address in _addresses(host, port):
+        try:
+            result = start_http_server(port, addr=address)
+        except OSError as error:
+            errors.append(error)
+            continue
+        servers.append(result[0] if isinstance(result, tuple) else result)
+    if not servers:
+        raise errors[0]
+    return MetricsServers(servers)
+
+
+def _addresses(host: str, port: int) -> list[str]:
+    """The distinct addresses ``host`` resolves to for a TCP listener, in resolver order
+    (an address literal: itself)."""
+    try:
+        ipaddress.ip_address(host)
+        return [host]
+    except ValueError:
+        pass
+    found = _resolve(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(sockaddr[0]) for *_, sockaddr in found))
 
 
 def _split_method(full_method: str) -> tuple[str, str]:

@@ -34,6 +34,7 @@ from services.common.logs import configure_logging
 from services.common.metrics import (
     INFRASTRUCTURE_SERVICES,
     MetricsInterceptor,
+    MetricsServers,
     start_metrics_server,
 )
 
@@ -223,7 +224,7 @@ class PerceptServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._streams = InfrastructureStreams()
-        self._metrics_http: object | None = None
+        self._metrics_http: MetricsServers | None = None
         self._interceptor = MetricsInterceptor()
         self._gate = ReadinessGate()
 
@@ -300,7 +301,7 @@ class PerceptServer:
             await self._server.stop(grace)
         for module in self.modules:
             await module.close()
-        if self._metrics_http is not None and hasattr(self._metrics_http, "shutdown"):
+        if self._metrics_http is not None:
             self._metrics_http.shutdown()
         log.info("stopped")
 

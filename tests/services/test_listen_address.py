@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from services import client
+from services.common import metrics
 from services.common.config import add_server_arguments, config_from_args, listen_address
 from services.common.server import ServiceModule, start_in_thread
 from tests.conftest import free_port, server_config
@@ -84,3 +85,35 @@ def test_a_server_on_ipv6_loopback_serves_grpc_and_metrics() -> None:
             assert b"percept_" in reply.read()
     finally:
         running.stop()
+
+
+def _resolves_to(monkeypatch: pytest.MonkeyPatch, *addresses: str) -> None:
+    """Makes every name resolve to ``addresses`` (this machine's localhost may have no
+    ::1 entry)."""
+    def getaddrinfo(host: str, port: int, *args: object, **kwargs: object) -> list:
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                 (a, port)) for a in addresses]
+    monkeypatch.setattr(metrics, "_resolve", getaddrinfo)
+
+
+@pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback here")
+def test_metrics_of_a_name_listen_on_every_address_it_resolves_to(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As gRPC does: ``localhost`` with 127.0.0.1 and ::1 serves /metrics on both (it
+    served IPv4 alone). An address that cannot be bound is skipped."""
+    _resolves_to(monkeypatch, "127.0.0.1", "::1", "127.0.0.1", "fd00::1234")
+    port = free_port()
+    servers = metrics.start_metrics_server(port, "localhost")
+    try:
+        assert len(servers.servers) == 2  # duplicates once; fd00::1234 is no local address
+        for url in (f"http://127.0.0.1:{port}/metrics", f"http://[::1]:{port}/metrics"):
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                assert b"percept_" in reply.read()
+    finally:
+        servers.shutdown()
+
+
+def test_metrics_that_bind_nowhere_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    _resolves_to(monkeypatch, "fd00::1234", "192.0.2.1")  # neither is this machine's
+    with pytest.raises(OSError):
+        metrics.start_metrics_server(free_port(), "somewhere")

@@ -702,12 +702,20 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"### Style network on {gpu} (torch {result['torch']}, cuDNN {result['cudnn']})",
              "", *_network_tables(result)]
     lines += _served_tables(result)
-    for name in result.get("companions", []):  # later runs of some variants, saved apart
+    for name, companion in companions(result):
+        lines += ["", f"#### Later run ({name})", "", *_network_tables(companion)]
+    return "\n".join(lines)
+
+
+def companions(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(file name, result) of the later runs of some variants that ``result`` names,
+    saved apart in RESULTS (those present), in the order named."""
+    found = []
+    for name in result.get("companions", []):
         path = RESULTS / name
         if path.is_file():
-            companion = json.loads(path.read_text())
-            lines += ["", f"#### Later run ({name})", "", *_network_tables(companion)]
-    return "\n".join(lines)
+            found.append((name, json.loads(path.read_text())))
+    return found
 
 
 def _network_tables(result: dict[str, Any]) -> list[str]:

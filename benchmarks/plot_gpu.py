@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_style_gpu import SERVED_COMPILED
+from benchmarks.bench_style_gpu import SERVED_COMPILED, companions
 from benchmarks.common import RESULTS
 from training.assets import REPO_ROOT
 from training.plots import save_figure
@@ -37,10 +37,8 @@ def network_bars(result: dict[str, Any]) -> tuple[list[str], dict[str, list[floa
     run's own, then those of its companions (later runs of other variants, saved apart)
     for variants the run lacks. Variants measured nowhere get no bar."""
     times: dict[tuple[str, int, str], float] = {}
-    for name in reversed(result.get("companions", [])):
-        path = RESULTS / name
-        if path.is_file():
-            times.update(_times(json.loads(path.read_text())))
+    for _, companion in reversed(companions(result)):
+        times.update(_times(companion))
     times.update(_times(result))
     groups = sorted({(net, size) for net, size, _ in times},
                     key=lambda group: (group[0], -group[1]))

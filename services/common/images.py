@@ -46,10 +46,11 @@ _T = Image.Transpose
 #: What shows a stored image upright, by EXIF orientation (as ImageOps.exif_transpose).
 _UPRIGHT = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM,
             5: _T.TRANSPOSE, 6: _T.ROTATE_270, 7: _T.TRANSVERSE, 8: _T.ROTATE_90}
-#: PNG raw modes whose pixels Pillow gives unchanged, so a tRNS colour key matches them:
-#: 1-bit, 8-bit and 16-bit grey, 8-bit RGB. (2- and 4-bit grey are rescaled to 0..255
-#: and 16-bit RGB cut to its high bytes, while the key is not: it is not applied there.)
-_COLOUR_KEY_RAWMODES = {"1", "L", "I;16B", "RGB"}
+#: PNG raw modes of grey images with the factor Pillow's decoded 8/16-bit pixel is of the
+#: stored sample (2- and 4-bit samples are rescaled to 0..255), so that a tRNS colour key
+#: k, which Pillow leaves as stored, matches the pixels equal to k times it. 1-bit images
+#: decode to booleans (and Pillow gives their key as 0 or 255); RGB: see _colour_key_alpha.
+_GREY_KEY_SCALE = {"L;2": 85, "L;4": 17, "L": 1, "I;16B": 1}
 
 
 @dataclass(frozen=True)
@@ -93,32 +94,51 @@ def _to_8bit(image: Image.Image) -> Image.Image:
                            .astype(np.uint8))
 
 
-def _colour_key_alpha(image: Image.Image, png_rawmode: str | None) -> np.ndarray | None:
-    """The alpha of a grey or RGB PNG's tRNS colour key (the one value that is fully
-    transparent): 0 where the pixel equals it, 255 elsewhere; None without a key, or where
-    the decoded pixels no longer hold the values the key was written for."""
+def _colour_key_alpha(image: Image.Image, png_rawmode: str | None,
+                      data: bytes) -> np.ndarray | None:
+    """The alpha of a grey or RGB PNG's tRNS colour key (the one sample value that is fully
+    transparent), from the image as stored (before any EXIF turn): 0 where the pixel equals
+    the key at the PNG's own bit depth, 255 elsewhere; None without a key or a match.
+    Pillow keeps only the high byte of 16-bit RGB, where (0, 0, 200) and a key of (0, 0, 0)
+    would both read as black, so that image's low bytes are decoded too (``data``)."""
     key = image.info.get("transparency")
-    if png_rawmode not in _COLOUR_KEY_RAWMODES or key is None:
+    if key is None or png_rawmode is None:
         return None
     pixels = np.asarray(image)
-    if image.mode == "RGB":
-        if not (isinstance(key, tuple) and len(key) == 3 and all(0 <= k <= 255 for k in key)):
+    if png_rawmode in ("RGB", "RGB;16B"):
+        if not (isinstance(key, tuple) and len(key) == 3):
             return None
-        transparent = (pixels == np.array(key, np.uint8)).all(axis=-1)
-    elif isinstance(key, int) and pixels.ndim == 2:
-        transparent = pixels == (key != 0) if pixels.dtype == bool else pixels == key
+        if png_rawmode == "RGB;16B":
+            pixels = (pixels.astype(np.uint16) << 8) | _png_low_bytes(data)
+        transparent = (pixels == np.array(key, np.int64)).all(axis=-1)
+    elif png_rawmode == "1" and isinstance(key, int) and pixels.dtype == bool:
+        transparent = pixels == (key != 0)
+    elif png_rawmode in _GREY_KEY_SCALE and isinstance(key, int) and pixels.ndim == 2:
+        transparent = pixels == key * _GREY_KEY_SCALE[png_rawmode]
     else:
         return None
     return np.where(transparent, 0, 255).astype(np.uint8) if transparent.any() else None
 
 
-def _normalise_mode(image: Image.Image, png_rawmode: str | None = None) -> Image.Image:
-    """Converts any decoded mode to RGB or RGBA (a PNG's colour key becomes alpha)."""
-    key_alpha = _colour_key_alpha(image, png_rawmode)
+def _png_low_bytes(data: bytes) -> np.ndarray:
+    """The low bytes of a 16-bit RGB PNG's first frame: the same stream decoded again with
+    its samples read as little-endian. Both readings are 48 bits a pixel, so the PNG's row
+    filters are undone the same way and only the byte each sample keeps differs."""
+    with Image.open(io.BytesIO(data), formats=("PNG",)) as image:
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
+        image.tile = [tile._replace(args="RGB;16L") for tile in image.tile]
+        image.load()
+        return np.asarray(image)
+
+
+def _normalise_mode(image: Image.Image, key_alpha: Image.Image | None = None) -> Image.Image:
+    """Converts any decoded mode to RGB or RGBA (``key_alpha``, a PNG's colour key as an
+    "L" image of the same size, becomes the alpha)."""
     if key_alpha is not None:
         grey_or_rgb = _to_8bit(image) if image.mode.startswith("I") else image
         rgba = grey_or_rgb.convert("RGB").convert("RGBA")
-        rgba.putalpha(Image.fromarray(key_alpha))
+        rgba.putalpha(key_alpha)
         return rgba
     if image.mode.startswith("I") or image.mode == "F":
         image = _to_8bit(image)
@@ -131,16 +151,16 @@ def _normalise_mode(image: Image.Image, png_rawmode: str | None = None) -> Image
     return image
 
 
-def _upright(image: Image.Image) -> Image.Image:
-    """The image turned as its EXIF orientation says. A damaged EXIF block (unreadable, or
-    an orientation that is no number) leaves the image as stored: it costs the orientation,
-    not the request. Unlike ImageOps.exif_transpose, the EXIF is not written back, which
-    fails on tags it cannot serialise, and an upright image is not copied."""
+def _upright_turn(image: Image.Image) -> Image.Transpose | None:
+    """What shows the image upright, as its EXIF orientation says; None for an upright
+    image. A damaged EXIF block (unreadable, or an orientation that is no number) leaves
+    the image as stored: it costs the orientation, not the request. Unlike
+    ImageOps.exif_transpose, the EXIF is not written back, which fails on tags it cannot
+    serialise, and an upright image is not copied."""
     try:
-        method = _UPRIGHT.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+        return _UPRIGHT.get(image.getexif().get(ExifTags.Base.Orientation, 1))
     except Exception:  # Pillow's TIFF parser on damaged bytes: SyntaxError, struct.error...
-        return image
-    return image if method is None else image.transpose(method)
+        return None
 
 
 def _rgb_icc_profile(image: Image.Image) -> bytes | None:
@@ -191,10 +211,10 @@ def _png_rawmode(image: Image.Image) -> str | None:
 def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> DecodedImage:
     """Decodes ``data`` to RGB (+ alpha). The first frame of an animation is used and EXIF
     orientation is applied (ignored when the EXIF block is unreadable). Alpha comes from
-    an alpha channel, a palette's transparency, or a grey or 8-bit RGB PNG's colour key
-    (tRNS); it is kept apart, not composited: ``rgb`` is the stored colour. Raises
-    InvalidArgument for empty, undecodable, truncated or oversized input, whatever the
-    decoder raised."""
+    an alpha channel, a palette's transparency, or a grey or RGB PNG's colour key (tRNS,
+    matched at the PNG's bit depth); it is kept apart, not composited: ``rgb`` is the
+    stored colour. Raises InvalidArgument for empty, undecodable, truncated or oversized
+    input, whatever the decoder raised."""
     image = _open(data, what)
     with image:
         width, height = image.size
@@ -210,7 +230,12 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> Decode
                 image.seek(0)
             png_rawmode = _png_rawmode(image)
             image.load()
-            image = _upright(image)
+            key = _colour_key_alpha(image, png_rawmode, data)
+            key_alpha = None if key is None else Image.fromarray(key)
+            turn = _upright_turn(image)
+            if turn is not None:
+                image = image.transpose(turn)
+                key_alpha = None if key_alpha is None else key_alpha.transpose(turn)
         except MemoryError:
             raise
         except OSError as error:
@@ -224,7 +249,7 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> Decode
         mode = image.mode
         try:
             with np.errstate(all="ignore"):  # NaN in float images: handled (thread-local)
-                image = _normalise_mode(image, png_rawmode)
+                image = _normalise_mode(image, key_alpha)
         except MemoryError:
             raise
         except ImportError as error:  # LAB needs littlecms, which a Pillow build may lack

@@ -43,19 +43,45 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
             + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
 
 
-def _png(pixels: np.ndarray, depth: int, colour_type: int, trns: bytes) -> bytes:
-    """A PNG written chunk by chunk (Pillow writes no colour key for 16-bit images)."""
+#: Adam7's passes: (first column, first row, column step, row step).
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))
+
+
+def _png_rows(pixels: np.ndarray, depth: int) -> list[bytes]:
+    """The rows of one (sub)image as stored, each behind PNG's Sub filter (type 1), which
+    stores each byte minus the one a pixel before it: undoing it needs the right pixel
+    size."""
+    pixel_bytes = max(1, depth * (pixels.shape[2] if pixels.ndim == 3 else 1) // 8)
+    rows = []
+    for row in pixels:
+        if depth == 16:
+            raw = np.frombuffer(row.astype(">u2").tobytes(), np.uint8)
+        elif depth == 8:
+            raw = row.astype(np.uint8).reshape(-1)
+        else:  # 1, 2 or 4 bits a sample, packed from the high bits
+            bits = (row.astype(np.uint8)[:, None] >> np.arange(depth - 1, -1, -1)) & 1
+            raw = np.packbits(bits.reshape(-1))
+        filtered = raw.copy()
+        filtered[pixel_bytes:] = raw[pixel_bytes:] - raw[:-pixel_bytes]  # modulo 256
+        rows.append(b"\x01" + filtered.tobytes())
+    return rows
+
+
+def _png(pixels: np.ndarray, depth: int, colour_type: int, trns: bytes, *,
+         interlaced: bool = False, exif: bytes | None = None) -> bytes:
+    """A PNG written chunk by chunk (Pillow writes no colour key for 16-bit images, nor
+    2- or 4-bit grey, nor interlaced PNGs)."""
     height, width = pixels.shape[:2]
-    if depth == 16:
-        rows = [pixels[i].astype(">u2").tobytes() for i in range(height)]
-    elif depth == 8:
-        rows = [pixels[i].astype(np.uint8).tobytes() for i in range(height)]
+    if interlaced:
+        passes = (pixels[y0::dy, x0::dx] for x0, y0, dx, dy in _ADAM7)
+        rows = [row for sub in passes if sub.size for row in _png_rows(sub, depth)]
     else:
-        rows = [np.packbits(pixels[i].astype(bool)).tobytes() for i in range(height)]
-    header = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
+        rows = _png_rows(pixels, depth)
+    header = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, int(interlaced))
     return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"tRNS", trns)
-            + _png_chunk(b"IDAT", zlib.compress(b"".join(b"\x00" + row for row in rows)))
-            + _png_chunk(b"IEND", b""))
+            + (b"" if exif is None else _png_chunk(b"eXIf", exif))
+            + _png_chunk(b"IDAT", zlib.compress(b"".join(rows))) + _png_chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -135,15 +161,65 @@ def test_a_1_bit_and_a_16_bit_grey_colour_key_become_alpha() -> None:
     np.testing.assert_array_equal(decoded.rgb[..., 0], np.round(grey16 / 257.0))
 
 
-def test_a_16_bit_rgb_colour_key_is_not_guessed_from_8_bit_pixels() -> None:
-    """Pillow keeps only the high byte of 16-bit RGB: (0, 0, 200) and the key (0, 0, 0)
-    both read as black, so matching there would punch holes; the image stays opaque."""
-    rgb16 = np.zeros((2, 2, 3), np.uint16)
+@pytest.mark.parametrize("depth, scale", [(2, 85), (4, 17)])
+def test_a_2_and_4_bit_grey_colour_key_becomes_alpha(depth: int, scale: int) -> None:
+    """Pillow rescales 2- and 4-bit samples to 0..255 and leaves the key as stored: the
+    key is matched at the PNG's depth, not against the rescaled pixels."""
+    levels = 2 ** depth
+    grey = (np.arange(3 * 11) % levels).reshape(3, 11).astype(np.uint8)  # rows end mid-byte
+    key = levels - 2
+    decoded = decode_image(_png(grey, depth, 0, struct.pack(">H", key)), max_pixels=CAP)
+    assert decoded.alpha is not None
+    np.testing.assert_array_equal(decoded.alpha, np.where(grey == key, 0, 255))
+    np.testing.assert_array_equal(decoded.rgb[..., 0], grey * scale)
+
+
+def _rgb16_with_near_misses(key: tuple[int, int, int]) -> np.ndarray:
+    """A 16-bit RGB image with the key and colours that share its high bytes, over a
+    gradient (so the Sub filter stores no plain copies)."""
+    rows, cols = np.mgrid[0:9, 0:13]
+    rgb16 = np.stack([rows * 7000, cols * 5000, (rows + cols) * 3001], axis=-1).astype(np.uint16)
+    rgb16[1, 2] = rgb16[4, 4] = rgb16[8, 12] = key
+    rgb16[0, 0] = (key[0], key[1], key[2] ^ 1)  # one step off in the low byte: opaque
+    rgb16[5, 7] = (key[0] ^ 0x80, key[1], key[2])  # off in a low byte only
+    return rgb16
+
+
+@pytest.mark.parametrize("interlaced", [False, True], ids=["plain", "adam7"])
+def test_a_16_bit_rgb_colour_key_is_matched_at_16_bits(interlaced: bool) -> None:
+    """Pillow keeps only the high byte of 16-bit RGB, where (0, 0, 200) and a key of
+    (0, 0, 0) both read as black: matching there would punch holes. The key is matched
+    against all 16 bits (the low bytes come from a second reading of the same stream)."""
+    key = (0x1234, 0xABCD, 0x00FF)
+    rgb16 = _rgb16_with_near_misses(key)
+    data = _png(rgb16, 16, 2, struct.pack(">HHH", *key), interlaced=interlaced)
+    decoded = decode_image(data, max_pixels=CAP)
+    assert decoded.alpha is not None
+    np.testing.assert_array_equal(decoded.alpha, np.where((rgb16 == key).all(-1), 0, 255))
+    np.testing.assert_array_equal(decoded.rgb, rgb16 >> 8)
+
+
+def test_a_16_bit_rgb_key_of_no_pixel_leaves_the_image_opaque() -> None:
+    rgb16 = np.full((2, 2, 3), 255, np.uint16)  # every pixel black at 8 bits, as the key
     rgb16[0, 0] = (0, 0, 200)
-    rgb16[1, 1] = (60000, 30000, 100)
+    rgb16[1, 1] = (0, 1, 0)
     decoded = decode_image(_png(rgb16, 16, 2, struct.pack(">HHH", 0, 0, 0)), max_pixels=CAP)
     assert decoded.alpha is None
     np.testing.assert_array_equal(decoded.rgb, rgb16 >> 8)
+
+
+def test_a_colour_key_turns_with_the_exif_orientation() -> None:
+    """The key is matched on the image as stored; its alpha then turns with the pixels."""
+    key = (0x1234, 0xABCD, 0x00FF)
+    rgb16 = _rgb16_with_near_misses(key)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned: shown rotated 90 degrees clockwise
+    data = _png(rgb16, 16, 2, struct.pack(">HHH", *key), exif=exif.tobytes())
+    decoded = decode_image(data, max_pixels=CAP)
+    assert decoded.alpha is not None
+    np.testing.assert_array_equal(decoded.rgb, np.rot90(rgb16 >> 8, -1))
+    np.testing.assert_array_equal(decoded.alpha,
+                                  np.rot90(np.where((rgb16 == key).all(-1), 0, 255), -1))
 
 
 @pytest.mark.parametrize("fmt, name, limit", [(2, "JPEG", 65_500), (3, "WEBP", 16_383)])

@@ -10,8 +10,9 @@ PY=${PYTHON:-}
 STAMP=$VENV/.percept-setup
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
-# 1. Debian packages: headers pillow-simd compiles against (JPEG, zlib, WebP, TIFF, FreeType).
-APT_PKGS="libjpeg-dev zlib1g-dev libwebp-dev libtiff-dev libfreetype-dev"
+# 1. Debian packages: headers pillow-simd compiles against (JPEG, zlib, WebP, TIFF, FreeType,
+#    and littlecms for colour management: CIELAB images, ICC profiles).
+APT_PKGS="libjpeg-dev zlib1g-dev libwebp-dev libtiff-dev libfreetype-dev liblcms2-dev"
 missing=""
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -46,8 +47,10 @@ if [ "$want" != "$have" ]; then
   rm -f $VENV/.pillow-simd
 fi
 
-# 4. pillow-simd last: anything depending on Pillow reinstalls stock Pillow over it.
-if ! $VPY -c "import PIL, sys; sys.exit(0 if 'post' in PIL.__version__ else 1)" 2>/dev/null; then
+# 4. pillow-simd last: anything depending on Pillow reinstalls stock Pillow over it. Built
+#    again where an earlier build lacks littlecms (its headers came with step 1).
+if ! $VPY -c "import PIL, PIL.features as f, sys
+sys.exit(0 if 'post' in PIL.__version__ and f.check('littlecms2') else 1)" 2>/dev/null; then
   if grep -qw avx2 /proc/cpuinfo; then SIMD="-mavx2"; else SIMD="-msse4"; fi
   log "building pillow-simd 12.1.1.post0 with CC='cc $SIMD' (about 30 s)"
   $VPY -m pip uninstall -q -y pillow pillow-simd >/dev/null 2>&1 || true

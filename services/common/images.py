@@ -15,6 +15,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from percept.v1 import image_pb2
+from services.common.colour import to_srgb
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.png import encode_png
 
@@ -62,7 +63,8 @@ class DecodedImage:
     source_format: str
     # The embedded ICC profile when it describes an RGB space the pixels are still in
     # (Display P3, Adobe RGB...): outputs carry it on, so a viewer shows their colours as
-    # the input's. None for untagged (sRGB) images and for converted ones (CMYK, grey).
+    # the input's. None for untagged (sRGB) images, for converted ones (CMYK, grey), and
+    # for those decoded with srgb=True (their pixels were converted to sRGB).
     icc_profile: bytes | None = None
 
     @property
@@ -208,13 +210,16 @@ def _png_rawmode(image: Image.Image) -> str | None:
     return args if isinstance(args, str) else None
 
 
-def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> DecodedImage:
+def decode_image(data: bytes, *, max_pixels: int, what: str = "image",
+                 srgb: bool = False) -> DecodedImage:
     """Decodes ``data`` to RGB (+ alpha). The first frame of an animation is used and EXIF
     orientation is applied (ignored when the EXIF block is unreadable). Alpha comes from
     an alpha channel, a palette's transparency, or a grey or RGB PNG's colour key (tRNS,
     matched at the PNG's bit depth); it is kept apart, not composited: ``rgb`` is the
-    stored colour. Raises InvalidArgument for empty, undecodable, truncated or oversized
-    input, whatever the decoder raised."""
+    stored colour. With ``srgb``, an RGB image tagged with an ICC profile has its pixels
+    converted to sRGB and the profile dropped (for models that read colours as sRGB);
+    otherwise the profile is kept, to tag the output with. Raises InvalidArgument for
+    empty, undecodable, truncated or oversized input, whatever the decoder raised."""
     image = _open(data, what)
     with image:
         width, height = image.size
@@ -260,12 +265,15 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> Decode
             raise InvalidArgument(f"cannot convert a {mode} {what} to RGB: {_reason(error)}"
                                   ) from error
         array = np.asarray(image)
+    alpha = None
     if array.shape[-1] == 4:
         alpha = np.ascontiguousarray(array[..., 3])
-        rgb = np.ascontiguousarray(array[..., :3])
-        return DecodedImage(rgb=rgb, alpha=None if alpha.min() == 255 else alpha,
-                            source_format=source_format, icc_profile=icc_profile)
-    return DecodedImage(rgb=np.ascontiguousarray(array), alpha=None, source_format=source_format,
+        alpha = None if alpha.min() == 255 else alpha
+        array = array[..., :3]
+    rgb = np.ascontiguousarray(array)
+    if srgb and icc_profile is not None:
+        rgb, icc_profile = to_srgb(rgb, icc_profile), None
+    return DecodedImage(rgb=rgb, alpha=alpha, source_format=source_format,
                         icc_profile=icc_profile)
 
 

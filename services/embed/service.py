@@ -191,7 +191,7 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
 
         def decode() -> list[np.ndarray]:
             return [preprocess(decode_image(data, max_pixels=self.config.max_pixels,
-                                            what=what).rgb)
+                                            what=what, srgb=True).rgb)
                     for what, data in zip(whats, images, strict=True)]
 
         # One of --max-queue image-request slots is held from before the headers are read

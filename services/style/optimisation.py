@@ -52,7 +52,6 @@ class OptimisationJob:
     progress_every: int
     output_format: int
     quality: int
-    icc_profile: bytes | None = None  # the content's RGB profile, carried to the result
     on_progress: Callable[[GatysProgress], None] | None = None
     should_stop: Callable[[], bool] = field(default=lambda: False)
 
@@ -104,9 +103,11 @@ def parse_request(request: style_pb2.StylizeWithImageRequest,
     output_format_name(output_format)  # an unknown format fails now, not after the run
     quality = validate_quality(request.quality)
 
+    # both in sRGB, as VGG's statistics and the result are (a tagged image is converted)
     content = decode_image(request.content_image, max_pixels=config.max_pixels,
-                           what="content image")
-    style = decode_image(request.style_image, max_pixels=config.max_pixels, what="style image")
+                           what="content image", srgb=True)
+    style = decode_image(request.style_image, max_pixels=config.max_pixels, what="style image",
+                         srgb=True)
     longest = min(max_size, max(content.width, content.height))
     if content.alpha is not None and output_format_name(output_format) in ALPHA_FORMATS:
         # the hidden colour is kept out of the visible edge, at the working size
@@ -134,4 +135,4 @@ def parse_request(request: style_pb2.StylizeWithImageRequest,
     return OptimisationJob(
         content=to_tensor(content_rgb), style=to_tensor(style_rgb), mask=mask, alpha=alpha,
         options=options, progress_every=progress_every,
-        output_format=output_format, quality=quality, icc_profile=content.icc_profile)
+        output_format=output_format, quality=quality)

@@ -136,7 +136,7 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
         # busy, or too elongated: refused from the header
         async with model.admission(request.image, self.config.max_pixels) as slot:
             decoded = await slot.to_thread(decode_image, request.image,
-                                           max_pixels=self.config.max_pixels)
+                                           max_pixels=self.config.max_pixels, srgb=True)
             check_output_size(decoded.width, decoded.height, fmt)  # before the forward pass
             mask = None
             if request.mask:
@@ -160,7 +160,7 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
                                                preserve_color=request.preserve_color,
                                                strength=strength, mask=mask)
             data = await slot.to_thread(encode_image, rgb, alpha=decoded.alpha, fmt=fmt,
-                                        quality=quality, icc_profile=decoded.icc_profile,
+                                        quality=quality,
                                         max_reply_bytes=self.config.max_message_bytes)
         return style_pb2.StylizeResponse(image=data, width=rgb.shape[1], height=rgb.shape[0],
                                          model=model.artifact.tag, format=fmt)
@@ -233,7 +233,6 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
             rgb = to_uint8(output)
             data = await slot.to_thread(encode_image, rgb, alpha=job.alpha,
                                         fmt=job.output_format, quality=job.quality,
-                                        icc_profile=job.icc_profile,
                                         max_reply_bytes=self.config.max_message_bytes)
             yield style_pb2.StylizeWithImageResponse(result=style_pb2.StylizeResponse(
                 image=data, width=rgb.shape[1], height=rgb.shape[0],

@@ -10,9 +10,11 @@ import pytest
 
 from percept.v1 import embed_pb2, embed_pb2_grpc
 from services import client
+from services.common.images import decode_image
 from services.common.server import RunningServer, start_in_thread
 from services.embed.wordnet import NounVocabulary, imagenet_wnids
 from tests.conftest import encode, server_config
+from tests.fixtures import bad_images, icc
 
 ANIMAL = "n00015388"
 CATS = {"n02123045", "n02123159", "n02124075", "n02121808", "n02121620", "n02123394"}
@@ -91,6 +93,19 @@ def test_text_and_images_share_one_space(stub: embed_pb2_grpc.EmbeddingStub,
     np.testing.assert_allclose(np.linalg.norm(i, axis=1), 1.0, atol=1e-4)
     similarity = i @ t.T  # rows: cat photo, coffee photo; columns: "a cat", "a cup of coffee"
     assert similarity[0, 0] > similarity[0, 1] and similarity[1, 1] > similarity[1, 0]
+
+
+def test_a_tagged_image_is_embedded_as_its_srgb_colours(stub: embed_pb2_grpc.EmbeddingStub,
+                                                        photo: np.ndarray) -> None:
+    """The image model was trained on sRGB: a Display P3 photo is embedded as its colours
+    converted to sRGB, not as the same numbers read as sRGB."""
+    tagged = bad_images.with_icc_profile(photo, "RGB", icc.rgb_profile())
+    converted = decode_image(tagged, max_pixels=10**8, srgb=True).rgb
+    images = stub.EmbedImages(embed_pb2.EmbedImagesRequest(
+        images=[tagged, encode(converted), encode(photo)]), timeout=60)
+    vectors = np.array([v.values for v in images.embeddings])
+    np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-5)
+    assert np.abs(vectors[0] - vectors[2]).max() > 1e-3  # the numbers as they are: another
 
 
 @pytest.mark.parametrize("request_fields, code, message", [

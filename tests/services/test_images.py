@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from services.common.errors import InvalidArgument
 from services.common.images import decode_image, decode_mask, encode_image
@@ -208,10 +209,30 @@ def test_a_decoder_failure_of_any_type_is_invalid_argument(small_photo: np.ndarr
     # Pillow raises TypeError("Missing dimensions") counting this file's frames
     with pytest.raises(InvalidArgument, match=r"^corrupt image data: TypeError: "):
         decode_image(bad_images.tiff_second_page_without_width(small_photo), max_pixels=CAP)
-    try:  # without littlecms Pillow cannot convert LAB; with it the image decodes
-        decoded = decode_image(bad_images.lab_tiff(small_photo), max_pixels=CAP)
-    except InvalidArgument as error:
-        assert str(error) == ("cannot convert a LAB image to RGB: this server's image library "
-                              "has no colour management; send RGB")
-    else:
-        assert decoded.rgb.shape == small_photo.shape
+
+
+def test_a_cielab_image_is_converted_to_its_rgb_colours(small_photo: np.ndarray) -> None:
+    """scripts/setup.sh builds Pillow with littlecms, which converts CIELAB to sRGB."""
+    decoded = decode_image(bad_images.lab_tiff(small_photo), max_pixels=CAP)
+    assert decoded.alpha is None and decoded.source_format == "TIFF"
+    error = np.abs(decoded.rgb.astype(int) - small_photo)
+    assert error.mean() < 1.0 and error.max() <= 3  # 8-bit LAB's rounding, both ways
+
+
+def test_without_colour_management_a_cielab_image_is_a_precise_invalid_argument(
+        small_photo: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Pillow built without littlecms raises ImportError converting LAB."""
+    data = bad_images.lab_tiff(small_photo)
+    convert = Image.Image.convert
+
+    def no_littlecms(image: Image.Image, mode: str | None = None, *args: object,
+                     **kwargs: object) -> Image.Image:
+        if image.mode == "LAB":
+            raise ImportError("The _imagingcms C module is not installed")
+        return convert(image, mode, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Image.Image, "convert", no_littlecms)
+    with pytest.raises(InvalidArgument) as caught:
+        decode_image(data, max_pixels=CAP)
+    assert str(caught.value) == ("cannot convert a LAB image to RGB: this server's image "
+                                 "library has no colour management; send RGB")

@@ -25,7 +25,7 @@ from services.common.tiling import TilePlan, tiled_apply
 from services.style.service import OVERLAP
 from tests.conftest import STYLE_TEST_TILE as TILE
 from tests.conftest import encode, server_config
-from tests.fixtures import bad_images
+from tests.fixtures import bad_images, icc
 from tests.style.committed import EACH_STYLE, FIRST, MODELS, NAMES, STYLES, needs_styles
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -325,15 +325,40 @@ def test_nothing_to_show_costs_no_forward_pass(channel: grpc.Channel, photo: np.
 
 
 @needs_styles
-def test_an_rgb_colour_profile_is_carried_to_the_output(channel: grpc.Channel,
-                                                        small_photo: np.ndarray) -> None:
-    profile = bad_images.icc_profile(b"RGB ")
+def test_a_tagged_image_is_stylised_in_srgb_and_the_result_is_srgb(
+        channel: grpc.Channel, small_photo: np.ndarray) -> None:
+    """The networks were trained on sRGB: a Display P3 photo is converted to sRGB first
+    (littlecms), and the result is untagged sRGB. Carrying P3's profile on, as
+    super-resolution does, would show the painting's palette over-saturated."""
+    tagged = bad_images.with_icc_profile(small_photo, "RGB", icc.rgb_profile())
+    in_srgb = icc.reference_to_srgb(small_photo)
+    assert mean_abs(in_srgb, small_photo) > 3  # the conversion changes what the net sees
     for fmt in (PNG, JPEG, WEBP):
-        _, result = stylize(channel, bad_images.with_icc_profile(small_photo), FIRST,
-                            output_format=fmt)
-        assert result.icc_profile == profile
-    _, untagged = stylize(channel, encode(small_photo), FIRST)
-    assert untagged.icc_profile is None
+        _, result = stylize(channel, tagged, FIRST, output_format=fmt, quality=100)
+        assert result.icc_profile is None
+        _, converted_first = stylize(channel, encode(decode_image(
+            tagged, max_pixels=10**8, srgb=True).rgb), FIRST, output_format=fmt, quality=100)
+        np.testing.assert_array_equal(result.rgb, converted_first.rgb)
+    _, kept = stylize(channel, tagged, FIRST, preserve_color=True)
+    _, kept_from_srgb = stylize(channel, encode(in_srgb), FIRST, preserve_color=True)
+    assert mean_abs(kept.rgb, kept_from_srgb.rgb) < 1.0  # reference within 1 level
+
+
+def test_a_tagged_content_image_is_optimised_in_srgb(channel: grpc.Channel, photo: np.ndarray,
+                                                     style_photo: np.ndarray) -> None:
+    profile = icc.rgb_profile()
+    results = []
+    for content, style in ((bad_images.with_icc_profile(photo, "RGB", profile),
+                            bad_images.with_icc_profile(style_photo, "RGB", profile)),
+                           (encode(icc.reference_to_srgb(photo)),
+                            encode(icc.reference_to_srgb(style_photo)))):
+        request = style_pb2.StylizeWithImageRequest(
+            content_image=content, style_image=style, iterations=2, max_size=96, seed=1)
+        result = decode_image(client.stylize_with_image(channel, request, timeout=120).image,
+                              max_pixels=10**8)
+        assert result.icc_profile is None
+        results.append(result.rgb.astype(int))
+    assert np.abs(results[0] - results[1]).mean() < 1.5  # the inputs differ by <= 1 level
 
 
 # -- unusual inputs --------------------------------------------------------------------------

@@ -1,0 +1,56 @@
+"""Conversion of an RGB image tagged with an ICC profile (Display P3, Adobe RGB...) to
+sRGB, by littlecms, for the models that read colours as sRGB: the style networks were
+trained on sRGB photos and paintings and the embedding model on sRGB photos. (Super-
+resolution keeps the input's colours, so it keeps its space and carries the profile on.)
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+try:  # scripts/setup.sh and the image build Pillow with littlecms; another build may lack it
+    from PIL import ImageCms
+except ImportError:  # pragma: no cover - depends on how Pillow was built
+    ImageCms = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=16)
+def _transform_to_srgb(profile: bytes) -> ImageCms.ImageCmsTransform | None:
+    """The transform from ``profile`` to sRGB (perceptual intent, which littlecms takes as
+    relative colorimetric for the matrix profiles cameras and phones embed); None for a
+    profile littlecms cannot read or convert from, or without littlecms. Cached: clients
+    send the same few."""
+    if ImageCms is None:
+        log.warning("Pillow has no littlecms: a tagged image's pixels are taken as sRGB")
+        return None
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        return ImageCms.buildTransform(source, _srgb(), "RGB", "RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as error:
+        log.info("an embedded ICC profile cannot be converted from (%s); its pixels are "
+                 "taken as sRGB", error)
+        return None
+
+
+@lru_cache(maxsize=1)
+def _srgb() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def to_srgb(rgb: np.ndarray, profile: bytes | None) -> np.ndarray:
+    """(H, W, 3) uint8 pixels in the space of ``profile`` as sRGB (colours outside sRGB
+    are clipped to it). Without a profile, or with one littlecms cannot use, the pixels are
+    returned as they are, as sRGB."""
+    transform = None if profile is None else _transform_to_srgb(profile)
+    if transform is None:
+        return rgb
+    converted = ImageCms.applyTransform(Image.fromarray(rgb, "RGB"), transform)
+    assert converted is not None  # None only with inPlace=True
+    return np.asarray(converted)

@@ -1,0 +1,67 @@
+"""Tagged RGB images converted to sRGB by littlecms (services/common/colour.py), checked
+against the conversion computed from the profile's primaries in numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import ImageCms
+
+from services.common.colour import to_srgb
+from services.common.images import decode_image
+from tests.fixtures import bad_images, icc
+
+CAP = 64_000_000
+
+
+def _rgb_cube(step: int = 5) -> np.ndarray:
+    """Every colour on a grid of the RGB cube, as a (N, 1, 3) uint8 image."""
+    levels = np.arange(0, 256, step)
+    return np.stack(np.meshgrid(levels, levels, levels), axis=-1).reshape(-1, 1, 3) \
+        .astype(np.uint8)
+
+
+def test_display_p3_is_converted_as_its_primaries_say() -> None:
+    cube = _rgb_cube()
+    converted = to_srgb(cube, icc.rgb_profile())
+    error = np.abs(converted.astype(int) - icc.reference_to_srgb(cube))
+    assert error.max() <= 1  # 16-bit interpolation inside littlecms
+    # and it is no identity: P3's colours are more saturated than the same numbers in sRGB
+    assert np.abs(converted.astype(int) - cube).mean() > 5
+
+
+def test_an_srgb_profile_leaves_the_pixels_as_they_are() -> None:
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    cube = _rgb_cube(15)
+    np.testing.assert_array_equal(to_srgb(cube, srgb), cube)
+
+
+@pytest.mark.parametrize("profile", [None, bad_images.icc_profile(b"RGB "), b"\xff" * 300],
+                         ids=["none", "header-only", "garbage"])
+def test_without_a_usable_profile_the_pixels_are_taken_as_srgb(profile: bytes | None) -> None:
+    cube = _rgb_cube(15)
+    assert to_srgb(cube, profile) is cube
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "TIFF"])
+def test_decoding_for_an_srgb_model_converts_a_tagged_image(small_photo: np.ndarray,
+                                                            fmt: str) -> None:
+    profile = icc.rgb_profile()
+    data = bad_images.with_icc_profile(small_photo, "RGB", profile, fmt)
+    kept = decode_image(data, max_pixels=CAP)
+    assert kept.icc_profile == profile  # what super-resolution carries on
+    converted = decode_image(data, max_pixels=CAP, srgb=True)
+    assert converted.icc_profile is None
+    np.testing.assert_array_equal(converted.rgb, to_srgb(kept.rgb, profile))
+    error = np.abs(converted.rgb.astype(int) - icc.reference_to_srgb(kept.rgb))
+    assert error.max() <= 1
+
+
+def test_decoding_for_an_srgb_model_keeps_the_alpha(small_photo: np.ndarray) -> None:
+    alpha = np.full(small_photo.shape[:2], 255, np.uint8)
+    alpha[: alpha.shape[0] // 2] = 40
+    data = bad_images.save_rgba_with_icc_profile(small_photo, alpha, icc.rgb_profile())
+    converted = decode_image(data, max_pixels=CAP, srgb=True)
+    assert converted.alpha is not None and converted.icc_profile is None
+    np.testing.assert_array_equal(converted.alpha, alpha)
+    np.testing.assert_array_equal(converted.rgb, to_srgb(small_photo, icc.rgb_profile()))

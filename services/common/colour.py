@@ -22,20 +22,20 @@ log = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=16)
-def _transform_to_srgb(profile: bytes) -> ImageCms.ImageCmsTransform | None:
-    """The transform from ``profile`` to sRGB (perceptual intent, which littlecms takes as
-    relative colorimetric for the matrix profiles cameras and phones embed); None for a
-    profile littlecms cannot read or convert from, or without littlecms. Cached: clients
-    send the same few."""
+def _transform_to_srgb(profile: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform from ``profile``, for pixels of ``mode`` ("RGB" or "CMYK"), to sRGB
+    (perceptual intent, which littlecms takes as relative colorimetric for the matrix
+    profiles cameras and phones embed); None for a profile littlecms cannot read or convert
+    from, or without littlecms. Cached: clients send the same few profiles."""
     if ImageCms is None:
-        log.warning("Pillow has no littlecms: a tagged image's pixels are taken as sRGB")
+        log.warning("Pillow has no littlecms: an image's ICC profile is not applied")
         return None
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
-        return ImageCms.buildTransform(source, _srgb(), "RGB", "RGB")
+        return ImageCms.buildTransform(source, _srgb(), mode, "RGB")
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as error:
-        log.info("an embedded ICC profile cannot be converted from (%s); its pixels are "
-                 "taken as sRGB", error)
+        log.info("an embedded %s ICC profile cannot be converted from (%s); it is not "
+                 "applied", mode, error)
         return None
 
 
@@ -48,9 +48,22 @@ def to_srgb(rgb: np.ndarray, profile: bytes | None) -> np.ndarray:
     """(H, W, 3) uint8 pixels in the space of ``profile`` as sRGB (colours outside sRGB
     are clipped to it). Without a profile, or with one littlecms cannot use, the pixels are
     returned as they are, as sRGB."""
-    transform = None if profile is None else _transform_to_srgb(profile)
+    transform = None if profile is None else _transform_to_srgb(profile, "RGB")
     if transform is None:
         return rgb
     converted = ImageCms.applyTransform(Image.fromarray(rgb, "RGB"), transform)
     assert converted is not None  # None only with inPlace=True
     return np.asarray(converted)
+
+
+def cmyk_to_srgb(image: Image.Image, profile: bytes) -> Image.Image | None:
+    """A CMYK image as sRGB through its embedded (press) profile; None where littlecms
+    cannot use the profile, for the caller's plain conversion. littlecms precomputes the
+    transform on a grid (about 65 ms a megapixel here, against 280 ms exact), so deep
+    shadows can be a few levels off the profile's own table."""
+    transform = _transform_to_srgb(profile, "CMYK")
+    if transform is None:
+        return None
+    converted = ImageCms.applyTransform(image, transform)
+    assert converted is not None  # None only with inPlace=True
+    return converted

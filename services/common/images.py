@@ -15,7 +15,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from percept.v1 import image_pb2
-from services.common.colour import to_srgb
+from services.common.colour import cmyk_to_srgb, to_srgb
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.png import encode_png
 
@@ -136,7 +136,14 @@ def _png_low_bytes(data: bytes) -> np.ndarray:
 
 def _normalise_mode(image: Image.Image, key_alpha: Image.Image | None = None) -> Image.Image:
     """Converts any decoded mode to RGB or RGBA (``key_alpha``, a PNG's colour key as an
-    "L" image of the same size, becomes the alpha)."""
+    "L" image of the same size, becomes the alpha; CMYK goes through its embedded
+    profile where it has one littlecms can use)."""
+    if image.mode == "CMYK":
+        profile = image.info.get("icc_profile")
+        if isinstance(profile, bytes) and profile[16:20] == b"CMYK":
+            managed = cmyk_to_srgb(image, profile)
+            if managed is not None:
+                return managed
     if key_alpha is not None:
         grey_or_rgb = _to_8bit(image) if image.mode.startswith("I") else image
         rgba = grey_or_rgb.convert("RGB").convert("RGBA")

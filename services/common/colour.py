@@ -1,7 +1,10 @@
-"""Conversion of an RGB image tagged with an ICC profile (Display P3, Adobe RGB...) to
-sRGB, by littlecms, for the models that read colours as sRGB: the style networks were
-trained on sRGB photos and paintings and the embedding model on sRGB photos. (Super-
-resolution keeps the input's colours, so it keeps its space and carries the profile on.)
+"""Conversion to sRGB through an image's embedded ICC profile, by littlecms.
+
+- An RGB image tagged with a profile (Display P3, Adobe RGB...) is converted for the models
+  that read colours as sRGB: the style networks were trained on sRGB photos and paintings,
+  the embedding model on sRGB photos. (Super-resolution keeps the input's colours, so it
+  keeps their space and carries the profile on.)
+- A CMYK image becomes RGB through its press profile, where it has one.
 """
 
 from __future__ import annotations

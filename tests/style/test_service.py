@@ -344,6 +344,16 @@ def test_a_tagged_image_is_stylised_in_srgb_and_the_result_is_srgb(
     assert mean_abs(kept.rgb, kept_from_srgb.rgb) < 1.0  # reference within 1 level
 
 
+@needs_styles
+def test_a_profile_littlecms_cannot_read_is_ignored(channel: grpc.Channel,
+                                                    small_photo: np.ndarray) -> None:
+    """A header with no tags: the pixels are taken as sRGB, and the server keeps serving."""
+    _, result = stylize(channel, bad_images.with_icc_profile(small_photo), FIRST)
+    _, untagged = stylize(channel, encode(small_photo), FIRST)
+    assert result.icc_profile is None
+    np.testing.assert_array_equal(result.rgb, untagged.rgb)
+
+
 def test_a_tagged_content_image_is_optimised_in_srgb(channel: grpc.Channel, photo: np.ndarray,
                                                      style_photo: np.ndarray) -> None:
     profile = icc.rgb_profile()

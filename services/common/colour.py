@@ -4,7 +4,8 @@
   that read colours as sRGB: the style networks were trained on sRGB photos and paintings,
   the embedding model on sRGB photos. (Super-resolution keeps the input's colours, so it
   keeps their space and carries the profile on.)
-- A CMYK image becomes RGB through its press profile, where it has one.
+- A CMYK or grey image becomes RGB through its profile (a press's, a grey gamma or
+  dot-gain curve), where it has one.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 @lru_cache(maxsize=16)
 def _transform_to_srgb(profile: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
-    """The transform from ``profile``, for pixels of ``mode`` ("RGB" or "CMYK"), to sRGB
+    """The transform from ``profile``, for pixels of ``mode`` ("RGB", "CMYK", "L"), to sRGB
     (perceptual intent, which littlecms takes as relative colorimetric for the matrix
     profiles cameras and phones embed); None for a profile littlecms cannot read or convert
     from, or without littlecms. Cached: clients send the same few profiles."""
@@ -59,12 +60,20 @@ def to_srgb(rgb: np.ndarray, profile: bytes | None) -> np.ndarray:
     return np.asarray(converted)
 
 
-def cmyk_to_srgb(image: Image.Image, profile: bytes) -> Image.Image | None:
-    """A CMYK image as sRGB through its embedded (press) profile; None where littlecms
-    cannot use the profile, for the caller's plain conversion. littlecms precomputes the
-    transform on a grid (about 65 ms a megapixel here, against 280 ms exact), so deep
-    shadows can be a few levels off the profile's own table."""
-    transform = _transform_to_srgb(profile, "CMYK")
+#: The ICC data colour space a profile must name to convert each Pillow mode's pixels.
+_PROFILE_SPACES = {"CMYK": b"CMYK", "L": b"GRAY"}
+
+
+def profiled_to_srgb(image: Image.Image, profile: object) -> Image.Image | None:
+    """A CMYK or grey ("L") image as sRGB RGB through its embedded ICC ``profile`` (a
+    press's CMYK, or a grey gamma or dot-gain curve); None where there is no profile of the
+    image's colour space or littlecms cannot use it, for the caller's plain conversion.
+    littlecms precomputes the transform on a grid (for CMYK about 65 ms a megapixel here,
+    against 280 ms exact), so deep shadows can be a few levels off the profile's table."""
+    space = _PROFILE_SPACES.get(image.mode)
+    if space is None or not isinstance(profile, bytes) or profile[16:20] != space:
+        return None
+    transform = _transform_to_srgb(profile, image.mode)
     if transform is None:
         return None
     converted = ImageCms.applyTransform(image, transform)

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from percept.v1 import image_pb2
-from services.common.colour import cmyk_to_srgb, to_srgb
+from services.common.colour import profiled_to_srgb, to_srgb
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.png import encode_png
 
@@ -136,14 +136,17 @@ def _png_low_bytes(data: bytes) -> np.ndarray:
 
 def _normalise_mode(image: Image.Image, key_alpha: Image.Image | None = None) -> Image.Image:
     """Converts any decoded mode to RGB or RGBA (``key_alpha``, a PNG's colour key as an
-    "L" image of the same size, becomes the alpha; CMYK goes through its embedded
-    profile where it has one littlecms can use)."""
-    if image.mode == "CMYK":
-        profile = image.info.get("icc_profile")
-        if isinstance(profile, bytes) and profile[16:20] == b"CMYK":
-            managed = cmyk_to_srgb(image, profile)
-            if managed is not None:
-                return managed
+    "L" image of the same size, becomes the alpha; CMYK and 8-bit grey go through their
+    embedded profile where they have one littlecms can use)."""
+    if image.mode in ("CMYK", "L", "LA"):
+        colour = image.getchannel("L") if image.mode == "LA" else image
+        managed = profiled_to_srgb(colour, image.info.get("icc_profile"))
+        if managed is not None:
+            alpha = image.getchannel("A") if image.mode == "LA" else key_alpha
+            if alpha is not None:
+                managed = managed.convert("RGBA")
+                managed.putalpha(alpha)
+            return managed
     if key_alpha is not None:
         grey_or_rgb = _to_8bit(image) if image.mode.startswith("I") else image
         rgba = grey_or_rgb.convert("RGB").convert("RGBA")

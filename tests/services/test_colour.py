@@ -1,6 +1,7 @@
 """Images converted to sRGB through their ICC profiles by littlecms
 (services/common/colour.py): tagged RGB checked against the conversion computed from the
-profile's primaries in numpy, CMYK against its press profile's table."""
+profile's primaries in numpy, CMYK against its press profile's table, grey against its
+curve."""
 
 from __future__ import annotations
 
@@ -94,3 +95,30 @@ def test_a_cmyk_profile_littlecms_cannot_use_falls_back_to_the_plain_formula() -
     data = bad_images.save(image, "TIFF", icc_profile=bad_images.icc_profile(b"CMYK"))
     decoded = decode_image(data, max_pixels=CAP)
     np.testing.assert_array_equal(decoded.rgb, np.asarray(image.convert("RGB")))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
+def test_a_grey_image_is_converted_through_its_grey_profile(fmt: str) -> None:
+    """A grey gamma (or a press's dot-gain) curve: the levels mean other luminances than
+    sRGB's, 12 levels apart on average for gamma 1.8."""
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16).repeat(2, axis=0)
+    data = bad_images.save(Image.fromarray(grey), fmt, icc_profile=icc.grey_profile(),
+                           quality=100)
+    with Image.open(io.BytesIO(data)) as stored:
+        stored_grey = np.asarray(stored)
+    decoded = decode_image(data, max_pixels=CAP)
+    assert decoded.icc_profile is None and decoded.alpha is None
+    reference = icc.reference_grey_to_srgb(stored_grey)
+    assert np.abs(decoded.rgb.astype(int) - reference).max() <= 1
+    assert np.abs(np.dstack([stored_grey] * 3).astype(int) - reference).mean() > 10
+
+
+def test_grey_with_alpha_keeps_its_alpha_through_the_profile() -> None:
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    alpha = np.where(np.arange(16)[:, None] < 8, 255, 30).repeat(16, axis=1).astype(np.uint8)
+    data = bad_images.save(Image.fromarray(np.dstack([grey, alpha]), "LA"), "PNG",
+                           icc_profile=icc.grey_profile())
+    decoded = decode_image(data, max_pixels=CAP)
+    assert decoded.alpha is not None
+    np.testing.assert_array_equal(decoded.alpha, alpha)
+    assert np.abs(decoded.rgb.astype(int) - icc.reference_grey_to_srgb(grey)).max() <= 1

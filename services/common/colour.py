@@ -52,16 +52,20 @@ def to_srgb(rgb: np.ndarray, profile: bytes | None) -> np.ndarray:
     """(H, W, 3) uint8 pixels in the space of ``profile`` as sRGB (colours outside sRGB
     are clipped to it). Without a profile, or with one littlecms cannot use, the pixels are
     returned as they are, as sRGB."""
-    transform = None if profile is None else _transform_to_srgb(profile, "RGB")
-    if transform is None:
-        return rgb
-    converted = ImageCms.applyTransform(Image.fromarray(rgb, "RGB"), transform)
-    assert converted is not None  # None only with inPlace=True
-    return np.asarray(converted)
+    converted = None if profile is None else _convert(Image.fromarray(rgb, "RGB"), profile)
+    return rgb if converted is None else np.asarray(converted)
 
 
 #: The ICC data colour space a profile must name to convert each Pillow mode's pixels.
-_PROFILE_SPACES = {"CMYK": b"CMYK", "L": b"GRAY"}
+_PROFILE_SPACES = {"RGB": b"RGB ", "CMYK": b"CMYK", "L": b"GRAY"}
+
+
+def profile_describes(profile: object, mode: str) -> bool:
+    """Whether ``profile`` is an ICC profile whose data colour space (bytes 16-19 of its
+    header) is that of pixels in Pillow ``mode`` ("RGB", "CMYK", "L")."""
+    space = _PROFILE_SPACES.get(mode)
+    return (space is not None and isinstance(profile, bytes) and len(profile) >= 128
+            and profile[16:20] == space)
 
 
 def profiled_to_srgb(image: Image.Image, profile: object) -> Image.Image | None:
@@ -70,9 +74,14 @@ def profiled_to_srgb(image: Image.Image, profile: object) -> Image.Image | None:
     image's colour space or littlecms cannot use it, for the caller's plain conversion.
     littlecms precomputes the transform on a grid (for CMYK about 65 ms a megapixel here,
     against 280 ms exact), so deep shadows can be a few levels off the profile's table."""
-    space = _PROFILE_SPACES.get(image.mode)
-    if space is None or not isinstance(profile, bytes) or profile[16:20] != space:
+    if image.mode == "RGB" or not profile_describes(profile, image.mode):
         return None
+    assert isinstance(profile, bytes)
+    return _convert(image, profile)
+
+
+def _convert(image: Image.Image, profile: bytes) -> Image.Image | None:
+    """``image`` as sRGB RGB through ``profile``; None where littlecms cannot use it."""
     transform = _transform_to_srgb(profile, image.mode)
     if transform is None:
         return None

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from percept.v1 import image_pb2
-from services.common.colour import profiled_to_srgb, to_srgb
+from services.common.colour import profile_describes, profiled_to_srgb, to_srgb
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.png import encode_png
 
@@ -138,9 +138,11 @@ def _normalise_mode(image: Image.Image, key_alpha: Image.Image | None = None) ->
     """Converts any decoded mode to RGB or RGBA (``key_alpha``, a PNG's colour key as an
     "L" image of the same size, becomes the alpha; CMYK and 8-bit grey go through their
     embedded profile where they have one littlecms can use)."""
-    if image.mode in ("CMYK", "L", "LA"):
+    profile = image.info.get("icc_profile")
+    colour_mode = "L" if image.mode == "LA" else image.mode
+    if colour_mode in ("CMYK", "L") and profile_describes(profile, colour_mode):
         colour = image.getchannel("L") if image.mode == "LA" else image
-        managed = profiled_to_srgb(colour, image.info.get("icc_profile"))
+        managed = profiled_to_srgb(colour, profile)
         if managed is not None:
             alpha = image.getchannel("A") if image.mode == "LA" else key_alpha
             if alpha is not None:
@@ -177,11 +179,11 @@ def _upright_turn(image: Image.Image) -> Image.Transpose | None:
 
 def _rgb_icc_profile(image: Image.Image) -> bytes | None:
     """The image's embedded ICC profile if its pixels are RGB and it describes an RGB
-    space (bytes 16-19 of an ICC header name the data colour space)."""
+    space."""
     profile = image.info.get("icc_profile")
-    if (image.mode not in ("RGB", "RGBA", "P", "PA") or not isinstance(profile, bytes)
-            or len(profile) < 128 or profile[16:20] != b"RGB "):
+    if image.mode not in ("RGB", "RGBA", "P", "PA") or not profile_describes(profile, "RGB"):
         return None
+    assert isinstance(profile, bytes)
     return profile
 
 

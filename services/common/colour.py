@@ -4,8 +4,8 @@
   that read colours as sRGB: the style networks were trained on sRGB photos and paintings,
   the embedding model on sRGB photos. (Super-resolution keeps the input's colours, so it
   keeps their space and carries the profile on.)
-- A CMYK or grey image becomes RGB through its profile (a press's, a grey gamma or
-  dot-gain curve), where it has one.
+- A CMYK or grey image (8 or 16 bits) becomes RGB through its profile (a press's, a grey
+  gamma or dot-gain curve), where it has one.
 """
 
 from __future__ import annotations
@@ -27,16 +27,22 @@ log = logging.getLogger(__name__)
 
 @lru_cache(maxsize=16)
 def _transform_to_srgb(profile: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
-    """The transform from ``profile``, for pixels of ``mode`` ("RGB", "CMYK", "L"), to sRGB
-    (perceptual intent, which littlecms takes as relative colorimetric for the matrix
-    profiles cameras and phones embed); None for a profile littlecms cannot read or convert
-    from, or without littlecms. Cached: clients send the same few profiles."""
+    """The transform from ``profile``, for pixels of ``mode`` ("RGB", "CMYK", "L", "I;16"),
+    to 8-bit sRGB (perceptual intent, which littlecms takes as relative colorimetric for
+    the matrix profiles cameras and phones embed); None for a profile littlecms cannot read
+    or convert from, or without littlecms. Cached: clients send the same few profiles.
+
+    It is precomputed on littlecms's finer grid (HIGHRESPRECALC). Against the default
+    grid, that halves the mean error of a CMYK table and holds 16-bit grey within one
+    level of its curve (two in deep shadows otherwise), for 20% more time on CMYK and none
+    on RGB or grey."""
     if ImageCms is None:
         log.warning("Pillow has no littlecms: an image's ICC profile is not applied")
         return None
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
-        return ImageCms.buildTransform(source, _srgb(), mode, "RGB")
+        return ImageCms.buildTransform(source, _srgb(), mode, "RGB",
+                                       flags=ImageCms.Flags.HIGHRESPRECALC)
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as error:
         log.info("an embedded %s ICC profile cannot be converted from (%s); it is not "
                  "applied", mode, error)
@@ -56,24 +62,28 @@ def to_srgb(rgb: np.ndarray, profile: bytes | None) -> np.ndarray:
     return rgb if converted is None else np.asarray(converted)
 
 
-#: The ICC data colour space a profile must name to convert each Pillow mode's pixels.
-_PROFILE_SPACES = {"RGB": b"RGB ", "CMYK": b"CMYK", "L": b"GRAY"}
+#: The ICC data colour space a profile must name to convert each Pillow mode's pixels
+#: (8- and 16-bit grey alike: littlecms reads either depth).
+_PROFILE_SPACES = {"RGB": b"RGB ", "CMYK": b"CMYK", "L": b"GRAY",
+                   "I;16": b"GRAY", "I;16L": b"GRAY", "I;16B": b"GRAY"}
 
 
 def profile_describes(profile: object, mode: str) -> bool:
     """Whether ``profile`` is an ICC profile whose data colour space (bytes 16-19 of its
-    header) is that of pixels in Pillow ``mode`` ("RGB", "CMYK", "L")."""
+    header) is that of pixels in Pillow ``mode`` ("RGB", "CMYK", "L", "I;16"...)."""
     space = _PROFILE_SPACES.get(mode)
     return (space is not None and isinstance(profile, bytes) and len(profile) >= 128
             and profile[16:20] == space)
 
 
 def profiled_to_srgb(image: Image.Image, profile: object) -> Image.Image | None:
-    """A CMYK or grey ("L") image as sRGB RGB through its embedded ICC ``profile`` (a
-    press's CMYK, or a grey gamma or dot-gain curve); None where there is no profile of the
-    image's colour space or littlecms cannot use it, for the caller's plain conversion.
-    littlecms precomputes the transform on a grid (for CMYK about 65 ms a megapixel here,
-    against 280 ms exact), so deep shadows can be a few levels off the profile's table."""
+    """A CMYK or grey image (8-bit "L" or 16-bit "I;16") as 8-bit sRGB RGB through its
+    embedded ICC ``profile`` (a press's CMYK, or a grey gamma or dot-gain curve); None
+    where there is no profile of the image's colour space or littlecms cannot use it, for
+    the caller's plain conversion.
+    littlecms precomputes the transform on a grid (for CMYK about 64 ms a megapixel here,
+    against 260 ms exact), so deep shadows can be a few levels off the profile's table
+    (up to 13 on 0.2% of random CMYK pixels; 0.07 levels on average)."""
     if image.mode == "RGB" or not profile_describes(profile, image.mode):
         return None
     assert isinstance(profile, bytes)

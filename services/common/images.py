@@ -136,11 +136,11 @@ def _png_low_bytes(data: bytes) -> np.ndarray:
 
 def _normalise_mode(image: Image.Image, key_alpha: Image.Image | None = None) -> Image.Image:
     """Converts any decoded mode to RGB or RGBA (``key_alpha``, a PNG's colour key as an
-    "L" image of the same size, becomes the alpha; CMYK and 8-bit grey go through their
-    embedded profile where they have one littlecms can use)."""
+    "L" image of the same size, becomes the alpha; CMYK and 8- or 16-bit grey go through
+    their embedded profile where they have one littlecms can use)."""
     profile = image.info.get("icc_profile")
     colour_mode = "L" if image.mode == "LA" else image.mode
-    if colour_mode in ("CMYK", "L") and profile_describes(profile, colour_mode):
+    if colour_mode != "RGB" and profile_describes(profile, colour_mode):
         colour = image.getchannel("L") if image.mode == "LA" else image
         managed = profiled_to_srgb(colour, profile)
         if managed is not None:

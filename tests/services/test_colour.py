@@ -113,6 +113,31 @@ def test_a_grey_image_is_converted_through_its_grey_profile(fmt: str) -> None:
     assert np.abs(np.dstack([stored_grey] * 3).astype(int) - reference).mean() > 10
 
 
+def _tiff_big_endian_grey16(grey: np.ndarray, profile: bytes) -> bytes:
+    """A 16-bit grey TIFF stored big-endian ("MM"), as Photoshop on a Mac writes it."""
+    image = Image.frombytes("I;16B", grey.shape[::-1], grey.astype(">u2").tobytes())
+    return bad_images.save(image, "TIFF", icc_profile=profile)
+
+
+@pytest.mark.parametrize("container", ["PNG", "TIFF", "TIFF big-endian"])
+def test_a_16_bit_grey_image_is_converted_through_its_grey_profile(container: str) -> None:
+    """All 65,536 levels through the curve at their own depth, not first cut to 8 bits:
+    within 1 level of the curve at every one of them."""
+    grey = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    profile = icc.grey_profile()
+    data = (_tiff_big_endian_grey16(grey, profile) if container == "TIFF big-endian"
+            else bad_images.save(Image.fromarray(grey), container, icc_profile=profile))
+    with Image.open(io.BytesIO(data)) as stored:
+        assert stored.mode.startswith("I;16")
+        assert np.array_equal(np.asarray(stored).astype(np.uint16), grey)
+    decoded = decode_image(data, max_pixels=CAP)
+    assert decoded.icc_profile is None and decoded.alpha is None
+    reference = icc.reference_grey_to_srgb(grey)
+    assert np.abs(decoded.rgb.astype(int) - reference).max() <= 1
+    plain = np.rint(grey / 257.0).astype(np.uint8)
+    assert np.abs(np.dstack([plain] * 3).astype(int) - reference).mean() > 10
+
+
 def test_grey_with_alpha_keeps_its_alpha_through_the_profile() -> None:
     grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
     alpha = np.where(np.arange(16)[:, None] < 8, 255, 30).repeat(16, axis=1).astype(np.uint8)

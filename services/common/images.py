@@ -17,6 +17,7 @@ from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 from percept.v1 import image_pb2
 from services.common.colour import profile_describes, profiled_to_srgb, to_srgb
 from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.libtiff_messages import route_libtiff_messages, take_libtiff_error
 from services.common.png import encode_png
 
 # Pillow warns about what it repairs or skips in a request's image (corrupt EXIF data,
@@ -24,6 +25,9 @@ from services.common.png import encode_png
 # for it. A filter, set once: warnings.catch_warnings() is not thread-safe, and images are
 # decoded on several threads at once (one could leave every warning silenced).
 warnings.filterwarnings("ignore", module="PIL")
+# libtiff prints what is wrong with a damaged TIFF to stderr, past the JSON log; this keeps
+# it for the error the client gets instead (take_libtiff_error).
+route_libtiff_messages()
 
 # We enforce our own cap from the header; Pillow's global guard would fire on a different,
 # process-wide number and with a less precise message.
@@ -207,6 +211,13 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def _with_libtiff_error(text: str) -> str:
+    """Pillow's reason for a failed decode, led by what libtiff found wrong, if it said
+    (Pillow's own reason for a TIFF is a bare "decoder error -2")."""
+    detail = take_libtiff_error()
+    return text if detail is None else f"{detail} ({text})"
+
+
 def probe_size(data: bytes, what: str = "image") -> tuple[int, int]:
     """Width and height from the header alone."""
     with _open(data, what) as image:
@@ -242,6 +253,7 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image",
                 f"{what} has {width} x {height} = {width * height} pixels, "
                 f"over the cap of {max_pixels}")
         source_format = image.format or "unknown"
+        take_libtiff_error()  # one left by an earlier image on this thread is not this one's
         try:
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)
@@ -256,12 +268,13 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image",
         except MemoryError:
             raise
         except OSError as error:
-            text = str(error)
+            text = _with_libtiff_error(str(error))
             if "truncated" in text or "broken data stream" in text or "unrecognized data" in text:
                 raise InvalidArgument(f"truncated {what}: {text}") from error
             raise InvalidArgument(f"corrupt {what} data: {text}") from error
         except Exception as error:  # a decoder's failure on damaged data, whatever its type
-            raise InvalidArgument(f"corrupt {what} data: {_reason(error)}") from error
+            raise InvalidArgument(f"corrupt {what} data: {_with_libtiff_error(_reason(error))}"
+                                  ) from error
         icc_profile = _rgb_icc_profile(image)
         mode = image.mode
         try:

@@ -114,9 +114,11 @@ def test_model_is_chosen_by_name(sr_server: RunningServer, small_photo: np.ndarr
     ({}, "tiny", "the minimum is 8x8"),
     # from the header, without decoding 7 million pixels first
     ({}, "thin header", "^image is 7x1000000; the minimum is 8x8$"),
+    # what libtiff found, not Pillow's bare "decoder error -2" (and not on stderr)
+    ({}, "damaged tiff", "^corrupt image data: ZIPDecode: Decoding error at scanline 0 "),
 ])
 def test_bad_requests(sr_server: RunningServer, small_photo: np.ndarray, kwargs: dict,
-                      data: object, message: str) -> None:
+                      data: object, message: str, capfd: pytest.CaptureFixture[str]) -> None:
     from percept.v1 import superres_pb2, superres_pb2_grpc
 
     if data is None:
@@ -127,6 +129,8 @@ def test_bad_requests(sr_server: RunningServer, small_photo: np.ndarray, kwargs:
         data = encode(small_photo[:4, :4])
     elif data == "thin header":
         data = bad_images.png_bomb(7, 1_000_000)
+    elif data == "damaged tiff":
+        data = bad_images.tiff_with_damaged_deflate_strip(small_photo)
     stub = superres_pb2_grpc.SuperResolutionStub(client.connect(sr_server.target))
     with pytest.raises(grpc.RpcError) as error:
         stub.Upscale(superres_pb2.UpscaleRequest(image=data, **kwargs), timeout=30)
@@ -134,6 +138,7 @@ def test_bad_requests(sr_server: RunningServer, small_photo: np.ndarray, kwargs:
     assert re.search(message, error.value.details())
     assert client.health_status(client.connect(sr_server.target),
                                 "percept.v1.SuperResolution") == "SERVING"
+    assert "Decoding error" not in capfd.readouterr().err
 
 
 def test_an_image_too_small_is_invalid_even_when_the_server_is_busy(

@@ -8,6 +8,7 @@ any pixel is decoded (decompression-bomb guard).
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -25,6 +26,9 @@ from services.common.png import encode_png
 # for it. A filter, set once: warnings.catch_warnings() is not thread-safe, and images are
 # decoded on several threads at once (one could leave every warning silenced).
 warnings.filterwarnings("ignore", module="PIL")
+# Pillow logs one fault of a request's TIFF at ERROR level ("More samples per pixel than
+# can be decoded"): the client's error, which its INVALID_ARGUMENT already says.
+logging.getLogger("PIL.TiffImagePlugin").addFilter(lambda record: record.levelno < logging.ERROR)
 # libtiff prints what is wrong with a damaged TIFF to stderr, past the JSON log; this keeps
 # it for the error the client gets instead (take_libtiff_error).
 route_libtiff_messages()
@@ -200,10 +204,32 @@ def _open(data: bytes, what: str) -> Image.Image:
     except MemoryError:
         raise
     except UnidentifiedImageError as error:
+        fault = _header_fault(data)
+        if fault is not None:
+            raise InvalidArgument(f"not a decodable {what}: {fault}") from error
         raise InvalidArgument(f"not a decodable {what} (PNG, JPEG, WebP, GIF, BMP or TIFF)"
                               ) from error
     except Exception as error:  # a plugin's own failure on a damaged header
         raise InvalidArgument(f"not a decodable {what}: {_reason(error)}") from error
+
+
+def _header_fault(data: bytes) -> str | None:
+    """What is wrong with the header of bytes that begin as one of the accepted formats
+    ("damaged TIFF header: SyntaxError: Invalid value for samples per pixel"), which
+    Image.open reports only as no format at all; None for bytes no accepted format claims.
+    """
+    Image.init()
+    for name in ACCEPTED_FORMATS:
+        factory, accept = Image.OPEN[name]
+        if accept is None or not accept(data[:16]):
+            continue
+        try:
+            factory(io.BytesIO(data), "").close()
+        except MemoryError:
+            raise
+        except Exception as error:  # what Image.open caught and dropped
+            return f"damaged {name} header: {_reason(error)}"
+    return None
 
 
 def _reason(error: Exception) -> str:

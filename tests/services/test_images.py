@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -28,6 +30,23 @@ def test_rgb_png_round_trip_is_exact(photo: np.ndarray) -> None:
 def test_garbage_is_rejected_precisely(data: bytes, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         decode_image(data, max_pixels=CAP)
+
+
+def test_a_damaged_header_says_which_format_and_what(
+        small_photo: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    """Image.open reports only that no format matched; the format the bytes claim to be
+    is asked again for its reason. Pillow's own ERROR log about the file stays out of the
+    server's log: it is the client's error."""
+    with caplog.at_level(logging.DEBUG), pytest.raises(InvalidArgument) as error:
+        decode_image(bad_images.tiff_with_too_many_samples_per_pixel(small_photo),
+                     max_pixels=CAP)
+    assert str(error.value) == ("not a decodable image: damaged TIFF header: SyntaxError: "
+                                "Invalid value for samples per pixel")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    png = bad_images.save(Image.fromarray(small_photo), "PNG")
+    with pytest.raises(InvalidArgument, match=r"^not a decodable image: damaged PNG header: "
+                                              r"SyntaxError: broken PNG file"):
+        decode_image(png[:8] + bytes(20), max_pixels=CAP)
 
 
 @pytest.mark.parametrize("make", [bad_images.truncated_jpeg, bad_images.truncated_png])

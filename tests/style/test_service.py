@@ -147,7 +147,8 @@ def _bad(case: str, photo: np.ndarray) -> tuple[bytes, dict[str, object]]:
     height, width = photo.shape[:2]
     cases: dict[str, tuple[bytes, dict[str, object]]] = {
         "empty image": (b"", {}),
-        "undecodable image": (b"GIF89a, or so it says", {}),
+        "undecodable image": (b"no format's signature", {}),
+        "damaged GIF header": (b"GIF89a, or so it says", {}),
         "truncated PNG": (bad_images.truncated_png(photo), {}),
         "truncated JPEG": (bad_images.truncated_jpeg(photo), {}),
         "image over the pixel cap": (bad_images.png_bomb(), {}),
@@ -172,6 +173,7 @@ def _bad(case: str, photo: np.ndarray) -> tuple[bytes, dict[str, object]]:
 @pytest.mark.parametrize("case, message", [
     ("empty image", r"^empty image$"),
     ("undecodable image", r"^not a decodable image \(PNG, JPEG, WebP, GIF, BMP or TIFF\)$"),
+    ("damaged GIF header", r"^not a decodable image: damaged GIF header: SyntaxError: "),
     ("truncated PNG", r"^truncated image: "),
     ("truncated JPEG", r"^truncated image: "),
     ("image over the pixel cap", r"^image has 100000 x 100000 = 10000000000 pixels, over the "

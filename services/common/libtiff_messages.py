@@ -83,13 +83,11 @@ def route_libtiff_messages() -> bool:
         if _installed:
             return True
         path = _libtiff_path()
-        libc_path = ctypes.util.find_library("c")
-        if path is None or libc_path is None:
+        if path is None:
             return False
         try:
             libtiff = ctypes.CDLL(path)
-            libc = ctypes.CDLL(libc_path)
-            _vsnprintf = libc.vsnprintf
+            _vsnprintf = ctypes.CDLL(None).vsnprintf  # the C library the process runs on
             _vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
                                    ctypes.c_void_p]
             _vsnprintf.restype = ctypes.c_int

@@ -18,6 +18,7 @@ from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 from percept.v1 import image_pb2
 from services.common.colour import profile_describes, profiled_to_srgb, to_srgb
 from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.jpeg_scans import MAX_JPEG_SCANS, count_jpeg_scans
 from services.common.libtiff_messages import route_libtiff_messages, take_libtiff_error
 from services.common.png import encode_png
 
@@ -135,8 +136,6 @@ def _png_low_bytes(data: bytes) -> np.ndarray:
     its samples read as little-endian. Both readings are 48 bits a pixel, so the PNG's row
     filters are undone the same way and only the byte each sample keeps differs."""
     with Image.open(io.BytesIO(data), formats=("PNG",)) as image:
-        if getattr(image, "n_frames", 1) > 1:
-            image.seek(0)
         image.tile = [tile._replace(args="RGB;16L") for tile in image.tile]
         image.load()
         return np.asarray(image)
@@ -279,10 +278,12 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image",
                 f"{what} has {width} x {height} = {width * height} pixels, "
                 f"over the cap of {max_pixels}")
         source_format = image.format or "unknown"
+        if source_format in ("JPEG", "MPO") and count_jpeg_scans(data) > MAX_JPEG_SCANS:
+            raise InvalidArgument(
+                f"{what} is a JPEG of more than {MAX_JPEG_SCANS} scans, which would take "
+                "long to decode (encoders write a few dozen at most); re-encode it")
         take_libtiff_error()  # one left by an earlier image on this thread is not this one's
-        try:
-            if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)
+        try:  # an image opens at its first frame; the others are never read
             png_rawmode = _png_rawmode(image)
             image.load()
             key = _colour_key_alpha(image, png_rawmode, data)

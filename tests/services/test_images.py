@@ -10,6 +10,7 @@ from PIL import Image
 
 from services.common.errors import InvalidArgument
 from services.common.images import decode_image, decode_mask, encode_image
+from services.common.jpeg_scans import MAX_JPEG_SCANS
 from tests.conftest import encode
 from tests.fixtures import bad_images
 
@@ -225,9 +226,26 @@ def test_only_the_documented_formats_are_decoded(small_photo: np.ndarray) -> Non
 
 
 def test_a_decoder_failure_of_any_type_is_invalid_argument(small_photo: np.ndarray) -> None:
-    # Pillow raises TypeError("Missing dimensions") counting this file's frames
-    with pytest.raises(InvalidArgument, match=r"^corrupt image data: TypeError: "):
-        decode_image(bad_images.tiff_second_page_without_width(small_photo), max_pixels=CAP)
+    with pytest.raises(InvalidArgument,
+                       match=r"^corrupt image data: ValueError: invalid palette size$"):
+        decode_image(bad_images.bmp_with_257_palette_colours(small_photo), max_pixels=CAP)
+
+
+def test_only_the_first_page_is_read(small_photo: np.ndarray) -> None:
+    """A later page is never parsed: its damage costs nothing (Pillow raises TypeError
+    counting this file's pages), and neither do its pages' number."""
+    decoded = decode_image(bad_images.tiff_second_page_without_width(small_photo),
+                           max_pixels=CAP)
+    np.testing.assert_array_equal(decoded.rgb, small_photo)
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(small_photo: np.ndarray) -> None:
+    most = bad_images.jpeg_with_empty_scans(small_photo, MAX_JPEG_SCANS)
+    assert decode_image(most, max_pixels=CAP).width == small_photo.shape[1]
+    with pytest.raises(InvalidArgument, match=rf"^image is a JPEG of more than "
+                                              rf"{MAX_JPEG_SCANS} scans, .*; re-encode it$"):
+        decode_image(bad_images.jpeg_with_empty_scans(small_photo, MAX_JPEG_SCANS + 1),
+                     max_pixels=CAP)
 
 
 def test_a_cielab_image_is_converted_to_its_rgb_colours(small_photo: np.ndarray) -> None:

@@ -116,6 +116,8 @@ def test_model_is_chosen_by_name(sr_server: RunningServer, small_photo: np.ndarr
     ({}, "thin header", "^image is 7x1000000; the minimum is 8x8$"),
     # what libtiff found, not Pillow's bare "decoder error -2" (and not on stderr)
     ({}, "damaged tiff", "^corrupt image data: ZIPDecode: Decoding error at scanline 0 "),
+    # refused from the marker structure: decoding 5,000 empty scans would take seconds
+    ({}, "scan bomb", "^image is a JPEG of more than 256 scans"),
 ])
 def test_bad_requests(sr_server: RunningServer, small_photo: np.ndarray, kwargs: dict,
                       data: object, message: str, capfd: pytest.CaptureFixture[str]) -> None:
@@ -129,6 +131,8 @@ def test_bad_requests(sr_server: RunningServer, small_photo: np.ndarray, kwargs:
         data = encode(small_photo[:4, :4])
     elif data == "thin header":
         data = bad_images.png_bomb(7, 1_000_000)
+    elif data == "scan bomb":
+        data = bad_images.jpeg_with_empty_scans(small_photo, 5000)
     elif data == "damaged tiff":
         data = bad_images.tiff_with_damaged_deflate_strip(small_photo)
     stub = superres_pb2_grpc.SuperResolutionStub(client.connect(sr_server.target))

@@ -1,0 +1,73 @@
+"""Counting a JPEG's scans from its marker structure (services/common/jpeg_scans.py), on
+real JPEGs written by libjpeg through Pillow."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from services.common.jpeg_scans import count_jpeg_scans
+from tests.fixtures import bad_images
+
+
+def _jpeg(photo: np.ndarray, mode: str = "RGB", **params: object) -> bytes:
+    return bad_images.save(Image.fromarray(photo).convert(mode), "JPEG", quality=90,
+                           **params)
+
+
+@pytest.mark.parametrize("mode, progressive, scans", [
+    ("RGB", False, 1),  # baseline: one interleaved scan
+    ("RGB", True, 10),  # libjpeg's progressive script for three components
+    ("L", True, 6),  # and for one
+    ("CMYK", True, 18),  # and for four
+])
+def test_the_scans_libjpeg_writes_are_counted(photo: np.ndarray, mode: str,
+                                              progressive: bool, scans: int) -> None:
+    assert count_jpeg_scans(_jpeg(photo, mode, progressive=progressive)) == scans
+
+
+def test_restart_markers_and_stuffed_bytes_in_the_data_are_no_scans(photo: np.ndarray) -> None:
+    data = _jpeg(photo, progressive=True, restart_marker_blocks=1)
+    body = data[data.index(b"\xff\xda"):]
+    assert b"\xff\xd0" in body and b"\xff\x00" in body  # both occur in this data
+    assert count_jpeg_scans(data) == 10
+
+
+def test_segments_are_skipped_by_their_length(photo: np.ndarray) -> None:
+    """SOS bytes inside a segment (a comment here; an EXIF thumbnail or an ICC profile as
+    well) are no scans."""
+    data = _jpeg(photo, comment=b"\xff\xda" * 300)
+    assert data.count(b"\xff\xda") == 301
+    assert count_jpeg_scans(data) == 1
+
+
+def test_only_the_first_image_of_a_multi_picture_file_counts(photo: np.ndarray) -> None:
+    first = _jpeg(photo, progressive=True)
+    assert count_jpeg_scans(first + _jpeg(photo[::-1], progressive=True)) == 10
+
+
+def test_counting_stops_after_the_limit(photo: np.ndarray) -> None:
+    data = bad_images.jpeg_with_empty_scans(photo, 5000)
+    assert count_jpeg_scans(data) == 257
+    assert count_jpeg_scans(data, stop_after=5000) == 5000
+
+
+@pytest.mark.parametrize("cut", [1, 3, 20, 200])
+def test_a_cut_stream_counts_the_scans_it_has(photo: np.ndarray, cut: int) -> None:
+    data = _jpeg(photo, progressive=True)
+    assert count_jpeg_scans(data[:cut]) == 0
+    second = data.index(b"\xff\xda", data.index(b"\xff\xda") + 2)
+    assert count_jpeg_scans(data[:second + 4]) == 2
+
+
+def test_a_wrong_segment_length_ends_the_count(photo: np.ndarray) -> None:
+    """The walk lands where no marker is: the count stops there (the decoder, which reads
+    the same lengths, reports the damage)."""
+    data = bytearray(_jpeg(photo, progressive=True))
+    assert data[2:4] == b"\xff\xe0"  # APP0 (JFIF) first
+    struct.pack_into(">H", data, 4, 7)
+    assert count_jpeg_scans(bytes(data)) == 0
+    assert count_jpeg_scans(b"not a jpeg") == 0

@@ -761,6 +761,11 @@ def _network_tables(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: The ratio cell of a size the networks were not timed at in the run (the odd size,
+#: there for its first-request cost), which has no baseline to divide by.
+NO_BASELINE = "no fp32 eager at this size"
+
+
 def _served_tables(result: dict[str, Any]) -> list[str]:
     """The served form's, gRPC's and super-resolution's rows of a run, and its profile
     of one served request."""
@@ -772,7 +777,7 @@ def _served_tables(result: dict[str, Any]) -> list[str]:
          ["model", "config", "px", "median ms", "x vs fp32 eager", "first s", "second s",
           "warm-up s"],
          lambda r: (r["model"], r.get("config", "compile auto"), r["size"], r["ms"],
-                    r["speedup_vs_fp32_eager"] or nan, r["first_request_s"],
+                    r["speedup_vs_fp32_eager"] or NO_BASELINE, r["first_request_s"],
                     r.get("second_request_s", nan), r["warmup_s"])),
         ("superres_served", "Super-resolution served form (input px; fp32 eager = the "
          "network on the whole image, same run):",
@@ -784,7 +789,7 @@ def _served_tables(result: dict[str, Any]) -> list[str]:
          "the same image on the host alone, for scale:",
          ["model", "px", "median ms", "x vs plain fp32 network", "PNG codecs ms",
           "first request s", "server start s"],
-         lambda r: (r["model"], r["size"], r["ms"], r["speedup_vs_fp32_eager"] or nan,
+         lambda r: (r["model"], r["size"], r["ms"], r["speedup_vs_fp32_eager"] or NO_BASELINE,
                     r.get("png_decode_encode_ms", nan), r["first_request_s"],
                     r["server_start_s"])),
     ]

@@ -21,6 +21,7 @@ from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.jpeg_scans import MAX_JPEG_SCANS, count_jpeg_scans
 from services.common.libtiff_messages import route_libtiff_messages, take_libtiff_error
 from services.common.png import encode_png
+from services.common.truncation import how_cut_short
 
 # Pillow warns about what it repairs or skips in a request's image (corrupt EXIF data,
 # transparency in a palette...): the image still decodes, and the server's log is no place
@@ -203,37 +204,71 @@ def _open(data: bytes, what: str) -> Image.Image:
     except MemoryError:
         raise
     except UnidentifiedImageError as error:
-        fault = _header_fault(data)
+        fault = _header_fault(data, what)
         if fault is not None:
-            raise InvalidArgument(f"not a decodable {what}: {fault}") from error
+            raise fault from error
         raise InvalidArgument(f"not a decodable {what} (PNG, JPEG, WebP, GIF, BMP or TIFF)"
                               ) from error
     except Exception as error:  # a plugin's own failure on a damaged header
-        raise InvalidArgument(f"not a decodable {what}: {_reason(error)}") from error
+        claimed = _claimed_format(data)
+        raise _header_failure(data, claimed, what, _reason(error)) from error
 
 
-def _header_fault(data: bytes) -> str | None:
-    """What is wrong with the header of bytes that begin as one of the accepted formats
-    ("damaged TIFF header: SyntaxError: Invalid value for samples per pixel"), which
-    Image.open reports only as no format at all; None for bytes no accepted format claims.
-    """
+def _header_fault(data: bytes, what: str) -> InvalidArgument | None:
+    """The error for bytes that begin as one of the accepted formats but whose header
+    does not open ("damaged TIFF header: SyntaxError: Invalid value for samples per
+    pixel"), which Image.open reports only as no format at all; None for bytes no accepted
+    format claims."""
+    name = _claimed_format(data)
+    if name is None:
+        return None
+    try:
+        Image.OPEN[name][0](io.BytesIO(data), "").close()
+    except MemoryError:
+        raise
+    except Exception as error:  # what Image.open caught and dropped
+        return _header_failure(data, name, what, f"damaged {name} header: {_reason(error)}")
+    return None
+
+
+def _header_failure(data: bytes, fmt: str | None, what: str, reason: str
+                    ) -> InvalidArgument:
+    """The error for a header that does not open: "truncated" where a length or offset
+    in the file says it was cut short; otherwise "not a decodable", with a missing end
+    mark noted (such bytes may be a cut file, or no file of that format at all)."""
+    cut = None if fmt is None else how_cut_short(data, fmt)
+    if cut is not None and cut.by_length:
+        return InvalidArgument(f"truncated {what}: {cut.how} ({reason})")
+    if cut is not None:
+        return InvalidArgument(f"not a decodable {what}: {reason}; {cut.how}")
+    return InvalidArgument(f"not a decodable {what}: {reason}")
+
+
+def _claimed_format(data: bytes) -> str | None:
+    """The accepted format whose signature ``data`` begins with, if any."""
     Image.init()
     for name in ACCEPTED_FORMATS:
-        factory, accept = Image.OPEN[name]
-        if accept is None or not accept(data[:16]):
-            continue
-        try:
-            factory(io.BytesIO(data), "").close()
-        except MemoryError:
-            raise
-        except Exception as error:  # what Image.open caught and dropped
-            return f"damaged {name} header: {_reason(error)}"
+        accept = Image.OPEN[name][1]
+        if accept is not None and accept(data[:16]):
+            return name
     return None
 
 
 def _reason(error: Exception) -> str:
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _decode_failure(data: bytes, fmt: str, what: str, reason: str) -> InvalidArgument:
+    """The error for a decoder's failure: "truncated" where the file shows it was cut short
+    (or, for a TIFF, whose end nothing marks, where the decoder ran out of data), "corrupt"
+    where it is whole and damaged inside, whatever Pillow's message guessed."""
+    cut = how_cut_short(data, fmt)
+    if cut is not None:
+        return InvalidArgument(f"truncated {what}: {cut.how} ({reason})")
+    if fmt == "TIFF" and "truncated" in reason:  # its end is not marked: trust the decoder
+        return InvalidArgument(f"truncated {what}: {reason}")
+    return InvalidArgument(f"corrupt {what} data: {reason}")
 
 
 def _with_libtiff_error(text: str) -> str:
@@ -295,13 +330,11 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image",
         except MemoryError:
             raise
         except OSError as error:
-            text = _with_libtiff_error(str(error))
-            if "truncated" in text or "broken data stream" in text or "unrecognized data" in text:
-                raise InvalidArgument(f"truncated {what}: {text}") from error
-            raise InvalidArgument(f"corrupt {what} data: {text}") from error
-        except Exception as error:  # a decoder's failure on damaged data, whatever its type
-            raise InvalidArgument(f"corrupt {what} data: {_with_libtiff_error(_reason(error))}"
+            raise _decode_failure(data, source_format, what, _with_libtiff_error(str(error))
                                   ) from error
+        except Exception as error:  # a decoder's failure on damaged data, whatever its type
+            raise _decode_failure(data, source_format, what,
+                                  _with_libtiff_error(_reason(error))) from error
         icc_profile = _rgb_icc_profile(image)
         mode = image.mode
         try:

@@ -18,7 +18,7 @@ from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 from percept.v1 import image_pb2
 from services.common.colour import profile_describes, profiled_to_srgb, to_srgb
 from services.common.errors import InvalidArgument, ResourceExhausted
-from services.common.jpeg_scans import MAX_JPEG_SCANS, count_jpeg_scans
+from services.common.jpeg_markers import count_jpeg_markers
 from services.common.libtiff_messages import route_libtiff_messages, take_libtiff_error
 from services.common.png import encode_png
 from services.common.truncation import how_cut_short
@@ -199,6 +199,10 @@ def _open(data: bytes, what: str) -> Image.Image:
     """Opens ``data`` with the accepted decoders, reading the header only."""
     if not data:
         raise InvalidArgument(f"empty {what}")
+    excess = count_jpeg_markers(data).too_many()  # before Pillow reads the segments
+    if excess is not None:
+        raise InvalidArgument(f"{what} is a JPEG of {excess}: it would take long to "
+                              "decode; re-encode it")
     try:
         return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except MemoryError:
@@ -313,10 +317,6 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image",
                 f"{what} has {width} x {height} = {width * height} pixels, "
                 f"over the cap of {max_pixels}")
         source_format = image.format or "unknown"
-        if source_format in ("JPEG", "MPO") and count_jpeg_scans(data) > MAX_JPEG_SCANS:
-            raise InvalidArgument(
-                f"{what} is a JPEG of more than {MAX_JPEG_SCANS} scans, which would take "
-                "long to decode (encoders write a few dozen at most); re-encode it")
         take_libtiff_error()  # one left by an earlier image on this thread is not this one's
         try:  # an image opens at its first frame; the others are never read
             png_rawmode = _png_rawmode(image)

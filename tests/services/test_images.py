@@ -10,7 +10,7 @@ from PIL import Image
 
 from services.common.errors import InvalidArgument
 from services.common.images import decode_image, decode_mask, encode_image
-from services.common.jpeg_scans import MAX_JPEG_SCANS
+from services.common.jpeg_markers import MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS, count_jpeg_markers
 from tests.conftest import encode
 from tests.fixtures import bad_images
 
@@ -243,8 +243,20 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(small_photo: np.nda
     most = bad_images.jpeg_with_empty_scans(small_photo, MAX_JPEG_SCANS)
     assert decode_image(most, max_pixels=CAP).width == small_photo.shape[1]
     with pytest.raises(InvalidArgument, match=rf"^image is a JPEG of more than "
-                                              rf"{MAX_JPEG_SCANS} scans, .*; re-encode it$"):
+                                              rf"{MAX_JPEG_SCANS} scans .*; re-encode it$"):
         decode_image(bad_images.jpeg_with_empty_scans(small_photo, MAX_JPEG_SCANS + 1),
+                     max_pixels=CAP)
+
+
+def test_a_jpeg_of_too_many_segments_is_refused_before_pillow_reads_them(
+        small_photo: np.ndarray) -> None:
+    own = count_jpeg_markers(bad_images.jpeg_with_empty_comments(small_photo, 0)).segments
+    most = bad_images.jpeg_with_empty_comments(small_photo, MAX_JPEG_SEGMENTS - own)
+    assert decode_image(most, max_pixels=CAP).width == small_photo.shape[1]
+    with pytest.raises(InvalidArgument, match=rf"^image is a JPEG of more than "
+                                              rf"{MAX_JPEG_SEGMENTS} marker segments "):
+        decode_image(bad_images.jpeg_with_empty_comments(small_photo,
+                                                         MAX_JPEG_SEGMENTS - own + 1),
                      max_pixels=CAP)
 
 

@@ -1,5 +1,5 @@
-"""Counting a JPEG's scans from its marker structure (services/common/jpeg_scans.py), on
-real JPEGs written by libjpeg through Pillow."""
+"""Counting a JPEG's scans and marker segments from its structure
+(services/common/jpeg_markers.py), on real JPEGs written by libjpeg through Pillow."""
 
 from __future__ import annotations
 
@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.common.jpeg_scans import count_jpeg_scans
-from tests.fixtures import bad_images
+from services.common.jpeg_markers import (
+    MAX_JPEG_SCANS,
+    MAX_JPEG_SEGMENTS,
+    JpegMarkers,
+    count_jpeg_markers,
+)
+from tests.fixtures import bad_images, icc
 
 
 def _jpeg(photo: np.ndarray, mode: str = "RGB", **params: object) -> bytes:
@@ -26,14 +31,24 @@ def _jpeg(photo: np.ndarray, mode: str = "RGB", **params: object) -> bytes:
 ])
 def test_the_scans_libjpeg_writes_are_counted(photo: np.ndarray, mode: str,
                                               progressive: bool, scans: int) -> None:
-    assert count_jpeg_scans(_jpeg(photo, mode, progressive=progressive)) == scans
+    assert count_jpeg_markers(_jpeg(photo, mode, progressive=progressive)).scans == scans
+
+
+def test_the_segments_of_a_camera_like_jpeg_are_counted(photo: np.ndarray) -> None:
+    """APP0 (JFIF), APP1 (EXIF), APP2 (the ICC profile), two quantisation tables, the
+    frame header, four Huffman tables: 10, far below the cap."""
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    data = _jpeg(photo, exif=exif.tobytes(), icc_profile=icc.rgb_profile())
+    assert count_jpeg_markers(data) == JpegMarkers(scans=1, segments=10)
+    assert count_jpeg_markers(data).too_many() is None
 
 
 def test_restart_markers_and_stuffed_bytes_in_the_data_are_no_scans(photo: np.ndarray) -> None:
     data = _jpeg(photo, progressive=True, restart_marker_blocks=1)
     body = data[data.index(b"\xff\xda"):]
     assert b"\xff\xd0" in body and b"\xff\x00" in body  # both occur in this data
-    assert count_jpeg_scans(data) == 10
+    assert count_jpeg_markers(data).scans == 10
 
 
 def test_segments_are_skipped_by_their_length(photo: np.ndarray) -> None:
@@ -41,26 +56,30 @@ def test_segments_are_skipped_by_their_length(photo: np.ndarray) -> None:
     well) are no scans."""
     data = _jpeg(photo, comment=b"\xff\xda" * 300)
     assert data.count(b"\xff\xda") == 301
-    assert count_jpeg_scans(data) == 1
+    assert count_jpeg_markers(data).scans == 1
 
 
 def test_only_the_first_image_of_a_multi_picture_file_counts(photo: np.ndarray) -> None:
     first = _jpeg(photo, progressive=True)
-    assert count_jpeg_scans(first + _jpeg(photo[::-1], progressive=True)) == 10
+    both = first + _jpeg(photo[::-1], progressive=True)
+    assert count_jpeg_markers(both) == count_jpeg_markers(first)
 
 
-def test_counting_stops_after_the_limit(photo: np.ndarray) -> None:
-    data = bad_images.jpeg_with_empty_scans(photo, 5000)
-    assert count_jpeg_scans(data) == 257
-    assert count_jpeg_scans(data, stop_after=5000) == 5000
+def test_counting_stops_past_either_cap(photo: np.ndarray) -> None:
+    scans = count_jpeg_markers(bad_images.jpeg_with_empty_scans(photo, 5000))
+    assert scans.scans == MAX_JPEG_SCANS + 1
+    assert scans.too_many() is not None and "scans" in scans.too_many()  # type: ignore[operator]
+    segments = count_jpeg_markers(bad_images.jpeg_with_empty_comments(photo, 100_000))
+    assert segments.segments == MAX_JPEG_SEGMENTS + 1
+    assert "marker segments" in segments.too_many()  # type: ignore[operator]
 
 
 @pytest.mark.parametrize("cut", [1, 3, 20, 200])
 def test_a_cut_stream_counts_the_scans_it_has(photo: np.ndarray, cut: int) -> None:
     data = _jpeg(photo, progressive=True)
-    assert count_jpeg_scans(data[:cut]) == 0
+    assert count_jpeg_markers(data[:cut]).scans == 0
     second = data.index(b"\xff\xda", data.index(b"\xff\xda") + 2)
-    assert count_jpeg_scans(data[:second + 4]) == 2
+    assert count_jpeg_markers(data[:second + 4]).scans == 2
 
 
 def test_a_wrong_segment_length_ends_the_count(photo: np.ndarray) -> None:
@@ -69,5 +88,5 @@ def test_a_wrong_segment_length_ends_the_count(photo: np.ndarray) -> None:
     data = bytearray(_jpeg(photo, progressive=True))
     assert data[2:4] == b"\xff\xe0"  # APP0 (JFIF) first
     struct.pack_into(">H", data, 4, 7)
-    assert count_jpeg_scans(bytes(data)) == 0
-    assert count_jpeg_scans(b"not a jpeg") == 0
+    assert count_jpeg_markers(bytes(data)) == JpegMarkers(scans=0, segments=1)
+    assert count_jpeg_markers(b"not a jpeg") == JpegMarkers(scans=0, segments=0)

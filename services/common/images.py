@@ -199,10 +199,7 @@ def _open(data: bytes, what: str) -> Image.Image:
     """Opens ``data`` with the accepted decoders, reading the header only."""
     if not data:
         raise InvalidArgument(f"empty {what}")
-    excess = count_jpeg_markers(data).too_many()  # before Pillow reads the segments
-    if excess is not None:
-        raise InvalidArgument(f"{what} is a JPEG of {excess}: it would take long to "
-                              "decode; re-encode it")
+    _refuse_costly_jpeg(data, what, header_only=True)  # before Pillow reads its segments
     try:
         return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except MemoryError:
@@ -216,6 +213,16 @@ def _open(data: bytes, what: str) -> Image.Image:
     except Exception as error:  # a plugin's own failure on a damaged header
         claimed = _claimed_format(data)
         raise _header_failure(data, claimed, what, _reason(error)) from error
+
+
+def _refuse_costly_jpeg(data: bytes, what: str, *, header_only: bool) -> None:
+    """InvalidArgument for a JPEG of more scans or segments than an encoder writes (see
+    jpeg_markers); ``header_only`` counts the segments before the first scan alone, all
+    that opening the file (probe_size, for every request) reads."""
+    excess = count_jpeg_markers(data, header_only=header_only).too_many()
+    if excess is not None:
+        raise InvalidArgument(f"{what} is a JPEG of {excess}: it would take long to "
+                              "decode; re-encode it")
 
 
 def _header_fault(data: bytes, what: str) -> InvalidArgument | None:
@@ -317,6 +324,8 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image",
                 f"{what} has {width} x {height} = {width * height} pixels, "
                 f"over the cap of {max_pixels}")
         source_format = image.format or "unknown"
+        if source_format in ("JPEG", "MPO"):  # its scans, before libjpeg decodes them
+            _refuse_costly_jpeg(data, what, header_only=False)
         take_libtiff_error()  # one left by an earlier image on this thread is not this one's
         try:  # an image opens at its first frame; the others are never read
             png_rawmode = _png_rawmode(image)

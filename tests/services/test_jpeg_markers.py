@@ -90,3 +90,11 @@ def test_a_wrong_segment_length_ends_the_count(photo: np.ndarray) -> None:
     struct.pack_into(">H", data, 4, 7)
     assert count_jpeg_markers(bytes(data)) == JpegMarkers(scans=0, segments=1)
     assert count_jpeg_markers(b"not a jpeg") == JpegMarkers(scans=0, segments=0)
+
+
+def test_the_header_alone_stops_at_the_first_scan(photo: np.ndarray) -> None:
+    data = _jpeg(photo, progressive=True)
+    header = count_jpeg_markers(data, header_only=True)
+    assert header.scans == 0
+    assert header.segments == count_jpeg_markers(data[:data.index(b"\xff\xda")]).segments
+    assert count_jpeg_markers(data).segments > header.segments  # tables between scans

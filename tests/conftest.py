@@ -127,12 +127,43 @@ def pixel_budget_full(server: RunningServer, leave: int = 0) -> Iterator[None]:
         asyncio.run_coroutine_threadsafe(release(), server.loop).result(10)
 
 
+@contextlib.contextmanager
+def slow_header_reads(slow: bytes, seconds: float = 3.0) -> Iterator[None]:
+    """Every header read of the image ``slow`` by this process's servers takes
+    ``seconds`` longer: a stand-in for an image whose header is slow to read. Every
+    format's header walk is bounded (jpeg_markers, png_chunks, gif_blocks), so none takes
+    seconds any more: a PNG of a million empty chunks took 2.5 s before they were counted,
+    and the slowest found since, a TIFF of 65,000 tags, takes about 0.35 s here to
+    decode, header reads included."""
+    import time
+    from unittest import mock
+
+    from services.common import images
+
+    read_header = images._open
+
+    def slowly(data: bytes, what: str) -> Image.Image:
+        if data == slow:
+            time.sleep(seconds)
+        return read_header(data, what)
+
+    with mock.patch.object(images, "_open", slowly):
+        yield
+
+
 def check_a_hung_up_header_read_holds_its_slot(
         call: Callable[[bytes, float], object], slow: bytes, good: bytes) -> None:
     """Against a server with one request slot (--max-queue 1): a client that gives up on
-    an image whose header takes seconds to read (bad_images.slow_header_png) leaves the
-    read running, and it keeps the slot: the next request is busy (RESOURCE_EXHAUSTED)
-    until the read ends, then served. Reads of hung-up requests must not pile up."""
+    an image whose header takes seconds to read (``slow``, see slow_header_reads) leaves
+    the read running, and it keeps the slot: the next request (``good``) is busy
+    (RESOURCE_EXHAUSTED) until the read ends, then served. Reads of hung-up requests must
+    not pile up."""
+    with slow_header_reads(slow):
+        _check_the_slot_is_held(call, slow, good)
+
+
+def _check_the_slot_is_held(call: Callable[[bytes, float], object], slow: bytes,
+                            good: bytes) -> None:
     import time
 
     import grpc

@@ -18,9 +18,11 @@ from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 from percept.v1 import image_pb2
 from services.common.colour import profile_describes, profiled_to_srgb, to_srgb
 from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.gif_blocks import GIF_SIGNATURES, count_gif_blocks
 from services.common.jpeg_markers import count_jpeg_markers
 from services.common.libtiff_messages import route_libtiff_messages, take_libtiff_error
 from services.common.png import encode_png
+from services.common.png_chunks import PNG_SIGNATURE, count_png_chunks
 from services.common.truncation import how_cut_short
 
 # Pillow warns about what it repairs or skips in a request's image (corrupt EXIF data,
@@ -199,7 +201,7 @@ def _open(data: bytes, what: str) -> Image.Image:
     """Opens ``data`` with the accepted decoders, reading the header only."""
     if not data:
         raise InvalidArgument(f"empty {what}")
-    _refuse_costly_jpeg(data, what, header_only=True)  # before Pillow reads its segments
+    _refuse_costly_structure(data, what, header_only=True)  # before Pillow reads it
     try:
         return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except MemoryError:
@@ -215,14 +217,29 @@ def _open(data: bytes, what: str) -> Image.Image:
         raise _header_failure(data, claimed, what, _reason(error)) from error
 
 
-def _refuse_costly_jpeg(data: bytes, what: str, *, header_only: bool) -> None:
-    """InvalidArgument for a JPEG of more scans or segments than an encoder writes (see
-    jpeg_markers); ``header_only`` counts the segments before the first scan alone, all
-    that opening the file (probe_size, for every request) reads."""
-    excess = count_jpeg_markers(data, header_only=header_only).too_many()
+def _refuse_costly_structure(data: bytes, what: str, *, header_only: bool) -> None:
+    """InvalidArgument for a JPEG, PNG or GIF of more scans, segments, chunks or blocks
+    than an encoder writes (see jpeg_markers, png_chunks and gif_blocks), counted before
+    Pillow reads them; ``header_only`` counts the part that opening the file reads (for
+    probe_size, every request's admission), at the cost of the header alone."""
+    excess = _structure_excess(data, header_only)
     if excess is not None:
-        raise InvalidArgument(f"{what} is a JPEG of {excess}: it would take long to "
+        fmt, too_many = excess
+        raise InvalidArgument(f"{what} is a {fmt} of {too_many}: it would take long to "
                               "decode; re-encode it")
+
+
+def _structure_excess(data: bytes, header_only: bool) -> tuple[str, str] | None:
+    """(format, what it has too much of), or None."""
+    if data.startswith(b"\xff\xd8"):
+        fmt, excess = "JPEG", count_jpeg_markers(data, header_only=header_only).too_many()
+    elif data.startswith(PNG_SIGNATURE):
+        fmt, excess = "PNG", count_png_chunks(data, header_only=header_only).too_many()
+    elif data.startswith(GIF_SIGNATURES):  # nothing past the first image is read
+        fmt, excess = "GIF", count_gif_blocks(data).too_many()
+    else:
+        return None
+    return None if excess is None else (fmt, excess)
 
 
 def _header_fault(data: bytes, what: str) -> InvalidArgument | None:
@@ -324,8 +341,8 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image",
                 f"{what} has {width} x {height} = {width * height} pixels, "
                 f"over the cap of {max_pixels}")
         source_format = image.format or "unknown"
-        if source_format in ("JPEG", "MPO"):  # its scans, before libjpeg decodes them
-            _refuse_costly_jpeg(data, what, header_only=False)
+        if source_format in ("JPEG", "MPO", "PNG"):  # its scans or pixel data chunks
+            _refuse_costly_structure(data, what, header_only=False)
         take_libtiff_error()  # one left by an earlier image on this thread is not this one's
         try:  # an image opens at its first frame; the others are never read
             png_rawmode = _png_rawmode(image)

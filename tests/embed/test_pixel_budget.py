@@ -24,7 +24,6 @@ from tests.conftest import (
     rejections,
     server_config,
 )
-from tests.fixtures import bad_images
 
 BUDGET_MPIXELS = 25
 
@@ -106,7 +105,7 @@ def test_a_hung_up_header_read_keeps_its_request_slot(small_photo: np.ndarray) -
         check_a_hung_up_header_read_holds_its_slot(
             lambda image, timeout: stub.LabelImage(
                 embed_pb2.LabelImageRequest(image=image, k=1), timeout=timeout),
-            bad_images.slow_header_png(small_photo), encode(small_photo))
+            encode(small_photo[::-1]), encode(small_photo))
     finally:
         channel.close()
         running.stop()

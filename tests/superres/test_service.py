@@ -118,6 +118,9 @@ def test_model_is_chosen_by_name(sr_server: RunningServer, small_photo: np.ndarr
     ({}, "damaged tiff", "^corrupt image data: ZIPDecode: Decoding error at scanline 0 "),
     # refused from the marker structure: decoding 5,000 empty scans would take seconds
     ({}, "scan bomb", "^image is a JPEG of more than 256 scans"),
+    # refused from the chunk and block structures: Pillow would walk them for seconds
+    ({}, "chunk bomb", "^image is a PNG of more than 65536 chunks"),
+    ({}, "comment bomb", "^image is a GIF of more than 1024 comment blocks"),
 ])
 def test_bad_requests(sr_server: RunningServer, small_photo: np.ndarray, kwargs: dict,
                       data: object, message: str, capfd: pytest.CaptureFixture[str]) -> None:
@@ -133,6 +136,10 @@ def test_bad_requests(sr_server: RunningServer, small_photo: np.ndarray, kwargs:
         data = bad_images.png_bomb(7, 1_000_000)
     elif data == "scan bomb":
         data = bad_images.jpeg_with_empty_scans(small_photo, 5000)
+    elif data == "chunk bomb":
+        data = bad_images.png_with_empty_chunks(small_photo, 1_000_000)
+    elif data == "comment bomb":
+        data = bad_images.gif_with_extensions(small_photo, b"\x21\xfe\x00", 1_000_000)
     elif data == "damaged tiff":
         data = bad_images.tiff_with_damaged_deflate_strip(small_photo)
     stub = superres_pb2_grpc.SuperResolutionStub(client.connect(sr_server.target))
@@ -162,7 +169,7 @@ def test_a_hung_up_header_read_keeps_its_request_slot(sr_models: Path,
     try:
         check_a_hung_up_header_read_holds_its_slot(
             lambda image, timeout: client.upscale(channel, image, timeout=timeout),
-            bad_images.slow_header_png(small_photo), encode(small_photo))
+            encode(small_photo[::-1]), encode(small_photo))
     finally:
         channel.close()
         running.stop()

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from percept.v1 import image_pb2
+from services.common.bmp_rle import count_bmp_rle_bytes, use_for_bmp
 from services.common.colour import profile_describes, profiled_to_srgb, to_srgb
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.gif_blocks import GIF_SIGNATURES, count_gif_blocks
@@ -36,6 +37,9 @@ logging.getLogger("PIL.TiffImagePlugin").addFilter(lambda record: record.levelno
 # libtiff prints what is wrong with a damaged TIFF to stderr, past the JSON log; this keeps
 # it for the error the client gets instead (take_libtiff_error).
 route_libtiff_messages()
+# Run-length-coded BMPs decoded at a cost that follows the file's size, not the image's
+# (Pillow's own decoder takes a Python step per pixel of a run or a row's padding).
+use_for_bmp()
 
 # We enforce our own cap from the header; Pillow's global guard would fire on a different,
 # process-wide number and with a less precise message.
@@ -220,7 +224,8 @@ def _open(data: bytes, what: str) -> Image.Image:
 def _refuse_costly_structure(data: bytes, what: str, *, header_only: bool) -> None:
     """InvalidArgument for a JPEG, PNG or GIF of more scans, segments, chunks or blocks
     than an encoder writes (see jpeg_markers, png_chunks and gif_blocks), counted before
-    Pillow reads them; ``header_only`` counts the part that opening the file reads (for
+    Pillow reads them, or a BMP of more run-length codes than bmp_rle decodes in a
+    second; ``header_only`` counts the part that opening the file reads (for
     probe_size, every request's admission), at the cost of the header alone."""
     excess = _structure_excess(data, header_only)
     if excess is not None:
@@ -237,6 +242,8 @@ def _structure_excess(data: bytes, header_only: bool) -> tuple[str, str] | None:
         fmt, excess = "PNG", count_png_chunks(data, header_only=header_only).too_many()
     elif data.startswith(GIF_SIGNATURES):  # nothing past the first image is read
         fmt, excess = "GIF", count_gif_blocks(data).too_many()
+    elif data.startswith(b"BM"):  # from the header alone
+        fmt, excess = "BMP", count_bmp_rle_bytes(data).too_many()
     else:
         return None
     return None if excess is None else (fmt, excess)

@@ -24,6 +24,7 @@ from services.common.jpeg_markers import count_jpeg_markers
 from services.common.libtiff_messages import route_libtiff_messages, take_libtiff_error
 from services.common.png import encode_png
 from services.common.png_chunks import PNG_SIGNATURE, count_png_chunks
+from services.common.tiff_pieces import TIFF_SIGNATURES, count_tiff_pieces
 from services.common.truncation import how_cut_short
 
 # Pillow warns about what it repairs or skips in a request's image (corrupt EXIF data,
@@ -224,9 +225,10 @@ def _open(data: bytes, what: str) -> Image.Image:
 def _refuse_costly_structure(data: bytes, what: str, *, header_only: bool) -> None:
     """InvalidArgument for a JPEG, PNG or GIF of more scans, segments, chunks or blocks
     than an encoder writes (see jpeg_markers, png_chunks and gif_blocks), counted before
-    Pillow reads them, or a BMP of more run-length codes than bmp_rle decodes in a
-    second; ``header_only`` counts the part that opening the file reads (for
-    probe_size, every request's admission), at the cost of the header alone."""
+    Pillow reads them, a BMP of more run-length codes than bmp_rle decodes in a second,
+    or an uncompressed TIFF of more strips or tiles than writers use (tiff_pieces);
+    ``header_only`` counts the part that opening the file reads (for probe_size, every
+    request's admission), at the cost of the header alone."""
     excess = _structure_excess(data, header_only)
     if excess is not None:
         fmt, too_many = excess
@@ -244,6 +246,8 @@ def _structure_excess(data: bytes, header_only: bool) -> tuple[str, str] | None:
         fmt, excess = "GIF", count_gif_blocks(data).too_many()
     elif data.startswith(b"BM"):  # from the header alone
         fmt, excess = "BMP", count_bmp_rle_bytes(data).too_many()
+    elif data.startswith(TIFF_SIGNATURES):  # from the first directory
+        fmt, excess = "TIFF", count_tiff_pieces(data).too_many()
     else:
         return None
     return None if excess is None else (fmt, excess)

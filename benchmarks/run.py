@@ -20,8 +20,8 @@ from typing import Any
 
 from benchmarks.common import RESULTS, machine
 
-BENCHMARKS = ["preprocess", "png", "superres", "style", "style_gpu", "noun_search", "embed",
-              "search_scale"]
+BENCHMARKS = ["preprocess", "png", "decode_bounds", "superres", "style", "style_gpu",
+              "noun_search", "embed", "search_scale"]
 # A module renders its result with markdown(result) or table(result), or format_table(result).
 README = Path(__file__).resolve().parent / "README.md"
 BEGIN, END = "<!-- BEGIN RESULTS -->", "<!-- END RESULTS -->"

@@ -15,35 +15,23 @@ python -m benchmarks.bench_decode_bounds [--quick]
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from PIL import BmpImagePlugin, Image
+from PIL import Image
 
 from benchmarks.common import interleaved_medians, machine, markdown_table, run_as_script
 from benchmarks.image_models import photo
-from services.common.bmp_rle import BmpRleDecoder
 from services.common.errors import InvalidArgument
 from services.common.images import decode_image
 from tests.fixtures import bad_images
+from tests.fixtures.pillow_decoders import pillows_own_decoders
 
 CAP = 64_000_000
 EOL, EOB = b"\x00\x00", b"\x00\x01"
-
-
-@contextlib.contextmanager
-def pillows_own_decoders() -> Iterator[None]:
-    """Pillow as installed (importing the services put our run-length BMP decoder in
-    place of its own)."""
-    Image.register_decoder("bmp_rle", BmpImagePlugin.BmpRleDecoder)
-    try:
-        yield
-    finally:
-        Image.register_decoder("bmp_rle", BmpRleDecoder)
 
 
 def pillow(data: bytes) -> np.ndarray:

@@ -3,15 +3,13 @@ as Pillow's own decoder does where it agrees, at a cost bounded by the file's si
 
 from __future__ import annotations
 
-import contextlib
 import io
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import BmpImagePlugin, Image
+from PIL import Image
 
 from services.common.bmp_rle import (
     MAX_BMP_RLE_BYTES,
@@ -23,19 +21,11 @@ from services.common.bmp_rle import (
 from services.common.errors import InvalidArgument
 from services.common.images import decode_image, probe_size
 from tests.fixtures import bad_images
+from tests.fixtures.pillow_decoders import pillows_own_decoders
 
 CAP = 64_000_000
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 EOL, EOB = b"\x00\x00", b"\x00\x01"
-
-
-@contextlib.contextmanager
-def pillows_own_decoder() -> Iterator[None]:
-    Image.register_decoder("bmp_rle", BmpImagePlugin.BmpRleDecoder)
-    try:
-        yield
-    finally:
-        Image.register_decoder("bmp_rle", BmpRleDecoder)
 
 
 def _indices(data: bytes) -> np.ndarray:
@@ -90,7 +80,7 @@ def test_random_codes_decode_as_pillows_own_decoder_reads_them(rle4: bool) -> No
         data = bad_images.bmp_rle(width, height, _random_codes(rng, width, height, rle4),
                                   rle4=rle4)
         ours = _indices(data)
-        with pillows_own_decoder():
+        with pillows_own_decoders():
             np.testing.assert_array_equal(ours, _indices(data))
 
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-#: The most steps of Pillow's walk before the first image: data sub-blocks (an extension
-#: without data counting as one) and stray bytes (which it skips one at a time). 4 MB of
-#: metadata in full 255-byte sub-blocks.
-MAX_GIF_SUB_BLOCKS = 16_384
+#: The most steps of Pillow's walk before the first image: sub-blocks read (the empty ones
+#: that end each extension's run included) and stray bytes (skipped one at a time). Some
+#: 4 MB of metadata in full 255-byte sub-blocks.
+MAX_GIF_STEPS = 16_384
 #: The most comment sub-blocks before the first image (256 KB of comment, full ones).
 MAX_GIF_COMMENT_SUB_BLOCKS = 1024
 
@@ -34,16 +34,16 @@ _GLOBAL_COLOUR_TABLE = 0x80  # a flag of the screen descriptor's packed byte
 
 
 class GifBlocks(NamedTuple):
-    sub_blocks: int  # the steps of Pillow's walk before the first image (see the cap)
-    comment_sub_blocks: int
+    steps: int  # of Pillow's walk before the first image (see MAX_GIF_STEPS)
+    comment_sub_blocks: int  # a comment extension counting one, and each of its sub-blocks
 
     def too_many(self) -> str | None:
         """What there is too much of, to refuse the GIF for; None when within bounds."""
         if self.comment_sub_blocks > MAX_GIF_COMMENT_SUB_BLOCKS:
             return (f"more than {MAX_GIF_COMMENT_SUB_BLOCKS} comment blocks before its "
                     "first image (encoders write a line or two)")
-        if self.sub_blocks > MAX_GIF_SUB_BLOCKS:
-            return (f"more than {MAX_GIF_SUB_BLOCKS} extension blocks or stray bytes "
+        if self.steps > MAX_GIF_STEPS:
+            return (f"more than {MAX_GIF_STEPS} extension blocks or stray bytes "
                     "before its first image (encoders write a few blocks, up to 255 "
                     "bytes each)")
         return None
@@ -61,7 +61,7 @@ class _Walk:
         self.steps = self.comments = 0
 
     def over(self) -> bool:
-        return self.steps > MAX_GIF_SUB_BLOCKS or self.comments > MAX_GIF_COMMENT_SUB_BLOCKS
+        return self.steps > MAX_GIF_STEPS or self.comments > MAX_GIF_COMMENT_SUB_BLOCKS
 
     def sub_block(self) -> bytes | None:
         """The next data sub-block; None for the empty one that ends a run (or the end of

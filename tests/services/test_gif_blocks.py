@@ -13,7 +13,7 @@ from PIL import Image
 from services.common.errors import InvalidArgument
 from services.common.gif_blocks import (
     MAX_GIF_COMMENT_SUB_BLOCKS,
-    MAX_GIF_SUB_BLOCKS,
+    MAX_GIF_STEPS,
     GifBlocks,
     count_gif_blocks,
 )
@@ -40,7 +40,7 @@ def test_an_animation_with_a_comment_counts_what_precedes_its_first_image(
     frames = [Image.fromarray(np.roll(small_photo, i, axis=0)).convert("P") for i in range(5)]
     data = bad_images.save(frames[0], "GIF", save_all=True, append_images=frames[1:],
                            loop=0, duration=40, comment=b"c" * 600)
-    assert count_gif_blocks(data) == GifBlocks(sub_blocks=9, comment_sub_blocks=4)
+    assert count_gif_blocks(data) == GifBlocks(steps=9, comment_sub_blocks=4)
     assert count_gif_blocks(data).too_many() is None
 
 
@@ -53,7 +53,7 @@ def test_xmp_with_its_magic_trailer_is_walked_to_its_end(small_photo: np.ndarray
     extension = b"\x21\xff\x0bXMP DataXMP" + xmp + trailer
     data = bad_images.gif_with_extensions(small_photo, extension, 1)
     counted = count_gif_blocks(data)
-    assert 0 < counted.sub_blocks < 200 and counted.comment_sub_blocks == 0
+    assert 0 < counted.steps < 200 and counted.comment_sub_blocks == 0
     plain = _first_frame(bad_images.gif_with_extensions(small_photo, b"", 0))
     np.testing.assert_array_equal(decode_image(data, max_pixels=CAP).rgb, plain)
 
@@ -62,7 +62,7 @@ def test_an_empty_comment_is_one_step_and_stray_bytes_are_counted(
         small_photo: np.ndarray) -> None:
     data = bad_images.gif_with_extensions(
         small_photo, EMPTY_COMMENT + TINY_APPLICATION + STRAY * 3, 10)
-    assert count_gif_blocks(data) == GifBlocks(sub_blocks=60, comment_sub_blocks=10)
+    assert count_gif_blocks(data) == GifBlocks(steps=60, comment_sub_blocks=10)
     plain = _first_frame(bad_images.gif_with_extensions(small_photo, b"", 0))
     np.testing.assert_array_equal(decode_image(data, max_pixels=CAP).rgb, plain)
 
@@ -73,7 +73,7 @@ def test_pillow_reads_on_past_an_extension_without_data(small_photo: np.ndarray)
     the format would take for stray bytes or another block."""
     run = b"\x01x" * 1000 + b"\x00"  # read by Pillow as 1,000 sub-blocks and their end
     data = bad_images.gif_with_extensions(small_photo, b"\x21\x01\x00" + run, 1)
-    assert count_gif_blocks(data) == GifBlocks(sub_blocks=1 + 1001, comment_sub_blocks=0)
+    assert count_gif_blocks(data) == GifBlocks(steps=1 + 1001, comment_sub_blocks=0)
     plain = _first_frame(bad_images.gif_with_extensions(small_photo, b"", 0))
     np.testing.assert_array_equal(_first_frame(data), plain)  # Pillow reads it so
 
@@ -83,7 +83,7 @@ def test_the_count_stops_past_the_caps(small_photo: np.ndarray) -> None:
     comment = bad_images.gif_with_extensions(small_photo, one_byte_blocks, 1)
     assert count_gif_blocks(comment).comment_sub_blocks == MAX_GIF_COMMENT_SUB_BLOCKS + 1
     stray = bad_images.gif_with_extensions(small_photo, STRAY, 1_000_000)
-    assert count_gif_blocks(stray) == GifBlocks(MAX_GIF_SUB_BLOCKS + 1, 0)
+    assert count_gif_blocks(stray) == GifBlocks(MAX_GIF_STEPS + 1, 0)
 
 
 def test_damage_and_other_formats_end_the_count(small_photo: np.ndarray) -> None:
@@ -104,10 +104,10 @@ def test_damage_and_other_formats_end_the_count(small_photo: np.ndarray) -> None
      bad_images.gif_comment(b"x" * (MAX_GIF_COMMENT_SUB_BLOCKS - 1), sub_block=1),
      rf"more than {MAX_GIF_COMMENT_SUB_BLOCKS} comment blocks "),
     # other extensions' sub-blocks and stray bytes are walked one at a time (1 MB: 81 ms)
-    (TINY_APPLICATION, 1_000_000, MAX_GIF_SUB_BLOCKS // 2,
-     rf"more than {MAX_GIF_SUB_BLOCKS} extension blocks or stray bytes before its first "
+    (TINY_APPLICATION, 1_000_000, MAX_GIF_STEPS // 2,
+     rf"more than {MAX_GIF_STEPS} extension blocks or stray bytes before its first "
      r"image \(encoders write a few blocks, up to 255 bytes each\)"),
-    (STRAY, 1_000_000, MAX_GIF_SUB_BLOCKS, rf"more than {MAX_GIF_SUB_BLOCKS} extension "),
+    (STRAY, 1_000_000, MAX_GIF_STEPS, rf"more than {MAX_GIF_STEPS} extension "),
 ])
 def test_too_many_blocks_are_refused_at_the_header(
         small_photo: np.ndarray, extension: bytes, copies: int, most: int | bytes,

@@ -23,6 +23,8 @@ MAX_PNG_CHUNKS = 65_536
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CHUNK_HEAD = struct.Struct(">I4s")  # length, type; the data and a 4-byte CRC follow
 _LARGEST_LENGTH = 2**31 - 1  # the PNG specification's bound; past it the file is damaged
+#: The chunks that say whether Pillow takes the PNG for an animation (see _Animation).
+_ANIMATION_KINDS = frozenset((b"acTL", b"fcTL", b"IDAT", b"fdAT"))
 
 
 class PngChunks(NamedTuple):
@@ -47,18 +49,44 @@ def count_png_chunks(data: bytes, *, header_only: bool = False) -> PngChunks:
     if not data.startswith(PNG_SIGNATURE):
         return PngChunks(chunks)
     position, size = len(PNG_SIGNATURE), len(data)
-    animated = pixels_seen = False
+    animation = _Animation()
     while position + _CHUNK_HEAD.size <= size and chunks <= MAX_PNG_CHUNKS:
         length, kind = _CHUNK_HEAD.unpack_from(data, position)
         if length > _LARGEST_LENGTH:
             break
-        pixels = kind in (b"IDAT", b"fdAT")
-        if kind == b"IEND" or (kind == b"fcTL" and animated and pixels_seen):
+        if kind == b"IEND" or (kind == b"fcTL" and animation.animated()):
             break
         chunks += 1
-        if pixels and header_only:
+        if kind in (b"IDAT", b"fdAT") and header_only:
             break
-        animated = animated or kind == b"acTL"
-        pixels_seen = pixels_seen or pixels
-        position += _CHUNK_HEAD.size + length + 4
+        body = position + _CHUNK_HEAD.size
+        if kind in _ANIMATION_KINDS and not animation.pixels_seen:
+            animation.read(kind, data[body:body + min(length, 4)])
+        position = body + length + 4
     return PngChunks(chunks)
+
+
+class _Animation:
+    """Whether Pillow takes the PNG for an animation (PngImageFile.is_animated), from
+    the chunks before its pixels as Pillow reads them: then loading the first frame stops
+    at the next frame's control chunk (fcTL); otherwise it goes on to IEND."""
+
+    def __init__(self) -> None:
+        self.frames: int | None = None  # acTL's count, once Pillow accepts one
+        self.pixels_seen = self.control_first = False
+
+    def read(self, kind: bytes, start: bytes) -> None:
+        """Takes in a chunk before the pixels: its type and its first 4 bytes."""
+        if kind == b"acTL":  # a second one voids the first (Pillow: invalid APNG)
+            frames = int.from_bytes(start, "big") if len(start) == 4 else 0
+            self.frames = None if self.frames is not None else (
+                frames if 0 < frames <= 0x80000000 else None)
+        elif kind == b"fcTL":  # the default image is then the first frame
+            self.control_first = True
+        elif kind in (b"IDAT", b"fdAT"):
+            self.pixels_seen = True
+
+    def animated(self) -> bool:
+        if not self.pixels_seen or self.frames is None:
+            return False
+        return self.frames + (0 if self.control_first else 1) > 1

@@ -12,7 +12,12 @@ from PIL import Image
 
 from services.common.errors import InvalidArgument
 from services.common.images import decode_image, probe_size
-from services.common.png_chunks import MAX_PNG_CHUNKS, PngChunks, count_png_chunks
+from services.common.png_chunks import (
+    MAX_PNG_CHUNKS,
+    PNG_SIGNATURE,
+    PngChunks,
+    count_png_chunks,
+)
 from tests.fixtures import bad_images
 
 CAP = 64_000_000
@@ -119,3 +124,56 @@ def test_pillow_reads_what_the_walk_counts(small_photo: np.ndarray) -> None:
                  bad_images.png_with_pixel_data_in_chunks(small_photo, 100)):
         with Image.open(io.BytesIO(data)) as image:
             np.testing.assert_array_equal(np.asarray(image.convert("RGB")), small_photo)
+
+
+def _chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, data) of every chunk."""
+    chunks, position = [], 8
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        chunks.append((kind, data[position + 8:position + 8 + length]))
+        position += 12 + length
+    return chunks
+
+
+def _png_of(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    return PNG_SIGNATURE + b"".join(bad_images.png_chunk(k, d) for k, d in chunks)
+
+
+def _variants(photo: np.ndarray) -> dict[str, bytes]:
+    """A 3-frame APNG, and what Pillow takes for no animation (then it reads to IEND):
+    one frame claimed, a second acTL (Pillow voids both), a count of 0; and one frame
+    claimed beside a default image that is no frame (two frames: an animation)."""
+    images = [Image.fromarray(np.roll(photo, i, axis=1)) for i in range(3)]
+    chunks = _chunks(bad_images.save(images[0], "PNG", save_all=True,
+                                     append_images=images[1:]))
+    assert [k for k, _ in chunks[:4]] == [b"IHDR", b"acTL", b"fcTL", b"IDAT"]
+    actl = chunks[1][1]
+
+    def frames(count: int) -> tuple[bytes, bytes]:
+        return b"acTL", struct.pack(">I", count) + actl[4:]
+
+    return {
+        "three frames": _png_of(chunks),
+        "one frame claimed": _png_of([chunks[0], frames(1), *chunks[2:]]),
+        "two acTL": _png_of([chunks[0], chunks[1], chunks[1], *chunks[2:]]),
+        "no frames claimed": _png_of([chunks[0], frames(0), *chunks[2:]]),
+        "one frame and a default image": _png_of([chunks[0], frames(1), *chunks[3:]]),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:Invalid APNG")  # Pillow's, for the variants it voids
+@pytest.mark.parametrize("variant", ["three frames", "one frame claimed", "two acTL",
+                                     "no frames claimed", "one frame and a default image"])
+def test_the_walk_stops_where_pillow_stops_loading(small_photo: np.ndarray,
+                                                   variant: str) -> None:
+    """At the next frame's fcTL where Pillow takes the file for an animation, at IEND
+    where it does not: a claim of one frame must not stop the count early."""
+    data = _variants(small_photo)[variant]
+    kinds = _kinds(data)
+    first_pixels = kinds.index(b"IDAT")
+    with Image.open(io.BytesIO(data)) as image:
+        animated = image.is_animated
+    assert animated == (variant in ("three frames", "one frame and a default image"))
+    end = (kinds.index(b"fcTL", first_pixels) if animated else kinds.index(b"IEND"))
+    assert count_png_chunks(data) == PngChunks(end)

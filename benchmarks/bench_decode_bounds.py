@@ -63,6 +63,8 @@ def hostile(quick: bool) -> dict[str, bytes]:
             photo(2048), int(3000 * scale)),
         "JPEG, empty comment segments": bad_images.jpeg_with_empty_comments(
             small, int(250_000 * scale)),
+        "JPEG, 0xFF fill bytes before a marker": bad_images.jpeg_with_padding(
+            small, b"\xff", int(2_000_000 * scale)),
         "TIFF, uncompressed, a row per strip": bad_images.uncompressed_tiff(
             np.zeros((int(300_000 * scale), 8), np.uint8)),
         f"BMP RLE8 {side} px, a pixel and an end of line a row": bad_images.bmp_rle(

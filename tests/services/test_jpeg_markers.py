@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from services.common.jpeg_markers import (
+    MAX_JPEG_PADDING,
     MAX_JPEG_SCANS,
     MAX_JPEG_SEGMENTS,
     JpegMarkers,
@@ -82,14 +83,42 @@ def test_a_cut_stream_counts_the_scans_it_has(photo: np.ndarray, cut: int) -> No
     assert count_jpeg_markers(data[:second + 4]).scans == 2
 
 
-def test_a_wrong_segment_length_ends_the_count(photo: np.ndarray) -> None:
-    """The walk lands where no marker is: the count stops there (the decoder, which reads
-    the same lengths, reports the damage)."""
-    data = bytearray(_jpeg(photo, progressive=True))
-    assert data[2:4] == b"\xff\xe0"  # APP0 (JFIF) first
+def test_a_short_segment_length_lands_in_padding(photo: np.ndarray) -> None:
+    """The walk lands inside the segment, where no marker is, and goes on to the next
+    marker as Pillow and libjpeg do: the 9 bytes it skips are padding, and the rest is
+    counted as before."""
+    whole = _jpeg(photo, progressive=True)
+    data = bytearray(whole)
+    assert data[2:4] == b"\xff\xe0" and data[4:6] == b"\x00\x10"  # APP0 (JFIF), 16 bytes
     struct.pack_into(">H", data, 4, 7)
-    assert count_jpeg_markers(bytes(data)) == JpegMarkers(scans=0, segments=1)
+    expected = count_jpeg_markers(whole)._replace(padding=16 - 7)
+    assert count_jpeg_markers(bytes(data)) == expected
     assert count_jpeg_markers(b"not a jpeg") == JpegMarkers(scans=0, segments=0)
+
+
+@pytest.mark.parametrize("padding", [b"\x00", b"\xff\x00", b"\xff\xff"])
+def test_padding_between_the_header_segments_is_counted(photo: np.ndarray,
+                                                        padding: bytes) -> None:
+    """Zeros, stuffed 0xFF 0x00 pairs and 0xFF fill bytes before a marker: Pillow steps
+    over each in Python (8 MB of fill bytes took 3.8 s), libjpeg in C."""
+    whole = bad_images.jpeg_with_padding(photo, padding, 0)
+    data = bad_images.jpeg_with_padding(photo, padding, 100)
+    expected = count_jpeg_markers(whole)._replace(padding=100 * len(padding))
+    assert count_jpeg_markers(data) == expected
+    huge = bad_images.jpeg_with_padding(photo, padding, 1_000_000)
+    assert count_jpeg_markers(huge, header_only=True).padding == MAX_JPEG_PADDING + 2
+    assert count_jpeg_markers(huge).too_many() == (
+        f"more than {MAX_JPEG_PADDING} bytes of padding between the segments of its header "
+        "(encoders write none, or a few fill bytes)")
+
+
+def test_junk_between_scans_does_not_hide_them(photo: np.ndarray) -> None:
+    """libjpeg skips junk before a marker and goes on decoding scans, so the count goes
+    on past it too: a comment and a junk byte between the empty scans must not end it."""
+    data = bad_images.jpeg_with_empty_scans(photo, 40)
+    first_empty = data.index(b"\xff\xda", data.index(b"\xff\xda") + 2)
+    junk = b"\xff\xfe\x00\x02" + b"\x00"  # an empty comment segment, then a stray byte
+    assert count_jpeg_markers(data[:first_empty] + junk + data[first_empty:]).scans == 40
 
 
 def test_the_header_alone_stops_at_the_first_scan(photo: np.ndarray) -> None:

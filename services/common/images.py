@@ -16,15 +16,12 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from percept.v1 import image_pb2
-from services.common.bmp_rle import count_bmp_rle_bytes, use_for_bmp
+from services.common.bmp_rle import use_for_bmp
 from services.common.colour import profile_describes, profiled_to_srgb, to_srgb
 from services.common.errors import InvalidArgument, ResourceExhausted
-from services.common.gif_blocks import GIF_SIGNATURES, count_gif_blocks
-from services.common.jpeg_markers import count_jpeg_markers
 from services.common.libtiff_messages import route_libtiff_messages, take_libtiff_error
 from services.common.png import encode_png
-from services.common.png_chunks import PNG_SIGNATURE, count_png_chunks
-from services.common.tiff_pieces import TIFF_SIGNATURES, count_tiff_pieces
+from services.common.structure_bounds import WALKED_AT_DECODE, structure_excess
 from services.common.truncation import how_cut_short
 
 # Pillow warns about what it repairs or skips in a request's image (corrupt EXIF data,
@@ -223,34 +220,15 @@ def _open(data: bytes, what: str) -> Image.Image:
 
 
 def _refuse_costly_structure(data: bytes, what: str, *, header_only: bool) -> None:
-    """InvalidArgument for a JPEG, PNG or GIF of more scans, segments, chunks or blocks
-    than an encoder writes (see jpeg_markers, png_chunks and gif_blocks), counted before
-    Pillow reads them, a BMP of more run-length codes than bmp_rle decodes in a second,
-    or an uncompressed TIFF of more strips or tiles than writers use (tiff_pieces);
-    ``header_only`` counts the part that opening the file reads (for probe_size, every
-    request's admission), at the cost of the header alone."""
-    excess = _structure_excess(data, header_only)
+    """InvalidArgument for a file whose structure (scans, segments, chunks, blocks,
+    run-length codes, strips) would cost far more to decode than encoders ever ask
+    (structure_bounds); ``header_only`` walks the part that opening the file reads (for
+    probe_size, every request's admission), at the cost of the header alone."""
+    excess = structure_excess(data, header_only=header_only)
     if excess is not None:
         fmt, too_many = excess
         raise InvalidArgument(f"{what} is a {fmt} of {too_many}: it would take long to "
                               "decode; re-encode it")
-
-
-def _structure_excess(data: bytes, header_only: bool) -> tuple[str, str] | None:
-    """(format, what it has too much of), or None."""
-    if data.startswith(b"\xff\xd8"):
-        fmt, excess = "JPEG", count_jpeg_markers(data, header_only=header_only).too_many()
-    elif data.startswith(PNG_SIGNATURE):
-        fmt, excess = "PNG", count_png_chunks(data, header_only=header_only).too_many()
-    elif data.startswith(GIF_SIGNATURES):  # nothing past the first image is read
-        fmt, excess = "GIF", count_gif_blocks(data).too_many()
-    elif data.startswith(b"BM"):  # from the header alone
-        fmt, excess = "BMP", count_bmp_rle_bytes(data).too_many()
-    elif data.startswith(TIFF_SIGNATURES):  # from the first directory
-        fmt, excess = "TIFF", count_tiff_pieces(data).too_many()
-    else:
-        return None
-    return None if excess is None else (fmt, excess)
 
 
 def _header_fault(data: bytes, what: str) -> InvalidArgument | None:
@@ -352,7 +330,7 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image",
                 f"{what} has {width} x {height} = {width * height} pixels, "
                 f"over the cap of {max_pixels}")
         source_format = image.format or "unknown"
-        if source_format in ("JPEG", "MPO", "PNG"):  # its scans or pixel data chunks
+        if source_format in WALKED_AT_DECODE:  # a JPEG's scans, a PNG's pixel data chunks
             _refuse_costly_structure(data, what, header_only=False)
         take_libtiff_error()  # one left by an earlier image on this thread is not this one's
         try:  # an image opens at its first frame; the others are never read

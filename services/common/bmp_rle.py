@@ -134,7 +134,11 @@ class BmpRleDecoder(ImageFile.PyDecoder):
         return -1, 0
 
 
+#: Pillow's own decoder, registered when its BMP plugin was imported (above: imported
+#: later, the plugin would register it again over ours).
+PILLOWS_OWN = BmpImagePlugin.BmpRleDecoder
+
+
 def use_for_bmp() -> None:
     """Registers the decoder in place of Pillow's, for every BMP this process opens."""
-    assert BmpImagePlugin.BmpRleDecoder is not None  # Pillow's, registered on import
     Image.register_decoder("bmp_rle", BmpRleDecoder)

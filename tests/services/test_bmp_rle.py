@@ -35,6 +35,7 @@ def _indices(data: bytes) -> np.ndarray:
 
 
 def test_the_services_decode_rle_bmps_with_this_decoder() -> None:
+    Image.init()  # every plugin imported: none registers its own again
     assert Image.DECODERS["bmp_rle"] is BmpRleDecoder
 
 

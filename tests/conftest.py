@@ -131,10 +131,10 @@ def pixel_budget_full(server: RunningServer, leave: int = 0) -> Iterator[None]:
 def slow_header_reads(slow: bytes, seconds: float = 3.0) -> Iterator[None]:
     """Every header read of the image ``slow`` by this process's servers takes
     ``seconds`` longer: a stand-in for an image whose header is slow to read. Every
-    format's header walk is bounded (jpeg_markers, png_chunks, gif_blocks), so none takes
-    seconds any more: a PNG of a million empty chunks took 2.5 s before they were counted,
-    and the slowest found since, a TIFF of 65,000 tags, takes about 0.35 s here to
-    decode, header reads included."""
+    format's structure is bounded before Pillow reads it (structure_bounds), so none takes
+    seconds any more: a PNG of a million empty chunks took 2.5 s to open before they were
+    counted, and the slowest found within the caps, a PNG of 65,534 empty chunks, about
+    0.2 s here."""
     import time
     from unittest import mock
 

@@ -1,6 +1,6 @@
 """What an image's structure would make the decoder do, against what encoders write:
 the one place that asks each format's walk (jpeg_markers, png_chunks, gif_blocks,
-bmp_rle, tiff_pieces), picked by the file's signature, before Pillow reads the file.
+bmp_rle, tiff_directory), picked by the file's signature, before Pillow reads the file.
 
 Each walk reads only the file's structure (markers, chunks, blocks, a header or a
 directory), bounded by its own cap, so asking costs little even for the files it refuses.
@@ -12,7 +12,7 @@ from services.common.bmp_rle import count_bmp_rle_bytes
 from services.common.gif_blocks import GIF_SIGNATURES, count_gif_blocks
 from services.common.jpeg_markers import count_jpeg_markers
 from services.common.png_chunks import PNG_SIGNATURE, count_png_chunks
-from services.common.tiff_pieces import TIFF_SIGNATURES, count_tiff_pieces
+from services.common.tiff_directory import TIFF_SIGNATURES, count_tiff_directory
 
 #: Formats whose full walk (at decode) reaches past what opening the file reads.
 WALKED_AT_DECODE = ("JPEG", "MPO", "PNG")
@@ -32,7 +32,7 @@ def structure_excess(data: bytes, *, header_only: bool) -> tuple[str, str] | Non
     elif data.startswith(b"BM"):  # from the header alone
         fmt, excess = "BMP", count_bmp_rle_bytes(data).too_many()
     elif data.startswith(TIFF_SIGNATURES):  # from the first directory
-        fmt, excess = "TIFF", count_tiff_pieces(data).too_many()
+        fmt, excess = "TIFF", count_tiff_directory(data).too_many()
     else:
         return None
     return None if excess is None else (fmt, excess)

@@ -123,6 +123,7 @@ def test_model_is_chosen_by_name(sr_server: RunningServer, small_photo: np.ndarr
     ({}, "comment bomb", "^image is a GIF of more than 1024 comment blocks"),
     ({}, "long rle", "^image is a BMP of more than 8 MB of run-length-coded pixels"),
     ({}, "strip bomb", "^image is a TIFF of more than 65536 uncompressed strips"),
+    ({}, "tag bomb", "^image is a TIFF of more than 4096 tags in its first directory"),
 ])
 def test_bad_requests(sr_server: RunningServer, small_photo: np.ndarray, kwargs: dict,
                       data: object, message: str, capfd: pytest.CaptureFixture[str]) -> None:
@@ -146,6 +147,8 @@ def test_bad_requests(sr_server: RunningServer, small_photo: np.ndarray, kwargs:
         data = bad_images.bmp_rle(4096, 1030, (b"\x01\x07" * 4096 + b"\x00\x00") * 1030)
     elif data == "strip bomb":  # a row per strip
         data = bad_images.uncompressed_tiff(np.zeros((100_000, 8), np.uint8))
+    elif data == "tag bomb":
+        data = bad_images.uncompressed_tiff(small_photo[..., 0], 8, extra_tags=65_000)
     elif data == "damaged tiff":
         data = bad_images.tiff_with_damaged_deflate_strip(small_photo)
     stub = superres_pb2_grpc.SuperResolutionStub(client.connect(sr_server.target))

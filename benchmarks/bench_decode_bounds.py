@@ -67,6 +67,8 @@ def hostile(quick: bool) -> dict[str, bytes]:
             small, b"\xff", int(2_000_000 * scale)),
         "TIFF, uncompressed, a row per strip": bad_images.uncompressed_tiff(
             np.zeros((int(300_000 * scale), 8), np.uint8)),
+        "TIFF, a directory of 65,000 tags": bad_images.uncompressed_tiff(
+            small[..., 0], 8, extra_tags=65_000),
         f"BMP RLE8 {side} px, a pixel and an end of line a row": bad_images.bmp_rle(
             side, side, (b"\x01\x05" + EOL) * side + EOB),
         f"BMP RLE4 {side} px, runs of 255": bad_images.bmp_rle(

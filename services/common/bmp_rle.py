@@ -4,8 +4,8 @@ the file, not of the image, in place of Pillow's.
 Pillow decodes them in Python, and parts of that pixel by pixel: an RLE4 run (one
 2-byte code for up to 255 pixels) and the padding to the end of a row (the 2-byte code
 end-of-line) each take a Python step for every pixel. A 13 kB RLE8 BMP of 3000 x 3000
-px, each row one pixel and an end of line, took Pillow 0.97 s to decode here (17 ms with
-this decoder; benchmarks/bench_decode_bounds.py), and at the 64-megapixel cap a 36 kB
+px, each row one pixel and an end of line, took Pillow about 1 s to decode here (17.5 ms
+with this decoder; benchmarks/bench_decode_bounds.py), and at the 64-megapixel cap a 36 kB
 one would take some 7 s; nothing interrupts a decoder. Here
 every code is one step (runs and padding are slice copies), and the codes are bounded by
 the bytes of the file: ``MAX_BMP_RLE_BYTES`` of them, refused before decoding (see

@@ -22,6 +22,7 @@ from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.libtiff_messages import route_libtiff_messages, take_libtiff_error
 from services.common.png import encode_png
 from services.common.structure_bounds import WALKED_AT_DECODE, structure_excess
+from services.common.tiff_directory import MAX_TIFF_ENTRIES, count_tiff_directory
 from services.common.truncation import how_cut_short
 
 # Pillow warns about what it repairs or skips in a request's image (corrupt EXIF data,
@@ -180,9 +181,15 @@ def _normalise_mode(image: Image.Image, key_alpha: Image.Image | None = None) ->
 def _upright_turn(image: Image.Image) -> Image.Transpose | None:
     """What shows the image upright, as its EXIF orientation says; None for an upright
     image. A damaged EXIF block (unreadable, or an orientation that is no number) leaves
-    the image as stored: it costs the orientation, not the request. Unlike
+    the image as stored: it costs the orientation, not the request. So does one of more
+    tags than a TIFF directory may have here (tiff_directory), which Pillow would read in
+    Python, one at a time (a PNG's eXIf chunk may hold 65,535). Unlike
     ImageOps.exif_transpose, the EXIF is not written back, which fails on tags it cannot
     serialise, and an upright image is not copied."""
+    exif = image.info.get("exif")
+    if isinstance(exif, bytes) and count_tiff_directory(
+            exif.removeprefix(b"Exif\x00\x00")).entries > MAX_TIFF_ENTRIES:
+        return None
     try:
         return _UPRIGHT.get(image.getexif().get(ExifTags.Base.Orientation, 1))
     except Exception:  # Pillow's TIFF parser on damaged bytes: SyntaxError, struct.error...

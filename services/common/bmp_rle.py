@@ -128,7 +128,6 @@ class BmpRleDecoder(ImageFile.PyDecoder):
         assert self.fd is not None
         rle4 = bool(self.args[1])
         pixels = decode_rle(self.fd.read(), self.state.xsize, self.state.ysize, rle4)
-        assert self.im is not None
         rawmode = "L" if self.mode == "L" else "P"
         self.set_as_raw(pixels, rawmode, (0, self.args[-1]))
         return -1, 0

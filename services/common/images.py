@@ -22,7 +22,7 @@ from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.libtiff_messages import route_libtiff_messages, take_libtiff_error
 from services.common.png import encode_png
 from services.common.structure_bounds import WALKED_AT_DECODE, structure_excess
-from services.common.tiff_directory import MAX_TIFF_ENTRIES, count_tiff_directory
+from services.common.tiff_directory import MAX_TIFF_ENTRIES, count_tiff_entries
 from services.common.truncation import how_cut_short
 
 # Pillow warns about what it repairs or skips in a request's image (corrupt EXIF data,
@@ -187,8 +187,8 @@ def _upright_turn(image: Image.Image) -> Image.Transpose | None:
     ImageOps.exif_transpose, the EXIF is not written back, which fails on tags it cannot
     serialise, and an upright image is not copied."""
     exif = image.info.get("exif")
-    if isinstance(exif, bytes) and count_tiff_directory(
-            exif.removeprefix(b"Exif\x00\x00")).entries > MAX_TIFF_ENTRIES:
+    if isinstance(exif, bytes) and count_tiff_entries(
+            exif.removeprefix(b"Exif\x00\x00")) > MAX_TIFF_ENTRIES:
         return None
     try:
         return _UPRIGHT.get(image.getexif().get(ExifTags.Base.Orientation, 1))

@@ -53,17 +53,10 @@ def count_tiff_directory(data: bytes) -> TiffDirectory:
     directory lists for them; 0 for a compressed page). Nothing for bytes that are no
     TIFF; where the directory is cut short or out of the file, its entries as it claims
     them and no pieces (the decoder reports the damage)."""
-    if not data.startswith(TIFF_SIGNATURES):
+    found = _first_directory(data)
+    if found is None:
         return TiffDirectory(0, 0)
-    order = "<" if data[:2] == b"II" else ">"
-    big = data[2:4] in (b"+\x00", b"\x00+")
-    offset_size, count_size, entry_size = (8, 8, 20) if big else (4, 2, 12)
-    start = 8 if big else 4
-    directory = int.from_bytes(data[start:start + offset_size], _byteorder(order))
-    entries_at = directory + count_size
-    if entries_at > len(data):
-        return TiffDirectory(0, 0)
-    entries = int.from_bytes(data[directory:entries_at], _byteorder(order))
+    order, offset_size, entry_size, entries_at, entries = found
     if entries > MAX_TIFF_ENTRIES:  # refused: the table need not be read
         return TiffDirectory(entries, 0)
     table = data[entries_at:entries_at + entries * entry_size]
@@ -82,6 +75,31 @@ def count_tiff_directory(data: bytes) -> TiffDirectory:
         return TiffDirectory(entries, 0)
     listed = fields["count"][np.isin(fields["tag"], (_STRIP_OFFSETS, _TILE_OFFSETS))]
     return TiffDirectory(entries, int(listed.max()) if listed.size else 0)
+
+
+def count_tiff_entries(data: bytes) -> int:
+    """The entries of ``data``'s first directory as it claims them, from the header and
+    the directory's count alone; 0 for bytes that are no TIFF or a directory out of them.
+    (For an EXIF block, a TIFF directory too, where only the count is wanted.)"""
+    found = _first_directory(data)
+    return 0 if found is None else found[-1]
+
+
+def _first_directory(data: bytes) -> tuple[str, int, int, int, int] | None:
+    """(byte order, offset size, entry size, where the entries start, how many) of the
+    first directory of ``data``, a classic TIFF or a BigTIFF; None where there is none."""
+    if not data.startswith(TIFF_SIGNATURES):
+        return None
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    offset_size, count_size, entry_size = (8, 8, 20) if big else (4, 2, 12)
+    start = 8 if big else 4
+    directory = int.from_bytes(data[start:start + offset_size], _byteorder(order))
+    entries_at = directory + count_size
+    if entries_at > len(data):
+        return None
+    entries = int.from_bytes(data[directory:entries_at], _byteorder(order))
+    return order, offset_size, entry_size, entries_at, entries
 
 
 def _byteorder(order: str) -> Literal["little", "big"]:

@@ -1,10 +1,11 @@
-"""The colour under fully transparent pixels, made harmless before an image model runs.
+"""The colour under transparent pixels, made harmless before an image model runs.
 
 An image model's output at a pixel depends on its neighbours, so the invisible colour
 under alpha 0 (often black, as most exporters write it) would bleed into the visible edge
 of a logo or cut-out. Services whose result keeps the alpha (PNG, WebP) fill those pixels
-from their visible neighbours first; a JPEG result, which has no alpha, is that of the
-colours as stored.
+from their visible neighbours first (:func:`fill_transparent`). Where the result has no
+alpha (a JPEG result, an embedding), the model sees the image as it looks on a white
+page (:func:`over_white`), not the colour hidden under its transparent parts.
 """
 
 from __future__ import annotations
@@ -12,13 +13,29 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-#: Output formats that hold an alpha channel; a JPEG result is that of the colours as stored.
+#: Output formats that hold an alpha channel; a JPEG result is that of the image over white.
 ALPHA_FORMATS = ("PNG", "WEBP")
 
 
 #: Rows of the image handled at once at full resolution (even, so that the 2x2 blocks of
 #: the first reduction never straddle two bands): the float copies stay this small.
 BAND_ROWS = 256
+
+
+def over_white(rgb: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
+    """``rgb`` (H, W, 3) uint8 composited over white by ``alpha`` (H, W) uint8, as a viewer
+    shows it on a white page (and as image editors flatten an image for JPEG): opaque
+    pixels keep their colour, fully transparent ones become white. ``rgb`` itself when
+    there is no alpha. In exact integers, :data:`BAND_ROWS` rows at a time, so that the
+    wider copies stay small."""
+    if alpha is None:
+        return rgb
+    out = np.empty_like(rgb)
+    for top in range(0, rgb.shape[0], BAND_ROWS):
+        weight = alpha[top:top + BAND_ROWS, :, None].astype(np.uint32)
+        blended = rgb[top:top + BAND_ROWS] * weight + 255 * (255 - weight) + 127
+        out[top:top + BAND_ROWS] = blended // 255
+    return out
 
 
 def _block_sums(colour: np.ndarray, weight: np.ndarray, fy: int, fx: int

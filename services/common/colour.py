@@ -76,6 +76,14 @@ def profile_describes(profile: object, mode: str) -> bool:
             and profile[16:20] == space)
 
 
+def readable_profile(profile: bytes) -> bool:
+    """Whether littlecms reads ``profile`` as an RGB profile it can convert from: one it
+    cannot is no use to a viewer either, so an output is not tagged with it (the pixels
+    are taken as sRGB, as :func:`to_srgb` takes them). True without littlecms, which
+    cannot tell: the profile is carried on as it came."""
+    return ImageCms is None or _transform_to_srgb(profile, "RGB") is not None
+
+
 def profiled_to_srgb(image: Image.Image, profile: object) -> Image.Image | None:
     """A CMYK or grey image (8-bit "L" or 16-bit "I;16") as 8-bit sRGB RGB through its
     embedded ICC ``profile`` (a press's CMYK, or a grey gamma or dot-gain curve); None

@@ -17,7 +17,12 @@ from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from percept.v1 import image_pb2
 from services.common.bmp_rle import use_for_bmp
-from services.common.colour import profile_describes, profiled_to_srgb, to_srgb
+from services.common.colour import (
+    profile_describes,
+    profiled_to_srgb,
+    readable_profile,
+    to_srgb,
+)
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.libtiff_messages import route_libtiff_messages, take_libtiff_error
 from services.common.png import encode_png
@@ -197,13 +202,13 @@ def _upright_turn(image: Image.Image) -> Image.Transpose | None:
 
 
 def _rgb_icc_profile(image: Image.Image) -> bytes | None:
-    """The image's embedded ICC profile if its pixels are RGB and it describes an RGB
-    space."""
+    """The image's embedded ICC profile if its pixels are RGB and it is an RGB profile
+    littlecms can read (a damaged one is dropped, the pixels taken as sRGB)."""
     profile = image.info.get("icc_profile")
     if image.mode not in ("RGB", "RGBA", "P", "PA") or not profile_describes(profile, "RGB"):
         return None
     assert isinstance(profile, bytes)
-    return profile
+    return profile if readable_profile(profile) else None
 
 
 def _open(data: bytes, what: str) -> Image.Image:

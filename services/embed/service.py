@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from percept.v1 import embed_pb2, embed_pb2_grpc
+from services.common.alpha import over_white
 from services.common.artifacts import Artifact, list_artifacts, load_artifact, read_config
 from services.common.batching import MicroBatcher
 from services.common.device import choose_device, describe
@@ -189,10 +190,14 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         method = self._method(method)
         whats = ["image" if len(images) == 1 else f"image {i}" for i in range(len(images))]
 
+        def decode_one(data: bytes, what: str) -> np.ndarray:
+            decoded = decode_image(data, max_pixels=self.config.max_pixels, what=what,
+                                   srgb=True)
+            # a transparent logo is what it looks like on a page, not its hidden colour
+            return preprocess(over_white(decoded.rgb, decoded.alpha))
+
         def decode() -> list[np.ndarray]:
-            return [preprocess(decode_image(data, max_pixels=self.config.max_pixels,
-                                            what=what, srgb=True).rgb)
-                    for what, data in zip(whats, images, strict=True)]
+            return [decode_one(data, what) for what, data in zip(whats, images, strict=True)]
 
         # One of --max-queue image-request slots is held from before the headers are read
         # (off the event loop: a crafted PNG or JPEG takes seconds) until the decode thread

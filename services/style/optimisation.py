@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from percept.v1 import style_pb2
-from services.common.alpha import ALPHA_FORMATS, resize_with_alpha
+from services.common.alpha import ALPHA_FORMATS, over_white, resize_with_alpha
 from services.common.config import ServerConfig
 from services.common.errors import InvalidArgument
 from services.common.images import (
@@ -112,10 +112,11 @@ def parse_request(request: style_pb2.StylizeWithImageRequest,
     if content.alpha is not None and output_format_name(output_format) in ALPHA_FORMATS:
         # the hidden colour is kept out of the visible edge, at the working size
         content_rgb, _ = resize_with_alpha(content.rgb, content.alpha, longest)
-    else:
-        content_rgb = resize_longest_side(content.rgb, longest)
+    else:  # a JPEG result: the image as seen on white
+        content_rgb = resize_longest_side(over_white(content.rgb, content.alpha), longest)
     style_longest = min(longest, max(style.width, style.height))
-    style_rgb = resize_longest_side(style.rgb, style_longest)
+    # the painting as seen on white, not the colour hidden under its transparent parts
+    style_rgb = resize_longest_side(over_white(style.rgb, style.alpha), style_longest)
     min_side = min_image_side(options)
     for what, rgb in (("content image", content_rgb), ("style image", style_rgb)):
         if min(rgb.shape[:2]) < min_side:

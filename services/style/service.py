@@ -14,7 +14,7 @@ import grpc
 import torch
 
 from percept.v1 import style_pb2, style_pb2_grpc
-from services.common.alpha import ALPHA_FORMATS, fill_transparent
+from services.common.alpha import ALPHA_FORMATS, fill_transparent, over_white
 from services.common.artifacts import list_artifacts, load_artifact
 from services.common.batching import MicroBatcher
 from services.common.device import choose_device, describe, dtype_name
@@ -145,13 +145,16 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
                                             size=(decoded.width, decoded.height))
             remaining = time_remaining(context)
             deadline = None if remaining is None else time.monotonic() + remaining
+            alpha = decoded.alpha if output_format_name(fmt) in ALPHA_FORMATS else None
+            content = decoded.rgb
+            if decoded.alpha is not None and alpha is None:  # a JPEG result: as seen on white
+                content = await slot.to_thread(over_white, content, decoded.alpha)
             if strength == 0.0 or (mask is not None and not mask.any()):
-                rgb = decoded.rgb  # nothing of the stylisation would show: skip the network
+                rgb = content  # nothing of the stylisation would show: skip the network
             else:
-                content = decoded.rgb
-                if decoded.alpha is not None and output_format_name(fmt) in ALPHA_FORMATS:
+                if alpha is not None:
                     # the colour hidden under alpha 0 must not bleed into the visible edge
-                    content = await slot.to_thread(fill_transparent, content, decoded.alpha)
+                    content = await slot.to_thread(fill_transparent, content, alpha)
                 stylised = await model.apply(content, deadline, slot_held=True)
                 rgb = stylised
                 if not is_identity(preserve_color=request.preserve_color, strength=strength,
@@ -159,7 +162,7 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
                     rgb = await slot.to_thread(finish, content, stylised,
                                                preserve_color=request.preserve_color,
                                                strength=strength, mask=mask)
-            data = await slot.to_thread(encode_image, rgb, alpha=decoded.alpha, fmt=fmt,
+            data = await slot.to_thread(encode_image, rgb, alpha=alpha, fmt=fmt,
                                         quality=quality,
                                         max_reply_bytes=self.config.max_message_bytes)
         return style_pb2.StylizeResponse(image=data, width=rgb.shape[1], height=rgb.shape[0],

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from percept.v1 import superres_pb2, superres_pb2_grpc
-from services.common.alpha import ALPHA_FORMATS, fill_transparent
+from services.common.alpha import ALPHA_FORMATS, fill_transparent, over_white
 from services.common.artifacts import list_artifacts, load_artifact
 from services.common.device import choose_device, describe, dtype_name
 from services.common.errors import InvalidArgument, NotFound, Unimplemented, shown
@@ -125,6 +125,8 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
             source, alpha = decoded.rgb, decoded.alpha if keeps_alpha else None
             if alpha is not None:
                 source = await slot.to_thread(fill_transparent, source, alpha)
+            elif decoded.alpha is not None:  # a JPEG result: the image as seen on white
+                source = await slot.to_thread(over_white, source, decoded.alpha)
             rgb = await model.apply(source, deadline, slot_held=True)
             if alpha is not None:
                 alpha = await slot.to_thread(upscale_alpha, alpha, rgb.shape[1], rgb.shape[0])

@@ -10,6 +10,7 @@ import pytest
 
 from percept.v1 import embed_pb2, embed_pb2_grpc
 from services import client
+from services.common.alpha import over_white
 from services.common.images import decode_image
 from services.common.server import RunningServer, start_in_thread
 from services.embed.wordnet import NounVocabulary, imagenet_wnids
@@ -106,6 +107,22 @@ def test_a_tagged_image_is_embedded_as_its_srgb_colours(stub: embed_pb2_grpc.Emb
     vectors = np.array([v.values for v in images.embeddings])
     np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-5)
     assert np.abs(vectors[0] - vectors[2]).max() > 1e-3  # the numbers as they are: another
+
+
+def test_a_transparent_image_is_embedded_as_it_looks_on_white(
+        stub: embed_pb2_grpc.EmbeddingStub, photo: np.ndarray) -> None:
+    """A cut-out is embedded as it looks on a page, not as the colour its transparent frame
+    hides: with black or white hidden there, it is the same vector as the flattened image's."""
+    alpha = np.zeros(photo.shape[:2], np.uint8)
+    alpha[20:-20, 30:-30] = 255
+    images = [encode(over_white(photo, alpha))]
+    for hidden in (0, 255):
+        images.append(encode(np.dstack([np.where(alpha[..., None] > 0, photo, np.uint8(hidden)),
+                                        alpha])))
+    reply = stub.EmbedImages(embed_pb2.EmbedImagesRequest(images=images), timeout=60)
+    vectors = np.array([v.values for v in reply.embeddings])
+    np.testing.assert_allclose(vectors[1], vectors[0], atol=1e-5)
+    np.testing.assert_allclose(vectors[2], vectors[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("request_fields, code, message", [

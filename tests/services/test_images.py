@@ -13,7 +13,7 @@ from services.common.images import decode_image, decode_mask, encode_image
 from services.common.jpeg_markers import MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS, count_jpeg_markers
 from services.common.tiff_directory import MAX_TIFF_ENTRIES
 from tests.conftest import encode
-from tests.fixtures import bad_images
+from tests.fixtures import bad_images, icc
 
 CAP = 64_000_000
 
@@ -150,7 +150,7 @@ def test_an_rgb_icc_profile_travels_to_every_output_format(
 
     from PIL import Image
 
-    profile = bad_images.icc_profile(b"RGB ")
+    profile = icc.rgb_profile()
     tagged = bad_images.with_icc_profile(photo, "RGB", profile, source)
     decoded = decode_image(tagged, max_pixels=CAP)
     assert decoded.icc_profile == profile
@@ -161,6 +161,17 @@ def test_an_rgb_icc_profile_travels_to_every_output_format(
     untagged = encode_image(decoded.rgb, fmt=fmt)
     with Image.open(io.BytesIO(untagged)) as image:
         assert not image.info.get("icc_profile")
+
+
+@pytest.mark.parametrize("profile", [bad_images.icc_profile(b"RGB "),
+                                     icc.rgb_profile()[:200] + b"\0" * 200],
+                         ids=["header-only", "damaged-tags"])
+def test_an_rgb_profile_littlecms_cannot_read_is_dropped(photo: np.ndarray,
+                                                         profile: bytes) -> None:
+    """A viewer could not read it either: the pixels are taken as sRGB, as style transfer
+    takes them, and super-resolution's output is not tagged with it."""
+    tagged = bad_images.with_icc_profile(photo, "RGB", profile)
+    assert decode_image(tagged, max_pixels=CAP).icc_profile is None
 
 
 def test_a_profile_the_converted_pixels_no_longer_match_is_dropped(photo: np.ndarray) -> None:

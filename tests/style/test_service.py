@@ -18,6 +18,7 @@ from skimage.color import rgb2lab
 
 from percept.v1 import image_pb2, style_pb2
 from services import client
+from services.common.alpha import over_white
 from services.common.image_model import TiledImageModel
 from services.common.images import DecodedImage, decode_image
 from services.common.server import RunningServer, start_in_thread
@@ -403,6 +404,27 @@ def test_the_colour_hidden_under_transparency_does_not_show(
         assert result.alpha is not None
         results.append(result.rgb[alpha > 0].astype(int))
     assert np.array_equal(results[0], results[1])
+
+
+@needs_styles
+@pytest.mark.parametrize("strength", [1.0, 0.0])
+def test_a_jpeg_result_is_that_of_the_image_on_white(
+        channel: grpc.Channel, photo: np.ndarray, strength: float) -> None:
+    """JPEG holds no alpha: the result is that of the cut-out as it looks on a white page,
+    whatever colour its frame hides, and the same as that of the flattened image sent
+    without alpha."""
+    alpha = np.zeros(photo.shape[:2], np.uint8)
+    alpha[40:-40, 60:-60] = 255
+    alpha[39, 60:-60] = 128
+    on_white = over_white(photo, alpha)
+    _, expected = stylize(channel, encode(on_white), FIRST, output_format=JPEG, quality=100,
+                          strength=strength)
+    for hidden in (0, 255):
+        rgb = np.where(alpha[..., None] > 0, photo, np.uint8(hidden))
+        _, result = stylize(channel, encode(np.dstack([rgb, alpha])), FIRST,
+                            output_format=JPEG, quality=100, strength=strength)
+        assert result.alpha is None
+        assert np.array_equal(result.rgb, expected.rgb)
 
 
 def test_the_colour_hidden_under_transparency_does_not_reach_an_optimisation(

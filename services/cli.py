@@ -56,9 +56,12 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
 # -- serving -----------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from services.common.allocator import retain_freed_memory
-    from services.common.config import config_from_args
+    from services.common.config import ConfigError, config_from_args
 
-    config = config_from_args(args.name, args)
+    try:
+        config = config_from_args(args.name, args)
+    except ConfigError as error:
+        raise UsageError(str(error)) from error
     if config.retain_memory:  # before the server's threads first allocate
         retain_freed_memory()
     from services.common.server import run_server
@@ -76,8 +79,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     from services.common.config import SERVICE_PORTS
 
-    target = args.target or f"localhost:{SERVICE_PORTS['all']}"
-    status = client.health_status(client.connect(target), args.service, timeout=args.timeout)
+    target = args.target or os.environ.get("PERCEPT_TARGET") or \
+        f"localhost:{SERVICE_PORTS['all']}"
+    status = client.health_status(client.connect(target), args.service,
+                                  timeout=_positive_timeout(args.timeout))
     print(status)
     return 0 if status == "SERVING" else 1
 
@@ -521,7 +526,7 @@ def _register_training(sub: argparse._SubParsersAction) -> None:  # type: ignore
 def build_parser() -> argparse.ArgumentParser:
     from services.common.config import SERVICES, add_server_arguments
 
-    parser = argparse.ArgumentParser(prog="percept", description=__doc__,
+    parser = argparse.ArgumentParser(prog="percept", description=(__doc__ or "").replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -538,7 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     health = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING")
-    health.add_argument("--target", default=None, help="host:port (default localhost:50050)")
+    health.add_argument("--target", default=None,
+                        help="host:port (default: $PERCEPT_TARGET or localhost:50050)")
     health.add_argument("--service", default="", help="fully-qualified service name; '' = all")
     health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     health.set_defaults(handler=cmd_health)

@@ -250,6 +250,7 @@ def api_client(context: str | None = None) -> Any:
     in-cluster service account when there is no kubeconfig and we run in a pod."""
     import os
 
+    import yaml
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
 
@@ -260,7 +261,7 @@ def api_client(context: str | None = None) -> Any:
         config.load_kube_config(
             config_file=kubeconfig, context=context, client_configuration=configuration
         )
-    except (ConfigException, OSError, TypeError, ValueError) as kube_error:
+    except (ConfigException, OSError, TypeError, ValueError, yaml.YAMLError) as kube_error:
         if context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
             try:
                 config.load_incluster_config(client_configuration=configuration)

@@ -200,6 +200,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                           "stays). Without --resume, an existing checkpoint in RUN_DIR is "
                           "refused, not overwritten. Ctrl-C or SIGTERM ends the step, saves "
                           "a checkpoint and exits (130 / 143) without exporting")
+    run.add_argument("--resume-if-present", action="store_true",
+                     help="--resume when RUN_DIR holds a checkpoint, a new run when it does "
+                          "not: for a Kubernetes Job, whose retry after an eviction then "
+                          "continues where it stopped")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

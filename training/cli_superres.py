@@ -100,6 +100,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                           "--threads, --device and --channels-last may change. Without "
                           "--resume, an existing checkpoint in RUN_DIR is refused, not "
                           "overwritten")
+    run.add_argument("--resume-if-present", action="store_true",
+                     help="--resume when RUN_DIR holds a checkpoint, a new run when it does "
+                          "not: for a Kubernetes Job, whose retry after an eviction then "
+                          "continues where it stopped")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from training import image_quality
 from training.assets import REPO_ROOT
+from training.data.folders import check_writable
 
 #: Photos of the held-out split that scikit-image bundles (training.data.photos.HELDOUT),
 #: used when data/photos/heldout has not been assembled.
@@ -700,18 +701,6 @@ def _check_range(flag: str, value: int, low: int, high: int, note: str = "") -> 
     """ValueError ``FLAG must be LOW..HIGH px`` unless ``low <= value <= high``."""
     if not low <= value <= high:
         raise ValueError(f"{flag} must be {low}..{high} px{note}, got {value}")
-
-
-def check_writable(path: Path, flag: str, folder: bool = False) -> None:
-    """ValueError naming ``flag`` when the file ``path`` (the folder, with ``folder``)
-    cannot be written: a folder where the file goes, or a folder for it that could not be
-    made and written (:func:`training.data.folders.check_folder_to_make`). Creates no
-    folder."""
-    from training.data.folders import check_folder_to_make
-
-    if not folder and path.is_dir():
-        raise ValueError(f"{flag} {path} is a folder, not a file")
-    check_folder_to_make(path if folder else path.parent, flag, path)
 
 
 def check_eval_flags(args: argparse.Namespace) -> None:

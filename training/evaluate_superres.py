@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from training.data.folders import check_writable
 from training.data.images import is_image_file, load_centre_crop
 from training.export import command_line, load_exported, update_metrics
 from training.image_batches import to_tensor, to_uint8_images
@@ -160,7 +161,16 @@ def figure_rows(tiles: list[Tile], outputs: dict[str, np.ndarray], methods: list
     return result
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """ValueError naming the flag when --out (a folder) or --figure (a file) could not be
+    written: checked before any model runs, not after."""
+    check_writable(Path(args.out), "--out", folder=True)
+    if args.figure:
+        check_writable(Path(args.figure), "--figure")
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    check_outputs(args)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     files = photo_files([Path(p) for p in args.photos])

@@ -229,7 +229,8 @@ def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any],
 #: its outputs go, the machine. The rest (loss, data, sizes, schedule) define the run.
 RESUMABLE_FLAGS = frozenset({
     "steps", "max_minutes", "max_cpu_minutes", "checkpoint_every", "sample_every", "threads",
-    "quiet", "out", "run_dir", "resume", "device", "channels_last", "name", "command",
+    "quiet", "out", "run_dir", "resume", "resume_if_present", "device", "channels_last",
+    "name", "command",
     "train_command", "func", "command_line"})
 
 
@@ -238,6 +239,15 @@ def recorded_flags(args: Any) -> dict[str, Any]:
     there (pickled by reference, it would tie the checkpoint to the module that ran it:
     one saved under ``python -m training.cli_style`` could not be loaded anywhere else)."""
     return {key: value for key, value in vars(args).items() if not callable(value)}
+
+
+def resuming(checkpoint: Path, args: Any) -> bool:
+    """Whether this run continues ``checkpoint``: with ``--resume``, or with
+    ``--resume-if-present`` when there is one (a Kubernetes Job retried after an eviction
+    continues where it was; its first try starts afresh). Sets ``args.resume`` to match."""
+    args.resume = bool(args.resume or (getattr(args, "resume_if_present", False)
+                                       and checkpoint.is_file()))
+    return bool(args.resume)
 
 
 def check_new_run(checkpoint: Path, resume: bool) -> None:

@@ -62,6 +62,7 @@ from training.loop import (
     read_checkpoint,
     recorded_flags,
     restore_training_state,
+    resuming,
     save_finite_checkpoint,
     stop_requests,
     stopped_note,
@@ -196,7 +197,7 @@ def train(args: argparse.Namespace) -> int:
     export_plan = check_output_folder(out, name)
     check_folder_to_make(run_dir, "--run-dir")
     checkpoint = run_dir / CHECKPOINT_NAME
-    check_new_run(checkpoint, args.resume)
+    check_new_run(checkpoint, resuming(checkpoint, args))
 
     prepared = load_prepared(Path(args.data))
     sampler = PairSampler(prepared, args.crop, seed=args.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from deploy.dockerfile import Dockerfile
 from deploy.policy.model import (
     ALL_IN_ONE,
     SERVICES,
@@ -116,7 +117,33 @@ def check_dockerfile(bundle: Bundle) -> list[str]:
         failures.append(
             "the image does not fetch the offline assets (python -m training.assets fetch)"
         )
+    failures += _noun_vectors_built(d)
     return failures
+
+
+def _noun_vectors_built(d: Dockerfile) -> list[str]:
+    """The embed service reads the WordNet noun vectors from <app>/assets/vectors, and the
+    image's /app is read-only at run time: a final image without them would build them at
+    every start (minutes) and then fail to save them. They must be built after the assets
+    are copied in, in a stage whose files reach the final image."""
+    vectors = "/app/assets/vectors/"
+    copied_from = set()
+    for copy in d.final.all("COPY"):
+        flags, rest = copy.flags_and_rest()
+        sources = rest.split()[:-1]
+        if any(vectors.startswith(source.rstrip("/") + "/") for source in sources):
+            copied_from.add(flags.get("from"))
+    for stage in d.stages:
+        if stage is not d.final and stage.name not in copied_from:
+            continue
+        assets_at = [i.line for i in stage.all("COPY") if "/assets" in i.value]
+        builds_at = [i.line for i in stage.all("RUN")
+                     if "services.embed.word_vectors build" in i.value]
+        if assets_at and builds_at and max(builds_at) > min(assets_at):
+            return []
+    return ["the image does not build the noun vectors after copying in the assets "
+            "(python -m services.embed.word_vectors build): the embed service would build "
+            "them at every start and fail to save them under a read-only /app"]
 
 
 def check_image_contract(bundle: Bundle) -> list[str]:

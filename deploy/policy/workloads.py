@@ -560,7 +560,9 @@ def check_references(bundle: Bundle) -> list[str]:
 def check_jobs(bundle: Bundle) -> list[str]:
     """Training Jobs run `percept train ...`, never restart in place, and are bounded:
     backoffLimit, activeDeadlineSeconds and ttlSecondsAfterFinished are set; they write to
-    a PersistentVolumeClaim."""
+    a PersistentVolumeClaim. A Job that retries passes `--resume-if-present`: the trainer
+    refuses to start over a checkpoint, so without it a retry after an eviction fails at
+    once on the checkpoint its first try left."""
     failures = []
     jobs = bundle.of_kind("Job")
     if bundle.kind == "job" and not jobs:
@@ -583,4 +585,9 @@ def check_jobs(bundle: Bundle) -> list[str]:
             failures.append(f"{job.ref}: does not run `percept train`")
         if not any(v.persistent_volume_claim is not None for v in pod.volumes or []):
             failures.append(f"{job.ref}: writes no PersistentVolumeClaim")
+        retries = spec.backoff_limit is None or spec.backoff_limit > 0
+        if c is not None and retries and "--resume-if-present" not in (c.args or []):
+            failures.append(f"{job.ref}: retried (backoffLimit {spec.backoff_limit}) without "
+                            "--resume-if-present: a retry would fail on the first try's "
+                            "checkpoint")
     return failures

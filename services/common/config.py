@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -111,6 +112,17 @@ def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
 MIN_STYLE_TILE = 256
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+#: --log-level's choices (logging's level names, in lower case).
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 def _style_tile(text: str) -> int:
     value = int(text)
     if value < MIN_STYLE_TILE:
@@ -167,25 +179,43 @@ def bare_host(host: str) -> str:
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
-def _env_default(flag: str, default: Any, kind: Callable[[str], Any]) -> Any:
+def _env_default(flag: str, default: Any, kind: Callable[[str], Any],
+                 choices: Sequence[str] | None, errors: list[str]) -> Any:
+    """The value of the flag's environment variable, checked as the flag would be (its
+    type and its choices); ``default`` when unset. A bad value is added to ``errors`` (for
+    :func:`config_from_args` to refuse), not raised: the variables are read whenever the
+    command line is built, for client commands as well, which do not use them."""
     raw = os.environ.get(_env_name(flag))
     if raw is None or raw == "":
         return default
     try:
-        return kind(raw)
+        value = kind(raw)
     except (ValueError, argparse.ArgumentTypeError) as error:
-        raise SystemExit(f"{_env_name(flag)}={raw!r}: {error}") from error
+        errors.append(f"{_env_name(flag)}={raw!r}: {error}")
+        return default
+    if choices is not None and value not in choices:
+        errors.append(f"{_env_name(flag)}={raw!r}: not one of {', '.join(choices)}")
+        return default
+    return value
+
+
+class ConfigError(ValueError):
+    """Server settings that cannot be used (from the environment: flags are checked by
+    argparse)."""
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds every server flag (except the positional service name) to ``parser``."""
     base = ServerConfig(service="all")
+    env_errors: list[str] = []
+    parser.set_defaults(env_errors=env_errors)
 
     def add(flag: str, kind: Callable[[str], Any], default: Any, help_text: str,
             **extra: Any) -> None:
-        value = _env_default(flag, default, kind)
+        value = _env_default(flag, default, kind, extra.get("choices"), env_errors)
+        shown = ("on" if value else "off") if isinstance(value, bool) else "%(default)s"
         parser.add_argument(flag, type=kind, default=value,
-                            help=f"{help_text} (env {_env_name(flag)}; default %(default)s)",
+                            help=f"{help_text} (env {_env_name(flag)}; default {shown})",
                             **extra)
 
     add("--host", _host, base.host,
@@ -197,7 +227,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     add("--data-dir", Path, base.data_dir, "where the search index lives")
     add("--device", str, base.device, "auto | cpu | cuda", choices=["auto", "cpu", "cuda"])
     add("--max-batch", _positive(int), base.max_batch, "largest micro-batch")
-    add("--max-wait-ms", float, base.max_wait_ms, "longest wait to fill a micro-batch")
+    add("--max-wait-ms", _non_negative, base.max_wait_ms, "longest wait to fill a micro-batch")
     add("--max-queue", _positive(int), base.max_queue,
         "requests queued per model before RESOURCE_EXHAUSTED")
     add("--max-message-mb", _positive(int), base.max_message_mb, "gRPC message size limit")
@@ -207,9 +237,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "(style and super-resolution requests, and the embedding service's decodes) "
         "before RESOURCE_EXHAUSTED (busy); bounds its memory, about 8 bytes each on the "
         "CPU; one request is always admitted")
-    add("--drain-seconds", float, base.drain_seconds, "grace period for in-flight RPCs on SIGTERM")
+    add("--drain-seconds", _non_negative, base.drain_seconds,
+        "grace period for in-flight RPCs on SIGTERM")
     add("--log-format", str, base.log_format, "json | text", choices=["json", "text"])
-    add("--log-level", str, base.log_level, "debug | info | warning | error")
+    add("--log-level", str.lower, base.log_level, "debug | info | warning | error",
+        choices=LOG_LEVELS)
     add("--embed-target", str, base.embed_target,
         "search: address of the Embedding service; empty = in-process")
     add("--max-iterations", _positive(int), base.max_iterations,
@@ -254,7 +286,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(service: str, args: argparse.Namespace) -> ServerConfig:
-    """Builds a ServerConfig for ``service`` from parsed flags."""
+    """Builds a ServerConfig for ``service`` from parsed flags; ConfigError naming every
+    PERCEPT_* variable whose value the flag would refuse."""
+    if getattr(args, "env_errors", None):
+        raise ConfigError("; ".join(args.env_errors))
     if service not in (*SERVICES, "all"):
         raise ValueError(f"unknown service {service!r}; choose from all, {', '.join(SERVICES)}")
     port = args.port if args.port is not None else SERVICE_PORTS[service]

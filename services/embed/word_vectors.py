@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -50,6 +51,8 @@ import numpy as np
 
 from services.embed.wordnet import NounVocabulary, Synset, load_vocabulary
 from training.assets import assets_dir
+
+log = logging.getLogger(__name__)
 
 EMBEDDING_DIM = 384
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -330,7 +333,11 @@ def load_or_build_noun_vectors(vocab: NounVocabulary, cache_dir: Path | None = N
             pass  # a stale or broken cache: rebuild it below
     matrix = build_noun_vectors(vocab, encoder, batch_size=batch_size, progress=progress,
                                 recipe_name=recipe_name)
-    save_keyed_vectors(to_keyed_vectors(vocab.wnids, matrix), path)
+    try:
+        save_keyed_vectors(to_keyed_vectors(vocab.wnids, matrix), path)
+    except OSError as error:  # a read-only or full disk costs the cache, not the vectors
+        log.warning("the noun vectors could not be cached at %s (%s): they will be built "
+                    "again next time", path, error)
     return matrix
 
 

@@ -66,6 +66,13 @@ class InProcessEmbedder(Embedder):
         return (await self.service.embed_texts([text]))[0]
 
 
+#: How long search waits at start for the Embedding service: within its pod's start-up
+#: probe (120 x 5 s, deploy/k8s/base/search.yaml), less a minute for its own loading.
+START_WAIT_SECONDS = 540.0
+#: What a call that waits for an embedding server ends with while none is up.
+_NOT_UP_YET = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 class RemoteEmbedder(Embedder):
     """Calls the Embedding service at ``target`` (round-robin over a headless Service)."""
 
@@ -94,27 +101,37 @@ class RemoteEmbedder(Embedder):
                             code=error.code() if error.code() != grpc.StatusCode.UNAVAILABLE
                             else Unavailable.code)
 
-    async def start(self, wait_seconds: float = 900.0) -> None:
+    async def start(self, wait_seconds: float = START_WAIT_SECONDS) -> None:
         """Waits (up to ``wait_seconds``) until the Embedding service answers, then reads
-        its dimension: in a cluster it may still be loading when search starts."""
+        its dimension: in a cluster it may still be loading when search starts. While no
+        embedding server is up, a call that waits for one ends UNAVAILABLE or, where a
+        headless Service publishes no address yet, DEADLINE_EXCEEDED: both are waited
+        through; any other answer is an error at once."""
         deadline = time.monotonic() + wait_seconds
         while True:
+            remaining = deadline - time.monotonic()
             try:
-                probe = await self.embed_text_batch(["dimension probe"])
+                probe = await self.embed_text_batch(["dimension probe"],
+                                                    timeout=max(1.0, min(self.timeout, remaining)))
                 break
             except ServiceError as error:
-                if error.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                if error.code not in _NOT_UP_YET:
                     raise
+                if time.monotonic() > deadline:
+                    raise ServiceError(f"{error} (waited {wait_seconds:.0f} s for it)",
+                                       code=error.code) from error
                 await asyncio.sleep(1.0)
         self.dimension = int(probe.shape[1])
 
     async def close(self) -> None:
         await self.channel.close()
 
-    async def embed_text_batch(self, texts: Sequence[str]) -> np.ndarray:
+    async def embed_text_batch(self, texts: Sequence[str], timeout: float | None = None
+                               ) -> np.ndarray:
         try:
             response = await self.stub.EmbedText(embed_pb2.EmbedTextRequest(texts=list(texts)),
-                                                 timeout=self.timeout, wait_for_ready=True)
+                                                 timeout=timeout or self.timeout,
+                                                 wait_for_ready=True)
         except grpc.aio.AioRpcError as error:
             raise self._error(error) from error
         return np.array([v.values for v in response.embeddings], dtype=np.float32)

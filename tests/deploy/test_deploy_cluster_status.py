@@ -207,6 +207,17 @@ def test_no_kubeconfig_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert out.getvalue() == ""
 
 
+def test_a_kubeconfig_that_is_not_yaml_exits_2(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text("apiVersion: v1\nclusters: [ {name: broken\n")
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    err = io.StringIO()
+    assert cluster_status(out=io.StringIO(), err=err) == EXIT_UNAVAILABLE
+    assert err.getvalue().startswith("percept cluster status: no usable kubeconfig")
+
+
 def test_unknown_context_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kubeconfig = tmp_path / "config"
     kubeconfig.write_text(KUBECONFIG)

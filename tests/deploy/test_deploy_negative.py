@@ -851,8 +851,11 @@ ARG TORCH_GPU=torch==2.11.0+cu130 TORCH_CPU=torch==2.13.0+cpu
 ARG FAISS_GPU=faiss-gpu==1.15.1 FAISS_CPU=faiss-cpu==1.15.1
 COPY --from=build /wheels /wheels
 RUN python3 -m training.assets fetch
+COPY --from=assets /assets /app/assets
+RUN python3 -m services.embed.word_vectors build
 FROM base-${VARIANT}
 COPY --from=venv /opt/venv /opt/venv
+COPY --from=venv /app /app
 ENV HF_HUB_OFFLINE=1 HOME=/home/percept
 USER 10001:10001
 EXPOSE 50050-50054 9100-9104
@@ -880,6 +883,14 @@ def _with_dockerfile(bundle: Bundle, text: str) -> Bundle:
         ("torch==2.11.0+cu130", "torch", "torch==2.11.0"),
         ("faiss-cpu==1.15.1", "faiss-cpu", "faiss-cpu==1.15.1"),
         ("FROM base-${VARIANT}\nCOPY", "FROM build\nCOPY", "compiler stage"),
+        ("RUN python3 -m services.embed.word_vectors build\n", "", "noun vectors"),
+        # built before the assets (WordNet) are there: the build could not run
+        ("RUN python3 -m training.assets fetch\nCOPY --from=assets /assets /app/assets\n"
+         "RUN python3 -m services.embed.word_vectors build\n",
+         "RUN python3 -m services.embed.word_vectors build\n"
+         "COPY --from=assets /assets /app/assets\n", "noun vectors"),
+        # built in a stage whose files never reach the image
+        ("COPY --from=venv /app /app\n", "", "noun vectors"),
     ],
 )
 def test_dockerfile_check_fails(gpu: Bundle, old: str, new: str, expected: str) -> None:
@@ -937,3 +948,19 @@ def test_validate_main_exits_non_zero_with_the_failures(
     captured = capsys.readouterr()
     assert "FAIL" in captured.out
     assert "[tmp/bad] render:" in captured.err and "missing.yaml" in captured.err
+
+
+def test_a_retried_job_without_resume_if_present_fails(job: Bundle) -> None:
+    assert failures("jobs", job) == []
+
+    def without_resume(raw: dict[str, Any]) -> None:
+        server(raw)["args"].remove("--resume-if-present")
+
+    bundle = broken(job, "Job", "train-superres", without_resume)
+    assert any("without --resume-if-present" in f for f in failures("jobs", bundle))
+
+    def never_retried(raw: dict[str, Any]) -> None:
+        without_resume(raw)
+        raw["spec"]["backoffLimit"] = 0
+
+    assert failures("jobs", broken(job, "Job", "train-superres", never_retried)) == []

@@ -185,3 +185,29 @@ def test_validate_script_passes_and_prints_the_table() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "overlays/gpu" in proc.stdout and "network-policy" in proc.stdout
     assert "FAIL" not in proc.stdout
+
+
+def test_the_training_job_runs_a_command_the_trainer_accepts(report: Report) -> None:
+    """The Job's command and args are a `percept train` command line its parser takes, with
+    the loss of the committed superres-perceptual (its provenance), fine-tuned from a model
+    the image holds."""
+    import argparse
+
+    from training import cli_superres
+
+    t = next(t for t in report.targets if t.target.kind == "job")
+    assert t.bundle is not None
+    container = t.bundle.resources[0].model.spec.template.spec.containers[0]
+    assert container.command == ["percept", "train", "superres"]
+    env = {var.name: var for var in container.env}
+    assert env["JOB_UID"].value_from.field_ref.field_path == (
+        "metadata.labels['batch.kubernetes.io/controller-uid']")
+    args = [a.replace("$(JOB_UID)", "0d1c9a3e") for a in container.args]
+    parser = argparse.ArgumentParser()
+    cli_superres.register_train(parser.add_subparsers())
+    parsed = parser.parse_args(["superres", *args])
+    assert parsed.resume_if_present and parsed.run_dir.endswith("-0d1c9a3e")
+    assert parsed.perceptual_weight == 1e-5 and parsed.tv_weight == 0.1
+    init = Path(parsed.init_from)
+    assert init.parts[:3] == ("/", "app", "models")
+    assert (render.REPO_ROOT / "models" / init.name / "config.json").is_file()

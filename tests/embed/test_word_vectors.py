@@ -119,6 +119,21 @@ def test_cache_round_trip(tmp_path: Path, vocab: NounVocabulary, encoder: TextEn
     assert noun_vectors_path(vocab, encoder).parent.name == "vectors"
 
 
+def test_a_cache_that_cannot_be_written_costs_only_the_cache(
+        tmp_path: Path, vocab: NounVocabulary, encoder: TextEncoder,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Under a read-only image (a file where the cache folder would be stands in for it, as
+    root may write anywhere) the vectors are still built and returned, with a warning."""
+    small = vocab.subset(range(12))
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    with caplog.at_level("WARNING", logger="services.embed.word_vectors"):
+        matrix = load_or_build_noun_vectors(small, blocked, encoder=encoder, progress=False)
+    expected = load_or_build_noun_vectors(small, tmp_path, encoder=encoder, progress=False)
+    np.testing.assert_array_equal(matrix, expected)
+    assert "could not be cached" in caplog.text
+
+
 def _write_word2vec_text(path: Path, rows: dict[str, list[float]]) -> None:
     dim = len(next(iter(rows.values())))
     lines = [f"{len(rows)} {dim}"] + [f"{w} {' '.join(map(str, v))}" for w, v in rows.items()]

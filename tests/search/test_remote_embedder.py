@@ -4,7 +4,9 @@ a batch, and an embedding service that is busy decoding."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +17,9 @@ from PIL import Image
 
 from percept.v1 import search_pb2, search_pb2_grpc
 from services import client
-from services.common.errors import RETRY_PUSHBACK_KEY
+from services.common.errors import RETRY_PUSHBACK_KEY, ServiceError
 from services.common.server import RunningServer, start_in_thread
+from services.search.embedder import RemoteEmbedder
 from tests.conftest import pixel_budget_full, server_config
 from tests.search.conftest import add, add_requests
 
@@ -130,3 +133,51 @@ def test_a_large_query_the_embedding_service_is_too_busy_for_is_refused_as_busy(
     assert client.health_status(client.connect(search_server.target),
                                 "percept.v1.ImageSearch") == "SERVING"
     assert Path(search_server.server.config.data_dir).is_dir()
+
+
+def test_search_waits_for_an_embedding_service_that_is_not_up_yet() -> None:
+    """In a cluster, search may start before any embedding pod is ready. First a port that
+    takes connections and never answers (a call waiting for it ends DEADLINE_EXCEEDED, as
+    behind a headless Service that publishes no address yet), then nothing (UNAVAILABLE),
+    then a real embedding server on that port: start() waits through all of it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    async def scenario() -> int:
+        embedder = RemoteEmbedder(f"127.0.0.1:{port}", timeout=1.0)  # on this loop
+        waiting = asyncio.ensure_future(embedder.start(wait_seconds=300))
+        await asyncio.sleep(3.0)  # three 1 s calls have timed out against the silent port
+        assert not waiting.done()
+        listener.close()
+        running = await asyncio.to_thread(start_in_thread, server_config("embed", port=port),
+                                          timeout=900)
+        try:
+            await asyncio.wait_for(waiting, 120)
+        finally:
+            running.stop()
+            await embedder.close()
+        return embedder.dimension
+
+    assert asyncio.run(scenario()) == 384
+
+
+def test_search_gives_up_on_an_embedding_service_that_never_answers() -> None:
+    """After its wait, start() fails with the last status and how long it waited."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        target = f"127.0.0.1:{listener.getsockname()[1]}"
+
+        async def scenario() -> None:
+            embedder = RemoteEmbedder(target, timeout=0.5)
+            try:
+                await embedder.start(wait_seconds=2.0)
+            finally:
+                await embedder.close()
+
+        with pytest.raises(ServiceError, match=r"DEADLINE_EXCEEDED.*\(waited 2 s for it\)"
+                           ) as raised:
+            asyncio.run(scenario())
+    assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED

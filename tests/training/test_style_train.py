@@ -215,6 +215,9 @@ def test_cli_training_exports_an_artifact_and_resumes(tmp_path: Path) -> None:
     assert train(_parse([*common, "--steps", "3", "--resume"])) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 3
+    # as a Kubernetes Job's retry runs it: the checkpoint is there, so it is continued
+    assert train(_parse([*common, "--steps", "4", "--resume-if-present"])) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
 
 
 @needs_vgg

@@ -219,3 +219,35 @@ def test_a_resume_with_more_steps_keeps_the_warmup(prepared: Path, tmp_path: Pat
     assert cli_superres.main([*args, "--steps", "200", "--resume", "--max-cpu-minutes",
                               "0.0001"]) == 0
     assert json.loads((out / "metrics.json").read_text())["warmup"] == 1
+
+
+def test_resume_if_present_starts_afresh_then_continues(prepared: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    """What a Kubernetes Job runs: its first try starts a run, and a retry (the same
+    command) continues the checkpoint the first one left; a changed loss is still refused."""
+    out, run = tmp_path / "models" / "sr-tiny", tmp_path / "run"
+    args = ["train", "--data", str(prepared), "--out", str(out), "--run-dir", str(run), *TINY,
+            "--checkpoint-every", "0", "--sample-every", "0", "--resume-if-present"]
+    assert cli_superres.main([*args, "--steps", "2"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+    assert cli_superres.main([*args, "--steps", "3"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 3
+    assert cli_superres.main([*args, "--steps", "4", "--lr", "0.5"]) == 2
+    assert "with other settings: --lr 0.001 -> 0.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, kind", [("--out", "file"), ("--figure", "folder"),
+                                        ("--figure", "under a file")])
+def test_eval_refuses_an_output_it_cannot_write_before_measuring(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, kind: str) -> None:
+    """Not a traceback after every model ran: exit 2 naming the flag, before any photo is
+    read (the photos folder here does not even exist)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    path = {"file": blocker, "folder": tmp_path, "under a file": blocker / "x.png"}[kind]
+    argv = ["eval", "--photos", str(tmp_path / "no-photos"), "--out", str(tmp_path / "eval")]
+    argv += [flag, str(path)]
+    assert cli_superres.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {flag} {path}" in err and "Traceback" not in err

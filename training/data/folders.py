@@ -33,3 +33,15 @@ def check_folder_to_make(folder: Path, flag: str, named: Path | None = None) -> 
     reason = unwritable_reason(existing)
     if reason:
         raise ValueError(f"{flag} {given} cannot be written: {reason}")
+
+
+def check_writable(path: Path, flag: str, folder: bool = False) -> None:
+    """ValueError naming ``flag`` when the file ``path`` (the folder, with ``folder``)
+    cannot be written: a folder where the file goes, a file where the folder goes, or a
+    folder for it that could not be made and written (:func:`check_folder_to_make`).
+    Creates no folder."""
+    if not folder and path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder, not a file")
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder")
+    check_folder_to_make(path if folder else path.parent, flag, path)

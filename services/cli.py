@@ -81,8 +81,16 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     target = args.target or os.environ.get("PERCEPT_TARGET") or \
         f"localhost:{SERVICE_PORTS['all']}"
-    status = client.health_status(client.connect(target), args.service,
-                                  timeout=_positive_timeout(args.timeout))
+    try:
+        status = client.health_status(client.connect(target), args.service,
+                                      timeout=_positive_timeout(args.timeout))
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND and not error.details():
+            print(f"NOT_FOUND: the server at {target} does not serve {args.service!r} (a "
+                  "fully-qualified name such as percept.v1.Embedding, or '' for the whole "
+                  "server)", file=sys.stderr)
+            return 1
+        raise
     print(status)
     return 0 if status == "SERVING" else 1
 
@@ -96,6 +104,21 @@ QUERY_BUSY_PATIENCE_SECONDS = 60.0
 #: How long ``percept index`` keeps resending what was not acknowledged while the server
 #: answers busy (seconds).
 INDEX_BUSY_PATIENCE_SECONDS = 300.0
+
+
+def _count(text: str) -> int:
+    """A --top: a whole number from 1 (0 would mean the server's default, and the request
+    field holds 32 bits); the server says how many it serves."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    if value >= 2**31:
+        raise argparse.ArgumentTypeError(f"{text} is too large (the server takes at most "
+                                         "100 labels or 1000 hits)")
+    return value
 
 
 def _positive_timeout(seconds: float) -> float:
@@ -417,12 +440,19 @@ def _image_files(paths: Sequence[str], recursive: bool) -> tuple[list[Path], int
     return files, unread_folders
 
 
+#: The largest image file ``percept index`` sends: one AddImageRequest must fit the
+#: client's message limit, with room for its id and framing.
+MAX_INDEX_IMAGE_BYTES = client.MAX_MESSAGE_BYTES - 8192
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from percept.v1 import search_pb2
 
-    files, unread_folders = _image_files(args.paths, args.recursive)
+    found, unread_folders = _image_files(args.paths, args.recursive)
+    # one image per file, however often it was named (its id is its absolute path)
+    files = list({str(path.resolve()): path for path in found}.values())
     unreadable: list[str] = []
     answered: set[str] = set()  # ids acknowledged (added or rejected), or not read
 
@@ -432,12 +462,20 @@ def cmd_index(args: argparse.Namespace) -> int:
             if image_id in answered:
                 continue
             try:
+                size = path.stat().st_size
+                if size > MAX_INDEX_IMAGE_BYTES:  # gRPC would refuse the whole stream
+                    unreadable.append(f"{path}: {size / 2**20:.1f} MiB, over the "
+                                      f"{MAX_INDEX_IMAGE_BYTES / 2**20:.0f} MiB a message "
+                                      "may carry")
+                    answered.add(image_id)
+                    continue
                 data = path.read_bytes()
             except OSError as error:
-                unreadable.append(f"{path}: {error.strerror}")
+                unreadable.append(f"unreadable {path}: {error.strerror}")
                 answered.add(image_id)
                 continue
-            yield search_pb2.AddImageRequest(id=image_id, uri=str(path), image=data)
+            # the uri is the absolute path too: it must lead to the file from anywhere
+            yield search_pb2.AddImageRequest(id=image_id, uri=image_id, image=data)
 
     added, rejected = 0, []
     channel = _channel(args)
@@ -465,7 +503,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             print(f"warning: skipped {rejection.id}: {rejection.code}: {rejection.reason}",
                   file=sys.stderr)
         for line in unreadable:
-            print(f"warning: skipped unreadable {line}", file=sys.stderr)
+            print(f"warning: skipped {line}", file=sys.stderr)
         skipped = len(rejected) + len(unreadable)
         folders = (f"; {unread_folders} folder{'s' * (unread_folders > 1)} not read"
                    if unread_folders else "")
@@ -607,7 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     label = sub.add_parser("label", help="zero-shot WordNet labels for an image")
     label.add_argument("input", help="image file")
-    label.add_argument("--top", type=int, default=5, help="labels to return (default 5)")
+    label.add_argument("--top", type=_count, default=5,
+                       help="labels to return (default 5; the server takes up to 100)")
     label.add_argument("--method", choices=["default", "devise", "conse"], default="default",
                        help="DeViSE's projection or ConSE's convex combination of class vectors; "
                        "default: the served model's default_method")
@@ -633,7 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     search = sub.add_parser("search", help="search indexed images by TEXT or --image")
     search.add_argument("text", nargs="?", default="", help="words to search for")
     search.add_argument("--image", help="an image file: find indexed images like it")
-    search.add_argument("--top", type=int, default=10, help="results to return (default 10)")
+    search.add_argument("--top", type=_count, default=10,
+                        help="results to return (default 10; the server takes up to 1000)")
     search.add_argument("--json", action="store_true", help="print JSON, not a table")
     _add_target(search, "search")
     search.set_defaults(handler=cmd_search)

@@ -206,7 +206,11 @@ class TextEncoder:
                     os.environ.setdefault("HF_HUB_OFFLINE", "1")
                     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
                     from sentence_transformers import SentenceTransformer
+                    from transformers.utils import logging as transformers_logging
 
+                    # its "Loading weights" bar (103 tensors, instant) would break a
+                    # server's JSON log lines
+                    transformers_logging.disable_progress_bar()
                     folder = self.model_dir or _bundled_model_dir()
                     model = SentenceTransformer(str(folder), device=self.device)
                     model.max_seq_length = self.max_seq_length

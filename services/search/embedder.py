@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
+import io
 import time
 from collections.abc import Sequence
 
 import grpc
 import numpy as np
+from PIL import Image
 
 from percept.v1 import embed_pb2, embed_pb2_grpc
 from services.common.errors import (
@@ -27,20 +30,47 @@ MESSAGE_OVERHEAD_BYTES = 4096
 IMAGE_FRAMING_BYTES = 16
 
 
-class Embedder(abc.ABC):
-    dimension: int = 0
+@functools.cache
+def probe_image() -> bytes:
+    """A fixed synthetic picture (colour ramps and a checkerboard, 96 px PNG) whose vector
+    identifies the embedding space: the vectors of an index can only be compared with the
+    space they were made in (another --word-vectors file, another DeViSE map or method
+    makes other ones, of the same dimension). An image, not a text: every space embeds
+    images, while a word-vector space may lack any given word."""
+    ramp = np.linspace(0, 255, 96, dtype=np.float32)
+    checker = ((np.arange(96)[:, None] // 12 + np.arange(96)[None, :] // 12) % 2) * 255.0
+    rgb = np.dstack([np.broadcast_to(ramp[None, :], (96, 96)),
+                     np.broadcast_to(ramp[:, None], (96, 96)), checker]).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "PNG")
+    return buffer.getvalue()
 
-    async def start(self) -> None:  # noqa: B027 - optional hook
-        pass
+
+class Embedder(abc.ABC):
+    """Where vectors come from. ``start`` leaves ``dimension`` and ``probe`` (the vector of
+    :func:`probe_image`) set."""
+
+    dimension: int = 0
+    probe: np.ndarray
+
+    async def start(self) -> None:
+        self._set_probe((await self.embed_images([probe_image()]))[0])
+
+    def _set_probe(self, vector: np.ndarray) -> None:
+        self.probe = np.asarray(vector, dtype=np.float32)
+        self.dimension = int(self.probe.shape[0])
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
     @abc.abstractmethod
-    async def embed_images(self, images: Sequence[bytes]) -> list[np.ndarray]: ...
+    async def embed_images(self, images: Sequence[bytes], timeout: float | None = None
+                           ) -> list[np.ndarray]:
+        """Unit vectors of encoded images, within ``timeout`` seconds (None: no limit but
+        the embedder's own)."""
 
     @abc.abstractmethod
-    async def embed_text(self, text: str) -> np.ndarray: ...
+    async def embed_text(self, text: str, timeout: float | None = None) -> np.ndarray: ...
 
 
 class InProcessEmbedder(Embedder):
@@ -53,16 +83,17 @@ class InProcessEmbedder(Embedder):
     async def start(self) -> None:
         if self.own:
             await self.service.load()
-        self.dimension = self.service.index.dimension
+        await super().start()
 
     async def close(self) -> None:
         if self.own:
             await self.service.close()
 
-    async def embed_images(self, images: Sequence[bytes]) -> list[np.ndarray]:
-        return await self.service.embed_images(images)
+    async def embed_images(self, images: Sequence[bytes], timeout: float | None = None
+                           ) -> list[np.ndarray]:
+        return await self.service.embed_images(images, timeout=timeout)
 
-    async def embed_text(self, text: str) -> np.ndarray:
+    async def embed_text(self, text: str, timeout: float | None = None) -> np.ndarray:
         return (await self.service.embed_texts([text]))[0]
 
 
@@ -84,7 +115,11 @@ class RemoteEmbedder(Embedder):
         self.channel = grpc.aio.insecure_channel(target, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.lb_policy_name", "round_robin")])
+            ("grpc.lb_policy_name", "round_robin"),
+            # after an outage, reconnect within seconds of the service coming back, not
+            # after gRPC's default backoff of up to two minutes
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 5000)])
         self.stub = embed_pb2_grpc.EmbeddingStub(self.channel)
 
     def _error(self, error: grpc.aio.AioRpcError) -> ServiceError:
@@ -103,16 +138,17 @@ class RemoteEmbedder(Embedder):
 
     async def start(self, wait_seconds: float = START_WAIT_SECONDS) -> None:
         """Waits (up to ``wait_seconds``) until the Embedding service answers, then reads
-        its dimension: in a cluster it may still be loading when search starts. While no
-        embedding server is up, a call that waits for one ends UNAVAILABLE or, where a
-        headless Service publishes no address yet, DEADLINE_EXCEEDED: both are waited
-        through; any other answer is an error at once."""
+        its dimension and probe vector: in a cluster it may still be loading when search
+        starts. While no embedding server is up, a call that waits for one ends
+        UNAVAILABLE or, where a headless Service publishes no address yet,
+        DEADLINE_EXCEEDED: both are waited through; any other answer is an error at once."""
         deadline = time.monotonic() + wait_seconds
         while True:
             remaining = deadline - time.monotonic()
             try:
-                probe = await self.embed_text_batch(["dimension probe"],
-                                                    timeout=max(1.0, min(self.timeout, remaining)))
+                vectors = await self._embed_part([probe_image()],
+                                                 max(1.0, min(self.timeout, remaining)),
+                                                 wait_for_ready=True)
                 break
             except ServiceError as error:
                 if error.code not in _NOT_UP_YET:
@@ -121,20 +157,34 @@ class RemoteEmbedder(Embedder):
                     raise ServiceError(f"{error} (waited {wait_seconds:.0f} s for it)",
                                        code=error.code) from error
                 await asyncio.sleep(1.0)
-        self.dimension = int(probe.shape[1])
+        self._set_probe(vectors[0])
 
     async def close(self) -> None:
         await self.channel.close()
 
-    async def embed_text_batch(self, texts: Sequence[str], timeout: float | None = None
-                               ) -> np.ndarray:
+    def _call_timeout(self, timeout: float | None) -> float:
+        """The caller's time left, within this embedder's own limit."""
+        return self.timeout if timeout is None else max(0.001, min(self.timeout, timeout))
+
+    async def embed_text(self, text: str, timeout: float | None = None) -> np.ndarray:
+        """Fails at once (UNAVAILABLE) while the Embedding service is down, rather than
+        waiting for it until the deadline: the caller hears why."""
         try:
-            response = await self.stub.EmbedText(embed_pb2.EmbedTextRequest(texts=list(texts)),
-                                                 timeout=timeout or self.timeout,
-                                                 wait_for_ready=True)
+            response = await self.stub.EmbedText(embed_pb2.EmbedTextRequest(texts=[text]),
+                                                 timeout=self._call_timeout(timeout))
         except grpc.aio.AioRpcError as error:
             raise self._error(error) from error
-        return np.array([v.values for v in response.embeddings], dtype=np.float32)
+        return np.asarray(response.embeddings[0].values, dtype=np.float32)
+
+    async def _embed_part(self, images: Sequence[bytes], timeout: float,
+                          wait_for_ready: bool = False) -> list[np.ndarray]:
+        try:
+            response = await self.stub.EmbedImages(
+                embed_pb2.EmbedImagesRequest(images=list(images)), timeout=timeout,
+                wait_for_ready=wait_for_ready)
+        except grpc.aio.AioRpcError as error:
+            raise self._error(error) from error
+        return [np.asarray(v.values, dtype=np.float32) for v in response.embeddings]
 
     def _parts(self, images: Sequence[bytes]) -> list[Sequence[bytes]]:
         """``images`` in consecutive parts that each fit one message (an image alone may
@@ -152,19 +202,14 @@ class RemoteEmbedder(Embedder):
             parts.append(images[start:])
         return parts
 
-    async def embed_images(self, images: Sequence[bytes]) -> list[np.ndarray]:
+    async def embed_images(self, images: Sequence[bytes], timeout: float | None = None
+                           ) -> list[np.ndarray]:
         """One EmbedImages call per part of ``images`` that fits a message: a batch of
-        photos may be larger than one message although each of them fits."""
+        photos may be larger than one message although each of them fits. All of them
+        within ``timeout``."""
+        end = None if timeout is None else time.monotonic() + timeout
         vectors: list[np.ndarray] = []
         for part in self._parts(images):
-            try:
-                response = await self.stub.EmbedImages(
-                    embed_pb2.EmbedImagesRequest(images=list(part)), timeout=self.timeout)
-            except grpc.aio.AioRpcError as error:
-                raise self._error(error) from error
-            vectors.extend(np.asarray(v.values, dtype=np.float32)
-                           for v in response.embeddings)
+            left = None if end is None else end - time.monotonic()
+            vectors += await self._embed_part(part, self._call_timeout(left))
         return vectors
-
-    async def embed_text(self, text: str) -> np.ndarray:
-        return (await self.embed_text_batch([text]))[0]

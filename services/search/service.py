@@ -21,7 +21,7 @@ from percept.v1 import search_pb2, search_pb2_grpc
 from services.common.config import ServerConfig
 from services.common.errors import InvalidArgument, ServiceError
 from services.common.images import probe_size
-from services.common.rpc import stream_errors, unary_errors
+from services.common.rpc import stream_errors, time_remaining, unary_errors
 from services.common.server import ServiceModule
 from services.embed.service import EmbeddingService
 from services.search.embedder import Embedder, InProcessEmbedder, RemoteEmbedder
@@ -53,7 +53,10 @@ def recover_index(store: ImageStore, snapshots: Path, dimension: int,
     try:
         index, seq = VectorIndex.load_snapshot(snapshots, dimension, settings)
     except ValueError as problem:
-        log.warning("rebuilding the index from the record", extra={"reason": str(problem)})
+        if store.last_seq() == 0 and not snapshots.exists():  # a new index: nothing lost
+            log.info("a new index", extra={"snapshots": str(snapshots)})
+        else:
+            log.warning("rebuilding the index from the record", extra={"reason": str(problem)})
         seq = store.last_seq()
         ids: list[str] = []
         vectors = np.zeros((store.count(), dimension), dtype=np.float32)
@@ -98,7 +101,8 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         await self.embedder.start()
         data_dir = self.config.data_dir
         self.snapshots = data_dir / "snapshots"
-        self.store = ImageStore(data_dir / "images.sqlite3", self.embedder.dimension)
+        self.store = ImageStore(data_dir / "images.sqlite3", self.embedder.dimension,
+                                self.embedder.probe)
         self.index, self.snapshot_seq = await asyncio.to_thread(self._recover)
         self.write_lock = asyncio.Lock()
         self._write_thread_lock = threading.Lock()
@@ -168,14 +172,14 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         probe_size(item.image)
 
     async def _embed_each(self, items: list[search_pb2.AddImageRequest],
-                          rejected: list[search_pb2.Rejection]
+                          rejected: list[search_pb2.Rejection], timeout: float | None
                           ) -> tuple[list[search_pb2.AddImageRequest], list[np.ndarray]]:
         """Embeds ``items`` one by one, after their batch was refused for a bad image:
         each bad image becomes a rejection of its own, the others are kept."""
         kept, vectors = [], []
         for item in items:
             try:
-                vectors.append((await self.embedder.embed_images([item.image]))[0])
+                vectors.append((await self.embedder.embed_images([item.image], timeout))[0])
                 kept.append(item)
             except InvalidArgument as problem:
                 rejected.append(search_pb2.Rejection(id=item.id, code=problem.code.name,
@@ -183,13 +187,14 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         return kept, vectors
 
     async def _add_batch(self, items: list[search_pb2.AddImageRequest],
-                         rejected: list[search_pb2.Rejection]) -> search_pb2.AddImagesAck:
+                         rejected: list[search_pb2.Rejection], timeout: float | None
+                         ) -> search_pb2.AddImagesAck:
         vectors: list[np.ndarray] = []
         if items:
             try:
-                vectors = await self.embedder.embed_images([i.image for i in items])
+                vectors = await self.embedder.embed_images([i.image for i in items], timeout)
             except InvalidArgument:  # an image whose header read but whose pixels did not
-                items, vectors = await self._embed_each(items, rejected)
+                items, vectors = await self._embed_each(items, rejected, timeout)
         latest = {item.id: (item, vector) for item, vector in zip(items, vectors, strict=True)}
         if latest:
             async with self.write_lock:
@@ -211,10 +216,10 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                 rejected.append(search_pb2.Rejection(id=item.id, code=problem.code.name,
                                                      reason=problem.message))
             if len(batch) + len(rejected) >= ADD_BATCH:
-                yield await self._add_batch(batch, rejected)
+                yield await self._add_batch(batch, rejected, time_remaining(context))
                 batch, rejected = [], []
         if batch or rejected:
-            yield await self._add_batch(batch, rejected)
+            yield await self._add_batch(batch, rejected, time_remaining(context))
 
     @unary_errors
     async def DeleteImages(self, request: search_pb2.DeleteImagesRequest,
@@ -250,14 +255,16 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         if len(request.text) > MAX_TEXT_CHARS:
             raise InvalidArgument(f"text has {len(request.text)} characters, over the limit "
                                   f"of {MAX_TEXT_CHARS}")
-        return await self._hits(await self.embedder.embed_text(request.text), k)
+        return await self._hits(await self.embedder.embed_text(
+            request.text, time_remaining(context)), k)
 
     @unary_errors
     async def SearchByImage(self, request: search_pb2.SearchByImageRequest,
                             context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
         k = self._k(request.k)
         # the embedder decodes the image (and names what is wrong with it)
-        return await self._hits((await self.embedder.embed_images([request.image]))[0], k)
+        return await self._hits((await self.embedder.embed_images(
+            [request.image], time_remaining(context)))[0], k)
 
     @unary_errors
     async def Stats(self, request: search_pb2.StatsRequest,

@@ -8,6 +8,7 @@ monotonic sequence number lets the in-memory FAISS index catch up from a snapsho
 
 from __future__ import annotations
 
+import base64
 import sqlite3
 import threading
 import time
@@ -42,10 +43,21 @@ class Record:
     added: float
 
 
+#: Cosine between the probe image's vector now and when the record was made, below which
+#: the embedding space is another (the same model agrees with itself but for float
+#: rounding; another space's vectors are unrelated to these).
+MIN_PROBE_AGREEMENT = 0.99
+
+
 class ImageStore:
     """Thread-safe access to ``<data_dir>/images.sqlite3``."""
 
-    def __init__(self, path: Path, dimension: int) -> None:
+    def __init__(self, path: Path, dimension: int, probe: np.ndarray | None = None) -> None:
+        """Opens (or creates) the record of vectors of ``dimension``; with ``probe``, the
+        embedder's vector of its fixed probe image (services.search.embedder.probe_image),
+        which a new record keeps and an existing one must match: vectors from another
+        embedding space have the same dimension, and searching them with this one's
+        would return nonsense with confident scores."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.dimension = dimension
@@ -60,6 +72,26 @@ class ImageStore:
         elif int(stored[0]) != dimension:
             raise ValueError(f"{path} holds {stored[0]}-d vectors, the embedder makes "
                              f"{dimension}-d ones: use another --data-dir")
+        if probe is not None:
+            self._check_space(np.asarray(probe, dtype=np.float32))
+
+    def _check_space(self, probe: np.ndarray) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key='probe'").fetchone()
+        if row is None:  # a new record, or one written before the probe was kept
+            self._db.execute("INSERT INTO meta VALUES ('probe', ?)",
+                             (base64.b64encode(probe.tobytes()).decode(),))
+            return
+        stored = np.frombuffer(base64.b64decode(row[0]), dtype=np.float32)
+        agreement = 0.0 if stored.shape != probe.shape else float(
+            stored @ probe / (np.linalg.norm(stored) * np.linalg.norm(probe) + 1e-12))
+        if agreement < MIN_PROBE_AGREEMENT:
+            raise ValueError(
+                f"{self.path} holds vectors from another embedding space (the probe image's "
+                f"vector agrees with the one it was made with at {agreement:.3f}, under "
+                f"{MIN_PROBE_AGREEMENT}: another --word-vectors file, DeViSE map or "
+                "method): its vectors cannot be searched with this Embedding service's. "
+                "Use another --data-dir and index the images again, or serve the space "
+                "it was made in")
 
     def close(self) -> None:
         with self._lock:

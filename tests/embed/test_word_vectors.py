@@ -424,3 +424,12 @@ def test_a_map_is_only_used_with_the_vectors_it_was_trained_against() -> None:
     assert reason is not None and "aaaaaaaaaaaa" in reason and "bbbbbbbbbbbb" in reason
     reason = vector_space_mismatch(dict(glove, dimension=384), minilm)
     assert reason is not None and "was trained against /v/glove.6B.300d.txt" in reason
+
+
+def test_loading_the_text_model_writes_no_progress_bar(capfd: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """transformers draws a "Loading weights" bar on stderr as it loads; in a server it
+    would break the JSON log lines (--log-format json)."""
+    TextEncoder().encode(["a cat"])
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err and "%|" not in captured.err

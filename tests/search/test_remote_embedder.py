@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,3 +182,35 @@ def test_search_gives_up_on_an_embedding_service_that_never_answers() -> None:
                            ) as raised:
             asyncio.run(scenario())
     assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_text_search_while_embed_is_down_is_unavailable_at_once(tmp_path: Path) -> None:
+    """The caller hears UNAVAILABLE naming the embedding service, not a DEADLINE_EXCEEDED
+    after its whole deadline; and when the service is back, search reaches it again
+    within seconds (a short reconnect backoff), with no restart of its own."""
+    embed = start_in_thread(server_config("embed"), timeout=900)
+    port = int(embed.target.rsplit(":", 1)[1])
+    search = start_in_thread(server_config("search", data_dir=tmp_path / "search",
+                                           embed_target=embed.target), timeout=900)
+    try:
+        stub = search_pb2_grpc.ImageSearchStub(client.connect(search.target))
+        query = search_pb2.SearchByTextRequest(text="a cat", k=1)
+        stub.SearchByText(query, timeout=60)  # empty index: no hits, but an answer
+        embed.stop()
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.SearchByText(query, timeout=60)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"embedding service at {embed.target}" in raised.value.details()
+        embed = start_in_thread(server_config("embed", port=port), timeout=900)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                stub.SearchByText(query, timeout=60)
+                break
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE
+                assert time.monotonic() < deadline, "search did not reach embed again"
+                time.sleep(0.5)
+    finally:
+        search.stop()
+        embed.stop()

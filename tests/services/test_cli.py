@@ -84,6 +84,47 @@ def test_search_json_has_the_documented_shape(all_server: RunningServer, tmp_pat
     assert set(hits[0]) == {"id", "uri", "score"}
 
 
+def test_index_names_each_file_once_by_its_absolute_path_and_skips_one_too_large(
+        all_server: RunningServer, tmp_path: Path, photo: np.ndarray,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A relative path is indexed with an absolute uri (it must lead to the file from any
+    folder); a file named twice is one image; a file over the 64 MiB a message carries is
+    skipped with a warning naming it, and the rest are indexed (gRPC would otherwise
+    refuse the whole stream)."""
+    import json
+
+    folder = tmp_path / "index-me"
+    folder.mkdir()
+    (folder / "kitten.png").write_bytes(encode(photo))
+    with open(folder / "huge.png", "wb") as huge:
+        huge.truncate(65 * 2**20)  # sparse: never read
+    monkeypatch.chdir(tmp_path)
+    argv = ["index", "index-me", "index-me/kitten.png", "--quiet", "--target",
+            all_server.target]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "indexed 1 of 2 images; skipped 1" in captured.out
+    assert "huge.png: 65.0 MiB, over the 64 MiB a message may carry" in captured.err
+    monkeypatch.chdir("/")
+    assert main(["search", "--image", str(folder / "kitten.png"), "--top", "10", "--json",
+                 "--target", all_server.target]) == 0
+    # other tests on this server may have indexed the same pixels under their own paths
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert {"id": str(folder / "kitten.png"), "uri": str(folder / "kitten.png")} in [
+        {"id": hit["id"], "uri": hit["uri"]} for hit in hits]
+
+
+@pytest.mark.parametrize("command", ["label x.png", "search cat"])
+@pytest.mark.parametrize("top, message", [("0", "must be at least 1"),
+                                          ("99999999999", "99999999999 is too large")])
+def test_a_top_that_cannot_be_asked_for_exits_2(command: str, top: str, message: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main([*command.split(), "--top", top, "--target", "127.0.0.1:1"])
+    assert raised.value.code == 2
+    assert f"argument --top: {message}" in capsys.readouterr().err
+
+
 def _busy_commands(folder: Path, out: Path) -> dict[str, list[str]]:
     return {
         "index": ["index", str(folder)],
@@ -206,6 +247,11 @@ def test_stylize_needs_exactly_one_style_source(cat_png: Path, tmp_path: Path,
 def test_health_command(all_server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["health", "--target", all_server.target]) == 0
     assert capsys.readouterr().out.strip() == "SERVING"
+    assert main(["health", "--target", all_server.target, "--service",
+                 "percept.v1.Embedding"]) == 0
+    assert main(["health", "--target", all_server.target, "--service", "percept.v1.Nope"]) == 1
+    assert (f"NOT_FOUND: the server at {all_server.target} does not serve 'percept.v1.Nope'"
+            in capsys.readouterr().err)
 
 
 def test_unreachable_server_is_unavailable(tmp_path: Path, cat_png: Path,

@@ -451,6 +451,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     from percept.v1 import search_pb2
 
     found, unread_folders = _image_files(args.paths, args.recursive)
+    if not found and not unread_folders:  # as a folder run: nothing to send is a mistake
+        raise UsageError(f"no images in {', '.join(args.paths)} "
+                         f"({', '.join(folder_runs.IMAGE_SUFFIXES)}"
+                         f"{'' if args.recursive else '; --recursive descends into subfolders'})")
     # one image per file, however often it was named (its id is its absolute path)
     files = list({str(path.resolve()): path for path in found}.values())
     unreadable: list[str] = []

@@ -114,6 +114,13 @@ def test_index_names_each_file_once_by_its_absolute_path_and_skips_one_too_large
         {"id": hit["id"], "uri": hit["uri"]} for hit in hits]
 
 
+def test_index_of_a_folder_without_images_exits_2(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert main(["index", str(tmp_path), "--target", "127.0.0.1:1"]) == 2
+    assert f"error: no images in {tmp_path} (.png" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["label x.png", "search cat"])
 @pytest.mark.parametrize("top, message", [("0", "must be at least 1"),
                                           ("99999999999", "99999999999 is too large")])

@@ -68,6 +68,22 @@ def test_a_bad_image_in_a_stream_is_rejected_and_the_rest_added(
     assert reasons[""] == ("INVALID_ARGUMENT", "id is empty")
 
 
+def test_an_id_sent_twice_is_answered_for_each_copy_and_the_last_added_is_stored(
+        stub: search_pb2_grpc.ImageSearchStub, variants: list[bytes]) -> None:
+    image, other = variants[46], variants[47]  # used by no other test
+    added, rejected = add(stub, [
+        search_pb2.AddImageRequest(id="twice", uri="good", image=image),
+        search_pb2.AddImageRequest(id="twice", uri="broken", image=b"junk"),
+        search_pb2.AddImageRequest(id="twice-ok", uri="first", image=other),
+        search_pb2.AddImageRequest(id="twice-ok", uri="second", image=other)])
+    assert sorted(added) == ["twice", "twice-ok"]
+    assert [(r.id, r.code) for r in rejected] == [("twice", "INVALID_ARGUMENT")]
+    for query, image_id, uri in ((image, "twice", "good"), (other, "twice-ok", "second")):
+        hits = stub.SearchByImage(search_pb2.SearchByImageRequest(image=query, k=1000),
+                                  timeout=60).hits
+        assert [h.uri for h in hits if h.id == image_id] == [uri]
+
+
 def test_replace_and_delete(stub: search_pb2_grpc.ImageSearchStub, variants: list[bytes]) -> None:
     before = count(stub)
     first, second = variants[44], variants[45]  # used by no other test

@@ -70,7 +70,9 @@ class ImageSearchServicer:
 
     def AddImages(self, request_iterator, context):
         """Adds images. The client streams items; the server embeds them in batches and answers
-        one acknowledgement per batch. An acknowledged id is durable. Re-adding an id replaces it.
+        one acknowledgement per batch. An acknowledged id is durable. Re-adding an id replaces it;
+        an id sent twice is answered for each copy (added or rejected), and the last copy added
+        is the one stored.
         Per-item problems (bad image, empty id) are rejections inside an acknowledgement and
         the rest of the stream goes on. Errors for the whole stream: RESOURCE_EXHAUSTED (busy,
         with the retry trailer: resend what was not acknowledged),
@@ -81,7 +83,8 @@ class ImageSearchServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchByText(self, request, context):
-        """Searches by a phrase. Errors: INVALID_ARGUMENT (empty text, k outside 1..1000).
+        """Searches by a phrase. Errors: INVALID_ARGUMENT (empty text, k outside 1..1000),
+        UNAVAILABLE (embedding service unreachable: answered at once, not at the deadline).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,7 +92,7 @@ class ImageSearchServicer:
 
     def SearchByImage(self, request, context):
         """Searches by an example image. Errors: INVALID_ARGUMENT (bad image, k outside 1..1000),
-        RESOURCE_EXHAUSTED (busy, with the retry trailer).
+        RESOURCE_EXHAUSTED (busy, with the retry trailer), UNAVAILABLE (as SearchByText).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

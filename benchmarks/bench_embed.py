@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from benchmarks.common import (
+    alternated_bursts,
     machine,
     markdown_table,
     peak_rss_mb,
@@ -56,24 +56,29 @@ def label_latency(requests: int) -> list[dict[str, Any]]:
 
 
 def batching_throughput(requests: int) -> list[dict[str, Any]]:
+    """Bursts of ``requests`` concurrent EmbedImages calls to two servers at the default
+    --max-wait-ms, without and with micro-batching, in alternating rounds."""
     images = [png(photo(224 + i)) for i in range(4)]
-    rows: list[dict[str, Any]] = []
-    for label, batch in (("no batching (max_batch=1)", 1), ("micro-batching (max_batch=16)", 16)):
-        with served("embed", max_batch=batch, max_wait_ms=10) as server:
-            stub = embed_pb2_grpc.EmbeddingStub(client.connect(server.target))
+    variants = (("no batching (max_batch=1)", 1), ("micro-batching (max_batch=16)", 16))
+    with served("embed", max_batch=1) as plain, served("embed", max_batch=16) as batched:
+        stubs = {variants[0][0]: embed_pb2_grpc.EmbeddingStub(client.connect(plain.target)),
+                 variants[1][0]: embed_pb2_grpc.EmbeddingStub(client.connect(batched.target))}
 
-            def call(i: int, stub: Any = stub) -> None:
+        def caller(stub: Any) -> Any:
+            def call(i: int) -> None:
                 stub.EmbedImages(embed_pb2.EmbedImagesRequest(images=[images[i % 4]]),
                                  timeout=600)
+            return call
 
-            call(0)
-            started = time.perf_counter()
-            with ThreadPoolExecutor(16) as pool:
-                list(pool.map(call, range(requests)))
-            elapsed = time.perf_counter() - started
-        rows.append({"variant": label, "concurrency": 16, "requests": requests,
-                     "images_per_s": requests / elapsed})
-    rows[1]["speedup"] = rows[1]["images_per_s"] / rows[0]["images_per_s"]
+        calls = {name: caller(stub) for name, stub in stubs.items()}
+        for call in calls.values():
+            call(0)  # warm
+        bursts = alternated_bursts(calls, requests)
+    rows: list[dict[str, Any]] = [
+        {"variant": name, "concurrency": 16, "requests": requests,
+         "images_per_s": bursts[name]["per_s"], "rounds_per_s": bursts[name]["rounds"]}
+        for name, _ in variants]
+    rows[1]["speedup"] = bursts[variants[1][0]]["x"]
     return rows
 
 
@@ -99,6 +104,9 @@ def markdown(result: dict[str, Any]) -> str:
         markdown_table(["variant", "requests", "p50 ms", "p99 ms"],
                        [(r["variant"], r["requests"], r["p50_ms"], r["p99_ms"])
                         for r in result["latency"]]), "",
+        "EmbedImages: bursts of concurrent calls to two servers at the default "
+        "--max-wait-ms, without and with batching; the median of alternating rounds, and the "
+        "median of the per-round ratios:", "",
         markdown_table(["EmbedImages", "concurrency", "requests", "images/s", "x"],
                        [(r["variant"], r["concurrency"], r["requests"], r["images_per_s"],
                          r.get("speedup", 1.0)) for r in result["batching"]]), "",

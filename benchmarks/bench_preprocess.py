@@ -246,7 +246,8 @@ def run(quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
                     "stock_pil": stock_version or stock_error,
                     "load_average_at_end": [round(v, 2) for v in os.getloadavg()]},
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "-m", "benchmarks.bench_preprocess", *sys.argv[1:]]),
+        "command": "python -m benchmarks.bench_preprocess" + (" --quick" if quick else "")
+                   + (f" --repeats {repeats}" if repeats != (1 if quick else 2) else ""),
         "target_ratio": 8.0,
     }
     for name, values in timings.items():

@@ -24,9 +24,11 @@ same neighbourhood statistics for this model and for the 82k cached WordNet noun
 neighbour, to a random vector, the spectrum's participation ratio and the mean vector's
 norm; the model was tuned to sit close to them (see benchmarks/README.md).
 
-Threads: FAISS uses ``--threads`` OpenMP threads (default: every core this process may
-use); the count is saved with the results. Timings on a shared machine are noisy; compare
-the ratios, which are measured against exact search in the same run.
+Threads: FAISS uses ``--threads`` OpenMP threads (default: 1, as the search service runs
+each query, services.search.vector_index.QUERY_THREADS; a thread per core let OpenMP's
+threads wait on each other on a shared 2-core machine, and made exact search look 8-50x
+slower than it is); the count is saved with the results. Timings on a shared machine are
+noisy; compare the ratios, which are measured against exact search in the same run.
 
 python -m benchmarks.bench_search_scale [--quick] [--full] [--threads N] [--sizes N ...]
 """
@@ -48,7 +50,12 @@ import faiss
 import numpy as np
 
 from benchmarks.common import RESULTS, machine, markdown_table
-from services.search.vector_index import IVF_TRAIN_POINTS_PER_LIST, ivf_nlist, train_ivf
+from services.search.vector_index import (
+    IVF_TRAIN_POINTS_PER_LIST,
+    QUERY_THREADS,
+    ivf_nlist,
+    train_ivf,
+)
 
 DIMENSION = 384
 K = 10
@@ -69,10 +76,6 @@ ZIPF = 0.5  # concept popularity ~ rank^-0.5
 MODEL_SEED = 12345
 # --full: 1M, and the sizes in between that locate the flat/ANN crossover
 FULL_SIZES = [2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 1_000_000]
-
-
-def _threads_available() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def synthetic_vectors(n: int, seed: int, chunk: int = 100_000,
@@ -319,7 +322,7 @@ def run(quick: bool = False, full: bool = False, threads: int | None = None,
         kinds: Sequence[str] = KINDS, hnsw_m: int = HNSW_M,
         ef_construction: int = HNSW_EF_CONSTRUCTION,
         concepts: int = CONCEPTS) -> dict[str, Any]:
-    threads = threads or _threads_available()
+    threads = threads or QUERY_THREADS
     faiss.omp_set_num_threads(threads)
     if sizes is None:
         sizes = [10_000] if quick else FULL_SIZES if full else [10_000, 100_000]
@@ -353,6 +356,27 @@ def run(quick: bool = False, full: bool = False, threads: int | None = None,
             "rows": rows, "operating_points": summary, "load_average_end": load,
             "wall_s": round(time.perf_counter() - started, 1),
             "note": "1M vectors runs only with --full" if sizes == [10_000, 100_000] else ""}
+
+
+def merge(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` with what an earlier run measured and this one did not: its rows of other
+    sizes (1M comes only from --full) and its variants (made with --add-to). Only a result
+    taken with the same threads, queries and data model is merged; each kept row is
+    marked with the run it came from."""
+    same = all(saved.get(key) == new.get(key) for key in ("faiss_threads", "queries", "data"))
+    if not same:
+        return new
+    measured = {row["vectors"] for row in new["rows"]}
+    kept = [{**row, "from": row.get("from") or f"{saved['date']}: {saved['command']}"}
+            for row in saved["rows"] if row["vectors"] not in measured]
+    merged = {**new, "rows": sorted(new["rows"] + kept, key=lambda row: row["vectors"])}
+    merged["operating_points"] = summarise(merged["rows"])
+    merged["variants"] = saved.get("variants", []) + new.get("variants", [])
+    if kept:
+        sizes = ", ".join(f"{n:,}" for n in sorted({row["vectors"] for row in kept}))
+        merged["note"] = (f"rows for {sizes} vectors are from an earlier run "
+                          f"({saved['date']}, `{saved['command']}`)")
+    return merged
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -421,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true",
                         help="also 1M vectors (slow) and the crossover sizes 2k..50k")
     parser.add_argument("--threads", type=int, default=None,
-                        help="FAISS threads (default: every available core)")
+                        help=f"FAISS threads (default: {QUERY_THREADS}, as the service "
+                             "runs each query)")
     parser.add_argument("--sizes", type=int, nargs="*", default=None,
                         help="vector counts to run instead of the default ones")
     parser.add_argument("--kinds", nargs="*", default=list(KINDS), choices=KINDS,
@@ -437,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the data model's statistics next to the real noun vectors'")
     args = parser.parse_args(argv)
     if args.calibrate:
-        faiss.omp_set_num_threads(args.threads or _threads_available())
+        faiss.omp_set_num_threads(args.threads or QUERY_THREADS)
         print(json.dumps(calibrate(), indent=2))
         return 0
     outcome = run(args.quick, args.full, args.threads, args.sizes, args.kinds, args.hnsw_m,

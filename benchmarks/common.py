@@ -9,6 +9,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,32 @@ def interleaved_medians(actions: Mapping[str, Callable[[], object]], repeats: in
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+#: Rounds of the batching comparison: each variant's burst runs this often, the variants
+#: alternating (A B, B A, A B), so a change in the machine's load reaches both.
+BURST_ROUNDS = 3
+
+
+def alternated_bursts(calls: Mapping[str, Callable[[int], object]], requests: int,
+                      rounds: int = BURST_ROUNDS, concurrency: int = 16
+                      ) -> dict[str, dict[str, Any]]:
+    """Throughput of each variant's burst of ``requests`` calls, ``concurrency`` in
+    flight, in ``rounds`` rounds that alternate the order. Per variant: the median rate
+    (calls/s), each round's rate, and the median of its per-round ratio to the first
+    variant (the baseline)."""
+    rates: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    with ThreadPoolExecutor(concurrency) as pool:
+        for round_index in range(rounds):
+            for name in names if round_index % 2 == 0 else names[::-1]:
+                started = time.perf_counter()
+                list(pool.map(calls[name], range(requests)))
+                rates[name].append(requests / (time.perf_counter() - started))
+    baseline = rates[names[0]]
+    return {name: {"per_s": statistics.median(values), "rounds": values,
+                   "x": statistics.median(v / b for v, b in zip(values, baseline, strict=True))}
+            for name, values in rates.items()}
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, float):
@@ -138,11 +165,15 @@ def server_process(service: str, *flags: str) -> Iterator[tuple[Any, Any]]:
         channel = client.connect(f"127.0.0.1:{port}")
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"`percept serve {service}` exited with {process.returncode} "
+                                   "before it was SERVING")
             try:
                 if client.health_status(channel, timeout=1) == "SERVING":
                     break
-            except Exception:
-                time.sleep(0.5)
+            except Exception:  # not listening yet
+                pass
+            time.sleep(0.5)  # NOT_SERVING (warming up) or not listening: ask again soon
         else:
             raise RuntimeError(f"{service} never became SERVING")
         yield process, channel

@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 from PIL import Image
 
 from benchmarks.common import (
+    alternated_bursts,
     interleaved_medians,
     machine,
     markdown_table,
@@ -252,22 +252,26 @@ def latency(service: str, model: str, sizes: list[int], repeats: int, call: Any,
 
 def batching(service: str, call: Any, size: int, requests: int,
              max_batch: int) -> list[dict[str, Any]]:
-    """Throughput of `requests` concurrent calls with micro-batching on and off."""
-    import time
-
+    """Throughput of bursts of `requests` concurrent calls to two servers at the service's
+    default --max-wait-ms, one without micro-batching and one with it, in alternating
+    rounds (benchmarks.common.alternated_bursts)."""
     data = png(photo(size))
-    rows: list[dict[str, Any]] = []
-    for label, batch in (("no batching", 1), (f"max_batch={max_batch}", max_batch)):
-        with served(service, max_batch=batch, max_wait_ms=10, compile="off") as server:
-            channel = client.connect(server.target)
-            call(channel, data)
-            started = time.perf_counter()
-            with ThreadPoolExecutor(16) as pool:
-                list(pool.map(lambda _, c=channel: call(c, data), range(requests)))
-            elapsed = time.perf_counter() - started
-        rows.append({"variant": label, "requests": requests, "size": size,
-                     "req_per_s": requests / elapsed})
-    rows[1]["speedup_vs_unbatched"] = rows[1]["req_per_s"] / rows[0]["req_per_s"]
+    variants = (("no batching", 1), (f"max_batch={max_batch}", max_batch))
+    with served(service, max_batch=1, compile="off") as plain, \
+            served(service, max_batch=max_batch, compile="off") as batched:
+        channels = {variants[0][0]: client.connect(plain.target),
+                    variants[1][0]: client.connect(batched.target)}
+        for channel in channels.values():
+            call(channel, data)  # warm
+        def caller(channel: Any) -> Callable[[int], object]:
+            return lambda _: call(channel, data)
+
+        bursts = alternated_bursts({name: caller(channel) for name, channel in channels.items()},
+                                   requests)
+    rows = [{"variant": name, "requests": requests, "size": size,
+             "req_per_s": bursts[name]["per_s"], "rounds_per_s": bursts[name]["rounds"]}
+            for name, _ in variants]
+    rows[1]["speedup_vs_unbatched"] = bursts[variants[1][0]]["x"]
     return rows
 
 
@@ -285,9 +289,11 @@ def report(title: str, result: dict[str, Any]) -> str:
              markdown_table(headers, [[r.get(c, "") for c in columns] for r in rows])]
     if result.get("batching"):
         batches = result["batching"]
-        lines += ["", f"Micro-batching: {batches[0]['requests']} concurrent requests (16 in "
-                  "flight) to a server in the benchmark's process, the same server with "
-                  "and without batching:", "",
+        lines += ["", f"Micro-batching: bursts of {batches[0]['requests']} concurrent "
+                  "requests (16 in flight) to servers in the benchmark's process, with and "
+                  "without batching, at the default --max-wait-ms; the median of "
+                  f"{len(batches[0].get('rounds_per_s', [0]))} alternating round(s), and the "
+                  "median of the per-round ratios:", "",
                   markdown_table(["variant", "requests", "input px", "req/s", "x"],
                                      [(r["variant"], r["requests"], r["size"], r["req_per_s"],
                                        r.get("speedup_vs_unbatched", 1.0)) for r in batches])]

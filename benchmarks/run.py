@@ -1,7 +1,13 @@
 """`make bench`: every benchmark, each against a baseline measured in the same run.
 
 Results go to benchmarks/results/<name>.json, and the tables to benchmarks/README.md
-(between the BEGIN/END markers), with the machine, date and command.
+(between the BEGIN/END markers), with the machine, date and command. A benchmark with a
+``merge(saved, new)`` keeps what its saved result measured and this run did not (the
+search scale's 1M rows, which only --full measures, and its variants).
+
+``--quick`` is a smoke run (fewer sizes and repeats): its results go to
+benchmarks/results/quick/ and its tables to stdout; the saved results and the README
+keep the full runs'.
 
 python -m benchmarks.run [--quick] [--full] [--only NAME ...]
 """
@@ -13,6 +19,7 @@ import datetime as dt
 import importlib
 import inspect
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,12 +35,37 @@ BEGIN, END = "<!-- BEGIN RESULTS -->", "<!-- END RESULTS -->"
 
 
 def render(module: Any, result: dict[str, Any]) -> str:
+    """The module's own rendering, under a line that says when and how the result was
+    measured (unless the rendering says it itself)."""
+    text = "```\n" + json.dumps(result, indent=2) + "\n```"
     for name in ("markdown", "table", "format_table"):
         if hasattr(module, name):
             text = str(getattr(module, name)(result))
             is_markdown = any(line.startswith(("|", "#")) for line in text.splitlines())
-            return text if is_markdown else f"```\n{text}\n```"
-    return "```\n" + json.dumps(result, indent=2) + "\n```"
+            text = text if is_markdown else f"```\n{text}\n```"
+            break
+    command = result.get("command")
+    if not command or command in text:
+        return text
+    load = result.get("load_average_end")
+    stamp = (f"_Measured {str(result.get('date', 'on an unrecorded date'))[:10]} by "
+             f"`{command}`" + (f"; load average at the end {load[0]:.2f}" if load else "")
+             + "._")
+    lines = text.splitlines()
+    if lines and lines[0].startswith("#"):  # under the section's heading
+        return "\n".join([lines[0], "", stamp, *lines[1:]])
+    return f"{stamp}\n\n{text}"
+
+
+def stamp(result: dict[str, Any], name: str, quick: bool) -> dict[str, Any]:
+    """``result`` with the date, command and machine load it was measured under, where
+    the benchmark did not record them itself."""
+    result.setdefault("date", dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+    result.setdefault("command", f"python -m benchmarks.run --only {name}"
+                                 + (" --quick" if quick else ""))
+    if hasattr(os, "getloadavg"):
+        result.setdefault("load_average_end", [round(v, 2) for v in os.getloadavg()])
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="rewrite README.md from the saved results/*.json, run nothing")
     args = parser.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "quick" if args.quick else RESULTS
+    out.mkdir(exist_ok=True)
     sections = []
     # Every benchmark keeps its section: those not run this time are rendered from their
     # saved results (each section names its own command and machine load).
@@ -72,14 +106,19 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             extra = {"full": True} if args.full and "full" in inspect.signature(
                 module.run).parameters else {}
-            result = module.run(quick=args.quick, **extra)
+            result = stamp(module.run(quick=args.quick, **extra), name, args.quick)
             result["wall_seconds"] = round(time.perf_counter() - started, 1)
-            saved.write_text(json.dumps(result, indent=2, default=str))
+            if not args.quick and hasattr(module, "merge") and saved.is_file():
+                result = module.merge(json.loads(saved.read_text()), result)
+            (out / saved.name).write_text(json.dumps(result, indent=2, default=str))
         section = render(module, result)
         if run_now:
             print(section, flush=True)
         sections.append(section)
-    command = "make bench" if not args.quick else "python -m benchmarks.run --quick"
+    if args.quick:  # a smoke run: the README keeps the full runs' tables
+        print(f"[bench] quick results in {out}; benchmarks/README.md left as it was")
+        return 0
+    command = "make bench"
     if args.full:
         command += " ARGS=--full"
     if args.only:

@@ -72,25 +72,37 @@ def _step(report: DemoReport, name: str, action: Callable[[], None]) -> None:
         report.failed(name, error)
 
 
-def contact_sheet(pictures: list[tuple[str, Path]], path: Path, height: int = 192) -> None:
-    """One overview image of every picture the demo wrote, captioned."""
+def contact_sheet(pictures: list[tuple[str, Path]], path: Path, height: int = 192,
+                  per_row: int = 4) -> None:
+    """One overview image of every picture the demo wrote, captioned, ``per_row`` to a
+    row. A picture under half the row height is enlarged by whole pixels (nearest), so
+    that a small input shows as small as it is."""
     tiles = []
     for caption, picture in pictures:
         with Image.open(picture) as opened:
             rgb = opened.convert("RGB")
             width = max(1, round(rgb.width * height / rgb.height))
+            resample = (Image.Resampling.NEAREST if rgb.height * 2 <= height
+                        else Image.Resampling.LANCZOS)
             tile = Image.new("RGB", (width, height + 18), "white")
-            tile.paste(rgb.resize((width, height), Image.Resampling.LANCZOS), (0, 18))
+            tile.paste(rgb.resize((width, height), resample), (0, 18))
             ImageDraw.Draw(tile).text((4, 3), caption, fill="black")
             tiles.append(tile)
     if not tiles:
         return
-    sheet = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1),
-                              tiles[0].height), "white")
-    x = 0
-    for tile in tiles:
-        sheet.paste(tile, (x, 0))
-        x += tile.width + 4
+    rows = [tiles[i:i + per_row] for i in range(0, len(tiles), per_row)]
+    gap = 4
+    sheet = Image.new("RGB", (max(sum(t.width for t in row) + gap * (len(row) - 1)
+                                  for row in rows),
+                              sum(row[0].height for row in rows) + gap * (len(rows) - 1)),
+                      "white")
+    y = 0
+    for row in rows:
+        x = 0
+        for tile in row:
+            sheet.paste(tile, (x, y))
+            x += tile.width + gap
+        y += row[0].height + gap
     sheet.save(path)
 
 
@@ -113,6 +125,8 @@ def run_demo(out_dir: Path, targets: Mapping[str, str], *,
         small.save(out_dir / "upscale_input.png")
         response = client.upscale(channels["superres"], buffer.getvalue())
         (out_dir / "upscaled.png").write_bytes(response.image)
+        report.pictures.append((f"input, {small.width}x{small.height}",
+                                out_dir / "upscale_input.png"))
         report.pictures.append(("upscaled 4x", out_dir / "upscaled.png"))
         report.ok("upscale", f"{out_dir / 'upscaled.png'} {response.width}x{response.height} "
                              f"({response.model})")
@@ -150,18 +164,22 @@ def run_demo(out_dir: Path, targets: Mapping[str, str], *,
         response = client.stylize_with_image(channels["style"], request)
         path = out_dir / "gatys_starry_night.png"
         path.write_bytes(response.image)
-        report.pictures.append(("Gatys: Starry Night", path))
+        report.pictures.append((f"Gatys: Starry Night, {response.width}x{response.height}",
+                                path))
         report.ok("stylize --style-image starry_night.jpg",
                   f"{path} {response.width}x{response.height}, {iterations} iterations "
                   f"in {time.perf_counter() - started:.1f} s")
 
     def label() -> None:
-        response = client.label_image(channels["embed"], cat.read_bytes(), k=5)
-        words = ", ".join(f"{lbl.lemmas[0]} ({lbl.score:.2f})" for lbl in response.labels)
-        report.ok(f"label {cat}", words)
+        for zero_shot in (False, True):
+            response = client.label_image(channels["embed"], cat.read_bytes(), k=5,
+                                          zero_shot=zero_shot)
+            words = ", ".join(f"{lbl.lemmas[0]} ({lbl.score:.2f})" for lbl in response.labels)
+            report.ok(f"label {cat}{' --zero-shot' if zero_shot else ''}", words)
 
     def search() -> None:
-        items = [search_pb2.AddImageRequest(id=name, uri=str(path), image=path.read_bytes())
+        items = [search_pb2.AddImageRequest(id=name, uri=str(path.resolve()),
+                                            image=path.read_bytes())
                  for name, path in samples.items()]
         added = sum(len(ack.added) for ack in client.add_images(channels["search"], items))
         response = client.search_by_text(channels["search"], "cat", k=3)

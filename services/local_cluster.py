@@ -28,8 +28,19 @@ def _port_in_use(port: int) -> bool:
     return False
 
 
-def start_services(log_dir: Path) -> dict[str, subprocess.Popen[bytes]]:
-    """Starts `percept serve NAME` for every service; logs go to ``log_dir/NAME.log``."""
+def service_command(name: str, search_dir: Path) -> list[str]:
+    """`percept serve NAME` as the local cluster runs it: on loopback, with text logs;
+    search with the embed service of the cluster and its index in ``search_dir``."""
+    extra = ["--embed-target", f"localhost:{SERVICE_PORTS['embed']}",
+             "--data-dir", str(search_dir)] if name == "search" else []
+    return [sys.executable, "-m", "services.cli", "serve", name, "--host", "127.0.0.1",
+            "--log-format", "text", *extra]
+
+
+def start_services(log_dir: Path, search_dir: Path) -> dict[str, subprocess.Popen[bytes]]:
+    """Starts `percept serve NAME` for every service; logs go to ``log_dir/NAME.log``. The
+    search index lives in ``search_dir``, apart from `percept serve search`'s own default
+    (data/search): the demo's samples must not land in a collection the user indexed."""
     busy = [f"{name} ({SERVICE_PORTS[name]})" for name in SERVICES
             if _port_in_use(SERVICE_PORTS[name])]
     if busy:
@@ -37,12 +48,9 @@ def start_services(log_dir: Path) -> dict[str, subprocess.Popen[bytes]]:
     log_dir.mkdir(parents=True, exist_ok=True)
     processes = {}
     for name in SERVICES:
-        extra = ["--embed-target", f"localhost:{SERVICE_PORTS['embed']}"] if name == "search" \
-            else []
         with (log_dir / f"{name}.log").open("wb") as log:
             processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", "serve", name, "--host", "127.0.0.1",
-                 "--log-format", "text", *extra],
+                service_command(name, search_dir),
                 cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
     return processes
@@ -86,7 +94,7 @@ def run_local_cluster(out_dir: Path, demo: bool = True, keep_serving: bool = Tru
     log_dir = out_dir / "logs"
     print(f"starting {', '.join(SERVICES)} (logs in {log_dir}/)", flush=True)
     try:
-        processes = start_services(log_dir)
+        processes = start_services(log_dir, out_dir / "search")
     except RuntimeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -14,7 +14,8 @@ search in the same run):
 - from ``ann_threshold`` on: HNSW (``ann="hnsw"``, the default; M=32, efConstruction=80,
   efSearch=64). efSearch=64 gave recall@10 0.956-0.985 at every size from 5k to 1M. From
   20k on it was the fastest index at that recall: 5x exact at 20k, 21x at 100k and 312x at
-  1M, against IVF's 2x, 5x and 93x. On a harder 1M set (100k concepts instead of 10k),
+  1M, against IVF's 2x, 5x and 93x at its own best nprobe (at the served 128: 2x, 5x and
+  12x). On a harder 1M set (100k concepts instead of 10k),
   0.95 needs efSearch=512 (0.969 at 21x exact, with efConstruction=80; 40 tops out at
   0.947). IVF needs nprobe=512 there (0.967 at 4x). HNSW cannot remove vectors, so deleted
   or replaced ids are hidden by a search-time selector. The graph is rebuilt once more than
@@ -54,6 +55,8 @@ log = logging.getLogger("percept.search")
 
 SNAPSHOT_FORMAT = 1
 ANN_KINDS = ("hnsw", "ivf")
+#: OpenMP threads per query (VectorIndex.search); builds and retrains keep FAISS's default.
+QUERY_THREADS = 1
 IVF_TRAIN_POINTS_PER_LIST = 64  # k-means sample: 64 vectors per list (FAISS warns below 39)
 
 
@@ -311,8 +314,13 @@ class VectorIndex:
         return self._params[0]
 
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        """For each query, up to k (id, cosine score) pairs, best first."""
+        """For each query, up to k (id, cosine score) pairs, best first. On one OpenMP
+        thread (:data:`QUERY_THREADS`): the server answers many queries at once, and
+        FAISS's default of a thread per core made one exact search over 10k vectors
+        8-50x slower on a 2-core machine with other work on it (a few hundred queries/s
+        against 2,600-3,500 on one thread)."""
         queries = _normalise(np.atleast_2d(queries))
+        faiss.omp_set_num_threads(QUERY_THREADS)  # this thread's own setting (OpenMP ICV)
         with self._lock:
             if not self._labels:
                 return [[] for _ in range(len(queries))]

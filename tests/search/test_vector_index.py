@@ -350,3 +350,23 @@ def test_a_snapshot_waits_for_a_write_in_progress(tmp_path: Path,
     assert seq == service.store.last_seq() == service.snapshot_seq
     assert len(loaded) == 2 and loaded.search(data[1], 1)[0][0][0] == "b"
     service.store.close()
+
+
+def test_a_query_runs_on_one_openmp_thread_in_whatever_thread_asks() -> None:
+    """The service searches from worker threads, each with OpenMP's own per-thread
+    setting (a thread started later does not inherit the main thread's): every search
+    sets its own to QUERY_THREADS, so queries do not each claim every core."""
+    from services.search.vector_index import QUERY_THREADS
+
+    index = VectorIndex.build(DIMENSION, ids(50), clustered(50), settings("ivf"))
+    seen: list[int] = []
+
+    def worker() -> None:
+        faiss.omp_set_num_threads(4)  # as FAISS's default would be on a 4-core machine
+        index.search(clustered(1), 3)
+        seen.append(faiss.omp_get_max_threads())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [QUERY_THREADS] == [1]

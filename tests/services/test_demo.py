@@ -44,3 +44,37 @@ def test_demo_stylises_the_sample_in_every_installed_style(style_server: Running
     # The services this server does not host are reported as skipped, not as failures.
     assert any(line.startswith("  skip  upscale: UNIMPLEMENTED") for line in report.lines)
     assert (out / "demo.png").is_file()
+
+
+def test_the_local_cluster_keeps_its_search_index_apart(tmp_path: Path) -> None:
+    """`make run` indexes its samples: into out/search, not into data/search, where
+    `percept serve search` keeps a collection the user indexed."""
+    from services.local_cluster import service_command
+
+    command = service_command("search", tmp_path / "out" / "search")
+    assert command[command.index("--data-dir") + 1] == str(tmp_path / "out" / "search")
+    assert "--data-dir" not in service_command("embed", tmp_path)
+
+
+def test_the_whole_demo_against_every_service(all_server: RunningServer, tmp_path: Path
+                                              ) -> None:
+    """Every step runs; the labels come with and without ImageNet's classes; the samples
+    are indexed with absolute uris; the overview is in rows, the small input shown at its
+    own size beside its upscale."""
+    from services import client
+
+    out = tmp_path / "out"
+    report = run_demo(out, {name: all_server.target for name in SERVICES},
+                      gatys_iterations=1, gatys_size=32)
+    assert report.failures == 0 and not any("skip" in line for line in report.lines), \
+        report.lines
+    assert any(line.startswith(f"  ok    label {out / 'samples' / 'cat.png'}: ")
+               for line in report.lines)
+    assert any(" --zero-shot: " in line for line in report.lines)
+    captions = [caption for caption, _ in report.pictures]
+    assert captions[1].startswith("input, ") and captions[2] == "upscaled 4x"
+    hits = client.search_by_text(client.connect(all_server.target), "a cat", k=50).hits
+    cat_hit = next(hit for hit in hits if hit.id == "cat")
+    assert cat_hit.uri == str((out / "samples" / "cat.png").resolve())
+    with Image.open(out / "demo.png") as sheet:
+        assert sheet.height > 2 * 192  # in rows, not one strip

@@ -237,3 +237,40 @@ def test_invalid_inputs_raise_value_error(vgg: VGG19Features, small_content: tor
         stylize_with_image(vgg, small_content, small_style, options, progress_every=0)
     with pytest.raises(ValueError, match="iterations"):
         stylize_with_image(vgg, small_content, small_style, GatysOptions(iterations=0))
+
+
+
+class _RecordingVGG(torch.nn.Module):
+    """The VGG, noting the size of every image it is shown."""
+
+    def __init__(self, vgg: VGG19Features) -> None:
+        super().__init__()
+        self.vgg = vgg
+        self.sizes: set[tuple[int, int]] = set()
+
+    def forward(self, image: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+        self.sizes.add((int(image.shape[-2]), int(image.shape[-1])))
+        return self.vgg(image, layers)
+
+
+@pytest.mark.parametrize("preserve_color", [False, True])
+def test_the_canvas_has_a_margin_that_the_result_does_not(
+        vgg: VGG19Features, small_content: torch.Tensor, small_style: torch.Tensor,
+        preserve_color: bool) -> None:
+    """VGG's zero padding makes the style loss paint a frame along the edges (in a 128 px
+    run of the demo, the outer columns came out 33 grey levels off their neighbours, 5 with
+    the margin, against 1 in the photo). The content is optimised inside a margin of its
+    own reflection, which is cut off: the frame forms there."""
+    from training.perceptual.gatys import CANVAS_MARGIN
+
+    recording = _RecordingVGG(vgg)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :, 16:] = 1.0  # stylise the right half only
+    result = stylize_with_image(recording, small_content, small_style,  # type: ignore[arg-type]
+                                GatysOptions(iterations=2, preserve_color=preserve_color,
+                                             **FAST), mask=mask)
+    assert CANVAS_MARGIN >= 16  # one feature pixel of relu5_1, the deepest style layer
+    canvas = (32 + 2 * CANVAS_MARGIN, 32 + 2 * CANVAS_MARGIN)
+    assert recording.sizes == {canvas, (32, 32)}  # the canvas, and the style image
+    assert result.shape == small_content.shape
+    assert torch.equal(result[..., :, :16], small_content[..., :, :16])  # outside the mask

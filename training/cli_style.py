@@ -208,6 +208,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--models", nargs="+", default=None,
                         help="artifact folders (default: every models/style-*)")
     parser.add_argument("--photos", nargs="+", default=None,

@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from training.assets import REPO_ROOT
 from training.cli_devise import DEFAULT_TOP_T
@@ -85,13 +86,27 @@ def load_eval_set(folder: Path, vocab: Any | None = None) -> EvalSet:
     labels_path = Path(folder) / LABELS_FILE
     if not labels_path.is_file():
         raise EvalSetError(f"{labels_path} not found")
-    labels: dict[str, dict[str, Any]] = json.loads(labels_path.read_text())
+    try:
+        labels = json.loads(labels_path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise EvalSetError(f"{labels_path} is not JSON ({error})") from error
+    if not isinstance(labels, dict):
+        raise EvalSetError(f"{labels_path} must map each photo's file name to its wnid (or "
+                           "to an object with a \"wnid\"), not hold a "
+                           f"{type(labels).__name__}")
     files, wnids, lemmas, problems = [], [], [], []
     for name in sorted(labels):
-        entry = labels[name]
+        # "file": "n02084071", or "file": {"wnid": "n02084071", "lemma": "dog", ...}
+        entry = labels[name] if isinstance(labels[name], dict) else {"wnid": labels[name]}
         path = Path(folder) / name
         if not path.is_file():
             problems.append(f"{name}: file missing")
+        else:
+            try:
+                with Image.open(path) as image:
+                    image.size  # noqa: B018 - the header is read here
+            except (OSError, SyntaxError, ValueError) as error:
+                problems.append(f"{name}: not a readable image ({error})")
         if vocab is not None and entry.get("wnid") not in vocab:
             problems.append(f"{name}: {entry.get('wnid')!r} is not a WordNet noun synset")
         files.append(path)
@@ -366,6 +381,15 @@ def check_inputs(args: argparse.Namespace) -> None:
     if word_vectors and not Path(word_vectors).is_file():
         raise FileNotFoundError(f"word-vector file not found: {word_vectors}")
     check_report_path(Path(args.out), REPORT_KEYS)
+    if args.cache_dir:
+        from training.data.folders import check_folder_to_make
+
+        check_folder_to_make(Path(args.cache_dir), "--cache-dir")
+    model_config = Path(args.model) / "config.json"
+    if model_config.is_file():
+        task = json.loads(model_config.read_text()).get("task")
+        if task != "devise":
+            raise ValueError(f"--model {args.model} is a {task} artifact, not a DeViSE map")
 
 
 def command(args: argparse.Namespace) -> int:

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from training import image_quality
 from training.assets import REPO_ROOT
@@ -753,18 +754,27 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     measures = StyleMeasures(device)
     results: dict[str, Any] = {}
     names = [m.name for m in models]
+    # one step per (model, photo) measured, and per tiled comparison with --tiling
+    bar = tqdm(total=len(models) * len(photos) * (2 if args.tiling else 1), desc="eval style",
+               unit="photo", disable=True if getattr(args, "quiet", False) else None)
+    # (None: shown on a terminal only, so a log or a captured stderr holds just the result)
     for model in models:
         key = model.name if names.count(model.name) == 1 else str(model.path)
+        bar.set_postfix_str(model.name)
         style = model.style_image()
-        per_photo = {name: measure(model, photo, measures, style,
-                                   stylise_checked(model, name, photo, device))
-                     for name, photo in photos}
+        per_photo = {}
+        for name, photo in photos:
+            per_photo[name] = measure(model, photo, measures, style,
+                                      stylise_checked(model, name, photo, device))
+            bar.update()
         if args.tiling:
             for name, raw in raw_photos:
                 per_photo[name].update(tiling_agreement(model.module, raw, args.tiling, device))
+                bar.update()
         results[key] = {"style": model.style_name, "path": str(model.path),
                         "style_image": str(model.style_path), "per_photo": per_photo,
                         "summary": summarise(list(per_photo.values()))}
+    bar.close()
     architecture = dict(models[0].config["architecture"])
     fresh = fresh_baseline(architecture, [p for _, p in photos])
     report: dict[str, Any] = {

@@ -83,19 +83,36 @@ def photo_files(paths: list[Path]) -> list[Path]:
     return files
 
 
+#: The smallest --hr-size: the scores shave BORDER px off each side of a tile.
+MIN_HR_SIZE = 32
+
+
+def check_tile_sizes(hr_size: int, resize_to: int) -> None:
+    """ValueError naming the flag for tile sizes that cannot make a tile."""
+    if hr_size < MIN_HR_SIZE or hr_size % SCALE:
+        raise ValueError(f"--hr-size must be a multiple of {SCALE}, at least {MIN_HR_SIZE} "
+                         f"px, got {hr_size}")
+    if resize_to < hr_size:
+        raise ValueError(f"--resize-to {resize_to} is smaller than --hr-size {hr_size}: no "
+                         "tile would fit")
+
+
 def make_tiles(files: list[Path], hr_size: int, resize_to: int) -> list[Tile]:
     """Square tiles of ``hr_size`` from each photo's centre (see the module docstring)."""
-    if hr_size % SCALE:
-        raise ValueError(f"--hr-size must be a multiple of {SCALE}, got {hr_size}")
+    check_tile_sizes(hr_size, resize_to)
     tiles: list[Tile] = []
     for path in files:
-        with Image.open(path) as image:
-            shortest = min(image.size)
-        side = min(resize_to, shortest // hr_size * hr_size)
-        if side < hr_size:
-            print(f"[eval] skipping {path.name}: shorter than {hr_size} px", file=sys.stderr)
-            continue
-        square = load_centre_crop(path, side)
+        try:
+            with Image.open(path) as image:
+                shortest = min(image.size)
+            side = min(resize_to, shortest // hr_size * hr_size)
+            if side < hr_size:
+                print(f"[eval] skipping {path.name}: shorter than {hr_size} px",
+                      file=sys.stderr)
+                continue
+            square = load_centre_crop(path, side)
+        except (OSError, SyntaxError, ValueError) as error:  # Pillow's failures on a bad file
+            raise ValueError(f"{path}: not a readable image ({error})") from error
         per_row = side // hr_size
         for index in range(per_row * per_row):
             top, left = (index // per_row) * hr_size, (index % per_row) * hr_size
@@ -163,7 +180,15 @@ def figure_rows(tiles: list[Tile], outputs: dict[str, np.ndarray], methods: list
 
 def check_outputs(args: argparse.Namespace) -> None:
     """ValueError naming the flag when --out (a folder) or --figure (a file) could not be
-    written: checked before any model runs, not after."""
+    written, or the tile sizes make no tile: checked before any model runs, not after."""
+    check_tile_sizes(args.hr_size, args.resize_to)
+    for model_dir in args.models:
+        config_path = Path(model_dir) / "config.json"
+        if config_path.is_file():
+            task = json.loads(config_path.read_text()).get("task")
+            if task != "superres":
+                raise ValueError(f"--models {model_dir} is a {task} artifact, not a "
+                                 "super-resolution one")
     check_writable(Path(args.out), "--out", folder=True)
     if args.figure:
         check_writable(Path(args.figure), "--figure")

@@ -176,8 +176,10 @@ def export_artifact(out_dir: Path, *, name: str, task: str, architecture: Mappin
     out_dir.mkdir(parents=True, exist_ok=True)
     weights_path = out_dir / WEIGHTS
     partial = weights_path.with_suffix(".partial")
-    save_file(state, str(partial), metadata={"name": name, "task": task,
-                                             "architecture": json.dumps(dict(architecture))})
+    # One metadata entry: safetensors writes several in a random order, so the same
+    # weights would hash differently from one export to the next
+    save_file(state, str(partial), metadata={"percept": json.dumps(
+        {"name": name, "task": task, "architecture": dict(architecture)}, sort_keys=True)})
     partial.replace(weights_path)
     weights_path.chmod(0o644)  # safetensors writes 0600; services may run as another user
     # config.json is written last, naming the weights' digest: an export cut short leaves

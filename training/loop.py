@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from training.assets import sha256_of
 from training.data.arrays import PreparedArrays
 from training.export import data_entry
 
@@ -201,8 +202,9 @@ def read_checkpoint(path: Path, device: torch.device, architecture: Mapping[str,
         state = torch.load(path, map_location=device, weights_only=False)
     except Exception as error:  # any file can be named, and torch raises many types
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or another "
-                              f"kind of file: {type(error).__name__}: {error}); start a new "
-                              "run without --resume, or in another --run-dir") from error
+                              f"kind of file: {type(error).__name__}: {error}); remove it and "
+                              "start a new run without --resume, or start one in another "
+                              "--run-dir") from error
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a training checkpoint (it holds a "
                               f"{type(state).__name__})")
@@ -304,6 +306,25 @@ def restore_training_state(state: Mapping[str, Any], model: nn.Module,
                                        scheduler.lr_lambdas, strict=True):
             group["lr"] = base * factor(scheduler.last_epoch)
     return int(state["step"])
+
+
+def prepared_data_digest(prepared: PreparedArrays) -> str:
+    """The sha256 of the prepared folder's manifest, which names its arrays, their sizes,
+    seed and crops, and the photos they came from: what a checkpoint records, so that a
+    resume refuses arrays prepared again under the same --data path."""
+    return sha256_of(prepared.path / "manifest.json")
+
+
+def check_same_data(checkpoint: Path, state: Mapping[str, Any],
+                    prepared: PreparedArrays) -> None:
+    """CheckpointError when ``--resume`` would go on with other arrays than the run began
+    on (a checkpoint from before the digest was kept is not checked)."""
+    saved = state.get("data_sha256")
+    if saved is not None and saved != prepared_data_digest(prepared):
+        raise CheckpointError(
+            f"--resume would continue the run in {checkpoint} on other data: {prepared.path} "
+            "was prepared again since the run began (its manifest.json differs). Resume on "
+            "the arrays it began on, or start a new run in another --run-dir")
 
 
 def prepared_data_provenance(prepared: PreparedArrays, extra: list[Path]

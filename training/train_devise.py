@@ -435,6 +435,27 @@ def _within(path: Path, folder: Path) -> bool:
     return path.resolve().is_relative_to(folder.resolve())
 
 
+def _check_held_out(val_files: list[Path], train_files: list[Path] | None,
+                    images: Path | None) -> None:
+    """ValueError when a validation photo is also trained on: the same file, or the same
+    bytes under another name (for ``--photos``, by sha256), or a file inside ``--images``;
+    its agreement would then be measured on training data."""
+    from training.assets import sha256_of
+
+    if images is not None:
+        inside = [f for f in val_files if _within(f, images)]
+        if inside:
+            raise ValueError(f"--val-photos {inside[0]} is inside --images {images}: "
+                             "validation photos must be held out")
+        return
+    trained = {sha256_of(f): f for f in train_files or []}
+    shared = [(f, trained[digest]) for f in val_files if (digest := sha256_of(f)) in trained]
+    if shared:
+        val, train = shared[0]
+        raise ValueError(f"--val-photos holds {len(shared)} of the training photos (--photos): "
+                         f"{val} is {train}; validation photos must be held out")
+
+
 def check_paths(args: argparse.Namespace, out: Path, run_dir: Path) -> None:
     """Before anything loads: ValueError / FileNotFoundError for an input that is not
     there (``--images``, ``--photos``, ``--val-photos``, ``--word-vectors``), and for outputs
@@ -451,8 +472,12 @@ def check_paths(args: argparse.Namespace, out: Path, run_dir: Path) -> None:
         check_training_photos(_photo_files(photos))
         inputs.append(("--photos", photos))
     if args.val_photos:
-        _photo_files(Path(args.val_photos))
+        val_files = _photo_files(Path(args.val_photos))
         inputs.append(("--val-photos", Path(args.val_photos)))
+        _check_held_out(val_files, None if args.images else _photo_files(Path(args.photos)),
+                        Path(args.images) if args.images else None)
+    if args.vectors_dir:
+        check_folder_to_make(Path(args.vectors_dir), "--vectors-dir")
     word_vectors = getattr(args, "word_vectors", None)
     if word_vectors and not Path(word_vectors).is_file():
         raise FileNotFoundError(f"word-vector file not found: {word_vectors}")

@@ -75,8 +75,10 @@ from training.loop import (
     check_flag_minimums,
     check_new_run,
     check_resumed_run,
+    check_same_data,
     choose_device,
     lr_factor,
+    prepared_data_digest,
     prepared_data_provenance,
     read_checkpoint,
     recorded_flags,
@@ -606,6 +608,7 @@ def train(args: argparse.Namespace) -> int:
         # the sizes left to the device's default differ between a CPU and a CUDA run
         check_resumed_run(checkpoint, state, vars(args), RESUMABLE_CHANGES, steps,
                           resolved=compared, paths=("data", "style_image"))
+        check_same_data(checkpoint, state, prepared)
         # a fine-tune's origin (its weights are in the checkpoint now) stays in metrics.json
         init_from = state.get("init_from")
         init_entries = list(state.get("init_entries", []))
@@ -628,6 +631,7 @@ def train(args: argparse.Namespace) -> int:
         return {"architecture": architecture, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "history": history,
+                "data_sha256": prepared_data_digest(prepared),
                 "raw_history": raw_history, "style_sha256": style_sha,
                 "elapsed": elapsed_before + time.monotonic() - started,
                 "cpu_seconds": cpu_before + time.process_time() - cpu_started,

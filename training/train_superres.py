@@ -41,6 +41,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from training import nets
+from training.assets import REPO_ROOT
 from training.data.arrays import load_prepared
 from training.data.folders import check_folder_to_make
 from training.export import check_output_folder, command_line, export_artifact, load_exported
@@ -56,8 +57,10 @@ from training.loop import (
     check_flag_minimums,
     check_new_run,
     check_resumed_run,
+    check_same_data,
     choose_device,
     lr_factor,
+    prepared_data_digest,
     prepared_data_provenance,
     read_checkpoint,
     recorded_flags,
@@ -177,20 +180,52 @@ FLAG_MINIMUMS = {
 }
 
 
+#: The flags that size a run, compared with their defaults in metrics.json's note.
+SIZE_FLAGS = ("width", "blocks", "crop", "batch_size", "steps")
+
+
+def size_note(args: argparse.Namespace, steps_run: int, device: torch.device) -> str:
+    """How the run's sizes (with the steps it ran) compare with the trainer's defaults,
+    and where it ran: "trained on cpu at changed sizes: width 8 (default: 32), ..."."""
+    from training.cli_superres import add_train_arguments
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    defaults = parser.parse_args([])
+    ran = {**{flag: getattr(args, flag) for flag in SIZE_FLAGS}, "steps": steps_run}
+    changed = [f"{flag.replace('_', ' ')} {value} (default: {getattr(defaults, flag)})"
+               for flag, value in ran.items() if value != getattr(defaults, flag)]
+    where = "cpu" if device.type == "cpu" else str(device)
+    return (f"trained on {where} at the default sizes" if not changed
+            else f"trained on {where} at changed sizes: " + ", ".join(changed))
+
+
 def train(args: argparse.Namespace) -> int:
     """Runs the training described by the parsed ``percept train superres`` flags."""
     check_flag_minimums(args, FLAG_MINIMUMS)
-    if args.jpeg > 100 or args.degrade_prob > 1 or args.crop % SCALE:
-        raise ValueError(f"--jpeg must be at most 100, --degrade-prob at most 1 and --crop a "
-                         f"multiple of {SCALE}; got {args.jpeg}, {args.degrade_prob:g} and "
-                         f"{args.crop}")
+    if args.jpeg > 100:
+        raise ValueError(f"--jpeg must be at most 100 (0: no JPEG degradation), got {args.jpeg}")
+    if args.degrade_prob > 1:
+        raise ValueError(f"--degrade-prob must be at most 1, got {args.degrade_prob:g}")
+    if args.crop % SCALE:
+        raise ValueError(f"--crop must be a multiple of {SCALE} (the low-res input is crop/"
+                         f"{SCALE}), got {args.crop}")
+    if args.warmup is not None and args.warmup > args.steps:
+        raise ValueError(f"--warmup {args.warmup} is longer than the run (--steps {args.steps}):"
+                         " the learning rate would never reach --lr")
+    if args.pixel_weight == args.perceptual_weight == args.tv_weight == 0:
+        raise ValueError("every loss weight is 0 (--pixel-weight, --perceptual-weight, "
+                         "--tv-weight): there is nothing to train against")
+    if args.init_from and not (Path(args.init_from) / "config.json").is_file():
+        raise ValueError(f"--init-from {args.init_from}: no exported artifact there (no "
+                         "config.json)")
     device = choose_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     name = args.name or out.name
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
+    run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
     if out.resolve() == run_dir.resolve():
         raise ValueError("--out and --run-dir must be different folders (the run folder "
                          "holds checkpoints, the artifact folder what is served)")
@@ -244,6 +279,7 @@ def train(args: argparse.Namespace) -> int:
         state = read_checkpoint(checkpoint, device, architecture)
         check_resumed_run(checkpoint, state, vars(args), RESUMABLE_FLAGS, args.steps,
                           paths=("data", "init_from"))
+        check_same_data(checkpoint, state, prepared)
         step = restore_training_state(state, model, optimizer, scheduler, scaler)
         if args.warmup is None and "warmup" in state:  # kept when --steps grows
             warmup = int(state["warmup"])  # the schedule's lambda reads it from here
@@ -259,6 +295,7 @@ def train(args: argparse.Namespace) -> int:
         return {"architecture": architecture, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "history": history,
+                "data_sha256": prepared_data_digest(prepared),
                 "elapsed": elapsed_before + time.monotonic() - started,
                 "cpu_elapsed": cpu_before + time.process_time() - cpu_started,
                 "sampler_rng": sampler.rng.bit_generator.state,
@@ -346,11 +383,12 @@ def train(args: argparse.Namespace) -> int:
 
     validation = validate(model, val_lr, val_hr, device, channels_last)
     tail = max(1, min(50, len(history["total"])))
-    on_cpu = device.type == "cpu"
     metrics: dict[str, Any] = {
         "task": TASK,
-        "note": "cpu, reduced size" if on_cpu else "full size",
-        "device": str(device) if not on_cpu else "cpu",
+        "note": size_note(args, step, device),
+        "device": "cpu" if device.type == "cpu"
+                  else f"{device} ({torch.cuda.get_device_name(device)})",
+        "final_loss_window": tail,
         "steps": step, "steps_planned": args.steps, "stopped_early": stopped_early,
         "batch_size": args.batch_size, "detail_oversample": args.detail_oversample,
         "crop_hr": args.crop, "crop_lr": args.crop // SCALE,

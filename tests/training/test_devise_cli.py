@@ -88,6 +88,32 @@ def test_missing_inputs_are_refused_before_anything_loads(
     assert not out.exists() and not run_dir.exists()  # the run dir was made, left empty
 
 
+@pytest.mark.parametrize("kind", ["the same folder", "a copy under another name"])
+def test_validation_photos_that_are_trained_on_are_refused(
+        photos: Path, tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    val = photos
+    if kind != "the same folder":
+        val = tmp_path / "val"
+        val.mkdir()
+        (val / "kitten.jpg").write_bytes((photos / "chelsea.jpg").read_bytes())
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    args = ["train", "--photos", str(photos), "--val-photos", str(val), "--out", str(out),
+            "--run-dir", str(run_dir), "--device", "cpu", "--quiet"]
+    assert cli_devise.main(args) == 2
+    assert "validation photos must be held out" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_vectors_dir_that_is_a_file_is_refused_before_anything_loads(
+        photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert train(photos, tmp_path / "out", tmp_path / "run", "--vectors-dir",
+                 str(blocker)) == 2
+    assert f"--vectors-dir {blocker}: {blocker} is a file, not a folder" in \
+        capsys.readouterr().err
+
+
 def test_a_diverged_run_exits_1_and_exports_nothing(photos: Path, glove: Path, tmp_path: Path,
                                                     one_torch_thread: None,
                                                     capsys: pytest.CaptureFixture[str]) -> None:

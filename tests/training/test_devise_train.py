@@ -197,6 +197,45 @@ def test_eval_refuses_bad_numbers(tmp_path: Path, flags: list[str], message: str
     assert not out.exists()
 
 
+def test_eval_refuses_a_cache_dir_that_is_a_file_and_another_kind_of_model(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from training import cli_devise
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = tmp_path / "metrics.json"
+    assert cli_devise.main(["eval", "--cache-dir", str(blocker), "--out", str(out)]) == 2
+    assert f"--cache-dir {blocker}: {blocker} is a file" in capsys.readouterr().err
+    style = Path(__file__).resolve().parents[2] / "models" / "style-starry-night"
+    assert cli_devise.main(["eval", "--model", str(style), "--out", str(out)]) == 2
+    assert "is a style artifact, not a DeViSE map" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("labels, message", [
+    ('{"a.png": "n02084071", "b.png": {"wnid": "n02121808"}}', None),
+    ("not json", "is not JSON"),
+    ('["a.png"]', "must map each photo's file name to its wnid"),
+])
+def test_eval_sets_take_either_label_form_and_name_what_is_wrong(
+        tmp_path: Path, labels: str, message: str | None) -> None:
+    from PIL import Image
+
+    from training.evaluate_devise import EvalSetError, load_eval_set
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "labels.json").write_text(labels)
+    if message is None:
+        assert load_eval_set(tmp_path).wnids == ["n02084071", "n02121808"]
+    else:
+        with pytest.raises(EvalSetError, match=message):
+            load_eval_set(tmp_path)
+    (tmp_path / "b.png").write_bytes(b"not an image")
+    if message is None:
+        with pytest.raises(EvalSetError, match=r"b.png: not a readable image"):
+            load_eval_set(tmp_path)
+
+
 def test_the_loss_plot_of_a_run_without_steps_says_so(tmp_path: Path) -> None:
     """`--steps 0` exports the initial map; its loss plot draws no curve and no warning."""
     import warnings

@@ -195,3 +195,14 @@ def test_an_artifact_folder_with_an_interrupted_write_can_be_exported_into_again
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"holds other files \(1: notes.txt\)"):
         check_output_folder(out, "sr-test")
+
+
+def test_the_same_weights_export_to_the_same_bytes(tmp_path: Path) -> None:
+    """The weights' digest identifies them: three exports of one module agree (safetensors
+    wrote several metadata entries in a random order, which changed the digest)."""
+    digests = set()
+    for attempt in range(3):
+        (tmp_path / str(attempt)).mkdir()
+        _, out = _export(tmp_path / str(attempt))
+        digests.add(json.loads((out / "config.json").read_text())["weights_sha256"])
+    assert len(digests) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,10 @@ def test_train_resume_export_and_evaluate(prepared: Path, tmp_path: Path,
     assert (run / "checkpoint.pt").read_bytes() == saved
     assert cli_superres.main([*args, "--steps", "5", "--resume"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 5 and metrics["note"] == "cpu, reduced size"
+    assert metrics["steps"] == 5 and metrics["note"] == (
+        "trained on cpu at changed sizes: width 8 (default: 32), blocks 1 (default: 5), "
+        "crop 24 (default: 96), batch size 2 (default: 16), steps 5 (default: 2000)")
+    assert metrics["device"] == "cpu" and metrics["final_loss_window"] == 5
     assert (out / "loss.png").is_file() and (out / "samples.png").is_file()
     provenance = json.loads((out / "provenance.json").read_text())
     assert any(d.get("kind") == "source photo" for d in provenance["data"])
@@ -130,7 +134,12 @@ def test_an_out_holding_another_artifact_is_refused_before_training(
     (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0, got -1"),
     (["--max-minutes", "-1"], "--max-minutes must be >= 0, got -1"),
     (["--crop", "0"], "--crop must be >= 16, got 0"),
-    (["--crop", "18"], "--crop a multiple of 4; got 0, 0.5 and 18"),
+    (["--crop", "18"], "--crop must be a multiple of 4 (the low-res input is crop/4), got 18"),
+    (["--jpeg", "101"], "--jpeg must be at most 100"),
+    (["--degrade-prob", "1.5"], "--degrade-prob must be at most 1, got 1.5"),
+    (["--warmup", "50", "--steps", "3"], "--warmup 50 is longer than the run (--steps 3)"),
+    (["--pixel-weight", "0"], "every loss weight is 0"),
+    (["--init-from", "/nonexistent"], "--init-from /nonexistent: no exported artifact there"),
 ])
 def test_bad_numbers_are_refused_before_anything_loads(
         tmp_path: Path, flags: list[str], message: str,
@@ -251,3 +260,50 @@ def test_eval_refuses_an_output_it_cannot_write_before_measuring(
     assert cli_superres.main(argv) == 2
     err = capsys.readouterr().err
     assert f"error: {flag} {path}" in err and "Traceback" not in err
+
+
+def test_a_resume_refuses_arrays_prepared_again_under_the_same_path(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The path alone does not say the data are the same: the checkpoint keeps the
+    manifest's digest, and arrays prepared again (another seed, more crops) are refused."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(skdata.coffee()).save(photos / "coffee.png")
+    arrays = tmp_path / "arrays"
+    prepare(sorted(photos.iterdir()), arrays, sizes=[32, 8], crops_per_image=3, seed=0,
+            workers=1, progress=False)
+    out, run = tmp_path / "models" / "sr-tiny", tmp_path / "run"
+    args = ["train", "--data", str(arrays), "--out", str(out), "--run-dir", str(run), *TINY,
+            "--checkpoint-every", "0", "--sample-every", "0"]
+    assert cli_superres.main([*args, "--steps", "2"]) == 0
+    shutil.rmtree(arrays)
+    prepare(sorted(photos.iterdir()), arrays, sizes=[32, 8], crops_per_image=4, seed=7,
+            workers=1, progress=False)
+    assert cli_superres.main([*args, "--steps", "3", "--resume"]) == 2
+    assert "on other data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--hr-size", "0"], "--hr-size must be a multiple of 4, at least 32 px, got 0"),
+    (["--resize-to", "100"], "--resize-to 100 is smaller than --hr-size 256"),
+    (["--models", str(Path(__file__).resolve().parents[2] / "models" / "style-starry-night")],
+     "is a style artifact, not a super-resolution one"),
+])
+def test_eval_refuses_settings_that_cannot_work_before_measuring(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str],
+        message: str) -> None:
+    assert cli_superres.main(["eval", "--photos", str(tmp_path), "--out",
+                              str(tmp_path / "eval"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_eval_names_a_photo_it_cannot_read(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    assert cli_superres.main(["eval", "--photos", str(photos), "--out",
+                              str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {photos / 'broken.jpg'}: not a readable image" in err

@@ -316,6 +316,27 @@ def test_bad_numbers_are_refused(tmp_path: Path, sources: dict[str, Path], flags
     assert not (tmp_path / "out").exists()
 
 
+def test_arrays_too_large_for_the_disk_or_the_trainers_are_refused_before_any_is_made(
+        tmp_path: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--sizes 100000 once made a 690 GB sparse file and then ground on; now the size is
+    capped, and arrays that would not fit on the disk are refused with their size."""
+    import shutil
+    from collections import namedtuple
+
+    from training.data import prepare as prepare_module
+
+    out = tmp_path / "out"
+    base = ["prepare", "--photos", str(sources["rgb_jpeg"]), "--out", str(out), "--quiet"]
+    assert cli.main([*base, "--sizes", "100000"]) == 2
+    assert "--sizes 100000 is over 2048 px" in capsys.readouterr().err
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**29, 2**29))
+    assert cli.main([*base, "--sizes", "64", "--crops-per-image", "4"]) == 2
+    assert "GiB free: prepare fewer --crops-per-image" in capsys.readouterr().err
+    assert not list(out.glob("*.npy")) and prepare_module.SPARE_BYTES == 2**30
+
+
 def test_a_link_to_a_photo_found_anyway_is_one_photo(sources: dict[str, Path],
                                                      tmp_path: Path) -> None:
     photos = tmp_path / "photos"

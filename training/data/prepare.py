@@ -191,6 +191,7 @@ def prepare(sources: Sequence[Path], out: Path, sizes: Sequence[int], crops_per_
 
     tasks, order = plan(sources, sizes[0], crops_per_image, seed)
     count = len(order)
+    check_room(out, count, sizes)
     # An interrupted run must not leave the old manifest vouching for half-written arrays.
     (out / MANIFEST).unlink(missing_ok=True)
     arrays = {}
@@ -242,6 +243,31 @@ def prepare(sources: Sequence[Path], out: Path, sizes: Sequence[int], crops_per_
     return manifest
 
 
+#: The largest square a prepared array may hold (the trainers crop 96-288 px).
+MAX_SIZE = 2048
+#: Room left free on the disk besides the arrays.
+SPARE_BYTES = 1 << 30
+
+
+def check_room(out: Path, count: int, sizes: Sequence[int]) -> None:
+    """PrepareError, before any array is made, when the arrays would not fit on the disk
+    under ``out`` with a GiB to spare (they are written whole, as .npy files)."""
+    import shutil
+
+    needed = sum(count * size * size * 3 for size in sizes)
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    # arrays already there are replaced: their room counts as free
+    free += sum(f.stat().st_size for f in out.glob("images_*.npy")) if out.is_dir() else 0
+    if needed + SPARE_BYTES > free:
+        raise PrepareError(f"the arrays would take {needed / 2**30:.1f} GiB ({count} items at "
+                           f"{', '.join(map(str, sizes))} px), and {existing} has "
+                           f"{free / 2**30:.1f} GiB free: prepare fewer --crops-per-image or "
+                           "smaller --sizes, or another --out")
+
+
 def _checked(sizes: Sequence[int], crops_per_image: int, seed: int = 0,
              workers: int | None = None) -> list[int]:
     """The sizes, largest first; PrepareError for bad sizes, crop counts, seeds or worker
@@ -249,6 +275,9 @@ def _checked(sizes: Sequence[int], crops_per_image: int, seed: int = 0,
     ordered = sorted({int(s) for s in sizes}, reverse=True)
     if not ordered or ordered[-1] < 1:
         raise PrepareError(f"sizes must be positive integers, got {list(sizes)}")
+    if ordered[0] > MAX_SIZE:
+        raise PrepareError(f"--sizes {ordered[0]} is over {MAX_SIZE} px: the trainers take "
+                           "crops of a few hundred pixels")
     if crops_per_image < 1:
         raise PrepareError(f"--crops-per-image must be >= 1, got {crops_per_image}")
     if seed < 0:

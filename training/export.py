@@ -117,6 +117,10 @@ ARTIFACT_FILES = frozenset({"config.json", "weights.safetensors", "weights.parti
                             "metrics.json", "provenance.json", "samples.png", "loss.png"})
 
 
+#: What an artifact's name may be: a model name in requests, a folder under models/.
+ARTIFACT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 def check_output_folder(out_dir: Path, name: str, flag: str = "--out") -> str:
     """Before a long run: ValueError when the export to ``out_dir`` is bound to fail (a
     file in the way, a folder that cannot be written) or would replace an artifact of
@@ -124,6 +128,10 @@ def check_output_folder(out_dir: Path, name: str, flag: str = "--out") -> str:
     next version of the one there."""
     from training.data.folders import check_folder_to_make
 
+    if not ARTIFACT_NAME.fullmatch(name):
+        raise ValueError(f"the artifact name {name!r} (--name, or the --out folder's name) "
+                         "must be letters, digits, '.', '_' and '-', starting with a letter "
+                         "or digit: services address a model by it, and it names a folder")
     check_folder_to_make(out_dir, flag)
     config_path = out_dir / "config.json"
     others = other_files(out_dir, lambda name: name in ARTIFACT_FILES

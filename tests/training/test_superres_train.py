@@ -140,6 +140,7 @@ def test_an_out_holding_another_artifact_is_refused_before_training(
     (["--warmup", "50", "--steps", "3"], "--warmup 50 is longer than the run (--steps 3)"),
     (["--pixel-weight", "0"], "every loss weight is 0"),
     (["--init-from", "/nonexistent"], "--init-from /nonexistent: no exported artifact there"),
+    (["--name", "../evil"], "the artifact name '../evil' (--name, or the --out folder's name)"),
 ])
 def test_bad_numbers_are_refused_before_anything_loads(
         tmp_path: Path, flags: list[str], message: str,

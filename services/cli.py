@@ -707,6 +707,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = error.code() if hasattr(error, "code") else None
         details = error.details() if hasattr(error, "details") else str(error)
         name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+        if code == grpc.StatusCode.UNIMPLEMENTED and details == "Method not found!":
+            # gRPC's own answer: the server there is not the service this command calls
+            service = getattr(args, "service_for_target", None)
+            where = (f"; is {args.target} the {service} service's address (the local "
+                     f"cluster's: {client.default_target(service)})?"
+                     if service and getattr(args, "target", None) else "")
+            details = f"{details} (the server does not serve this call{where})"
         print(f"{name}: {details}", file=sys.stderr)
         return 1
     except RetriedTooLong as error:

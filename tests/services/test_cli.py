@@ -288,3 +288,13 @@ def test_every_argument_of_every_command_has_help() -> None:
 
     walk(build_parser(), "")
     assert not bare, f"arguments without help: {bare}"
+
+
+def test_a_command_sent_to_another_service_says_so(style_server: RunningServer, cat_png: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """gRPC's bare "Method not found!" from a server that hosts another service gets what
+    to check: the --target."""
+    assert main(["label", str(cat_png), "--target", style_server.target]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("UNIMPLEMENTED: Method not found! (the server does not serve this "
+                          f"call; is {style_server.target} the embed service's address")

@@ -409,11 +409,14 @@ def _photo_files(folder: Path) -> list[Path]:
 
 def check_training_photos(paths: Sequence[Path]) -> None:
     """Refuses held-out and evaluation photos as training data."""
+    from training.data.heldout import check_not_held_out
+
     evalsets = (REPO_ROOT / "training" / "evalsets").resolve()
     for path in paths:
         resolved = path.resolve()
         if "heldout" in resolved.parts or resolved.is_relative_to(evalsets):
             raise ValueError(f"{path} is a held-out/evaluation photo and is never trained on")
+    check_not_held_out(paths)  # a copy under another name or folder
 
 
 def _class_names() -> list[str]:

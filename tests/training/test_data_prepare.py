@@ -190,6 +190,24 @@ def test_heldout_photos_are_refused(tmp_path: Path, sources: dict[str, Path]) ->
         load_prepared(tmp_path / "out")
 
 
+@pytest.mark.parametrize("which", ["evaluation photo", "scikit-image's held-out sample"])
+def test_a_copy_of_a_held_out_photo_under_another_name_is_refused(
+        tmp_path: Path, which: str) -> None:
+    """The folder's name is not the guard: a held-out or evaluation photo's bytes are
+    refused as training data wherever they are and whatever they are called."""
+    from training.data.photos import skimage_root
+
+    original = (Path(__file__).resolve().parents[2] / "training" / "evalsets" / "photos"
+                / "darknet-dog.jpg") if which == "evaluation photo" else (
+        skimage_root() / "skimage" / "data" / "chelsea.png")
+    photos = tmp_path / "my-photos"
+    photos.mkdir()
+    (photos / "renamed.jpg").write_bytes(original.read_bytes())
+    with pytest.raises(PrepareError, match=r"renamed.jpg is the held-out/evaluation photo"):
+        find_sources([photos])
+    assert find_sources([photos], allow_heldout=True) == [photos / "renamed.jpg"]
+
+
 def test_cli_reports_errors_and_exits_non_zero(tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["prepare", "--photos", str(tmp_path / "missing"), "--out",

@@ -38,6 +38,7 @@ from training.assets import REPO_ROOT, sha256_of
 from training.command import command_line
 from training.data.arrays import MANIFEST, PreparedDataError, load_prepared
 from training.data.folders import unwritable_reason
+from training.data.heldout import check_not_held_out
 from training.data.images import (
     Box,
     centre_square,
@@ -100,6 +101,11 @@ def find_sources(paths: Sequence[Path], allow_heldout: bool = False) -> list[Pat
         if heldout:
             raise PrepareError(f"{len(heldout)} source(s) are held-out photos (e.g. {heldout[0]});"
                                " pass --allow-heldout only for evaluation data")
+        try:  # a copy under another name or folder, too
+            check_not_held_out(found)
+        except ValueError as error:
+            raise PrepareError(f"{error}; pass --allow-heldout only for evaluation data"
+                               ) from error
     return found
 
 

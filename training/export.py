@@ -22,7 +22,7 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,13 +158,15 @@ def export_artifact(out_dir: Path, *, name: str, task: str, architecture: Mappin
                     module: nn.Module, metrics: Mapping[str, Any],
                     data: Iterable[Mapping[str, Any]], command: str, device: str,
                     version: int | None = None,
-                    config_extra: Mapping[str, Any] | None = None) -> Path:
+                    config_extra: Mapping[str, Any] | None = None,
+                    earlier_commands: Sequence[str] = ()) -> Path:
     """Writes config.json, weights.safetensors (fp16), metrics.json and provenance.json.
 
     The weights are checked to load back strictly into ``nets.build(architecture)``
     before anything is written, so a broken artifact never lands on disk. ``version``:
     by default one more than the artifact of the same name already in ``out_dir`` (a
     retrained model is served under a new tag, ``name@version``), else 1.
+    ``earlier_commands``: those of the runs a resumed run continued, first first.
     """
     if version is None:
         version = next_version(out_dir, name)
@@ -203,7 +205,9 @@ def export_artifact(out_dir: Path, *, name: str, task: str, architecture: Mappin
                      "device": metrics.get("device", device)}
     _write_json(out_dir / "metrics.json", sized_metrics)
     _write_json(out_dir / "provenance.json", {
-        "data": list(data), "command": command, "git_sha": git_sha(),
+        "data": list(data), "command": command,
+        **({"earlier_commands": list(earlier_commands)} if earlier_commands else {}),
+        "git_sha": git_sha(),
         "git_modified": git_dirty_paths(),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": device, "torch": torch.__version__,

@@ -308,6 +308,16 @@ def restore_training_state(state: Mapping[str, Any], model: nn.Module,
     return int(state["step"])
 
 
+def earlier_commands(state: Mapping[str, Any]) -> list[str]:
+    """The commands of the runs a checkpoint holds, first first (what a resume continues;
+    a checkpoint from before they were kept names only the run that saved it)."""
+    commands = state.get("commands")
+    if isinstance(commands, list):
+        return [str(c) for c in commands]
+    saved = state.get("args", {}).get("command_line")
+    return [str(saved)] if saved else []
+
+
 def prepared_data_digest(prepared: PreparedArrays) -> str:
     """The sha256 of the prepared folder's manifest, which names its arrays, their sizes,
     seed and crops, and the photos they came from: what a checkpoint records, so that a

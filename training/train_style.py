@@ -77,6 +77,7 @@ from training.loop import (
     check_resumed_run,
     check_same_data,
     choose_device,
+    earlier_commands,
     lr_factor,
     prepared_data_digest,
     prepared_data_provenance,
@@ -602,6 +603,8 @@ def train(args: argparse.Namespace) -> int:
     raw_history: dict[str, list[float]] = {}
     elapsed_before = cpu_before = 0.0
     style_sha = sha256_of(style.path)
+    this_command = getattr(args, "command_line", None) or command_line()
+    earlier: list[str] = []  # the commands of the runs this one continues
     if args.resume:
         if state.get("style_sha256") != style_sha:
             raise ValueError(f"{checkpoint} was trained on another style image")
@@ -609,6 +612,7 @@ def train(args: argparse.Namespace) -> int:
         check_resumed_run(checkpoint, state, vars(args), RESUMABLE_CHANGES, steps,
                           resolved=compared, paths=("data", "style_image"))
         check_same_data(checkpoint, state, prepared)
+        earlier = earlier_commands(state)
         # a fine-tune's origin (its weights are in the checkpoint now) stays in metrics.json
         init_from = state.get("init_from")
         init_entries = list(state.get("init_entries", []))
@@ -632,6 +636,7 @@ def train(args: argparse.Namespace) -> int:
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "history": history,
                 "data_sha256": prepared_data_digest(prepared),
+                "commands": [*earlier, this_command],
                 "raw_history": raw_history, "style_sha256": style_sha,
                 "elapsed": elapsed_before + time.monotonic() - started,
                 "cpu_seconds": cpu_before + time.process_time() - cpu_started,
@@ -825,8 +830,8 @@ def train(args: argparse.Namespace) -> int:
         architecture = {**architecture, "edge_margin": edge_margin}
     export_artifact(out, name=name, task=TASK, architecture=architecture,
                     module=model.to("cpu").float(), metrics=metrics, data=data,
-                    command=getattr(args, "command_line", None) or command_line(),
-                    device=str(device), config_extra=config_extra)
+                    command=this_command, device=str(device), config_extra=config_extra,
+                    earlier_commands=earlier)
     for picture in ("samples.png", "loss.png"):
         shutil.copyfile(run_dir / picture, out / picture)
     print(f"[train] {name}: {step} steps in {train_seconds / 60:.1f} min "

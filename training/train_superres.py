@@ -59,6 +59,7 @@ from training.loop import (
     check_resumed_run,
     check_same_data,
     choose_device,
+    earlier_commands,
     lr_factor,
     prepared_data_digest,
     prepared_data_provenance,
@@ -275,11 +276,14 @@ def train(args: argparse.Namespace) -> int:
     history: dict[str, list[float]] = {"total": []}
     elapsed_before = 0.0
     cpu_before = 0.0
+    this_command = getattr(args, "command_line", None) or command_line()
+    earlier: list[str] = []  # the commands of the runs this one continues
     if args.resume:
         state = read_checkpoint(checkpoint, device, architecture)
         check_resumed_run(checkpoint, state, vars(args), RESUMABLE_FLAGS, args.steps,
                           paths=("data", "init_from"))
         check_same_data(checkpoint, state, prepared)
+        earlier = earlier_commands(state)
         step = restore_training_state(state, model, optimizer, scheduler, scaler)
         if args.warmup is None and "warmup" in state:  # kept when --steps grows
             warmup = int(state["warmup"])  # the schedule's lambda reads it from here
@@ -296,6 +300,7 @@ def train(args: argparse.Namespace) -> int:
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "history": history,
                 "data_sha256": prepared_data_digest(prepared),
+                "commands": [*earlier, this_command],
                 "elapsed": elapsed_before + time.monotonic() - started,
                 "cpu_elapsed": cpu_before + time.process_time() - cpu_started,
                 "sampler_rng": sampler.rng.bit_generator.state,
@@ -422,8 +427,8 @@ def train(args: argparse.Namespace) -> int:
     export_artifact(out, name=name, task=TASK, architecture=architecture,
                     module=model.to("cpu").float(), metrics=metrics,
                     data=prepared_data_provenance(prepared, init_files),
-                    command=getattr(args, "command_line", None) or command_line(),
-                    device=str(device), config_extra=config_extra)
+                    command=this_command, device=str(device), config_extra=config_extra,
+                    earlier_commands=earlier)
     for picture in ("samples.png", "loss.png"):
         shutil.copyfile(run_dir / picture, out / picture)
     print(f"[train] {name}: {step} steps in {train_seconds / 60:.1f} min; validation Y-PSNR "

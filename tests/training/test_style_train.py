@@ -218,6 +218,10 @@ def test_cli_training_exports_an_artifact_and_resumes(tmp_path: Path) -> None:
     # as a Kubernetes Job's retry runs it: the checkpoint is there, so it is continued
     assert train(_parse([*common, "--steps", "4", "--resume-if-present"])) == 0
     assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+    # the provenance names every run the artifact's training went through, first first
+    # (the later two were called in-process here, so their commands are this process's)
+    earlier = json.loads((out / "provenance.json").read_text())["earlier_commands"]
+    assert len(earlier) == 2 and earlier[0].endswith("--steps 2")
 
 
 @needs_vgg

@@ -94,6 +94,10 @@ def test_train_resume_export_and_evaluate(prepared: Path, tmp_path: Path,
     provenance = json.loads((out / "provenance.json").read_text())
     assert any(d.get("kind") == "source photo" for d in provenance["data"])
     assert "--resume" in provenance["command"]
+    # the run it continued is named too (the refused attempts never saved a checkpoint)
+    assert len(provenance["earlier_commands"]) == 1
+    assert "--steps 3" in provenance["earlier_commands"][0]
+    assert "--resume" not in provenance["earlier_commands"][0]
 
     heldout = tmp_path / "heldout"
     heldout.mkdir()

@@ -73,7 +73,13 @@ def test_held_out_and_evaluation_photos_are_refused_for_training(tmp_path: Path)
         check_training_photos([tmp_path / "heldout" / "x.jpg"])
     with pytest.raises(ValueError, match="never trained on"):
         check_training_photos([EVALSET_DIR / "darknet-dog.jpg"])
+    # a real training photo passes; a renamed copy of an evaluation photo does not
+    (tmp_path / "train").mkdir()
+    Image.new("RGB", (16, 16), (30, 60, 90)).save(tmp_path / "train" / "x.jpg")
     check_training_photos([tmp_path / "train" / "x.jpg"])
+    (tmp_path / "train" / "dog.jpg").write_bytes((EVALSET_DIR / "darknet-dog.jpg").read_bytes())
+    with pytest.raises(ValueError, match="is the held-out/evaluation photo"):
+        check_training_photos([tmp_path / "train" / "dog.jpg"])
 
 
 def test_eval_set_labels_are_wordnet_nouns_and_files_exist(vocab: NounVocabulary) -> None:

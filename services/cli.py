@@ -524,10 +524,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     channel = _channel(args)
     if args.image:
         image = read_input(args.image)
-        response = retrying(lambda: client.search_by_image(channel, image, k=args.top),
+        response = retrying(lambda: client.search_by_image(channel, image, k=args.top,
+                                                           min_score=args.min_score),
                             patience=QUERY_BUSY_PATIENCE_SECONDS)
     else:
-        response = retrying(lambda: client.search_by_text(channel, args.text, k=args.top),
+        response = retrying(lambda: client.search_by_text(channel, args.text, k=args.top,
+                                                          min_score=args.min_score),
                             patience=QUERY_BUSY_PATIENCE_SECONDS)
     if args.json:
         print(json.dumps({"hits": [{"id": h.id, "uri": h.uri, "score": round(float(h.score), 4)}
@@ -535,7 +537,20 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 0
     for hit in response.hits:
         print(f"{hit.score:6.3f}  {hit.uri or hit.id}")
+    if not response.hits and args.min_score is not None:
+        print(f"no image scores {args.min_score:g} or more", file=sys.stderr)
     return 0
+
+
+def _cosine(text: str) -> float:
+    """A --min-score: a cosine, -1..1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a cosine, -1..1, got {text}")
+    return value
 
 
 def cmd_cluster_status(args: argparse.Namespace) -> int:
@@ -678,6 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--image", help="an image file: find indexed images like it")
     search.add_argument("--top", type=_count, default=10,
                         help="results to return (default 10; the server takes up to 1000)")
+    search.add_argument("--min-score", type=_cosine, default=None,
+                        help="only hits scoring at least this cosine (-1..1; default: the "
+                             "--top best, however low)")
     search.add_argument("--json", action="store_true", help="print JSON, not a table")
     _add_target(search, "search")
     search.set_defaults(handler=cmd_search)

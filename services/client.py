@@ -142,12 +142,15 @@ def add_images(channel: grpc.Channel, items: Iterable[search_pb2.AddImageRequest
 
 
 def search_by_text(channel: grpc.Channel, text: str, k: int = 10,
-                   timeout: float | None = 60) -> search_pb2.SearchResponse:
+                   timeout: float | None = 60, min_score: float | None = None
+                   ) -> search_pb2.SearchResponse:
     return search_pb2_grpc.ImageSearchStub(channel).SearchByText(
-        search_pb2.SearchByTextRequest(text=text, k=k), timeout=timeout)
+        search_pb2.SearchByTextRequest(text=text, k=k, min_score=min_score), timeout=timeout)
 
 
 def search_by_image(channel: grpc.Channel, image: bytes, k: int = 10,
-                    timeout: float | None = 60) -> search_pb2.SearchResponse:
+                    timeout: float | None = 60, min_score: float | None = None
+                    ) -> search_pb2.SearchResponse:
     return search_pb2_grpc.ImageSearchStub(channel).SearchByImage(
-        search_pb2.SearchByImageRequest(image=image, k=k), timeout=timeout)
+        search_pb2.SearchByImageRequest(image=image, k=k, min_score=min_score),
+        timeout=timeout)

@@ -239,8 +239,20 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
             raise InvalidArgument(f"k must be 1..{MAX_K}, got {k}")
         return k
 
-    async def _hits(self, vector: np.ndarray, k: int) -> search_pb2.SearchResponse:
+    @staticmethod
+    def _min_score(request: search_pb2.SearchByTextRequest | search_pb2.SearchByImageRequest
+                   ) -> float | None:
+        if not request.HasField("min_score"):
+            return None
+        if not -1.0 <= request.min_score <= 1.0:  # NaN fails too
+            raise InvalidArgument(f"min_score must be -1..1 (a cosine), got {request.min_score}")
+        return float(request.min_score)
+
+    async def _hits(self, vector: np.ndarray, k: int, min_score: float | None = None
+                    ) -> search_pb2.SearchResponse:
         found = (await asyncio.to_thread(self.index.search, vector[None], k))[0]
+        if min_score is not None:
+            found = [(image_id, score) for image_id, score in found if score >= min_score]
         records = await asyncio.to_thread(self.store.get, [i for i, _ in found])
         return search_pb2.SearchResponse(hits=[
             search_pb2.Hit(id=i, uri=records[i].uri, score=score)
@@ -249,22 +261,22 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
     @unary_errors
     async def SearchByText(self, request: search_pb2.SearchByTextRequest,
                            context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
-        k = self._k(request.k)
+        k, min_score = self._k(request.k), self._min_score(request)
         if not request.text.strip():
             raise InvalidArgument("text is empty")
         if len(request.text) > MAX_TEXT_CHARS:
             raise InvalidArgument(f"text has {len(request.text)} characters, over the limit "
                                   f"of {MAX_TEXT_CHARS}")
         return await self._hits(await self.embedder.embed_text(
-            request.text, time_remaining(context)), k)
+            request.text, time_remaining(context)), k, min_score)
 
     @unary_errors
     async def SearchByImage(self, request: search_pb2.SearchByImageRequest,
                             context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
-        k = self._k(request.k)
+        k, min_score = self._k(request.k), self._min_score(request)
         # the embedder decodes the image (and names what is wrong with it)
         return await self._hits((await self.embedder.embed_images(
-            [request.image], time_remaining(context)))[0], k)
+            [request.image], time_remaining(context)))[0], k, min_score)
 
     @unary_errors
     async def Stats(self, request: search_pb2.StatsRequest,

@@ -14,7 +14,7 @@ from percept.v1 import search_pb2, search_pb2_grpc
 from services import client
 from services.common.server import RunningServer, start_in_thread
 from tests.conftest import encode, server_config
-from tests.search.conftest import add, add_requests
+from tests.search.conftest import add, add_requests, photo_variants
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,24 @@ def test_an_id_sent_twice_is_answered_for_each_copy_and_the_last_added_is_stored
         assert [h.uri for h in hits if h.id == image_id] == [uri]
 
 
+def test_min_score_keeps_only_the_hits_at_or_above_it(
+        stub: search_pb2_grpc.ImageSearchStub) -> None:
+    """The same image as a query scores 1 against itself; a floor of 0.999 keeps it and
+    drops the rest, and an unknown word's faint nearest images fall under a real floor."""
+    image, other = photo_variants(2, seed=99)  # crops no other test adds
+    add(stub, [search_pb2.AddImageRequest(id="floor", uri="floor", image=image),
+               search_pb2.AddImageRequest(id="floor-other", uri="floor-other", image=other)])
+    every = stub.SearchByImage(search_pb2.SearchByImageRequest(image=image, k=20),
+                               timeout=60).hits
+    assert len(every) > 1 and every[0].id == "floor"
+    floored = stub.SearchByImage(search_pb2.SearchByImageRequest(
+        image=image, k=20, min_score=0.999), timeout=60).hits
+    assert [hit.id for hit in floored] == ["floor"]
+    unknown = stub.SearchByText(search_pb2.SearchByTextRequest(
+        text="xqzvbnmrt", k=20, min_score=0.5), timeout=60).hits
+    assert list(unknown) == []
+
+
 def test_replace_and_delete(stub: search_pb2_grpc.ImageSearchStub, variants: list[bytes]) -> None:
     before = count(stub)
     first, second = variants[44], variants[45]  # used by no other test
@@ -140,6 +158,13 @@ def test_concurrent_adds_and_searches(stub: search_pb2_grpc.ImageSearchStub,
      grpc.StatusCode.INVALID_ARGUMENT, "k must be 1..1000"),
     (lambda s: s.SearchByImage(search_pb2.SearchByImageRequest(image=b"junk"), timeout=30),
      grpc.StatusCode.INVALID_ARGUMENT, "not a decodable image"),
+    (lambda s: s.SearchByText(search_pb2.SearchByTextRequest(text="x", min_score=1.5),
+                              timeout=30),
+     grpc.StatusCode.INVALID_ARGUMENT, "min_score must be -1..1 (a cosine), got 1.5"),
+    (lambda s: s.SearchByImage(search_pb2.SearchByImageRequest(image=b"junk",
+                                                               min_score=float("nan")),
+                               timeout=30),
+     grpc.StatusCode.INVALID_ARGUMENT, "min_score must be -1..1"),
     (lambda s: s.DeleteImages(search_pb2.DeleteImagesRequest(ids=["x"] * 10_001), timeout=30),
      grpc.StatusCode.INVALID_ARGUMENT, "over the limit of 10000"),
     (lambda s: list(s.AddImages(iter([search_pb2.AddImageRequest(

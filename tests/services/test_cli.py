@@ -298,3 +298,15 @@ def test_a_command_sent_to_another_service_says_so(style_server: RunningServer, 
     err = capsys.readouterr().err
     assert err.startswith("UNIMPLEMENTED: Method not found! (the server does not serve this "
                           f"call; is {style_server.target} the embed service's address")
+
+
+def test_search_min_score(all_server: RunningServer, capsys: pytest.CaptureFixture[str]
+                          ) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["search", "cat", "--min-score", "2", "--target", all_server.target])
+    assert raised.value.code == 2
+    assert "argument --min-score: must be a cosine, -1..1, got 2" in capsys.readouterr().err
+    assert main(["search", "xqzvbnmrt", "--min-score", "0.9", "--target",
+                 all_server.target]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no image scores 0.9 or more" in captured.err

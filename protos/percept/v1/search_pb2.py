@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17percept/v1/search.proto\x12\npercept.v1\"9\n\x0f\x41\x64\x64ImageRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\x0c\"5\n\tRejection\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"F\n\x0c\x41\x64\x64ImagesAck\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\t\x12\'\n\x08rejected\x18\x02 \x03(\x0b\x32\x15.percept.v1.Rejection\".\n\x13SearchByTextRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\"0\n\x14SearchByImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\t\n\x01k\x18\x02 \x01(\x05\"-\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"/\n\x0eSearchResponse\x12\x1d\n\x04hits\x18\x01 \x03(\x0b\x32\x0f.percept.v1.Hit\"\"\n\x13\x44\x65leteImagesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"8\n\x14\x44\x65leteImagesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\x12\x0f\n\x07missing\x18\x02 \x03(\t\"\x0e\n\x0cStatsRequest\"Y\n\rStatsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x12\n\nindex_type\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\x05\x12\x12\n\ndisk_bytes\x18\x04 \x01(\x03\x32\x82\x03\n\x0bImageSearch\x12\x46\n\tAddImages\x12\x1b.percept.v1.AddImageRequest\x1a\x18.percept.v1.AddImagesAck(\x01\x30\x01\x12K\n\x0cSearchByText\x12\x1f.percept.v1.SearchByTextRequest\x1a\x1a.percept.v1.SearchResponse\x12M\n\rSearchByImage\x12 .percept.v1.SearchByImageRequest\x1a\x1a.percept.v1.SearchResponse\x12Q\n\x0c\x44\x65leteImages\x12\x1f.percept.v1.DeleteImagesRequest\x1a .percept.v1.DeleteImagesResponse\x12<\n\x05Stats\x12\x18.percept.v1.StatsRequest\x1a\x19.percept.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17percept/v1/search.proto\x12\npercept.v1\"9\n\x0f\x41\x64\x64ImageRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\x0c\"5\n\tRejection\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"F\n\x0c\x41\x64\x64ImagesAck\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\t\x12\'\n\x08rejected\x18\x02 \x03(\x0b\x32\x15.percept.v1.Rejection\"T\n\x13SearchByTextRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x16\n\tmin_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_min_score\"V\n\x14SearchByImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x16\n\tmin_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_min_score\"-\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"/\n\x0eSearchResponse\x12\x1d\n\x04hits\x18\x01 \x03(\x0b\x32\x0f.percept.v1.Hit\"\"\n\x13\x44\x65leteImagesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"8\n\x14\x44\x65leteImagesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\x12\x0f\n\x07missing\x18\x02 \x03(\t\"\x0e\n\x0cStatsRequest\"Y\n\rStatsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x12\n\nindex_type\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\x05\x12\x12\n\ndisk_bytes\x18\x04 \x01(\x03\x32\x82\x03\n\x0bImageSearch\x12\x46\n\tAddImages\x12\x1b.percept.v1.AddImageRequest\x1a\x18.percept.v1.AddImagesAck(\x01\x30\x01\x12K\n\x0cSearchByText\x12\x1f.percept.v1.SearchByTextRequest\x1a\x1a.percept.v1.SearchResponse\x12M\n\rSearchByImage\x12 .percept.v1.SearchByImageRequest\x1a\x1a.percept.v1.SearchResponse\x12Q\n\x0c\x44\x65leteImages\x12\x1f.percept.v1.DeleteImagesRequest\x1a .percept.v1.DeleteImagesResponse\x12<\n\x05Stats\x12\x18.percept.v1.StatsRequest\x1a\x19.percept.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,21 +38,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADDIMAGESACK']._serialized_start=153
   _globals['_ADDIMAGESACK']._serialized_end=223
   _globals['_SEARCHBYTEXTREQUEST']._serialized_start=225
-  _globals['_SEARCHBYTEXTREQUEST']._serialized_end=271
-  _globals['_SEARCHBYIMAGEREQUEST']._serialized_start=273
-  _globals['_SEARCHBYIMAGEREQUEST']._serialized_end=321
-  _globals['_HIT']._serialized_start=323
-  _globals['_HIT']._serialized_end=368
-  _globals['_SEARCHRESPONSE']._serialized_start=370
-  _globals['_SEARCHRESPONSE']._serialized_end=417
-  _globals['_DELETEIMAGESREQUEST']._serialized_start=419
-  _globals['_DELETEIMAGESREQUEST']._serialized_end=453
-  _globals['_DELETEIMAGESRESPONSE']._serialized_start=455
-  _globals['_DELETEIMAGESRESPONSE']._serialized_end=511
-  _globals['_STATSREQUEST']._serialized_start=513
-  _globals['_STATSREQUEST']._serialized_end=527
-  _globals['_STATSRESPONSE']._serialized_start=529
-  _globals['_STATSRESPONSE']._serialized_end=618
-  _globals['_IMAGESEARCH']._serialized_start=621
-  _globals['_IMAGESEARCH']._serialized_end=1007
+  _globals['_SEARCHBYTEXTREQUEST']._serialized_end=309
+  _globals['_SEARCHBYIMAGEREQUEST']._serialized_start=311
+  _globals['_SEARCHBYIMAGEREQUEST']._serialized_end=397
+  _globals['_HIT']._serialized_start=399
+  _globals['_HIT']._serialized_end=444
+  _globals['_SEARCHRESPONSE']._serialized_start=446
+  _globals['_SEARCHRESPONSE']._serialized_end=493
+  _globals['_DELETEIMAGESREQUEST']._serialized_start=495
+  _globals['_DELETEIMAGESREQUEST']._serialized_end=529
+  _globals['_DELETEIMAGESRESPONSE']._serialized_start=531
+  _globals['_DELETEIMAGESRESPONSE']._serialized_end=587
+  _globals['_STATSREQUEST']._serialized_start=589
+  _globals['_STATSREQUEST']._serialized_end=603
+  _globals['_STATSRESPONSE']._serialized_start=605
+  _globals['_STATSRESPONSE']._serialized_end=694
+  _globals['_IMAGESEARCH']._serialized_start=697
+  _globals['_IMAGESEARCH']._serialized_end=1083
 # @@protoc_insertion_point(module_scope)

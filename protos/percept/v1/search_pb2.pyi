@@ -35,20 +35,24 @@ class AddImagesAck(_message.Message):
     def __init__(self, added: _Optional[_Iterable[str]] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ...) -> None: ...
 
 class SearchByTextRequest(_message.Message):
-    __slots__ = ("text", "k")
+    __slots__ = ("text", "k", "min_score")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     text: str
     k: int
-    def __init__(self, text: _Optional[str] = ..., k: _Optional[int] = ...) -> None: ...
+    min_score: float
+    def __init__(self, text: _Optional[str] = ..., k: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
 
 class SearchByImageRequest(_message.Message):
-    __slots__ = ("image", "k")
+    __slots__ = ("image", "k", "min_score")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     k: int
-    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ...) -> None: ...
+    min_score: float
+    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "uri", "score")

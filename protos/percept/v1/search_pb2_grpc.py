@@ -83,7 +83,8 @@ class ImageSearchServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchByText(self, request, context):
-        """Searches by a phrase. Errors: INVALID_ARGUMENT (empty text, k outside 1..1000),
+        """Searches by a phrase. Errors: INVALID_ARGUMENT (empty text, k outside 1..1000,
+        min_score outside -1..1),
         UNAVAILABLE (embedding service unreachable: answered at once, not at the deadline).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -91,7 +92,8 @@ class ImageSearchServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchByImage(self, request, context):
-        """Searches by an example image. Errors: INVALID_ARGUMENT (bad image, k outside 1..1000),
+        """Searches by an example image. Errors: INVALID_ARGUMENT (bad image, k outside 1..1000,
+        min_score outside -1..1),
         RESOURCE_EXHAUSTED (busy, with the retry trailer), UNAVAILABLE (as SearchByText).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

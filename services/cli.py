@@ -456,13 +456,12 @@ def cmd_index(args: argparse.Namespace) -> int:
                          f"({', '.join(folder_runs.IMAGE_SUFFIXES)}"
                          f"{'' if args.recursive else '; --recursive descends into subfolders'})")
     # one image per file, however often it was named (its id is its absolute path)
-    files = list({str(path.resolve()): path for path in found}.values())
+    files = {str(path.resolve()): path for path in found}  # id -> the path as named
     unreadable: list[str] = []
     answered: set[str] = set()  # ids acknowledged (added or rejected), or not read
 
     def items() -> object:
-        for path in files:
-            image_id = str(path.resolve())
+        for image_id, path in files.items():
             if image_id in answered:
                 continue
             try:

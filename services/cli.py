@@ -77,16 +77,44 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from services.common.config import SERVICE_PORTS
+    """One server's health; with no target, `percept serve all`'s port, and where nothing
+    listens there, each process of the local cluster (`make run`: one port per service)."""
+    from services.common.config import SERVICE_FULL_NAMES, SERVICE_PORTS
 
-    target = args.target or os.environ.get("PERCEPT_TARGET") or \
-        f"localhost:{SERVICE_PORTS['all']}"
+    timeout = _positive_timeout(args.timeout)
+    target = args.target or os.environ.get("PERCEPT_TARGET")
+    if target:
+        return _health_of(target, args.service, timeout)
+    everything = f"localhost:{SERVICE_PORTS['all']}"
     try:
-        status = client.health_status(client.connect(target), args.service,
-                                      timeout=_positive_timeout(args.timeout))
+        status = client.health_status(client.connect(everything), args.service, timeout)
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            return _health_of(everything, args.service, timeout)
+    else:
+        print(status)
+        return 0 if status == "SERVING" else 1
+    if args.service and args.service not in SERVICE_FULL_NAMES:
+        raise UsageError(f"nothing answers at {everything}, and {args.service!r} is not a "
+                         f"service of the local cluster: {', '.join(SERVICE_FULL_NAMES)}")
+    worst = 0
+    for service in [args.service] if args.service else list(SERVICE_FULL_NAMES):
+        local = f"localhost:{SERVICE_PORTS[SERVICE_FULL_NAMES[service]]}"
+        try:
+            status = client.health_status(client.connect(local), service, timeout)
+        except grpc.RpcError as error:
+            status = f"{error.code().name}: {error.details()}"
+        print(f"{service} at {local}: {status}")
+        worst = max(worst, 0 if status == "SERVING" else 1)
+    return worst
+
+
+def _health_of(target: str, service: str, timeout: float) -> int:
+    try:
+        status = client.health_status(client.connect(target), service, timeout=timeout)
     except grpc.RpcError as error:
         if error.code() == grpc.StatusCode.NOT_FOUND and not error.details():
-            print(f"NOT_FOUND: the server at {target} does not serve {args.service!r} (a "
+            print(f"NOT_FOUND: the server at {target} does not serve {service!r} (a "
                   "fully-qualified name such as percept.v1.Embedding, or '' for the whole "
                   "server)", file=sys.stderr)
             return 1
@@ -600,7 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     health = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING")
     health.add_argument("--target", default=None,
-                        help="host:port (default: $PERCEPT_TARGET or localhost:50050)")
+                        help="host:port (default: $PERCEPT_TARGET, else localhost:50050 "
+                             "(serve all), else each port of the local cluster, "
+                             "50051..50054)")
     health.add_argument("--service", default="", help="fully-qualified service name; '' = all")
     health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     health.set_defaults(handler=cmd_health)

@@ -25,6 +25,10 @@ CPU_DTYPES = ("auto", "float32", "bfloat16")
 
 SERVICES = ("superres", "style", "embed", "search")
 SERVICE_PORTS = {"all": 50050, "superres": 50051, "style": 50052, "embed": 50053, "search": 50054}
+#: Each service's fully-qualified gRPC name (health, reflection) -> its short name.
+SERVICE_FULL_NAMES = {"percept.v1.SuperResolution": "superres",
+                      "percept.v1.StyleTransfer": "style", "percept.v1.Embedding": "embed",
+                      "percept.v1.ImageSearch": "search"}
 METRICS_PORT_OFFSET = 9100 - 50050  # all -> 9100, superres -> 9101, ...
 
 T = TypeVar("T")
@@ -214,8 +218,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
             **extra: Any) -> None:
         value = _env_default(flag, default, kind, extra.get("choices"), env_errors)
         shown = ("on" if value else "off") if isinstance(value, bool) else "%(default)s"
+        default_note = "" if value is None else f"; default {shown}"  # None: the help says
         parser.add_argument(flag, type=kind, default=value,
-                            help=f"{help_text} (env {_env_name(flag)}; default {shown})",
+                            help=f"{help_text} (env {_env_name(flag)}{default_note})",
                             **extra)
 
     add("--host", _host, base.host,

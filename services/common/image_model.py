@@ -105,6 +105,13 @@ class PixelBudget:
         self.holders -= 1
         INFLIGHT_PIXELS.dec(pixels)
 
+    def busy(self, pixels: int) -> Busy:
+        """The answer to a request of ``pixels`` that :meth:`take` refused."""
+        return Busy(f"the images in progress take {self.in_use / 1e6:.1f} of the "
+                    f"{self.limit / 1e6:.0f} megapixels this server holds at once "
+                    f"(--max-inflight-mpixels), and this one needs {pixels / 1e6:.1f} "
+                    "more; retry with backoff")
+
 
 #: One budget per server configuration object (a process runs one server; tests run
 #: several), shared by every image model of that server; dropped with the config.
@@ -377,10 +384,7 @@ class TiledImageModel:
         pixels = width * height * (1 + self.scale ** 2)
         if not self.pixels.take(pixels):
             REJECTED.labels(self.queue_name).inc()
-            raise Busy(f"the images in progress take {self.pixels.in_use / 1e6:.0f} of the "
-                       f"{self.pixels.limit / 1e6:.0f} megapixels this server holds at once "
-                       f"(--max-inflight-mpixels), and this one needs {pixels / 1e6:.0f} "
-                       "more; retry with backoff")
+            raise self.pixels.busy(pixels)
         return pixels
 
     def _release_slot(self, pixels: int) -> None:

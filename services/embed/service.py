@@ -49,6 +49,7 @@ from services.embed.word_vectors import (
     TextEncoder,
     describe_source,
     load_noun_space,
+    space_name,
     vector_space_mismatch,
 )
 from services.embed.wordnet import NounVocabulary, imagenet_indices
@@ -171,15 +172,13 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         if method == DEVISE and self.devise is None and self.devise_refused:
             raise FailedPrecondition(
                 "no installed DeViSE map fits this service's vectors, "
-                f"{describe_source(self.space.source)}: "
-                + "; ".join(f"{self.config.models_dir / n}: {r}"
-                            for n, r in self.devise_refused.items())
+                f"{space_name(self.space.source)}: "
+                + "; ".join(f"{n}: {r}" for n, r in self.devise_refused.items())
                 + "; train one for these vectors with `percept train devise --word-vectors "
                   "PATH` (or serve the vectors it was trained on), or use method CONSE")
         if method == DEVISE and self.devise is None:
-            raise Unimplemented("no DeViSE map is installed under "
-                                f"{self.config.models_dir}; use method CONSE or train one "
-                                "with `percept train devise`")
+            raise Unimplemented("no DeViSE map is installed in this server's --models-dir; use "
+                                "method CONSE or train one with `percept train devise`")
         return method
 
     async def embed_images(self, images: Sequence[bytes], method: int = 0,
@@ -247,10 +246,7 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             return 0
         if not self.pixels.take(largest):
             REJECTED.labels("embed-images").inc()
-            raise Busy(f"the images in progress take {self.pixels.in_use / 1e6:.0f} of the "
-                       f"{self.pixels.limit / 1e6:.0f} megapixels this server holds at once "
-                       f"(--max-inflight-mpixels), and this one needs {largest / 1e6:.0f} "
-                       "more; retry with backoff")
+            raise self.pixels.busy(largest)
         return largest
 
     # -- RPCs ----------------------------------------------------------------------------

@@ -116,8 +116,8 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
                       context: grpc.aio.ServicerContext) -> style_pb2.StylizeResponse:
         if not self.styles:
             raise Unimplemented(
-                "no fast style networks are installed under "
-                f"{self.config.models_dir}; train one with `percept train style`, or use "
+                "no fast style networks are installed in this server's --models-dir; "
+                "train one with `percept train style`, or use "
                 "StylizeWithImage (`percept stylize --style-image`)")
         available = ", ".join(sorted(self.styles))
         if not request.style:

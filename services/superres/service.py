@@ -95,9 +95,8 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
     async def Upscale(self, request: superres_pb2.UpscaleRequest,
                       context: grpc.aio.ServicerContext) -> superres_pb2.UpscaleResponse:
         if not self.models:
-            raise Unimplemented("no super-resolution model is installed under "
-                                f"{self.config.models_dir}; train one with "
-                                "`percept train superres`")
+            raise Unimplemented("no super-resolution model is installed in this server's "
+                                "--models-dir; train one with `percept train superres`")
         if request.scale not in (0, SCALE):
             raise InvalidArgument(f"scale must be {SCALE} (or 0 for the default), "
                                   f"got {request.scale}")

@@ -261,6 +261,44 @@ def test_health_command(all_server: RunningServer, capsys: pytest.CaptureFixture
             in capsys.readouterr().err)
 
 
+def test_health_without_a_target_checks_serve_all_then_the_local_cluster(
+        all_server: RunningServer, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`make run` starts one process per service (50051..50054), `serve all` one on 50050:
+    a bare `percept health` finds whichever runs. Here nothing listens where `all` would,
+    and only the superres port answers (the test server, which serves every service)."""
+    from services.common import config
+    from tests.conftest import free_port
+
+    monkeypatch.delenv("PERCEPT_TARGET", raising=False)
+    for name in ("all", "style", "embed", "search"):
+        monkeypatch.setitem(config.SERVICE_PORTS, name, free_port())
+    monkeypatch.setitem(config.SERVICE_PORTS, "superres", all_server.port)
+    assert main(["health", "--service", "percept.v1.SuperResolution"]) == 0
+    assert (capsys.readouterr().out.strip()
+            == f"percept.v1.SuperResolution at localhost:{all_server.port}: SERVING")
+    assert main(["health", "--timeout", "2"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" at ")[0] for line in lines] == list(config.SERVICE_FULL_NAMES)
+    assert lines[0].endswith(": SERVING") and "UNAVAILABLE" in lines[1]
+    assert main(["health", "--service", "percept.v1.Nope"]) == 2
+    assert "is not a service of the local cluster" in capsys.readouterr().err
+    monkeypatch.setitem(config.SERVICE_PORTS, "all", all_server.port)  # serve all is up
+    assert main(["health"]) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
+
+
+def test_each_service_module_has_its_full_name_in_the_config() -> None:
+    from services.common.config import SERVICE_FULL_NAMES
+    from services.common.server import SERVICE_CLASSES
+
+    names = {}
+    for short, path in SERVICE_CLASSES.items():
+        module, _, cls = path.partition(":")
+        names[getattr(__import__(module, fromlist=[cls]), cls).full_name] = short
+    assert names == SERVICE_FULL_NAMES
+
+
 def test_unreachable_server_is_unavailable(tmp_path: Path, cat_png: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     from tests.conftest import free_port

@@ -242,7 +242,7 @@ def test_the_pixels_in_flight_are_bounded_across_the_models_of_a_server() -> Non
     with contextlib.ExitStack() as held:
         held.enter_context(first.admitted(half, 10**8))
         held.enter_context(second.admitted(half, 10**8))  # the other model: same budget
-        with pytest.raises(Busy, match=r"the images in progress take 1 of the 1 megapixels "
+        with pytest.raises(Busy, match=r"the images in progress take 1.0 of the 1 megapixels "
                                        r"this server holds at once \(--max-inflight-mpixels\)"
                            ) as refused, first.admitted(_png_header_only(10, 10), 10**8):
             pytest.fail("admitted")

@@ -62,18 +62,22 @@ class EmbeddingServicer:
 
     def EmbedImages(self, request, context):
         """Embeds a batch of images into the word-vector space (unit-length vectors).
-        Errors: INVALID_ARGUMENT (a bad image: the message names its index; empty batch),
-        INVALID_ARGUMENT (batch over the limit, 64 by default), RESOURCE_EXHAUSTED (busy: the
-        server's --max-inflight-mpixels, or its queue; with the retry trailer),
-        DEADLINE_EXCEEDED, UNIMPLEMENTED (no embedding model installed).
+        Errors: INVALID_ARGUMENT (a bad image: the message names its index; empty batch;
+        more images than 8 x the server's --max-batch, 64 by default; unknown method),
+        RESOURCE_EXHAUSTED (busy: the server's --max-inflight-mpixels, or its queue; with the
+        retry trailer), DEADLINE_EXCEEDED, UNIMPLEMENTED (method DEVISE with no DeViSE map
+        installed), FAILED_PRECONDITION (method DEVISE where the installed map was trained
+        for other word vectors than the server's).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def EmbedText(self, request, context):
-        """Embeds phrases with the text encoder, in the same space as EmbedImages.
-        Errors: INVALID_ARGUMENT (empty batch, an empty or over-long text).
+        """Embeds phrases with the text encoder, in the same space as EmbedImages; one vector
+        per phrase, in order.
+        Errors: INVALID_ARGUMENT (empty batch, more phrases than 8 x --max-batch, an empty or
+        over-long text; with a word-vector file, a phrase none of whose words it holds).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -81,8 +85,10 @@ class EmbeddingServicer:
 
     def LabelImage(self, request, context):
         """Labels one image with the k nearest WordNet noun synsets.
-        Errors: INVALID_ARGUMENT (bad image, k outside 1..100, under_wnid malformed),
-        NOT_FOUND (under_wnid is not a noun synset), RESOURCE_EXHAUSTED (busy, as EmbedImages).
+        Errors: INVALID_ARGUMENT (bad image, k outside 1..100, under_wnid malformed, unknown
+        method), NOT_FOUND (under_wnid is not a noun synset), RESOURCE_EXHAUSTED (busy, as
+        EmbedImages), DEADLINE_EXCEEDED, UNIMPLEMENTED and FAILED_PRECONDITION (method
+        DEVISE, as EmbedImages).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -70,9 +70,9 @@ class ImageSearchServicer:
 
     def AddImages(self, request_iterator, context):
         """Adds images. The client streams items; the server embeds them in batches and answers
-        one acknowledgement per batch. An acknowledged id is durable. Re-adding an id replaces it;
-        an id sent twice is answered for each copy (added or rejected), and the last copy added
-        is the one stored.
+        one acknowledgement per batch. An acknowledged id is durable. Re-adding an id replaces it.
+        An id sent twice in one batch is acknowledged once, and the last good copy is the one
+        stored; copies in different batches are acknowledged in each.
         Per-item problems (bad image, empty id) are rejections inside an acknowledgement and
         the rest of the stream goes on. Errors for the whole stream: RESOURCE_EXHAUSTED (busy,
         with the retry trailer: resend what was not acknowledged),
@@ -102,6 +102,7 @@ class ImageSearchServicer:
 
     def DeleteImages(self, request, context):
         """Deletes images by id. Unknown ids are reported, not errors.
+        Errors: INVALID_ARGUMENT (over 10,000 ids).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -80,9 +80,11 @@ class StyleTransferServicer:
         """Optimisation-based style transfer of `content_image` in the style of `style_image`.
         Streams progress messages while it optimises, then one message with the result.
         It takes seconds on a GPU and minutes on a CPU: set a generous deadline.
-        Errors: INVALID_ARGUMENT (bad images, iterations outside 1..max, unknown layer name,
-        negative weight, mask of a different aspect ratio), RESOURCE_EXHAUSTED (busy),
-        DEADLINE_EXCEEDED, CANCELLED.
+        Errors: INVALID_ARGUMENT (bad images, iterations outside 1..the server's
+        --max-iterations, max_size outside 32..1024, unknown layer name, negative or
+        non-finite weight, mask of a different aspect ratio, an image too small for the VGG
+        layers used), RESOURCE_EXHAUSTED (busy: --max-optimisations queued or running, with
+        the retry trailer), DEADLINE_EXCEEDED, CANCELLED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

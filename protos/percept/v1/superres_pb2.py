@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from percept.v1 import image_pb2 as percept_dot_v1_dot_image__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19percept/v1/superres.proto\x12\npercept.v1\x1a\x16percept/v1/image.proto\"~\n\x0eUpscaleRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05scale\x18\x02 \x01(\x05\x12.\n\routput_format\x18\x03 \x01(\x0e\x32\x17.percept.v1.ImageFormat\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07quality\x18\x05 \x01(\x05\"w\n\x0fUpscaleResponse\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\'\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x17.percept.v1.ImageFormat2U\n\x0fSuperResolution\x12\x42\n\x07Upscale\x12\x1a.percept.v1.UpscaleRequest\x1a\x1b.percept.v1.UpscaleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19percept/v1/superres.proto\x12\npercept.v1\x1a\x16percept/v1/image.proto\"~\n\x0eUpscaleRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05scale\x18\x02 \x01(\x05\x12.\n\routput_format\x18\x03 \x01(\x0e\x32\x17.percept.v1.ImageFormat\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07quality\x18\x05 \x01(\x05\"w\n\x0fUpscaleResponse\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\'\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x17.percept.v1.ImageFormat2U\n\x0fSuperResolution\x12\x42\n\x07Upscale\x12\x1a.percept.v1.UpscaleRequest\x1a\x1b.percept.v1.UpscaleResponseBD\n\x0e\x64\x65v.percept.v1P\x01Z#percept/gen/go/percept/v1;perceptv1\xaa\x02\nPercept.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'percept.v1.superres_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.percept.v1P\001Z#percept/gen/go/percept/v1;perceptv1\252\002\nPercept.V1'
   _globals['_UPSCALEREQUEST']._serialized_start=65
   _globals['_UPSCALEREQUEST']._serialized_end=191
   _globals['_UPSCALERESPONSE']._serialized_start=193

@@ -98,12 +98,19 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
+#: A call cancelled this close to its deadline ran out of time: the caller's own timer
+#: fires a moment before the server's (the deadline travels as a timeout, and the network
+#: delays it), and its RST_STREAM reaches the server as a cancellation.
+DEADLINE_SLACK_SECONDS = 0.1
+
+
 def _status_name(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
     if isinstance(error, asyncio.CancelledError):
         # gRPC cancels the handler both when the caller hangs up and when its deadline
         # passes; the time left tells the two apart
         remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
-        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        return ("DEADLINE_EXCEEDED" if remaining is not None
+                and remaining <= DEADLINE_SLACK_SECONDS else "CANCELLED")
     code = context.code() if hasattr(context, "code") else None
     if isinstance(code, grpc.StatusCode):
         return code.name

@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from services.common.config import ServerConfig, bare_host, listen_address
 from services.common.cpus import available_cpus
 from services.common.logs import configure_logging
+from services.common.malformed import MalformedRequests
 from services.common.metrics import (
     INFRASTRUCTURE_SERVICES,
     MetricsInterceptor,
@@ -250,8 +251,9 @@ class PerceptServer:
             # longest default deadline of the CLI (a StylizeWithImage optimisation).
             ("grpc.max_connection_age_grace_ms", 3_600_000),
         ]
-        server = grpc.aio.server(options=options, interceptors=[self._interceptor, self._gate,
-                                                        self._streams])
+        # metrics outermost, so that every call is counted, a malformed one too
+        server = grpc.aio.server(options=options, interceptors=[
+            self._interceptor, MalformedRequests(), self._gate, self._streams])
         for module in self.modules:
             module.add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

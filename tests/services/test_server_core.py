@@ -377,3 +377,28 @@ def test_a_hung_up_optimisation_keeps_its_place_while_its_images_decode(
     finally:
         channel.close()
         running.stop()
+
+
+class _EndedContext:
+    """What the metrics read of a call's context once its handler ended."""
+
+    def __init__(self, remaining: float | None) -> None:
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+    def code(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("remaining, counted", [
+    (-0.5, "DEADLINE_EXCEEDED"), (0.0, "DEADLINE_EXCEEDED"),
+    (0.03, "DEADLINE_EXCEEDED"),  # the caller's timer fired a moment before the server's
+    (2.0, "CANCELLED"), (None, "CANCELLED")])
+def test_a_cancelled_handler_is_counted_by_the_time_its_caller_had_left(
+        remaining: float | None, counted: str) -> None:
+    from services.common.metrics import _status_name
+
+    assert _status_name(_EndedContext(remaining), asyncio.CancelledError()) == counted  # type: ignore[arg-type]
+    assert _status_name(_EndedContext(remaining), None) == "OK"  # type: ignore[arg-type]

@@ -1,0 +1,129 @@
+"""Requests whose bytes are not the protobuf message the method takes: INVALID_ARGUMENT.
+
+gRPC parses a request before any handler runs, and a parse error there becomes UNKNOWN
+with the exception's class name in the message, an ERROR traceback in the log for each
+such call (any client can flood it) and no count in the metrics. This interceptor parses
+instead with a deserializer that cannot fail: bytes that do not parse arrive at the
+handler as a :class:`Malformed` marker, which is answered INVALID_ARGUMENT there, so the
+call is an ordinary refused request (counted, not logged)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from services.common.errors import fit_status_message
+
+
+class Malformed:
+    """Stands for a request message that did not parse."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _message_name(deserializer: Callable[[bytes], Any]) -> str:
+    owner = getattr(deserializer, "__self__", None)  # Message.FromString, a classmethod
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", "request"))
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    name = _message_name(deserializer)
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as error:  # DecodeError, or a message that fails its own checks
+            return Malformed(fit_status_message(
+                f"the request is not a valid {name} message ({len(data)} bytes): "
+                f"{error}"))
+
+    return parse
+
+
+async def _refuse(context: grpc.aio.ServicerContext, request: Malformed) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """Answers INVALID_ARGUMENT to a request (or a streamed request message) that does not
+    parse as the method's message type, instead of gRPC's UNKNOWN."""
+
+    async def intercept_service(self, continuation: Any,
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = _tolerant(handler.request_deserializer)
+        serialize = handler.response_serializer
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, Malformed):
+                    await _refuse(context, request)
+                return await unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, request_deserializer=parse, response_serializer=serialize)
+        if handler.unary_stream is not None:
+            streaming = handler.unary_stream
+            if inspect.isasyncgenfunction(streaming):
+                async def unary_stream(request: Any, context: grpc.aio.ServicerContext
+                                       ) -> AsyncIterator[Any]:
+                    if isinstance(request, Malformed):
+                        await _refuse(context, request)
+                    async for response in streaming(request, context):
+                        yield response
+
+                return grpc.unary_stream_rpc_method_handler(
+                    unary_stream, request_deserializer=parse, response_serializer=serialize)
+
+            async def written(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                # a coroutine that writes its stream with context.write() (health Watch)
+                if isinstance(request, Malformed):
+                    await _refuse(context, request)
+                return await streaming(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                written, request_deserializer=parse, response_serializer=serialize)
+
+        def checked(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def generate() -> AsyncIterator[Any]:
+                async for request in requests:
+                    if isinstance(request, Malformed):
+                        await _refuse(context, request)
+                    yield request
+            return generate()
+
+        if handler.stream_unary is not None:
+            collect = handler.stream_unary
+
+            async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await collect(checked(requests, context), context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, request_deserializer=parse, response_serializer=serialize)
+        both = handler.stream_stream
+        if inspect.isasyncgenfunction(both):
+            async def stream_stream(requests: Any, context: grpc.aio.ServicerContext
+                                    ) -> AsyncIterator[Any]:
+                async for response in both(checked(requests, context), context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, request_deserializer=parse, response_serializer=serialize)
+
+        async def stream_written(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await both(checked(requests, context), context)
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_written, request_deserializer=parse, response_serializer=serialize)

@@ -1,0 +1,95 @@
+"""Bytes that are not the method's protobuf message: INVALID_ARGUMENT naming the message
+type, counted in the metrics like any refused call, never gRPC's UNKNOWN with an
+exception's class name and an ERROR traceback in the server log; the server keeps serving.
+Sent through raw channels (identity serializers), as a buggy or hostile client would."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from percept.v1 import search_pb2
+from services.common.metrics import REQUESTS
+from services.common.server import RunningServer
+from tests.conftest import encode
+
+#: Not a protobuf message: a field tag of wire type 7 (there is none), then junk.
+CORRUPT = b"\xff\xff\xff\xff"
+#: A length-delimited field (tag 1, wire type 2) that claims 100 bytes and has 3.
+TRUNCATED = b"\x0a\x64abc"
+
+
+def _count(method: str, code: str) -> float:
+    service, _, name = method.strip("/").partition("/")
+    return REQUESTS.labels(service, name, code)._value.get()
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+@pytest.mark.parametrize("payload", [CORRUPT, TRUNCATED], ids=["corrupt", "truncated"])
+@pytest.mark.parametrize("method, message", [
+    ("/percept.v1.StyleTransfer/Stylize", "percept.v1.StylizeRequest"),
+    ("/percept.v1.SuperResolution/Upscale", "percept.v1.UpscaleRequest"),
+    ("/percept.v1.Embedding/LabelImage", "percept.v1.LabelImageRequest"),
+    ("/percept.v1.ImageSearch/SearchByText", "percept.v1.SearchByTextRequest"),
+    ("/grpc.health.v1.Health/Check", "grpc.health.v1.HealthCheckRequest"),
+])
+def test_a_unary_request_that_does_not_parse_is_invalid_argument(
+        all_server: RunningServer, caplog: pytest.LogCaptureFixture, method: str, message: str,
+        payload: bytes) -> None:
+    before = _count(method, "INVALID_ARGUMENT")
+    with grpc.insecure_channel(all_server.target) as channel, \
+            caplog.at_level(logging.WARNING):
+        call = channel.unary_unary(method, request_serializer=_identity,
+                                   response_deserializer=_identity)
+        with pytest.raises(grpc.RpcError) as error:
+            call(payload, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith(
+        f"the request is not a valid {message} message ({len(payload)} bytes): ")
+    assert "DecodeError" not in error.value.details()
+    # the server counts a call as its handler returns, which may be just after the client
+    # has its answer
+    deadline = time.monotonic() + 5
+    while _count(method, "INVALID_ARGUMENT") < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _count(method, "INVALID_ARGUMENT") == before + 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_server_streaming_request_that_does_not_parse_is_invalid_argument(
+        all_server: RunningServer) -> None:
+    with grpc.insecure_channel(all_server.target) as channel:
+        call = channel.unary_stream("/percept.v1.StyleTransfer/StylizeWithImage",
+                                    request_serializer=_identity,
+                                    response_deserializer=_identity)
+        with pytest.raises(grpc.RpcError) as error:
+            list(call(CORRUPT, timeout=30))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "percept.v1.StylizeWithImageRequest" in error.value.details()
+
+
+def test_a_streamed_message_that_does_not_parse_ends_the_stream_invalid_argument(
+        all_server: RunningServer, small_photo: np.ndarray) -> None:
+    """AddImages: the good item before the bad message is answered as usual (a batch is
+    acknowledged as it fills or at the end), then the stream ends INVALID_ARGUMENT; the
+    service goes on serving."""
+    good = search_pb2.AddImageRequest(id="before-the-bad-one", image=encode(small_photo))
+    with grpc.insecure_channel(all_server.target) as channel:
+        call = channel.stream_stream("/percept.v1.ImageSearch/AddImages",
+                                     request_serializer=_identity,
+                                     response_deserializer=search_pb2.AddImagesAck.FromString)
+        with pytest.raises(grpc.RpcError) as error:
+            list(call(iter([good.SerializeToString(), CORRUPT]), timeout=60))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "percept.v1.AddImageRequest" in error.value.details()
+        stats = channel.unary_unary("/percept.v1.ImageSearch/Stats",
+                                    request_serializer=_identity,
+                                    response_deserializer=search_pb2.StatsResponse.FromString)
+        assert stats(b"", timeout=30).dimension > 0  # still serving

@@ -31,6 +31,13 @@ from services.search.vector_index import IndexSettings, VectorIndex, disk_bytes
 log = logging.getLogger("percept.search")
 
 ADD_BATCH = 16
+#: An AddImages stream's batch is also embedded once its images take this many bytes, or
+#: once the images that every stream of the process holds take ADD_BUFFER_BYTES, or when
+#: no item came for ADD_IDLE_SECONDS: a stream, a slow one or one that never ends holds
+#: little memory, and its items are acknowledged soon.
+ADD_BATCH_BYTES = 32 * 2**20
+ADD_BUFFER_BYTES = 256 * 2**20
+ADD_IDLE_SECONDS = 0.5
 MAX_ID_CHARS = 256
 MAX_TEXT_CHARS = 1000
 MAX_K = 1000
@@ -105,6 +112,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                                 self.embedder.probe)
         self.index, self.snapshot_seq = await asyncio.to_thread(self._recover)
         self.write_lock = asyncio.Lock()
+        self.buffered_bytes = 0  # image bytes that AddImages streams hold, not yet embedded
         self._write_thread_lock = threading.Lock()
         self._snapshotter = asyncio.get_running_loop().create_task(self._snapshot_loop())
         log.info("search loaded", extra={"images": len(self.index), "index": self.index.kind,
@@ -208,18 +216,51 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                         ) -> AsyncIterator[search_pb2.AddImagesAck]:
         batch: list[search_pb2.AddImageRequest] = []
         rejected: list[search_pb2.Rejection] = []
-        async for item in request_iterator:
-            try:
-                await asyncio.to_thread(self._check_item, item)
-                batch.append(item)
-            except ServiceError as problem:
-                rejected.append(search_pb2.Rejection(id=item.id, code=problem.code.name,
-                                                     reason=problem.message))
-            if len(batch) + len(rejected) >= ADD_BATCH:
-                yield await self._add_batch(batch, rejected, time_remaining(context))
-                batch, rejected = [], []
-        if batch or rejected:
-            yield await self._add_batch(batch, rejected, time_remaining(context))
+        held = 0  # bytes of the images in `batch`, counted in self.buffered_bytes too
+        items = request_iterator.__aiter__()
+
+        async def following() -> search_pb2.AddImageRequest:
+            return await items.__anext__()
+
+        reading: asyncio.Task[search_pb2.AddImageRequest] | None = None
+        try:
+            while True:
+                if reading is None:  # never cancelled while the stream goes on
+                    reading = asyncio.ensure_future(following())
+                done, _ = await asyncio.wait(
+                    {reading}, timeout=ADD_IDLE_SECONDS if batch or rejected else None)
+                if done:
+                    finished, reading = reading, None
+                    try:
+                        item = finished.result()
+                    except StopAsyncIteration:
+                        break
+                    try:
+                        await asyncio.to_thread(self._check_item, item)
+                        batch.append(item)
+                        held += len(item.image)
+                        self.buffered_bytes += len(item.image)
+                    except ServiceError as problem:
+                        rejected.append(search_pb2.Rejection(
+                            id=item.id, code=problem.code.name, reason=problem.message))
+                    if (len(batch) + len(rejected) < ADD_BATCH and held < ADD_BATCH_BYTES
+                            and self.buffered_bytes < ADD_BUFFER_BYTES):
+                        continue
+                elif not (batch or rejected):
+                    continue
+                ack = await self._add_batch(batch, rejected, time_remaining(context))
+                self.buffered_bytes -= held
+                batch, rejected, held = [], [], 0
+                yield ack
+            if batch or rejected:
+                ack = await self._add_batch(batch, rejected, time_remaining(context))
+                self.buffered_bytes -= held
+                held = 0
+                yield ack
+        finally:  # a cancelled or failed stream gives back what it held
+            self.buffered_bytes -= held
+            if reading is not None:
+                reading.cancel()
 
     @unary_errors
     async def DeleteImages(self, request: search_pb2.DeleteImagesRequest,

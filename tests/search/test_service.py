@@ -191,3 +191,80 @@ def test_stats(stub: search_pb2_grpc.ImageSearchStub, search_server: RunningServ
     assert stats.count > 0 and stats.disk_bytes > 0
     data_dir = Path(search_server.server.config.data_dir)
     assert (data_dir / "images.sqlite3").is_file()
+
+
+def _search_module(server: RunningServer):  # type: ignore[no-untyped-def]
+    return next(m for m in server.server.modules if m.name == "search")
+
+
+def test_a_stream_that_pauses_has_what_it_sent_acknowledged(
+        stub: search_pb2_grpc.ImageSearchStub, search_server: RunningServer) -> None:
+    """A producer that stops sending without ending its stream (a slow crawler, one that
+    never half-closes) still gets its items stored and acknowledged: a batch is embedded
+    after ADD_IDLE_SECONDS without a new item, and the stream holds no image bytes."""
+    images = photo_variants(3, seed=11)
+    hold, ended = threading.Event(), threading.Event()
+
+    def items() -> Iterator[search_pb2.AddImageRequest]:
+        yield from add_requests(images, prefix="paused")
+        hold.wait(120)
+        ended.set()
+
+    call = stub.AddImages(items(), timeout=180)
+    try:
+        ack = next(call)
+        assert not ended.is_set()  # it came while the stream stayed open
+        assert sorted(ack.added) == [f"paused-{i}" for i in range(3)] and not ack.rejected
+        assert _search_module(search_server).buffered_bytes == 0
+    finally:
+        hold.set()
+    assert list(call) == []  # the stream then ends with nothing left to acknowledge
+
+
+def test_a_batch_is_embedded_once_its_images_reach_the_byte_bound(
+        stub: search_pb2_grpc.ImageSearchStub, search_server: RunningServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large images: a batch is embedded once its images take ADD_BATCH_BYTES, before it
+    has ADD_BATCH items, so a stream of 60 MB images holds one or two, not sixteen."""
+    from services.search import service
+
+    monkeypatch.setattr(service, "ADD_BATCH_BYTES", 1)  # every image fills a batch
+    acks = list(stub.AddImages(iter(add_requests(photo_variants(3, seed=12), prefix="bytes")),
+                               timeout=180))
+    assert [list(ack.added) for ack in acks] == [["bytes-0"], ["bytes-1"], ["bytes-2"]]
+    assert _search_module(search_server).buffered_bytes == 0
+
+
+def test_a_cancelled_stream_gives_back_the_bytes_it_held(
+        stub: search_pb2_grpc.ImageSearchStub, search_server: RunningServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from services.search import service
+
+    monkeypatch.setattr(service, "ADD_IDLE_SECONDS", 600.0)  # the batch waits for more
+    images = photo_variants(2, seed=13)
+    module = _search_module(search_server)
+    hold = threading.Event()
+
+    def items() -> Iterator[search_pb2.AddImageRequest]:
+        yield from add_requests(images, prefix="held")
+        hold.wait(120)
+
+    call = stub.AddImages(items(), timeout=180)
+    try:
+        for _ in range(1000):
+            if module.buffered_bytes == sum(map(len, images)):
+                break
+            time.sleep(0.01)
+        assert module.buffered_bytes == sum(map(len, images))
+    finally:
+        call.cancel()
+        hold.set()
+    for _ in range(1000):
+        if module.buffered_bytes == 0:
+            break
+        time.sleep(0.01)
+    assert module.buffered_bytes == 0
+    assert {h.id for h in stub.SearchByImage(search_pb2.SearchByImageRequest(
+        image=images[0], k=5), timeout=60).hits}.isdisjoint({"held-0", "held-1"})

@@ -70,7 +70,9 @@ class ImageSearchServicer:
 
     def AddImages(self, request_iterator, context):
         """Adds images. The client streams items; the server embeds them in batches and answers
-        one acknowledgement per batch. An acknowledged id is durable. Re-adding an id replaces it.
+        one acknowledgement per batch. A batch is 16 items, or fewer: as many as take 32 MiB
+        of image bytes, or as came before a pause of 0.5 s, or the last of the stream; so a
+        stream that pauses or never ends has its items acknowledged all the same. An acknowledged id is durable. Re-adding an id replaces it.
         An id sent twice in one batch is acknowledged once, and the last good copy is the one
         stored; copies in different batches are acknowledged in each.
         Per-item problems (bad image, empty id) are rejections inside an acknowledgement and

@@ -37,6 +37,7 @@ from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ServiceError,
     Unimplemented,
     shown,
 )
@@ -132,6 +133,12 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             "embed-images", self._embed_batch, max_batch=self.config.max_batch,
             max_wait_ms=self.config.max_wait_ms, max_queue=self.config.max_queue)
         self.batcher.start()
+        # phrases: one item per request (its phrases), encoded together with the phrases of
+        # the requests that came with it, in one thread, behind the same bounded queue
+        self.text_batcher: MicroBatcher[tuple[str, ...], np.ndarray | ServiceError] = \
+            MicroBatcher("embed-text", self._encode_requests, max_batch=self.config.max_batch,
+                         max_wait_ms=self.config.max_wait_ms, max_queue=self.config.max_queue)
+        self.text_batcher.start()
         log.info("embed loaded", extra={
             "device": describe(self.device), "nouns": len(self.index),
             "space": describe_source(self.space.source),
@@ -147,6 +154,8 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
     async def close(self) -> None:
         if hasattr(self, "batcher"):
             await self.batcher.stop()
+        if hasattr(self, "text_batcher"):
+            await self.text_batcher.stop()
 
     # -- compute -------------------------------------------------------------------------
     def _embed_batch(self, jobs: Sequence[_Job]) -> list[np.ndarray]:
@@ -265,8 +274,10 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             embeddings=[embed_pb2.Vector(values=v.tolist()) for v in vectors],
             dimension=self.index.dimension, method=method, space=self.text.name)
 
-    async def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """(N, 384) unit vectors for phrases (validated like EmbedText)."""
+    async def embed_texts(self, texts: Sequence[str], timeout: float | None = None
+                          ) -> np.ndarray:
+        """(N, 384) unit vectors for phrases (validated like EmbedText), within ``timeout``
+        seconds; Busy when --max-queue text requests are already waiting or running."""
         limit = self.config.max_batch * 8
         if not texts:
             raise InvalidArgument(f"texts is empty: send 1 to {limit} phrases")
@@ -278,15 +289,32 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             if len(text) > MAX_TEXT_CHARS:
                 raise InvalidArgument(f"text {i} has {len(text)} characters, over the limit "
                                       f"of {MAX_TEXT_CHARS}")
+        vectors = await self.text_batcher.submit(tuple(texts), timeout=timeout)
+        if isinstance(vectors, ServiceError):
+            raise vectors
+        return vectors
+
+    def _encode_requests(self, requests: Sequence[tuple[str, ...]]
+                         ) -> list[np.ndarray | ServiceError]:
+        """The phrases of several requests in one encoder call; a request with a phrase
+        the vectors cannot embed gets its error, the others their vectors."""
         try:
-            return await asyncio.to_thread(self.text.encode, list(texts))
-        except ValueError as error:  # word vectors: a text none of whose words has one
-            raise InvalidArgument(str(error)) from error
+            vectors = self.text.encode([text for texts in requests for text in texts])
+        except ValueError:  # word vectors: a text none of whose words has one
+            return [self._encode_one_request(texts) for texts in requests]
+        ends = np.cumsum([len(texts) for texts in requests])
+        return list(np.split(vectors, ends[:-1]))
+
+    def _encode_one_request(self, texts: tuple[str, ...]) -> np.ndarray | ServiceError:
+        try:
+            return np.asarray(self.text.encode(list(texts)))
+        except ValueError as error:
+            return InvalidArgument(str(error))
 
     @unary_errors
     async def EmbedText(self, request: embed_pb2.EmbedTextRequest,
                         context: grpc.aio.ServicerContext) -> embed_pb2.EmbedTextResponse:
-        vectors = await self.embed_texts(list(request.texts))
+        vectors = await self.embed_texts(list(request.texts), time_remaining(context))
         return embed_pb2.EmbedTextResponse(
             embeddings=[embed_pb2.Vector(values=v.tolist()) for v in vectors],
             dimension=int(vectors.shape[1]), space=self.text.name)

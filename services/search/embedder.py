@@ -94,7 +94,7 @@ class InProcessEmbedder(Embedder):
         return await self.service.embed_images(images, timeout=timeout)
 
     async def embed_text(self, text: str, timeout: float | None = None) -> np.ndarray:
-        return (await self.service.embed_texts([text]))[0]
+        return (await self.service.embed_texts([text], timeout))[0]
 
 
 #: How long search waits at start for the Embedding service: within its pod's start-up

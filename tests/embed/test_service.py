@@ -174,3 +174,52 @@ def test_concurrent_embeds_are_batched(embed_server: RunningServer, photo: np.nd
     batches = REGISTRY.get_sample_value("percept_batch_size_count", queue) - count
     items = REGISTRY.get_sample_value("percept_batch_size_sum", queue) - total
     assert items == 16 and batches < 16
+
+
+def test_phrases_are_batched_behind_a_bounded_queue(embed_server: RunningServer,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """EmbedText (and search's text queries) go through a micro-batcher like images: the
+    phrases of requests that arrive while the encoder is busy are encoded together, in one
+    thread, and a full queue answers RESOURCE_EXHAUSTED with the retry trailer, instead of
+    every request starting an encoder thread of its own."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    module = next(m for m in embed_server.server.modules if m.name == "embed")
+    real, gate, calls = module.text, threading.Event(), []
+
+    class Gated:
+        name = real.name
+
+        def encode(self, texts: list[str]) -> np.ndarray:
+            calls.append(list(texts))
+            gate.wait(60)
+            return real.encode(texts)
+
+    monkeypatch.setattr(module, "text", Gated())
+    monkeypatch.setattr(module.text_batcher, "max_queue", 3)
+    stub = embed_pb2_grpc.EmbeddingStub(client.connect(embed_server.target))
+
+    def embed(*texts: str) -> embed_pb2.EmbedTextResponse:
+        return stub.EmbedText(embed_pb2.EmbedTextRequest(texts=list(texts)), timeout=60)
+
+    with ThreadPoolExecutor(3) as pool:
+        try:
+            first = pool.submit(embed, "a cat")
+            while not calls:  # the encoder holds the first request
+                time.sleep(0.01)
+            second, third = pool.submit(embed, "a dog", "a horse"), pool.submit(embed, "a cow")
+            while module.text_batcher.depth < 3:
+                time.sleep(0.01)
+            with pytest.raises(grpc.RpcError) as busy:
+                embed("one too many")
+            assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert ("grpc-retry-pushback-ms", "100") in busy.value.trailing_metadata()
+        finally:
+            gate.set()
+        answers = [first.result(), second.result(), third.result()]
+    assert [len(answer.embeddings) for answer in answers] == [1, 2, 1]
+    assert calls[0] == ["a cat"] and sorted(calls[1]) == ["a cow", "a dog", "a horse"]
+    alone = real.encode(["a dog", "a horse"])
+    assert np.allclose(np.array(answers[1].embeddings[1].values), alone[1], atol=1e-5)

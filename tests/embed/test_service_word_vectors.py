@@ -141,3 +141,29 @@ def test_a_map_for_other_vectors_is_refused(models: Path, tiny_vectors: Path,
         assert all(covered[vocab.index[label.wnid]] for label in response.labels)
     finally:
         running.stop()
+
+
+def test_a_phrase_the_vectors_lack_fails_only_its_own_request_of_a_batch() -> None:
+    """Requests batched together: one whose phrase has no word in the vectors gets its
+    INVALID_ARGUMENT, the others their vectors."""
+    import functools
+    import types
+
+    from services.common.errors import InvalidArgument
+    from services.embed.service import EmbeddingService
+
+    class Words:
+        def encode(self, texts: list[str]) -> np.ndarray:
+            if "tax return" in texts:
+                raise ValueError("'tax return': none of its words is in the word vectors")
+            return np.arange(len(texts) * 2, dtype=np.float32).reshape(len(texts), 2)
+
+    fake = types.SimpleNamespace(text=Words())
+    fake._encode_one_request = functools.partial(EmbeddingService._encode_one_request, fake)
+    results = EmbeddingService._encode_requests(
+        fake, [("a dog", "a cat"), ("tax return",), ("a cow",)])  # type: ignore[arg-type]
+    assert [r.shape for r in results[::2]] == [(2, 2), (1, 2)]  # type: ignore[union-attr]
+    assert isinstance(results[1], InvalidArgument)
+    assert "none of its words" in str(results[1])
+    together = EmbeddingService._encode_requests(fake, [("a", "b"), ("c",)])  # type: ignore[arg-type]
+    assert [r.tolist() for r in together] == [[[0, 1], [2, 3]], [[4, 5]]]  # type: ignore[union-attr]

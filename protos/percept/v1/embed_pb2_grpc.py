@@ -76,8 +76,11 @@ class EmbeddingServicer:
     def EmbedText(self, request, context):
         """Embeds phrases with the text encoder, in the same space as EmbedImages; one vector
         per phrase, in order.
+        Requests that arrive together are encoded together (micro-batched, as images are).
         Errors: INVALID_ARGUMENT (empty batch, more phrases than 8 x --max-batch, an empty or
-        over-long text; with a word-vector file, a phrase none of whose words it holds).
+        over-long text; with a word-vector file, a phrase none of whose words it holds),
+        RESOURCE_EXHAUSTED (busy: --max-queue text requests waiting or running; with the
+        retry trailer), DEADLINE_EXCEEDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

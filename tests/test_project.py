@@ -45,6 +45,23 @@ def test_services_never_import_trainer_code() -> None:
     assert result.stdout.strip() == "", f"services imported trainer code: {result.stdout}"
 
 
+def test_a_search_process_that_embeds_remotely_never_imports_torch() -> None:
+    """A search pod (--embed-target) needs FAISS, SQLite and gRPC, not torch: importing it
+    costs start-up time and a few hundred MB of memory per pod."""
+    code = (
+        "import sys\n"
+        "from services.common.config import ServerConfig\n"
+        "from services.common.server import build_modules\n"
+        "[search] = build_modules(ServerConfig(service='search', "
+        "embed_target='127.0.0.1:1'))\n"
+        "search._make_embedder()\n"
+        "print('torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
 def test_ci_entry_point_runs_make_test() -> None:
     text = (REPO / ".ci" / "run").read_text()
     assert "make test" in text

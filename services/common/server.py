@@ -331,12 +331,12 @@ async def serve(config: ServerConfig) -> int:
 
 def run_server(config: ServerConfig) -> int:
     """The body of ``percept serve``."""
-    import torch
-
     configure_logging(config.log_format, config.log_level)
-    if "OMP_NUM_THREADS" not in os.environ:  # one thread per CPU the quota allows
-        torch.set_num_threads(available_cpus())
-    log.info("cpu threads", extra={"torch_threads": torch.get_num_threads()})
+    # one compute thread per CPU the quota allows, for torch and FAISS (OpenMP) alike; set
+    # before either is imported, and only here: a search process that embeds remotely
+    # never imports torch
+    os.environ.setdefault("OMP_NUM_THREADS", str(available_cpus()))
+    log.info("cpu threads", extra={"omp_num_threads": os.environ["OMP_NUM_THREADS"]})
     return asyncio.run(serve(config))
 
 

@@ -9,6 +9,7 @@ import functools
 import io
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -22,7 +23,9 @@ from services.common.errors import (
     ServiceError,
     Unavailable,
 )
-from services.embed.service import EmbeddingService
+
+if TYPE_CHECKING:  # a search process with a remote embedder never imports torch
+    from services.embed.service import EmbeddingService
 
 #: Room kept in an EmbedImages request for its other fields and framing, and per image
 #: (a protobuf tag and length).

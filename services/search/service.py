@@ -23,7 +23,6 @@ from services.common.errors import InvalidArgument, ServiceError
 from services.common.images import probe_size
 from services.common.rpc import stream_errors, time_remaining, unary_errors
 from services.common.server import ServiceModule
-from services.embed.service import EmbeddingService
 from services.search.embedder import Embedder, InProcessEmbedder, RemoteEmbedder
 from services.search.store import ImageStore
 from services.search.vector_index import IndexSettings, VectorIndex, disk_bytes
@@ -98,6 +97,9 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         if self.config.embed_target:
             return RemoteEmbedder(self.config.embed_target,
                                   max_message_bytes=self.config.max_message_bytes)
+        # in-process only: a search process with a remote embedder never imports torch
+        from services.embed.service import EmbeddingService
+
         for sibling in self.siblings:
             if isinstance(sibling, EmbeddingService):
                 return InProcessEmbedder(sibling)

@@ -28,6 +28,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc loads: no C-core
 
 import grpc
 
+from percept.v1 import server_pb2
 from services import client, folder_runs, local_files
 from services.local_files import Terminated, UsageError, atomic_output, read_input, sigterm_raises
 from services.retries import RetriedTooLong, retrying
@@ -76,30 +77,56 @@ def cmd_run(args: argparse.Namespace) -> int:
                              keep_serving=not args.once)
 
 
+def _nothing_at(target: str, timeout: float) -> bool:
+    """Whether no server answers at ``target`` (a health check is UNAVAILABLE)."""
+    try:
+        client.health_status(client.connect(target), "", timeout)
+    except grpc.RpcError as error:
+        return error.code() == grpc.StatusCode.UNAVAILABLE
+    return False
+
+
+def _local_cluster(service: str = "") -> dict[str, str]:
+    """The local cluster's processes (`make run`: one port per service), by service."""
+    from services.common.config import SERVICE_FULL_NAMES, SERVICE_PORTS
+
+    if service and service not in SERVICE_FULL_NAMES:
+        raise UsageError(f"nothing answers at localhost:{SERVICE_PORTS['all']}, and "
+                         f"{service!r} is not a service of the local cluster: "
+                         f"{', '.join(SERVICE_FULL_NAMES)}")
+    return {name: f"localhost:{SERVICE_PORTS[SERVICE_FULL_NAMES[name]]}"
+            for name in ([service] if service else SERVICE_FULL_NAMES)}
+
+
+def _default_targets(args: argparse.Namespace, timeout: float, service: str = ""
+                     ) -> dict[str, str] | None:
+    """With no --target or $PERCEPT_TARGET and nothing at `percept serve all`'s port, the
+    local cluster's processes; None when one target answers for everything."""
+    from services.common.config import SERVICE_PORTS
+
+    if args.target or os.environ.get("PERCEPT_TARGET"):
+        return None
+    if not _nothing_at(f"localhost:{SERVICE_PORTS['all']}", timeout):
+        return None
+    return _local_cluster(service)
+
+
+def _single_target(args: argparse.Namespace) -> str:
+    from services.common.config import SERVICE_PORTS
+
+    return args.target or os.environ.get("PERCEPT_TARGET") or \
+        f"localhost:{SERVICE_PORTS['all']}"
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     """One server's health; with no target, `percept serve all`'s port, and where nothing
     listens there, each process of the local cluster (`make run`: one port per service)."""
-    from services.common.config import SERVICE_FULL_NAMES, SERVICE_PORTS
-
     timeout = _positive_timeout(args.timeout)
-    target = args.target or os.environ.get("PERCEPT_TARGET")
-    if target:
-        return _health_of(target, args.service, timeout)
-    everything = f"localhost:{SERVICE_PORTS['all']}"
-    try:
-        status = client.health_status(client.connect(everything), args.service, timeout)
-    except grpc.RpcError as error:
-        if error.code() != grpc.StatusCode.UNAVAILABLE:
-            return _health_of(everything, args.service, timeout)
-    else:
-        print(status)
-        return 0 if status == "SERVING" else 1
-    if args.service and args.service not in SERVICE_FULL_NAMES:
-        raise UsageError(f"nothing answers at {everything}, and {args.service!r} is not a "
-                         f"service of the local cluster: {', '.join(SERVICE_FULL_NAMES)}")
+    cluster = _default_targets(args, timeout, args.service)
+    if cluster is None:
+        return _health_of(_single_target(args), args.service, timeout)
     worst = 0
-    for service in [args.service] if args.service else list(SERVICE_FULL_NAMES):
-        local = f"localhost:{SERVICE_PORTS[SERVICE_FULL_NAMES[service]]}"
+    for service, local in cluster.items():
         try:
             status = client.health_status(client.connect(local), service, timeout)
         except grpc.RpcError as error:
@@ -107,6 +134,48 @@ def cmd_health(args: argparse.Namespace) -> int:
         print(f"{service} at {local}: {status}")
         worst = max(worst, 0 if status == "SERVING" else 1)
     return worst
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """percept.v1.ServerInfo of a server (with no target: as `percept health` finds them)."""
+    from google.protobuf.json_format import MessageToDict
+
+    timeout = _positive_timeout(args.timeout)
+    cluster = _default_targets(args, timeout)
+    targets = [_single_target(args)] if cluster is None else list(cluster.values())
+    answers, failed = [], 0
+    for target in targets:
+        try:
+            answers.append((target, client.server_info(client.connect(target), timeout)))
+        except grpc.RpcError as error:
+            print(f"{target}: {error.code().name}: {error.details()}", file=sys.stderr)
+            failed = 1
+    if args.json:
+        print(json.dumps({"servers": [
+            {"target": target, **MessageToDict(info, preserving_proto_field_name=True,
+                                               always_print_fields_with_no_presence=True)}
+            for target, info in answers]}, indent=2))
+        return failed
+    for target, info in answers:
+        print(_describe_server(target, info))
+    return failed
+
+
+def _describe_server(target: str, info: server_pb2.GetServerInfoResponse) -> str:
+    limits = info.limits
+    lines = [f"{target}: percept {info.version}, "
+             f"{'ready' if info.ready else 'loading its models'}",
+             f"  services: {', '.join(info.services)}"]
+    for model in info.models:
+        default = " (default)" if model.is_default else ""
+        lines.append(f"  {model.service.removeprefix('percept.v1.')}: {model.name} = "
+                     f"{model.artifact}{default}")
+    lines.append(f"  limits: {limits.max_message_bytes / 2**20:g} MiB messages, "
+                 f"{limits.max_pixels:,} pixels an image, "
+                 f"{limits.max_inflight_pixels / 1e6:g} MP in flight, "
+                 f"queue {limits.max_queue}, batch {limits.max_batch}, "
+                 f"Gatys {limits.max_iterations} iterations x {limits.max_optimisations}")
+    return "\n".join(lines)
 
 
 def _health_of(target: str, service: str, timeout: float) -> int:
@@ -634,6 +703,14 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="fully-qualified service name; '' = all")
     health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     health.set_defaults(handler=cmd_health)
+
+    info = sub.add_parser("info", help="what a server hosts: its services, models (name, "
+                                       "version, default) and limits")
+    info.add_argument("--target", default=None,
+                      help="host:port (default: as `percept health` finds the servers)")
+    info.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(handler=cmd_info)
 
     upscale = sub.add_parser("upscale", help="4x super-resolution of IN into OUT")
     upscale.add_argument("input", help="image file (PNG, JPEG, WebP, ...), or a folder of them")

@@ -15,6 +15,8 @@ from percept.v1 import (
     image_pb2,
     search_pb2,
     search_pb2_grpc,
+    server_pb2,
+    server_pb2_grpc,
     style_pb2,
     style_pb2_grpc,
     superres_pb2,
@@ -93,6 +95,12 @@ def upscale_future(channel: grpc.Channel, image: bytes, *, model: str = "",
     """:func:`upscale` started, not waited for: its future can be cancelled."""
     stub = superres_pb2_grpc.SuperResolutionStub(channel)
     return stub.Upscale.future(_upscale_request(image, model, output_format), timeout=timeout)
+
+
+def server_info(channel: grpc.Channel, timeout: float | None = 10
+                ) -> server_pb2.GetServerInfoResponse:
+    stub = server_pb2_grpc.ServerInfoStub(channel)
+    return stub.GetServerInfo(server_pb2.GetServerInfoRequest(), timeout=timeout)
 
 
 def list_styles(channel: grpc.Channel, timeout: float | None = 30) -> list[style_pb2.StyleInfo]:

@@ -121,9 +121,11 @@ def _status_name(context: grpc.aio.ServicerContext, error: BaseException | None)
     return "UNKNOWN" if error is not None and not isinstance(error, grpc.aio.AbortError) else "OK"
 
 
-#: The infrastructure services (prefixes of their names): their long-lived streams are not
-#: work, and the drain ends them (services/common/server.py, InfrastructureStreams).
-INFRASTRUCTURE_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
+#: The infrastructure services (prefixes of their names): answered while the models load,
+#: their calls are not work, and the drain ends their long-lived streams
+#: (services/common/server.py, ReadinessGate and InfrastructureStreams).
+INFRASTRUCTURE_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.",
+                           "percept.v1.ServerInfo")
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):

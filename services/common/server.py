@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from percept.v1 import server_pb2, server_pb2_grpc
 from services.common.config import ServerConfig, bare_host, listen_address
 from services.common.cpus import available_cpus
 from services.common.logs import configure_logging
@@ -38,6 +39,8 @@ from services.common.metrics import (
     MetricsServers,
     start_metrics_server,
 )
+from services.common.server_info import SERVICE_NAME as SERVER_INFO
+from services.common.server_info import ServerInfoServicer
 
 log = logging.getLogger("percept.server")
 
@@ -67,6 +70,10 @@ class ServiceModule(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Releases resources after the server stopped."""
+
+    def model_infos(self) -> list[server_pb2.ModelInfo]:
+        """The models this service serves, once loaded (percept.v1.ServerInfo)."""
+        return []
 
 
 # Service name -> "module:class"; imported lazily so one service never loads another's code.
@@ -257,8 +264,11 @@ class PerceptServer:
         for module in self.modules:
             module.add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        server_pb2_grpc.add_ServerInfoServicer_to_server(
+            ServerInfoServicer(self.modules, config, lambda: self._gate.ready), server)
         reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+            [*self.service_names, SERVER_INFO, health.SERVICE_NAME, reflection.SERVICE_NAME],
+            server)
         address = listen_address(config.host, config.port)
         self.port = server.add_insecure_port(address)
         if not self.port:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from percept.v1 import embed_pb2, embed_pb2_grpc
+from percept.v1 import embed_pb2, embed_pb2_grpc, server_pb2
 from services.common.alpha import over_white
 from services.common.artifacts import Artifact, list_artifacts, load_artifact, read_config
 from services.common.batching import MicroBatcher
@@ -46,6 +46,7 @@ from services.common.images import decode_image, probe_size
 from services.common.metrics import REJECTED, REQUEST_SLOTS
 from services.common.rpc import time_remaining, unary_errors
 from services.common.server import ServiceModule
+from services.common.server_info import model_info
 from services.embed.word_vectors import (
     TextEncoder,
     describe_source,
@@ -150,6 +151,12 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         await asyncio.to_thread(self._embed_batch, [_Job(blank, self.default_method)])
         if isinstance(self.text, TextEncoder):  # a word-vector file loads eagerly
             await asyncio.to_thread(self.text.encode, ["warm-up"])
+
+    def model_infos(self) -> list[server_pb2.ModelInfo]:
+        if self.devise is None:
+            return []
+        return [model_info(self.full_name, self.devise.name, self.devise.name,
+                           self.devise.version, is_default=self.default_method == DEVISE)]
 
     async def close(self) -> None:
         if hasattr(self, "batcher"):

@@ -13,7 +13,7 @@ from typing import cast
 import grpc
 import torch
 
-from percept.v1 import style_pb2, style_pb2_grpc
+from percept.v1 import server_pb2, style_pb2, style_pb2_grpc
 from services.common.alpha import ALPHA_FORMATS, fill_transparent, over_white
 from services.common.artifacts import list_artifacts, load_artifact
 from services.common.batching import MicroBatcher
@@ -32,6 +32,7 @@ from services.common.images import (
 from services.common.metrics import REJECTED, REQUEST_SLOTS
 from services.common.rpc import stream_errors, time_remaining, unary_errors
 from services.common.server import ServiceModule
+from services.common.server_info import model_info
 from services.common.tensors import to_uint8
 from services.style.optimisation import OptimisationJob, parse_request
 from services.style.postprocess import finish, is_identity
@@ -101,6 +102,10 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
             await self.optimiser.stop()
         for model in getattr(self, "styles", {}).values():
             await model.stop()
+
+    def model_infos(self) -> list[server_pb2.ModelInfo]:
+        return [model_info(self.full_name, name, model.artifact.name, model.artifact.version)
+                for name, model in self.styles.items()]
 
     # -- fixed styles ------------------------------------------------------------------
     @unary_errors

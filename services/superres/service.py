@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from percept.v1 import superres_pb2, superres_pb2_grpc
+from percept.v1 import server_pb2, superres_pb2, superres_pb2_grpc
 from services.common.alpha import ALPHA_FORMATS, fill_transparent, over_white
 from services.common.artifacts import list_artifacts, load_artifact
 from services.common.device import choose_device, describe, dtype_name
@@ -27,6 +27,7 @@ from services.common.images import (
 )
 from services.common.rpc import time_remaining, unary_errors
 from services.common.server import ServiceModule
+from services.common.server_info import model_info
 
 log = logging.getLogger("percept.superres")
 
@@ -86,6 +87,11 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
     async def warmup(self) -> None:
         for model in self.models.values():
             await model.warmup()
+
+    def model_infos(self) -> list[server_pb2.ModelInfo]:
+        return [model_info(self.full_name, name, model.artifact.name, model.artifact.version,
+                           is_default=name == self.default)
+                for name, model in self.models.items()]
 
     async def close(self) -> None:
         for model in getattr(self, "models", {}).values():

@@ -348,3 +348,26 @@ def test_search_min_score(all_server: RunningServer, capsys: pytest.CaptureFixtu
                  all_server.target]) == 0
     captured = capsys.readouterr()
     assert captured.out == "" and "no image scores 0.9 or more" in captured.err
+
+
+def test_info_command(all_server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    assert main(["info", "--target", all_server.target]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"{all_server.target}: percept ") and ", ready" in text
+    assert "SuperResolution: superres-perceptual = superres-perceptual@" in text
+    assert "(default)" in text and "64 MiB messages, 64,000,000 pixels an image" in text
+    assert main(["info", "--target", all_server.target, "--json"]) == 0
+    [server] = json.loads(capsys.readouterr().out)["servers"]
+    assert server["target"] == all_server.target and server["ready"] is True
+    assert {"service": "percept.v1.StyleTransfer", "name": "starry-night"}.items() <= next(
+        m for m in server["models"] if m["name"] == "starry-night").items()
+    assert server["limits"]["max_pixels"] == "64000000"  # int64 is a string in proto JSON
+
+
+def test_info_without_a_server_is_unavailable(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import free_port
+
+    assert main(["info", "--target", f"127.0.0.1:{free_port()}", "--timeout", "2"]) == 1
+    assert ": UNAVAILABLE: " in capsys.readouterr().err

@@ -19,7 +19,12 @@ from prometheus_client import REGISTRY
 from percept.v1 import style_pb2, style_pb2_grpc
 from services import client
 from services.common.server import RunningServer, ServiceModule, start_in_thread
-from tests.conftest import check_a_hung_up_header_read_holds_its_slot, encode, server_config
+from tests.conftest import (
+    REPO,
+    check_a_hung_up_header_read_holds_its_slot,
+    encode,
+    server_config,
+)
 from tests.fixtures import bad_images
 
 SERVICES = ["percept.v1.SuperResolution", "percept.v1.StyleTransfer", "percept.v1.Embedding",
@@ -54,6 +59,38 @@ def test_reflection_lists_the_services(all_server: RunningServer) -> None:
     services = set(database.get_services())
     assert set(SERVICES) <= services
     assert "grpc.health.v1.Health" in services
+    assert "percept.v1.ServerInfo" in services
+
+
+def test_server_info_names_every_model_and_the_limits(all_server: RunningServer) -> None:
+    """What a client would otherwise learn from error messages: the models each service
+    serves (as requests and responses name them, which one is the default) and the limits
+    its requests are checked against."""
+    import json
+
+    from services.common.config import SERVICE_FULL_NAMES
+
+    info = client.server_info(client.connect(all_server.target))
+    config = all_server.server.config
+    assert info.ready and sorted(info.services) == sorted(SERVICE_FULL_NAMES)
+    models = {(m.service, m.name): m for m in info.models}
+    superres = {n for s, n in models if s == "percept.v1.SuperResolution"}
+    assert superres == {"superres-perceptual", "superres-psnr"}
+    assert [n for (s, n), m in models.items() if m.is_default
+            and s == "percept.v1.SuperResolution"] == ["superres-perceptual"]
+    styles = {n for s, n in models if s == "percept.v1.StyleTransfer"}
+    assert styles == {s.name for s in client.list_styles(client.connect(all_server.target))}
+    for (service, name), model in models.items():
+        folder = REPO / "models" / (name if service != "percept.v1.StyleTransfer"
+                                    else f"style-{name}")
+        version = json.loads((folder / "config.json").read_text())["version"]
+        assert (model.version, model.artifact) == (version, f"{folder.name}@{version}")
+    assert ("percept.v1.Embedding", "devise-minilm") in models
+    assert (info.limits.max_message_bytes, info.limits.max_pixels, info.limits.max_queue,
+            info.limits.max_batch) == (config.max_message_bytes, config.max_pixels,
+                                       config.max_queue, config.max_batch)
+    assert info.limits.max_inflight_pixels == config.max_inflight_mpixels * 1_000_000
+    assert info.version  # the package version
 
 
 class GatedModule(ServiceModule):
@@ -101,12 +138,16 @@ def test_health_is_not_serving_until_loaded_then_serving_then_not_serving_on_dra
                 asyncio.run_coroutine_threadsafe(asyncio.sleep(0.02), loop).result()
         assert status == "NOT_SERVING"
         assert client.health_status(channel, "") == "NOT_SERVING"
+        loading = client.server_info(channel)  # answered while the models load
+        assert (list(loading.services), loading.ready, list(loading.models)) == (
+            ["test.Gated"], False, [])
         watch = health_pb2_grpc.HealthStub(channel).Watch(
             health_pb2.HealthCheckRequest(service="test.Gated"), timeout=30)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         loop.call_soon_threadsafe(gate.set)
         starting.result(10)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        assert client.server_info(channel).ready
         stopping = asyncio.run_coroutine_threadsafe(server.stop(grace=1.0), loop)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         stopping.result(10)

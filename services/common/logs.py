@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from services.common.request_ids import RequestIdFilter
+
 _RESERVED = set(vars(logging.makeLogRecord({})))
 
 
@@ -49,6 +51,7 @@ def configure_logging(log_format: str = "json", level: str = "info",
     break a JSON log into lines that are not JSON."""
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.addFilter(RequestIdFilter())  # the lines of a call carry its request_id
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -25,6 +25,8 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from services.common.request_ids import begin_request
+
 REQUESTS = Counter("percept_requests_total", "Finished RPCs by status code",
                    ["service", "method", "code"])
 LATENCY = Histogram("percept_request_seconds", "RPC latency in seconds", ["service", "method"],
@@ -148,10 +150,11 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         service, method = _split_method(handler_call_details.method)
         is_work = not service.startswith(INFRASTRUCTURE_SERVICES)
 
-        def begin() -> float:
+        def begin(context: grpc.aio.ServicerContext) -> float:
             INFLIGHT.labels(service).inc()
             if is_work:
                 self.active_work += 1
+                begin_request(context)
             return time.perf_counter()
 
         def finish(context: grpc.aio.ServicerContext, started: float,
@@ -166,7 +169,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             behaviour = handler.unary_unary or handler.stream_unary
 
             async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started = begin()
+                started = begin(context)
                 error: BaseException | None = None
                 try:
                     return await behaviour(request, context)
@@ -188,7 +191,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if not inspect.isasyncgenfunction(streaming):
             # a coroutine handler that streams with context.write() (e.g. health Watch)
             async def written_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started = begin()
+                started = begin(context)
                 error: BaseException | None = None
                 try:
                     return await streaming(request, context)
@@ -203,7 +206,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
         async def stream_response(request: Any,
                                   context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            started = begin()
+            started = begin(context)
             error: BaseException | None = None
             try:
                 async for response in streaming(request, context):

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import grpc
 
 from services.common.errors import ServiceError
+from services.common.request_ids import current_request_id, with_request_id
 
 log = logging.getLogger("percept.rpc")
 Self = TypeVar("Self")
@@ -23,10 +24,13 @@ async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, method
     if isinstance(error, (grpc.aio.AbortError, grpc.aio.UsageError)):
         raise error
     if isinstance(error, ServiceError):
-        await context.abort(error.code, error.message, error.trailing_metadata)
+        await context.abort(error.code, error.message,
+                            with_request_id(context, error.trailing_metadata))
     else:
         log.exception("unhandled error", extra={"method": method})
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        request_id = current_request_id.get()
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log" + (
+            f" (request id {request_id})" if request_id else ""))
 
 
 def unary_errors(method: Callable[[Self, Any, grpc.aio.ServicerContext], Awaitable[Any]]

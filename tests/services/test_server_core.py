@@ -297,6 +297,7 @@ def test_overload_gives_resource_exhausted_at_once(single_slot_style_server: Run
                                       gatys_request(b"not an image", style), timeout=30)
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert dict(error.value.trailing_metadata())["grpc-retry-pushback-ms"] == "100"
+        assert "x-request-id" in dict(error.value.trailing_metadata())  # kept beside it
     finally:
         running.cancel()
     # the cancelled optimisation stops and the server serves again
@@ -443,3 +444,57 @@ def test_a_cancelled_handler_is_counted_by_the_time_its_caller_had_left(
 
     assert _status_name(_EndedContext(remaining), asyncio.CancelledError()) == counted  # type: ignore[arg-type]
     assert _status_name(_EndedContext(remaining), None) == "OK"  # type: ignore[arg-type]
+
+
+def test_each_call_answers_with_its_request_id(all_server: RunningServer) -> None:
+    """The caller's x-request-id comes back in the trailers, of a success and of an error
+    alike (with a busy answer's retry trailer kept); a call without one gets one made."""
+    stub = style_pb2_grpc.StyleTransferStub(client.connect(all_server.target))
+    _, call = stub.ListStyles.with_call(style_pb2.ListStylesRequest(), timeout=30,
+                                        metadata=[("x-request-id", "client-7f3a")])
+    assert ("x-request-id", "client-7f3a") in call.trailing_metadata()
+    _, call = stub.ListStyles.with_call(style_pb2.ListStylesRequest(), timeout=30)
+    made = dict(call.trailing_metadata())["x-request-id"]
+    assert len(made) == 16 and int(made, 16) >= 0
+    _, call = stub.ListStyles.with_call(style_pb2.ListStylesRequest(), timeout=30,
+                                        metadata=[("x-request-id", "x" * 500)])
+    assert dict(call.trailing_metadata())["x-request-id"] != "x" * 500  # too long: replaced
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Stylize(style_pb2.StylizeRequest(image=b"junk", style="starry-night"), timeout=30,
+                     metadata=[("x-request-id", "client-bad-image")])
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("x-request-id", "client-bad-image") in error.value.trailing_metadata()
+
+
+def test_a_busy_answer_keeps_its_retry_trailer_beside_the_request_id() -> None:
+    from services.common.request_ids import REQUEST_ID_KEY, with_request_id
+
+    class Context:
+        def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+            return ((REQUEST_ID_KEY, "r1"), ("other", "dropped"))
+
+    assert with_request_id(Context(), (("grpc-retry-pushback-ms", "100"),)) == (  # type: ignore[arg-type]
+        (REQUEST_ID_KEY, "r1"), ("grpc-retry-pushback-ms", "100"))
+
+
+def test_log_lines_written_during_a_call_carry_its_request_id() -> None:
+    import io
+    import json
+    import logging
+
+    from services.common.logs import configure_logging
+    from services.common.request_ids import current_request_id
+
+    stream = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure_logging("json", "info", stream)
+        token = current_request_id.set("call-42")
+        logging.getLogger("percept.test").info("inside a call")
+        current_request_id.reset(token)
+        logging.getLogger("percept.test").info("between calls")
+    finally:
+        root.handlers[:], root.level = handlers, level
+    inside, between = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert inside["request_id"] == "call-42" and "request_id" not in between

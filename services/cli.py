@@ -196,6 +196,8 @@ def _health_of(target: str, service: str, timeout: float) -> int:
 #: The longest --timeout: gRPC turns larger deadlines (1e10 s, inf) into an immediate
 #: DEADLINE_EXCEEDED.
 MAX_TIMEOUT_SECONDS = 1_000_000.0
+#: Ids per GetImages call of ``percept images ID...`` (the server takes up to 10,000).
+GET_IMAGES_CHUNK = 10_000
 #: How long ``percept label`` and ``search`` retry while the server answers busy (seconds).
 QUERY_BUSY_PATIENCE_SECONDS = 60.0
 #: How long ``percept index`` keeps resending what was not acknowledged while the server
@@ -638,6 +640,34 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_images(args: argparse.Namespace) -> int:
+    """The indexed images: the given ids (GetImages), or every one (ListImages)."""
+    if args.ids and args.prefix:
+        raise UsageError("give ids or --prefix, not both")
+    channel = _channel(args)
+    missing: list[str] = []
+    if args.ids:
+        ids = list(dict.fromkeys(args.ids))
+        entries = []
+        for start in range(0, len(ids), GET_IMAGES_CHUNK):
+            answer = client.get_images(channel, ids[start:start + GET_IMAGES_CHUNK])
+            entries += list(answer.images)
+            missing += list(answer.missing)
+    else:
+        entries = client.list_images(channel, prefix=args.prefix)  # type: ignore[assignment]
+    if args.json:
+        print(json.dumps({"images": [{"id": e.id, "uri": e.uri,
+                                      "added": e.added.ToJsonString()} for e in entries],
+                          "missing": missing}))
+    else:
+        for entry in entries:
+            added = entry.added.ToDatetime().strftime("%Y-%m-%d %H:%M:%SZ")
+            print(f"{added}  {entry.id}" + (f"  {entry.uri}" if entry.uri != entry.id else ""))
+        for image_id in missing:
+            print(f"not indexed: {image_id}", file=sys.stderr)
+    return 1 if missing else 0
+
+
 def _cosine(text: str) -> float:
     """A --min-score: a cosine, -1..1."""
     try:
@@ -805,6 +835,14 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print JSON, not a table")
     _add_target(search, "search")
     search.set_defaults(handler=cmd_search)
+
+    images = sub.add_parser("images", help="list the indexed images, or look up ids")
+    images.add_argument("ids", nargs="*", help="ids to look up (exit 1 if one is not "
+                                               "indexed); none: list every image")
+    images.add_argument("--prefix", default="", help="only ids that start with this")
+    images.add_argument("--json", action="store_true", help="print JSON, not a table")
+    _add_target(images, "search")
+    images.set_defaults(handler=cmd_images)
 
     cluster = sub.add_parser("cluster", help="Kubernetes deployment status")
     cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)

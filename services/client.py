@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -162,3 +162,23 @@ def search_by_image(channel: grpc.Channel, image: bytes, k: int = 10,
     return search_pb2_grpc.ImageSearchStub(channel).SearchByImage(
         search_pb2.SearchByImageRequest(image=image, k=k, min_score=min_score),
         timeout=timeout)
+
+
+def get_images(channel: grpc.Channel, ids: Sequence[str], timeout: float | None = 60
+               ) -> search_pb2.GetImagesResponse:
+    return search_pb2_grpc.ImageSearchStub(channel).GetImages(
+        search_pb2.GetImagesRequest(ids=list(ids)), timeout=timeout)
+
+
+def list_images(channel: grpc.Channel, prefix: str = "", page_size: int = 1000,
+                timeout: float | None = 60) -> Iterator[search_pb2.ImageEntry]:
+    """Every stored image (whose id starts with ``prefix``), page by page."""
+    stub = search_pb2_grpc.ImageSearchStub(channel)
+    token = ""
+    while True:
+        page = stub.ListImages(search_pb2.ListImagesRequest(
+            page_size=page_size, page_token=token, prefix=prefix), timeout=timeout)
+        yield from page.images
+        token = page.next_page_token
+        if not token:
+            return

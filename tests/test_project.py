@@ -24,7 +24,8 @@ def test_every_service_rpc_field_and_enum_of_the_api_is_documented(tmp_path: Pat
     root = REPO / "protos"
     out = tmp_path / "api.pb"
     files = sorted(str(p.relative_to(root)) for p in (root / "percept" / "v1").glob("*.proto"))
-    assert protoc.main(["protoc", f"-I{root}", "--include_source_info",
+    well_known = Path(protoc.__file__).parent / "_proto"  # google/protobuf/*.proto
+    assert protoc.main(["protoc", f"-I{root}", f"-I{well_known}", "--include_source_info",
                         f"--descriptor_set_out={out}", *files]) == 0
     undocumented = []
     for proto in descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file:

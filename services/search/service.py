@@ -8,6 +8,7 @@ transaction committed, so an acknowledged id survives ``kill -9`` at any moment.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import threading
@@ -16,15 +17,16 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from google.protobuf import timestamp_pb2
 
 from percept.v1 import search_pb2, search_pb2_grpc
 from services.common.config import ServerConfig
-from services.common.errors import InvalidArgument, ServiceError
+from services.common.errors import InvalidArgument, ServiceError, shown
 from services.common.images import probe_size
 from services.common.rpc import stream_errors, time_remaining, unary_errors
 from services.common.server import ServiceModule
 from services.search.embedder import Embedder, InProcessEmbedder, RemoteEmbedder
-from services.search.store import ImageStore
+from services.search.store import Entry, ImageStore
 from services.search.vector_index import IndexSettings, VectorIndex, disk_bytes
 
 log = logging.getLogger("percept.search")
@@ -42,6 +44,12 @@ MAX_TEXT_CHARS = 1000
 MAX_K = 1000
 DEFAULT_K = 10
 MAX_DELETE = 10_000
+MAX_GET = 10_000
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+#: What a page token is made of: the last id of the page before, marked so that a token
+#: from elsewhere is told apart.
+PAGE_TOKEN_PREFIX = "after:"
 SNAPSHOT_EVERY_SECONDS = 30.0
 
 
@@ -322,6 +330,35 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
             [request.image], time_remaining(context)))[0], k, min_score)
 
     @unary_errors
+    async def GetImages(self, request: search_pb2.GetImagesRequest,
+                        context: grpc.aio.ServicerContext) -> search_pb2.GetImagesResponse:
+        if not request.ids:
+            raise InvalidArgument(f"ids is empty: send 1 to {MAX_GET}")
+        if len(request.ids) > MAX_GET:
+            raise InvalidArgument(f"{len(request.ids)} ids is over the limit of {MAX_GET}")
+        ids = list(dict.fromkeys(request.ids))
+        found = await asyncio.to_thread(self.store.entries, ids)
+        return search_pb2.GetImagesResponse(
+            images=[_image_entry(found[i]) for i in ids if i in found],
+            missing=[i for i in ids if i not in found])
+
+    @unary_errors
+    async def ListImages(self, request: search_pb2.ListImagesRequest,
+                         context: grpc.aio.ServicerContext) -> search_pb2.ListImagesResponse:
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        if not 1 <= size <= MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size must be 0..{MAX_PAGE_SIZE}, got {request.page_size}")
+        if len(request.prefix) > MAX_ID_CHARS:
+            raise InvalidArgument(f"prefix has {len(request.prefix)} characters, over "
+                                  f"{MAX_ID_CHARS}")
+        after = _page_token_id(request.page_token)
+        entries = await asyncio.to_thread(self.store.page, after, size + 1, request.prefix)
+        more = len(entries) > size
+        return search_pb2.ListImagesResponse(
+            images=[_image_entry(entry) for entry in entries[:size]],
+            next_page_token=_page_token(entries[size - 1].id) if more else "")
+
+    @unary_errors
     async def Stats(self, request: search_pb2.StatsRequest,
                     context: grpc.aio.ServicerContext) -> search_pb2.StatsResponse:
         count = await asyncio.to_thread(self.store.count)
@@ -330,3 +367,25 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                                         dimension=self.embedder.dimension, disk_bytes=size)
 
 
+def _image_entry(entry: Entry) -> search_pb2.ImageEntry:
+    added = timestamp_pb2.Timestamp()
+    added.FromNanoseconds(round(entry.added * 1e9))
+    return search_pb2.ImageEntry(id=entry.id, uri=entry.uri, added=added)
+
+
+def _page_token(last_id: str) -> str:
+    return base64.urlsafe_b64encode((PAGE_TOKEN_PREFIX + last_id).encode()).decode()
+
+
+def _page_token_id(token: str) -> str:
+    """The id a page token continues after ("" for no token)."""
+    if not token:
+        return ""
+    try:
+        text = base64.urlsafe_b64decode(token.encode("ascii")).decode()
+    except (ValueError, UnicodeError):
+        text = ""
+    if not text.startswith(PAGE_TOKEN_PREFIX):
+        raise InvalidArgument(f"page_token {shown(token)} is not one this service made: pass "
+                              "the next_page_token of the previous ListImages response")
+    return text[len(PAGE_TOKEN_PREFIX):]

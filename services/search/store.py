@@ -43,6 +43,28 @@ class Record:
     added: float
 
 
+@dataclass(frozen=True)
+class Entry:
+    """A stored image without its vector."""
+
+    id: str
+    uri: str
+    added: float  # seconds since the epoch
+
+
+def _after_every_id_with(prefix: str) -> str | None:
+    """The least string greater than every string that starts with ``prefix`` (SQLite
+    compares TEXT as UTF-8 bytes, which orders as code points), or None if there is none."""
+    while prefix and ord(prefix[-1]) == 0x10FFFF:
+        prefix = prefix[:-1]
+    if not prefix:
+        return None
+    last = ord(prefix[-1]) + 1
+    if 0xD800 <= last <= 0xDFFF:  # surrogates cannot be encoded; the next code point is
+        last = 0xE000
+    return prefix[:-1] + chr(last)
+
+
 #: Cosine between the probe image's vector now and when the record was made, below which
 #: the embedding space is another (the same model agrees with itself but for float
 #: rounding; another space's vectors are unrelated to these).
@@ -168,6 +190,34 @@ class ImageStore:
             for row in rows:
                 yield self._record(row)
             last = rows[-1][0]
+
+    def entries(self, ids: Sequence[str]) -> dict[str, Entry]:
+        """The stored ones of ``ids``, without their vectors."""
+        if not ids:
+            return {}
+        with self._lock:
+            marks = ",".join("?" * len(ids))
+            rows = self._db.execute(
+                f"SELECT id, uri, added FROM images WHERE id IN ({marks})", list(ids)).fetchall()
+        return {row[0]: Entry(*row) for row in rows}
+
+    def page(self, after: str, limit: int, prefix: str = "") -> list[Entry]:
+        """Up to ``limit`` entries in id order, of ids after ``after`` (not included) that
+        start with ``prefix``; a range read of the primary key, however large the record."""
+        query = "SELECT id, uri, added FROM images WHERE id > ?"
+        values: list[object] = [max(after, prefix) if prefix else after]
+        if prefix:
+            if after < prefix:
+                query = "SELECT id, uri, added FROM images WHERE id >= ?"
+            query += " AND substr(id, 1, ?) = ?"
+            values += [len(prefix), prefix]
+            upper = _after_every_id_with(prefix)
+            if upper is not None:
+                query += " AND id < ?"
+                values.append(upper)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY id LIMIT ?", [*values, limit]).fetchall()
+        return [Entry(*row) for row in rows]
 
     def changes_since(self, seq: int) -> list[tuple[int, str, str]]:
         """(seq, id, op) for every change after ``seq``, oldest first."""

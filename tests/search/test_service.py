@@ -268,3 +268,57 @@ def test_a_cancelled_stream_gives_back_the_bytes_it_held(
     assert module.buffered_bytes == 0
     assert {h.id for h in stub.SearchByImage(search_pb2.SearchByImageRequest(
         image=images[0], k=5), timeout=60).hits}.isdisjoint({"held-0", "held-1"})
+
+
+def test_the_indexed_images_can_be_listed_a_page_at_a_time_and_looked_up(
+        stub: search_pb2_grpc.ImageSearchStub) -> None:
+    import time
+
+    images = photo_variants(5, seed=14)
+    added, _ = add(stub, add_requests(images, prefix="listed"))
+    assert len(added) == 5
+    pages, token = [], ""
+    while True:
+        page = stub.ListImages(search_pb2.ListImagesRequest(page_size=2, page_token=token,
+                                                            prefix="listed-"), timeout=30)
+        pages.append([entry.id for entry in page.images])
+        token = page.next_page_token
+        if not token:
+            break
+    assert pages == [["listed-0", "listed-1"], ["listed-2", "listed-3"], ["listed-4"]]
+    everything = stub.ListImages(search_pb2.ListImagesRequest(page_size=1000), timeout=30)
+    ids = [entry.id for entry in everything.images]
+    assert ids == sorted(ids) and set(added) <= set(ids) and not everything.next_page_token
+    assert len(ids) == count(stub)
+
+    found = stub.GetImages(search_pb2.GetImagesRequest(
+        ids=["listed-3", "never-added", "listed-0", "listed-3"]), timeout=30)
+    assert [entry.id for entry in found.images] == ["listed-3", "listed-0"]
+    assert list(found.missing) == ["never-added"]
+    assert found.images[0].uri == "file:///listed/3.png"
+    assert 0 <= time.time() - found.images[0].added.ToSeconds() < 600
+
+
+@pytest.mark.parametrize("request_fields, message", [
+    ({"page_size": 1001}, "page_size must be 0..1000, got 1001"),
+    ({"page_size": -1}, "page_size must be 0..1000, got -1"),
+    ({"page_token": "not-a-token"}, "is not one this service made"),
+    ({"page_token": "YWZ0ZXI"}, "is not one this service made"),  # cut short
+    ({"prefix": "p" * 257}, "prefix has 257 characters, over 256"),
+])
+def test_bad_list_requests(stub: search_pb2_grpc.ImageSearchStub,
+                           request_fields: dict[str, object], message: str) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ListImages(search_pb2.ListImagesRequest(**request_fields), timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.value.details()
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([], "ids is empty: send 1 to 10000"), (["x"] * 10_001, "10001 ids is over the limit")])
+def test_bad_get_requests(stub: search_pb2_grpc.ImageSearchStub, ids: list[str],
+                          message: str) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        stub.GetImages(search_pb2.GetImagesRequest(ids=ids), timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.value.details()

@@ -371,3 +371,29 @@ def test_info_without_a_server_is_unavailable(capsys: pytest.CaptureFixture[str]
 
     assert main(["info", "--target", f"127.0.0.1:{free_port()}", "--timeout", "2"]) == 1
     assert ": UNAVAILABLE: " in capsys.readouterr().err
+
+
+def test_images_lists_what_index_added_and_looks_up_ids(
+        all_server: RunningServer, tmp_path: Path, photo: np.ndarray, small_photo: np.ndarray,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    folder = tmp_path / "listed"
+    folder.mkdir()
+    (folder / "one.png").write_bytes(encode(photo))
+    (folder / "two.png").write_bytes(encode(small_photo))
+    target = ["--target", all_server.target]
+    assert main(["index", str(folder), "--quiet", *target]) == 0
+    capsys.readouterr()
+    assert main(["images", "--prefix", str(folder), *target]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[1] for line in lines] == [str(folder / "one.png"),
+                                                        str(folder / "two.png")]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", lines[0].split("  ")[0])
+    assert main(["images", str(folder / "two.png"), str(folder / "nope.png"), "--json",
+                 *target]) == 1
+    answer = json.loads(capsys.readouterr().out)
+    assert [image["id"] for image in answer["images"]] == [str(folder / "two.png")]
+    assert answer["missing"] == [str(folder / "nope.png")]
+    assert answer["images"][0]["added"].endswith("Z")
+    assert main(["images", "x", "--prefix", "y", *target]) == 2

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17percept/v1/search.proto\x12\npercept.v1\"9\n\x0f\x41\x64\x64ImageRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\x0c\"5\n\tRejection\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"F\n\x0c\x41\x64\x64ImagesAck\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\t\x12\'\n\x08rejected\x18\x02 \x03(\x0b\x32\x15.percept.v1.Rejection\"T\n\x13SearchByTextRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x16\n\tmin_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_min_score\"V\n\x14SearchByImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x16\n\tmin_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_min_score\"-\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"/\n\x0eSearchResponse\x12\x1d\n\x04hits\x18\x01 \x03(\x0b\x32\x0f.percept.v1.Hit\"\"\n\x13\x44\x65leteImagesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"8\n\x14\x44\x65leteImagesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\x12\x0f\n\x07missing\x18\x02 \x03(\t\"\x0e\n\x0cStatsRequest\"Y\n\rStatsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x12\n\nindex_type\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\x05\x12\x12\n\ndisk_bytes\x18\x04 \x01(\x03\x32\x82\x03\n\x0bImageSearch\x12\x46\n\tAddImages\x12\x1b.percept.v1.AddImageRequest\x1a\x18.percept.v1.AddImagesAck(\x01\x30\x01\x12K\n\x0cSearchByText\x12\x1f.percept.v1.SearchByTextRequest\x1a\x1a.percept.v1.SearchResponse\x12M\n\rSearchByImage\x12 .percept.v1.SearchByImageRequest\x1a\x1a.percept.v1.SearchResponse\x12Q\n\x0c\x44\x65leteImages\x12\x1f.percept.v1.DeleteImagesRequest\x1a .percept.v1.DeleteImagesResponse\x12<\n\x05Stats\x12\x18.percept.v1.StatsRequest\x1a\x19.percept.v1.StatsResponseBD\n\x0e\x64\x65v.percept.v1P\x01Z#percept/gen/go/percept/v1;perceptv1\xaa\x02\nPercept.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17percept/v1/search.proto\x12\npercept.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"9\n\x0f\x41\x64\x64ImageRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\x0c\"5\n\tRejection\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"F\n\x0c\x41\x64\x64ImagesAck\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\t\x12\'\n\x08rejected\x18\x02 \x03(\x0b\x32\x15.percept.v1.Rejection\"T\n\x13SearchByTextRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x16\n\tmin_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_min_score\"V\n\x14SearchByImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x16\n\tmin_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_min_score\"-\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"/\n\x0eSearchResponse\x12\x1d\n\x04hits\x18\x01 \x03(\x0b\x32\x0f.percept.v1.Hit\"\"\n\x13\x44\x65leteImagesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"8\n\x14\x44\x65leteImagesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\x12\x0f\n\x07missing\x18\x02 \x03(\t\"\x0e\n\x0cStatsRequest\"Y\n\rStatsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x12\n\nindex_type\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\x05\x12\x12\n\ndisk_bytes\x18\x04 \x01(\x03\"P\n\nImageEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12)\n\x05\x61\x64\x64\x65\x64\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1f\n\x10GetImagesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"L\n\x11GetImagesResponse\x12&\n\x06images\x18\x01 \x03(\x0b\x32\x16.percept.v1.ImageEntry\x12\x0f\n\x07missing\x18\x02 \x03(\t\"J\n\x11ListImagesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\"U\n\x12ListImagesResponse\x12&\n\x06images\x18\x01 \x03(\x0b\x32\x16.percept.v1.ImageEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x99\x04\n\x0bImageSearch\x12\x46\n\tAddImages\x12\x1b.percept.v1.AddImageRequest\x1a\x18.percept.v1.AddImagesAck(\x01\x30\x01\x12K\n\x0cSearchByText\x12\x1f.percept.v1.SearchByTextRequest\x1a\x1a.percept.v1.SearchResponse\x12M\n\rSearchByImage\x12 .percept.v1.SearchByImageRequest\x1a\x1a.percept.v1.SearchResponse\x12Q\n\x0c\x44\x65leteImages\x12\x1f.percept.v1.DeleteImagesRequest\x1a .percept.v1.DeleteImagesResponse\x12<\n\x05Stats\x12\x18.percept.v1.StatsRequest\x1a\x19.percept.v1.StatsResponse\x12H\n\tGetImages\x12\x1c.percept.v1.GetImagesRequest\x1a\x1d.percept.v1.GetImagesResponse\x12K\n\nListImages\x12\x1d.percept.v1.ListImagesRequest\x1a\x1e.percept.v1.ListImagesResponseBD\n\x0e\x64\x65v.percept.v1P\x01Z#percept/gen/go/percept/v1;perceptv1\xaa\x02\nPercept.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,28 +33,38 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'percept.v1.search_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.percept.v1P\001Z#percept/gen/go/percept/v1;perceptv1\252\002\nPercept.V1'
-  _globals['_ADDIMAGEREQUEST']._serialized_start=39
-  _globals['_ADDIMAGEREQUEST']._serialized_end=96
-  _globals['_REJECTION']._serialized_start=98
-  _globals['_REJECTION']._serialized_end=151
-  _globals['_ADDIMAGESACK']._serialized_start=153
-  _globals['_ADDIMAGESACK']._serialized_end=223
-  _globals['_SEARCHBYTEXTREQUEST']._serialized_start=225
-  _globals['_SEARCHBYTEXTREQUEST']._serialized_end=309
-  _globals['_SEARCHBYIMAGEREQUEST']._serialized_start=311
-  _globals['_SEARCHBYIMAGEREQUEST']._serialized_end=397
-  _globals['_HIT']._serialized_start=399
-  _globals['_HIT']._serialized_end=444
-  _globals['_SEARCHRESPONSE']._serialized_start=446
-  _globals['_SEARCHRESPONSE']._serialized_end=493
-  _globals['_DELETEIMAGESREQUEST']._serialized_start=495
-  _globals['_DELETEIMAGESREQUEST']._serialized_end=529
-  _globals['_DELETEIMAGESRESPONSE']._serialized_start=531
-  _globals['_DELETEIMAGESRESPONSE']._serialized_end=587
-  _globals['_STATSREQUEST']._serialized_start=589
-  _globals['_STATSREQUEST']._serialized_end=603
-  _globals['_STATSRESPONSE']._serialized_start=605
-  _globals['_STATSRESPONSE']._serialized_end=694
-  _globals['_IMAGESEARCH']._serialized_start=697
-  _globals['_IMAGESEARCH']._serialized_end=1083
+  _globals['_ADDIMAGEREQUEST']._serialized_start=72
+  _globals['_ADDIMAGEREQUEST']._serialized_end=129
+  _globals['_REJECTION']._serialized_start=131
+  _globals['_REJECTION']._serialized_end=184
+  _globals['_ADDIMAGESACK']._serialized_start=186
+  _globals['_ADDIMAGESACK']._serialized_end=256
+  _globals['_SEARCHBYTEXTREQUEST']._serialized_start=258
+  _globals['_SEARCHBYTEXTREQUEST']._serialized_end=342
+  _globals['_SEARCHBYIMAGEREQUEST']._serialized_start=344
+  _globals['_SEARCHBYIMAGEREQUEST']._serialized_end=430
+  _globals['_HIT']._serialized_start=432
+  _globals['_HIT']._serialized_end=477
+  _globals['_SEARCHRESPONSE']._serialized_start=479
+  _globals['_SEARCHRESPONSE']._serialized_end=526
+  _globals['_DELETEIMAGESREQUEST']._serialized_start=528
+  _globals['_DELETEIMAGESREQUEST']._serialized_end=562
+  _globals['_DELETEIMAGESRESPONSE']._serialized_start=564
+  _globals['_DELETEIMAGESRESPONSE']._serialized_end=620
+  _globals['_STATSREQUEST']._serialized_start=622
+  _globals['_STATSREQUEST']._serialized_end=636
+  _globals['_STATSRESPONSE']._serialized_start=638
+  _globals['_STATSRESPONSE']._serialized_end=727
+  _globals['_IMAGEENTRY']._serialized_start=729
+  _globals['_IMAGEENTRY']._serialized_end=809
+  _globals['_GETIMAGESREQUEST']._serialized_start=811
+  _globals['_GETIMAGESREQUEST']._serialized_end=842
+  _globals['_GETIMAGESRESPONSE']._serialized_start=844
+  _globals['_GETIMAGESRESPONSE']._serialized_end=920
+  _globals['_LISTIMAGESREQUEST']._serialized_start=922
+  _globals['_LISTIMAGESREQUEST']._serialized_end=996
+  _globals['_LISTIMAGESRESPONSE']._serialized_start=998
+  _globals['_LISTIMAGESRESPONSE']._serialized_end=1083
+  _globals['_IMAGESEARCH']._serialized_start=1086
+  _globals['_IMAGESEARCH']._serialized_end=1623
 # @@protoc_insertion_point(module_scope)

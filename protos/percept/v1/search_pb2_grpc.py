@@ -61,6 +61,16 @@ class ImageSearchStub:
                 request_serializer=percept_dot_v1_dot_search__pb2.StatsRequest.SerializeToString,
                 response_deserializer=percept_dot_v1_dot_search__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.GetImages = channel.unary_unary(
+                '/percept.v1.ImageSearch/GetImages',
+                request_serializer=percept_dot_v1_dot_search__pb2.GetImagesRequest.SerializeToString,
+                response_deserializer=percept_dot_v1_dot_search__pb2.GetImagesResponse.FromString,
+                _registered_method=True)
+        self.ListImages = channel.unary_unary(
+                '/percept.v1.ImageSearch/ListImages',
+                request_serializer=percept_dot_v1_dot_search__pb2.ListImagesRequest.SerializeToString,
+                response_deserializer=percept_dot_v1_dot_search__pb2.ListImagesResponse.FromString,
+                _registered_method=True)
 
 
 class ImageSearchServicer:
@@ -117,6 +127,24 @@ class ImageSearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetImages(self, request, context):
+        """The stored images among the given ids (is this one indexed, and from where?).
+        Errors: INVALID_ARGUMENT (no ids, over 10,000 ids).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListImages(self, request, context):
+        """Every stored image, a page at a time in id order; pages stay consistent while images
+        are added or deleted (a page starts after the last id of the one before).
+        Errors: INVALID_ARGUMENT (page_size outside 0..1000, a page_token this service did not
+        make, a prefix over 256 characters).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageSearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +172,16 @@ def add_ImageSearchServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=percept_dot_v1_dot_search__pb2.StatsRequest.FromString,
                     response_serializer=percept_dot_v1_dot_search__pb2.StatsResponse.SerializeToString,
+            ),
+            'GetImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetImages,
+                    request_deserializer=percept_dot_v1_dot_search__pb2.GetImagesRequest.FromString,
+                    response_serializer=percept_dot_v1_dot_search__pb2.GetImagesResponse.SerializeToString,
+            ),
+            'ListImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListImages,
+                    request_deserializer=percept_dot_v1_dot_search__pb2.ListImagesRequest.FromString,
+                    response_serializer=percept_dot_v1_dot_search__pb2.ListImagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -283,6 +321,60 @@ class ImageSearch:
             '/percept.v1.ImageSearch/Stats',
             percept_dot_v1_dot_search__pb2.StatsRequest.SerializeToString,
             percept_dot_v1_dot_search__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/percept.v1.ImageSearch/GetImages',
+            percept_dot_v1_dot_search__pb2.GetImagesRequest.SerializeToString,
+            percept_dot_v1_dot_search__pb2.GetImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/percept.v1.ImageSearch/ListImages',
+            percept_dot_v1_dot_search__pb2.ListImagesRequest.SerializeToString,
+            percept_dot_v1_dot_search__pb2.ListImagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,8 +1,23 @@
-"""Exceptions that carry a gRPC status, and the one place that maps them to an abort."""
+"""Exceptions that carry a gRPC status, and the one place that maps them to an abort.
+
+Each answer also carries the rich error model of google.rpc (the ``grpc-status-details-bin``
+trailer, which grpc-go's ``status.FromError``, grpc-java's ``StatusProto.fromThrowable`` and
+Python's ``grpc_status.rpc_status.from_call`` read): an ErrorInfo whose ``reason`` a
+client can branch on without parsing the message (``QUEUE_FULL``: retry; ``RESULT_TOO_LARGE``:
+do not), a RetryInfo on a busy answer, and a BadRequest naming the request field at fault."""
 
 from __future__ import annotations
 
+import re
+
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+#: ErrorInfo.domain of every percept error.
+ERROR_DOMAIN = "percept.v1"
+#: The trailer of the google.rpc.Status with the details.
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 #: The most bytes a status message may take on the wire (gRPC percent-encodes it into the
 #: ``grpc-message`` trailer; clients refuse metadata over 8 KiB by default, so a longer
@@ -37,15 +52,60 @@ def shown(value: str, limit: int = 80) -> str:
     return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
+def status_details(code: grpc.StatusCode, message: str, reason: str, *,
+                   field: str | None = None, retry_after_ms: int | None = None,
+                   metadata: dict[str, str] | None = None) -> bytes:
+    """The serialised google.rpc.Status of an answer: ErrorInfo, and RetryInfo and
+    BadRequest where they apply."""
+    details = [error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN,
+                                           metadata=metadata or {})]
+    if retry_after_ms is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(retry_after_ms)
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    if field is not None:
+        details.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]))
+    packed = []
+    for detail in details:
+        item = any_pb2.Any()
+        item.Pack(detail)
+        packed.append(item)
+    return status_pb2.Status(code=code.value[0], message=message,
+                             details=packed).SerializeToString()
+
+
+#: What an image is called in messages -> its field in the request (BadRequest).
+_IMAGE_FIELDS = {"image": "image", "mask": "mask", "content image": "content_image",
+                 "style image": "style_image"}
+
+
+def field_of(what: str) -> str:
+    """The request field of an image named ``what`` in a message: "image 3" is
+    ``images[3]`` (EmbedImages), "content image" ``content_image``."""
+    numbered = re.fullmatch(r"image (\d+)", what)
+    return f"images[{numbered.group(1)}]" if numbered else _IMAGE_FIELDS.get(what, what)
+
+
 class ServiceError(Exception):
-    """An error to report to the client with a precise status code and message."""
+    """An error to report to the client with a precise status code and message, and a
+    machine-readable ``reason`` (google.rpc.ErrorInfo); ``field`` names the request field
+    at fault (google.rpc.BadRequest)."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, *,
+                 reason: str | None = None, field: str | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
+            self.reason = code.name
+        if reason is not None:
+            self.reason = reason
+        self.field = field
+        self.metadata = metadata
 
     @property
     def message(self) -> str:
@@ -53,21 +113,32 @@ class ServiceError(Exception):
         return fit_status_message(str(self))
 
     @property
-    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        """Sent with the status (none, but for Busy)."""
-        return ()
+    def retry_after_ms(self) -> int | None:
+        """How long a client should wait before it retries; None: a retry will not help."""
+        return None
+
+    @property
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        """Sent with the status: the google.rpc.Status details (and, for Busy, gRPC's
+        retry pushback)."""
+        return ((STATUS_DETAILS_KEY, status_details(
+            self.code, self.message, self.reason, field=self.field,
+            retry_after_ms=self.retry_after_ms, metadata=self.metadata)),)
 
 
 class InvalidArgument(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
 
 
 class NotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
 
 
 class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RESOURCE_EXHAUSTED"
 
 
 #: The trailer of a "busy" answer: milliseconds the client should wait before it retries
@@ -80,26 +151,37 @@ class Busy(ResourceExhausted):
     the answer carries the ``grpc-retry-pushback-ms`` trailer, which tells a client that a
     retry may succeed, and when; a message too large is RESOURCE_EXHAUSTED without it."""
 
-    def __init__(self, message: str, retry_after_ms: int = 100) -> None:
-        super().__init__(message)
-        self.retry_after_ms = retry_after_ms
+    reason = "QUEUE_FULL"
+
+    def __init__(self, message: str, retry_after_ms: int = 100, *,
+                 reason: str | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self._retry_after_ms = retry_after_ms
 
     @property
-    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((RETRY_PUSHBACK_KEY, str(self.retry_after_ms)),)
+    def retry_after_ms(self) -> int:
+        return self._retry_after_ms
+
+    @property
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return ((RETRY_PUSHBACK_KEY, str(self.retry_after_ms)), *super().trailing_metadata)
 
 
 class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
 
 
 class Unimplemented(ServiceError):
     code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "NO_MODEL_INSTALLED"
 
 
 class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
 
 
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
+    reason = "UNAVAILABLE"

@@ -110,7 +110,7 @@ class PixelBudget:
         return Busy(f"the images in progress take {self.in_use / 1e6:.1f} of the "
                     f"{self.limit / 1e6:.0f} megapixels this server holds at once "
                     f"(--max-inflight-mpixels), and this one needs {pixels / 1e6:.1f} "
-                    "more; retry with backoff")
+                    "more; retry with backoff", reason="PIXEL_BUDGET_FULL")
 
 
 #: One budget per server configuration object (a process runs one server; tests run
@@ -313,7 +313,8 @@ class TiledImageModel:
             raise InvalidArgument(
                 f"a {width}x{height} image takes {plan.count} tiles of {self.tile} px "
                 f"({len(plan.rows)} x {len(plan.cols)}); one request may take "
-                f"{self.max_tiles}: send a less elongated image, or cut it into parts")
+                f"{self.max_tiles}: send a less elongated image, or cut it into parts",
+                reason="IMAGE_TOO_MANY_TILES", field="image")
 
     @contextlib.asynccontextmanager
     async def admission(self, data: bytes, max_pixels: int) -> AsyncIterator[RequestSlot]:
@@ -367,7 +368,8 @@ class TiledImageModel:
         left to decoding)."""
         if 0 < min(width, height) < self.min_side:
             raise InvalidArgument(f"image is {width}x{height}; the minimum is "
-                                  f"{self.min_side}x{self.min_side}")
+                                  f"{self.min_side}x{self.min_side}", reason="IMAGE_TOO_SMALL",
+                                  field="image")
 
     def check_output(self, width: int, height: int) -> None:
         """INVALID_ARGUMENT when a ``width`` x ``height`` input's output would be over the
@@ -376,7 +378,8 @@ class TiledImageModel:
         if self.max_output_pixels is not None and output > self.max_output_pixels:
             source = f" ({self.max_output_source})" if self.max_output_source else ""
             raise InvalidArgument(f"the output would have {output} pixels, over the cap of "
-                                  f"{self.max_output_pixels}{source}; send a smaller image")
+                                  f"{self.max_output_pixels}{source}; send a smaller image",
+                                  reason="RESULT_OVER_PIXEL_CAP", field="image")
 
     def _take_pixels(self, width: int, height: int) -> int:
         """Takes a ``width`` x ``height`` request's pixels (input plus output) from the

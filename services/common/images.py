@@ -23,7 +23,7 @@ from services.common.colour import (
     readable_profile,
     to_srgb,
 )
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.errors import InvalidArgument, ResourceExhausted, field_of
 from services.common.libtiff_messages import route_libtiff_messages, take_libtiff_error
 from services.common.png import encode_png
 from services.common.structure_bounds import WALKED_AT_DECODE, structure_excess
@@ -211,10 +211,16 @@ def _rgb_icc_profile(image: Image.Image) -> bytes | None:
     return profile if readable_profile(profile) else None
 
 
+def _bad(what: str, message: str, reason: str) -> InvalidArgument:
+    """The error for the image named ``what`` ("image 3", "mask"): its request field and a
+    machine-readable reason go with the message."""
+    return InvalidArgument(message, reason=reason, field=field_of(what))
+
+
 def _open(data: bytes, what: str) -> Image.Image:
     """Opens ``data`` with the accepted decoders, reading the header only."""
     if not data:
-        raise InvalidArgument(f"empty {what}")
+        raise _bad(what, f"empty {what}", "IMAGE_EMPTY")
     _refuse_costly_structure(data, what, header_only=True)  # before Pillow reads it
     try:
         return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
@@ -224,8 +230,8 @@ def _open(data: bytes, what: str) -> Image.Image:
         fault = _header_fault(data, what)
         if fault is not None:
             raise fault from error
-        raise InvalidArgument(f"not a decodable {what} (PNG, JPEG, WebP, GIF, BMP or TIFF)"
-                              ) from error
+        raise _bad(what, f"not a decodable {what} (PNG, JPEG, WebP, GIF, BMP or TIFF)",
+                   "IMAGE_UNDECODABLE") from error
     except Exception as error:  # a plugin's own failure on a damaged header
         claimed = _claimed_format(data)
         raise _header_failure(data, claimed, what, _reason(error)) from error
@@ -239,8 +245,8 @@ def _refuse_costly_structure(data: bytes, what: str, *, header_only: bool) -> No
     excess = structure_excess(data, header_only=header_only)
     if excess is not None:
         fmt, too_many = excess
-        raise InvalidArgument(f"{what} is a {fmt} of {too_many}: it would take long to "
-                              "decode; re-encode it")
+        raise _bad(what, f"{what} is a {fmt} of {too_many}: it would take long to decode; "
+                   "re-encode it", "IMAGE_TOO_COSTLY")
 
 
 def _header_fault(data: bytes, what: str) -> InvalidArgument | None:
@@ -267,10 +273,10 @@ def _header_failure(data: bytes, fmt: str | None, what: str, reason: str
     mark noted (such bytes may be a cut file, or no file of that format at all)."""
     cut = None if fmt is None else how_cut_short(data, fmt)
     if cut is not None and cut.by_length:
-        return InvalidArgument(f"truncated {what}: {cut.how} ({reason})")
+        return _bad(what, f"truncated {what}: {cut.how} ({reason})", "IMAGE_TRUNCATED")
     if cut is not None:
-        return InvalidArgument(f"not a decodable {what}: {reason}; {cut.how}")
-    return InvalidArgument(f"not a decodable {what}: {reason}")
+        return _bad(what, f"not a decodable {what}: {reason}; {cut.how}", "IMAGE_UNDECODABLE")
+    return _bad(what, f"not a decodable {what}: {reason}", "IMAGE_UNDECODABLE")
 
 
 def _claimed_format(data: bytes) -> str | None:
@@ -294,10 +300,10 @@ def _decode_failure(data: bytes, fmt: str, what: str, reason: str) -> InvalidArg
     where it is whole and damaged inside, whatever Pillow's message guessed."""
     cut = how_cut_short(data, fmt)
     if cut is not None:
-        return InvalidArgument(f"truncated {what}: {cut.how} ({reason})")
+        return _bad(what, f"truncated {what}: {cut.how} ({reason})", "IMAGE_TRUNCATED")
     if fmt == "TIFF" and "truncated" in reason:  # its end is not marked: trust the decoder
-        return InvalidArgument(f"truncated {what}: {reason}")
-    return InvalidArgument(f"corrupt {what} data: {reason}")
+        return _bad(what, f"truncated {what}: {reason}", "IMAGE_TRUNCATED")
+    return _bad(what, f"corrupt {what} data: {reason}", "IMAGE_CORRUPT")
 
 
 def _with_libtiff_error(text: str) -> str:
@@ -336,11 +342,10 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image",
     with image:
         width, height = image.size
         if width <= 0 or height <= 0:
-            raise InvalidArgument(f"{what} has zero size ({width} x {height})")
+            raise _bad(what, f"{what} has zero size ({width} x {height})", "IMAGE_EMPTY")
         if width * height > max_pixels:
-            raise InvalidArgument(
-                f"{what} has {width} x {height} = {width * height} pixels, "
-                f"over the cap of {max_pixels}")
+            raise _bad(what, f"{what} has {width} x {height} = {width * height} pixels, "
+                             f"over the cap of {max_pixels}", "IMAGE_OVER_PIXEL_CAP")
         source_format = image.format or "unknown"
         if source_format in WALKED_AT_DECODE:  # a JPEG's scans, a PNG's pixel data chunks
             _refuse_costly_structure(data, what, header_only=False)
@@ -370,12 +375,12 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image",
         except MemoryError:
             raise
         except ImportError as error:  # LAB needs littlecms, which a Pillow build may lack
-            raise InvalidArgument(f"cannot convert a {mode} {what} to RGB: this server's "
-                                  "image library has no colour management; send RGB"
-                                  ) from error
+            raise _bad(what, f"cannot convert a {mode} {what} to RGB: this server's image "
+                             "library has no colour management; send RGB",
+                       "IMAGE_UNDECODABLE") from error
         except Exception as error:
-            raise InvalidArgument(f"cannot convert a {mode} {what} to RGB: {_reason(error)}"
-                                  ) from error
+            raise _bad(what, f"cannot convert a {mode} {what} to RGB: {_reason(error)}",
+                       "IMAGE_UNDECODABLE") from error
         array = np.asarray(image)
     alpha = None
     if array.shape[-1] == 4:
@@ -401,7 +406,8 @@ def decode_mask(data: bytes, *, max_pixels: int, size: tuple[int, int],
     if abs(mask_ratio / image_ratio - 1.0) > aspect_tolerance:
         raise InvalidArgument(
             f"mask aspect ratio {decoded.width}x{decoded.height} does not match the image's "
-            f"{width}x{height} (both as displayed, after any EXIF orientation)")
+            f"{width}x{height} (both as displayed, after any EXIF orientation)",
+            reason="MASK_ASPECT_MISMATCH", field="mask")
     grey = Image.fromarray(decoded.rgb).convert("L")
     if decoded.alpha is not None:  # transparent = not stylised
         grey = Image.fromarray((np.asarray(grey, np.float32) * (decoded.alpha / 255.0))
@@ -413,7 +419,7 @@ def decode_mask(data: bytes, *, max_pixels: int, size: tuple[int, int],
 
 def output_format_name(fmt: int) -> str:
     if fmt not in _FORMATS:
-        raise InvalidArgument(f"unknown output_format {fmt}")
+        raise InvalidArgument(f"unknown output_format {fmt}", field="output_format")
     return _FORMATS[fmt]
 
 
@@ -424,7 +430,8 @@ def check_output_size(width: int, height: int, fmt: int) -> None:
     limit = MAX_OUTPUT_SIDE.get(name)
     if limit is not None and max(width, height) > limit:
         raise InvalidArgument(f"the {width}x{height} result is over {name}'s limit of {limit} "
-                              "px a side; ask for PNG output, or send a smaller image")
+                              "px a side; ask for PNG output, or send a smaller image",
+                              reason="RESULT_OVER_FORMAT_LIMIT", field="output_format")
 
 
 def output_format_enum(fmt: int) -> int:
@@ -435,7 +442,7 @@ def validate_quality(quality: int) -> int:
     if quality == 0:
         return 95
     if not 1 <= quality <= 100:
-        raise InvalidArgument(f"quality must be 1..100, got {quality}")
+        raise InvalidArgument(f"quality must be 1..100, got {quality}", field="quality")
     return quality
 
 
@@ -459,7 +466,7 @@ def encode_image(rgb: np.ndarray, *, alpha: np.ndarray | None = None, fmt: int =
         raise ResourceExhausted(
             f"the {rgb.shape[1]}x{rgb.shape[0]} result encodes to {len(data) / 2**20:.1f} MiB "
             f"as {name}, over this server's message limit of {max_reply_bytes / 2**20:.0f} MiB "
-            f"(--max-message-mb){other}, or send a smaller image")
+            f"(--max-message-mb){other}, or send a smaller image", reason="RESULT_TOO_LARGE")
     return data
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import grpc
 
-from services.common.errors import fit_status_message
+from services.common.errors import STATUS_DETAILS_KEY, fit_status_message, status_details
+from services.common.request_ids import with_request_id
 
 
 class Malformed:
@@ -50,7 +51,10 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 
 
 async def _refuse(context: grpc.aio.ServicerContext, request: Malformed) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+    details = status_details(grpc.StatusCode.INVALID_ARGUMENT, request.message,
+                             "MALFORMED_REQUEST")
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message,
+                        with_request_id(context, ((STATUS_DETAILS_KEY, details),)))
 
 
 class MalformedRequests(grpc.aio.ServerInterceptor):

@@ -43,7 +43,8 @@ def begin_request(context: grpc.aio.ServicerContext) -> str:
 
 
 def with_request_id(context: grpc.aio.ServicerContext,
-                    metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+                    metadata: tuple[tuple[str, str | bytes], ...]
+                    ) -> tuple[tuple[str, str | bytes], ...]:
     """``metadata`` for an abort, with the call's id kept (an abort's metadata replaces
     what was set before)."""
     kept = tuple((k, v) for k, v in (context.trailing_metadata() or ()) if k == REQUEST_ID_KEY)

@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from percept.v1 import server_pb2, server_pb2_grpc
 from services.common.config import ServerConfig, bare_host, listen_address
 from services.common.cpus import available_cpus
+from services.common.errors import STATUS_DETAILS_KEY, status_details
 from services.common.logs import configure_logging
 from services.common.malformed import MalformedRequests
 from services.common.metrics import (
@@ -39,6 +40,7 @@ from services.common.metrics import (
     MetricsServers,
     start_metrics_server,
 )
+from services.common.request_ids import with_request_id
 from services.common.server_info import SERVICE_NAME as SERVER_INFO
 from services.common.server_info import ServerInfoServicer
 
@@ -107,11 +109,13 @@ class ReadinessGate(grpc.aio.ServerInterceptor):
         self.ready = False
         self.reason = ("the server is still loading its models; retry when grpc.health.v1 "
                        "reports SERVING")
+        self.error_reason = "SERVER_LOADING"  # google.rpc.ErrorInfo
 
     def close(self) -> None:
         """Refuses new service RPCs from now on (the drain)."""
         self.ready = False
         self.reason = "the server is shutting down; retry on another replica"
+        self.error_reason = "SERVER_DRAINING"
 
     async def intercept_service(self, continuation: Any,
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -121,9 +125,12 @@ class ReadinessGate(grpc.aio.ServerInterceptor):
             return handler
 
         reason = self.reason
+        details = ((STATUS_DETAILS_KEY, status_details(
+            grpc.StatusCode.UNAVAILABLE, reason, self.error_reason)),)
 
         async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, reason,
+                                with_request_id(context, details))
 
         for kind, factory in (("unary_unary", grpc.unary_unary_rpc_method_handler),
                               ("unary_stream", grpc.unary_stream_rpc_method_handler),

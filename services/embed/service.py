@@ -184,17 +184,19 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         if method == embed_pb2.EMBEDDING_METHOD_UNSPECIFIED:
             return self.default_method
         if method not in _METHOD_NAMES:
-            raise InvalidArgument(f"unknown method {method}")
+            raise InvalidArgument(f"unknown method {method}", field="method")
         if method == DEVISE and self.devise is None and self.devise_refused:
             raise FailedPrecondition(
                 "no installed DeViSE map fits this service's vectors, "
                 f"{space_name(self.space.source)}: "
                 + "; ".join(f"{n}: {r}" for n, r in self.devise_refused.items())
                 + "; train one for these vectors with `percept train devise --word-vectors "
-                  "PATH` (or serve the vectors it was trained on), or use method CONSE")
+                  "PATH` (or serve the vectors it was trained on), or use method CONSE",
+                reason="DEVISE_SPACE_MISMATCH", field="method")
         if method == DEVISE and self.devise is None:
             raise Unimplemented("no DeViSE map is installed in this server's --models-dir; use "
-                                "method CONSE or train one with `percept train devise`")
+                                "method CONSE or train one with `percept train devise`",
+                                field="method")
         return method
 
     async def embed_images(self, images: Sequence[bytes], method: int = 0,
@@ -271,10 +273,10 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
                           context: grpc.aio.ServicerContext) -> embed_pb2.EmbedImagesResponse:
         if not request.images:
             raise InvalidArgument("images is empty: send 1 to "
-                                  f"{self.config.max_batch * 8} images")
+                                  f"{self.config.max_batch * 8} images", field="images")
         if len(request.images) > self.config.max_batch * 8:
             raise InvalidArgument(f"{len(request.images)} images is over the batch limit of "
-                                  f"{self.config.max_batch * 8}")
+                                  f"{self.config.max_batch * 8}", field="images")
         method = self._method(request.method)
         vectors = await self.embed_images(request.images, method, time_remaining(context))
         return embed_pb2.EmbedImagesResponse(
@@ -287,15 +289,16 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         seconds; Busy when --max-queue text requests are already waiting or running."""
         limit = self.config.max_batch * 8
         if not texts:
-            raise InvalidArgument(f"texts is empty: send 1 to {limit} phrases")
+            raise InvalidArgument(f"texts is empty: send 1 to {limit} phrases", field="texts")
         if len(texts) > limit:
-            raise InvalidArgument(f"{len(texts)} texts is over the batch limit of {limit}")
+            raise InvalidArgument(f"{len(texts)} texts is over the batch limit of {limit}",
+                                  field="texts")
         for i, text in enumerate(texts):
             if not text.strip():
-                raise InvalidArgument(f"text {i} is empty")
+                raise InvalidArgument(f"text {i} is empty", field=f"texts[{i}]")
             if len(text) > MAX_TEXT_CHARS:
                 raise InvalidArgument(f"text {i} has {len(text)} characters, over the limit "
-                                      f"of {MAX_TEXT_CHARS}")
+                                      f"of {MAX_TEXT_CHARS}", field=f"texts[{i}]")
         vectors = await self.text_batcher.submit(tuple(texts), timeout=timeout)
         if isinstance(vectors, ServiceError):
             raise vectors
@@ -331,14 +334,15 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
                          context: grpc.aio.ServicerContext) -> embed_pb2.LabelImageResponse:
         k = request.k or DEFAULT_K
         if not 1 <= k <= MAX_K:
-            raise InvalidArgument(f"k must be 1..{MAX_K}, got {request.k}")
+            raise InvalidArgument(f"k must be 1..{MAX_K}, got {request.k}", field="k")
         restrict = None
         if request.under_wnid:
             if not _WNID.match(request.under_wnid):
                 raise InvalidArgument(f"under_wnid {shown(request.under_wnid)} is not a wnid "
-                                      "('n' and 8 digits, e.g. n00015388)")
+                                      "('n' and 8 digits, e.g. n00015388)", field="under_wnid")
             if request.under_wnid not in self.vocab:
-                raise NotFound(f"{request.under_wnid} is not a WordNet 3.0 noun synset")
+                raise NotFound(f"{request.under_wnid} is not a WordNet 3.0 noun synset",
+                               reason="SYNSET_NOT_FOUND", field="under_wnid")
             restrict = self.vocab.hyponym_closure(request.under_wnid)
         method = self._method(request.method)
         vector = (await self.embed_images([request.image], method, time_remaining(context)))[0]

@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 from PIL import Image
 
 from percept.v1 import embed_pb2, embed_pb2_grpc
 from services.common.errors import (
     RETRY_PUSHBACK_KEY,
+    STATUS_DETAILS_KEY,
     Busy,
     InvalidArgument,
     ServiceError,
@@ -107,6 +110,25 @@ START_WAIT_SECONDS = 540.0
 _NOT_UP_YET = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+def _details_of(error: grpc.aio.AioRpcError) -> tuple[str | None, str | None]:
+    """The ErrorInfo reason and the BadRequest field of an answer's google.rpc details."""
+    reason = field = None
+    for key, value in error.trailing_metadata() or ():
+        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except DecodeError:
+            return None, None
+        for detail in status.details:
+            info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+            if detail.Unpack(info):
+                reason = info.reason or None
+            elif detail.Unpack(bad) and bad.field_violations:
+                field = bad.field_violations[0].field or None
+    return reason, field
+
+
 class RemoteEmbedder(Embedder):
     """Calls the Embedding service at ``target`` (round-robin over a headless Service)."""
 
@@ -126,18 +148,23 @@ class RemoteEmbedder(Embedder):
         self.stub = embed_pb2_grpc.EmbeddingStub(self.channel)
 
     def _error(self, error: grpc.aio.AioRpcError) -> ServiceError:
+        """The embedding service's error as search answers it, with its reason and field
+        (google.rpc details) passed on."""
+        reason, field = _details_of(error)
         if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidArgument(error.details() or "invalid argument")
+            return InvalidArgument(error.details() or "invalid argument", reason=reason,
+                                   field=field)
         pushback = dict(error.trailing_metadata() or ()).get(RETRY_PUSHBACK_KEY)
         if (error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and pushback is not None
                 and pushback.isdigit()):
             # the embedding service is busy: so is search, and the client may retry
             return Busy(f"embedding service at {self.target}: {error.details()}",
-                        retry_after_ms=int(pushback))
+                        retry_after_ms=int(pushback), reason=reason)
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            return Unavailable(f"embedding service at {self.target}: UNAVAILABLE: "
+                               f"{error.details()}", reason="EMBEDDING_SERVICE_UNAVAILABLE")
         return ServiceError(f"embedding service at {self.target}: {error.code().name}: "
-                            f"{error.details()}",
-                            code=error.code() if error.code() != grpc.StatusCode.UNAVAILABLE
-                            else Unavailable.code)
+                            f"{error.details()}", code=error.code(), reason=reason)
 
     async def start(self, wait_seconds: float = START_WAIT_SECONDS) -> None:
         """Waits (up to ``wait_seconds``) until the Embedding service answers, then reads

@@ -184,9 +184,10 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         """The id, and the image's header. The image is decoded once, by the embedder
         (within the server's pixel budget), not here as well."""
         if not item.id:
-            raise InvalidArgument("id is empty")
+            raise InvalidArgument("id is empty", field="id")
         if len(item.id) > MAX_ID_CHARS:
-            raise InvalidArgument(f"id has {len(item.id)} characters, over {MAX_ID_CHARS}")
+            raise InvalidArgument(f"id has {len(item.id)} characters, over {MAX_ID_CHARS}",
+                                  field="id")
         probe_size(item.image)
 
     async def _embed_each(self, items: list[search_pb2.AddImageRequest],
@@ -276,7 +277,8 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
     async def DeleteImages(self, request: search_pb2.DeleteImagesRequest,
                            context: grpc.aio.ServicerContext) -> search_pb2.DeleteImagesResponse:
         if len(request.ids) > MAX_DELETE:
-            raise InvalidArgument(f"{len(request.ids)} ids is over the limit of {MAX_DELETE}")
+            raise InvalidArgument(f"{len(request.ids)} ids is over the limit of {MAX_DELETE}",
+                                  field="ids")
         ids = list(dict.fromkeys(request.ids))
         async with self.write_lock:
             missing = await asyncio.to_thread(self._delete, ids)
@@ -287,7 +289,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
     def _k(k: int) -> int:
         k = k or DEFAULT_K
         if not 1 <= k <= MAX_K:
-            raise InvalidArgument(f"k must be 1..{MAX_K}, got {k}")
+            raise InvalidArgument(f"k must be 1..{MAX_K}, got {k}", field="k")
         return k
 
     @staticmethod
@@ -296,7 +298,8 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         if not request.HasField("min_score"):
             return None
         if not -1.0 <= request.min_score <= 1.0:  # NaN fails too
-            raise InvalidArgument(f"min_score must be -1..1 (a cosine), got {request.min_score}")
+            raise InvalidArgument(f"min_score must be -1..1 (a cosine), got {request.min_score}",
+                                  field="min_score")
         return float(request.min_score)
 
     async def _hits(self, vector: np.ndarray, k: int, min_score: float | None = None
@@ -314,10 +317,10 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                            context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
         k, min_score = self._k(request.k), self._min_score(request)
         if not request.text.strip():
-            raise InvalidArgument("text is empty")
+            raise InvalidArgument("text is empty", field="text")
         if len(request.text) > MAX_TEXT_CHARS:
             raise InvalidArgument(f"text has {len(request.text)} characters, over the limit "
-                                  f"of {MAX_TEXT_CHARS}")
+                                  f"of {MAX_TEXT_CHARS}", field="text")
         return await self._hits(await self.embedder.embed_text(
             request.text, time_remaining(context)), k, min_score)
 
@@ -333,9 +336,10 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
     async def GetImages(self, request: search_pb2.GetImagesRequest,
                         context: grpc.aio.ServicerContext) -> search_pb2.GetImagesResponse:
         if not request.ids:
-            raise InvalidArgument(f"ids is empty: send 1 to {MAX_GET}")
+            raise InvalidArgument(f"ids is empty: send 1 to {MAX_GET}", field="ids")
         if len(request.ids) > MAX_GET:
-            raise InvalidArgument(f"{len(request.ids)} ids is over the limit of {MAX_GET}")
+            raise InvalidArgument(f"{len(request.ids)} ids is over the limit of {MAX_GET}",
+                                  field="ids")
         ids = list(dict.fromkeys(request.ids))
         found = await asyncio.to_thread(self.store.entries, ids)
         return search_pb2.GetImagesResponse(
@@ -347,10 +351,11 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                          context: grpc.aio.ServicerContext) -> search_pb2.ListImagesResponse:
         size = request.page_size or DEFAULT_PAGE_SIZE
         if not 1 <= size <= MAX_PAGE_SIZE:
-            raise InvalidArgument(f"page_size must be 0..{MAX_PAGE_SIZE}, got {request.page_size}")
+            raise InvalidArgument(f"page_size must be 0..{MAX_PAGE_SIZE}, got {request.page_size}",
+                                  field="page_size")
         if len(request.prefix) > MAX_ID_CHARS:
             raise InvalidArgument(f"prefix has {len(request.prefix)} characters, over "
-                                  f"{MAX_ID_CHARS}")
+                                  f"{MAX_ID_CHARS}", field="prefix")
         after = _page_token_id(request.page_token)
         entries = await asyncio.to_thread(self.store.page, after, size + 1, request.prefix)
         more = len(entries) > size
@@ -387,5 +392,6 @@ def _page_token_id(token: str) -> str:
         text = ""
     if not text.startswith(PAGE_TOKEN_PREFIX):
         raise InvalidArgument(f"page_token {shown(token)} is not one this service made: pass "
-                              "the next_page_token of the previous ListImages response")
+                              "the next_page_token of the previous ListImages response",
+                              field="page_token")
     return text[len(PAGE_TOKEN_PREFIX):]

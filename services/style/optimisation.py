@@ -11,7 +11,7 @@ import torch
 from percept.v1 import style_pb2
 from services.common.alpha import ALPHA_FORMATS, over_white, resize_with_alpha
 from services.common.config import ServerConfig
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, field_of
 from services.common.images import (
     decode_image,
     decode_mask,
@@ -67,17 +67,19 @@ def parse_request(request: style_pb2.StylizeWithImageRequest,
     iterations = request.iterations or DEFAULT_ITERATIONS
     if not 1 <= iterations <= config.max_iterations:
         raise InvalidArgument(f"iterations must be 1..{config.max_iterations}, "
-                              f"got {request.iterations}")
+                              f"got {request.iterations}", field="iterations")
     max_size = request.max_size or DEFAULT_MAX_SIZE
     if not MIN_SIZE <= max_size <= MAX_SIZE:
-        raise InvalidArgument(f"max_size must be {MIN_SIZE}..{MAX_SIZE}, got {request.max_size}")
+        raise InvalidArgument(f"max_size must be {MIN_SIZE}..{MAX_SIZE}, got {request.max_size}",
+                              field="max_size")
     if request.init not in _INITS:
-        raise InvalidArgument(f"unknown init {request.init}")
+        raise InvalidArgument(f"unknown init {request.init}", field="init")
     if request.optimizer not in _OPTIMIZERS:
-        raise InvalidArgument(f"unknown optimizer {request.optimizer}")
+        raise InvalidArgument(f"unknown optimizer {request.optimizer}", field="optimizer")
     progress_every = request.progress_every or DEFAULT_PROGRESS_EVERY
     if progress_every < 1:
-        raise InvalidArgument(f"progress_every must be >= 1, got {request.progress_every}")
+        raise InvalidArgument(f"progress_every must be >= 1, got {request.progress_every}",
+                              field="progress_every")
 
     defaults = GatysOptions()
     weights = dict(request.style_layer_weights) or dict(defaults.style_layer_weights)
@@ -86,7 +88,7 @@ def parse_request(request: style_pb2.StylizeWithImageRequest,
               "tv_weight": _optional(request, "tv_weight", defaults.tv_weight)}
     for name, value in values.items():
         if value is None or not np.isfinite(value):
-            raise InvalidArgument(f"{name} must be a finite number")
+            raise InvalidArgument(f"{name} must be a finite number", field=name)
     options = GatysOptions(
         iterations=iterations, init=_INITS[request.init],  # type: ignore[arg-type]
         style_layer_weights=weights, content_weight=float(values["content_weight"] or 0.0),
@@ -123,7 +125,8 @@ def parse_request(request: style_pb2.StylizeWithImageRequest,
             raise InvalidArgument(
                 f"{what} is {rgb.shape[1]}x{rgb.shape[0]} px at the working size (longest "
                 f"side {longest}; the style image no larger than the content); the VGG layers "
-                f"used need at least {min_side} px on each side")
+                f"used need at least {min_side} px on each side", reason="IMAGE_TOO_SMALL",
+                field=field_of(what))
     height, width = content_rgb.shape[:2]
     alpha = None
     if content.alpha is not None:

@@ -126,14 +126,16 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
                 "StylizeWithImage (`percept stylize --style-image`)")
         available = ", ".join(sorted(self.styles))
         if not request.style:
-            raise InvalidArgument(f"style is required; available: {available}")
+            raise InvalidArgument(f"style is required; available: {available}", field="style")
         if request.style not in self.styles:
             close = difflib.get_close_matches(request.style.strip().lower(), self.styles, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise NotFound(f"unknown style {shown(request.style)}{hint}; available: {available}")
+            raise NotFound(f"unknown style {shown(request.style)}{hint}; available: {available}",
+                           reason="STYLE_NOT_FOUND", field="style",
+                           metadata={"available": ",".join(sorted(self.styles))})
         strength = request.strength if request.HasField("strength") else 1.0
         if not 0.0 <= strength <= 1.0:
-            raise InvalidArgument(f"strength must be 0..1, got {strength!r}")
+            raise InvalidArgument(f"strength must be 0..1, got {strength!r}", field="strength")
         fmt = output_format_enum(request.output_format)
         output_format_name(fmt)  # an unknown format fails now, not after the forward pass
         quality = validate_quality(request.quality)

@@ -105,11 +105,13 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
                                 "--models-dir; train one with `percept train superres`")
         if request.scale not in (0, SCALE):
             raise InvalidArgument(f"scale must be {SCALE} (or 0 for the default), "
-                                  f"got {request.scale}")
+                                  f"got {request.scale}", field="scale")
         name = request.model or self.default
         if name not in self.models:
             raise NotFound(f"unknown model {shown(name)}; "
-                           f"available: {', '.join(sorted(self.models))}")
+                           f"available: {', '.join(sorted(self.models))}",
+                           reason="MODEL_NOT_FOUND", field="model",
+                           metadata={"available": ",".join(sorted(self.models))})
         fmt = output_format_enum(request.output_format)
         # an unknown format fails now, not after every tile has run
         keeps_alpha = output_format_name(fmt) in ALPHA_FORMATS

@@ -246,7 +246,8 @@ def test_the_pixels_in_flight_are_bounded_across_the_models_of_a_server() -> Non
                                        r"this server holds at once \(--max-inflight-mpixels\)"
                            ) as refused, first.admitted(_png_header_only(10, 10), 10**8):
             pytest.fail("admitted")
-        assert refused.value.trailing_metadata == (("grpc-retry-pushback-ms", "100"),)
+        assert refused.value.trailing_metadata[0] == ("grpc-retry-pushback-ms", "100")
+        assert refused.value.reason == "PIXEL_BUDGET_FULL"
         other = _model()  # another server's config: its own budget
         with other.admitted(half, 10**8):
             pass

@@ -4,8 +4,9 @@ A percept server answers busy with RESOURCE_EXHAUSTED and the ``grpc-retry-pushb
 trailer (its queue, or its pixel budget, is full: a retry may succeed). The same status
 without that trailer (a message over the size limit) would fail again, so it is not
 retried. The first retry waits the server's pushback, later ones twice the last wait (up
-to :data:`MAX_BACKOFF_SECONDS`), with jitter so that clients refused together do not
-come back together.
+to :data:`MAX_BACKOFF_SECONDS`, and never less than the pushback: the server knows how
+long its batches take), with jitter so that clients refused together do not come back
+together.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def retrying(call: Callable[[], T], *, patience: float, retry_unavailable: bool 
             waited = now - started
             if waited >= limit:
                 raise RetriedTooLong(error, waited) from error
-            backoff = min(max(pushback, 2 * backoff), MAX_BACKOFF_SECONDS)
+            # at least the server's pushback (a Gatys queue asks for seconds); beyond it,
+            # doubling waits of up to MAX_BACKOFF_SECONDS
+            backoff = max(pushback, min(2 * backoff, MAX_BACKOFF_SECONDS))
             delay = min(backoff * random.uniform(0.75, 1.25), max(limit - waited, 0.0))
         wait(delay)

@@ -26,6 +26,12 @@ REPO = Path(__file__).resolve().parent.parent
 STYLE_TEST_TILE = 576
 
 
+def is_pushback(value: object) -> bool:
+    """Whether ``value`` is a busy answer's grpc-retry-pushback-ms: about one batch's time,
+    50 ms to 10 s (services/common/batching.py)."""
+    return isinstance(value, str) and value.isdigit() and 50 <= int(value) <= 10_000
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

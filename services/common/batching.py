@@ -30,6 +30,12 @@ from typing import Any, Generic, TypeVar
 from services.common.errors import Busy, DeadlineExceeded
 from services.common.metrics import BATCH_SIZE, DROPPED, QUEUE_DEPTH, REJECTED
 
+#: A busy answer's retry pushback (milliseconds): about one batch's time, the time a place
+#: in the queue takes to free, within these bounds; the default before any batch ran.
+MIN_PUSHBACK_MS, MAX_PUSHBACK_MS, DEFAULT_PUSHBACK_MS = 50, 10_000, 100
+#: Weight of the latest batch in the running mean of batch times.
+BATCH_TIME_WEIGHT = 0.2
+
 In = TypeVar("In")
 Out = TypeVar("Out")
 log = logging.getLogger(__name__)
@@ -68,6 +74,16 @@ class MicroBatcher(Generic[In, Out]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
         self.batches_run = 0
         self.waits_skipped = 0  # batches of a lone request run without waiting
+        self.batch_seconds: float | None = None  # running mean of recent batches' times
+
+    @property
+    def retry_after_ms(self) -> int:
+        """How long a request refused as busy should wait before it tries again: about
+        the time of one batch, when places in the queue free up (a Gatys optimisation
+        takes minutes, a tile of a small net milliseconds)."""
+        if self.batch_seconds is None:
+            return DEFAULT_PUSHBACK_MS
+        return int(min(MAX_PUSHBACK_MS, max(MIN_PUSHBACK_MS, round(self.batch_seconds * 1e3))))
 
     @property
     def depth(self) -> int:
@@ -105,7 +121,8 @@ class MicroBatcher(Generic[In, Out]):
         if self.depth >= self.max_queue:
             REJECTED.labels(self.name).inc()
             raise Busy(
-                f"{self.name} queue is full ({self.max_queue} requests); retry with backoff")
+                f"{self.name} queue is full ({self.max_queue} requests); retry with backoff",
+                retry_after_ms=self.retry_after_ms)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = _Pending(item=item, future=loop.create_future(), deadline=deadline,
@@ -211,6 +228,7 @@ class MicroBatcher(Generic[In, Out]):
                 continue
             self._running = len(batch)
             BATCH_SIZE.labels(self.name).observe(len(batch))
+            started = time.monotonic()
             try:
                 results = await loop.run_in_executor(
                     self._executor, self._process, [p.item for p in batch])
@@ -230,6 +248,9 @@ class MicroBatcher(Generic[In, Out]):
                     if not pending.future.done():
                         pending.future.set_exception(error)
             finally:
+                took = time.monotonic() - started
+                self.batch_seconds = took if self.batch_seconds is None else (
+                    (1 - BATCH_TIME_WEIGHT) * self.batch_seconds + BATCH_TIME_WEIGHT * took)
                 self.batches_run += 1
                 self._running = 0
                 QUEUE_DEPTH.labels(self.name).set(self.depth)

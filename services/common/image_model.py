@@ -105,12 +105,14 @@ class PixelBudget:
         self.holders -= 1
         INFLIGHT_PIXELS.dec(pixels)
 
-    def busy(self, pixels: int) -> Busy:
-        """The answer to a request of ``pixels`` that :meth:`take` refused."""
+    def busy(self, pixels: int, retry_after_ms: int) -> Busy:
+        """The answer to a request of ``pixels`` that :meth:`take` refused (a retry may
+        succeed once a request in progress ends: ``retry_after_ms``)."""
         return Busy(f"the images in progress take {self.in_use / 1e6:.1f} of the "
                     f"{self.limit / 1e6:.0f} megapixels this server holds at once "
                     f"(--max-inflight-mpixels), and this one needs {pixels / 1e6:.1f} "
-                    "more; retry with backoff", reason="PIXEL_BUDGET_FULL")
+                    "more; retry with backoff", retry_after_ms=retry_after_ms,
+                    reason="PIXEL_BUDGET_FULL")
 
 
 #: One budget per server configuration object (a process runs one server; tests run
@@ -304,7 +306,8 @@ class TiledImageModel:
         if self.active_requests >= self.max_requests:
             REJECTED.labels(self.queue_name).inc()
             raise Busy(f"{self.artifact.name} is busy ({self.max_requests} "
-                                    "requests in progress); retry with backoff")
+                       "requests in progress); retry with backoff",
+                       retry_after_ms=self.batcher.retry_after_ms)
 
     def check_tiles(self, width: int, height: int) -> None:
         """INVALID_ARGUMENT for an image that would take more tiles than one request may."""
@@ -387,7 +390,7 @@ class TiledImageModel:
         pixels = width * height * (1 + self.scale ** 2)
         if not self.pixels.take(pixels):
             REJECTED.labels(self.queue_name).inc()
-            raise self.pixels.busy(pixels)
+            raise self.pixels.busy(pixels, self.batcher.retry_after_ms)
         return pixels
 
     def _release_slot(self, pixels: int) -> None:

@@ -225,7 +225,8 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         if self.image_requests >= self.config.max_queue:
             REJECTED.labels("embed-images").inc()
             raise Busy(f"the embedding service is busy ({self.config.max_queue} image "
-                       "requests in progress); retry with backoff")
+                       "requests in progress); retry with backoff",
+                       retry_after_ms=self.batcher.retry_after_ms)
         self.image_requests += 1
         REQUEST_SLOTS.labels("embed-images").inc()
         slot = RequestSlot(lambda: self._release_image_request(slot.pixels))
@@ -264,7 +265,7 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             return 0
         if not self.pixels.take(largest):
             REJECTED.labels("embed-images").inc()
-            raise self.pixels.busy(largest)
+            raise self.pixels.busy(largest, self.batcher.retry_after_ms)
         return largest
 
     # -- RPCs ----------------------------------------------------------------------------

@@ -197,7 +197,8 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
         if self.optimisations_admitted >= self.config.max_optimisations:
             REJECTED.labels(self.optimiser.name).inc()
             raise Busy(f"{self.optimiser.name} queue is full ({self.config.max_optimisations} "
-                       "requests); retry with backoff")
+                       "requests); retry with backoff",
+                       retry_after_ms=self.optimiser.retry_after_ms)
         self.optimisations_admitted += 1
         REQUEST_SLOTS.labels(self.optimiser.name).inc()
         # held until the request ends and the decodes it started on threads have ended too

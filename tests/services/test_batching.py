@@ -296,3 +296,32 @@ def test_a_sequential_client_never_waits_even_when_requests_come_back_to_back() 
     assert max(times) < 1.5, f"a sequential request waited: {times}"
     assert skipped == 4
     assert [len(b) for b in recorder.batches] == [1, 1, 1, 1]
+
+
+def test_a_busy_answer_asks_for_about_one_batch_s_time() -> None:
+    """The retry pushback follows the batches: a place in the queue frees as a batch ends,
+    so a client asked to wait about that long neither hammers a slow model (a Gatys
+    optimisation takes minutes) nor waits long for a fast one."""
+    from services.common.batching import DEFAULT_PUSHBACK_MS, MAX_PUSHBACK_MS, MIN_PUSHBACK_MS
+    from services.common.errors import Busy
+
+    recorder = Recorder(delay=0.2)
+
+    async def main() -> None:
+        batcher = MicroBatcher("t-pushback", recorder, max_batch=1, max_wait_ms=0, max_queue=1)
+        assert batcher.retry_after_ms == DEFAULT_PUSHBACK_MS  # no batch has run yet
+        await batcher.submit(1)
+        assert batcher.batch_seconds is not None and batcher.batch_seconds >= 0.2
+        running = asyncio.ensure_future(batcher.submit(2))
+        await asyncio.sleep(0.02)
+        with pytest.raises(Busy) as busy:
+            await batcher.submit(3)
+        assert busy.value.retry_after_ms == batcher.retry_after_ms >= 200
+        await running
+        await batcher.stop()
+
+    asyncio.run(main())
+    bounds = MicroBatcher("t-bounds", recorder, max_batch=1, max_wait_ms=0, max_queue=1)
+    for seconds, pushback in [(0.3, 300), (1e-4, MIN_PUSHBACK_MS), (600.0, MAX_PUSHBACK_MS)]:
+        bounds.batch_seconds = seconds
+        assert bounds.retry_after_ms == pushback

@@ -114,3 +114,14 @@ def test_progress_starts_the_patience_again() -> None:
                           before=lambda: time.sleep(0.05))  # no progress
     with pytest.raises(RetriedTooLong):
         retrying(call, patience=0.1, progress=lambda: 0)
+
+
+def test_a_long_pushback_is_waited_in_full_and_a_short_one_grows_to_a_second() -> None:
+    waits: list[float] = []
+    call, _ = answers(*[Failed(BUSY, "5000")] * 3, "done")
+    assert retrying(call, patience=60, wait=waits.append) == "done"
+    assert all(5.0 * 0.75 <= w <= 5.0 * 1.25 for w in waits)  # jitter around the 5 s asked
+    waits.clear()
+    call, _ = answers(*[Failed(BUSY, "100")] * 6, "done")
+    assert retrying(call, patience=60, wait=waits.append) == "done"
+    assert waits[-1] <= 1.25 and waits[-1] >= 0.75  # doubled from 0.1 s up to the 1 s cap

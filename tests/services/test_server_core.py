@@ -23,6 +23,7 @@ from tests.conftest import (
     REPO,
     check_a_hung_up_header_read_holds_its_slot,
     encode,
+    is_pushback,
     server_config,
 )
 from tests.fixtures import bad_images
@@ -296,7 +297,7 @@ def test_overload_gives_resource_exhausted_at_once(single_slot_style_server: Run
             client.stylize_with_image(client.connect(target),
                                       gatys_request(b"not an image", style), timeout=30)
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert dict(error.value.trailing_metadata())["grpc-retry-pushback-ms"] == "100"
+        assert is_pushback(dict(error.value.trailing_metadata())["grpc-retry-pushback-ms"])
         assert "x-request-id" in dict(error.value.trailing_metadata())  # kept beside it
     finally:
         running.cancel()

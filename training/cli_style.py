@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from training.assets import REPO_ROOT
-from training.command import run_task_cli
+from training.command import TIME_SCHEDULE_HELP, run_task_cli
 
 #: Johnson et al. 2016 (sec. 4.1): content at relu2_2, style at these four layers. The
 #: default per-layer weights make each layer's Gram distance between a training photo and
@@ -172,10 +172,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="stop (and export) after this much wall time, counting the runs a "
                           "--resume continues (default: no limit)")
     run.add_argument("--time-schedule", action="store_true",
-                     help="with --max-minutes, run the learning-rate warm-up and cosine decay "
-                          "on whichever is further along, steps or the clock, so a run the "
-                          "clock stops still ends annealed (for a fixed time budget whose "
-                          "step rate is unknown, as on a borrowed GPU)")
+                     help=TIME_SCHEDULE_HELP)
     run.add_argument("--grid-check-every", type=int, default=30,
                      help="with --grid-margin above 0, measure grid artifacts on the sample "
                           "items every N steps (default: 30)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from training.assets import REPO_ROOT
-from training.command import run_task_cli
+from training.command import TIME_SCHEDULE_HELP, run_task_cli
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -90,6 +90,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="write samples.png and loss.png every N steps (default: 200)")
     run.add_argument("--max-minutes", type=float, default=0.0,
                      help="stop (and export) after this much wall time (default: no limit)")
+    run.add_argument("--time-schedule", action="store_true",
+                     help=TIME_SCHEDULE_HELP)
     run.add_argument("--max-cpu-minutes", type=float, default=0.0,
                      help="stop (and export) after this much process CPU time, all threads "
                           "(default: no limit)")

@@ -11,6 +11,12 @@ from pathlib import Path
 
 from training.assets import REPO_ROOT
 
+#: The --time-schedule flag's help, shared by the trainers that have it.
+TIME_SCHEDULE_HELP = ("with --max-minutes, run the learning-rate warm-up and cosine decay on "
+                      "whichever is further along, steps or the clock, so a run the clock "
+                      "stops still ends annealed (for a fixed time budget whose step rate is "
+                      "unknown, as on a borrowed GPU)")
+
 
 def command_line(argv: Iterable[str] | None = None) -> str:
     """``sys.argv`` shell-quoted, with ``percept`` for the console script and

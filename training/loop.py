@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
@@ -173,6 +174,38 @@ def lr_factor(step: float, steps: int, warmup: int, final: float = 0.01) -> floa
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, steps - warmup))
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LearningRateClock:
+    """The learning-rate factor of a step: :func:`lr_factor`'s warm-up and cosine, run
+    with ``by_clock`` (--time-schedule) on whichever is further along, the step or the
+    wall clock's share of ``budget_seconds`` (--max-minutes), so that a run the clock
+    stops, at a step rate nobody knew beforehand (a borrowed GPU), still ends annealed.
+    The clock counts the time of the runs a --resume continues (:meth:`start`)."""
+
+    def __init__(self, steps: int, warmup: int, budget_seconds: float,
+                 by_clock: bool) -> None:
+        self.steps, self.warmup = steps, warmup
+        self.budget = budget_seconds if by_clock else 0.0
+        self.started = time.monotonic()
+
+    def start(self, elapsed_before: float = 0.0) -> None:
+        """The run starts now, after ``elapsed_before`` seconds of the runs it resumes."""
+        self.started = time.monotonic() - elapsed_before
+
+    def position(self, step: int) -> float:
+        if self.budget <= 0:
+            return step
+        return max(step, (time.monotonic() - self.started) / self.budget * self.steps)
+
+    def factor(self, step: int) -> float:
+        return lr_factor(self.position(step), self.steps, self.warmup)
+
+
+def check_time_schedule(args: Any) -> None:
+    """--time-schedule needs the clock budget it anneals by."""
+    if getattr(args, "time_schedule", False) and not args.max_minutes:
+        raise ValueError("--time-schedule anneals by the clock: it needs --max-minutes")
 
 
 def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:

@@ -69,6 +69,7 @@ from training.loop import (
     CHECKPOINT_NAME,
     RESUMABLE_FLAGS,
     STOPPING,
+    LearningRateClock,
     LossGuard,
     TrainingDiverged,
     autocast_dtype,
@@ -76,9 +77,9 @@ from training.loop import (
     check_new_run,
     check_resumed_run,
     check_same_data,
+    check_time_schedule,
     choose_device,
     earlier_commands,
-    lr_factor,
     prepared_data_digest,
     prepared_data_provenance,
     read_checkpoint,
@@ -495,8 +496,7 @@ def check_run_flags(args: argparse.Namespace) -> None:
                          "grid_weight", "content_weight", "style_weight", "tv_weight",
                          "seed"), 0),
         "val_items": 1, "grid_check_every": 1, "style_size": MIN_STYLE_SIDE, "size": MIN_CROP})
-    if args.time_schedule and not args.max_minutes:
-        raise ValueError("--time-schedule anneals by the clock: it needs --max-minutes")
+    check_time_schedule(args)
     if args.edge_margin is not None and not 0 <= args.edge_margin <= MAX_EDGE_MARGIN:
         raise ValueError(f"--edge-margin must be 0..{MAX_EDGE_MARGIN} px, got {args.edge_margin}")
     if args.warmup is not None and args.steps is not None and args.warmup > args.steps:
@@ -583,18 +583,8 @@ def train(args: argparse.Namespace) -> int:
     compared = resolved  # a checkpoint from before the warm-up was recorded: not compared
     if args.resume and "warmup" not in state.get("resolved", {"warmup": None}):
         compared = {k: v for k, v in resolved.items() if k != "warmup"}
-    # With --time-schedule the cosine runs on the larger of step and clock progress, so a
-    # run that --max-minutes cuts short still ends with the learning rate decayed. The
-    # clock counts the time of the runs a --resume continues.
-    clock = {"started": time.monotonic(), "budget": args.max_minutes * 60}
-
-    def schedule_position(step: int) -> float:
-        if not (args.time_schedule and clock["budget"] > 0):
-            return step
-        return max(step, (time.monotonic() - clock["started"]) / clock["budget"] * steps)
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(schedule_position(step), steps, warmup))
+    clock = LearningRateClock(steps, warmup, args.max_minutes * 60, args.time_schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, clock.factor)
     amp_dtype = autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
@@ -629,7 +619,7 @@ def train(args: argparse.Namespace) -> int:
     # Inference only (eval-mode forward: the sample grids, the grid checks, the export)
     cast(TransformerNet, model).edge_margin = edge_margin
     started, cpu_started = time.monotonic(), time.process_time()
-    clock["started"] = started - elapsed_before
+    clock.start(elapsed_before)
 
     def snapshot() -> dict[str, Any]:
         return {"architecture": architecture, "model": model.state_dict(),

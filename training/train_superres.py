@@ -51,6 +51,7 @@ from training.loop import (
     CHECKPOINT_NAME,
     RESUMABLE_FLAGS,
     STOPPING,
+    LearningRateClock,
     LossGuard,
     TrainingDiverged,
     autocast_dtype,
@@ -58,9 +59,9 @@ from training.loop import (
     check_new_run,
     check_resumed_run,
     check_same_data,
+    check_time_schedule,
     choose_device,
     earlier_commands,
-    lr_factor,
     prepared_data_digest,
     prepared_data_provenance,
     read_checkpoint,
@@ -204,6 +205,7 @@ def size_note(args: argparse.Namespace, steps_run: int, device: torch.device) ->
 def train(args: argparse.Namespace) -> int:
     """Runs the training described by the parsed ``percept train superres`` flags."""
     check_flag_minimums(args, FLAG_MINIMUMS)
+    check_time_schedule(args)
     if args.jpeg > 100:
         raise ValueError(f"--jpeg must be at most 100 (0: no JPEG degradation), got {args.jpeg}")
     if args.degrade_prob > 1:
@@ -267,8 +269,8 @@ def train(args: argparse.Namespace) -> int:
         init_files.append(vgg19_weights_path())
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99))
     warmup = args.warmup if args.warmup is not None else max(1, min(100, args.steps // 20))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, args.steps, warmup))
+    clock = LearningRateClock(args.steps, warmup, args.max_minutes * 60, args.time_schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, clock.factor)
     amp_dtype = autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
@@ -351,6 +353,7 @@ def train(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     cpu_started = time.process_time()
+    clock.start(elapsed_before)
     # both budgets count the runs a --resume continues
     deadline = started + args.max_minutes * 60 - elapsed_before if args.max_minutes \
         else math.inf
@@ -397,7 +400,8 @@ def train(args: argparse.Namespace) -> int:
         "steps": step, "steps_planned": args.steps, "stopped_early": stopped_early,
         "batch_size": args.batch_size, "detail_oversample": args.detail_oversample,
         "crop_hr": args.crop, "crop_lr": args.crop // SCALE,
-        "lr": args.lr, "warmup": warmup, "seed": args.seed,
+        "lr": args.lr, "final_lr": scheduler.get_last_lr()[0], "warmup": warmup,
+        "seed": args.seed, "time_schedule": args.time_schedule,
         "loss_weights": {"pixel": weights.pixel, "pixel_loss": weights.pixel_loss,
                          "perceptual": weights.perceptual,
                          "perceptual_layer": PERCEPTUAL_LAYER, "tv": weights.tv},

@@ -145,6 +145,7 @@ def test_an_out_holding_another_artifact_is_refused_before_training(
     (["--pixel-weight", "0"], "every loss weight is 0"),
     (["--init-from", "/nonexistent"], "--init-from /nonexistent: no exported artifact there"),
     (["--name", "../evil"], "the artifact name '../evil' (--name, or the --out folder's name)"),
+    (["--time-schedule"], "--time-schedule anneals by the clock: it needs --max-minutes"),
 ])
 def test_bad_numbers_are_refused_before_anything_loads(
         tmp_path: Path, flags: list[str], message: str,
@@ -312,3 +313,24 @@ def test_eval_names_a_photo_it_cannot_read(tmp_path: Path,
                               str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err
     assert f"error: {photos / 'broken.jpg'}: not a readable image" in err
+
+
+def test_time_schedule_decays_the_learning_rate_by_the_deadline(prepared: Path,
+                                                                 tmp_path: Path) -> None:
+    """A run the clock stops (--max-minutes) ends annealed with --time-schedule, and near
+    the peak rate without it (the same schedule as the style trainer's)."""
+    def final(name: str, *extra: str) -> dict[str, object]:
+        out = tmp_path / name
+        assert cli_superres.main([
+            "train", "--data", str(prepared), "--out", str(out), "--run-dir",
+            str(tmp_path / f"run-{name}"), *TINY, "--checkpoint-every", "0",
+            "--sample-every", "0", "--steps", "100000", "--warmup", "1", "--lr", "0.001",
+            "--max-minutes", "0.03", *extra]) == 0
+        metrics: dict[str, object] = json.loads((out / "metrics.json").read_text())
+        assert metrics["stopped_early"] is True
+        return metrics
+
+    timed = final("timed", "--time-schedule")
+    assert timed["time_schedule"] is True and float(timed["final_lr"]) < 1e-4  # type: ignore[arg-type]
+    stepped = final("stepped")
+    assert stepped["time_schedule"] is False and float(stepped["final_lr"]) > 9e-4  # type: ignore[arg-type]

@@ -68,6 +68,22 @@ def stamp(result: dict[str, Any], name: str, quick: bool) -> dict[str, Any]:
     return result
 
 
+def fidelity_failures(result: Any, where: str = "") -> list[str]:
+    """Where a result records an output under the fidelity floor (``fidelity_ok`` false:
+    benchmarks/image_models.py FIDELITY_FLOOR_DB)."""
+    if isinstance(result, dict):
+        found = [f"{where or 'result'}: {result.get('variant', '?')} at "
+                 f"{result.get('size', '?')} px, {result.get('psnr_db', float('nan')):.1f} dB"
+                 ] if result.get("fidelity_ok") is False else []
+        for key, value in result.items():
+            found += fidelity_failures(value, f"{where}.{key}" if where else str(key))
+        return found
+    if isinstance(result, list):
+        return [f for i, item in enumerate(result)
+                for f in fidelity_failures(item, f"{where}[{i}]")]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
@@ -81,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / "quick" if args.quick else RESULTS
     out.mkdir(exist_ok=True)
     sections = []
+    failures: list[str] = []
     # Every benchmark keeps its section: those not run this time are rendered from their
     # saved results (each section names its own command and machine load).
     for name in BENCHMARKS:
@@ -111,13 +128,17 @@ def main(argv: list[str] | None = None) -> int:
             if not args.quick and hasattr(module, "merge") and saved.is_file():
                 result = module.merge(json.loads(saved.read_text()), result)
             (out / saved.name).write_text(json.dumps(result, indent=2, default=str))
+            failures += [f"{name}: {f}" for f in fidelity_failures(result)]
         section = render(module, result)
         if run_now:
             print(section, flush=True)
         sections.append(section)
+    for failure in failures:
+        print(f"[bench] FAILED: output under the fidelity floor: {failure}", file=sys.stderr)
+    status = 1 if failures else 0
     if args.quick:  # a smoke run: the README keeps the full runs' tables
         print(f"[bench] quick results in {out}; benchmarks/README.md left as it was")
-        return 0
+        return status
     command = "make bench"
     if args.full:
         command += " ARGS=--full"
@@ -134,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         head, rest = text.split(BEGIN, 1)
         _, tail = rest.split(END, 1)
         README.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from benchmarks import bench_search_scale, run
@@ -88,3 +89,27 @@ def test_search_scale_does_not_mix_runs_of_other_settings() -> None:
     saved = _result("2026-11-20", [1_000_000], threads=2)
     new = _result("2026-11-28", [10_000])
     assert bench_search_scale.merge(saved, new) is new
+
+
+def test_an_output_under_the_fidelity_floor_fails_the_run(harness: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    """A faster variant whose output is not the network's (PSNR against fp32 eager under
+    the floor) fails `make bench`: its speed is no win. The results are still written."""
+    from benchmarks.image_models import FIDELITY_FLOOR_DB, fidelity
+
+    reference = np.zeros((8, 8, 3), np.uint8)
+    broken = fidelity(np.full((8, 8, 3), 60, np.uint8), reference)
+    close = fidelity(np.ones((8, 8, 3), np.uint8), reference)
+    assert broken["fidelity_ok"] is False and broken["psnr_db"] < FIDELITY_FLOOR_DB
+    assert close["fidelity_ok"] is True
+    result = {"latency": [{"variant": "served", "size": 256, **close},
+                          {"variant": "served+compile", "size": 512, **broken}]}
+    monkeypatch.setattr(run.importlib, "import_module", lambda name: types.SimpleNamespace(
+        run=lambda quick=False: result, markdown=lambda r: "table"))
+    assert run.main([]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED: output under the fidelity floor: png: latency[1]: served+compile at " \
+           "512 px" in err
+    assert json.loads((harness / "results" / "png.json").read_text())["latency"]

@@ -69,10 +69,8 @@ def test_services_never_import_trainer_code() -> None:
         "bad = sorted(m for m in sys.modules\n"
         "             if m.startswith('training.') and not m.startswith(allowed))\n"
         "print(','.join(bad))\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "", f"services imported trainer code: {result.stdout}"
+    printed = _fresh_python(code)
+    assert printed == "", f"services imported trainer code: {printed}"
 
 
 def test_a_search_process_that_embeds_remotely_never_imports_torch() -> None:
@@ -86,10 +84,15 @@ def test_a_search_process_that_embeds_remotely_never_imports_torch() -> None:
         "embed_target='127.0.0.1:1'))\n"
         "search._make_embedder()\n"
         "print('torch' in sys.modules)\n")
+    assert _fresh_python(code) == "False"
+
+
+def _fresh_python(code: str) -> str:
+    """What ``code`` prints in a new interpreter (nothing imported yet) in the repo."""
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+    return result.stdout.strip()
 
 
 def test_ci_entry_point_runs_make_test() -> None:

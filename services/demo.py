@@ -117,6 +117,19 @@ def run_demo(out_dir: Path, targets: Mapping[str, str], *,
     iterations = gatys_iterations or int(os.environ.get("PERCEPT_DEMO_ITERATIONS", "100"))
     channels = {name: client.connect(target) for name, target in targets.items()}
 
+    def info() -> None:
+        # one line per server process (the local cluster runs one per service)
+        seen: set[str] = set()
+        for name, channel in channels.items():
+            if targets[name] in seen:
+                continue
+            seen.add(targets[name])
+            answer = client.server_info(channel)
+            models = ", ".join(m.artifact + (" (default)" if m.is_default else "")
+                               for m in answer.models) or "no models"
+            services = ", ".join(s.removeprefix("percept.v1.") for s in answer.services)
+            report.ok(f"info {targets[name]}", f"{services}: {models}")
+
     def upscale() -> None:
         with Image.open(cat) as image:
             small = image.resize((image.width // 4, image.height // 4), Image.Resampling.BICUBIC)
@@ -182,12 +195,14 @@ def run_demo(out_dir: Path, targets: Mapping[str, str], *,
                                             image=path.read_bytes())
                  for name, path in samples.items()]
         added = sum(len(ack.added) for ack in client.add_images(channels["search"], items))
+        stored = sum(1 for _ in client.list_images(channels["search"]))
         response = client.search_by_text(channels["search"], "cat", k=3)
         hits = ", ".join(f"{hit.id} ({hit.score:.2f})" for hit in response.hits)
-        report.ok("index + search 'cat'", f"{added} images indexed; hits: {hits}")
+        report.ok("index + search 'cat'", f"{added} images indexed ({stored} in the index); "
+                                          f"hits: {hits}")
 
     print(f"demo: writing pictures to {out_dir}/", flush=True)
-    for name, action in [("upscale", upscale), ("styles", fixed_styles),
+    for name, action in [("info", info), ("upscale", upscale), ("styles", fixed_styles),
                          ("stylize --style-image", gatys), ("label", label),
                          ("index + search", search)]:
         _step(report, name, action)

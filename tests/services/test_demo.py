@@ -71,6 +71,12 @@ def test_the_whole_demo_against_every_service(all_server: RunningServer, tmp_pat
     assert any(line.startswith(f"  ok    label {out / 'samples' / 'cat.png'}: ")
                for line in report.lines)
     assert any(" --zero-shot: " in line for line in report.lines)
+    # what the server hosts, once per process: every service, each model with its version
+    [info] = [line for line in report.lines if line.startswith("  ok    info ")]
+    assert "SuperResolution, StyleTransfer, Embedding, ImageSearch: " in info
+    assert "superres-perceptual@" in info and "(default)" in info
+    assert any(" images indexed (" in line and " in the index)" in line
+               for line in report.lines)
     captions = [caption for caption, _ in report.pictures]
     assert captions[1].startswith("input, ") and captions[2] == "upscaled 4x"
     hits = client.search_by_text(client.connect(all_server.target), "a cat", k=50).hits

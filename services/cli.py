@@ -170,11 +170,12 @@ def _describe_server(target: str, info: server_pb2.GetServerInfoResponse) -> str
         default = " (default)" if model.is_default else ""
         lines.append(f"  {model.service.removeprefix('percept.v1.')}: {model.name} = "
                      f"{model.artifact}{default}")
+    gatys = (f", Gatys {limits.max_iterations} iterations x {limits.max_optimisations}"
+             if "percept.v1.StyleTransfer" in info.services else "")
     lines.append(f"  limits: {limits.max_message_bytes / 2**20:g} MiB messages, "
                  f"{limits.max_pixels:,} pixels an image, "
                  f"{limits.max_inflight_pixels / 1e6:g} MP in flight, "
-                 f"queue {limits.max_queue}, batch {limits.max_batch}, "
-                 f"Gatys {limits.max_iterations} iterations x {limits.max_optimisations}")
+                 f"queue {limits.max_queue}, batch {limits.max_batch}{gatys}")
     return "\n".join(lines)
 
 

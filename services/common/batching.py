@@ -75,15 +75,20 @@ class MicroBatcher(Generic[In, Out]):
         self.batches_run = 0
         self.waits_skipped = 0  # batches of a lone request run without waiting
         self.batch_seconds: float | None = None  # running mean of recent batches' times
+        self._batch_started: float | None = None  # time.monotonic() of the running batch
 
     @property
     def retry_after_ms(self) -> int:
         """How long a request refused as busy should wait before it tries again: about
         the time of one batch, when places in the queue free up (a Gatys optimisation
-        takes minutes, a tile of a small net milliseconds)."""
-        if self.batch_seconds is None:
+        takes minutes, a tile of a small net milliseconds). A batch running longer than
+        that mean (the first one after start-up has none) counts for as long as it has run."""
+        running = (0.0 if self._batch_started is None
+                   else time.monotonic() - self._batch_started)
+        if self.batch_seconds is None and not running:
             return DEFAULT_PUSHBACK_MS
-        return int(min(MAX_PUSHBACK_MS, max(MIN_PUSHBACK_MS, round(self.batch_seconds * 1e3))))
+        seconds = max(self.batch_seconds or 0.0, running)
+        return int(min(MAX_PUSHBACK_MS, max(MIN_PUSHBACK_MS, round(seconds * 1e3))))
 
     @property
     def depth(self) -> int:
@@ -228,7 +233,7 @@ class MicroBatcher(Generic[In, Out]):
                 continue
             self._running = len(batch)
             BATCH_SIZE.labels(self.name).observe(len(batch))
-            started = time.monotonic()
+            started = self._batch_started = time.monotonic()
             try:
                 results = await loop.run_in_executor(
                     self._executor, self._process, [p.item for p in batch])
@@ -249,6 +254,7 @@ class MicroBatcher(Generic[In, Out]):
                         pending.future.set_exception(error)
             finally:
                 took = time.monotonic() - started
+                self._batch_started = None
                 self.batch_seconds = took if self.batch_seconds is None else (
                     (1 - BATCH_TIME_WEIGHT) * self.batch_seconds + BATCH_TIME_WEIGHT * took)
                 self.batches_run += 1

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from services.common.artifacts import Artifact
-from services.common.batching import MicroBatcher
+from services.common.batching import BATCH_TIME_WEIGHT, MAX_PUSHBACK_MS, MicroBatcher
 from services.common.config import ServerConfig
 from services.common.cuda_graphs import CudaGraphRunner
 from services.common.device import serving_dtype
@@ -248,6 +248,7 @@ class TiledImageModel:
         self.queue_name = f"model-{artifact.name}"
         self.max_requests = config.max_queue
         self.active_requests = 0
+        self.slot_seconds: float | None = None  # running mean of how long a slot is held
         self.pixels = pixel_budget(config)
         self.max_output_pixels = max_output_pixels
         self.max_output_source = max_output_source
@@ -307,7 +308,7 @@ class TiledImageModel:
             REJECTED.labels(self.queue_name).inc()
             raise Busy(f"{self.artifact.name} is busy ({self.max_requests} "
                        "requests in progress); retry with backoff",
-                       retry_after_ms=self.batcher.retry_after_ms)
+                       retry_after_ms=self.retry_after_ms)
 
     def check_tiles(self, width: int, height: int) -> None:
         """INVALID_ARGUMENT for an image that would take more tiles than one request may."""
@@ -354,8 +355,21 @@ class TiledImageModel:
         self._check_not_busy()
         self.active_requests += 1
         REQUEST_SLOTS.labels(self.queue_name).inc()
-        slot = RequestSlot(lambda: self._release_slot(slot.pixels))
+        opened = time.monotonic()
+        slot = RequestSlot(lambda: self._release_slot(slot.pixels, opened))
         return slot
+
+    @property
+    def retry_after_ms(self) -> int:
+        """A busy answer's pushback: when a request in progress is likely to end and free
+        its slot and pixels, from the running means of how long a slot is held (shared by
+        the requests in progress) and of a batch of tiles (a large image holds its slot
+        for many batches)."""
+        batch = self.batcher.retry_after_ms
+        if self.slot_seconds is None:
+            return batch
+        per_request = self.slot_seconds / max(1, self.active_requests) * 1e3
+        return int(min(MAX_PUSHBACK_MS, max(batch, round(per_request))))
 
     def _admit(self, slot: RequestSlot, size: tuple[int, int], max_pixels: int) -> None:
         """The checks the stated ``size`` allows, and its pixels taken from the budget."""
@@ -390,10 +404,13 @@ class TiledImageModel:
         pixels = width * height * (1 + self.scale ** 2)
         if not self.pixels.take(pixels):
             REJECTED.labels(self.queue_name).inc()
-            raise self.pixels.busy(pixels, self.batcher.retry_after_ms)
+            raise self.pixels.busy(pixels, self.retry_after_ms)
         return pixels
 
-    def _release_slot(self, pixels: int) -> None:
+    def _release_slot(self, pixels: int, opened: float) -> None:
+        held = time.monotonic() - opened
+        self.slot_seconds = held if self.slot_seconds is None else (
+            (1 - BATCH_TIME_WEIGHT) * self.slot_seconds + BATCH_TIME_WEIGHT * held)
         self.active_requests -= 1
         REQUEST_SLOTS.labels(self.queue_name).dec()
         if pixels:
@@ -408,6 +425,7 @@ class TiledImageModel:
             self._check_not_busy()
         self.check_tiles(rgb.shape[1], rgb.shape[0])
         pixels = 0 if slot_held else self._take_pixels(rgb.shape[1], rgb.shape[0])
+        opened = time.monotonic()
         if not slot_held:
             self.active_requests += 1
             REQUEST_SLOTS.labels(self.queue_name).inc()
@@ -436,7 +454,7 @@ class TiledImageModel:
                                      overlap=self.overlap)
         finally:
             if not slot_held:
-                self._release_slot(pixels)
+                self._release_slot(pixels, opened)
 
     async def warmup(self) -> None:
         """One forward pass before SERVING: of a full tile when compiled (compiling a shape

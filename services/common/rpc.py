@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from services.common.errors import ServiceError
+from services.common.errors import STATUS_DETAILS_KEY, ServiceError, status_details
 from services.common.request_ids import current_request_id, with_request_id
 
 log = logging.getLogger("percept.rpc")
@@ -29,8 +29,11 @@ async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, method
     else:
         log.exception("unhandled error", extra={"method": method})
         request_id = current_request_id.get()
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log" + (
-            f" (request id {request_id})" if request_id else ""))
+        message = "internal error; see the server log" + (
+            f" (request id {request_id})" if request_id else "")
+        details = status_details(grpc.StatusCode.INTERNAL, message, "INTERNAL")
+        await context.abort(grpc.StatusCode.INTERNAL, message,
+                            with_request_id(context, ((STATUS_DETAILS_KEY, details),)))
 
 
 def unary_errors(method: Callable[[Self, Any, grpc.aio.ServicerContext], Awaitable[Any]]

@@ -97,6 +97,11 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
     def add_to_server(self, server: grpc.aio.Server) -> None:
         embed_pb2_grpc.add_EmbeddingServicer_to_server(self, server)
 
+    @property
+    def max_images(self) -> int:
+        """The most images (or phrases) one EmbedImages (EmbedText) request may carry."""
+        return self.config.max_batch * 8
+
     async def load(self) -> None:
         self.device = choose_device(self.config.device)
         self.vocab = await asyncio.to_thread(NounVocabulary.from_file)
@@ -130,9 +135,13 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         preferred = (self.devise.config.get("default_method", "conse")
                      if self.devise is not None else "conse")
         self.default_method = DEVISE if preferred == "devise" and self.devise else CONSE
+        # Its items are images, decoded already: --max-queue bounds the image *requests*
+        # (image_requests, before decoding), and every image of an admitted request has a
+        # place here, or a request of more images than --max-queue would be busy forever
         self.batcher: MicroBatcher[_Job, np.ndarray] = MicroBatcher(
             "embed-images", self._embed_batch, max_batch=self.config.max_batch,
-            max_wait_ms=self.config.max_wait_ms, max_queue=self.config.max_queue)
+            max_wait_ms=self.config.max_wait_ms,
+            max_queue=self.config.max_queue * self.max_images)
         self.batcher.start()
         # phrases: one item per request (its phrases), encoded together with the phrases of
         # the requests that came with it, in one thread, behind the same bounded queue
@@ -274,12 +283,17 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
                           context: grpc.aio.ServicerContext) -> embed_pb2.EmbedImagesResponse:
         if not request.images:
             raise InvalidArgument("images is empty: send 1 to "
-                                  f"{self.config.max_batch * 8} images", field="images")
-        if len(request.images) > self.config.max_batch * 8:
+                                  f"{self.max_images} images", field="images")
+        if len(request.images) > self.max_images:
             raise InvalidArgument(f"{len(request.images)} images is over the batch limit of "
-                                  f"{self.config.max_batch * 8}", field="images")
+                                  f"{self.max_images}", field="images")
         method = self._method(request.method)
-        vectors = await self.embed_images(request.images, method, time_remaining(context))
+        try:
+            vectors = await self.embed_images(request.images, method, time_remaining(context))
+        except InvalidArgument as error:
+            if error.field == "image":  # a batch of one: its image is images[0] here
+                error.field = "images[0]"
+            raise
         return embed_pb2.EmbedImagesResponse(
             embeddings=[embed_pb2.Vector(values=v.tolist()) for v in vectors],
             dimension=self.index.dimension, method=method, space=self.text.name)
@@ -288,7 +302,7 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
                           ) -> np.ndarray:
         """(N, 384) unit vectors for phrases (validated like EmbedText), within ``timeout``
         seconds; Busy when --max-queue text requests are already waiting or running."""
-        limit = self.config.max_batch * 8
+        limit = self.max_images
         if not texts:
             raise InvalidArgument(f"texts is empty: send 1 to {limit} phrases", field="texts")
         if len(texts) > limit:

@@ -10,18 +10,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import numpy as np
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 
 from percept.v1 import search_pb2, search_pb2_grpc
 from services.common.config import ServerConfig
-from services.common.errors import InvalidArgument, ServiceError, shown
+from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError, shown
 from services.common.images import probe_size
 from services.common.rpc import stream_errors, time_remaining, unary_errors
 from services.common.server import ServiceModule
@@ -30,6 +33,7 @@ from services.search.store import Entry, ImageStore
 from services.search.vector_index import IndexSettings, VectorIndex, disk_bytes
 
 log = logging.getLogger("percept.search")
+Reply = TypeVar("Reply", bound=Message)
 
 ADD_BATCH = 16
 #: An AddImages stream's batch is also embedded once its images take this many bytes, or
@@ -40,6 +44,10 @@ ADD_BATCH_BYTES = 32 * 2**20
 ADD_BUFFER_BYTES = 256 * 2**20
 ADD_IDLE_SECONDS = 0.5
 MAX_ID_CHARS = 256
+#: The longest uri an image is added with (a path or URL; hits and listings carry it).
+MAX_URI_CHARS = 4096
+#: Room kept in a reply for its other fields and framing (bytes).
+REPLY_OVERHEAD_BYTES = 4096
 MAX_TEXT_CHARS = 1000
 MAX_K = 1000
 DEFAULT_K = 10
@@ -188,6 +196,9 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         if len(item.id) > MAX_ID_CHARS:
             raise InvalidArgument(f"id has {len(item.id)} characters, over {MAX_ID_CHARS}",
                                   field="id")
+        if len(item.uri) > MAX_URI_CHARS:
+            raise InvalidArgument(f"uri has {len(item.uri)} characters, over {MAX_URI_CHARS}",
+                                  field="uri")
         probe_size(item.image)
 
     async def _embed_each(self, items: list[search_pb2.AddImageRequest],
@@ -308,9 +319,20 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         if min_score is not None:
             found = [(image_id, score) for image_id, score in found if score >= min_score]
         records = await asyncio.to_thread(self.store.get, [i for i, _ in found])
-        return search_pb2.SearchResponse(hits=[
+        return self._fits(search_pb2.SearchResponse(hits=[
             search_pb2.Hit(id=i, uri=records[i].uri, score=score)
-            for i, score in found if i in records])
+            for i, score in found if i in records]), "ask for fewer hits (k)")
+
+    def _fits(self, reply: Reply, advice: str) -> Reply:
+        """``reply``, or RESOURCE_EXHAUSTED (RESULT_TOO_LARGE) where it would be over the
+        message limit (long uris): gRPC would refuse it with no reason a client can read."""
+        size = reply.ByteSize()
+        if size + REPLY_OVERHEAD_BYTES > self.config.max_message_bytes:
+            raise ResourceExhausted(
+                f"the reply would take {size / 2**20:.1f} MiB, over this server's message "
+                f"limit of {self.config.max_message_bytes / 2**20:.0f} MiB "
+                f"(--max-message-mb); {advice}", reason="RESULT_TOO_LARGE")
+        return reply
 
     @unary_errors
     async def SearchByText(self, request: search_pb2.SearchByTextRequest,
@@ -342,9 +364,9 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                                   field="ids")
         ids = list(dict.fromkeys(request.ids))
         found = await asyncio.to_thread(self.store.entries, ids)
-        return search_pb2.GetImagesResponse(
+        return self._fits(search_pb2.GetImagesResponse(
             images=[_image_entry(found[i]) for i in ids if i in found],
-            missing=[i for i in ids if i not in found])
+            missing=[i for i in ids if i not in found]), "ask for fewer ids")
 
     @unary_errors
     async def ListImages(self, request: search_pb2.ListImagesRequest,
@@ -356,12 +378,21 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         if len(request.prefix) > MAX_ID_CHARS:
             raise InvalidArgument(f"prefix has {len(request.prefix)} characters, over "
                                   f"{MAX_ID_CHARS}", field="prefix")
-        after = _page_token_id(request.page_token)
+        after = _page_token_id(request.page_token, request.prefix)
         entries = await asyncio.to_thread(self.store.page, after, size + 1, request.prefix)
-        more = len(entries) > size
+        # a page also ends where one more entry would take it over the message limit
+        room = self.config.max_message_bytes - REPLY_OVERHEAD_BYTES
+        page: list[search_pb2.ImageEntry] = []
+        for entry in entries[:size]:
+            listed = _image_entry(entry)
+            room -= listed.ByteSize() + 8  # its tag and length
+            if room < 0 and page:
+                break
+            page.append(listed)
+        more = len(page) < len(entries)
         return search_pb2.ListImagesResponse(
-            images=[_image_entry(entry) for entry in entries[:size]],
-            next_page_token=_page_token(entries[size - 1].id) if more else "")
+            images=page,
+            next_page_token=_page_token(page[-1].id, request.prefix) if more else "")
 
     @unary_errors
     async def Stats(self, request: search_pb2.StatsRequest,
@@ -378,20 +409,28 @@ def _image_entry(entry: Entry) -> search_pb2.ImageEntry:
     return search_pb2.ImageEntry(id=entry.id, uri=entry.uri, added=added)
 
 
-def _page_token(last_id: str) -> str:
-    return base64.urlsafe_b64encode((PAGE_TOKEN_PREFIX + last_id).encode()).decode()
+def _page_token(last_id: str, prefix: str) -> str:
+    """Where the next page starts: after ``last_id``, in the listing of ``prefix``."""
+    text = PAGE_TOKEN_PREFIX + json.dumps([prefix, last_id])
+    return base64.urlsafe_b64encode(text.encode()).decode()
 
 
-def _page_token_id(token: str) -> str:
-    """The id a page token continues after ("" for no token)."""
+def _page_token_id(token: str, prefix: str) -> str:
+    """The id a page token continues after ("" for no token); the token must come from a
+    listing of the same ``prefix``."""
     if not token:
         return ""
     try:
         text = base64.urlsafe_b64decode(token.encode("ascii")).decode()
-    except (ValueError, UnicodeError):
-        text = ""
-    if not text.startswith(PAGE_TOKEN_PREFIX):
+        made_for, after = json.loads(text.removeprefix(PAGE_TOKEN_PREFIX))
+        if not text.startswith(PAGE_TOKEN_PREFIX) or not isinstance(after, str):
+            raise ValueError(token)
+    except (ValueError, TypeError, UnicodeError):
         raise InvalidArgument(f"page_token {shown(token)} is not one this service made: pass "
                               "the next_page_token of the previous ListImages response",
+                              field="page_token") from None
+    if made_for != prefix:
+        raise InvalidArgument(f"page_token continues a listing of prefix {shown(made_for)}, "
+                              f"not {shown(prefix)}: keep the prefix across the pages",
                               field="page_token")
-    return text[len(PAGE_TOKEN_PREFIX):]
+    return after

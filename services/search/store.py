@@ -204,17 +204,16 @@ class ImageStore:
     def page(self, after: str, limit: int, prefix: str = "") -> list[Entry]:
         """Up to ``limit`` entries in id order, of ids after ``after`` (not included) that
         start with ``prefix``; a range read of the primary key, however large the record."""
+        # the ids that start with the prefix are exactly those from it up to (not including)
+        # the least string after all of them: a range of the key, NUL characters and all
         query = "SELECT id, uri, added FROM images WHERE id > ?"
-        values: list[object] = [max(after, prefix) if prefix else after]
-        if prefix:
-            if after < prefix:
-                query = "SELECT id, uri, added FROM images WHERE id >= ?"
-            query += " AND substr(id, 1, ?) = ?"
-            values += [len(prefix), prefix]
-            upper = _after_every_id_with(prefix)
-            if upper is not None:
-                query += " AND id < ?"
-                values.append(upper)
+        values: list[object] = [after]
+        if prefix and after < prefix:
+            query, values = "SELECT id, uri, added FROM images WHERE id >= ?", [prefix]
+        upper = _after_every_id_with(prefix) if prefix else None
+        if upper is not None:
+            query += " AND id < ?"
+            values.append(upper)
         with self._lock:
             rows = self._db.execute(query + " ORDER BY id LIMIT ?", [*values, limit]).fetchall()
         return [Entry(*row) for row in rows]

@@ -61,6 +61,19 @@ def _optional(request: style_pb2.StylizeWithImageRequest, name: str,
     return getattr(request, name) if request.HasField(name) else default
 
 
+#: The request fields GatysOptions.validate names in its messages, first match first.
+_VALIDATED_FIELDS = ("style_layer_weights", "style layer", "content_weight", "style_weight",
+                     "tv_weight", "seed", "iterations", "init", "optimizer")
+
+
+def _field_named_in(message: str) -> str | None:
+    """The request field a GatysOptions error is about (google.rpc.BadRequest)."""
+    for name in _VALIDATED_FIELDS:
+        if message.startswith(name) or f" {name}" in message:
+            return "style_layer_weights" if name == "style layer" else name
+    return None
+
+
 def parse_request(request: style_pb2.StylizeWithImageRequest,
                   config: ServerConfig) -> OptimisationJob:
     """Validates every field; raises InvalidArgument with a precise message."""
@@ -99,7 +112,7 @@ def parse_request(request: style_pb2.StylizeWithImageRequest,
     try:
         options.validate()
     except ValueError as error:
-        raise InvalidArgument(str(error)) from error
+        raise InvalidArgument(str(error), field=_field_named_in(str(error))) from error
 
     output_format = output_format_enum(request.output_format)
     output_format_name(output_format)  # an unknown format fails now, not after the run

@@ -223,3 +223,4 @@ def test_phrases_are_batched_behind_a_bounded_queue(embed_server: RunningServer,
     assert calls[0] == ["a cat"] and sorted(calls[1]) == ["a cow", "a dog", "a horse"]
     alone = real.encode(["a dog", "a horse"])
     assert np.allclose(np.array(answers[1].embeddings[1].values), alone[1], atol=1e-5)
+

@@ -322,3 +322,59 @@ def test_bad_get_requests(stub: search_pb2_grpc.ImageSearchStub, ids: list[str],
         stub.GetImages(search_pb2.GetImagesRequest(ids=ids), timeout=30)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in error.value.details()
+
+
+def test_long_uris_cannot_make_a_reply_too_large_to_send(
+        stub: search_pb2_grpc.ImageSearchStub, search_server: RunningServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A uri over 4096 characters is refused; pages of ListImages end where one more entry
+    would be over the message limit (the next page has the rest), and a GetImages or
+    search reply over it is RESULT_TOO_LARGE, not gRPC's bare refusal."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    from services.search import service
+
+    images = photo_variants(4, seed=15)
+    requests = [search_pb2.AddImageRequest(id=f"long-{i}", uri="u" * 4000 + str(i), image=image)
+                for i, image in enumerate(images)]
+    requests.append(search_pb2.AddImageRequest(id="long-too", uri="u" * 4097, image=images[0]))
+    added, rejected = add(stub, requests)
+    assert sorted(added) == [f"long-{i}" for i in range(4)]
+    assert [(r.id, r.reason) for r in rejected] == [
+        ("long-too", "uri has 4097 characters, over 4096")]
+    # leave room for about two entries of 4 kB in a reply
+    limit = search_server.server.config.max_message_bytes
+    monkeypatch.setattr(service, "REPLY_OVERHEAD_BYTES", limit - 9000)
+    pages, token = [], ""
+    while True:
+        page = stub.ListImages(search_pb2.ListImagesRequest(prefix="long-", page_token=token),
+                               timeout=30)
+        pages.append([entry.id for entry in page.images])
+        token = page.next_page_token
+        if not token:
+            break
+    assert pages == [["long-0", "long-1"], ["long-2", "long-3"]]
+    with pytest.raises(grpc.RpcError) as error:
+        stub.GetImages(search_pb2.GetImagesRequest(ids=[f"long-{i}" for i in range(4)]),
+                       timeout=30)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "over this server's message limit" in error.value.details()
+    status = rpc_status.from_call(error.value)  # type: ignore[arg-type]
+    info = error_details_pb2.ErrorInfo()
+    assert status is not None and status.details[0].Unpack(info)
+    assert info.reason == "RESULT_TOO_LARGE"
+
+
+def test_a_page_token_continues_only_the_listing_it_came_from(
+        stub: search_pb2_grpc.ImageSearchStub) -> None:
+    add(stub, add_requests(photo_variants(2, seed=16), prefix="token"))
+    first = stub.ListImages(search_pb2.ListImagesRequest(prefix="token-", page_size=1),
+                            timeout=30)
+    assert first.next_page_token
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ListImages(search_pb2.ListImagesRequest(prefix="other-", page_size=1,
+                                                     page_token=first.next_page_token),
+                        timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "continues a listing of prefix 'token-', not 'other-'" in error.value.details()

@@ -9,7 +9,8 @@ import pytest
 
 from services.search.store import ImageStore, _after_every_id_with
 
-IDS = ["a", "a-1", "a-2", "a\U0010ffff", "ab", "b", "b-1", "é-1", "é-2", "日本-1", "日本-2"]
+IDS = ["a", "a-1", "a-2", "a\U0010ffff", "ab", "b", "b-1", "é-1", "é-2", "日本-1", "日本-2",
+       "z\x00", "z\x00y", "z"]
 
 
 @pytest.fixture()
@@ -31,10 +32,11 @@ def walk(store: ImageStore, size: int, prefix: str = "") -> list[list[str]]:
 
 def test_pages_walk_every_id_once_in_code_point_order(store: ImageStore) -> None:
     assert [i for page in walk(store, 3) for i in page] == sorted(IDS)
-    assert [len(page) for page in walk(store, 4)] == [4, 4, 3]
+    assert [len(page) for page in walk(store, 4)] == [4, 4, 4, 2]
 
 
-@pytest.mark.parametrize("prefix", ["a", "a-", "é", "日本", "b-1", "z", "a\U0010ffff"])
+@pytest.mark.parametrize("prefix", ["a", "a-", "é", "日本", "b-1", "z", "a\U0010ffff", "z\x00",
+                                    "q"])
 def test_a_prefix_keeps_exactly_the_ids_that_start_with_it(store: ImageStore,
                                                           prefix: str) -> None:
     for size in (1, 2, 100):

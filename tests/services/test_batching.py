@@ -325,3 +325,23 @@ def test_a_busy_answer_asks_for_about_one_batch_s_time() -> None:
     for seconds, pushback in [(0.3, 300), (1e-4, MIN_PUSHBACK_MS), (600.0, MAX_PUSHBACK_MS)]:
         bounds.batch_seconds = seconds
         assert bounds.retry_after_ms == pushback
+
+
+def test_the_first_batch_counts_for_as_long_as_it_has_run() -> None:
+    """Before any batch has ended there is no mean: a batch already running longer than
+    the default pushback (a first Gatys optimisation) counts for its running time."""
+    recorder = Recorder(delay=0.6)
+
+    async def main() -> None:
+        from services.common.errors import Busy
+
+        batcher = MicroBatcher("t-first", recorder, max_batch=1, max_wait_ms=0, max_queue=1)
+        running = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.35)
+        with pytest.raises(Busy) as busy:
+            await batcher.submit(2)
+        assert busy.value.retry_after_ms >= 300 and batcher.batch_seconds is None
+        await running
+        await batcher.stop()
+
+    asyncio.run(main())

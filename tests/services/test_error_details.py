@@ -102,3 +102,18 @@ def test_a_request_that_does_not_parse_is_malformed(all_server: RunningServer) -
                                    response_deserializer=superres_pb2.UpscaleResponse.FromString)
         error = _call_error(lambda: call(b"\xff\xff\xff\xff", timeout=30))
     assert _details(error)["ErrorInfo"].reason == "MALFORMED_REQUEST"  # type: ignore[attr-defined]
+
+
+def test_a_batch_of_one_names_images_0_and_gatys_options_name_their_field(
+        all_server: RunningServer) -> None:
+    stub = embed_pb2_grpc.EmbeddingStub(client.connect(all_server.target))
+    error = _call_error(lambda: stub.EmbedImages(
+        embed_pb2.EmbedImagesRequest(images=[b"junk"]), timeout=60))
+    assert [v.field for v in _details(error)["BadRequest"].field_violations] == ["images[0]"]  # type: ignore[attr-defined]
+    for fields, field in [({"style_layer_weights": {"nolayer": 1.0}}, "style_layer_weights"),
+                          ({"seed": -1}, "seed"), ({"content_weight": -1.0}, "content_weight")]:
+        request = style_pb2.StylizeWithImageRequest(content_image=b"x", style_image=b"x",
+                                                    **fields)  # type: ignore[arg-type]
+        error = _call_error(lambda request=request: client.stylize_with_image(
+            client.connect(all_server.target), request, timeout=60))
+        assert [v.field for v in _details(error)["BadRequest"].field_violations] == [field]  # type: ignore[attr-defined]

@@ -347,3 +347,18 @@ def test_a_cancelled_request_keeps_its_slot_until_its_thread_ends() -> None:
         assert model.active_requests == 0
 
     asyncio.run(main())
+
+
+def test_a_busy_answer_waits_for_a_request_to_end_not_one_tile_batch() -> None:
+    """A large image holds its slot for many tile batches: the pushback follows how long a
+    slot is held (shared by the requests holding one), not one batch."""
+    model = _model()
+    model.batcher.batch_seconds = 0.3  # one batch of tiles
+    assert model.retry_after_ms == 300  # no request has ended yet
+    model.slot_seconds, model.active_requests = 3.2, 1
+    assert model.retry_after_ms == 3200
+    model.active_requests = 4  # four requests share the wait: one ends about every 0.8 s
+    assert model.retry_after_ms == 800
+    model.slot_seconds = 0.01  # short requests: a batch is the better guess
+    assert model.retry_after_ms == 300
+    model.active_requests = 0

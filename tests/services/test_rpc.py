@@ -127,6 +127,11 @@ def test_a_bug_is_internal_logged_and_not_leaked(channel: grpc.Channel,
     assert error.value.code() == grpc.StatusCode.INTERNAL
     assert error.value.details() == "internal error; see the server log"
     assert SECRET not in str(error.value.details())
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status, info = rpc_status.from_call(error.value), error_details_pb2.ErrorInfo()
+    assert status is not None and status.details[0].Unpack(info) and info.reason == "INTERNAL"
     assert received == [b"first"] and stream_error is not None
     assert stream_error.code() == grpc.StatusCode.INTERNAL
     assert SECRET not in str(stream_error.details())

@@ -129,7 +129,8 @@ class ImageSearchServicer:
 
     def GetImages(self, request, context):
         """The stored images among the given ids (is this one indexed, and from where?).
-        Errors: INVALID_ARGUMENT (no ids, over 10,000 ids).
+        Errors: INVALID_ARGUMENT (no ids, over 10,000 ids), RESOURCE_EXHAUSTED (the reply
+        would be over the message limit: ask for fewer ids).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,9 +138,10 @@ class ImageSearchServicer:
 
     def ListImages(self, request, context):
         """Every stored image, a page at a time in id order; pages stay consistent while images
-        are added or deleted (a page starts after the last id of the one before).
+        are added or deleted (a page starts after the last id of the one before). A page also
+        ends early where one more entry would take the reply over the message limit.
         Errors: INVALID_ARGUMENT (page_size outside 0..1000, a page_token this service did not
-        make, a prefix over 256 characters).
+        make or made for another prefix, a prefix over 256 characters).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -21,8 +21,12 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 #: The most bytes a status message may take on the wire (gRPC percent-encodes it into the
 #: ``grpc-message`` trailer; clients refuse metadata over 8 KiB by default, so a longer
-#: message would turn the precise status into RESOURCE_EXHAUSTED on the client).
-MAX_MESSAGE_WIRE_BYTES = 4096
+#: message would turn the precise status into RESOURCE_EXHAUSTED on the client). The
+#: details trailer carries the message again, base64-encoded (4/3 as many bytes): the two,
+#: with the rest of the trailers, stay under 8 KiB.
+MAX_MESSAGE_WIRE_BYTES = 2048
+#: The longest description of a BadRequest field violation (characters).
+MAX_VIOLATION_CHARS = 200
 
 
 def _wire_bytes(text: str) -> int:
@@ -65,7 +69,8 @@ def status_details(code: grpc.StatusCode, message: str, reason: str, *,
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     if field is not None:
         details.append(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]))
+            error_details_pb2.BadRequest.FieldViolation(
+                field=field, description=message[:MAX_VIOLATION_CHARS])]))
     packed = []
     for detail in details:
         item = any_pb2.Any()

@@ -108,6 +108,13 @@ def test_a_message_too_long_for_a_trailer_is_cut_not_turned_into_another_status(
     details = error.value.details()
     assert details.startswith("no such name: " + name[:100])
     assert details.endswith(" characters cut)") and len(details) < 4096
+    # the whole trailer block, the details carrying the message again, stays under 8 KiB
+    trailers = error.value.trailing_metadata()  # type: ignore[attr-defined]
+    from services.common.errors import _wire_bytes
+
+    size = _wire_bytes(details) + sum(  # the message percent-encoded; base64 for -bin
+        len(k) + (len(v) * 4 // 3 + 4 if isinstance(v, bytes) else len(v)) for k, v in trailers)
+    assert size < 8192 and any(k == "grpc-status-details-bin" for k, _ in trailers)
     assert _unary(channel, b"ok") == b"echo:ok"
 
 

@@ -268,8 +268,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                     if (len(batch) + len(rejected) < ADD_BATCH and held < ADD_BATCH_BYTES
                             and self.buffered_bytes < ADD_BUFFER_BYTES):
                         continue
-                elif not (batch or rejected):
-                    continue
+                # a full batch, or a pause with items waiting (a wait times out only then)
                 ack = await self._add_batch(batch, rejected, time_remaining(context))
                 self.buffered_bytes -= held
                 batch, rejected, held = [], [], 0

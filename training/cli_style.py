@@ -251,6 +251,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: out/eval/style)")
     parser.add_argument("--update-metrics", action="store_true",
                         help="write the held-out numbers into each model's metrics.json")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default: torch's choice; use 1 on a busy CPU)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="default: auto (CUDA when present)")
 

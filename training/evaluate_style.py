@@ -733,9 +733,10 @@ def check_eval_flags(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from training.loop import choose_device
+    from training.loop import choose_device, use_threads
 
     check_eval_flags(args)
+    use_threads(args.threads)
     device = choose_device(args.device)
     model_dirs = [Path(p) for p in args.models] if args.models else default_model_dirs()
     if not model_dirs:

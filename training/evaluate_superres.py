@@ -42,6 +42,7 @@ from training.image_quality import (
     shave,
     y_psnr_ssim,
 )
+from training.loop import use_threads
 from training.plots import image_grid, save_image_grid
 from training.sr_data import SCALE
 
@@ -196,6 +197,7 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     check_outputs(args)
+    use_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     files = photo_files([Path(p) for p in args.photos])

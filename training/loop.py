@@ -202,6 +202,14 @@ class LearningRateClock:
         return lr_factor(self.position(step), self.steps, self.warmup)
 
 
+def use_threads(threads: int) -> None:
+    """``--threads``: torch's CPU threads (0: torch's choice); ValueError when negative."""
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def check_time_schedule(args: Any) -> None:
     """--time-schedule needs the clock budget it anneals by."""
     if getattr(args, "time_schedule", False) and not args.max_minutes:

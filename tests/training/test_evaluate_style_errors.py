@@ -249,6 +249,7 @@ def test_numbers_and_paths_that_would_fail_late_are_refused_before_any_model_loa
            "grid)") for value in ("0", "-1")],
         *[([*zoom, "--zoom-crop", value], crop) for value in ("1000", "4", "0")],
         (zoom, f"{crop}, got 96"),  # the default crop is larger than --size 64
+        (["--threads", "-1"], "--threads must be >= 0, got -1"),
         (["--grid", str(a_file / "grid.png")], f"{a_file} is a file, not a folder"),
         (["--grid", str(tmp_path)], f"--grid {tmp_path} is a folder, not a file"),
         (["--out", str(a_file / "out")], f"--out {a_file / 'out'}: {a_file} is a file, not "

@@ -292,6 +292,7 @@ def test_a_resume_refuses_arrays_prepared_again_under_the_same_path(
 @pytest.mark.parametrize("flags, message", [
     (["--hr-size", "0"], "--hr-size must be a multiple of 4, at least 32 px, got 0"),
     (["--resize-to", "100"], "--resize-to 100 is smaller than --hr-size 256"),
+    (["--threads", "-1"], "--threads must be >= 0, got -1"),
     (["--models", str(Path(__file__).resolve().parents[2] / "models" / "style-starry-night")],
      "is a style artifact, not a super-resolution one"),
 ])

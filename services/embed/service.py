@@ -125,8 +125,9 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         for name in list_artifacts(self.config.models_dir, "devise"):
             recorded = read_config(self.config.models_dir / name).get("noun_vectors")
             reason = vector_space_mismatch(recorded, self.space.source)
-            if reason is not None:
-                self.devise_refused[name] = reason
+            if reason is not None:  # the client is told it without the server's folders
+                self.devise_refused[name] = str(vector_space_mismatch(
+                    recorded, self.space.source, describe=space_name))
                 log.error(f"DeViSE map {name} refused: {reason}", extra={"devise": name})
                 continue
             self.devise = await asyncio.to_thread(load_artifact, self.config.models_dir,

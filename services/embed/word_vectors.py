@@ -797,15 +797,18 @@ def describe_source(source: Mapping[str, Any]) -> str:
             f"{str(source.get('sha256', ''))[:12]}…)")
 
 
-def vector_space_mismatch(recorded: Mapping[str, Any] | None,
-                          actual: Mapping[str, Any]) -> str | None:
+def vector_space_mismatch(recorded: Mapping[str, Any] | None, actual: Mapping[str, Any],
+                          describe: Callable[[Mapping[str, Any]], str] = describe_source
+                          ) -> str | None:
     """Why a map trained against ``recorded`` (a DeViSE config.json's ``"noun_vectors"``;
     no ``"source"`` means MiniLM) cannot be used with the vectors ``actual``, or None when
-    it can: another dimension, another source, or another word-vector file (sha256)."""
+    it can: another dimension, another source, or another word-vector file (sha256).
+    ``describe`` names a source (:func:`space_name` names a file without its folder, for
+    what a client is told)."""
     recorded = recorded or {}
     kind = recorded.get("source", SOURCE_MINILM)
     have = actual.get("source", SOURCE_MINILM)
-    was, now = describe_source({"source": kind, **recorded}), describe_source(actual)
+    was, now = describe({"source": kind, **recorded}), describe(actual)
     dim = recorded.get("dimension")
     if dim is not None and int(dim) != int(actual["dimension"]):
         return (f"it maps into {dim}-d vectors ({was}) but these vectors are "

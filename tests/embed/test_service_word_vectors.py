@@ -134,6 +134,7 @@ def test_a_map_for_other_vectors_is_refused(models: Path, tiny_vectors: Path,
         details = error.value.details()
         assert "devise-minilm" in details and "maps into 384-d vectors" in details
         assert "glove.tiny.txt" in details and "percept train devise --word-vectors" in details
+        assert str(tiny_vectors.parent) not in details  # no server folders to a client
         # ConSE (the default without a usable map) still labels, in the file's space
         response = stub.LabelImage(embed_pb2.LabelImageRequest(image=encode(photo), k=5),
                                    timeout=60)

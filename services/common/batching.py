@@ -36,6 +36,11 @@ MIN_PUSHBACK_MS, MAX_PUSHBACK_MS, DEFAULT_PUSHBACK_MS = 50, 10_000, 100
 #: Weight of the latest batch in the running mean of batch times.
 BATCH_TIME_WEIGHT = 0.2
 
+def running_mean(mean: float | None, value: float) -> float:
+    """``mean`` moved towards ``value`` by BATCH_TIME_WEIGHT (``value`` when there is none)."""
+    return value if mean is None else (1 - BATCH_TIME_WEIGHT) * mean + BATCH_TIME_WEIGHT * value
+
+
 In = TypeVar("In")
 Out = TypeVar("Out")
 log = logging.getLogger(__name__)
@@ -253,10 +258,9 @@ class MicroBatcher(Generic[In, Out]):
                     if not pending.future.done():
                         pending.future.set_exception(error)
             finally:
-                took = time.monotonic() - started
                 self._batch_started = None
-                self.batch_seconds = took if self.batch_seconds is None else (
-                    (1 - BATCH_TIME_WEIGHT) * self.batch_seconds + BATCH_TIME_WEIGHT * took)
+                self.batch_seconds = running_mean(self.batch_seconds,
+                                                  time.monotonic() - started)
                 self.batches_run += 1
                 self._running = 0
                 QUEUE_DEPTH.labels(self.name).set(self.depth)

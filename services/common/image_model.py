@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from services.common.artifacts import Artifact
-from services.common.batching import BATCH_TIME_WEIGHT, MAX_PUSHBACK_MS, MicroBatcher
+from services.common.batching import MAX_PUSHBACK_MS, MicroBatcher, running_mean
 from services.common.config import ServerConfig
 from services.common.cuda_graphs import CudaGraphRunner
 from services.common.device import serving_dtype
@@ -408,9 +408,7 @@ class TiledImageModel:
         return pixels
 
     def _release_slot(self, pixels: int, opened: float) -> None:
-        held = time.monotonic() - opened
-        self.slot_seconds = held if self.slot_seconds is None else (
-            (1 - BATCH_TIME_WEIGHT) * self.slot_seconds + BATCH_TIME_WEIGHT * held)
+        self.slot_seconds = running_mean(self.slot_seconds, time.monotonic() - opened)
         self.active_requests -= 1
         REQUEST_SLOTS.labels(self.queue_name).dec()
         if pixels:

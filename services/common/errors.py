@@ -98,7 +98,8 @@ class ServiceError(Exception):
     at fault (google.rpc.BadRequest)."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-    reason: str = "INTERNAL"
+    #: The ErrorInfo reason of the class, where it says more than the status code's name.
+    default_reason: str | None = None
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None, *,
                  reason: str | None = None, field: str | None = None,
@@ -106,9 +107,7 @@ class ServiceError(Exception):
         super().__init__(message)
         if code is not None:
             self.code = code
-            self.reason = code.name
-        if reason is not None:
-            self.reason = reason
+        self.reason = reason or self.default_reason or self.code.name
         self.field = field
         self.metadata = metadata
 
@@ -133,17 +132,14 @@ class ServiceError(Exception):
 
 class InvalidArgument(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
-    reason = "INVALID_ARGUMENT"
 
 
 class NotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
-    reason = "NOT_FOUND"
 
 
 class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "RESOURCE_EXHAUSTED"
 
 
 #: The trailer of a "busy" answer: milliseconds the client should wait before it retries
@@ -156,7 +152,7 @@ class Busy(ResourceExhausted):
     the answer carries the ``grpc-retry-pushback-ms`` trailer, which tells a client that a
     retry may succeed, and when; a message too large is RESOURCE_EXHAUSTED without it."""
 
-    reason = "QUEUE_FULL"
+    default_reason = "QUEUE_FULL"
 
     def __init__(self, message: str, retry_after_ms: int = 100, *,
                  reason: str | None = None) -> None:
@@ -174,19 +170,16 @@ class Busy(ResourceExhausted):
 
 class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
-    reason = "DEADLINE_EXCEEDED"
 
 
 class Unimplemented(ServiceError):
     code = grpc.StatusCode.UNIMPLEMENTED
-    reason = "NO_MODEL_INSTALLED"
+    default_reason = "NO_MODEL_INSTALLED"
 
 
 class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "FAILED_PRECONDITION"
 
 
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
-    reason = "UNAVAILABLE"

@@ -245,8 +245,9 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
             return await items.__anext__()
 
         reading: asyncio.Task[search_pb2.AddImageRequest] | None = None
+        ended = False
         try:
-            while True:
+            while not ended:
                 if reading is None:  # never cancelled while the stream goes on
                     reading = asyncio.ensure_future(following())
                 done, _ = await asyncio.wait(
@@ -256,28 +257,26 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                     try:
                         item = finished.result()
                     except StopAsyncIteration:
-                        break
-                    try:
-                        await asyncio.to_thread(self._check_item, item)
-                        batch.append(item)
-                        held += len(item.image)
-                        self.buffered_bytes += len(item.image)
-                    except ServiceError as problem:
-                        rejected.append(search_pb2.Rejection(
-                            id=item.id, code=problem.code.name, reason=problem.message))
-                    if (len(batch) + len(rejected) < ADD_BATCH and held < ADD_BATCH_BYTES
-                            and self.buffered_bytes < ADD_BUFFER_BYTES):
-                        continue
-                # a full batch, or a pause with items waiting (a wait times out only then)
-                ack = await self._add_batch(batch, rejected, time_remaining(context))
-                self.buffered_bytes -= held
-                batch, rejected, held = [], [], 0
-                yield ack
-            if batch or rejected:
-                ack = await self._add_batch(batch, rejected, time_remaining(context))
-                self.buffered_bytes -= held
-                held = 0
-                yield ack
+                        ended = True
+                    else:
+                        try:
+                            await asyncio.to_thread(self._check_item, item)
+                            batch.append(item)
+                            held += len(item.image)
+                            self.buffered_bytes += len(item.image)
+                        except ServiceError as problem:
+                            rejected.append(search_pb2.Rejection(
+                                id=item.id, code=problem.code.name, reason=problem.message))
+                        if (len(batch) + len(rejected) < ADD_BATCH and held < ADD_BATCH_BYTES
+                                and self.buffered_bytes < ADD_BUFFER_BYTES):
+                            continue
+                # a full batch, a pause with items waiting (a wait times out only then), or
+                # the end of the stream
+                if batch or rejected:
+                    ack = await self._add_batch(batch, rejected, time_remaining(context))
+                    self.buffered_bytes -= held
+                    batch, rejected, held = [], [], 0
+                    yield ack
         finally:  # a cancelled or failed stream gives back what it held
             self.buffered_bytes -= held
             if reading is not None:

@@ -7,6 +7,7 @@ import abc
 import asyncio
 import functools
 import io
+import re
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -129,6 +130,16 @@ def _details_of(error: grpc.aio.AioRpcError) -> tuple[str | None, str | None]:
     return reason, field
 
 
+def _field_in_call(field: str | None, offset: int, count: int) -> str | None:
+    """The field of an EmbedImages part's ``images[i]`` among the ``count`` images the
+    caller passed, as the in-process embedder names it: "image" when it passed one (a
+    SearchByImage request's field), else ``images[offset + i]``."""
+    numbered = re.fullmatch(r"images\[(\d+)\]", field or "")
+    if numbered is None:
+        return field
+    return "image" if count == 1 else f"images[{offset + int(numbered.group(1))}]"
+
+
 class RemoteEmbedder(Embedder):
     """Calls the Embedding service at ``target`` (round-robin over a headless Service)."""
 
@@ -241,5 +252,9 @@ class RemoteEmbedder(Embedder):
         vectors: list[np.ndarray] = []
         for part in self._parts(images):
             left = None if end is None else end - time.monotonic()
-            vectors += await self._embed_part(part, self._call_timeout(left))
+            try:
+                vectors += await self._embed_part(part, self._call_timeout(left))
+            except InvalidArgument as error:
+                error.field = _field_in_call(error.field, len(vectors), len(images))
+                raise
         return vectors

@@ -14,13 +14,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from PIL import Image
 
 from percept.v1 import search_pb2, search_pb2_grpc
 from services import client
 from services.common.errors import RETRY_PUSHBACK_KEY, ServiceError
 from services.common.server import RunningServer, start_in_thread
-from services.search.embedder import RemoteEmbedder
+from services.search.embedder import IMAGE_FRAMING_BYTES, MESSAGE_OVERHEAD_BYTES, RemoteEmbedder
 from tests.conftest import pixel_budget_full, server_config
 from tests.search.conftest import add, add_requests
 
@@ -104,6 +106,36 @@ def test_search_by_a_bad_image_names_the_problem(stub: search_pb2_grpc.ImageSear
         stub.SearchByImage(search_pb2.SearchByImageRequest(image=variants[0][:500]), timeout=60)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (error.value.details() or "").startswith("truncated image:")
+    status = rpc_status.from_call(error.value)  # type: ignore[arg-type]
+    assert status is not None
+    bad = error_details_pb2.BadRequest()
+    assert [d.Unpack(bad) for d in status.details].count(True) == 1
+    # the field of a SearchByImage request, not of the EmbedImages call search made
+    assert [v.field for v in bad.field_violations] == ["image"]
+
+
+def test_a_bad_image_in_a_later_part_is_named_by_its_place_in_the_whole_batch(
+        embed_server: RunningServer, variants: list[bytes]) -> None:
+    """Images sent to the embedding service in several calls: the field at fault is the
+    bad image's index among all of them, as the in-process embedder names it."""
+    images = [variants[0], variants[1], variants[2][:len(variants[2]) * 3 // 4]]
+
+    async def embed() -> ServiceError:
+        # room for one image a call: three EmbedImages calls, the bad image alone in the last
+        embedder = RemoteEmbedder(embed_server.target, max_message_bytes=max(
+            len(i) for i in images) + MESSAGE_OVERHEAD_BYTES + IMAGE_FRAMING_BYTES)
+        assert [len(part) for part in embedder._parts(images)] == [1, 1, 1], \
+            [len(i) for i in images]
+        try:
+            with pytest.raises(ServiceError) as error:
+                await embedder.embed_images(images, timeout=60)
+            return error.value
+        finally:
+            await embedder.close()
+
+    error = asyncio.run(embed())
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.reason == "IMAGE_TRUNCATED"
+    assert error.field == "images[2]"
 
 
 def test_a_large_query_the_embedding_service_is_too_busy_for_is_refused_as_busy(

@@ -15,6 +15,8 @@ from typing import Literal
 
 #: How far from the end a format's end mark may sit (padding some writers add after it).
 _SLACK = 64
+#: The head of a PNG's first chunk: a length of 13 and the type IHDR.
+_IHDR_HEAD = b"\0\0\0\x0dIHDR"
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ def how_cut_short(data: bytes, fmt: str) -> CutShort | None:
     size, tail = len(data), data[-_SLACK:]
     ends = f"ends after {size} bytes"
     if fmt == "PNG" and b"IEND" not in tail:
-        return CutShort(f"the PNG {ends}, without its IEND chunk", False)
+        return _png_cut_short(data, ends)
     if fmt in ("JPEG", "MPO") and b"\xff\xd9" not in tail:
         return CutShort(f"the JPEG {ends}, without its end-of-image marker", False)
     if fmt == "GIF" and not data.rstrip(b"\0").endswith(b";"):
@@ -51,6 +53,29 @@ def how_cut_short(data: bytes, fmt: str) -> CutShort | None:
     if fmt == "TIFF" and size >= 8 and data[:2] in (b"II", b"MM"):
         return _tiff_cut_short(data, "little" if data[:2] == b"II" else "big", ends)
     return None
+
+
+def _png_cut_short(data: bytes, ends: str) -> CutShort:
+    """How a PNG without its IEND chunk ends. Where its chunks, from IHDR on, are whole
+    up to the cut (or the last one is cut inside its data), their lengths say it was cut
+    short, even when Pillow found too little of it to read a header."""
+    at, last, size = 8, None, len(data)
+    while at + 8 <= size:
+        length, kind = int.from_bytes(data[at:at + 4], "big"), data[at + 4:at + 8]
+        if not (kind.isascii() and kind.isalpha()) or (last is None and kind != b"IHDR"):
+            break  # not a chunk: the bytes are damaged, whatever their length
+        if at + 12 + length > size:
+            return CutShort(f"the PNG {ends}, inside its {kind.decode()} chunk "
+                            f"(of {length} bytes at byte {at})", True)
+        at, last = at + 12 + length, kind.decode()
+    else:  # the chunks are whole up to the last 8 bytes, too few for another's head
+        if last is None and _IHDR_HEAD.startswith(data[8:]):
+            return CutShort(f"the PNG {ends}, before its IHDR chunk", True)
+        if last is not None:
+            where = "" if at == size else " and inside the next one's head"
+            return CutShort(f"the PNG {ends}, after its {last} chunk{where}, without its "
+                            "IEND chunk", True)
+    return CutShort(f"the PNG {ends}, without its IEND chunk", False)
 
 
 def _tiff_cut_short(data: bytes, order: Literal["little", "big"], ends: str

@@ -28,7 +28,7 @@ def test_a_whole_file_is_not_cut_short(small_photo: np.ndarray, fmt: str) -> Non
 
 
 @pytest.mark.parametrize("fmt, shown", [
-    ("PNG", "the PNG ends after {n} bytes, without its IEND chunk"),
+    ("PNG", "the PNG ends after {n} bytes, inside its IDAT chunk (of "),
     ("JPEG", "the JPEG ends after {n} bytes, without its end-of-image marker"),
     ("GIF", "the GIF ends after {n} bytes, without its trailer"),
     ("WEBP", "the WebP ends after {n} bytes, of the {whole} its header gives"),
@@ -65,6 +65,33 @@ def test_a_whole_file_damaged_inside_is_corrupt_not_truncated(small_photo: np.nd
     data[middle:middle + 40] = bytes(40)
     with pytest.raises(InvalidArgument, match=r"^corrupt image data: "):
         decode_image(bytes(data), max_pixels=CAP)
+
+
+def test_a_png_cut_anywhere_in_its_header_is_truncated(small_photo: np.ndarray) -> None:
+    """Too little of it for Pillow to read a header (IHDR alone, or less): its chunk
+    lengths still show that it was cut, where it was cut."""
+    whole = _file(small_photo, "PNG")
+    for size in range(8, 8 + 25 + 8):  # the signature, IHDR, the next chunk's head
+        with pytest.raises(InvalidArgument) as error:
+            decode_image(whole[:size], max_pixels=CAP)
+        assert error.value.reason == "IMAGE_TRUNCATED", (size, str(error.value))
+        where = ("before its IHDR chunk" if size < 8 + 8 else
+                 "inside its IHDR chunk (of 13 bytes at byte 8)" if size < 8 + 25 else
+                 "after its IHDR chunk")
+        assert str(error.value).startswith(f"truncated image: the PNG ends after {size} "
+                                           f"bytes, {where}"), str(error.value)
+
+
+def test_a_png_whose_chunks_are_damaged_is_not_called_truncated(small_photo: np.ndarray
+                                                                 ) -> None:
+    """A chunk whose type is no name: the bytes are damaged, wherever they end."""
+    whole = bytearray(_file(small_photo, "PNG"))
+    whole[8 + 25 + 4:8 + 25 + 8] = b"\x01\x02\x03\x04"  # the type of the chunk after IHDR
+    with pytest.raises(InvalidArgument) as error:
+        decode_image(bytes(whole[:len(whole) // 2]), max_pixels=CAP)
+    assert error.value.reason == "IMAGE_UNDECODABLE", str(error.value)
+    assert str(error.value).endswith(f"the PNG ends after {len(whole) // 2} bytes, without its "
+                                     "IEND chunk")
 
 
 def test_a_bad_header_without_an_end_mark_is_not_called_truncated() -> None:

@@ -17,11 +17,14 @@ trainer code and is never imported by them.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import json
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -159,8 +162,11 @@ def export_artifact(out_dir: Path, *, name: str, task: str, architecture: Mappin
                     data: Iterable[Mapping[str, Any]], command: str, device: str,
                     version: int | None = None,
                     config_extra: Mapping[str, Any] | None = None,
-                    earlier_commands: Sequence[str] = ()) -> Path:
-    """Writes config.json, weights.safetensors (fp16), metrics.json and provenance.json.
+                    earlier_commands: Sequence[str] = (),
+                    pictures: Mapping[str, Path] | None = None) -> Path:
+    """Writes config.json, weights.safetensors (fp16), metrics.json and provenance.json,
+    and copies in ``pictures`` (file name -> path: samples.png, loss.png), all at once: an
+    export stopped at any moment leaves the artifact that was there whole.
 
     The weights are checked to load back strictly into ``nets.build(architecture)``
     before anything is written, so a broken artifact never lands on disk. ``version``:
@@ -184,27 +190,47 @@ def export_artifact(out_dir: Path, *, name: str, task: str, architecture: Mappin
     probe.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights_path = out_dir / WEIGHTS
-    partial = weights_path.with_suffix(".partial")
+    target = out_dir.resolve()  # a link to a folder: the folder is what is replaced
+    for stale in target.parent.glob(f".{target.name}.export-*"):  # from a killed export
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
+    try:
+        _write_artifact(staging, state, name=name, task=task, architecture=architecture,
+                        version=int(version), metrics=metrics, data=data, command=command,
+                        device=device, config_extra=config_extra,
+                        earlier_commands=earlier_commands)
+        for file_name, source in (pictures or {}).items():
+            shutil.copyfile(source, staging / file_name)
+        _swap_in(staging, target)
+    finally:  # the staging folder, or after a swap the replaced artifact
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _write_artifact(folder: Path, state: Mapping[str, torch.Tensor], *, name: str, task: str,
+                    architecture: Mapping[str, Any], version: int, metrics: Mapping[str, Any],
+                    data: Iterable[Mapping[str, Any]], command: str, device: str,
+                    config_extra: Mapping[str, Any] | None,
+                    earlier_commands: Sequence[str]) -> None:
+    weights_path = folder / WEIGHTS
     # One metadata entry: safetensors writes several in a random order, so the same
     # weights would hash differently from one export to the next
-    save_file(state, str(partial), metadata={"percept": json.dumps(
+    save_file(dict(state), str(weights_path), metadata={"percept": json.dumps(
         {"name": name, "task": task, "architecture": dict(architecture)}, sort_keys=True)})
-    partial.replace(weights_path)
     weights_path.chmod(0o644)  # safetensors writes 0600; services may run as another user
-    # config.json is written last, naming the weights' digest: an export cut short leaves
-    # the old config.json, which the new weights do not match, and services refuse that
-    # pair (services/common/artifacts.py) rather than serve new weights as the old version.
+    # config.json names the weights' digest: weights changed after the export (or an
+    # export cut short where the folder could not be swapped whole) do not match it, and
+    # services refuse that pair (services/common/artifacts.py)
     config: dict[str, Any] = {
-        "name": name, "version": int(version), "task": task,
+        "name": name, "version": version, "task": task,
         "architecture": dict(architecture), "weights": WEIGHTS, "weights_dtype": "float16",
         "weights_sha256": sha256_of(weights_path), **(config_extra or {}),
     }
     sized_metrics = {**metrics, "weights_bytes": weights_path.stat().st_size,
                      "parameters": sum(int(v.numel()) for v in state.values()),
                      "device": metrics.get("device", device)}
-    _write_json(out_dir / "metrics.json", sized_metrics)
-    _write_json(out_dir / "provenance.json", {
+    _write_json(folder / "metrics.json", sized_metrics)
+    _write_json(folder / "provenance.json", {
         "data": list(data), "command": command,
         **({"earlier_commands": list(earlier_commands)} if earlier_commands else {}),
         "git_sha": git_sha(),
@@ -212,8 +238,48 @@ def export_artifact(out_dir: Path, *, name: str, task: str, architecture: Mappin
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": device, "torch": torch.__version__,
     })
-    _write_json(out_dir / "config.json", config)
-    return out_dir
+    _write_json(folder / "config.json", config)
+
+
+#: renameat2's flag that swaps two paths in one step (Linux 3.15+, glibc 2.28+).
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swaps two paths of one file system at once; False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without it
+        return False
+    return renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second),
+                     _RENAME_EXCHANGE) == 0
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Puts the finished artifact in ``staging`` at ``out_dir`` in one step, so that a
+    stop at any moment leaves either the old artifact whole or the new one; the old one
+    is then in ``staging``. Hidden files in ``out_dir`` are kept. Where the file system
+    cannot swap folders (not Linux; ``out_dir`` a mount point), the files are copied in
+    one by one, config.json last: a stop between them leaves weights that the old
+    config.json's digest refuses."""
+    for kept in out_dir.iterdir():
+        if kept.name.startswith("."):
+            if kept.is_dir() and not kept.is_symlink():
+                shutil.copytree(kept, staging / kept.name, symlinks=True)
+            else:
+                shutil.copy2(kept, staging / kept.name, follow_symlinks=False)
+    staging.chmod(out_dir.stat().st_mode & 0o7777)  # not mkdtemp's 0700
+    if _exchange(staging, out_dir):
+        return
+    names = sorted(p.name for p in staging.iterdir() if not p.name.startswith("."))
+    for file_name in [WEIGHTS, *[n for n in names if n not in (WEIGHTS, "config.json")],
+                      "config.json"]:
+        partial = out_dir / f"{file_name}.partial"
+        shutil.copyfile(staging / file_name, partial)
+        partial.replace(out_dir / file_name)
+    for stale in set(ARTIFACT_FILES) - set(names):  # a picture the new export has not
+        (out_dir / stale).unlink(missing_ok=True)
 
 
 def load_exported(path: Path, device: str | torch.device = "cpu",

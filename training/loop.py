@@ -111,6 +111,13 @@ def save_finite_checkpoint(path: Path, model: nn.Module, snapshot: Callable[[], 
 STOPPING = "[train] stopping: this step ends and a checkpoint is saved (Ctrl-C again stops at once)"
 
 
+#: What a Ctrl-C or SIGTERM prints once the training loop has ended
+#: (:meth:`StopRequest.finish_first`), and what the run says after its export then.
+FINISHING = ("[train] the run has ended: its export finishes first (Ctrl-C again stops at "
+             "once, and the artifact there before stays as it was)")
+FINISHED_FIRST = "[train] exported before stopping, as the stop request came after training"
+
+
 def stopped_note(step: int, steps: int, checkpoint: Path) -> str:
     return (f"[train] stopped at step {step} of {steps}; the checkpoint is in {checkpoint} and "
             "nothing was exported: run the same command with --resume to go on")
@@ -120,8 +127,14 @@ class StopRequest:
     """Set by the first Ctrl-C or SIGTERM during :func:`stop_requests`: the loop finishes
     its step, saves a checkpoint and ends; a second one stops at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, message: str) -> None:
         self.signal: int | None = None
+        self.message = message  # what the first one prints
+
+    def finish_first(self) -> None:
+        """From now on (the run's evaluation and export) a first stop request lets the
+        run finish, and is only noted: :data:`FINISHED_FIRST` says so after the export."""
+        self.message = FINISHING
 
     def __bool__(self) -> bool:
         return self.signal is not None
@@ -136,7 +149,7 @@ def stop_requests(message: str) -> Iterator[StopRequest]:
     """Catches SIGINT and SIGTERM for a training loop (from the main thread only): the
     first prints ``message`` and sets the request; a second stops the process at once
     (KeyboardInterrupt for SIGINT, the signal's own default for SIGTERM)."""
-    request = StopRequest()
+    request = StopRequest(message)
 
     def handle(signum: int, frame: FrameType | None) -> None:
         if request:  # the second: at once, as the signal would without this handler
@@ -146,7 +159,7 @@ def stop_requests(message: str) -> Iterator[StopRequest]:
             os.kill(os.getpid(), signum)
             return
         request.signal = signum
-        print(f"\n{message}", file=sys.stderr, flush=True)
+        print(f"\n{request.message}", file=sys.stderr, flush=True)
 
     try:
         previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}

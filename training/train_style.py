@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -67,6 +66,7 @@ from training.export import check_output_folder, command_line, data_entry, expor
 from training.image_batches import predict_images, to_tensor
 from training.loop import (
     CHECKPOINT_NAME,
+    FINISHED_FIRST,
     RESUMABLE_FLAGS,
     STOPPING,
     LearningRateClock,
@@ -727,107 +727,110 @@ def train(args: argparse.Namespace) -> int:
                 grid_check()
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 checkpoint_now()
-    bar.close()
-    if stop:
-        checkpoint_now()
+        bar.close()
+        if stop:
+            checkpoint_now()
+            pictures()
+            print(stopped_note(step, steps, checkpoint), file=sys.stderr, flush=True)
+            return stop.exit_code
+        stop.finish_first()
+        selected_step = step
+        if args.grid_margin and (not grid_checks or grid_checks[-1]["step"] != step):
+            grid_check()
+        checkpoint_now()  # the state the run reached, which --resume continues
+        if args.grid_margin and not grid_checks[-1]["passed"]:
+            if passing_state is not None:
+                selected_step = int(max(c["step"] for c in grid_checks if c["passed"]))
+                print(f"[train] step {step} paints a grid ({grid_checks[-1]}); exporting the "
+                      f"last state under the {args.grid_margin} margin, step {selected_step}",
+                      flush=True)
+                model.load_state_dict(passing_state)
+            else:
+                print(f"[train] warning: no checked state stayed under the grid margin "
+                      f"{args.grid_margin}; exporting the last one", flush=True)
+        train_seconds = elapsed_before + time.monotonic() - started
+        cpu_seconds = cpu_before + time.process_time() - cpu_started
         pictures()
-        print(stopped_note(step, steps, checkpoint), file=sys.stderr, flush=True)
-        return stop.exit_code
-    selected_step = step
-    if args.grid_margin and (not grid_checks or grid_checks[-1]["step"] != step):
-        grid_check()
-    checkpoint_now()  # the state the run reached, which --resume continues
-    if args.grid_margin and not grid_checks[-1]["passed"]:
-        if passing_state is not None:
-            selected_step = int(max(c["step"] for c in grid_checks if c["passed"]))
-            print(f"[train] step {step} paints a grid ({grid_checks[-1]}); exporting the "
-                  f"last state under the {args.grid_margin} margin, step {selected_step}",
-                  flush=True)
-            model.load_state_dict(passing_state)
-        else:
-            print(f"[train] warning: no checked state stayed under the grid margin "
-                  f"{args.grid_margin}; exporting the last one", flush=True)
-    train_seconds = elapsed_before + time.monotonic() - started
-    cpu_seconds = cpu_before + time.process_time() - cpu_started
-    pictures()
 
-    tail = max(1, min(50, len(history["total"])))
-    # The exported state's losses: the window ending at the selected step (the final
-    # window when no earlier state was selected for its grid).
-    selected_tail = max(1, min(50, selected_step))
-    on_cpu = device.type == "cpu"
-    metrics: dict[str, Any] = {
-        "task": TASK,
-        "style": style.name,
-        "device": "cpu, reduced size" if on_cpu else f"{device} ({torch.cuda.get_device_name()})",
-        "note": _recipe_note(recipe, step, stopped_by, "a CPU") + "; train on a GPU with "
-                "the default flags for full quality"
-        if on_cpu else _recipe_note(recipe, step, stopped_by),
-        "steps": step, "steps_planned": steps, "stopped_early": stopped_by is not None,
-        "selected_step": selected_step, "grid_margin": args.grid_margin,
-        "grid_checks": grid_checks,
-        "batch_size": recipe["batch_size"], "crop": recipe["size"],
-        "min_scale": args.min_scale, "style_size": args.style_size,
-        "width": recipe["width"], "blocks": args.blocks,
-        "lr": lr, "warmup": warmup, "seed": args.seed, "time_schedule": args.time_schedule,
-        "final_lr": scheduler.get_last_lr()[0],
-        "autocast": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-        "channels_last": channels_last,
-        "loss_weights": {"content": args.content_weight, "content_layer": args.content_layer,
-                         "style": args.style_weight, "style_layers": layer_weights,
-                         "tv": args.tv_weight, "grid": args.grid_weight,
-                         "tile": args.tile_weight,
-                         "vgg_pooling": args.vgg_pooling},
-        "train_seconds": round(train_seconds, 1),
-        "cpu_seconds": round(cpu_seconds, 1),
-        "seconds_per_step": round(train_seconds / max(1, step), 3),
-        "threads": torch.get_num_threads(),
-        "final_loss_weighted": _window_means(history, len(history["total"]), tail),
-        "final_loss_unweighted": _window_means(raw_history, len(history["total"]), tail),
-        "final_loss_window": tail,
-        "selected_loss_weighted": _window_means(history, selected_step, selected_tail),
-        "selected_loss_unweighted": _window_means(raw_history, selected_step, selected_tail),
-        "selected_loss_window": selected_tail,
-    }
-    if init_from is not None:
-        metrics["init_from"] = init_from
-        metrics["note"] += (f"; fine-tuned from {init_from['artifact']} ({init_from['steps']} "
-                            f"steps on {init_from['device']}), whose weights it started from")
-        if "upsample" in init_from:
-            metrics["note"] += (f" ({init_from['upsample']} upsampling there, "
-                                f"{args.upsample} here)")
-    config_extra = {
-        "style": style.describe(),
-        "input": "RGB float in [0, 1], (N, 3, H, W), any H and W",
-        "output": "RGB float in [0, 1], same size as the input",
-        "description": "Johnson et al. 2016 image-transformation net (reflection padding, "
-                       "instance norm, resize-convolution upsampling, tanh output)",
-        "loss": {"content_layer": args.content_layer, "style_layers": layer_weights,
-                 "content_weight": args.content_weight, "style_weight": args.style_weight,
-                 "tv_weight": args.tv_weight, "grid_weight": args.grid_weight,
-                 "tile_weight": args.tile_weight,
-                 "style_size": args.style_size,
-                 "vgg_pooling": args.vgg_pooling},
-    }
-    from training.assets import vgg19_weights_path
+        tail = max(1, min(50, len(history["total"])))
+        # The exported state's losses: the window ending at the selected step (the final
+        # window when no earlier state was selected for its grid).
+        selected_tail = max(1, min(50, selected_step))
+        on_cpu = device.type == "cpu"
+        metrics: dict[str, Any] = {
+            "task": TASK,
+            "style": style.name,
+            "device": "cpu, reduced size" if on_cpu
+                      else f"{device} ({torch.cuda.get_device_name()})",
+            "note": _recipe_note(recipe, step, stopped_by, "a CPU") + "; train on a GPU with "
+                    "the default flags for full quality"
+            if on_cpu else _recipe_note(recipe, step, stopped_by),
+            "steps": step, "steps_planned": steps, "stopped_early": stopped_by is not None,
+            "selected_step": selected_step, "grid_margin": args.grid_margin,
+            "grid_checks": grid_checks,
+            "batch_size": recipe["batch_size"], "crop": recipe["size"],
+            "min_scale": args.min_scale, "style_size": args.style_size,
+            "width": recipe["width"], "blocks": args.blocks,
+            "lr": lr, "warmup": warmup, "seed": args.seed, "time_schedule": args.time_schedule,
+            "final_lr": scheduler.get_last_lr()[0],
+            "autocast": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+            "channels_last": channels_last,
+            "loss_weights": {"content": args.content_weight, "content_layer": args.content_layer,
+                             "style": args.style_weight, "style_layers": layer_weights,
+                             "tv": args.tv_weight, "grid": args.grid_weight,
+                             "tile": args.tile_weight,
+                             "vgg_pooling": args.vgg_pooling},
+            "train_seconds": round(train_seconds, 1),
+            "cpu_seconds": round(cpu_seconds, 1),
+            "seconds_per_step": round(train_seconds / max(1, step), 3),
+            "threads": torch.get_num_threads(),
+            "final_loss_weighted": _window_means(history, len(history["total"]), tail),
+            "final_loss_unweighted": _window_means(raw_history, len(history["total"]), tail),
+            "final_loss_window": tail,
+            "selected_loss_weighted": _window_means(history, selected_step, selected_tail),
+            "selected_loss_unweighted": _window_means(raw_history, selected_step, selected_tail),
+            "selected_loss_window": selected_tail,
+        }
+        if init_from is not None:
+            metrics["init_from"] = init_from
+            metrics["note"] += (f"; fine-tuned from {init_from['artifact']} ({init_from['steps']} "
+                                f"steps on {init_from['device']}), whose weights it started from")
+            if "upsample" in init_from:
+                metrics["note"] += (f" ({init_from['upsample']} upsampling there, "
+                                    f"{args.upsample} here)")
+        config_extra = {
+            "style": style.describe(),
+            "input": "RGB float in [0, 1], (N, 3, H, W), any H and W",
+            "output": "RGB float in [0, 1], same size as the input",
+            "description": "Johnson et al. 2016 image-transformation net (reflection padding, "
+                           "instance norm, resize-convolution upsampling, tanh output)",
+            "loss": {"content_layer": args.content_layer, "style_layers": layer_weights,
+                     "content_weight": args.content_weight, "style_weight": args.style_weight,
+                     "tv_weight": args.tv_weight, "grid_weight": args.grid_weight,
+                     "tile_weight": args.tile_weight,
+                     "style_size": args.style_size,
+                     "vgg_pooling": args.vgg_pooling},
+        }
+        from training.assets import vgg19_weights_path
 
-    used = prepared.files()[0].name  # only the largest array is trained on
-    data = [entry for entry in prepared_data_provenance(prepared, [vgg19_weights_path()])
-            if entry["kind"] != "prepared array" or entry["path"].endswith(used)]
-    data.append(data_entry(style.path, kind="style image", source=style.source))
-    data.extend(init_entries)
-    if edge_margin:
-        architecture = {**architecture, "edge_margin": edge_margin}
-    export_artifact(out, name=name, task=TASK, architecture=architecture,
-                    module=model.to("cpu").float(), metrics=metrics, data=data,
-                    command=this_command, device=str(device), config_extra=config_extra,
-                    earlier_commands=earlier)
-    for picture in ("samples.png", "loss.png"):
-        shutil.copyfile(run_dir / picture, out / picture)
-    print(f"[train] {name}: {step} steps in {train_seconds / 60:.1f} min "
-          f"({cpu_seconds / 60:.1f} CPU min) -> {out}", flush=True)
-    print(json.dumps({"final_loss_unweighted": metrics["final_loss_unweighted"]}), flush=True)
-    return 0
+        used = prepared.files()[0].name  # only the largest array is trained on
+        data = [entry for entry in prepared_data_provenance(prepared, [vgg19_weights_path()])
+                if entry["kind"] != "prepared array" or entry["path"].endswith(used)]
+        data.append(data_entry(style.path, kind="style image", source=style.source))
+        data.extend(init_entries)
+        if edge_margin:
+            architecture = {**architecture, "edge_margin": edge_margin}
+        export_artifact(out, name=name, task=TASK, architecture=architecture,
+                        module=model.to("cpu").float(), metrics=metrics, data=data,
+                        command=this_command, device=str(device), config_extra=config_extra,
+                        earlier_commands=earlier,
+                        pictures={p: run_dir / p for p in ("samples.png", "loss.png")})
+        print(f"[train] {name}: {step} steps in {train_seconds / 60:.1f} min "
+              f"({cpu_seconds / 60:.1f} CPU min) -> {out}", flush=True)
+        if stop:
+            print(FINISHED_FIRST, file=sys.stderr, flush=True)
+        print(json.dumps({"final_loss_unweighted": metrics["final_loss_unweighted"]}), flush=True)
+        return 0
 
 
 def _window_means(history: dict[str, list[float]], end_step: int,

@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from training.image_batches import predict_images, to_tensor
 from training.image_quality import y_psnr_ssim
 from training.loop import (
     CHECKPOINT_NAME,
+    FINISHED_FIRST,
     RESUMABLE_FLAGS,
     STOPPING,
     LearningRateClock,
@@ -380,66 +380,68 @@ def train(args: argparse.Namespace) -> int:
                 pictures()
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 checkpoint_now()
-    bar.close()
-    train_seconds = elapsed_before + time.monotonic() - started
-    cpu_seconds = cpu_before + time.process_time() - cpu_started
-    checkpoint_now()
-    pictures()
-    if stop:
-        print(stopped_note(step, args.steps, checkpoint), file=sys.stderr, flush=True)
-        return stop.exit_code
+        bar.close()
+        train_seconds = elapsed_before + time.monotonic() - started
+        cpu_seconds = cpu_before + time.process_time() - cpu_started
+        checkpoint_now()
+        pictures()
+        if stop:
+            print(stopped_note(step, args.steps, checkpoint), file=sys.stderr, flush=True)
+            return stop.exit_code
+        stop.finish_first()
 
-    validation = validate(model, val_lr, val_hr, device, channels_last)
-    tail = max(1, min(50, len(history["total"])))
-    metrics: dict[str, Any] = {
-        "task": TASK,
-        "note": size_note(args, step, device),
-        "device": "cpu" if device.type == "cpu"
-                  else f"{device} ({torch.cuda.get_device_name(device)})",
-        "final_loss_window": tail,
-        "steps": step, "steps_planned": args.steps, "stopped_early": stopped_early,
-        "batch_size": args.batch_size, "detail_oversample": args.detail_oversample,
-        "crop_hr": args.crop, "crop_lr": args.crop // SCALE,
-        "lr": args.lr, "final_lr": scheduler.get_last_lr()[0], "warmup": warmup,
-        "seed": args.seed, "time_schedule": args.time_schedule,
-        "loss_weights": {"pixel": weights.pixel, "pixel_loss": weights.pixel_loss,
-                         "perceptual": weights.perceptual,
-                         "perceptual_layer": PERCEPTUAL_LAYER, "tv": weights.tv},
-        "degradation": {"blur": degradation.blur, "noise": degradation.noise,
-                        "jpeg": degradation.jpeg, "prob": degradation.prob},
-        "init_from": args.init_from,
-        "train_seconds": round(train_seconds, 1),
-        "train_cpu_seconds": round(cpu_seconds, 1),
-        "seconds_per_step": round(train_seconds / max(1, step), 3),
-        "threads": torch.get_num_threads(),
-        "final_loss": {k: float(np.mean(v[-tail:])) for k, v in history.items() if v},
-        "validation_train_arrays": {
-            **{k: round(v, 4) for k, v in validation.items()},
-            "items": len(val_lr), "crop_hr": args.crop,
-            "note": "centre crops of the first items of the training arrays (not held-out); "
-                    "held-out numbers come from `percept eval superres`",
-        },
-    }
-    config_extra = {
-        "scale": SCALE,
-        "input": "RGB float in [0, 1], (N, 3, h, w), h and w >= 5",
-        "output": "RGB float in [0, 1], (N, 3, 4h, 4w)",
-        "description": "bicubic upsampling plus a learned residual; " +
-                       ("pixel loss only" if weights.perceptual == 0 else
-                        f"VGG19 {PERCEPTUAL_LAYER} perceptual loss"),
-    }
-    export_artifact(out, name=name, task=TASK, architecture=architecture,
-                    module=model.to("cpu").float(), metrics=metrics,
-                    data=prepared_data_provenance(prepared, init_files),
-                    command=this_command, device=str(device), config_extra=config_extra,
-                    earlier_commands=earlier)
-    for picture in ("samples.png", "loss.png"):
-        shutil.copyfile(run_dir / picture, out / picture)
-    print(f"[train] {name}: {step} steps in {train_seconds / 60:.1f} min; validation Y-PSNR "
-          f"{validation['y_psnr_model']:.2f} dB vs bicubic {validation['y_psnr_bicubic']:.2f} "
-          f"dB -> {out}", flush=True)
-    print(json.dumps(metrics["validation_train_arrays"]), flush=True)
-    return 0
+        validation = validate(model, val_lr, val_hr, device, channels_last)
+        tail = max(1, min(50, len(history["total"])))
+        metrics: dict[str, Any] = {
+            "task": TASK,
+            "note": size_note(args, step, device),
+            "device": "cpu" if device.type == "cpu"
+                      else f"{device} ({torch.cuda.get_device_name(device)})",
+            "final_loss_window": tail,
+            "steps": step, "steps_planned": args.steps, "stopped_early": stopped_early,
+            "batch_size": args.batch_size, "detail_oversample": args.detail_oversample,
+            "crop_hr": args.crop, "crop_lr": args.crop // SCALE,
+            "lr": args.lr, "final_lr": scheduler.get_last_lr()[0], "warmup": warmup,
+            "seed": args.seed, "time_schedule": args.time_schedule,
+            "loss_weights": {"pixel": weights.pixel, "pixel_loss": weights.pixel_loss,
+                             "perceptual": weights.perceptual,
+                             "perceptual_layer": PERCEPTUAL_LAYER, "tv": weights.tv},
+            "degradation": {"blur": degradation.blur, "noise": degradation.noise,
+                            "jpeg": degradation.jpeg, "prob": degradation.prob},
+            "init_from": args.init_from,
+            "train_seconds": round(train_seconds, 1),
+            "train_cpu_seconds": round(cpu_seconds, 1),
+            "seconds_per_step": round(train_seconds / max(1, step), 3),
+            "threads": torch.get_num_threads(),
+            "final_loss": {k: float(np.mean(v[-tail:])) for k, v in history.items() if v},
+            "validation_train_arrays": {
+                **{k: round(v, 4) for k, v in validation.items()},
+                "items": len(val_lr), "crop_hr": args.crop,
+                "note": "centre crops of the first items of the training arrays (not held-out); "
+                        "held-out numbers come from `percept eval superres`",
+            },
+        }
+        config_extra = {
+            "scale": SCALE,
+            "input": "RGB float in [0, 1], (N, 3, h, w), h and w >= 5",
+            "output": "RGB float in [0, 1], (N, 3, 4h, 4w)",
+            "description": "bicubic upsampling plus a learned residual; " +
+                           ("pixel loss only" if weights.perceptual == 0 else
+                            f"VGG19 {PERCEPTUAL_LAYER} perceptual loss"),
+        }
+        export_artifact(out, name=name, task=TASK, architecture=architecture,
+                        module=model.to("cpu").float(), metrics=metrics,
+                        data=prepared_data_provenance(prepared, init_files),
+                        command=this_command, device=str(device), config_extra=config_extra,
+                        earlier_commands=earlier,
+                        pictures={p: run_dir / p for p in ("samples.png", "loss.png")})
+        if stop:
+            print(FINISHED_FIRST, file=sys.stderr, flush=True)
+        print(f"[train] {name}: {step} steps in {train_seconds / 60:.1f} min; validation Y-PSNR "
+              f"{validation['y_psnr_model']:.2f} dB vs bicubic {validation['y_psnr_bicubic']:.2f} "
+              f"dB -> {out}", flush=True)
+        print(json.dumps(metrics["validation_train_arrays"]), flush=True)
+        return 0
 
 
 def command(args: argparse.Namespace) -> int:

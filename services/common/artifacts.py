@@ -52,6 +52,8 @@ def list_artifacts(models_dir: Path, task: str) -> list[str]:
         return []
     names = []
     for child in sorted(models_dir.iterdir()):
+        if child.name.startswith("."):  # an export in progress (training/export.py)
+            continue
         config_path = child / "config.json"
         if config_path.is_file():
             try:

@@ -332,6 +332,42 @@ def test_a_state_that_paints_a_grid_is_not_exported(tmp_path: Path,
 
 
 @needs_vgg
+def test_a_stop_request_during_the_grid_check_and_export_lets_them_finish(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C after the last step (here in the final grid check): the run still exports
+    its new version whole, with its pictures, and says so."""
+    import os
+    import signal
+
+    import training.train_style as train_style
+    from training.loop import FINISHED_FIRST, FINISHING
+
+    real_check = train_style.grid_artifacts
+    checks = 0
+
+    def interrupted_check(*args: object) -> dict[str, float]:
+        nonlocal checks
+        checks += 1
+        if checks == 2:  # the final check, after the loop
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_check(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_style, "grid_artifacts", interrupted_check)
+    prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 40))
+    argv = _tiny_run(tmp_path, prepared, "--steps", "3", "--grid-check-every", "2",
+                     "--grid-margin", "1e9")
+    assert train_style.train(_parse(argv)) == 0
+    err = capsys.readouterr().err
+    assert FINISHING in err and FINISHED_FIRST in err, err
+    out = tmp_path / "out"
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 3
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "loss.png", "metrics.json", "provenance.json", "samples.png",
+        "weights.safetensors"]
+
+
+@needs_vgg
 def test_init_from_fine_tunes_an_exported_artifact(tmp_path: Path) -> None:
     """--init-from starts from an artifact's weights (with a learning rate of 0 they come
     out unchanged), records it in metrics.json and provenance, keeps its edge_margin unless

@@ -206,3 +206,96 @@ def test_the_same_weights_export_to_the_same_bytes(tmp_path: Path) -> None:
         _, out = _export(tmp_path / str(attempt))
         digests.add(json.loads((out / "config.json").read_text())["weights_sha256"])
     assert len(digests) == 1
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _export_again(out: Path, pictures: dict[str, Path] | None = None) -> None:
+    torch.manual_seed(1)
+    export_artifact(out, name="sr-test", task="superres", architecture=ARCH,
+                    module=nets.build(ARCH), metrics={"steps": 2}, data=[],
+                    command="pytest again", device="cpu", pictures=pictures)
+
+
+@pytest.mark.parametrize("stop_in", ["weights", "metrics.json", "config.json", "swap"])
+def test_an_export_stopped_at_any_point_leaves_the_artifact_there_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_in: str) -> None:
+    """Ctrl-C (KeyboardInterrupt) in the middle of replacing version 1: version 1 is still
+    served, file for file, and nothing of the stopped export is left about."""
+    import training.export as export
+    from services.common.artifacts import list_artifacts, load_artifact
+
+    _, out = _export(tmp_path)
+    before = _files(out)
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    if stop_in == "weights":
+        monkeypatch.setattr(export, "save_file", stop)
+    elif stop_in == "swap":
+        monkeypatch.setattr(export, "_exchange", stop)
+    else:
+        write_json = export._write_json
+        monkeypatch.setattr(export, "_write_json", lambda path, payload: (
+            stop() if path.name == stop_in else write_json(path, payload)))
+    with pytest.raises(KeyboardInterrupt):
+        _export_again(out)
+    assert _files(out) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["sr-test"]
+    assert load_artifact(out.parent, "sr-test", torch.device("cpu")).version == 1
+    assert list_artifacts(out.parent, "superres") == ["sr-test"]
+
+
+@pytest.mark.parametrize("can_swap", [True, False])
+def test_a_new_version_replaces_every_file_and_keeps_hidden_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, can_swap: bool) -> None:
+    """The folder swapped in one step (Linux), or the files copied in config.json last
+    where it cannot be: either way the new version's files, its pictures, no stale
+    picture of the old one, the folder's mode and its hidden files."""
+    import training.export as export
+    from services.common.artifacts import load_artifact
+
+    if not can_swap:
+        monkeypatch.setattr(export, "_exchange", lambda first, second: False)
+    _, out = _export(tmp_path)
+    (out / "samples.png").write_bytes(b"old samples")
+    (out / ".gitattributes").write_text("*.safetensors binary\n")
+    out.chmod(0o750)
+    loss = tmp_path / "loss.png"
+    loss.write_bytes(b"new loss plot")
+    _export_again(out, pictures={"loss.png": loss})
+    assert sorted(_files(out)) == [".gitattributes", "config.json", "loss.png",
+                                   "metrics.json", "provenance.json", "weights.safetensors"]
+    assert (out / "loss.png").read_bytes() == b"new loss plot"
+    assert (out / ".gitattributes").read_text() == "*.safetensors binary\n"
+    assert out.stat().st_mode & 0o777 == 0o750
+    artifact = load_artifact(out.parent, "sr-test", torch.device("cpu"))
+    assert artifact.version == 2
+    assert json.loads((out / "provenance.json").read_text())["command"] == "pytest again"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["sr-test"]
+
+
+def test_an_export_through_a_link_replaces_the_folder_it_names(tmp_path: Path) -> None:
+    _, out = _export(tmp_path)
+    link = tmp_path / "linked"
+    link.symlink_to(out, target_is_directory=True)
+    _export_again(link)
+    assert link.is_symlink() and link.resolve() == out.resolve()
+    assert json.loads((out / "config.json").read_text())["version"] == 2
+
+
+def test_what_a_killed_export_left_is_cleared_and_never_listed(tmp_path: Path) -> None:
+    """kill -9 during an export leaves its hidden staging folder beside the artifact:
+    services do not take it for a model, and the next export removes it."""
+    from services.common.artifacts import list_artifacts
+
+    _, out = _export(tmp_path)
+    left = out.parent / ".sr-test.export-k1ll3d"
+    left.mkdir()
+    (left / "config.json").write_text((out / "config.json").read_text())
+    assert list_artifacts(out.parent, "superres") == ["sr-test"]
+    _export_again(out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["sr-test"]

@@ -222,6 +222,35 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_run_dir_is_refused_as_out(
     assert json.loads((out / "metrics.json").read_text())["steps"] == step + 1
 
 
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_stop_request_during_the_export_lets_it_finish(
+        prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], signal_name: str) -> None:
+    """Ctrl-C or SIGTERM after the last step: the run validates and exports (a bare
+    KeyboardInterrupt there once cut the export short and left a broken artifact)."""
+    import os
+    import signal
+
+    import training.train_superres as trainer
+    from training.loop import FINISHED_FIRST, FINISHING
+
+    real_export = trainer.export_artifact
+
+    def export_after_a_signal(*args: object, **kwargs: object) -> Path:
+        os.kill(os.getpid(), getattr(signal, signal_name))
+        return real_export(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trainer, "export_artifact", export_after_a_signal)
+    out = tmp_path / "models" / "sr-tiny"
+    assert cli_superres.main(["train", "--data", str(prepared), "--out", str(out),
+                              "--run-dir", str(tmp_path / "run"), *TINY, "--steps", "1",
+                              "--checkpoint-every", "0", "--sample-every", "0"]) == 0
+    err = capsys.readouterr().err
+    assert FINISHING in err and FINISHED_FIRST in err, err
+    assert json.loads((out / "config.json").read_text())["version"] == 1
+    assert (out / "loss.png").is_file() and (out / "samples.png").is_file()
+
+
 def test_a_resume_with_more_steps_keeps_the_warmup(prepared: Path, tmp_path: Path) -> None:
     out, run = tmp_path / "models" / "sr-tiny", tmp_path / "run"
     args = ["train", "--data", str(prepared), "--out", str(out), "--run-dir", str(run), *TINY,

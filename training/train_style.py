@@ -656,15 +656,25 @@ def train(args: argparse.Namespace) -> int:
         else []
     passing_state: dict[str, Tensor] | None = state.get("passing_state") if args.resume \
         else None
+    # the state kept is that of the last check that passed under the margin it ran with
+    passing_step = None if passing_state is None else \
+        max((int(c["step"]) for c in grid_checks if c["passed"]), default=None)
+    for check in grid_checks:  # a --resume may change --grid-margin: judged by the new one
+        check["passed"] = _under_margin(check, args.grid_margin)
+    if passing_step is not None and not any(c["passed"] and c["step"] == passing_step
+                                            for c in grid_checks):
+        passing_state = passing_step = None
 
     def grid_check() -> None:
-        nonlocal passing_state
+        nonlocal passing_state, passing_step
         measured = grid_artifacts(model, val_content, device, channels_last)
-        passed = max(measured.values()) < args.grid_margin
-        grid_checks.append({"step": step, **measured, "passed": passed})
-        if passed:
+        check = {"step": step, **measured}
+        check["passed"] = _under_margin(check, args.grid_margin)
+        grid_checks.append(check)
+        if check["passed"]:
             passing_state = {k: v.detach().to("cpu", copy=True)
                              for k, v in model.state_dict().items()}
+            passing_step = step
 
     def checkpoint_now() -> None:
         save_finite_checkpoint(checkpoint, model, snapshot, step)
@@ -739,15 +749,16 @@ def train(args: argparse.Namespace) -> int:
             grid_check()
         checkpoint_now()  # the state the run reached, which --resume continues
         if args.grid_margin and not grid_checks[-1]["passed"]:
-            if passing_state is not None:
-                selected_step = int(max(c["step"] for c in grid_checks if c["passed"]))
+            if passing_state is not None and passing_step is not None:
+                selected_step = passing_step
                 print(f"[train] step {step} paints a grid ({grid_checks[-1]}); exporting the "
                       f"last state under the {args.grid_margin} margin, step {selected_step}",
                       flush=True)
                 model.load_state_dict(passing_state)
             else:
                 print(f"[train] warning: no checked state stayed under the grid margin "
-                      f"{args.grid_margin}; exporting the last one", flush=True)
+                      f"{args.grid_margin} (or, after a --resume that narrowed it, none whose "
+                      "weights were kept); exporting the last one", flush=True)
         train_seconds = elapsed_before + time.monotonic() - started
         cpu_seconds = cpu_before + time.process_time() - cpu_started
         pictures()
@@ -831,6 +842,11 @@ def train(args: argparse.Namespace) -> int:
             print(FINISHED_FIRST, file=sys.stderr, flush=True)
         print(json.dumps({"final_loss_unweighted": metrics["final_loss_unweighted"]}), flush=True)
         return 0
+
+
+def _under_margin(check: Mapping[str, Any], margin: float) -> bool:
+    """Whether a grid check's period-2 and period-4 ratios both stay under ``margin``."""
+    return bool(max(check["nyquist_ratio"], check["quarter_ratio"]) < margin)
 
 
 def _window_means(history: dict[str, list[float]], end_step: int,

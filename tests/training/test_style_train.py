@@ -368,6 +368,34 @@ def test_a_stop_request_during_the_grid_check_and_export_lets_them_finish(
 
 
 @needs_vgg
+def test_a_resume_that_narrows_the_grid_margin_judges_every_check_by_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Checks passed under --grid-margin 100 are judged again under a resumed run's 1.2:
+    the state kept for step 4 (2.0) no longer passes and is not exported as passing; step
+    2 (1.1) passes now, but its weights were not kept, so the last state is exported."""
+    import training.train_style as train_style
+
+    measured = iter([1.1, 2.0, 3.0])
+    monkeypatch.setattr(train_style, "grid_artifacts", lambda *args: {
+        "nyquist_ratio": 1.0, "quarter_ratio": next(measured)})
+    prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 40))
+    first = _tiny_run(tmp_path, prepared, "--steps", "4", "--grid-check-every", "2",
+                      "--grid-margin", "100")
+    assert train_style.train(_parse(first)) == 0
+    out = tmp_path / "out"
+    assert json.loads((out / "metrics.json").read_text())["selected_step"] == 4
+    resumed = _tiny_run(tmp_path, prepared, "--steps", "6", "--grid-check-every", "2",
+                        "--grid-margin", "1.2", "--resume")
+    assert train_style.train(_parse(resumed)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [(c["step"], c["passed"]) for c in metrics["grid_checks"]] == [
+        (2, True), (4, False), (6, False)]
+    assert metrics["selected_step"] == 6 and metrics["grid_margin"] == 1.2
+    assert "none whose weights were kept" in capsys.readouterr().out
+
+
+@needs_vgg
 def test_init_from_fine_tunes_an_exported_artifact(tmp_path: Path) -> None:
     """--init-from starts from an artifact's weights (with a learning rate of 0 they come
     out unchanged), records it in metrics.json and provenance, keeps its edge_margin unless

@@ -42,7 +42,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--noise", type=float, default=0.0,
                       help="max Gaussian noise std on the [0,1] scale (default: off)")
     data.add_argument("--jpeg", type=int, default=0,
-                      help="lowest JPEG quality for low-res re-encoding (default: off)")
+                      help="lowest JPEG quality for low-res re-encoding, 1..95: each image's "
+                           "is drawn up to 95 (default: 0, off)")
     data.add_argument("--degrade-prob", type=float, default=0.5,
                       help="probability of each degradation per image (default: 0.5)")
     data.add_argument("--val-items", type=int, default=16,

@@ -53,6 +53,17 @@ def check_flag_minimums(args: Any, minimums: Mapping[str, float],
                              f"{low:g}, got {value:g}")
 
 
+#: The largest --seed (NumPy's and PyTorch's generators take 32 bits without complaint).
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: int) -> None:
+    """ValueError unless ``--seed`` is 0..MAX_SEED (a negative or huge one failed only once
+    the data had loaded, with NumPy's or PyTorch's message naming no flag)."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed must be 0..{MAX_SEED}, got {seed}")
+
+
 #: Steps in a row whose loss may overflow under fp16 autocast (the gradient scaler skips
 #: them) before a run counts as diverged.
 MAX_OVERFLOWS_IN_A_ROW = 20

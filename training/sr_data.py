@@ -26,6 +26,8 @@ from training.data.arrays import PreparedArrays
 from training.image_batches import to_tensor, to_uint8_images
 
 SCALE = 4
+#: The highest JPEG quality a degraded low-res input is re-encoded at.
+MAX_JPEG_QUALITY = 95
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class Degradation:
 
     blur: maximum Gaussian sigma in HR pixels (uniform in [0, blur]); 0 disables.
     noise: maximum noise standard deviation on the [0, 1] scale; 0 disables.
-    jpeg: lowest JPEG quality (uniform in [jpeg, 95]); 0 disables.
+    jpeg: lowest JPEG quality (uniform in [jpeg, MAX_JPEG_QUALITY]); 0 disables.
     """
 
     blur: float = 0.0
@@ -174,7 +176,8 @@ def degrade(lr: np.ndarray, hr: Tensor, degradation: Degradation,
         low_u8 = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
     if degradation.jpeg > 0:
         qualities: list[int | None] = [
-            int(rng.integers(degradation.jpeg, 96)) if rng.random() < degradation.prob else None
+            int(rng.integers(degradation.jpeg, MAX_JPEG_QUALITY + 1))
+            if rng.random() < degradation.prob else None
             for _ in range(n)
         ]
         low_u8 = jpeg_roundtrip(low_u8, qualities)

@@ -77,6 +77,7 @@ from training.loop import (
     check_new_run,
     check_resumed_run,
     check_same_data,
+    check_seed,
     check_time_schedule,
     choose_device,
     earlier_commands,
@@ -493,9 +494,13 @@ def check_run_flags(args: argparse.Namespace) -> None:
     check_flag_minimums(args, {
         **dict.fromkeys(("lr", "threads", "max_minutes", "max_cpu_minutes", "warmup",
                          "grid_margin", "checkpoint_every", "sample_every", "tile_weight",
-                         "grid_weight", "content_weight", "style_weight", "tv_weight",
-                         "seed"), 0),
-        "val_items": 1, "grid_check_every": 1, "style_size": MIN_STYLE_SIDE, "size": MIN_CROP})
+                         "grid_weight", "content_weight", "style_weight", "tv_weight"), 0),
+        "val_items": 1, "grid_check_every": 1, "style_size": MIN_STYLE_SIDE, "size": MIN_CROP},
+        above={"lr"})
+    check_seed(args.seed)
+    if args.content_weight == args.style_weight == args.tv_weight == 0:
+        raise ValueError("every loss weight is 0 (--content-weight, --style-weight, "
+                         "--tv-weight): there is nothing to train against")
     check_time_schedule(args)
     if args.edge_margin is not None and not 0 <= args.edge_margin <= MAX_EDGE_MARGIN:
         raise ValueError(f"--edge-margin must be 0..{MAX_EDGE_MARGIN} px, got {args.edge_margin}")
@@ -512,6 +517,10 @@ def train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     recipe = resolve_recipe(args, device)
+    if args.warmup is not None and args.warmup > recipe["steps"]:  # --steps left to default
+        raise ValueError(f"--warmup {args.warmup} is longer than the run ({recipe['steps']} "
+                         f"steps, --steps' default on {device.type}): the learning rate "
+                         "would never reach --lr")
     if args.tile_weight:
         tile_window_side(recipe["size"])  # refuses crops too small now, not at step 1
     for flag in ("grid_weight", "grid_margin"):

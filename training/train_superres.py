@@ -59,6 +59,7 @@ from training.loop import (
     check_new_run,
     check_resumed_run,
     check_same_data,
+    check_seed,
     check_time_schedule,
     choose_device,
     earlier_commands,
@@ -73,7 +74,7 @@ from training.loop import (
     stopped_note,
 )
 from training.plots import save_image_grid, save_loss_plot
-from training.sr_data import SCALE, Degradation, PairSampler, degrade
+from training.sr_data import MAX_JPEG_QUALITY, SCALE, Degradation, PairSampler, degrade
 
 PERCEPTUAL_LAYER = "relu2_2"  # Keras block2_conv2: Johnson et al. 2016's SR layer
 TASK = "superres"
@@ -204,10 +205,13 @@ def size_note(args: argparse.Namespace, steps_run: int, device: torch.device) ->
 
 def train(args: argparse.Namespace) -> int:
     """Runs the training described by the parsed ``percept train superres`` flags."""
-    check_flag_minimums(args, FLAG_MINIMUMS)
+    check_flag_minimums(args, FLAG_MINIMUMS, above={"lr"})
+    check_seed(args.seed)
     check_time_schedule(args)
-    if args.jpeg > 100:
-        raise ValueError(f"--jpeg must be at most 100 (0: no JPEG degradation), got {args.jpeg}")
+    if args.jpeg > MAX_JPEG_QUALITY:
+        raise ValueError(f"--jpeg must be at most {MAX_JPEG_QUALITY} (the lowest quality of "
+                         f"qualities drawn up to {MAX_JPEG_QUALITY}; 0: no JPEG degradation), "
+                         f"got {args.jpeg}")
     if args.degrade_prob > 1:
         raise ValueError(f"--degrade-prob must be at most 1, got {args.degrade_prob:g}")
     if args.crop % SCALE:

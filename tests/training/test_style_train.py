@@ -397,10 +397,10 @@ def test_a_resume_that_narrows_the_grid_margin_judges_every_check_by_it(
 
 @needs_vgg
 def test_init_from_fine_tunes_an_exported_artifact(tmp_path: Path) -> None:
-    """--init-from starts from an artifact's weights (with a learning rate of 0 they come
-    out unchanged), records it in metrics.json and provenance, keeps its edge_margin unless
-    --edge-margin says otherwise, may switch its upsampling, and refuses an artifact of
-    other weight shapes or a run that also resumes."""
+    """--init-from starts from an artifact's weights (with a learning rate of 1e-30 they
+    come out unchanged in fp16; 0 is refused), records it in metrics.json and provenance,
+    keeps its edge_margin unless --edge-margin says otherwise, may switch its upsampling,
+    and refuses an artifact of other weight shapes or a run that also resumes."""
     from training.train_style import train
 
     prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 40))
@@ -411,7 +411,7 @@ def test_init_from_fine_tunes_an_exported_artifact(tmp_path: Path) -> None:
     assert train(_parse([*common, "--width", "4", "--steps", "2", "--out", str(base),
                          "--edge-margin", "3", "--run-dir", str(tmp_path / "run-base")])) == 0
     tuned = tmp_path / "tuned"
-    assert train(_parse([*common, "--width", "4", "--steps", "2", "--lr", "0",
+    assert train(_parse([*common, "--width", "4", "--steps", "2", "--lr", "1e-30",
                          "--init-from", str(base), "--out", str(tuned),
                          "--run-dir", str(tmp_path / "run-tuned")])) == 0
     before, after = (load_file(str(p / "weights.safetensors")) for p in (base, tuned))
@@ -547,8 +547,9 @@ def _tiny_run(tmp_path: Path, prepared: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--lr", "-1"], "--lr must be >= 0, got -1"),
-    (["--lr", "nan"], "--lr must be >= 0, got nan"),
+    (["--lr", "-1"], "--lr must be > 0, got -1"),
+    (["--lr", "nan"], "--lr must be > 0, got nan"),
+    (["--lr", "0"], "--lr must be > 0, got 0"),  # trained nothing and exported it
     (["--threads", "-1"], "--threads must be >= 0, got -1"),
     (["--val-items", "0"], "--val-items must be >= 1, got 0"),
     (["--max-minutes", "-1"], "--max-minutes must be >= 0, got -1"),
@@ -561,7 +562,15 @@ def _tiny_run(tmp_path: Path, prepared: Path, *extra: str) -> list[str]:
     (["--content-weight", "nan"], "--content-weight must be >= 0, got nan"),
     (["--style-weight", "inf"], "--style-weight must be >= 0, got inf"),
     (["--tv-weight", "-1"], "--tv-weight must be >= 0, got -1"),
-    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--seed", "-1"], "--seed must be 0..4294967295, got -1"),
+    (["--seed", str(2**64)], f"--seed must be 0..4294967295, got {2**64}"),
+    # trained on a zero gradient and exported the random net
+    (["--content-weight", "0", "--style-weight", "0", "--tv-weight", "0"],
+     "every loss weight is 0 (--content-weight, --style-weight, --tv-weight): there is "
+     "nothing to train against"),
+    # --steps left to its default: the run trained and recorded a warm-up of 1000 of 540
+    (["--warmup", "100000"], "--warmup 100000 is longer than the run (STEPS steps, --steps' "
+                             "default on cpu): the learning rate would never reach --lr"),
     (["--size", "6"], "--size must be >= 8, got 6"),  # failed at step 1
     (["--edge-margin", "100000"], "--edge-margin must be 0..128 px, got 100000"),  # at export
     (["--steps", "10", "--warmup", "100"],
@@ -572,9 +581,12 @@ def test_bad_flag_values_are_refused_before_anything_loads(
         tmp_path: Path, flags: list[str], message: str,
         capsys: pytest.CaptureFixture[str]) -> None:
     """The data folder does not even exist: the flag is refused first, exit 2."""
+    from training.cli_style import CPU_RECIPE
+
     argv = ["train", *_tiny_run(tmp_path, tmp_path / "no-data"), *flags]
     assert cli_style.main(argv) == 2
-    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert capsys.readouterr().err.strip() == f"error: {message}".replace("STEPS",
+                                                                         str(CPU_RECIPE["steps"]))
     assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
 
 

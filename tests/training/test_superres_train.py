@@ -131,7 +131,10 @@ def test_an_out_holding_another_artifact_is_refused_before_training(
 
 @pytest.mark.parametrize("flags, message", [
     (["--threads", "-1"], "--threads must be >= 0, got -1"),
-    (["--lr", "-1"], "--lr must be >= 0, got -1"),
+    (["--lr", "-1"], "--lr must be > 0, got -1"),
+    (["--lr", "0"], "--lr must be > 0, got 0"),  # trained nothing and exported it
+    (["--seed", "-1"], "--seed must be 0..4294967295, got -1"),  # NumPy's message, at step 1
+    (["--seed", str(2**64)], "--seed must be 0..4294967295"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--val-items", "0"], "--val-items must be >= 1, got 0"),
@@ -139,7 +142,8 @@ def test_an_out_holding_another_artifact_is_refused_before_training(
     (["--max-minutes", "-1"], "--max-minutes must be >= 0, got -1"),
     (["--crop", "0"], "--crop must be >= 16, got 0"),
     (["--crop", "18"], "--crop must be a multiple of 4 (the low-res input is crop/4), got 18"),
-    (["--jpeg", "101"], "--jpeg must be at most 100"),
+    (["--jpeg", "101"], "--jpeg must be at most 95"),
+    (["--jpeg", "96"], "--jpeg must be at most 95"),  # "low >= high" at step 1
     (["--degrade-prob", "1.5"], "--degrade-prob must be at most 1, got 1.5"),
     (["--warmup", "50", "--steps", "3"], "--warmup 50 is longer than the run (--steps 3)"),
     (["--pixel-weight", "0"], "every loss weight is 0"),

@@ -24,8 +24,28 @@ IMAGE_REPOSITORY = "ghcr.io/percept/percept"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = "nvidia.com/gpu.present"
 MONITORING_NAMESPACE = "monitoring"
+#: the namespace label that admits a namespace's pods to the gRPC ports (opt-in; set by an
+#: operator with `kubectl label namespace NS percept.io/client=true`)
+CLIENT_NAMESPACE_LABEL = "percept.io/client"
+CLIENT_NAMESPACE_VALUE = "true"
 #: seconds of terminationGracePeriodSeconds beyond preStop + drain
 GRACE_MARGIN_SECONDS = 5
+#: seconds a Deployment's progressDeadlineSeconds allows for pulling the image onto a node
+#: (the GPU image is about 10 GB) beyond the startup probe's budget and the old pod's grace
+IMAGE_PULL_ALLOWANCE_SECONDS = 600
+#: image variants, by the suffix of their tag (deploy/docker/Dockerfile, VARIANT)
+VARIANT_SUFFIXES = ("-gpu", "-cpu")
+#: NVIDIA_VISIBLE_DEVICES values with which the NVIDIA container runtime exposes no GPU
+#: (unset and "" as well): "void" also leaves the driver libraries out, "none" mounts them
+NO_GPU_VISIBLE = ("void", "none", "")
+#: the environment the GPU variant's base image (nvidia/cuda) sets and the Dockerfile cannot
+#: show: with the NVIDIA runtime as the node's default, a container that inherits it sees
+#: every GPU of the node, outside the device plugin's accounting
+CUDA_BASE_IMAGE = "nvidia/cuda"
+CUDA_BASE_ENV = {"NVIDIA_VISIBLE_DEVICES": "all"}
+#: environment names the image or a manifest may set that are not `percept serve` flags
+#: (training/export.py reads PERCEPT_GIT_SHA for a model's provenance)
+PERCEPT_NON_FLAG_ENV = ("PERCEPT_GIT_SHA",)
 
 NAME_LABEL = "app.kubernetes.io/name"
 COMPONENT_LABEL = "app.kubernetes.io/component"
@@ -73,6 +93,7 @@ SERVER_FLAGS = (
     "max-pixels",
     "max-inflight-mpixels",
     "drain-seconds",
+    "stall-seconds",
     "log-format",
     "log-level",
     "embed-target",
@@ -155,17 +176,21 @@ class Bundle:
     """The typed objects of one rendered target, and what the checks need besides.
 
     `accelerator` is the node type the target deploys to ("gpu" or "cpu"); `kind` is
-    "app" for an overlay, "job" for a job template; `companions` are the objects of the
-    target a job is applied beside (its PVC lives there).
+    "cluster" for the objects applied once (Namespace, PersistentVolumeClaims), "app" for
+    an overlay, "job" for a job template; `companions` are the objects of the target a job
+    is applied beside (its PVC lives there); `release_images` maps every target of the
+    validation (this one included) to the images its workloads run, so that a check can
+    see whether they are all one release.
     """
 
     target: str
     accelerator: Literal["gpu", "cpu"]
     resources: list[Resource]
-    kind: Literal["app", "job"] = "app"
+    kind: Literal["cluster", "app", "job"] = "app"
     companions: list[Resource] = field(default_factory=list)
     dockerfile: Dockerfile | None = None
     namespace: str = NAMESPACE
+    release_images: dict[str, list[str]] = field(default_factory=dict)
 
     def of_kind(self, *kinds: str) -> list[Resource]:
         """The objects of the given kinds, in render order."""
@@ -353,6 +378,32 @@ def pre_stop_seconds(container: Any) -> int | None:
         if m:
             return int(m.group(1))
     return None
+
+
+def image_version(tag: str | None) -> tuple[str | None, str | None]:
+    """`0.1.0-gpu` -> ("0.1.0", "gpu"); a tag without a variant suffix -> (tag, None)."""
+    if tag is None:
+        return None, None
+    for suffix in VARIANT_SUFFIXES:
+        if tag.endswith(suffix):
+            return tag[: -len(suffix)], suffix[1:]
+    return tag, None
+
+
+def workload_images(objects: list[dict[str, Any]]) -> list[str]:
+    """The images of every container of the workloads among rendered objects (raw dicts)."""
+    images = []
+    for obj in objects:
+        kind = obj.get("kind")
+        if kind not in WORKLOAD_KINDS:
+            continue
+        spec = obj.get("spec") or {}
+        if kind == "CronJob":
+            spec = ((spec.get("jobTemplate") or {}).get("spec")) or {}
+        pod = ((spec.get("template") or {}).get("spec")) or {}
+        for c in (pod.get("initContainers") or []) + (pod.get("containers") or []):
+            images.append(str(c.get("image") or ""))
+    return images
 
 
 def split_image(image: str) -> tuple[str, str | None, str | None]:

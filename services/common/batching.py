@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -60,9 +60,12 @@ class MicroBatcher(Generic[In, Out]):
 
     def __init__(self, name: str, process: Callable[[Sequence[In]], Sequence[Out]], *,
                  max_batch: int, max_wait_ms: float, max_queue: int,
-                 batch_limit: Callable[[Hashable], int] | None = None) -> None:
+                 batch_limit: Callable[[Hashable], int] | None = None,
+                 stall_seconds: float | None = None) -> None:
         """``batch_limit(key)``, when given, caps the batches of one key below
-        ``max_batch`` (say, by the pixels of the shape the key names); at least 1."""
+        ``max_batch`` (say, by the pixels of the shape the key names); at least 1.
+        ``stall_seconds``: a batch running longer counts as stalled (:meth:`stalled_for`;
+        a hung GPU), None for batches that may take as long as they take."""
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.name = name
@@ -81,6 +84,8 @@ class MicroBatcher(Generic[In, Out]):
         self.waits_skipped = 0  # batches of a lone request run without waiting
         self.batch_seconds: float | None = None  # running mean of recent batches' times
         self._batch_started: float | None = None  # time.monotonic() of the running batch
+        self.stall_seconds = stall_seconds
+        self._long_expected = False  # the running batch said it may take long (running_long)
 
     @property
     def retry_after_ms(self) -> int:
@@ -94,6 +99,25 @@ class MicroBatcher(Generic[In, Out]):
             return DEFAULT_PUSHBACK_MS
         seconds = max(self.batch_seconds or 0.0, running)
         return int(min(MAX_PUSHBACK_MS, max(MIN_PUSHBACK_MS, round(seconds * 1e3))))
+
+    def stalled_for(self) -> float | None:
+        """How long the running batch has run, where that is past ``stall_seconds`` (and
+        the batch did not say it may take long); None otherwise."""
+        started = self._batch_started
+        if self.stall_seconds is None or started is None or self._long_expected:
+            return None
+        running = time.monotonic() - started
+        return running if running > self.stall_seconds else None
+
+    @contextlib.contextmanager
+    def running_long(self) -> Iterator[None]:
+        """For the batch function: what it does inside (torch.compile of a new input
+        shape, which takes minutes) may run long, and is no stall."""
+        self._long_expected = True
+        try:
+            yield
+        finally:
+            self._long_expected = False
 
     @property
     def depth(self) -> int:

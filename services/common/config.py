@@ -52,6 +52,7 @@ class ServerConfig:
     max_pixels: int = 64_000_000
     max_inflight_mpixels: int = 256
     drain_seconds: float = 20.0
+    stall_seconds: float = 120.0
     log_format: str = "json"
     log_level: str = "info"
     embed_target: str = ""
@@ -244,6 +245,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "CPU; one request is always admitted")
     add("--drain-seconds", _non_negative, base.drain_seconds,
         "grace period for in-flight RPCs on SIGTERM")
+    add("--stall-seconds", _non_negative, base.stall_seconds,
+        "a model batch running longer than this (a hung GPU) turns the service's health "
+        "and the server's ('', the liveness probe's) NOT_SERVING until it ends; 0 never "
+        "(Gatys optimisations and torch.compile of a new shape are exempt)")
     add("--log-format", str, base.log_format, "json | text", choices=["json", "text"])
     add("--log-level", str.lower, base.log_level, "debug | info | warning | error",
         choices=LOG_LEVELS)

@@ -240,6 +240,7 @@ class TiledImageModel:
         # compute the same function eagerly too.
         self.eager_module = module
         self.compiled = use_compile
+        self._shapes_run: set[tuple[int, ...]] = set()  # a compiled model compiles each anew
         # CUDA graphs for recurring shapes: no per-kernel launch cost (services/common/
         # cuda_graphs.py).
         self.graphs: CudaGraphRunner | None = None
@@ -264,7 +265,8 @@ class TiledImageModel:
         self.batcher: MicroBatcher[np.ndarray, TileOutput] = MicroBatcher(
             self.queue_name, self.run_batch, max_batch=self.max_batch,
             max_wait_ms=config.max_wait_ms, max_queue=config.max_queue * _TILE_QUEUE_PER_REQUEST,
-            batch_limit=None if max_batch_pixels is None else self.batch_limit)
+            batch_limit=None if max_batch_pixels is None else self.batch_limit,
+            stall_seconds=config.stall_seconds or None)
 
     def batch_limit(self, shape: Hashable) -> int:
         """Tiles of ``shape`` (H, W, 3) within ``max_batch_pixels`` (the batcher keeps it
@@ -293,8 +295,12 @@ class TiledImageModel:
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """The module on one batch. If torch.compile fails on a new shape (a compiler bug
         is no reason to fail the request), the model is served eager from then on."""
+        shape = tuple(batch.shape)
+        compiling = self.compiled and shape not in self._shapes_run
+        self._shapes_run.add(shape)
         try:
-            return cast(torch.Tensor, self.module(batch))
+            with self.batcher.running_long() if compiling else contextlib.nullcontext():
+                return cast(torch.Tensor, self.module(batch))
         except torch._dynamo.exc.TorchDynamoException:
             if not self.compiled:
                 raise

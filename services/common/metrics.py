@@ -39,6 +39,9 @@ QUEUE_DEPTH = Gauge("percept_queue_depth",
                     "Work items waiting or running (tiles, for the image models)", ["queue"])
 DROPPED = Counter("percept_dropped_total", "Requests dropped before compute", ["queue", "reason"])
 REJECTED = Counter("percept_rejected_total", "Requests refused: queue full", ["queue"])
+STALLED = Gauge("percept_queue_stalled",
+                "1 while the queue's running batch has run past --stall-seconds (a hung "
+                "model or GPU: its service reports NOT_SERVING)", ["queue"])
 INFLIGHT_PIXELS = Gauge("percept_inflight_pixels",
                         "Pixels (input plus output) of the image requests held, of "
                         "--max-inflight-mpixels")

@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from percept.v1 import server_pb2, server_pb2_grpc
+from services.common.batching import MicroBatcher
 from services.common.config import ServerConfig, bare_host, listen_address
 from services.common.cpus import available_cpus
 from services.common.errors import STATUS_DETAILS_KEY, status_details
@@ -43,6 +44,7 @@ from services.common.metrics import (
 from services.common.request_ids import with_request_id
 from services.common.server_info import SERVICE_NAME as SERVER_INFO
 from services.common.server_info import ServerInfoServicer
+from services.common.stall_watch import StallWatch
 
 log = logging.getLogger("percept.server")
 
@@ -75,6 +77,11 @@ class ServiceModule(abc.ABC):
 
     def model_infos(self) -> list[server_pb2.ModelInfo]:
         """The models this service serves, once loaded (percept.v1.ServerInfo)."""
+        return []
+
+    def batchers(self) -> list[MicroBatcher[Any, Any]]:
+        """The batchers its calls wait on, once loaded: one whose batch stalls (a hung
+        GPU) turns its health NOT_SERVING (:class:`StallWatch`)."""
         return []
 
 
@@ -242,6 +249,7 @@ class PerceptServer:
         self._metrics_http: MetricsServers | None = None
         self._interceptor = MetricsInterceptor()
         self._gate = ReadinessGate()
+        self._stall_watch: asyncio.Task[None] | None = None
 
     @property
     def service_names(self) -> list[str]:
@@ -295,6 +303,9 @@ class PerceptServer:
                 await module.warmup()
         self._gate.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if config.stall_seconds:
+            watch = StallWatch(self.modules, config.stall_seconds, self._health.set)
+            self._stall_watch = asyncio.get_running_loop().create_task(watch.run())
         self.ready.set()
         log.info("serving", extra={"port": self.port,
                                    "load_seconds": round(time.perf_counter() - started, 2)})
@@ -311,6 +322,8 @@ class PerceptServer:
         on another connection by itself. The calls in flight run on until they finish or
         the grace period ends."""
         grace = self.config.drain_seconds if grace is None else grace
+        if self._stall_watch is not None:
+            self._stall_watch.cancel()
         await self._health.enter_graceful_shutdown()
         self._streams.drain()
         self._gate.close()  # a call that slips in before the stop below is refused

@@ -21,6 +21,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -142,13 +143,15 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         self.batcher: MicroBatcher[_Job, np.ndarray] = MicroBatcher(
             "embed-images", self._embed_batch, max_batch=self.config.max_batch,
             max_wait_ms=self.config.max_wait_ms,
-            max_queue=self.config.max_queue * self.max_images)
+            max_queue=self.config.max_queue * self.max_images,
+            stall_seconds=self.config.stall_seconds or None)
         self.batcher.start()
         # phrases: one item per request (its phrases), encoded together with the phrases of
         # the requests that came with it, in one thread, behind the same bounded queue
         self.text_batcher: MicroBatcher[tuple[str, ...], np.ndarray | ServiceError] = \
             MicroBatcher("embed-text", self._encode_requests, max_batch=self.config.max_batch,
-                         max_wait_ms=self.config.max_wait_ms, max_queue=self.config.max_queue)
+                         max_wait_ms=self.config.max_wait_ms, max_queue=self.config.max_queue,
+                         stall_seconds=self.config.stall_seconds or None)
         self.text_batcher.start()
         log.info("embed loaded", extra={
             "device": describe(self.device), "nouns": len(self.index),
@@ -168,9 +171,13 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         return [model_info(self.full_name, self.devise.name, self.devise.name,
                            self.devise.version, is_default=self.default_method == DEVISE)]
 
+    def batchers(self) -> list[MicroBatcher[Any, Any]]:
+        return [b for b in (getattr(self, "batcher", None), getattr(self, "text_batcher", None))
+                if b is not None]
+
     async def close(self) -> None:
-        if hasattr(self, "batcher"):
-            await self.batcher.stop()
+        for batcher in self.batchers():
+            await batcher.stop()
         if hasattr(self, "text_batcher"):
             await self.text_batcher.stop()
 

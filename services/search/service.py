@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -23,6 +23,7 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
 from percept.v1 import search_pb2, search_pb2_grpc
+from services.common.batching import MicroBatcher
 from services.common.config import ServerConfig
 from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError, shown
 from services.common.images import probe_size
@@ -120,6 +121,11 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
             if isinstance(sibling, EmbeddingService):
                 return InProcessEmbedder(sibling)
         return InProcessEmbedder(EmbeddingService(self.config), own=True)
+
+    def batchers(self) -> list[MicroBatcher[Any, Any]]:
+        """An in-process embedding service's: search's calls wait on them too."""
+        embedder = getattr(self, "embedder", None)
+        return embedder.service.batchers() if isinstance(embedder, InProcessEmbedder) else []
 
     async def load(self) -> None:
         self.embedder = self._make_embedder()

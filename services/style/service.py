@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import cast
+from typing import Any, cast
 
 import grpc
 import torch
@@ -106,6 +106,10 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
     def model_infos(self) -> list[server_pb2.ModelInfo]:
         return [model_info(self.full_name, name, model.artifact.name, model.artifact.version)
                 for name, model in self.styles.items()]
+
+    def batchers(self) -> list[MicroBatcher[Any, Any]]:
+        """The fast styles' (an optimisation runs for minutes: it never stalls)."""
+        return [model.batcher for model in getattr(self, "styles", {}).values()]
 
     # -- fixed styles ------------------------------------------------------------------
     @unary_errors

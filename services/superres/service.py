@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import grpc
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 from percept.v1 import server_pb2, superres_pb2, superres_pb2_grpc
 from services.common.alpha import ALPHA_FORMATS, fill_transparent, over_white
 from services.common.artifacts import list_artifacts, load_artifact
+from services.common.batching import MicroBatcher
 from services.common.device import choose_device, describe, dtype_name
 from services.common.errors import InvalidArgument, NotFound, Unimplemented, shown
 from services.common.image_model import TiledImageModel
@@ -92,6 +94,9 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
         return [model_info(self.full_name, name, model.artifact.name, model.artifact.version,
                            is_default=name == self.default)
                 for name, model in self.models.items()]
+
+    def batchers(self) -> list[MicroBatcher[Any, Any]]:
+        return [model.batcher for model in getattr(self, "models", {}).values()]
 
     async def close(self) -> None:
         for model in getattr(self, "models", {}).values():

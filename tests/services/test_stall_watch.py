@@ -1,0 +1,115 @@
+"""A model batch that hangs (a hung GPU) turns health NOT_SERVING, the service's for
+readiness and the server's for liveness, and SERVING again once it ends; over real gRPC on
+the committed super-resolution model, with its forward pass held on an event."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import REGISTRY
+
+from percept.v1 import superres_pb2, superres_pb2_grpc
+from services import client
+from services.common.batching import MicroBatcher
+from services.common.server import RunningServer, start_in_thread
+from tests.conftest import encode, server_config
+
+SERVICE = "percept.v1.SuperResolution"
+STALL_SECONDS = 0.5
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RunningServer]:
+    running = start_in_thread(server_config("superres", stall_seconds=STALL_SECONDS),
+                              timeout=600)
+    yield running
+    running.stop()
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 20.0) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_hung_batch_turns_health_not_serving_until_it_ends(server: RunningServer) -> None:
+    module = server.server.modules[0]
+    model = next(iter(module.models.values()))  # type: ignore[attr-defined]
+    release = threading.Event()
+    real_module = model.module
+
+    def hung(batch: torch.Tensor) -> torch.Tensor:
+        release.wait(60)
+        return real_module(batch)  # type: ignore[no-any-return]
+
+    channel = client.connect(server.target)
+    stub = superres_pb2_grpc.SuperResolutionStub(channel)
+    image = encode(np.full((16, 16, 3), 90, np.uint8))
+    model.module = hung
+    try:
+        call = stub.Upscale.future(superres_pb2.UpscaleRequest(image=image), timeout=60)
+        assert _wait_for(lambda: client.health_status(channel, SERVICE) == "NOT_SERVING")
+        assert client.health_status(channel, "") == "NOT_SERVING"  # the liveness probe's
+        assert REGISTRY.get_sample_value("percept_queue_stalled",
+                                         {"queue": model.queue_name}) == 1
+    finally:
+        release.set()
+        model.module = real_module
+    assert call.result(timeout=60).width == 64  # the stalled call itself completes
+    assert _wait_for(lambda: client.health_status(channel, SERVICE) == "SERVING")
+    assert client.health_status(channel, "") == "SERVING"
+    assert REGISTRY.get_sample_value("percept_queue_stalled", {"queue": model.queue_name}) == 0
+    assert stub.Upscale(superres_pb2.UpscaleRequest(image=image), timeout=60).width == 64
+
+
+def _blocking_batcher(stall_seconds: float | None, release: threading.Event,
+                      long: bool = False) -> MicroBatcher[int, int]:
+    batcher: MicroBatcher[int, int]
+
+    def process(items: Sequence[int]) -> list[int]:
+        if long:
+            with batcher.running_long():
+                release.wait(30)
+        else:
+            release.wait(30)
+        return list(items)
+
+    batcher = MicroBatcher("test", process, max_batch=1, max_wait_ms=0, max_queue=4,
+                           stall_seconds=stall_seconds)
+    return batcher
+
+
+@pytest.mark.parametrize("stall_seconds, long, stalls", [
+    (0.2, False, True),
+    (None, False, False),  # a Gatys optimisation: minutes by design
+    (0.2, True, False),  # torch.compile of a new shape: minutes, once
+])
+def test_which_batches_count_as_stalled(stall_seconds: float | None, long: bool,
+                                        stalls: bool) -> None:
+    import asyncio
+
+    async def run() -> tuple[float | None, float | None]:
+        release = threading.Event()
+        batcher = _blocking_batcher(stall_seconds, release, long)
+        batcher.start()
+        job = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.5)
+        during = batcher.stalled_for()
+        release.set()
+        assert await job == 1
+        after = batcher.stalled_for()
+        await batcher.stop()
+        return during, after
+
+    during, after = asyncio.run(run())
+    assert (during is not None) == stalls and after is None
+    if stalls:
+        assert during is not None and during > 0.2

@@ -73,14 +73,19 @@ class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or infinite: nothing is exported."""
 
 
+#: What to do about a diverged run. Not --resume: it may not change --lr or the loss
+#: weights, and with the same ones it diverges the same way.
+START_AGAIN = ("lower --lr or the loss weights, and start again in another --run-dir (or "
+               "delete the checkpoint this one holds, if the run saved one)")
+
+
 def check_finite(loss: float, terms: Mapping[str, float], step: int) -> None:
     """TrainingDiverged, naming the terms, when the loss of ``step`` is not finite."""
     if not math.isfinite(loss):
         shown = ", ".join(f"{key} {value:.3g}" for key, value in terms.items())
         raise TrainingDiverged(
             f"the loss is {loss} at step {step} ({shown}): the run diverged, so nothing is "
-            "exported; lower --lr or the loss weights, and start again (or --resume from "
-            "the last checkpoint, written before it diverged)")
+            f"exported; {START_AGAIN}")
 
 
 def finite_weights(module: nn.Module) -> bool:
@@ -113,8 +118,7 @@ def save_finite_checkpoint(path: Path, model: nn.Module, snapshot: Callable[[], 
     if not finite_weights(model):
         raise TrainingDiverged(
             f"the weights hold NaN or infinite values at step {step}: the run diverged, so "
-            "nothing is exported; lower --lr or the loss weights, and start again (or "
-            f"--resume from the last checkpoint in {path.parent})")
+            f"nothing is exported; {START_AGAIN}")
     save_checkpoint(path, snapshot())
 
 

@@ -194,6 +194,12 @@ def test_a_diverging_run_stops_and_exports_nothing(
     if checkpoint.exists():  # only states with finite weights were saved
         state = torch.load(checkpoint, weights_only=False)
         assert all(bool(torch.isfinite(v).all()) for v in state["model"].values())
+    # what the message says to do works (it once said --resume, which may not lower --lr)
+    assert "lower --lr or the loss weights, and start again in another --run-dir" in err
+    assert "--resume" not in err
+    assert cli_superres.main(["train", "--data", str(prepared), "--out", str(out),
+                              "--run-dir", str(tmp_path / "run-again"), *TINY, "--steps", "2",
+                              "--checkpoint-every", "1"]) == 0
 
 
 def test_ctrl_c_saves_a_checkpoint_and_the_same_run_dir_is_refused_as_out(

@@ -43,7 +43,13 @@ from training import nets
 from training.assets import REPO_ROOT
 from training.data.arrays import load_prepared
 from training.data.folders import check_folder_to_make
-from training.export import check_output_folder, command_line, export_artifact, load_exported
+from training.export import (
+    check_output_folder,
+    command_line,
+    data_entry,
+    export_artifact,
+    load_exported,
+)
 from training.image_batches import predict_images, to_tensor
 from training.image_quality import y_psnr_ssim
 from training.loop import (
@@ -223,7 +229,7 @@ def train(args: argparse.Namespace) -> int:
     if args.pixel_weight == args.perceptual_weight == args.tv_weight == 0:
         raise ValueError("every loss weight is 0 (--pixel-weight, --perceptual-weight, "
                          "--tv-weight): there is nothing to train against")
-    if args.init_from and not (Path(args.init_from) / "config.json").is_file():
+    if args.init_from and not args.resume and not (Path(args.init_from) / "config.json").is_file():
         raise ValueError(f"--init-from {args.init_from}: no exported artifact there (no "
                          "config.json)")
     device = choose_device(args.device)
@@ -251,14 +257,18 @@ def train(args: argparse.Namespace) -> int:
     architecture = build_architecture(args)
     model = nets.build(architecture)
     init_files: list[Path] = []
-    if args.init_from:
+    # the weights a fine-tune started from, as they were then (a resumed run takes them
+    # from its checkpoint, not from --init-from, which its own export may have replaced)
+    init_entries: list[dict[str, Any]] = []
+    if args.init_from and not args.resume:
         init_model, init_config = load_exported(Path(args.init_from))
         if init_config["architecture"] != architecture:
             raise ValueError(f"--init-from {args.init_from} has architecture "
                              f"{init_config['architecture']}, not {architecture}")
         model.load_state_dict(init_model.state_dict())
-        init_files.append(Path(args.init_from) / init_config.get("weights",
-                                                                 "weights.safetensors"))
+        init_entries.append(data_entry(
+            Path(args.init_from) / init_config.get("weights", "weights.safetensors"),
+            kind="initial weights", artifact=f"{init_config['name']}@{init_config['version']}"))
     channels_last = _use_channels_last(args.channels_last, device)
     model.to(device)
     if channels_last:
@@ -290,6 +300,7 @@ def train(args: argparse.Namespace) -> int:
                           paths=("data", "init_from"))
         check_same_data(checkpoint, state, prepared)
         earlier = earlier_commands(state)
+        init_entries = list(state.get("init_entries", []))
         step = restore_training_state(state, model, optimizer, scheduler, scaler)
         if args.warmup is None and "warmup" in state:  # kept when --steps grows
             warmup = int(state["warmup"])  # the schedule's lambda reads it from here
@@ -312,7 +323,7 @@ def train(args: argparse.Namespace) -> int:
                 "sampler_rng": sampler.rng.bit_generator.state,
                 "degrade_rng": degrade_rng.bit_generator.state,
                 "torch_rng": torch.get_rng_state(), "args": recorded_flags(args),
-                "warmup": warmup}
+                "warmup": warmup, "init_entries": init_entries}
 
     def pictures() -> None:
         save_samples(model, val_lr, val_hr, run_dir / "samples.png", device, channels_last)
@@ -435,7 +446,8 @@ def train(args: argparse.Namespace) -> int:
         }
         export_artifact(out, name=name, task=TASK, architecture=architecture,
                         module=model.to("cpu").float(), metrics=metrics,
-                        data=prepared_data_provenance(prepared, init_files),
+                        data=[*prepared_data_provenance(prepared, init_files),
+                              *init_entries],
                         command=this_command, device=str(device), config_extra=config_extra,
                         earlier_commands=earlier,
                         pictures={p: run_dir / p for p in ("samples.png", "loss.png")})

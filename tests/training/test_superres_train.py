@@ -202,6 +202,29 @@ def test_a_diverging_run_stops_and_exports_nothing(
                               "--checkpoint-every", "1"]) == 0
 
 
+def test_a_resumed_fine_tune_records_the_weights_it_started_from(
+        prepared: Path, tmp_path: Path) -> None:
+    """--init-from X --out X, resumed: provenance names version 1's weights, which it
+    started from (not version 2's, its own earlier export), and the resume needs neither
+    --init-from's artifact nor loads it."""
+    models = tmp_path / "models"
+    common = ["train", "--data", str(prepared), *TINY, "--sample-every", "0"]
+    base = models / "sr-base"
+    assert cli_superres.main([*common, "--out", str(base), "--run-dir", str(tmp_path / "r0"),
+                              "--steps", "1"]) == 0
+    started_from = json.loads((base / "config.json").read_text())["weights_sha256"]
+    tuned = models / "sr-tuned"
+    tune = [*common, "--init-from", str(base), "--out", str(tuned),
+            "--run-dir", str(tmp_path / "r1"), "--checkpoint-every", "1"]
+    assert cli_superres.main([*tune, "--steps", "2"]) == 0
+    shutil.rmtree(base)  # replaced or removed since: the checkpoint holds what it was
+    assert cli_superres.main([*tune, "--steps", "3", "--resume"]) == 0
+    provenance = json.loads((tuned / "provenance.json").read_text())
+    (entry,) = [d for d in provenance["data"] if d.get("kind") == "initial weights"]
+    assert entry["sha256"] == started_from and entry["artifact"] == "sr-base@1"
+    assert json.loads((tuned / "metrics.json").read_text())["steps"] == 3
+
+
 def test_ctrl_c_saves_a_checkpoint_and_the_same_run_dir_is_refused_as_out(
         prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import signal

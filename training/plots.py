@@ -35,10 +35,10 @@ def save_loss_plot(history: Mapping[str, Sequence[float]], path: Path,
                 continue
             xs = np.asarray(steps if steps is not None else range(1, len(values) + 1))
             ys = _smooth(values, smoothing)
-            if np.all(ys > 0):
-                axis.semilogy(xs[: len(ys)], ys, label=label, linewidth=1.2)
-            else:
-                axis.plot(xs[: len(ys)], ys, label=label, linewidth=1.2)
+            # a line through one point draws nothing: a run of one step shows as a dot
+            marker = "o" if len(ys) < 2 else None
+            draw = axis.semilogy if np.all(ys > 0) else axis.plot
+            draw(xs[: len(ys)], ys, label=label, linewidth=1.2, marker=marker)
         axis.set_xlabel("step")
         axis.set_title(title)
         axis.grid(True, which="both", alpha=0.3)

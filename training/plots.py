@@ -87,12 +87,23 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str] | Non
     draw = ImageDraw.Draw(canvas)
     if labels:
         for column, label in enumerate(labels):
-            draw.text((column * (cell_w + gap) + 3, 2), label, fill="black")
+            draw.text((column * (cell_w + gap) + 3, 2), _fitted(draw, label, cell_w - 3),
+                      fill="black")
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
             canvas.paste(Image.fromarray(to_uint8(img)), (c * (cell_w + gap),
                                                           top + r * (cell_h + gap)))
     return canvas
+
+
+def _fitted(draw: ImageDraw.ImageDraw, label: str, width: int) -> str:
+    """``label``, cut short with ".." where it is wider than ``width`` pixels (small
+    crops' columns: the labels ran into each other)."""
+    if draw.textlength(label) <= width:
+        return label
+    while label and draw.textlength(label + "..") > width:
+        label = label[:-1]
+    return label + ".." if label else ""
 
 
 def save_image_grid(rows: Sequence[Sequence[np.ndarray]], path: Path,

@@ -13,6 +13,7 @@ from deploy.dockerfile import Dockerfile, DockerfileError
 from deploy.dockerfile import load as load_dockerfile
 from deploy.objects import ModelError, Resource, schema_errors, schema_version, to_model
 from deploy.policy import Bundle, CheckResult, run_checks
+from deploy.policy.model import workload_images
 
 #: the stages every target goes through before its policy checks
 STAGES = ("render", "schema", "typed-models")
@@ -67,8 +68,10 @@ def build_bundle(
     version: str,
     dockerfile: Dockerfile | None,
     companions: list[Resource] | None = None,
+    release_images: dict[str, list[str]] | None = None,
 ) -> TargetReport:
-    """Schema-validate and type the rendered objects of a target, then check policies."""
+    """Schema-validate and type the rendered objects of a target, then check policies.
+    `release_images` maps every target rendered beside it to its workloads' images."""
     report = TargetReport(target)
     schema: list[str] = []
     models: list[str] = []
@@ -91,6 +94,7 @@ def build_bundle(
         kind=target.kind,
         companions=companions or [],
         dockerfile=dockerfile,
+        release_images=release_images or {target.name: workload_images(objects)},
     )
     report.results = run_checks(report.bundle)
     return report
@@ -109,15 +113,23 @@ def validate_targets(targets: tuple[render.Target, ...] = render.TARGETS) -> Rep
     except (OSError, DockerfileError) as exc:
         dockerfile_error = str(exc)
     report = Report(kubectl, version, validator_version(), [], dockerfile_error)
-    by_name: dict[str, TargetReport] = {}
+    # Every target first: the release check compares each target's images with the others'.
+    rendered: dict[str, list[dict]] = {}
+    render_errors: dict[str, str] = {}
     for target in targets:
         try:
-            objects = render.render(target, kubectl)
+            rendered[target.name] = render.render(target, kubectl)
         except render.RenderError as exc:
-            failed = TargetReport(target, {"render": [str(exc)]})
+            render_errors[target.name] = str(exc)
+    release_images = {name: workload_images(objs) for name, objs in rendered.items()}
+    by_name: dict[str, TargetReport] = {}
+    for target in targets:
+        if target.name in render_errors:
+            failed = TargetReport(target, {"render": [render_errors[target.name]]})
             report.targets.append(failed)
             by_name[target.name] = failed
             continue
+        objects = rendered[target.name]
         companions: list[Resource] = []
         if target.companion:
             companion = by_name.get(target.companion)
@@ -129,7 +141,9 @@ def validate_targets(targets: tuple[render.Target, ...] = render.TARGETS) -> Rep
                 by_name[target.name] = failed
                 continue
             companions = companion.bundle.resources
-        result = build_bundle(target, objects, version, dockerfile, companions)
+        result = build_bundle(
+            target, objects, version, dockerfile, companions, release_images
+        )
         result.stages = {"render": [], **result.stages}
         report.targets.append(result)
         by_name[target.name] = result

@@ -23,7 +23,7 @@ DOCKERFILE = REPO_ROOT / "deploy" / "docker" / "Dockerfile"
 ARCHITECTURE_DOC = REPO_ROOT / "docs" / "architecture.md"
 
 Accelerator = Literal["gpu", "cpu"]
-TargetKind = Literal["app", "job"]
+TargetKind = Literal["cluster", "app", "job"]
 
 
 class RenderError(RuntimeError):
@@ -34,9 +34,11 @@ class RenderError(RuntimeError):
 class Target:
     """One kustomization that `make deploy-validate` renders and checks.
 
-    `kind` is "app" for an overlay (the whole serving stack) and "job" for a job template
-    that is applied on its own; `companion` names the target whose objects a job refers to
-    (its PersistentVolumeClaim lives in the overlay).
+    `kind` is "cluster" for deploy/k8s/cluster (the Namespace and the PersistentVolumeClaims
+    that outlive every deployment, applied once), "app" for an overlay (the whole serving
+    stack) and "job" for a job template that is applied on its own; `companion` names the
+    target whose objects a job refers to (its PersistentVolumeClaim lives in the cluster
+    target). The cluster target runs no pods: its `accelerator` is never read.
     """
 
     name: str
@@ -46,7 +48,9 @@ class Target:
     companion: str | None = None
 
 
+#: In dependency order: a companion comes before the targets that refer to it.
 TARGETS: tuple[Target, ...] = (
+    Target("cluster", K8S_DIR / "cluster", "gpu", kind="cluster"),
     Target("overlays/gpu", K8S_DIR / "overlays" / "gpu", "gpu"),
     Target("overlays/cpu", K8S_DIR / "overlays" / "cpu", "cpu"),
     Target(
@@ -54,7 +58,7 @@ TARGETS: tuple[Target, ...] = (
         K8S_DIR / "jobs" / "train-superres",
         "gpu",
         kind="job",
-        companion="overlays/gpu",
+        companion="cluster",
     ),
 )
 

@@ -1,11 +1,12 @@
 """Validate percept's Kubernetes deployment offline: `.venv/bin/python deploy/validate.py`.
 
-Renders every kustomize target (deploy/k8s/overlays/gpu, overlays/cpu and the training
-Job) with the venv's `kubectl kustomize`, validates each object against the bundled
-Kubernetes JSON schemas in strict mode (kubernetes-validate), loads it into the
-`kubernetes` client's typed models, runs the policy checks of deploy/policy.py, and prints
-a summary table. Exit status: 0 when everything passes, 1 on any failure, 2 when the
-tooling itself is missing.
+Renders every kustomize target (deploy/k8s/cluster, overlays/gpu, overlays/cpu and the
+training Job) with the venv's `kubectl kustomize`, validates each object against the
+bundled Kubernetes JSON schemas in strict mode (kubernetes-validate), loads it into the
+`kubernetes` client's typed models, runs the policy checks of deploy/policy/ (some across
+targets: every target runs one image release), and prints a summary table ("n/a": the
+check does not apply to that kind of target). Exit status: 0 when everything passes, 1 on
+any failure, 2 when the tooling itself is missing.
 """
 
 from __future__ import annotations

@@ -37,22 +37,27 @@ from deploy.policy.services import (
     check_namespace,
     check_search_statefulset,
     check_services,
+    check_teardown,
     disruptions_allowed,
 )
 from deploy.policy.workloads import (
     check_config,
     check_drain,
     check_gpu,
+    check_gpu_isolation,
     check_images,
     check_jobs,
     check_labels,
     check_ports,
     check_probes,
     check_references,
+    check_release,
     check_resources,
+    check_rollout_deadline,
     check_security,
     check_topology,
     check_writable_paths,
+    startup_budget,
 )
 
 __all__ = [
@@ -81,6 +86,7 @@ __all__ = [
     "pre_stop_seconds",
     "run_checks",
     "server_container",
+    "startup_budget",
 ]
 
 # ---------------------------------------------------------------------------------------
@@ -92,7 +98,8 @@ CheckFn = Callable[[Bundle], list[str]]
 
 @dataclass(frozen=True)
 class PolicyCheck:
-    """A named policy, the bundle kinds it applies to, and the function that checks it."""
+    """A named policy, the bundle kinds it applies to ("cluster", "app", "job"), and the
+    function that checks it."""
 
     name: str
     func: CheckFn
@@ -108,14 +115,19 @@ class PolicyCheck:
         return bundle.kind in self.scopes
 
 
+#: every kind of target
+ALL_KINDS = ("cluster", "app", "job")
+
 CHECKS: tuple[PolicyCheck, ...] = (
     PolicyCheck("resources", check_resources),
     PolicyCheck("gpu", check_gpu),
+    PolicyCheck("gpu-isolation", check_gpu_isolation),
     PolicyCheck("probes", check_probes),
     PolicyCheck("security", check_security),
     PolicyCheck("writable-paths", check_writable_paths),
     PolicyCheck("images", check_images),
-    PolicyCheck("labels", check_labels),
+    PolicyCheck("release", check_release),
+    PolicyCheck("labels", check_labels, ALL_KINDS),
     PolicyCheck("topology", check_topology),
     PolicyCheck("services", check_services, ("app",)),
     PolicyCheck("ports", check_ports),
@@ -123,10 +135,12 @@ CHECKS: tuple[PolicyCheck, ...] = (
     PolicyCheck("disruption-budgets", check_disruption_budgets, ("app",)),
     PolicyCheck("network-policy", check_network_policy, ("app",)),
     PolicyCheck("drain", check_drain),
+    PolicyCheck("rollout-deadline", check_rollout_deadline, ("app",)),
     PolicyCheck("config", check_config),
     PolicyCheck("references", check_references),
     PolicyCheck("search-statefulset", check_search_statefulset, ("app",)),
-    PolicyCheck("namespace", check_namespace),
+    PolicyCheck("namespace", check_namespace, ALL_KINDS),
+    PolicyCheck("teardown", check_teardown, ALL_KINDS),
     PolicyCheck("jobs", check_jobs),
     PolicyCheck("dockerfile", check_dockerfile, ("app",)),
     PolicyCheck("image-contract", check_image_contract),

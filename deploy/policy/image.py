@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from deploy.dockerfile import Dockerfile
+from deploy.dockerfile import Dockerfile, parse_env
 from deploy.policy.model import (
     ALL_IN_ONE,
     SERVICES,
@@ -43,7 +43,9 @@ def check_dockerfile(bundle: Bundle) -> list[str]:
     """The image (both VARIANTs): base images pinned by full version tag, no build tools in
     the final stage, uid 10001, `ENTRYPOINT ["percept", "serve"]`, a gRPC-health
     HEALTHCHECK (`percept health`), HF_HUB_OFFLINE=1, pillow-simd built in a builder stage
-    and copied as a wheel, torch and faiss pinned."""
+    and copied as a wheel, torch and faiss pinned, and the commit it is built from in
+    ENV PERCEPT_GIT_SHA (from `ARG PERCEPT_GIT_SHA` in the final stage), which a model
+    trained in the image records (the image has no .git)."""
     d = bundle.dockerfile
     if d is None:
         return ["no Dockerfile loaded"]
@@ -118,7 +120,33 @@ def check_dockerfile(bundle: Bundle) -> list[str]:
             "the image does not fetch the offline assets (python -m training.assets fetch)"
         )
     failures += _noun_vectors_built(d)
+    failures += _git_sha_recorded(d)
     return failures
+
+
+def _git_sha_recorded(d: Dockerfile) -> list[str]:
+    """training/export.py's git_sha() falls back to $PERCEPT_GIT_SHA where there is no .git
+    (.dockerignore keeps it out of the image): the final stage must take the commit as a
+    build argument (`--build-arg PERCEPT_GIT_SHA=$(git rev-parse HEAD)`) and keep it in its
+    environment, or every model trained in the cluster records "uncommitted"."""
+    name = "PERCEPT_GIT_SHA"
+    arg_at = [
+        i.line
+        for i in d.final.all("ARG")
+        if any(t.partition("=")[0] == name for t in i.value.split())
+    ]
+    env_at = [
+        i.line
+        for i in d.final.all("ENV")
+        if parse_env(i.value).get(name) in (f"${name}", f"${{{name}}}")
+    ]
+    if not arg_at or not env_at:
+        return [f"the final stage does not record the commit: want `ARG {name}` and "
+                f"`ENV {name}=${name}` (training/export.py reads it for a model's provenance)"]
+    if min(arg_at) > max(env_at):
+        return [f"ENV {name} (line {max(env_at)}) comes before ARG {name} (line {min(arg_at)}): "
+                "it would be empty"]
+    return []
 
 
 def _noun_vectors_built(d: Dockerfile) -> list[str]:

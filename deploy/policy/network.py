@@ -7,6 +7,8 @@ from typing import Any
 
 from deploy.objects import Resource
 from deploy.policy.model import (
+    CLIENT_NAMESPACE_LABEL,
+    CLIENT_NAMESPACE_VALUE,
     MONITORING_NAMESPACE,
     NAME_LABEL,
     SERVICES,
@@ -24,16 +26,22 @@ from deploy.policy.model import (
 
 @dataclass(frozen=True)
 class Peer:
-    """A traffic source: a pod's namespace (and its labels) and the pod's labels."""
+    """A traffic source: a pod's namespace (and the namespace's labels) and the pod's
+    labels."""
 
     namespace: str
     pod_labels: tuple[tuple[str, str], ...] = ()
     description: str = ""
+    namespace_label_pairs: tuple[tuple[str, str], ...] = ()
 
     @property
     def namespace_labels(self) -> dict[str, str]:
-        """The automatic kubernetes.io/metadata.name label of the namespace."""
-        return {"kubernetes.io/metadata.name": self.namespace}
+        """The namespace's labels: its own, and the automatic kubernetes.io/metadata.name."""
+        return {**dict(self.namespace_label_pairs), "kubernetes.io/metadata.name": self.namespace}
+
+
+#: the namespace label that opts a namespace in as a client of the gRPC ports
+CLIENT_LABEL = ((CLIENT_NAMESPACE_LABEL, CLIENT_NAMESPACE_VALUE),)
 
 
 def _policy_types(policy: Any) -> list[str]:
@@ -104,8 +112,10 @@ UNDECLARED_PORT = 8080
 
 def check_network_policy(bundle: Bundle) -> list[str]:
     """Ingress is denied by default; inside the namespace only search may call embed's gRPC
-    port; other namespaces may reach the gRPC ports of superres/style/embed/search only;
-    the monitoring namespace may scrape every metrics port."""
+    port (also when the percept namespace itself carries the client label); namespaces
+    labelled percept.io/client=true may reach the gRPC ports of superres/style/embed/search
+    only, and an unlabelled namespace nothing; the monitoring namespace may scrape every
+    metrics port."""
     failures = []
     policies = bundle.of_kind("NetworkPolicy")
     ns = bundle.namespace
@@ -117,10 +127,12 @@ def check_network_policy(bundle: Bundle) -> list[str]:
     ):
         failures.append("no default-deny ingress NetworkPolicy (podSelector {} with no rules)")
     insiders = [
-        Peer(ns, tuple(sorted(pod_labels(w).items())), f"{app_name(w)} pods")
+        Peer(ns, tuple(sorted(pod_labels(w).items())), f"{app_name(w)} pods", labels)
         for w in bundle.workloads
+        for labels in ((), CLIENT_LABEL)
     ]
-    client = Peer("clients", (), "another namespace")
+    client = Peer("clients", (), "a client namespace (percept.io/client=true)", CLIENT_LABEL)
+    stranger = Peer("others", (), "an unlabelled namespace")
     monitoring = Peer(MONITORING_NAMESPACE, (), "the monitoring namespace")
     for dest in bundle.workloads:
         dest_name = app_name(dest)
@@ -136,13 +148,21 @@ def check_network_policy(bundle: Bundle) -> list[str]:
                 ok = src_name == "search" and dest_name == "embed" and port_name == "grpc"
                 expectations.append((src, ok))
             expectations.append((client, dest_name in SERVICES and port_name == "grpc"))
+            expectations.append((stranger, False))
             if port_name == "metrics":
                 expectations.append((monitoring, True))
             for src, want in expectations:
                 got = ingress_allowed(policies, ns, labels, ports, port, src)
                 if got != want:
-                    failures.append(
-                        f"{src.description} -> {dest_name}:{port_name} ({port}) is "
+                    where = (
+                        " (namespace labelled as a client)"
+                        if src.namespace == ns and src.namespace_label_pairs
+                        else ""
+                    )
+                    failure = (
+                        f"{src.description}{where} -> {dest_name}:{port_name} ({port}) is "
                         f"{'allowed' if got else 'denied'}; want {'allowed' if want else 'denied'}"
                     )
+                    if failure not in failures:
+                        failures.append(failure)
     return failures

@@ -222,8 +222,9 @@ def check_disruption_budgets(bundle: Bundle) -> list[str]:
 def check_search_statefulset(bundle: Bundle) -> list[str]:
     """search is one StatefulSet with exactly 1 replica (single writer), a ReadWriteOnce
     volumeClaimTemplate mounted at its PERCEPT_DATA_DIR and retained on delete, no GPU,
-    and PERCEPT_EMBED_TARGET = dns:///embed.<ns>.svc.cluster.local:<embed grpc> through the
-    headless embed Service."""
+    and PERCEPT_EMBED_TARGET = dns:///embed:<embed grpc>: the headless embed Service by
+    its short name, which the pod's DNS search path (dnsPolicy ClusterFirst) resolves in
+    its own namespace and cluster domain, whatever they are."""
     failures = []
     found = [w for w in bundle.workloads if app_name(w) == "search"]
     if len(found) != 1 or found[0].kind != "StatefulSet":
@@ -264,10 +265,21 @@ def check_search_statefulset(bundle: Bundle) -> list[str]:
             if "ReadWriteOnce" not in modes and "ReadWriteOncePod" not in modes:
                 failures.append(f"{sts.ref}: index volume access modes {modes}")
     embed = SERVICES["embed"]
-    want = f"dns:///embed.{bundle.namespace}.svc.cluster.local:{embed.grpc_port}"
-    if env.get("PERCEPT_EMBED_TARGET") != want:
+    want = f"dns:///embed:{embed.grpc_port}"
+    got = env.get("PERCEPT_EMBED_TARGET")
+    if got != want:
+        why = (
+            " (a namespace or cluster domain in the name breaks when an overlay or the "
+            "cluster changes them)"
+            if got and got.startswith("dns:///embed.")
+            else ""
+        )
+        failures.append(f"{sts.ref}: PERCEPT_EMBED_TARGET is {got!r}, want {want!r}{why}")
+    dns_policy = pod_template(sts).spec.dns_policy
+    if dns_policy not in (None, "ClusterFirst", "ClusterFirstWithHostNet"):
         failures.append(
-            f"{sts.ref}: PERCEPT_EMBED_TARGET is {env.get('PERCEPT_EMBED_TARGET')!r}, want {want!r}"
+            f"{sts.ref}: dnsPolicy {dns_policy}: the short name embed resolves through the "
+            "cluster DNS search path (ClusterFirst)"
         )
     svc = bundle.get("Service", "embed")
     if svc is None or svc.model.spec.cluster_ip != "None":
@@ -283,15 +295,16 @@ def check_search_statefulset(bundle: Bundle) -> list[str]:
 
 
 def check_namespace(bundle: Bundle) -> list[str]:
-    """Every namespaced object lives in `percept`; an overlay creates that Namespace with
-    the Pod Security "restricted" level enforced."""
+    """Every namespaced object lives in `percept`; the cluster target (deploy/k8s/cluster,
+    applied once before the overlays) creates that Namespace with the Pod Security
+    "restricted" level enforced."""
     failures = []
     for res in bundle.resources:
         if res.kind == "Namespace":
             continue
         if res.namespace != bundle.namespace:
             failures.append(f"{res.ref}: namespace {res.namespace!r}, want {bundle.namespace!r}")
-    if bundle.kind == "app":
+    if bundle.kind == "cluster":
         ns = bundle.get("Namespace", bundle.namespace)
         if ns is None:
             failures.append(f"no Namespace {bundle.namespace}")
@@ -299,4 +312,35 @@ def check_namespace(bundle: Bundle) -> list[str]:
             labels = dict(ns.model.metadata.labels or {})
             if labels.get("pod-security.kubernetes.io/enforce") != "restricted":
                 failures.append(f"{ns.ref}: Pod Security 'restricted' is not enforced")
+    return failures
+
+
+def check_teardown(bundle: Bundle) -> list[str]:
+    """`kubectl delete -k` of an overlay or a job template deletes no data: they render no
+    Namespace (deleting it deletes every claim in it) and no PersistentVolumeClaim (both
+    live in deploy/k8s/cluster, applied once), and a StatefulSet keeps its
+    volumeClaimTemplates' claims when it is deleted or scaled down
+    (persistentVolumeClaimRetentionPolicy Retain). The cluster target runs no pods."""
+    failures = []
+    if bundle.kind == "cluster":
+        for res in bundle.workloads:
+            failures.append(f"{res.ref}: the cluster target runs no pods (put it in an overlay)")
+    else:
+        for res in bundle.of_kind("Namespace", "PersistentVolumeClaim"):
+            what = (
+                "the namespace and every claim in it"
+                if res.kind == "Namespace"
+                else "the claim (and its volume, under a Delete reclaim policy)"
+            )
+            failures.append(
+                f"{res.ref}: rendered by {bundle.target}, so `kubectl delete -k` of it deletes "
+                f"{what}; it belongs in deploy/k8s/cluster"
+            )
+    for sts in bundle.of_kind("StatefulSet"):
+        retention = sts.model.spec.persistent_volume_claim_retention_policy
+        if retention is not None and "Delete" in (retention.when_deleted, retention.when_scaled):
+            failures.append(
+                f"{sts.ref}: persistentVolumeClaimRetentionPolicy deletes its claims "
+                f"(whenDeleted {retention.when_deleted}, whenScaled {retention.when_scaled})"
+            )
     return failures

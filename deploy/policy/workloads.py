@@ -9,16 +9,21 @@ from typing import Any
 
 from deploy.policy.model import (
     COMPONENT_LABEL,
+    CUDA_BASE_ENV,
+    CUDA_BASE_IMAGE,
     GPU_NODE_LABEL,
     GPU_RESOURCE,
     GRACE_MARGIN_SECONDS,
+    IMAGE_PULL_ALLOWANCE_SECONDS,
     IMAGE_REPOSITORY,
     NAME_LABEL,
+    NO_GPU_VISIBLE,
     NON_NEGATIVE_FLOAT_FLAGS,
     NON_NEGATIVE_INT_FLAGS,
     OPTIONAL_WRITABLE_ENV,
     PART_OF,
     PART_OF_LABEL,
+    PERCEPT_NON_FLAG_ENV,
     POSITIVE_INT_FLAGS,
     REQUIRED_CONFIG,
     SERVER_FLAGS,
@@ -34,6 +39,7 @@ from deploy.policy.model import (
     field_value,
     flag_env,
     gpu_count,
+    image_version,
     located,
     model_services,
     named_ports,
@@ -129,6 +135,79 @@ def check_gpu(bundle: Bundle) -> list[str]:
         for spec_ in SERVICES.values():
             if spec_.gpu and spec_.name not in names:
                 failures.append(f"no GPU workload for the {spec_.name} service")
+    return failures
+
+
+def _image_env(bundle: Bundle, image: str) -> dict[str, str]:
+    """The environment an image sets: its Dockerfile's ENV for the variant its tag names
+    (-gpu, -cpu; else the Dockerfile's default), over the environment of a CUDA base image,
+    which the Dockerfile cannot show (CUDA_BASE_ENV)."""
+    _repo, tag, _digest = split_image(image)
+    variant = image_version(tag)[1]
+    d = bundle.dockerfile
+    if d is None:  # no Dockerfile to read: assume the worst of the GPU variant
+        return {} if variant == "cpu" else dict(CUDA_BASE_ENV)
+    overrides = {"VARIANT": variant} if variant else None
+    base = d.base_image(d.chain(d.final, overrides)[-1], overrides)
+    env = dict(CUDA_BASE_ENV) if base.startswith(CUDA_BASE_IMAGE + ":") else {}
+    env.update(d.env(overrides=overrides))
+    return env
+
+
+def _avoids_gpu_nodes(pod_spec: Any) -> bool:
+    """Whether a pod's required node affinity keeps it off nodes labelled
+    nvidia.com/gpu.present=true (every term, they are ORed, must exclude them)."""
+    affinity = pod_spec.affinity
+    node = affinity.node_affinity if affinity is not None else None
+    required = (
+        node.required_during_scheduling_ignored_during_execution if node is not None else None
+    )
+    terms = (required.node_selector_terms if required is not None else None) or []
+    if not terms:
+        return False
+    for term in terms:
+        if not any(
+            e.key == GPU_NODE_LABEL
+            and (
+                (e.operator == "NotIn" and "true" in (e.values or []))
+                or e.operator == "DoesNotExist"
+            )
+            for e in term.match_expressions or []
+        ):
+            return False
+    return True
+
+
+def check_gpu_isolation(bundle: Bundle) -> list[str]:
+    """A container that requests no nvidia.com/gpu cannot see GPUs: its
+    NVIDIA_VISIBLE_DEVICES (its env, else its image's; the nvidia/cuda base of the GPU
+    variant sets `all`, which the NVIDIA runtime honours outside the device plugin's
+    accounting) is void, none or unset. On GPU nodes a workload without a GPU also
+    requires a node that is not a GPU node (node affinity nvidia.com/gpu.present NotIn
+    [true], or DoesNotExist)."""
+    failures = []
+    for res in bundle.workloads:
+        spec = pod_template(res).spec
+        containers = all_containers(spec)
+        uses_gpu = any(gpu_count(c, "limits") or gpu_count(c, "requests") for c in containers)
+        for c in containers:
+            if gpu_count(c, "limits") or gpu_count(c, "requests"):
+                continue
+            env = {**_image_env(bundle, c.image or ""), **effective_env(bundle, c)}
+            visible = env.get("NVIDIA_VISIBLE_DEVICES")
+            if visible is not None and visible not in NO_GPU_VISIBLE:
+                source = "its env" if "NVIDIA_VISIBLE_DEVICES" in effective_env(
+                    bundle, c) else f"its image {c.image}"
+                failures.append(
+                    f"{located(res, c)}: requests no {GPU_RESOURCE} but NVIDIA_VISIBLE_DEVICES "
+                    f"is {visible!r} ({source}): on a node whose default runtime is NVIDIA's "
+                    "it sees the GPUs; set it to 'void'"
+                )
+        if bundle.accelerator == "gpu" and not uses_gpu and not _avoids_gpu_nodes(spec):
+            failures.append(
+                f"{res.ref}: uses no GPU but may run on GPU nodes: require "
+                f"{GPU_NODE_LABEL} NotIn [true] (requiredDuringScheduling node affinity)"
+            )
     return failures
 
 
@@ -310,6 +389,33 @@ def check_images(bundle: Bundle) -> list[str]:
     return failures
 
 
+def _release(image: str) -> tuple[str, str | None]:
+    """(repository, version): the tag without its variant suffix."""
+    repo, tag, _digest = split_image(image)
+    return repo, image_version(tag)[0]
+
+
+def check_release(bundle: Bundle) -> list[str]:
+    """Every kustomization runs one release: the workloads of this target run the same
+    repository and version (the tag without its -gpu/-cpu suffix) as those of every other
+    target (overlays and job templates), so an image retargeted in some kustomizations
+    but not in the others fails."""
+    failures = []
+    own = {c.image or "" for res in bundle.workloads for c in all_containers(
+        pod_template(res).spec)}
+    for target, images in sorted(bundle.release_images.items()):
+        if target == bundle.target:
+            continue
+        for other in sorted(set(images)):
+            for image in sorted(own):
+                if _release(image) != _release(other):
+                    failures.append(
+                        f"{bundle.target} runs {image!r} but {target} runs {other!r}: retarget "
+                        "every kustomization that names the image (deploy/README.md, step 2)"
+                    )
+    return failures
+
+
 _LABELLED_KINDS = (
     *WORKLOAD_KINDS,
     "Service",
@@ -447,9 +553,14 @@ def _seconds(raw: str | None) -> float | None:
     return value if value is not None and math.isfinite(value) and value >= 0 else None
 
 
+#: The most a pod the liveness probe restarts may take to stop (probe-level grace).
+LIVENESS_GRACE_SECONDS = 60
+
+
 def check_drain(bundle: Bundle) -> list[str]:
     """terminationGracePeriodSeconds >= preStop sleep + the server's drain
-    (PERCEPT_DRAIN_SECONDS) + 5 s. (Liveness may fail sooner than the drain ends: the
+    (PERCEPT_DRAIN_SECONDS) + 5 s; the liveness probe's own terminationGracePeriodSeconds at
+    most LIVENESS_GRACE_SECONDS. (Liveness may fail sooner than the drain ends: the
     kubelet stops liveness and startup probes once a pod is being deleted,
     pkg/kubelet/prober/worker.go, so a draining pod is not restarted.)"""
     failures = []
@@ -473,15 +584,61 @@ def check_drain(bundle: Bundle) -> list[str]:
                 f"{res.ref}: terminationGracePeriodSeconds {grace} < preStop {pre_stop} + "
                 f"drain {drain:g} + margin {GRACE_MARGIN_SECONDS} = {need:g}"
             )
+        liveness = c.liveness_probe
+        kill_after = None if liveness is None else liveness.termination_grace_period_seconds
+        if liveness is not None and (kill_after is None or kill_after > LIVENESS_GRACE_SECONDS):
+            failures.append(
+                f"{where}: livenessProbe.terminationGracePeriodSeconds is {kill_after}, want "
+                f"at most {LIVENESS_GRACE_SECONDS}: a pod the liveness probe restarts (a "
+                f"batch stalled on a hung GPU, --stall-seconds) would otherwise wait the "
+                f"pod's {grace} s drain grace, its hung thread keeping it from exiting"
+            )
+    return failures
+
+
+def startup_budget(container: Any) -> int:
+    """Seconds a container's startup probe allows before the kubelet restarts it:
+    initialDelaySeconds + failureThreshold x periodSeconds (Kubernetes' defaults 0, 3, 10);
+    0 without a startup probe."""
+    probe = container.startup_probe
+    if probe is None:
+        return 0
+    delay = probe.initial_delay_seconds or 0
+    threshold = probe.failure_threshold if probe.failure_threshold is not None else 3
+    period = probe.period_seconds if probe.period_seconds is not None else 10
+    return int(delay + threshold * period)
+
+
+def check_rollout_deadline(bundle: Bundle) -> list[str]:
+    """A Deployment's progressDeadlineSeconds (default 600) covers one pod's replacement:
+    the old pod's terminationGracePeriodSeconds (with maxSurge 0 the new pod waits for its
+    GPU) + the startup probe's budget (initialDelaySeconds + failureThreshold x
+    periodSeconds) + 600 s to pull the image; otherwise a slow but healthy rollout is
+    reported failed (ProgressDeadlineExceeded) and `kubectl rollout status` exits."""
+    failures = []
+    for res in bundle.of_kind("Deployment"):
+        spec = pod_template(res).spec
+        deadline = res.model.spec.progress_deadline_seconds
+        deadline = 600 if deadline is None else deadline
+        grace = spec.termination_grace_period_seconds
+        grace = 30 if grace is None else grace
+        startup = max((startup_budget(c) for c in spec.containers or []), default=0)
+        need = startup + grace + IMAGE_PULL_ALLOWANCE_SECONDS
+        if deadline < need:
+            failures.append(
+                f"{res.ref}: progressDeadlineSeconds {deadline} < startup probe {startup} + "
+                f"grace {grace} + image pull {IMAGE_PULL_ALLOWANCE_SECONDS} = {need}"
+            )
     return failures
 
 
 def check_config(bundle: Bundle) -> list[str]:
     """The server ConfigMap sets the required flags (max batch, wait, queue, message size,
     pixels, drain, log format json) with valid values; every PERCEPT_* variable names a
-    real `percept serve` flag; HF_HUB_OFFLINE=1 everywhere."""
+    real `percept serve` flag (or PERCEPT_GIT_SHA, the image's commit); HF_HUB_OFFLINE=1
+    everywhere."""
     failures = []
-    known = {flag_env(f) for f in SERVER_FLAGS}
+    known = {flag_env(f) for f in SERVER_FLAGS} | set(PERCEPT_NON_FLAG_ENV)
     for cm in bundle.of_kind("ConfigMap"):
         for key in cm.model.data or {}:
             if key.startswith("PERCEPT_") and key not in known:

@@ -36,6 +36,12 @@ def bundles(report: Report) -> dict[str, Bundle]:
 
 
 @pytest.fixture(scope="session")
+def cluster(bundles: dict[str, Bundle]) -> Bundle:
+    """deploy/k8s/cluster: the Namespace and the models claim, applied once."""
+    return bundles["cluster"]
+
+
+@pytest.fixture(scope="session")
 def gpu(bundles: dict[str, Bundle]) -> Bundle:
     """The default (GPU) overlay."""
     return bundles["overlays/gpu"]

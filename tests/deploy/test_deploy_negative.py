@@ -573,7 +573,29 @@ CASES: list[tuple[str, str, str, str, Mutation, str, str]] = [
         "allow-clients-grpc",
         lambda r: r["spec"]["ingress"][0].pop("ports"),
         "network-policy",
-        "another namespace -> superres:metrics (9101) is allowed",
+        "a client namespace (percept.io/client=true) -> superres:metrics (9101) is allowed",
+    ),
+    (
+        # the label requirement dropped: every namespace is a client again
+        "clients-without-opt-in",
+        "overlays/gpu",
+        "NetworkPolicy",
+        "allow-clients-grpc",
+        lambda r: r["spec"]["ingress"][0]["from"][0]["namespaceSelector"].pop("matchLabels"),
+        "network-policy",
+        "an unlabelled namespace -> search:grpc (50054) is allowed",
+    ),
+    (
+        # the label alone: labelling percept itself would open every pod to every other
+        "clients-label-admits-own-namespace",
+        "overlays/cpu",
+        "NetworkPolicy",
+        "allow-clients-grpc",
+        lambda r: r["spec"]["ingress"][0]["from"][0]["namespaceSelector"].pop(
+            "matchExpressions"
+        ),
+        "network-policy",
+        "style pods (namespace labelled as a client) -> superres:grpc (50051) is allowed",
     ),
     (
         "monitoring-wrong-namespace",
@@ -596,6 +618,15 @@ CASES: list[tuple[str, str, str, str, Mutation, str, str]] = [
         "terminationGracePeriodSeconds 20 < preStop 10 + drain 20",
     ),
     (
+        "liveness-restart-waits-the-drain-grace",
+        "overlays/gpu",
+        "Deployment",
+        "style",
+        lambda r: server(r)["livenessProbe"].pop("terminationGracePeriodSeconds"),
+        "drain",
+        "livenessProbe.terminationGracePeriodSeconds is None, want at most 60",
+    ),
+    (
         "no-pre-stop",
         "overlays/gpu",
         "Deployment",
@@ -612,6 +643,33 @@ CASES: list[tuple[str, str, str, str, Mutation, str, str]] = [
         lambda r: r["data"].update(PERCEPT_DRAIN_SECONDS="60"),
         "drain",
         "drain 60",
+    ),
+    (
+        "default-progress-deadline",
+        "overlays/gpu",
+        "Deployment",
+        "superres",
+        lambda r: r["spec"].pop("progressDeadlineSeconds"),
+        "rollout-deadline",
+        "progressDeadlineSeconds 600 < startup probe 600 + grace 45 + image pull 600 = 1245",
+    ),
+    (
+        "deadline-shorter-than-style-grace",
+        "overlays/gpu",
+        "Deployment",
+        "style",
+        lambda r: r["spec"].update(progressDeadlineSeconds=1500),
+        "rollout-deadline",
+        "progressDeadlineSeconds 1500 < startup probe 600 + grace 330 + image pull 600",
+    ),
+    (
+        "startup-outgrows-deadline",
+        "overlays/cpu",
+        "Deployment",
+        "embed",
+        lambda r: server(r)["startupProbe"].update(failureThreshold=250, initialDelaySeconds=30),
+        "rollout-deadline",
+        "startup probe 1280 + grace 45",
     ),
     (
         "typo-flag",
@@ -695,6 +753,79 @@ CASES: list[tuple[str, str, str, str, Mutation, str, str]] = [
         "PERCEPT_EMBED_TARGET",
     ),
     (
+        "embed-target-with-namespace",
+        "overlays/gpu",
+        "StatefulSet",
+        "search",
+        lambda r: set_env(
+            r, "PERCEPT_EMBED_TARGET", "dns:///embed.percept.svc.cluster.local:50053"
+        ),
+        "search-statefulset",
+        "a namespace or cluster domain in the name breaks",
+    ),
+    (
+        "search-without-cluster-dns",
+        "overlays/gpu",
+        "StatefulSet",
+        "search",
+        lambda r: pod(r).update(dnsPolicy="Default"),
+        "search-statefulset",
+        "dnsPolicy Default",
+    ),
+    (
+        "search-sees-gpus",
+        "overlays/gpu",
+        "StatefulSet",
+        "search",
+        lambda r: server(r).update(
+            env=[v for v in server(r)["env"] if v["name"] != "NVIDIA_VISIBLE_DEVICES"]
+        ),
+        "gpu-isolation",
+        "NVIDIA_VISIBLE_DEVICES is 'all' (its image ghcr.io/percept/percept:0.1.0-gpu)",
+    ),
+    (
+        "search-asks-for-all-gpus",
+        "overlays/cpu",
+        "StatefulSet",
+        "search",
+        lambda r: set_env(r, "NVIDIA_VISIBLE_DEVICES", "all"),
+        "gpu-isolation",
+        "NVIDIA_VISIBLE_DEVICES is 'all' (its env)",
+    ),
+    (
+        "search-may-run-on-gpu-nodes",
+        "overlays/gpu",
+        "StatefulSet",
+        "search",
+        lambda r: pod(r).pop("affinity"),
+        "gpu-isolation",
+        "may run on GPU nodes",
+    ),
+    (
+        # node selector terms are ORed: one term that admits GPU nodes is enough
+        "search-affinity-with-an-open-term",
+        "overlays/gpu",
+        "StatefulSet",
+        "search",
+        lambda r: pod(r)["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]["nodeSelectorTerms"].append(
+            {"matchExpressions": [{"key": "kubernetes.io/os", "operator": "In",
+                                   "values": ["linux"]}]}
+        ),
+        "gpu-isolation",
+        "may run on GPU nodes",
+    ),
+    (
+        "index-claims-deleted",
+        "overlays/gpu",
+        "StatefulSet",
+        "search",
+        lambda r: r["spec"]["persistentVolumeClaimRetentionPolicy"].update(whenScaled="Delete"),
+        "teardown",
+        "deletes its claims",
+    ),
+    (
         "index-deleted-with-set",
         "overlays/cpu",
         "StatefulSet",
@@ -714,7 +845,7 @@ CASES: list[tuple[str, str, str, str, Mutation, str, str]] = [
     ),
     (
         "pss-not-enforced",
-        "overlays/gpu",
+        "cluster",
         "Namespace",
         "percept",
         lambda r: r["metadata"]["labels"].pop("pod-security.kubernetes.io/enforce"),
@@ -756,6 +887,26 @@ CASES: list[tuple[str, str, str, str, Mutation, str, str]] = [
         lambda r: pod(r)["volumes"][0]["persistentVolumeClaim"].update(claimName="models"),
         "references",
         "PVC models does not exist",
+    ),
+    (
+        "job-on-another-release",
+        "jobs/train-superres",
+        "Job",
+        "train-superres",
+        lambda r: server(r).update(image="ghcr.io/percept/percept:0.2.0-gpu"),
+        "release",
+        "jobs/train-superres runs 'ghcr.io/percept/percept:0.2.0-gpu' but overlays/gpu runs "
+        "'ghcr.io/percept/percept:0.1.0-gpu'",
+    ),
+    (
+        # `kustomize edit set image` in overlays/gpu only: the Job still pulls ghcr.io
+        "overlay-retargeted-alone",
+        "overlays/gpu",
+        "Deployment",
+        "embed",
+        lambda r: server(r).update(image="registry.example.com/percept:0.1.0-gpu"),
+        "release",
+        "but jobs/train-superres runs 'ghcr.io/percept/percept:0.1.0-gpu'",
     ),
     (
         "job-image-latest",
@@ -834,6 +985,82 @@ def test_removing_a_service_fails(gpu: Bundle) -> None:
     assert any("embed Service" in f for f in failures("search-statefulset", bundle))
 
 
+@pytest.mark.parametrize("kind", ["Namespace", "PersistentVolumeClaim"])
+@pytest.mark.parametrize("target", ["overlays/gpu", "overlays/cpu", "jobs/train-superres"])
+def test_an_overlay_or_job_that_renders_stateful_objects_fails(
+    bundles: dict[str, Bundle], cluster: Bundle, target: str, kind: str
+) -> None:
+    """The layout before deploy/k8s/cluster: the Namespace and the models claim in the
+    base, so `kubectl delete -k deploy/k8s/overlays/gpu` deleted them (and, with the
+    namespace, the search index's claims)."""
+    bundle = bundles[target]
+    assert failures("teardown", bundle) == []
+    moved = [r for r in cluster.resources if r.kind == kind]
+    assert moved
+    found = failures("teardown", dataclasses.replace(bundle, resources=bundle.resources + moved))
+    assert any(
+        f"rendered by {target}, so `kubectl delete -k` of it deletes" in f for f in found
+    ), found
+
+
+def test_the_cluster_target_runs_no_pods(cluster: Bundle, gpu: Bundle) -> None:
+    assert failures("teardown", cluster) == []
+    sts = gpu.get("StatefulSet", "search")
+    assert sts is not None
+    bundle = dataclasses.replace(cluster, resources=[*cluster.resources, sts])
+    assert any("the cluster target runs no pods" in f for f in failures("teardown", bundle))
+
+
+def test_the_namespace_must_come_from_the_cluster_target(cluster: Bundle) -> None:
+    bundle = dataclasses.replace(
+        cluster, resources=[r for r in cluster.resources if r.kind != "Namespace"]
+    )
+    assert "no Namespace percept" in failures("namespace", bundle)
+
+
+def test_release_is_one_repository_and_version(job: Bundle) -> None:
+    """Variants may differ (-gpu, -cpu), the repository and the version may not."""
+    mine = "ghcr.io/percept/percept:0.1.0-gpu"
+    ok = {"overlays/gpu": [mine], "overlays/cpu": ["ghcr.io/percept/percept:0.1.0-cpu"]}
+    assert failures("release", dataclasses.replace(job, release_images=ok)) == []
+    for other in ("ghcr.io/percept/percept:0.1.1-cpu", "registry.example.com/percept:0.1.0-cpu"):
+        bundle = dataclasses.replace(job, release_images={**ok, "overlays/cpu": [other]})
+        found = failures("release", bundle)
+        assert found == [
+            f"jobs/train-superres runs {mine!r} but overlays/cpu runs {other!r}: retarget "
+            "every kustomization that names the image (deploy/README.md, step 2)"
+        ], found
+
+
+def test_config_accepts_the_git_sha_and_nothing_like_it(job: Bundle) -> None:
+    sha = "0" * 40
+    ok = broken(job, "Job", "train-superres", lambda r: set_env(r, "PERCEPT_GIT_SHA", sha))
+    assert failures("config", ok) == []
+    bad = broken(job, "Job", "train-superres", lambda r: set_env(r, "PERCEPT_GIT_SHAS", sha))
+    assert any("PERCEPT_GIT_SHAS is not a `percept serve` flag" in f
+               for f in failures("config", bad))
+
+
+def test_gpu_isolation_reads_the_image_variant(gpu: Bundle, cpu: Bundle) -> None:
+    """Without NVIDIA_VISIBLE_DEVICES=void, search on the -gpu image sees the GPUs (its
+    nvidia/cuda base), on the -cpu image (python:slim base) it does not."""
+
+    def without_void(raw: dict[str, Any]) -> None:
+        server(raw)["env"] = [v for v in server(raw)["env"]
+                              if v["name"] != "NVIDIA_VISIBLE_DEVICES"]
+
+    assert failures("gpu-isolation", broken(cpu, "StatefulSet", "search", without_void)) == []
+    found = failures("gpu-isolation", broken(gpu, "StatefulSet", "search", without_void))
+    assert any("NVIDIA_VISIBLE_DEVICES is 'all'" in f for f in found), found
+    # and without a Dockerfile to read, a GPU image is assumed to expose them
+    no_dockerfile = dataclasses.replace(gpu, dockerfile=None)
+    assert failures("gpu-isolation", no_dockerfile) == []
+    found = failures(
+        "gpu-isolation", broken(no_dockerfile, "StatefulSet", "search", without_void)
+    )
+    assert any("NVIDIA_VISIBLE_DEVICES is 'all'" in f for f in found), found
+
+
 def test_job_without_its_companion_pvc_fails(job: Bundle) -> None:
     bundle = dataclasses.replace(job, companions=[])
     assert any("percept-models does not exist" in f for f in failures("references", bundle))
@@ -857,6 +1084,8 @@ FROM base-${VARIANT}
 COPY --from=venv /opt/venv /opt/venv
 COPY --from=venv /app /app
 ENV HF_HUB_OFFLINE=1 HOME=/home/percept
+ARG PERCEPT_GIT_SHA=
+ENV PERCEPT_GIT_SHA=$PERCEPT_GIT_SHA
 USER 10001:10001
 EXPOSE 50050-50054 9100-9104
 HEALTHCHECK CMD percept health --target localhost:50050
@@ -891,6 +1120,13 @@ def _with_dockerfile(bundle: Bundle, text: str) -> Bundle:
          "COPY --from=assets /assets /app/assets\n", "noun vectors"),
         # built in a stage whose files never reach the image
         ("COPY --from=venv /app /app\n", "", "noun vectors"),
+        # models trained in the image would record "uncommitted"
+        ("ARG PERCEPT_GIT_SHA=\n", "", "does not record the commit"),
+        ("ENV PERCEPT_GIT_SHA=$PERCEPT_GIT_SHA\n", "", "does not record the commit"),
+        ("ENV PERCEPT_GIT_SHA=$PERCEPT_GIT_SHA\n", "ENV PERCEPT_GIT_SHA=\n",
+         "does not record the commit"),
+        ("ARG PERCEPT_GIT_SHA=\nENV PERCEPT_GIT_SHA=$PERCEPT_GIT_SHA\n",
+         "ENV PERCEPT_GIT_SHA=$PERCEPT_GIT_SHA\nARG PERCEPT_GIT_SHA=\n", "comes before ARG"),
     ],
 )
 def test_dockerfile_check_fails(gpu: Bundle, old: str, new: str, expected: str) -> None:
@@ -899,6 +1135,16 @@ def test_dockerfile_check_fails(gpu: Bundle, old: str, new: str, expected: str) 
     assert old in DOCKERFILE_OK
     found = check(_with_dockerfile(gpu, DOCKERFILE_OK.replace(old, new)))
     assert any(expected in f for f in found), found
+
+
+def test_git_sha_in_a_builder_stage_only_fails(gpu: Bundle) -> None:
+    """The commit must be in the final image's environment, not a stage it is built from."""
+    lines = "ARG PERCEPT_GIT_SHA=\nENV PERCEPT_GIT_SHA=$PERCEPT_GIT_SHA\n"
+    text = DOCKERFILE_OK.replace(lines, "").replace(
+        "COPY --from=build /wheels /wheels\n", "COPY --from=build /wheels /wheels\n" + lines
+    )
+    found = check_by_name("dockerfile").func(_with_dockerfile(gpu, text))
+    assert any("does not record the commit" in f for f in found), found
 
 
 def test_image_contract_fails_when_a_port_is_not_exposed(gpu: Bundle) -> None:

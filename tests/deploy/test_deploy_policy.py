@@ -26,6 +26,7 @@ from deploy.policy import (
     pod_template,
     pre_stop_seconds,
     server_container,
+    startup_budget,
 )
 
 
@@ -85,7 +86,7 @@ def test_gpu_limits_only_on_model_services_of_the_gpu_overlay(gpu: Bundle, cpu: 
         assert not spec.node_selector and not spec.tolerations, w.ref
 
 
-def test_training_job_uses_one_gpu_and_the_models_pvc(job: Bundle, gpu: Bundle) -> None:
+def test_training_job_uses_one_gpu_and_the_models_pvc(job: Bundle, cluster: Bundle) -> None:
     (j,) = job.of_kind("Job")
     spec = pod_template(j).spec
     assert spec.containers[0].resources.limits["nvidia.com/gpu"] == "1"
@@ -93,7 +94,8 @@ def test_training_job_uses_one_gpu_and_the_models_pvc(job: Bundle, gpu: Bundle) 
         v.persistent_volume_claim.claim_name for v in spec.volumes if v.persistent_volume_claim
     ]
     assert claims == ["percept-models"]
-    assert gpu.get("PersistentVolumeClaim", "percept-models") is not None
+    assert cluster.get("PersistentVolumeClaim", "percept-models") is not None
+    assert job.get("PersistentVolumeClaim", "percept-models", companions=True) is not None
     assert spec.containers[0].command[:3] == ["percept", "train", "superres"]
 
 
@@ -124,7 +126,9 @@ def test_search_is_a_single_writer_statefulset(gpu: Bundle) -> None:
     sts = gpu.get("StatefulSet", "search")
     assert sts is not None and sts.model.spec.replicas == 1
     env = effective_env(gpu, server_container(sts))
-    assert env["PERCEPT_EMBED_TARGET"] == "dns:///embed.percept.svc.cluster.local:50053"
+    # the short name: resolved in the pod's own namespace and cluster domain
+    assert env["PERCEPT_EMBED_TARGET"] == "dns:///embed:50053"
+    assert pod_template(sts).spec.dns_policy in (None, "ClusterFirst")
     mounts = {m.mount_path: m.name for m in server_container(sts).volume_mounts}
     vct = [t.metadata.name for t in sts.model.spec.volume_claim_templates]
     assert mounts[env["PERCEPT_DATA_DIR"]] in vct
@@ -174,15 +178,47 @@ def test_network_reachability(gpu: Bundle) -> None:
     def insider(name: str) -> Peer:
         return Peer("percept", tuple(sorted(pod_labels(pods[name]).items())))
 
-    clients = Peer("apps")
+    label = (("percept.io/client", "true"),)
+    clients = Peer("apps", namespace_label_pairs=label)
+    strangers = Peer("apps")
     monitoring = Peer("monitoring")
     assert allowed(insider("search"), "embed", "grpc")
     assert not allowed(insider("search"), "embed", "metrics")
     assert not allowed(insider("superres"), "embed", "grpc")
     assert not allowed(insider("embed"), "search", "grpc")
+    # labelling percept itself as a client opens nothing inside it
+    labelled_insider = Peer("percept", insider("superres").pod_labels, "", label)
+    assert not allowed(labelled_insider, "search", "grpc")
     for name in SERVICES:
         assert allowed(clients, name, "grpc")
         assert not allowed(clients, name, "metrics")
+        assert not allowed(strangers, name, "grpc")  # opt-in: no label, no access
         assert allowed(monitoring, name, "metrics")
+        assert not allowed(monitoring, name, "grpc")
     # A pod outside percept with search's labels is just another client: grpc only.
-    assert not allowed(Peer("apps", insider("search").pod_labels), "embed", "metrics")
+    search_labels = insider("search").pod_labels
+    assert not allowed(Peer("apps", search_labels, "", label), "embed", "metrics")
+    assert not allowed(Peer("apps", search_labels), "embed", "grpc")
+
+
+def test_rollout_deadline_covers_a_pod_replacement(gpu: Bundle) -> None:
+    """progressDeadlineSeconds >= grace + startup budget + 600 s of image pull, with the
+    numbers the manifests have: 600 s of startup, 45 s (330 s for style) of grace."""
+    for d in gpu.of_kind("Deployment"):
+        spec = pod_template(d).spec
+        startup = startup_budget(spec.containers[0])
+        assert startup == 600, d.ref
+        grace = spec.termination_grace_period_seconds
+        assert d.model.spec.progress_deadline_seconds == 1800 >= startup + grace + 600, d.ref
+
+
+def test_search_cannot_see_or_reach_gpus(gpu: Bundle) -> None:
+    sts = gpu.get("StatefulSet", "search")
+    assert sts is not None
+    env = effective_env(gpu, server_container(sts))
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "void"
+    node = pod_template(sts).spec.affinity.node_affinity
+    terms = node.required_during_scheduling_ignored_during_execution.node_selector_terms
+    assert [(e.key, e.operator, e.values) for t in terms for e in t.match_expressions] == [
+        ("nvidia.com/gpu.present", "NotIn", ["true"])
+    ]

@@ -25,12 +25,12 @@ from deploy.objects import (
 )
 from deploy.pipeline import Report
 
+# No Namespace and no PersistentVolumeClaim: those are the cluster target's, so that
+# `kubectl delete -k` of an overlay deletes no data.
 EXPECTED_APP_KINDS = Counter(
     {
-        "Namespace": 1,
         "ConfigMap": 2,
         "Service": 4,
-        "PersistentVolumeClaim": 1,
         "Deployment": 3,
         "StatefulSet": 1,
         "HorizontalPodAutoscaler": 3,
@@ -57,6 +57,17 @@ def test_overlays_render_the_whole_stack(report: Report, name: str) -> None:
     t = next(t for t in report.targets if t.target.name == name)
     assert t.bundle is not None
     assert Counter(r.kind for r in t.bundle.resources) == EXPECTED_APP_KINDS
+
+
+def test_cluster_target_renders_the_namespace_and_the_models_claim(report: Report) -> None:
+    t = next(t for t in report.targets if t.target.kind == "cluster")
+    assert t.target.name == "cluster" and t.bundle is not None
+    assert sorted(r.ref for r in t.bundle.resources) == [
+        "Namespace/percept",
+        "PersistentVolumeClaim/percept-models",
+    ]
+    names = [t.target.name for t in report.targets]
+    assert names.index("cluster") < names.index("jobs/train-superres")  # its companion
 
 
 def test_job_target_renders_one_training_job(report: Report) -> None:

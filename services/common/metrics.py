@@ -27,12 +27,16 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from services.common.request_ids import begin_request
 
+# The RPC labels are grpc_service, grpc_method and grpc_code (go-grpc-prometheus' names),
+# not service/method/code: a Prometheus Operator ServiceMonitor sets a target label
+# `service` (the Kubernetes Service), which renamed ours to exported_service.
 REQUESTS = Counter("percept_requests_total", "Finished RPCs by status code",
-                   ["service", "method", "code"])
-LATENCY = Histogram("percept_request_seconds", "RPC latency in seconds", ["service", "method"],
+                   ["grpc_service", "grpc_method", "grpc_code"])
+LATENCY = Histogram("percept_request_seconds", "RPC latency in seconds",
+                    ["grpc_service", "grpc_method"],
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
                              10, 30, 60, 120, 300))
-INFLIGHT = Gauge("percept_inflight_requests", "RPCs in progress", ["service"])
+INFLIGHT = Gauge("percept_inflight_requests", "RPCs in progress", ["grpc_service"])
 BATCH_SIZE = Histogram("percept_batch_size", "Micro-batch sizes", ["queue"],
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
 QUEUE_DEPTH = Gauge("percept_queue_depth",

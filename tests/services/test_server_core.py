@@ -252,8 +252,8 @@ def test_metrics_endpoint_counts_requests_by_status(all_server: RunningServer,
     client.upscale(channel, encode(small_photo))  # a batch, whatever ran before this test
     port = all_server.server.config.metrics_port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert ('percept_requests_total{code="INVALID_ARGUMENT",method="StylizeWithImage",'
-            'service="percept.v1.StyleTransfer"}') in text
+    assert ('percept_requests_total{grpc_code="INVALID_ARGUMENT",grpc_method="StylizeWithImage",'
+            'grpc_service="percept.v1.StyleTransfer"}') in text
     for family in ("percept_request_seconds_bucket", "percept_queue_depth",
                    "percept_batch_size_bucket", "percept_inflight_requests"):
         assert family in text
@@ -327,8 +327,8 @@ def test_expired_deadline_gives_deadline_exceeded_and_skips_compute(
         dropped_before = sum(REGISTRY.get_sample_value("percept_dropped_total",
                                                        {**labels, "reason": r}) or 0.0
                              for r in ("deadline", "cancelled"))
-        status = {"code": "DEADLINE_EXCEEDED", "method": "StylizeWithImage",
-                  "service": "percept.v1.StyleTransfer"}
+        status = {"grpc_code": "DEADLINE_EXCEEDED", "grpc_method": "StylizeWithImage",
+                  "grpc_service": "percept.v1.StyleTransfer"}
         counted_before = REGISTRY.get_sample_value("percept_requests_total", status) or 0.0
         running = _start_long_optimisation(target, content, style)
         with pytest.raises(grpc.RpcError) as error:

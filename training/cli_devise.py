@@ -23,6 +23,9 @@ DEFAULT_MARGIN = 0.1
 DEFAULT_NEGATIVES = 64
 #: ConSE's T (Norouzi et al. 2014 report T = 10 as their best).
 DEFAULT_TOP_T = 10
+#: Steps between checkpoints (a step takes milliseconds on a CPU; a checkpoint is a 2 MB
+#: map plus Adam's moments).
+DEFAULT_CHECKPOINT_EVERY = 100
 #: hit@k cut-offs of the evaluation.
 DEFAULT_KS = (1, 2, 5, 10, 20)
 
@@ -97,7 +100,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="start M from the classifier (M0 v = sum_c (l_c(v) - mean l) t_c, "
                           "the logit-weighted class vectors) or from small random weights "
                           "(default: classifier)")
-    run.add_argument("--steps", type=int, default=600, help="Adam steps (default: 600)")
+    run.add_argument("--steps", type=int, default=600,
+                     help="Adam steps, at least 1 (default: 600); with --resume, the total "
+                          "over the runs it continues")
     run.add_argument("--batch-size", type=int, default=128, help="default: 128")
     run.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     run.add_argument("--weight-decay", type=float, default=0.0,
@@ -110,12 +115,28 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--name", default=None,
                      help=f"default: {DEFAULT_NAME}, or devise-<file stem> with --word-vectors")
     run.add_argument("--out", default=None, help="artifact folder (default: models/NAME)")
-    run.add_argument("--run-dir", default=None, help="loss plot and logs (default: runs/NAME)")
+    run.add_argument("--run-dir", default=None,
+                     help="checkpoint, loss plot and logs (default: runs/NAME)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                      help="default: auto (CUDA when present)")
     run.add_argument("--threads", type=int, default=0,
                      help="torch CPU threads (default: torch's choice; use 1 on a busy CPU)")
     run.add_argument("--seed", type=int, default=0, help="default: 0")
+    run.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
+                     help="write RUN_DIR/checkpoint.pt every N steps (default: "
+                          f"{DEFAULT_CHECKPOINT_EVERY}; 0: only at the end of the run and when "
+                          "Ctrl-C or SIGTERM stops it)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from RUN_DIR/checkpoint.pt with the flags it was "
+                          "started with, on the same photos and word vectors; only --steps, "
+                          "--out, --name, --run-dir, --checkpoint-every, --cache-dir, "
+                          "--vectors-dir, --default-method, --top-t, --threads, --device "
+                          "and --quiet may change. Without --resume, an existing checkpoint "
+                          "in RUN_DIR is refused, not overwritten")
+    run.add_argument("--resume-if-present", action="store_true",
+                     help="--resume when RUN_DIR holds a checkpoint, a new run when it does "
+                          "not: for a Kubernetes Job, whose retry after an eviction then "
+                          "continues where it stopped")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -15,6 +15,11 @@ classic resize-shortest-side + centre-crop); crops 1..N-1 are random squares wit
 log-uniform side between ``size`` native pixels and the shortest side, at random positions,
 each mirrored with probability 1/2: the random-crop augmentation that turns ~25 photos into
 many distinct training inputs.
+
+A photo that cannot be read or decoded raises :class:`ImageReadError` naming the file
+(:func:`check_decodable` finds one before any model loads); a cache entry that cannot be
+read (a truncated ``.npy``, another shape) is a miss: a warning names the file, and the
+arrays are computed and written again.
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from training.assets import REPO_ROOT, efficientnet_lite0_weights_path, sha256_of
@@ -47,6 +54,35 @@ from training.nets.efficientnet_lite import INPUT_SIZE, load_efficientnet_lite0
 CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = REPO_ROOT / "runs" / "devise-cache"
 BACKBONE_NAME = "efficientnet-lite0"
+#: The widths of the cached arrays: the pooled features and the ImageNet logits.
+FEATURE_WIDTH, LOGIT_WIDTH = 1280, 1000
+
+
+class ImageReadError(ValueError):
+    """A photo that cannot be read (no image header) or decoded (a damaged or truncated
+    body); the message names the file."""
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def check_decodable(path: Path) -> None:
+    """ImageReadError unless ``path`` is an image whose header reads and whose pixels decode
+    to the end (a JPEG at its smallest ``draft()`` scale, 1/8, which still reads every
+    byte, so a truncated body fails here in a few milliseconds). The same errors that
+    :func:`plan_crops` and :func:`render_crops` raise, found before any model loads."""
+    try:
+        displayed_size(path)
+    except Exception as error:  # whatever a decoder raises on a file that is not an image
+        raise ImageReadError(f"cannot read image {path}: {_one_line(error)}") from None
+    try:
+        with Image.open(path) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (1, 1))
+            image.load()
+    except Exception as error:  # whatever a decoder raises on damaged data
+        raise ImageReadError(f"cannot decode image {path}: {_one_line(error)}") from None
 
 
 @dataclass(frozen=True)
@@ -92,7 +128,10 @@ def plan_crops(images: Sequence[Path], crops_per_image: int, size: int = INPUT_S
     rng = np.random.default_rng(seed)
     crops: list[Crop] = []
     for index, path in enumerate(images):
-        width, height = displayed_size(path)
+        try:
+            width, height = displayed_size(path)
+        except Exception as error:  # whatever a decoder raises on a file that is not an image
+            raise ImageReadError(f"cannot read image {path}: {_one_line(error)}") from None
         crops.append(Crop(index, centre_square(width, height), False))
         for _ in range(crops_per_image - 1):
             box = random_square(width, height, size, rng)
@@ -119,12 +158,19 @@ def render_crops(path: Path, crops: Sequence[Crop], size: int) -> np.ndarray:
     The image is decoded once, with JPEG ``draft()`` at the smallest scale that keeps every
     box at least ``size`` pixels across.
     """
-    original = displayed_size(path)
-    image = decode_rgb(path, need=draft_request(original, [c.box for c in crops], size))
+    try:
+        original = displayed_size(path)
+    except Exception as error:  # whatever a decoder raises on a file that is not an image
+        raise ImageReadError(f"cannot read image {path}: {_one_line(error)}") from None
     out = np.empty((len(crops), size, size, 3), dtype=np.uint8)
-    for row, crop in enumerate(crops):
-        tile = np.asarray(resize_box(image, scale_box(crop.box, original, image.size), size))
-        out[row] = tile[:, ::-1] if crop.flip else tile
+    try:  # the header read; a truncated or damaged body fails only here
+        image = decode_rgb(path, need=draft_request(original, [c.box for c in crops], size))
+        for row, crop in enumerate(crops):
+            tile = np.asarray(resize_box(image, scale_box(crop.box, original, image.size),
+                                         size))
+            out[row] = tile[:, ::-1] if crop.flip else tile
+    except Exception as error:  # whatever a decoder raises on damaged data
+        raise ImageReadError(f"cannot decode image {path}: {_one_line(error)}") from None
     return out
 
 
@@ -152,27 +198,79 @@ def run_backbone(pixels: np.ndarray, device: str = "cpu") -> tuple[np.ndarray, n
             logits.float().cpu().numpy().astype(np.float32))
 
 
+@dataclass(frozen=True)
+class FeaturePlan:
+    """The crops of an image list and the cache key of their arrays, known before any
+    backbone runs (a resumed training run compares the key with its checkpoint's)."""
+
+    images: list[Path]
+    crops: list[Crop]
+    size: int
+    seed: int
+    crops_per_image: int
+    key: str
+
+
+def plan_features(images: Sequence[Path], crops_per_image: int = 1, size: int = INPUT_SIZE,
+                  seed: int = 0) -> FeaturePlan:
+    """The crop plan of ``images`` and its cache key (image headers and sha256s only)."""
+    paths = [Path(p) for p in images]
+    if not paths:
+        raise ValueError("no images to compute features for")
+    crops = plan_crops(paths, crops_per_image, size, seed)
+    key = cache_key([sha256_of(p) for p in paths], crops, size, backbone_sha256())
+    return FeaturePlan(paths, crops, size, seed, crops_per_image, key)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def load_cached(folder: Path, rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached (features, logits) in ``folder``, or None when it holds none. An entry
+    that cannot be used (a file missing, truncated or not an array, or arrays of another
+    shape or type) is a miss too, and a warning names the file."""
+    if not (folder / "logits.npy").is_file():  # logits.npy lands last: no entry
+        return None
+    arrays = []
+    for name, width in (("features", FEATURE_WIDTH), ("logits", LOGIT_WIDTH)):
+        path = folder / f"{name}.npy"
+        try:
+            array = np.load(path, allow_pickle=False)
+        except Exception as error:  # truncated, not an array, unreadable: numpy raises many
+            _warn(f"the feature cache {path} cannot be read ({type(error).__name__}: "
+                  f"{_one_line(error)}); computing the features again")
+            return None
+        if array.shape != (rows, width) or array.dtype != np.float32:
+            _warn(f"the feature cache {path} holds {array.dtype} {array.shape}, not float32 "
+                  f"({rows}, {width}); computing the features again")
+            return None
+        arrays.append(array)
+    return arrays[0], arrays[1]
+
+
 def compute_features(images: Sequence[Path], *, crops_per_image: int = 1,
                      size: int = INPUT_SIZE, seed: int = 0, batch_size: int = 32,
                      device: str = "cpu", cache_dir: Path | None = DEFAULT_CACHE_DIR,
-                     progress: bool = True, desc: str = "backbone") -> FeatureCache:
-    """Features and logits of every crop of ``images``, from the cache when it has them.
+                     progress: bool = True, desc: str = "backbone",
+                     plan: FeaturePlan | None = None) -> FeatureCache:
+    """Features and logits of every crop of ``images``, from the cache when it has them
+    (an unreadable cache entry is computed again, with a warning naming the file).
 
-    ``cache_dir=None`` computes without reading or writing a cache.
+    ``cache_dir=None`` computes without reading or writing a cache. ``plan``: the
+    :func:`plan_features` of the same arguments, when the caller already has it.
     """
-    images = [Path(p) for p in images]
-    if not images:
-        raise ValueError("no images to compute features for")
-    crops = plan_crops(images, crops_per_image, size, seed)
-    key = cache_key([sha256_of(p) for p in images], crops, size, backbone_sha256())
+    if plan is None:
+        plan = plan_features(images, crops_per_image, size, seed)
+    images, crops, key = plan.images, plan.crops, plan.key
+    size, seed, crops_per_image = plan.size, plan.seed, plan.crops_per_image
     folder = (Path(cache_dir) / key) if cache_dir is not None else Path()
-    if cache_dir is not None and (folder / "logits.npy").is_file():
-        features = np.load(folder / "features.npy")
-        logits = np.load(folder / "logits.npy")
-        if len(features) == len(crops) == len(logits):
-            return FeatureCache(images, crops, features, logits, key, folder)
-    features = np.empty((len(crops), 1280), dtype=np.float32)
-    logits = np.empty((len(crops), 1000), dtype=np.float32)
+    if cache_dir is not None:
+        cached = load_cached(folder, len(crops))
+        if cached is not None:
+            return FeatureCache(images, crops, cached[0], cached[1], key, folder)
+    features = np.empty((len(crops), FEATURE_WIDTH), dtype=np.float32)
+    logits = np.empty((len(crops), LOGIT_WIDTH), dtype=np.float32)
     with tqdm(total=len(crops), desc=desc, unit="crop", disable=not progress) as bar:
         for rows, pixels in _batches(crops, images, size, batch_size):
             f, g = run_backbone(pixels, device)

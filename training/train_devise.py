@@ -41,26 +41,35 @@ format read from the file or ``--word-vectors-format``). Its coverage (synsets w
 vector, overall and of the 1000 ImageNet classes) is printed; crops whose label has no
 vector are left out, and negatives are drawn from labels that have one.
 
+The run folder (``--run-dir``, default ``runs/NAME``) gets a checkpoint every
+``--checkpoint-every`` steps, at the end, and when Ctrl-C or SIGTERM stops the run (exit 130 /
+143, nothing exported); ``--resume`` continues it bit for bit (:class:`MapTraining` holds
+the map, Adam's moments, the generator of the batches and negatives, the shuffled order and
+its cursor, the initial map, the losses), and refuses other flags or other data (the
+feature-cache keys of the photos, the word vectors' sha256, the labels), as the other
+trainers do (:mod:`training.loop`). A photo that cannot be decoded is refused before any
+model loads.
+
 Outputs: ``models/NAME/`` (:func:`training.export.export_artifact`: fp16 weights,
 config.json with ``"task": "devise"``, the word space, the backbone and the vector source
 under ``"noun_vectors"``: the recipe and encoder for MiniLM, or the file's path, sha256,
 format, dimension and coverage, which the Embedding service and ``percept eval devise``
 check before they use the map; metrics.json, provenance.json) and ``runs/NAME/``
-(loss.png, history.json). NAME defaults to ``devise-minilm``, or ``devise-<file stem>``
-with ``--word-vectors``.
+(checkpoint.pt, loss.png, history.json). NAME defaults to ``devise-minilm``, or
+``devise-<file stem>`` with ``--word-vectors``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
-import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,17 +83,47 @@ from tqdm import tqdm
 from training.assets import REPO_ROOT, efficientnet_lite0_weights_path
 from training.data.folders import check_folder_to_make
 from training.data.images import is_image_file
-from training.devise_features import BACKBONE_NAME, FeatureCache, compute_features
+from training.devise_features import (
+    BACKBONE_NAME,
+    FeatureCache,
+    FeaturePlan,
+    ImageReadError,
+    check_decodable,
+    compute_features,
+    plan_features,
+)
 from training.export import (
     NonFiniteWeights,
     check_output_folder,
     command_line,
     data_entry,
     export_artifact,
+    next_version,
 )
-from training.loop import TrainingDiverged, check_flag_minimums, choose_device, finite_weights
+from training.loop import (
+    CHECKPOINT_NAME,
+    FINISHED_FIRST,
+    RESUMABLE_FLAGS,
+    STOPPING,
+    CheckpointError,
+    TrainingDiverged,
+    check_flag_minimums,
+    check_new_run,
+    check_resumed_run,
+    check_seed,
+    choose_device,
+    earlier_commands,
+    finite_weights,
+    read_checkpoint,
+    recorded_flags,
+    resuming,
+    save_finite_checkpoint,
+    stop_requests,
+    stopped_note,
+)
 from training.nets.devise import DeViSEMap
 from training.nets.efficientnet_lite import HEAD_CHANNELS, load_efficientnet_lite0
+from training.plots import save_loss_plot
 
 if TYPE_CHECKING:  # the services import stays lazy at run time
     from services.embed.word_vectors import Coverage, NounSpace
@@ -147,6 +186,16 @@ class LabelledImages:
     ambiguous: dict[str, list[str]]  # folder name -> the other senses of its lemma
 
 
+def class_folders(root: Path) -> list[Path]:
+    """The class folders of an ImageFolder tree: its subfolders, hidden ones left out."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def folder_images(folder: Path) -> list[Path]:
+    """The images anywhere under one class folder, in a fixed order."""
+    return sorted(p for p in folder.rglob("*") if is_image_file(p))
+
+
 def parse_image_folder(root: Path, vocab: NounVocabulary,
                        preferred: Iterable[str] = ()) -> LabelledImages:
     """Reads ``root/<class>/**/<image>``; ``<class>`` is a wnid or a noun lemma.
@@ -157,7 +206,7 @@ def parse_image_folder(root: Path, vocab: NounVocabulary,
     root = Path(root)
     if not root.is_dir():
         raise ImageFolderError(f"--images {root}: not a directory")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = class_folders(root)
     if not folders:
         raise ImageFolderError(f"--images {root}: no class subfolders (expected "
                                "ROOT/<wnid or lemma>/<images>)")
@@ -182,7 +231,7 @@ def parse_image_folder(root: Path, vocab: NounVocabulary,
     paths: list[Path] = []
     wnids: list[str] = []
     for folder in folders:
-        files = sorted(p for p in folder.rglob("*") if is_image_file(p))
+        files = folder_images(folder)
         paths.extend(files)
         wnids.extend([classes[folder.name]] * len(files))
     if not paths:
@@ -282,9 +331,11 @@ def hinge_rank_loss(embedded: Tensor, positive: Tensor, negatives: Tensor, margi
 def sample_negatives(targets: Tensor, pool: Tensor, count: int,
                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """``count`` label rows per example drawn uniformly (with replacement) from ``pool``,
-    and a mask that is False where a draw hit the example's own label."""
+    and a mask that is False where a draw hit the example's own label. The draws come from
+    ``generator`` on its own device (the default one: the CPU) and move to ``pool``'s."""
     picks = torch.randint(0, len(pool), (len(targets), count), generator=generator,
-                          device=pool.device)
+                          device=generator.device if generator is not None else None
+                          ).to(pool.device)
     rows = pool[picks]
     return rows, rows != targets[:, None]
 
@@ -307,6 +358,12 @@ def classifier_init(module: DeViSEMap, fc_weight: Tensor, fc_bias: Tensor,
             module.linear.bias.copy_(bias * scale)
 
 
+#: What to do about a diverged run (not --resume: it may not change --lr, and with the same
+#: rate it diverges the same way; loop.START_AGAIN names loss weights this trainer has not).
+START_AGAIN = ("lower --lr (or --weight-decay), and start again in another --run-dir (or "
+               "delete the checkpoint this one holds, if the run saved one)")
+
+
 @dataclass
 class TrainSettings:
     margin: float = 0.1
@@ -318,66 +375,118 @@ class TrainSettings:
     seed: int = 0
 
 
-def train_map(module: DeViSEMap, features: Tensor, targets: Tensor, label_vectors: Tensor,
-              negative_pool: Tensor, settings: TrainSettings, progress: bool = True,
-              ) -> list[float]:
-    """Adam on the hinge rank loss; returns the loss of every step.
+class MapTraining:
+    """Adam on the hinge rank loss, one step at a time, holding everything a checkpoint needs
+    for a resumed run to go on bit for bit as if it had never stopped: the map, Adam's
+    moments, the generator that shuffles the crops and draws the negatives, the shuffled
+    order and its cursor, the initial map M0 (``weight_decay`` adds ``wd * ||W - W0||^2``,
+    a pull towards it) and the loss of every step.
 
     ``features`` (N, F); ``targets`` (N,) rows of ``label_vectors`` (L, D);
     ``negative_pool`` the rows negatives are drawn from. Minibatches are drawn without
-    replacement within an epoch (reshuffled each epoch). ``weight_decay`` adds
-    ``wd * ||W - W0||^2`` (a pull towards the initial map).
+    replacement within an epoch (reshuffled each epoch); a batch holds
+    ``min(batch_size, N)`` crops (:attr:`batch`). The generator lives on the CPU whatever
+    the device, so a checkpoint resumes on another one.
     """
-    if len(features) != len(targets) or len(features) == 0:
-        raise ValueError("features and targets must be non-empty and the same length")
-    generator = torch.Generator(device=features.device).manual_seed(settings.seed)
-    optimiser = torch.optim.Adam(module.parameters(), lr=settings.lr)
-    initial = [p.detach().clone() for p in module.parameters()]
-    history: list[float] = []
-    order = torch.randperm(len(features), generator=generator, device=features.device)
-    cursor = 0
-    batch = min(settings.batch_size, len(features))
+
+    def __init__(self, module: DeViSEMap, features: Tensor, targets: Tensor,
+                 label_vectors: Tensor, negative_pool: Tensor, settings: TrainSettings) -> None:
+        if len(features) != len(targets) or len(features) == 0:
+            raise ValueError("features and targets must be non-empty and the same length")
+        self.module, self.features, self.targets = module, features, targets
+        self.label_vectors, self.negative_pool, self.settings = (label_vectors, negative_pool,
+                                                                 settings)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.optimiser = torch.optim.Adam(module.parameters(), lr=settings.lr)
+        self.initial = [p.detach().clone() for p in module.parameters()]
+        self.history: list[float] = []
+        self.batch = min(settings.batch_size, len(features))
+        self.order = torch.randperm(len(features), generator=self.generator)
+        self.cursor = 0
+
+    @property
+    def step(self) -> int:
+        """The steps taken (over every run a resume continues)."""
+        return len(self.history)
+
+    def train_step(self) -> float:
+        """One Adam step; returns its hinge rank loss. TrainingDiverged when the loss is
+        not finite or the step fails."""
+        module, step = self.module, self.step + 1
+        if self.cursor + self.batch > len(self.order):
+            self.order = torch.randperm(len(self.features), generator=self.generator)
+            self.cursor = 0
+        rows = self.order[self.cursor:self.cursor + self.batch].to(self.features.device)
+        self.cursor += self.batch
+        label_rows = self.targets[rows]
+        negative_rows, mask = sample_negatives(label_rows, self.negative_pool,
+                                               self.settings.negatives, self.generator)
+        embedded = module(self.features[rows])
+        loss = hinge_rank_loss(embedded, self.label_vectors[label_rows],
+                               self.label_vectors[negative_rows], self.settings.margin, mask)
+        total = loss
+        if self.settings.weight_decay > 0:
+            total = total + self.settings.weight_decay * sum(
+                ((p - p0) ** 2).sum() for p, p0 in zip(module.parameters(), self.initial,
+                                                     strict=True))
+        value = float(total.detach())
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"the hinge rank loss is {value} at step {step}: the run diverged, so "
+                f"nothing is exported; {START_AGAIN}")
+        self.optimiser.zero_grad(set_to_none=True)
+        total.backward()
+        try:
+            self.optimiser.step()
+        except RuntimeError as error:  # e.g. a step size beyond float32 (a huge --lr)
+            raise TrainingDiverged(f"the Adam step failed at step {step} ({error}): nothing "
+                                   f"is exported; {START_AGAIN}") from error
+        self.history.append(float(loss.detach()))
+        return self.history[-1]
+
+    def finish(self) -> None:
+        """Evaluation mode; TrainingDiverged when the weights are not finite."""
+        self.module.eval()
+        if not finite_weights(self.module):
+            raise TrainingDiverged(f"the map's weights hold NaN or infinite values after "
+                                   f"{self.step} steps: the run diverged, so nothing is "
+                                   f"exported; {START_AGAIN}")
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds of the training (tensors on the CPU except the map's and
+        Adam's, which :func:`torch.save` copies)."""
+        return {"model": self.module.state_dict(), "optimizer": self.optimiser.state_dict(),
+                "generator": self.generator.get_state(), "order": self.order.cpu(),
+                "cursor": self.cursor, "initial": [p.cpu() for p in self.initial],
+                "history": list(self.history)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continues the training ``state`` (:meth:`state_dict`) holds."""
+        order = torch.as_tensor(state["order"]).cpu().long()
+        if len(order) != len(self.features) or not 0 <= int(state["cursor"]) <= len(order):
+            raise CheckpointError(f"the checkpoint shuffles {len(order)} crops, not "
+                                  f"{len(self.features)}")
+        device = self.features.device
+        self.module.load_state_dict(state["model"])
+        self.optimiser.load_state_dict(state["optimizer"])
+        self.generator.set_state(torch.as_tensor(state["generator"]).cpu())
+        self.order, self.cursor = order, int(state["cursor"])
+        self.initial = [torch.as_tensor(t).to(device) for t in state["initial"]]
+        self.history = [float(v) for v in state["history"]]
+
+
+def train_map(module: DeViSEMap, features: Tensor, targets: Tensor, label_vectors: Tensor,
+              negative_pool: Tensor, settings: TrainSettings, progress: bool = True,
+              ) -> list[float]:
+    """``settings.steps`` steps of :class:`MapTraining` in one go (no checkpoints); returns
+    the loss of every step."""
+    training = MapTraining(module, features, targets, label_vectors, negative_pool, settings)
     module.train()
     with tqdm(range(settings.steps), desc="devise", unit="step", disable=not progress) as bar:
         for _ in bar:
-            if cursor + batch > len(order):
-                order = torch.randperm(len(features), generator=generator,
-                                       device=features.device)
-                cursor = 0
-            rows = order[cursor:cursor + batch]
-            cursor += batch
-            label_rows = targets[rows]
-            negative_rows, mask = sample_negatives(label_rows, negative_pool,
-                                                   settings.negatives, generator)
-            embedded = module(features[rows])
-            loss = hinge_rank_loss(embedded, label_vectors[label_rows],
-                                   label_vectors[negative_rows], settings.margin, mask)
-            total = loss
-            if settings.weight_decay > 0:
-                total = total + settings.weight_decay * sum(
-                    ((p - p0) ** 2).sum() for p, p0 in zip(module.parameters(), initial,
-                                                         strict=True))
-            value = float(total.detach())
-            if not math.isfinite(value):
-                raise TrainingDiverged(
-                    f"the hinge rank loss is {value} at step {len(history) + 1}: the run "
-                    "diverged, so nothing is exported; lower --lr and start again")
-            optimiser.zero_grad(set_to_none=True)
-            total.backward()
-            try:
-                optimiser.step()
-            except RuntimeError as error:  # e.g. a step size beyond float32 (a huge --lr)
-                raise TrainingDiverged(f"the Adam step failed at step {len(history) + 1} "
-                                       f"({error}): nothing is exported; lower --lr and "
-                                       "start again") from error
-            history.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
-    module.eval()
-    if not finite_weights(module):
-        raise TrainingDiverged(f"the map's weights hold NaN or infinite values after "
-                               f"{settings.steps} steps: the run diverged, so nothing is "
-                               "exported; lower --lr and start again")
-    return history
+            bar.set_postfix(loss=f"{training.train_step():.4f}", refresh=False)
+    training.finish()
+    return training.history
 
 
 @torch.no_grad()
@@ -425,10 +534,13 @@ def _class_names() -> list[str]:
     return [names[0] for _, names in imagenet_labels()]
 
 
-#: The least value of each numeric flag (``--steps 0`` exports the initial map, untrained).
+#: The least value of each numeric flag. ``--steps`` is at least 1: a run of no steps would
+#: export the initial map (random weights under ``--init random``) as a trained model.
 FLAG_MINIMUMS = {
-    **dict.fromkeys(("crops_per_image", "val_crops", "negatives", "batch_size", "top_t"), 1),
-    **dict.fromkeys(("steps", "margin", "lr", "weight_decay", "threads", "seed"), 0),
+    **dict.fromkeys(("steps", "crops_per_image", "val_crops", "negatives", "batch_size",
+                     "top_t"), 1),
+    **dict.fromkeys(("margin", "lr", "weight_decay", "threads", "seed", "checkpoint_every"),
+                    0),
 }
 #: ConSE's T combines at most every ImageNet class.
 MAX_TOP_T = 1000
@@ -459,11 +571,26 @@ def _check_held_out(val_files: list[Path], train_files: list[Path] | None,
                          f"{val} is {train}; validation photos must be held out")
 
 
+def check_images_decode(flag: str, files: Iterable[Path]) -> None:
+    """ImageReadError (``FLAG: cannot read/decode image PATH: why``) for the first of
+    ``files`` that is not an image or whose pixels do not decode to the end: a damaged or
+    truncated photo, found in milliseconds (:func:`check_decodable`) before any model loads
+    instead of as a decoder's traceback halfway through the features. As ``percept data
+    prepare`` does, a bad photo stops the run: left out silently, it would change the
+    training data without anyone choosing to."""
+    for path in files:
+        try:
+            check_decodable(path)
+        except ImageReadError as error:
+            raise ImageReadError(f"{flag}: {error}") from None
+
+
 def check_paths(args: argparse.Namespace, out: Path, run_dir: Path) -> None:
     """Before anything loads: ValueError / FileNotFoundError for an input that is not
     there (``--images``, ``--photos``, ``--val-photos``, ``--word-vectors``), and for outputs
     that cannot be written or would land in the data (``--run-dir`` or ``--out`` inside an
-    input folder, where loss.png would become a training image) or in each other."""
+    input folder, where loss.png would become a training image) or in each other; then
+    ImageReadError for a photo that cannot be decoded (:func:`check_images_decode`)."""
     inputs: list[tuple[str, Path]] = []
     if args.images:
         images = Path(args.images)
@@ -496,11 +623,69 @@ def check_paths(args: argparse.Namespace, out: Path, run_dir: Path) -> None:
                 raise ValueError(f"{flag} {folder} is inside {source} {data}: what the run "
                                  "writes there would become training data; choose a folder "
                                  "outside it")
+    if args.images:
+        check_images_decode("--images", (f for folder in class_folders(Path(args.images))
+                                         for f in folder_images(folder)))
+    else:
+        check_images_decode("--photos", _photo_files(Path(args.photos)))
+    if args.val_photos:
+        check_images_decode("--val-photos", _photo_files(Path(args.val_photos)))
+
+
+#: What ``--resume`` may change besides the flags of every trainer's (loop.RESUMABLE_FLAGS):
+#: where the features are cached and the MiniLM vectors kept (the data check compares what
+#: they hold), and what only config.json records (the default method, ConSE's T).
+MAY_CHANGE_ON_RESUME = RESUMABLE_FLAGS | {"cache_dir", "vectors_dir", "default_method",
+                                          "top_t"}
+#: The flags that name files or folders, compared by the paths they resolve to.
+PATH_FLAGS = ("photos", "images", "val_photos", "word_vectors", "vectors_dir", "cache_dir")
+#: What each entry of a checkpoint's ``"data"`` identifies, for the refusal of a resume.
+DATA_NAMES = {"features": "the training images (--photos / --images: their bytes or crops)",
+              "val_features": "the validation photos (--val-photos)",
+              "word_space": "the word vectors", "word_space_sha256": "the word vectors",
+              "targets_sha256": "the training labels"}
+
+
+def run_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags a checkpoint records and a resume compares (loop.recorded_flags), with
+    ``--val-photos ''`` as None: the empty string is no path to resolve."""
+    flags = recorded_flags(args)
+    flags["val_photos"] = flags.get("val_photos") or None
+    return flags
+
+
+def word_space_sha256(space: WordSpace) -> str:
+    """The word vectors' identity: a word-vector file's sha256, or for the MiniLM vectors
+    (one recipe, rebuilt or not) the sha256 of the matrix itself."""
+    if space.source.get("sha256"):
+        return str(space.source["sha256"])
+    return hashlib.sha256(np.ascontiguousarray(space.vectors).data).hexdigest()
+
+
+def check_same_run_data(checkpoint: Path, state: Mapping[str, Any],
+                        current: Mapping[str, Any]) -> None:
+    """CheckpointError when ``--resume`` would go on with other data than the run began on:
+    other photo bytes or crops (the feature-cache keys), other word vectors, other labels.
+    The flags may be the same while the files they name are not. (loop.check_same_data
+    does this for the prepared arrays of the other trainers; the DeViSE map trains on
+    cached backbone features instead.)"""
+    saved = state.get("data", {})
+    differ = list(dict.fromkeys(DATA_NAMES[key] for key, value in current.items()
+                                if key in saved and saved[key] != value))
+    if differ:
+        words = ""
+        if "word_space" in current and saved.get("word_space") != current["word_space"]:
+            words = f" (word space {saved.get('word_space')} -> {current['word_space']})"
+        raise CheckpointError(
+            f"--resume would continue the run in {checkpoint} on other data: "
+            f"{' and '.join(differ)} differ from those it began on{words}. Resume on the "
+            "data it began on, or start a new run in another --run-dir")
 
 
 def train(args: argparse.Namespace) -> int:
     """Runs ``percept train devise`` with parsed flags."""
-    check_flag_minimums(args, FLAG_MINIMUMS)  # before anything loads
+    check_flag_minimums(args, FLAG_MINIMUMS, above={"lr"})  # before anything loads
+    check_seed(args.seed)
     if args.top_t > MAX_TOP_T:
         raise ValueError(f"--top-t must be <= {MAX_TOP_T} (the ImageNet classes), got "
                          f"{args.top_t}")
@@ -511,7 +696,9 @@ def train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
     export_plan = check_output_folder(out, name)  # (needs no data, so it is said first)
     check_paths(args, out, run_dir)
-    print(f"[devise] exports {export_plan}", flush=True)
+    checkpoint = run_dir / CHECKPOINT_NAME
+    check_new_run(checkpoint, resuming(checkpoint, args))
+    print(f"[devise] will export {export_plan}", flush=True)
     device = choose_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -522,13 +709,21 @@ def train(args: argparse.Namespace) -> int:
     space = load_word_space(args.recipe, Path(args.vectors_dir) if args.vectors_dir else None,
                             progress=progress, word_vectors=word_vectors,
                             word_vectors_format=getattr(args, "word_vectors_format", "auto"))
+    architecture = {"type": ARCHITECTURE_TYPE, "in_features": HEAD_CHANNELS,
+                    "out_features": int(space.vectors.shape[1])}
+    flags = run_flags(args)
+    state: dict[str, Any] | None = None
+    if args.resume:
+        state = read_checkpoint(checkpoint, device, architecture)
+        check_resumed_run(checkpoint, state, flags, MAY_CHANGE_ON_RESUME, args.steps,
+                          paths=PATH_FLAGS)
     imagenet_wnids = [space.vocab.synsets[int(r)].wnid for r in space.imagenet_rows]
     data_entries: list[dict[str, Any]] = []
     if args.images:
         labelled = parse_image_folder(Path(args.images), space.vocab, preferred=imagenet_wnids)
-        for name, others in sorted(labelled.ambiguous.items()):
-            print(f"[devise] class {name!r} -> {labelled.classes[name]} "
-                  f"({', '.join(space.vocab[labelled.classes[name]].names)}); other senses: "
+        for folder, others in sorted(labelled.ambiguous.items()):
+            print(f"[devise] class {folder!r} -> {labelled.classes[folder]} "
+                  f"({', '.join(space.vocab[labelled.classes[folder]].names)}); other senses: "
                   f"{', '.join(others)} (name the folder by wnid to choose)", flush=True)
         images = labelled.paths
         image_rows = space.vocab.indices_of(labelled.wnids)
@@ -542,16 +737,25 @@ def train(args: argparse.Namespace) -> int:
         mode = "teacher-top1"
         data_entries += [data_entry(p, kind="training photo") for p in images]
 
+    # What the run trains on, known before any backbone runs: a resume on other data is
+    # refused before the features are computed.
+    train_plan = plan_features(images, crops_per_image=args.crops_per_image, seed=args.seed)
+    val_files = _photo_files(Path(args.val_photos)) if args.val_photos else []
+    val_plan: FeaturePlan | None = (plan_features(val_files, crops_per_image=args.val_crops,
+                                                  seed=args.seed + 1) if val_files else None)
+    identity: dict[str, Any] = {
+        "features": train_plan.key, "val_features": val_plan.key if val_plan else None,
+        "word_space": space.name, "word_space_sha256": word_space_sha256(space)}
+    if state is not None:
+        check_same_run_data(checkpoint, state, identity)
+
     feature_start = time.perf_counter()
-    cache = compute_features(images, crops_per_image=args.crops_per_image, seed=args.seed,
-                             device=str(device), cache_dir=cache_dir, progress=progress,
-                             desc="train crops")
+    cache = compute_features(images, device=str(device), cache_dir=cache_dir,
+                             progress=progress, desc="train crops", plan=train_plan)
     val: FeatureCache | None = None
-    if args.val_photos:
-        val_files = _photo_files(Path(args.val_photos))
-        val = compute_features(val_files, crops_per_image=args.val_crops, seed=args.seed + 1,
-                               device=str(device), cache_dir=cache_dir, progress=progress,
-                               desc="val crops")
+    if val_plan is not None:
+        val = compute_features(val_files, device=str(device), cache_dir=cache_dir,
+                               progress=progress, desc="val crops", plan=val_plan)
         data_entries += [data_entry(p, kind="validation photo (not trained on)")
                          for p in val_files]
     feature_seconds = time.perf_counter() - feature_start
@@ -573,6 +777,11 @@ def train(args: argparse.Namespace) -> int:
         raise ValueError("no training crop has a label with a vector in these word vectors "
                          f"({space.coverage})")
     targets_np = targets_np[keep]
+    identity["targets_sha256"] = hashlib.sha256(
+        np.ascontiguousarray(targets_np, dtype=np.int64).tobytes()
+        + np.packbits(keep).tobytes()).hexdigest()
+    if state is not None:
+        check_same_run_data(checkpoint, state, identity)
     train_features, train_logits = cache.features[keep], cache.logits[keep]
     label_vectors = torch.from_numpy(space.vectors).to(device)
     class_vectors = label_vectors[torch.from_numpy(space.imagenet_rows).to(device)]
@@ -583,10 +792,12 @@ def train(args: argparse.Namespace) -> int:
     features = torch.from_numpy(train_features).to(device)
     targets = torch.from_numpy(np.asarray(targets_np, dtype=np.int64)).to(device)
 
-    architecture = {"type": ARCHITECTURE_TYPE, "in_features": HEAD_CHANNELS,
-                    "out_features": int(space.vectors.shape[1])}
     module = DeViSEMap(HEAD_CHANNELS, int(space.vectors.shape[1])).to(device)
-    if args.init == "classifier":
+    if state is not None:  # the initial map the run began from (the classifier's, or random)
+        with torch.no_grad():
+            for parameter, value in zip(module.parameters(), state["initial"], strict=True):
+                parameter.copy_(value)
+    elif args.init == "classifier":
         backbone = load_efficientnet_lite0("cpu")
         classifier_init(module, backbone._fc.weight.detach().to(device),
                         backbone._fc.bias.detach().to(device), class_vectors, features)
@@ -598,82 +809,138 @@ def train(args: argparse.Namespace) -> int:
     before_val = (teacher_agreement(module, torch.from_numpy(val.features).to(device),
                                     val.logits, class_vectors, class_allowed)
                   if val is not None else None)
-    train_start = time.perf_counter()
-    history = train_map(module, features, targets, label_vectors, pool, settings,
-                        progress=progress)
-    train_seconds = time.perf_counter() - train_start
-    after_train = teacher_agreement(module, features, train_logits, class_vectors,
-                                    class_allowed)
-    after_val = (teacher_agreement(module, torch.from_numpy(val.features).to(device),
-                                   val.logits, class_vectors, class_allowed)
-                 if val is not None else None)
+    training = MapTraining(module, features, targets, label_vectors, pool, settings)
+    this_command = getattr(args, "command_line", None) or command_line()
+    earlier: list[str] = []  # the commands of the runs this one continues
+    elapsed_before = 0.0
+    if state is not None:
+        training.load_state_dict(state)
+        earlier = earlier_commands(state)
+        elapsed_before = float(state.get("elapsed", 0.0))
+        print(f"[devise] resumed from {checkpoint} at step {training.step}", flush=True)
+        state = None  # the tensors it holds are not needed any more
 
-    from training.plots import save_loss_plot
+    loop_started = time.monotonic()
+
+    def snapshot() -> dict[str, Any]:
+        # no learning-rate schedule (a constant --lr) and no gradient scaler (fp32): the
+        # keys every trainer's checkpoint holds (loop.CHECKPOINT_KEYS) are None
+        return {"architecture": architecture, **training.state_dict(), "scheduler": None,
+                "scaler": None, "step": training.step, "data": identity, "args": flags,
+                "commands": [*earlier, this_command],
+                "elapsed": elapsed_before + time.monotonic() - loop_started}
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_loss_plot({"hinge rank loss": history}, run_dir / "loss.png",
-                   title=f"DeViSE hinge rank loss (margin {args.margin}, "
-                         f"{args.negatives} negatives)")
-    (run_dir / "history.json").write_text(json.dumps({"loss": history}) + "\n")
+    module.train()
+    bar = tqdm(total=args.steps, initial=training.step, desc="devise", unit="step",
+               disable=not progress)
+    with stop_requests(STOPPING) as stop:
+        while training.step < args.steps and not stop:
+            bar.set_postfix(loss=f"{training.train_step():.4f}", refresh=False)
+            bar.update(1)
+            if args.checkpoint_every and training.step % args.checkpoint_every == 0:
+                save_finite_checkpoint(checkpoint, module, snapshot, training.step)
+        bar.close()
+        train_seconds = elapsed_before + time.monotonic() - loop_started
+        save_finite_checkpoint(checkpoint, module, snapshot, training.step)
+        if stop:
+            print(stopped_note(training.step, args.steps, checkpoint), file=sys.stderr,
+                  flush=True)
+            return stop.exit_code
+        # as the other trainers do: a first Ctrl-C or SIGTERM from here on lets the
+        # evaluation and the export finish (a second one stops at once)
+        stop.finish_first()
+        training.finish()
+        history = training.history
+        after_train = teacher_agreement(module, features, train_logits, class_vectors,
+                                        class_allowed)
+        after_val = (teacher_agreement(module, torch.from_numpy(val.features).to(device),
+                                       val.logits, class_vectors, class_allowed)
+                     if val is not None else None)
+        save_loss_plot({"hinge rank loss": history}, run_dir / "loss.png",
+                       title=f"DeViSE hinge rank loss (margin {args.margin}, "
+                             f"{args.negatives} negatives)")
+        (run_dir / "history.json").write_text(json.dumps({"loss": history}) + "\n")
 
-    names = _class_names()
-    tail = max(1, len(history) // 10)
-    classes = Counter(int(c) for c in teacher_class)
-    metrics: dict[str, Any] = {
-        "mode": mode, "images": len(images), "crops": len(targets_np),
-        "crops_without_vector": dropped, "word_space": space.name,
-        "coverage": space.coverage.as_dict(),
-        "crops_per_image": args.crops_per_image, "steps": args.steps,
-        "batch_size": settings.batch_size, "lr": args.lr, "margin": args.margin,
-        "negatives": args.negatives, "negatives_from": args.negatives_from,
-        "init": args.init, "weight_decay": args.weight_decay, "seed": args.seed,
-        "loss_first": float(np.mean(history[:tail])) if history else None,
-        "loss_last": float(np.mean(history[-tail:])) if history else None,
-        "teacher_agreement_train": {"before": before_train, "after": after_train},
-        "teacher_agreement_val": ({"before": before_val, "after": after_val}
-                                  if val is not None else None),
-        "val_crops": len(val) if val is not None else 0,
-        "distinct_targets": len(set(targets_np.tolist())),
-        "teacher_mean_top1_probability": float(teacher_prob.mean()),
-        "teacher_top_classes": [{"class": names[c], "crops": n}
-                                for c, n in classes.most_common(15)],
-        "feature_seconds": round(feature_seconds, 1), "train_seconds": round(train_seconds, 1),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "device": str(device), "threads": torch.get_num_threads(),
-        "feature_cache": cache.key,
-    }
+        names = _class_names()
+        tail = max(1, len(history) // 10)
+        classes = Counter(int(c) for c in teacher_class)
+        metrics: dict[str, Any] = {
+            "mode": mode, "images": len(images), "crops": len(targets_np),
+            "crops_without_vector": dropped, "word_space": space.name,
+            "coverage": space.coverage.as_dict(),
+            "crops_per_image": args.crops_per_image, "steps": training.step,
+            # the crops a batch held: fewer than asked for when there are fewer crops
+            "batch_size": training.batch, "batch_size_requested": args.batch_size,
+            "lr": args.lr, "margin": args.margin,
+            "negatives": args.negatives, "negatives_from": args.negatives_from,
+            "init": args.init, "weight_decay": args.weight_decay, "seed": args.seed,
+            "loss_first": float(np.mean(history[:tail])),
+            "loss_last": float(np.mean(history[-tail:])),
+            "teacher_agreement_train": {"before": before_train, "after": after_train},
+            "teacher_agreement_val": ({"before": before_val, "after": after_val}
+                                      if val is not None else None),
+            "val_crops": len(val) if val is not None else 0,
+            "distinct_targets": len(set(targets_np.tolist())),
+            "teacher_mean_top1_probability": float(teacher_prob.mean()),
+            "teacher_top_classes": [{"class": names[c], "crops": n}
+                                    for c, n in classes.most_common(15)],
+            "feature_seconds": round(feature_seconds, 1),
+            "train_seconds": round(train_seconds, 1),
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "device": str(device), "threads": torch.get_num_threads(),
+            "feature_cache": cache.key,
+        }
+        data_entries += _vector_provenance(space, word_vectors)
+        config_extra = {
+            "space": space.name, "backbone": BACKBONE_NAME,
+            "backbone_sha256": data_entries[-1]["sha256"], "input_size": 224,
+            "noun_vectors": space.describe(), "default_method": args.default_method,
+            "methods": {"devise": {"normalised": True},
+                        "conse": {"top_t": args.top_t}},
+            "training": {"mode": mode, "target": "teacher top-1 class vector"
+                         if image_rows is None else "ImageFolder label vector",
+                         "loss": "hinge rank (Frome et al. 2013, eq. 1)", "init": args.init},
+        }
+        version = next_version(out, name)
+        try:  # from here on, "nothing was exported" may be false
+            export_artifact(out, name=name, task=TASK, architecture=architecture,
+                            module=module.cpu(), metrics=metrics, data=data_entries,
+                            command=this_command, device=str(device), version=version,
+                            config_extra=config_extra, earlier_commands=earlier,
+                            pictures={"loss.png": run_dir / "loss.png"})
+            print(f"[devise] exported {name}@{version} to {out}", flush=True)
+            if stop:
+                print(FINISHED_FIRST, file=sys.stderr, flush=True)
+            print(f"[devise] {len(targets_np)} crops of {len(images)} images, "
+                  f"{training.step} steps: loss {metrics['loss_first']:.4f} -> "
+                  f"{metrics['loss_last']:.4f}; teacher agreement train "
+                  f"{after_train['top1']:.2f}"
+                  + (f", val {after_val['top1']:.2f} (top-5 {after_val['in_top5']:.2f})"
+                     if after_val is not None else "")
+                  + f"; {metrics['wall_seconds']:.0f} s", flush=True)
+            return 0
+        except KeyboardInterrupt:  # the second Ctrl-C, during or just after the export
+            print(f"\n[devise] stopped during the export to {out}: an export is all or "
+                  f"nothing, so {out} holds either what it held before or the whole of "
+                  f"{name}@{version}; the trained map is in {checkpoint}: run the same "
+                  "command with --resume to export it again", file=sys.stderr, flush=True)
+            return 130
+
+
+def _vector_provenance(space: WordSpace, word_vectors: Path | str | None
+                       ) -> list[dict[str, Any]]:
+    """Provenance of the word space, WordNet and the backbone weights (last)."""
+    entries: list[dict[str, Any]] = []
     if word_vectors:  # its sha256 is already known (hashing a 3.6 GB file twice is slow)
-        data_entries.append({"path": space.source["path"], "sha256": space.source["sha256"],
-                             "kind": "word vectors", "format": space.source["format"]})
+        entries.append({"path": space.source["path"], "sha256": space.source["sha256"],
+                        "kind": "word vectors", "format": space.source["format"]})
     else:
-        data_entries += [data_entry(p, kind="noun vectors") for p in space.files()]
+        entries += [data_entry(p, kind="noun vectors") for p in space.files()]
     if space.vocab.source is not None:
-        data_entries.append(data_entry(space.vocab.source, kind="WordNet 3.0 data.noun"))
-    data_entries.append(data_entry(efficientnet_lite0_weights_path(), kind="backbone weights"))
-    config_extra = {
-        "space": space.name, "backbone": BACKBONE_NAME,
-        "backbone_sha256": data_entries[-1]["sha256"], "input_size": 224,
-        "noun_vectors": space.describe(), "default_method": args.default_method,
-        "methods": {"devise": {"normalised": True},
-                    "conse": {"top_t": args.top_t}},
-        "training": {"mode": mode, "target": "teacher top-1 class vector"
-                     if image_rows is None else "ImageFolder label vector",
-                     "loss": "hinge rank (Frome et al. 2013, eq. 1)", "init": args.init},
-    }
-    export_artifact(out, name=name, task=TASK, architecture=architecture,
-                    module=module.cpu(), metrics=metrics, data=data_entries,
-                    command=getattr(args, "command_line", None) or command_line(),
-                    device=str(device), config_extra=config_extra)
-    shutil.copyfile(run_dir / "loss.png", out / "loss.png")
-    losses = (f"loss {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f}" if history
-              else "no training (the initial map)")
-    print(f"[devise] {len(targets_np)} crops of {len(images)} images, {args.steps} steps: "
-          f"{losses}; teacher agreement "
-          f"train {after_train['top1']:.2f}"
-          + (f", val {after_val['top1']:.2f} (top-5 {after_val['in_top5']:.2f})"
-             if after_val is not None else "")
-          + f"; {metrics['wall_seconds']:.0f} s; artifact {out}", flush=True)
-    return 0
+        entries.append(data_entry(space.vocab.source, kind="WordNet 3.0 data.noun"))
+    entries.append(data_entry(efficientnet_lite0_weights_path(), kind="backbone weights"))
+    return entries
 
 
 def default_name(word_vectors: Path | str | None) -> str:
@@ -697,14 +964,20 @@ def command(args: argparse.Namespace) -> int:
     try:
         return train(args)
     except (TrainingDiverged, NonFiniteWeights) as error:  # a failed run, not a usage error
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         return 1
     except (ImageFolderError, AssetMissingError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        # CheckpointError and ImageReadError are ValueErrors
+        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # train() says so itself once the export has begun
         print("\n[devise] stopped: nothing was exported", file=sys.stderr, flush=True)
         return 130
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (a checkpoint torch cannot read can give several)."""
+    return " ".join(str(error).split())
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]

@@ -167,8 +167,10 @@ def test_an_out_holding_another_artifact_is_refused_before_anything_loads(
     (["--margin", "-1"], "--margin must be >= 0, got -1"),
     (["--top-t", "0"], "--top-t must be >= 1, got 0"),
     (["--crops-per-image", "0"], "--crops-per-image must be >= 1, got 0"),
-    (["--lr", "nan"], "--lr must be >= 0, got nan"),
+    (["--lr", "nan"], "--lr must be > 0, got nan"),
+    (["--lr", "0"], "--lr must be > 0, got 0"),  # was the initial map, exported as trained
     (["--seed", "-1"], "--seed must be >= 0, got -1"),  # was 'expected non-negative integer'
+    (["--seed", "4294967296"], "--seed must be 0..4294967295, got 4294967296"),
 ])
 def test_bad_numbers_are_refused_before_anything_loads(
         tmp_path: Path, flags: list[str], message: str,
@@ -237,7 +239,8 @@ def test_eval_sets_take_either_label_form_and_name_what_is_wrong(
 
 
 def test_the_loss_plot_of_a_run_without_steps_says_so(tmp_path: Path) -> None:
-    """`--steps 0` exports the initial map; its loss plot draws no curve and no warning."""
+    """An empty history (the trainer now refuses `--steps 0`, but the plot of a run with
+    no steps must still draw) gives a plot without a curve and without a warning."""
     import warnings
 
     from training.plots import save_loss_plot

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -191,9 +192,8 @@ def export_artifact(out_dir: Path, *, name: str, task: str, architecture: Mappin
 
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir.resolve()  # a link to a folder: the folder is what is replaced
-    for stale in target.parent.glob(f".{target.name}.export-*"):  # from a killed export
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
+    _clear_stale_exports(target)
+    staging = _staging_folder(target)
     try:
         _write_artifact(staging, state, name=name, task=task, architecture=architecture,
                         version=int(version), metrics=metrics, data=data, command=command,
@@ -246,40 +246,99 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+def _staging_folder(target: Path) -> Path:
+    """A new hidden folder to write the export in: beside ``target``, so that it can be
+    swapped in whole; inside it where its parent cannot be written (a volume mounted at
+    the artifact folder under a read-only root). Its name carries this process's id."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.export-{os.getpid()}-",
+                                     dir=target.parent))
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=target))
+
+
+def _clear_stale_exports(target: Path) -> None:
+    """Removes the staging folders of exports to ``target`` whose process is gone (killed
+    mid-export); those of a live one (an export to the same folder running now) stay."""
+    for stale in [*target.parent.glob(f".{target.name}.export-*"), *target.glob(".export-*")]:
+        pid = stale.name.rsplit(".export-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill would end the process there: assume it runs
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _fsync(path: Path) -> None:
+    """Writes a file's (or, on POSIX, a folder's) data to disk: a swap or a rename must
+    not reach the disk before what it puts in place does."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder on Windows
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # a file system that cannot (some network ones)
+        pass
+    finally:
+        os.close(descriptor)
+
+
 def _exchange(first: Path, second: Path) -> bool:
     """Swaps two paths of one file system at once; False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # not Linux, or a C library without it
+    except (OSError, AttributeError):  # a C library without it
         return False
     return renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second),
                      _RENAME_EXCHANGE) == 0
 
 
 def _swap_in(staging: Path, out_dir: Path) -> None:
-    """Puts the finished artifact in ``staging`` at ``out_dir`` in one step, so that a
-    stop at any moment leaves either the old artifact whole or the new one; the old one
-    is then in ``staging``. Hidden files in ``out_dir`` are kept. Where the file system
-    cannot swap folders (not Linux; ``out_dir`` a mount point), the files are copied in
-    one by one, config.json last: a stop between them leaves weights that the old
-    config.json's digest refuses."""
-    for kept in out_dir.iterdir():
-        if kept.name.startswith("."):
-            if kept.is_dir() and not kept.is_symlink():
-                shutil.copytree(kept, staging / kept.name, symlinks=True)
-            else:
-                shutil.copy2(kept, staging / kept.name, follow_symlinks=False)
-    staging.chmod(out_dir.stat().st_mode & 0o7777)  # not mkdtemp's 0700
-    if _exchange(staging, out_dir):
-        return
+    """Puts the finished artifact in ``staging`` at ``out_dir``: in one step where it was
+    written beside it (Linux's renameat2 exchange), so that a stop at any moment leaves
+    either the old artifact whole or the new one; the old one is then in ``staging``.
+    Hidden files in ``out_dir`` are kept. Otherwise (not Linux; a mount point; staged
+    inside ``out_dir``) every new file is first put beside the one it replaces and then
+    renamed over it, config.json last: only a stop among those renames, microseconds,
+    leaves new weights that the old config.json's digest refuses."""
     names = sorted(p.name for p in staging.iterdir() if not p.name.startswith("."))
-    for file_name in [WEIGHTS, *[n for n in names if n not in (WEIGHTS, "config.json")],
-                      "config.json"]:
-        partial = out_dir / f"{file_name}.partial"
-        shutil.copyfile(staging / file_name, partial)
-        partial.replace(out_dir / file_name)
+    for name in names:
+        _fsync(staging / name)
+    if staging.parent != out_dir:
+        for kept in out_dir.iterdir():
+            if kept.name.startswith("."):
+                if kept.is_dir() and not kept.is_symlink():
+                    shutil.copytree(kept, staging / kept.name, symlinks=True)
+                else:
+                    shutil.copy2(kept, staging / kept.name, follow_symlinks=False)
+        staging.chmod(out_dir.stat().st_mode & 0o7777)  # not mkdtemp's 0700
+        _fsync(staging)
+        if _exchange(staging, out_dir):
+            _fsync(out_dir.parent)
+            return
+    order = [WEIGHTS, *[n for n in names if n not in (WEIGHTS, "config.json")], "config.json"]
+    for name in order:
+        partial = out_dir / f"{name}.partial"
+        shutil.copyfile(staging / name, partial)
+        _fsync(partial)
+    for name in order:
+        (out_dir / f"{name}.partial").replace(out_dir / name)
     for stale in set(ARTIFACT_FILES) - set(names):  # a picture the new export has not
         (out_dir / stale).unlink(missing_ok=True)
+    _fsync(out_dir)
 
 
 def load_exported(path: Path, device: str | torch.device = "cpu",

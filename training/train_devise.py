@@ -921,10 +921,14 @@ def train(args: argparse.Namespace) -> int:
                   + f"; {metrics['wall_seconds']:.0f} s", flush=True)
             return 0
         except KeyboardInterrupt:  # the second Ctrl-C, during or just after the export
+            if next_version(out, name) > version:  # the swap had happened
+                print(f"\n[devise] stopped just after the export: {out} holds "
+                      f"{name}@{version}", file=sys.stderr, flush=True)
+                return 130
             print(f"\n[devise] stopped during the export to {out}: an export is all or "
-                  f"nothing, so {out} holds either what it held before or the whole of "
-                  f"{name}@{version}; the trained map is in {checkpoint}: run the same "
-                  "command with --resume to export it again", file=sys.stderr, flush=True)
+                  f"nothing, so {out} holds what it held before; the trained map is in "
+                  f"{checkpoint}: run the same command with --resume to export it",
+                  file=sys.stderr, flush=True)
             return 130
 
 

@@ -274,8 +274,20 @@ def test_an_interrupt_during_the_export_does_not_say_nothing_was_exported(
     assert cli_devise.main(flags(workdir, run, "--steps", "2")) == 130
     err = capsys.readouterr().err
     assert "nothing was exported" not in err
-    assert f"stopped during the export to {run / 'out'}" in err
+    assert f"stopped just after the export: {run / 'out'} holds devise-glove-tiny-8d@1" in err, err
     assert (run / "out" / "config.json").is_file()
+    # stopped before the new version was swapped in: the old one is there, and says so
+    def interrupt_then_export(*args: Any, **kwargs: Any) -> Path:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_devise, "export_artifact", interrupt_then_export)
+    assert cli_devise.main(flags(workdir, tmp_path / "r2", "--steps", "2",
+                                 "--out", str(run / "out"))) == 130
+    err = capsys.readouterr().err
+    assert f"stopped during the export to {run / 'out'}: an export is all or nothing, so " \
+           f"{run / 'out'} holds what it held before" in err, err
+    assert json.loads((run / "out" / "config.json").read_text())["version"] == 1
+    monkeypatch.setattr(train_devise, "export_artifact", export_then_interrupt)
     # a Ctrl-C that stops the run at once before the export still says so
     monkeypatch.setattr(train_devise, "save_loss_plot",
                         lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))

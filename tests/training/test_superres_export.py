@@ -138,7 +138,7 @@ def test_services_refuse_weights_their_config_does_not_name(tmp_path: Path) -> N
 
 def test_every_committed_artifact_names_its_weights() -> None:
     artifacts = pytest.importorskip("services.common.artifacts")
-    for config_path in sorted((REPO / "models").glob("*/config.json")):
+    for config_path in sorted((REPO / "models").glob("[!.]*/config.json")):
         config = json.loads(config_path.read_text())
         assert "weights_sha256" in config, config_path
         artifacts.check_weights_digest(config_path.parent / config["weights"], config)
@@ -299,3 +299,40 @@ def test_what_a_killed_export_left_is_cleared_and_never_listed(tmp_path: Path) -
     assert list_artifacts(out.parent, "superres") == ["sr-test"]
     _export_again(out)
     assert sorted(p.name for p in out.parent.iterdir()) == ["sr-test"]
+
+
+def test_an_artifact_folder_whose_parent_cannot_be_written_is_exported_into_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A volume mounted at the artifact folder under a read-only root: the export is
+    staged inside the folder and renamed into place, config.json last."""
+    import tempfile
+
+    _, out = _export(tmp_path)
+    real_mkdtemp = tempfile.mkdtemp
+
+    def read_only_parent(*args: object, dir: Path, **kwargs: object) -> str:
+        if Path(dir) == out.parent:
+            raise PermissionError(30, "Read-only file system", str(dir))
+        return real_mkdtemp(*args, dir=dir, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only_parent)
+    _export_again(out)
+    assert json.loads((out / "config.json").read_text())["version"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json",
+                                                     "provenance.json", "weights.safetensors"]
+    from services.common.artifacts import load_artifact
+
+    assert load_artifact(out.parent, "sr-test", torch.device("cpu")).version == 2
+
+
+def test_a_running_export_s_staging_folder_is_left_alone(tmp_path: Path) -> None:
+    """Two exports to one folder at once: the second clears only what a dead process left."""
+    import os
+
+    _, out = _export(tmp_path)
+    running = out.parent / f".sr-test.export-{os.getppid()}-abc"  # a live process's
+    dead = out.parent / ".sr-test.export-999999999-abc"
+    for folder in (running, dead):
+        folder.mkdir()
+    _export_again(out)
+    assert running.is_dir() and not dead.exists()

@@ -15,6 +15,9 @@ from typing import Literal
 
 #: How far from the end a format's end mark may sit (padding some writers add after it).
 _SLACK = 64
+#: A PNG's IEND chunk, whole (length 0, type, CRC): a file holding it was not cut before
+#: its end, whatever follows it (a writer's padding, or junk).
+_PNG_END = b"\0\0\0\0IEND\xaeB`\x82"
 #: The head of a PNG's first chunk: a length of 13 and the type IHDR.
 _IHDR_HEAD = b"\0\0\0\x0dIHDR"
 
@@ -36,7 +39,7 @@ def how_cut_short(data: bytes, fmt: str) -> CutShort | None:
     of its first directory shows."""
     size, tail = len(data), data[-_SLACK:]
     ends = f"ends after {size} bytes"
-    if fmt == "PNG" and b"IEND" not in tail:
+    if fmt == "PNG" and b"IEND" not in tail and _PNG_END not in data:
         return _png_cut_short(data, ends)
     if fmt in ("JPEG", "MPO") and b"\xff\xd9" not in tail:
         return CutShort(f"the JPEG {ends}, without its end-of-image marker", False)

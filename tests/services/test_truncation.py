@@ -101,3 +101,21 @@ def test_a_bad_header_without_an_end_mark_is_not_called_truncated() -> None:
     assert str(error.value) == ("not a decodable image: damaged GIF header: SyntaxError: image "
                                 "not found in GIF frame; the GIF ends after 21 bytes, without "
                                 "its trailer")
+
+
+@pytest.mark.parametrize("after_end", [bytes(100), b"A" * 100])
+def test_a_whole_png_with_bytes_after_its_end_is_never_called_truncated(
+        small_photo: np.ndarray, after_end: bytes) -> None:
+    """100 bytes after IEND (padding, or junk) put it out of the tail looked at: a PNG
+    damaged inside is still corrupt or undecodable, not cut short."""
+    whole = bytearray(_file(small_photo, "PNG"))
+    middle = len(whole) // 2
+    whole[middle:middle + 40] = bytes(40)  # damaged pixel data
+    with pytest.raises(InvalidArgument) as error:
+        decode_image(bytes(whole) + after_end, max_pixels=CAP)
+    assert error.value.reason == "IMAGE_CORRUPT", str(error.value)
+    header = bytearray(_file(small_photo, "PNG"))
+    header[8:12] = b"\xff\xff\xff\xff"  # IHDR's length
+    with pytest.raises(InvalidArgument) as error:
+        decode_image(bytes(header) + after_end, max_pixels=CAP)
+    assert error.value.reason == "IMAGE_UNDECODABLE", str(error.value)

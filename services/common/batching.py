@@ -118,6 +118,8 @@ class MicroBatcher(Generic[In, Out]):
             yield
         finally:
             self._long_expected = False
+            if self._batch_started is not None:  # the rest of the batch counts from here
+                self._batch_started = time.monotonic()
 
     @property
     def depth(self) -> int:

@@ -2,14 +2,16 @@
 
 Exposed on ``--metrics-port`` at ``/metrics``:
 
-- ``percept_requests_total{service, method, code}``: finished RPCs by gRPC status;
-- ``percept_request_seconds{service, method}``: latency histogram;
-- ``percept_inflight_requests{service}``;
+- ``percept_requests_total{grpc_service, grpc_method, grpc_code}``: finished RPCs by gRPC
+  status;
+- ``percept_request_seconds{grpc_service, grpc_method}``: latency histogram;
+- ``percept_inflight_requests{grpc_service}``;
 - ``percept_batch_size{queue}``: micro-batch sizes;
 - ``percept_queue_depth{queue}``: work items waiting or running per model queue (tiles, for
   the image models: one large image counts many);
 - ``percept_dropped_total{queue, reason}``: work dropped before compute (deadline, cancelled);
-- ``percept_rejected_total{queue}``: requests refused because the queue was full.
+- ``percept_rejected_total{queue}``: requests refused because the queue was full;
+- ``percept_queue_stalled{queue}``: 1 while its batch has run past ``--stall-seconds``.
 """
 
 from __future__ import annotations

@@ -113,3 +113,33 @@ def test_which_batches_count_as_stalled(stall_seconds: float | None, long: bool,
     assert (during is not None) == stalls and after is None
     if stalls:
         assert during is not None and during > 0.2
+
+
+def test_the_rest_of_a_batch_after_a_long_compile_counts_from_its_end() -> None:
+    """A batch that compiled a new shape for longer than --stall-seconds is not stalled
+    the moment the compile ends: its remaining work gets the full limit."""
+    import asyncio
+
+    async def run() -> float | None:
+        compiled, release = threading.Event(), threading.Event()
+        batcher: MicroBatcher[int, int]
+
+        def process(items: Sequence[int]) -> list[int]:
+            with batcher.running_long():
+                time.sleep(0.6)  # compiling, twice the limit
+            compiled.set()
+            release.wait(30)  # running, well within the limit
+            return list(items)
+
+        batcher = MicroBatcher("test", process, max_batch=1, max_wait_ms=0, max_queue=4,
+                               stall_seconds=0.3)
+        batcher.start()
+        job = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.to_thread(compiled.wait, 30)
+        just_after = batcher.stalled_for()
+        release.set()
+        await job
+        await batcher.stop()
+        return just_after
+
+    assert asyncio.run(run()) is None

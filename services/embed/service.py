@@ -178,8 +178,6 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
     async def close(self) -> None:
         for batcher in self.batchers():
             await batcher.stop()
-        if hasattr(self, "text_batcher"):
-            await self.text_batcher.stop()
 
     # -- compute -------------------------------------------------------------------------
     def _embed_batch(self, jobs: Sequence[_Job]) -> list[np.ndarray]:

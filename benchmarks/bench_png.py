@@ -4,7 +4,8 @@ in the same run.
 Baselines: Pillow's `save(..., "PNG")` at its default level (6), what a naive server
 calls, and at level 1. Then our encoder (Up filter, parallel bands) deflating with zlib
 (the fallback where isal is missing) and with ISA-L (the default), on one thread and on
-every core.
+every core; and the lossy formats a client may ask for instead, JPEG and WebP at the
+services' quality 95.
 
 python -m benchmarks.bench_png [--quick]
 """
@@ -22,7 +23,9 @@ from PIL import Image
 
 from benchmarks.common import interleaved_medians, machine, markdown_table, run_as_script
 from benchmarks.image_models import photo
+from percept.v1 import image_pb2
 from services.common import png
+from services.common.images import encode_image
 
 
 def _pillow(pixels: np.ndarray, level: int) -> bytes:
@@ -60,6 +63,12 @@ def run(quick: bool = False) -> dict[str, Any]:
         }
         for encode in encoders.values():  # every output decodes to the same pixels
             assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode()))), pixels)
+        # the lossy outputs a client may ask for instead (output_format), as served
+        encoders.update({
+            "JPEG quality 95 (served, lossy)": functools.partial(
+                encode_image, pixels, fmt=image_pb2.IMAGE_FORMAT_JPEG, quality=95),
+            "WebP quality 95 (served, lossy)": functools.partial(
+                encode_image, pixels, fmt=image_pb2.IMAGE_FORMAT_WEBP, quality=95)})
         repeats = 3 if size >= 4096 else 5 if quick else 15
         medians = interleaved_medians(encoders, repeats)
         baseline = medians["Pillow, level 6 (its default)"]

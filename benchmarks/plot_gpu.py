@@ -19,9 +19,10 @@ from benchmarks.common import RESULTS
 from training.assets import REPO_ROOT
 from training.plots import save_figure
 
+#: The variant every other is compared with, in its own run.
+BASELINE = "fp32 eager (plain PyTorch defaults)"
 #: (label on the chart, variant in the results) for the network panel, in bar order.
 NETWORK_VARIANTS = [
-    ("fp32 eager (baseline)", "fp32 eager (plain PyTorch defaults)"),
     ("fp32 eager, TF32 off", "fp32 eager, TF32 off (cudnn.benchmark off)"),
     ("fp16 eager", "fp16 channels_last eager, folded (served eager form)"),
     ("fp16 + CUDA graph (served default)", "fp16 channels_last eager + CUDA graph, folded"),
@@ -30,27 +31,35 @@ NETWORK_VARIANTS = [
     ("fp16 + compile + CUDA graph, served compiled form",
      "fp16 channels_last + torch.compile + CUDA graph, " + SERVED_COMPILED),
 ]
+#: The style issue's target at 1024 px, against fp32 eager.
+TARGET_SPEEDUP = 8.0
 
 
 def network_bars(result: dict[str, Any]) -> tuple[list[str], dict[str, list[float]]]:
-    """(group labels "net, px", {variant label: ms per group}) of the rows measured: the
-    run's own, then those of its companions (later runs of other variants, saved apart)
-    for variants the run lacks. Variants measured nowhere get no bar."""
-    times: dict[tuple[str, int, str], float] = {}
+    """(group labels "net, px", {variant label: speed-up per group}): each variant's time
+    against fp32 eager's in the same run, never another's (machines drift between runs).
+    The run's own rows first, then those of its companions (later runs of other variants,
+    saved apart, each with its own baseline) for variants the run lacks. Variants measured
+    nowhere get no bar."""
+    speedups: dict[tuple[str, int, str], float] = {}
     for _, companion in reversed(companions(result)):
-        times.update(_times(companion))
-    times.update(_times(result))
-    groups = sorted({(net, size) for net, size, _ in times},
+        speedups.update(_speedups(companion))
+    speedups.update(_speedups(result))
+    groups = sorted({(net, size) for net, size, _ in speedups},
                     key=lambda group: (group[0], -group[1]))
     labels = [f"{net.split(' (')[0]}\n{size} px" for net, size in groups]
-    bars = {label: [times.get((net, size, variant), float("nan")) for net, size in groups]
+    bars = {label: [speedups.get((net, size, variant), float("nan")) for net, size in groups]
             for label, variant in NETWORK_VARIANTS}
     return labels, {label: values for label, values in bars.items()
                     if any(value == value for value in values)}  # NaN != NaN
 
 
-def _times(result: dict[str, Any]) -> dict[tuple[str, int, str], float]:
-    return {(r["net"], r["size"], r["variant"]): r["ms"] for r in result["rows"] if "ms" in r}
+def _speedups(result: dict[str, Any]) -> dict[tuple[str, int, str], float]:
+    """fp32 eager's time over each variant's, per (net, size, variant), within one run."""
+    times = {(r["net"], r["size"], r["variant"]): r["ms"] for r in result["rows"] if "ms" in r}
+    return {(net, size, variant): times[(net, size, BASELINE)] / ms
+            for (net, size, variant), ms in times.items()
+            if variant != BASELINE and (net, size, BASELINE) in times}
 
 
 def served_bars(result: dict[str, Any]) -> tuple[list[str], dict[str, list[float]],
@@ -87,9 +96,13 @@ def plot(result: dict[str, Any], out: Path) -> Path:
         for index, (label, values) in enumerate(bars.items()):
             xs = [i + (index - (len(bars) - 1) / 2) * width for i in range(len(labels))]
             left.bar(xs, values, width, label=label)
+        left.axhline(1.0, color="black", linewidth=0.8)
+        left.axhline(TARGET_SPEEDUP, color="grey", linewidth=0.8, linestyle="--")
+        left.text(len(labels) - 0.5, TARGET_SPEEDUP, f" {TARGET_SPEEDUP:g}x target (1024 px)",
+                  fontsize=7, va="bottom", ha="right", color="grey")
         left.set_xticks(range(len(labels)), labels, fontsize=8)
-        left.set_ylabel("ms per image (CUDA events, median)")
-        left.set_title("style network alone, batch 1", fontsize=10)
+        left.set_ylabel("x fp32 eager of the same run (median CUDA-event times)")
+        left.set_title("style network alone, batch 1: speed-up over fp32 eager", fontsize=10)
         left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=3)
         if served:
             width = 0.8 / len(served)

@@ -2,7 +2,8 @@
 version 1 fine-tuned by the recipe of version 2 (240 steps of 2 crops at 256 px, learning
 rate 5e-4, `--grid-weight 5e3`) with only the tile weight changed, then every result and
 version 1 itself evaluated on the held-out photos with the tiling measure
-(`percept eval style --tiling 576`). Writes ``sweep.json`` under --work-dir and a plot.
+(`percept eval style --tiling 576`). Writes ``sweep.json`` under --work-dir, and the plot
+with the same numbers beside it (``--plot`` with ``.json``), to commit together.
 
 About 8 minutes per weight on 2 otherwise idle CPU threads, plus about 3 for the
 evaluation; a weight whose model is already under --work-dir is not trained again.
@@ -116,13 +117,15 @@ def main() -> int:
     rows = [{"weight": weight, **{k: summaries[path.resolve()][k] for k in keys}}
             for weight, path in models.items()]
     version1 = {k: summaries[base.resolve()][k] for k in keys}
-    (work / "sweep.json").write_text(json.dumps({"version_1": version1, "runs": rows},
-                                                indent=2) + "\n")
+    record = json.dumps({"version_1": version1, "runs": rows}, indent=2) + "\n"
+    (work / "sweep.json").write_text(record)
+    # the plot's numbers beside it, to commit with it (out/ is not kept)
+    args.plot.with_suffix(".json").write_text(record)
     print(f"{'tile weight':>11} " + " ".join(f"{k.removeprefix('mean_'):>18}" for k in keys))
     for name, row in [("version 1", version1), *((label(r["weight"]), r) for r in rows)]:
         print(f"{name:>11} " + " ".join(f"{row[k]:>18.3f}" for k in keys))
     plot(rows, version1, args.plot)
-    print(f"wrote {work / 'sweep.json'} and {args.plot}")
+    print(f"wrote {work / 'sweep.json'}, {args.plot} and {args.plot.with_suffix('.json')}")
     return 0
 
 

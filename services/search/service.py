@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,17 +25,30 @@ from google.protobuf.message import Message
 from percept.v1 import search_pb2, search_pb2_grpc
 from services.common.batching import MicroBatcher
 from services.common.config import ServerConfig
-from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError, shown
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    shown,
+)
 from services.common.images import probe_size
 from services.common.rpc import stream_errors, time_remaining, unary_errors
 from services.common.server import ServiceModule
 from services.search.embedder import Embedder, InProcessEmbedder, RemoteEmbedder
-from services.search.store import Entry, ImageStore
+from services.search.store import Entry, ImageStore, recorded_dimension
 from services.search.vector_index import IndexSettings, VectorIndex, disk_bytes
 
 log = logging.getLogger("percept.search")
 Reply = TypeVar("Reply", bound=Message)
 
+#: How long search waits at start for the Embedding service when its index already says
+#: which space it holds (past it, it serves reads and checks the space once the service
+#: answers); a new index waits up to embedder.START_WAIT_SECONDS, as it needs the space.
+QUICK_START_WAIT_SECONDS = 10.0
+#: How long each wait of that later check lasts before it waits again (it never gives up).
+VERIFY_WAIT_SECONDS = 600.0
 ADD_BATCH = 16
 #: An AddImages stream's batch is also embedded once its images take this many bytes, or
 #: once the images that every stream of the process holds take ADD_BUFFER_BYTES, or when
@@ -129,11 +142,29 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
 
     async def load(self) -> None:
         self.embedder = self._make_embedder()
-        await self.embedder.start()
         data_dir = self.config.data_dir
         self.snapshots = data_dir / "snapshots"
-        self.store = ImageStore(data_dir / "images.sqlite3", self.embedder.dimension,
-                                self.embedder.probe)
+        record = data_dir / "images.sqlite3"
+        #: why the calls that embed are refused now, if they are (embedding_problem)
+        self._embedding_problem: Callable[[], ServiceError] | None = None
+        self._verifier: asyncio.Task[None] | None = None
+        dimension = recorded_dimension(record) \
+            if isinstance(self.embedder, RemoteEmbedder) else None
+        if dimension is None:  # a new record: its space is the embedder's, so wait for it
+            await self.embedder.start()
+            self.store = ImageStore(record, self.embedder.dimension, self.embedder.probe)
+        elif not await self._embedder_answers(QUICK_START_WAIT_SECONDS):
+            # An index already made: serve its reads now, and the calls that embed once
+            # the embedding service answers and its space is checked against the index's
+            # (an embedding pod may load for minutes after this one is up)
+            log.warning("the embedding service does not answer yet: serving the index's "
+                        "reads; the calls that embed answer UNAVAILABLE until it does",
+                        extra={"embed_target": self.config.embed_target})
+            self.store = ImageStore(record, dimension)
+            self._embedding_problem = self._not_answered_yet
+            self._verifier = asyncio.get_running_loop().create_task(self._verify_space())
+        else:
+            self.store = ImageStore(record, self.embedder.dimension, self.embedder.probe)
         self.index, self.snapshot_seq = await asyncio.to_thread(self._recover)
         self.write_lock = asyncio.Lock()
         self.buffered_bytes = 0  # image bytes that AddImages streams hold, not yet embedded
@@ -142,8 +173,52 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         log.info("search loaded", extra={"images": len(self.index), "index": self.index.kind,
                                          "data_dir": str(data_dir)})
 
+    async def _embedder_answers(self, wait_seconds: float) -> bool:
+        """Whether the (remote) embedding service answered within ``wait_seconds``."""
+        assert isinstance(self.embedder, RemoteEmbedder)
+        try:
+            await self.embedder.start(wait_seconds=wait_seconds)
+        except ServiceError as error:
+            if error.code not in (grpc.StatusCode.UNAVAILABLE,
+                                  grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            return False
+        return True
+
+    def _not_answered_yet(self) -> ServiceError:
+        return Unavailable(f"the embedding service at {self.config.embed_target} has not "
+                           "answered since this server started: GetImages, ListImages, "
+                           "Delete and Stats work, the calls that embed once it answers",
+                           reason="EMBEDDING_SERVICE_UNAVAILABLE")
+
+    async def _verify_space(self) -> None:
+        """Waits for the embedding service, then checks that it makes the index's kind of
+        vectors: the calls that embed are served from then on, or, for another embedding
+        space, refused with why (FAILED_PRECONDITION)."""
+        while not await self._embedder_answers(VERIFY_WAIT_SECONDS):
+            pass
+        try:
+            await asyncio.to_thread(self.store.check_space, self.embedder.dimension,
+                                    self.embedder.probe)
+        except ValueError as error:
+            message = str(error)
+            log.error("the embedding service makes vectors of another space than the "
+                      "index's: the calls that embed are refused", extra={"why": message})
+            self._embedding_problem = lambda: FailedPrecondition(
+                message, reason="EMBEDDING_SPACE_MISMATCH")
+            return
+        self._embedding_problem = None
+        log.info("the embedding service answers, in the index's space: serving every call")
+
+    def _embedding(self) -> Embedder:
+        """The embedder, for a call that embeds; the error that refuses such calls while
+        the embedding service has not answered since start, or makes another space."""
+        if self._embedding_problem is not None:
+            raise self._embedding_problem()
+        return self.embedder
+
     def _recover(self) -> tuple[VectorIndex, int]:
-        return recover_index(self.store, self.snapshots, self.embedder.dimension,
+        return recover_index(self.store, self.snapshots, self.store.dimension,
                              index_settings(self.config))
 
     async def snapshot(self) -> None:
@@ -169,6 +244,11 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                 log.exception("snapshot failed; the record stays the source of truth")
 
     async def close(self) -> None:
+        if getattr(self, "_verifier", None) is not None:
+            assert self._verifier is not None
+            self._verifier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._verifier
         if hasattr(self, "_snapshotter"):
             self._snapshotter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -215,7 +295,8 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         kept, vectors = [], []
         for item in items:
             try:
-                vectors.append((await self.embedder.embed_images([item.image], timeout))[0])
+                vectors.append((await self._embedding().embed_images([item.image],
+                                                                    timeout))[0])
                 kept.append(item)
             except InvalidArgument as problem:
                 rejected.append(search_pb2.Rejection(id=item.id, code=problem.code.name,
@@ -228,7 +309,8 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         vectors: list[np.ndarray] = []
         if items:
             try:
-                vectors = await self.embedder.embed_images([i.image for i in items], timeout)
+                vectors = await self._embedding().embed_images([i.image for i in items],
+                                                               timeout)
             except InvalidArgument:  # an image whose header read but whose pixels did not
                 items, vectors = await self._embed_each(items, rejected, timeout)
         latest = {item.id: (item, vector) for item, vector in zip(items, vectors, strict=True)}
@@ -347,7 +429,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         if len(request.text) > MAX_TEXT_CHARS:
             raise InvalidArgument(f"text has {len(request.text)} characters, over the limit "
                                   f"of {MAX_TEXT_CHARS}", field="text")
-        return await self._hits(await self.embedder.embed_text(
+        return await self._hits(await self._embedding().embed_text(
             request.text, time_remaining(context)), k, min_score)
 
     @unary_errors
@@ -355,7 +437,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                             context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
         k, min_score = self._k(request.k), self._min_score(request)
         # the embedder decodes the image (and names what is wrong with it)
-        return await self._hits((await self.embedder.embed_images(
+        return await self._hits((await self._embedding().embed_images(
             [request.image], time_remaining(context)))[0], k, min_score)
 
     @unary_errors
@@ -404,7 +486,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         count = await asyncio.to_thread(self.store.count)
         size = await asyncio.to_thread(disk_bytes, self.config.data_dir)
         return search_pb2.StatsResponse(count=count, index_type=self.index.kind,
-                                        dimension=self.embedder.dimension, disk_bytes=size)
+                                        dimension=self.store.dimension, disk_bytes=size)
 
 
 def _image_entry(entry: Entry) -> search_pb2.ImageEntry:

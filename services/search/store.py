@@ -71,6 +71,23 @@ def _after_every_id_with(prefix: str) -> str | None:
 MIN_PROBE_AGREEMENT = 0.99
 
 
+def recorded_dimension(path: Path) -> int | None:
+    """The dimension of the vectors in the record at ``path``, where it exists and kept the
+    probe vector of the space they were made in (so that an embedder met later can be
+    checked against it); None otherwise."""
+    if not path.is_file():
+        return None
+    db = sqlite3.connect(str(path))
+    try:
+        rows = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('dimension', 'probe')")
+                    .fetchall())
+    except sqlite3.Error:  # no meta table yet, or not a record: let the store say
+        return None
+    finally:
+        db.close()
+    return int(rows["dimension"]) if {"dimension", "probe"} <= rows.keys() else None
+
+
 class ImageStore:
     """Thread-safe access to ``<data_dir>/images.sqlite3``."""
 
@@ -95,6 +112,16 @@ class ImageStore:
             raise ValueError(f"{path} holds {stored[0]}-d vectors, the embedder makes "
                              f"{dimension}-d ones: use another --data-dir")
         if probe is not None:
+            self._check_space(np.asarray(probe, dtype=np.float32))
+
+    def check_space(self, dimension: int, probe: np.ndarray) -> None:
+        """ValueError unless an embedder of vectors of ``dimension`` whose probe vector is
+        ``probe`` makes vectors of the space this record holds (for a record opened
+        before its embedder answered; the constructor checks the same)."""
+        if dimension != self.dimension:
+            raise ValueError(f"{self.path} holds {self.dimension}-d vectors, the embedder "
+                             f"makes {dimension}-d ones: use another --data-dir")
+        with self._lock:
             self._check_space(np.asarray(probe, dtype=np.float32))
 
     def _check_space(self, probe: np.ndarray) -> None:

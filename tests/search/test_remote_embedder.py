@@ -8,7 +8,7 @@ import asyncio
 import io
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -246,3 +246,97 @@ def test_a_text_search_while_embed_is_down_is_unavailable_at_once(tmp_path: Path
     finally:
         search.stop()
         embed.stop()
+
+
+def _code_and_reason(call: Callable[[], object]) -> tuple[str, str | None]:
+    try:
+        call()
+    except grpc.RpcError as error:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        info = error_details_pb2.ErrorInfo()
+        reasons = [info.reason for d in (status.details if status else []) if d.Unpack(info)]
+        return error.code().name, (reasons[0] if reasons else None)  # type: ignore[attr-defined]
+    return "OK", None
+
+
+def test_search_over_an_index_it_has_serves_its_reads_before_the_embedding_service_is_up(
+        embed_server: RunningServer, variants: list[bytes], tmp_path: Path) -> None:
+    """A search pod restarted while the embedding pods still load: its index says which
+    space it holds, so it is up in seconds and answers GetImages, ListImages and Stats; the
+    calls that embed answer UNAVAILABLE until an embedding server answers on its target,
+    and are served from then on (it waited up to 9 minutes, reads and all, and a slow
+    embedding rollout had kubelet restart it)."""
+    from tests.conftest import free_port
+
+    data = tmp_path / "index"
+    first = start_in_thread(server_config("search", data_dir=data,
+                                          embed_target=embed_server.target), timeout=300)
+    try:
+        added, _ = add(search_pb2_grpc.ImageSearchStub(client.connect(first.target)),
+                       add_requests(variants[:3], prefix="kept"))
+    finally:
+        first.stop()
+    assert sorted(added) == ["kept-0", "kept-1", "kept-2"]
+
+    port = free_port()  # nothing listens there yet
+    search = start_in_thread(server_config("search", data_dir=data,
+                                           embed_target=f"127.0.0.1:{port}"), timeout=120)
+    embed = None
+    try:
+        channel = client.connect(search.target)
+        stub = search_pb2_grpc.ImageSearchStub(channel)
+        assert client.health_status(channel, "percept.v1.ImageSearch") == "SERVING"
+        found = stub.GetImages(search_pb2.GetImagesRequest(ids=["kept-1"]), timeout=30)
+        assert [i.id for i in found.images] == ["kept-1"]
+        assert stub.Stats(search_pb2.StatsRequest(), timeout=30).count == 3
+        by_text = search_pb2.SearchByTextRequest(text="a photo", k=3)
+        assert _code_and_reason(lambda: stub.SearchByText(by_text, timeout=30)) == (
+            "UNAVAILABLE", "EMBEDDING_SERVICE_UNAVAILABLE")
+        assert _code_and_reason(lambda: add(stub, add_requests(variants[3:4]))) == (
+            "UNAVAILABLE", "EMBEDDING_SERVICE_UNAVAILABLE")
+
+        embed = start_in_thread(server_config("embed", port=port), timeout=900)
+        deadline = time.monotonic() + 120
+        while _code_and_reason(lambda: stub.SearchByText(by_text, timeout=30))[0] != "OK":
+            assert time.monotonic() < deadline, "search never took up the embedding service"
+            time.sleep(0.5)
+        hits = stub.SearchByImage(search_pb2.SearchByImageRequest(image=variants[2], k=1),
+                                  timeout=60).hits
+        assert hits[0].id == "kept-2"
+    finally:
+        search.stop()
+        if embed is not None:
+            embed.stop()
+
+
+def test_an_embedding_service_of_another_space_met_after_start_is_refused(
+        tmp_path: Path) -> None:
+    """The index's space is checked when the embedding service first answers: another
+    space (another model, method or vectors) refuses the calls that embed, with why."""
+    from services.common.errors import FailedPrecondition
+    from services.search.service import ImageSearchService
+    from services.search.store import ImageStore
+
+    class AnswersWithAnotherSpace(RemoteEmbedder):
+        def __init__(self, probe: np.ndarray) -> None:  # no channel: it is never called
+            self.dimension, self.probe = len(probe), probe
+
+        async def start(self, wait_seconds: float = 0.0) -> None:
+            pass
+
+    rng = np.random.default_rng(0)
+    made_with, other = (rng.standard_normal(8).astype(np.float32) for _ in range(2))
+    ImageStore(tmp_path / "images.sqlite3", 8, made_with).close()
+    service = ImageSearchService(server_config("search", data_dir=tmp_path,
+                                               embed_target="127.0.0.1:1"))
+    service.store = ImageStore(tmp_path / "images.sqlite3", 8)
+    service.embedder = AnswersWithAnotherSpace(other)
+    service._embedding_problem = service._not_answered_yet
+    asyncio.run(service._verify_space())
+    with pytest.raises(FailedPrecondition, match="another embedding space") as error:
+        service._embedding()
+    assert error.value.reason == "EMBEDDING_SPACE_MISMATCH"
+    service.embedder = AnswersWithAnotherSpace(made_with)  # the space it was made in
+    asyncio.run(service._verify_space())
+    assert service._embedding() is service.embedder
+    service.store.close()

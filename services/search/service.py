@@ -49,6 +49,8 @@ Reply = TypeVar("Reply", bound=Message)
 QUICK_START_WAIT_SECONDS = 10.0
 #: How long each wait of that later check lasts before it waits again (it never gives up).
 VERIFY_WAIT_SECONDS = 600.0
+#: How long it waits before it asks again, after an answer that was an error.
+VERIFY_RETRY_SECONDS = 5.0
 ADD_BATCH = 16
 #: An AddImages stream's batch is also embedded once its images take this many bytes, or
 #: once the images that every stream of the process holds take ADD_BUFFER_BYTES, or when
@@ -195,8 +197,14 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         """Waits for the embedding service, then checks that it makes the index's kind of
         vectors: the calls that embed are served from then on, or, for another embedding
         space, refused with why (FAILED_PRECONDITION)."""
-        while not await self._embedder_answers(VERIFY_WAIT_SECONDS):
-            pass
+        while True:
+            try:
+                if await self._embedder_answers(VERIFY_WAIT_SECONDS):
+                    break
+            except ServiceError as error:  # it answered, but not as an embedder should
+                log.error("the embedding service's answer to the probe image failed; "
+                          "trying again", extra={"why": str(error)})
+                await asyncio.sleep(VERIFY_RETRY_SECONDS)
         try:
             await asyncio.to_thread(self.store.check_space, self.embedder.dimension,
                                     self.embedder.probe)

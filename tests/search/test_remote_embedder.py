@@ -310,7 +310,7 @@ def test_search_over_an_index_it_has_serves_its_reads_before_the_embedding_servi
 
 
 def test_an_embedding_service_of_another_space_met_after_start_is_refused(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The index's space is checked when the embedding service first answers: another
     space (another model, method or vectors) refuses the calls that embed, with why."""
     from services.common.errors import FailedPrecondition
@@ -318,11 +318,14 @@ def test_an_embedding_service_of_another_space_met_after_start_is_refused(
     from services.search.store import ImageStore
 
     class AnswersWithAnotherSpace(RemoteEmbedder):
-        def __init__(self, probe: np.ndarray) -> None:  # no channel: it is never called
-            self.dimension, self.probe = len(probe), probe
+        def __init__(self, probe: np.ndarray, failures: int = 0) -> None:  # no channel
+            self.dimension, self.probe, self.failures = len(probe), probe, failures
 
         async def start(self, wait_seconds: float = 0.0) -> None:
-            pass
+            if self.failures:  # an answer that is an error: asked again, not given up
+                self.failures -= 1
+                raise ServiceError("embedding service: INTERNAL: boom",
+                                   code=grpc.StatusCode.INTERNAL)
 
     rng = np.random.default_rng(0)
     made_with, other = (rng.standard_normal(8).astype(np.float32) for _ in range(2))
@@ -330,8 +333,9 @@ def test_an_embedding_service_of_another_space_met_after_start_is_refused(
     service = ImageSearchService(server_config("search", data_dir=tmp_path,
                                                embed_target="127.0.0.1:1"))
     service.store = ImageStore(tmp_path / "images.sqlite3", 8)
-    service.embedder = AnswersWithAnotherSpace(other)
+    service.embedder = AnswersWithAnotherSpace(other, failures=1)
     service._embedding_problem = service._not_answered_yet
+    monkeypatch.setattr("services.search.service.VERIFY_RETRY_SECONDS", 0.01)
     asyncio.run(service._verify_space())
     with pytest.raises(FailedPrecondition, match="another embedding space") as error:
         service._embedding()

@@ -166,7 +166,11 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
             self._embedding_problem = self._not_answered_yet
             self._verifier = asyncio.get_running_loop().create_task(self._verify_space())
         else:
-            self.store = ImageStore(record, self.embedder.dimension, self.embedder.probe)
+            self.store = ImageStore(record, dimension)
+            problem = await asyncio.to_thread(self._space_problem)
+            if problem is not None:  # as when met later: reads served, the rest refused
+                self._embedding_problem = problem
+                self._verifier = asyncio.get_running_loop().create_task(self._verify_space())
         self.index, self.snapshot_seq = await asyncio.to_thread(self._recover)
         self.write_lock = asyncio.Lock()
         self.buffered_bytes = 0  # image bytes that AddImages streams hold, not yet embedded
@@ -176,47 +180,69 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                                          "data_dir": str(data_dir)})
 
     async def _embedder_answers(self, wait_seconds: float) -> bool:
-        """Whether the (remote) embedding service answered within ``wait_seconds``."""
+        """Whether the (remote) embedding service answered the probe image within
+        ``wait_seconds``; an answer that is an error is kept in ``_last_answer``."""
         assert isinstance(self.embedder, RemoteEmbedder)
+        self._last_answer = None
         try:
             await self.embedder.start(wait_seconds=wait_seconds)
         except ServiceError as error:
             if error.code not in (grpc.StatusCode.UNAVAILABLE,
                                   grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise
+                self._last_answer = str(error)
             return False
         return True
 
     def _not_answered_yet(self) -> ServiceError:
         return Unavailable(f"the embedding service at {self.config.embed_target} has not "
                            "answered since this server started: GetImages, ListImages, "
-                           "Delete and Stats work, the calls that embed once it answers",
+                           "DeleteImages and Stats work; the calls that embed will once it "
+                           "answers",
                            reason="EMBEDDING_SERVICE_UNAVAILABLE")
 
+    def _space_problem(self) -> Callable[[], ServiceError] | None:
+        """Why the embedder's space cannot serve this index (None: it can)."""
+        try:
+            self.store.check_space(self.embedder.dimension, self.embedder.probe)
+        except ValueError as error:
+            message = str(error)
+            return lambda: FailedPrecondition(message, reason="EMBEDDING_SPACE_MISMATCH")
+        return None
+
     async def _verify_space(self) -> None:
-        """Waits for the embedding service, then checks that it makes the index's kind of
-        vectors: the calls that embed are served from then on, or, for another embedding
-        space, refused with why (FAILED_PRECONDITION)."""
+        """Until the embedding service answers in the index's space: asks it, with a
+        backoff, logging only when what it answers changes."""
+        delay, said = VERIFY_RETRY_SECONDS, None
         while True:
             try:
                 if await self._embedder_answers(VERIFY_WAIT_SECONDS):
-                    break
-            except ServiceError as error:  # it answered, but not as an embedder should
-                log.error("the embedding service's answer to the probe image failed; "
-                          "trying again", extra={"why": str(error)})
-                await asyncio.sleep(VERIFY_RETRY_SECONDS)
-        try:
-            await asyncio.to_thread(self.store.check_space, self.embedder.dimension,
-                                    self.embedder.probe)
-        except ValueError as error:
-            message = str(error)
-            log.error("the embedding service makes vectors of another space than the "
-                      "index's: the calls that embed are refused", extra={"why": message})
-            self._embedding_problem = lambda: FailedPrecondition(
-                message, reason="EMBEDDING_SPACE_MISMATCH")
-            return
-        self._embedding_problem = None
-        log.info("the embedding service answers, in the index's space: serving every call")
+                    problem = await asyncio.to_thread(self._space_problem)
+                    if problem is None:
+                        self._embedding_problem = None
+                        log.info("the embedding service answers, in the index's space: "
+                                 "serving every call")
+                        return
+                    self._embedding_problem = problem
+                    news = problem().message
+                elif self._last_answer is not None:
+                    answer = self._last_answer
+                    self._embedding_problem = lambda answer=answer: Unavailable(
+                        f"the embedding service at {self.config.embed_target} answered the "
+                        f"probe image with {answer}; asking again",
+                        reason="EMBEDDING_SERVICE_UNAVAILABLE")
+                    news = answer
+                else:
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # never die silently
+                news = f"{type(error).__name__}: {error}"
+            if news != said:
+                log.error("the calls that embed are refused: asking the embedding service "
+                          "again", extra={"why": news})
+                said = news
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
 
     def _embedding(self) -> Embedder:
         """The embedder, for a call that embeds; the error that refuses such calls while
@@ -255,7 +281,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         if getattr(self, "_verifier", None) is not None:
             assert self._verifier is not None
             self._verifier.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._verifier
         if hasattr(self, "_snapshotter"):
             self._snapshotter.cancel()

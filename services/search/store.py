@@ -81,11 +81,12 @@ def recorded_dimension(path: Path) -> int | None:
     try:
         rows = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('dimension', 'probe')")
                     .fetchall())
-    except sqlite3.Error:  # no meta table yet, or not a record: let the store say
+    except sqlite3.OperationalError:  # no meta table yet (a corrupt file raises at once)
         return None
     finally:
         db.close()
-    return int(rows["dimension"]) if {"dimension", "probe"} <= rows.keys() else None
+    # without a probe (an older record), the first embedder met gives it, as at start
+    return int(rows["dimension"]) if "dimension" in rows else None
 
 
 class ImageStore:

@@ -309,20 +309,22 @@ def test_search_over_an_index_it_has_serves_its_reads_before_the_embedding_servi
             embed.stop()
 
 
-def test_an_embedding_service_of_another_space_met_after_start_is_refused(
+def test_an_embedding_service_of_another_space_is_refused_until_it_is_put_right(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The index's space is checked when the embedding service first answers: another
-    space (another model, method or vectors) refuses the calls that embed, with why."""
+    """The index's space is checked when the embedding service answers: another space
+    (another model, method or vectors) refuses the calls that embed, with why, and search
+    asks again, with a backoff, until the service is put right; an answer that is an error
+    is asked again too."""
     from services.common.errors import FailedPrecondition
     from services.search.service import ImageSearchService
     from services.search.store import ImageStore
 
-    class AnswersWithAnotherSpace(RemoteEmbedder):
+    class Answers(RemoteEmbedder):
         def __init__(self, probe: np.ndarray, failures: int = 0) -> None:  # no channel
             self.dimension, self.probe, self.failures = len(probe), probe, failures
 
         async def start(self, wait_seconds: float = 0.0) -> None:
-            if self.failures:  # an answer that is an error: asked again, not given up
+            if self.failures:  # an answer that is an error
                 self.failures -= 1
                 raise ServiceError("embedding service: INTERNAL: boom",
                                    code=grpc.StatusCode.INTERNAL)
@@ -333,14 +335,50 @@ def test_an_embedding_service_of_another_space_met_after_start_is_refused(
     service = ImageSearchService(server_config("search", data_dir=tmp_path,
                                                embed_target="127.0.0.1:1"))
     service.store = ImageStore(tmp_path / "images.sqlite3", 8)
-    service.embedder = AnswersWithAnotherSpace(other, failures=1)
+    service.embedder = Answers(other, failures=1)
     service._embedding_problem = service._not_answered_yet
     monkeypatch.setattr("services.search.service.VERIFY_RETRY_SECONDS", 0.01)
-    asyncio.run(service._verify_space())
-    with pytest.raises(FailedPrecondition, match="another embedding space") as error:
-        service._embedding()
-    assert error.value.reason == "EMBEDDING_SPACE_MISMATCH"
-    service.embedder = AnswersWithAnotherSpace(made_with)  # the space it was made in
-    asyncio.run(service._verify_space())
-    assert service._embedding() is service.embedder
+
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(1000):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("never")
+
+    async def run() -> None:
+        verifier = asyncio.ensure_future(service._verify_space())
+
+        def refused_for_another_space() -> bool:
+            problem = service._embedding_problem
+            return problem is not None and problem().reason == "EMBEDDING_SPACE_MISMATCH"
+
+        await until(refused_for_another_space)
+        with pytest.raises(FailedPrecondition, match="another embedding space"):
+            service._embedding()
+        assert not verifier.done()  # it asks again
+        service.embedder = Answers(made_with)  # the service is put right
+        await until(lambda: service._embedding_problem is None)
+        assert service._embedding() is service.embedder
+        await asyncio.wait_for(verifier, 5)  # and then it is done
+
+    asyncio.run(run())
     service.store.close()
+
+
+def test_which_records_let_search_start_before_the_embedding_service(tmp_path: Path) -> None:
+    """A record that knows its dimension (with its space's probe, or from before the probe
+    was kept: the first embedder met gives it) lets search start at once; none at all
+    waits for the space; a file that is no database fails at once, whatever embed does."""
+    import sqlite3
+
+    from services.search.store import ImageStore, recorded_dimension
+
+    assert recorded_dimension(tmp_path / "none.sqlite3") is None
+    ImageStore(tmp_path / "with-probe.sqlite3", 8, np.ones(8, np.float32)).close()
+    assert recorded_dimension(tmp_path / "with-probe.sqlite3") == 8
+    ImageStore(tmp_path / "old.sqlite3", 8).close()  # no probe kept
+    assert recorded_dimension(tmp_path / "old.sqlite3") == 8
+    (tmp_path / "junk.sqlite3").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(sqlite3.DatabaseError):
+        recorded_dimension(tmp_path / "junk.sqlite3")

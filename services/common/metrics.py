@@ -11,7 +11,8 @@ Exposed on ``--metrics-port`` at ``/metrics``:
   the image models: one large image counts many);
 - ``percept_dropped_total{queue, reason}``: work dropped before compute (deadline, cancelled);
 - ``percept_rejected_total{queue}``: requests refused because the queue was full;
-- ``percept_queue_stalled{queue}``: 1 while its batch has run past ``--stall-seconds``.
+- ``percept_queue_stalled{queue}``: 1 while its batch has run past ``--stall-seconds``;
+- ``percept_search_embedding_served``: 0 while search refuses the calls that embed.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ QUEUE_DEPTH = Gauge("percept_queue_depth",
                     "Work items waiting or running (tiles, for the image models)", ["queue"])
 DROPPED = Counter("percept_dropped_total", "Requests dropped before compute", ["queue", "reason"])
 REJECTED = Counter("percept_rejected_total", "Requests refused: queue full", ["queue"])
+EMBEDDING_SERVED = Gauge("percept_search_embedding_served",
+                         "search: 1 while the calls that embed are served, 0 while they are "
+                         "refused (the embedding service has not answered since start, or "
+                         "makes another space than the index's)")
 STALLED = Gauge("percept_queue_stalled",
                 "1 while the queue's running batch has run past --stall-seconds (a hung "
                 "model or GPU: its service reports NOT_SERVING)", ["queue"])

@@ -34,6 +34,7 @@ from services.common.errors import (
     shown,
 )
 from services.common.images import probe_size
+from services.common.metrics import EMBEDDING_SERVED
 from services.common.rpc import stream_errors, time_remaining, unary_errors
 from services.common.server import ServiceModule
 from services.search.embedder import Embedder, InProcessEmbedder, RemoteEmbedder
@@ -147,8 +148,8 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         data_dir = self.config.data_dir
         self.snapshots = data_dir / "snapshots"
         record = data_dir / "images.sqlite3"
-        #: why the calls that embed are refused now, if they are (embedding_problem)
-        self._embedding_problem: Callable[[], ServiceError] | None = None
+        #: why the calls that embed are refused now, if they are (_embedding)
+        self.embedding_problem = None
         self._verifier: asyncio.Task[None] | None = None
         dimension = recorded_dimension(record) \
             if isinstance(self.embedder, RemoteEmbedder) else None
@@ -163,13 +164,13 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                         "reads; the calls that embed answer UNAVAILABLE until it does",
                         extra={"embed_target": self.config.embed_target})
             self.store = ImageStore(record, dimension)
-            self._embedding_problem = self._not_answered_yet
+            self.embedding_problem = self._not_answered_yet
             self._verifier = asyncio.get_running_loop().create_task(self._verify_space())
         else:
             self.store = ImageStore(record, dimension)
             problem = await asyncio.to_thread(self._space_problem)
             if problem is not None:  # as when met later: reads served, the rest refused
-                self._embedding_problem = problem
+                self.embedding_problem = problem
                 self._verifier = asyncio.get_running_loop().create_task(self._verify_space())
         self.index, self.snapshot_seq = await asyncio.to_thread(self._recover)
         self.write_lock = asyncio.Lock()
@@ -218,15 +219,15 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                 if await self._embedder_answers(VERIFY_WAIT_SECONDS):
                     problem = await asyncio.to_thread(self._space_problem)
                     if problem is None:
-                        self._embedding_problem = None
+                        self.embedding_problem = None
                         log.info("the embedding service answers, in the index's space: "
                                  "serving every call")
                         return
-                    self._embedding_problem = problem
+                    self.embedding_problem = problem
                     news = problem().message
                 elif self._last_answer is not None:
                     answer = self._last_answer
-                    self._embedding_problem = lambda answer=answer: Unavailable(
+                    self.embedding_problem = lambda answer=answer: Unavailable(
                         f"the embedding service at {self.config.embed_target} answered the "
                         f"probe image with {answer}; asking again",
                         reason="EMBEDDING_SERVICE_UNAVAILABLE")
@@ -244,11 +245,21 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
 
+    @property
+    def embedding_problem(self) -> Callable[[], ServiceError] | None:
+        """Makes the error that refuses the calls that embed, while they are refused."""
+        return self._problem
+
+    @embedding_problem.setter
+    def embedding_problem(self, problem: Callable[[], ServiceError] | None) -> None:
+        self._problem = problem
+        EMBEDDING_SERVED.set(0 if problem is not None else 1)
+
     def _embedding(self) -> Embedder:
         """The embedder, for a call that embeds; the error that refuses such calls while
         the embedding service has not answered since start, or makes another space."""
-        if self._embedding_problem is not None:
-            raise self._embedding_problem()
+        if self._problem is not None:
+            raise self._problem()
         return self.embedder
 
     def _recover(self) -> tuple[VectorIndex, int]:

@@ -294,6 +294,9 @@ def test_search_over_an_index_it_has_serves_its_reads_before_the_embedding_servi
             "UNAVAILABLE", "EMBEDDING_SERVICE_UNAVAILABLE")
         assert _code_and_reason(lambda: add(stub, add_requests(variants[3:4]))) == (
             "UNAVAILABLE", "EMBEDDING_SERVICE_UNAVAILABLE")
+        from prometheus_client import REGISTRY  # the pod is Ready: this says it refuses
+
+        assert REGISTRY.get_sample_value("percept_search_embedding_served") == 0
 
         embed = start_in_thread(server_config("embed", port=port), timeout=900)
         deadline = time.monotonic() + 120
@@ -303,6 +306,7 @@ def test_search_over_an_index_it_has_serves_its_reads_before_the_embedding_servi
         hits = stub.SearchByImage(search_pb2.SearchByImageRequest(image=variants[2], k=1),
                                   timeout=60).hits
         assert hits[0].id == "kept-2"
+        assert REGISTRY.get_sample_value("percept_search_embedding_served") == 1
     finally:
         search.stop()
         if embed is not None:
@@ -336,7 +340,7 @@ def test_an_embedding_service_of_another_space_is_refused_until_it_is_put_right(
                                                embed_target="127.0.0.1:1"))
     service.store = ImageStore(tmp_path / "images.sqlite3", 8)
     service.embedder = Answers(other, failures=1)
-    service._embedding_problem = service._not_answered_yet
+    service.embedding_problem = service._not_answered_yet
     monkeypatch.setattr("services.search.service.VERIFY_RETRY_SECONDS", 0.01)
 
     async def until(condition: Callable[[], bool]) -> None:
@@ -350,7 +354,7 @@ def test_an_embedding_service_of_another_space_is_refused_until_it_is_put_right(
         verifier = asyncio.ensure_future(service._verify_space())
 
         def refused_for_another_space() -> bool:
-            problem = service._embedding_problem
+            problem = service.embedding_problem
             return problem is not None and problem().reason == "EMBEDDING_SPACE_MISMATCH"
 
         await until(refused_for_another_space)
@@ -358,7 +362,7 @@ def test_an_embedding_service_of_another_space_is_refused_until_it_is_put_right(
             service._embedding()
         assert not verifier.done()  # it asks again
         service.embedder = Answers(made_with)  # the service is put right
-        await until(lambda: service._embedding_problem is None)
+        await until(lambda: service.embedding_problem is None)
         assert service._embedding() is service.embedder
         await asyncio.wait_for(verifier, 5)  # and then it is done
 

@@ -156,20 +156,21 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         if dimension is None:  # a new record: its space is the embedder's, so wait for it
             await self.embedder.start()
             self.store = ImageStore(record, self.embedder.dimension, self.embedder.probe)
-        elif not await self._embedder_answers(QUICK_START_WAIT_SECONDS):
-            # An index already made: serve its reads now, and the calls that embed once
-            # the embedding service answers and its space is checked against the index's
-            # (an embedding pod may load for minutes after this one is up)
-            log.warning("the embedding service does not answer yet: serving the index's "
-                        "reads; the calls that embed answer UNAVAILABLE until it does",
-                        extra={"embed_target": self.config.embed_target})
-            self.store = ImageStore(record, dimension)
-            self.embedding_problem = self._not_answered_yet
-            self._verifier = asyncio.get_running_loop().create_task(self._verify_space())
         else:
+            # An index already made: if the embedding service does not answer soon (an
+            # embedding pod may load for minutes after this one is up), or answers in
+            # another space, serve the index's reads now and the calls that embed once it
+            # answers in the index's space
+            answered, _ = await self._ask_embedder(QUICK_START_WAIT_SECONDS)
             self.store = ImageStore(record, dimension)
-            problem = await asyncio.to_thread(self._space_problem)
-            if problem is not None:  # as when met later: reads served, the rest refused
+            problem = await asyncio.to_thread(self._space_problem) if answered \
+                else self._not_answered_yet
+            if problem is not None:
+                if not answered:
+                    log.warning("the embedding service does not answer yet: serving the "
+                                "index's reads; the calls that embed answer UNAVAILABLE "
+                                "until it does",
+                                extra={"embed_target": self.config.embed_target})
                 self.embedding_problem = problem
                 self._verifier = asyncio.get_running_loop().create_task(self._verify_space())
         self.index, self.snapshot_seq = await asyncio.to_thread(self._recover)
@@ -180,19 +181,17 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         log.info("search loaded", extra={"images": len(self.index), "index": self.index.kind,
                                          "data_dir": str(data_dir)})
 
-    async def _embedder_answers(self, wait_seconds: float) -> bool:
+    async def _ask_embedder(self, wait_seconds: float) -> tuple[bool, str | None]:
         """Whether the (remote) embedding service answered the probe image within
-        ``wait_seconds``; an answer that is an error is kept in ``_last_answer``."""
+        ``wait_seconds``, and the error it answered with, if it did answer with one."""
         assert isinstance(self.embedder, RemoteEmbedder)
-        self._last_answer = None
         try:
             await self.embedder.start(wait_seconds=wait_seconds)
         except ServiceError as error:
-            if error.code not in (grpc.StatusCode.UNAVAILABLE,
-                                  grpc.StatusCode.DEADLINE_EXCEEDED):
-                self._last_answer = str(error)
-            return False
-        return True
+            if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return False, None
+            return False, str(error)
+        return True, None
 
     def _not_answered_yet(self) -> ServiceError:
         return Unavailable(f"the embedding service at {self.config.embed_target} has not "
@@ -216,7 +215,8 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         delay, said = VERIFY_RETRY_SECONDS, None
         while True:
             try:
-                if await self._embedder_answers(VERIFY_WAIT_SECONDS):
+                answered, answer = await self._ask_embedder(VERIFY_WAIT_SECONDS)
+                if answered:
                     problem = await asyncio.to_thread(self._space_problem)
                     if problem is None:
                         self.embedding_problem = None
@@ -225,8 +225,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                         return
                     self.embedding_problem = problem
                     news = problem().message
-                elif self._last_answer is not None:
-                    answer = self._last_answer
+                elif answer is not None:
                     self.embedding_problem = lambda answer=answer: Unavailable(
                         f"the embedding service at {self.config.embed_target} answered the "
                         f"probe image with {answer}; asking again",

@@ -138,7 +138,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """percept.v1.ServerInfo of a server (with no target: as `percept health` finds them)."""
-    from google.protobuf.json_format import MessageToDict
+    from services.proto_json import message_to_json_dict
 
     timeout = _positive_timeout(args.timeout)
     cluster = _default_targets(args, timeout)
@@ -152,8 +152,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             failed = 1
     if args.json:
         print(json.dumps({"servers": [
-            {"target": target, **MessageToDict(info, preserving_proto_field_name=True,
-                                               always_print_fields_with_no_presence=True)}
+            {"target": target, **message_to_json_dict(info)}
             for target, info in answers]}, indent=2))
         return failed
     for target, info in answers:

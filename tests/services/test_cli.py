@@ -363,7 +363,8 @@ def test_info_command(all_server: RunningServer, capsys: pytest.CaptureFixture[s
     assert server["target"] == all_server.target and server["ready"] is True
     assert {"service": "percept.v1.StyleTransfer", "name": "starry-night"}.items() <= next(
         m for m in server["models"] if m["name"] == "starry-night").items()
-    assert server["limits"]["max_pixels"] == "64000000"  # int64 is a string in proto JSON
+    assert server["limits"]["max_pixels"] == 64_000_000  # a number, not proto JSON's string
+    assert all(isinstance(model["version"], int) for model in server["models"])
 
 
 def test_info_without_a_server_is_unavailable(capsys: pytest.CaptureFixture[str]) -> None:

@@ -50,6 +50,10 @@ EMBEDDING_SERVED = Gauge("percept_search_embedding_served",
                          "search: 1 while the calls that embed are served, 0 while they are "
                          "refused (the embedding service has not answered since start, or "
                          "makes another space than the index's)")
+SPACE_REFUSALS = Counter("percept_search_space_refusals_total",
+                         "search: answers of the embedding service refused because their "
+                         "vectors are not in the index's space (an embedding pod rolled "
+                         "out with another DeViSE map or --word-vectors file)")
 STALLED = Gauge("percept_queue_stalled",
                 "1 while the queue's running batch has run past --stall-seconds (a hung "
                 "model or GPU: its service reports NOT_SERVING)", ["queue"])

@@ -21,12 +21,11 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
 import torch
-from PIL import Image
 
 from percept.v1 import embed_pb2, embed_pb2_grpc, server_pb2
 from services.common.alpha import over_white
@@ -48,6 +47,7 @@ from services.common.metrics import REJECTED, REQUEST_SLOTS
 from services.common.rpc import time_remaining, unary_errors
 from services.common.server import ServiceModule
 from services.common.server_info import model_info
+from services.embed.preprocess import INPUT_SIZE, preprocess
 from services.embed.word_vectors import (
     TextEncoder,
     describe_source,
@@ -61,9 +61,15 @@ from training.nets.efficientnet_lite import load_efficientnet_lite0
 
 log = logging.getLogger("percept.embed")
 
-INPUT_SIZE = 224
 CONSE_TOP_T = 10
+#: EmbedImagesResponse.model for CONSE: its backbone (the pinned ImageNet classifier) and T
+CONSE_MODEL = f"conse-efficientnet-lite0-top{CONSE_TOP_T}"
 MAX_TEXT_CHARS = 1000
+#: The most word pieces ([CLS] and [SEP] included) of a text all-MiniLM-L6-v2 reads: its
+#: sentence-transformers default window. A longer text is refused, not silently cut (the
+#: noun vectors were made with a 64-piece window, which none of the 1000-character texts a
+#: request may send would fit).
+MAX_TEXT_TOKENS = 256
 MAX_K = 100
 DEFAULT_K = 5
 _WNID = re.compile(r"^n\d{8}$")
@@ -71,15 +77,11 @@ DEVISE, CONSE = embed_pb2.EMBEDDING_METHOD_DEVISE, embed_pb2.EMBEDDING_METHOD_CO
 _METHOD_NAMES = {DEVISE: "devise", CONSE: "conse"}
 
 
-def preprocess(rgb: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
-    """Resize the shortest side to ``size`` (bicubic), centre-crop; never pad. uint8."""
-    image = Image.fromarray(rgb)
-    scale = size / min(image.size)
-    resized = image.resize((max(size, round(image.width * scale)),
-                            max(size, round(image.height * scale))),
-                           Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    return np.asarray(resized.crop((left, top, left + size, top + size)))
+def _too_many_tokens(index: int, count: int, one: bool) -> InvalidArgument:
+    what = "text" if one else f"text {index}"
+    return InvalidArgument(f"{what} is {count} word pieces long, over the text encoder's "
+                           f"window of {MAX_TEXT_TOKENS} (about 190 English words): a longer "
+                           "text would be cut, so shorten it", field=f"texts[{index}]")
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,15 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
                 vectors = conse_embed(probabilities, self.class_vectors, CONSE_TOP_T)
         return list(vectors.float().cpu().numpy())
 
+    def image_model(self, method: int) -> str:
+        """What maps images into word space by ``method`` (a method :meth:`_method` chose):
+        the DeViSE map's artifact tag, or ConSE's backbone and T. Its image vectors compare
+        only with vectors of the same space and model (EmbedImagesResponse.model)."""
+        if method == DEVISE:
+            assert self.devise is not None
+            return self.devise.tag
+        return CONSE_MODEL
+
     def _method(self, method: int) -> int:
         if method == embed_pb2.EMBEDDING_METHOD_UNSPECIFIED:
             return self.default_method
@@ -302,7 +313,8 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             raise
         return embed_pb2.EmbedImagesResponse(
             embeddings=[embed_pb2.Vector(values=v.tolist()) for v in vectors],
-            dimension=self.index.dimension, method=method, space=self.text.name)
+            dimension=self.index.dimension, method=method, space=self.text.name,
+            model=self.image_model(method))
 
     async def embed_texts(self, texts: Sequence[str], timeout: float | None = None
                           ) -> np.ndarray:
@@ -329,16 +341,37 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
                          ) -> list[np.ndarray | ServiceError]:
         """The phrases of several requests in one encoder call; a request with a phrase
         the vectors cannot embed gets its error, the others their vectors."""
+        answers: list[np.ndarray | ServiceError | None] = [None] * len(requests)
+        if isinstance(self.text, TextEncoder):  # a text past the encoder's window is refused
+            counts = iter(self.text.token_counts([t for texts in requests for t in texts]))
+            for r, texts in enumerate(requests):
+                over = [(i, n) for i, n in ((i, next(counts)) for i in range(len(texts)))
+                        if n > MAX_TEXT_TOKENS]
+                if over:
+                    answers[r] = _too_many_tokens(*over[0], one=len(texts) == 1)
+        todo = [r for r, answer in enumerate(answers) if answer is None]
+        if not todo:
+            return cast(list[np.ndarray | ServiceError], answers)
         try:
-            vectors = self.text.encode([text for texts in requests for text in texts])
+            vectors = self._encode([text for r in todo for text in requests[r]])
         except ValueError:  # word vectors: a text none of whose words has one
-            return [self._encode_one_request(texts) for texts in requests]
-        ends = np.cumsum([len(texts) for texts in requests])
-        return list(np.split(vectors, ends[:-1]))
+            for r in todo:
+                answers[r] = self._encode_one_request(requests[r])
+        else:
+            ends = np.cumsum([len(requests[r]) for r in todo])
+            for r, part in zip(todo, np.split(vectors, ends[:-1]), strict=True):
+                answers[r] = part
+        assert all(answer is not None for answer in answers)
+        return cast(list[np.ndarray | ServiceError], answers)
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        if isinstance(self.text, TextEncoder):
+            return self.text.encode(texts, max_tokens=MAX_TEXT_TOKENS)
+        return self.text.encode(texts)
 
     def _encode_one_request(self, texts: tuple[str, ...]) -> np.ndarray | ServiceError:
         try:
-            return np.asarray(self.text.encode(list(texts)))
+            return np.asarray(self._encode(list(texts)))
         except ValueError as error:
             return InvalidArgument(str(error))
 
@@ -377,4 +410,5 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             synset = self.vocab[int(row)]
             labels.append(embed_pb2.Label(wnid=synset.wnid, lemmas=list(synset.lemmas),
                                           gloss=synset.gloss, score=float(score)))
-        return embed_pb2.LabelImageResponse(labels=labels, method=method)
+        return embed_pb2.LabelImageResponse(labels=labels, method=method,
+                                            model=self.image_model(method))

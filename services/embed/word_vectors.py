@@ -218,18 +218,33 @@ class TextEncoder:
                     self._model = model
         return self._model
 
-    def encode(self, texts: Sequence[str], *, batch_size: int | None = None) -> np.ndarray:
-        """(N, 384) float32 unit vectors for ``texts``."""
+    def encode(self, texts: Sequence[str], *, batch_size: int | None = None,
+               max_tokens: int | None = None) -> np.ndarray:
+        """(N, 384) float32 unit vectors for ``texts``, each read up to ``max_tokens`` word
+        pieces (default: the encoder's ``max_seq_length``, which made the noun vectors);
+        past that a text is cut, so callers that must not cut check :meth:`token_counts`."""
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of strings, not one string")
         if len(texts) == 0:
             return np.zeros((0, self.dimension), dtype=np.float32)
         model = self._load()
         with self._lock:
-            vectors = model.encode(list(texts), batch_size=batch_size or self.batch_size,
-                                   normalize_embeddings=True, convert_to_numpy=True,
-                                   show_progress_bar=False)
+            model.max_seq_length = max_tokens or self.max_seq_length
+            try:
+                vectors = model.encode(list(texts), batch_size=batch_size or self.batch_size,
+                                       normalize_embeddings=True, convert_to_numpy=True,
+                                       show_progress_bar=False)
+            finally:
+                model.max_seq_length = self.max_seq_length
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """The word pieces of each text, [CLS] and [SEP] included, as the encoder reads it."""
+        tokenizer = self._load().tokenizer
+        with self._lock:
+            ids = tokenizer(list(texts), add_special_tokens=True, truncation=False,
+                            verbose=False)["input_ids"]
+        return [len(row) for row in ids]
 
 
 # --------------------------------------------------------------------------- noun vectors

@@ -7,9 +7,10 @@ import abc
 import asyncio
 import functools
 import io
+import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -23,13 +24,17 @@ from services.common.errors import (
     RETRY_PUSHBACK_KEY,
     STATUS_DETAILS_KEY,
     Busy,
+    FailedPrecondition,
     InvalidArgument,
     ServiceError,
     Unavailable,
 )
+from services.common.metrics import SPACE_REFUSALS
 
 if TYPE_CHECKING:  # a search process with a remote embedder never imports torch
     from services.embed.service import EmbeddingService
+
+_log = logging.getLogger("percept.search")
 
 #: Room kept in an EmbedImages request for its other fields and framing, and per image
 #: (a protobuf tag and length).
@@ -51,6 +56,11 @@ def probe_image() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def _text_field(field: str | None) -> str | None:
+    """The field of an EmbedText error about its one text, as search's request names it."""
+    return "text" if field == "texts[0]" else field
 
 
 class Embedder(abc.ABC):
@@ -101,7 +111,11 @@ class InProcessEmbedder(Embedder):
         return await self.service.embed_images(images, timeout=timeout)
 
     async def embed_text(self, text: str, timeout: float | None = None) -> np.ndarray:
-        return (await self.service.embed_texts([text], timeout))[0]
+        try:
+            return (await self.service.embed_texts([text], timeout))[0]
+        except InvalidArgument as error:
+            error.field = _text_field(error.field)
+            raise
 
 
 #: How long search waits at start for the Embedding service: within its pod's start-up
@@ -109,6 +123,14 @@ class InProcessEmbedder(Embedder):
 START_WAIT_SECONDS = 540.0
 #: What a call that waits for an embedding server ends with while none is up.
 _NOT_UP_YET = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+#: Probe calls that look for an embedding pod answering with a model search has not judged
+#: yet. Round-robin takes each Ready pod in turn, so this many reach every one of up to as
+#: many pods (the gpu overlay's HPA allows 8).
+IDENTITY_PROBES = 8
+
+#: What an EmbedImages answer says made its vectors: (space, model), for example
+#: ("sentence-transformers/all-MiniLM-L6-v2", "devise-minilm@1").
+Identity = tuple[str, str]
 
 
 def _details_of(error: grpc.aio.AioRpcError) -> tuple[str | None, str | None]:
@@ -140,6 +162,19 @@ def _field_in_call(field: str | None, offset: int, count: int) -> str | None:
     return "image" if count == 1 else f"images[{offset + int(numbered.group(1))}]"
 
 
+def log_verdict(target: str, identity: Identity, verdict: str | None) -> None:
+    """Says what search concluded of an embedding model it met (one line per model)."""
+    if verdict is None:
+        _log.info("the embedding service answers with a model whose vectors are in the "
+                  "index's space", extra={"embed_target": target, "space": identity[0],
+                                          "model": identity[1]})
+    else:
+        _log.error("the embedding service answers with a model whose vectors are not in "
+                   "the index's space: its answers are refused", extra={
+                       "embed_target": target, "space": identity[0], "model": identity[1],
+                       "why": verdict})
+
+
 class RemoteEmbedder(Embedder):
     """Calls the Embedding service at ``target`` (round-robin over a headless Service)."""
 
@@ -157,6 +192,18 @@ class RemoteEmbedder(Embedder):
             ("grpc.initial_reconnect_backoff_ms", 500),
             ("grpc.max_reconnect_backoff_ms", 5000)])
         self.stub = embed_pb2_grpc.EmbeddingStub(self.channel)
+        #: what made the probe vector of the latest start() (its answer's space and model)
+        self.identity: Identity = ("", "")
+        #: search's verdict on each (space, model) the embedding service has answered
+        #: with: None where its vectors can be searched with the index's, else why not.
+        #: The embedding pods behind one target may change mid-life (a rollout to another
+        #: DeViSE map or --word-vectors file): an answer from one not judged yet is judged
+        #: by its probe vector before its vectors are used.
+        self.verdicts: dict[Identity, str | None] = {}
+        #: judges a probe vector (None: it agrees with the index's); set by search once
+        #: its index is open. Until then answers are not checked.
+        self.judge: Callable[[np.ndarray], str | None] | None = None
+        self._judging: dict[Identity, asyncio.Future[str | None]] = {}
 
     def _error(self, error: grpc.aio.AioRpcError) -> ServiceError:
         """The embedding service's error as search answers it, with its reason and field
@@ -187,9 +234,9 @@ class RemoteEmbedder(Embedder):
         while True:
             remaining = deadline - time.monotonic()
             try:
-                vectors = await self._embed_part([probe_image()],
-                                                 max(1.0, min(self.timeout, remaining)),
-                                                 wait_for_ready=True)
+                response = await self._call_embed_images(
+                    [probe_image()], max(1.0, min(self.timeout, remaining)),
+                    wait_for_ready=True)
                 break
             except ServiceError as error:
                 if error.code not in _NOT_UP_YET:
@@ -198,7 +245,8 @@ class RemoteEmbedder(Embedder):
                     raise ServiceError(f"{error} (waited {wait_seconds:.0f} s for it)",
                                        code=error.code) from error
                 await asyncio.sleep(1.0)
-        self._set_probe(vectors[0])
+        self.identity = (response.space, response.model)
+        self._set_probe(np.asarray(response.embeddings[0].values, dtype=np.float32))
 
     async def close(self) -> None:
         await self.channel.close()
@@ -214,18 +262,81 @@ class RemoteEmbedder(Embedder):
             response = await self.stub.EmbedText(embed_pb2.EmbedTextRequest(texts=[text]),
                                                  timeout=self._call_timeout(timeout))
         except grpc.aio.AioRpcError as error:
-            raise self._error(error) from error
+            problem = self._error(error)
+            if isinstance(problem, InvalidArgument):
+                problem.field = _text_field(problem.field)
+            raise problem from error
+        self._check_text_space(response.space)
         return np.asarray(response.embeddings[0].values, dtype=np.float32)
 
-    async def _embed_part(self, images: Sequence[bytes], timeout: float,
-                          wait_for_ready: bool = False) -> list[np.ndarray]:
+    async def _call_embed_images(self, images: Sequence[bytes], timeout: float,
+                                 wait_for_ready: bool = False
+                                 ) -> embed_pb2.EmbedImagesResponse:
         try:
-            response = await self.stub.EmbedImages(
+            response: embed_pb2.EmbedImagesResponse = await self.stub.EmbedImages(
                 embed_pb2.EmbedImagesRequest(images=list(images)), timeout=timeout,
                 wait_for_ready=wait_for_ready)
         except grpc.aio.AioRpcError as error:
             raise self._error(error) from error
+        return response
+
+    async def _embed_part(self, images: Sequence[bytes], timeout: float) -> list[np.ndarray]:
+        response = await self._call_embed_images(images, timeout)
+        await self._check_identity((response.space, response.model), timeout)
         return [np.asarray(v.values, dtype=np.float32) for v in response.embeddings]
+
+    # -- is an answer in the index's space? ----------------------------------------------
+    def _refuse(self, why: str) -> FailedPrecondition:
+        SPACE_REFUSALS.inc()
+        return FailedPrecondition(f"the embedding service at {self.target} {why}",
+                                  reason="EMBEDDING_SPACE_MISMATCH")
+
+    def _check_text_space(self, space: str) -> None:
+        """Text vectors depend on the space alone: they compare with the index's image
+        vectors when they are of the space of an answer judged good."""
+        good = {known for (known, _), verdict in self.verdicts.items() if verdict is None}
+        if self.judge is not None and good and space not in good:
+            raise self._refuse(f"now embeds text in {space!r}, and this index holds "
+                               f"vectors of {' or '.join(sorted(good))!r}: they cannot be "
+                               "compared (another --word-vectors file was rolled out?)")
+
+    async def _check_identity(self, identity: Identity, timeout: float) -> None:
+        """Refuses an answer whose (space, model) search has judged another space than the
+        index's, judging it first if it is new."""
+        if self.judge is None:
+            return
+        if identity not in self.verdicts:
+            judging = self._judging.get(identity)
+            if judging is None:  # one probe search for any number of calls that wait
+                judging = asyncio.ensure_future(self._judge_identity(identity, timeout))
+                self._judging[identity] = judging
+                judging.add_done_callback(lambda _: self._judging.pop(identity, None))
+            await asyncio.shield(judging)
+        verdict = self.verdicts[identity]
+        if verdict is not None:
+            raise self._refuse(f"now answers with {identity[1]!r} in {identity[0]!r}, "
+                               f"whose vectors are not this index's: {verdict}")
+
+    async def _judge_identity(self, identity: Identity, timeout: float) -> str | None:
+        """Asks for the probe image's vector until an embedding pod that answers with
+        ``identity`` gives it (at most IDENTITY_PROBES calls), and judges it."""
+        assert self.judge is not None
+        end = time.monotonic() + timeout
+        for _ in range(IDENTITY_PROBES):
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            response = await self._call_embed_images([probe_image()], left)
+            if (response.space, response.model) == identity:
+                probe = np.asarray(response.embeddings[0].values, dtype=np.float32)
+                verdict = await asyncio.to_thread(self.judge, probe)
+                self.verdicts[identity] = verdict
+                log_verdict(self.target, identity, verdict)
+                return verdict
+        raise Unavailable(f"the embedding service at {self.target} answered with "
+                          f"{identity[1]!r} in {identity[0]!r}, which search has not checked "
+                          f"against its index yet, and {IDENTITY_PROBES} probe calls met "
+                          "none that answers so; retry", reason="EMBEDDING_SERVICE_UNAVAILABLE")
 
     def _parts(self, images: Sequence[bytes]) -> list[Sequence[bytes]]:
         """``images`` in consecutive parts that each fit one message (an image alone may

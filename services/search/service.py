@@ -156,6 +156,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         if dimension is None:  # a new record: its space is the embedder's, so wait for it
             await self.embedder.start()
             self.store = ImageStore(record, self.embedder.dimension, self.embedder.probe)
+            self._judged(None)
         else:
             # An index already made: if the embedding service does not answer soon (an
             # embedding pod may load for minutes after this one is up), or answers in
@@ -163,8 +164,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
             # answers in the index's space
             answered, _ = await self._ask_embedder(QUICK_START_WAIT_SECONDS)
             self.store = ImageStore(record, dimension)
-            problem = await asyncio.to_thread(self._space_problem) if answered \
-                else self._not_answered_yet
+            problem = await self._check_space() if answered else self._not_answered_yet
             if problem is not None:
                 if not answered:
                     log.warning("the embedding service does not answer yet: serving the "
@@ -200,6 +200,27 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                            "answers",
                            reason="EMBEDDING_SERVICE_UNAVAILABLE")
 
+    async def _check_space(self) -> Callable[[], ServiceError] | None:
+        """Why the (remote) embedder's space, as its latest start() found it, cannot serve
+        this index (None: it can); its verdict is kept for the answers that follow."""
+        problem = await asyncio.to_thread(self._space_problem)
+        self._judged(None if problem is None else problem().message)
+        return problem
+
+    def _judged(self, verdict: str | None) -> None:
+        """Keeps the verdict on what the remote embedder answered its latest start() with,
+        and from now on has it judge every new model it meets by its probe vector."""
+        if isinstance(self.embedder, RemoteEmbedder):
+            self.embedder.verdicts[self.embedder.identity] = verdict
+            self.embedder.judge = self._judge_probe
+
+    def _judge_probe(self, probe: np.ndarray) -> str | None:
+        try:
+            self.store.check_space(int(probe.shape[0]), probe)
+        except ValueError as error:
+            return str(error)
+        return None
+
     def _space_problem(self) -> Callable[[], ServiceError] | None:
         """Why the embedder's space cannot serve this index (None: it can)."""
         try:
@@ -217,7 +238,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
             try:
                 answered, answer = await self._ask_embedder(VERIFY_WAIT_SECONDS)
                 if answered:
-                    problem = await asyncio.to_thread(self._space_problem)
+                    problem = await self._check_space()
                     if problem is None:
                         self.embedding_problem = None
                         log.info("the embedding service answers, in the index's space: "

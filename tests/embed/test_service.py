@@ -50,6 +50,12 @@ def test_labels_are_ranked_synsets_and_conse_sees_the_cat(stub: embed_pb2_grpc.E
                                           method: int) -> None:
     response = label(stub, encode(photo), k=10, method=method)
     assert len(response.labels) == 10 and response.method == method
+    made_by = "devise-minilm@1" if method == embed_pb2.EMBEDDING_METHOD_DEVISE \
+        else "conse-efficientnet-lite0-top10"
+    assert response.model == made_by
+    vectors = stub.EmbedImages(embed_pb2.EmbedImagesRequest(images=[encode(photo)],
+                                                            method=method), timeout=60)
+    assert (vectors.model, vectors.method) == (made_by, method)
     wnids = [lbl.wnid for lbl in response.labels]
     assert all(w in vocab for w in wnids)
     if method == embed_pb2.EMBEDDING_METHOD_CONSE:
@@ -141,6 +147,18 @@ def test_bad_label_requests(stub: embed_pb2_grpc.EmbeddingStub, photo: np.ndarra
     assert error.value.code() == code and message in error.value.details()
 
 
+def test_a_one_pixel_wide_strip_is_labelled_as_its_middle(
+        stub: embed_pb2_grpc.EmbeddingStub) -> None:
+    """A 1 x 10,000 PNG (0.01 MP, a few hundred bytes) is its middle pixel, resized: the
+    same labels as a 224-pixel square of that colour (before, the whole strip was resized
+    first, to 224 x 2,240,000 pixels: 1.5 GB for one request)."""
+    strip = np.zeros((1, 10_000, 3), np.uint8)
+    strip[0, 4_999] = (30, 120, 200)
+    square = np.full((224, 224, 3), (30, 120, 200), np.uint8)
+    as_strip, as_square = (label(stub, encode(image), k=5) for image in (strip, square))
+    assert [lbl.wnid for lbl in as_strip.labels] == [lbl.wnid for lbl in as_square.labels]
+
+
 def test_bad_image_in_a_batch_is_named(stub: embed_pb2_grpc.EmbeddingStub,
                                        photo: np.ndarray) -> None:
     with pytest.raises(grpc.RpcError) as error:
@@ -150,13 +168,36 @@ def test_bad_image_in_a_batch_is_named(stub: embed_pb2_grpc.EmbeddingStub,
     assert "empty image 1" in error.value.details()
 
 
-@pytest.mark.parametrize("texts, message", [([], "texts is empty"), ([" "], "text 0 is empty"),
-                                            (["x" * 1001], "over the limit of 1000")])
+@pytest.mark.parametrize("texts, message", [
+    ([], "texts is empty"), ([" "], "text 0 is empty"),
+    (["x" * 1001], "over the limit of 1000"),
+    (["x1 " * 300], "text is 602 word pieces long, over the text encoder's window of 256"),
+    (["a dog", "x1 " * 300], "text 1 is 602 word pieces long")])
 def test_bad_texts(stub: embed_pb2_grpc.EmbeddingStub, texts: list[str], message: str) -> None:
     with pytest.raises(grpc.RpcError) as error:
         stub.EmbedText(embed_pb2.EmbedTextRequest(texts=texts), timeout=60)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in error.value.details()
+
+
+def test_a_long_text_is_read_to_its_end(stub: embed_pb2_grpc.EmbeddingStub) -> None:
+    """A phrase of 203 word pieces (806 characters) is read whole: its last word counts.
+    The noun vectors' 64-piece window would have cut "rocket" and "banana" off."""
+    texts = ["the " * 200 + "rocket", "the " * 200 + "banana"]
+    response = stub.EmbedText(embed_pb2.EmbedTextRequest(texts=texts), timeout=60)
+    rocket, banana = (np.asarray(v.values) for v in response.embeddings)
+    assert float(rocket @ banana) < 0.99
+
+
+def test_a_text_too_long_is_refused_alone_among_requests_batched_with_it(
+        stub: embed_pb2_grpc.EmbeddingStub) -> None:
+    texts = [["a dog"], ["x1 " * 300], ["a cat", "a bird"], ["x1 " * 300, "a fish"]]
+    calls = [stub.EmbedText.future(embed_pb2.EmbedTextRequest(texts=t), timeout=60)
+             for t in texts]
+    assert [len(calls[i].result().embeddings) for i in (0, 2)] == [1, 2]
+    for i in (1, 3):
+        assert calls[i].exception().code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "602 word pieces" in calls[i].exception().details()
 
 
 def test_concurrent_embeds_are_batched(embed_server: RunningServer, photo: np.ndarray) -> None:

@@ -161,6 +161,7 @@ def test_a_phrase_the_vectors_lack_fails_only_its_own_request_of_a_batch() -> No
 
     fake = types.SimpleNamespace(text=Words())
     fake._encode_one_request = functools.partial(EmbeddingService._encode_one_request, fake)
+    fake._encode = functools.partial(EmbeddingService._encode, fake)
     results = EmbeddingService._encode_requests(
         fake, [("a dog", "a cat"), ("tax return",), ("a cow",)])  # type: ignore[arg-type]
     assert [r.shape for r in results[::2]] == [(2, 2), (1, 2)]  # type: ignore[union-attr]

@@ -114,6 +114,18 @@ def test_search_by_a_bad_image_names_the_problem(stub: search_pb2_grpc.ImageSear
     assert [v.field for v in bad.field_violations] == ["image"]
 
 
+def test_a_text_too_long_for_the_encoder_is_named_as_the_request_field(
+        stub: search_pb2_grpc.ImageSearchStub) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        stub.SearchByText(search_pb2.SearchByTextRequest(text="x1 " * 300), timeout=60)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "602 word pieces long" in error.value.details()
+    status = rpc_status.from_call(error.value)  # type: ignore[arg-type]
+    bad = error_details_pb2.BadRequest()
+    assert status is not None and any(d.Unpack(bad) for d in status.details)
+    assert [v.field for v in bad.field_violations] == ["text"]
+
+
 def test_a_bad_image_in_a_later_part_is_named_by_its_place_in_the_whole_batch(
         embed_server: RunningServer, variants: list[bytes]) -> None:
     """Images sent to the embedding service in several calls: the field at fault is the
@@ -326,6 +338,7 @@ def test_an_embedding_service_of_another_space_is_refused_until_it_is_put_right(
     class Answers(RemoteEmbedder):
         def __init__(self, probe: np.ndarray, failures: int = 0) -> None:  # no channel
             self.dimension, self.probe, self.failures = len(probe), probe, failures
+            self.identity, self.verdicts = ("space", "model"), {}
 
         async def start(self, wait_seconds: float = 0.0) -> None:
             if self.failures:  # an answer that is an error
@@ -386,3 +399,93 @@ def test_which_records_let_search_start_before_the_embedding_service(tmp_path: P
     (tmp_path / "junk.sqlite3").write_bytes(b"not a database at all" * 100)
     with pytest.raises(sqlite3.DatabaseError):
         recorded_dimension(tmp_path / "junk.sqlite3")
+
+
+def _answered(call: Callable[[], object], seconds: float = 60.0) -> tuple[str, str | None]:
+    """The code and reason of ``call`` once the embedding server that was just started on
+    search's target answers it (search's channel reconnects within a few seconds)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        answer = _code_and_reason(call)
+        if answer[1] != "EMBEDDING_SERVICE_UNAVAILABLE" or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.3)
+
+
+def test_an_embedding_rollout_to_another_space_mid_life_is_refused_per_answer(
+        variants: list[bytes], tmp_path: Path) -> None:
+    """The embedding pods behind search's target are replaced while search runs (a rollout
+    to another DeViSE map or --word-vectors file): the answers of a model search has not
+    met are judged by the probe image first. Image vectors of another model are refused
+    (FAILED_PRECONDITION, EMBEDDING_SPACE_MISMATCH, naming it), text in the same space is
+    still served; text of another space is refused; a rollback is served again at once."""
+    import json
+    import shutil
+
+    from prometheus_client import REGISTRY
+
+    from services.embed.wordnet import NounVocabulary
+    from tests.conftest import REPO, free_port
+    from tests.embed.test_service_word_vectors import write_glove
+
+    port = free_port()
+    running: list[RunningServer] = []
+
+    def embed_on_port(**overrides: object) -> None:
+        """Replaces the embedding server on search's target (a rollout)."""
+        while running:
+            running.pop().stop()
+        running.append(start_in_thread(server_config("embed", port=port, **overrides),
+                                       timeout=900))
+
+    # the committed models: ConSE by default
+    embed_on_port()
+    search = start_in_thread(server_config("search", data_dir=tmp_path / "index",
+                                           embed_target=f"127.0.0.1:{port}"), timeout=300)
+    stub = search_pb2_grpc.ImageSearchStub(client.connect(search.target))
+    by_image = search_pb2.SearchByImageRequest(image=variants[1], k=1)
+    by_text = search_pb2.SearchByTextRequest(text="a photo", k=3)
+    refusals = "percept_search_space_refusals_total"
+    try:
+        added, _ = add(stub, add_requests(variants[:3], prefix="kept"))
+        assert sorted(added) == ["kept-0", "kept-1", "kept-2"]
+        before = REGISTRY.get_sample_value(refusals) or 0.0
+
+        # rolled out: the DeViSE map made the default, in the same text space
+        devise_default = tmp_path / "devise-default"
+        shutil.copytree(REPO / "models" / "devise-minilm", devise_default / "devise-minilm")
+        config_path = devise_default / "devise-minilm" / "config.json"
+        config = json.loads(config_path.read_text())
+        assert config["default_method"] == "conse"
+        config_path.write_text(json.dumps({**config, "default_method": "devise"}))
+        embed_on_port(models_dir=devise_default)
+        assert _answered(lambda: stub.SearchByImage(by_image, timeout=30)) == (
+            "FAILED_PRECONDITION", "EMBEDDING_SPACE_MISMATCH")
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.SearchByImage(by_image, timeout=30)
+        assert "'devise-minilm@1'" in refused.value.details()
+        assert "another embedding space" in refused.value.details()
+        assert _code_and_reason(lambda: add(stub, add_requests(variants[3:4]))) == (
+            "FAILED_PRECONDITION", "EMBEDDING_SPACE_MISMATCH")  # the index is not mixed
+        assert _code_and_reason(lambda: stub.SearchByText(by_text, timeout=30)) == ("OK", None)
+        assert (REGISTRY.get_sample_value(refusals) or 0.0) >= before + 3
+
+        # another text space: a word-vector file
+        vectors = write_glove(tmp_path / "glove.tiny.txt", NounVocabulary.from_file())
+        embed_on_port(word_vectors=str(vectors), models_dir=tmp_path / "no-models")
+        in_the_file = search_pb2.SearchByTextRequest(text="golden retriever", k=3)
+        assert _answered(lambda: stub.SearchByText(in_the_file, timeout=30)) == (
+            "FAILED_PRECONDITION", "EMBEDDING_SPACE_MISMATCH")
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.SearchByText(in_the_file, timeout=30)
+        assert "word-vectors:glove.tiny.txt@" in refused.value.details()
+
+        # rolled back: the model the index was made with, judged good at start
+        embed_on_port()
+        assert _answered(lambda: stub.SearchByImage(by_image, timeout=30)) == ("OK", None)
+        assert stub.SearchByImage(by_image, timeout=30).hits[0].id == "kept-1"
+        assert stub.Stats(search_pb2.StatsRequest(), timeout=30).count == 3
+    finally:
+        search.stop()
+        while running:
+            running.pop().stop()

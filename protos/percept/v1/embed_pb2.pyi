@@ -31,16 +31,18 @@ class EmbedImagesRequest(_message.Message):
     def __init__(self, images: _Optional[_Iterable[bytes]] = ..., method: _Optional[_Union[EmbeddingMethod, str]] = ...) -> None: ...
 
 class EmbedImagesResponse(_message.Message):
-    __slots__ = ("embeddings", "dimension", "method", "space")
+    __slots__ = ("embeddings", "dimension", "method", "space", "model")
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SPACE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     embeddings: _containers.RepeatedCompositeFieldContainer[Vector]
     dimension: int
     method: EmbeddingMethod
     space: str
-    def __init__(self, embeddings: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., dimension: _Optional[int] = ..., method: _Optional[_Union[EmbeddingMethod, str]] = ..., space: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., dimension: _Optional[int] = ..., method: _Optional[_Union[EmbeddingMethod, str]] = ..., space: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class EmbedTextRequest(_message.Message):
     __slots__ = ("texts",)
@@ -85,9 +87,11 @@ class Label(_message.Message):
     def __init__(self, wnid: _Optional[str] = ..., lemmas: _Optional[_Iterable[str]] = ..., gloss: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class LabelImageResponse(_message.Message):
-    __slots__ = ("labels", "method")
+    __slots__ = ("labels", "method", "model")
     LABELS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     labels: _containers.RepeatedCompositeFieldContainer[Label]
     method: EmbeddingMethod
-    def __init__(self, labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., method: _Optional[_Union[EmbeddingMethod, str]] = ...) -> None: ...
+    model: str
+    def __init__(self, labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., method: _Optional[_Union[EmbeddingMethod, str]] = ..., model: _Optional[str] = ...) -> None: ...

@@ -157,6 +157,13 @@ def test_eval_uses_the_recorded_vectors_and_refuses_others(
                   for key in ("devise_flat", "conse_flat", "conse_zero_shot")
                   for item in entry[key]]
         assert ranked and all(covered[vocab.index[w]] for w in ranked)
+        # astronaut is the one label no ImageNet class is: the classifier, the baseline,
+        # can never name it, whatever its ranking
+        outside = result["labels_outside_imagenet"]
+        assert outside["photos"] == 1
+        assert set(outside["results"]) == {"devise", "conse", "classifier"}
+        assert set(outside["results"]["classifier"]["flat"].values()) == {0.0}
+        assert set(result["reference_classifier"]) == {"flat", "hierarchical"}
 
     capsys.readouterr()
     other = write_glove(workdir / "other.txt", class_tokens(vocab), seed=7)  # same words

@@ -126,4 +126,4 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    run_as_script("decode_bounds", __doc__, run, markdown)
+    raise SystemExit(run_as_script("decode_bounds", __doc__, run, markdown))

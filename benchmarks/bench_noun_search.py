@@ -10,7 +10,8 @@ Queries are noun vectors of random synsets plus Gaussian noise (sigma 0.05 per d
 renormalised: like projected image embeddings, they sit near a label but not on it.
 
 Run: ``python -m benchmarks.bench_noun_search [--quick]`` (from the repository root); it
-prints a table and writes ``benchmarks/results/noun_search.json``. The full run needs the
+prints a table and writes ``benchmarks/results/noun_search.json`` (``--quick``:
+``benchmarks/results/quick/noun_search.json``). The full run needs the
 cached noun vectors (``python -m services.embed.word_vectors build``; it builds them when
 absent, which takes minutes). ``--quick`` uses the first 20,000 rows (or, with no cache,
 real vectors for 5,000 synsets encoded on the spot) and fewer repetitions.
@@ -20,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,6 @@ from services.embed.word_vectors import (
 )
 from services.embed.wordnet import load_vocabulary
 
-RESULTS = Path(__file__).resolve().parent / "results" / "noun_search.json"
 K = 10
 BATCH_SIZES = (1, 64)
 QUICK_ROWS = 20_000
@@ -163,13 +163,18 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rows and repetitions")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/noun_search.json (--quick: "
+                        "benchmarks/results/quick/noun_search.json)")
     args = parser.parse_args(argv)
     result = run(quick=args.quick)
     print(format_table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    from benchmarks.common import ResultFile, script_command
+
+    target = ResultFile("noun_search", quick=args.quick, out=args.out, command=script_command(
+        "benchmarks.bench_noun_search", sys.argv[1:] if argv is None else argv))
+    target.save(result)
+    print(f"wrote {target.path}")
     return 0
 
 

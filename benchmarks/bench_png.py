@@ -95,4 +95,4 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    run_as_script("png", __doc__, run, markdown)
+    raise SystemExit(run_as_script("png", __doc__, run, markdown))

@@ -20,7 +20,7 @@ Each pipeline runs ``repeats`` times, interleaved, and the best time counts (oth
 share this machine).
 
 ``python -m benchmarks.bench_preprocess [--quick]`` prints a table and saves
-``benchmarks/results/preprocess.json``.
+``benchmarks/results/preprocess.json`` (``--quick``: ``benchmarks/results/quick/``).
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ SIZE = 224
 JPEG_SIZE = (1700, 1150)
 CACHE = REPO_ROOT / ".cache" / "bench-preprocess"
 STOCK_PILLOW = REPO_ROOT / ".cache" / "stock-pillow"
-RESULTS = Path(__file__).resolve().parent / "results" / "preprocess.json"
 
 
 def _photo_sources() -> list[Path]:
@@ -325,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="40 images, one repeat")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--out", default=None,
+                        help="default: benchmarks/results/preprocess.json (--quick: "
+                        "benchmarks/results/quick/preprocess.json)")
     parser.add_argument("--naive-worker", nargs=2, metavar=("LIST", "OUT"),
                         help=argparse.SUPPRESS)  # the stock-Pillow subprocess
     args = parser.parse_args(argv)
@@ -334,10 +335,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = run(quick=args.quick, repeats=args.repeats)
     print(table(result))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {out}")
+    # here, not at the top: the stock-Pillow worker above imports this module too
+    from benchmarks.common import ResultFile, script_command
+
+    target = ResultFile("preprocess", quick=args.quick, out=args.out, command=script_command(
+        "benchmarks.bench_preprocess", sys.argv[1:] if argv is None else argv))
+    target.save(result)
+    print(f"saved {target.path}")
     return 0
 
 

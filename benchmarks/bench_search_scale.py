@@ -5,9 +5,10 @@ approximate search starts to beat exact search) it builds each index type and re
 build time and serialised bytes per vector. It then sweeps the search-time knob
 (``nprobe`` for IVF, ``efSearch`` for HNSW) and measures, for every setting, recall@10
 against the exact top-10 from the same run, and QPS at batch 1 and batch 64 with the
-"x flat" ratio: exact search at the same batch size, timed in slices alternating with the
-setting's own. Per index type and size the *operating point* is the setting with the
-highest "x flat" at batch 1 among those with recall@10 >= 0.95. The service's defaults
+"x exact" ratio: over exact search at the same batch size, timed in slices alternating with
+the setting's own (not over the flat row's QPS, timed on its own; the JSON keys say
+``x_flat``). Per index type and size the *operating point* is the setting with the
+highest "x exact" at batch 1 among those with recall@10 >= 0.95. The service's defaults
 (``services/search/vector_index.py``) are read off those.
 
 IVF is built exactly as the service builds it (``ivf_nlist``, ``train_ivf``): IndexIVFFlat
@@ -31,6 +32,10 @@ slower than it is); the count is saved with the results. Timings on a shared mac
 noisy; compare the ratios, which are measured against exact search in the same run.
 
 python -m benchmarks.bench_search_scale [--quick] [--full] [--threads N] [--sizes N ...]
+
+A full run is saved to ``results/search_scale.json`` merged with what is saved there
+(``merge``: the rows of sizes it did not measure, such as the 1M rows, and the variants);
+``--quick`` to ``results/quick/search_scale.json``.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import datetime as dt
 import gc
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -49,7 +55,13 @@ from typing import Any
 import faiss
 import numpy as np
 
-from benchmarks.common import RESULTS, machine, markdown_table
+from benchmarks.common import (
+    ResultFile,
+    describe_machine,
+    machine,
+    markdown_table,
+    script_command,
+)
 from services.search.vector_index import (
     IVF_TRAIN_POINTS_PER_LIST,
     QUERY_THREADS,
@@ -210,7 +222,7 @@ def sweep(index: Any, set_knob: Callable[[int], None], values: Sequence[int], na
             point[f"x_flat_batch{batch}"] = speed / flat_speed
         points.append(point)
         print(f"    {name}={value}: recall@10 {point['recall_at_10']:.3f}, "
-              f"QPS b=1 {point['qps_batch1']:.0f} ({point['x_flat_batch1']:.1f}x flat), "
+              f"QPS b=1 {point['qps_batch1']:.0f} ({point['x_flat_batch1']:.1f}x exact), "
               f"b=64 {point['qps_batch64']:.0f} ({point['x_flat_batch64']:.1f}x)", flush=True)
         if point["recall_at_10"] >= 0.999:  # higher settings only get slower
             break
@@ -379,6 +391,11 @@ def merge(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def add_variant(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with ``new`` appended to its variants (``--add-to``)."""
+    return {**saved, "variants": [*saved.get("variants", []), new]}
+
+
 # -- rendering --------------------------------------------------------------------------------
 def markdown(result: dict[str, Any], title: str = "") -> str:
     if "faiss_threads" not in result:  # a result from the old, sweep-less benchmark
@@ -408,7 +425,7 @@ def markdown(result: dict[str, Any], title: str = "") -> str:
         knob = "efSearch" if row["index"] == "hnsw" else "nprobe"
         cells = " ".join(f"{p[knob]}:{p['recall_at_10']:.3f}/{p['x_flat_batch1']:.0f}x"
                          for p in row["sweep"])
-        sweeps.append(f"- {row['vectors']} {row['index']} ({knob}: recall@10 / x flat b=1): "
+        sweeps.append(f"- {row['vectors']} {row['index']} ({knob}: recall@10 / x exact b=1): "
                       f"{cells}")
     data = result["data"]
     target = []
@@ -423,16 +440,19 @@ def markdown(result: dict[str, Any], title: str = "") -> str:
                 for variant in result.get("variants", [])]
     return "\n".join([
         title or "### Search index scale (synthetic 384-d vectors, k=10)", "",
-        f"`{result['command']}`, {result['date']}; FAISS {result['faiss']} with "
+        f"`{result['command']}`, {result['date']}, on {describe_machine(result.get('machine'))}"
+        f"; FAISS {result['faiss']} with "
         f"{result['faiss_threads']} thread(s); {result['queries']} held-out queries; load "
         f"average at the end {[round(x, 2) for x in result.get('load_average_end', [])]}; "
         f"{result['wall_s']:.0f} s in all. Data: unit vectors around {data['concepts']} "
         "Zipf-popular concepts with a decaying spectrum, calibrated against the real noun "
         "vectors. ANN rows show the operating point: among the settings with recall@10 >= "
-        f"{result['target_recall']}, the one with the highest x flat (QPS against exact "
-        "search at the same batch size, timed in alternating slices in the same run).", "",
+        f"{result['target_recall']}, the one with the highest x exact. x exact is the "
+        "setting's QPS over exact search's at the same batch size, exact search timed in "
+        "slices alternating with the setting's own in the same run: not over the flat row's "
+        "QPS, which was timed on its own before (the flat row's 1 is by definition).", "",
         markdown_table(["vectors", "index", "setting", "build s", "bytes/vector", "QPS b=1",
-                        "QPS b=64", "recall@10", "x flat b=1", "x flat b=64"], table),
+                        "QPS b=64", "recall@10", "x exact b=1", "x exact b=64"], table),
         "", f"recall@10 >= {result['target_recall']} at >= {TARGET_SPEEDUP:.0f}x exact QPS "
         "(b=1) reached by: " + "; ".join(target),
         "", "Sweeps:", "", *sweeps, "", result.get("note", ""), *variants]).rstrip() + "\n"
@@ -453,7 +473,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="index types besides exact search (ivf-sq8 needs ivf first)")
     parser.add_argument("--hnsw-m", type=int, default=HNSW_M)
     parser.add_argument("--ef-construction", type=int, default=HNSW_EF_CONSTRUCTION)
-    parser.add_argument("--out", default=str(RESULTS / "search_scale.json"))
+    parser.add_argument("--out", default=None,
+                        help="where to save the result (default results/search_scale.json, "
+                        "merged with what is saved there, or with --quick "
+                        "results/quick/search_scale.json)")
     parser.add_argument("--concepts", type=int, default=CONCEPTS,
                         help="concepts in the data model (more: fewer vectors per concept)")
     parser.add_argument("--add-to", default="",
@@ -461,20 +484,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibrate", action="store_true",
                         help="print the data model's statistics next to the real noun vectors'")
     args = parser.parse_args(argv)
+    if args.add_to and args.quick:
+        parser.error("--add-to keeps a variant next to a full result; --quick saves apart")
+    if args.add_to and not Path(args.add_to).is_file():
+        parser.error(f"--add-to {args.add_to}: no such result")
     if args.calibrate:
         faiss.omp_set_num_threads(args.threads or QUERY_THREADS)
         print(json.dumps(calibrate(), indent=2))
         return 0
     outcome = run(args.quick, args.full, args.threads, args.sizes, args.kinds, args.hnsw_m,
                   args.ef_construction, args.concepts)
+    command = script_command("benchmarks.bench_search_scale", sys.argv[1:] if argv is None
+                             else argv)
     if args.add_to:  # a variant run (another data model), kept next to the main result
-        main_result = json.loads(Path(args.add_to).read_text())
-        main_result.setdefault("variants", []).append(outcome)
-        Path(args.add_to).write_text(json.dumps(main_result, indent=2))
-    else:
-        RESULTS.mkdir(exist_ok=True)
-        Path(args.out).write_text(json.dumps(outcome, indent=2))
+        target = ResultFile("search_scale", quick=False, command=command, merge=add_variant,
+                            out=args.add_to)
+    else:  # a full run keeps the saved rows it did not measure (merge), as make bench does
+        target = ResultFile("search_scale", quick=args.quick, command=command, merge=merge,
+                            out=args.out)
+    target.save(outcome)
     print(markdown(outcome))
+    print(f"[search_scale] saved {target.path}"
+          + ("" if target.saved is None else " (merged with what was saved there)"))
     return 0
 
 

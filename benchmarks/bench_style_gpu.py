@@ -20,6 +20,12 @@ Variants that compile are skipped once ``--budget-s`` has passed. Last come the 
 form (``TiledImageModel``: tiles, micro-batcher, uint8 in and out, host copies) and
 ``Stylize`` over gRPC on loopback (PNG in and out).
 Needs a CUDA device; ``--device cpu`` runs the same code without CUDA graphs, as a check.
+
+The result is saved after each net and size to ``--out`` (default results/style_gpu.json,
+merged with the saved one: ``merge``), or under ``make bench`` to where benchmarks.run
+says; it records the command that re-runs it (``command_line``). The exit status is 1 when
+a baseline, a variant or a served measurement raised (``failures``) or an output is under
+the fidelity floor (benchmarks/image_models.py), what was measured saved all the same.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import copy
 import datetime as dt
 import json
 import math
+import shlex
 import statistics
 import sys
 import time
@@ -40,8 +47,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from benchmarks.common import RESULTS, machine, markdown_table
-from benchmarks.image_models import ServedNetwork, one_per_architecture, photo
+from benchmarks.common import RESULTS, ResultFile, fidelity_failures, machine, markdown_table
+from benchmarks.image_models import (
+    FIDELITY_FLOOR_DB,
+    ServedNetwork,
+    one_per_architecture,
+    photo,
+)
 from benchmarks.kernel_profile import top_kernels
 from services.common.artifacts import load_artifact, read_config
 from training import nets
@@ -278,14 +290,16 @@ class SizeRun:
     """The rows of one net at one size, against its strict fp32 output."""
 
     def __init__(self, label: str, module: nn.Module, size: int, device: torch.device,
-                 repeats: int) -> None:
+                 repeats: int, profile: bool = False) -> None:
         self.label, self.module, self.size = label, module, size
         self.device, self.repeats = device, repeats
         self.image = photo(size)
         self.macs = multiply_adds(module, size)
         self.reference: Tensor | None = None
-        # Each folded form compiled in the default mode, and its input, for --profile.
-        self.compiled_forms: dict[str, tuple[Forward, Tensor]] = {}
+        # With ``profile``: the kernels of each folded form compiled in the default mode,
+        # profiled straight after it was timed (see compiled()).
+        self.profile = profile
+        self.profiles: list[dict[str, Any]] = []
         self.rows: list[dict[str, Any]] = []
 
     def row(self, variant: str, **extra: Any) -> dict[str, Any]:
@@ -303,6 +317,8 @@ class SizeRun:
         row = self.row(variant, ms=ms, tflops=2 * self.macs / (ms / 1000) / 1e12, **extra)
         if self.reference is not None:
             row.update(agreement(output, self.reference))
+            # the CPU benchmarks' check (benchmarks/image_models.py), against strict fp32
+            row["fidelity_ok"] = bool(row["psnr_db"] >= FIDELITY_FLOOR_DB)
         print(f"[gpu-bench] {self.label} {self.size}px {variant}: {ms:.2f} ms", flush=True)
 
     def attempt(self, variant: str, action: Callable[[], None]) -> None:
@@ -357,10 +373,14 @@ class SizeRun:
             with torch.inference_mode():
                 forward(x)
             state["forward"], state["compile_s"] = forward, time.monotonic() - started
-            if mode is None and what.startswith("folded"):
-                self.compiled_forms.setdefault(what, (forward, x))
             if plain_too:
                 self.time(f"{name}, {what}", forward, x, compile_s=state["compile_s"])
+            if self.profile and mode is None and what.startswith("folded"):
+                # Now, while this compiled graph is the live one: after the next variant's
+                # torch._dynamo.reset() it would be traced again, and past the recompile
+                # limit run eager under its torch.compile label.
+                self.profiles.append(compiled_profile(self.label, self.size, what, forward,
+                                                      x, self.device))
 
         self.attempt(f"{name}, {what}", compile_once)
         if "forward" not in state:
@@ -383,19 +403,22 @@ class SizeRun:
                     row[key] = times[variant] / row["ms"] if variant in times else None
 
 
+Progress = Callable[[list["SizeRun"]], None]
+
+
 def measure(nets_to_run: list[tuple[str, nn.Module]], sizes: list[int],
-            device: torch.device, repeats: int, budget: Budget,
-            save: Callable[[list[dict[str, Any]]], None],
-            forms: list[str] | None = None, baselines_only: bool = False) -> list[SizeRun]:
+            device: torch.device, repeats: int, budget: Budget, save: Progress,
+            forms: list[str] | None = None, baselines_only: bool = False,
+            profile: bool = False) -> list[SizeRun]:
     """Every eager variant (with ``baselines_only``, the fp32 ones alone) and each of
     ``forms`` (COMPILED_FORMS; default all) compiled, with and without a CUDA graph, for
-    each net and size."""
+    each net and size; with ``profile``, each compiled form's kernels too."""
     forms = list(COMPILED_FORMS) if forms is None else forms
     half = torch.float16 if device.type == "cuda" else torch.float32
     runs: list[SizeRun] = []
     for label, module in nets_to_run:
         for size in sizes:
-            run = SizeRun(label, module, size, device, repeats)
+            run = SizeRun(label, module, size, device, repeats, profile)
             runs.append(run)
             for variant, build in eager_variants(module, device, half):
                 if not baselines_only or variant in (STRICT, IEEE, BASELINE, TUNED):
@@ -410,12 +433,12 @@ def measure(nets_to_run: list[tuple[str, nn.Module]], sizes: list[int],
                 what, output, first, plain_too = COMPILED_FORMS[form]
                 run.compiled(builder(module, device, half, channels_last=True, fold=True,
                                      output=output, first=first), what, plain_too=plain_too)
-            save(all_rows(runs))
+            save(runs)
     return runs
 
 
 def measure_more(runs: list[SizeRun], device: torch.device, budget: Budget, autotune: bool,
-                 save: Callable[[list[dict[str, Any]]], None]) -> None:
+                 save: Progress) -> None:
     """While the budget lasts: the unfolded net compiled, or with ``autotune`` the folded
     net compiled with max-autotune (Triton convolution templates and GEMM choices
     benchmarked per layer: minutes of compiling)."""
@@ -429,7 +452,7 @@ def measure_more(runs: list[SizeRun], device: torch.device, budget: Budget, auto
         else:
             unfolded = builder(run.module, device, half, channels_last=True, fold=False)
             run.compiled(unfolded, "unfolded", plain_too=False)
-        save(all_rows(runs))
+        save(runs)
 
 
 def all_rows(runs: list[SizeRun]) -> list[dict[str, Any]]:
@@ -589,25 +612,41 @@ def unavailable() -> str | None:
     return None if torch.cuda.is_available() else "no CUDA device"
 
 
-def run(quick: bool = False) -> dict[str, Any]:
-    """``make bench``'s entry: the defaults on the CUDA device."""
+def run(quick: bool = False, out: ResultFile | None = None) -> dict[str, Any]:
+    """``make bench``'s entry: the defaults on the CUDA device. ``out`` (benchmarks.run's,
+    which also saves the final result) receives the run's progress."""
     return measure_all([1024, 512], torch.device("cuda"), 10 if quick else 30, 240.0,
-                       not quick, RESULTS / "style_gpu.json")
+                       not quick, out)
 
 
-def kernel_profiles(runs: list[SizeRun], device: torch.device) -> list[dict[str, Any]]:
-    """For each net and size whose served form compiled: the kernels that take its time
-    (benchmarks/kernel_profile.py), to show what stands between it and the target."""
-    profiles = []
-    for run in runs:
-        for what, (forward, x) in run.compiled_forms.items():
-            try:
-                found = top_kernels(forward, x, device)
-            except Exception as error:  # reported; the timings still count
-                found = {"error": f"{type(error).__name__}: {error}"[:400]}
-            profiles.append({"net": run.label, "size": run.size,
-                             "variant": f"torch.compile, {what}, no CUDA graph", **found})
-    return profiles
+def triton_checked(found: dict[str, Any], device: torch.device, what: str) -> dict[str, Any]:
+    """``found``, a profile (top_kernels) of a form run under torch.compile, marked with
+    whether it holds compiled code. On CUDA inductor's kernels are Triton's (triton_poi_...,
+    triton_red_...): a profile without one is of eager code (dynamo past its recompile
+    limit runs the net eager, silently), so it is marked ``compiled_kernels_found``: false,
+    with a warning, and not shown as the compiled form's. On a CPU inductor writes C++, and
+    nothing is marked."""
+    if "error" in found or device.type != "cuda":
+        return found
+    found["compiled_kernels_found"] = found.get("triton_kernels", 0) > 0
+    if not found["compiled_kernels_found"]:
+        print(f"[gpu-bench] WARNING: the profile of {what} holds no Triton kernel: it ran "
+              "eager, and is marked invalid", file=sys.stderr, flush=True)
+    return found
+
+
+def compiled_profile(label: str, size: int, what: str, forward: Forward, x: Tensor,
+                     device: torch.device) -> dict[str, Any]:
+    """The kernels that take the compiled ``what`` form's time
+    (benchmarks/kernel_profile.py), to show what stands between it and the target; call it
+    while ``forward``'s compiled graph is live (before another torch._dynamo.reset())."""
+    variant = f"torch.compile, {what}, no CUDA graph"
+    try:
+        found = triton_checked(top_kernels(forward, x, device), device,
+                               f"{label} at {size} px, {variant}")
+    except Exception as error:  # reported (and fails the run); the timings still count
+        found = {"error": f"{type(error).__name__}: {error}"[:400]}
+    return {"net": label, "size": size, "variant": variant, **found}
 
 
 def served_profile(models: Path, name: str, size: int, device: torch.device, repeats: int
@@ -629,19 +668,45 @@ def served_profile(models: Path, name: str, size: int, device: torch.device, rep
             "device": device.type, "wall_ms": wall_ms, **found}
 
 
+def command_line(sizes: list[int], device: torch.device, repeats: int, budget_s: float,
+                 paper_width: bool, only: list[str] | None = None, autotune: bool = False,
+                 profile: bool = False, served: bool = True, forms: list[str] | None = None,
+                 baselines_only: bool = False, out: Path | None = None) -> str:
+    """The ``python -m benchmarks.bench_style_gpu`` command that measures what
+    :func:`measure_all` with these arguments does (whoever called it: ``make bench``'s
+    own command line would re-run nothing of it)."""
+    words = ["python", "-m", "benchmarks.bench_style_gpu", "--device", device.type,
+             "--sizes", *map(str, sizes), "--repeats", str(repeats), "--budget-s",
+             f"{budget_s:g}"]
+    if not paper_width:
+        words.append("--no-paper-width")
+    if only:
+        words += ["--only", *only]
+    if forms is not None:
+        words += ["--forms", *forms]
+    words += [flag for flag, on in (("--autotune", autotune), ("--profile", profile),
+                                    ("--networks-only", not served),
+                                    ("--baselines-only", baselines_only)) if on]
+    if out is not None and out.resolve() != (RESULTS / "style_gpu.json").resolve():
+        path, root = out.resolve(), REPO_ROOT.resolve()
+        words += ["--out", str(path.relative_to(root) if path.is_relative_to(root) else path)]
+    return shlex.join(words)
+
+
 def measure_all(sizes: list[int], device: torch.device, repeats: int, budget_s: float,
-                paper_width: bool, out: Path, only: list[str] | None = None,
+                paper_width: bool, out: ResultFile | None, only: list[str] | None = None,
                 autotune: bool = False, profile: bool = False, served: bool = True,
                 forms: list[str] | None = None, baselines_only: bool = False
                 ) -> dict[str, Any]:
-    """Measures everything, rewriting ``out`` after each net and size (a run cut short
-    still leaves what it measured)."""
+    """Measures everything, saving the result to ``out`` after each net and size (a run cut
+    short still leaves what it measured); the caller saves the final result."""
     torch.backends.cudnn.benchmark = True
     models = REPO_ROOT / "models"
     budget = Budget(budget_s)
-    result: dict[str, Any] = {"date": dt.date.today().isoformat(),
-                              "command": " ".join(["python -m benchmarks.bench_style_gpu",
-                                                   *sys.argv[1:]]),
+    command = command_line(sizes, device, repeats, budget_s, paper_width, only, autotune,
+                           profile, served, forms, baselines_only,
+                           out.path.resolve() if out else None)
+    result: dict[str, Any] = {"date": dt.date.today().isoformat(), "command": command,
                               "machine": machine(), "device": str(device),
                               "torch": torch.__version__,
                               "cudnn": torch.backends.cudnn.version(), "sizes": sizes,
@@ -651,26 +716,27 @@ def measure_all(sizes: list[int], device: torch.device, repeats: int, budget_s: 
         result["gpu"] = {"name": properties.name, "multiprocessors":
                          properties.multi_processor_count,
                          "memory_gib": properties.total_memory / 2**30}
-    out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save(rows: list[dict[str, Any]]) -> None:
-        result["rows"] = rows
-        out.write_text(json.dumps(result, indent=2))
+    def save(runs: list[SizeRun]) -> None:
+        result["rows"] = all_rows(runs)
+        if profile:
+            result["kernel_profile"] = [found for run in runs for found in run.profiles]
+        if out is not None:
+            out.save(result)
 
     nets_to_run = [(label, module) for label, module in style_nets(models, paper_width)
                    if not only or any(word in label for word in only)]
     served_name = served_model(models, [label for label, _ in nets_to_run])
     result["served_model"] = served_name
-    runs = measure(nets_to_run, sizes, device, repeats, budget, save, forms, baselines_only)
-    if profile:
-        result["kernel_profile"] = kernel_profiles(runs, device)
-        if served:
-            try:
-                result["served_profile"] = served_profile(models, served_name, max(sizes),
-                                                          device, min(repeats, 10))
-            except Exception as error:  # reported; the timings still count
-                result["served_profile"] = {"error": f"{type(error).__name__}: {error}"[:400]}
-        save(all_rows(runs))
+    runs = measure(nets_to_run, sizes, device, repeats, budget, save, forms, baselines_only,
+                   profile)
+    if profile and served:
+        try:
+            result["served_profile"] = served_profile(models, served_name, max(sizes),
+                                                      device, min(repeats, 10))
+        except Exception as error:  # reported (and fails the run); the timings still count
+            result["served_profile"] = {"error": f"{type(error).__name__}: {error}"[:400]}
+        save(runs)
     result["rows"] = all_rows(runs)
     baselines = {(r["net"], r["size"]): r["ms"] for r in result["rows"]
                  if r["variant"] == BASELINE and "ms" in r}
@@ -682,13 +748,47 @@ def measure_all(sizes: list[int], device: torch.device, repeats: int, budget_s: 
         try:
             result[key] = measure_served(models, served_name, sizes, device,
                                          min(repeats, 10), baselines)
-        except Exception as error:  # reported; the network rows still count
+        except Exception as error:  # reported (and fails the run); the rest still runs
             result[key] = {"error": f"{type(error).__name__}: {error}"[:400]}
-        save(result["rows"])
+        save(runs)
     if forms is None:  # a run that names its forms wants those alone
         measure_more(runs, device, budget, autotune, save)
-    result["rows"] = all_rows(runs)
+    save(runs)
     return result
+
+
+def failures(result: dict[str, Any]) -> list[str]:
+    """What of a run failed (``make bench`` and ``main`` then exit 1; the result is saved
+    all the same): a network row that raised (a baseline or a variant; a skipped one is no
+    failure), the served, gRPC, super-resolution or profile measurements that raised.
+    Outputs under the fidelity floor are benchmarks.common.fidelity_failures's."""
+    found = [f"{r['net']} at {r['size']} px, {r['variant']}: {r['error']}"
+             for r in result.get("rows", []) if "error" in r]
+    for key in ("served_form", "grpc", "superres_served", "served_profile"):
+        value = result.get(key)
+        if isinstance(value, dict) and "error" in value:
+            found.append(f"{key}: {value['error']}")
+    found += [f"kernel profile of {p['net']} at {p['size']} px, {p['variant']}: {p['error']}"
+              for p in result.get("kernel_profile", []) if "error" in p]
+    return found
+
+
+#: The earlier run's note, carried into the result that replaces it (see merge()).
+CARRIED_NOTE = "From the result this run replaced"
+
+
+def merge(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` with what the saved result carries that no run measures: the later runs of
+    some variants it names (``companions``, saved apart: the README and the plot show them
+    after it) and its ``note``, kept under the date and command of the run it was about."""
+    merged = dict(new)
+    if saved.get("companions") and "companions" not in new:
+        merged["companions"] = saved["companions"]
+    note = saved.get("note")
+    if note and "note" not in new:
+        merged["note"] = note if note.startswith(CARRIED_NOTE) else (
+            f"{CARRIED_NOTE} ({saved.get('date', '?')}, `{saved.get('command', '?')}`): {note}")
+    return merged
 
 
 def _kernel_rows(found: dict[str, Any]) -> list[tuple[Any, ...]]:
@@ -755,10 +855,25 @@ def _network_tables(result: dict[str, Any]) -> list[str]:
         if "error" in found:
             lines.append(found["error"])
             continue
+        if not _holds_compiled_code(found, result):
+            lines.append("not shown: the profile holds no Triton kernel, so what ran was "
+                         "eager code, not the compiled form")
+            continue
         lines += [f"{found['total_us_per_pass']:.0f} us of kernel time per pass.", "",
                   markdown_table(["kernel", "calls/pass", "us/pass", "share"],
                                  _kernel_rows(found)[:PROFILE_ROWS_SHOWN])]
     return lines
+
+
+def _holds_compiled_code(found: dict[str, Any], result: dict[str, Any]) -> bool:
+    """Whether a kernel profile of a compiled form is of compiled code (triton_checked();
+    for a profile saved before that mark, whether a Triton kernel is among its top ones)."""
+    if "compiled_kernels_found" in found:
+        return bool(found["compiled_kernels_found"])
+    if not str(found.get("variant", "")).startswith("torch.compile") \
+            or not str(result.get("device", "")).startswith("cuda"):
+        return True
+    return any("triton" in kernel["name"] for kernel in found.get("kernels", []))
 
 
 #: The ratio cell of a size the networks were not timed at in the run (the odd size,
@@ -815,7 +930,9 @@ def _served_tables(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main() -> int:
+def arguments() -> argparse.ArgumentParser:
+    """The command line of ``python -m benchmarks.bench_style_gpu`` (command_line() writes
+    one)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 512])
@@ -842,16 +959,30 @@ def main() -> int:
                         help="the folded forms to compile (default: all)")
     parser.add_argument("--baselines-only", action="store_true",
                         help="of the eager variants, time only the fp32 baselines")
-    parser.add_argument("--out", default=str(RESULTS / "style_gpu.json"))
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to save the result (default results/style_gpu.json, "
+                        "merged with what is saved there: merge())")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = arguments()
+    args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device (use --device cpu to check the code path)")
+    # The command saved with the result is command_line()'s, from what is measured.
+    out = ResultFile("style_gpu", quick=False, command="", merge=merge, out=args.out)
     outcome = measure_all(args.sizes, torch.device(args.device), args.repeats, args.budget_s,
-                          not args.no_paper_width, Path(args.out), args.only, args.autotune,
+                          not args.no_paper_width, out, args.only, args.autotune,
                           args.profile, served=not args.networks_only, forms=args.forms,
                           baselines_only=args.baselines_only)
+    outcome = out.save(outcome)
     print(markdown(outcome))
-    return 0
+    problems = failures(outcome) + [f"output under the fidelity floor: {f}"
+                                    for f in fidelity_failures(outcome)]
+    for problem in problems:
+        print(f"[gpu-bench] FAILED: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import datetime as dt
 import json
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,17 +28,103 @@ from training.assets import REPO_ROOT
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def stamp(result: dict[str, Any], command: str) -> dict[str, Any]:
+    """``result`` with the date, command, machine and machine load it was measured under,
+    where the benchmark did not record them itself (a machine record without the CPU model
+    gets it: the result is saved on the machine that measured it)."""
+    result.setdefault("date", dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+    result.setdefault("command", command)
+    info = machine()
+    recorded = result.setdefault("machine", info)
+    if isinstance(recorded, dict) and not recorded.get("cpu"):
+        recorded["cpu"] = info["cpu"]
+    if hasattr(os, "getloadavg"):
+        result.setdefault("load_average_end", [round(v, 2) for v in os.getloadavg()])
+    return result
+
+
+Merge = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
+
+
+class ResultFile:
+    """Where and how one benchmark's result is saved: the one way every entry point
+    (``benchmarks.run`` and each ``python -m benchmarks.bench_NAME``) saves a result.
+
+    A quick run goes to ``results/quick/NAME.json`` and leaves the saved results alone. A
+    full run goes to ``results/NAME.json`` (or ``out``), merged with what was saved there
+    by the benchmark's ``merge(saved, new)`` where it has one (what an earlier run measured
+    and this one did not: the search scale's 1M rows, the GPU run's companions). Every
+    result is stamped with its date, machine, command and load (:func:`stamp`). The saved
+    result is read once, here, so that saving a run's progress repeatedly merges each time
+    with what was there before the run."""
+
+    def __init__(self, name: str, *, quick: bool, command: str, merge: Merge | None = None,
+                 out: Path | str | None = None, results: Path | None = None) -> None:
+        folder = RESULTS if results is None else results
+        self.path = Path(out) if out else (folder / "quick" if quick else folder) / f"{name}.json"
+        self.quick, self.command, self.merge = quick, command, merge
+        self.saved: dict[str, Any] | None = None
+        if not quick and merge is not None and self.path.is_file():
+            self.saved = json.loads(self.path.read_text())
+
+    def save(self, result: dict[str, Any]) -> dict[str, Any]:
+        """Writes ``result`` (stamped, merged) and returns what was written."""
+        written = stamp(dict(result), self.command)
+        if self.saved is not None and self.merge is not None:
+            written = self.merge(copy.deepcopy(self.saved), written)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(written, indent=2, default=str) + "\n")
+        partial.replace(self.path)  # a run killed while writing leaves the old file whole
+        return written
+
+
+def script_command(module: str, argv: Sequence[str]) -> str:
+    """The command line of ``python -m MODULE ARGV...``."""
+    return shlex.join(["python", "-m", module, *argv])
+
+
+def fidelity_failures(result: Any, where: str = "") -> list[str]:
+    """Where a result records an output under the fidelity floor (``fidelity_ok`` false:
+    benchmarks/image_models.py FIDELITY_FLOOR_DB)."""
+    if isinstance(result, dict):
+        found = [f"{where or 'result'}: {result.get('variant', '?')} at "
+                 f"{result.get('size', '?')} px, {result.get('psnr_db', float('nan')):.1f} dB"
+                 ] if result.get("fidelity_ok") is False else []
+        for key, value in result.items():
+            found += fidelity_failures(value, f"{where}.{key}" if where else str(key))
+        return found
+    if isinstance(result, list):
+        return [f for i, item in enumerate(result)
+                for f in fidelity_failures(item, f"{where}[{i}]")]
+    return []
+
+
 def run_as_script(name: str, description: str | None,
                   run: Callable[[bool], dict[str, Any]],
-                  markdown: Callable[[dict[str, Any]], str]) -> None:
-    """``python -m benchmarks.bench_NAME [--quick]``: runs one benchmark, saves
-    ``results/NAME.json`` and prints its table."""
+                  markdown: Callable[[dict[str, Any]], str],
+                  argv: Sequence[str] | None = None,
+                  merge: Merge | None = None) -> int:
+    """``python -m benchmarks.bench_NAME [--quick]``: runs one benchmark, saves it through
+    :class:`ResultFile` (``--quick``: ``results/quick/NAME.json``) and prints its table.
+    Returns 1 where an output is under the fidelity floor (as ``make bench`` does)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true")
-    outcome = run(parser.parse_args().quick)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(outcome, indent=2))
+    args = list(sys.argv[1:] if argv is None else argv)
+    quick = parser.parse_args(args).quick
+    started = time.perf_counter()
+    outcome = run(quick)
+    outcome["wall_seconds"] = round(time.perf_counter() - started, 1)
+    target = ResultFile(name, quick=quick, merge=merge,
+                        command=script_command(f"benchmarks.bench_{name}", args))
+    outcome = target.save(outcome)
     print(markdown(outcome))
+    print(f"[bench] saved {target.path}", flush=True)
+    failures = fidelity_failures(outcome)
+    for failure in failures:
+        print(f"[bench] FAILED: output under the fidelity floor: {name}: {failure}",
+              file=sys.stderr)
+    return 1 if failures else 0
 
 
 def machine() -> dict[str, Any]:
@@ -54,6 +144,31 @@ def machine() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def describe_machine(info: Any) -> str:
+    """A result's machine record in words: CPU model, cores, GPU (the CPU model, or where
+    that is not recorded the platform, so that no section borrows another's machine)."""
+    if not isinstance(info, dict) or not info:
+        return "a machine its result does not record"
+    cpu = info.get("cpu") or info.get("processor")
+    parts = [str(cpu) if cpu else "a CPU whose model its result does not record"]
+    cores = info.get("cores") or info.get("cpus")
+    if cores:
+        parts.append(f"{cores} cores")
+    if info.get("gpu"):
+        parts.append(str(info["gpu"]))
+    if not cpu and info.get("platform"):
+        parts.append(str(info["platform"]))
+    return ", ".join(parts)
+
+
+def machine_shown(text: str, info: Any) -> bool:
+    """Whether ``text`` names the machine of ``info`` (its CPU model or its GPU)."""
+    if not isinstance(info, dict):
+        return False
+    names = (info.get(key) for key in ("cpu", "processor", "gpu"))
+    return any(isinstance(name, str) and name and name in text for name in names)
 
 
 def median_seconds(action: Callable[[], object], repeats: int, warmup: int = 1) -> float:

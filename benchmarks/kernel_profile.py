@@ -51,7 +51,8 @@ def top_kernels(forward: Callable[[Any], Any], x: Tensor | Any, device: torch.de
     """Profiles ``passes`` forward passes after one untimed pass, and returns the ``top``
     kernels by own time per pass: name, calls per pass, microseconds per pass and share of
     the profiled time, plus that total per pass (on CUDA, the kernels' busy time; the gap
-    to a pass's wall time is launch overhead and idle time). On a CPU the rows are
+    to a pass's wall time is launch overhead and idle time) and ``triton_kernels``, how
+    many distinct Triton kernels all the counted events hold. On a CPU the rows are
     operators' own times, a check of the code path more than a measure: code that
     torch.compile generated is no operator, and its time can land on a neighbouring one
     (a 64 px pass of a compiled style net put 11 of its 19 ms on one aten::split).
@@ -80,4 +81,9 @@ def top_kernels(forward: Callable[[Any], Any], x: Tensor | Any, device: torch.de
     rows = [{"name": event.key[:NAME_CHARS], "calls_per_pass": event.count / passes,
              "us_per_pass": us / passes, "share": us / total if total else 0.0}
             for event, us in events[:top]]
-    return {"passes": passes, "total_us_per_pass": total / passes, "kernels": rows}
+    # Distinct Triton kernels among all counted events, not only the top ones: on CUDA,
+    # code that torch.compile (inductor) generated runs as Triton kernels, and a compiled
+    # form whose profile holds none ran eager (benchmarks/bench_style_gpu.py).
+    triton = sum(1 for event, _ in events if "triton" in event.key)
+    return {"passes": passes, "total_us_per_pass": total / passes, "kernels": rows,
+            "triton_kernels": triton}

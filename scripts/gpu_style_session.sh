@@ -10,6 +10,8 @@
 #      4e6 raised a fine-tune's held-out tiling gap from 1.0 to 4.2 dB, docs/style_training.md);
 #      the training images are prepared there from data/photos/train.
 # Everything it reports goes to $OUT: env.txt, bench.log, style_gpu.json, train.tar.gz.
+# Its exit status is the benchmark's (non-zero where a variant or baseline failed, an output
+# is under the fidelity floor, or it timed out), after the training and every output.
 #
 # Usage, from the repository root of a copy that carries data/photos, assets/styles, the
 # VGG19 weights file and (for a bare machine without our gRPC stack) .whl/ from
@@ -35,7 +37,8 @@ sha256sum data/prepared/sr288/images_288.npy >>"$OUT/env.txt" 2>&1
 echo "[session] GPU benchmark ($(elapsed) s)"
 timeout 300 python3 -m benchmarks.bench_style_gpu --device "$device" --budget-s 170 \
     --out "$OUT/style_gpu.json" "${bench_args[@]}" 2>&1 | grep -v "it/s\]" >"$OUT/bench.log"
-echo "[session] benchmark exit ${PIPESTATUS[0]} ($(elapsed) s)"
+bench_status=${PIPESTATUS[0]}
+echo "[session] benchmark exit $bench_status ($(elapsed) s)"
 
 minutes=$(python3 -c "print(max(1.0, ($total - $(elapsed) - 45) / 60))")
 echo "[session] training three styles for at most $minutes min each, in parallel"
@@ -60,3 +63,4 @@ rm -f /tmp/train/runs/*/checkpoint.pt
 tar czf "$OUT/train.tar.gz" -C /tmp train
 echo "[session] done ($(elapsed) s)"
 tail -40 "$OUT/bench.log"
+exit "$bench_status"

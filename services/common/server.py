@@ -285,14 +285,28 @@ class PerceptServer:
             [*self.service_names, SERVER_INFO, health.SERVICE_NAME, reflection.SERVICE_NAME],
             server)
         address = listen_address(config.host, config.port)
-        self.port = server.add_insecure_port(address)
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError:  # grpcio: "Failed to bind ...; set GRPC_VERBOSITY=debug ..."
+            self.port = 0
         if not self.port:
-            raise RuntimeError(f"could not bind {address}")
+            raise RuntimeError(f"could not listen on {address}: the port is in use (another "
+                               "server?) or not allowed here; choose another with --port")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
         if config.metrics_port:
-            self._metrics_http = start_metrics_server(config.metrics_port, bare_host(config.host))
+            try:
+                self._metrics_http = start_metrics_server(config.metrics_port,
+                                                          bare_host(config.host))
+            except OSError as error:
+                await server.stop(None)
+                self._server = None
+                raise RuntimeError(
+                    f"could not serve /metrics on port {config.metrics_port}: {error.strerror}"
+                    " (another percept server? its default comes from the service, not from"
+                    " --port): pass --metrics-port P, or --metrics-port 0 to turn /metrics "
+                    "off") from error
         log.info("listening; loading models", extra={
             "port": self.port, "metrics_port": config.metrics_port,
             "services": self.service_names})

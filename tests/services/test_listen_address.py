@@ -117,3 +117,31 @@ def test_metrics_that_bind_nowhere_raise(monkeypatch: pytest.MonkeyPatch) -> Non
     _resolves_to(monkeypatch, "fd00::1234", "192.0.2.1")  # neither is this machine's
     with pytest.raises(OSError):
         metrics.start_metrics_server(free_port(), "somewhere")
+
+
+@pytest.mark.parametrize("taken", ["grpc", "metrics"])
+def test_a_port_in_use_fails_the_start_saying_which_and_what_to_do(taken: str) -> None:
+    """Another process holds the gRPC or the /metrics port (a second `percept serve all`
+    on another --port still defaults /metrics to 9100): the start fails naming the port
+    and the flag, and a failed /metrics bind leaves no gRPC listener behind."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    held = holder.getsockname()[1]
+    grpc_port = held if taken == "grpc" else free_port()
+    config = server_config("all", port=grpc_port,
+                           metrics_port=held if taken == "metrics" else 0)
+    try:
+        with pytest.raises(RuntimeError) as failed:
+            start_in_thread(config, [NothingToLoad(config)])
+    finally:
+        holder.close()
+    if taken == "grpc":
+        assert f"could not listen on 127.0.0.1:{held}" in str(failed.value)
+        assert "--port" in str(failed.value)
+    else:
+        assert f"could not serve /metrics on port {held}: Address already in use" in str(
+            failed.value)
+        assert "--metrics-port 0" in str(failed.value)
+        with socket.socket() as probe:  # the gRPC port was let go
+            probe.bind(("127.0.0.1", grpc_port))

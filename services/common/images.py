@@ -395,18 +395,22 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image",
 
 
 def decode_mask(data: bytes, *, max_pixels: int, size: tuple[int, int],
+                image_size: tuple[int, int] | None = None,
                 aspect_tolerance: float = 0.02) -> np.ndarray:
     """Decodes a grey mask (white = 1) and resizes it to ``size`` = (width, height).
 
-    The mask's aspect ratio must match the image's within ``aspect_tolerance``."""
+    The mask's aspect ratio must match the image's within ``aspect_tolerance``: the image
+    as the caller sent it, ``image_size`` (default ``size``; an optimisation works on a
+    smaller copy, whose size the caller never chose)."""
     decoded = decode_image(data, max_pixels=max_pixels, what="mask")
     width, height = size
+    shown_width, shown_height = image_size or size
     mask_ratio = decoded.width / decoded.height
-    image_ratio = width / height
+    image_ratio = shown_width / shown_height
     if abs(mask_ratio / image_ratio - 1.0) > aspect_tolerance:
         raise InvalidArgument(
             f"mask aspect ratio {decoded.width}x{decoded.height} does not match the image's "
-            f"{width}x{height} (both as displayed, after any EXIF orientation)",
+            f"{shown_width}x{shown_height} (both as displayed, after any EXIF orientation)",
             reason="MASK_ASPECT_MISMATCH", field="mask")
     grey = Image.fromarray(decoded.rgb).convert("L")
     if decoded.alpha is not None:  # transparent = not stylised

@@ -147,7 +147,7 @@ def parse_request(request: style_pb2.StylizeWithImageRequest,
     mask = None
     if request.mask:
         mask_array = decode_mask(request.mask, max_pixels=config.max_pixels,
-                                 size=(width, height))
+                                 size=(width, height), image_size=(content.width, content.height))
         mask = torch.from_numpy(mask_array)[None, None]
     return OptimisationJob(
         content=to_tensor(content_rgb), style=to_tensor(style_rgb), mask=mask, alpha=alpha,

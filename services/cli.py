@@ -1,13 +1,14 @@
 """``percept``: the client and operator command line.
 
-Client commands talk to running services (``--target host:port``; defaults: the local
-cluster's ports, or ``$PERCEPT_TARGET``). A failed call prints the gRPC status name and
-message on stderr (``INVALID_ARGUMENT: not a decodable image``) and exits 1; a bad command
-line, an unreadable input or an unwritable output exits 2 before anything is sent. A busy
-server (RESOURCE_EXHAUSTED with a retry trailer) is asked again after its pushback
-(``services.retries``), until the command's timeout. Outputs
-are written whole or not at all (a temporary file, renamed into place). ``upscale`` and
-``stylize --style`` also take a folder of images (``services.folder_runs``).
+Client commands talk to running services: ``--target host:port``, else ``$PERCEPT_TARGET``,
+else a server on this machine (``percept serve all``'s port 50050, then the local
+cluster's port for the service, 50051..50054, as ``make run`` starts them). A failed call
+prints the gRPC status name and message on stderr (``INVALID_ARGUMENT: not a decodable
+image``) and exits 1; a bad command line, an unreadable, empty or too large input, or an
+unwritable output exits 2 before anything is sent. A busy server (RESOURCE_EXHAUSTED with
+a retry trailer) is asked again after its pushback, until the command's timeout. Outputs
+are written whole or not at all. ``upscale`` and ``stylize --style`` also take a folder of
+images (IN and OUT are then folders).
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ import grpc
 
 from percept.v1 import server_pb2
 from services import client, folder_runs, local_files
-from services.local_files import Terminated, UsageError, atomic_output, read_input, sigterm_raises
+from services.local_files import (
+    Terminated,
+    UsageError,
+    atomic_output,
+    read_image,
+    sigterm_raises,
+    size_text,
+)
 from services.retries import RetriedTooLong, retrying
 
 Handler = Callable[[argparse.Namespace], int]
@@ -44,14 +52,50 @@ def _output_format(path: str) -> int:
 
 
 def _add_target(parser: argparse.ArgumentParser, service: str) -> None:
+    from services.common.config import SERVICE_PORTS
+
     parser.add_argument("--target", default=None,
-                        help=f"host:port of the {service} service "
-                             f"(default: $PERCEPT_TARGET or {client.default_target(service)})")
+                        help=f"host:port of the {service} service (default: $PERCEPT_TARGET, "
+                             f"else localhost:{SERVICE_PORTS['all']} (percept serve all) or "
+                             f"localhost:{SERVICE_PORTS[service]} (the local cluster), "
+                             "whichever answers)")
     parser.set_defaults(service_for_target=service)
 
 
+class _Unreachable(grpc.RpcError):
+    """UNAVAILABLE before the first request: reported as a failed call (exit 1)."""
+
+    def __init__(self, target: str, details: str = "") -> None:
+        super().__init__(target)
+        self.target = target
+        self._details = details or f"cannot connect to {target}"
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details
+
+
 def _channel(args: argparse.Namespace) -> grpc.Channel:
-    return client.connect(args.target or client.default_target(args.service_for_target))
+    """A channel to the command's service: --target, else $PERCEPT_TARGET, else the first
+    server on this machine that answers (serve all's port, then the local cluster's port
+    for the service); UNAVAILABLE naming the addresses tried when none does. Sets
+    ``args.address`` to where it leads."""
+    explicit = args.target or os.environ.get("PERCEPT_TARGET")
+    if explicit:
+        args.address = explicit
+        return client.connect(explicit)
+    service = args.service_for_target
+    found = client.find_local_server(service)
+    if found is None:
+        tried = " or ".join(f"{target} ({what})"
+                            for target, what in client.local_targets(service).items())
+        raise _Unreachable(tried, f"nothing answers at {tried}: start a server with "
+                           "`make run` (the local cluster) or `percept serve all`, or give "
+                           "--target HOST:PORT (or $PERCEPT_TARGET)")
+    args.address, channel = found
+    return channel
 
 
 # -- serving -----------------------------------------------------------------------------
@@ -205,19 +249,52 @@ QUERY_BUSY_PATIENCE_SECONDS = 60.0
 INDEX_BUSY_PATIENCE_SECONDS = 300.0
 
 
-def _count(text: str) -> int:
-    """A --top: a whole number from 1 (0 would mean the server's default, and the request
-    field holds 32 bits); the server says how many it serves."""
+def _whole_number(low: int, high: int, beyond: str = "") -> Callable[[str], int]:
+    """A whole-number option type taking ``low..high`` (the proto's "0 means the default"
+    is never sent for a value given: a value outside the range the server documents is
+    refused here, exit 2); ``beyond`` explains the upper bound."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(
+                f"must be {low}..{high}, got {text}" if beyond == "" else
+                f"must be at least {low}, got {text}")
+        if value > high:
+            raise argparse.ArgumentTypeError(
+                f"must be {low}..{high}, got {text}" if beyond == "" else
+                f"{text} is too large ({beyond})")
+        return value
+    return parse
+
+
+def _weight(text: str) -> float:
+    """A loss weight: a finite number >= 0 (the server refuses the rest)."""
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    if value >= 2**31:
-        raise argparse.ArgumentTypeError(f"{text} is too large (the server takes at most "
-                                         "100 labels or 1000 hits)")
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
+
+
+#: --top of `label` and `search`: from 1 (0 would mean the server's default) up to what the
+#: server documents (LabelImageRequest.k, SearchByTextRequest.k).
+MAX_LABELS, MAX_HITS = 100, 1000
+_label_count = _whole_number(1, MAX_LABELS, f"the server returns at most {MAX_LABELS} labels")
+_hit_count = _whole_number(1, MAX_HITS, f"the server returns at most {MAX_HITS} hits")
+#: --iterations: from 1 (0 would mean the server's default, 300); the most is the server's
+#: --max-iterations, which `percept info` shows.
+_iterations = _whole_number(1, 2**31 - 1, "the server takes at most its --max-iterations, "
+                                          "2000 unless set; `percept info` shows it")
+#: --max-size: the working resolution StylizeWithImage takes (0 would mean 256).
+MIN_WORKING_SIZE, MAX_WORKING_SIZE = 32, 1024
+_max_size = _whole_number(MIN_WORKING_SIZE, MAX_WORKING_SIZE)
+#: --seed: the noise start's seed, an int64 the server takes from 0.
+_seed = _whole_number(0, 2**63 - 1, "the seed is a 64-bit integer")
 
 
 def _positive_timeout(seconds: float) -> float:
@@ -283,20 +360,6 @@ def _is_folder_run(args: argparse.Namespace) -> bool:
 CONNECT_TIMEOUT_SECONDS = 20.0
 
 
-class _Unreachable(grpc.RpcError):
-    """UNAVAILABLE before the first request: reported as a failed call (exit 1)."""
-
-    def __init__(self, target: str) -> None:
-        super().__init__(target)
-        self.target = target
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
-
-    def details(self) -> str:
-        return f"cannot connect to {self.target}"
-
-
 def _run_folder(args: argparse.Namespace, verb: str, timeout: float,
                 start_for: Callable[[grpc.Channel, int], folder_runs.Start]) -> int:
     """The folder run of ``args``; ``start_for(channel, output_format)`` gives the function
@@ -306,11 +369,10 @@ def _run_folder(args: argparse.Namespace, verb: str, timeout: float,
     for problem in plan.problems:
         print(f"warning: {problem}", file=sys.stderr)
     report = folder_runs.FolderReport(unread_folders=len(plan.problems))
-    address = args.target or client.default_target(args.service_for_target)
     channel = _channel(args)
     try:
         if not client.answers(channel, CONNECT_TIMEOUT_SECONDS):
-            raise _Unreachable(address)  # at once, rather than as the first file's failure
+            raise _Unreachable(args.address)  # at once, rather than as the first file's failure
 
         start = start_for(channel, client.format_for_path(f"x.{args.format}"))
         try:
@@ -337,13 +399,30 @@ def _run_folder(args: argparse.Namespace, verb: str, timeout: float,
     return 1 if report.failures or plan.problems else 0
 
 
+def _read_image(path: str, what: str = "input") -> bytes:
+    """An image file to send (exit 2 when unreadable, empty or over the message limit)."""
+    return read_image(path, what, limit=client.MAX_IMAGE_BYTES)
+
+
+def _fits_one_message(parts: dict[str, tuple[str | None, bytes]]) -> None:
+    """UsageError when the files one request carries (``{what: (path, data)}``) are over
+    the message limit together (each alone is checked as it is read)."""
+    sent = {what: (path, data) for what, (path, data) in parts.items() if data}
+    total = sum(len(data) for _, data in sent.values())
+    if len(sent) > 1 and total > client.MAX_IMAGE_BYTES:
+        files = ", ".join(f"{what} {path} ({size_text(len(data))})"
+                          for what, (path, data) in sent.items())
+        raise UsageError(f"{files} take {size_text(total)} together, over the "
+                         f"{client.MAX_IMAGE_BYTES / 2**20:.0f} MiB a message may carry")
+
+
 def cmd_upscale(args: argparse.Namespace) -> int:
     timeout = _positive_timeout(args.timeout)
     if _is_folder_run(args):
         return _run_folder(args, "upscaled", timeout, lambda channel, fmt: (
             lambda image: client.upscale_future(channel, image, model=args.model,
                                                 output_format=fmt, timeout=timeout)))
-    fmt, image = _output_format(args.output), read_input(args.input)
+    fmt, image = _output_format(args.output), _read_image(args.input)
     with atomic_output(args.output) as write:
         channel = _channel(args)
         response = retrying(lambda: client.upscale(
@@ -354,10 +433,20 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version_number(version: str) -> int | str:
+    """StyleInfo.version (an integer, as text) as a number, as `percept info --json` gives
+    model versions; text that is no integer stays text."""
+    try:
+        return int(version)
+    except ValueError:
+        return version
+
+
 def cmd_styles(args: argparse.Namespace) -> int:
     styles = client.list_styles(_channel(args))
     if args.json:
-        print(json.dumps({"styles": [{"name": s.name, "title": s.title, "version": s.version}
+        print(json.dumps({"styles": [{"name": s.name, "title": s.title,
+                                      "version": _version_number(s.version)}
                                      for s in styles]}))
     elif not styles:
         print("no fixed styles installed (StylizeWithImage works with any --style-image)")
@@ -373,9 +462,11 @@ def _layer_weights(pairs: Sequence[str]) -> dict[str, float]:
         try:
             if not sep:
                 raise ValueError
-            weights[name.strip()] = float(value)
+            weights[name.strip()] = _weight(value)
         except ValueError as error:
             raise UsageError(f"--layer-weight wants LAYER=WEIGHT, got {pair!r}") from error
+        except argparse.ArgumentTypeError as error:
+            raise UsageError(f"--layer-weight {pair}: the weight {error}") from error
     return weights
 
 
@@ -429,11 +520,8 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     if folder_run and not args.style:
         raise UsageError("a folder input needs --style NAME: --style-image runs a long "
                          "optimisation per image (loop over the files to do that)")
-    mask = b""
-    if args.mask is not None:
-        mask = read_input(args.mask, "mask")
-        if not mask:  # an empty mask field means "no mask" on the wire
-            raise UsageError(f"mask {args.mask} is an empty file")
+    # an empty mask field means "no mask" on the wire: an empty file is refused
+    mask = b"" if args.mask is None else _read_image(args.mask, "mask")
     _check_shared_options(args, mask)
     if folder_run:
 
@@ -449,7 +537,11 @@ def cmd_stylize(args: argparse.Namespace) -> int:
 
         return _run_folder(args, "stylised", timeout, start_for)
     fmt = _output_format(args.output)
-    image = read_input(args.input)
+    image = _read_image(args.input, "content image" if args.style_image else "input")
+    style_image = b"" if args.style else _read_image(args.style_image, "style image")
+    _fits_one_message({"content image": (args.input, image),
+                       "style image": (args.style_image, style_image),
+                       "mask": (args.mask, mask)})
     if args.style:
         request = style_pb2.StylizeRequest(image=image, style=args.style,
                                            preserve_color=args.preserve_color, mask=mask,
@@ -465,7 +557,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         optimisation = style_pb2.StylizeWithImageRequest(
-            content_image=image, style_image=read_input(args.style_image, "style image"),
+            content_image=image, style_image=style_image,
             iterations=args.iterations, preserve_color=args.preserve_color, mask=mask,
             max_size=args.max_size, seed=args.seed, output_format=fmt,
             init={"content": style_pb2.STYLE_INIT_CONTENT,
@@ -476,9 +568,14 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         for name in ("content_weight", "style_weight", "tv_weight"):
             if getattr(args, name) is not None:
                 setattr(optimisation, name, getattr(args, name))
-        with (atomic_output(args.output) as write,
-              tqdm(total=args.iterations, desc="stylize", unit="it", disable=args.quiet) as bar):
+        with atomic_output(args.output) as write, contextlib.ExitStack() as bars:
+            bar: tqdm | None = None  # opened by the first progress: a refusal shows none
+
             def on_progress(p: style_pb2.StylizeProgress) -> None:
+                nonlocal bar
+                if bar is None:
+                    bar = bars.enter_context(tqdm(total=p.iterations, desc="stylize",
+                                                  unit="it", disable=args.quiet))
                 bar.total = p.iterations
                 bar.update(p.iteration - bar.n)
                 bar.set_postfix(loss=f"{p.total_loss:.3g}")
@@ -504,17 +601,21 @@ def cmd_label(args: argparse.Namespace) -> int:
     method = {"default": embed_pb2.EMBEDDING_METHOD_UNSPECIFIED,
               "devise": embed_pb2.EMBEDDING_METHOD_DEVISE,
               "conse": embed_pb2.EMBEDDING_METHOD_CONSE}[args.method]
-    image = read_input(args.input)
+    image = _read_image(args.input)
     channel = _channel(args)
     response = retrying(lambda: client.label_image(
         channel, image, k=args.top, method=method, under_wnid=args.under or "",
         zero_shot=args.zero_shot), patience=QUERY_BUSY_PATIENCE_SECONDS)
     if args.json:
         print(json.dumps(_labels_json(response)))
-        return 0
-    for label in response.labels:
-        print(f"{label.score:6.3f}  {label.wnid}  {', '.join(label.lemmas[:3])}  "
-              f"— {label.gloss[:70]}")
+    else:
+        for label in response.labels:
+            print(f"{label.score:6.3f}  {label.wnid}  {', '.join(label.lemmas[:3])}  "
+                  f"— {label.gloss[:70]}")
+    if not response.labels:  # stdout (and its JSON) stays as it is
+        why = ([f"under {args.under}"] if args.under else []) + (
+            ["once the ImageNet classes are left out (--zero-shot)"] if args.zero_shot else [])
+        print(" ".join(["no labels", *why]), file=sys.stderr)
     return 0
 
 
@@ -541,7 +642,7 @@ def _image_files(paths: Sequence[str], recursive: bool) -> tuple[list[Path], int
 
 #: The largest image file ``percept index`` sends: one AddImageRequest must fit the
 #: client's message limit, with room for its id and framing.
-MAX_INDEX_IMAGE_BYTES = client.MAX_MESSAGE_BYTES - 8192
+MAX_INDEX_IMAGE_BYTES = client.MAX_IMAGE_BYTES
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -572,6 +673,10 @@ def cmd_index(args: argparse.Namespace) -> int:
                     answered.add(image_id)
                     continue
                 data = path.read_bytes()
+                if not data:
+                    unreadable.append(f"{path}: an empty file")
+                    answered.add(image_id)
+                    continue
             except OSError as error:
                 unreadable.append(f"unreadable {path}: {error.strerror}")
                 answered.add(image_id)
@@ -619,9 +724,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("give a TEXT query or --image PATH, not both")
     if not args.text and not args.image:
         raise UsageError("give a TEXT query or --image PATH")
+    image = _read_image(args.image) if args.image else b""
     channel = _channel(args)
     if args.image:
-        image = read_input(args.image)
         response = retrying(lambda: client.search_by_image(channel, image, k=args.top,
                                                            min_score=args.min_score),
                             patience=QUERY_BUSY_PATIENCE_SECONDS)
@@ -632,29 +737,76 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"hits": [{"id": h.id, "uri": h.uri, "score": round(float(h.score), 4)}
                                    for h in response.hits]}))
-        return 0
-    for hit in response.hits:
-        print(f"{hit.score:6.3f}  {hit.uri or hit.id}")
-    if not response.hits and args.min_score is not None:
-        print(f"no image scores {args.min_score:g} or more", file=sys.stderr)
+    else:
+        for hit in response.hits:
+            print(f"{hit.score:6.3f}  {hit.uri or hit.id}")
+    if not response.hits:  # stdout (and its JSON) stays as it is
+        print(_no_hits(channel, args.min_score), file=sys.stderr)
     return 0
 
 
+def _no_hits(channel: grpc.Channel, min_score: float | None) -> str:
+    """Why a search found nothing: an empty index, or no image scoring --min-score."""
+    try:
+        empty = client.search_stats(channel).count == 0
+    except grpc.RpcError:  # only a note: the search itself answered
+        empty = False
+    if empty:
+        return "no images in the index (`percept index PATH...` adds them)"
+    if min_score is not None:
+        return f"no image scores {min_score:g} or more"
+    return "no hits"
+
+
+def _indexed_id(text: str) -> str:
+    """The id `percept index` gave the file or folder ``text`` names (its absolute path,
+    links resolved); ``text`` itself when no such local path exists (a plain id)."""
+    if not text or not os.path.exists(text):
+        return text
+    return str(Path(text).resolve())
+
+
+def _indexed_prefix(text: str) -> str:
+    """A --prefix as `percept index` names what the local path ``text`` leads to (a
+    folder: ``<its absolute path>/``, its images and nothing beside it); any other text
+    is taken as it is."""
+    resolved = _indexed_id(text)
+    if resolved and os.path.isdir(resolved) and not resolved.endswith(os.sep):
+        resolved += os.sep
+    return resolved
+
+
 def cmd_images(args: argparse.Namespace) -> int:
-    """The indexed images: the given ids (GetImages), or every one (ListImages)."""
+    """The indexed images: the given ids (GetImages), or every one (ListImages). An id or
+    --prefix that names a local file or folder is looked up as `percept index` named it
+    (by its absolute path), and a relative one as given too."""
+    from percept.v1 import search_pb2
+
     if args.ids and args.prefix:
         raise UsageError("give ids or --prefix, not both")
     channel = _channel(args)
     missing: list[str] = []
+    entries: list[search_pb2.ImageEntry]
     if args.ids:
-        ids = list(dict.fromkeys(args.ids))
-        entries = []
+        # each id asked for -> the ids it may be indexed under
+        wanted = {given: list(dict.fromkeys([_indexed_id(given), given]))
+                  for given in dict.fromkeys(args.ids)}
+        ids = list(dict.fromkeys(i for candidates in wanted.values() for i in candidates))
+        found: dict[str, search_pb2.ImageEntry] = {}
         for start in range(0, len(ids), GET_IMAGES_CHUNK):
             answer = client.get_images(channel, ids[start:start + GET_IMAGES_CHUNK])
-            entries += list(answer.images)
-            missing += list(answer.missing)
+            found.update((entry.id, entry) for entry in answer.images)
+        entries = [found[i] for i in ids if i in found]
+        missing = [given for given, candidates in wanted.items()
+                   if not any(i in found for i in candidates)]
     else:
-        entries = client.list_images(channel, prefix=args.prefix)  # type: ignore[assignment]
+        prefix = _indexed_prefix(args.prefix)
+        entries = list(client.list_images(channel, prefix=prefix))
+        if not entries and prefix.rstrip(os.sep) != args.prefix.rstrip(os.sep):
+            entries = list(client.list_images(channel, prefix=args.prefix))  # plain ids
+        if not entries:  # stdout (and its JSON) stays as it is
+            print(f"no indexed id starts with {prefix}" if prefix else
+                  "no images in the index", file=sys.stderr)
     if args.json:
         print(json.dumps({"images": [{"id": e.id, "uri": e.uri,
                                       "added": e.added.ToJsonString()} for e in entries],
@@ -706,11 +858,33 @@ def _register_training(sub: argparse._SubParsersAction) -> None:  # type: ignore
         cli.register_eval(eval_sub)
 
 
+def _package_version() -> str:
+    """The installed package's version, as servers report it (``percept info``)."""
+    from services.common.server_info import percept_version
+
+    return percept_version()
+
+
+def _needs_a_subcommand(parser: argparse.ArgumentParser,
+                        subcommands: argparse._SubParsersAction,  # type: ignore[type-arg]
+                        ) -> Handler:
+    """The handler of a command given without its subcommand: its usage, and the
+    subcommands there are (exit 2)."""
+    def handler(args: argparse.Namespace) -> int:
+        names = "; ".join(f"{choice.dest} ({choice.help})"
+                          for choice in subcommands._choices_actions)
+        parser.error(f"give a subcommand: {names}")
+    return handler
+
+
 def build_parser() -> argparse.ArgumentParser:
     from services.common.config import SERVICES, add_server_arguments
 
     parser = argparse.ArgumentParser(prog="percept", description=(__doc__ or "").replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version",
+                        version=f"percept {_package_version()}",
+                        help="print percept's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run a service (or all of them) until SIGTERM")
@@ -771,26 +945,29 @@ def build_parser() -> argparse.ArgumentParser:
                          "default 1)")
     stylize.add_argument("--mask", help="grey image of the same aspect ratio: white = "
                          "stylise, black = keep")
-    stylize.add_argument("--iterations", type=int, default=None,
-                         help="optimisation steps (--style-image; default 300)")
+    stylize.add_argument("--iterations", type=_iterations, default=None,
+                         help="optimisation steps, from 1 (--style-image; default 300; at "
+                         "most the server's --max-iterations, 2000 unless set)")
     stylize.add_argument("--init", choices=["content", "noise"], default=None,
                          help="start from the content image or blurred noise (--style-image; "
                          "default content)")
     stylize.add_argument("--optimizer", choices=["lbfgs", "adam"], default=None,
                          help="(--style-image; default lbfgs)")
-    stylize.add_argument("--max-size", type=int, default=None,
-                         help="working longest side in px (--style-image; default 256)")
+    stylize.add_argument("--max-size", type=_max_size, default=None,
+                         help=f"working longest side in px, {MIN_WORKING_SIZE}.."
+                         f"{MAX_WORKING_SIZE} (--style-image; default 256)")
     stylize.add_argument("--layer-weight", action="append", default=None, metavar="LAYER=W",
                          help="style weight of one VGG19 layer, e.g. relu1_1=0.5 "
                          "(--style-image; repeatable)")
-    stylize.add_argument("--content-weight", type=float, default=None,
+    stylize.add_argument("--content-weight", type=_weight, default=None,
                          help="(--style-image; the server's default: 1)")
-    stylize.add_argument("--style-weight", type=float, default=None,
+    stylize.add_argument("--style-weight", type=_weight, default=None,
                          help="(--style-image; the server's default: 1)")
-    stylize.add_argument("--tv-weight", type=float, default=None,
+    stylize.add_argument("--tv-weight", type=_weight, default=None,
                          help="total-variation weight (--style-image; the server's default: 10)")
-    stylize.add_argument("--seed", type=int, default=None,
-                         help="(--style-image --init noise; default 0)")
+    stylize.add_argument("--seed", type=_seed, default=None,
+                         help="seed of the noise start, from 0 (--style-image --init noise; "
+                         "default 0)")
     stylize.add_argument("--timeout", type=float, default=None,
                          help="deadline in seconds (default 300 with --style, 3600 with "
                          "--style-image)")
@@ -800,7 +977,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     label = sub.add_parser("label", help="zero-shot WordNet labels for an image")
     label.add_argument("input", help="image file")
-    label.add_argument("--top", type=_count, default=5,
+    label.add_argument("--top", type=_label_count, default=5,
                        help="labels to return (default 5; the server takes up to 100)")
     label.add_argument("--method", choices=["default", "devise", "conse"], default="default",
                        help="DeViSE's projection or ConSE's convex combination of class vectors; "
@@ -827,7 +1004,7 @@ def build_parser() -> argparse.ArgumentParser:
     search = sub.add_parser("search", help="search indexed images by TEXT or --image")
     search.add_argument("text", nargs="?", default="", help="words to search for")
     search.add_argument("--image", help="an image file: find indexed images like it")
-    search.add_argument("--top", type=_count, default=10,
+    search.add_argument("--top", type=_hit_count, default=10,
                         help="results to return (default 10; the server takes up to 1000)")
     search.add_argument("--min-score", type=_cosine, default=None,
                         help="only hits scoring at least this cosine (-1..1; default: the "
@@ -845,7 +1022,8 @@ def build_parser() -> argparse.ArgumentParser:
     images.set_defaults(handler=cmd_images)
 
     cluster = sub.add_parser("cluster", help="Kubernetes deployment status")
-    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", metavar="SUBCOMMAND")
+    cluster.set_defaults(handler=_needs_a_subcommand(cluster, cluster_sub))
     status = cluster_sub.add_parser("status", help="readiness and replicas of the services")
     status.add_argument("--namespace", default="percept", help="(default percept)")
     status.add_argument("--context", default=None, help="kubectl context (default: the current)")
@@ -872,9 +1050,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if code == grpc.StatusCode.UNIMPLEMENTED and details == "Method not found!":
             # gRPC's own answer: the server there is not the service this command calls
             service = getattr(args, "service_for_target", None)
-            where = (f"; is {args.target} the {service} service's address (the local "
+            address = getattr(args, "address", None)
+            where = (f"; is {address} the {service} service's address (the local "
                      f"cluster's: {client.default_target(service)})?"
-                     if service and getattr(args, "target", None) else "")
+                     if service and address else "")
             details = f"{details} (the server does not serve this call{where})"
         print(f"{name}: {details}", file=sys.stderr)
         return 1

@@ -25,6 +25,12 @@ from percept.v1 import (
 from services.common.config import SERVICE_PORTS
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: The largest image file the CLI sends: one request must fit :data:`MAX_MESSAGE_BYTES`,
+#: with room for its other fields.
+MAX_IMAGE_BYTES = MAX_MESSAGE_BYTES - 8192
+#: How long finding a local server waits for a port that is listening to answer a health
+#: check (seconds); a port where nothing listens is refused at once.
+PROBE_TIMEOUT_SECONDS = 1.0
 _EXTENSIONS = {".png": image_pb2.IMAGE_FORMAT_PNG, ".jpg": image_pb2.IMAGE_FORMAT_JPEG,
                ".jpeg": image_pb2.IMAGE_FORMAT_JPEG, ".webp": image_pb2.IMAGE_FORMAT_WEBP}
 
@@ -32,6 +38,37 @@ _EXTENSIONS = {".png": image_pb2.IMAGE_FORMAT_PNG, ".jpg": image_pb2.IMAGE_FORMA
 def default_target(service: str) -> str:
     """``$PERCEPT_TARGET`` if set, else the local cluster's port for ``service``."""
     return os.environ.get("PERCEPT_TARGET") or f"localhost:{SERVICE_PORTS[service]}"
+
+
+def local_targets(service: str) -> dict[str, str]:
+    """Where a server for ``service`` runs on this machine, in the order to try them:
+    ``percept serve all``'s port, then the local cluster's (`make run`) port for it, each
+    with a description."""
+    return {f"localhost:{SERVICE_PORTS['all']}": "percept serve all",
+            f"localhost:{SERVICE_PORTS[service]}": f"the local cluster's {service} service"}
+
+
+def listening(channel: grpc.Channel, timeout: float = PROBE_TIMEOUT_SECONDS) -> bool:
+    """Whether a server listens on ``channel``: a health check that is not UNAVAILABLE
+    (a refused connection fails at once; a server that is slow to answer, or has no health
+    service, is there all the same)."""
+    try:
+        health_status(channel, timeout=timeout)
+    except grpc.RpcError as error:
+        return error.code() != grpc.StatusCode.UNAVAILABLE
+    return True
+
+
+def find_local_server(service: str, timeout: float = PROBE_TIMEOUT_SECONDS
+                      ) -> tuple[str, grpc.Channel] | None:
+    """The first of :func:`local_targets` where a server listens, with a channel to it
+    (connected: the call that follows does not connect again); None when none does."""
+    for target in local_targets(service):
+        channel = connect(target)
+        if listening(channel, timeout):
+            return target, channel
+        channel.close()
+    return None
 
 
 def connect(target: str) -> grpc.Channel:
@@ -133,6 +170,12 @@ def stylize_with_image(channel: grpc.Channel, request: style_pb2.StylizeWithImag
     if result is None:
         raise RuntimeError("the server closed the stream without a result")
     return result
+
+
+def search_stats(channel: grpc.Channel, timeout: float | None = 10
+                 ) -> search_pb2.StatsResponse:
+    return search_pb2_grpc.ImageSearchStub(channel).Stats(search_pb2.StatsRequest(),
+                                                          timeout=timeout)
 
 
 def label_image(channel: grpc.Channel, image: bytes, *, k: int = 5, method: int = 0,

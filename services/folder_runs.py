@@ -5,8 +5,9 @@ batch them.
 What happens to each kind of failure:
 
 - about one file (INVALID_ARGUMENT: not an image, over the pixel cap, a mask of another
-  aspect ratio; RESOURCE_EXHAUSTED without a retry trailer: a message over the size limit;
-  an unreadable file): reported, skipped, and the run goes on;
+  aspect ratio; RESOURCE_EXHAUSTED without a retry trailer: a message over the server's
+  size limit; an unreadable or empty file, or one over the client's 64 MiB message limit,
+  not sent): reported, skipped, and the run goes on;
 - the server is busy (RESOURCE_EXHAUSTED with the ``grpc-retry-pushback-ms`` trailer) or
   unavailable for a while (a restart, a connection aged out): the request is retried with
   backoff, for up to ``--timeout`` seconds (one minute when unavailable);
@@ -37,11 +38,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
+from services.client import MAX_IMAGE_BYTES
 from services.local_files import (
     Terminated,
     UsageError,
     atomic_output,
-    read_input,
+    read_image,
     signals_deferred,
 )
 from services.retries import RetriedTooLong, describe, retrying
@@ -292,7 +294,7 @@ class _Run:
         """None once ``job`` is written, else why it failed; raises _Stopped, or what
         should stop the run."""
         try:
-            data = read_input(job.source)
+            data = read_image(job.source, limit=MAX_IMAGE_BYTES)
         except UsageError as error:
             return _Failure(str(error))
         try:

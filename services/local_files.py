@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -60,6 +61,33 @@ def read_input(path: str | Path, what: str = "input") -> bytes:
         return Path(path).read_bytes()
     except OSError as error:
         raise UsageError(f"cannot read {what} {path}: {error.strerror or error}") from error
+
+
+def size_text(size: int) -> str:
+    """A file size as the CLI's messages give it: ``65.0 MiB``, or bytes when small."""
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size:,} bytes"
+
+
+def read_image(path: str | Path, what: str = "input", *, limit: int) -> bytes:
+    """An image file to send, refused (UsageError, nothing sent) when it cannot be read,
+    is empty (an empty image field means "none" on the wire) or is over ``limit`` bytes
+    (gRPC would refuse the whole request: its message-size limit). A large file is
+    refused from its size, before it is read."""
+    try:
+        with open(path, "rb") as file:
+            status = os.fstat(file.fileno())
+            regular = stat.S_ISREG(status.st_mode)
+            # a pipe or device has no size: read at most one byte past the limit
+            data = b"" if regular and status.st_size > limit else file.read(limit + 1)
+    except OSError as error:
+        raise UsageError(f"cannot read {what} {path}: {error.strerror or error}") from error
+    if len(data) > limit or (regular and status.st_size > limit):
+        size = size_text(status.st_size) if regular else f"more than {size_text(limit)}"
+        raise UsageError(f"{what} {path} is {size}, over the {limit / 2**20:.0f} MiB a "
+                         "message may carry")
+    if not data:
+        raise UsageError(f"{what} {path} is an empty file")
+    return data
 
 
 def _current_umask() -> int:

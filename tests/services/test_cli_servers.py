@@ -1,0 +1,184 @@
+"""`percept` against real servers: finding one without --target, the ids `percept index`
+gave looked up from relative paths, notes when nothing is found, the progress bar of an
+optimisation, and `styles --json`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.cli import main
+from services.common.server import RunningServer, start_in_thread
+from tests.conftest import encode, free_port, server_config
+
+
+@pytest.fixture()
+def cat_png(tmp_path: Path, small_photo: np.ndarray) -> Path:
+    path = tmp_path / "cat.png"
+    path.write_bytes(encode(small_photo))
+    return path
+
+
+@pytest.fixture()
+def no_target(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    """No --target and no $PERCEPT_TARGET: the ports of a server on this machine (serve
+    all's, and the local cluster's per service), each free (nothing listens) until a test
+    points one at a server."""
+    from services.common import config
+
+    monkeypatch.delenv("PERCEPT_TARGET", raising=False)
+    for name in config.SERVICE_PORTS:
+        monkeypatch.setitem(config.SERVICE_PORTS, name, free_port())
+    yield config.SERVICE_PORTS
+
+
+@pytest.mark.parametrize("where", ["serve all", "local cluster"])
+def test_client_commands_without_a_target_find_serve_all_or_the_local_cluster(
+        all_server: RunningServer, no_target: dict[str, int], cat_png: Path, where: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """After `percept serve all` (one port) or `make run` (a port per service), a bare
+    command finds the server, as `percept health` does."""
+    for service in ("all",) if where == "serve all" else ("style", "embed"):
+        no_target[service] = all_server.port
+    started = time.monotonic()
+    assert main(["styles", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["styles"]
+    assert main(["label", str(cat_png), "--top", "1", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["labels"]) == 1
+    assert time.monotonic() - started < 30  # labelling on a shared CPU; finding: ms
+
+
+def test_with_no_server_a_client_command_says_where_it_looked_and_what_to_start(
+        no_target: dict[str, int], cat_png: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, service in [(["styles"], "style"), (["search", "a cat"], "search"),
+                          (["upscale", str(cat_png), str(tmp_path / "o.png")], "superres")]:
+        started = time.monotonic()
+        assert main(argv) == 1
+        assert time.monotonic() - started < 5  # refused connections: no wait
+        assert capsys.readouterr().err == (
+            f"UNAVAILABLE: nothing answers at localhost:{no_target['all']} (percept serve "
+            f"all) or localhost:{no_target[service]} (the local cluster's {service} "
+            "service): start a server with `make run` (the local cluster) or `percept serve "
+            "all`, or give --target HOST:PORT (or $PERCEPT_TARGET)\n")
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_images_finds_what_index_added_by_the_relative_paths_it_was_given(
+        all_server: RunningServer, tmp_path: Path, small_photo: np.ndarray,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`percept index imgs` stores absolute paths: `images imgs/a.png` and `--prefix imgs`
+    look up those (and a folder's prefix is its images, not imgs2's); an id that is no
+    local path is looked up as it is."""
+    target = ["--target", all_server.target]
+    for folder in ("imgs", "imgs2"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.png").write_bytes(encode(small_photo))
+    (tmp_path / "imgs" / "b.png").write_bytes(encode(small_photo[::-1]))
+    monkeypatch.chdir(tmp_path)
+    assert main(["index", "imgs", "imgs2", "--quiet", *target]) == 0
+    capsys.readouterr()
+    assert main(["images", "imgs/a.png", "./imgs/../imgs/b.png", "imgs/nope.png", "no-such-id",
+                 "--json", *target]) == 1
+    answer = json.loads(capsys.readouterr().out)
+    assert [image["id"] for image in answer["images"]] == [str(tmp_path / "imgs" / "a.png"),
+                                                           str(tmp_path / "imgs" / "b.png")]
+    assert answer["missing"] == ["imgs/nope.png", "no-such-id"]  # as given
+    assert main(["images", "imgs/a.png", *target]) == 0
+    assert capsys.readouterr().out.split("  ")[1].strip() == str(tmp_path / "imgs" / "a.png")
+    for prefix in ("imgs", "imgs/", str(tmp_path / "imgs")):
+        assert main(["images", "--prefix", prefix, *target]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split("  ")[1] for line in lines] == [str(tmp_path / "imgs" / "a.png"),
+                                                           str(tmp_path / "imgs" / "b.png")]
+
+
+def test_index_skips_an_empty_file(all_server: RunningServer, tmp_path: Path,
+                                   small_photo: np.ndarray,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "with-empty"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode(small_photo))
+    (folder / "empty.png").write_bytes(b"")
+    assert main(["index", str(folder), "--quiet", "--target", all_server.target]) == 1
+    captured = capsys.readouterr()
+    assert "indexed 1 of 2 images; skipped 1" in captured.out
+    assert f"warning: skipped {folder / 'empty.png'}: an empty file" in captured.err
+
+
+@pytest.fixture(scope="module")
+def empty_search_server(all_server: RunningServer, tmp_path_factory: pytest.TempPathFactory
+                        ) -> Iterator[RunningServer]:
+    """A search service with nothing indexed, embedding with the all_server's model."""
+    running = start_in_thread(server_config(
+        "search", data_dir=tmp_path_factory.mktemp("empty-index"),
+        embed_target=all_server.target), timeout=300)
+    yield running
+    running.stop()
+
+
+def test_search_and_images_say_when_the_index_is_empty(
+        empty_search_server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    target = ["--target", empty_search_server.target]
+    assert main(["images", *target]) == 0
+    assert capsys.readouterr().err == "no images in the index\n"
+    assert main(["images", "--prefix", "/nowhere/", "--json", *target]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"images": [], "missing": []}
+    assert captured.err == "no indexed id starts with /nowhere/\n"
+    assert main(["search", "a cat", *target]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "no images in the index (`percept index PATH...` adds them)\n"
+    assert main(["search", "a cat", "--json", "--min-score", "0.5", *target]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"hits": []}  # the documented shape, unchanged
+    assert captured.err.startswith("no images in the index")
+
+
+def test_label_says_when_under_and_zero_shot_leave_no_labels(
+        all_server: RunningServer, cat_png: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Tabby cat (n02123045) is an ImageNet class with no hyponyms: --zero-shot leaves
+    nothing under it."""
+    argv = ["label", str(cat_png), "--under", "n02123045", "--target", all_server.target]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.split()[1] == "n02123045"
+    assert main([*argv, "--zero-shot"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ("no labels under n02123045 once the ImageNet classes are left "
+                            "out (--zero-shot)\n")
+    assert main([*argv, "--zero-shot", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"labels": []}
+    assert captured.err.startswith("no labels under n02123045")
+
+
+def test_an_optimisation_shows_its_progress_bar_only_once_it_runs(
+        all_server: RunningServer, cat_png: Path, style_photo: np.ndarray, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A refused request prints its status alone, not an empty "0%| | 0/300" bar first."""
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not a png")
+    target = ["--target", all_server.target]
+    assert main(["stylize", str(junk), str(tmp_path / "o.png"), "--style-image",
+                 str(cat_png), *target]) == 1
+    assert capsys.readouterr().err.startswith("INVALID_ARGUMENT: not a decodable content")
+    style = tmp_path / "style.png"
+    style.write_bytes(encode(style_photo))
+    assert main(["stylize", str(cat_png), str(tmp_path / "o.png"), "--style-image",
+                 str(style), "--iterations", "10", "--max-size", "32", *target]) == 0
+    assert "stylize: 100%" in capsys.readouterr().err
+
+
+def test_styles_json_gives_versions_as_numbers(all_server: RunningServer,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """As `percept info --json` gives model versions."""
+    assert main(["styles", "--json", "--target", all_server.target]) == 0
+    styles = json.loads(capsys.readouterr().out)["styles"]
+    assert styles and all(isinstance(style["version"], int) for style in styles)

@@ -21,6 +21,10 @@ NAMESPACE = "percept"
 PART_OF = "percept"
 UID = 10001
 IMAGE_REPOSITORY = "ghcr.io/percept/percept"
+#: the image name the base gives the containers that use no GPU (search), so that a
+#: kustomization can map it to the CPU variant (-cpu) while the model servers, which name
+#: IMAGE_REPOSITORY, get the overlay's variant: kustomize sets images by name
+CPU_IMAGE_PLACEHOLDER = "percept-cpu-image"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = "nvidia.com/gpu.present"
 MONITORING_NAMESPACE = "monitoring"

@@ -9,6 +9,7 @@ from typing import Any
 
 from deploy.policy.model import (
     COMPONENT_LABEL,
+    CPU_IMAGE_PLACEHOLDER,
     CUDA_BASE_ENV,
     CUDA_BASE_IMAGE,
     GPU_NODE_LABEL,
@@ -357,19 +358,28 @@ def check_writable_paths(bundle: Bundle) -> list[str]:
 
 def check_images(bundle: Bundle) -> list[str]:
     """Images are pinned (a tag other than `latest`, or a digest), come from the project's
-    repository, are the same everywhere, and are the variant of the overlay (`-cpu` tags
-    on CPU nodes only)."""
+    repository (the base's `percept-cpu-image` placeholder mapped by the kustomization),
+    are one release (repository and version) in every workload, and are the variant each
+    container needs: `-gpu` where it uses nvidia.com/gpu, `-cpu` everywhere else (search
+    on the gpu overlay, everything on the cpu overlay)."""
     failures = []
-    seen: set[str] = set()
+    releases: dict[tuple[str, str | None], set[str]] = {}
     for res in bundle.workloads:
         for c in all_containers(pod_template(res).spec):
             where = located(res, c)
             image = c.image or ""
             repo, tag, digest = split_image(image)
-            seen.add(image)
             if not image:
                 failures.append(f"{where}: no image")
                 continue
+            if repo == CPU_IMAGE_PLACEHOLDER:
+                failures.append(
+                    f"{where}: image {image!r} is the base's placeholder: map it in the "
+                    f"kustomization (images: - name: {CPU_IMAGE_PLACEHOLDER}, newName: "
+                    f"{IMAGE_REPOSITORY}, newTag: <version>-cpu; deploy/README.md, step 2)"
+                )
+                continue
+            releases.setdefault(_release(image), set()).add(image)
             if tag is None and digest is None:
                 failures.append(f"{where}: image {image!r} is not pinned (no tag or digest)")
             if tag == "latest":
@@ -378,14 +388,29 @@ def check_images(bundle: Bundle) -> list[str]:
                 failures.append(f"{where}: image {image!r} is not the percept image")
             if c.image_pull_policy not in (None, "IfNotPresent", "Always"):
                 failures.append(f"{where}: imagePullPolicy {c.image_pull_policy}")
-            if tag is not None:
-                is_cpu = tag.endswith("-cpu")
-                if bundle.accelerator == "cpu" and not is_cpu:
-                    failures.append(f"{where}: image {image!r} is not the CPU variant (-cpu)")
-                if bundle.accelerator == "gpu" and is_cpu:
-                    failures.append(f"{where}: image {image!r} is the CPU variant on GPU nodes")
-    if len(seen) > 1:
-        failures.append(f"the workloads run different images: {', '.join(sorted(seen))}")
+            if tag is None:
+                continue  # pinned by digest alone: the variant is not in the name
+            uses_gpu = bool(gpu_count(c, "limits") or gpu_count(c, "requests"))
+            variant = image_version(tag)[1]
+            if bundle.accelerator == "cpu" or not uses_gpu:
+                if variant != "cpu":
+                    why = ("on CPU nodes" if bundle.accelerator == "cpu" else
+                           f"but uses no {GPU_RESOURCE}: the base names its image "
+                           f"{CPU_IMAGE_PLACEHOLDER}, for the kustomization to map to -cpu")
+                    failures.append(f"{where}: image {image!r} is not the CPU variant (-cpu) {why}")
+            elif variant == "cpu":
+                failures.append(
+                    f"{where}: image {image!r} is the CPU variant on a container that uses "
+                    f"{GPU_RESOURCE}: it needs the -gpu tag"
+                )
+            elif variant != "gpu":
+                failures.append(f"{where}: image {image!r} is not the GPU variant (-gpu)")
+    if len(releases) > 1:
+        seen = sorted(i for images in releases.values() for i in images)
+        failures.append(
+            f"the workloads run different releases: {', '.join(seen)} (retarget both image "
+            f"names, {IMAGE_REPOSITORY} and {CPU_IMAGE_PLACEHOLDER}; deploy/README.md, step 2)"
+        )
     return failures
 
 

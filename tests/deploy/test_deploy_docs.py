@@ -15,7 +15,14 @@ import yaml
 
 from deploy import render
 from deploy.policy import CHECKS, Bundle
-from deploy.policy.model import IMAGE_REPOSITORY, image_version, split_image
+from deploy.policy.model import (
+    CPU_IMAGE_PLACEHOLDER,
+    GPU_RESOURCE,
+    IMAGE_REPOSITORY,
+    WORKLOAD_KINDS,
+    image_version,
+    split_image,
+)
 
 REPO = render.REPO_ROOT
 DEPLOY_README = REPO / "deploy" / "README.md"
@@ -32,36 +39,83 @@ def _kustomizations() -> dict[str, dict]:
     }
 
 
+#: deploy/k8s folder -> {image name in the manifests: the variant its kustomization maps it
+#: to}: the model servers and the trainer (GPU) name IMAGE_REPOSITORY, search (no GPU) the
+#: placeholder, which is always the CPU variant
+WANT_IMAGES = {
+    "overlays/gpu": {IMAGE_REPOSITORY: "gpu", CPU_IMAGE_PLACEHOLDER: "cpu"},
+    "overlays/cpu": {IMAGE_REPOSITORY: "cpu", CPU_IMAGE_PLACEHOLDER: "cpu"},
+    "jobs/train-superres": {IMAGE_REPOSITORY: "gpu"},
+}
+
+
 def test_every_kustomization_naming_the_image_names_one_release() -> None:
     """`kustomize edit set image` in some kustomizations but not the others (the training
-    Job kept ghcr.io/... while the overlay moved on) fails here, before anything renders:
-    one name, one new name, one version; the variant suffix is the target's."""
+    Job kept ghcr.io/... while the overlay moved on), or of one image name but not the
+    other, fails here, before anything renders: each name mapped once, to one new name and
+    one version; the variant suffix is the one that name needs in that target."""
     naming: dict[str, list[dict]] = {}
     for folder, k in _kustomizations().items():
         for entry in k.get("images") or []:
             naming.setdefault(folder, []).append(entry)
     targets_with_pods = {t.name for t in render.TARGETS if t.kind != "cluster"}
-    assert set(naming) == targets_with_pods, "each overlay and job names the image itself"
+    assert set(naming) == targets_with_pods == set(WANT_IMAGES), (
+        "each overlay and job names the image itself")
     releases = set()
     for folder, entries in naming.items():
-        assert len(entries) == 1, folder
-        (entry,) = entries
-        assert entry["name"] == IMAGE_REPOSITORY, (folder, entry)  # what the manifests use
-        tag = entry.get("newTag")
-        version, variant = image_version(str(tag) if tag is not None else None)
-        want = "cpu" if folder == "overlays/cpu" else "gpu"
-        assert variant == want, (folder, tag)
-        releases.add((entry.get("newName", entry["name"]), version))
+        names = [entry["name"] for entry in entries]
+        assert sorted(names) == sorted(WANT_IMAGES[folder]), (folder, names)
+        for entry in entries:
+            tag = entry.get("newTag")
+            version, variant = image_version(str(tag) if tag is not None else None)
+            assert variant == WANT_IMAGES[folder][entry["name"]], (folder, entry)
+            if entry["name"] == CPU_IMAGE_PLACEHOLDER:
+                assert entry.get("newName"), f"{folder}: the placeholder needs a newName"
+            releases.add((entry.get("newName", entry["name"]), version))
     assert len(releases) == 1, f"kustomizations name different images: {sorted(releases)}"
 
 
+def test_gpu_overlay_maps_the_model_image_before_the_placeholder() -> None:
+    """kustomize applies `images:` entries one after the other: once the placeholder entry
+    has renamed search's image ghcr.io/percept/percept, an entry for that name after it
+    retags search with the models' -gpu tag. `kustomize edit set image` writes the
+    entries sorted by name, so that order must also be the sorted one."""
+    for folder in ("overlays/gpu", "overlays/cpu"):
+        names = [e["name"] for e in _kustomizations()[folder]["images"]]
+        assert names == [IMAGE_REPOSITORY, CPU_IMAGE_PLACEHOLDER] == sorted(names), folder
+
+
+def _manifest_containers(path: Path) -> list[tuple[str, dict]]:
+    """(kind/name, container) of every workload container in a manifest file."""
+    out = []
+    for doc in yaml.safe_load_all(path.read_text()):
+        if not doc or doc.get("kind") not in WORKLOAD_KINDS:
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            out.append((f"{doc['kind']}/{doc['metadata']['name']}", c))
+    return out
+
+
 def test_the_manifests_use_the_image_name_the_kustomizations_set() -> None:
-    """kustomize matches `images:` by name: a manifest with another name is never set."""
-    for path in sorted((render.K8S_DIR / "base").glob("*.yaml")) + sorted(
-        (render.K8S_DIR / "jobs").rglob("job.yaml")
+    """kustomize matches `images:` by name: a manifest with another name is never set. A
+    container that uses a GPU names the image itself, one that uses none (search) the
+    CPU placeholder, so that the gpu overlay can give it the -cpu tag."""
+    used: dict[str, set[str]] = {"base": set(), "jobs/train-superres": set()}
+    for key, paths in (
+        ("base", sorted((render.K8S_DIR / "base").glob("*.yaml"))),
+        ("jobs/train-superres", sorted((render.K8S_DIR / "jobs").rglob("job.yaml"))),
     ):
-        for image in re.findall(r"^\s*image:\s*(\S+)", path.read_text(), flags=re.M):
-            assert split_image(image)[0] == IMAGE_REPOSITORY, (path, image)
+        for path in paths:
+            for ref, c in _manifest_containers(path):
+                limits = (c.get("resources") or {}).get("limits") or {}
+                want = IMAGE_REPOSITORY if GPU_RESOURCE in limits else CPU_IMAGE_PLACEHOLDER
+                assert split_image(c["image"])[0] == want, (path.name, ref, c["image"])
+                used[key].add(want)
+    assert used["base"] == {IMAGE_REPOSITORY, CPU_IMAGE_PLACEHOLDER}
+    for folder, names in WANT_IMAGES.items():
+        rendered = used["jobs/train-superres" if folder.startswith("jobs/") else "base"]
+        assert set(names) == rendered, (folder, sorted(names), sorted(rendered))
 
 
 def _section(text: str, heading: str) -> str:
@@ -73,9 +127,29 @@ def _section(text: str, heading: str) -> str:
 def test_step_2_retargets_every_kustomization_naming_the_image() -> None:
     step = _section(DEPLOY_README.read_text(), "## 2. Build and push the image")
     assert "kustomize edit set image" in step
+    commands = re.sub(r"\\\n\s*", " ", step)
     for folder, k in _kustomizations().items():
-        if k.get("images"):
-            assert folder in step, f"deploy/README.md step 2 does not retarget {folder}"
+        if not k.get("images"):
+            continue
+        assert folder in step, f"deploy/README.md step 2 does not retarget {folder}"
+        command = next((line for line in commands.splitlines()
+                        if f"deploy/k8s/{folder} " in line and "edit set image" in line), "")
+        for entry in k["images"]:
+            variant = WANT_IMAGES[folder][entry["name"]]
+            assert re.search(rf"\b{re.escape(entry['name'])}=\S+-{variant}\b", command), (
+                f"step 2 does not retarget {entry['name']} in {folder} to -{variant}: "
+                f"{command!r}")
+
+
+def test_step_2_pushes_every_tag_the_gpu_overlay_pulls(gpu: Bundle) -> None:
+    """The gpu overlay pulls two tags (-gpu for the models, -cpu for search): pushing only
+    the -gpu one would leave search in ErrImagePull."""
+    step = _section(DEPLOY_README.read_text(), "## 2. Build and push the image")
+    variants = {image_version(split_image(c.image)[1])[1]
+                for w in gpu.workloads for c in w.model.spec.template.spec.containers}
+    assert variants == {"gpu", "cpu"}
+    for variant in variants:
+        assert re.search(rf"^docker push \S+:\S+-{variant}\b", step, flags=re.M), variant
 
 
 def _docker_builds(text: str) -> list[str]:

@@ -103,6 +103,54 @@ CASES: list[tuple[str, str, str, str, Mutation, str, str]] = [
         "CPU variant",
     ),
     (
+        # the gpu overlay before the placeholder: search pulled the CUDA image
+        "gpu-image-on-search",
+        "overlays/gpu",
+        "StatefulSet",
+        "search",
+        lambda r: server(r).update(image="ghcr.io/percept/percept:0.1.0-gpu"),
+        "images",
+        "StatefulSet/search container server: image 'ghcr.io/percept/percept:0.1.0-gpu' is "
+        "not the CPU variant (-cpu) but uses no nvidia.com/gpu",
+    ),
+    (
+        "placeholder-left-unmapped",
+        "overlays/gpu",
+        "StatefulSet",
+        "search",
+        lambda r: server(r).update(image="percept-cpu-image"),
+        "images",
+        "image 'percept-cpu-image' is the base's placeholder",
+    ),
+    (
+        # `kustomize edit set image` of the model servers' name only
+        "search-on-another-release",
+        "overlays/gpu",
+        "StatefulSet",
+        "search",
+        lambda r: server(r).update(image="registry.example.com/percept:0.1.0-cpu"),
+        "images",
+        "the workloads run different releases",
+    ),
+    (
+        "job-on-the-cpu-image",
+        "jobs/train-superres",
+        "Job",
+        "train-superres",
+        lambda r: server(r).update(image="ghcr.io/percept/percept:0.1.0-cpu"),
+        "images",
+        "is the CPU variant on a container that uses nvidia.com/gpu",
+    ),
+    (
+        "gpu-image-on-cpu-nodes",
+        "overlays/cpu",
+        "Deployment",
+        "style",
+        lambda r: server(r).update(image="ghcr.io/percept/percept:0.1.0-gpu"),
+        "images",
+        "is not the CPU variant (-cpu) on CPU nodes",
+    ),
+    (
         "missing-limits",
         "overlays/gpu",
         "Deployment",
@@ -773,12 +821,14 @@ CASES: list[tuple[str, str, str, str, Mutation, str, str]] = [
         "dnsPolicy Default",
     ),
     (
+        # on the GPU variant (a kustomization mapping it to -gpu) and without void
         "search-sees-gpus",
         "overlays/gpu",
         "StatefulSet",
         "search",
         lambda r: server(r).update(
-            env=[v for v in server(r)["env"] if v["name"] != "NVIDIA_VISIBLE_DEVICES"]
+            image="ghcr.io/percept/percept:0.1.0-gpu",
+            env=[v for v in server(r)["env"] if v["name"] != "NVIDIA_VISIBLE_DEVICES"],
         ),
         "gpu-isolation",
         "NVIDIA_VISIBLE_DEVICES is 'all' (its image ghcr.io/percept/percept:0.1.0-gpu)",
@@ -1042,21 +1092,27 @@ def test_config_accepts_the_git_sha_and_nothing_like_it(job: Bundle) -> None:
 
 
 def test_gpu_isolation_reads_the_image_variant(gpu: Bundle, cpu: Bundle) -> None:
-    """Without NVIDIA_VISIBLE_DEVICES=void, search on the -gpu image sees the GPUs (its
-    nvidia/cuda base), on the -cpu image (python:slim base) it does not."""
+    """Without NVIDIA_VISIBLE_DEVICES=void, search on the -cpu image (python:slim base, what
+    both overlays give it) sees no GPU; on a -gpu image (its nvidia/cuda base) it does."""
 
     def without_void(raw: dict[str, Any]) -> None:
         server(raw)["env"] = [v for v in server(raw)["env"]
                               if v["name"] != "NVIDIA_VISIBLE_DEVICES"]
 
-    assert failures("gpu-isolation", broken(cpu, "StatefulSet", "search", without_void)) == []
-    found = failures("gpu-isolation", broken(gpu, "StatefulSet", "search", without_void))
+    def on_the_gpu_image(raw: dict[str, Any]) -> None:
+        without_void(raw)
+        server(raw)["image"] = "ghcr.io/percept/percept:0.1.0-gpu"
+
+    for bundle in (cpu, gpu):
+        assert failures("gpu-isolation", broken(bundle, "StatefulSet", "search",
+                                                without_void)) == []
+    found = failures("gpu-isolation", broken(gpu, "StatefulSet", "search", on_the_gpu_image))
     assert any("NVIDIA_VISIBLE_DEVICES is 'all'" in f for f in found), found
     # and without a Dockerfile to read, a GPU image is assumed to expose them
     no_dockerfile = dataclasses.replace(gpu, dockerfile=None)
     assert failures("gpu-isolation", no_dockerfile) == []
     found = failures(
-        "gpu-isolation", broken(no_dockerfile, "StatefulSet", "search", without_void)
+        "gpu-isolation", broken(no_dockerfile, "StatefulSet", "search", on_the_gpu_image)
     )
     assert any("NVIDIA_VISIBLE_DEVICES is 'all'" in f for f in found), found
 

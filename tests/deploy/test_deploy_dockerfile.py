@@ -161,7 +161,8 @@ def test_image_pins_the_reference_versions(dockerfile: Dockerfile) -> None:
 
 # Development, code-generation and build-time-only packages: not in the serving image.
 _DEV_ONLY = re.compile(
-    r"^(pytest.*|mypy.*|ruff|types-.*|.*-stubs|grpcio-tools|kubernetes.*|kubectl.*|pybind11)$"
+    r"^(pytest.*|mypy.*|ruff|types-.*|.*-stubs|grpcio-tools|kubernetes.*|kubectl.*|pybind11"
+    r"|threadpoolctl)$"
 )
 _VARIANT_PACKAGES = {"torch", "faiss-cpu", "faiss-gpu"}
 

@@ -204,6 +204,7 @@ async def _run(evalset: EvalSet, queries: Sequence[Query], methods: Sequence[str
                   for path in evalset.files]
         n = len(images)
         rankings: dict[str, list[list[tuple[str, str, float]]]] = {}
+        controls: dict[str, list[tuple[str, float]]] = {}
         timings: dict[str, dict[str, float]] = {}
         for method in chosen:
             with tempfile.TemporaryDirectory(prefix="percept-eval-search-") as tmp:
@@ -222,6 +223,8 @@ async def _run(evalset: EvalSet, queries: Sequence[Query], methods: Sequence[str
                                         tqdm(queries, desc=f"search ({method})", unit="query",
                                              disable=not progress)]
                     search_seconds = time.perf_counter() - started
+                    controls[method] = [(text, (await index.search(text, 1))[0][2])
+                                        for text in CONTROL_TEXTS]
                 finally:
                     index.close()
             timings[method] = {"index_seconds": round(index_seconds, 3),
@@ -233,8 +236,39 @@ async def _run(evalset: EvalSet, queries: Sequence[Query], methods: Sequence[str
     finally:
         await service.close()
     return {"default_method": default, "methods": chosen, "rankings": rankings,
-            "timings": timings, "load_seconds": round(load_seconds, 1), "devise": devise_tag,
+            "controls": controls, "timings": timings,
+            "load_seconds": round(load_seconds, 1), "devise": devise_tag,
             "devise_path": devise_path, "text_space": text_space, "device": device}
+
+
+#: Texts that name nothing in any photo, searched for the score a query with no match gets
+#: (the floor a --min-score must clear).
+CONTROL_TEXTS = ("asdfgh qwerty", "zxqv", "blorft wimble")
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    return {"min": round(float(min(values)), 4), "median": round(float(np.median(values)), 4),
+            "max": round(float(max(values)), 4)}
+
+
+def score_separation(rankings: Sequence[Sequence[tuple[str, str, float]]],
+                     queries: Sequence[Query], controls: Sequence[tuple[str, float]]
+                     ) -> dict[str, Any]:
+    """How far scores alone tell a match from none: per query, the best relevant (is-a)
+    photo's score and the best irrelevant one's, over all photos; the queries where an
+    irrelevant photo outscores every relevant one; and the top score of texts that name
+    nothing (:data:`CONTROL_TEXTS`)."""
+    best_relevant, best_irrelevant = [], []
+    for hits, query in zip(rankings, queries, strict=True):
+        best_relevant.append(max(score for i, _, score in hits if i in query.relevant))
+        best_irrelevant.append(max((score for i, _, score in hits if i not in query.relevant),
+                                   default=float("nan")))
+    return {"best_relevant": _spread(best_relevant),
+            "best_irrelevant": _spread(best_irrelevant),
+            "queries_irrelevant_first": int(sum(b > a for a, b in
+                                                zip(best_relevant, best_irrelevant,
+                                                    strict=True))),
+            "control_top_scores": {text: round(score, 4) for text, score in controls}}
 
 
 def evaluate(photos: Path, *, methods: Sequence[str] | None = None,
@@ -263,6 +297,7 @@ def evaluate(photos: Path, *, methods: Sequence[str] | None = None,
     chance = {relevance: summarise([chance_metrics(n, len(q.answers(relevance)), ks)
                                     for q in queries]) for relevance in RELEVANCE}
     results: dict[str, dict[str, dict[str, float]]] = {}
+    scores: dict[str, dict[str, Any]] = {}
     per_query: list[dict[str, Any]] = [
         {"query": q.text, "wnid": q.wnid, "relevant": sorted(q.relevant),
          "exact": sorted(q.exact)} for q in queries]
@@ -277,6 +312,8 @@ def evaluate(photos: Path, *, methods: Sequence[str] | None = None,
                 ranks = relevant_ranks(r, q.answers(relevance))
                 entry.setdefault(method, {})[relevance] = {
                     "first_rank": ranks[0] if ranks else None, **row}
+        scores[method] = score_separation(run["rankings"][method], queries,
+                                          run["controls"][method])
         for hits, entry, q in zip(run["rankings"][method], per_query, queries, strict=True):
             entry[method]["top"] = [
                 {"file": i, "label": label_of[i], "score": round(score, 4),
@@ -302,7 +339,7 @@ def evaluate(photos: Path, *, methods: Sequence[str] | None = None,
                     "relevant_recall@k": "relevant photos in the top k / relevant photos, "
                                          "mean over queries",
                     "chance": "exact expectation under a uniformly random ranking"},
-        "results": results, "chance": chance,
+        "results": results, "chance": chance, "scores": scores,
         "device": run["device"], "load_seconds": run["load_seconds"],
         "timings": run["timings"], "devise_path": run["devise_path"],
         "per_query": per_query,
@@ -355,6 +392,22 @@ def per_query_table(report: Mapping[str, Any], top: int = 3) -> str:
                                    f"{'*' if hit['relevant'] else ''}"
                                    for hit in entry[method]["top"][:top]))
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def score_lines(report: Mapping[str, Any]) -> str:
+    """The score separation of each method, one line each."""
+    def spread(values: Mapping[str, float]) -> str:
+        return f"{values['min']:.2f}..{values['max']:.2f} (median {values['median']:.2f})"
+
+    lines = []
+    for method, seen in report.get("scores", {}).items():
+        controls = ", ".join(f"{text!r} {score:.2f}"
+                             for text, score in seen["control_top_scores"].items())
+        lines.append(f"scores ({method}): best relevant photo {spread(seen['best_relevant'])}"
+                     f", best irrelevant {spread(seen['best_irrelevant'])}; an irrelevant "
+                     f"photo first for {seen['queries_irrelevant_first']} of "
+                     f"{report['queries']} queries; texts naming nothing: {controls}")
     return "\n".join(lines)
 
 
@@ -442,7 +495,7 @@ def command(args: argparse.Namespace) -> int:
             return 2
         update_metrics(Path(report["devise_path"]), {"eval_search": {
             key: report[key] for key in ("eval_set", "queries", "k", "default_method",
-                                         "results", "chance")}})
+                                         "results", "chance", "scores")}})
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -461,6 +514,8 @@ def command(args: argparse.Namespace) -> int:
     print()
     print("R@k: queries with a relevant photo in the top k; rel. recall@k: share of the "
           "relevant photos in the top k; chance: exact expectation of a random ranking")
+    print()
+    print(score_lines(report))
     print(f"report: {out / 'metrics.json'}, {out / 'per_query.md'}")
     return 0
 

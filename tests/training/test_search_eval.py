@@ -204,3 +204,17 @@ def test_negative_threads_are_refused(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 2
     assert capsys.readouterr().err.strip() == "error: --threads must be >= 0, got -1"
     assert not (tmp_path / "o").exists()
+
+
+def test_score_separation_compares_the_best_relevant_and_irrelevant_scores() -> None:
+    from training.evaluate_search import Query, score_separation
+
+    queries = [Query("n1", "dog", frozenset({"dog.jpg"}), frozenset({"dog.jpg"})),
+               Query("n2", "cat", frozenset({"cat.jpg", "tabby.jpg"}), frozenset({"cat.jpg"}))]
+    rankings = [[("dog.jpg", "", 0.7), ("cat.jpg", "", 0.3), ("tabby.jpg", "", 0.2)],
+                [("dog.jpg", "", 0.6), ("tabby.jpg", "", 0.5), ("cat.jpg", "", 0.1)]]
+    seen = score_separation(rankings, queries, [("zxqv", 0.25)])
+    assert seen["best_relevant"] == {"min": 0.5, "median": 0.6, "max": 0.7}
+    assert seen["best_irrelevant"] == {"min": 0.3, "median": 0.45, "max": 0.6}
+    assert seen["queries_irrelevant_first"] == 1  # cat: dog.jpg 0.6 over tabby 0.5
+    assert seen["control_top_scores"] == {"zxqv": 0.25}

@@ -820,6 +820,38 @@ def cmd_images(args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    """Takes images out of the index (DeleteImages): the given ids, looked up as `percept
+    images` looks them up, or every id under --prefix once --yes confirms it."""
+    if bool(args.ids) == bool(args.prefix):
+        raise UsageError("give ids, or --prefix P (with --yes): not both, not neither")
+    channel = _channel(args)
+    if args.prefix:
+        prefix = _indexed_prefix(args.prefix)
+        ids = [entry.id for entry in client.list_images(channel, prefix=prefix)]
+        if not ids:
+            print(f"no indexed id starts with {prefix}", file=sys.stderr)
+            return 1
+        if not args.yes:
+            raise UsageError(f"this would delete {len(ids):,} images whose id starts with "
+                             f"{prefix}: add --yes to delete them")
+        wanted = {image_id: [image_id] for image_id in ids}
+    else:
+        wanted = {given: list(dict.fromkeys([_indexed_id(given), given]))
+                  for given in dict.fromkeys(args.ids)}
+    candidates = list(dict.fromkeys(i for names in wanted.values() for i in names))
+    deleted, absent = 0, set()
+    for start in range(0, len(candidates), GET_IMAGES_CHUNK):
+        answer = client.delete_images(channel, candidates[start:start + GET_IMAGES_CHUNK])
+        deleted += answer.deleted
+        absent.update(answer.missing)
+    missing = [given for given, names in wanted.items() if all(n in absent for n in names)]
+    print(f"deleted {deleted:,} image{'s' if deleted != 1 else ''}")
+    for image_id in missing:
+        print(f"not indexed: {image_id}", file=sys.stderr)
+    return 1 if missing else 0
+
+
 def _cosine(text: str) -> float:
     """A --min-score: a cosine, -1..1."""
     try:
@@ -1020,6 +1052,15 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--json", action="store_true", help="print JSON, not a table")
     _add_target(images, "search")
     images.set_defaults(handler=cmd_images)
+
+    delete = sub.add_parser("delete", help="take images out of the index")
+    delete.add_argument("ids", nargs="*", help="ids (or the files `percept index` added) to "
+                                               "delete; exit 1 if one is not indexed")
+    delete.add_argument("--prefix", default="", help="every id that starts with this (a "
+                                                     "folder: the images indexed from it)")
+    delete.add_argument("--yes", action="store_true", help="confirm deleting by --prefix")
+    _add_target(delete, "search")
+    delete.set_defaults(handler=cmd_delete)
 
     cluster = sub.add_parser("cluster", help="Kubernetes deployment status")
     cluster_sub = cluster.add_subparsers(dest="cluster_command", metavar="SUBCOMMAND")

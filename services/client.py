@@ -213,6 +213,12 @@ def get_images(channel: grpc.Channel, ids: Sequence[str], timeout: float | None 
         search_pb2.GetImagesRequest(ids=list(ids)), timeout=timeout)
 
 
+def delete_images(channel: grpc.Channel, ids: Sequence[str], timeout: float | None = 60
+                  ) -> search_pb2.DeleteImagesResponse:
+    return search_pb2_grpc.ImageSearchStub(channel).DeleteImages(
+        search_pb2.DeleteImagesRequest(ids=list(ids)), timeout=timeout)
+
+
 def list_images(channel: grpc.Channel, prefix: str = "", page_size: int = 1000,
                 timeout: float | None = 60) -> Iterator[search_pb2.ImageEntry]:
     """Every stored image (whose id starts with ``prefix``), page by page."""

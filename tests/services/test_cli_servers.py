@@ -182,3 +182,32 @@ def test_styles_json_gives_versions_as_numbers(all_server: RunningServer,
     assert main(["styles", "--json", "--target", all_server.target]) == 0
     styles = json.loads(capsys.readouterr().out)["styles"]
     assert styles and all(isinstance(style["version"], int) for style in styles)
+
+
+def test_delete_takes_out_what_index_added_by_path_or_by_folder_once_confirmed(
+        all_server: RunningServer, tmp_path: Path, small_photo: np.ndarray,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    target = ["--target", all_server.target]
+    for folder, name in (("del", "a.png"), ("del", "b.png"), ("del", "c.png"),
+                         ("del2", "a.png")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / name).write_bytes(encode(small_photo[:, ::-1] if name == "b.png"
+                                                      else small_photo))
+    monkeypatch.chdir(tmp_path)
+    assert main(["index", "del", "del2", "--quiet", *target]) == 0
+    capsys.readouterr()
+    # a relative path finds the absolute id; an id indexed nowhere makes it exit 1
+    assert main(["delete", "del/a.png", "del/nope.png", *target]) == 1
+    said = capsys.readouterr()
+    assert said.out == "deleted 1 image\n" and said.err == "not indexed: del/nope.png\n"
+    assert main(["images", str(tmp_path / "del" / "a.png"), *target]) == 1
+    capsys.readouterr()
+    # a folder's prefix: counted, refused without --yes, and del2 is not under del/
+    assert main(["delete", "--prefix", "del", *target]) == 2
+    assert "this would delete 2 images whose id starts with " in capsys.readouterr().err
+    assert main(["delete", "--prefix", "del", "--yes", *target]) == 0
+    assert capsys.readouterr().out == "deleted 2 images\n"
+    assert main(["images", "--prefix", "del", *target]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["images", "del2/a.png", *target]) == 0
+    assert main(["delete", *target]) == 2  # neither ids nor --prefix

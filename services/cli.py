@@ -605,7 +605,8 @@ def cmd_label(args: argparse.Namespace) -> int:
     channel = _channel(args)
     response = retrying(lambda: client.label_image(
         channel, image, k=args.top, method=method, under_wnid=args.under or "",
-        zero_shot=args.zero_shot), patience=QUERY_BUSY_PATIENCE_SECONDS)
+        zero_shot=args.zero_shot, one_per_word=not args.every_sense),
+        patience=QUERY_BUSY_PATIENCE_SECONDS)
     if args.json:
         print(json.dumps(_labels_json(response)))
     else:
@@ -1016,6 +1017,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "default: the served model's default_method")
     label.add_argument("--under", help="only hyponyms of this wnid, e.g. n00015388 (animal)")
     label.add_argument("--zero-shot", action="store_true", help="exclude the ImageNet classes")
+    label.add_argument("--every-sense", action="store_true",
+                       help="list every synset, also several senses of one word (default: "
+                            "the best-scoring sense of each word)")
     label.add_argument("--json", action="store_true", help="print JSON, not a table")
     _add_target(label, "embed")
     label.set_defaults(handler=cmd_label)

@@ -179,12 +179,12 @@ def search_stats(channel: grpc.Channel, timeout: float | None = 10
 
 
 def label_image(channel: grpc.Channel, image: bytes, *, k: int = 5, method: int = 0,
-                under_wnid: str = "", zero_shot: bool = False,
+                under_wnid: str = "", zero_shot: bool = False, one_per_word: bool = True,
                 timeout: float | None = 60) -> embed_pb2.LabelImageResponse:
     stub = embed_pb2_grpc.EmbeddingStub(channel)
     return stub.LabelImage(embed_pb2.LabelImageRequest(
-        image=image, k=k, method=method, under_wnid=under_wnid, zero_shot=zero_shot),
-        timeout=timeout)
+        image=image, k=k, method=method, under_wnid=under_wnid, zero_shot=zero_shot,
+        one_per_word=one_per_word), timeout=timeout)
 
 
 def add_images(channel: grpc.Channel, items: Iterable[search_pb2.AddImageRequest],

@@ -383,6 +383,26 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             embeddings=[embed_pb2.Vector(values=v.tolist()) for v in vectors],
             dimension=int(vectors.shape[1]), space=self.text.name)
 
+    def _nearest_nouns(self, vector: np.ndarray, k: int, restrict: Any, exclude: Any,
+                       one_per_word: bool) -> list[tuple[float, int]]:
+        """(score, vocabulary row) of the k nearest nouns, best first; with
+        ``one_per_word``, only the best of the synsets sharing a first lemma, searching
+        ever deeper (4k, 16k ... nouns) until k different words are found or none is left."""
+        fetch = k * 4 if one_per_word else k
+        while True:
+            scores, rows = self.index.search(vector[None], fetch, restrict=restrict,
+                                             exclude=exclude)
+            found = [(float(score), int(row)) for score, row in zip(scores[0], rows[0],
+                                                                    strict=True) if row >= 0]
+            if not one_per_word:
+                return found
+            words: dict[str, tuple[float, int]] = {}
+            for score, row in found:
+                words.setdefault(self.vocab[row].lemmas[0].lower(), (score, row))
+            if len(words) >= k or len(found) < fetch or fetch >= len(self.index):
+                return list(words.values())[:k]
+            fetch = min(fetch * 4, len(self.index))
+
     @unary_errors
     async def LabelImage(self, request: embed_pb2.LabelImageRequest,
                          context: grpc.aio.ServicerContext) -> embed_pb2.LabelImageResponse:
@@ -401,14 +421,12 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         method = self._method(request.method)
         vector = (await self.embed_images([request.image], method, time_remaining(context)))[0]
         exclude = self.imagenet_rows if request.zero_shot else None
-        scores, rows = await asyncio.to_thread(self.index.search, vector[None], k,
-                                               restrict=restrict, exclude=exclude)
+        found = await asyncio.to_thread(self._nearest_nouns, vector, k, restrict, exclude,
+                                        request.one_per_word)
         labels = []
-        for score, row in zip(scores[0], rows[0], strict=True):
-            if row < 0:
-                break
-            synset = self.vocab[int(row)]
+        for score, row in found:
+            synset = self.vocab[row]
             labels.append(embed_pb2.Label(wnid=synset.wnid, lemmas=list(synset.lemmas),
-                                          gloss=synset.gloss, score=float(score)))
+                                          gloss=synset.gloss, score=score))
         return embed_pb2.LabelImageResponse(labels=labels, method=method,
                                             model=self.image_model(method))

@@ -70,6 +70,26 @@ def test_labels_are_ranked_synsets_and_conse_sees_the_cat(stub: embed_pb2_grpc.E
     assert first.lemmas and first.gloss
 
 
+def test_one_label_per_word_keeps_the_best_sense_of_each(
+        stub: embed_pb2_grpc.EmbeddingStub) -> None:
+    """scikit-image's astronaut: two senses of "bobsled" and two of "helmet" in its top 5
+    synsets. one_per_word keeps the best-scoring sense of each word and goes deeper for the
+    rest: 5 different words, in the order (and with the scores) of the full list."""
+    import skimage.data
+
+    image = encode(skimage.data.astronaut())
+    every = label(stub, image, k=40).labels
+    words = [lbl.lemmas[0].lower() for lbl in every[:5]]
+    assert len(set(words)) < 5, words  # the case this is about
+    distinct = label(stub, image, k=5, one_per_word=True).labels
+    assert len({lbl.lemmas[0].lower() for lbl in distinct}) == 5
+    best_sense: dict[str, embed_pb2.Label] = {}
+    for lbl in every:
+        best_sense.setdefault(lbl.lemmas[0].lower(), lbl)
+    assert [(lbl.wnid, lbl.score) for lbl in distinct] == [
+        (lbl.wnid, lbl.score) for lbl in list(best_sense.values())[:5]]
+
+
 def test_restriction_to_animals_returns_only_animals(stub: embed_pb2_grpc.EmbeddingStub,
                                                      photo: np.ndarray,
                                                      vocab: NounVocabulary) -> None:

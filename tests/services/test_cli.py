@@ -65,6 +65,24 @@ def test_label_json_has_the_documented_shape(all_server: RunningServer, tmp_path
         assert isinstance(label["lemmas"], list) and isinstance(label["score"], float)
 
 
+def test_label_gives_different_words_unless_every_sense(
+        all_server: RunningServer, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import skimage.data
+
+    path = tmp_path / "astronaut.png"
+    path.write_bytes(encode(skimage.data.astronaut()))
+    firsts = {}
+    for extra in ([], ["--every-sense"]):
+        assert main(["label", str(path), "--json", *extra, "--target", all_server.target]) == 0
+        labels = json.loads(capsys.readouterr().out)["labels"]
+        firsts[bool(extra)] = [label["lemmas"][0].lower() for label in labels]
+    assert len(set(firsts[False])) == 5  # bobsled and helmet once each
+    assert len(set(firsts[True])) < 5  # every synset: two senses of a word
+
+
 def test_search_json_has_the_documented_shape(all_server: RunningServer, tmp_path: Path,
                                               photo: np.ndarray,
                                               capsys: pytest.CaptureFixture[str]) -> None:

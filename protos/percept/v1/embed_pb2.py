@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16percept/v1/embed.proto\x12\npercept.v1\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"Q\n\x12\x45mbedImagesRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12+\n\x06method\x18\x02 \x01(\x0e\x32\x1b.percept.v1.EmbeddingMethod\"\x9b\x01\n\x13\x45mbedImagesResponse\x12&\n\nembeddings\x18\x01 \x03(\x0b\x32\x12.percept.v1.Vector\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12+\n\x06method\x18\x03 \x01(\x0e\x32\x1b.percept.v1.EmbeddingMethod\x12\r\n\x05space\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\"!\n\x10\x45mbedTextRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"]\n\x11\x45mbedTextResponse\x12&\n\nembeddings\x18\x01 \x03(\x0b\x32\x12.percept.v1.Vector\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12\r\n\x05space\x18\x03 \x01(\t\"\x81\x01\n\x11LabelImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\t\n\x01k\x18\x02 \x01(\x05\x12+\n\x06method\x18\x03 \x01(\x0e\x32\x1b.percept.v1.EmbeddingMethod\x12\x12\n\nunder_wnid\x18\x04 \x01(\t\x12\x11\n\tzero_shot\x18\x05 \x01(\x08\"C\n\x05Label\x12\x0c\n\x04wnid\x18\x01 \x01(\t\x12\x0e\n\x06lemmas\x18\x02 \x03(\t\x12\r\n\x05gloss\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\"s\n\x12LabelImageResponse\x12!\n\x06labels\x18\x01 \x03(\x0b\x32\x11.percept.v1.Label\x12+\n\x06method\x18\x02 \x01(\x0e\x32\x1b.percept.v1.EmbeddingMethod\x12\r\n\x05model\x18\x03 \x01(\t*l\n\x0f\x45mbeddingMethod\x12 \n\x1c\x45MBEDDING_METHOD_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45MBEDDING_METHOD_DEVISE\x10\x01\x12\x1a\n\x16\x45MBEDDING_METHOD_CONSE\x10\x02\x32\xf2\x01\n\tEmbedding\x12N\n\x0b\x45mbedImages\x12\x1e.percept.v1.EmbedImagesRequest\x1a\x1f.percept.v1.EmbedImagesResponse\x12H\n\tEmbedText\x12\x1c.percept.v1.EmbedTextRequest\x1a\x1d.percept.v1.EmbedTextResponse\x12K\n\nLabelImage\x12\x1d.percept.v1.LabelImageRequest\x1a\x1e.percept.v1.LabelImageResponseBD\n\x0e\x64\x65v.percept.v1P\x01Z#percept/gen/go/percept/v1;perceptv1\xaa\x02\nPercept.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16percept/v1/embed.proto\x12\npercept.v1\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"Q\n\x12\x45mbedImagesRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12+\n\x06method\x18\x02 \x01(\x0e\x32\x1b.percept.v1.EmbeddingMethod\"\x9b\x01\n\x13\x45mbedImagesResponse\x12&\n\nembeddings\x18\x01 \x03(\x0b\x32\x12.percept.v1.Vector\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12+\n\x06method\x18\x03 \x01(\x0e\x32\x1b.percept.v1.EmbeddingMethod\x12\r\n\x05space\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\"!\n\x10\x45mbedTextRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"]\n\x11\x45mbedTextResponse\x12&\n\nembeddings\x18\x01 \x03(\x0b\x32\x12.percept.v1.Vector\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12\r\n\x05space\x18\x03 \x01(\t\"\x97\x01\n\x11LabelImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\t\n\x01k\x18\x02 \x01(\x05\x12+\n\x06method\x18\x03 \x01(\x0e\x32\x1b.percept.v1.EmbeddingMethod\x12\x12\n\nunder_wnid\x18\x04 \x01(\t\x12\x11\n\tzero_shot\x18\x05 \x01(\x08\x12\x14\n\x0cone_per_word\x18\x06 \x01(\x08\"C\n\x05Label\x12\x0c\n\x04wnid\x18\x01 \x01(\t\x12\x0e\n\x06lemmas\x18\x02 \x03(\t\x12\r\n\x05gloss\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\"s\n\x12LabelImageResponse\x12!\n\x06labels\x18\x01 \x03(\x0b\x32\x11.percept.v1.Label\x12+\n\x06method\x18\x02 \x01(\x0e\x32\x1b.percept.v1.EmbeddingMethod\x12\r\n\x05model\x18\x03 \x01(\t*l\n\x0f\x45mbeddingMethod\x12 \n\x1c\x45MBEDDING_METHOD_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45MBEDDING_METHOD_DEVISE\x10\x01\x12\x1a\n\x16\x45MBEDDING_METHOD_CONSE\x10\x02\x32\xf2\x01\n\tEmbedding\x12N\n\x0b\x45mbedImages\x12\x1e.percept.v1.EmbedImagesRequest\x1a\x1f.percept.v1.EmbedImagesResponse\x12H\n\tEmbedText\x12\x1c.percept.v1.EmbedTextRequest\x1a\x1d.percept.v1.EmbedTextResponse\x12K\n\nLabelImage\x12\x1d.percept.v1.LabelImageRequest\x1a\x1e.percept.v1.LabelImageResponseBD\n\x0e\x64\x65v.percept.v1P\x01Z#percept/gen/go/percept/v1;perceptv1\xaa\x02\nPercept.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,8 +32,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'percept.v1.embed_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.percept.v1P\001Z#percept/gen/go/percept/v1;perceptv1\252\002\nPercept.V1'
-  _globals['_EMBEDDINGMETHOD']._serialized_start=753
-  _globals['_EMBEDDINGMETHOD']._serialized_end=861
+  _globals['_EMBEDDINGMETHOD']._serialized_start=775
+  _globals['_EMBEDDINGMETHOD']._serialized_end=883
   _globals['_VECTOR']._serialized_start=38
   _globals['_VECTOR']._serialized_end=62
   _globals['_EMBEDIMAGESREQUEST']._serialized_start=64
@@ -45,11 +45,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDTEXTRESPONSE']._serialized_start=340
   _globals['_EMBEDTEXTRESPONSE']._serialized_end=433
   _globals['_LABELIMAGEREQUEST']._serialized_start=436
-  _globals['_LABELIMAGEREQUEST']._serialized_end=565
-  _globals['_LABEL']._serialized_start=567
-  _globals['_LABEL']._serialized_end=634
-  _globals['_LABELIMAGERESPONSE']._serialized_start=636
-  _globals['_LABELIMAGERESPONSE']._serialized_end=751
-  _globals['_EMBEDDING']._serialized_start=864
-  _globals['_EMBEDDING']._serialized_end=1106
+  _globals['_LABELIMAGEREQUEST']._serialized_end=587
+  _globals['_LABEL']._serialized_start=589
+  _globals['_LABEL']._serialized_end=656
+  _globals['_LABELIMAGERESPONSE']._serialized_start=658
+  _globals['_LABELIMAGERESPONSE']._serialized_end=773
+  _globals['_EMBEDDING']._serialized_start=886
+  _globals['_EMBEDDING']._serialized_end=1128
 # @@protoc_insertion_point(module_scope)

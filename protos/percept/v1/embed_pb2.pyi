@@ -61,18 +61,20 @@ class EmbedTextResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., dimension: _Optional[int] = ..., space: _Optional[str] = ...) -> None: ...
 
 class LabelImageRequest(_message.Message):
-    __slots__ = ("image", "k", "method", "under_wnid", "zero_shot")
+    __slots__ = ("image", "k", "method", "under_wnid", "zero_shot", "one_per_word")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     UNDER_WNID_FIELD_NUMBER: _ClassVar[int]
     ZERO_SHOT_FIELD_NUMBER: _ClassVar[int]
+    ONE_PER_WORD_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     k: int
     method: EmbeddingMethod
     under_wnid: str
     zero_shot: bool
-    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., method: _Optional[_Union[EmbeddingMethod, str]] = ..., under_wnid: _Optional[str] = ..., zero_shot: _Optional[bool] = ...) -> None: ...
+    one_per_word: bool
+    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., method: _Optional[_Union[EmbeddingMethod, str]] = ..., under_wnid: _Optional[str] = ..., zero_shot: _Optional[bool] = ..., one_per_word: _Optional[bool] = ...) -> None: ...
 
 class Label(_message.Message):
     __slots__ = ("wnid", "lemmas", "gloss", "score")

@@ -61,9 +61,9 @@ from training.nets.efficientnet_lite import load_efficientnet_lite0
 
 log = logging.getLogger("percept.embed")
 
+#: ConSE's T where no installed DeViSE map records one (config.json methods.conse.top_t,
+#: which `percept train devise --top-t` writes and `percept eval devise` scores with)
 CONSE_TOP_T = 10
-#: EmbedImagesResponse.model for CONSE: its backbone (the pinned ImageNet classifier) and T
-CONSE_MODEL = f"conse-efficientnet-lite0-top{CONSE_TOP_T}"
 MAX_TEXT_CHARS = 1000
 #: The most word pieces ([CLS] and [SEP] included) of a text all-MiniLM-L6-v2 reads: its
 #: sentence-transformers default window. A longer text is refused, not silently cut (the
@@ -138,6 +138,10 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             break
         preferred = (self.devise.config.get("default_method", "conse")
                      if self.devise is not None else "conse")
+        # the T the installed map's evaluation scored ConSE with
+        recorded_t = (self.devise.config.get("methods", {}).get("conse", {}).get("top_t")
+                      if self.devise is not None else None)
+        self.conse_top_t = int(recorded_t) if recorded_t else CONSE_TOP_T
         self.default_method = DEVISE if preferred == "devise" and self.devise else CONSE
         # Its items are images, decoded already: --max-queue bounds the image *requests*
         # (image_requests, before decoding), and every image of an admitted request has a
@@ -159,7 +163,8 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             "device": describe(self.device), "nouns": len(self.index),
             "space": describe_source(self.space.source),
             "devise": self.devise.tag if self.devise else None,
-            "default_method": _METHOD_NAMES[self.default_method]})
+            "default_method": _METHOD_NAMES[self.default_method],
+            "conse_top_t": self.conse_top_t})
 
     async def warmup(self) -> None:
         blank = np.zeros((INPUT_SIZE, INPUT_SIZE, 3), np.uint8)
@@ -194,7 +199,7 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             else:
                 probabilities = torch.softmax(self.backbone._fc(features), dim=1)
                 probabilities = probabilities * self.class_weights
-                vectors = conse_embed(probabilities, self.class_vectors, CONSE_TOP_T)
+                vectors = conse_embed(probabilities, self.class_vectors, self.conse_top_t)
         return list(vectors.float().cpu().numpy())
 
     def image_model(self, method: int) -> str:
@@ -204,7 +209,8 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         if method == DEVISE:
             assert self.devise is not None
             return self.devise.tag
-        return CONSE_MODEL
+        # its backbone (the pinned ImageNet classifier) and T
+        return f"conse-efficientnet-lite0-top{self.conse_top_t}"
 
     def _method(self, method: int) -> int:
         if method == embed_pb2.EMBEDDING_METHOD_UNSPECIFIED:

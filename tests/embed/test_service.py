@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -285,3 +286,34 @@ def test_phrases_are_batched_behind_a_bounded_queue(embed_server: RunningServer,
     alone = real.encode(["a dog", "a horse"])
     assert np.allclose(np.array(answers[1].embeddings[1].values), alone[1], atol=1e-5)
 
+
+
+def test_conse_is_served_with_the_t_the_installed_map_records(
+        stub: embed_pb2_grpc.EmbeddingStub, photo: np.ndarray,
+        tmp_path: Path) -> None:
+    """`percept train devise --top-t 3` records T in config.json, and `percept eval devise`
+    scores ConSE with it: the service serves that T too (it served 10 whatever was
+    recorded)."""
+    import json
+    import shutil
+
+    from tests.conftest import REPO
+
+    shutil.copytree(REPO / "models" / "devise-minilm", tmp_path / "devise-minilm")
+    config_path = tmp_path / "devise-minilm" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["methods"]["conse"]["top_t"] = 3
+    config_path.write_text(json.dumps(config))
+    running = start_in_thread(server_config("embed", models_dir=tmp_path), timeout=600)
+    try:
+        three = embed_pb2_grpc.EmbeddingStub(client.connect(running.target))
+        request = embed_pb2.EmbedImagesRequest(images=[encode(photo)],
+                                               method=embed_pb2.EMBEDDING_METHOD_CONSE)
+        with_three = three.EmbedImages(request, timeout=60)
+        with_ten = stub.EmbedImages(request, timeout=60)
+    finally:
+        running.stop()
+    assert with_three.model == "conse-efficientnet-lite0-top3"
+    assert with_ten.model == "conse-efficientnet-lite0-top10"
+    a, b = (np.asarray(r.embeddings[0].values) for r in (with_three, with_ten))
+    assert not np.allclose(a, b, atol=1e-4)

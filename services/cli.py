@@ -455,8 +455,15 @@ def cmd_styles(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The server's style layers where a request names none (StylizeWithImageRequest).
+DEFAULT_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+
+
 def _layer_weights(pairs: Sequence[str]) -> dict[str, float]:
-    weights = {}
+    """--layer-weight LAYER=W pairs over the default layers (each weighted 1): a request
+    that names layers has only those, so the defaults are sent along with the ones given,
+    and a weight of 0 drops a layer. None given: empty (the server's defaults)."""
+    weights = {name: 1.0 for name in DEFAULT_STYLE_LAYERS} if pairs else {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         try:
@@ -990,8 +997,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"working longest side in px, {MIN_WORKING_SIZE}.."
                          f"{MAX_WORKING_SIZE} (--style-image; default 256)")
     stylize.add_argument("--layer-weight", action="append", default=None, metavar="LAYER=W",
-                         help="style weight of one VGG19 layer, e.g. relu1_1=0.5 "
-                         "(--style-image; repeatable)")
+                         help="style weight of one VGG19 layer, e.g. relu1_1=0.5; the "
+                         "other default layers (relu1_1..relu5_1) keep weight 1, =0 drops "
+                         "one, another layer (relu3_2=1) is added (--style-image; "
+                         "repeatable)")
     stylize.add_argument("--content-weight", type=_weight, default=None,
                          help="(--style-image; the server's default: 1)")
     stylize.add_argument("--style-weight", type=_weight, default=None,

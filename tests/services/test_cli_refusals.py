@@ -186,3 +186,17 @@ def test_cluster_without_a_subcommand_names_them(capsys: pytest.CaptureFixture[s
     assert err.startswith("usage: percept cluster")
     assert "error: give a subcommand: status (readiness and replicas" in err
     assert "cluster_command" not in err
+
+
+def test_layer_weights_adjust_the_default_layers() -> None:
+    """One --layer-weight changes that layer, not the whole set: a request that names
+    layers has only those, so the CLI sends the server's defaults along with it."""
+    from services.cli import DEFAULT_STYLE_LAYERS, _layer_weights
+    from training.perceptual.gatys import GatysOptions
+
+    assert tuple(GatysOptions().style_layer_weights) == DEFAULT_STYLE_LAYERS
+    assert set(GatysOptions().style_layer_weights.values()) == {1.0}
+    assert _layer_weights([]) == {}  # the server's defaults
+    assert _layer_weights(["relu1_1=0.5", "relu3_1=0", "relu3_2=2"]) == {
+        "relu1_1": 0.5, "relu2_1": 1.0, "relu3_1": 0.0, "relu4_1": 1.0, "relu5_1": 1.0,
+        "relu3_2": 2.0}

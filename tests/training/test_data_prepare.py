@@ -364,3 +364,16 @@ def test_a_link_to_a_photo_found_anyway_is_one_photo(sources: dict[str, Path],
     (photos / "gone.jpg").symlink_to("missing.jpg")  # a dangling link is no photo
     found = find_sources([photos])
     assert found == [photos / "a.jpg"]
+
+
+def test_a_large_jpeg_is_draft_decoded_at_the_smallest_scale_that_is_enough(
+        tmp_path: Path) -> None:
+    """The lecture's reduced-size DCT decoding: a 2048 x 1536 JPEG needed at 300 x 200 is
+    decoded at 1/4 (512 x 384; 1/8 would be under 300 wide), never whole; at 200 x 150,
+    at 1/8."""
+    path = tmp_path / "big.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (1536, 2048, 3), np.uint8)).save(path, quality=80)
+    assert decode_rgb(path, need=(300, 200)).size == (512, 384)
+    assert decode_rgb(path, need=(200, 150)).size == (256, 192)
+    assert decode_rgb(path).size == (2048, 1536)  # nothing needed: the whole image

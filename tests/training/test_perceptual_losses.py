@@ -139,3 +139,19 @@ def test_grid_loss_is_zero_without_a_grid_and_its_gradient_removes_one() -> None
     assert float(grid_loss(output.detach(), photo)) < 0.3 * before
     with pytest.raises(ValueError, match="differ in shape"):
         grid_loss(photo, photo[..., :32])
+
+
+def test_a_binary_mask_gives_the_gram_of_the_masked_region_alone() -> None:
+    """The lecture's masks: the style statistics of a masked image are those of its masked
+    cells only; what lies outside the mask, however large, does not count."""
+    torch.manual_seed(0)
+    features = torch.randn(1, 4, 6, 8)
+    mask = torch.zeros(1, 1, 6, 8)
+    mask[..., :, :3] = 1.0  # the left 3 columns
+    region = features[..., :, :3].reshape(1, 4, -1)
+    expected = region @ region.transpose(1, 2) / (4 * 18)
+    torch.testing.assert_close(masked_gram_matrix(features, mask), expected)
+    changed = features.clone()
+    changed[..., :, 3:] = 100.0 * torch.randn(1, 4, 6, 5)  # outside the mask
+    torch.testing.assert_close(masked_gram_matrix(changed, mask), expected)
+    assert not torch.allclose(gram_matrix(changed), gram_matrix(features))

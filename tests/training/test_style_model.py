@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from training import nets
-from training.nets.transformer import ResidualBlock, ResizeConv, TransformerNet
+from training.nets.transformer import ConvLayer, ResidualBlock, ResizeConv, TransformerNet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -142,3 +142,31 @@ def test_edge_margin_survives_folding() -> None:
 def test_negative_edge_margin_is_refused() -> None:
     with pytest.raises(ValueError, match="edge_margin"):
         TransformerNet(width=4, blocks=1, edge_margin=-1)
+
+
+def test_every_convolution_is_preceded_by_a_reflection_pad_of_half_its_kernel() -> None:
+    """Reflection padding as such (padding=0 alone would pass with zero-padding layers, or
+    none): each conv's input goes through nn.ReflectionPad2d(kernel // 2) first."""
+    module = nets.build({"type": "johnson-transformer", "width": 8, "blocks": 2})
+    layers = [m for m in module.modules() if isinstance(m, ConvLayer)]
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    assert len(layers) == len(convs) > 0
+    for layer in layers:
+        assert isinstance(layer.pad, nn.ReflectionPad2d)
+        assert layer.pad.padding == (layer.conv.kernel_size[0] // 2,) * 4
+    assert not [m for m in module.modules()
+                if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReplicationPad2d))]
+
+
+def test_the_output_is_a_scaled_tanh() -> None:
+    """Johnson et al. sec. 3.1: the last conv's output goes through tanh, scaled to the
+    [0, 1] pixel range: 0.5 * (tanh(y) + 1) of what the 9x9 output conv gives."""
+    torch.manual_seed(0)
+    module = nets.build({"type": "johnson-transformer", "width": 8, "blocks": 1}).eval()
+    last = [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1]
+    seen: list[torch.Tensor] = []
+    handle = last.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
+    with torch.no_grad():
+        out = module(torch.rand(1, 3, 32, 32))
+    handle.remove()
+    torch.testing.assert_close(out, 0.5 * (torch.tanh(seen[0]) + 1.0))

@@ -22,7 +22,6 @@ import argparse
 import datetime as dt
 import json
 import multiprocessing
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from services.common.cpus import available_cpus
 from training.assets import REPO_ROOT, sha256_of
 from training.command import command_line
 from training.data.arrays import MANIFEST, PreparedDataError, load_prepared
@@ -207,7 +207,9 @@ def prepare(sources: Sequence[Path], out: Path, sizes: Sequence[int], crops_per_
         np.lib.format.open_memmap(out / array_name(size), mode="w+", dtype=np.uint8,
                                   shape=(count, size, size, 3)).flush()
 
-    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
+    # every CPU this process may use: its affinity and its container's quota, not the
+    # host's core count (a 2-CPU pod on a 64-core node would start 64 decoders)
+    workers = max(1, min(workers or available_cpus(), len(tasks)))
     # Big sources first, so the pool does not end waiting on one large image.
     queue = sorted(tasks, key=lambda t: -t.original[0] * t.original[1] * len(t.crops))
     bar = tqdm(total=count, unit="img", desc=f"prepare {'/'.join(map(str, sizes))}",

@@ -114,9 +114,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--photos", nargs="+", default=[str(REPO_ROOT / "data/photos/heldout")],
                         help="held-out photos (default: data/photos/heldout)")
     parser.add_argument("--models", nargs="+",
-                        default=[str(REPO_ROOT / "models/superres-psnr"),
+                        default=[str(REPO_ROOT / "models/superres-mse"),
+                                 str(REPO_ROOT / "models/superres-psnr"),
                                  str(REPO_ROOT / "models/superres-perceptual")],
-                        help="artifact folders to compare (default: both default models)")
+                        help="artifact folders to compare (default: the committed three: "
+                             "pixel MSE, pixel L1, perceptual)")
     parser.add_argument("--hr-size", type=int, default=256,
                         help="high-res tile size (default: 256 -> 64 px low-res)")
     parser.add_argument("--resize-to", type=int, default=512,

@@ -76,7 +76,7 @@ def test_server_info_names_every_model_and_the_limits(all_server: RunningServer)
     assert info.ready and sorted(info.services) == sorted(SERVICE_FULL_NAMES)
     models = {(m.service, m.name): m for m in info.models}
     superres = {n for s, n in models if s == "percept.v1.SuperResolution"}
-    assert superres == {"superres-perceptual", "superres-psnr"}
+    assert superres == {"superres-perceptual", "superres-psnr", "superres-mse"}
     assert [n for (s, n), m in models.items() if m.is_default
             and s == "percept.v1.SuperResolution"] == ["superres-perceptual"]
     styles = {n for s, n in models if s == "percept.v1.StyleTransfer"}

@@ -17,7 +17,7 @@ from training.image_quality import rgb_to_y
 from training.nets.superres import SuperResolutionNet
 
 REPO = Path(__file__).resolve().parents[2]
-TRAINED = ["superres-psnr", "superres-perceptual"]
+TRAINED = ["superres-mse", "superres-psnr", "superres-perceptual"]
 
 
 @pytest.mark.parametrize("upsample", ["nearest", "pixelshuffle"])

@@ -127,9 +127,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                           f"{DEFAULT_CHECKPOINT_EVERY}; 0: only at the end of the run and when "
                           "Ctrl-C or SIGTERM stops it)")
     run.add_argument("--resume", action="store_true",
-                     help="continue from RUN_DIR/checkpoint.pt with the flags it was "
-                          "started with, on the same photos and word vectors; only --steps, "
-                          "--out, --name, --run-dir, --checkpoint-every, --cache-dir, "
+                     help="continue from RUN_DIR/checkpoint.pt, given again the flags it was "
+                          "started with (one left out counts as its default; one that differs "
+                          "is named and refused), on the same photos and word vectors; only "
+                          "--steps, --out, --name, --run-dir, --checkpoint-every, --cache-dir, "
                           "--vectors-dir, --default-method, --top-t, --threads, --device "
                           "and --quiet may change. Without --resume, an existing checkpoint "
                           "in RUN_DIR is refused, not overwritten")

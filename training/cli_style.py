@@ -188,11 +188,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="stop (and export) after this much process CPU time, counting "
                           "the runs a --resume continues (default: no limit)")
     run.add_argument("--resume", action="store_true",
-                     help="continue from RUN_DIR/checkpoint.pt with the flags it was "
-                          "started with; only --steps, --max-minutes, --max-cpu-minutes, "
-                          "--out, --run-dir, --checkpoint-every, --sample-every, "
-                          "--grid-check-every, --grid-margin, --edge-margin, --threads, "
-                          "--device, --channels-last, --name, --title and --licence may "
+                     help="continue from RUN_DIR/checkpoint.pt, given again the flags it was "
+                          "started with (one left out counts as its default; one that differs "
+                          "is named and refused); only --steps, --max-minutes, "
+                          "--max-cpu-minutes, --out, --run-dir, --checkpoint-every, "
+                          "--sample-every, --grid-check-every, --grid-margin, --edge-margin, "
+                          "--threads, --device, --channels-last, --name, --title and --licence may "
                           "change (a longer --steps stretches the cosine decay; the warm-up "
                           "stays). Without --resume, an existing checkpoint in RUN_DIR is "
                           "refused, not overwritten. Ctrl-C or SIGTERM ends the step, saves "

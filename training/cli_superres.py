@@ -97,8 +97,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="stop (and export) after this much process CPU time, all threads "
                           "(default: no limit)")
     run.add_argument("--resume", action="store_true",
-                     help="continue from RUN_DIR/checkpoint.pt with the flags it was "
-                          "started with; only --steps, --max-minutes, --max-cpu-minutes, "
+                     help="continue from RUN_DIR/checkpoint.pt, given again the flags it was "
+                          "started with (one left out counts as its default; one that differs "
+                          "is named and refused); only --steps, --max-minutes, --max-cpu-minutes, "
                           "--out, --name, --run-dir, --checkpoint-every, --sample-every, "
                           "--threads, --device and --channels-last may change. Without "
                           "--resume, an existing checkpoint in RUN_DIR is refused, not "

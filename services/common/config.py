@@ -250,7 +250,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "and the server's ('', the liveness probe's) NOT_SERVING until it ends; 0 never "
         "(Gatys optimisations and torch.compile of a new shape are exempt)")
     add("--log-format", str, base.log_format, "json | text", choices=["json", "text"])
-    add("--log-level", str.lower, base.log_level, "debug | info | warning | error",
+    add("--log-level", str.lower, base.log_level, "debug | info | warning | error | critical",
         choices=LOG_LEVELS)
     add("--embed-target", str, base.embed_target,
         "search: address of the Embedding service; empty = in-process")
@@ -264,8 +264,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "torch.compile image models: auto (on CUDA when --cuda-graphs is off), on, off",
         choices=["auto", "on", "off"])
     add("--cuda-graphs", _parse_bool, base.cuda_graphs,
-        "on CUDA, replay image models from CUDA graphs, one captured per input shape "
-        "that recurs; off launches every kernel from the host")
+        "on | off: on CUDA, replay image models from CUDA graphs, one captured per input "
+        "shape that recurs; off launches every kernel from the host")
     add("--cpu-dtype", str, base.cpu_dtype,
         "precision of the style and super-resolution nets on a CPU: auto (bfloat16 where "
         "the CPU has native bfloat16 instructions, avx512_bf16 or amx_bf16; else float32), "
@@ -273,7 +273,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     add("--style-tile", _style_tile, base.style_tile,
         "style: tile side in pixels for fast style nets; larger images go through in "
         "overlapping tiles (memory grows with its square)")
-    add("--warmup", _parse_bool, base.warmup, "run one warm-up inference before reporting SERVING")
+    add("--warmup", _parse_bool, base.warmup,
+        "on | off: run one warm-up inference before reporting SERVING")
     add("--retain-memory", _parse_bool, base.retain_memory,
         "glibc: keep memory freed by a forward pass for the next request (one malloc arena, "
         "no mmap below 1 GiB, no trim below 2 GiB) instead of returning it to the kernel "

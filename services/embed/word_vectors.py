@@ -941,8 +941,10 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     coverage = sub.add_parser("coverage", help="coverage of an external word-vector file")
     coverage.add_argument("path", type=Path)
-    coverage.add_argument("--format", default="auto", choices=list(VECTOR_FORMATS),
-                          help="default: auto (read from the file)")
+    coverage.add_argument("--word-vectors-format", "--format", dest="format", default="auto",
+                          choices=list(VECTOR_FORMATS),
+                          help="default: auto (read from the file); the flag's name as serve, "
+                               "train and eval spell it, which a read error names")
     args = parser.parse_args(argv)
     vocab = load_vocabulary()
     if args.command == "build":

@@ -42,7 +42,7 @@ def _wait_for(condition: Callable[[], bool], seconds: float = 20.0) -> bool:
 
 def test_a_hung_batch_turns_health_not_serving_until_it_ends(server: RunningServer) -> None:
     module = server.server.modules[0]
-    model = next(iter(module.models.values()))  # type: ignore[attr-defined]
+    model = module.models[module.default]  # type: ignore[attr-defined]  # what Upscale runs
     release = threading.Event()
     real_module = model.module
 

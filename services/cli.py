@@ -473,7 +473,8 @@ def _layer_weights(pairs: Sequence[str]) -> dict[str, float]:
         except ValueError as error:
             raise UsageError(f"--layer-weight wants LAYER=WEIGHT, got {pair!r}") from error
         except argparse.ArgumentTypeError as error:
-            raise UsageError(f"--layer-weight {pair}: the weight {error}") from error
+            verb = "" if str(error).startswith("must") else "is "  # "not a number: ..."
+            raise UsageError(f"--layer-weight {pair}: the weight {verb}{error}") from error
     return weights
 
 
@@ -766,20 +767,29 @@ def _no_hits(channel: grpc.Channel, min_score: float | None) -> str:
     return "no hits"
 
 
+def _looks_like_a_path(text: str) -> bool:
+    """Whether an id someone typed names a local path (that may be gone since it was
+    indexed): it exists, or has a folder separator, or starts with ~ or ."""
+    return bool(text) and (os.path.exists(text) or os.sep in text
+                           or text.startswith(("~", ".")))
+
+
 def _indexed_id(text: str) -> str:
     """The id `percept index` gave the file or folder ``text`` names (its absolute path,
-    links resolved); ``text`` itself when no such local path exists (a plain id)."""
-    if not text or not os.path.exists(text):
+    links resolved), also when it has been removed since; ``text`` itself when it is no
+    path (a plain id)."""
+    if not _looks_like_a_path(text):
         return text
-    return str(Path(text).resolve())
+    return str(Path(text).expanduser().resolve(strict=False))
 
 
 def _indexed_prefix(text: str) -> str:
-    """A --prefix as `percept index` names what the local path ``text`` leads to (a
-    folder: ``<its absolute path>/``, its images and nothing beside it); any other text
-    is taken as it is."""
+    """A --prefix as `percept index` names what the local path ``text`` leads to (a folder,
+    or a path ending in /: ``<its absolute path>/``, its images and nothing beside it); any
+    other text is taken as it is."""
     resolved = _indexed_id(text)
-    if resolved and os.path.isdir(resolved) and not resolved.endswith(os.sep):
+    folder = os.path.isdir(resolved) or (resolved != text and text.endswith(("/", os.sep)))
+    if folder and not resolved.endswith(os.sep):
         resolved += os.sep
     return resolved
 
@@ -813,7 +823,8 @@ def cmd_images(args: argparse.Namespace) -> int:
         if not entries and prefix.rstrip(os.sep) != args.prefix.rstrip(os.sep):
             entries = list(client.list_images(channel, prefix=args.prefix))  # plain ids
         if not entries:  # stdout (and its JSON) stays as it is
-            print(f"no indexed id starts with {prefix}" if prefix else
+            print(f"no indexed id starts with {prefix}"
+                  + (f" or {args.prefix}" if prefix != args.prefix else "") if prefix else
                   "no images in the index", file=sys.stderr)
     if args.json:
         print(json.dumps({"images": [{"id": e.id, "uri": e.uri,
@@ -829,35 +840,61 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    """Takes images out of the index (DeleteImages): the given ids, looked up as `percept
-    images` looks them up, or every id under --prefix once --yes confirms it."""
+    """Takes images out of the index (DeleteImages): the given ids, each looked up as
+    `percept images` looks it up (the file's absolute path, else the text as typed) and the
+    one found deleted; or every id under --prefix once --yes confirms it."""
     if bool(args.ids) == bool(args.prefix):
         raise UsageError("give ids, or --prefix P (with --yes): not both, not neither")
     channel = _channel(args)
     if args.prefix:
-        prefix = _indexed_prefix(args.prefix)
-        ids = [entry.id for entry in client.list_images(channel, prefix=prefix)]
+        ids = _ids_under_prefix(channel, args.prefix)
         if not ids:
-            print(f"no indexed id starts with {prefix}", file=sys.stderr)
             return 1
         if not args.yes:
-            raise UsageError(f"this would delete {len(ids):,} images whose id starts with "
-                             f"{prefix}: add --yes to delete them")
-        wanted = {image_id: [image_id] for image_id in ids}
+            shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+            raise UsageError(f"this would delete {len(ids):,} image"
+                             f"{'s' if len(ids) != 1 else ''} ({shown}): add --yes to "
+                             "delete them")
+        chosen, missing = ids, []
     else:
         wanted = {given: list(dict.fromkeys([_indexed_id(given), given]))
                   for given in dict.fromkeys(args.ids)}
-    candidates = list(dict.fromkeys(i for names in wanted.values() for i in names))
-    deleted, absent = 0, set()
-    for start in range(0, len(candidates), GET_IMAGES_CHUNK):
-        answer = client.delete_images(channel, candidates[start:start + GET_IMAGES_CHUNK])
-        deleted += answer.deleted
-        absent.update(answer.missing)
-    missing = [given for given, names in wanted.items() if all(n in absent for n in names)]
+        candidates = list(dict.fromkeys(i for names in wanted.values() for i in names))
+        found: set[str] = set()
+        for start in range(0, len(candidates), GET_IMAGES_CHUNK):
+            answer = client.get_images(channel, candidates[start:start + GET_IMAGES_CHUNK])
+            found.update(entry.id for entry in answer.images)
+        # one id a given text: its absolute path's where both are indexed
+        chosen = list(dict.fromkeys(next(n for n in names if n in found)
+                                    for names in wanted.values()
+                                    if any(n in found for n in names)))
+        missing = [given for given, names in wanted.items()
+                   if not any(n in found for n in names)]
+    deleted = 0
+    for start in range(0, len(chosen), GET_IMAGES_CHUNK):
+        deleted += client.delete_images(channel, chosen[start:start + GET_IMAGES_CHUNK]).deleted
     print(f"deleted {deleted:,} image{'s' if deleted != 1 else ''}")
     for image_id in missing:
         print(f"not indexed: {image_id}", file=sys.stderr)
     return 1 if missing else 0
+
+
+def _ids_under_prefix(channel: grpc.Channel, text: str) -> list[str]:
+    """The ids `delete --prefix TEXT` takes out, saying on stderr why there are none. A
+    path that names no folder here must end with / to be one (a folder deleted since it
+    was indexed): ``~/Pictures/old`` alone would also take ``~/Pictures/old-backup/``."""
+    prefix = _indexed_prefix(text)
+    if prefix != text and not prefix.endswith(os.sep) and not os.path.exists(prefix):
+        raise UsageError(f"--prefix {text} names no file or folder here: end it with / "
+                         f"({text.rstrip(os.sep)}/) for the images indexed from a folder "
+                         "that is gone, or give the ids' own prefix")
+    ids = [entry.id for entry in client.list_images(channel, prefix=prefix)]
+    if not ids and prefix != text:  # plain ids that look like a path
+        ids = [entry.id for entry in client.list_images(channel, prefix=text)]
+    if not ids:
+        print(f"no indexed id starts with {prefix}"
+              + (f" or {text}" if prefix != text else ""), file=sys.stderr)
+    return ids
 
 
 def _cosine(text: str) -> float:
@@ -1105,8 +1142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # gRPC's own answer: the server there is not the service this command calls
             service = getattr(args, "service_for_target", None)
             address = getattr(args, "address", None)
+            from services.common.config import SERVICE_PORTS
+
             where = (f"; is {address} the {service} service's address (the local "
-                     f"cluster's: {client.default_target(service)})?"
+                     f"cluster's: localhost:{SERVICE_PORTS[service]})?"
                      if service and address else "")
             details = f"{details} (the server does not serve this call{where})"
         print(f"{name}: {details}", file=sys.stderr)

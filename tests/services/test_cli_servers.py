@@ -204,10 +204,40 @@ def test_delete_takes_out_what_index_added_by_path_or_by_folder_once_confirmed(
     capsys.readouterr()
     # a folder's prefix: counted, refused without --yes, and del2 is not under del/
     assert main(["delete", "--prefix", "del", *target]) == 2
-    assert "this would delete 2 images whose id starts with " in capsys.readouterr().err
+    assert "this would delete 2 images (" in capsys.readouterr().err
     assert main(["delete", "--prefix", "del", "--yes", *target]) == 0
     assert capsys.readouterr().out == "deleted 2 images\n"
     assert main(["images", "--prefix", "del", *target]) == 0
     assert capsys.readouterr().out == ""
     assert main(["images", "del2/a.png", *target]) == 0
     assert main(["delete", *target]) == 2  # neither ids nor --prefix
+
+
+def test_delete_finds_files_and_folders_removed_since_they_were_indexed(
+        all_server: RunningServer, tmp_path: Path, small_photo: np.ndarray,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """One deletes from the index what is gone from the disk: a removed file's relative
+    path still finds its absolute id, and a removed folder's prefix must end with / so
+    that `old` never takes `old-backup` with it."""
+    import shutil
+
+    target = ["--target", all_server.target]
+    for folder in ("old", "old-backup"):
+        (tmp_path / folder).mkdir()
+        for name in ("a.png", "b.png"):
+            (tmp_path / folder / name).write_bytes(encode(small_photo))
+    monkeypatch.chdir(tmp_path)
+    assert main(["index", "old", "old-backup", "--quiet", *target]) == 0
+    (tmp_path / "old" / "a.png").unlink()
+    capsys.readouterr()
+    assert main(["delete", "old/a.png", *target]) == 0
+    assert capsys.readouterr().out == "deleted 1 image\n"
+    shutil.rmtree(tmp_path / "old")
+    assert main(["delete", "--prefix", "./old", "--yes", *target]) == 2
+    assert "end it with / (./old/)" in capsys.readouterr().err
+    assert main(["delete", "--prefix", "old", "--yes", *target]) == 1  # a plain id prefix
+    assert capsys.readouterr().err == "no indexed id starts with old\n"
+    assert main(["delete", "--prefix", "old/", "--yes", *target]) == 0
+    assert capsys.readouterr().out == "deleted 1 image\n"
+    assert main(["images", "--prefix", "old-backup", *target]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2  # untouched

@@ -69,7 +69,7 @@ class ResultFile:
 
     def save(self, result: dict[str, Any]) -> dict[str, Any]:
         """Writes ``result`` (stamped, merged) and returns what was written."""
-        written = stamp(dict(result), self.command)
+        written = stamp(copy.deepcopy(result), self.command)  # the caller's stays as it is
         if self.saved is not None and self.merge is not None:
             written = self.merge(copy.deepcopy(self.saved), written)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +92,8 @@ def fidelity_failures(result: Any, where: str = "") -> list[str]:
                  f"{result.get('size', '?')} px, {result.get('psnr_db', float('nan')):.1f} dB"
                  ] if result.get("fidelity_ok") is False else []
         for key, value in result.items():
+            if key == "companions":  # earlier runs' results, kept beside this one
+                continue
             found += fidelity_failures(value, f"{where}.{key}" if where else str(key))
         return found
     if isinstance(result, list):

@@ -49,6 +49,11 @@ from services.common.stall_watch import StallWatch
 log = logging.getLogger("percept.server")
 
 
+class StartupError(RuntimeError):
+    """A start-up failure whose message says all there is to know (a port in use): it is
+    logged without a traceback."""
+
+
 class ServiceModule(abc.ABC):
     """One gRPC service hosted by the common server core."""
 
@@ -290,7 +295,7 @@ class PerceptServer:
         except RuntimeError:  # grpcio: "Failed to bind ...; set GRPC_VERBOSITY=debug ..."
             self.port = 0
         if not self.port:
-            raise RuntimeError(f"could not listen on {address}: the port is in use (another "
+            raise StartupError(f"could not listen on {address}: the port is in use (another "
                                "server?) or not allowed here; choose another with --port")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
@@ -302,7 +307,7 @@ class PerceptServer:
             except OSError as error:
                 await server.stop(None)
                 self._server = None
-                raise RuntimeError(
+                raise StartupError(
                     f"could not serve /metrics on port {config.metrics_port}: {error.strerror}"
                     " (another percept server? its default comes from the service, not from"
                     " --port): pass --metrics-port P, or --metrics-port 0 to turn /metrics "
@@ -363,7 +368,10 @@ async def serve(config: ServerConfig) -> int:
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if start in done and start.exception() is not None:
-        log.error("start-up failed: %s", start.exception(), exc_info=start.exception())
+        failure = start.exception()
+        # a cause the message names in full (a port in use) needs no traceback
+        log.error("start-up failed: %s", failure,
+                  exc_info=None if isinstance(failure, StartupError) else failure)
         await server.stop(grace=0)
         return 1
     await stopper

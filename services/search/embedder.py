@@ -24,6 +24,7 @@ from services.common.errors import (
     RETRY_PUSHBACK_KEY,
     STATUS_DETAILS_KEY,
     Busy,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     ServiceError,
@@ -249,6 +250,8 @@ class RemoteEmbedder(Embedder):
         self._set_probe(np.asarray(response.embeddings[0].values, dtype=np.float32))
 
     async def close(self) -> None:
+        for judging in list(self._judging.values()):
+            judging.cancel()
         await self.channel.close()
 
     def _call_timeout(self, timeout: float | None) -> float:
@@ -281,8 +284,10 @@ class RemoteEmbedder(Embedder):
         return response
 
     async def _embed_part(self, images: Sequence[bytes], timeout: float) -> list[np.ndarray]:
+        end = time.monotonic() + timeout
         response = await self._call_embed_images(images, timeout)
-        await self._check_identity((response.space, response.model), timeout)
+        await self._check_identity((response.space, response.model),
+                                   max(0.001, end - time.monotonic()))
         return [np.asarray(v.values, dtype=np.float32) for v in response.embeddings]
 
     # -- is an answer in the index's space? ----------------------------------------------
@@ -307,15 +312,29 @@ class RemoteEmbedder(Embedder):
             return
         if identity not in self.verdicts:
             judging = self._judging.get(identity)
-            if judging is None:  # one probe search for any number of calls that wait
-                judging = asyncio.ensure_future(self._judge_identity(identity, timeout))
+            if judging is None:  # one probe search for any number of calls that wait,
+                # within the embedder's own limit, not the first caller's time left
+                judging = asyncio.ensure_future(self._judge_identity(identity, self.timeout))
                 self._judging[identity] = judging
-                judging.add_done_callback(lambda _: self._judging.pop(identity, None))
-            await asyncio.shield(judging)
+                judging.add_done_callback(self._judged)
+            try:  # each caller waits as long as its own deadline allows
+                await asyncio.wait_for(asyncio.shield(judging), timeout)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"the embedding service at {self.target} answered with {identity[1]!r} "
+                    f"in {identity[0]!r}, which search is still checking against its index; "
+                    "retry") from None
         verdict = self.verdicts[identity]
         if verdict is not None:
             raise self._refuse(f"now answers with {identity[1]!r} in {identity[0]!r}, "
                                f"whose vectors are not this index's: {verdict}")
+
+    def _judged(self, judging: asyncio.Future[str | None]) -> None:
+        """Forgets a finished check (its verdict, if it reached one, is in verdicts); its
+        error was each waiter's to hear, and with none left it is not logged again."""
+        self._judging = {i: f for i, f in self._judging.items() if f is not judging}
+        if not judging.cancelled():
+            judging.exception()  # marks it retrieved
 
     async def _judge_identity(self, identity: Identity, timeout: float) -> str | None:
         """Asks for the probe image's vector until an embedding pod that answers with

@@ -178,3 +178,14 @@ def test_make_bench_passes_its_result_file_to_a_benchmark_that_saves_progress(
     assert saved["command"] == "python -m benchmarks.bench_style_gpu --device cuda"
     assert "[bench] FAILED: style_gpu: n at 64 px, fp16: RuntimeError: boom" \
         in capsys.readouterr().err
+
+
+def test_earlier_runs_kept_as_companions_do_not_fail_this_one() -> None:
+    from benchmarks.common import fidelity_failures
+
+    result = {"rows": [{"variant": "fp16", "size": 512, "psnr_db": 48.0, "fidelity_ok": True}],
+              "companions": {"old.json": {"rows": [{"variant": "x", "size": 512,
+                                                    "psnr_db": 30.0, "fidelity_ok": False}]}}}
+    assert fidelity_failures(result) == []
+    result["rows"][0].update(psnr_db=30.0, fidelity_ok=False)
+    assert fidelity_failures(result) == ["rows[0]: fp16 at 512 px, 30.0 dB"]

@@ -489,3 +489,33 @@ def test_an_embedding_rollout_to_another_space_mid_life_is_refused_per_answer(
         search.stop()
         while running:
             running.pop().stop()
+
+
+def test_each_call_waits_for_a_new_models_check_within_its_own_deadline() -> None:
+    """Calls that meet a model search has not judged share one check, run within the
+    embedder's own limit: a call with little time left ends DEADLINE_EXCEEDED alone, and
+    the others get the verdict."""
+    from services.common.errors import DeadlineExceeded, FailedPrecondition
+
+    class SlowCheck(RemoteEmbedder):
+        async def _judge_identity(self, identity: tuple[str, str], timeout: float
+                                  ) -> str | None:
+            assert timeout == self.timeout  # not the first caller's time left
+            await asyncio.sleep(0.3)
+            self.verdicts[identity] = "another map"
+            return "another map"
+
+    async def run() -> None:
+        embedder = SlowCheck("127.0.0.1:1", timeout=30.0)
+        embedder.judge = lambda probe: None
+        new = ("space", "devise-other@2")
+        short = asyncio.ensure_future(embedder._check_identity(new, 0.05))
+        long = asyncio.ensure_future(embedder._check_identity(new, 5.0))
+        with pytest.raises(DeadlineExceeded, match="still checking"):
+            await short
+        with pytest.raises(FailedPrecondition, match="'devise-other@2'"):
+            await long
+        assert embedder._judging == {}
+        await embedder.close()
+
+    asyncio.run(run())

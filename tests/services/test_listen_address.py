@@ -145,3 +145,22 @@ def test_a_port_in_use_fails_the_start_saying_which_and_what_to_do(taken: str) -
         assert "--metrics-port 0" in str(failed.value)
         with socket.socket() as probe:  # the gRPC port was let go
             probe.bind(("127.0.0.1", grpc_port))
+
+
+def test_percept_serve_on_a_port_in_use_says_so_without_a_traceback() -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        held = holder.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "services.cli", "serve", "superres", "--host", "127.0.0.1",
+             "--port", str(held), "--metrics-port", "0", "--log-format", "text"],
+            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"could not listen on 127.0.0.1:{held}: the port is in use" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -189,6 +189,9 @@ def run_demo(out_dir: Path, targets: Mapping[str, str], *,
                                           zero_shot=zero_shot)
             words = ", ".join(f"{lbl.lemmas[0]} ({lbl.score:.2f})" for lbl in response.labels)
             report.ok(f"label {cat}{' --zero-shot' if zero_shot else ''}", words)
+            if not zero_shot:  # the overview's first picture says what it was labelled
+                top = ", ".join(lbl.lemmas[0] for lbl in response.labels[:3])
+                report.pictures[0] = (f"content, labelled: {top}", cat)
 
     def search() -> None:
         items = [search_pb2.AddImageRequest(id=name, uri=str(path.resolve()),
@@ -198,6 +201,10 @@ def run_demo(out_dir: Path, targets: Mapping[str, str], *,
         stored = sum(1 for _ in client.list_images(channels["search"]))
         response = client.search_by_text(channels["search"], "cat", k=3)
         hits = ", ".join(f"{hit.id} ({hit.score:.2f})" for hit in response.hits)
+        for rank, hit in enumerate(response.hits, 1):  # word -> image, in the overview
+            if hit.id in samples:
+                report.pictures.append((f"search 'cat' #{rank}: {hit.id} ({hit.score:.2f})",
+                                        samples[hit.id]))
         report.ok("index + search 'cat'", f"{added} images indexed ({stored} in the index); "
                                           f"hits: {hits}")
 

@@ -79,6 +79,19 @@ def test_the_whole_demo_against_every_service(all_server: RunningServer, tmp_pat
                for line in report.lines)
     captions = [caption for caption, _ in report.pictures]
     assert captions[1].startswith("input, ") and captions[2] == "upscaled 4x"
+    assert captions[0].startswith("content, labelled: ")  # the label step's top words
+    # the hits among the demo's samples, pictured in rank order (the session's shared
+    # index also holds other tests' images, which the overview leaves out)
+    [searched] = [line for line in report.lines if line.startswith("  ok    index + search")]
+    named = [hit.split(" (")[0] for hit in searched.split("hits: ")[1].split(", ")]
+    from services.demo import SAMPLES
+
+    samples = set(SAMPLES)
+    found = [c for c in captions if c.startswith("search 'cat' #")]
+    assert [c.split(": ")[1].split(" (")[0] for c in found] == [n for n in named
+                                                                 if n in samples]
+    assert [int(c.split("#")[1].split(":")[0]) for c in found] == [
+        rank for rank, n in enumerate(named, 1) if n in samples]
     hits = client.search_by_text(client.connect(all_server.target), "a cat", k=50).hits
     cat_hit = next(hit for hit in hits if hit.id == "cat")
     assert cat_hit.uri == str((out / "samples" / "cat.png").resolve())

@@ -29,7 +29,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc loads: no C-core
 
 import grpc
 
-from percept.v1 import server_pb2
+from percept.v1 import search_pb2, server_pb2
 from services import client, folder_runs, local_files
 from services.local_files import (
     Terminated,
@@ -657,8 +657,6 @@ MAX_INDEX_IMAGE_BYTES = client.MAX_IMAGE_BYTES
 def cmd_index(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from percept.v1 import search_pb2
-
     found, unread_folders = _image_files(args.paths, args.recursive)
     if not found and not unread_folders:  # as a folder run: nothing to send is a mistake
         raise UsageError(f"no images in {', '.join(args.paths)} "
@@ -734,6 +732,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not args.text and not args.image:
         raise UsageError("give a TEXT query or --image PATH")
     image = _read_image(args.image) if args.image else b""
+    sheet_format = _sheet_format(args.sheet) if args.sheet else None
     channel = _channel(args)
     if args.image:
         response = retrying(lambda: client.search_by_image(channel, image, k=args.top,
@@ -751,7 +750,75 @@ def cmd_search(args: argparse.Namespace) -> int:
             print(f"{hit.score:6.3f}  {hit.uri or hit.id}")
     if not response.hits:  # stdout (and its JSON) stays as it is
         print(_no_hits(channel, args.min_score), file=sys.stderr)
+    if sheet_format is not None:
+        _write_sheet(args.sheet, sheet_format, response.hits)
     return 0
+
+
+#: The most hits --sheet pictures (12 rows of 4)
+MAX_SHEET_HITS = 48
+#: --sheet's formats, by the output's extension (Pillow's names)
+_SHEET_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def _sheet_format(path: str) -> str:
+    fmt = _SHEET_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise UsageError(f"cannot tell the --sheet format from {path!r}: end it in "
+                         f"{', '.join(_SHEET_FORMATS)}")
+    return fmt
+
+
+def _hit_file(uri: str) -> Path | None:
+    """The local file a hit's uri names (a path, or a file:// uri), if it is there."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        path = Path(unquote(parsed.path))
+    elif not parsed.scheme and uri:
+        path = Path(uri)
+    else:
+        return None
+    return path if path.is_file() else None
+
+
+def _write_sheet(output: str, fmt: str, hits: Sequence[search_pb2.Hit]) -> None:
+    """The hits as one picture: a captioned thumbnail of each (rank, score, file name)
+    whose uri is a file here; the others are named on stderr."""
+    from PIL import Image
+
+    from services.contact_sheet import encoded_sheet
+
+    pictures, elsewhere = [], []
+    if len(hits) > MAX_SHEET_HITS:
+        print(f"--sheet shows the first {MAX_SHEET_HITS} of the {len(hits)} hits",
+              file=sys.stderr)
+    for rank, hit in enumerate(hits[:MAX_SHEET_HITS], 1):
+        path = _hit_file(hit.uri or hit.id)
+        if path is None:
+            elsewhere.append(hit.uri or hit.id)
+            continue
+        pictures.append((f"#{rank}  {hit.score:.2f}  {path.name}", path))
+    unreadable = []
+    readable = []
+    for caption, path in pictures:  # a file that is no image any more is left out
+        try:
+            with Image.open(path) as opened:
+                opened.verify()
+            readable.append((caption, path))
+        except Exception:  # whatever Pillow raises on what is not an image
+            unreadable.append(str(path))
+    data = encoded_sheet(readable, fmt)
+    if data is None:
+        print(f"--sheet {output}: no hit is an image file here; nothing written",
+              file=sys.stderr)
+    else:
+        with atomic_output(output) as write:
+            write(data)
+        print(f"sheet: {output} ({len(readable)} hits pictured)", file=sys.stderr)
+    for uri in elsewhere + unreadable:
+        print(f"not on the sheet (no image file here): {uri}", file=sys.stderr)
 
 
 def _no_hits(channel: grpc.Channel, min_score: float | None) -> str:
@@ -798,7 +865,6 @@ def cmd_images(args: argparse.Namespace) -> int:
     """The indexed images: the given ids (GetImages), or every one (ListImages). An id or
     --prefix that names a local file or folder is looked up as `percept index` named it
     (by its absolute path), and a relative one as given too."""
-    from percept.v1 import search_pb2
 
     if args.ids and args.prefix:
         raise UsageError("give ids or --prefix, not both")
@@ -1092,6 +1158,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only hits scoring at least this cosine (-1..1; default: the "
                              "--top best, however low)")
     search.add_argument("--json", action="store_true", help="print JSON, not a table")
+    search.add_argument("--sheet", metavar="OUT",
+                        help="also write the hits as one picture (.png, .jpg or .webp): a "
+                             "captioned thumbnail of each hit whose uri is a file here")
     _add_target(search, "search")
     search.set_defaults(handler=cmd_search)
 

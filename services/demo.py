@@ -14,10 +14,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from percept.v1 import search_pb2, style_pb2
 from services import client
+from services.contact_sheet import contact_sheet
 
 # scikit-image's bundled photos: small, real, and installed with the package.
 SAMPLES = {"cat": "chelsea", "coffee": "coffee", "astronaut": "astronaut", "rocket": "rocket"}
@@ -70,40 +71,6 @@ def _step(report: DemoReport, name: str, action: Callable[[], None]) -> None:
             report.failed(name, error)
     except Exception as error:  # a demo step must not hide a crash
         report.failed(name, error)
-
-
-def contact_sheet(pictures: list[tuple[str, Path]], path: Path, height: int = 192,
-                  per_row: int = 4) -> None:
-    """One overview image of every picture the demo wrote, captioned, ``per_row`` to a
-    row. A picture under half the row height is enlarged by whole pixels (nearest), so
-    that a small input shows as small as it is."""
-    tiles = []
-    for caption, picture in pictures:
-        with Image.open(picture) as opened:
-            rgb = opened.convert("RGB")
-            width = max(1, round(rgb.width * height / rgb.height))
-            resample = (Image.Resampling.NEAREST if rgb.height * 2 <= height
-                        else Image.Resampling.LANCZOS)
-            tile = Image.new("RGB", (width, height + 18), "white")
-            tile.paste(rgb.resize((width, height), resample), (0, 18))
-            ImageDraw.Draw(tile).text((4, 3), caption, fill="black")
-            tiles.append(tile)
-    if not tiles:
-        return
-    rows = [tiles[i:i + per_row] for i in range(0, len(tiles), per_row)]
-    gap = 4
-    sheet = Image.new("RGB", (max(sum(t.width for t in row) + gap * (len(row) - 1)
-                                  for row in rows),
-                              sum(row[0].height for row in rows) + gap * (len(rows) - 1)),
-                      "white")
-    y = 0
-    for row in rows:
-        x = 0
-        for tile in row:
-            sheet.paste(tile, (x, y))
-            x += tile.width + gap
-        y += row[0].height + gap
-    sheet.save(path)
 
 
 def run_demo(out_dir: Path, targets: Mapping[str, str], *,

@@ -241,3 +241,32 @@ def test_delete_finds_files_and_folders_removed_since_they_were_indexed(
     assert capsys.readouterr().out == "deleted 1 image\n"
     assert main(["images", "--prefix", "old-backup", *target]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2  # untouched
+
+
+def test_search_sheet_pictures_the_hits_that_are_files_here(
+        all_server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    target = ["--target", all_server.target]
+    folder = tmp_path / "sheet"
+    folder.mkdir()
+    # a pattern of its own (the session's shared index holds other tests' photos): b is
+    # a's near twin, so it is among a's first hits
+    rng = np.random.default_rng(11)
+    pattern = np.kron(rng.integers(0, 256, (12, 16, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    for name, image in (("a.png", pattern), ("b.png", np.clip(pattern.astype(int) + 6, 0,
+                                                               255).astype(np.uint8))):
+        (folder / name).write_bytes(encode(image))
+    assert main(["index", str(folder), "--quiet", *target]) == 0
+    (folder / "b.png").unlink()  # indexed, but gone from here
+    capsys.readouterr()
+    out = tmp_path / "hits.jpg"
+    assert main(["search", "--image", str(folder / "a.png"), "--top", "3",
+                 "--sheet", str(out), *target]) == 0
+    said = capsys.readouterr()
+    assert f"not on the sheet (no image file here): {folder / 'b.png'}" in said.err
+    assert f"sheet: {out} (" in said.err and "hits pictured)" in said.err
+    with Image.open(out) as sheet:
+        assert sheet.format == "JPEG" and sheet.height >= 192
+    assert main(["search", "x", "--sheet", str(tmp_path / "hits.gif"), *target]) == 2
+    assert "cannot tell the --sheet format" in capsys.readouterr().err

@@ -70,7 +70,13 @@ def test_upscale_round_trip(sr_server: RunningServer, small_photo: np.ndarray, f
     decoded = decode_image(response.image, max_pixels=10**8)
     assert (decoded.width, decoded.height) == (96 * 4, 64 * 4)
     assert (response.width, response.height) == (384, 256)
-    assert response.model == "superres-perceptual@1"  # the preferred default
+    import json
+
+    from tests.conftest import REPO
+
+    version = json.loads((REPO / "models" / "superres-perceptual" / "config.json")
+                         .read_text())["version"]
+    assert response.model == f"superres-perceptual@{version}"  # the preferred default
     bicubic = np.asarray(Image.fromarray(small_photo).resize((384, 256), Image.Resampling.BICUBIC))
     assert psnr(decoded.rgb, bicubic) > 20  # a real upscale of the same picture
 

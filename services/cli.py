@@ -733,6 +733,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("give a TEXT query or --image PATH")
     image = _read_image(args.image) if args.image else b""
     sheet_format = _sheet_format(args.sheet) if args.sheet else None
+    # an unwritable --sheet fails before the search, not after it
+    with atomic_output(args.sheet) if args.sheet else contextlib.nullcontext() as write_sheet:
+        return _search(args, image, sheet_format, write_sheet)
+
+
+def _search(args: argparse.Namespace, image: bytes, sheet_format: str | None,
+            write_sheet: Callable[[bytes], None] | None) -> int:
     channel = _channel(args)
     if args.image:
         response = retrying(lambda: client.search_by_image(channel, image, k=args.top,
@@ -750,8 +757,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             print(f"{hit.score:6.3f}  {hit.uri or hit.id}")
     if not response.hits:  # stdout (and its JSON) stays as it is
         print(_no_hits(channel, args.min_score), file=sys.stderr)
-    if sheet_format is not None:
-        _write_sheet(args.sheet, sheet_format, response.hits)
+    if sheet_format is not None and write_sheet is not None:
+        _write_sheet(args.sheet, sheet_format, response.hits, write_sheet)
     return 0
 
 
@@ -783,7 +790,8 @@ def _hit_file(uri: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def _write_sheet(output: str, fmt: str, hits: Sequence[search_pb2.Hit]) -> None:
+def _write_sheet(output: str, fmt: str, hits: Sequence[search_pb2.Hit],
+                 write: Callable[[bytes], None]) -> None:
     """The hits as one picture: a captioned thumbnail of each (rank, score, file name)
     whose uri is a file here; the others are named on stderr."""
     from PIL import Image
@@ -814,8 +822,7 @@ def _write_sheet(output: str, fmt: str, hits: Sequence[search_pb2.Hit]) -> None:
         print(f"--sheet {output}: no hit is an image file here; nothing written",
               file=sys.stderr)
     else:
-        with atomic_output(output) as write:
-            write(data)
+        write(data)
         print(f"sheet: {output} ({len(readable)} hits pictured)", file=sys.stderr)
     for uri in elsewhere + unreadable:
         print(f"not on the sheet (no image file here): {uri}", file=sys.stderr)

@@ -270,3 +270,8 @@ def test_search_sheet_pictures_the_hits_that_are_files_here(
         assert sheet.format == "JPEG" and sheet.height >= 192
     assert main(["search", "x", "--sheet", str(tmp_path / "hits.gif"), *target]) == 2
     assert "cannot tell the --sheet format" in capsys.readouterr().err
+    # an output that cannot be written is refused before anything is searched
+    (tmp_path / "a-file").write_text("x")
+    assert main(["search", "x", "--sheet", str(tmp_path / "a-file" / "hits.png"),
+                 "--target", "127.0.0.1:1"]) == 2  # no server there: never asked
+    assert "is a file, not a folder" in capsys.readouterr().err

@@ -794,8 +794,6 @@ def _write_sheet(output: str, fmt: str, hits: Sequence[search_pb2.Hit],
                  write: Callable[[bytes], None]) -> None:
     """The hits as one picture: a captioned thumbnail of each (rank, score, file name)
     whose uri is a file here; the others are named on stderr."""
-    from PIL import Image
-
     from services.contact_sheet import encoded_sheet
 
     pictures, elsewhere = [], []
@@ -808,23 +806,16 @@ def _write_sheet(output: str, fmt: str, hits: Sequence[search_pb2.Hit],
             elsewhere.append(hit.uri or hit.id)
             continue
         pictures.append((f"#{rank}  {hit.score:.2f}  {path.name}", path))
-    unreadable = []
-    readable = []
-    for caption, path in pictures:  # a file that is no image any more is left out
-        try:
-            with Image.open(path) as opened:
-                opened.verify()
-            readable.append((caption, path))
-        except Exception:  # whatever Pillow raises on what is not an image
-            unreadable.append(str(path))
-    data = encoded_sheet(readable, fmt)
+    unreadable: list[Path] = []  # a file that is no image any more is left out
+    data = encoded_sheet(pictures, fmt, unreadable=unreadable)
     if data is None:
         print(f"--sheet {output}: no hit is an image file here; nothing written",
               file=sys.stderr)
     else:
         write(data)
-        print(f"sheet: {output} ({len(readable)} hits pictured)", file=sys.stderr)
-    for uri in elsewhere + unreadable:
+        print(f"sheet: {output} ({len(pictures) - len(unreadable)} hits pictured)",
+              file=sys.stderr)
+    for uri in elsewhere + [str(path) for path in unreadable]:
         print(f"not on the sheet (no image file here): {uri}", file=sys.stderr)
 
 

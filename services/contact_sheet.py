@@ -14,14 +14,23 @@ GAP = 4
 
 
 def render_sheet(pictures: Sequence[tuple[str, Path]], height: int = 192,
-                 per_row: int = 4) -> Image.Image | None:
+                 per_row: int = 4, unreadable: list[Path] | None = None
+                 ) -> Image.Image | None:
     """``pictures`` (caption, image file), ``per_row`` to a row, each ``height`` px high
     under its caption; None when there are none. A picture under half the row height is
-    enlarged by whole pixels (nearest), so that a small input shows as small as it is."""
+    enlarged by whole pixels (nearest), so that a small input shows as small as it is.
+    With an ``unreadable`` list, a file Pillow cannot read is left out and named there;
+    without one, its error is raised."""
     tiles = []
     for caption, picture in pictures:
-        with Image.open(picture) as opened:
-            rgb = opened.convert("RGB")
+        try:
+            with Image.open(picture) as opened:
+                rgb = opened.convert("RGB")
+        except Exception:  # whatever Pillow raises on what is not (or no longer) an image
+            if unreadable is None:
+                raise
+            unreadable.append(picture)
+            continue
         width = max(1, round(rgb.width * height / rgb.height))
         resample = (Image.Resampling.NEAREST if rgb.height * 2 <= height
                     else Image.Resampling.LANCZOS)
@@ -55,9 +64,9 @@ def contact_sheet(pictures: Sequence[tuple[str, Path]], path: Path, height: int 
 
 
 def encoded_sheet(pictures: Sequence[tuple[str, Path]], fmt: str, height: int = 192,
-                  per_row: int = 4) -> bytes | None:
+                  per_row: int = 4, unreadable: list[Path] | None = None) -> bytes | None:
     """:func:`render_sheet` encoded as ``fmt`` (PNG, JPEG or WEBP); None without pictures."""
-    sheet = render_sheet(pictures, height, per_row)
+    sheet = render_sheet(pictures, height, per_row, unreadable)
     if sheet is None:
         return None
     buffer = io.BytesIO()

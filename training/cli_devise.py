@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from training.assets import REPO_ROOT
-from training.command import run_task_cli
+from training.command import run_task_cli, track_given_flags
 
 DEFAULT_NAME = "devise-minilm"
 #: Hinge rank loss margin (Frome et al. 2013 used 0.1 with unit-norm vectors).
@@ -127,13 +127,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                           f"{DEFAULT_CHECKPOINT_EVERY}; 0: only at the end of the run and when "
                           "Ctrl-C or SIGTERM stops it)")
     run.add_argument("--resume", action="store_true",
-                     help="continue from RUN_DIR/checkpoint.pt, given again the flags it was "
-                          "started with (one left out counts as its default; one that differs "
-                          "is named and refused), on the same photos and word vectors; only "
-                          "--steps, --out, --name, --run-dir, --checkpoint-every, --cache-dir, "
-                          "--vectors-dir, --default-method, --top-t, --threads, --device "
-                          "and --quiet may change. Without --resume, an existing checkpoint "
-                          "in RUN_DIR is refused, not overwritten")
+                     help="continue from RUN_DIR/checkpoint.pt with the flags it was started "
+                          "with: one left out is taken from the checkpoint (and named), one "
+                          "given that differs is named and refused, on the same photos and "
+                          "word vectors; only --steps, --out, --name, --run-dir, "
+                          "--checkpoint-every, --cache-dir, --vectors-dir, --default-method, "
+                          "--top-t, --threads, --device and --quiet may change. Without "
+                          "--resume, an existing checkpoint in RUN_DIR is refused, not "
+                          "overwritten")
     run.add_argument("--resume-if-present", action="store_true",
                      help="--resume when RUN_DIR holds a checkpoint, a new run when it does "
                           "not: for a Kubernetes Job, whose retry after an eviction then "
@@ -184,6 +185,7 @@ def register_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
                     "the backbone's own classifier; export models/devise-minilm (or "
                     "models/devise-<file stem>).")
     add_train_arguments(parser)
+    track_given_flags(parser)
     parser.set_defaults(func=_train)
     return parser
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from training.assets import REPO_ROOT
-from training.command import TIME_SCHEDULE_HELP, run_task_cli
+from training.command import TIME_SCHEDULE_HELP, run_task_cli, track_given_flags
 
 #: Johnson et al. 2016 (sec. 4.1): content at relu2_2, style at these four layers. The
 #: default per-layer weights make each layer's Gram distance between a training photo and
@@ -188,9 +188,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="stop (and export) after this much process CPU time, counting "
                           "the runs a --resume continues (default: no limit)")
     run.add_argument("--resume", action="store_true",
-                     help="continue from RUN_DIR/checkpoint.pt, given again the flags it was "
-                          "started with (one left out counts as its default; one that differs "
-                          "is named and refused); only --steps, --max-minutes, "
+                     help="continue from RUN_DIR/checkpoint.pt with the flags it was started "
+                          "with: one left out is taken from the checkpoint (and named), one "
+                          "given that differs is named and refused; only --steps, --max-minutes, "
                           "--max-cpu-minutes, --out, --run-dir, --checkpoint-every, "
                           "--sample-every, --grid-check-every, --grid-margin, --edge-margin, "
                           "--threads, --device, --channels-last, --name, --title and --licence may "
@@ -267,6 +267,7 @@ def register_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
                     "with per-layer weights, TV) on prepared training photos, and export "
                     "models/style-NAME.")
     add_train_arguments(parser)
+    track_given_flags(parser)
     parser.set_defaults(func=_train)
     return parser
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from training.assets import REPO_ROOT
-from training.command import TIME_SCHEDULE_HELP, run_task_cli
+from training.command import TIME_SCHEDULE_HELP, run_task_cli, track_given_flags
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -97,11 +97,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="stop (and export) after this much process CPU time, all threads "
                           "(default: no limit)")
     run.add_argument("--resume", action="store_true",
-                     help="continue from RUN_DIR/checkpoint.pt, given again the flags it was "
-                          "started with (one left out counts as its default; one that differs "
-                          "is named and refused); only --steps, --max-minutes, --max-cpu-minutes, "
-                          "--out, --name, --run-dir, --checkpoint-every, --sample-every, "
-                          "--threads, --device and --channels-last may change. Without "
+                     help="continue from RUN_DIR/checkpoint.pt with the flags it was started "
+                          "with: one left out is taken from the checkpoint (and named), one "
+                          "given that differs is named and refused; only --steps, "
+                          "--max-minutes, --max-cpu-minutes, --out, --name, --run-dir, "
+                          "--checkpoint-every, --sample-every, --threads, --device and "
+                          "--channels-last may change. Without "
                           "--resume, an existing checkpoint in RUN_DIR is refused, not "
                           "overwritten")
     run.add_argument("--resume-if-present", action="store_true",
@@ -150,6 +151,7 @@ def register_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         description="Train the 4x SR net (pixel / VGG relu2_2 perceptual / TV losses) on "
                     "prepared arrays and export models/NAME.")
     add_train_arguments(parser)
+    track_given_flags(parser)
     parser.set_defaults(func=_train)
     return parser
 

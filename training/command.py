@@ -18,6 +18,37 @@ TIME_SCHEDULE_HELP = ("with --max-minutes, run the learning-rate warm-up and cos
                       "unknown, as on a borrowed GPU)")
 
 
+#: Where the parsed flags name the destinations of the flags given on the command line
+#: (the rest took their defaults): what ``--resume`` carries over from the run it continues.
+GIVEN_FLAGS = "given_flags"
+
+
+def _recording(action_type: type[argparse.Action]) -> type[argparse.Action]:
+    """``action_type`` that also adds its destination to ``namespace.given_flags`` when its
+    flag is given (argparse calls an action only then; a default is set without it)."""
+
+    class Recording(action_type):  # type: ignore[valid-type,misc]
+        def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                     values: object, option_string: str | None = None) -> None:
+            given = set(getattr(namespace, GIVEN_FLAGS, None) or ())
+            given.add(self.dest)
+            setattr(namespace, GIVEN_FLAGS, given)
+            super().__call__(parser, namespace, values, option_string)
+
+    Recording.__name__ = Recording.__qualname__ = f"Recording{action_type.__name__}"
+    return Recording
+
+
+def track_given_flags(parser: argparse.ArgumentParser) -> None:
+    """Makes ``parser`` record which of its optional flags were given: the parsed namespace
+    gets ``given_flags``, a set of destinations (empty when none was given), so that a
+    ``--resume`` can tell a flag left out from one given with its default value."""
+    parser.set_defaults(**{GIVEN_FLAGS: frozenset()})
+    for action in parser._actions:  # argparse has no public list of a parser's actions
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            action.__class__ = _recording(type(action))
+
+
 def command_line(argv: Iterable[str] | None = None) -> str:
     """``sys.argv`` shell-quoted, with ``percept`` for the console script and
     ``python -m package.module`` for modules run with ``-m`` (whose argv[0] is a path)."""

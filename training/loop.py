@@ -260,11 +260,9 @@ class CheckpointError(ValueError):
 CHECKPOINT_KEYS = ("architecture", "model", "optimizer", "scheduler", "scaler", "step")
 
 
-def read_checkpoint(path: Path, device: torch.device, architecture: Mapping[str, Any]
-                    ) -> dict[str, Any]:
-    """The checkpoint ``--resume`` continues from. CheckpointError when there is none, it
-    is unreadable (truncated, not a checkpoint at all), lacks what a resume needs, or holds
-    another architecture."""
+def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """The dictionary a checkpoint file holds, on ``device``; CheckpointError when there is
+    no file, or it is unreadable or no dictionary."""
     if not path.is_file():
         raise CheckpointError(f"--resume but {path} does not exist")
     try:
@@ -277,6 +275,15 @@ def read_checkpoint(path: Path, device: torch.device, architecture: Mapping[str,
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a training checkpoint (it holds a "
                               f"{type(state).__name__})")
+    return state
+
+
+def read_checkpoint(path: Path, device: torch.device, architecture: Mapping[str, Any]
+                    ) -> dict[str, Any]:
+    """The checkpoint ``--resume`` continues from. CheckpointError when there is none, it
+    is unreadable (truncated, not a checkpoint at all), lacks what a resume needs, or holds
+    another architecture."""
+    state = _load_checkpoint(path, device)
     if "architecture" in state and state["architecture"] != architecture:
         raise CheckpointError(f"{path} holds {state['architecture']}, not {architecture}")
     missing = [key for key in CHECKPOINT_KEYS if key not in state]
@@ -302,7 +309,7 @@ RESUMABLE_FLAGS = frozenset({
     "steps", "max_minutes", "max_cpu_minutes", "checkpoint_every", "sample_every", "threads",
     "quiet", "out", "run_dir", "resume", "resume_if_present", "device", "channels_last",
     "name", "command",
-    "train_command", "func", "command_line"})
+    "train_command", "func", "command_line", "given_flags"})
 
 
 def recorded_flags(args: Any) -> dict[str, Any]:
@@ -319,6 +326,28 @@ def resuming(checkpoint: Path, args: Any) -> bool:
     args.resume = bool(args.resume or (getattr(args, "resume_if_present", False)
                                        and checkpoint.is_file()))
     return bool(args.resume)
+
+
+def carry_resumed_flags(args: Any, checkpoint: Path, may_change: Collection[str]) -> None:
+    """With ``--resume``, the flags that define the run (those outside ``may_change``) and
+    were left out of this command take the values the run was started with, not their
+    defaults, and are printed; the ones given are kept, for :func:`check_resumed_run` to
+    compare. A namespace that does not say which flags were given (``args.given_flags``,
+    set by training.command.track_given_flags) is left as it is."""
+    given = getattr(args, "given_flags", None)
+    if not args.resume or given is None:
+        return
+    saved = _load_checkpoint(checkpoint, torch.device("cpu")).get("args", {})
+    carried = []
+    for key in sorted(saved):
+        if key in may_change or key in given or not hasattr(args, key):
+            continue
+        if getattr(args, key) != saved[key]:
+            setattr(args, key, saved[key])
+            carried.append(f"--{key.replace('_', '-')} {saved[key]!r}")
+    if carried:
+        print(f"[train] resuming {checkpoint} with the flags it was started with: "
+              f"{', '.join(carried)}", flush=True)
 
 
 def check_new_run(checkpoint: Path, resume: bool) -> None:

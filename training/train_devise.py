@@ -107,6 +107,7 @@ from training.loop import (
     STOPPING,
     CheckpointError,
     TrainingDiverged,
+    carry_resumed_flags,
     check_flag_minimums,
     check_new_run,
     check_resumed_run,
@@ -684,20 +685,22 @@ def check_same_run_data(checkpoint: Path, state: Mapping[str, Any],
 
 def train(args: argparse.Namespace) -> int:
     """Runs ``percept train devise`` with parsed flags."""
-    check_flag_minimums(args, FLAG_MINIMUMS, above={"lr"})  # before anything loads
-    check_seed(args.seed)
-    if args.top_t > MAX_TOP_T:
-        raise ValueError(f"--top-t must be <= {MAX_TOP_T} (the ImageNet classes), got "
-                         f"{args.top_t}")
     started = time.perf_counter()
     word_vectors = getattr(args, "word_vectors", None)
     name = args.name or default_name(word_vectors)
     out = Path(args.out) if args.out else REPO_ROOT / "models" / name
     run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
+    checkpoint = run_dir / CHECKPOINT_NAME
+    if resuming(checkpoint, args):
+        carry_resumed_flags(args, checkpoint, MAY_CHANGE_ON_RESUME)
+    check_flag_minimums(args, FLAG_MINIMUMS, above={"lr"})  # before anything loads
+    check_seed(args.seed)
+    if args.top_t > MAX_TOP_T:
+        raise ValueError(f"--top-t must be <= {MAX_TOP_T} (the ImageNet classes), got "
+                         f"{args.top_t}")
     export_plan = check_output_folder(out, name)  # (needs no data, so it is said first)
     check_paths(args, out, run_dir)
-    checkpoint = run_dir / CHECKPOINT_NAME
-    check_new_run(checkpoint, resuming(checkpoint, args))
+    check_new_run(checkpoint, args.resume)
     print(f"[devise] will export {export_plan}", flush=True)
     device = choose_device(args.device)
     if args.threads:

@@ -73,6 +73,7 @@ from training.loop import (
     LossGuard,
     TrainingDiverged,
     autocast_dtype,
+    carry_resumed_flags,
     check_flag_minimums,
     check_new_run,
     check_resumed_run,
@@ -511,6 +512,13 @@ def check_run_flags(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace) -> int:
     """Runs the training described by the parsed ``percept train style`` flags."""
+    style = style_from_args(args)
+    name = f"style-{style.name}"
+    out = Path(args.out) if args.out else REPO_ROOT / "models" / name
+    run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
+    checkpoint = run_dir / CHECKPOINT_NAME
+    if resuming(checkpoint, args):
+        carry_resumed_flags(args, checkpoint, RESUMABLE_CHANGES)
     check_run_flags(args)
     device = choose_device(args.device)
     if args.threads:
@@ -527,18 +535,13 @@ def train(args: argparse.Namespace) -> int:
         if getattr(args, flag) and recipe["size"] % 4:
             raise ValueError(f"--{flag.replace('_', '-')} measures period-4 patterns: --size "
                              f"must be a multiple of 4, got {recipe['size']}")
-    style = style_from_args(args)
-    name = f"style-{style.name}"
-    out = Path(args.out) if args.out else REPO_ROOT / "models" / name
-    run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
     if out.resolve() == run_dir.resolve():  # given, or by default (runs/NAME, models/NAME)
         raise ValueError(f"--out and --run-dir are both {out}: they must be different folders "
                          "(the run folder holds checkpoints, the artifact folder what is "
                          "served)")
     export_plan = check_output_folder(out, name)
     check_folder_to_make(run_dir, "--run-dir")
-    checkpoint = run_dir / CHECKPOINT_NAME
-    check_new_run(checkpoint, resuming(checkpoint, args))
+    check_new_run(checkpoint, args.resume)
 
     prepared = load_prepared(Path(args.data))
     sampler = ContentSampler(prepared, recipe["size"], args.min_scale, seed=args.seed)

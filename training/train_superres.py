@@ -61,6 +61,7 @@ from training.loop import (
     LossGuard,
     TrainingDiverged,
     autocast_dtype,
+    carry_resumed_flags,
     check_flag_minimums,
     check_new_run,
     check_resumed_run,
@@ -211,6 +212,12 @@ def size_note(args: argparse.Namespace, steps_run: int, device: torch.device) ->
 
 def train(args: argparse.Namespace) -> int:
     """Runs the training described by the parsed ``percept train superres`` flags."""
+    out = Path(args.out)
+    name = args.name or out.name
+    run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
+    checkpoint = run_dir / CHECKPOINT_NAME
+    if resuming(checkpoint, args):
+        carry_resumed_flags(args, checkpoint, RESUMABLE_FLAGS)
     check_flag_minimums(args, FLAG_MINIMUMS, above={"lr"})
     check_seed(args.seed)
     check_time_schedule(args)
@@ -236,16 +243,12 @@ def train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    out = Path(args.out)
-    name = args.name or out.name
-    run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
     if out.resolve() == run_dir.resolve():
         raise ValueError("--out and --run-dir must be different folders (the run folder "
                          "holds checkpoints, the artifact folder what is served)")
     export_plan = check_output_folder(out, name)
     check_folder_to_make(run_dir, "--run-dir")
-    checkpoint = run_dir / CHECKPOINT_NAME
-    check_new_run(checkpoint, resuming(checkpoint, args))
+    check_new_run(checkpoint, args.resume)
 
     prepared = load_prepared(Path(args.data))
     sampler = PairSampler(prepared, args.crop, seed=args.seed)

@@ -78,14 +78,15 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(
     the negatives, the shuffled order and its cursor (4 crops one at a time: the resume
     starts in the second epoch's order, one crop into it), and the initial map
     --weight-decay pulls towards (classifier-initialised here): leaving out the moments,
-    the generator or the order changes the weights."""
+    the generator or the order changes the weights. The resuming command leaves out a
+    flag the run was started with, which it takes from the checkpoint."""
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert cli_devise.main(flags(workdir, whole, "--steps", "9", "--batch-size", "1",
                                  "--checkpoint-every", "0")) == 0
     assert cli_devise.main(flags(workdir, split, "--steps", "5", "--batch-size", "1")) == 0
     assert load_checkpoint(split)["step"] == 5 and load_checkpoint(split)["cursor"] == 1
-    assert cli_devise.main(flags(workdir, split, "--steps", "9", "--batch-size", "1",
-                                 "--resume")) == 0
+    # the resume leaves --batch-size out: it is the run's 1, not the default, that it takes
+    assert cli_devise.main(flags(workdir, split, "--steps", "9", "--resume")) == 0
 
     a, b = load_checkpoint(whole), load_checkpoint(split)
     assert a["step"] == b["step"] == 9

@@ -670,6 +670,35 @@ def test_a_resume_keeps_its_settings_and_a_new_run_keeps_the_old_checkpoint(
 
 
 @needs_vgg
+def test_a_resume_takes_the_flags_left_out_from_the_run_it_continues(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--resume with only the style and the run's folders: the data, the sizes, the width
+    and the loss weights the run was started with are carried over and named, not reset
+    to their defaults. A flag that is given still counts, even with its default value."""
+    from training.train_style import train
+
+    prepared = _write_prepared(tmp_path / "prepared", _tiny_photos(4, 40))
+    common = _tiny_run(tmp_path, prepared)
+    assert train(_parse([*common, "--steps", "1", "--lr", "0.004", "--tv-weight", "0"])) == 0
+    capsys.readouterr()
+    where = ["--style", "stained-tissue", "--out", str(tmp_path / "out"),
+             "--run-dir", str(tmp_path / "run"), "--quiet", "--sample-every", "0"]
+    assert train(_parse([*where, "--steps", "2", "--resume"])) == 0
+    printed = capsys.readouterr().out
+    assert "with the flags it was started with: " in printed
+    for carried in (f"--data {str(prepared)!r}", "--lr 0.004", "--size 32", "--width 4",
+                    "--tv-weight 0.0"):
+        assert carried in printed, carried
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 2 and state["args"]["lr"] == 0.004 and state["args"]["size"] == 32
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architecture"]["width"] == 4
+    # 0.002 is the CPU default, but given: it is compared, and refused
+    with pytest.raises(ValueError, match=r"with other settings: --lr 0\.004 -> 0\.002\."):
+        train(_parse([*where, "--steps", "3", "--resume", "--lr", "0.002"]))
+
+
+@needs_vgg
 def test_a_fine_tune_resumes_and_keeps_its_origin(tmp_path: Path) -> None:
     """A run started with --init-from resumes without it (the checkpoint holds the
     weights), and its export still records what it was fine-tuned from."""

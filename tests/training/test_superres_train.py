@@ -98,6 +98,15 @@ def test_train_resume_export_and_evaluate(prepared: Path, tmp_path: Path,
     assert len(provenance["earlier_commands"]) == 1
     assert "--steps 3" in provenance["earlier_commands"][0]
     assert "--resume" not in provenance["earlier_commands"][0]
+    # a resume that gives only where the run is: the data, the sizes and the losses are
+    # the run's own (named), not the defaults, which --resume would refuse
+    assert cli_superres.main(["train", "--out", str(out), "--run-dir", str(run), "--quiet",
+                              "--steps", "6", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert f"resuming {run / 'checkpoint.pt'} with the flags it was started with: " in printed
+    assert "--crop 24" in printed and f"--data {str(prepared)!r}" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and "width 8 (default: 32), blocks 1" in metrics["note"]
 
     heldout = tmp_path / "heldout"
     heldout.mkdir()

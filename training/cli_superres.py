@@ -66,6 +66,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                       help="weight of the VGG19 relu2_2 feature loss (default: 0)")
     loss.add_argument("--tv-weight", type=float, default=0.0,
                       help="weight of total variation (default: 0)")
+    loss.add_argument("--grid-weight", type=float, default=0.0,
+                      help="weight of the lattice penalty: how far the output's spectral "
+                           "peaks at periods 2 and 4 (where the two x2 upsamplings put a "
+                           "checkerboard) rise above the target's, as a log ratio that is 0 "
+                           "while they do not (default: 0; e.g. 0.1 for a long perceptual "
+                           "fine-tune)")
     run = parser.add_argument_group("run")
     run.add_argument("--out", default=str(REPO_ROOT / "models/superres-psnr"),
                      help="artifact folder models/NAME (default: models/superres-psnr)")

@@ -195,6 +195,28 @@ def check_outputs(args: argparse.Namespace) -> None:
         check_writable(Path(args.figure), "--figure")
 
 
+def model_labels(models: list[tuple[Path, dict[str, Any]]]) -> list[str]:
+    """The column and summary key of each artifact: its name, or where two share one (a
+    retrained model beside the committed one), ``name@version``, or the folder when the
+    versions match too. The same folder twice is refused: it would be scored twice."""
+    folders = [path.resolve() for path, _ in models]
+    repeated = sorted({str(f) for f in folders if folders.count(f) > 1})
+    if repeated:
+        raise ValueError(f"--models names {', '.join(repeated)} more than once")
+    names = [str(config["name"]) for _, config in models]
+    versioned = [f"{name}@{config.get('version', '?')}" for name, (_, config)
+                 in zip(names, models, strict=True)]
+    labels = []
+    for (path, _), name, with_version in zip(models, names, versioned, strict=True):
+        if names.count(name) == 1 and name not in ("bicubic", "lanczos"):
+            labels.append(name)
+        elif versioned.count(with_version) == 1:
+            labels.append(with_version)
+        else:
+            labels.append(str(path))
+    return labels
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     check_outputs(args)
     use_threads(args.threads)
@@ -210,15 +232,17 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "lanczos": np.stack([upscale(t.lr, Image.Resampling.LANCZOS) for t in tiles]),
     }
     model_paths: dict[str, Path] = {}
+    loaded = []
     for model_dir in args.models:
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}/config.json not found (train it with "
                                     "`percept train superres --out {path}`)")
-        module, config = load_exported(path, device)
-        name = str(config["name"])
-        outputs[name] = run_artifact(module, lrs, device)
-        model_paths[name] = path
+        loaded.append((path, *load_exported(path, device)))
+    labels = model_labels([(path, config) for path, _, config in loaded])
+    for (path, module, _), label in zip(loaded, labels, strict=True):
+        outputs[label] = run_artifact(module, lrs, device)
+        model_paths[label] = path
 
     per_tile = {method: [score(t.hr, out) for t, out in zip(tiles, outs, strict=True)]
                 for method, outs in outputs.items()}

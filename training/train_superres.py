@@ -7,7 +7,11 @@ per-pixel loss gives blurry output. The loss here is a weighted sum, each weight
 
 - pixel: L1 (default) or MSE between the output and the high-res target;
 - perceptual: ``content_loss`` (normalised squared error) of VGG19 relu2_2 features;
-- tv: total variation of the output (Johnson et al. 2016, sec. 3.3).
+- tv: total variation of the output (Johnson et al. 2016, sec. 3.3);
+- grid: how far the output's spectral peaks at periods 2 and 4, where the two x2
+  upsampling stages put a lattice-locked pattern, rise above the target's
+  (``training.perceptual.losses.grid_loss``; zero while they do not). A long perceptual
+  fine-tune otherwise buys part of its detail as a checkerboard.
 
 Low-res inputs are the bicubic 4x reductions stored beside the high-res arrays (exact
 pairs, :mod:`training.sr_data`), optionally blurred/noised/JPEG-compressed. Adam with a
@@ -93,11 +97,12 @@ class LossWeights:
     perceptual: float = 0.0
     tv: float = 0.0
     pixel_loss: str = "l1"
+    grid: float = 0.0
 
 
 class SuperResLoss(nn.Module):
-    """Weighted pixel + VGG relu2_2 feature + total-variation loss; returns the total and
-    each weighted term (for the plots)."""
+    """Weighted pixel + VGG relu2_2 feature + total-variation + grid loss; returns the total
+    and each weighted term (for the plots)."""
 
     def __init__(self, weights: LossWeights, device: torch.device) -> None:
         super().__init__()
@@ -111,7 +116,7 @@ class SuperResLoss(nn.Module):
             self.vgg = load_vgg19(device)
 
     def forward(self, output: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
-        from training.perceptual.losses import content_loss, total_variation_loss
+        from training.perceptual.losses import content_loss, grid_loss, total_variation_loss
 
         w = self.weights
         terms: dict[str, Tensor] = {}
@@ -127,6 +132,8 @@ class SuperResLoss(nn.Module):
                                                               target_features.float())
         if w.tv > 0:
             terms["tv"] = w.tv * total_variation_loss(output.float())
+        if w.grid > 0:
+            terms["grid"] = w.grid * grid_loss(output.float(), target.float())
         if not terms:
             raise ValueError("every loss weight is zero")
         total = torch.stack(list(terms.values())).sum()
@@ -185,7 +192,8 @@ FLAG_MINIMUMS = {
                      "detail_oversample"), 1),
     **dict.fromkeys(("threads", "lr", "warmup", "checkpoint_every", "sample_every",
                      "max_minutes", "max_cpu_minutes", "blur", "noise", "jpeg", "degrade_prob",
-                     "tail_width", "pixel_weight", "perceptual_weight", "tv_weight"), 0),
+                     "tail_width", "pixel_weight", "perceptual_weight", "tv_weight",
+                     "grid_weight"), 0),
     "crop": 4 * SCALE,
 }
 
@@ -278,7 +286,8 @@ def train(args: argparse.Namespace) -> int:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.train()
     weights = LossWeights(pixel=args.pixel_weight, perceptual=args.perceptual_weight,
-                          tv=args.tv_weight, pixel_loss=args.pixel_loss)
+                          tv=args.tv_weight, pixel_loss=args.pixel_loss,
+                          grid=args.grid_weight)
     criterion = SuperResLoss(weights, device)
     if criterion.vgg is not None:
         from training.assets import vgg19_weights_path
@@ -423,7 +432,8 @@ def train(args: argparse.Namespace) -> int:
             "seed": args.seed, "time_schedule": args.time_schedule,
             "loss_weights": {"pixel": weights.pixel, "pixel_loss": weights.pixel_loss,
                              "perceptual": weights.perceptual,
-                             "perceptual_layer": PERCEPTUAL_LAYER, "tv": weights.tv},
+                             "perceptual_layer": PERCEPTUAL_LAYER, "tv": weights.tv,
+                             **({"grid": weights.grid} if weights.grid else {})},
             "degradation": {"blur": degradation.blur, "noise": degradation.noise,
                             "jpeg": degradation.jpeg, "prob": degradation.prob},
             "init_from": args.init_from,

@@ -182,6 +182,39 @@ def test_perceptual_loss_trains(prepared: Path, tmp_path: Path) -> None:
     assert set(metrics["final_loss"]) == {"total", "pixel", "perceptual", "tv", "l1_vs_bicubic"}
 
 
+def test_the_grid_term_spares_the_target_and_penalises_a_checkerboard() -> None:
+    """--grid-weight: zero for an output with no more of a lattice than the target (the
+    photo itself, or a blurred copy), positive for one with a period-2 or period-4
+    pattern added, and its gradient takes the pattern out."""
+    from training.train_superres import LossWeights, SuperResLoss
+
+    criterion = SuperResLoss(LossWeights(pixel=0.0, grid=1.0), torch.device("cpu"))
+    photo = np.array(Image.fromarray(skdata.astronaut()).resize((64, 64)))
+    target = to_tensor(photo[None], torch.device("cpu"))
+    assert criterion(target.clone(), target)[1] == {"grid": 0.0}
+    assert criterion(torch.nn.functional.avg_pool2d(target, 3, 1, 1), target)[1]["grid"] == 0
+    rows, cols = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    for period in (2, 4):
+        lattice = (((rows // (period // 2)) + (cols // (period // 2))) % 2).float() - 0.5
+        output = (target + 0.04 * lattice).requires_grad_()
+        total, terms = criterion(output, target)
+        assert terms["grid"] > 0.2, (period, terms)
+        total.backward()
+        assert output.grad is not None
+        stepped = criterion((output - 0.5 * output.grad).detach(), target)[1]["grid"]
+        assert stepped < terms["grid"], (period, stepped, terms)
+
+
+def test_a_run_with_the_grid_term_records_it(prepared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "models" / "sr-grid"
+    assert cli_superres.main(["train", "--data", str(prepared), "--out", str(out),
+                              "--run-dir", str(tmp_path / "run"), *TINY, "--steps", "2",
+                              "--grid-weight", "0.5", "--sample-every", "0"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["loss_weights"]["grid"] == 0.5
+    assert set(metrics["final_loss"]) == {"total", "pixel", "grid", "l1_vs_bicubic"}
+
+
 def test_missing_data_is_a_clear_error(tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_superres.main(["train", "--data", str(tmp_path / "none"), "--out",
@@ -406,3 +439,21 @@ def test_time_schedule_decays_the_learning_rate_by_the_deadline(prepared: Path,
     assert timed["time_schedule"] is True and float(timed["final_lr"]) < 1e-4  # type: ignore[arg-type]
     stepped = final("stepped")
     assert stepped["time_schedule"] is False and float(stepped["final_lr"]) > 9e-4  # type: ignore[arg-type]
+
+
+def test_eval_labels_two_artifacts_of_one_name_apart(tmp_path: Path) -> None:
+    """A retrained model beside the committed one shares its name: each keeps its own
+    column and summary entry (by version, else by folder) instead of one replacing the
+    other; the same folder twice is refused."""
+    from training.evaluate_superres import model_labels
+
+    committed = (tmp_path / "models" / "sr", {"name": "sr", "version": 1})
+    retrained = (tmp_path / "new" / "sr", {"name": "sr", "version": 2})
+    other = (tmp_path / "models" / "sr-mse", {"name": "sr-mse", "version": 1})
+    assert model_labels([committed, other]) == ["sr", "sr-mse"]
+    assert model_labels([committed, retrained, other]) == ["sr@1", "sr@2", "sr-mse"]
+    copy = (tmp_path / "copy" / "sr", {"name": "sr", "version": 1})
+    assert model_labels([committed, copy]) == [str(committed[0]), str(copy[0])]
+    assert model_labels([(tmp_path / "b", {"name": "bicubic", "version": 1})]) == ["bicubic@1"]
+    with pytest.raises(ValueError, match=r"names .* more than once"):
+        model_labels([committed, (tmp_path / "models" / ".." / "models" / "sr", {})])

@@ -5,7 +5,10 @@ with the exception's class name in the message, an ERROR traceback in the log fo
 such call (any client can flood it) and no count in the metrics. This interceptor parses
 instead with a deserializer that cannot fail: bytes that do not parse arrive at the
 handler as a :class:`Malformed` marker, which is answered INVALID_ARGUMENT there, so the
-call is an ordinary refused request (counted, not logged)."""
+call is an ordinary refused request (counted, not logged). In a request stream, the
+message that does not parse raises :class:`MalformedMessage` where the handler reads it,
+so that the handler can first finish the items that came whole before it (AddImages
+stores and acknowledges them); the stream then ends INVALID_ARGUMENT."""
 
 from __future__ import annotations
 
@@ -15,7 +18,12 @@ from typing import Any
 
 import grpc
 
-from services.common.errors import STATUS_DETAILS_KEY, fit_status_message, status_details
+from services.common.errors import (
+    STATUS_DETAILS_KEY,
+    InvalidArgument,
+    fit_status_message,
+    status_details,
+)
 from services.common.request_ids import with_request_id
 
 
@@ -26,6 +34,14 @@ class Malformed:
 
     def __init__(self, message: str) -> None:
         self.message = message
+
+
+class MalformedMessage(InvalidArgument):
+    """Raised by a request stream where a message did not parse: the handler may finish
+    what came before it, then end the call with it (``rpc.stream_errors`` does, and the
+    interceptor does for a handler that lets it out)."""
+
+    default_reason = "MALFORMED_REQUEST"
 
 
 def _message_name(deserializer: Callable[[bytes], Any]) -> str:
@@ -50,10 +66,9 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return parse
 
 
-async def _refuse(context: grpc.aio.ServicerContext, request: Malformed) -> None:
-    details = status_details(grpc.StatusCode.INVALID_ARGUMENT, request.message,
-                             "MALFORMED_REQUEST")
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message,
+async def _refuse(context: grpc.aio.ServicerContext, message: str) -> None:
+    details = status_details(grpc.StatusCode.INVALID_ARGUMENT, message, "MALFORMED_REQUEST")
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message,
                         with_request_id(context, ((STATUS_DETAILS_KEY, details),)))
 
 
@@ -73,7 +88,7 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 if isinstance(request, Malformed):
-                    await _refuse(context, request)
+                    await _refuse(context, request.message)
                 return await unary(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -84,7 +99,7 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
                 async def unary_stream(request: Any, context: grpc.aio.ServicerContext
                                        ) -> AsyncIterator[Any]:
                     if isinstance(request, Malformed):
-                        await _refuse(context, request)
+                        await _refuse(context, request.message)
                     async for response in streaming(request, context):
                         yield response
 
@@ -94,17 +109,17 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
             async def written(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 # a coroutine that writes its stream with context.write() (health Watch)
                 if isinstance(request, Malformed):
-                    await _refuse(context, request)
+                    await _refuse(context, request.message)
                 return await streaming(request, context)
 
             return grpc.unary_stream_rpc_method_handler(
                 written, request_deserializer=parse, response_serializer=serialize)
 
-        def checked(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        def checked(requests: Any) -> AsyncIterator[Any]:
             async def generate() -> AsyncIterator[Any]:
                 async for request in requests:
                     if isinstance(request, Malformed):
-                        await _refuse(context, request)
+                        raise MalformedMessage(request.message)
                     yield request
             return generate()
 
@@ -112,7 +127,10 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
             collect = handler.stream_unary
 
             async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                return await collect(checked(requests, context), context)
+                try:
+                    return await collect(checked(requests), context)
+                except MalformedMessage as error:  # let out by the handler
+                    await _refuse(context, error.message)
 
             return grpc.stream_unary_rpc_method_handler(
                 stream_unary, request_deserializer=parse, response_serializer=serialize)
@@ -120,14 +138,20 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(both):
             async def stream_stream(requests: Any, context: grpc.aio.ServicerContext
                                     ) -> AsyncIterator[Any]:
-                async for response in both(checked(requests, context), context):
-                    yield response
+                try:
+                    async for response in both(checked(requests), context):
+                        yield response
+                except MalformedMessage as error:  # let out by the handler
+                    await _refuse(context, error.message)
 
             return grpc.stream_stream_rpc_method_handler(
                 stream_stream, request_deserializer=parse, response_serializer=serialize)
 
         async def stream_written(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await both(checked(requests, context), context)
+            try:
+                return await both(checked(requests), context)
+            except MalformedMessage as error:  # let out by the handler
+                await _refuse(context, error.message)
 
         return grpc.stream_stream_rpc_method_handler(
             stream_written, request_deserializer=parse, response_serializer=serialize)

@@ -399,6 +399,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
 
         reading: asyncio.Task[search_pb2.AddImageRequest] | None = None
         ended = False
+        broken: ServiceError | None = None  # what ended the stream early
         try:
             while not ended:
                 if reading is None:  # never cancelled while the stream goes on
@@ -411,6 +412,11 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                         item = finished.result()
                     except StopAsyncIteration:
                         ended = True
+                    except ServiceError as problem:
+                        # a message that did not parse (services.common.malformed): the
+                        # items that came whole before it are stored and acknowledged as
+                        # at the end of a stream, then the stream ends with its error
+                        ended, broken = True, problem
                     else:
                         try:
                             await asyncio.to_thread(self._check_item, item)
@@ -430,6 +436,8 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                     self.buffered_bytes -= held
                     batch, rejected, held = [], [], 0
                     yield ack
+            if broken is not None:
+                raise broken
         finally:  # a cancelled or failed stream gives back what it held
             self.buffered_bytes -= held
             if reading is not None:

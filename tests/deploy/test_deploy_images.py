@@ -58,10 +58,14 @@ def test_each_workload_pulls_its_variant(bundles: dict[str, Bundle], target: str
 
 
 def test_the_validated_report_passes_the_image_checks(report: Report) -> None:
+    assert report.targets
     for t in report.targets:
+        seen = set()
         for r in t.results:
             if r.check in ("images", "release"):
+                seen.add(r.check)
                 assert r.failures == [], (t.target.name, r.check, r.failures)
+        assert seen == {"images", "release"}, (t.target.name, "image checks not run")
 
 
 def test_the_base_gives_search_its_own_image_name() -> None:

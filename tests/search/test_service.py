@@ -149,6 +149,25 @@ def test_concurrent_adds_and_searches(stub: search_pb2_grpc.ImageSearchStub,
     assert not errors
     assert len(added) == 32 and count(stub) == before + 32
     assert len(searches) > 0
+    # every answer given while the index changed is a sound one: at most k (10) hits, each
+    # once, best first, each a stored image with the uri it was added with (nothing is
+    # deleted meanwhile)
+    found: dict[str, str] = {}
+    for response in searches:
+        ids, scores = [h.id for h in response.hits], [h.score for h in response.hits]
+        assert len(ids) <= 10 and len(set(ids)) == len(ids), ids
+        assert scores == sorted(scores, reverse=True) and all(-1 <= x <= 1 for x in scores)
+        found.update((h.id, h.uri) for h in response.hits)
+    assert found
+    stored = stub.GetImages(search_pb2.GetImagesRequest(ids=list(found)), timeout=30)
+    assert not stored.missing and {e.id: e.uri for e in stored.images} == found
+    # and what was added meanwhile is searchable: each image finds itself
+    for i in (0, 13, 31):
+        hits = stub.SearchByImage(search_pb2.SearchByImageRequest(image=variants[i], k=5),
+                                  timeout=60).hits
+        mine = [h for h in hits if h.id == f"conc-{i}"]
+        assert mine and mine[0].score > 0.99 and mine[0].uri == f"file:///conc/{i}.png", \
+            [(h.id, h.score) for h in hits]
 
 
 @pytest.mark.parametrize("call, code, message", [

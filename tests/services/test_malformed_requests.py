@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from percept.v1 import search_pb2
+from services import client
 from services.common.metrics import REQUESTS
 from services.common.server import RunningServer
 from tests.conftest import encode
@@ -75,21 +76,77 @@ def test_a_server_streaming_request_that_does_not_parse_is_invalid_argument(
     assert "percept.v1.StylizeWithImageRequest" in error.value.details()
 
 
+def _reason(error: grpc.RpcError) -> str:
+    """The google.rpc.ErrorInfo reason of a failed call's status details."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    from services.common.errors import STATUS_DETAILS_KEY
+
+    status = status_pb2.Status.FromString(dict(error.trailing_metadata())[STATUS_DETAILS_KEY])
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return info.reason
+
+
 def test_a_streamed_message_that_does_not_parse_ends_the_stream_invalid_argument(
         all_server: RunningServer, small_photo: np.ndarray) -> None:
-    """AddImages: the good item before the bad message is answered as usual (a batch is
-    acknowledged as it fills or at the end), then the stream ends INVALID_ARGUMENT; the
-    service goes on serving."""
-    good = search_pb2.AddImageRequest(id="before-the-bad-one", image=encode(small_photo))
+    """AddImages: the good item before the bad message is answered as usual (stored, and
+    acknowledged as at the end of a stream), then the stream ends INVALID_ARGUMENT; what
+    came after the bad message is not read; the service goes on serving."""
+    image = encode(small_photo)
+    good = search_pb2.AddImageRequest(id="before-the-bad-one", image=image)
+    after = search_pb2.AddImageRequest(id="after-the-bad-one", image=image)
     with grpc.insecure_channel(all_server.target) as channel:
         call = channel.stream_stream("/percept.v1.ImageSearch/AddImages",
                                      request_serializer=_identity,
                                      response_deserializer=search_pb2.AddImagesAck.FromString)
+        acks: list[search_pb2.AddImagesAck] = []
         with pytest.raises(grpc.RpcError) as error:
-            list(call(iter([good.SerializeToString(), CORRUPT]), timeout=60))
+            for ack in call(iter([good.SerializeToString(), CORRUPT,
+                                  after.SerializeToString()]), timeout=60,
+                            metadata=[("x-request-id", "malformed-stream")]):
+                acks.append(ack)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "percept.v1.AddImageRequest" in error.value.details()
+        assert error.value.details().startswith(
+            f"the request is not a valid percept.v1.AddImageRequest message ({len(CORRUPT)} "
+            "bytes): ")
+        assert _reason(error.value) == "MALFORMED_REQUEST"
+        assert ("x-request-id", "malformed-stream") in error.value.trailing_metadata()
+        assert [(list(a.added), list(a.rejected)) for a in acks] == [
+            (["before-the-bad-one"], [])]
+        stored = client.get_images(channel, ["before-the-bad-one", "after-the-bad-one"])
+        assert [e.id for e in stored.images] == ["before-the-bad-one"]
+        assert list(stored.missing) == ["after-the-bad-one"]
         stats = channel.unary_unary("/percept.v1.ImageSearch/Stats",
                                     request_serializer=_identity,
                                     response_deserializer=search_pb2.StatsResponse.FromString)
         assert stats(b"", timeout=30).dimension > 0  # still serving
+        # and still adding: a stream after the broken one is acknowledged as usual
+        assert [list(a.added) for a in client.add_images(
+            channel, [search_pb2.AddImageRequest(id="after-the-broken-stream", image=image)],
+            timeout=60)] == [["after-the-broken-stream"]]
+        # the session's index is shared: leave it as it was (the demo searches it)
+        assert client.delete_images(
+            channel, ["before-the-bad-one", "after-the-broken-stream"]).deleted == 2
+
+
+def test_a_reflection_stream_message_that_does_not_parse_is_invalid_argument(
+        all_server: RunningServer) -> None:
+    """A stream whose handler is not one of percept's (server reflection) ends
+    INVALID_ARGUMENT too, never UNKNOWN."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    good = reflection_pb2.ServerReflectionRequest(list_services="")
+    with grpc.insecure_channel(all_server.target) as channel:
+        call = channel.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            request_serializer=_identity,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        answers: list[reflection_pb2.ServerReflectionResponse] = []
+        with pytest.raises(grpc.RpcError) as error:
+            for answer in call(iter([good.SerializeToString(), CORRUPT]), timeout=30):
+                answers.append(answer)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "grpc.reflection.v1alpha.ServerReflectionRequest" in error.value.details()
+    assert _reason(error.value) == "MALFORMED_REQUEST"
+    assert len(answers) == 1 and answers[0].list_services_response.service

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,29 +64,38 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("fmt, ext", [("PNG", ".png"), ("JPEG", ".jpg")])
-def test_upscale_round_trip(sr_server: RunningServer, small_photo: np.ndarray, fmt: str,
-                            ext: str) -> None:
+def test_upscale_round_trip(sr_server: RunningServer, sr_models: Path, small_photo: np.ndarray,
+                            fmt: str, ext: str) -> None:
     response = client.upscale(client.connect(sr_server.target), encode(small_photo, fmt),
                               output_format=client.format_for_path("x" + ext))
     decoded = decode_image(response.image, max_pixels=10**8)
     assert (decoded.width, decoded.height) == (96 * 4, 64 * 4)
     assert (response.width, response.height) == (384, 256)
-    import json
-
-    from tests.conftest import REPO
-
-    version = json.loads((REPO / "models" / "superres-perceptual" / "config.json")
+    # the preferred default, as the artifact this server serves (not the committed one)
+    # names its version
+    version = json.loads((sr_models / "superres-perceptual" / "config.json")
                          .read_text())["version"]
-    assert response.model == f"superres-perceptual@{version}"  # the preferred default
+    assert response.model == f"superres-perceptual@{version}"
     bicubic = np.asarray(Image.fromarray(small_photo).resize((384, 256), Image.Resampling.BICUBIC))
     assert psnr(decoded.rgb, bicubic) > 20  # a real upscale of the same picture
 
 
 def test_grey_input_gives_grey_looking_rgb(sr_server: RunningServer,
                                            small_photo: np.ndarray) -> None:
+    """A grey picture comes back as an RGB upscale of it that still looks grey. The
+    network sees it as RGB and adds a residual of its own to each channel, so the channels
+    differ a little: with the served test model (untrained, its residual made 20 times
+    louder) by at most 9 levels and 2.8 on average, with the committed trained models by
+    at most 7 and 0.4; a colour photo's channels differ by tens of levels. PSNR against a
+    bicubic upscale of the grey picture measured 35.5 dB (the committed models: 37-39)."""
     response = client.upscale(client.connect(sr_server.target), bad_images.grey_png(small_photo))
     decoded = decode_image(response.image, max_pixels=10**8)
     assert decoded.rgb.shape == (256, 384, 3)
+    spread = decoded.rgb.max(axis=-1).astype(int) - decoded.rgb.min(axis=-1)
+    assert spread.max() <= 12 and spread.mean() <= 4.0  # no colour cast
+    grey = Image.fromarray(small_photo).convert("L")
+    bicubic = np.asarray(grey.resize((384, 256), Image.Resampling.BICUBIC))
+    assert psnr(decoded.rgb, np.dstack([bicubic] * 3)) > 30  # an upscale of the same picture
 
 
 def test_alpha_is_upscaled_and_kept(sr_server: RunningServer, small_photo: np.ndarray) -> None:

@@ -137,8 +137,11 @@ def test_services_refuse_weights_their_config_does_not_name(tmp_path: Path) -> N
 
 
 def test_every_committed_artifact_names_its_weights() -> None:
-    artifacts = pytest.importorskip("services.common.artifacts")
-    for config_path in sorted((REPO / "models").glob("[!.]*/config.json")):
+    from services.common import artifacts
+
+    configs = sorted((REPO / "models").glob("[!.]*/config.json"))
+    assert configs, f"no committed model artifact under {REPO / 'models'}"
+    for config_path in configs:
         config = json.loads(config_path.read_text())
         assert "weights_sha256" in config, config_path
         artifacts.check_weights_digest(config_path.parent / config["weights"], config)

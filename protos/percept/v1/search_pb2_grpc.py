@@ -88,7 +88,9 @@ class ImageSearchServicer:
         Per-item problems (bad image, empty id) are rejections inside an acknowledgement and
         the rest of the stream goes on. Errors for the whole stream: RESOURCE_EXHAUSTED (busy,
         with the retry trailer: resend what was not acknowledged),
-        UNAVAILABLE (embedding service unreachable), UNIMPLEMENTED (no embedding model).
+        UNAVAILABLE (embedding service unreachable), UNIMPLEMENTED (no embedding model),
+        INVALID_ARGUMENT (a message that does not parse as an AddImageRequest: the items that
+        came whole before it are stored and acknowledged first, as at the end of a stream).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

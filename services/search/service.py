@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import logging
+import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -36,9 +37,17 @@ from services.common.errors import (
 from services.common.images import probe_size
 from services.common.metrics import EMBEDDING_SERVED
 from services.common.rpc import stream_errors, time_remaining, unary_errors
-from services.common.server import ServiceModule
+from services.common.server import ServiceModule, StartupError
 from services.search.embedder import Embedder, InProcessEmbedder, RemoteEmbedder
-from services.search.store import Entry, ImageStore, recorded_dimension
+from services.search.store import (
+    DataDirFull,
+    DataDirProblem,
+    Entry,
+    ImageStore,
+    data_dir_problem,
+    probe_data_dir,
+    recorded_dimension,
+)
 from services.search.vector_index import IndexSettings, VectorIndex, disk_bytes
 
 log = logging.getLogger("percept.search")
@@ -76,6 +85,9 @@ MAX_PAGE_SIZE = 1000
 #: from elsewhere is told apart.
 PAGE_TOKEN_PREFIX = "after:"
 SNAPSHOT_EVERY_SECONDS = 30.0
+#: What an operator does about a data directory that cannot be written.
+READ_ONLY_ADVICE = "mount it read-write, or give the server's user write access to it"
+FULL_ADVICE = "free space on its filesystem (or grow the volume)"
 
 
 def index_settings(config: ServerConfig) -> IndexSettings:
@@ -105,7 +117,12 @@ def recover_index(store: ImageStore, snapshots: Path, dimension: int,
             vectors[len(ids)] = record.vector
             ids.append(record.id)
         index = VectorIndex.build(dimension, ids, vectors[:len(ids)], settings)
-        index.save_snapshot(snapshots, seq)
+        try:
+            index.save_snapshot(snapshots, seq)
+        except OSError as error:  # a full disk: the index is whole, only not saved
+            log.warning("could not save a snapshot of the rebuilt index; serving it, and the "
+                        "next start rebuilds it from the record again",
+                        extra={"why": _why(error, snapshots.parent)})
         return index, seq
     changed = sorted({image_id for _, image_id, _ in store.changes_since(seq)})
     if changed:
@@ -121,6 +138,10 @@ def recover_index(store: ImageStore, snapshots: Path, dimension: int,
 class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
     name = "search"
     full_name = "percept.v1.ImageSearch"
+    #: why the latest write, and the latest snapshot, failed (None: they did not): each
+    #: problem is logged once while it lasts
+    _write_problem: str | None = None
+    _snapshot_problem: str | None = None
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         search_pb2_grpc.add_ImageSearchServicer_to_server(self, server)
@@ -144,8 +165,10 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         return embedder.service.batchers() if isinstance(embedder, InProcessEmbedder) else []
 
     async def load(self) -> None:
-        self.embedder = self._make_embedder()
         data_dir = self.config.data_dir
+        self._write_problem = self._snapshot_problem = None
+        await asyncio.to_thread(_check_data_dir, data_dir)
+        self.embedder = self._make_embedder()
         self.snapshots = data_dir / "snapshots"
         record = data_dir / "images.sqlite3"
         #: why the calls that embed are refused now, if they are (_embedding)
@@ -155,7 +178,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
             if isinstance(self.embedder, RemoteEmbedder) else None
         if dimension is None:  # a new record: its space is the embedder's, so wait for it
             await self.embedder.start()
-            self.store = ImageStore(record, self.embedder.dimension, self.embedder.probe)
+            self.store = _open_store(record, self.embedder.dimension, self.embedder.probe)
             self._judged(None)
         else:
             # An index already made: if the embedding service does not answer soon (an
@@ -163,7 +186,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
             # another space, serve the index's reads now and the calls that embed once it
             # answers in the index's space
             answered, _ = await self._ask_embedder(QUICK_START_WAIT_SECONDS)
-            self.store = ImageStore(record, dimension)
+            self.store = _open_store(record, dimension)
             problem = await self._check_space() if answered else self._not_answered_yet
             if problem is not None:
                 if not answered:
@@ -305,8 +328,17 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
             await asyncio.sleep(SNAPSHOT_EVERY_SECONDS)
             try:
                 await self.snapshot()
-            except Exception:
-                log.exception("snapshot failed; the record stays the source of truth")
+            except Exception as error:
+                why = _why(error, self.config.data_dir)
+                if why != self._snapshot_problem:  # once, not every period it lasts
+                    log.error("snapshot failed; the record stays the source of truth, and a "
+                              "start catches up from it", extra={"why": why},
+                              exc_info=data_dir_problem(error, self.config.data_dir) is None)
+                self._snapshot_problem = why
+            else:
+                if self._snapshot_problem is not None:
+                    log.info("snapshots are saved again")
+                self._snapshot_problem = None
 
     async def close(self) -> None:
         if getattr(self, "_verifier", None) is not None:
@@ -314,14 +346,24 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
             self._verifier.cancel()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._verifier
-        if hasattr(self, "_snapshotter"):
-            self._snapshotter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._snapshotter
-            await self.snapshot()
-            self.store.close()
-        if hasattr(self, "embedder"):
-            await self.embedder.close()
+        try:
+            if hasattr(self, "_snapshotter"):
+                self._snapshotter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._snapshotter
+                try:
+                    await self.snapshot()
+                except Exception as error:  # the record has every acknowledged change
+                    log.warning("the final snapshot failed; the next start catches up from "
+                                "the record (the last snapshot and the change log after it)",
+                                extra={"why": _why(error, self.config.data_dir)})
+        finally:
+            try:
+                if hasattr(self, "store"):
+                    self.store.close()
+            finally:
+                if hasattr(self, "embedder"):
+                    await self.embedder.close()
 
     # -- writes --------------------------------------------------------------------------
     # The record and the index change together in one worker thread, under a thread lock:
@@ -338,6 +380,27 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
             missing, _ = self.store.delete_many(ids)
             self.index.remove(ids)
         return missing
+
+    def _refused(self, problem: DataDirProblem, outcome: str) -> ServiceError:
+        """The answer to a write that the data directory refused: RESOURCE_EXHAUSTED where
+        it is full (a retry helps once space is freed, so without the retry trailer of a
+        busy answer), FAILED_PRECONDITION where it is read-only; logged once while it
+        lasts."""
+        if str(problem) != self._write_problem:
+            log.error("writes are refused; reads go on", extra={"why": str(problem)})
+            self._write_problem = str(problem)
+        if isinstance(problem, DataDirFull):
+            return ResourceExhausted(f"{problem}: {outcome}; {FULL_ADVICE}, then retry",
+                                     reason=problem.reason)
+        return FailedPrecondition(f"{problem}: {outcome}; {READ_ONLY_ADVICE}, then retry "
+                                  "(searches and reads go on meanwhile)",
+                                  reason=problem.reason)
+
+    def _written(self) -> None:
+        """A write was stored: says so, where the one before it was refused."""
+        if self._write_problem is not None:
+            log.info("writes are stored again")
+            self._write_problem = None
 
     def _check_item(self, item: search_pb2.AddImageRequest) -> None:
         """The id, and the image's header. The image is decoded once, by the embedder
@@ -382,7 +445,16 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         if latest:
             async with self.write_lock:
                 entries = [(i, item.uri, vector) for i, (item, vector) in latest.items()]
-                await asyncio.to_thread(self._put, entries)
+                try:
+                    await asyncio.to_thread(self._put, entries)
+                except DataDirProblem as problem:
+                    raise self._refused(problem, "the images not acknowledged yet were not "
+                                        "stored (those acknowledged were)") from problem
+            self._written()
+        for rejection in rejected:
+            if rejection.id in latest:  # another, good copy of the id in this batch
+                rejection.reason += ("; this copy was not stored: another copy of the same "
+                                     "id in this batch was, the one acknowledged in added")
         return search_pb2.AddImagesAck(added=list(latest), rejected=rejected)
 
     @stream_errors
@@ -451,7 +523,15 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                                   field="ids")
         ids = list(dict.fromkeys(request.ids))
         async with self.write_lock:
-            missing = await asyncio.to_thread(self._delete, ids)
+            try:
+                missing = await asyncio.to_thread(self._delete, ids)
+            except DataDirFull as problem:
+                raise self._refused(problem, "nothing was deleted: SQLite needs free space "
+                                    "to record a deletion too (and deleting images does not "
+                                    "shrink the record's files)") from problem
+            except DataDirProblem as problem:
+                raise self._refused(problem, "nothing was deleted") from problem
+        self._written()
         return search_pb2.DeleteImagesResponse(deleted=len(ids) - len(missing), missing=missing)
 
     # -- reads ---------------------------------------------------------------------------
@@ -560,6 +640,52 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         size = await asyncio.to_thread(disk_bytes, self.config.data_dir)
         return search_pb2.StatsResponse(count=count, index_type=self.index.kind,
                                         dimension=self.store.dimension, disk_bytes=size)
+
+
+def _why(error: BaseException, data_dir: Path) -> str:
+    """What ``error``, met writing under ``data_dir``, says in a log line."""
+    problem = data_dir_problem(error, data_dir)
+    return str(problem) if problem is not None else f"{type(error).__name__}: {error}"
+
+
+def _check_data_dir(data_dir: Path) -> None:
+    """StartupError unless the search service can write in ``data_dir`` (made if it is
+    missing): a read-only one would answer SERVING, then refuse every write. A full one
+    only warns: its reads can be served, and writes are answered RESOURCE_EXHAUSTED until
+    space is freed."""
+    try:
+        problem = probe_data_dir(data_dir)
+    except OSError as error:  # not a directory, say
+        raise StartupError(f"cannot write in the data directory {data_dir} "
+                           f"({error.strerror or error}): pass another --data-dir") from error
+    if isinstance(problem, DataDirFull):
+        log.warning("the data directory is full: serving reads; writes are answered "
+                    "RESOURCE_EXHAUSTED until space is freed on its filesystem",
+                    extra={"why": str(problem)})
+    elif problem is not None:
+        raise StartupError(f"{problem}: the search service writes its record and index "
+                           f"snapshots there; {READ_ONLY_ADVICE}, or pass another --data-dir")
+
+
+def _open_store(record: Path, dimension: int, probe: np.ndarray | None = None) -> ImageStore:
+    """The record at ``record``; StartupError where its data directory is read-only (SQLite
+    opens a file it may only read without a word) or too full to make it."""
+    try:
+        store = ImageStore(record, dimension, probe)
+    except (sqlite3.Error, OSError) as error:
+        problem = data_dir_problem(error, record.parent)
+        if problem is None:
+            raise
+        advice = FULL_ADVICE if isinstance(problem, DataDirFull) else READ_ONLY_ADVICE
+        raise StartupError(f"cannot open the record {record}: {problem}; {advice}, or pass "
+                           "another --data-dir") from error
+    problem = store.probe_write()
+    if problem is not None:
+        store.close()
+        raise StartupError(f"cannot write the record {record}: {problem}; the search service "
+                           f"writes every added and deleted image there; {READ_ONLY_ADVICE}, "
+                           "or pass another --data-dir")
+    return store
 
 
 def _image_entry(entry: Entry) -> search_pb2.ImageEntry:

@@ -9,10 +9,13 @@ monotonic sequence number lets the in-memory FAISS index catch up from a snapsho
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,102 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+#: SQLite's primary result codes (an extended code keeps its primary one in the low byte).
+SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN = 8, 10, 13, 14
+#: The errnos of a write that found the filesystem full, and of one it refused.
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+class DataDirProblem(Exception):
+    """A write that the data directory refused for a reason only its operator can fix;
+    the message names the directory and the cause. Nothing of the write was kept."""
+
+    #: The google.rpc.ErrorInfo reason of the answer to a call that met it.
+    reason = "DATA_DIR_PROBLEM"
+
+    def __init__(self, message: str, data_dir: Path) -> None:
+        super().__init__(message)
+        self.data_dir = data_dir
+
+
+class DataDirFull(DataDirProblem):
+    """The data directory's filesystem is full (SQLITE_FULL, ENOSPC, EDQUOT)."""
+
+    reason = "DATA_DIR_FULL"
+
+
+class DataDirReadOnly(DataDirProblem):
+    """The data directory, or the record in it, cannot be written (SQLITE_READONLY,
+    EROFS, EACCES: a read-only mount, or files the server's user may not write)."""
+
+    reason = "DATA_DIR_READ_ONLY"
+
+
+def _diagnosed(data_dir: Path) -> type[DataDirProblem] | None:
+    """What the filesystem of ``data_dir`` says is wrong with it, for an error that does
+    not say so itself (SQLite's I/O and cannot-open errors hide the errno)."""
+    try:
+        stats = os.statvfs(data_dir)
+    except OSError:
+        return None
+    if stats.f_flag & os.ST_RDONLY:
+        return DataDirReadOnly
+    if stats.f_bavail == 0 or (stats.f_files and stats.f_favail == 0):  # no inodes left
+        return DataDirFull
+    if not os.access(data_dir, os.W_OK):
+        return DataDirReadOnly
+    return None
+
+
+def data_dir_problem(error: BaseException, data_dir: Path) -> DataDirProblem | None:
+    """``error`` (from SQLite or the os, met writing under ``data_dir``) as the problem
+    of the data directory that it is, or None where it is another error."""
+    kind: type[DataDirProblem] | None = None
+    if isinstance(error, sqlite3.Error):
+        code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
+        if code == SQLITE_FULL:
+            kind = DataDirFull
+        elif code == SQLITE_READONLY:
+            kind = DataDirReadOnly
+        elif code in (SQLITE_IOERR, SQLITE_CANTOPEN):
+            kind = _diagnosed(data_dir)
+        said = f"SQLite: {error}"
+    elif isinstance(error, OSError):
+        if error.errno in FULL_ERRNOS:
+            kind = DataDirFull
+        elif error.errno in READ_ONLY_ERRNOS:
+            kind = DataDirReadOnly
+        said = error.strerror or str(error)
+    if kind is None:
+        return None
+    state = "full" if kind is DataDirFull else "read-only"
+    return kind(f"the data directory {data_dir} is {state} ({said})", data_dir)
+
+
+def probe_data_dir(data_dir: Path) -> DataDirProblem | None:
+    """Makes ``data_dir`` if it is missing, and writes, syncs and removes a file in it:
+    the problem that stops writes there, or None where they can be made."""
+    probe = data_dir / f".write-check-{os.getpid()}"
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"percept")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        problem = data_dir_problem(error, data_dir)
+        if problem is None:
+            raise
+        return problem
+    finally:
+        with contextlib.suppress(OSError):  # a read-only directory, where it was never made
+            probe.unlink(missing_ok=True)
+    return None
 
 
 @dataclass(frozen=True)
@@ -147,46 +246,97 @@ class ImageStore:
         with self._lock:
             self._db.close()
 
+    @property
+    def data_dir(self) -> Path:
+        return self.path.parent
+
+    def probe_write(self) -> DataDirProblem | None:
+        """Why the record cannot be written (None: it can). SQLite opens a file that it
+        may only read (on a read-only mount, or not the server's user's to write) without
+        a word, and refuses the first write: this begins one and takes it back (it needs
+        no free space)."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.execute("INSERT OR REPLACE INTO meta VALUES ('write-check', '')")
+                finally:
+                    self._rollback()
+            except sqlite3.Error as error:
+                problem = data_dir_problem(error, self.data_dir)
+                if problem is None:
+                    raise
+                return problem
+        return None
+
+    def _rollback(self) -> None:
+        """Takes back the transaction under way, where there still is one: SQLite ends it
+        by itself after some errors (SQLITE_FULL, SQLITE_IOERR), and a ROLLBACK then
+        raises "no transaction is active" over the error that says what went wrong."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    def _write(self, change: Callable[[sqlite3.Cursor], int]) -> int:
+        """Runs ``change`` in one durable transaction and returns what it returned; a
+        full or read-only data directory raises DataDirProblem (nothing of the change
+        kept), and any other error the error that SQLite raised."""
+        with self._lock:
+            cursor = self._db.cursor()
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+                try:
+                    result = change(cursor)
+                    cursor.execute("COMMIT")
+                except BaseException as error:
+                    try:
+                        self._rollback()
+                    except sqlite3.Error as failed:  # keep the error that said why
+                        error.add_note(f"and the ROLLBACK after it failed: {failed}")
+                    raise
+            except (sqlite3.Error, OSError) as error:
+                problem = data_dir_problem(error, self.data_dir)
+                if problem is None:
+                    raise
+                raise problem from error
+        return result
+
     def put_many(self, items: Sequence[tuple[str, str, np.ndarray]]) -> int:
         """Inserts or replaces (id, uri, vector) items in one durable transaction; returns
-        the sequence number of the last change."""
+        the sequence number of the last change. DataDirProblem where the data directory
+        is full or read-only (nothing stored)."""
         now = time.time()
-        with self._lock:
-            cursor = self._db.cursor()
-            cursor.execute("BEGIN IMMEDIATE")
-            try:
-                seq = 0
-                for image_id, uri, vector in items:
-                    cursor.execute("INSERT INTO changes (id, op) VALUES (?, 'put')", (image_id,))
-                    seq = int(cursor.lastrowid or 0)
-                    blob = np.asarray(vector, dtype=np.float32).tobytes()
-                    cursor.execute("INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?)",
-                                   (image_id, uri, blob, now, seq))
-                cursor.execute("COMMIT")
-            except BaseException:
-                cursor.execute("ROLLBACK")
-                raise
-        return seq
+
+        def put(cursor: sqlite3.Cursor) -> int:
+            seq = 0
+            for image_id, uri, vector in items:
+                cursor.execute("INSERT INTO changes (id, op) VALUES (?, 'put')", (image_id,))
+                seq = int(cursor.lastrowid or 0)
+                blob = np.asarray(vector, dtype=np.float32).tobytes()
+                cursor.execute("INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?)",
+                               (image_id, uri, blob, now, seq))
+            return seq
+
+        return self._write(put)
 
     def delete_many(self, ids: Sequence[str]) -> tuple[list[str], int]:
-        """Deletes ids in one durable transaction; returns (the missing ids, last seq)."""
-        missing = []
-        with self._lock:
-            cursor = self._db.cursor()
-            cursor.execute("BEGIN IMMEDIATE")
-            try:
-                seq = 0
-                for image_id in ids:
-                    if cursor.execute("DELETE FROM images WHERE id = ?", (image_id,)).rowcount:
-                        cursor.execute("INSERT INTO changes (id, op) VALUES (?, 'delete')",
-                                       (image_id,))
-                        seq = int(cursor.lastrowid or 0)
-                    else:
-                        missing.append(image_id)
-                cursor.execute("COMMIT")
-            except BaseException:
-                cursor.execute("ROLLBACK")
-                raise
+        """Deletes ids in one durable transaction; returns (the missing ids, last seq).
+        DataDirProblem where the data directory is full or read-only (nothing deleted):
+        SQLite needs room in its write-ahead log to record a deletion too."""
+        missing: list[str] = []
+
+        def delete(cursor: sqlite3.Cursor) -> int:
+            missing.clear()
+            seq = 0
+            for image_id in ids:
+                if cursor.execute("DELETE FROM images WHERE id = ?", (image_id,)).rowcount:
+                    cursor.execute("INSERT INTO changes (id, op) VALUES (?, 'delete')",
+                                   (image_id,))
+                    seq = int(cursor.lastrowid or 0)
+                else:
+                    missing.append(image_id)
+            return seq
+
+        seq = self._write(delete)
         return missing, seq
 
     def _record(self, row: tuple[str, str, bytes, float]) -> Record:

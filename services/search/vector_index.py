@@ -35,6 +35,7 @@ puts and deletes that landed meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -347,27 +348,37 @@ class VectorIndex:
     def save_snapshot(self, folder: Path, seq: int,
                       state: tuple[bytes, bytes, str, int] | None = None) -> Path:
         """Writes the index (or a ``capture()`` of it taken at ``seq``) atomically: a fresh
-        directory, fsynced, then CURRENT renamed."""
+        directory, fsynced, then CURRENT renamed. A snapshot that fails (a full or
+        read-only disk) leaves nothing behind: not its staging directory, nor a directory
+        that CURRENT does not name; the snapshot before it stays current."""
         folder.mkdir(parents=True, exist_ok=True)
         blob, mapping, kind, count = state or self.capture()
         name = f"snapshot-{seq:012d}"
         staging = folder / f".{name}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        files = {"index.faiss": blob, "mapping.json": mapping}
-        for filename, data in files.items():
-            _write_synced(staging / filename, data)
-        meta = {"format": SNAPSHOT_FORMAT, "seq": seq, "kind": kind, "dimension": self.dimension,
-                "count": count, "sha256": {f: hashlib.sha256(d).hexdigest()
-                                              for f, d in files.items()}}
-        _write_synced(staging / "meta.json", json.dumps(meta).encode())
         target = folder / name
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-        _fsync_dir(folder)
-        _write_synced(folder / ".CURRENT.tmp", name.encode())
-        os.replace(folder / ".CURRENT.tmp", folder / "CURRENT")
-        _fsync_dir(folder)
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            files = {"index.faiss": blob, "mapping.json": mapping}
+            for filename, data in files.items():
+                _write_synced(staging / filename, data)
+            meta = {"format": SNAPSHOT_FORMAT, "seq": seq, "kind": kind,
+                    "dimension": self.dimension, "count": count,
+                    "sha256": {f: hashlib.sha256(d).hexdigest() for f, d in files.items()}}
+            _write_synced(staging / "meta.json", json.dumps(meta).encode())
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+            _fsync_dir(folder)
+            _write_synced(folder / ".CURRENT.tmp", name.encode())
+            os.replace(folder / ".CURRENT.tmp", folder / "CURRENT")
+            _fsync_dir(folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (folder / ".CURRENT.tmp").unlink(missing_ok=True)
+            if _current_name(folder) != name:
+                shutil.rmtree(target, ignore_errors=True)
+            raise
         for old in folder.glob("snapshot-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -411,6 +422,14 @@ class VectorIndex:
         if target is not None:
             index._rebuild(target)
         return index, int(meta["seq"])
+
+
+def _current_name(folder: Path) -> str | None:
+    """The snapshot that ``folder``'s CURRENT names, if it can be read."""
+    try:
+        return (folder / "CURRENT").read_text().strip()
+    except (OSError, UnicodeError):
+        return None
 
 
 def _write_synced(path: Path, data: bytes) -> None:

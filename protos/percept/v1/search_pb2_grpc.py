@@ -84,10 +84,17 @@ class ImageSearchServicer:
         of image bytes, or as came before a pause of 0.5 s, or the last of the stream; so a
         stream that pauses or never ends has its items acknowledged all the same. An acknowledged id is durable. Re-adding an id replaces it.
         An id sent twice in one batch is acknowledged once, and the last good copy is the one
-        stored; copies in different batches are acknowledged in each.
+        stored; copies in different batches are acknowledged in each. A bad copy of an id
+        whose good copy in the same batch was stored is rejected all the same (the id is then
+        in both lists): its reason ends "this copy was not stored: another copy of the same
+        id in this batch was, the one acknowledged in added".
         Per-item problems (bad image, empty id) are rejections inside an acknowledgement and
         the rest of the stream goes on. Errors for the whole stream: RESOURCE_EXHAUSTED (busy,
-        with the retry trailer: resend what was not acknowledged),
+        with the retry trailer: resend what was not acknowledged; or, reason DATA_DIR_FULL
+        and no retry trailer, the server's data directory is full: nothing unacknowledged was
+        stored, retry once its operator has freed space),
+        FAILED_PRECONDITION (reason DATA_DIR_READ_ONLY: the server's data directory cannot be
+        written; reads go on),
         UNAVAILABLE (embedding service unreachable), UNIMPLEMENTED (no embedding model),
         INVALID_ARGUMENT (a message that does not parse as an AddImageRequest: the items that
         came whole before it are stored and acknowledged first, as at the end of a stream).
@@ -116,7 +123,9 @@ class ImageSearchServicer:
 
     def DeleteImages(self, request, context):
         """Deletes images by id. Unknown ids are reported, not errors.
-        Errors: INVALID_ARGUMENT (over 10,000 ids).
+        Errors: INVALID_ARGUMENT (over 10,000 ids), RESOURCE_EXHAUSTED (reason DATA_DIR_FULL:
+        the data directory is full, and recording a deletion needs free space too; nothing
+        was deleted), FAILED_PRECONDITION (reason DATA_DIR_READ_ONLY; nothing was deleted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

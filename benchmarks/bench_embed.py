@@ -1,5 +1,6 @@
 """Embedding service on the CPU: LabelImage latency (served vs the direct in-process call),
-EmbedImages throughput with micro-batching vs batching off, and resident memory.
+EmbedImages throughput with micro-batching vs batching off, resident memory, and the
+decode of a large JPEG (full vs the served reduced-size decode).
 
 python -m benchmarks.bench_embed [--quick]
 """
@@ -7,12 +8,16 @@ python -m benchmarks.bench_embed [--quick]
 from __future__ import annotations
 
 import asyncio
+import io
 import statistics
 import time
 from typing import Any
 
+from PIL import Image
+
 from benchmarks.common import (
     alternated_bursts,
+    interleaved_medians,
     machine,
     markdown_table,
     peak_rss_mb,
@@ -23,6 +28,10 @@ from benchmarks.common import (
 from benchmarks.image_models import photo, png
 from percept.v1 import embed_pb2, embed_pb2_grpc
 from services import client
+from services.common.config import ServerConfig
+from services.common.images import decode_image
+from services.embed.preprocess import DECODE_MIN_SIDE, preprocess
+from training.image_quality import psnr
 
 
 def _percentiles(seconds: list[float]) -> tuple[float, float]:
@@ -91,10 +100,32 @@ def resident_memory(requests: int = 20) -> dict[str, Any]:
                 "after": f"start-up + {requests} LabelImage calls"}
 
 
+def large_jpeg_decode(repeats: int, width: int = 2560, height: int = 1600) -> dict[str, Any]:
+    """What an image request's decoding costs for a ``width`` x ``height`` JPEG (q90): the
+    full decode (the baseline) against the reduced-size one the service runs (libjpeg's
+    scaled DCT, at least DECODE_MIN_SIDE px a side), each followed by the service's crop
+    and resize to the 224-pixel input, timed in alternating rounds; and the PSNR between
+    the two 224-pixel squares."""
+    buffer = io.BytesIO()
+    Image.fromarray(photo(width, height)).save(buffer, "JPEG", quality=90)
+    data, max_pixels = buffer.getvalue(), ServerConfig(service="embed").max_pixels
+
+    def square(draft_min_side: int | None) -> Any:
+        return preprocess(decode_image(data, max_pixels=max_pixels, srgb=True,
+                                       draft_min_side=draft_min_side).rgb)
+
+    names = ("full decode (baseline)", f"reduced decode, >= {DECODE_MIN_SIDE} px (served)")
+    seconds = interleaved_medians({names[0]: lambda: square(None),
+                                   names[1]: lambda: square(DECODE_MIN_SIDE)}, repeats)
+    return {"size": f"{width}x{height}", "psnr_db": psnr(square(None), square(DECODE_MIN_SIDE)),
+            "rows": [{"variant": name, "ms": seconds[name] * 1000,
+                      "speedup": seconds[names[0]] / seconds[name]} for name in names]}
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     return {"machine": machine(), "latency": label_latency(20 if quick else 100),
             "batching": batching_throughput(32 if quick else 96),
-            "memory": resident_memory()}
+            "memory": resident_memory(), "large_jpeg": large_jpeg_decode(7 if quick else 21)}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -111,7 +142,19 @@ def markdown(result: dict[str, Any]) -> str:
                        [(r["variant"], r["concurrency"], r["requests"], r["images_per_s"],
                          r.get("speedup", 1.0)) for r in result["batching"]]), "",
         f"Resident memory of `percept serve embed`: peak {memory['peak_rss_mb']:.0f} MB "
-        f"after {memory['after']} (target < {memory['target_mb']} MB)."])
+        f"after {memory['after']} (target < {memory['target_mb']} MB).",
+        *_large_jpeg_markdown(result.get("large_jpeg"))])
+
+
+def _large_jpeg_markdown(large: dict[str, Any] | None) -> list[str]:
+    """The large-JPEG decode table (none for a result saved before it was measured)."""
+    if large is None:
+        return []
+    return ["", f"Decoding a {large['size']} JPEG for the 224-pixel input (decode, crop and "
+                "resize; medians of alternating rounds); the two squares agree to "
+                f"{large['psnr_db']:.1f} dB PSNR:", "",
+            markdown_table(["decode", "ms", "x"],
+                           [(r["variant"], r["ms"], r["speedup"]) for r in large["rows"]])]
 
 
 if __name__ == "__main__":

@@ -328,16 +328,46 @@ def _png_rawmode(image: Image.Image) -> str | None:
     return args if isinstance(args, str) else None
 
 
+#: What may be decoded at a reduced size on request: JPEGs (and cameras' multi-picture
+#: JPEGs, MPO, whose first picture is one) of colour or grey pixels. A CMYK JPEG (rare in
+#: requests, and converted through its press profile) is decoded whole.
+_DRAFT_FORMATS = ("JPEG", "MPO")
+_DRAFT_MODES = ("RGB", "L")
+
+
+def _draft_jpeg(image: Image.Image, min_side: int) -> None:
+    """Asks libjpeg to decode ``image``, a JPEG not yet loaded, at 1/2, 1/4 or 1/8 of its
+    size (its scaled inverse DCT: Image.draft), the smallest of them whose shorter side
+    is still at least ``min_side`` pixels. A model that shrinks the image to a few hundred
+    pixels then resizes from a smaller picture of the same content, and the decoder skips
+    most of its work: for the 224-pixel embedding model (``min_side`` 448) a 2560 x 1600
+    photo decodes at 1280 x 800, as 1/4 would leave 400 px. Nothing changes for other
+    formats, other modes, or a JPEG too small to halve.
+
+    The caller has already checked the size the header declares against the pixel cap,
+    and applies EXIF orientation after loading: the orientation tag describes the stored
+    picture at any scale."""
+    if image.format not in _DRAFT_FORMATS or image.mode not in _DRAFT_MODES or min_side < 1:
+        return
+    if min(image.size) // min_side < 2:
+        return
+    # Pillow takes the largest scale s of 2, 4 or 8 with each side // s >= the size asked
+    image.draft(image.mode, (min_side, min_side))
+
+
 def decode_image(data: bytes, *, max_pixels: int, what: str = "image",
-                 srgb: bool = False) -> DecodedImage:
+                 srgb: bool = False, draft_min_side: int | None = None) -> DecodedImage:
     """Decodes ``data`` to RGB (+ alpha). The first frame of an animation is used and EXIF
     orientation is applied (ignored when the EXIF block is unreadable). Alpha comes from
     an alpha channel, a palette's transparency, or a grey or RGB PNG's colour key (tRNS,
     matched at the PNG's bit depth); it is kept apart, not composited: ``rgb`` is the
     stored colour. With ``srgb``, an RGB image tagged with an ICC profile has its pixels
     converted to sRGB and the profile dropped (for models that read colours as sRGB);
-    otherwise the profile is kept, to tag the output with. Raises InvalidArgument for
-    empty, undecodable, truncated or oversized input, whatever the decoder raised."""
+    otherwise the profile is kept, to tag the output with. With ``draft_min_side``, a
+    JPEG may come out smaller than it is, its shorter side still at least that many pixels
+    (:func:`_draft_jpeg`): for a model that shrinks it anyway. Raises InvalidArgument for
+    empty, undecodable, truncated or oversized input (the size its header declares),
+    whatever the decoder raised."""
     image = _open(data, what)
     with image:
         width, height = image.size
@@ -352,6 +382,8 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image",
         take_libtiff_error()  # one left by an earlier image on this thread is not this one's
         try:  # an image opens at its first frame; the others are never read
             png_rawmode = _png_rawmode(image)
+            if draft_min_side is not None:
+                _draft_jpeg(image, draft_min_side)
             image.load()
             key = _colour_key_alpha(image, png_rawmode, data)
             key_alpha = None if key is None else Image.fromarray(key)

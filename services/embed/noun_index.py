@@ -27,11 +27,16 @@ approximate backends a filter leaving at most ``exact_below`` rows is searched e
 those rows (graph/cell search degrades when few rows qualify); a wider one goes to the
 index with the selector. Missing results (fewer than ``k`` allowed rows) are index -1 with
 score -inf.
+
+Threads: a FAISS search of one query (LabelImage's) runs on one OpenMP thread, whatever the
+calling thread was set to; larger batches run on the caller's setting
+(:data:`ONE_THREAD_MAX_BATCH`, :func:`_openmp_threads`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import contextlib
+from collections.abc import Collection, Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -41,6 +46,17 @@ BACKENDS: tuple[str, ...] = ("flat", "hnsw", "ivf", "torch", "numpy")
 IdSet = Collection[int] | np.ndarray
 
 _FAISS_MISSING = -1
+#: FAISS searches of at most this many queries run on one OpenMP thread. OpenMP's thread
+#: count is a per-thread setting (its nthreads-var), so without this a query's speed
+#: depended on which worker thread ran it and what had set that thread before (the
+#: search service sets 1 on its own threads: services/search/vector_index.py). FAISS's
+#: flat search shares its threads out by query, so one query gains nothing from a second
+#: thread and only pays for the team: over the 82,115 nouns on the 2-core machine it took
+#: 9.5 ms on one thread against 11.7 ms on two when idle, and 15 against 27 ms with the
+#: other core busy. From two queries on, two threads were twice as fast when idle (13 %
+#: slower at two queries with a core busy, level from four): those batches (an
+#: evaluation's, a benchmark's) keep the caller's setting.
+ONE_THREAD_MAX_BATCH = 1
 
 
 def normalise_rows(matrix: np.ndarray) -> np.ndarray:
@@ -79,6 +95,29 @@ def allowed_mask(n: int, restrict: IdSet | None = None,
         else:
             mask[_as_ids(exclude, n)] = False
     return mask
+
+
+@contextlib.contextmanager
+def _openmp_threads(faiss: Any, threads: int | None) -> Iterator[None]:
+    """FAISS's OpenMP thread count set to ``threads`` on the calling thread for the
+    block, and put back after it, so that a search leaves the thread as it found it (the
+    index also serves training and benchmark code with settings of their own); None
+    leaves it as it is."""
+    if threads is None:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def search_threads(batch: int) -> int | None:
+    """The OpenMP threads a FAISS search of ``batch`` queries runs on: 1 up to
+    :data:`ONE_THREAD_MAX_BATCH`, else None (the calling thread's setting)."""
+    return 1 if batch <= ONE_THREAD_MAX_BATCH else None
 
 
 def _pad(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -254,7 +293,8 @@ class NounIndex:
                 params = faiss.SearchParametersIVF(sel=selector, nprobe=self.nprobe)
             else:
                 params = faiss.SearchParameters(sel=selector)
-        scores, indices = self._faiss_index.search(queries, kk, params=params)
+        with _openmp_threads(faiss, search_threads(len(queries))):
+            scores, indices = self._faiss_index.search(queries, kk, params=params)
         del bitmap  # the selector points into it: keep it alive until here
         indices = indices.astype(np.int64, copy=False)
         missing = indices == _FAISS_MISSING

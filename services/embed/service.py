@@ -47,7 +47,7 @@ from services.common.metrics import REJECTED, REQUEST_SLOTS
 from services.common.rpc import time_remaining, unary_errors
 from services.common.server import ServiceModule
 from services.common.server_info import model_info
-from services.embed.preprocess import INPUT_SIZE, preprocess
+from services.embed.preprocess import DECODE_MIN_SIDE, INPUT_SIZE, preprocess
 from services.embed.word_vectors import (
     TextEncoder,
     describe_source,
@@ -57,7 +57,11 @@ from services.embed.word_vectors import (
 )
 from services.embed.wordnet import NounVocabulary, imagenet_indices
 from training.nets.devise import conse_embed
-from training.nets.efficientnet_lite import load_efficientnet_lite0
+from training.nets.efficientnet_lite import (
+    EfficientNetLite0,
+    fold_batch_norms,
+    load_efficientnet_lite0,
+)
 
 log = logging.getLogger("percept.embed")
 
@@ -75,6 +79,13 @@ DEFAULT_K = 5
 _WNID = re.compile(r"^n\d{8}$")
 DEVISE, CONSE = embed_pb2.EMBEDDING_METHOD_DEVISE, embed_pb2.EMBEDDING_METHOD_CONSE
 _METHOD_NAMES = {DEVISE: "devise", CONSE: "conse"}
+
+
+def serving_backbone(device: torch.device) -> EfficientNetLite0:
+    """The ImageNet EfficientNet-Lite0 as this service runs it: a copy with its BatchNorms
+    folded into the convolutions (fold_batch_norms; eval mode only, which is all a
+    server needs), so that the cached module training code shares stays as it is."""
+    return fold_batch_norms(load_efficientnet_lite0(device))
 
 
 def _too_many_tokens(index: int, count: int, one: bool) -> InvalidArgument:
@@ -120,7 +131,7 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         # ConSE combines only classes that have a vector in this space
         self.class_weights = torch.from_numpy(
             self.space.covered[self.imagenet_rows].astype(np.float32)).to(self.device)
-        self.backbone = await asyncio.to_thread(load_efficientnet_lite0, self.device)
+        self.backbone = await asyncio.to_thread(serving_backbone, self.device)
         self.pixels = pixel_budget(self.config)
         self.image_requests = 0  # EmbedImages/LabelImage calls reading or decoding images
         self.devise = None
@@ -241,7 +252,7 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
 
         def decode_one(data: bytes, what: str) -> np.ndarray:
             decoded = decode_image(data, max_pixels=self.config.max_pixels, what=what,
-                                   srgb=True)
+                                   srgb=True, draft_min_side=DECODE_MIN_SIDE)
             # a transparent logo is what it looks like on a page, not its hidden colour
             return preprocess(over_white(decoded.rgb, decoded.alpha))
 

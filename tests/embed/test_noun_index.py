@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.embed.noun_index import BACKENDS, NounIndex, allowed_mask, brute_force_search
+from services.embed.noun_index import (
+    BACKENDS,
+    ONE_THREAD_MAX_BATCH,
+    NounIndex,
+    allowed_mask,
+    brute_force_search,
+)
 from services.embed.wordnet import NounVocabulary, imagenet_indices
 from tests.embed.conftest import ANIMAL, CAR, DOG, GOLDEN_RETRIEVER, NounVectors
 
@@ -195,3 +201,54 @@ def test_an_index_over_some_synsets_speaks_vocabulary_rows(backend: str) -> None
         NounIndex(full[:3], ids=np.array([0, 0, 1]))
     with pytest.raises(ValueError, match="ids must"):
         NounIndex(full[:2], ids=np.array([0, 50]), id_space=40)
+
+
+def _search_on_worker(index: NounIndex, queries: np.ndarray, caller_threads: int
+                      ) -> tuple[np.ndarray, np.ndarray, int]:
+    """``index.search(queries, K)`` on a fresh thread whose FAISS OpenMP setting is
+    ``caller_threads`` (as a server's worker thread might be left), and that thread's
+    setting after the search."""
+    import threading
+
+    import faiss
+
+    out: list[tuple[np.ndarray, np.ndarray, int]] = []
+
+    def worker() -> None:
+        faiss.omp_set_num_threads(caller_threads)
+        scores, rows = index.search(queries, K)
+        out.append((scores, rows, faiss.omp_get_max_threads()))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+@pytest.mark.parametrize("batch", sorted({1, ONE_THREAD_MAX_BATCH, ONE_THREAD_MAX_BATCH + 1, 16}))
+def test_a_single_query_is_searched_on_one_openmp_thread_whatever_the_caller_set(
+        flat: NounIndex, noun_vectors: NounVectors, batch: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """LabelImage searches one query from whichever worker thread is free; OpenMP's
+    thread count is that thread's own setting. Up to ONE_THREAD_MAX_BATCH queries the
+    search runs on one thread (the same results), and the caller's setting is put back
+    after; a larger batch runs on the caller's setting, untouched."""
+    import faiss
+
+    set_to: list[int] = []
+    real_set = faiss.omp_set_num_threads
+
+    def recording_set(threads: int) -> None:  # records, then sets as FAISS would
+        set_to.append(threads)
+        real_set(threads)
+
+    monkeypatch.setattr(faiss, "omp_set_num_threads", recording_set)
+    queries = _queries(noun_vectors, count=batch, seed=7)
+    scores, rows, after = _search_on_worker(flat, queries, caller_threads=3)
+    monkeypatch.undo()
+    # the caller's own setting (3) is set by the worker itself, then the search's own
+    assert set_to[0] == 3
+    assert set_to[1:] == ([1, 3] if batch <= ONE_THREAD_MAX_BATCH else [])
+    assert after == 3
+    unit = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    _assert_same_topk(scores, rows, *brute_force_search(flat.vectors, unit, K))

@@ -174,8 +174,7 @@ class SuperResolutionNet(nn.Module):
             raise ValueError(f"expected an (N, 3, h, w) RGB batch, got {tuple(x.shape)}")
         if min(x.shape[-2:]) < 5:
             raise ValueError(f"input must be at least 5x5 pixels, got {tuple(x.shape[-2:])}")
-        base = F.interpolate(x, scale_factor=float(self.scale), mode="bicubic",
-                             align_corners=False)
+        base = bicubic_upscale(x, self.scale)
         features = self.head(x)  # no activation before the long skip (EDSR)
         features = features + self.body_out(self.blocks(features))  # long skip (EDSR)
         if self.folded_tail is not None and not self.training:
@@ -184,6 +183,20 @@ class SuperResolutionNet(nn.Module):
             residual = self.tail(self.up2(self.up1(features)))
         out = base + residual.to(base.dtype)
         return out if self.training else out.clamp(0.0, 1.0)
+
+
+def bicubic_upscale(x: Tensor, scale: int) -> Tensor:
+    """``x`` (N, C, h, w) upscaled ``scale`` times by bicubic interpolation, in ``x``'s
+    memory format. PyTorch's CPU bicubic kernel is faster on an NCHW-contiguous input
+    than on a channels_last one (the served layout), for the same numbers bit for bit: a
+    channels_last input is made contiguous for it and the result put back in
+    channels_last, so that the residual added to it shares its layout. With both copies,
+    a 272-pixel tile's base was 1.3-1.7x faster on the 2-core CPU (1-2 threads; level to
+    1.6x at 64 px; CUDA not measured). Other inputs go as they are."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    source = x.contiguous() if channels_last else x
+    base = F.interpolate(source, scale_factor=float(scale), mode="bicubic", align_corners=False)
+    return base.contiguous(memory_format=torch.channels_last) if channels_last else base
 
 
 @register("superres-resnet")

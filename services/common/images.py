@@ -86,6 +86,9 @@ class DecodedImage:
     # the input's. None for untagged (sRGB) images, for converted ones (CMYK, grey), and
     # for those decoded with srgb=True (their pixels were converted to sRGB).
     icc_profile: bytes | None = None
+    # The source had no colour (a grey, bilevel or 16-bit/float grey mode): its three RGB
+    # channels are equal here, and an image made from it may be sent back grey (encode_image).
+    grey: bool = False
 
     @property
     def width(self) -> int:
@@ -423,7 +426,13 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image",
     if srgb and icc_profile is not None:
         rgb, icc_profile = to_srgb(rgb, icc_profile), None
     return DecodedImage(rgb=rgb, alpha=alpha, source_format=source_format,
-                        icc_profile=icc_profile)
+                        icc_profile=icc_profile, grey=_is_grey_mode(mode))
+
+
+def _is_grey_mode(mode: str) -> bool:
+    """Whether Pillow's ``mode`` holds no colour: bilevel, 8-bit grey (with alpha or not),
+    16/32-bit integer or float grey."""
+    return mode in ("1", "L", "LA", "La", "F") or mode.startswith("I")
 
 
 def decode_mask(data: bytes, *, max_pixels: int, size: tuple[int, int],
@@ -488,14 +497,19 @@ REPLY_OVERHEAD_BYTES = 4096
 
 def encode_image(rgb: np.ndarray, *, alpha: np.ndarray | None = None, fmt: int = 0,
                  quality: int = 95, icc_profile: bytes | None = None,
-                 max_reply_bytes: int | None = None) -> bytes:
+                 max_reply_bytes: int | None = None, grey: bool = False) -> bytes:
     """Encodes (H, W, 3) uint8 RGB (+ optional alpha) as PNG, JPEG or WebP bytes, tagged
-    with ``icc_profile`` when given (the input's, see DecodedImage). With
+    with ``icc_profile`` when given (the input's, see DecodedImage). With ``grey`` (the
+    input was grey: DecodedImage.grey), the image is sent as its BT.601 luma, a grey PNG or
+    JPEG (WebP has no grey mode: its three channels are made equal). With
     ``max_reply_bytes`` (the server's message limit), a result too large to send is
     RESOURCE_EXHAUSTED with what to do, not gRPC's bare refusal; a side over what JPEG or
     WebP can hold is INVALID_ARGUMENT (see check_output_size)."""
     check_output_size(rgb.shape[1], rgb.shape[0], fmt)
-    data = _encode(rgb, alpha=alpha, fmt=fmt, quality=quality, icc_profile=icc_profile)
+    if grey:
+        data = _encode_grey(luma(rgb), alpha=alpha, fmt=fmt, quality=quality)
+    else:
+        data = _encode(rgb, alpha=alpha, fmt=fmt, quality=quality, icc_profile=icc_profile)
     if max_reply_bytes is not None and len(data) + REPLY_OVERHEAD_BYTES > max_reply_bytes:
         name = output_format_name(fmt)
         other = "; ask for JPEG or WebP output" if name == "PNG" else ""
@@ -523,6 +537,29 @@ def _encode(rgb: np.ndarray, *, alpha: np.ndarray | None, fmt: int, quality: int
     else:
         image.save(buffer, "WEBP", quality=quality, **extra)
     return buffer.getvalue()
+
+
+#: BT.601 luma weights of R, G and B (what Pillow's convert("L") uses).
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (H, W) uint8 BT.601 luma, rounded."""
+    weighted = rgb.astype(np.float32) @ LUMA_WEIGHTS
+    return np.clip(np.rint(weighted), 0, 255).astype(np.uint8)
+
+
+def _encode_grey(grey: np.ndarray, *, alpha: np.ndarray | None, fmt: int, quality: int
+                 ) -> bytes:
+    name = output_format_name(fmt)
+    if name == "PNG":
+        return encode_png(grey if alpha is None else np.dstack([grey, alpha]), level=1)
+    if name == "JPEG":  # no alpha: the caller flattened the image on white
+        buffer = io.BytesIO()
+        Image.fromarray(grey, "L").save(buffer, "JPEG", quality=quality)
+        return buffer.getvalue()
+    return _encode(np.dstack([grey] * 3), alpha=alpha, fmt=fmt, quality=quality,
+                   icc_profile=None)
 
 
 def resize_longest_side(rgb: np.ndarray, longest: int) -> np.ndarray:

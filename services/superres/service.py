@@ -142,8 +142,11 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
             rgb = await model.apply(source, deadline, slot_held=True)
             if alpha is not None:
                 alpha = await slot.to_thread(upscale_alpha, alpha, rgb.shape[1], rgb.shape[0])
+            # a grey picture comes back grey: the network sees three equal channels and
+            # adds a residual of its own to each, which would tint it
             data = await slot.to_thread(encode_image, rgb, alpha=alpha, fmt=fmt,
                                         quality=quality, icc_profile=decoded.icc_profile,
-                                        max_reply_bytes=self.config.max_message_bytes)
+                                        max_reply_bytes=self.config.max_message_bytes,
+                                        grey=decoded.grey)
         return superres_pb2.UpscaleResponse(image=data, width=rgb.shape[1], height=rgb.shape[0],
                                             model=model.artifact.tag, format=fmt)

@@ -19,6 +19,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -42,6 +43,19 @@ from services.local_files import (
 from services.retries import RetriedTooLong, retrying
 
 Handler = Callable[[argparse.Namespace], int]
+
+#: What a human-readable line never prints as it is: C0 and C1 controls and DEL (an ESC
+#: starts a terminal escape sequence, a CR rewrites the line), the line and paragraph
+#: separators, the bidirectional controls (they reorder what the terminal shows) and lone
+#: surrogates (a file name that is not UTF-8). Ids, uris and labels may hold any of them.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f"
+                          r"\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal: each character of :data:`_UNPRINTABLE` escaped as Python
+    writes it (``\\n``, ``\\x1b``, ``\\u202e``). --json output stays exact instead."""
+    return _UNPRINTABLE.sub(lambda found: repr(found.group())[1:-1], text)
 
 
 def _output_format(path: str) -> int:
@@ -219,7 +233,7 @@ def _describe_server(target: str, info: server_pb2.GetServerInfoResponse) -> str
                  f"{limits.max_pixels:,} pixels an image, "
                  f"{limits.max_inflight_pixels / 1e6:g} MP in flight, "
                  f"queue {limits.max_queue}, batch {limits.max_batch}{gatys}")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def _health_of(target: str, service: str, timeout: float) -> int:
@@ -451,7 +465,7 @@ def cmd_styles(args: argparse.Namespace) -> int:
     elif not styles:
         print("no fixed styles installed (StylizeWithImage works with any --style-image)")
     for style in styles if not args.json else []:
-        print(f"{style.name:20s} {style.title} (v{style.version})")
+        print(printable(f"{style.name:20s} {style.title} (v{style.version})"))
     return 0
 
 
@@ -619,8 +633,8 @@ def cmd_label(args: argparse.Namespace) -> int:
         print(json.dumps(_labels_json(response)))
     else:
         for label in response.labels:
-            print(f"{label.score:6.3f}  {label.wnid}  {', '.join(label.lemmas[:3])}  "
-                  f"— {label.gloss[:70]}")
+            print(printable(f"{label.score:6.3f}  {label.wnid}  "
+                            f"{', '.join(label.lemmas[:3])}  — {label.gloss[:70]}"))
     if not response.labels:  # stdout (and its JSON) stays as it is
         why = ([f"under {args.under}"] if args.under else []) + (
             ["once the ImageNet classes are left out (--zero-shot)"] if args.zero_shot else [])
@@ -641,7 +655,7 @@ def _image_files(paths: Sequence[str], recursive: bool) -> tuple[list[Path], int
             files.extend(found)
             unread_folders += len(problems)
             for problem in problems:
-                print(f"warning: {problem}", file=sys.stderr)
+                print(printable(f"warning: {problem}"), file=sys.stderr)
         elif os.path.isfile(path):
             files.append(path)
         else:
@@ -714,10 +728,10 @@ def cmd_index(args: argparse.Namespace) -> int:
         finished = True
     finally:  # what was done is said even when the run fails part way
         for rejection in rejected:
-            print(f"warning: skipped {rejection.id}: {rejection.code}: {rejection.reason}",
-                  file=sys.stderr)
+            print(printable(f"warning: skipped {rejection.id}: {rejection.code}: "
+                            f"{rejection.reason}"), file=sys.stderr)
         for line in unreadable:
-            print(f"warning: skipped {line}", file=sys.stderr)
+            print(printable(f"warning: skipped {line}"), file=sys.stderr)
         skipped = len(rejected) + len(unreadable)
         folders = (f"; {unread_folders} folder{'s' * (unread_folders > 1)} not read"
                    if unread_folders else "")
@@ -754,7 +768,7 @@ def _search(args: argparse.Namespace, image: bytes, sheet_format: str | None,
                                    for h in response.hits]}))
     else:
         for hit in response.hits:
-            print(f"{hit.score:6.3f}  {hit.uri or hit.id}")
+            print(f"{hit.score:6.3f}  {printable(hit.uri or hit.id)}")
     if not response.hits:  # stdout (and its JSON) stays as it is
         print(_no_hits(channel, args.min_score), file=sys.stderr)
     if sheet_format is not None and write_sheet is not None:
@@ -809,14 +823,14 @@ def _write_sheet(output: str, fmt: str, hits: Sequence[search_pb2.Hit],
     unreadable: list[Path] = []  # a file that is no image any more is left out
     data = encoded_sheet(pictures, fmt, unreadable=unreadable)
     if data is None:
-        print(f"--sheet {output}: no hit is an image file here; nothing written",
+        print(printable(f"--sheet {output}: no hit is an image file here; nothing written"),
               file=sys.stderr)
     else:
         write(data)
-        print(f"sheet: {output} ({len(pictures) - len(unreadable)} hits pictured)",
+        print(printable(f"sheet: {output} ({len(pictures) - len(unreadable)} hits pictured)"),
               file=sys.stderr)
     for uri in elsewhere + [str(path) for path in unreadable]:
-        print(f"not on the sheet (no image file here): {uri}", file=sys.stderr)
+        print(f"not on the sheet (no image file here): {printable(uri)}", file=sys.stderr)
 
 
 def _no_hits(channel: grpc.Channel, min_score: float | None) -> str:
@@ -887,9 +901,9 @@ def cmd_images(args: argparse.Namespace) -> int:
         if not entries and prefix.rstrip(os.sep) != args.prefix.rstrip(os.sep):
             entries = list(client.list_images(channel, prefix=args.prefix))  # plain ids
         if not entries:  # stdout (and its JSON) stays as it is
-            print(f"no indexed id starts with {prefix}"
-                  + (f" or {args.prefix}" if prefix != args.prefix else "") if prefix else
-                  "no images in the index", file=sys.stderr)
+            print(printable(f"no indexed id starts with {prefix}"
+                            + (f" or {args.prefix}" if prefix != args.prefix else ""))
+                  if prefix else "no images in the index", file=sys.stderr)
     if args.json:
         print(json.dumps({"images": [{"id": e.id, "uri": e.uri,
                                       "added": e.added.ToJsonString()} for e in entries],
@@ -897,9 +911,10 @@ def cmd_images(args: argparse.Namespace) -> int:
     else:
         for entry in entries:
             added = entry.added.ToDatetime().strftime("%Y-%m-%d %H:%M:%SZ")
-            print(f"{added}  {entry.id}" + (f"  {entry.uri}" if entry.uri != entry.id else ""))
+            print(f"{added}  {printable(entry.id)}"
+                  + (f"  {printable(entry.uri)}" if entry.uri != entry.id else ""))
         for image_id in missing:
-            print(f"not indexed: {image_id}", file=sys.stderr)
+            print(f"not indexed: {printable(image_id)}", file=sys.stderr)
     return 1 if missing else 0
 
 
@@ -915,7 +930,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
         if not ids:
             return 1
         if not args.yes:
-            shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+            shown = ", ".join(printable(i) for i in ids[:3]) + (", ..." if len(ids) > 3
+                                                                   else "")
             raise UsageError(f"this would delete {len(ids):,} image"
                              f"{'s' if len(ids) != 1 else ''} ({shown}): add --yes to "
                              "delete them")
@@ -939,25 +955,36 @@ def cmd_delete(args: argparse.Namespace) -> int:
         deleted += client.delete_images(channel, chosen[start:start + GET_IMAGES_CHUNK]).deleted
     print(f"deleted {deleted:,} image{'s' if deleted != 1 else ''}")
     for image_id in missing:
-        print(f"not indexed: {image_id}", file=sys.stderr)
+        print(f"not indexed: {printable(image_id)}", file=sys.stderr)
     return 1 if missing else 0
 
 
 def _ids_under_prefix(channel: grpc.Channel, text: str) -> list[str]:
-    """The ids `delete --prefix TEXT` takes out, saying on stderr why there are none. A
-    path that names no folder here must end with / to be one (a folder deleted since it
-    was indexed): ``~/Pictures/old`` alone would also take ``~/Pictures/old-backup/``."""
+    """The ids `delete --prefix TEXT` takes out, saying on stderr why there are none.
+
+    A relative path that names nothing here is first the ids' own prefix
+    (``s3://bucket/2026-01``, ``photo/che``: ids a client gave, not paths). Where no id
+    starts with it but ids of the absolute path it would name do, it is a folder deleted
+    since it was indexed, and must end with / to be taken as one: ``~/Pictures/old``
+    alone would also take ``~/Pictures/old-backup/``."""
     prefix = _indexed_prefix(text)
     if prefix != text and not prefix.endswith(os.sep) and not os.path.exists(prefix):
-        raise UsageError(f"--prefix {text} names no file or folder here: end it with / "
-                         f"({text.rstrip(os.sep)}/) for the images indexed from a folder "
-                         "that is gone, or give the ids' own prefix")
+        ids = [entry.id for entry in client.list_images(channel, prefix=text)]
+        if ids:
+            return ids
+        if next(iter(client.list_images(channel, prefix=prefix, page_size=1)), None):
+            raise UsageError(printable(
+                f"--prefix {text} names no file or folder here: end it with / "
+                f"({text.rstrip(os.sep)}/) for the images indexed from a folder that is "
+                "gone, or give the ids' own prefix"))
+        print(printable(f"no indexed id starts with {text} or {prefix}"), file=sys.stderr)
+        return []
     ids = [entry.id for entry in client.list_images(channel, prefix=prefix)]
     if not ids and prefix != text:  # plain ids that look like a path
         ids = [entry.id for entry in client.list_images(channel, prefix=text)]
     if not ids:
-        print(f"no indexed id starts with {prefix}"
-              + (f" or {text}" if prefix != text else ""), file=sys.stderr)
+        print(printable(f"no indexed id starts with {prefix}"
+                        + (f" or {text}" if prefix != text else "")), file=sys.stderr)
     return ids
 
 

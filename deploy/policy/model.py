@@ -93,6 +93,7 @@ SERVER_FLAGS = (
     "max-batch",
     "max-wait-ms",
     "max-queue",
+    "max-concurrent-rpcs",
     "max-message-mb",
     "max-pixels",
     "max-inflight-mpixels",

@@ -23,12 +23,22 @@ against 28.3 s.
 They must be applied before other threads first allocate (a thread keeps the arena it got),
 so ``percept serve`` applies them first thing; an in-process server (tests, benchmarks)
 does not, and leaves that process's allocator alone.
+
+What the settings keep is meant to be a forward pass's working set, reused by the next
+pass. A burst of large requests leaves more: 60 concurrent 60 MiB requests (refused as
+bad images) raised a server from 1.3 to 6.5 GB for good, the freed blocks below the top of
+the heap, where the trim threshold never looks. So once no call whose request message was
+large is in progress, the server calls :func:`release_free_memory` (glibc's
+``malloc_trim(0)``: every free page of the heap goes back to the kernel, wherever it lies;
+services/common/server.py, WorkCalls). The next forward pass faults its activations in
+again, once: a small cost beside receiving and decoding a request that large.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger("percept.allocator")
@@ -41,9 +51,14 @@ M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 1 << 30
 TRIM_THRESHOLD_BYTES = 2 << 30
 
+#: Whether :func:`retain_freed_memory` applied its settings to this process.
+_retaining = False
 
+
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc (it has gnu_get_libc_version and mallopt)."""
+    """The C library when it is glibc (it has gnu_get_libc_version, mallopt and
+    malloc_trim); looked up once (find_library may run a subprocess)."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
@@ -52,6 +67,8 @@ def _glibc() -> ctypes.CDLL | None:
         libc.gnu_get_libc_version.restype = ctypes.c_char_p
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         libc.mallopt.restype = ctypes.c_int
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
     except (OSError, AttributeError):
         return None
     return libc
@@ -71,5 +88,21 @@ def retain_freed_memory() -> bool:
     if refused:
         log.warning("glibc %s refused mallopt %s", version, refused)
         return False
+    global _retaining
+    _retaining = True
     log.info("glibc %s: one arena, no mmap below 1 GiB, no trim below 2 GiB", version)
     return True
+
+
+def retaining() -> bool:
+    """Whether this process keeps freed memory (:func:`retain_freed_memory` applied)."""
+    return _retaining
+
+
+def release_free_memory() -> bool:
+    """Gives every free page of the heap back to the kernel (glibc ``malloc_trim(0)``),
+    wherever it lies, not only at the top. Blocks the allocator while it runs (tens of ms
+    for gigabytes): call it off the event loop, and rarely. False where the C library is
+    not glibc or nothing could be released."""
+    libc = _glibc()
+    return libc is not None and libc.malloc_trim(0) == 1

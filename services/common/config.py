@@ -51,6 +51,7 @@ class ServerConfig:
     max_message_mb: int = 64
     max_pixels: int = 64_000_000
     max_inflight_mpixels: int = 256
+    max_concurrent_rpcs: int = 64
     drain_seconds: float = 20.0
     stall_seconds: float = 120.0
     log_format: str = "json"
@@ -243,8 +244,14 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "(style and super-resolution requests, and the embedding service's decodes) "
         "before RESOURCE_EXHAUSTED (busy); bounds its memory, about 8 bytes each on the "
         "CPU; one request is always admitted")
+    add("--max-concurrent-rpcs", _positive(int), base.max_concurrent_rpcs,
+        "calls to the model services this process handles at once; one more is refused "
+        "busy (RESOURCE_EXHAUSTED with the retry trailer) before its request is read, so "
+        "the request bytes held stay under this (plus 32 for health checks, reflection "
+        "and ServerInfo) times --max-message-mb")
     add("--drain-seconds", _non_negative, base.drain_seconds,
-        "grace period for in-flight RPCs on SIGTERM")
+        "grace period for in-flight RPCs on SIGTERM; a call still running a moment before "
+        "it ends is answered UNAVAILABLE (SERVER_DRAINING)")
     add("--stall-seconds", _non_negative, base.stall_seconds,
         "a model batch running longer than this (a hung GPU) turns the service's health "
         "and the server's ('', the liveness probe's) NOT_SERVING until it ends; 0 never "

@@ -10,23 +10,39 @@ Exposed on ``--metrics-port`` at ``/metrics``:
 - ``percept_queue_depth{queue}``: work items waiting or running per model queue (tiles, for
   the image models: one large image counts many);
 - ``percept_dropped_total{queue, reason}``: work dropped before compute (deadline, cancelled);
-- ``percept_rejected_total{queue}``: requests refused because the queue was full;
+- ``percept_rejected_total{queue}``: requests refused because the queue was full
+  (``server-calls``: the process's --max-concurrent-rpcs);
 - ``percept_queue_stalled{queue}``: 1 while its batch has run past ``--stall-seconds``;
 - ``percept_search_embedding_served``: 0 while search refuses the calls that embed.
+
+The HTTP server answers ``GET`` and ``HEAD /metrics`` only (404 elsewhere), with
+prometheus_client's own handler (gzip and the OpenMetrics format as a scraper asks). It
+holds at most :data:`MAX_METRICS_CONNECTIONS` connections at once (one more is answered
+503 and closed, without a thread), closes one that sends nothing for
+:data:`METRICS_READ_TIMEOUT_SECONDS` and any that is still open after
+:data:`METRICS_CONNECTION_SECONDS`: prometheus_client's own server gave every connection a
+thread with no timeout, and 4,000 idle ones took 4,021 threads and 165 s of one scrape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import io
 import ipaddress
+import logging
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from http.server import ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.exposition import MetricsHandler
 
 from services.common.request_ids import begin_request
 
@@ -68,6 +84,115 @@ REQUEST_SLOTS = Gauge("percept_request_slots_in_use",
 _resolve = socket.getaddrinfo  # the name lookup, replaceable in tests
 
 
+#: The path /metrics is served on; any other is 404.
+METRICS_PATH = "/metrics"
+#: How long a /metrics connection may stay silent (seconds) before it is closed.
+METRICS_READ_TIMEOUT_SECONDS = 5.0
+#: The longest a /metrics connection stays open, however slowly it sends (seconds).
+METRICS_CONNECTION_SECONDS = 30.0
+#: The most /metrics connections served at once (a thread each); one more gets 503.
+MAX_METRICS_CONNECTIONS = 16
+
+_BUSY_ANSWER = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+                b"Connection: close\r\n\r\ntoo many connections to /metrics; retry\n")
+
+log = logging.getLogger("percept.metrics")
+
+
+class _MetricsRequests(MetricsHandler):
+    """prometheus_client's handler (gzip, OpenMetrics) for ``GET`` and ``HEAD /metrics``
+    only, with a read timeout."""
+
+    timeout = METRICS_READ_TIMEOUT_SECONDS  # StreamRequestHandler: the socket's timeout
+
+    def _is_metrics(self) -> bool:
+        if urlsplit(self.path).path == METRICS_PATH:
+            return True
+        body = f"not found: only {METRICS_PATH} is served here\n".encode()
+        self.send_response(404)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        return False
+
+    def do_GET(self) -> None:
+        if self._is_metrics():
+            super().do_GET()
+
+    def do_HEAD(self) -> None:
+        if not self._is_metrics():
+            return
+        socket_writer, self.wfile = self.wfile, io.BytesIO()
+        try:
+            super().do_GET()
+            answer = self.wfile.getvalue()  # type: ignore[attr-defined]
+        finally:
+            self.wfile = socket_writer
+        head, end, _ = answer.partition(b"\r\n\r\n")
+        self.wfile.write(head + end)
+
+
+class _MetricsHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most :data:`MAX_METRICS_CONNECTIONS` of them, each closed
+    once it has been open for :data:`METRICS_CONNECTION_SECONDS`."""
+
+    daemon_threads = True
+    request_queue_size = 64  # listen backlog (socketserver's default is 5)
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.connection_seconds = METRICS_CONNECTION_SECONDS
+        self._slots = threading.BoundedSemaphore(MAX_METRICS_CONNECTIONS)
+        self._open: dict[socket.socket, float] = {}  # connection -> when it must be closed
+        self._lock = threading.Lock()
+        super().__init__(address, _MetricsRequests)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.settimeout(0)  # a fresh socket's buffer takes it; never wait here
+                request.send(_BUSY_ANSWER)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        with self._lock:
+            self._open[request] = time.monotonic() + self.connection_seconds
+        try:
+            super().process_request(request, client_address)  # starts its thread
+        except BaseException:
+            self._done(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._done(request)
+
+    def _done(self, request: Any) -> None:
+        with self._lock:
+            if self._open.pop(request, None) is not None:
+                self._slots.release()
+
+    def service_actions(self) -> None:
+        """Between polls of the accept loop (every 0.5 s): ends the connections open for
+        too long (a client sending a byte every few seconds); their threads then end."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [connection for connection, end in self._open.items() if end <= now]
+        for connection in expired:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that timed out or was reset: no traceback on stderr."""
+        log.debug("metrics connection from %s ended in an error", client_address,
+                  exc_info=True)
+
+
 class MetricsServers:
     """The /metrics HTTP servers of one process, one per address; stopped together."""
 
@@ -89,11 +214,13 @@ def start_metrics_server(port: int, host: str = "0.0.0.0") -> MetricsServers:
     servers, errors = [], []
     for address in _addresses(host, port):
         try:
-            result = start_http_server(port, addr=address)
+            server = _MetricsHTTPServer((address, port))
         except OSError as error:
             errors.append(error)
             continue
-        servers.append(result[0] if isinstance(result, tuple) else result)
+        threading.Thread(target=server.serve_forever, name=f"metrics-{address}",
+                         daemon=True).start()
+        servers.append(server)
     if not servers:
         raise errors[0]
     return MetricsServers(servers)
@@ -118,6 +245,14 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
+class CallWithoutRequest(asyncio.CancelledError):
+    """Raised where a call that takes one request message ends before the message came:
+    its client hung up, or gRPC refused a message over the size limit (and answered the
+    call itself). It ends the handler as a cancellation does, and is not counted: gRPC
+    never ran a handler for such a call before the server read request messages itself
+    (services/common/server.py, WorkCalls)."""
+
+
 #: A call cancelled this close to its deadline ran out of time: the caller's own timer
 #: fires a moment before the server's (the deadline travels as a timeout, and the network
 #: delays it), and its RST_STREAM reaches the server as a cancellation.
@@ -125,13 +260,14 @@ DEADLINE_SLACK_SECONDS = 0.1
 
 
 def _status_name(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
-    if isinstance(error, asyncio.CancelledError):
+    code = context.code() if hasattr(context, "code") else None
+    if isinstance(error, asyncio.CancelledError) and code is None:
         # gRPC cancels the handler both when the caller hangs up and when its deadline
         # passes; the time left tells the two apart
         remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
         return ("DEADLINE_EXCEEDED" if remaining is not None
                 and remaining <= DEADLINE_SLACK_SECONDS else "CANCELLED")
-    code = context.code() if hasattr(context, "code") else None
+    # a status set before the handler was cancelled (the drain's UNAVAILABLE) stands
     if isinstance(code, grpc.StatusCode):
         return code.name
     if isinstance(code, int):
@@ -180,6 +316,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             if is_work:
                 self.active_work -= 1
             INFLIGHT.labels(service).dec()
+            if isinstance(error, CallWithoutRequest):
+                return
             REQUESTS.labels(service, method, _status_name(context, error)).inc()
             LATENCY.labels(service, method).observe(time.perf_counter() - started)
 

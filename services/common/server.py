@@ -7,20 +7,29 @@ Lifecycle of a server process:
 2. report NOT_SERVING while each service loads its models and runs a warm-up inference;
 3. report SERVING;
 4. on SIGTERM or SIGINT: report NOT_SERVING at once, stop taking new RPCs, let in-flight
-   RPCs finish within ``--drain-seconds``, and exit 0.
+   RPCs finish within ``--drain-seconds`` (those still running a moment before it ends are
+   answered UNAVAILABLE, SERVER_DRAINING), and exit 0.
+
+At most ``--max-concurrent-rpcs`` calls to the model services run at once
+(:class:`WorkCalls`); one more is answered busy before its request message is read.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
+import contextvars
+import gc
 import importlib
+import inspect
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,14 +38,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from percept.v1 import server_pb2, server_pb2_grpc
-from services.common.batching import MicroBatcher
+from services.common import allocator
+from services.common.batching import (
+    DEFAULT_PUSHBACK_MS,
+    MAX_PUSHBACK_MS,
+    MIN_PUSHBACK_MS,
+    MicroBatcher,
+    running_mean,
+)
 from services.common.config import ServerConfig, bare_host, listen_address
 from services.common.cpus import available_cpus
-from services.common.errors import STATUS_DETAILS_KEY, status_details
+from services.common.errors import STATUS_DETAILS_KEY, Busy, status_details
 from services.common.logs import configure_logging
 from services.common.malformed import MalformedRequests
 from services.common.metrics import (
     INFRASTRUCTURE_SERVICES,
+    REJECTED,
+    CallWithoutRequest,
     MetricsInterceptor,
     MetricsServers,
     start_metrics_server,
@@ -238,6 +256,278 @@ class InfrastructureStreams(grpc.aio.ServerInterceptor):
         return handler
 
 
+#: Calls to health, reflection and ServerInfo a process takes beside
+#: ``--max-concurrent-rpcs``: gRPC's own limit, checked before any message is read, is the
+#: sum of the two, so that calls to those cannot hold more request bytes than that either.
+INFRASTRUCTURE_CALLS = 32
+#: A request message of this many bytes or more marks its call as large: once no large
+#: call is in progress any more, the memory freed goes back to the kernel
+#: (:func:`release_free_memory`; under --retain-memory only).
+LARGE_REQUEST_BYTES = 16 << 20
+#: How long before the drain's grace ends the calls still running are answered
+#: UNAVAILABLE (seconds; at most half the grace), so that their answers, with the request
+#: id and the reason, go out before gRPC cancels whatever is left.
+DRAIN_ANSWER_SECONDS = 1.0
+#: The least time between two releases of free memory (seconds): glibc holds its lock
+#: while it trims (20-100 ms for a few GB here), and every thread that allocates waits, so
+#: a steady run of large requests pays for it at most this often.
+RELEASE_INTERVAL_SECONDS = 10.0
+
+
+@dataclass(eq=False)
+class _WorkCall:
+    """One model-service call in progress."""
+
+    task: asyncio.Task[Any] | None  # the task its handler runs in
+    context: grpc.aio.ServicerContext
+    started: float
+    large: bool = False  # a request message of LARGE_REQUEST_BYTES or more came
+
+
+_current_call: contextvars.ContextVar[_WorkCall | None] = contextvars.ContextVar(
+    "percept_work_call", default=None)
+
+
+async def _only_request(requests: Any) -> Any:
+    """The request of a call whose method takes one message, read from its stream. The
+    stream is closed once read: gRPC's reader is a generator that keeps the message it
+    last gave, in a reference cycle with the reader, which only the garbage collector
+    would free (a 60 MiB request held until it ran)."""
+    stream = requests.__aiter__()
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        raise CallWithoutRequest from None
+    finally:
+        await stream.aclose()
+
+
+def _clear_frames(aborted: grpc.aio.AbortError) -> None:
+    """Clears the locals of the finished frames that ``aborted`` (an answer already sent),
+    and the errors it was raised in (a refused request's ServiceError), went through, and
+    detaches those from it. gRPC keeps the abort's exception with the call, an awaited
+    future keeps the error it ended in, and their frames hold the call, the request and
+    what was made of it (the image's bytes), in reference cycles that only a full garbage
+    collection frees: 30 refused 60 MiB requests left 3.5 GB to it, 0 now."""
+    error: BaseException | None = aborted
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)  # the running ones are left alone
+        error = error.__context__
+    aborted.__context__ = None
+    aborted.__traceback__ = None
+
+
+def release_free_memory() -> None:
+    """Frees the young garbage in reference cycles (cheap: a full collection took 0.3 s
+    with every model loaded), then gives the heap's free pages back to the kernel
+    (:func:`services.common.allocator.release_free_memory`)."""
+    started = time.perf_counter()
+    collected = gc.collect(1)
+    allocator.release_free_memory()
+    log.info("released free memory after large requests", extra={
+        "collected_objects": collected, "seconds": round(time.perf_counter() - started, 3)})
+
+
+class WorkCalls(grpc.aio.ServerInterceptor):
+    """The calls to the model services in progress (not health, reflection or ServerInfo).
+
+    - **A limit.** At most ``limit`` run at once; one more is answered busy
+      (RESOURCE_EXHAUSTED, QUEUE_FULL, with the ``grpc-retry-pushback-ms`` trailer and the
+      request id) *before its request message is read*: a method that takes one message
+      is served as one that takes a stream of them, which the handler reads itself once
+      the call is admitted. So the request bytes a process holds are bounded by the limit
+      times the message cap (60 concurrent 60 MiB requests took a server from 1.3 to
+      6.5 GB), while each service's own queue answers busy as before below the limit.
+    - **The drain.** :meth:`end_all` answers the calls still running UNAVAILABLE
+      (SERVER_DRAINING, with their request ids) and cancels their handlers, a moment
+      before the grace ends; gRPC's own stop would cancel them with a bare
+      "Cancelling all calls" and no trailers.
+    - **Memory.** Once the last call whose request message was large ends,
+      ``release_memory`` runs in a thread (:data:`LARGE_REQUEST_BYTES`).
+    """
+
+    def __init__(self, limit: int, release_memory: Callable[[], object] | None = None
+                 ) -> None:
+        self.limit = limit
+        self._calls: set[_WorkCall] = set()
+        self._hold_seconds: float | None = None  # running mean of how long a call runs
+        self._large_in_progress = 0
+        self._release_memory = release_memory
+        self._releasing: asyncio.Task[None] | None = None
+        self._release_again = False
+        self._released_at: float | None = None  # loop time of the last release
+
+    @property
+    def in_progress(self) -> int:
+        return len(self._calls)
+
+    @property
+    def retry_after_ms(self) -> int:
+        """A busy answer's pushback: about when the next call in progress ends."""
+        if self._hold_seconds is None:
+            return DEFAULT_PUSHBACK_MS
+        per_call = self._hold_seconds / max(1, len(self._calls)) * 1e3
+        return int(min(MAX_PUSHBACK_MS, max(MIN_PUSHBACK_MS, round(per_call))))
+
+    async def _enter(self, context: grpc.aio.ServicerContext) -> _WorkCall:
+        if len(self._calls) >= self.limit:
+            REJECTED.labels("server-calls").inc()
+            busy = Busy(f"the server is handling its limit of {self.limit} concurrent calls "
+                        "(--max-concurrent-rpcs); retry after the pushback",
+                        self.retry_after_ms)
+            await context.abort(busy.code, busy.message,
+                                with_request_id(context, busy.trailing_metadata))
+        call = _WorkCall(asyncio.current_task(), context, time.monotonic())
+        self._calls.add(call)
+        _current_call.set(call)  # for the deserializer, which runs in this task
+        return call
+
+    def _leave(self, call: _WorkCall) -> None:
+        self._calls.discard(call)
+        self._hold_seconds = running_mean(self._hold_seconds, time.monotonic() - call.started)
+        if call.large:
+            self._large_in_progress -= 1
+            if self._large_in_progress == 0:
+                self._release()
+
+    def _measured(self, parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+        """``parse`` (None: the bytes as they are), marking the call of a large message."""
+
+        def deserialize(data: bytes) -> Any:
+            if len(data) >= LARGE_REQUEST_BYTES:
+                call = _current_call.get()
+                if call is not None and not call.large:
+                    call.large = True
+                    self._large_in_progress += 1
+            return data if parse is None else parse(data)
+
+        return deserialize
+
+    def _release(self) -> None:
+        """Has ``release_memory`` run in a thread soon (:meth:`_release_when_due`)."""
+        if self._release_memory is None:
+            return
+        if self._releasing is None or self._releasing.done():
+            self._releasing = asyncio.get_running_loop().create_task(self._release_when_due())
+        else:
+            self._release_again = True
+
+    async def _release_when_due(self) -> None:
+        """Runs ``release_memory`` once :data:`RELEASE_INTERVAL_SECONDS` have passed since
+        it last ran, unless a large call is in progress by then (its end asks again); once
+        more if a large call ended while it ran."""
+        assert self._release_memory is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._released_at is not None:
+                await asyncio.sleep(self._released_at + RELEASE_INTERVAL_SECONDS - loop.time())
+            if self._large_in_progress:
+                return
+            self._release_again = False
+            try:
+                await loop.run_in_executor(None, self._release_memory)
+            except Exception as error:
+                log.warning("releasing free memory failed: %s", error)
+            self._released_at = loop.time()
+            if not self._release_again:
+                return
+
+    def close(self) -> None:
+        """Cancels a release still to come (the server stopped)."""
+        if self._releasing is not None:
+            self._releasing.cancel()
+
+    async def end_all(self, message: str) -> int:
+        """Answers every call still running UNAVAILABLE with ``message`` (reason
+        SERVER_DRAINING, and its request id) and cancels its handler; returns how many."""
+        calls = [call for call in self._calls if not call.context.done()]
+        details = ((STATUS_DETAILS_KEY, status_details(
+            grpc.StatusCode.UNAVAILABLE, message, "SERVER_DRAINING")),)
+
+        async def end(call: _WorkCall) -> None:
+            try:
+                await call.context.abort(grpc.StatusCode.UNAVAILABLE, message,
+                                         with_request_id(call.context, details))
+            except grpc.aio.AbortError:
+                pass  # the answer went out
+            except Exception as error:  # it ended meanwhile, or its client is gone
+                log.debug("could not answer a call at the drain's end: %r", error)
+            if call.task is not None:
+                call.task.cancel()  # its work stops; the answer stands
+
+        await asyncio.gather(*(end(call) for call in calls))
+        return len(calls)
+
+    async def intercept_service(self, continuation: Any,
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(_INFRASTRUCTURE):
+            return handler
+        parse = self._measured(handler.request_deserializer)
+        serialize = handler.response_serializer
+        admitted = self._admitted
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def unary_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                async with admitted(context):
+                    return await unary(await _only_request(requests), context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                unary_unary, request_deserializer=parse, response_serializer=serialize)
+        if handler.stream_unary is not None:
+            collect = handler.stream_unary
+
+            async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                async with admitted(context):
+                    return await collect(requests, context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, request_deserializer=parse, response_serializer=serialize)
+        one_request = handler.unary_stream is not None
+        streaming = handler.unary_stream or handler.stream_stream
+        if inspect.isasyncgenfunction(streaming):
+            async def stream_response(requests: Any, context: grpc.aio.ServicerContext
+                                      ) -> Any:
+                async with admitted(context):
+                    request = await _only_request(requests) if one_request else requests
+                    async for response in streaming(request, context):
+                        yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_response, request_deserializer=parse, response_serializer=serialize)
+
+        async def written(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            # a coroutine that writes its stream with context.write()
+            async with admitted(context):
+                request = await _only_request(requests) if one_request else requests
+                return await streaming(request, context)
+
+        return grpc.stream_stream_rpc_method_handler(
+            written, request_deserializer=parse, response_serializer=serialize)
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[_WorkCall]:
+        """The call admitted (:meth:`_enter`: or answered busy) for the block, and let go
+        after it; an answer sent by abort has the frames it went through cleared."""
+        call = await self._enter(context)
+        try:
+            yield call
+        except grpc.aio.AbortError as aborted:
+            _clear_frames(aborted)
+            raise
+        finally:
+            self._leave(call)
+
+
+def drain_message(grace: float, cause: str | None = None) -> str:
+    """The status message of a call the drain's grace ran out on."""
+    return (f"the server is shutting down{f' ({cause})' if cause else ''}; the call did not "
+            f"finish within the {grace:g} s drain grace (--drain-seconds): retry")
+
+
 class PerceptServer:
     """A grpc.aio server hosting one or more ServiceModules."""
 
@@ -254,6 +544,8 @@ class PerceptServer:
         self._metrics_http: MetricsServers | None = None
         self._interceptor = MetricsInterceptor()
         self._gate = ReadinessGate()
+        self._work = WorkCalls(config.max_concurrent_rpcs,
+                               release_free_memory if allocator.retaining() else None)
         self._stall_watch: asyncio.Task[None] | None = None
 
     @property
@@ -263,6 +555,22 @@ class PerceptServer:
     async def _set_health(self, status: int) -> None:
         for name in ["", *self.service_names]:
             await self._health.set(name, status)
+
+    async def _stop_server(self, server: grpc.aio.Server, grace: float,
+                           cause: str | None) -> None:
+        """gRPC's stop with ``grace``; the work calls still running
+        :data:`DRAIN_ANSWER_SECONDS` before it ends (at once for no grace) are answered."""
+        answer_at = grace - min(DRAIN_ANSWER_SECONDS, grace / 2)
+        stopping: asyncio.Future[None] | None = None
+        if answer_at > 0:
+            stopping = asyncio.ensure_future(server.stop(grace))
+            await asyncio.wait({stopping}, timeout=answer_at)
+        if stopping is None or not stopping.done():
+            ended = await self._work.end_all(drain_message(grace, cause))
+            if ended:
+                log.warning("drain grace ending: calls still running answered UNAVAILABLE",
+                            extra={"calls": ended, "grace_seconds": grace})
+        await (stopping if stopping is not None else server.stop(grace))
 
     async def start(self) -> int:
         """Binds and starts serving; loads and warms the models; returns the bound port."""
@@ -278,9 +586,13 @@ class PerceptServer:
             # longest default deadline of the CLI (a StylizeWithImage optimisation).
             ("grpc.max_connection_age_grace_ms", 3_600_000),
         ]
-        # metrics outermost, so that every call is counted, a malformed one too
-        server = grpc.aio.server(options=options, interceptors=[
-            self._interceptor, MalformedRequests(), self._gate, self._streams])
+        # metrics outermost, so that every call is counted, a malformed or a refused one
+        # too; gRPC's own limit refuses (RESOURCE_EXHAUSTED "Concurrent RPC limit
+        # exceeded!") only past the work calls' limit and the infrastructure's share
+        server = grpc.aio.server(
+            options=options, interceptors=[self._interceptor, self._work, MalformedRequests(),
+                                           self._gate, self._streams],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs + INFRASTRUCTURE_CALLS)
         for module in self.modules:
             module.add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -330,8 +642,9 @@ class PerceptServer:
                                    "load_seconds": round(time.perf_counter() - started, 2)})
         return self.port
 
-    async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING at once, then drain in-flight RPCs for up to ``grace`` seconds.
+    async def stop(self, grace: float | None = None, cause: str | None = None) -> None:
+        """NOT_SERVING at once, then drain in-flight RPCs for up to ``grace`` seconds;
+        ``cause`` (the signal) is named to the calls the grace runs out on.
 
         Health watchers are told NOT_SERVING, and their streams and reflection streams end
         (:class:`InfrastructureStreams`). The gRPC server then stops at once (once:
@@ -339,7 +652,8 @@ class PerceptServer:
         send new calls elsewhere, so a round-robin client moves them to the other replicas
         instead of meeting UNAVAILABLE here, and gRPC retries a call that crossed the GOAWAY
         on another connection by itself. The calls in flight run on until they finish or
-        the grace period ends."""
+        the grace period is about to end: then those still running are answered
+        UNAVAILABLE (SERVER_DRAINING, with their request ids; :meth:`WorkCalls.end_all`)."""
         grace = self.config.drain_seconds if grace is None else grace
         if self._stall_watch is not None:
             self._stall_watch.cancel()
@@ -349,7 +663,8 @@ class PerceptServer:
         log.info("draining", extra={"grace_seconds": grace,
                                     "in_flight": self._interceptor.active_work})
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._stop_server(self._server, grace, cause)
+        self._work.close()
         for module in self.modules:
             await module.close()
         if self._metrics_http is not None:
@@ -361,8 +676,14 @@ async def serve(config: ServerConfig) -> int:
     """Runs a server until SIGTERM/SIGINT; returns the process exit code."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    received: list[str] = []  # the signals' names, for the calls the drain cuts off
+
+    def stop_on(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_on, sig)
     server = PerceptServer(build_modules(config), config)
     start = asyncio.create_task(server.start())
     stopper = asyncio.create_task(stop.wait())
@@ -377,7 +698,7 @@ async def serve(config: ServerConfig) -> int:
     await stopper
     if not start.done():
         start.cancel()
-    await server.stop()
+    await server.stop(cause=received[0] if received else None)
     return 0
 
 

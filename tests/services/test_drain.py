@@ -202,3 +202,46 @@ def test_reflection_clients_that_hang_up_leave_no_task_behind() -> None:
         channel.close()
     finally:
         running.stop()
+
+
+def test_a_call_still_running_when_the_grace_ends_is_told_why_with_its_request_id(
+        small_photo: np.ndarray, style_photo: np.ndarray) -> None:
+    """SIGTERM with a 2000-iteration optimisation in flight and a 3 s grace: the call is
+    answered UNAVAILABLE naming the signal and the grace, with SERVER_DRAINING and its
+    request id, instead of gRPC's bare "Cancelling all calls" with no trailers."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    port = free_port()
+    process = start_server("style", port, "--drain-seconds", "3")
+    try:
+        wait_serving(f"127.0.0.1:{port}", process)
+        channel = client.connect(f"127.0.0.1:{port}")
+        call = style_pb2_grpc.StyleTransferStub(channel).StylizeWithImage(
+            gatys_request(encode(small_photo), encode(style_photo), iterations=2000,
+                          max_size=48, progress_every=1), timeout=120,
+            metadata=(("x-request-id", "long-optimisation"),))
+        assert next(call).HasField("progress")  # in flight
+        process.send_signal(signal.SIGTERM)
+        try:
+            for _ in call:
+                pass
+        except grpc.RpcError as error:
+            ended = error
+        else:
+            raise AssertionError("the optimisation finished within the grace")
+        assert ended.code() == grpc.StatusCode.UNAVAILABLE
+        assert ended.details() == (
+            "the server is shutting down (SIGTERM); the call did not finish within the 3 s "
+            "drain grace (--drain-seconds): retry")
+        assert dict(ended.trailing_metadata())["x-request-id"] == "long-optimisation"
+        status = rpc_status.from_call(ended)
+        assert status is not None
+        info = error_details_pb2.ErrorInfo()
+        assert status.details[0].Unpack(info) and info.reason == "SERVER_DRAINING"
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = process.stdout.read().decode()  # type: ignore[union-attr]
+    assert "drain grace ending" in log and '"msg": "stopped"' in log

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -328,6 +329,18 @@ def resuming(checkpoint: Path, args: Any) -> bool:
     return bool(args.resume)
 
 
+def _as_flag(key: str, value: Any) -> str:
+    """A parsed flag as it would be given in a shell: ``--data data/prepared/sr288``,
+    ``--time-schedule``, ``--style-layer-weight relu1_2=1 relu2_2=2``."""
+    flag = f"--{key.replace('_', '-')}"
+    if value is True:
+        return flag
+    if value is None or value is False:
+        return f"{flag} (left out)"
+    values = value if isinstance(value, list | tuple) else [value]
+    return " ".join([flag, *(shlex.quote(str(v)) for v in values)])
+
+
 def carry_resumed_flags(args: Any, checkpoint: Path, may_change: Collection[str]) -> None:
     """With ``--resume``, the flags that define the run (those outside ``may_change``) and
     were left out of this command take the values the run was started with, not their
@@ -344,7 +357,7 @@ def carry_resumed_flags(args: Any, checkpoint: Path, may_change: Collection[str]
             continue
         if getattr(args, key) != saved[key]:
             setattr(args, key, saved[key])
-            carried.append(f"--{key.replace('_', '-')} {saved[key]!r}")
+            carried.append(_as_flag(key, saved[key]))
     if carried:
         print(f"[train] resuming {checkpoint} with the flags it was started with: "
               f"{', '.join(carried)}", flush=True)

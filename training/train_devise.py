@@ -693,6 +693,11 @@ def train(args: argparse.Namespace) -> int:
     checkpoint = run_dir / CHECKPOINT_NAME
     if resuming(checkpoint, args):
         carry_resumed_flags(args, checkpoint, MAY_CHANGE_ON_RESUME)
+        # a --word-vectors carried over names the artifact (the run folder stays where
+        # the checkpoint was found)
+        word_vectors = getattr(args, "word_vectors", None)
+        name = args.name or default_name(word_vectors)
+        out = Path(args.out) if args.out else REPO_ROOT / "models" / name
     check_flag_minimums(args, FLAG_MINIMUMS, above={"lr"})  # before anything loads
     check_seed(args.seed)
     if args.top_t > MAX_TOP_T:

@@ -48,7 +48,7 @@ from services.common.batching import (
 )
 from services.common.config import ServerConfig, bare_host, listen_address
 from services.common.cpus import available_cpus
-from services.common.errors import STATUS_DETAILS_KEY, Busy, status_details
+from services.common.errors import STATUS_DETAILS_KEY, Busy, ServiceError, status_details
 from services.common.logs import configure_logging
 from services.common.malformed import MalformedRequests
 from services.common.metrics import (
@@ -258,8 +258,11 @@ class InfrastructureStreams(grpc.aio.ServerInterceptor):
 
 #: Calls to health, reflection and ServerInfo a process takes beside
 #: ``--max-concurrent-rpcs``: gRPC's own limit, checked before any message is read, is the
-#: sum of the two, so that calls to those cannot hold more request bytes than that either.
-INFRASTRUCTURE_CALLS = 32
+#: sum of the two, so that calls to those cannot hold unbounded request bytes either. It
+#: is large because health Watch streams stay open, one per client channel that checks
+#: health (a client-side load balancer's subchannels): with 32, the 32nd such stream made
+#: the kubelet's health Check fail while the work calls were at their limit.
+INFRASTRUCTURE_CALLS = 1024
 #: A request message of this many bytes or more marks its call as large: once no large
 #: call is in progress any more, the memory freed goes back to the kernel
 #: (:func:`release_free_memory`; under --retain-memory only).
@@ -303,17 +306,25 @@ async def _only_request(requests: Any) -> Any:
 
 
 def _clear_frames(aborted: grpc.aio.AbortError) -> None:
-    """Clears the locals of the finished frames that ``aborted`` (an answer already sent),
-    and the errors it was raised in (a refused request's ServiceError), went through, and
-    detaches those from it. gRPC keeps the abort's exception with the call, an awaited
-    future keeps the error it ended in, and their frames hold the call, the request and
-    what was made of it (the image's bytes), in reference cycles that only a full garbage
-    collection frees: 30 refused 60 MiB requests left 3.5 GB to it, 0 now."""
-    error: BaseException | None = aborted
+    """Lets go of what an answer already sent (``aborted``) holds on to: the locals of the
+    finished frames its own traceback went through (this call's, in this task), the
+    traceback of each refusal it was raised for (a ServiceError raised for this request,
+    which nothing else awaits), and those errors themselves. gRPC keeps the abort's
+    exception with the call, and the frames hold the call, the request and what was made
+    of it (the image's bytes), in reference cycles that only a full garbage collection
+    frees: 30 refused 60 MiB requests left 3.5 GB to it.
+
+    Only this task's frames are cleared: a chained error that came from elsewhere (a
+    failed batch, handed to every caller of the batch through a future) has the batcher's
+    suspended loop in its traceback, and clearing a suspended coroutine's frame closes the
+    coroutine (Python 3.11/3.12): the model would never answer again."""
+    traceback.clear_frames(aborted.__traceback__)  # the running ones are left alone
+    error: BaseException | None = aborted.__context__
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        traceback.clear_frames(error.__traceback__)  # the running ones are left alone
+        if isinstance(error, ServiceError):  # this request's own refusal
+            error.__traceback__ = None
         error = error.__context__
     aborted.__context__ = None
     aborted.__traceback__ = None

@@ -298,3 +298,60 @@ print(release_free_memory())
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
+
+
+class _FailsOnce(ServiceModule):
+    """A model service whose first batch raises (as a CUDA out-of-memory would)."""
+
+    name = "fails-once"
+    full_name = "test.FailsOnce"
+
+    def __init__(self) -> None:
+        from services.common.batching import MicroBatcher
+        from tests.conftest import server_config
+
+        super().__init__(server_config("all"))
+        self.failed = False
+        self.batcher = MicroBatcher("fails-once", self._process, max_batch=1, max_wait_ms=0,
+                                    max_queue=8)
+
+    def _process(self, items: list[bytes]) -> list[bytes]:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return [b"ok:" + item for item in items]
+
+    @unary_errors
+    async def run(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return bytes(await self.batcher.submit(request))
+
+    def batchers(self) -> list[Any]:
+        return [self.batcher]
+
+    async def close(self) -> None:
+        await self.batcher.stop()
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            self.full_name, {"Run": grpc.unary_unary_rpc_method_handler(self.run)}),))
+
+
+def test_a_failed_batch_leaves_the_model_answering() -> None:
+    """The error of a failed batch reaches its caller through a future, with the batcher's
+    suspended loop in its traceback: letting go of an answered call's frames must not
+    clear that one (it would close the loop, and every later call would wait out its
+    deadline)."""
+    from tests.conftest import server_config
+
+    module = _FailsOnce()
+    running = start_in_thread(server_config("all"), modules=[module])
+    try:
+        channel = client.connect(running.target)
+        run = channel.unary_unary("/test.FailsOnce/Run")
+        with pytest.raises(grpc.RpcError) as failed:
+            run(b"x", timeout=10)
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+        assert [run(b"y", timeout=10), run(b"z", timeout=10)] == [b"ok:y", b"ok:z"]
+        channel.close()
+    finally:
+        running.stop()

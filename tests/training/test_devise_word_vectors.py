@@ -104,6 +104,22 @@ def test_training_records_the_vector_source_and_its_coverage(
             "format": "glove"} in provenance["data"]
 
 
+def test_a_resume_takes_the_word_vectors_from_the_checkpoint(
+        trained: Path, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--resume without --word-vectors goes on in the run's own word space (and names the
+    artifact after it), not in the default MiniLM one."""
+    out = workdir / "devise-tiny-resumed"
+    assert cli_devise.main(["train", "--run-dir", str(workdir / "runs" / "devise-tiny"),
+                            "--out", str(out), "--cache-dir", str(workdir / "cache"),
+                            "--steps", "5", "--resume", "--device", "cpu", "--threads", "1",
+                            "--quiet"]) == 0
+    assert f"--word-vectors {trained}" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["name"] == "devise-glove-tiny-8d"
+    assert config["noun_vectors"]["path"] == str(trained.resolve())
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 5
+
+
 def test_crops_whose_label_has_no_vector_are_left_out(
         trained: Path, workdir: Path, photos: Path, vocab: NounVocabulary,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -686,7 +686,7 @@ def test_a_resume_takes_the_flags_left_out_from_the_run_it_continues(
     assert train(_parse([*where, "--steps", "2", "--resume"])) == 0
     printed = capsys.readouterr().out
     assert "with the flags it was started with: " in printed
-    for carried in (f"--data {str(prepared)!r}", "--lr 0.004", "--size 32", "--width 4",
+    for carried in (f"--data {prepared}", "--lr 0.004", "--size 32", "--width 4",
                     "--tv-weight 0.0"):
         assert carried in printed, carried
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)

@@ -104,7 +104,7 @@ def test_train_resume_export_and_evaluate(prepared: Path, tmp_path: Path,
                               "--steps", "6", "--resume"]) == 0
     printed = capsys.readouterr().out
     assert f"resuming {run / 'checkpoint.pt'} with the flags it was started with: " in printed
-    assert "--crop 24" in printed and f"--data {str(prepared)!r}" in printed
+    assert "--crop 24" in printed and f"--data {prepared}" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 6 and "width 8 (default: 32), blocks 1" in metrics["note"]
 

@@ -192,8 +192,10 @@ def bicubic_upscale(x: Tensor, scale: int) -> Tensor:
     channels_last input is made contiguous for it and the result put back in
     channels_last, so that the residual added to it shares its layout. With both copies,
     a 272-pixel tile's base was 1.3-1.7x faster on the 2-core CPU (1-2 threads; level to
-    1.6x at 64 px; CUDA not measured). Other inputs go as they are."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    1.6x at 64 px). Other inputs, and CUDA ones (not measured there: the two copies are
+    not taken on faith), go as they are."""
+    channels_last = (x.device.type == "cpu" and not x.is_contiguous()
+                     and x.is_contiguous(memory_format=torch.channels_last))
     source = x.contiguous() if channels_last else x
     base = F.interpolate(source, scale_factor=float(scale), mode="bicubic", align_corners=False)
     return base.contiguous(memory_format=torch.channels_last) if channels_last else base

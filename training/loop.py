@@ -341,23 +341,54 @@ def _as_flag(key: str, value: Any) -> str:
     return " ".join([flag, *(shlex.quote(str(v)) for v in values)])
 
 
-def carry_resumed_flags(args: Any, checkpoint: Path, may_change: Collection[str]) -> None:
+#: The checkpoint key holding the directory the run was started (or last resumed) in: its
+#: relative path flags name files from there.
+WORKING_DIR = "cwd"
+
+
+def working_dir() -> dict[str, str]:
+    """The checkpoint entry that records this process's working directory."""
+    return {WORKING_DIR: os.getcwd()}
+
+
+def _from_dir(value: Any, started_in: str | None) -> Any:
+    """A path flag's value (a string or a list of them) given in ``started_in``, as this
+    process names the same files: unchanged when it is absolute, or when the run was
+    started here or in an unknown directory (an older checkpoint); else relative to here
+    when it lies below, and absolute otherwise."""
+    if isinstance(value, list | tuple):
+        return type(value)(_from_dir(v, started_in) for v in value)
+    if not isinstance(value, str) or not started_in or Path(value).is_absolute():
+        return value
+    here = Path.cwd().resolve()
+    there = (Path(started_in) / value).resolve()
+    if Path(started_in).resolve() == here:
+        return value
+    return str(there.relative_to(here)) if there.is_relative_to(here) else str(there)
+
+
+def carry_resumed_flags(args: Any, checkpoint: Path, may_change: Collection[str],
+                        paths: Collection[str] = ()) -> None:
     """With ``--resume``, the flags that define the run (those outside ``may_change``) and
     were left out of this command take the values the run was started with, not their
     defaults, and are printed; the ones given are kept, for :func:`check_resumed_run` to
-    compare. A namespace that does not say which flags were given (``args.given_flags``,
+    compare. The flags named in ``paths`` are files or folders: a relative one given where
+    the run started is carried as the same file seen from here (resuming from another
+    directory). A namespace that does not say which flags were given (``args.given_flags``,
     set by training.command.track_given_flags) is left as it is."""
     given = getattr(args, "given_flags", None)
     if not args.resume or given is None:
         return
-    saved = _load_checkpoint(checkpoint, torch.device("cpu")).get("args", {})
+    state = _load_checkpoint(checkpoint, torch.device("cpu"))
+    saved = state.get("args", {})
     carried = []
     for key in sorted(saved):
         if key in may_change or key in given or not hasattr(args, key):
             continue
-        if getattr(args, key) != saved[key]:
-            setattr(args, key, saved[key])
-            carried.append(_as_flag(key, saved[key]))
+        value = _from_dir(saved[key], state.get(WORKING_DIR)) if key in paths else saved[key]
+        if getattr(args, key) != value:
+            setattr(args, key, value)
+            carried.append(_as_flag(key, value))
     if carried:
         print(f"[train] resuming {checkpoint} with the flags it was started with: "
               f"{', '.join(carried)}", flush=True)
@@ -382,15 +413,16 @@ def check_resumed_run(checkpoint: Path, state: Mapping[str, Any], args: Mapping[
     holds the defaults a trainer filled in for flags left unset (they may differ from one
     device to another), and the flags named in ``paths`` are compared as the folders or
     files they name (``data/prepared/sr288`` is the absolute default when run from the
-    repository)."""
+    repository), each from the directory its run was in."""
     saved, current = dict(state.get("args", {})), dict(args)
     if resolved is not None and "resolved" in state:  # older checkpoints: the raw flags
         saved.update(state["resolved"])
         current.update(resolved)
+    started_in = state.get(WORKING_DIR)
     for key in paths:
-        for values in (saved, current):
+        for values, folder in ((saved, started_in), (current, None)):
             if isinstance(values.get(key), str):
-                values[key] = str(Path(values[key]).resolve())
+                values[key] = str(Path(folder or ".", values[key]).resolve())
     changed = changed_settings(saved, current, may_change)
     if changed:
         raise CheckpointError(f"--resume would continue the run in {checkpoint} with other "

@@ -121,6 +121,7 @@ from training.loop import (
     save_finite_checkpoint,
     stop_requests,
     stopped_note,
+    working_dir,
 )
 from training.nets.devise import DeViSEMap
 from training.nets.efficientnet_lite import HEAD_CHANNELS, load_efficientnet_lite0
@@ -638,7 +639,7 @@ def check_paths(args: argparse.Namespace, out: Path, run_dir: Path) -> None:
 #: they hold), and what only config.json records (the default method, ConSE's T).
 MAY_CHANGE_ON_RESUME = RESUMABLE_FLAGS | {"cache_dir", "vectors_dir", "default_method",
                                           "top_t"}
-#: The flags that name files or folders, compared by the paths they resolve to.
+#: The flags that name files or folders, compared (and carried) by the files they name.
 PATH_FLAGS = ("photos", "images", "val_photos", "word_vectors", "vectors_dir", "cache_dir")
 #: What each entry of a checkpoint's ``"data"`` identifies, for the refusal of a resume.
 DATA_NAMES = {"features": "the training images (--photos / --images: their bytes or crops)",
@@ -692,7 +693,7 @@ def train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
     checkpoint = run_dir / CHECKPOINT_NAME
     if resuming(checkpoint, args):
-        carry_resumed_flags(args, checkpoint, MAY_CHANGE_ON_RESUME)
+        carry_resumed_flags(args, checkpoint, MAY_CHANGE_ON_RESUME, PATH_FLAGS)
         # a --word-vectors carried over names the artifact (the run folder stays where
         # the checkpoint was found)
         word_vectors = getattr(args, "word_vectors", None)
@@ -835,7 +836,7 @@ def train(args: argparse.Namespace) -> int:
         # keys every trainer's checkpoint holds (loop.CHECKPOINT_KEYS) are None
         return {"architecture": architecture, **training.state_dict(), "scheduler": None,
                 "scaler": None, "step": training.step, "data": identity, "args": flags,
-                "commands": [*earlier, this_command],
+                **working_dir(), "commands": [*earlier, this_command],
                 "elapsed": elapsed_before + time.monotonic() - loop_started}
 
     run_dir.mkdir(parents=True, exist_ok=True)

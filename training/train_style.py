@@ -91,6 +91,7 @@ from training.loop import (
     save_finite_checkpoint,
     stop_requests,
     stopped_note,
+    working_dir,
 )
 from training.nets.transformer import TransformerNet
 from training.plots import save_image_grid, save_loss_plot
@@ -487,6 +488,8 @@ def _use_channels_last(mode: str, device: torch.device) -> bool:
 #: it exports, and what only inference or the artifact's labels use.
 RESUMABLE_CHANGES = RESUMABLE_FLAGS | {"grid_check_every", "grid_margin", "edge_margin",
                                        "title", "licence", "init_from"}
+#: The flags that name files or folders, compared (and carried) by the files they name.
+PATH_FLAGS = ("data", "style_image")
 
 
 def check_run_flags(args: argparse.Namespace) -> None:
@@ -518,7 +521,7 @@ def train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
     checkpoint = run_dir / CHECKPOINT_NAME
     if resuming(checkpoint, args):
-        carry_resumed_flags(args, checkpoint, RESUMABLE_CHANGES)
+        carry_resumed_flags(args, checkpoint, RESUMABLE_CHANGES, PATH_FLAGS)
     check_run_flags(args)
     device = choose_device(args.device)
     if args.threads:
@@ -612,7 +615,7 @@ def train(args: argparse.Namespace) -> int:
             raise ValueError(f"{checkpoint} was trained on another style image")
         # the sizes left to the device's default differ between a CPU and a CUDA run
         check_resumed_run(checkpoint, state, vars(args), RESUMABLE_CHANGES, steps,
-                          resolved=compared, paths=("data", "style_image"))
+                          resolved=compared, paths=PATH_FLAGS)
         check_same_data(checkpoint, state, prepared)
         earlier = earlier_commands(state)
         # a fine-tune's origin (its weights are in the checkpoint now) stays in metrics.json
@@ -644,9 +647,9 @@ def train(args: argparse.Namespace) -> int:
                 "cpu_seconds": cpu_before + time.process_time() - cpu_started,
                 "sampler_rng": sampler.rng.bit_generator.state,
                 "torch_rng": torch.get_rng_state(), "args": recorded_flags(args),
-                "resolved": resolved, "init_from": init_from, "init_entries": init_entries,
-                "grid_checks": grid_checks, "passing_state": passing_state,
-                "edge_margin": edge_margin}
+                **working_dir(), "resolved": resolved, "init_from": init_from,
+                "init_entries": init_entries, "grid_checks": grid_checks,
+                "passing_state": passing_state, "edge_margin": edge_margin}
 
     def pictures() -> None:
         save_samples(model, val_content, style_rgb, run_dir / "samples.png", device,

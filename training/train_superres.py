@@ -83,6 +83,7 @@ from training.loop import (
     save_finite_checkpoint,
     stop_requests,
     stopped_note,
+    working_dir,
 )
 from training.plots import save_image_grid, save_loss_plot
 from training.sr_data import MAX_JPEG_QUALITY, SCALE, Degradation, PairSampler, degrade
@@ -198,6 +199,8 @@ FLAG_MINIMUMS = {
 }
 
 
+#: The flags that name files or folders, compared (and carried) by the files they name.
+PATH_FLAGS = ("data", "init_from")
 #: The flags that size a run, compared with their defaults in metrics.json's note.
 SIZE_FLAGS = ("width", "blocks", "crop", "batch_size", "steps")
 
@@ -225,7 +228,7 @@ def train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
     checkpoint = run_dir / CHECKPOINT_NAME
     if resuming(checkpoint, args):
-        carry_resumed_flags(args, checkpoint, RESUMABLE_FLAGS)
+        carry_resumed_flags(args, checkpoint, RESUMABLE_FLAGS, PATH_FLAGS)
     check_flag_minimums(args, FLAG_MINIMUMS, above={"lr"})
     check_seed(args.seed)
     check_time_schedule(args)
@@ -309,7 +312,7 @@ def train(args: argparse.Namespace) -> int:
     if args.resume:
         state = read_checkpoint(checkpoint, device, architecture)
         check_resumed_run(checkpoint, state, vars(args), RESUMABLE_FLAGS, args.steps,
-                          paths=("data", "init_from"))
+                          paths=PATH_FLAGS)
         check_same_data(checkpoint, state, prepared)
         earlier = earlier_commands(state)
         init_entries = list(state.get("init_entries", []))
@@ -335,7 +338,7 @@ def train(args: argparse.Namespace) -> int:
                 "sampler_rng": sampler.rng.bit_generator.state,
                 "degrade_rng": degrade_rng.bit_generator.state,
                 "torch_rng": torch.get_rng_state(), "args": recorded_flags(args),
-                "warmup": warmup, "init_entries": init_entries}
+                **working_dir(), "warmup": warmup, "init_entries": init_entries}
 
     def pictures() -> None:
         save_samples(model, val_lr, val_hr, run_dir / "samples.png", device, channels_last)

@@ -12,6 +12,7 @@ from torch import nn
 from training import cli_style
 from training.loop import (
     CheckpointError,
+    _from_dir,
     changed_settings,
     choose_device,
     read_checkpoint,
@@ -127,3 +128,22 @@ def test_a_resume_runs_its_next_step_at_this_runs_schedule() -> None:
     assert restore_training_state(state, model, optimizer, scheduler,
                                   torch.amp.GradScaler("cuda", enabled=False)) == 2
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(2, 200, 1))
+
+
+def test_a_relative_path_flag_is_named_from_this_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What carry_resumed_flags makes of a path flag recorded in another directory: below
+    this one it stays relative, elsewhere it becomes absolute; absolute paths, other
+    values and checkpoints that did not record their directory are left as they were."""
+    (tmp_path / "run" / "data").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    started_in = str(tmp_path / "run")
+    assert _from_dir("data", started_in) == str(Path("run") / "data")
+    assert _from_dir(["data", "/abs"], started_in) == [str(Path("run") / "data"), "/abs"]
+    assert _from_dir("../x", started_in) == "x"
+    monkeypatch.chdir(tmp_path / "other")
+    assert _from_dir("data", started_in) == str(tmp_path / "run" / "data")
+    assert _from_dir("data", str(tmp_path / "other")) == "data"  # the same directory
+    assert _from_dir("data", None) == "data"
+    assert _from_dir(4, started_in) == 4 and _from_dir("/abs/x", started_in) == "/abs/x"

@@ -699,6 +699,34 @@ def test_a_resume_takes_the_flags_left_out_from_the_run_it_continues(
 
 
 @needs_vgg
+def test_a_run_started_with_relative_paths_resumes_from_another_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--data given relative to where the run started names the same arrays from anywhere:
+    given again from elsewhere as an absolute path, it is the same setting, not a changed
+    one; left out there, it is carried as the folder it was (not looked for from here)."""
+    from training.train_style import train
+
+    started_in, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    prepared = _write_prepared(started_in / "prepared", _tiny_photos(4, 40))
+    monkeypatch.chdir(started_in)
+    assert train(_parse([*_tiny_run(tmp_path, Path("prepared")), "--steps", "1"])) == 0
+    monkeypatch.chdir(elsewhere)
+    where = ["--style", "stained-tissue", "--out", str(tmp_path / "out"),
+             "--run-dir", str(tmp_path / "run"), "--quiet", "--sample-every", "0"]
+    assert train(_parse([*where, "--steps", "2", "--resume", "--data", str(prepared)])) == 0
+    monkeypatch.chdir(started_in)
+    assert train(_parse([*where, "--steps", "3", "--resume", "--data", "prepared"])) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(elsewhere)
+    assert train(_parse([*where, "--steps", "4", "--resume"])) == 0
+    assert f"--data {prepared}" in capsys.readouterr().out
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["args"]["data"] == str(prepared) and state["cwd"] == str(elsewhere)
+
+
+@needs_vgg
 def test_a_fine_tune_resumes_and_keeps_its_origin(tmp_path: Path) -> None:
     """A run started with --init-from resumes without it (the checkpoint holds the
     weights), and its export still records what it was fine-tuned from."""

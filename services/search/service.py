@@ -85,9 +85,6 @@ MAX_PAGE_SIZE = 1000
 #: from elsewhere is told apart.
 PAGE_TOKEN_PREFIX = "after:"
 SNAPSHOT_EVERY_SECONDS = 30.0
-#: What an operator does about a data directory that cannot be written.
-READ_ONLY_ADVICE = "mount it read-write, or give the server's user write access to it"
-FULL_ADVICE = "free space on its filesystem (or grow the volume)"
 
 
 def index_settings(config: ServerConfig) -> IndexSettings:
@@ -384,15 +381,15 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
     def _refused(self, problem: DataDirProblem, outcome: str) -> ServiceError:
         """The answer to a write that the data directory refused: RESOURCE_EXHAUSTED where
         it is full (a retry helps once space is freed, so without the retry trailer of a
-        busy answer), FAILED_PRECONDITION where it is read-only; logged once while it
-        lasts."""
+        busy answer), FAILED_PRECONDITION where it is read-only or its record was moved;
+        logged once while it lasts."""
         if str(problem) != self._write_problem:
             log.error("writes are refused; reads go on", extra={"why": str(problem)})
             self._write_problem = str(problem)
         if isinstance(problem, DataDirFull):
-            return ResourceExhausted(f"{problem}: {outcome}; {FULL_ADVICE}, then retry",
+            return ResourceExhausted(f"{problem}: {outcome}; {problem.advice}, then retry",
                                      reason=problem.reason)
-        return FailedPrecondition(f"{problem}: {outcome}; {READ_ONLY_ADVICE}, then retry "
+        return FailedPrecondition(f"{problem}: {outcome}; {problem.advice}, then retry "
                                   "(searches and reads go on meanwhile)",
                                   reason=problem.reason)
 
@@ -664,7 +661,7 @@ def _check_data_dir(data_dir: Path) -> None:
                     extra={"why": str(problem)})
     elif problem is not None:
         raise StartupError(f"{problem}: the search service writes its record and index "
-                           f"snapshots there; {READ_ONLY_ADVICE}, or pass another --data-dir")
+                           f"snapshots there; {problem.advice}, or pass another --data-dir")
 
 
 def _open_store(record: Path, dimension: int, probe: np.ndarray | None = None) -> ImageStore:
@@ -676,14 +673,13 @@ def _open_store(record: Path, dimension: int, probe: np.ndarray | None = None) -
         problem = data_dir_problem(error, record.parent)
         if problem is None:
             raise
-        advice = FULL_ADVICE if isinstance(problem, DataDirFull) else READ_ONLY_ADVICE
-        raise StartupError(f"cannot open the record {record}: {problem}; {advice}, or pass "
+        raise StartupError(f"cannot open the record {record}: {problem}; {problem.advice}, or pass "
                            "another --data-dir") from error
     problem = store.probe_write()
     if problem is not None:
         store.close()
         raise StartupError(f"cannot write the record {record}: {problem}; the search service "
-                           f"writes every added and deleted image there; {READ_ONLY_ADVICE}, "
+                           f"writes every added and deleted image there; {problem.advice}, "
                            "or pass another --data-dir")
     return store
 

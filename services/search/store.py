@@ -40,6 +40,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 #: SQLite's primary result codes (an extended code keeps its primary one in the low byte).
 SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN = 8, 10, 13, 14
+#: The extended code of a write to a record whose file was renamed, replaced or deleted
+#: while open (SQLite refuses it, lest it write to a file no one will open again).
+SQLITE_READONLY_DBMOVED = SQLITE_READONLY | 4 << 8
 #: The errnos of a write that found the filesystem full, and of one it refused.
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
@@ -51,6 +54,8 @@ class DataDirProblem(Exception):
 
     #: The google.rpc.ErrorInfo reason of the answer to a call that met it.
     reason = "DATA_DIR_PROBLEM"
+    #: What the operator does about it.
+    advice = "see the server's log"
 
     def __init__(self, message: str, data_dir: Path) -> None:
         super().__init__(message)
@@ -61,6 +66,7 @@ class DataDirFull(DataDirProblem):
     """The data directory's filesystem is full (SQLITE_FULL, ENOSPC, EDQUOT)."""
 
     reason = "DATA_DIR_FULL"
+    advice = "free space on its filesystem (or grow the volume)"
 
 
 class DataDirReadOnly(DataDirProblem):
@@ -68,6 +74,18 @@ class DataDirReadOnly(DataDirProblem):
     EROFS, EACCES: a read-only mount, or files the server's user may not write)."""
 
     reason = "DATA_DIR_READ_ONLY"
+    advice = "mount it read-write, or give the server's user write access to it"
+
+
+class RecordMoved(DataDirProblem):
+    """The record the server has open was renamed, replaced or deleted under it: its
+    writes would go to a file no longer at that path (in WAL mode SQLite takes them,
+    into a log no longer beside it; in rollback mode it refuses them,
+    SQLITE_READONLY_DBMOVED)."""
+
+    reason = "DATA_DIR_RECORD_MOVED"
+    advice = ("move the record the server opened back, or restart the server to serve the "
+              "one now there")
 
 
 def _diagnosed(data_dir: Path) -> type[DataDirProblem] | None:
@@ -91,7 +109,10 @@ def data_dir_problem(error: BaseException, data_dir: Path) -> DataDirProblem | N
     of the data directory that it is, or None where it is another error."""
     kind: type[DataDirProblem] | None = None
     if isinstance(error, sqlite3.Error):
-        code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
+        extended = getattr(error, "sqlite_errorcode", None) or 0
+        code = extended & 0xFF
+        if extended == SQLITE_READONLY_DBMOVED:
+            return record_moved(data_dir, f"SQLite: {error}")
         if code == SQLITE_FULL:
             kind = DataDirFull
         elif code == SQLITE_READONLY:
@@ -109,6 +130,20 @@ def data_dir_problem(error: BaseException, data_dir: Path) -> DataDirProblem | N
         return None
     state = "full" if kind is DataDirFull else "read-only"
     return kind(f"the data directory {data_dir} is {state} ({said})", data_dir)
+
+
+def record_moved(data_dir: Path, said: str) -> RecordMoved:
+    return RecordMoved(f"the record in the data directory {data_dir} was moved, replaced or "
+                       f"deleted while the server had it open ({said})", data_dir)
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """The device and inode of the file at ``path`` (None: there is none)."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def probe_data_dir(data_dir: Path) -> DataDirProblem | None:
@@ -202,6 +237,7 @@ class ImageStore:
         self.dimension = dimension
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._identity = _file_identity(path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
@@ -259,6 +295,7 @@ class ImageStore:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
+                    self._check_in_place()
                     self._db.execute("INSERT OR REPLACE INTO meta VALUES ('write-check', '')")
                 finally:
                     self._rollback()
@@ -267,7 +304,15 @@ class ImageStore:
                 if problem is None:
                     raise
                 return problem
+            except RecordMoved as problem:
+                return problem
         return None
+
+    def _check_in_place(self) -> None:
+        """RecordMoved where the file at the record's path is not the one opened (checked
+        with the write lock held, so nothing is written to a file that was moved)."""
+        if _file_identity(self.path) != self._identity:
+            raise record_moved(self.data_dir, f"{self.path} is no longer the file it opened")
 
     def _rollback(self) -> None:
         """Takes back the transaction under way, where there still is one: SQLite ends it
@@ -285,6 +330,7 @@ class ImageStore:
             try:
                 cursor.execute("BEGIN IMMEDIATE")
                 try:
+                    self._check_in_place()
                     result = change(cursor)
                     cursor.execute("COMMIT")
                 except BaseException as error:

@@ -1,7 +1,8 @@
-"""A data directory that is full or read-only: writes are refused with a precise status
-that names it (RESOURCE_EXHAUSTED / DATA_DIR_FULL, FAILED_PRECONDITION /
-DATA_DIR_READ_ONLY), reads go on, the index stays the record's, a failed snapshot leaves
-nothing behind and does not stop a shutdown, and a start on a read-only one is refused.
+"""A data directory that is full or read-only, or a record moved under the server: writes
+are refused with a precise status that names it (RESOURCE_EXHAUSTED / DATA_DIR_FULL,
+FAILED_PRECONDITION / DATA_DIR_READ_ONLY or DATA_DIR_RECORD_MOVED), reads go on, the index
+stays the record's, a failed snapshot leaves nothing behind and does not stop a shutdown,
+and a start on a read-only one is refused.
 
 Real SQLite, real FAISS and real gRPC servers throughout. The faults come in at the
 boundary only: SQLite's own ``max_page_count`` (a real SQLITE_FULL, after which SQLite has
@@ -46,6 +47,7 @@ from services.search.store import (
     DataDirFull,
     DataDirReadOnly,
     ImageStore,
+    RecordMoved,
     data_dir_problem,
     probe_data_dir,
 )
@@ -221,6 +223,25 @@ def test_an_io_error_of_sqlite_is_named_by_the_filesystem_it_met(
     problem = data_dir_problem(error, tmp_path)
     assert type(problem) is kind
     assert problem is None or str(problem).endswith("(SQLite: disk I/O error)")
+
+
+def test_a_record_moved_under_a_store_is_named_moved_not_read_only(tmp_path: Path) -> None:
+    """Renamed (SQLite's rollback-journal mode says SQLITE_READONLY_DBMOVED, whose primary
+    code is read-only) or deleted: writes and the write probe name the move."""
+    error = sqlite3.OperationalError("attempt to write a readonly database")
+    error.sqlite_errorcode = 1032  # type: ignore[attr-defined]  # SQLITE_READONLY_DBMOVED
+    assert isinstance(data_dir_problem(error, tmp_path), RecordMoved)
+    error.sqlite_errorcode = 8  # type: ignore[attr-defined]  # SQLITE_READONLY
+    assert isinstance(data_dir_problem(error, tmp_path), DataDirReadOnly)
+    store = ImageStore(tmp_path / "images.sqlite3", DIMENSION)
+    try:
+        (tmp_path / "images.sqlite3").unlink()
+        assert isinstance(store.probe_write(), RecordMoved)
+        with pytest.raises(RecordMoved, match="was moved, replaced or deleted"):
+            store.put_many([("new", "u", np.ones(DIMENSION, np.float32))])
+        assert not store._db.in_transaction
+    finally:
+        store.close()
 
 
 def test_the_data_dir_probe_finds_a_read_only_or_full_filesystem(
@@ -400,6 +421,42 @@ def test_a_read_only_data_dir_refuses_writes_with_failed_precondition(
     finally:
         set_query_only(module.store, False)
     assert stub.DeleteImages(search_pb2.DeleteImagesRequest(ids=["ro-kept-0"]),
+                             timeout=30).deleted == 1
+
+
+def test_a_record_moved_away_under_the_server_refuses_writes_until_it_is_back(
+        search: RunningServer, images: list[bytes]) -> None:
+    """The record renamed while open (as a backup script or an operator's mv might): in
+    WAL mode SQLite would take the writes, into a log no longer beside the record (lost
+    to the next start); the store refuses them, FAILED_PRECONDITION /
+    DATA_DIR_RECORD_MOVED. Reads go on, and once the record is back, writes do too."""
+    stub = search_pb2_grpc.ImageSearchStub(client.connect(search.target))
+    record = Path(search.server.config.data_dir) / "images.sqlite3"
+    stored = add_requests(images[0:2], prefix="moved-kept")
+    assert len(add(stub, stored)[0]) == 2
+    count = stub.Stats(search_pb2.StatsRequest(), timeout=30).count
+    record.rename(record.with_name("elsewhere.sqlite3"))
+    try:
+        refused = add_requests(images[2:4], prefix="moved-refused")
+        with pytest.raises(grpc.RpcError) as error:
+            add(stub, refused)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error.value.details().startswith(
+            f"the record in the data directory {record.parent} was moved, replaced or "
+            f"deleted while the server had it open ({record} is no longer the file it "
+            "opened): "), error.value.details()
+        assert "move the record the server opened back, or restart the server to serve " \
+            "the one now there, then retry" in error.value.details()
+        assert details(error.value)[0] == "DATA_DIR_RECORD_MOVED"
+        with pytest.raises(grpc.RpcError) as error:
+            stub.DeleteImages(search_pb2.DeleteImagesRequest(ids=["moved-kept-0"]), timeout=30)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert details(error.value)[0] == "DATA_DIR_RECORD_MOVED"
+        assert_reads_go_on(stub, [r.id for r in stored], [r.id for r in refused],
+                           images[2], count)
+    finally:
+        record.with_name("elsewhere.sqlite3").rename(record)
+    assert stub.DeleteImages(search_pb2.DeleteImagesRequest(ids=["moved-kept-0"]),
                              timeout=30).deleted == 1
 
 

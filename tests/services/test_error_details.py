@@ -5,6 +5,8 @@ the request field at fault. Over real gRPC, against the committed models."""
 
 from __future__ import annotations
 
+import re
+
 import grpc
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from grpc_status import rpc_status
 from percept.v1 import embed_pb2, embed_pb2_grpc, style_pb2, superres_pb2
 from services import client
 from services.common.server import RunningServer
-from tests.conftest import encode, is_pushback, pixel_budget_full
+from tests.conftest import REPO, encode, is_pushback, pixel_budget_full
 
 
 def _details(error: grpc.RpcError) -> dict[str, object]:
@@ -117,3 +119,16 @@ def test_a_batch_of_one_names_images_0_and_gatys_options_name_their_field(
         error = _call_error(lambda request=request: client.stylize_with_image(
             client.connect(all_server.target), request, timeout=60))
         assert [v.field for v in _details(error)["BadRequest"].field_violations] == [field]  # type: ignore[attr-defined]
+
+
+def test_every_reason_the_services_give_is_documented_in_the_proto() -> None:
+    """Clients branch on ErrorInfo reasons: each one named in the services' code (a
+    ``reason=`` argument, or a class's ``reason``/``default_reason``) is in image.proto's
+    list, so none is met without documentation. The base class of the data directory's
+    problems is never raised itself."""
+    pattern = re.compile(r"""\b(?:default_)?reason\s*=\s*["']([A-Z][A-Z0-9_]+)["']""")
+    given = {match for path in (REPO / "services").rglob("*.py")
+             for match in pattern.findall(path.read_text())}
+    assert {"QUEUE_FULL", "DATA_DIR_RECORD_MOVED", "STYLE_NOT_FOUND"} <= given  # found
+    documented = (REPO / "protos/percept/v1/image.proto").read_text()
+    assert sorted(r for r in given - {"DATA_DIR_PROBLEM"} if r not in documented) == []

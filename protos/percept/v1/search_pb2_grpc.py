@@ -94,7 +94,8 @@ class ImageSearchServicer:
         and no retry trailer, the server's data directory is full: nothing unacknowledged was
         stored, retry once its operator has freed space),
         FAILED_PRECONDITION (reason DATA_DIR_READ_ONLY: the server's data directory cannot be
-        written; reads go on),
+        written; or DATA_DIR_RECORD_MOVED: its record was moved or deleted while open; reads
+        go on),
         UNAVAILABLE (embedding service unreachable), UNIMPLEMENTED (no embedding model),
         INVALID_ARGUMENT (a message that does not parse as an AddImageRequest: the items that
         came whole before it are stored and acknowledged first, as at the end of a stream).
@@ -125,7 +126,8 @@ class ImageSearchServicer:
         """Deletes images by id. Unknown ids are reported, not errors.
         Errors: INVALID_ARGUMENT (over 10,000 ids), RESOURCE_EXHAUSTED (reason DATA_DIR_FULL:
         the data directory is full, and recording a deletion needs free space too; nothing
-        was deleted), FAILED_PRECONDITION (reason DATA_DIR_READ_ONLY; nothing was deleted).
+        was deleted), FAILED_PRECONDITION (reason DATA_DIR_READ_ONLY or DATA_DIR_RECORD_MOVED;
+        nothing was deleted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

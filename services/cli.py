@@ -6,8 +6,10 @@ cluster's port for the service, 50051..50054, as ``make run`` starts them). A fa
 prints the gRPC status name and message on stderr (``INVALID_ARGUMENT: not a decodable
 image``) and exits 1; a bad command line, an unreadable, empty or too large input, or an
 unwritable output exits 2 before anything is sent. A busy server (RESOURCE_EXHAUSTED with
-a retry trailer) is asked again after its pushback, until the command's timeout. Outputs
-are written whole or not at all. ``upscale`` and ``stylize --style`` also take a folder of
+a retry trailer) is asked again after its pushback, until the command's timeout, and one
+that is loading its models or draining (UNAVAILABLE, SERVER_LOADING / SERVER_DRAINING) for
+up to a minute; with no server at the address, a command fails at once. Outputs are
+written whole or not at all. ``upscale`` and ``stylize --style`` also take a folder of
 images (IN and OUT are then folders).
 """
 
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
+import itertools
 import json
 import math
 import os
@@ -25,6 +29,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc loads: no C-core INFO lines
 
@@ -40,7 +45,7 @@ from services.local_files import (
     sigterm_raises,
     size_text,
 )
-from services.retries import RetriedTooLong, retrying
+from services.retries import UNAVAILABLE_PATIENCE_SECONDS, RetriedTooLong, retrying
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -48,6 +53,8 @@ Handler = Callable[[argparse.Namespace], int]
 #: starts a terminal escape sequence, a CR rewrites the line), the line and paragraph
 #: separators, the bidirectional controls (they reorder what the terminal shows) and lone
 #: surrogates (a file name that is not UTF-8). Ids, uris and labels may hold any of them.
+T = TypeVar("T")
+
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f"
                           r"\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
@@ -457,7 +464,8 @@ def _version_number(version: str) -> int | str:
 
 
 def cmd_styles(args: argparse.Namespace) -> int:
-    styles = client.list_styles(_channel(args))
+    channel = _channel(args)
+    styles = _when_ready(lambda: client.list_styles(channel))
     if args.json:
         print(json.dumps({"styles": [{"name": s.name, "title": s.title,
                                       "version": _version_number(s.version)}
@@ -890,16 +898,17 @@ def cmd_images(args: argparse.Namespace) -> int:
         ids = list(dict.fromkeys(i for candidates in wanted.values() for i in candidates))
         found: dict[str, search_pb2.ImageEntry] = {}
         for start in range(0, len(ids), GET_IMAGES_CHUNK):
-            answer = client.get_images(channel, ids[start:start + GET_IMAGES_CHUNK])
+            chunk = ids[start:start + GET_IMAGES_CHUNK]
+            answer = _when_ready(functools.partial(client.get_images, channel, chunk))
             found.update((entry.id, entry) for entry in answer.images)
         entries = [found[i] for i in ids if i in found]
         missing = [given for given, candidates in wanted.items()
                    if not any(i in found for i in candidates)]
     else:
         prefix = _indexed_prefix(args.prefix)
-        entries = list(client.list_images(channel, prefix=prefix))
+        entries = _listed(channel, prefix)
         if not entries and prefix.rstrip(os.sep) != args.prefix.rstrip(os.sep):
-            entries = list(client.list_images(channel, prefix=args.prefix))  # plain ids
+            entries = _listed(channel, args.prefix)  # plain ids
         if not entries:  # stdout (and its JSON) stays as it is
             print(printable(f"no indexed id starts with {prefix}"
                             + (f" or {args.prefix}" if prefix != args.prefix else ""))
@@ -916,6 +925,24 @@ def cmd_images(args: argparse.Namespace) -> int:
         for image_id in missing:
             print(f"not indexed: {printable(image_id)}", file=sys.stderr)
     return 1 if missing else 0
+
+
+def _when_ready(call: Callable[[], T]) -> T:
+    """``call()``, asked again while the server is loading or draining (or busy), for up
+    to :data:`services.retries.UNAVAILABLE_PATIENCE_SECONDS`: the index commands' calls."""
+    return retrying(call, patience=UNAVAILABLE_PATIENCE_SECONDS)
+
+
+def _listed(channel: grpc.Channel, prefix: str, page_size: int = 1000,
+            first_page_only: bool = False) -> list[search_pb2.ImageEntry]:
+    """The indexed images whose ids start with ``prefix`` (the first one, at most, with
+    ``first_page_only`` and a ``page_size`` of 1), listed again from the start where the
+    server was not ready."""
+    def listing() -> list[search_pb2.ImageEntry]:
+        entries = client.list_images(channel, prefix=prefix, page_size=page_size)
+        return list(itertools.islice(entries, page_size) if first_page_only else entries)
+
+    return _when_ready(listing)
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -942,7 +969,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
         candidates = list(dict.fromkeys(i for names in wanted.values() for i in names))
         found: set[str] = set()
         for start in range(0, len(candidates), GET_IMAGES_CHUNK):
-            answer = client.get_images(channel, candidates[start:start + GET_IMAGES_CHUNK])
+            chunk = candidates[start:start + GET_IMAGES_CHUNK]
+            answer = _when_ready(functools.partial(client.get_images, channel, chunk))
             found.update(entry.id for entry in answer.images)
         # one id a given text: its absolute path's where both are indexed
         chosen = list(dict.fromkeys(next(n for n in names if n in found)
@@ -952,7 +980,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
                    if not any(n in found for n in names)]
     deleted = 0
     for start in range(0, len(chosen), GET_IMAGES_CHUNK):
-        deleted += client.delete_images(channel, chosen[start:start + GET_IMAGES_CHUNK]).deleted
+        chunk = chosen[start:start + GET_IMAGES_CHUNK]
+        deleted += _when_ready(functools.partial(client.delete_images, channel, chunk)).deleted
     print(f"deleted {deleted:,} image{'s' if deleted != 1 else ''}")
     for image_id in missing:
         print(f"not indexed: {printable(image_id)}", file=sys.stderr)
@@ -969,19 +998,19 @@ def _ids_under_prefix(channel: grpc.Channel, text: str) -> list[str]:
     alone would also take ``~/Pictures/old-backup/``."""
     prefix = _indexed_prefix(text)
     if prefix != text and not prefix.endswith(os.sep) and not os.path.exists(prefix):
-        ids = [entry.id for entry in client.list_images(channel, prefix=text)]
+        ids = [entry.id for entry in _listed(channel, text)]
         if ids:
             return ids
-        if next(iter(client.list_images(channel, prefix=prefix, page_size=1)), None):
+        if _listed(channel, prefix, page_size=1, first_page_only=True):
             raise UsageError(printable(
                 f"--prefix {text} names no file or folder here: end it with / "
                 f"({text.rstrip(os.sep)}/) for the images indexed from a folder that is "
                 "gone, or give the ids' own prefix"))
         print(printable(f"no indexed id starts with {text} or {prefix}"), file=sys.stderr)
         return []
-    ids = [entry.id for entry in client.list_images(channel, prefix=prefix)]
+    ids = [entry.id for entry in _listed(channel, prefix)]
     if not ids and prefix != text:  # plain ids that look like a path
-        ids = [entry.id for entry in client.list_images(channel, prefix=text)]
+        ids = [entry.id for entry in _listed(channel, text)]
     if not ids:
         print(printable(f"no indexed id starts with {prefix}"
                         + (f" or {text}" if prefix != text else "")), file=sys.stderr)

@@ -7,6 +7,13 @@ retried. The first retry waits the server's pushback, later ones twice the last 
 to :data:`MAX_BACKOFF_SECONDS`, and never less than the pushback: the server knows how
 long its batches take), with jitter so that clients refused together do not come back
 together.
+
+A server that is up but not ready answers UNAVAILABLE with the ErrorInfo reason
+SERVER_LOADING (its models are still loading) or SERVER_DRAINING (it is shutting down: a
+retry reaches another replica, or finds no server and fails at once); every call retries
+those too, for up to :data:`UNAVAILABLE_PATIENCE_SECONDS`. Other UNAVAILABLE answers (no
+server at the address, a connection lost) are retried only by callers that ask
+(``retry_unavailable``: the folder runs, whose server may restart under them).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from services.common.errors import RETRY_PUSHBACK_KEY
 
@@ -28,6 +37,9 @@ MAX_BACKOFF_SECONDS = 1.0
 UNAVAILABLE_PATIENCE_SECONDS = 60.0
 #: The wait before retrying an unavailable server (seconds; it sends no pushback).
 UNAVAILABLE_PUSHBACK_SECONDS = 0.25
+#: The ErrorInfo reasons of an UNAVAILABLE answer from a server that is there but not
+#: ready (services.common.server's readiness gate): worth a retry for every call.
+NOT_READY_REASONS = frozenset({"SERVER_LOADING", "SERVER_DRAINING"})
 
 
 def describe(error: grpc.RpcError) -> str:
@@ -59,16 +71,31 @@ def pushback_seconds(error: grpc.RpcError) -> float | None:
     return None
 
 
+def error_reason(error: grpc.RpcError) -> str | None:
+    """The google.rpc.ErrorInfo reason a percept server gave with ``error`` (None: none,
+    as for a failure gRPC itself reports, such as no server at the address)."""
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except (ValueError, AttributeError):  # a status that disagrees with the call's
+        return None
+    info = error_details_pb2.ErrorInfo()
+    for detail in status.details if status is not None else ():
+        if detail.Unpack(info):
+            return str(info.reason)
+    return None
+
+
 def retrying(call: Callable[[], T], *, patience: float, retry_unavailable: bool = False,
              wait: Callable[[float], None] = time.sleep,
              progress: Callable[[], int] | None = None) -> T:
     """``call()``, tried again while it fails busy (for up to ``patience`` seconds from the
-    first such answer) or, with ``retry_unavailable``, unavailable (up to a minute of
-    that). Any other failure is raised at once; raises :class:`RetriedTooLong` when the
-    time is up. ``wait(seconds)`` sleeps between tries (a caller that can be stopped raises
-    from it). ``progress()``, for a call that does part of its work before it fails (a
-    stream): a count of what is done; when a try has moved it on, the patience and the
-    backoff start again."""
+    first such answer), or unavailable (up to a minute of that) where the server says it
+    is loading or draining or, with ``retry_unavailable``, for any reason. Any other
+    failure is raised at once; raises :class:`RetriedTooLong` when the time is up.
+    ``wait(seconds)`` sleeps between tries (a caller that can be stopped raises from it).
+    ``progress()``, for a call that does part of its work before it fails (a stream): a
+    count of what is done; when a try has moved it on, the patience and the backoff start
+    again."""
     started: float | None = None
     backoff = 0.0
     done = progress() if progress is not None else 0
@@ -78,8 +105,8 @@ def retrying(call: Callable[[], T], *, patience: float, retry_unavailable: bool 
         except grpc.RpcError as error:
             pushback = pushback_seconds(error)
             limit = patience
-            if (pushback is None and retry_unavailable
-                    and error.code() == grpc.StatusCode.UNAVAILABLE):
+            if (pushback is None and error.code() == grpc.StatusCode.UNAVAILABLE
+                    and (retry_unavailable or error_reason(error) in NOT_READY_REASONS)):
                 pushback = UNAVAILABLE_PUSHBACK_SECONDS
                 limit = min(limit, UNAVAILABLE_PATIENCE_SECONDS)
             if pushback is None:

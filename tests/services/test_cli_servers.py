@@ -275,3 +275,80 @@ def test_search_sheet_pictures_the_hits_that_are_files_here(
     assert main(["search", "x", "--sheet", str(tmp_path / "a-file" / "hits.png"),
                  "--target", "127.0.0.1:1"]) == 2  # no server there: never asked
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_command_sent_while_the_server_loads_waits_for_it(
+        cat_png: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`percept upscale` and `percept styles` sent to a server still loading its models
+    (as right after `make run` or a pod's start) are answered UNAVAILABLE / SERVER_LOADING,
+    and ask again until the models are there, instead of failing; once the server is gone,
+    the same command fails at once (no server: nothing to wait for)."""
+    import asyncio
+    import threading
+
+    from services.common.server import build_modules
+    from services.retries import UNAVAILABLE_PATIENCE_SECONDS
+
+    config = server_config("superres", port=free_port())
+    modules = build_modules(config) + build_modules(server_config("style"))
+    loading, gate = threading.Event(), threading.Event()
+    load = modules[0].load
+
+    async def gated_load() -> None:
+        loading.set()
+        await asyncio.to_thread(gate.wait, 120)
+        await load()
+
+    modules[0].load = gated_load  # type: ignore[method-assign]
+    running: list[RunningServer] = []
+    starter = threading.Thread(target=lambda: running.append(start_in_thread(config, modules)))
+    starter.start()
+    target = f"127.0.0.1:{config.port}"
+    out = tmp_path / "up.png"
+    exit_codes: list[int] = []
+    try:
+        assert loading.wait(60)
+        commands = [threading.Thread(target=lambda argv=argv: exit_codes.append(main(
+            [*argv, "--target", target]))) for argv in (["upscale", str(cat_png), str(out)],
+                                                         ["styles", "--json"])]
+        for command in commands:
+            command.start()
+        asked = time.monotonic()
+        while not _refused_loading(target) and time.monotonic() - asked < 30:
+            time.sleep(0.05)
+        time.sleep(1.0)  # the commands have met SERVER_LOADING by now, at least once
+        assert all(command.is_alive() for command in commands) and not out.exists()
+        gate.set()
+        for command in commands:
+            command.join(120)
+        printed = capsys.readouterr()
+        assert exit_codes == [0, 0] and out.stat().st_size > 0, printed.err
+        assert "starry-night" in printed.out
+    finally:
+        gate.set()
+        starter.join(120)
+        for server in running:
+            server.stop()
+    started = time.monotonic()
+    assert main(["upscale", str(cat_png), str(tmp_path / "again.png"), "--target", target]) == 1
+    assert time.monotonic() - started < UNAVAILABLE_PATIENCE_SECONDS / 2
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def _refused_loading(target: str) -> bool:
+    """Whether the server at ``target`` answers a work call UNAVAILABLE / SERVER_LOADING."""
+    import grpc
+
+    from services import client
+    from services.retries import error_reason
+
+    channel = client.connect(target)
+    try:
+        client.server_info(channel, timeout=5)
+        client.upscale(channel, b"", timeout=5)
+    except grpc.RpcError as error:
+        return (error.code() == grpc.StatusCode.UNAVAILABLE
+                and error_reason(error) == "SERVER_LOADING")
+    finally:
+        channel.close()
+    return False

@@ -7,18 +7,25 @@ from collections.abc import Callable
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from services.common.errors import RETRY_PUSHBACK_KEY
-from services.retries import RetriedTooLong, pushback_seconds, retrying
+from services.retries import RetriedTooLong, error_reason, pushback_seconds, retrying
 
 
 class Failed(grpc.RpcError):
     """A failed call as grpc raises it: a status, details and trailing metadata."""
 
-    def __init__(self, code: grpc.StatusCode, pushback: str | None = None) -> None:
+    def __init__(self, code: grpc.StatusCode, pushback: str | None = None,
+                 reason: str | None = None) -> None:
         super().__init__()
         self._code = code
-        self._trailers = () if pushback is None else ((RETRY_PUSHBACK_KEY, pushback),)
+        self._trailers: tuple[tuple[str, str | bytes], ...] = (
+            () if pushback is None else ((RETRY_PUSHBACK_KEY, pushback),))
+        if reason is not None:  # the rich error model's ErrorInfo, as a percept server sends
+            status = status_pb2.Status(code=code.value[0], message=self.details())
+            status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason))
+            self._trailers += (("grpc-status-details-bin", status.SerializeToString()),)
 
     def code(self) -> grpc.StatusCode:
         return self._code
@@ -26,7 +33,7 @@ class Failed(grpc.RpcError):
     def details(self) -> str:
         return "busy" if self._code == grpc.StatusCode.RESOURCE_EXHAUSTED else "no"
 
-    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return self._trailers
 
 
@@ -70,6 +77,21 @@ def test_what_a_retry_would_not_change_is_raised_at_once(failure: Failed) -> Non
     with pytest.raises(grpc.RpcError) as raised:
         retrying(call, patience=10)
     assert raised.value is failure and tries[0] == 1
+
+
+@pytest.mark.parametrize("reason", ["SERVER_LOADING", "SERVER_DRAINING"])
+def test_a_server_that_says_it_is_not_ready_is_always_retried(reason: str) -> None:
+    """Loading its models, or draining (a retry reaches another replica): every command
+    asks again; another UNAVAILABLE reason is retried only when asked."""
+    failure = Failed(grpc.StatusCode.UNAVAILABLE, reason=reason)
+    assert error_reason(failure) == reason
+    call, tries = answers(failure, failure, "done")
+    assert retrying(call, patience=10, wait=lambda s: None) == "done" and tries[0] == 3
+    other = Failed(grpc.StatusCode.UNAVAILABLE, reason="EMBEDDING_SERVICE_UNAVAILABLE")
+    call, tries = answers(other, "done")
+    with pytest.raises(grpc.RpcError):
+        retrying(call, patience=10, wait=lambda s: None)
+    assert tries[0] == 1 and error_reason(Failed(grpc.StatusCode.UNAVAILABLE)) is None
 
 
 def test_unavailable_is_retried_only_when_asked() -> None:

@@ -183,3 +183,8 @@ class FailedPrecondition(ServiceError):
 
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class StartupError(RuntimeError):
+    """A start-up failure whose message says all there is to know (a port in use, a broken
+    model artifact): it is logged without a traceback."""

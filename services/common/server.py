@@ -48,7 +48,13 @@ from services.common.batching import (
 )
 from services.common.config import ServerConfig, bare_host, listen_address
 from services.common.cpus import available_cpus
-from services.common.errors import STATUS_DETAILS_KEY, Busy, ServiceError, status_details
+from services.common.errors import (
+    STATUS_DETAILS_KEY,
+    Busy,
+    ServiceError,
+    StartupError,
+    status_details,
+)
 from services.common.logs import configure_logging
 from services.common.malformed import MalformedRequests
 from services.common.metrics import (
@@ -65,11 +71,6 @@ from services.common.server_info import ServerInfoServicer
 from services.common.stall_watch import StallWatch
 
 log = logging.getLogger("percept.server")
-
-
-class StartupError(RuntimeError):
-    """A start-up failure whose message says all there is to know (a port in use): it is
-    logged without a traceback."""
 
 
 class ServiceModule(abc.ABC):

@@ -29,7 +29,13 @@ import torch
 
 from percept.v1 import embed_pb2, embed_pb2_grpc, server_pb2
 from services.common.alpha import over_white
-from services.common.artifacts import Artifact, list_artifacts, load_artifact, read_config
+from services.common.artifacts import (
+    Artifact,
+    invalid_field,
+    list_artifacts,
+    load_artifact,
+    read_config,
+)
 from services.common.batching import MicroBatcher
 from services.common.device import choose_device, describe
 from services.common.errors import (
@@ -79,6 +85,29 @@ DEFAULT_K = 5
 _WNID = re.compile(r"^n\d{8}$")
 DEVISE, CONSE = embed_pb2.EMBEDDING_METHOD_DEVISE, embed_pb2.EMBEDDING_METHOD_CONSE
 _METHOD_NAMES = {DEVISE: "devise", CONSE: "conse"}
+
+
+def devise_methods(artifact: Artifact, classes: int) -> tuple[str, int | None]:
+    """The default method a DeViSE artifact names (``"conse"`` or ``"devise"``) and the
+    ConSE T it was scored with (None: not recorded), checked: ArtifactError naming the
+    artifact for values the service cannot use."""
+    config = artifact.config
+    preferred = config.get("default_method", "conse")
+    if preferred not in _METHOD_NAMES.values():
+        raise invalid_field(artifact.path, f"'default_method' is {preferred!r}: it must be "
+                                           f"one of {sorted(_METHOD_NAMES.values())}")
+    methods = config.get("methods", {})
+    conse = methods.get("conse", {}) if isinstance(methods, dict) else None
+    if not isinstance(conse, dict):
+        raise invalid_field(artifact.path, "'methods' must be an object whose 'conse' is an "
+                                           "object")
+    top_t = conse.get("top_t")
+    if top_t is not None and (not isinstance(top_t, int) or isinstance(top_t, bool)
+                              or not 1 <= top_t <= classes):
+        raise invalid_field(artifact.path, f"'methods.conse.top_t' is {top_t!r}: it must be "
+                                           f"a whole number from 1 to {classes}")
+    return preferred, top_t
+
 
 
 def serving_backbone(device: torch.device) -> EfficientNetLite0:
@@ -136,6 +165,7 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         self.image_requests = 0  # EmbedImages/LabelImage calls reading or decoding images
         self.devise = None
         self.devise_refused: dict[str, str] = {}
+        not_served: list[str] = []
         for name in list_artifacts(self.config.models_dir, "devise"):
             recorded = read_config(self.config.models_dir / name).get("noun_vectors")
             reason = vector_space_mismatch(recorded, self.space.source)
@@ -143,16 +173,21 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
                 self.devise_refused[name] = str(vector_space_mismatch(
                     recorded, self.space.source, describe=space_name))
                 log.error(f"DeViSE map {name} refused: {reason}", extra={"devise": name})
-                continue
-            self.devise = await asyncio.to_thread(load_artifact, self.config.models_dir,
-                                                  name, self.device)
-            break
-        preferred = (self.devise.config.get("default_method", "conse")
-                     if self.devise is not None else "conse")
+            elif self.devise is not None:
+                not_served.append(name)
+            else:
+                self.devise = await asyncio.to_thread(load_artifact, self.config.models_dir,
+                                                      name, self.device)
+        if not_served:
+            assert self.devise is not None
+            log.warning(f"several DeViSE maps fit this word space: {self.devise.path.name} "
+                        f"is served (the first by folder name), not {', '.join(not_served)}; "
+                        "keep the one to serve in --models-dir",
+                        extra={"devise": self.devise.path.name})
+        preferred, recorded_t = (devise_methods(self.devise, len(self.imagenet_rows))
+                                 if self.devise is not None else ("conse", None))
         # the T the installed map's evaluation scored ConSE with
-        recorded_t = (self.devise.config.get("methods", {}).get("conse", {}).get("top_t")
-                      if self.devise is not None else None)
-        self.conse_top_t = int(recorded_t) if recorded_t else CONSE_TOP_T
+        self.conse_top_t = recorded_t or CONSE_TOP_T
         self.default_method = DEVISE if preferred == "devise" and self.devise else CONSE
         # Its items are images, decoded already: --max-queue bounds the image *requests*
         # (image_requests, before decoding), and every image of an admitted request has a

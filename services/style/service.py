@@ -15,7 +15,13 @@ import torch
 
 from percept.v1 import server_pb2, style_pb2, style_pb2_grpc
 from services.common.alpha import ALPHA_FORMATS, fill_transparent, over_white
-from services.common.artifacts import list_artifacts, load_artifact
+from services.common.artifacts import (
+    Artifact,
+    check_artifact_name,
+    invalid_field,
+    list_artifacts,
+    load_artifact,
+)
 from services.common.batching import MicroBatcher
 from services.common.device import choose_device, describe, dtype_name
 from services.common.errors import Busy, InvalidArgument, NotFound, Unimplemented, shown
@@ -31,7 +37,7 @@ from services.common.images import (
 )
 from services.common.metrics import REJECTED, REQUEST_SLOTS
 from services.common.rpc import stream_errors, time_remaining, unary_errors
-from services.common.server import ServiceModule
+from services.common.server import ServiceModule, StartupError
 from services.common.server_info import model_info
 from services.common.tensors import to_uint8
 from services.style.optimisation import OptimisationJob, parse_request
@@ -67,9 +73,9 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
         for name in list_artifacts(self.config.models_dir, "style"):
             artifact = await asyncio.to_thread(load_artifact, self.config.models_dir, name,
                                                self.device)
-            style = artifact.config.get("style", {}).get("name", name)
+            style = style_name(artifact)
             if style in self.styles:  # one would hide the other: say so, do not pick one
-                raise ValueError(
+                raise StartupError(
                     f"two style artifacts are both named {style!r}: "
                     f"{self.styles[style].artifact.path} and {artifact.path}; remove one, or "
                     "retrain one with another --name")
@@ -78,6 +84,9 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
                                     max_batch_pixels=MAX_BATCH_PIXELS)
             model.start()
             self.styles[style] = model
+        if not self.styles:
+            log.warning("no style artifacts: Stylize answers NOT_FOUND; StylizeWithImage (any "
+                        "style image) works", extra={"models_dir": str(self.config.models_dir)})
         # Optimisation runs are long: one at a time, a short bounded queue behind it. A
         # request holds a place from before its images are decoded, so a burst past the
         # limit is refused at once instead of after decoding up to 64 MP each.
@@ -257,6 +266,18 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
             for pending in (task, getter):
                 if pending is not None and not pending.done():
                     pending.cancel()
+
+
+def style_name(artifact: Artifact) -> str:
+    """The name clients ask for a style by: config.json's ``style.name``, else the
+    artifact's folder name; ArtifactError where it is not a name."""
+    section = artifact.config.get("style", {})
+    name = section.get("name", artifact.path.name) if isinstance(section, dict) else None
+    if not isinstance(name, str):
+        raise invalid_field(artifact.path, f"'style' is {section!r}: it must be an object "
+                                           "whose 'name' is a string")
+    check_artifact_name(name, artifact.path / "config.json", "style name")
+    return name
 
 
 def _progress_message(p: GatysProgress) -> style_pb2.StylizeProgress:

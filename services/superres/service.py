@@ -28,7 +28,7 @@ from services.common.images import (
     validate_quality,
 )
 from services.common.rpc import time_remaining, unary_errors
-from services.common.server import ServiceModule
+from services.common.server import ServiceModule, StartupError
 from services.common.server_info import model_info
 
 log = logging.getLogger("percept.superres")
@@ -77,10 +77,20 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
             self.models[name] = model
         requested = self.config.default_model
         if requested and requested not in self.models:
-            raise RuntimeError(f"--default-model {requested!r} is not under "
-                               f"{self.config.models_dir}; found: {sorted(self.models)}")
+            what = ("is not a super-resolution artifact"
+                    if (self.config.models_dir / requested / "config.json").is_file()
+                    else f"is not under {self.config.models_dir}")
+            raise StartupError(f"--default-model {requested!r} {what}; the super-resolution "
+                               f"artifacts there: {', '.join(sorted(self.models)) or 'none'}")
         fallback = [n for n in PREFERRED_DEFAULTS if n in self.models] + sorted(self.models)
         self.default = requested or (fallback[0] if fallback else "")
+        if not self.models:
+            log.warning("no super-resolution artifacts: every Upscale is answered "
+                        "UNIMPLEMENTED (NO_MODEL_INSTALLED)",
+                        extra={"models_dir": str(self.config.models_dir)})
+        elif not requested and self.default != PREFERRED_DEFAULTS[0]:
+            log.warning(f"{PREFERRED_DEFAULTS[0]} is not installed: {self.default} is the "
+                        "default model", extra={"models_dir": str(self.config.models_dir)})
         log.info("superres loaded", extra={"device": describe(self.device),
                                            "models": sorted(self.models),
                                            "default": self.default,

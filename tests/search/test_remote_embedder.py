@@ -472,6 +472,7 @@ def test_an_embedding_rollout_to_another_space_mid_life_is_refused_per_answer(
 
         # another text space: a word-vector file
         vectors = write_glove(tmp_path / "glove.tiny.txt", NounVocabulary.from_file())
+        (tmp_path / "no-models").mkdir()
         embed_on_port(word_vectors=str(vectors), models_dir=tmp_path / "no-models")
         in_the_file = search_pb2.SearchByTextRequest(text="golden retriever", k=3)
         assert _answered(lambda: stub.SearchByText(in_the_file, timeout=30)) == (

@@ -213,7 +213,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         try:
             answers.append((target, client.server_info(client.connect(target), timeout)))
         except grpc.RpcError as error:
-            print(f"{target}: {error.code().name}: {error.details()}", file=sys.stderr)
+            print(printable(f"{target}: {error.code().name}: {error.details()}"),
+                  file=sys.stderr)
             failed = 1
     if args.json:
         print(json.dumps({"servers": [
@@ -450,7 +451,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             channel, image, model=args.model, output_format=fmt, timeout=timeout),
             patience=timeout)
         write(response.image)
-    print(f"{args.output}: {response.width}x{response.height} ({response.model})")
+    print(printable(f"{args.output}: {response.width}x{response.height} ({response.model})"))
     return 0
 
 
@@ -615,7 +616,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
                 channel, optimisation, on_progress, timeout=timeout),
                 patience=timeout)
             write(result.image)
-    print(f"{args.output}: {result.width}x{result.height} ({result.model})")
+    print(printable(f"{args.output}: {result.width}x{result.height} ({result.model})"))
     return 0
 
 
@@ -1271,10 +1272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"cluster's: localhost:{SERVICE_PORTS[service]})?"
                      if service and address else "")
             details = f"{details} (the server does not serve this call{where})"
-        print(f"{name}: {details}", file=sys.stderr)
+        print(printable(f"{name}: {details}"), file=sys.stderr)
         return 1
     except RetriedTooLong as error:
-        print(error, file=sys.stderr)
+        print(printable(str(error)), file=sys.stderr)
         return 1
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from PIL import Image
@@ -424,3 +425,37 @@ def test_images_lists_what_index_added_and_looks_up_ids(
     assert answer["missing"] == [str(folder / "nope.png")]
     assert answer["images"][0]["added"].endswith("Z")
     assert main(["images", "x", "--prefix", "y", *target]) == 2
+
+
+
+class _Refused(grpc.RpcError):
+    """A failure as grpc raises it, whose details hold what a hostile server might send."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.NOT_FOUND
+
+    def details(self) -> str:
+        return "no such style x\x1b[2J\nOK: done"
+
+
+def test_what_a_server_says_is_printed_with_control_characters_escaped(
+        all_server: RunningServer, cat_png: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A server's message and the model name it answers with are printed with control
+    characters escaped: another server (or a message echoing a request) cannot clear the
+    screen or forge a line of output."""
+    from percept.v1 import superres_pb2
+    from services import client
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise _Refused()
+
+    monkeypatch.setattr(client, "list_styles", refuse)
+    assert main(["styles", "--target", all_server.target]) == 1
+    err = capsys.readouterr().err
+    assert err == "NOT_FOUND: no such style x\\x1b[2J\\nOK: done\n", err
+    monkeypatch.setattr(client, "upscale", lambda *a, **k: superres_pb2.UpscaleResponse(
+        image=b"png", width=4, height=4, model="m\x1b]0;owned\x07"))
+    assert main(["upscale", str(cat_png), str(tmp_path / "o.png"), "--target",
+                 all_server.target]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'o.png'}: 4x4 (m\\x1b]0;owned\\x07)\n"

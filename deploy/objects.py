@@ -2,11 +2,13 @@
 
 Two independent readings of every object:
 1. JSON schema: kubernetes-validate's bundled OpenAPI schemas, in strict mode (an unknown
-   field is an error), for the newest Kubernetes version it ships.
+   field is an error), for the newest Kubernetes version it ships; a custom resource
+   (the PodMonitor) against our own schema in deploy/crds.py, as strictly.
 2. Typed models: the `kubernetes` Python client deserialises the object into its model
    classes (`V1Deployment`, `V2HorizontalPodAutoscaler` ...), which run the client-side
-   validation of required fields; serialising the model back must give the same object,
-   so no field was dropped on the way. The policy checks then read these models.
+   validation of required fields; a custom resource becomes a `deploy.crds.CustomModel`
+   typed by its schema. Serialising the model back must give the same object, so no
+   field was dropped on the way. The policy checks then read these models.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from packaging.version import Version
+
+from deploy import crds
 
 MIN_KUBERNETES = "1.33"
 
@@ -80,10 +84,13 @@ def validator_version() -> str:
 def schema_errors(obj: dict[str, Any], version: str) -> list[str]:
     """Strict JSON-schema errors for one object ([] when it validates).
 
-    A kind without a bundled schema is an error too: strict validation must not pass an
-    object it could not check.
+    A kind without a bundled schema is an error too, unless deploy/crds.py has one for it:
+    strict validation must not pass an object it could not check.
     """
     from kubernetes_validate import utils
+
+    if crds.schema_for(obj) is not None:
+        return crds.schema_errors(obj, version)
 
     try:
         utils.validate(obj, version, strict=True)
@@ -159,19 +166,27 @@ def _one_line(exc: Exception) -> str:
 def to_model(obj: dict[str, Any]) -> Any:
     """Deserialise one object into its typed `kubernetes.client` model.
 
-    Raises ModelError when the client has no model for the kind, when the client-side
-    validation rejects it (a required field missing), or when serialising the model back
-    loses or changes a field.
+    A custom resource with a schema in deploy/crds.py becomes a `crds.CustomModel` (its
+    metadata and selectors the client's models). Raises ModelError when the client has no
+    model for the kind, when the client-side validation rejects it (a required field
+    missing), or when serialising the model back loses or changes a field.
     """
     from kubernetes import client
 
     api_version, kind = str(obj.get("apiVersion", "")), str(obj.get("kind", ""))
-    cls = model_class_name(api_version, kind)
-    if not hasattr(client, cls):
-        raise ModelError(f"the kubernetes client has no model {cls} for {api_version} {kind}")
     api = _api_client()
+    deserialize = api._ApiClient__deserialize
+    custom = crds.schema_for(obj)
+    if custom is not None:
+        cls = f"{kind} ({api_version}, typed by deploy/crds.py)"
+    else:
+        cls = model_class_name(api_version, kind)
+        if not hasattr(client, cls):
+            raise ModelError(
+                f"the kubernetes client has no model {cls} for {api_version} {kind}"
+            )
     try:
-        model = api._ApiClient__deserialize(obj, cls)
+        model = crds.typed(obj, custom, deserialize) if custom else deserialize(obj, cls)
     except (ValueError, TypeError) as exc:
         raise ModelError(f"{cls}: {_one_line(exc)}") from exc
     back = api.sanitize_for_serialization(model)

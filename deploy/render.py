@@ -23,7 +23,7 @@ DOCKERFILE = REPO_ROOT / "deploy" / "docker" / "Dockerfile"
 ARCHITECTURE_DOC = REPO_ROOT / "docs" / "architecture.md"
 
 Accelerator = Literal["gpu", "cpu"]
-TargetKind = Literal["cluster", "app", "job"]
+TargetKind = Literal["cluster", "app", "job", "component"]
 
 
 class RenderError(RuntimeError):
@@ -36,9 +36,11 @@ class Target:
 
     `kind` is "cluster" for deploy/k8s/cluster (the Namespace and the PersistentVolumeClaims
     that outlive every deployment, applied once), "app" for an overlay (the whole serving
-    stack) and "job" for a job template that is applied on its own; `companion` names the
-    target whose objects a job refers to (its PersistentVolumeClaim lives in the cluster
-    target). The cluster target runs no pods: its `accelerator` is never read.
+    stack), "job" for a job template that is applied on its own and "component" for an
+    optional kustomize Component that an overlay adds (rendered on its own: its objects
+    only); `companion` names the target whose objects a job or a component refers to (a
+    job's PersistentVolumeClaim lives in the cluster target, the pods a PodMonitor scrapes
+    in an overlay). The cluster target runs no pods: its `accelerator` is never read.
     """
 
     name: str
@@ -59,6 +61,15 @@ TARGETS: tuple[Target, ...] = (
         "gpu",
         kind="job",
         companion="cluster",
+    ),
+    # Optional, for the Prometheus Operator: checked against the pods of the default overlay
+    # (overlays/cpu runs the same pods, labels and ports).
+    Target(
+        "components/podmonitor",
+        K8S_DIR / "components" / "podmonitor",
+        "gpu",
+        kind="component",
+        companion="overlays/gpu",
     ),
 )
 

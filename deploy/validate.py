@@ -1,15 +1,16 @@
 """Validate percept's Kubernetes deployment offline: `.venv/bin/python deploy/validate.py`.
 
-Renders every kustomize target (deploy/k8s/cluster, overlays/gpu, overlays/cpu and the
-training Job) with the venv's `kubectl kustomize`, validates each object against the
-bundled Kubernetes JSON schemas in strict mode (kubernetes-validate), loads it into the
-`kubernetes` client's typed models, runs the policy checks of deploy/policy/ (some across
-targets: every target runs one image release; the `images` check wants the variant each
-container needs, -gpu with nvidia.com/gpu and -cpu without, so that the gpu overlay's
-search, whose base image name is the percept-cpu-image placeholder, never pulls the CUDA
-image), and prints a summary table ("n/a": the
-check does not apply to that kind of target). Exit status: 0 when everything passes, 1 on
-any failure, 2 when the tooling itself is missing.
+Renders every kustomize target (deploy/k8s/cluster, overlays/gpu, overlays/cpu, the
+training Job and the optional components/podmonitor) with the venv's `kubectl kustomize`,
+validates each object against the bundled Kubernetes JSON schemas in strict mode
+(kubernetes-validate; the PodMonitor against our own schema, deploy/crds.py), loads it
+into the `kubernetes` client's typed models, runs the policy checks of deploy/policy/
+(some across targets: every target runs one image release; the PodMonitor is checked
+against the pods of overlays/gpu; the `images` check wants the variant each container
+needs, -gpu with nvidia.com/gpu and -cpu without, so that the gpu overlay's search, whose
+base image name is the percept-cpu-image placeholder, never pulls the CUDA image), and
+prints a summary table ("n/a": the check does not apply to that kind of target). Exit
+status: 0 when everything passes, 1 on any failure, 2 when the tooling itself is missing.
 """
 
 from __future__ import annotations

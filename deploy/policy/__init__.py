@@ -98,8 +98,8 @@ CheckFn = Callable[[Bundle], list[str]]
 
 @dataclass(frozen=True)
 class PolicyCheck:
-    """A named policy, the bundle kinds it applies to ("cluster", "app", "job"), and the
-    function that checks it."""
+    """A named policy, the bundle kinds it applies to ("cluster", "app", "job",
+    "component"), and the function that checks it."""
 
     name: str
     func: CheckFn
@@ -116,7 +116,7 @@ class PolicyCheck:
 
 
 #: every kind of target
-ALL_KINDS = ("cluster", "app", "job")
+ALL_KINDS = ("cluster", "app", "job", "component")
 
 CHECKS: tuple[PolicyCheck, ...] = (
     PolicyCheck("resources", check_resources),
@@ -130,7 +130,7 @@ CHECKS: tuple[PolicyCheck, ...] = (
     PolicyCheck("labels", check_labels, ALL_KINDS),
     PolicyCheck("topology", check_topology),
     PolicyCheck("services", check_services, ("app",)),
-    PolicyCheck("ports", check_ports),
+    PolicyCheck("ports", check_ports, ("app", "job", "component")),
     PolicyCheck("autoscaling", check_autoscaling, ("app",)),
     PolicyCheck("disruption-budgets", check_disruption_budgets, ("app",)),
     PolicyCheck("network-policy", check_network_policy, ("app",)),

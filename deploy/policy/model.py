@@ -182,16 +182,17 @@ class Bundle:
 
     `accelerator` is the node type the target deploys to ("gpu" or "cpu"); `kind` is
     "cluster" for the objects applied once (Namespace, PersistentVolumeClaims), "app" for
-    an overlay, "job" for a job template; `companions` are the objects of the target a job
-    is applied beside (its PVC lives there); `release_images` maps every target of the
-    validation (this one included) to the images its workloads run, so that a check can
-    see whether they are all one release.
+    an overlay, "job" for a job template, "component" for an optional component's own
+    objects; `companions` are the objects of the target a job is applied beside (its PVC
+    lives there) or a component is added to (the pods its PodMonitor scrapes);
+    `release_images` maps every target of the validation (this one included) to the images
+    its workloads run, so that a check can see whether they are all one release.
     """
 
     target: str
     accelerator: Literal["gpu", "cpu"]
     resources: list[Resource]
-    kind: Literal["cluster", "app", "job"] = "app"
+    kind: Literal["cluster", "app", "job", "component"] = "app"
     companions: list[Resource] = field(default_factory=list)
     dockerfile: Dockerfile | None = None
     namespace: str = NAMESPACE

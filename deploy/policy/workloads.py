@@ -54,6 +54,7 @@ from deploy.policy.model import (
     serving_workloads,
     split_image,
 )
+from deploy.policy.monitoring import check_pod_monitors
 
 
 def check_resources(bundle: Bundle) -> list[str]:
@@ -447,13 +448,14 @@ _LABELLED_KINDS = (
     "HorizontalPodAutoscaler",
     "PodDisruptionBudget",
     "PersistentVolumeClaim",
+    "PodMonitor",
 )
 
 
 def check_labels(bundle: Bundle) -> list[str]:
-    """Every object is part-of percept; workloads, Services, HPAs, PDBs and PVCs carry
-    app.kubernetes.io/name and /component; each workload's selector matches its own pod
-    template's labels and no other workload's pods."""
+    """Every object is part-of percept; workloads, Services, HPAs, PDBs, PVCs and
+    PodMonitors carry app.kubernetes.io/name and /component; each workload's selector
+    matches its own pod template's labels and no other workload's pods."""
     failures = []
     for res in bundle.resources:
         labels = dict(res.model.metadata.labels or {})
@@ -519,7 +521,10 @@ def check_ports(bundle: Bundle) -> list[str]:
     """Each service runs as the workload kind and on the ports of docs/architecture.md:
     container ports `grpc` and `metrics`, PERCEPT_PORT/PERCEPT_METRICS_PORT, `args` naming
     the service for the image's `percept serve` entrypoint, and Prometheus scrape
-    annotations on the metrics port."""
+    annotations on the metrics port. A PodMonitor (components/podmonitor) selects every
+    server's pods and no others, and scrapes their `metrics` container port at /metrics,
+    which the NetworkPolicies open to the monitoring namespace; its scrapeTimeout fits its
+    interval."""
     failures = []
     found: set[str] = set()
     for res in bundle.workloads:
@@ -566,7 +571,7 @@ def check_ports(bundle: Bundle) -> list[str]:
         for name in SERVICES:
             if name not in found:
                 failures.append(f"no workload serves {name}")
-    return failures
+    return failures + check_pod_monitors(bundle)
 
 
 def _seconds(raw: str | None) -> float | None:

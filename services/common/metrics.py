@@ -261,9 +261,10 @@ DEADLINE_SLACK_SECONDS = 0.1
 
 def _status_name(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
     code = context.code() if hasattr(context, "code") else None
-    if isinstance(error, asyncio.CancelledError) and code is None:
+    if isinstance(error, asyncio.CancelledError | GeneratorExit) and code is None:
         # gRPC cancels the handler both when the caller hangs up and when its deadline
-        # passes; the time left tells the two apart
+        # passes (a streaming handler's generator is closed instead: GeneratorExit); the
+        # time left tells the two apart
         remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
         return ("DEADLINE_EXCEEDED" if remaining is not None
                 and remaining <= DEADLINE_SLACK_SECONDS else "CANCELLED")
@@ -334,6 +335,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 finally:
                     finish(context, started, error)
+                    error = None  # the frame would hold its own traceback (a cycle)
 
             factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
                        else grpc.stream_unary_rpc_method_handler)
@@ -356,6 +358,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 finally:
                     finish(context, started, error)
+                    error = None
 
             return factory(written_response, request_deserializer=handler.request_deserializer,
                            response_serializer=handler.response_serializer)
@@ -372,6 +375,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 finish(context, started, error)
+                error = None
 
         return factory(stream_response, request_deserializer=handler.request_deserializer,
                        response_serializer=handler.response_serializer)

@@ -398,6 +398,7 @@ class WorkCalls(grpc.aio.ServerInterceptor):
 
     def _leave(self, call: _WorkCall) -> None:
         self._calls.discard(call)
+        call.task = None  # the task's context holds the call: a cycle until a full collection
         self._hold_seconds = running_mean(self._hold_seconds, time.monotonic() - call.started)
         if call.large:
             self._large_in_progress -= 1
@@ -707,6 +708,12 @@ async def serve(config: ServerConfig) -> int:
                   exc_info=None if isinstance(failure, StartupError) else failure)
         await server.stop(grace=0)
         return 1
+    if start in done:
+        # the models' hundreds of thousands of objects live as long as the process: set
+        # apart from the cycle collector, a full collection (which frees what failed and
+        # dropped calls leave in cycles) runs often and costs little
+        gc.collect()
+        gc.freeze()
     await stopper
     if not start.done():
         start.cancel()

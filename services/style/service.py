@@ -200,7 +200,9 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
                     should_stop=job.should_stop)
                 results.append(output.cpu())
             except StopRequested as stop:
-                results.append(stop)
+                # the traceback holds this frame, whose results hold the exception: a cycle
+                # that kept the optimisation's tensors until a full collection
+                results.append(stop.with_traceback(None))
         return results
 
     @stream_errors

@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
+import fcntl
 import json
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +25,7 @@ import grpc
 import numpy as np
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
+from prometheus_client import Gauge
 
 from percept.v1 import search_pb2, search_pb2_grpc
 from services.common.batching import MicroBatcher
@@ -48,7 +52,12 @@ from services.search.store import (
     probe_data_dir,
     recorded_dimension,
 )
-from services.search.vector_index import IndexSettings, VectorIndex, disk_bytes
+from services.search.vector_index import (
+    IndexSettings,
+    VectorIndex,
+    disk_bytes,
+    remove_staging,
+)
 
 log = logging.getLogger("percept.search")
 Reply = TypeVar("Reply", bound=Message)
@@ -85,6 +94,11 @@ MAX_PAGE_SIZE = 1000
 #: from elsewhere is told apart.
 PAGE_TOKEN_PREFIX = "after:"
 SNAPSHOT_EVERY_SECONDS = 30.0
+#: The file in the data directory that a search server holds locked (flock) while it runs.
+LOCK_FILE = ".lock"
+INDEX_IMAGES = Gauge("percept_search_index_images",
+                     "search: images in the FAISS index (Stats' count is the record's; the two "
+                     "differ only while something is wrong)")
 
 
 def index_settings(config: ServerConfig) -> IndexSettings:
@@ -97,38 +111,59 @@ def index_settings(config: ServerConfig) -> IndexSettings:
 
 def recover_index(store: ImageStore, snapshots: Path, dimension: int,
                   settings: IndexSettings) -> tuple[VectorIndex, int]:
-    """The snapshot caught up from the change log, or a rebuild from the record."""
+    """The snapshot caught up from the change log, or a rebuild from the record; and the
+    change the snapshot on disk holds (-1: none of this index), so that the next snapshot
+    is written once the index holds more than that one. Call it holding the data
+    directory's lock: it removes the staging folders of snapshot writes cut short."""
+    removed = remove_staging(snapshots)
+    if removed:
+        log.info("removed what snapshot writes cut short left behind",
+                 extra={"removed": removed, "snapshots": str(snapshots)})
     try:
-        index, seq = VectorIndex.load_snapshot(snapshots, dimension, settings)
+        index, seq = VectorIndex.load_snapshot(snapshots, dimension, settings,
+                                               record=store.record_id)
+        last = store.last_seq()
+        if seq > last:
+            raise ValueError(
+                f"the snapshot holds the record's changes up to {seq}, but the record's "
+                f"last change is {last}: the record was restored from an older copy, or "
+                "made anew, after the snapshot was taken")
+        changed = sorted({image_id for _, image_id, _ in store.changes_since(seq)})
+        if changed:
+            present = store.get(changed)
+            index.remove([i for i in changed if i not in present])
+            if present:
+                index.put(list(present), np.vstack([r.vector for r in present.values()]))
+            log.info("caught up from the change log", extra={"changed": len(changed)})
+        count = store.count()
+        if len(index) != count:
+            raise ValueError(f"the index caught up from the snapshot holds {len(index)} "
+                             f"images, the record {count}")
+        return index, seq
     except ValueError as problem:
         if store.last_seq() == 0 and not snapshots.exists():  # a new index: nothing lost
             log.info("a new index", extra={"snapshots": str(snapshots)})
         else:
             log.warning("rebuilding the index from the record", extra={"reason": str(problem)})
-        seq = store.last_seq()
-        ids: list[str] = []
-        vectors = np.zeros((store.count(), dimension), dtype=np.float32)
-        for record in store.all_records():
-            if len(ids) == len(vectors):  # the store is not written during recovery
-                raise RuntimeError("the record grew during recovery") from None
-            vectors[len(ids)] = record.vector
-            ids.append(record.id)
-        index = VectorIndex.build(dimension, ids, vectors[:len(ids)], settings)
-        try:
-            index.save_snapshot(snapshots, seq)
-        except OSError as error:  # a full disk: the index is whole, only not saved
-            log.warning("could not save a snapshot of the rebuilt index; serving it, and the "
-                        "next start rebuilds it from the record again",
-                        extra={"why": _why(error, snapshots.parent)})
-        return index, seq
-    changed = sorted({image_id for _, image_id, _ in store.changes_since(seq)})
-    if changed:
-        present = store.get(changed)
-        index.remove([i for i in changed if i not in present])
-        if present:
-            index.put(list(present), np.vstack([r.vector for r in present.values()]))
-        seq = store.last_seq()
-        log.info("caught up from the change log", extra={"changed": len(changed)})
+    seq = store.last_seq()
+    ids: list[str] = []
+    vectors = np.zeros((store.count(), dimension), dtype=np.float32)
+    for record in store.all_records():
+        if len(ids) == len(vectors):  # the store is not written during recovery
+            raise RuntimeError("the record grew during recovery") from None
+        vectors[len(ids)] = record.vector
+        ids.append(record.id)
+    index = VectorIndex.build(dimension, ids, vectors[:len(ids)], settings)
+    try:
+        index.save_snapshot(snapshots, seq, record=store.record_id)
+    except OSError as error:  # a full disk: the index is whole, only not saved
+        log.warning("could not save a snapshot of the rebuilt index; serving it, and the "
+                    "next start rebuilds it from the record again",
+                    extra={"why": _why(error, snapshots.parent)})
+        # a snapshot that disagrees with the record must not be trusted by a later start
+        with contextlib.suppress(OSError):
+            (snapshots / "CURRENT").unlink(missing_ok=True)
+        return index, -1
     return index, seq
 
 
@@ -165,6 +200,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         data_dir = self.config.data_dir
         self._write_problem = self._snapshot_problem = None
         await asyncio.to_thread(_check_data_dir, data_dir)
+        self._data_dir_lock = await asyncio.to_thread(_lock_data_dir, data_dir)
         self.embedder = self._make_embedder()
         self.snapshots = data_dir / "snapshots"
         record = data_dir / "images.sqlite3"
@@ -193,7 +229,11 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                                 extra={"embed_target": self.config.embed_target})
                 self.embedding_problem = problem
                 self._verifier = asyncio.get_running_loop().create_task(self._verify_space())
+        #: held by each snapshot from its look at the record until it is written: two
+        #: never interleave, and close() waits for one under way
+        self._snapshot_lock = threading.Lock()
         self.index, self.snapshot_seq = await asyncio.to_thread(self._recover)
+        INDEX_IMAGES.set_function(lambda: len(self.index))  # the index a rebuild swaps in too
         self.write_lock = asyncio.Lock()
         self.buffered_bytes = 0  # image bytes that AddImages streams hold, not yet embedded
         self._write_thread_lock = threading.Lock()
@@ -310,15 +350,16 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         await asyncio.to_thread(self._snapshot)
 
     def _snapshot(self) -> None:
-        # seq and index state are read together, between two writes: a snapshot never
-        # claims a change that its index lacks (the catch-up would then skip it)
-        with self._write_thread_lock:
-            seq = self.store.last_seq()
-            if seq == self.snapshot_seq:
-                return
-            state = self.index.capture()
-        self.index.save_snapshot(self.snapshots, seq, state)
-        self.snapshot_seq = seq
+        with self._snapshot_lock:
+            # seq and index state are read together, between two writes: a snapshot never
+            # claims a change that its index lacks (the catch-up would then skip it)
+            with self._write_thread_lock:
+                seq = self.store.last_seq()
+                if seq == self.snapshot_seq:
+                    return
+                state = self.index.capture()
+            self.index.save_snapshot(self.snapshots, seq, state, record=self.store.record_id)
+            self.snapshot_seq = seq
 
     async def _snapshot_loop(self) -> None:
         while True:
@@ -345,6 +386,8 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                 await self._verifier
         try:
             if hasattr(self, "_snapshotter"):
+                # a periodic snapshot under way runs on in its thread: the final one waits
+                # for it (_snapshot_lock), then writes what came after it, if anything did
                 self._snapshotter.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._snapshotter
@@ -359,8 +402,14 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                 if hasattr(self, "store"):
                     self.store.close()
             finally:
-                if hasattr(self, "embedder"):
-                    await self.embedder.close()
+                try:
+                    if hasattr(self, "embedder"):
+                        await self.embedder.close()
+                finally:
+                    lock = getattr(self, "_data_dir_lock", None)
+                    if lock is not None:  # another server may use the directory now
+                        self._data_dir_lock = None
+                        os.close(lock)
 
     # -- writes --------------------------------------------------------------------------
     # The record and the index change together in one worker thread, under a thread lock:
@@ -662,6 +711,39 @@ def _check_data_dir(data_dir: Path) -> None:
     elif problem is not None:
         raise StartupError(f"{problem}: the search service writes its record and index "
                            f"snapshots there; {problem.advice}, or pass another --data-dir")
+
+
+def _lock_data_dir(data_dir: Path) -> int | None:
+    """Takes the data directory for this server (an exclusive flock on its LOCK_FILE,
+    held while the server runs, given back by close() or the process's end, a kill -9
+    too): the descriptor that holds it. StartupError where another server holds it: two
+    servers on one record would each snapshot an index without the other's images."""
+    path = data_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+    except OSError as error:
+        if error.errno in (errno.EWOULDBLOCK, errno.EACCES):  # flock's "held elsewhere"
+            holder = ""
+            with contextlib.suppress(OSError, ValueError):
+                holder = f" (process {int(path.read_text().strip())} took it)"
+            raise StartupError(
+                f"the data directory {data_dir} is in use: another search server holds it"
+                f"{holder}, and two on one record would lose each other's images from the "
+                "index; stop that server, or pass another --data-dir") from error
+        # a full disk (no room for a new file) or a filesystem without locks: serve, as a
+        # full data directory does
+        log.warning("cannot lock the data directory: nothing stops another server from "
+                    "using it as well", extra={"lock": str(path), "why": _why(error, data_dir)})
+        return None
+    with contextlib.suppress(OSError):  # who holds it, for that message (not needed)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _open_store(record: Path, dimension: int, probe: np.ndarray | None = None) -> ImageStore:

@@ -15,6 +15,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,12 @@ def _after_every_id_with(prefix: str) -> str | None:
     return prefix[:-1] + chr(last)
 
 
+#: The most ids one ``IN (...)`` query names: SQLite refuses a statement with more variables
+#: than its limit (32,766 in stock builds since 3.32, 999 before; the connection's own
+#: limit is kept to where it is lower), so longer lists are read in chunks of this many.
+MAX_QUERY_IDS = 10_000
+
+
 #: Cosine between the probe image's vector now and when the record was made, below which
 #: the embedding space is another (the same model agrees with itself but for float
 #: rounding; another space's vectors are unrelated to these).
@@ -249,6 +256,13 @@ class ImageStore:
                              f"{dimension}-d ones: use another --data-dir")
         if probe is not None:
             self._check_space(np.asarray(probe, dtype=np.float32))
+        #: A name made once for this record (kept in it): a snapshot of the index made
+        #: from another record (one made anew, or another data directory's) is told apart
+        row = self._db.execute("SELECT value FROM meta WHERE key='record'").fetchone()
+        if row is None:
+            row = (uuid.uuid4().hex,)
+            self._db.execute("INSERT INTO meta VALUES ('record', ?)", row)
+        self.record_id: str = row[0]
 
     def check_space(self, dimension: int, probe: np.ndarray) -> None:
         """ValueError unless an embedder of vectors of ``dimension`` whose probe vector is
@@ -391,15 +405,23 @@ class ImageStore:
             raise ValueError(f"record {row[0]!r} has a {vector.size}-d vector")
         return Record(id=row[0], uri=row[1], vector=vector, added=row[3])
 
-    def get(self, ids: Sequence[str]) -> dict[str, Record]:
-        if not ids:
-            return {}
+    def _rows_of(self, columns: str, ids: Sequence[str]) -> list[tuple]:
+        """``columns`` of the stored ones of ``ids``: one ``IN`` query per chunk of at most
+        MAX_QUERY_IDS ids (and at most the connection's variable limit), so that any
+        number of ids can be asked for."""
+        rows: list[tuple] = []
         with self._lock:
-            marks = ",".join("?" * len(ids))
-            rows = self._db.execute(
-                f"SELECT id, uri, vector, added FROM images WHERE id IN ({marks})",
-                list(ids)).fetchall()
-        return {row[0]: self._record(row) for row in rows}
+            chunk = max(1, min(MAX_QUERY_IDS,
+                               self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)))
+            for start in range(0, len(ids), chunk):
+                part = list(ids[start:start + chunk])
+                marks = ",".join("?" * len(part))
+                rows += self._db.execute(
+                    f"SELECT {columns} FROM images WHERE id IN ({marks})", part).fetchall()
+        return rows
+
+    def get(self, ids: Sequence[str]) -> dict[str, Record]:
+        return {row[0]: self._record(row) for row in self._rows_of("id, uri, vector, added", ids)}
 
     def all_records(self, batch: int = 10_000) -> Iterator[Record]:
         """Every record, in id order (a consistent read of the committed state)."""
@@ -417,13 +439,7 @@ class ImageStore:
 
     def entries(self, ids: Sequence[str]) -> dict[str, Entry]:
         """The stored ones of ``ids``, without their vectors."""
-        if not ids:
-            return {}
-        with self._lock:
-            marks = ",".join("?" * len(ids))
-            rows = self._db.execute(
-                f"SELECT id, uri, added FROM images WHERE id IN ({marks})", list(ids)).fetchall()
-        return {row[0]: Entry(*row) for row in rows}
+        return {row[0]: Entry(*row) for row in self._rows_of("id, uri, added", ids)}
 
     def page(self, after: str, limit: int, prefix: str = "") -> list[Entry]:
         """Up to ``limit`` entries in id order, of ids after ``after`` (not included) that

@@ -59,6 +59,9 @@ ANN_KINDS = ("hnsw", "ivf")
 #: OpenMP threads per query (VectorIndex.search); builds and retrains keep FAISS's default.
 QUERY_THREADS = 1
 IVF_TRAIN_POINTS_PER_LIST = 64  # k-means sample: 64 vectors per list (FAISS warns below 39)
+#: Held by each snapshot write (and the start's removal of those cut short): two never
+#: interleave in one process.
+_SAVING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -346,14 +349,31 @@ class VectorIndex:
             return blob, mapping, self.kind, len(self._labels)
 
     def save_snapshot(self, folder: Path, seq: int,
-                      state: tuple[bytes, bytes, str, int] | None = None) -> Path:
+                      state: tuple[bytes, bytes, str, int] | None = None,
+                      record: str | None = None) -> Path:
         """Writes the index (or a ``capture()`` of it taken at ``seq``) atomically: a fresh
         directory, fsynced, then CURRENT renamed. A snapshot that fails (a full or
         read-only disk) leaves nothing behind: not its staging directory, nor a directory
-        that CURRENT does not name; the snapshot before it stays current."""
+        that CURRENT does not name; the snapshot before it stays current. ``record`` names
+        the record it was made from (``ImageStore.record_id``), which a load checks.
+
+        Snapshot writes in a process take turns (two writing one folder at once would
+        remove each other's staging directory), and none removes the directory that
+        CURRENT names: one of the same ``seq`` as the current one gets another name."""
+        with _SAVING:
+            return self._save_snapshot(folder, seq, state, record)
+
+    def _save_snapshot(self, folder: Path, seq: int,
+                       state: tuple[bytes, bytes, str, int] | None,
+                       record: str | None) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         blob, mapping, kind, count = state or self.capture()
         name = f"snapshot-{seq:012d}"
+        current = _current_name(folder)
+        attempt = 1
+        while name == current or (folder / name).exists():  # never write over CURRENT's
+            attempt += 1
+            name = f"snapshot-{seq:012d}-{attempt}"
         staging = folder / f".{name}.tmp"
         target = folder / name
         try:
@@ -365,8 +385,9 @@ class VectorIndex:
             meta = {"format": SNAPSHOT_FORMAT, "seq": seq, "kind": kind,
                     "dimension": self.dimension, "count": count,
                     "sha256": {f: hashlib.sha256(d).hexdigest() for f, d in files.items()}}
+            if record is not None:
+                meta["record"] = record
             _write_synced(staging / "meta.json", json.dumps(meta).encode())
-            shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
             _fsync_dir(folder)
             _write_synced(folder / ".CURRENT.tmp", name.encode())
@@ -379,16 +400,18 @@ class VectorIndex:
             if _current_name(folder) != name:
                 shutil.rmtree(target, ignore_errors=True)
             raise
+        current = _current_name(folder)
         for old in folder.glob("snapshot-*"):
-            if old.name != name:
+            if old.name not in (name, current):
                 shutil.rmtree(old, ignore_errors=True)
         return target
 
     @classmethod
-    def load_snapshot(cls, folder: Path, dimension: int,
-                      settings: IndexSettings | None = None) -> tuple[VectorIndex, int]:
+    def load_snapshot(cls, folder: Path, dimension: int, settings: IndexSettings | None = None,
+                      record: str | None = None) -> tuple[VectorIndex, int]:
         """Loads and verifies the current snapshot; raises ValueError when it is missing,
-        corrupt or of another dimension (the caller then rebuilds from the record)."""
+        corrupt, of another dimension, or made from another record than ``record`` (where
+        both are named; the caller then rebuilds from the record)."""
         try:
             name = (folder / "CURRENT").read_text().strip()
             directory = folder / name
@@ -401,6 +424,10 @@ class VectorIndex:
                 raise ValueError(f"snapshot {name}: {filename} fails its checksum")
         if meta.get("format") != SNAPSHOT_FORMAT or meta.get("dimension") != dimension:
             raise ValueError(f"snapshot {name}: format/dimension mismatch")
+        if record is not None and meta.get("record", record) != record:
+            raise ValueError(f"snapshot {name} was made from another record than the one in "
+                             f"{folder.parent} (a record made anew, or another data "
+                             "directory's)")
         index = cls(dimension, settings)
         try:
             index._index = faiss.deserialize_index(np.frombuffer(blobs["index.faiss"], np.uint8))
@@ -422,6 +449,24 @@ class VectorIndex:
         if target is not None:
             index._rebuild(target)
         return index, int(meta["seq"])
+
+
+def remove_staging(folder: Path) -> list[str]:
+    """Removes what snapshot writes cut short (a kill -9, a power cut) left in ``folder``:
+    their staging directories (``.snapshot-*.tmp``) and CURRENT's (``.CURRENT.tmp``). For
+    the start, before any snapshot is written; returns the names removed."""
+    removed = []
+    with _SAVING:
+        for path in [*folder.glob(".snapshot-*.tmp"), folder / ".CURRENT.tmp"]:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists() or path.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            else:
+                continue
+            removed.append(path.name)
+    return removed
 
 
 def _current_name(folder: Path) -> str | None:
@@ -448,4 +493,21 @@ def _fsync_dir(path: Path) -> None:
 
 
 def disk_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    """Bytes of the files under ``folder``. It is walked while snapshots are written and
+    old ones removed: a file or directory gone before it is counted is left out."""
+    total, pending = 0, [os.fspath(folder)]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as listing:
+                entries = list(listing)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif entry.is_file():
+                    total += entry.stat().st_size
+            except FileNotFoundError:
+                continue
+    return total

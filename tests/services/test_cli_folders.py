@@ -344,8 +344,10 @@ def test_busy_is_retried_until_the_timeout_and_unavailable_for_a_while(
         scripted: Scripted, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = scripted.folder(tmp_path / "in", "busy-1", "flaky-1", "ok-1")
     out = tmp_path / "out"
+    # --timeout bounds the unavailable retries too: 2 s leaves flaky-1's two quarter-second
+    # waits room on a loaded machine (0.5 s did not, once, where a call took 0.2 s)
     code = main(["stylize", str(folder), str(out), "--style", "x", "--jobs", "1",
-                 "--timeout", "0.5", "--quiet", "--target", scripted.target])
+                 "--timeout", "2", "--quiet", "--target", scripted.target])
     captured = capsys.readouterr()
     assert code == 1
     assert scripted.style.calls[b"busy-1"] > 2  # retried, then given up after --timeout

@@ -27,7 +27,7 @@ import re
 import shlex
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -45,16 +45,21 @@ from services.local_files import (
     sigterm_raises,
     size_text,
 )
-from services.retries import UNAVAILABLE_PATIENCE_SECONDS, RetriedTooLong, retrying
+from services.retries import (
+    NOT_READY_REASONS,
+    UNAVAILABLE_PATIENCE_SECONDS,
+    RetriedTooLong,
+    retrying,
+)
 
 Handler = Callable[[argparse.Namespace], int]
+
+T = TypeVar("T")
 
 #: What a human-readable line never prints as it is: C0 and C1 controls and DEL (an ESC
 #: starts a terminal escape sequence, a CR rewrites the line), the line and paragraph
 #: separators, the bidirectional controls (they reorder what the terminal shows) and lone
 #: surrogates (a file name that is not UTF-8). Ids, uris and labels may hold any of them.
-T = TypeVar("T")
-
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f"
                           r"\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
@@ -928,10 +933,11 @@ def cmd_images(args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
-def _when_ready(call: Callable[[], T]) -> T:
+def _when_ready(call: Callable[[], T], not_ready: Collection[str] = NOT_READY_REASONS) -> T:
     """``call()``, asked again while the server is loading or draining (or busy), for up
-    to :data:`services.retries.UNAVAILABLE_PATIENCE_SECONDS`: the index commands' calls."""
-    return retrying(call, patience=UNAVAILABLE_PATIENCE_SECONDS)
+    to :data:`services.retries.UNAVAILABLE_PATIENCE_SECONDS`: the index commands' calls.
+    ``not_ready``: the UNAVAILABLE reasons retried (services/retries.py)."""
+    return retrying(call, patience=UNAVAILABLE_PATIENCE_SECONDS, not_ready=not_ready)
 
 
 def _listed(channel: grpc.Channel, prefix: str, page_size: int = 1000,
@@ -982,7 +988,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
     deleted = 0
     for start in range(0, len(chosen), GET_IMAGES_CHUNK):
         chunk = chosen[start:start + GET_IMAGES_CHUNK]
-        deleted += _when_ready(functools.partial(client.delete_images, channel, chunk)).deleted
+        # not again after SERVER_DRAINING: a delete the drain cut off may have been done,
+        # and a second one would count its images as not found
+        deleted += _when_ready(functools.partial(client.delete_images, channel, chunk),
+                               not_ready={"SERVER_LOADING"}).deleted
     print(f"deleted {deleted:,} image{'s' if deleted != 1 else ''}")
     for image_id in missing:
         print(f"not indexed: {printable(image_id)}", file=sys.stderr)

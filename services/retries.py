@@ -11,7 +11,10 @@ together.
 A server that is up but not ready answers UNAVAILABLE with the ErrorInfo reason
 SERVER_LOADING (its models are still loading) or SERVER_DRAINING (it is shutting down: a
 retry reaches another replica, or finds no server and fails at once); every call retries
-those too, for up to :data:`UNAVAILABLE_PATIENCE_SECONDS`. Other UNAVAILABLE answers (no
+those too, for up to :data:`UNAVAILABLE_PATIENCE_SECONDS`. SERVER_DRAINING also ends a call
+the drain's grace ran out on, whose work may have been done: a caller whose call changes
+something that a second try would count differently (a delete) retries SERVER_LOADING
+only (``not_ready``). Other UNAVAILABLE answers (no
 server at the address, a connection lost) are retried only by callers that ask
 (``retry_unavailable``: the folder runs, whose server may restart under them).
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TypeVar
 
 import grpc
@@ -87,10 +90,11 @@ def error_reason(error: grpc.RpcError) -> str | None:
 
 def retrying(call: Callable[[], T], *, patience: float, retry_unavailable: bool = False,
              wait: Callable[[float], None] = time.sleep,
-             progress: Callable[[], int] | None = None) -> T:
+             progress: Callable[[], int] | None = None,
+             not_ready: Collection[str] = NOT_READY_REASONS) -> T:
     """``call()``, tried again while it fails busy (for up to ``patience`` seconds from the
-    first such answer), or unavailable (up to a minute of that) where the server says it
-    is loading or draining or, with ``retry_unavailable``, for any reason. Any other
+    first such answer), or unavailable (up to a minute of that) where the server gives one
+    of the ``not_ready`` reasons or, with ``retry_unavailable``, for any reason. Any other
     failure is raised at once; raises :class:`RetriedTooLong` when the time is up.
     ``wait(seconds)`` sleeps between tries (a caller that can be stopped raises from it).
     ``progress()``, for a call that does part of its work before it fails (a stream): a
@@ -106,7 +110,7 @@ def retrying(call: Callable[[], T], *, patience: float, retry_unavailable: bool 
             pushback = pushback_seconds(error)
             limit = patience
             if (pushback is None and error.code() == grpc.StatusCode.UNAVAILABLE
-                    and (retry_unavailable or error_reason(error) in NOT_READY_REASONS)):
+                    and (retry_unavailable or error_reason(error) in not_ready)):
                 pushback = UNAVAILABLE_PUSHBACK_SECONDS
                 limit = min(limit, UNAVAILABLE_PATIENCE_SECONDS)
             if pushback is None:

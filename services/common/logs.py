@@ -49,20 +49,22 @@ GRPC_SERVER_LOGGER = "grpc._cython.cygrpc"
 
 
 class LateAnswerFilter(logging.Filter):
-    """gRPC logs an error with a traceback when a handler answers a call that has already
-    ended (its deadline passed, or its client went, while the answer was being made): a
-    race every client with tight deadlines can cause, not a server fault. Its metrics count
-    the call as DEADLINE_EXCEEDED or CANCELLED; here it becomes one info line."""
+    """gRPC logs an error with a traceback of its own internals whenever an answer cannot
+    be sent, mostly for a call that had ended already (its deadline passed, or its client
+    went, while the answer was being made): a race every client with tight deadlines can
+    cause. Here it becomes one warning line naming the method (gRPC formats it into the
+    message), without the traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.getMessage().startswith("ExecuteBatchError raised in core"):
-            method = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
-            record.msg = ("a call ended (its deadline passed, or its client went) before "
-                          "its answer could be sent: %s")
+        said = record.getMessage()
+        if said.startswith("ExecuteBatchError raised in core"):
+            method = said[said.find("[") + 1:said.rfind("]")] if "[" in said else "?"
+            record.msg = ("an answer could not be sent (mostly: the call had ended, its "
+                          "deadline passed or its client went): %s")
             record.args = (method,)
-            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = record.exc_text = None
-            return logging.getLogger().isEnabledFor(logging.INFO)
+            return logging.getLogger().isEnabledFor(logging.WARNING)
         return True
 
 

@@ -585,8 +585,10 @@ class PerceptServer:
                             extra={"calls": ended, "grace_seconds": grace})
         await (stopping if stopping is not None else server.stop(grace))
 
-    async def start(self) -> int:
-        """Binds and starts serving; loads and warms the models; returns the bound port."""
+    async def start(self, freeze_gc: bool = False) -> int:
+        """Binds and starts serving; loads and warms the models; returns the bound port.
+        ``freeze_gc`` (the server process, not a test's): moves what exists by then out of
+        the cycle collector's way (gc.freeze), before the first work call."""
         config = self.config
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -645,6 +647,13 @@ class PerceptServer:
             await module.load()
             if config.warmup:
                 await module.warmup()
+        if freeze_gc:
+            # the models' hundreds of thousands of objects live as long as the process: set
+            # apart from the cycle collector (before any work call), a full collection,
+            # which frees what failed and dropped calls leave in cycles, runs often and
+            # costs little
+            gc.collect()
+            gc.freeze()
         self._gate.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if config.stall_seconds:
@@ -698,7 +707,7 @@ async def serve(config: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_on, sig)
     server = PerceptServer(build_modules(config), config)
-    start = asyncio.create_task(server.start())
+    start = asyncio.create_task(server.start(freeze_gc=True))
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if start in done and start.exception() is not None:
@@ -708,12 +717,6 @@ async def serve(config: ServerConfig) -> int:
                   exc_info=None if isinstance(failure, StartupError) else failure)
         await server.stop(grace=0)
         return 1
-    if start in done:
-        # the models' hundreds of thousands of objects live as long as the process: set
-        # apart from the cycle collector, a full collection (which frees what failed and
-        # dropped calls leave in cycles) runs often and costs little
-        gc.collect()
-        gc.freeze()
     await stopper
     if not start.done():
         start.cancel()

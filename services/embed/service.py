@@ -109,7 +109,6 @@ def devise_methods(artifact: Artifact, classes: int) -> tuple[str, int | None]:
     return preferred, top_t
 
 
-
 def serving_backbone(device: torch.device) -> EfficientNetLite0:
     """The ImageNet EfficientNet-Lite0 as this service runs it: a copy with its BatchNorms
     folded into the convolutions (fold_batch_norms; eval mode only, which is all a

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -720,21 +719,24 @@ def _lock_data_dir(data_dir: Path) -> int | None:
     servers on one record would each snapshot an index without the other's images."""
     path = data_dir / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:  # another user's lock file (flock needs no write access)
+            fd = os.open(path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
             os.close(fd)
             raise
+    except BlockingIOError as error:  # flock's "held elsewhere" (EWOULDBLOCK)
+        holder = ""
+        with contextlib.suppress(OSError, ValueError):
+            holder = f" (process {int(path.read_text().strip())} took it)"
+        raise StartupError(
+            f"the data directory {data_dir} is in use: another search server holds it"
+            f"{holder}, and two on one record would lose each other's images from the "
+            "index; stop that server, or pass another --data-dir") from error
     except OSError as error:
-        if error.errno in (errno.EWOULDBLOCK, errno.EACCES):  # flock's "held elsewhere"
-            holder = ""
-            with contextlib.suppress(OSError, ValueError):
-                holder = f" (process {int(path.read_text().strip())} took it)"
-            raise StartupError(
-                f"the data directory {data_dir} is in use: another search server holds it"
-                f"{holder}, and two on one record would lose each other's images from the "
-                "index; stop that server, or pass another --data-dir") from error
         # a full disk (no room for a new file) or a filesystem without locks: serve, as a
         # full data directory does
         log.warning("cannot lock the data directory: nothing stops another server from "

@@ -401,3 +401,29 @@ def test_a_second_server_on_a_data_dir_in_use_is_refused(
         assert stub.Stats(search_pb2.StatsRequest(), timeout=30).count == 2
     finally:
         running.stop()
+
+
+def test_another_users_lock_file_is_taken_and_not_mistaken_for_a_holder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .lock left by another user (a root `make run`, then a pod's uid) cannot be opened
+    for writing: it is locked through a read-only descriptor, not reported as held by
+    another server; a lock held elsewhere still is."""
+    from services.search.service import _lock_data_dir
+
+    (tmp_path / ".lock").write_text("1\n")
+    real_open = os.open
+
+    def not_ours(path: Any, flags: int, *args: Any) -> int:
+        if str(path).endswith(".lock") and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", not_ours)
+    held = _lock_data_dir(tmp_path)
+    assert held is not None
+    try:
+        monkeypatch.setattr(os, "open", real_open)
+        with pytest.raises(StartupError, match=r"is in use: another search server holds it"):
+            _lock_data_dir(tmp_path)
+    finally:
+        os.close(held)

@@ -374,7 +374,8 @@ def test_search_min_score(all_server: RunningServer, cat_png: Path,
         captured = capsys.readouterr()
         assert captured.out == "" and "no image scores 0.9 or more" in captured.err
     finally:
-        assert main(["delete", str(cat_png), "--target", all_server.target]) == 0
+        cleaned = main(["delete", str(cat_png), "--target", all_server.target])
+    assert cleaned == 0
 
 
 def test_info_command(all_server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:

@@ -147,3 +147,18 @@ def test_a_long_pushback_is_waited_in_full_and_a_short_one_grows_to_a_second() -
     call, _ = answers(*[Failed(BUSY, "100")] * 6, "done")
     assert retrying(call, patience=60, wait=waits.append) == "done"
     assert waits[-1] <= 1.25 and waits[-1] >= 0.75  # doubled from 0.1 s up to the 1 s cap
+
+
+def test_a_call_that_changes_something_does_not_retry_a_drain() -> None:
+    """SERVER_DRAINING also ends a call the drain's grace ran out on, done or not: a
+    delete asks again only while the server loads (percept delete would count the images
+    it deleted the first time as not found)."""
+    drained = Failed(grpc.StatusCode.UNAVAILABLE, reason="SERVER_DRAINING")
+    call, tries = answers(drained, "done")
+    with pytest.raises(grpc.RpcError):
+        retrying(call, patience=10, wait=lambda s: None, not_ready={"SERVER_LOADING"})
+    assert tries[0] == 1
+    loading = Failed(grpc.StatusCode.UNAVAILABLE, reason="SERVER_LOADING")
+    call, tries = answers(loading, "done")
+    assert retrying(call, patience=10, wait=lambda s: None,
+                    not_ready={"SERVER_LOADING"}) == "done" and tries[0] == 2

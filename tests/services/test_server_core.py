@@ -450,9 +450,9 @@ def test_a_cancelled_handler_is_counted_by_the_time_its_caller_had_left(
     assert _status_name(_EndedContext(remaining), None) == "OK"  # type: ignore[arg-type]
 
 
-def test_an_answer_to_a_call_that_already_ended_is_one_info_line() -> None:
+def test_an_answer_to_a_call_that_already_ended_is_one_warning_line() -> None:
     """gRPC's own error, with a traceback, for an answer sent after the call's deadline
-    passed (a race any client with tight deadlines causes): one info line naming the
+    passed (a race any client with tight deadlines causes): one warning line naming the
     method, dropped below the configured level like any other."""
     import io
     import logging
@@ -465,17 +465,19 @@ def test_an_answer_to_a_call_that_already_ended_is_one_info_line() -> None:
         try:
             raise RuntimeError("Failed \"execute_batch\"")
         except RuntimeError:
+            # as gRPC logs it: the method formatted into the message already
+            method = "/percept.v1.StyleTransfer/Stylize"
             logging.getLogger(GRPC_SERVER_LOGGER).exception(
-                "ExecuteBatchError raised in core by servicer method [%s]",
-                "/percept.v1.StyleTransfer/Stylize")
+                f"ExecuteBatchError raised in core by servicer method [{method}]")
         return stream.getvalue()
 
-    level = "info"
+    level = "warning"
     printed = late_answer()
     assert printed.count("\n") == 1 and "Traceback" not in printed, printed
-    assert " info    grpc._cython.cygrpc: a call ended (its deadline passed, or its client " \
-        "went) before its answer could be sent: /percept.v1.StyleTransfer/Stylize" in printed
-    level = "warning"
+    assert " warning grpc._cython.cygrpc: an answer could not be sent (mostly: the call had " \
+        "ended, its deadline passed or its client went): /percept.v1.StyleTransfer/Stylize" \
+        in printed
+    level = "error"
     assert late_answer() == ""
     configure_logging("text", "info", io.StringIO())  # once more: still one filter
     assert len(logging.getLogger(GRPC_SERVER_LOGGER).filters) == 1

@@ -19,7 +19,8 @@ search in the same run):
   0.95 needs efSearch=512 (0.969 at 21x exact, with efConstruction=80; 40 tops out at
   0.947). IVF needs nprobe=512 there (0.967 at 4x). HNSW cannot remove vectors, so deleted
   or replaced ids are hidden by a search-time selector. The graph is rebuilt once more than
-  max(1000, 10%) are hidden.
+  max(1000, 10%) are hidden, or a quarter of the live ids in an index under 4,000 (at a
+  small ``ann_threshold``: a graph of mostly hidden nodes returned a fraction of the ids).
 - or IVF (``ann="ivf"``): ``IndexIVFFlat`` with nlist ~ 4 sqrt(n) lists, k-means trained on
   the vectors it holds when it switches, and ``nprobe`` lists searched (128 reached recall
   0.95 at every size from 10k to 1M on the main set). It builds 2-3x faster and deletes in
@@ -62,6 +63,13 @@ IVF_TRAIN_POINTS_PER_LIST = 64  # k-means sample: 64 vectors per list (FAISS war
 #: Held by each snapshot write (and the start's removal of those cut short): two never
 #: interleave in one process.
 _SAVING = threading.Lock()
+
+
+def hidden_limit(live: int) -> int:
+    """How many hidden (deleted or replaced) ids an HNSW graph of ``live`` ids may hold
+    before it is rebuilt: max(1000, 10%), but at most a quarter of the live ids (the
+    search-time selector cannot find live neighbours through a mostly hidden graph)."""
+    return max(live // 10, min(1000, live // 4))
 
 
 @dataclass(frozen=True)
@@ -214,7 +222,7 @@ class VectorIndex:
             return settings.ann
         if self.kind == "ivf" and count >= settings.retrain_growth * max(self._trained_on, 1):
             return "ivf"
-        if self.kind == "hnsw" and len(self._tombstones) > max(1000, count // 10):
+        if self.kind == "hnsw" and len(self._tombstones) > hidden_limit(count):
             return "hnsw"
         return None
 

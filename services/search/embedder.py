@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import functools
-import io
 import logging
 import re
 import time
@@ -17,7 +15,6 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
-from PIL import Image
 
 from percept.v1 import embed_pb2, embed_pb2_grpc
 from services.common.errors import (
@@ -31,6 +28,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.metrics import SPACE_REFUSALS
+from services.search.probes import probe_images
 
 if TYPE_CHECKING:  # a search process with a remote embedder never imports torch
     from services.embed.service import EmbeddingService
@@ -43,40 +41,24 @@ MESSAGE_OVERHEAD_BYTES = 4096
 IMAGE_FRAMING_BYTES = 16
 
 
-@functools.cache
-def probe_image() -> bytes:
-    """A fixed synthetic picture (colour ramps and a checkerboard, 96 px PNG) whose vector
-    identifies the embedding space: the vectors of an index can only be compared with the
-    space they were made in (another --word-vectors file, another DeViSE map or method
-    makes other ones, of the same dimension). An image, not a text: every space embeds
-    images, while a word-vector space may lack any given word."""
-    ramp = np.linspace(0, 255, 96, dtype=np.float32)
-    checker = ((np.arange(96)[:, None] // 12 + np.arange(96)[None, :] // 12) % 2) * 255.0
-    rgb = np.dstack([np.broadcast_to(ramp[None, :], (96, 96)),
-                     np.broadcast_to(ramp[:, None], (96, 96)), checker]).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def _text_field(field: str | None) -> str | None:
     """The field of an EmbedText error about its one text, as search's request names it."""
     return "text" if field == "texts[0]" else field
 
 
 class Embedder(abc.ABC):
-    """Where vectors come from. ``start`` leaves ``dimension`` and ``probe`` (the vector of
-    :func:`probe_image`) set."""
+    """Where vectors come from. ``start`` leaves ``dimension`` and ``probes`` (the vectors
+    of :func:`probe_images`, one row each) set."""
 
     dimension: int = 0
-    probe: np.ndarray
+    probes: np.ndarray
 
     async def start(self) -> None:
-        self._set_probe((await self.embed_images([probe_image()]))[0])
+        self._set_probes(await self.embed_images(probe_images()))
 
-    def _set_probe(self, vector: np.ndarray) -> None:
-        self.probe = np.asarray(vector, dtype=np.float32)
-        self.dimension = int(self.probe.shape[0])
+    def _set_probes(self, vectors: Sequence[np.ndarray]) -> None:
+        self.probes = np.stack([np.asarray(v, dtype=np.float32) for v in vectors])
+        self.dimension = int(self.probes.shape[1])
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -193,15 +175,15 @@ class RemoteEmbedder(Embedder):
             ("grpc.initial_reconnect_backoff_ms", 500),
             ("grpc.max_reconnect_backoff_ms", 5000)])
         self.stub = embed_pb2_grpc.EmbeddingStub(self.channel)
-        #: what made the probe vector of the latest start() (its answer's space and model)
+        #: what made the probe vectors of the latest start() (its answer's space and model)
         self.identity: Identity = ("", "")
         #: search's verdict on each (space, model) the embedding service has answered
         #: with: None where its vectors can be searched with the index's, else why not.
         #: The embedding pods behind one target may change mid-life (a rollout to another
         #: DeViSE map or --word-vectors file): an answer from one not judged yet is judged
-        #: by its probe vector before its vectors are used.
+        #: by its probe vectors before its vectors are used.
         self.verdicts: dict[Identity, str | None] = {}
-        #: judges a probe vector (None: it agrees with the index's); set by search once
+        #: judges probe vectors (None: they agree with the index's); set by search once
         #: its index is open. Until then answers are not checked.
         self.judge: Callable[[np.ndarray], str | None] | None = None
         self._judging: dict[Identity, asyncio.Future[str | None]] = {}
@@ -227,7 +209,7 @@ class RemoteEmbedder(Embedder):
 
     async def start(self, wait_seconds: float = START_WAIT_SECONDS) -> None:
         """Waits (up to ``wait_seconds``) until the Embedding service answers, then reads
-        its dimension and probe vector: in a cluster it may still be loading when search
+        its dimension and probe vectors: in a cluster it may still be loading when search
         starts. While no embedding server is up, a call that waits for one ends
         UNAVAILABLE or, where a headless Service publishes no address yet,
         DEADLINE_EXCEEDED: both are waited through; any other answer is an error at once."""
@@ -236,7 +218,7 @@ class RemoteEmbedder(Embedder):
             remaining = deadline - time.monotonic()
             try:
                 response = await self._call_embed_images(
-                    [probe_image()], max(1.0, min(self.timeout, remaining)),
+                    probe_images(), max(1.0, min(self.timeout, remaining)),
                     wait_for_ready=True)
                 break
             except ServiceError as error:
@@ -247,7 +229,7 @@ class RemoteEmbedder(Embedder):
                                        code=error.code) from error
                 await asyncio.sleep(1.0)
         self.identity = (response.space, response.model)
-        self._set_probe(np.asarray(response.embeddings[0].values, dtype=np.float32))
+        self._set_probes([np.asarray(v.values, dtype=np.float32) for v in response.embeddings])
 
     async def close(self) -> None:
         for judging in list(self._judging.values()):
@@ -337,18 +319,19 @@ class RemoteEmbedder(Embedder):
             judging.exception()  # marks it retrieved
 
     async def _judge_identity(self, identity: Identity, timeout: float) -> str | None:
-        """Asks for the probe image's vector until an embedding pod that answers with
-        ``identity`` gives it (at most IDENTITY_PROBES calls), and judges it."""
+        """Asks for the probe images' vectors until an embedding pod that answers with
+        ``identity`` gives them (at most IDENTITY_PROBES calls), and judges them."""
         assert self.judge is not None
         end = time.monotonic() + timeout
         for _ in range(IDENTITY_PROBES):
             left = end - time.monotonic()
             if left <= 0:
                 break
-            response = await self._call_embed_images([probe_image()], left)
+            response = await self._call_embed_images(probe_images(), left)
             if (response.space, response.model) == identity:
-                probe = np.asarray(response.embeddings[0].values, dtype=np.float32)
-                verdict = await asyncio.to_thread(self.judge, probe)
+                probes = np.stack([np.asarray(v.values, dtype=np.float32)
+                                   for v in response.embeddings])
+                verdict = await asyncio.to_thread(self.judge, probes)
                 self.verdicts[identity] = verdict
                 log_verdict(self.target, identity, verdict)
                 return verdict

@@ -210,7 +210,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
             if isinstance(self.embedder, RemoteEmbedder) else None
         if dimension is None:  # a new record: its space is the embedder's, so wait for it
             await self.embedder.start()
-            self.store = _open_store(record, self.embedder.dimension, self.embedder.probe)
+            self.store = _open_store(record, self.embedder.dimension, self.embedder.probes)
             self._judged(None)
         else:
             # An index already made: if the embedding service does not answer soon (an
@@ -268,14 +268,14 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
 
     def _judged(self, verdict: str | None) -> None:
         """Keeps the verdict on what the remote embedder answered its latest start() with,
-        and from now on has it judge every new model it meets by its probe vector."""
+        and from now on has it judge every new model it meets by its probe vectors."""
         if isinstance(self.embedder, RemoteEmbedder):
             self.embedder.verdicts[self.embedder.identity] = verdict
-            self.embedder.judge = self._judge_probe
+            self.embedder.judge = self._judge_probes
 
-    def _judge_probe(self, probe: np.ndarray) -> str | None:
+    def _judge_probes(self, probes: np.ndarray) -> str | None:
         try:
-            self.store.check_space(int(probe.shape[0]), probe)
+            self.store.check_space(int(probes.shape[1]), probes)
         except ValueError as error:
             return str(error)
         return None
@@ -283,7 +283,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
     def _space_problem(self) -> Callable[[], ServiceError] | None:
         """Why the embedder's space cannot serve this index (None: it can)."""
         try:
-            self.store.check_space(self.embedder.dimension, self.embedder.probe)
+            self.store.check_space(self.embedder.dimension, self.embedder.probes)
         except ValueError as error:
             message = str(error)
             return lambda: FailedPrecondition(message, reason="EMBEDDING_SPACE_MISMATCH")
@@ -308,7 +308,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                 elif answer is not None:
                     self.embedding_problem = lambda answer=answer: Unavailable(
                         f"the embedding service at {self.config.embed_target} answered the "
-                        f"probe image with {answer}; asking again",
+                        f"probe images with {answer}; asking again",
                         reason="EMBEDDING_SERVICE_UNAVAILABLE")
                     news = answer
                 else:
@@ -748,11 +748,11 @@ def _lock_data_dir(data_dir: Path) -> int | None:
     return fd
 
 
-def _open_store(record: Path, dimension: int, probe: np.ndarray | None = None) -> ImageStore:
+def _open_store(record: Path, dimension: int, probes: np.ndarray | None = None) -> ImageStore:
     """The record at ``record``; StartupError where its data directory is read-only (SQLite
     opens a file it may only read without a word) or too full to make it."""
     try:
-        store = ImageStore(record, dimension, probe)
+        store = ImageStore(record, dimension, probes)
     except (sqlite3.Error, OSError) as error:
         problem = data_dir_problem(error, record.parent)
         if problem is None:

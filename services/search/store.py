@@ -206,9 +206,11 @@ def _after_every_id_with(prefix: str) -> str | None:
 MAX_QUERY_IDS = 10_000
 
 
-#: Cosine between the probe image's vector now and when the record was made, below which
+#: Cosine between a probe image's vector now and when the record was made, below which
 #: the embedding space is another (the same model agrees with itself but for float
-#: rounding; another space's vectors are unrelated to these).
+#: rounding; another space's vectors are unrelated to these, and a retrained DeViSE map's
+#: moved: 0.96-0.98 for 200 more steps of the default recipe). Every probe image must
+#: reach it (services.search.probes).
 MIN_PROBE_AGREEMENT = 0.99
 
 
@@ -230,15 +232,37 @@ def recorded_dimension(path: Path) -> int | None:
     return int(rows["dimension"]) if "dimension" in rows else None
 
 
+def _as_rows(probes: np.ndarray) -> np.ndarray:
+    """Probe vectors as float32 rows (one vector alone is one row)."""
+    return np.atleast_2d(np.asarray(probes, dtype=np.float32))
+
+
+def _encode_rows(rows: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(rows, dtype=np.float32).tobytes()).decode()
+
+
+def _decode_rows(text: str, dimension: int) -> np.ndarray:
+    flat = np.frombuffer(base64.b64decode(text), dtype=np.float32)
+    if flat.size == 0 or flat.size % dimension:
+        return np.zeros((1, dimension), np.float32)  # agrees with nothing: refused
+    return flat.reshape(-1, dimension)
+
+
+def _least_agreement(stored: np.ndarray, now: np.ndarray) -> float:
+    """The least cosine between a stored probe vector and the same probe's vector now."""
+    norms = np.linalg.norm(stored, axis=1) * np.linalg.norm(now, axis=1) + 1e-12
+    return float(((stored * now).sum(axis=1) / norms).min())
+
+
 class ImageStore:
     """Thread-safe access to ``<data_dir>/images.sqlite3``."""
 
-    def __init__(self, path: Path, dimension: int, probe: np.ndarray | None = None) -> None:
-        """Opens (or creates) the record of vectors of ``dimension``; with ``probe``, the
-        embedder's vector of its fixed probe image (services.search.embedder.probe_image),
-        which a new record keeps and an existing one must match: vectors from another
-        embedding space have the same dimension, and searching them with this one's
-        would return nonsense with confident scores."""
+    def __init__(self, path: Path, dimension: int, probes: np.ndarray | None = None) -> None:
+        """Opens (or creates) the record of vectors of ``dimension``; with ``probes``, the
+        embedder's vectors of the fixed probe images (services.search.probes, one row
+        each), which a new record keeps and an existing one must match: vectors from
+        another embedding space have the same dimension, and searching them with this
+        one's would return nonsense with confident scores."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.dimension = dimension
@@ -254,8 +278,8 @@ class ImageStore:
         elif int(stored[0]) != dimension:
             raise ValueError(f"{path} holds {stored[0]}-d vectors, the embedder makes "
                              f"{dimension}-d ones: use another --data-dir")
-        if probe is not None:
-            self._check_space(np.asarray(probe, dtype=np.float32))
+        if probes is not None:
+            self._check_space(_as_rows(probes))
         #: A name made once for this record (kept in it): a snapshot of the index made
         #: from another record (one made anew, or another data directory's) is told apart
         row = self._db.execute("SELECT value FROM meta WHERE key='record'").fetchone()
@@ -264,33 +288,62 @@ class ImageStore:
             self._db.execute("INSERT INTO meta VALUES ('record', ?)", row)
         self.record_id: str = row[0]
 
-    def check_space(self, dimension: int, probe: np.ndarray) -> None:
-        """ValueError unless an embedder of vectors of ``dimension`` whose probe vector is
-        ``probe`` makes vectors of the space this record holds (for a record opened
+    def check_space(self, dimension: int, probes: np.ndarray) -> None:
+        """ValueError unless an embedder of vectors of ``dimension`` whose probe vectors
+        are ``probes`` makes vectors of the space this record holds (for a record opened
         before its embedder answered; the constructor checks the same)."""
         if dimension != self.dimension:
             raise ValueError(f"{self.path} holds {self.dimension}-d vectors, the embedder "
                              f"makes {dimension}-d ones: use another --data-dir")
         with self._lock:
-            self._check_space(np.asarray(probe, dtype=np.float32))
+            self._check_space(_as_rows(probes))
 
-    def _check_space(self, probe: np.ndarray) -> None:
-        row = self._db.execute("SELECT value FROM meta WHERE key='probe'").fetchone()
-        if row is None:  # a new record, or one written before the probe was kept
-            self._db.execute("INSERT INTO meta VALUES ('probe', ?)",
-                             (base64.b64encode(probe.tobytes()).decode(),))
-            return
-        stored = np.frombuffer(base64.b64decode(row[0]), dtype=np.float32)
-        agreement = 0.0 if stored.shape != probe.shape else float(
-            stored @ probe / (np.linalg.norm(stored) * np.linalg.norm(probe) + 1e-12))
-        if agreement < MIN_PROBE_AGREEMENT:
-            raise ValueError(
-                f"{self.path} holds vectors from another embedding space (the probe image's "
-                f"vector agrees with the one it was made with at {agreement:.3f}, under "
-                f"{MIN_PROBE_AGREEMENT}: another --word-vectors file, DeViSE map or "
-                "method): its vectors cannot be searched with this Embedding service's. "
-                "Use another --data-dir and index the images again, or serve the space "
-                "it was made in")
+    def _check_space(self, probes: np.ndarray) -> None:
+        """Compares ``probes`` with the probe vectors the record keeps, and keeps them
+        where it has none yet. A record made when there was one probe image (meta key
+        'probe') is compared on that one, then keeps them all; a new record keeps the
+        first under 'probe' as well, so that such a version still checks it."""
+        rows = dict(self._db.execute(
+            "SELECT key, value FROM meta WHERE key IN ('probe', 'probes')").fetchall())
+        if "probes" in rows:
+            stored = _decode_rows(rows["probes"], self.dimension)
+        elif "probe" in rows:
+            stored = _decode_rows(rows["probe"], self.dimension)
+        else:  # a new record, or one written before any probe was kept
+            stored = probes[:0]
+        count = min(len(stored), len(probes))
+        if count:
+            agreement = _least_agreement(stored[:count], probes[:count])
+            if agreement < MIN_PROBE_AGREEMENT:
+                raise ValueError(
+                    f"{self.path} holds vectors from another embedding space (the probe "
+                    f"images' vectors agree with the ones it was made with at {agreement:.3f}"
+                    f" at least, under {MIN_PROBE_AGREEMENT}: another --word-vectors file, "
+                    "DeViSE map or method): its vectors cannot be searched with this "
+                    "Embedding service's. Use another --data-dir and index the images "
+                    "again, or serve the space it was made in")
+        if len(probes) > len(stored):
+            try:
+                self._keep_probes(probes, first_too="probe" not in rows)
+            except sqlite3.Error:
+                if not len(stored):  # a record must know its space
+                    raise
+                # an older record on a read-only mount: checked on the probes it keeps
+
+    def _keep_probes(self, probes: np.ndarray, first_too: bool) -> None:
+        """Keeps ``probes`` (and, with ``first_too``, the first under 'probe') in one
+        transaction."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('probes', ?)",
+                             (_encode_rows(probes),))
+            if first_too:
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)",
+                                 (_encode_rows(probes[:1]),))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
 
     def close(self) -> None:
         with self._lock:

@@ -337,7 +337,7 @@ def test_an_embedding_service_of_another_space_is_refused_until_it_is_put_right(
 
     class Answers(RemoteEmbedder):
         def __init__(self, probe: np.ndarray, failures: int = 0) -> None:  # no channel
-            self.dimension, self.probe, self.failures = len(probe), probe, failures
+            self.dimension, self.probes, self.failures = len(probe), probe[None], failures
             self.identity, self.verdicts = ("space", "model"), {}
 
         async def start(self, wait_seconds: float = 0.0) -> None:

@@ -163,7 +163,23 @@ def recover_index(store: ImageStore, snapshots: Path, dimension: int,
         with contextlib.suppress(OSError):
             (snapshots / "CURRENT").unlink(missing_ok=True)
         return index, -1
+    prune_changes(store, seq)
     return index, seq
+
+
+def prune_changes(store: ImageStore, seq: int) -> None:
+    """Deletes the change log up to ``seq``, that of a snapshot just saved durably: no
+    start needs those changes any more, and the log would grow with every write. Call it
+    only after the save returned (a crash before then leaves the log whole). A prune that
+    fails costs only disk: its rows stay for the next snapshot's prune, logged here."""
+    try:
+        pruned = store.prune_changes(seq)
+    except (DataDirProblem, sqlite3.Error) as error:
+        log.warning("could not prune the change log; the next snapshot prunes it",
+                    extra={"why": _why(error, store.data_dir)})
+        return
+    if pruned:
+        log.debug("pruned the change log", extra={"pruned": pruned, "through": seq})
 
 
 class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
@@ -359,6 +375,7 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                 state = self.index.capture()
             self.index.save_snapshot(self.snapshots, seq, state, record=self.store.record_id)
             self.snapshot_seq = seq
+            prune_changes(self.store, seq)
 
     async def _snapshot_loop(self) -> None:
         while True:

@@ -3,7 +3,8 @@
 SQLite in WAL mode with ``synchronous=FULL``: a batch is one transaction, and it is
 acknowledged only after the commit returned, so every acknowledged write survives
 ``kill -9`` (and power loss, as far as the disk honours fsync). A change log with a
-monotonic sequence number lets the in-memory FAISS index catch up from a snapshot.
+monotonic sequence number lets the in-memory FAISS index catch up from a snapshot; the
+changes a durably saved snapshot holds are pruned from it (``prune_changes``).
 """
 
 from __future__ import annotations
@@ -204,6 +205,11 @@ def _after_every_id_with(prefix: str) -> str | None:
 #: than its limit (32,766 in stock builds since 3.32, 999 before; the connection's own
 #: limit is kept to where it is lower), so longer lists are read in chunks of this many.
 MAX_QUERY_IDS = 10_000
+
+#: The most rows of the change log one pruning transaction deletes: each holds the
+#: record's write lock (and the store's) only that long, so writes wait for a chunk, never
+#: for a whole log left long by an old snapshot.
+PRUNE_CHUNK_ROWS = 10_000
 
 
 #: Cosine between a probe image's vector now and when the record was made, below which
@@ -518,9 +524,32 @@ class ImageStore:
                                     (seq,)).fetchall()
 
     def last_seq(self) -> int:
+        """The seq of the latest change (0: none yet). ``prune_changes`` always keeps the
+        latest row, so this stays right after pruning, and the next change's seq is
+        above it whether or not the table's key is AUTOINCREMENT."""
         with self._lock:
             row = self._db.execute("SELECT MAX(seq) FROM changes").fetchone()
         return int(row[0] or 0)
+
+    def prune_changes(self, through: int) -> int:
+        """Deletes the changes up to seq ``through``, that of a snapshot saved durably: a
+        catch-up from it reads only the changes after it, and a rebuild reads the images,
+        not the log. The latest change is kept (see ``last_seq``). Returns the rows
+        deleted.
+
+        Each chunk of PRUNE_CHUNK_ROWS rows is its own transaction, so writes never wait
+        for a whole long log; a crash mid-way leaves only changes the snapshot holds,
+        which the next prune deletes. DataDirProblem where the data directory refuses
+        the write (nothing of that chunk deleted)."""
+        deleted = 0
+        while True:
+            chunk = self._write(lambda cursor: cursor.execute(
+                "DELETE FROM changes WHERE seq IN (SELECT seq FROM changes WHERE seq <= ? "
+                "AND seq < (SELECT MAX(seq) FROM changes) ORDER BY seq LIMIT ?)",
+                (through, PRUNE_CHUNK_ROWS)).rowcount)
+            deleted += chunk
+            if chunk < PRUNE_CHUNK_ROWS:
+                return deleted
 
     def count(self) -> int:
         with self._lock:

@@ -2,7 +2,8 @@
 
 Requests submitted with the same ``key`` (a compatible shape, a model name ...) are grouped
 into one call of the batch function: the first request of a group waits at most
-``max_wait_ms`` for up to ``max_batch - 1`` companions. A request that arrives while the
+``max_wait_ms`` for up to ``max_batch - 1`` companions. Groups take turns by their oldest
+request, so a steady stream of one key never holds back the others. A request that arrives while the
 batcher is idle (nothing queued, nothing running) and is still alone when the worker takes
 it runs at once: no burst is under way, and waiting would only add its latency (a
 sequential client's every request; on a GPU, where a request takes a millisecond or two,
@@ -21,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -74,7 +75,7 @@ class MicroBatcher(Generic[In, Out]):
         self._batch_limit = batch_limit
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
-        self._groups: OrderedDict[Hashable, deque[_Pending[In]]] = OrderedDict()
+        self._groups: dict[Hashable, deque[_Pending[In]]] = {}
         self._waiting = 0
         self._running = 0
         self._wakeup: asyncio.Event | None = None
@@ -197,9 +198,18 @@ class MicroBatcher(Generic[In, Out]):
             return self.max_batch
         return max(1, min(self.max_batch, self._batch_limit(key)))
 
+    def _oldest(self) -> tuple[Hashable, deque[_Pending[In]]]:
+        """The group whose first request has waited longest, and its key. Groups are
+        served by their oldest request, not by when the group was made: a group that a
+        steady stream keeps from ever emptying would otherwise be served again and again
+        while a request of another key (another tile shape, another method) waited until
+        its deadline."""
+        return min(self._groups.items(), key=lambda item: item[1][0].enqueued)
+
     def _take_batch(self) -> list[_Pending[In]]:
-        """Pops up to the batch limit of requests of the oldest group."""
-        key, group = next(iter(self._groups.items()))
+        """Pops up to the batch limit of requests of the group whose first request has
+        waited longest."""
+        key, group = self._oldest()
         batch = [group.popleft() for _ in range(min(self._limit(key), len(group)))]
         if not group:
             del self._groups[key]
@@ -210,12 +220,13 @@ class MicroBatcher(Generic[In, Out]):
         """Only one request waits, and it came when nothing was queued or running."""
         if self._waiting != 1:
             return False
-        return next(iter(self._groups.values()))[0].idle_at_arrival
+        return self._oldest()[1][0].idle_at_arrival
 
     async def _wait_for_companions(self) -> None:
-        """Lets the oldest group fill up to its batch limit, for at most max_wait."""
+        """Lets the oldest group fill up to its batch limit, for at most max_wait from
+        its first request's arrival."""
         assert self._wakeup is not None
-        key, oldest = next(iter(self._groups.items()))
+        key, oldest = self._oldest()
         until = oldest[0].enqueued + self.max_wait
         limit = self._limit(key)
         while len(oldest) < limit and self._groups.get(key) is oldest:  # (all may leave)

@@ -83,6 +83,39 @@ def test_requests_with_different_keys_are_never_mixed() -> None:
         assert len({item % 2 for item in batch}) == 1
 
 
+def test_a_steady_stream_of_one_key_does_not_hold_back_another() -> None:
+    """Groups take turns by their oldest request: clients that resubmit one key at once
+    (thumbnails of one size, all-ConSE embeddings) keep its group from ever emptying, and
+    a request of another key (another tile shape, DeViSE) used to wait until the stream
+    stopped, past its deadline. Now it runs after the requests that came before it."""
+    recorder = Recorder(delay=0.01)
+
+    async def main() -> tuple[int, int]:
+        batcher = MicroBatcher("t-fair", recorder, max_batch=4, max_wait_ms=5, max_queue=64)
+        other_done = asyncio.Event()
+
+        async def stream() -> None:
+            while not other_done.is_set():
+                await batcher.submit(1, key="stream")
+
+        streams = [asyncio.ensure_future(stream()) for _ in range(12)]
+        await asyncio.sleep(0.2)  # the stream is steady: its group never empties
+        batches_before = len(recorder.batches)
+        try:  # (starved, it would wait for as long as the stream goes on)
+            result = await asyncio.wait_for(batcher.submit(1000, key="other"), 5)
+        finally:
+            other_done.set()
+            await asyncio.gather(*streams)
+        await batcher.stop()
+        ran_at = next(i for i, b in enumerate(recorder.batches) if b == [1000])
+        return result, ran_at - batches_before
+
+    result, batches_ahead = asyncio.run(main())
+    assert result == 2000
+    # only the stream's requests that came before it: at most 12, in batches of 4
+    assert batches_ahead <= 3
+
+
 def test_full_queue_refuses_at_once() -> None:
     recorder = Recorder()
     recorder.release.clear()  # block the worker so the queue fills

@@ -92,6 +92,11 @@ MAX_PAGE_SIZE = 1000
 #: What a page token is made of: the last id of the page before, marked so that a token
 #: from elsewhere is told apart.
 PAGE_TOKEN_PREFIX = "after:"
+#: The longest page token this service makes: base64 of PAGE_TOKEN_PREFIX and the JSON
+#: of a prefix and an id of MAX_ID_CHARS each, at most 12 characters a code point (one
+#: past U+FFFF is two \uXXXX escapes). A longer one is refused before it is decoded.
+MAX_PAGE_TOKEN_CHARS = 4 * -(-(len(PAGE_TOKEN_PREFIX) + len('["", ""]')
+                               + 2 * 12 * MAX_ID_CHARS) // 3)
 SNAPSHOT_EVERY_SECONDS = 30.0
 #: The file in the data directory that a search server holds locked (flock) while it runs.
 LOCK_FILE = ".lock"
@@ -617,6 +622,8 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
     async def _hits(self, vector: np.ndarray, k: int, min_score: float | None = None
                     ) -> search_pb2.SearchResponse:
         found = (await asyncio.to_thread(self.index.search, vector[None], k))[0]
+        # the floor is compared with the scores as answered: -1..1, and 1 for an image
+        # searched by itself (vector_index.cosine_score), so min_score 1 finds it
         if min_score is not None:
             found = [(image_id, score) for image_id, score in found if score >= min_score]
         records = await asyncio.to_thread(self.store.get, [i for i, _ in found])
@@ -797,20 +804,45 @@ def _page_token(last_id: str, prefix: str) -> str:
     return base64.urlsafe_b64encode(text.encode()).decode()
 
 
+def _page_token_parts(token: str) -> tuple[str, str] | None:
+    """The (prefix, last id) that :func:`_page_token` made ``token`` of; None for any
+    string it did not make (whatever a client crafts: the size is bounded before decoding,
+    and what the token decodes to must make the very same token again)."""
+    if len(token) > MAX_PAGE_TOKEN_CHARS:
+        return None
+    try:
+        text = base64.b64decode(token, altchars=b"-_", validate=True).decode()
+        if not text.startswith(PAGE_TOKEN_PREFIX):
+            return None
+        parts = json.loads(text[len(PAGE_TOKEN_PREFIX):])
+    except (ValueError, UnicodeError, RecursionError):  # RecursionError: [[[[...
+        return None
+    if not (isinstance(parts, list) and len(parts) == 2
+            and all(isinstance(part, str) for part in parts)):
+        return None
+    made_for, after = parts
+    # a page ends on a stored id (1..MAX_ID_CHARS characters) of the prefix's listing
+    if not (0 < len(after) <= MAX_ID_CHARS and after.startswith(made_for)):
+        return None
+    try:  # no id holds a lone surrogate (JSON can escape one)
+        made_for.encode(), after.encode()
+    except UnicodeEncodeError:
+        return None
+    return (made_for, after) if _page_token(after, made_for) == token else None
+
+
 def _page_token_id(token: str, prefix: str) -> str:
-    """The id a page token continues after ("" for no token); the token must come from a
-    listing of the same ``prefix``."""
+    """The id a page token continues after ("" for no token); the token must be one this
+    service made (INVALID_ARGUMENT, never INTERNAL, for any other string), for a listing
+    of the same ``prefix``."""
     if not token:
         return ""
-    try:
-        text = base64.urlsafe_b64decode(token.encode("ascii")).decode()
-        made_for, after = json.loads(text.removeprefix(PAGE_TOKEN_PREFIX))
-        if not text.startswith(PAGE_TOKEN_PREFIX) or not isinstance(after, str):
-            raise ValueError(token)
-    except (ValueError, TypeError, UnicodeError):
+    parts = _page_token_parts(token)
+    if parts is None:
         raise InvalidArgument(f"page_token {shown(token)} is not one this service made: pass "
                               "the next_page_token of the previous ListImages response",
-                              field="page_token") from None
+                              field="page_token")
+    made_for, after = parts
     if made_for != prefix:
         raise InvalidArgument(f"page_token continues a listing of prefix {shown(made_for)}, "
                               f"not {shown(prefix)}: keep the prefix across the pages",

@@ -63,6 +63,12 @@ IVF_TRAIN_POINTS_PER_LIST = 64  # k-means sample: 64 vectors per list (FAISS war
 #: Held by each snapshot write (and the start's removal of those cut short): two never
 #: interleave in one process.
 _SAVING = threading.Lock()
+#: A score this close to 1 is reported as 1. The inner product of two float32 unit
+#: vectors is a cosine only to a few float32 ulps: an image searched by itself scored
+#: 1 - 6e-8 to 1 + 2.4e-7 (its vector embedded alone and in a batch differ by up to 7e-8
+#: per component), and a Hit's score is documented -1..1, with min_score 1 finding exact
+#: duplicates.
+SCORE_ONE_WITHIN = 1e-6
 
 
 def hidden_limit(live: int) -> int:
@@ -114,6 +120,14 @@ def train_ivf(vectors: np.ndarray, nlist: int, seed: int = 0) -> Any:
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     index.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
     return index
+
+
+def cosine_score(score: float) -> float:
+    """An inner product of unit vectors as a cosine, -1..1: float32 rounding takes it a
+    little past 1 (or -1); within SCORE_ONE_WITHIN of 1, it is 1."""
+    if score >= 1.0 - SCORE_ONE_WITHIN:
+        return 1.0
+    return max(-1.0, float(score))
 
 
 def _normalise(vectors: np.ndarray) -> np.ndarray:
@@ -326,11 +340,11 @@ class VectorIndex:
         return self._params[0]
 
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        """For each query, up to k (id, cosine score) pairs, best first. On one OpenMP
-        thread (:data:`QUERY_THREADS`): the server answers many queries at once, and
-        FAISS's default of a thread per core made one exact search over 10k vectors
-        8-50x slower on a 2-core machine with other work on it (a few hundred queries/s
-        against 2,600-3,500 on one thread)."""
+        """For each query, up to k (id, cosine score) pairs, best first; a score is -1..1
+        (:func:`cosine_score`). On one OpenMP thread (:data:`QUERY_THREADS`): the server
+        answers many queries at once, and FAISS's default of a thread per core made one
+        exact search over 10k vectors 8-50x slower on a 2-core machine with other work on
+        it (a few hundred queries/s against 2,600-3,500 on one thread)."""
         queries = _normalise(np.atleast_2d(queries))
         faiss.omp_set_num_threads(QUERY_THREADS)  # this thread's own setting (OpenMP ICV)
         with self._lock:
@@ -340,7 +354,7 @@ class VectorIndex:
             scores, labels = self._index.search(queries, wanted, params=self._search_params())
             results = []
             for row_scores, row_labels in zip(scores, labels, strict=True):
-                hits = [(self._ids[int(label)], float(score))
+                hits = [(self._ids[int(label)], cosine_score(float(score)))
                         for score, label in zip(row_scores, row_labels, strict=True)
                         if label >= 0 and int(label) in self._ids]
                 results.append(hits[:k])

@@ -386,6 +386,14 @@ def test_long_uris_cannot_make_a_reply_too_large_to_send(
     info = error_details_pb2.ErrorInfo()
     assert status is not None and status.details[0].Unpack(info)
     assert info.reason == "RESULT_TOO_LARGE"
+    with pytest.raises(grpc.RpcError) as error:  # search.proto's SearchByImage says so too
+        stub.SearchByImage(search_pb2.SearchByImageRequest(image=images[0], k=1000),
+                           timeout=60)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "ask for fewer hits (k)" in error.value.details()
+    status = rpc_status.from_call(error.value)  # type: ignore[arg-type]
+    assert status is not None and status.details[0].Unpack(info)
+    assert info.reason == "RESULT_TOO_LARGE"
 
 
 def test_a_page_token_continues_only_the_listing_it_came_from(
@@ -400,3 +408,130 @@ def test_a_page_token_continues_only_the_listing_it_came_from(
                         timeout=30)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "continues a listing of prefix 'token-', not 'other-'" in error.value.details()
+
+
+def _token(text: str | bytes) -> str:
+    """A page token as this service encodes one, around ``text``."""
+    import base64
+
+    return base64.urlsafe_b64encode(text if isinstance(text, bytes) else text.encode()).decode()
+
+
+@pytest.mark.parametrize("token", [
+    _token("after:" + "[" * 100_000),  # nested past json's recursion limit, and huge
+    _token("after:" + "[" * 2_000),  # nested past it, within the size bound
+    _token('after:["",' + "[" * 2_000 + "]" * 2_000 + "]"),
+    _token('after:[5,"a"]'),  # a prefix that is no string
+    _token('after:[null,"a"]'),
+    _token('after:["",5]'),  # an id that is no string
+    _token('after:"ab"'),  # a string, not a pair
+    _token('after:["a"]'), _token('after:["", "a", "b"]'), _token('after:{"a": "b"}'),
+    _token('after:["", ""]'),  # no id is empty
+    _token('after:["", "\\ud800"]'),  # a lone surrogate: no id can hold one
+    _token('after:["x", "a"]'),  # a listing of "x" never ends a page on "a"
+    _token('after: ["", "a"]'),  # not as this service writes it
+    _token('before:["", "a"]'), _token('["", "a"]'), _token("after:"),
+    _token(b"after:\xff\xfe"),  # not UTF-8
+    _token(np.random.default_rng(0).bytes(64)),  # random bytes
+    "not-a-token", "YWZ0ZXI", "@@@@", "YWZ0ZXI6WyIiLCAiYSJd\n", "é",  # not base64 of this
+    "A" * 3_000_000,  # huge
+])
+def test_a_page_token_this_service_did_not_make_is_refused_as_such(
+        stub: search_pb2_grpc.ImageSearchStub, search_server: RunningServer,
+        token: str) -> None:
+    """Whatever a client sends as page_token, a token this service did not make is
+    INVALID_ARGUMENT naming page_token, never INTERNAL, and the server serves on."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ListImages(search_pb2.ListImagesRequest(page_token=token), timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
+    assert "is not one this service made" in error.value.details()
+    assert len(error.value.details()) < 400  # the token is not echoed whole
+    status = rpc_status.from_call(error.value)  # type: ignore[arg-type]
+    bad = error_details_pb2.BadRequest()
+    assert status is not None and any(d.Unpack(bad) for d in status.details)
+    assert [v.field for v in bad.field_violations] == ["page_token"]
+    stub.ListImages(search_pb2.ListImagesRequest(page_size=1), timeout=30)
+    assert client.health_status(client.connect(search_server.target),
+                                "percept.v1.ImageSearch") == "SERVING"
+
+
+def test_page_tokens_of_ids_of_every_kind_continue_their_listing(
+        stub: search_pb2_grpc.ImageSearchStub) -> None:
+    """Ids of quotes, backslashes, control and astral characters, and of the longest
+    length, round-trip through the tokens made after them."""
+    image = photo_variants(1, seed=18)[0]
+    ids = ["odd-\"q\\", "odd-\x00\x1f", "odd-\U0001f600" * 51, "odd-" + "\U0001f600" * 252,
+           "odd-é\u2028"]
+    assert sorted(add(stub, [search_pb2.AddImageRequest(id=i, image=image)
+                             for i in ids])[0]) == sorted(ids)
+    listed, token = [], ""
+    while True:
+        page = stub.ListImages(search_pb2.ListImagesRequest(page_size=1, page_token=token,
+                                                            prefix="odd-"), timeout=30)
+        listed += [entry.id for entry in page.images]
+        token = page.next_page_token
+        if not token:
+            break
+    assert listed == sorted(ids)
+
+
+def test_an_image_searched_by_itself_scores_at_most_1_and_passes_a_floor_of_1(
+        stub: search_pb2_grpc.ImageSearchStub) -> None:
+    """Hit.score is a cosine, -1..1: float32 rounding would make an image stored score
+    1.0000001 (or 0.99999994) against itself; it scores 1, so min_score 1 finds exact
+    duplicates."""
+    images = photo_variants(12, seed=19)
+    added, _ = add(stub, add_requests(images, prefix="self"))
+    assert len(added) == 12
+    for i, image in enumerate(images):
+        hits = stub.SearchByImage(search_pb2.SearchByImageRequest(image=image, k=3),
+                                  timeout=60).hits
+        assert hits[0].id == f"self-{i}" and hits[0].score == 1.0, [(h.id, h.score) for h in hits]
+        assert all(-1.0 <= h.score <= 1.0 for h in hits)
+        floored = stub.SearchByImage(search_pb2.SearchByImageRequest(
+            image=image, k=3, min_score=1.0), timeout=60).hits
+        assert [(h.id, h.score) for h in floored] == [(f"self-{i}", 1.0)]
+
+
+def test_a_busy_server_answers_delete_images_queue_full_with_the_retry_trailer(
+        stub: search_pb2_grpc.ImageSearchStub, search_server: RunningServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeleteImages' RESOURCE_EXHAUSTED is not only DATA_DIR_FULL: at the server's
+    concurrency limit it is QUEUE_FULL, with the retry trailer (search.proto says the
+    reason tells them apart)."""
+    import time
+
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    from tests.conftest import is_pushback
+
+    work = search_server.server._work
+    monkeypatch.setattr(work, "limit", 1)
+    hold = threading.Event()
+
+    def nothing_yet() -> Iterator[search_pb2.AddImageRequest]:
+        hold.wait(60)
+        yield from ()
+
+    held = stub.AddImages(nothing_yet(), timeout=120)  # the one call the limit allows
+    try:
+        for _ in range(1000):
+            if work.in_progress == 1:
+                break
+            time.sleep(0.01)
+        assert work.in_progress == 1
+        with pytest.raises(grpc.RpcError) as error:
+            stub.DeleteImages(search_pb2.DeleteImagesRequest(ids=["never-added"]), timeout=30)
+    finally:
+        hold.set()
+        assert list(held) == []
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert is_pushback(dict(error.value.trailing_metadata())["grpc-retry-pushback-ms"])
+    status = rpc_status.from_call(error.value)  # type: ignore[arg-type]
+    info = error_details_pb2.ErrorInfo()
+    assert status is not None and status.details[0].Unpack(info)
+    assert info.reason == "QUEUE_FULL"

@@ -320,8 +320,8 @@ _iterations = _whole_number(1, 2**31 - 1, "the server takes at most its --max-it
 #: --max-size: the working resolution StylizeWithImage takes (0 would mean 256).
 MIN_WORKING_SIZE, MAX_WORKING_SIZE = 32, 1024
 _max_size = _whole_number(MIN_WORKING_SIZE, MAX_WORKING_SIZE)
-#: --seed: the noise start's seed, an int64 the server takes from 0.
-_seed = _whole_number(0, 2**63 - 1, "the seed is a 64-bit integer")
+#: --seed: the noise start's seed, any int64 (StylizeWithImageRequest.seed).
+_seed = _whole_number(-2**63, 2**63 - 1, "the seed is a 64-bit integer")
 
 
 def _positive_timeout(seconds: float) -> float:
@@ -1175,8 +1175,8 @@ def build_parser() -> argparse.ArgumentParser:
     stylize.add_argument("--tv-weight", type=_weight, default=None,
                          help="total-variation weight (--style-image; the server's default: 10)")
     stylize.add_argument("--seed", type=_seed, default=None,
-                         help="seed of the noise start, from 0 (--style-image --init noise; "
-                         "default 0)")
+                         help="seed of the noise start, any 64-bit integer (--style-image "
+                         "--init noise; default 0)")
     stylize.add_argument("--timeout", type=float, default=None,
                          help="deadline in seconds (default 300 with --style, 3600 with "
                          "--style-image)")

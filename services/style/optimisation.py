@@ -74,13 +74,28 @@ def _field_named_in(message: str) -> str | None:
     return None
 
 
+def noise_seed(seed: int) -> int:
+    """The noise start's seed for a request's int64 ``seed``: every int64 is one, a negative
+    one taken as the unsigned 64-bit value of its bits (-1 is 2**64 - 1), as
+    torch.Generator.manual_seed itself takes it; 0 stays 0, the default seed. The same seed
+    always gives the same noise (GatysOptions refuses a negative seed, hence the mapping)."""
+    return seed % 2**64
+
+
 def parse_request(request: style_pb2.StylizeWithImageRequest,
                   config: ServerConfig) -> OptimisationJob:
     """Validates every field; raises InvalidArgument with a precise message."""
     iterations = request.iterations or DEFAULT_ITERATIONS
     if not 1 <= iterations <= config.max_iterations:
-        raise InvalidArgument(f"iterations must be 1..{config.max_iterations}, "
-                              f"got {request.iterations}", field="iterations")
+        if request.iterations == 0:  # the caller asked for nothing: name what 0 stands for
+            raise InvalidArgument(
+                f"iterations is 0, which means the default, {DEFAULT_ITERATIONS}, over this "
+                f"server's --max-iterations of {config.max_iterations}: set iterations to "
+                f"1..{config.max_iterations} (percept stylize --iterations N)",
+                field="iterations")
+        raise InvalidArgument(f"iterations must be 1..{config.max_iterations} (this server's "
+                              f"--max-iterations), got {request.iterations}",
+                              field="iterations")
     max_size = request.max_size or DEFAULT_MAX_SIZE
     if not MIN_SIZE <= max_size <= MAX_SIZE:
         raise InvalidArgument(f"max_size must be {MIN_SIZE}..{MAX_SIZE}, got {request.max_size}",
@@ -108,7 +123,7 @@ def parse_request(request: style_pb2.StylizeWithImageRequest,
         style_weight=float(values["style_weight"] or 0.0),
         tv_weight=float(values["tv_weight"] or 0.0),
         optimizer=_OPTIMIZERS[request.optimizer],  # type: ignore[arg-type]
-        preserve_color=request.preserve_color, seed=request.seed)
+        preserve_color=request.preserve_color, seed=noise_seed(request.seed))
     try:
         options.validate()
     except ValueError as error:

@@ -85,8 +85,10 @@ class StyleTransferService(ServiceModule, style_pb2_grpc.StyleTransferServicer):
             model.start()
             self.styles[style] = model
         if not self.styles:
-            log.warning("no style artifacts: Stylize answers NOT_FOUND; StylizeWithImage (any "
-                        "style image) works", extra={"models_dir": str(self.config.models_dir)})
+            log.warning("no style artifacts: every Stylize is answered UNIMPLEMENTED "
+                        "(NO_MODEL_INSTALLED) and ListStyles lists none; StylizeWithImage "
+                        "(any style image) works",
+                        extra={"models_dir": str(self.config.models_dir)})
         # Optimisation runs are long: one at a time, a short bounded queue behind it. A
         # request holds a place from before its images are decoded, so a burst past the
         # limit is refused at once instead of after decoding up to 64 MP each.

@@ -46,7 +46,8 @@ def files(tmp_path: Path) -> dict[str, Path]:
      "argument --max-size: must be 32..1024, got -1"),
     (["--style-image", "{style}", "--max-size", "1025"],
      "argument --max-size: must be 32..1024, got 1025"),
-    (["--style-image", "{style}", "--seed", "-1"], "argument --seed: must be at least 0"),
+    (["--style-image", "{style}", "--seed", "-9223372036854775809"],
+     "argument --seed: must be at least -9223372036854775808"),  # an int64, negative too
     (["--style-image", "{style}", "--content-weight", "-1"],
      "argument --content-weight: must be a finite number >= 0, got -1"),
     (["--style-image", "{style}", "--tv-weight", "nan"],

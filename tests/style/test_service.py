@@ -163,6 +163,9 @@ def _bad(case: str, photo: np.ndarray) -> tuple[bytes, dict[str, object]]:
         "truncated mask": (good, {"mask": bad_images.truncated_png(
             np.zeros((height, width), np.uint8))}),
         "quality 101": (good, {"output_format": JPEG, "quality": 101}),
+        # checked whatever the format, though PNG ignores it (style.proto)
+        "quality 101 as PNG": (good, {"output_format": PNG, "quality": 101}),
+        "quality -1 by default": (good, {"quality": -1}),
         "unknown format": (good, {"output_format": 99}),
         "too wide for WebP": (encode(np.zeros((2, 16_384, 3), np.uint8)),
                               {"output_format": WEBP}),
@@ -190,6 +193,8 @@ def _bad(case: str, photo: np.ndarray) -> tuple[bytes, dict[str, object]]:
     ("undecodable mask", r"^not a decodable mask \(PNG, JPEG, WebP, GIF, BMP or TIFF\)$"),
     ("truncated mask", r"^truncated mask: "),
     ("quality 101", r"^quality must be 1\.\.100, got 101$"),
+    ("quality 101 as PNG", r"^quality must be 1\.\.100, got 101$"),
+    ("quality -1 by default", r"^quality must be 1\.\.100, got -1$"),
     ("unknown format", r"^unknown output_format 99$"),
     ("too wide for WebP", r"^the 16384x2 result is over WEBP's limit of 16383 px a side; ask "
                           r"for PNG output, or send a smaller image$"),
@@ -211,12 +216,17 @@ def test_bad_requests_are_invalid_argument_and_cost_no_forward_pass(
 
 
 @needs_styles
-def test_no_style_networks_is_unimplemented_with_a_way_out(tmp_path: Path,
-                                                           small_photo: np.ndarray) -> None:
+def test_no_style_networks_is_unimplemented_with_a_way_out(
+        tmp_path: Path, small_photo: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
     empty = tmp_path / "models"
     empty.mkdir()
     running = start_in_thread(server_config("style", models_dir=empty), timeout=600)
     try:
+        # the start's warning says what Stylize answers (it said NOT_FOUND)
+        warnings = [r.getMessage() for r in caplog.records if r.name == "percept.style"
+                    and r.levelname == "WARNING"]
+        assert any(w.startswith("no style artifacts: every Stylize is answered UNIMPLEMENTED "
+                                "(NO_MODEL_INSTALLED)") for w in warnings), warnings
         channel = client.connect(running.target)
         assert client.list_styles(channel) == []
         with pytest.raises(grpc.RpcError) as error:
@@ -373,6 +383,27 @@ def test_a_tagged_content_image_is_optimised_in_srgb(channel: grpc.Channel, phot
         assert result.icc_profile is None
         results.append(result.rgb.astype(int))
     assert np.abs(results[0] - results[1]).mean() < 1.5  # the inputs differ by <= 1 level
+
+
+def test_a_negative_seed_is_a_seed_and_gives_the_same_image_each_time(
+        channel: grpc.Channel, small_photo: np.ndarray, style_photo: np.ndarray) -> None:
+    """StylizeWithImageRequest.seed is any int64 (Java's nextLong is negative half the
+    time): a negative seed was refused "seed must be an integer >= 0"."""
+    def noise_start(**fields: object) -> np.ndarray:
+        request = style_pb2.StylizeWithImageRequest(
+            content_image=encode(small_photo), style_image=encode(style_photo),
+            init=style_pb2.STYLE_INIT_BLURRED_NOISE, iterations=1, max_size=32,
+            **fields)  # type: ignore[arg-type]
+        return decode_image(client.stylize_with_image(channel, request, timeout=120).image,
+                            max_pixels=10**8).rgb
+
+    negative = noise_start(seed=-(2**62) - 12345)
+    assert negative.shape == (21, 32, 3)
+    np.testing.assert_array_equal(negative, noise_start(seed=-(2**62) - 12345))
+    default = noise_start()
+    np.testing.assert_array_equal(default, noise_start(seed=0))  # 0 is the default seed
+    assert mean_abs(negative, default) > 5.0  # another seed, another start
+    assert mean_abs(noise_start(seed=-1), negative) > 5.0
 
 
 # -- unusual inputs --------------------------------------------------------------------------

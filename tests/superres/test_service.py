@@ -150,6 +150,9 @@ def test_model_is_chosen_by_name(sr_server: RunningServer, small_photo: np.ndarr
     ({}, b"not an image", "not a decodable image"),
     ({}, None, "truncated|corrupt"),
     ({"scale": 2}, "photo", "scale must be 4"),
+    # checked whatever the format, though PNG (the default) ignores it (superres.proto)
+    ({"quality": 101}, "photo", r"^quality must be 1\.\.100, got 101$"),
+    ({"quality": -1, "output_format": 1}, "photo", r"^quality must be 1\.\.100, got -1$"),
     ({}, "tiny", "the minimum is 8x8"),
     # from the header, without decoding 7 million pixels first
     ({}, "thin header", "^image is 7x1000000; the minimum is 8x8$"),

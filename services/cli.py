@@ -245,7 +245,8 @@ def _describe_server(target: str, info: server_pb2.GetServerInfoResponse) -> str
     lines.append(f"  limits: {limits.max_message_bytes / 2**20:g} MiB messages, "
                  f"{limits.max_pixels:,} pixels an image, "
                  f"{limits.max_inflight_pixels / 1e6:g} MP in flight, "
-                 f"queue {limits.max_queue}, batch {limits.max_batch}{gatys}")
+                 f"queue {limits.max_queue}, batch {limits.max_batch}{gatys}, "
+                 f"{limits.max_concurrent_rpcs} calls at once")
     return "\n".join(printable(line) for line in lines)
 
 

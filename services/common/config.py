@@ -34,6 +34,15 @@ METRICS_PORT_OFFSET = 9100 - 50050  # all -> 9100, superres -> 9101, ...
 T = TypeVar("T")
 
 
+#: Calls to health, reflection and ServerInfo a process takes beside
+#: ``--max-concurrent-rpcs``: gRPC's own limit, checked before any message is read, is the
+#: sum of the two, so that calls to those cannot hold unbounded request bytes either. It
+#: is large because health Watch streams stay open, one per client channel that checks
+#: health (a client-side load balancer's subchannels): with 32, the 32nd such stream made
+#: the kubelet's health Check fail while the work calls were at their limit.
+INFRASTRUCTURE_CALLS = 1024
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything a server process needs to know; built by :func:`config_from_args`."""
@@ -247,8 +256,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-concurrent-rpcs", _positive(int), base.max_concurrent_rpcs,
         "calls to the model services this process handles at once; one more is refused "
         "busy (RESOURCE_EXHAUSTED with the retry trailer) before its request is read, so "
-        "the request bytes held stay under this (plus 32 for health checks, reflection "
-        "and ServerInfo) times --max-message-mb")
+        f"the request bytes held stay under this (plus {INFRASTRUCTURE_CALLS:,} for health "
+        "checks, reflection and ServerInfo) times --max-message-mb")
     add("--drain-seconds", _non_negative, base.drain_seconds,
         "grace period for in-flight RPCs on SIGTERM; a call still running a moment before "
         "it ends is answered UNAVAILABLE (SERVER_DRAINING)")

@@ -46,7 +46,12 @@ from services.common.batching import (
     MicroBatcher,
     running_mean,
 )
-from services.common.config import ServerConfig, bare_host, listen_address
+from services.common.config import (
+    INFRASTRUCTURE_CALLS,
+    ServerConfig,
+    bare_host,
+    listen_address,
+)
 from services.common.cpus import available_cpus
 from services.common.errors import (
     STATUS_DETAILS_KEY,
@@ -257,13 +262,6 @@ class InfrastructureStreams(grpc.aio.ServerInterceptor):
         return handler
 
 
-#: Calls to health, reflection and ServerInfo a process takes beside
-#: ``--max-concurrent-rpcs``: gRPC's own limit, checked before any message is read, is the
-#: sum of the two, so that calls to those cannot hold unbounded request bytes either. It
-#: is large because health Watch streams stay open, one per client channel that checks
-#: health (a client-side load balancer's subchannels): with 32, the 32nd such stream made
-#: the kubelet's health Check fail while the work calls were at their limit.
-INFRASTRUCTURE_CALLS = 1024
 #: A request message of this many bytes or more marks its call as large: once no large
 #: call is in progress any more, the memory freed goes back to the kernel
 #: (:func:`release_free_memory`; under --retain-memory only).

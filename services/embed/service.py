@@ -56,6 +56,7 @@ from services.common.server_info import model_info
 from services.embed.preprocess import DECODE_MIN_SIDE, INPUT_SIZE, preprocess
 from services.embed.word_vectors import (
     TextEncoder,
+    UnknownWords,
     describe_source,
     load_noun_space,
     space_name,
@@ -82,7 +83,12 @@ MAX_TEXT_CHARS = 1000
 MAX_TEXT_TOKENS = 256
 MAX_K = 100
 DEFAULT_K = 5
-_WNID = re.compile(r"^n\d{8}$")
+#: A wnid: "n" and 8 ASCII digits, matched whole (re.fullmatch: no "\n" after it, and
+#: [0-9], not \d, which takes any Unicode digit)
+_WNID = re.compile(r"n[0-9]{8}")
+#: ConSE's version in percept.v1.ServerInfo: it has no artifact of its own (the pinned
+#: ImageNet EfficientNet-Lite0 and T make it, both in its name), so 1 until its recipe changes
+CONSE_VERSION = 1
 DEVISE, CONSE = embed_pb2.EMBEDDING_METHOD_DEVISE, embed_pb2.EMBEDDING_METHOD_CONSE
 _METHOD_NAMES = {DEVISE: "devise", CONSE: "conse"}
 
@@ -218,10 +224,17 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             await asyncio.to_thread(self.text.encode, ["warm-up"])
 
     def model_infos(self) -> list[server_pb2.ModelInfo]:
-        if self.devise is None:
-            return []
-        return [model_info(self.full_name, self.devise.name, self.devise.name,
-                           self.devise.version, is_default=self.default_method == DEVISE)]
+        """Both methods, each under the name EmbedImagesResponse.model gives it (ConSE's
+        ``conse-efficientnet-lite0-top{T}``, version CONSE_VERSION; the DeViSE map, where
+        one is served, by its artifact), the default method's with is_default."""
+        conse = self.image_model(CONSE)
+        infos = [model_info(self.full_name, conse, conse, CONSE_VERSION,
+                            is_default=self.default_method == CONSE)]
+        if self.devise is not None:
+            infos.append(model_info(self.full_name, self.devise.name, self.devise.name,
+                                    self.devise.version,
+                                    is_default=self.default_method == DEVISE))
+        return infos
 
     def batchers(self) -> list[MicroBatcher[Any, Any]]:
         return [b for b in (getattr(self, "batcher", None), getattr(self, "text_batcher", None))
@@ -423,6 +436,12 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
     def _encode_one_request(self, texts: tuple[str, ...]) -> np.ndarray | ServiceError:
         try:
             return np.asarray(self._encode(list(texts)))
+        except UnknownWords as error:  # named as the other text errors name it, and its
+            # space as EmbedTextResponse.space does (not the file's path on this server)
+            what = "text" if len(texts) == 1 else f"text {error.index}"
+            return InvalidArgument(f"{what} {shown(error.text, 60)}: none of its words is in "
+                                   f"the word vectors of {self.text.name}",
+                                   field=f"texts[{error.index}]")
         except ValueError as error:
             return InvalidArgument(str(error))
 
@@ -462,9 +481,9 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             raise InvalidArgument(f"k must be 1..{MAX_K}, got {request.k}", field="k")
         restrict = None
         if request.under_wnid:
-            if not _WNID.match(request.under_wnid):
+            if not _WNID.fullmatch(request.under_wnid):
                 raise InvalidArgument(f"under_wnid {shown(request.under_wnid)} is not a wnid "
-                                      "('n' and 8 digits, e.g. n00015388)", field="under_wnid")
+                                      "('n' and 8 digits 0-9, e.g. n00015388)", field="under_wnid")
             if request.under_wnid not in self.vocab:
                 raise NotFound(f"{request.under_wnid} is not a WordNet 3.0 noun synset",
                                reason="SYNSET_NOT_FOUND", field="under_wnid")

@@ -753,11 +753,22 @@ def vectors_for_vocab(vocab: NounVocabulary, kv: Any) -> tuple[np.ndarray, np.nd
     return matrix, covered
 
 
+class UnknownWords(ValueError):
+    """A text none of whose words the word vectors hold: ``index``, its place among the
+    texts encoded, and ``text``, the text."""
+
+    def __init__(self, message: str, index: int, text: str) -> None:
+        super().__init__(message)
+        self.index = index
+        self.text = text
+
+
 class WordVectorEncoder:
     """Text -> unit vector in a word-vector space: the :class:`TextEncoder` interface for
     the Embedding service when it serves ``--word-vectors``. A text is resolved like a
     lemma (spaces as underscores): the phrase token, another case of it, else the mean of
-    the unit vectors of its words that are present. A text with none raises ValueError."""
+    the unit vectors of its words that are present. A text with none raises
+    :class:`UnknownWords` (a ValueError)."""
 
     def __init__(self, kv: Any, source: dict[str, Any]) -> None:
         self.kv = kv
@@ -785,8 +796,8 @@ class WordVectorEncoder:
             vector, _ = resolve_lemma(self.kv, phrase, partial=True)
             unit = _unit(vector) if vector is not None else None
             if unit is None:
-                raise ValueError(f"text {i} ({text[:60]!r}): none of its words is in the word "
-                                 f"vectors {self.source.get('path')}")
+                raise UnknownWords(f"text {i} ({text[:60]!r}): none of its words is in the "
+                                   f"word vectors {self.source.get('path')}", i, text)
             out[i] = unit
         return out
 

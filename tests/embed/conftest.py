@@ -12,8 +12,11 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from services.embed.word_vectors import (
     TextEncoder,
@@ -70,3 +73,14 @@ def noun_vectors(vocab: NounVocabulary, encoder: TextEncoder) -> NounVectors:
     rows = subset_rows(vocab)
     matrix = build_noun_vectors(vocab, encoder, progress=False, rows=rows.tolist())
     return NounVectors(vocab, rows, matrix, full=False)
+
+
+def bad_request_field(error: grpc.RpcError) -> str | None:
+    """The field the google.rpc.BadRequest of a failed call names (None: no BadRequest)."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, "no grpc-status-details-bin trailer"
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            return bad.field_violations[0].field
+    return None

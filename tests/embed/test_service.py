@@ -16,6 +16,7 @@ from services.common.images import decode_image
 from services.common.server import RunningServer, start_in_thread
 from services.embed.wordnet import NounVocabulary, imagenet_wnids
 from tests.conftest import encode, is_pushback, server_config
+from tests.embed.conftest import bad_request_field
 from tests.fixtures import bad_images, icc
 
 ANIMAL = "n00015388"
@@ -168,6 +169,44 @@ def test_bad_label_requests(stub: embed_pb2_grpc.EmbeddingStub, photo: np.ndarra
     assert error.value.code() == code and message in error.value.details()
 
 
+@pytest.mark.parametrize("wnid", [
+    "n00015388\n",  # re's `$` matches before a final newline
+    "n\u0660\u0660\u0660\u0661\u0665\u0663\u0668\u0668",  # Arabic-Indic digits: `\d` took them
+    "n\uff10\uff10\uff10\uff11\uff15\uff13\uff18\uff18",  # fullwidth digits
+    " n00015388", "N00015388", "n0001538"])
+def test_a_malformed_under_wnid_is_invalid_not_unknown(stub: embed_pb2_grpc.EmbeddingStub,
+                                                       photo: np.ndarray, wnid: str) -> None:
+    """embed.proto: INVALID_ARGUMENT for a malformed under_wnid ("n" and exactly 8 ASCII
+    digits), NOT_FOUND only for a well-formed one that is not a noun synset."""
+    with pytest.raises(grpc.RpcError) as error:
+        label(stub, encode(photo), under_wnid=wnid)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
+    assert "is not a wnid" in error.value.details()
+    assert bad_request_field(error.value) == "under_wnid"
+
+
+def embedding_models(target: str) -> list[tuple[str, str, int, bool]]:
+    """(name, artifact, version, is_default) of the Embedding models ServerInfo lists."""
+    info = client.server_info(client.connect(target))
+    return [(m.name, m.artifact, m.version, m.is_default) for m in info.models
+            if m.service == "percept.v1.Embedding"]
+
+
+def test_server_info_lists_both_methods_and_the_default(
+        embed_server: RunningServer, stub: embed_pb2_grpc.EmbeddingStub,
+        photo: np.ndarray) -> None:
+    """GetServerInfo lists every model: ConSE (the committed default) under the name
+    EmbedImagesResponse.model gives it, beside the DeViSE map, and marks the default
+    method's, so that a client learns which method a request that names none gets."""
+    assert embedding_models(embed_server.target) == [
+        ("conse-efficientnet-lite0-top10", "conse-efficientnet-lite0-top10@1", 1, True),
+        ("devise-minilm", "devise-minilm@1", 1, False)]
+    default = stub.EmbedImages(embed_pb2.EmbedImagesRequest(images=[encode(photo)]),
+                               timeout=60)
+    assert (default.method, default.model) == (embed_pb2.EMBEDDING_METHOD_CONSE,
+                                               "conse-efficientnet-lite0-top10")
+
+
 def test_a_one_pixel_wide_strip_is_labelled_as_its_middle(
         stub: embed_pb2_grpc.EmbeddingStub) -> None:
     """A 1 x 10,000 PNG (0.01 MP, a few hundred bytes) is its middle pixel, resized: the
@@ -317,3 +356,38 @@ def test_conse_is_served_with_the_t_the_installed_map_records(
     assert with_ten.model == "conse-efficientnet-lite0-top10"
     a, b = (np.asarray(r.embeddings[0].values) for r in (with_three, with_ten))
     assert not np.allclose(a, b, atol=1e-4)
+
+
+def test_server_info_marks_devise_the_default_where_the_map_says_so(
+        photo: np.ndarray, tmp_path: Path) -> None:
+    """A map whose config.json makes DeViSE the default method (and records ConSE's T as
+    3): ServerInfo marks the DeViSE map the default, and lists ConSE by the name its
+    answers give it, with that T."""
+    import json
+    import shutil
+
+    from tests.conftest import REPO
+
+    shutil.copytree(REPO / "models" / "devise-minilm", tmp_path / "devise-minilm")
+    config_path = tmp_path / "devise-minilm" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["default_method"] == "conse"
+    config["default_method"] = "devise"
+    config["methods"]["conse"]["top_t"] = 3
+    config_path.write_text(json.dumps(config))
+    running = start_in_thread(server_config("embed", models_dir=tmp_path), timeout=600)
+    try:
+        models = embedding_models(running.target)
+        stub = embed_pb2_grpc.EmbeddingStub(client.connect(running.target))
+        answers = [stub.EmbedImages(embed_pb2.EmbedImagesRequest(
+            images=[encode(photo)], method=method), timeout=60)
+            for method in (embed_pb2.EMBEDDING_METHOD_UNSPECIFIED,
+                           embed_pb2.EMBEDDING_METHOD_CONSE)]
+    finally:
+        running.stop()
+    assert models == [
+        ("conse-efficientnet-lite0-top3", "conse-efficientnet-lite0-top3@1", 1, False),
+        ("devise-minilm", "devise-minilm@1", 1, True)]
+    assert [(a.method, a.model) for a in answers] == [
+        (embed_pb2.EMBEDDING_METHOD_DEVISE, "devise-minilm@1"),
+        (embed_pb2.EMBEDDING_METHOD_CONSE, "conse-efficientnet-lite0-top3")]

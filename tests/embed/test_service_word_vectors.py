@@ -19,7 +19,7 @@ from services.common.server import RunningServer, start_in_thread
 from services.embed.word_vectors import load_noun_space
 from services.embed.wordnet import NounVocabulary, imagenet_wnids
 from tests.conftest import REPO, encode, server_config
-from tests.embed.conftest import GOLDEN_RETRIEVER
+from tests.embed.conftest import GOLDEN_RETRIEVER, bad_request_field
 from training.export import export_artifact
 from training.nets.devise import DeViSEMap
 
@@ -118,6 +118,24 @@ def test_labels_and_texts_live_in_the_word_vector_space(
     assert "none of its words is in the word vectors" in error.value.details()
 
 
+@pytest.mark.parametrize("texts, field", [(["tax return"], "texts[0]"),
+                                          (["golden retriever", "tax return"], "texts[1]")])
+def test_a_phrase_the_vectors_lack_names_its_field(
+        stub: embed_pb2_grpc.EmbeddingStub, tiny_vectors: Path, texts: list[str],
+        field: str) -> None:
+    """As the other text errors do (and image.proto promises of INVALID_ARGUMENT), with
+    the space as EmbedTextResponse.space names it, not the file's folder on the server."""
+    with pytest.raises(grpc.RpcError) as error:
+        stub.EmbedText(embed_pb2.EmbedTextRequest(texts=texts), timeout=60)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_field(error.value) == field
+    details = error.value.details()
+    what = "text" if len(texts) == 1 else f"text {field[6:-1]}"
+    assert details.startswith(f"{what} 'tax return': none of its words is in the word "
+                              "vectors of word-vectors:glove.tiny.txt@"), details
+    assert str(tiny_vectors.parent) not in details
+
+
 def test_a_map_for_other_vectors_is_refused(models: Path, tiny_vectors: Path,
                                             tmp_path: Path, photo: np.ndarray,
                                             vocab: NounVocabulary,
@@ -140,6 +158,10 @@ def test_a_map_for_other_vectors_is_refused(models: Path, tiny_vectors: Path,
                                    timeout=60)
         assert response.method == embed_pb2.EMBEDDING_METHOD_CONSE
         assert all(covered[vocab.index[label.wnid]] for label in response.labels)
+        # ServerInfo lists ConSE, the default, and not the refused map
+        served = client.server_info(client.connect(running.target)).models
+        assert [(m.name, m.is_default) for m in served] == [
+            ("conse-efficientnet-lite0-top10", True)]
     finally:
         running.stop()
 
@@ -152,11 +174,15 @@ def test_a_phrase_the_vectors_lack_fails_only_its_own_request_of_a_batch() -> No
 
     from services.common.errors import InvalidArgument
     from services.embed.service import EmbeddingService
+    from services.embed.word_vectors import UnknownWords
 
     class Words:
+        name = "word-vectors:w.txt@abababababab"
+
         def encode(self, texts: list[str]) -> np.ndarray:
             if "tax return" in texts:
-                raise ValueError("'tax return': none of its words is in the word vectors")
+                raise UnknownWords("'tax return': none of its words is in the word vectors "
+                                   "/srv/w.txt", texts.index("tax return"), "tax return")
             return np.arange(len(texts) * 2, dtype=np.float32).reshape(len(texts), 2)
 
     fake = types.SimpleNamespace(text=Words())
@@ -166,6 +192,9 @@ def test_a_phrase_the_vectors_lack_fails_only_its_own_request_of_a_batch() -> No
         fake, [("a dog", "a cat"), ("tax return",), ("a cow",)])  # type: ignore[arg-type]
     assert [r.shape for r in results[::2]] == [(2, 2), (1, 2)]  # type: ignore[union-attr]
     assert isinstance(results[1], InvalidArgument)
-    assert "none of its words" in str(results[1])
+    assert "none of its words" in str(results[1]) and results[1].field == "texts[0]"
+    assert "/srv/" not in str(results[1])
+    [alone] = EmbeddingService._encode_requests(fake, [("a", "tax return")])  # type: ignore[arg-type]
+    assert isinstance(alone, InvalidArgument) and alone.field == "texts[1]"
     together = EmbeddingService._encode_requests(fake, [("a", "b"), ("c",)])  # type: ignore[arg-type]
     assert [r.tolist() for r in together] == [[[0, 1], [2, 3]], [[4, 5]]]  # type: ignore[union-attr]

@@ -81,6 +81,9 @@ def test_server_info_names_every_model_and_the_limits(all_server: RunningServer)
             and s == "percept.v1.SuperResolution"] == ["superres-perceptual"]
     styles = {n for s, n in models if s == "percept.v1.StyleTransfer"}
     assert styles == {s.name for s in client.list_styles(client.connect(all_server.target))}
+    conse = models.pop(("percept.v1.Embedding", "conse-efficientnet-lite0-top10"))
+    assert (conse.artifact, conse.version, conse.is_default) == (
+        "conse-efficientnet-lite0-top10@1", 1, True)  # no folder: ConSE has no artifact
     for (service, name), model in models.items():
         folder = REPO / "models" / (name if service != "percept.v1.StyleTransfer"
                                     else f"style-{name}")
@@ -91,6 +94,7 @@ def test_server_info_names_every_model_and_the_limits(all_server: RunningServer)
             info.limits.max_batch) == (config.max_message_bytes, config.max_pixels,
                                        config.max_queue, config.max_batch)
     assert info.limits.max_inflight_pixels == config.max_inflight_mpixels * 1_000_000
+    assert info.limits.max_concurrent_rpcs == config.max_concurrent_rpcs
     assert info.version  # the package version
 
 

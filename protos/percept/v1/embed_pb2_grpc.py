@@ -29,6 +29,14 @@ class EmbeddingStub:
     """Visual-semantic embeddings (DeViSE, Frome et al. 2013; ConSE, Norouzi et al. 2014):
     images and text land in one word-vector space, and nearest neighbours among every
     WordNet 3.0 noun label images with words the classifier never saw.
+    Besides the errors each RPC lists, any RPC may answer what image.proto says every call
+    may (RESOURCE_EXHAUSTED QUEUE_FULL at the server's concurrency limit; UNAVAILABLE
+    SERVER_LOADING or SERVER_DRAINING), and each error names the request field at fault, if
+    any, in its google.rpc.BadRequest ("images[1]", "texts[0]", "k", "under_wnid", "method").
+    percept.v1.ServerInfo lists both methods as this service's models, the default
+    method's with is_default: ConSE under the name EmbedImagesResponse.model gives it
+    ("conse-efficientnet-lite0-top10"; version 1, as it has no artifact of its own), and the
+    DeViSE map, where one is served, under its artifact name ("devise-minilm").
     """
 
     def __init__(self, channel):
@@ -58,16 +66,26 @@ class EmbeddingServicer:
     """Visual-semantic embeddings (DeViSE, Frome et al. 2013; ConSE, Norouzi et al. 2014):
     images and text land in one word-vector space, and nearest neighbours among every
     WordNet 3.0 noun label images with words the classifier never saw.
+    Besides the errors each RPC lists, any RPC may answer what image.proto says every call
+    may (RESOURCE_EXHAUSTED QUEUE_FULL at the server's concurrency limit; UNAVAILABLE
+    SERVER_LOADING or SERVER_DRAINING), and each error names the request field at fault, if
+    any, in its google.rpc.BadRequest ("images[1]", "texts[0]", "k", "under_wnid", "method").
+    percept.v1.ServerInfo lists both methods as this service's models, the default
+    method's with is_default: ConSE under the name EmbedImagesResponse.model gives it
+    ("conse-efficientnet-lite0-top10"; version 1, as it has no artifact of its own), and the
+    DeViSE map, where one is served, under its artifact name ("devise-minilm").
     """
 
     def EmbedImages(self, request, context):
         """Embeds a batch of images into the word-vector space (unit-length vectors).
-        Errors: INVALID_ARGUMENT (a bad image: the message names its index; empty batch;
-        more images than 8 x the server's --max-batch, 64 by default; unknown method),
-        RESOURCE_EXHAUSTED (busy: the server's --max-inflight-mpixels, or its queue; with the
-        retry trailer), DEADLINE_EXCEEDED, UNIMPLEMENTED (method DEVISE with no DeViSE map
-        installed), FAILED_PRECONDITION (method DEVISE where the installed map was trained
-        for other word vectors than the server's).
+        Errors: INVALID_ARGUMENT (a bad image, as image.proto lists, field "images[i]"; the
+        message names it "image i", or "image" in a batch of one; empty batch; more images
+        than 8 x the server's --max-batch, 64 by default; unknown method),
+        RESOURCE_EXHAUSTED (busy: the server's --max-inflight-mpixels, reason
+        PIXEL_BUDGET_FULL, or its queue, QUEUE_FULL; with the retry trailer),
+        DEADLINE_EXCEEDED, UNIMPLEMENTED (method DEVISE with no DeViSE map installed, reason
+        NO_MODEL_INSTALLED), FAILED_PRECONDITION (method DEVISE where every installed map was
+        trained for other word vectors than the server's, reason DEVISE_SPACE_MISMATCH).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,10 +95,11 @@ class EmbeddingServicer:
         """Embeds phrases with the text encoder, in the same space as EmbedImages; one vector
         per phrase, in order.
         Requests that arrive together are encoded together (micro-batched, as images are).
-        Errors: INVALID_ARGUMENT (empty batch, more phrases than 8 x --max-batch, an empty or
-        over-long text; with a word-vector file, a phrase none of whose words it holds),
-        RESOURCE_EXHAUSTED (busy: --max-queue text requests waiting or running; with the
-        retry trailer), DEADLINE_EXCEEDED.
+        Errors: INVALID_ARGUMENT (empty batch, more phrases than 8 x --max-batch, field
+        "texts"; an empty or over-long text, field "texts[i]"; with a word-vector file, a
+        phrase none of whose words it holds, field "texts[i]"), RESOURCE_EXHAUSTED (busy:
+        --max-queue text requests waiting or running, reason QUEUE_FULL; with the retry
+        trailer), DEADLINE_EXCEEDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,10 +107,11 @@ class EmbeddingServicer:
 
     def LabelImage(self, request, context):
         """Labels one image with the k nearest WordNet noun synsets.
-        Errors: INVALID_ARGUMENT (bad image, k outside 1..100, under_wnid malformed, unknown
-        method), NOT_FOUND (under_wnid is not a noun synset), RESOURCE_EXHAUSTED (busy, as
-        EmbedImages), DEADLINE_EXCEEDED, UNIMPLEMENTED and FAILED_PRECONDITION (method
-        DEVISE, as EmbedImages).
+        Errors: INVALID_ARGUMENT (bad image, field "image"; k outside 1..100; under_wnid
+        malformed, not "n" and exactly 8 ASCII digits; unknown method), NOT_FOUND (a
+        well-formed under_wnid that is not a WordNet 3.0 noun synset, reason
+        SYNSET_NOT_FOUND), RESOURCE_EXHAUSTED (busy, as EmbedImages), DEADLINE_EXCEEDED,
+        UNIMPLEMENTED and FAILED_PRECONDITION (method DEVISE, as EmbedImages).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,6 +147,14 @@ class Embedding:
     """Visual-semantic embeddings (DeViSE, Frome et al. 2013; ConSE, Norouzi et al. 2014):
     images and text land in one word-vector space, and nearest neighbours among every
     WordNet 3.0 noun label images with words the classifier never saw.
+    Besides the errors each RPC lists, any RPC may answer what image.proto says every call
+    may (RESOURCE_EXHAUSTED QUEUE_FULL at the server's concurrency limit; UNAVAILABLE
+    SERVER_LOADING or SERVER_DRAINING), and each error names the request field at fault, if
+    any, in its google.rpc.BadRequest ("images[1]", "texts[0]", "k", "under_wnid", "method").
+    percept.v1.ServerInfo lists both methods as this service's models, the default
+    method's with is_default: ConSE under the name EmbedImagesResponse.model gives it
+    ("conse-efficientnet-lite0-top10"; version 1, as it has no artifact of its own), and the
+    DeViSE map, where one is served, under its artifact name ("devise-minilm").
     """
 
     @staticmethod

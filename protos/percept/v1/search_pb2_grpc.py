@@ -28,6 +28,12 @@ if _version_not_supported:
 class ImageSearchStub:
     """Word -> image and image -> image search over a user's image collection, stored durably
     (the record is the source of truth; the FAISS index is rebuilt from it when needed).
+    Each call lists its own errors below; any call may also answer the errors every RPC may
+    answer (see those in image.proto: RESOURCE_EXHAUSTED QUEUE_FULL, busy, with the retry
+    trailer; UNAVAILABLE SERVER_LOADING or SERVER_DRAINING), and the calls that embed
+    (AddImages, SearchByText, SearchByImage) DEADLINE_EXCEEDED. Where search runs with a
+    separate embedding service (--embed-target), those calls pass on its other errors with
+    their code.
     """
 
     def __init__(self, channel):
@@ -76,6 +82,12 @@ class ImageSearchStub:
 class ImageSearchServicer:
     """Word -> image and image -> image search over a user's image collection, stored durably
     (the record is the source of truth; the FAISS index is rebuilt from it when needed).
+    Each call lists its own errors below; any call may also answer the errors every RPC may
+    answer (see those in image.proto: RESOURCE_EXHAUSTED QUEUE_FULL, busy, with the retry
+    trailer; UNAVAILABLE SERVER_LOADING or SERVER_DRAINING), and the calls that embed
+    (AddImages, SearchByText, SearchByImage) DEADLINE_EXCEEDED. Where search runs with a
+    separate embedding service (--embed-target), those calls pass on its other errors with
+    their code.
     """
 
     def AddImages(self, request_iterator, context):
@@ -95,8 +107,9 @@ class ImageSearchServicer:
         stored, retry once its operator has freed space),
         FAILED_PRECONDITION (reason DATA_DIR_READ_ONLY: the server's data directory cannot be
         written; or DATA_DIR_RECORD_MOVED: its record was moved or deleted while open; reads
-        go on),
-        UNAVAILABLE (embedding service unreachable), UNIMPLEMENTED (no embedding model),
+        go on; or EMBEDDING_SPACE_MISMATCH, as SearchByText: nothing unacknowledged was
+        stored),
+        UNAVAILABLE (embedding service unreachable),
         INVALID_ARGUMENT (a message that does not parse as an AddImageRequest: the items that
         came whole before it are stored and acknowledged first, as at the end of a stream).
         """
@@ -105,8 +118,14 @@ class ImageSearchServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchByText(self, request, context):
-        """Searches by a phrase. Errors: INVALID_ARGUMENT (empty text, k outside 1..1000,
-        min_score outside -1..1),
+        """Searches by a phrase. Errors: INVALID_ARGUMENT (empty text, text over 1000 characters
+        or 256 word pieces or, with a word-vector file, of no word it holds; k outside
+        1..1000, min_score outside -1..1),
+        RESOURCE_EXHAUSTED (busy, with the retry trailer; or reason RESULT_TOO_LARGE, without
+        it: the hits, with their uris, would be over the message limit: ask for a smaller k),
+        FAILED_PRECONDITION (reason EMBEDDING_SPACE_MISMATCH: the separate embedding service
+        that search uses (--embed-target) embeds in another space than the index's vectors,
+        so its vectors cannot be compared with them; answered until it is put right),
         UNAVAILABLE (embedding service unreachable: answered at once, not at the deadline).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -115,8 +134,9 @@ class ImageSearchServicer:
 
     def SearchByImage(self, request, context):
         """Searches by an example image. Errors: INVALID_ARGUMENT (bad image, k outside 1..1000,
-        min_score outside -1..1),
-        RESOURCE_EXHAUSTED (busy, with the retry trailer), UNAVAILABLE (as SearchByText).
+        min_score outside -1..1), RESOURCE_EXHAUSTED (busy, with the retry trailer; or reason
+        RESULT_TOO_LARGE, without it, as SearchByText), FAILED_PRECONDITION (reason
+        EMBEDDING_SPACE_MISMATCH, as SearchByText), UNAVAILABLE (as SearchByText).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,10 +144,11 @@ class ImageSearchServicer:
 
     def DeleteImages(self, request, context):
         """Deletes images by id. Unknown ids are reported, not errors.
-        Errors: INVALID_ARGUMENT (over 10,000 ids), RESOURCE_EXHAUSTED (reason DATA_DIR_FULL:
-        the data directory is full, and recording a deletion needs free space too; nothing
-        was deleted), FAILED_PRECONDITION (reason DATA_DIR_READ_ONLY or DATA_DIR_RECORD_MOVED;
-        nothing was deleted).
+        Errors: INVALID_ARGUMENT (over 10,000 ids), RESOURCE_EXHAUSTED (reason DATA_DIR_FULL,
+        without the retry trailer: the data directory is full, and recording a deletion needs
+        free space too; nothing was deleted; or reason QUEUE_FULL, with it: the server is
+        busy, as for every RPC; the reason tells them apart), FAILED_PRECONDITION (reason
+        DATA_DIR_READ_ONLY or DATA_DIR_RECORD_MOVED; nothing was deleted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,7 +175,7 @@ class ImageSearchServicer:
         are added or deleted (a page starts after the last id of the one before). A page also
         ends early where one more entry would take the reply over the message limit.
         Errors: INVALID_ARGUMENT (page_size outside 0..1000, a page_token this service did not
-        make or made for another prefix, a prefix over 256 characters).
+        make or made for another prefix (field page_token), a prefix over 256 characters).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -209,6 +230,12 @@ def add_ImageSearchServicer_to_server(servicer, server):
 class ImageSearch:
     """Word -> image and image -> image search over a user's image collection, stored durably
     (the record is the source of truth; the FAISS index is rebuilt from it when needed).
+    Each call lists its own errors below; any call may also answer the errors every RPC may
+    answer (see those in image.proto: RESOURCE_EXHAUSTED QUEUE_FULL, busy, with the retry
+    trailer; UNAVAILABLE SERVER_LOADING or SERVER_DRAINING), and the calls that embed
+    (AddImages, SearchByText, SearchByImage) DEADLINE_EXCEEDED. Where search runs with a
+    separate embedding service (--embed-target), those calls pass on its other errors with
+    their code.
     """
 
     @staticmethod

@@ -25,7 +25,7 @@ class ModelInfo(_message.Message):
     def __init__(self, service: _Optional[str] = ..., name: _Optional[str] = ..., artifact: _Optional[str] = ..., version: _Optional[int] = ..., is_default: _Optional[bool] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_pixels", "max_inflight_pixels", "max_queue", "max_batch", "max_iterations", "max_optimisations")
+    __slots__ = ("max_message_bytes", "max_pixels", "max_inflight_pixels", "max_queue", "max_batch", "max_iterations", "max_optimisations", "max_concurrent_rpcs")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_INFLIGHT_PIXELS_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class ServerLimits(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_OPTIMISATIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_RPCS_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_pixels: int
     max_inflight_pixels: int
@@ -40,7 +41,8 @@ class ServerLimits(_message.Message):
     max_batch: int
     max_iterations: int
     max_optimisations: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_inflight_pixels: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_optimisations: _Optional[int] = ...) -> None: ...
+    max_concurrent_rpcs: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_inflight_pixels: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_optimisations: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("services", "ready", "models", "limits", "version")

@@ -67,10 +67,22 @@ class StyleTransferServicer:
 
     def Stylize(self, request, context):
         """Stylises an image with a fixed style network in one forward pass.
-        Errors: INVALID_ARGUMENT (no style, bad image, strength outside 0..1, bad mask, mask of
-        a different aspect ratio, unknown output_format or quality), NOT_FOUND
-        (unknown style; the message lists the available ones), RESOURCE_EXHAUSTED,
-        DEADLINE_EXCEEDED, UNIMPLEMENTED (no style networks installed).
+        Errors, besides those image.proto lists for every RPC and every image field (`image`,
+        `mask`); ErrorInfo reasons in capitals:
+        - UNIMPLEMENTED NO_MODEL_INSTALLED: no style networks are installed (checked first;
+        StylizeWithImage works without them).
+        - INVALID_ARGUMENT: empty `style` (the message lists the available ones); strength
+        outside 0..1 or NaN; unknown output_format; quality outside 0..100, whatever the
+        output format; an image so elongated that it takes more tiles than one request may
+        (IMAGE_TOO_MANY_TILES); a result wider or taller than the output format holds
+        (RESULT_OVER_FORMAT_LIMIT); a mask that does not decode, or whose aspect ratio
+        differs from the image's by over 2% (MASK_ASPECT_MISMATCH).
+        - NOT_FOUND STYLE_NOT_FOUND: unknown style; the message lists the available ones
+        (and a close match), as does the metadata "available".
+        - RESOURCE_EXHAUSTED: busy, with the retry trailer (QUEUE_FULL: the style's --max-queue
+        requests in progress; PIXEL_BUDGET_FULL: --max-inflight-mpixels taken); or
+        RESULT_TOO_LARGE, the encoded result over the message limit (no retry trailer).
+        - DEADLINE_EXCEEDED: the deadline passed before every tile ran.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,11 +92,27 @@ class StyleTransferServicer:
         """Optimisation-based style transfer of `content_image` in the style of `style_image`.
         Streams progress messages while it optimises, then one message with the result.
         It takes seconds on a GPU and minutes on a CPU: set a generous deadline.
-        Errors: INVALID_ARGUMENT (bad images, iterations outside 1..the server's
-        --max-iterations, max_size outside 32..1024, unknown layer name, negative or
-        non-finite weight, mask of a different aspect ratio, an image too small for the VGG
-        layers used), RESOURCE_EXHAUSTED (busy: --max-optimisations queued or running, with
-        the retry trailer), DEADLINE_EXCEEDED, CANCELLED.
+        Errors, besides those image.proto lists for every RPC and every image field
+        (`content_image`, `style_image`, `mask`); ErrorInfo reasons in capitals:
+        - RESOURCE_EXHAUSTED QUEUE_FULL: --max-optimisations requests already queued or
+        running; refused before any image is decoded, with the retry trailer (about the
+        time of one optimisation: the mean of recent runs, or how long the running one has
+        run if longer, 50 ms to 10 s).
+        - INVALID_ARGUMENT, before any progress message: iterations outside 1..the server's
+        --max-iterations (iterations 0 too, when the default 300 is over that limit);
+        max_size outside 32..1024; an unknown init or optimizer value; a negative
+        progress_every; content_weight, style_weight or tv_weight negative or not finite;
+        an unknown layer name or a negative or non-finite weight in style_layer_weights;
+        style_weight above 0 while every style layer weight is zero; content_weight,
+        style_weight and tv_weight all zero (nothing to optimise); unknown output_format;
+        quality outside 0..100, whatever the output format; a content or style image too
+        small at the working size for the VGG layers used (IMAGE_TOO_SMALL); a mask that
+        does not decode, or whose aspect ratio differs from the content's by over 2%
+        (MASK_ASPECT_MISMATCH).
+        - RESOURCE_EXHAUSTED RESULT_TOO_LARGE: the encoded result is over the message limit
+        (only under a small --max-message-mb; no retry trailer).
+        - DEADLINE_EXCEEDED: the deadline passed while queued or optimising.
+        - CANCELLED: what a client that cancels sees; the optimisation stops.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -51,10 +51,23 @@ class SuperResolutionServicer:
     def Upscale(self, request, context):
         """Upscales one image by 4x. Large images are processed in overlapping tiles, so the
         server's memory stays bounded at any size.
-        Errors: INVALID_ARGUMENT (bad image, under 8x8, unsupported scale, output over the
-        pixel cap: 2 x the server's --max-pixels), NOT_FOUND (unknown model),
-        RESOURCE_EXHAUSTED (busy: queue or pixel budget full), DEADLINE_EXCEEDED,
-        UNIMPLEMENTED (no super-resolution model installed).
+        Errors, besides those image.proto lists for every RPC and every image field; ErrorInfo
+        reasons in capitals:
+        - UNIMPLEMENTED NO_MODEL_INSTALLED: no super-resolution model is installed (checked
+        first).
+        - INVALID_ARGUMENT: scale other than 0 or 4; unknown output_format; quality outside
+        0..100, whatever the output format; an image under 8x8 (IMAGE_TOO_SMALL), so
+        elongated that it takes more tiles than one request may (IMAGE_TOO_MANY_TILES), or
+        whose output is over the pixel cap, 2 x the server's --max-pixels
+        (RESULT_OVER_PIXEL_CAP); a result wider or taller than the output format holds
+        (RESULT_OVER_FORMAT_LIMIT).
+        - NOT_FOUND MODEL_NOT_FOUND: unknown model; the message and the metadata "available"
+        list the installed ones.
+        - RESOURCE_EXHAUSTED: busy, with the retry trailer (QUEUE_FULL: the model's --max-queue
+        requests in progress; PIXEL_BUDGET_FULL: --max-inflight-mpixels taken); or
+        RESULT_TOO_LARGE, the encoded result over the message limit (no retry trailer: ask
+        for JPEG or WebP, or send a smaller image).
+        - DEADLINE_EXCEEDED: the deadline passed before every tile ran.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -113,7 +113,8 @@ def test_a_batch_of_one_names_images_0_and_gatys_options_name_their_field(
         embed_pb2.EmbedImagesRequest(images=[b"junk"]), timeout=60))
     assert [v.field for v in _details(error)["BadRequest"].field_violations] == ["images[0]"]  # type: ignore[attr-defined]
     for fields, field in [({"style_layer_weights": {"nolayer": 1.0}}, "style_layer_weights"),
-                          ({"max_size": 16}, "max_size"), ({"content_weight": -1.0}, "content_weight")]:
+                          ({"max_size": 16}, "max_size"),
+                          ({"content_weight": -1.0}, "content_weight")]:
         request = style_pb2.StylizeWithImageRequest(content_image=b"x", style_image=b"x",
                                                     **fields)  # type: ignore[arg-type]
         error = _call_error(lambda request=request: client.stylize_with_image(

@@ -53,6 +53,7 @@ from services.common.metrics import REJECTED, REQUEST_SLOTS
 from services.common.rpc import time_remaining, unary_errors
 from services.common.server import ServiceModule
 from services.common.server_info import model_info
+from services.common.texts import is_blank
 from services.embed.preprocess import DECODE_MIN_SIDE, INPUT_SIZE, preprocess
 from services.embed.word_vectors import (
     TextEncoder,
@@ -391,8 +392,10 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             raise InvalidArgument(f"{len(texts)} texts is over the batch limit of {limit}",
                                   field="texts")
         for i, text in enumerate(texts):
-            if not text.strip():
-                raise InvalidArgument(f"text {i} is empty", field=f"texts[{i}]")
+            if is_blank(text):
+                raise InvalidArgument(f"text {i} is empty (nothing but spaces or invisible "
+                                      "characters)" if text else f"text {i} is empty",
+                                      field=f"texts[{i}]")
             if len(text) > MAX_TEXT_CHARS:
                 raise InvalidArgument(f"text {i} has {len(text)} characters, over the limit "
                                       f"of {MAX_TEXT_CHARS}", field=f"texts[{i}]")

@@ -41,6 +41,7 @@ from services.common.images import probe_size
 from services.common.metrics import EMBEDDING_SERVED
 from services.common.rpc import stream_errors, time_remaining, unary_errors
 from services.common.server import ServiceModule, StartupError
+from services.common.texts import is_blank
 from services.search.embedder import Embedder, InProcessEmbedder, RemoteEmbedder
 from services.search.store import (
     DataDirFull,
@@ -646,8 +647,9 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
     async def SearchByText(self, request: search_pb2.SearchByTextRequest,
                            context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
         k, min_score = self._k(request.k), self._min_score(request)
-        if not request.text.strip():
-            raise InvalidArgument("text is empty", field="text")
+        if is_blank(request.text):
+            raise InvalidArgument("text is empty (nothing but spaces or invisible characters)"
+                                  if request.text else "text is empty", field="text")
         if len(request.text) > MAX_TEXT_CHARS:
             raise InvalidArgument(f"text has {len(request.text)} characters, over the limit "
                                   f"of {MAX_TEXT_CHARS}", field="text")

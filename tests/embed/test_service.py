@@ -229,7 +229,9 @@ def test_bad_image_in_a_batch_is_named(stub: embed_pb2_grpc.EmbeddingStub,
 
 
 @pytest.mark.parametrize("texts, message", [
-    ([], "texts is empty"), ([" "], "text 0 is empty"),
+    ([], "texts is empty"), ([" "], "text 0 is empty"), ([""], "text 0 is empty"),
+    # nothing visible: a zero-width space, a byte order mark, a no-break space, a bidi mark
+    (["a dog", "\u200b\ufeff\u00a0\u200e"], "text 1 is empty (nothing but spaces or invisible"),
     (["x" * 1001], "over the limit of 1000"),
     (["x1 " * 300], "text is 602 word pieces long, over the text encoder's window of 256"),
     (["a dog", "x1 " * 300], "text 1 is 602 word pieces long")])

@@ -173,6 +173,8 @@ def test_concurrent_adds_and_searches(stub: search_pb2_grpc.ImageSearchStub,
 @pytest.mark.parametrize("call, code, message", [
     (lambda s: s.SearchByText(search_pb2.SearchByTextRequest(text="  "), timeout=30),
      grpc.StatusCode.INVALID_ARGUMENT, "text is empty"),
+    (lambda s: s.SearchByText(search_pb2.SearchByTextRequest(text="\u200b"), timeout=30),
+     grpc.StatusCode.INVALID_ARGUMENT, "text is empty (nothing but spaces or invisible"),
     (lambda s: s.SearchByText(search_pb2.SearchByTextRequest(text="x", k=5000), timeout=30),
      grpc.StatusCode.INVALID_ARGUMENT, "k must be 1..1000"),
     (lambda s: s.SearchByText(search_pb2.SearchByTextRequest(text="x1 " * 300), timeout=30),

@@ -18,6 +18,7 @@ from training.perceptual.gatys import (
     GatysProgress,
     StopRequested,
     blurred_noise,
+    generator_seed,
     stylize_with_image,
 )
 from training.perceptual.losses import gram_matrix, total_variation_loss
@@ -134,6 +135,17 @@ def test_blurred_noise_is_smooth_and_deterministic() -> None:
     assert float(noise.max()) == pytest.approx(1.0, abs=1e-6)
     raw = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     assert float(total_variation_loss(noise)) < 0.2 * float(total_variation_loss(raw))
+
+
+def test_every_bit_of_a_64_bit_seed_counts() -> None:
+    """Torch's CPU generator keeps a seed's low 32 bits: 1 and 1 + 2**32 (or -1 and
+    2**32 - 1, as the service reads a negative int64) made the same noise."""
+    shape = (1, 3, 16, 16)
+    for seed, other in [(1, 1 + 2**32), (2**32 - 1, 2**64 - 1), (2**40, 2**41), (7, 7 + 2**63)]:
+        assert not torch.equal(blurred_noise(shape, seed), blurred_noise(shape, other))
+    assert torch.equal(blurred_noise(shape, 2**64 - 1), blurred_noise(shape, 2**64 - 1))
+    assert generator_seed(12345) == 12345  # below 2**32: the noise it always made
+    assert all(0 <= generator_seed(s) < 2**32 for s in (2**32, 2**63, 2**64 - 1))
 
 
 def test_noise_init_is_deterministic_for_a_seed(

@@ -209,11 +209,26 @@ def _gaussian_blur(image: Tensor, sigma: float) -> Tensor:
                     groups=channels)
 
 
+def generator_seed(seed: int) -> int:
+    """The 32-bit seed the noise generator gets for a seed of up to 64 bits. Torch's CPU
+    generator (mt19937) keeps only a seed's low 32 bits, so 1 and 1 + 2**32 made the same
+    noise: a seed from 2**32 up is mixed (the splitmix64 finaliser) so that every one of
+    its bits counts. Seeds below 2**32 are kept, and with them their noise."""
+    if seed < 2**32:
+        return seed
+    mask = 2**64 - 1
+    mixed = seed & mask
+    mixed = ((mixed ^ (mixed >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    mixed = ((mixed ^ (mixed >> 27)) * 0x94D049BB133111EB) & mask
+    return (mixed ^ (mixed >> 31)) >> 32
+
+
 def blurred_noise(shape: tuple[int, ...], seed: int, sigma: float = NOISE_BLUR_SIGMA,
                   device: str | torch.device = "cpu") -> Tensor:
     """Uniform noise blurred with a Gaussian (the lecture's starting image), each channel
-    stretched back to [0, 1]. Deterministic for a seed."""
-    generator = torch.Generator().manual_seed(seed)
+    stretched back to [0, 1]. Deterministic for a seed; every bit of a 64-bit seed counts
+    (:func:`generator_seed`)."""
+    generator = torch.Generator().manual_seed(generator_seed(seed))
     noise = torch.rand(shape, generator=generator, dtype=torch.float32)
     smooth = _gaussian_blur(noise, sigma)
     low = smooth.amin(dim=(-2, -1), keepdim=True)

@@ -27,6 +27,7 @@ from services.common.artifacts import (
     list_artifacts,
     load_artifact,
 )
+from services.common.errors import StartupError
 from services.embed.service import devise_methods
 from services.style.service import style_name
 from tests.conftest import REPO
@@ -287,15 +288,14 @@ def _load_superres(models: Path, caplog: pytest.LogCaptureFixture) -> tuple[str,
     return default, [r.getMessage() for r in caplog.records if r.name == "percept.superres"]
 
 
-def test_a_missing_preferred_default_or_no_model_at_all_is_a_warning(
+def test_a_missing_preferred_default_is_a_warning_and_no_model_at_all_a_refusal(
         models: Path, caplog: pytest.LogCaptureFixture) -> None:
     """superres-perceptual is the default; without it another serves requests that name
-    no model, and the log says which; without any, every Upscale will be UNIMPLEMENTED."""
+    no model, and the log says which; without any, the server does not start."""
     assert _load_superres(models, caplog) == (
         SUPERRES, [f"superres-perceptual is not installed: {SUPERRES} is the default model"])
     caplog.clear()
     for name in (SUPERRES, OTHER_SUPERRES):
         shutil.rmtree(models / name)
-    assert _load_superres(models, caplog) == ("", [
-        "no super-resolution artifacts: every Upscale is answered UNIMPLEMENTED "
-        "(NO_MODEL_INSTALLED)"])
+    with pytest.raises(StartupError, match="no super-resolution artifact under --models-dir"):
+        _load_superres(models, caplog)

@@ -18,7 +18,12 @@ from prometheus_client import REGISTRY
 
 from percept.v1 import style_pb2, style_pb2_grpc
 from services import client
-from services.common.server import RunningServer, ServiceModule, start_in_thread
+from services.common.server import (
+    RunningServer,
+    ServiceModule,
+    StartupError,
+    start_in_thread,
+)
 from tests.conftest import (
     REPO,
     check_a_hung_up_header_read_holds_its_slot,
@@ -235,15 +240,13 @@ def test_bad_options_get_invalid_argument(all_server: RunningServer, small_photo
     assert streamed == []
 
 
-def test_a_service_without_models_says_so_clearly(tmp_path: Path, photo: np.ndarray) -> None:
-    running = start_in_thread(server_config("superres", models_dir=tmp_path))
-    try:
-        with pytest.raises(grpc.RpcError) as error:
-            client.upscale(client.connect(running.target), encode(photo))
-        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "no super-resolution model is installed" in error.value.details()
-    finally:
-        running.stop()
+def test_a_super_resolution_server_without_models_does_not_start(tmp_path: Path) -> None:
+    """It could only answer every Upscale UNIMPLEMENTED, while its health said SERVING:
+    a pod whose models volume came up empty would be sent traffic."""
+    with pytest.raises(StartupError, match=r"^no super-resolution artifact under "
+                                           r"--models-dir .*: this server would answer every "
+                                           r"Upscale UNIMPLEMENTED"):
+        start_in_thread(server_config("superres", models_dir=tmp_path))
 
 
 def test_metrics_endpoint_counts_requests_by_status(all_server: RunningServer,

@@ -50,11 +50,10 @@ class SuperResolutionServicer:
 
     def Upscale(self, request, context):
         """Upscales one image by 4x. Large images are processed in overlapping tiles, so the
-        server's memory stays bounded at any size.
+        server's memory stays bounded at any size. A server without a super-resolution model
+        does not start, so it never answers for want of one.
         Errors, besides those image.proto lists for every RPC and every image field; ErrorInfo
         reasons in capitals:
-        - UNIMPLEMENTED NO_MODEL_INSTALLED: no super-resolution model is installed (checked
-        first).
         - INVALID_ARGUMENT: scale other than 0 or 4; unknown output_format; quality outside
         0..100, whatever the output format; an image under 8x8 (IMAGE_TOO_SMALL), so
         elongated that it takes more tiles than one request may (IMAGE_TOO_MANY_TILES), or

@@ -10,7 +10,12 @@ sequential client's every request; on a GPU, where a request takes a millisecond
 waiting for companions made the wait most of the request). The queue holds at most
 ``max_queue`` requests (waiting or running); one more is refused at once with
 RESOURCE_EXHAUSTED, so memory never grows without bound. A request whose deadline has
-passed, or whose caller went away, is dropped before compute.
+passed, or whose caller went away, is dropped before compute, and counted in
+``percept_dropped_total{queue, reason}`` once per RPC, however many of its items (images,
+tiles) are dropped (services/common/metrics.py, count_dropped): reason ``deadline`` when it
+went within DEADLINE_SLACK_SECONDS of its deadline (the client's RST_STREAM at its
+deadline reaches the server a moment before the server's own deadline passes),
+``cancelled`` when its caller hung up before.
 
 The batch function runs in a single worker thread per batcher (one model, one stream of
 work), off the event loop.
@@ -29,7 +34,15 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from services.common.errors import Busy, DeadlineExceeded
-from services.common.metrics import BATCH_SIZE, DROPPED, QUEUE_DEPTH, REJECTED
+from services.common.metrics import (
+    BATCH_SIZE,
+    DEADLINE_SLACK_SECONDS,
+    QUEUE_DEPTH,
+    REJECTED,
+    Call,
+    count_dropped,
+    current_call,
+)
 
 #: A busy answer's retry pushback (milliseconds): about one batch's time, the time a place
 #: in the queue takes to free, within these bounds; the default before any batch ran.
@@ -54,6 +67,15 @@ class _Pending(Generic[In]):
     deadline: float | None  # time.monotonic() seconds
     enqueued: float = field(default_factory=time.monotonic)
     idle_at_arrival: bool = False  # nothing was queued or running when it was submitted
+    call: Call | None = None  # the RPC it is part of (its drop is counted once per RPC)
+
+    def drop_reason(self, now: float) -> str:
+        """Why a request whose caller left was dropped: ``deadline`` when it left at (or
+        within DEADLINE_SLACK_SECONDS of) its deadline, as gRPC cancels a handler whose
+        deadline passed and the client's own timer fires a moment before the server's."""
+        if self.deadline is not None and now >= self.deadline - DEADLINE_SLACK_SECONDS:
+            return "deadline"
+        return "cancelled"
 
 
 class MicroBatcher(Generic[In, Out]):
@@ -163,7 +185,7 @@ class MicroBatcher(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = _Pending(item=item, future=loop.create_future(), deadline=deadline,
-                           idle_at_arrival=self.depth == 0)
+                           idle_at_arrival=self.depth == 0, call=current_call.get())
         self._groups.setdefault(key, deque()).append(pending)
         self._waiting += 1
         QUEUE_DEPTH.labels(self.name).set(self.depth)
@@ -187,8 +209,7 @@ class MicroBatcher(Generic[In, Out]):
             del self._groups[key]
         self._waiting -= 1
         # gRPC cancels a handler when its deadline passes, too
-        expired = pending.deadline is not None and time.monotonic() >= pending.deadline
-        DROPPED.labels(self.name, "deadline" if expired else "cancelled").inc()
+        count_dropped(self.name, pending.drop_reason(time.monotonic()), pending.call)
         QUEUE_DEPTH.labels(self.name).set(self.depth)
         if self._wakeup is not None:  # a worker waiting for companions looks again
             self._wakeup.set()
@@ -245,10 +266,9 @@ class MicroBatcher(Generic[In, Out]):
         live = []
         for pending in batch:
             if pending.future.done():  # the caller left: it hung up, or its deadline passed
-                expired = pending.deadline is not None and now >= pending.deadline
-                DROPPED.labels(self.name, "deadline" if expired else "cancelled").inc()
+                count_dropped(self.name, pending.drop_reason(now), pending.call)
             elif pending.deadline is not None and now >= pending.deadline:
-                DROPPED.labels(self.name, "deadline").inc()
+                count_dropped(self.name, "deadline", pending.call)
                 pending.future.set_exception(DeadlineExceeded(
                     "deadline exceeded while queued; the request was dropped before compute"))
             else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import threading
@@ -147,7 +148,9 @@ class RequestSlot:
         self.pixels = 0
 
     async def to_thread(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """``asyncio.to_thread``, holding the slot until ``function`` returns. A call
+        """``asyncio.to_thread``, holding the slot until ``function`` returns; like it,
+        ``function`` runs in a copy of the caller's context variables, so that its log
+        lines carry the call's request id. A call
         cancelled while it still waits for a thread (every thread of the executor busy)
         never runs ``function``, and its hold ends at once: cancelling the executor's future
         drops the work unrun, so no thread would ever say that it ended."""
@@ -167,7 +170,9 @@ class RequestSlot:
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to free
                     loop.call_soon_threadsafe(self._thread_done)
 
-        submitted = loop.run_in_executor(None, run)  # raises if the executor is shut down
+        # in a copy of the call's context (its request id), as asyncio.to_thread runs it;
+        # raises if the executor is shut down
+        submitted = loop.run_in_executor(None, contextvars.copy_context().run, run)
         self._threads += 1
         try:
             return await submitted

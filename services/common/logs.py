@@ -10,7 +10,9 @@ from typing import Any, TextIO
 
 from services.common.request_ids import RequestIdFilter
 
-_RESERVED = set(vars(logging.makeLogRecord({})))
+#: The record's own attributes, not extra fields ("message" and "asctime" are set on it
+#: by a handler that formatted it first).
+_RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,12 +34,37 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+#: What a text-format value is quoted for: a space or '=' would let it pass for more
+#: fields (a client's request id "r1 level=error"), a quote or backslash for its end.
+_NEEDS_QUOTES = frozenset(' ="\\')
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def logfmt_value(value: Any) -> str:
+    """``value`` as a text-format (logfmt) field's value: as it is, or in double quotes
+    with ``\\"`` and ``\\\\`` escaped where it is empty or holds a space, '=', a quote,
+    a backslash or a character that is not printable (a line break, escaped too: no
+    value can start a line of its own)."""
+    text = str(value)
+    if text and not any(c in _NEEDS_QUOTES or not c.isprintable() for c in text):
+        return text
+    escaped = "".join(
+        _ESCAPES.get(c) or (c if c.isprintable() else
+                            f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}")
+        for c in text)
+    return f'"{escaped}"'
+
+
 class TextFormatter(logging.Formatter):
+    """Formats a record as ``HH:MM:SS level logger: msg key=value...``, the time the
+    record's (local time); each extra field's value is quoted as logfmt quotes it
+    (:func:`logfmt_value`), so that none can pass for more fields."""
+
     def format(self, record: logging.LogRecord) -> str:
-        extras = " ".join(f"{k}={v}" for k, v in vars(record).items()
+        extras = " ".join(f"{k}={logfmt_value(v)}" for k, v in vars(record).items()
                           if k not in _RESERVED and not k.startswith("_"))
-        base = f"{time.strftime('%H:%M:%S')} {record.levelname.lower():7s} {record.name}: " \
-               f"{record.getMessage()}"
+        base = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname.lower():7s} " \
+               f"{record.name}: {record.getMessage()}"
         text = f"{base} {extras}" if extras else base
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)

@@ -5,10 +5,12 @@ with the exception's class name in the message, an ERROR traceback in the log fo
 such call (any client can flood it) and no count in the metrics. This interceptor parses
 instead with a deserializer that cannot fail: bytes that do not parse arrive at the
 handler as a :class:`Malformed` marker, which is answered INVALID_ARGUMENT there, so the
-call is an ordinary refused request (counted, not logged). In a request stream, the
-message that does not parse raises :class:`MalformedMessage` where the handler reads it,
-so that the handler can first finish the items that came whole before it (AddImages
-stores and acknowledges them); the stream then ends INVALID_ARGUMENT."""
+call is an ordinary refused request: counted, and logged as one, at INFO with its request
+id (reason ``MALFORMED_REQUEST``; ``rpc.log_failed_call``), without a traceback. In a
+request stream, the message that does not parse raises :class:`MalformedMessage` where
+the handler reads it, so that the handler can first finish the items that came whole
+before it (AddImages stores and acknowledges them); the stream then ends
+INVALID_ARGUMENT."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from services.common.errors import (
     status_details,
 )
 from services.common.request_ids import with_request_id
+from services.common.rpc import log_failed_call
 
 
 class Malformed:
@@ -66,7 +69,9 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return parse
 
 
-async def _refuse(context: grpc.aio.ServicerContext, message: str) -> None:
+async def _refuse(context: grpc.aio.ServicerContext, message: str, method: str) -> None:
+    log_failed_call(method, grpc.StatusCode.INVALID_ARGUMENT, message,
+                    reason="MALFORMED_REQUEST")
     details = status_details(grpc.StatusCode.INVALID_ARGUMENT, message, "MALFORMED_REQUEST")
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message,
                         with_request_id(context, ((STATUS_DETAILS_KEY, details),)))
@@ -82,13 +87,14 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_deserializer is None:
             return handler
         parse = _tolerant(handler.request_deserializer)
+        method = handler_call_details.method
         serialize = handler.response_serializer
         if handler.unary_unary is not None:
             unary = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 if isinstance(request, Malformed):
-                    await _refuse(context, request.message)
+                    await _refuse(context, request.message, method)
                 return await unary(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -99,7 +105,7 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
                 async def unary_stream(request: Any, context: grpc.aio.ServicerContext
                                        ) -> AsyncIterator[Any]:
                     if isinstance(request, Malformed):
-                        await _refuse(context, request.message)
+                        await _refuse(context, request.message, method)
                     async for response in streaming(request, context):
                         yield response
 
@@ -109,7 +115,7 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
             async def written(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 # a coroutine that writes its stream with context.write() (health Watch)
                 if isinstance(request, Malformed):
-                    await _refuse(context, request.message)
+                    await _refuse(context, request.message, method)
                 return await streaming(request, context)
 
             return grpc.unary_stream_rpc_method_handler(
@@ -130,7 +136,7 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
                 try:
                     return await collect(checked(requests), context)
                 except MalformedMessage as error:  # let out by the handler
-                    await _refuse(context, error.message)
+                    await _refuse(context, error.message, method)
 
             return grpc.stream_unary_rpc_method_handler(
                 stream_unary, request_deserializer=parse, response_serializer=serialize)
@@ -142,7 +148,7 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
                     async for response in both(checked(requests), context):
                         yield response
                 except MalformedMessage as error:  # let out by the handler
-                    await _refuse(context, error.message)
+                    await _refuse(context, error.message, method)
 
             return grpc.stream_stream_rpc_method_handler(
                 stream_stream, request_deserializer=parse, response_serializer=serialize)
@@ -151,7 +157,7 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
             try:
                 return await both(checked(requests), context)
             except MalformedMessage as error:  # let out by the handler
-                await _refuse(context, error.message)
+                await _refuse(context, error.message, method)
 
         return grpc.stream_stream_rpc_method_handler(
             stream_written, request_deserializer=parse, response_serializer=serialize)

@@ -9,11 +9,16 @@ Exposed on ``--metrics-port`` at ``/metrics``:
 - ``percept_batch_size{queue}``: micro-batch sizes;
 - ``percept_queue_depth{queue}``: work items waiting or running per model queue (tiles, for
   the image models: one large image counts many);
-- ``percept_dropped_total{queue, reason}``: work dropped before compute (deadline, cancelled);
+- ``percept_dropped_total{queue, reason}``: requests dropped before compute (reason
+  ``deadline`` or ``cancelled``), each request once per queue however many of its items
+  (images, tiles) were dropped (:func:`count_dropped`);
 - ``percept_rejected_total{queue}``: requests refused because the queue was full
   (``server-calls``: the process's --max-concurrent-rpcs);
-- ``percept_queue_stalled{queue}``: 1 while its batch has run past ``--stall-seconds``;
-- ``percept_search_embedding_served``: 0 while search refuses the calls that embed.
+- ``percept_queue_stalled{queue}``: 1 while its batch has run past ``--stall-seconds``.
+
+The search service's own metrics (``percept_search_*``) are defined in its modules
+(services/search/), so only a process that hosts search exports them: a superres, style or
+embed pod has no ``percept_search_embedding_served`` for an alert to find at 0.
 
 The HTTP server answers ``GET`` and ``HEAD /metrics`` only (404 elsewhere), with
 prometheus_client's own handler (gzip and the OpenMetrics format as a scraper asks). It
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import io
 import ipaddress
@@ -60,16 +66,11 @@ BATCH_SIZE = Histogram("percept_batch_size", "Micro-batch sizes", ["queue"],
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
 QUEUE_DEPTH = Gauge("percept_queue_depth",
                     "Work items waiting or running (tiles, for the image models)", ["queue"])
-DROPPED = Counter("percept_dropped_total", "Requests dropped before compute", ["queue", "reason"])
+DROPPED = Counter("percept_dropped_total",
+                  "Requests dropped before compute (once per request, however many of its "
+                  "images or tiles were dropped), by reason: deadline or cancelled",
+                  ["queue", "reason"])
 REJECTED = Counter("percept_rejected_total", "Requests refused: queue full", ["queue"])
-EMBEDDING_SERVED = Gauge("percept_search_embedding_served",
-                         "search: 1 while the calls that embed are served, 0 while they are "
-                         "refused (the embedding service has not answered since start, or "
-                         "makes another space than the index's)")
-SPACE_REFUSALS = Counter("percept_search_space_refusals_total",
-                         "search: answers of the embedding service refused because their "
-                         "vectors are not in the index's space (an embedding pod rolled "
-                         "out with another DeViSE map or --word-vectors file)")
 STALLED = Gauge("percept_queue_stalled",
                 "1 while the queue's running batch has run past --stall-seconds (a hung "
                 "model or GPU: its service reports NOT_SERVING)", ["queue"])
@@ -79,6 +80,33 @@ INFLIGHT_PIXELS = Gauge("percept_inflight_pixels",
 REQUEST_SLOTS = Gauge("percept_request_slots_in_use",
                       "Request slots held (reading, decoding, computing or encoding), of "
                       "--max-queue (--max-optimisations for StylizeWithImage)", ["queue"])
+
+
+class Call:
+    """One RPC, as percept_dropped_total sees it: the queues that have counted it dropped."""
+
+    __slots__ = ("dropped_from",)
+
+    def __init__(self) -> None:
+        self.dropped_from: set[str] = set()
+
+
+#: The RPC the running code serves: set by MetricsInterceptor as the call begins, and
+#: copied into the tasks its handler starts (one per image or tile submitted to a batcher),
+#: so that a batcher knows which of its items are one request's.
+current_call: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
+    "percept_call", default=None)
+
+
+def count_dropped(queue: str, reason: str, call: Call | None) -> None:
+    """Counts a request dropped before compute in ``queue``: once per request (``call``),
+    however many of its items (images, tiles) are dropped, under the reason of the first
+    of them. An item submitted outside any RPC (call None) counts alone."""
+    if call is not None:
+        if queue in call.dropped_from:
+            return
+        call.dropped_from.add(queue)
+    DROPPED.labels(queue, reason).inc()
 
 
 _resolve = socket.getaddrinfo  # the name lookup, replaceable in tests
@@ -306,6 +334,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         is_work = not service.startswith(INFRASTRUCTURE_SERVICES)
 
         def begin(context: grpc.aio.ServicerContext) -> float:
+            current_call.set(Call())  # the call's task, and the tasks it starts
             INFLIGHT.labels(service).inc()
             if is_work:
                 self.active_work += 1

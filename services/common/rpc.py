@@ -1,4 +1,26 @@
-"""Helpers shared by every servicer: error mapping and deadlines."""
+"""Helpers shared by every servicer: error mapping, the failed calls' log lines, and
+deadlines.
+
+Each failed call gets one log line (logger ``percept.rpc``, message ``call failed``), with
+the call's ``request_id``, its ``method``, the status ``code``, the ErrorInfo ``reason``,
+the request ``field`` at fault where there is one, and the status message as ``detail``
+(cut to :data:`MAX_LOGGED_DETAIL_BYTES`: it may quote what the client sent). Its level
+follows what the failure says of the server, and how many such calls a flood can make:
+
+- DEBUG: refusals a retry is meant to cure, sent before any work is done (busy answers
+  with the retry trailer: ``QUEUE_FULL``, ``PIXEL_BUDGET_FULL``, the
+  ``--max-concurrent-rpcs`` limit; the readiness gate's ``SERVER_LOADING`` and
+  ``SERVER_DRAINING``), and calls their client cancelled. They come by the thousand a
+  second under overload, and the metrics count them (``percept_requests_total``,
+  ``percept_rejected_total``).
+- INFO: the other refusals: a bad request (INVALID_ARGUMENT, malformed bytes included,
+  NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE, UNIMPLEMENTED...), DEADLINE_EXCEEDED, a
+  result too large, a dependency UNAVAILABLE.
+- WARNING: a call the drain's grace ran out on (UNAVAILABLE, ``SERVER_DRAINING``; at most
+  ``--max-concurrent-rpcs`` of them, with one more line naming their ids).
+- ERROR: INTERNAL (a bug: ``unhandled error``, with its traceback), UNKNOWN, DATA_LOSS.
+
+A successful call writes no line at INFO or above."""
 
 from __future__ import annotations
 
@@ -9,26 +31,79 @@ from typing import Any, TypeVar
 
 import grpc
 
-from services.common.errors import STATUS_DETAILS_KEY, ServiceError, status_details
+from services.common.errors import (
+    STATUS_DETAILS_KEY,
+    ServiceError,
+    fit_status_message,
+    status_details,
+)
 from services.common.request_ids import current_request_id, with_request_id
 
 log = logging.getLogger("percept.rpc")
 Self = TypeVar("Self")
 
+#: The most bytes of a failed call's status message its log line keeps (as a status
+#: message is measured, percent-encoded; the message may quote what the client sent).
+MAX_LOGGED_DETAIL_BYTES = 300
+#: The codes of a failure on the server's side: ERROR.
+_SERVER_FAULTS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                            grpc.StatusCode.DATA_LOSS})
+
+
+def failure_level(code: grpc.StatusCode | None, *, retryable: bool = False) -> int:
+    """The level of a failed call's line (see the module's docstring): ``retryable`` is a
+    refusal a retry is meant to cure, sent before any work (a busy answer)."""
+    if retryable or code in (None, grpc.StatusCode.CANCELLED):
+        return logging.DEBUG
+    if code in _SERVER_FAULTS:
+        return logging.ERROR
+    return logging.INFO
+
+
+def log_failed_call(method: str, code: grpc.StatusCode | None, message: str | None = None,
+                    *, reason: str | None = None, field: str | None = None,
+                    retryable: bool = False, level: int | None = None,
+                    request_id: str | None = None) -> None:
+    """Writes the one log line of a failed call (see the module's docstring). ``method``:
+    its name, or gRPC's full path (``/percept.v1.StyleTransfer/Stylize``: its last part is
+    kept); ``request_id``: the call's, where this runs outside its task (the drain)."""
+    if level is None:
+        level = failure_level(code, retryable=retryable)
+    if not log.isEnabledFor(level):  # cheap under a flood of busy answers
+        return
+    if request_id is None:
+        request_id = current_request_id.get()
+    extra: dict[str, Any] = {"method": method.rpartition("/")[2]}
+    if request_id is not None:
+        extra["request_id"] = request_id
+    if code is not None:
+        extra["code"] = code.name
+    if reason:
+        extra["reason"] = reason
+    if field:
+        extra["field"] = field
+    if message:
+        extra["detail"] = fit_status_message(message, MAX_LOGGED_DETAIL_BYTES)
+    log.log(level, "call failed", extra=extra)
+
 
 async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, method: str
                      ) -> None:
-    """Called in an ``except`` block: a ServiceError becomes its status and message; an
-    abort already under way goes on; anything else is logged with its traceback and
-    answered INTERNAL, without leaking internals."""
+    """Called in an ``except`` block: a ServiceError becomes its status and message (and
+    its log line, :func:`log_failed_call`); an abort already under way goes on; anything
+    else is logged with its traceback and answered INTERNAL, without leaking internals."""
     if isinstance(error, (grpc.aio.AbortError, grpc.aio.UsageError)):
         raise error
     if isinstance(error, ServiceError):
+        log_failed_call(method, error.code, error.message, reason=error.reason,
+                        field=error.field, retryable=error.retry_after_ms is not None)
         await context.abort(error.code, error.message,
                             with_request_id(context, error.trailing_metadata))
     else:
-        log.exception("unhandled error", extra={"method": method})
         request_id = current_request_id.get()
+        log.exception("unhandled error", extra={
+            "method": method, "code": "INTERNAL", "reason": "INTERNAL",
+            **({"request_id": request_id} if request_id is not None else {})})
         message = "internal error; see the server log" + (
             f" (request id {request_id})" if request_id else "")
         details = status_details(grpc.StatusCode.INTERNAL, message, "INTERNAL")

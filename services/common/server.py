@@ -63,6 +63,7 @@ from services.common.errors import (
 from services.common.logs import configure_logging
 from services.common.malformed import MalformedRequests
 from services.common.metrics import (
+    DEADLINE_SLACK_SECONDS,
     INFRASTRUCTURE_SERVICES,
     REJECTED,
     CallWithoutRequest,
@@ -70,7 +71,8 @@ from services.common.metrics import (
     MetricsServers,
     start_metrics_server,
 )
-from services.common.request_ids import with_request_id
+from services.common.request_ids import current_request_id, with_request_id
+from services.common.rpc import log_failed_call
 from services.common.server_info import SERVICE_NAME as SERVER_INFO
 from services.common.server_info import ServerInfoServicer
 from services.common.stall_watch import StallWatch
@@ -160,11 +162,14 @@ class ReadinessGate(grpc.aio.ServerInterceptor):
         if handler is None or self.ready or method.startswith(_INFRASTRUCTURE):
             return handler
 
-        reason = self.reason
+        reason, error_reason = self.reason, self.error_reason
         details = ((STATUS_DETAILS_KEY, status_details(
-            grpc.StatusCode.UNAVAILABLE, reason, self.error_reason)),)
+            grpc.StatusCode.UNAVAILABLE, reason, error_reason)),)
 
         async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+            # a refusal the client is told to retry, before any work: DEBUG, like busy
+            log_failed_call(method, grpc.StatusCode.UNAVAILABLE, reason, reason=error_reason,
+                            retryable=True)
             await context.abort(grpc.StatusCode.UNAVAILABLE, reason,
                                 with_request_id(context, details))
 
@@ -284,6 +289,9 @@ class _WorkCall:
     context: grpc.aio.ServicerContext
     started: float
     large: bool = False  # a request message of LARGE_REQUEST_BYTES or more came
+    method: str = ""  # gRPC's full path of its method
+    request_id: str | None = None
+    cut_off: bool = False  # answered by the drain (WorkCalls.end_all), which logged it
 
 
 _current_call: contextvars.ContextVar[_WorkCall | None] = contextvars.ContextVar(
@@ -381,15 +389,18 @@ class WorkCalls(grpc.aio.ServerInterceptor):
         per_call = self._hold_seconds / max(1, len(self._calls)) * 1e3
         return int(min(MAX_PUSHBACK_MS, max(MIN_PUSHBACK_MS, round(per_call))))
 
-    async def _enter(self, context: grpc.aio.ServicerContext) -> _WorkCall:
+    async def _enter(self, context: grpc.aio.ServicerContext, method: str) -> _WorkCall:
         if len(self._calls) >= self.limit:
             REJECTED.labels("server-calls").inc()
             busy = Busy(f"the server is handling its limit of {self.limit} concurrent calls "
                         "(--max-concurrent-rpcs); retry after the pushback",
                         self.retry_after_ms)
+            log_failed_call(method, busy.code, busy.message, reason=busy.reason,
+                            retryable=True)
             await context.abort(busy.code, busy.message,
                                 with_request_id(context, busy.trailing_metadata))
-        call = _WorkCall(asyncio.current_task(), context, time.monotonic())
+        call = _WorkCall(asyncio.current_task(), context, time.monotonic(), method=method,
+                         request_id=current_request_id.get())
         self._calls.add(call)
         _current_call.set(call)  # for the deserializer, which runs in this task
         return call
@@ -421,7 +432,9 @@ class WorkCalls(grpc.aio.ServerInterceptor):
         if self._release_memory is None:
             return
         if self._releasing is None or self._releasing.done():
-            self._releasing = asyncio.get_running_loop().create_task(self._release_when_due())
+            # in a context of its own: the task is no call's (its lines carry no request id)
+            self._releasing = asyncio.get_running_loop().create_task(
+                self._release_when_due(), context=contextvars.Context())
         else:
             self._release_again = True
 
@@ -450,26 +463,32 @@ class WorkCalls(grpc.aio.ServerInterceptor):
         if self._releasing is not None:
             self._releasing.cancel()
 
-    async def end_all(self, message: str) -> int:
+    async def end_all(self, message: str) -> list[str | None]:
         """Answers every call still running UNAVAILABLE with ``message`` (reason
-        SERVER_DRAINING, and its request id) and cancels its handler; returns how many."""
+        SERVER_DRAINING, and its request id) and cancels its handler; returns their
+        request ids. Each call answered gets its WARNING line (``rpc.log_failed_call``):
+        at most ``limit`` of them."""
         calls = [call for call in self._calls if not call.context.done()]
         details = ((STATUS_DETAILS_KEY, status_details(
             grpc.StatusCode.UNAVAILABLE, message, "SERVER_DRAINING")),)
 
         async def end(call: _WorkCall) -> None:
+            call.cut_off = True  # its handler's cancellation is not logged as one
             try:
                 await call.context.abort(grpc.StatusCode.UNAVAILABLE, message,
                                          with_request_id(call.context, details))
-            except grpc.aio.AbortError:
-                pass  # the answer went out
+            except grpc.aio.AbortError:  # the answer went out
+                log_failed_call(call.method, grpc.StatusCode.UNAVAILABLE, message,
+                                reason="SERVER_DRAINING", level=logging.WARNING,
+                                request_id=call.request_id)
             except Exception as error:  # it ended meanwhile, or its client is gone
-                log.debug("could not answer a call at the drain's end: %r", error)
+                log.debug("could not answer a call at the drain's end: %r", error,
+                          extra={"request_id": call.request_id})
             if call.task is not None:
                 call.task.cancel()  # its work stops; the answer stands
 
         await asyncio.gather(*(end(call) for call in calls))
-        return len(calls)
+        return [call.request_id for call in calls]
 
     async def intercept_service(self, continuation: Any,
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -478,7 +497,12 @@ class WorkCalls(grpc.aio.ServerInterceptor):
             return handler
         parse = self._measured(handler.request_deserializer)
         serialize = handler.response_serializer
-        admitted = self._admitted
+        method = handler_call_details.method
+
+        def admitted(context: grpc.aio.ServicerContext
+                     ) -> contextlib.AbstractAsyncContextManager[_WorkCall]:
+            return self._admitted(context, method)
+
         if handler.unary_unary is not None:
             unary = handler.unary_unary
 
@@ -520,17 +544,52 @@ class WorkCalls(grpc.aio.ServerInterceptor):
             written, request_deserializer=parse, response_serializer=serialize)
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[_WorkCall]:
+    async def _admitted(self, context: grpc.aio.ServicerContext, method: str
+                        ) -> AsyncIterator[_WorkCall]:
         """The call admitted (:meth:`_enter`: or answered busy) for the block, and let go
-        after it; an answer sent by abort has the frames it went through cleared."""
-        call = await self._enter(context)
+        after it; an answer sent by abort has the frames it went through cleared. A call
+        that gRPC cancels (its client went, or its deadline passed) gets its log line
+        here (:func:`_log_ended`)."""
+        call = await self._enter(context, method)
         try:
             yield call
         except grpc.aio.AbortError as aborted:
             _clear_frames(aborted)
             raise
+        except (asyncio.CancelledError, GeneratorExit) as ended:
+            if not call.cut_off:
+                _log_ended(call, ended)
+            raise
         finally:
             self._leave(call)
+
+
+def _log_ended(call: _WorkCall, ended: BaseException) -> None:
+    """The line of a call whose handler gRPC cancelled: DEADLINE_EXCEEDED (INFO) when its
+    deadline had passed (the caller's timer fires a moment before the server's, as the
+    metrics tell them apart), else CANCELLED (DEBUG: its client hung up); DEBUG too for
+    a call that ended before its request message came (:class:`CallWithoutRequest`)."""
+    if isinstance(ended, CallWithoutRequest):
+        log_failed_call(call.method, None, "the call ended before its request message came "
+                        "(its client went, or gRPC refused a message over --max-message-mb)",
+                        request_id=call.request_id)
+        return
+    remaining = call.context.time_remaining()
+    code = (grpc.StatusCode.DEADLINE_EXCEEDED
+            if remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
+            else grpc.StatusCode.CANCELLED)
+    log_failed_call(call.method, code, request_id=call.request_id)
+
+
+#: The most request ids a line that sums up calls names (the drain's).
+MAX_NAMED_IDS = 20
+
+
+def named_ids(request_ids: Sequence[str | None], limit: int = MAX_NAMED_IDS) -> str:
+    """``request_ids`` for a log line, the first ``limit`` only: "a, b and 3 more"."""
+    named = ", ".join(str(request_id) for request_id in request_ids[:limit])
+    more = len(request_ids) - limit
+    return f"{named} and {more} more" if more > 0 else named
 
 
 def drain_message(grace: float, cause: str | None = None) -> str:
@@ -580,7 +639,8 @@ class PerceptServer:
             ended = await self._work.end_all(drain_message(grace, cause))
             if ended:
                 log.warning("drain grace ending: calls still running answered UNAVAILABLE",
-                            extra={"calls": ended, "grace_seconds": grace})
+                            extra={"calls": len(ended), "request_ids": named_ids(ended),
+                                   "grace_seconds": grace})
         await (stopping if stopping is not None else server.stop(grace))
 
     async def start(self, freeze_gc: bool = False) -> int:

@@ -30,6 +30,11 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def _seconds(seconds: float) -> str:
+    """A duration for a log line: one decimal below 10 s ("0.4 s", not "0 s")."""
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+
+
 class StallWatch:
     """Sets health from the batches of ``modules`` (see the module's docstring)."""
 
@@ -50,7 +55,7 @@ class StallWatch:
                 STALLED.labels(batcher.name).set(0 if seconds is None else 1)
                 if seconds is not None:
                     found.setdefault(module.full_name, f"{batcher.name}'s batch has run "
-                                                       f"{seconds:.0f} s")
+                                                       f"{_seconds(seconds)}")
         return found
 
     async def update(self) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -292,9 +293,12 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
 
     async def embed_images(self, images: Sequence[bytes], method: int = 0,
                            timeout: float | None = None) -> list[np.ndarray]:
-        """Unit vectors for encoded images (the in-process API the search service uses).
+        """Unit vectors for encoded images (the in-process API the search service uses),
+        within ``timeout`` seconds from now (the call's deadline: reading and decoding the
+        images take from it, and the batcher gets what is left).
         Raises InvalidArgument naming the first bad image, and Busy when decoding the
         largest would take the server over --max-inflight-mpixels."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         method = self._method(method)
         whats = ["image" if len(images) == 1 else f"image {i}" for i in range(len(images))]
 
@@ -329,8 +333,11 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             pixels = await slot.to_thread(decode)
         finally:
             slot.close()
+        # the time left now, after the decode: the batcher's deadline is the call's, so a
+        # request that runs out of time while queued is dropped (and counted) as a deadline
+        left = None if deadline is None else deadline - time.monotonic()
         jobs = [asyncio.ensure_future(self.batcher.submit(_Job(p, method), key=method,
-                                                          timeout=timeout)) for p in pixels]
+                                                          timeout=left)) for p in pixels]
         try:
             return list(await asyncio.gather(*jobs))
         except BaseException:  # one image refused (a full queue): the others are dropped

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
+from prometheus_client import Counter
 
 from percept.v1 import embed_pb2, embed_pb2_grpc
 from services.common.errors import (
@@ -27,13 +28,18 @@ from services.common.errors import (
     ServiceError,
     Unavailable,
 )
-from services.common.metrics import SPACE_REFUSALS
 from services.search.probes import probe_images
 
 if TYPE_CHECKING:  # a search process with a remote embedder never imports torch
     from services.embed.service import EmbeddingService
 
 _log = logging.getLogger("percept.search")
+
+#: Here, not in services/common/metrics.py: only a process that hosts search exports it.
+SPACE_REFUSALS = Counter("percept_search_space_refusals_total",
+                         "search: answers of the embedding service refused because their "
+                         "vectors are not in the index's space (an embedding pod rolled "
+                         "out with another DeViSE map or --word-vectors file)")
 
 #: Room kept in an EmbedImages request for its other fields and framing, and per image
 #: (a protobuf tag and length).

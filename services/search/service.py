@@ -16,6 +16,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,7 +39,6 @@ from services.common.errors import (
     shown,
 )
 from services.common.images import probe_size
-from services.common.metrics import EMBEDDING_SERVED
 from services.common.rpc import stream_errors, time_remaining, unary_errors
 from services.common.server import ServiceModule, StartupError
 from services.common.texts import is_blank
@@ -101,9 +101,16 @@ MAX_PAGE_TOKEN_CHARS = 4 * -(-(len(PAGE_TOKEN_PREFIX) + len('["", ""]')
 SNAPSHOT_EVERY_SECONDS = 30.0
 #: The file in the data directory that a search server holds locked (flock) while it runs.
 LOCK_FILE = ".lock"
+# Search's metrics are defined here and in embedder.py, not in services/common/metrics.py:
+# only a process that hosts search imports these modules, so only it exports them (a
+# superres pod exported percept_search_embedding_served 0, and an alert on 0 fired there).
 INDEX_IMAGES = Gauge("percept_search_index_images",
                      "search: images in the FAISS index (Stats' count is the record's; the two "
                      "differ only while something is wrong)")
+EMBEDDING_SERVED = Gauge("percept_search_embedding_served",
+                         "search: 1 while the calls that embed are served, 0 while they are "
+                         "refused (the embedding service has not answered since start, or "
+                         "makes another space than the index's)")
 
 
 def index_settings(config: ServerConfig) -> IndexSettings:
@@ -484,15 +491,16 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
         probe_size(item.image)
 
     async def _embed_each(self, items: list[search_pb2.AddImageRequest],
-                          rejected: list[search_pb2.Rejection], timeout: float | None
+                          rejected: list[search_pb2.Rejection], deadline: float | None
                           ) -> tuple[list[search_pb2.AddImageRequest], list[np.ndarray]]:
         """Embeds ``items`` one by one, after their batch was refused for a bad image:
-        each bad image becomes a rejection of its own, the others are kept."""
+        each bad image becomes a rejection of its own, the others are kept. All of them
+        by the call's ``deadline`` (time.monotonic()), each with the time left."""
         kept, vectors = [], []
         for item in items:
+            left = None if deadline is None else deadline - time.monotonic()
             try:
-                vectors.append((await self._embedding().embed_images([item.image],
-                                                                    timeout))[0])
+                vectors.append((await self._embedding().embed_images([item.image], left))[0])
                 kept.append(item)
             except InvalidArgument as problem:
                 rejected.append(search_pb2.Rejection(id=item.id, code=problem.code.name,
@@ -503,12 +511,13 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
                          rejected: list[search_pb2.Rejection], timeout: float | None
                          ) -> search_pb2.AddImagesAck:
         vectors: list[np.ndarray] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
         if items:
             try:
                 vectors = await self._embedding().embed_images([i.image for i in items],
                                                                timeout)
             except InvalidArgument:  # an image whose header read but whose pixels did not
-                items, vectors = await self._embed_each(items, rejected, timeout)
+                items, vectors = await self._embed_each(items, rejected, deadline)
         latest = {item.id: (item, vector) for item, vector in zip(items, vectors, strict=True)}
         if latest:
             async with self.write_lock:

@@ -33,7 +33,13 @@ from services.common.cuda_graphs import CudaGraphRunner
 from services.common.device import serving_dtype
 from services.common.errors import Busy, DeadlineExceeded, InvalidArgument
 from services.common.images import probe_size
-from services.common.metrics import INFLIGHT_PIXELS, REJECTED, REQUEST_SLOTS
+from services.common.metrics import (
+    INFLIGHT_PIXELS,
+    REJECTED,
+    REQUEST_SLOTS,
+    count_dropped,
+    current_call,
+)
 from services.common.precision import to_serving_precision
 from services.common.tiling import TileOutput, TilePlan, tiled_apply
 from training.nets.folding import fold_for_inference, for_compile_on_cuda
@@ -445,7 +451,8 @@ class TiledImageModel:
                     timeout = None
                     if deadline is not None:
                         timeout = deadline - time.monotonic()
-                        if timeout <= 0:
+                        if timeout <= 0:  # dropped before compute, as in the queue
+                            count_dropped(self.batcher.name, "deadline", current_call.get())
                             raise DeadlineExceeded(
                                 "deadline exceeded; the remaining tiles were not computed")
                     submitted = [asyncio.ensure_future(

@@ -336,8 +336,12 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
         # the time left now, after the decode: the batcher's deadline is the call's, so a
         # request that runs out of time while queued is dropped (and counted) as a deadline
         left = None if deadline is None else deadline - time.monotonic()
+        # a request of one batch at most (a LabelImage) goes ahead of larger ones' images
+        # (search's AddImages batches of 16), batching.py
+        small = len(pixels) <= self.batcher.max_batch
         jobs = [asyncio.ensure_future(self.batcher.submit(_Job(p, method), key=method,
-                                                          timeout=left)) for p in pixels]
+                                                          timeout=left, small=small))
+                for p in pixels]
         try:
             return list(await asyncio.gather(*jobs))
         except BaseException:  # one image refused (a full queue): the others are dropped

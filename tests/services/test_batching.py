@@ -116,6 +116,39 @@ def test_a_steady_stream_of_one_key_does_not_hold_back_another() -> None:
     assert batches_ahead <= 3
 
 
+def test_a_small_request_goes_ahead_of_the_tiles_of_large_ones() -> None:
+    """The items of a request that fits in one batch are served before those of larger
+    requests queued earlier (a 64 px upscale waited 10 s behind the tiles of 16 512 px
+    ones); the large requests keep their order among themselves, and a batch still fills
+    up with their items of the same key."""
+    recorder = Recorder()
+    recorder.release.clear()  # the worker blocks on the first batch: the rest queue up
+
+    async def main() -> None:
+        batcher = MicroBatcher("t-small", recorder, max_batch=4, max_wait_ms=1, max_queue=64)
+        first = asyncio.ensure_future(batcher.submit(-1, key="tile", small=False))
+        await asyncio.sleep(0.05)  # running (blocked)
+        large = [asyncio.ensure_future(batcher.submit(100 * r + i, key="tile", small=False))
+                 for r in (1, 2) for i in range(8)]
+        await asyncio.sleep(0.02)
+        small = [asyncio.ensure_future(batcher.submit(7, key="tile")),
+                 asyncio.ensure_future(batcher.submit(9, key="other"))]
+        await asyncio.sleep(0.02)
+        recorder.release.set()
+        await asyncio.gather(first, *large, *small)
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert recorder.batches[0] == [-1]
+    # the small one of the same key first, filled up with the large ones' oldest tiles;
+    # then the small one of another key; then the rest in their order
+    assert recorder.batches[1] == [7, 100, 101, 102]
+    assert recorder.batches[2] == [9]
+    assert [i for b in recorder.batches[3:] for i in b] == [103, 104, 105, 106, 107,
+                                                             200, 201, 202, 203, 204, 205,
+                                                             206, 207]
+
+
 def test_full_queue_refuses_at_once() -> None:
     recorder = Recorder()
     recorder.release.clear()  # block the worker so the queue fills

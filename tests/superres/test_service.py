@@ -455,3 +455,27 @@ def test_a_result_too_wide_for_the_format_is_refused_before_any_tile_runs(
     assert error.value.details().startswith(
         f"the {4 * side}x32 result is over {fmt}'s limit of {limit} px a side; ask for PNG")
     assert service.models["superres-perceptual"].batcher.batches_run == batches
+
+
+def test_an_image_of_one_tile_is_queued_as_small_and_a_tiled_one_is_not(
+        sr_server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batcher serves small requests ahead of the queued tiles of larger ones
+    (services/common/batching.py): an image of one tile is small, every tile of a larger
+    image is not."""
+    from services.common.batching import MicroBatcher
+
+    seen: list[tuple[tuple[int, ...], bool]] = []
+    submit = MicroBatcher.submit
+
+    async def recording(self: MicroBatcher, item: np.ndarray, **options: object) -> object:
+        seen.append((item.shape, bool(options.get("small", True))))
+        return await submit(self, item, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MicroBatcher, "submit", recording)
+    channel = client.connect(sr_server.target)
+    rng = np.random.default_rng(0)
+    client.upscale(channel, encode(rng.integers(0, 255, (64, 80, 3), np.uint8)))
+    assert seen == [((64, 80, 3), True)]
+    seen.clear()
+    client.upscale(channel, encode(rng.integers(0, 255, (300, 560, 3), np.uint8)))
+    assert len(seen) > 1 and not any(small for _, small in seen)

@@ -242,11 +242,13 @@ def _describe_server(target: str, info: server_pb2.GetServerInfoResponse) -> str
                      f"{model.artifact}{default}")
     gatys = (f", Gatys {limits.max_iterations} iterations x {limits.max_optimisations}"
              if "percept.v1.StyleTransfer" in info.services else "")
+    # (a server older than the field leaves it 0: not printed)
+    calls = (f", {limits.max_concurrent_rpcs} calls at once"
+             if limits.max_concurrent_rpcs else "")
     lines.append(f"  limits: {limits.max_message_bytes / 2**20:g} MiB messages, "
                  f"{limits.max_pixels:,} pixels an image, "
                  f"{limits.max_inflight_pixels / 1e6:g} MP in flight, "
-                 f"queue {limits.max_queue}, batch {limits.max_batch}{gatys}, "
-                 f"{limits.max_concurrent_rpcs} calls at once")
+                 f"queue {limits.max_queue}, batch {limits.max_batch}{gatys}{calls}")
     return "\n".join(printable(line) for line in lines)
 
 

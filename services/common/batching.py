@@ -69,6 +69,7 @@ class _Pending(Generic[In]):
     enqueued: float = field(default_factory=time.monotonic)
     idle_at_arrival: bool = False  # nothing was queued or running when it was submitted
     call: Call | None = None  # the RPC it is part of (its drop is counted once per RPC)
+    small: bool = True  # a whole small request (MicroBatcher.submit)
 
     def drop_reason(self, now: float) -> str:
         """Why a request whose caller left was dropped: ``deadline`` when it left at (or
@@ -79,9 +80,16 @@ class _Pending(Generic[In]):
         return "cancelled"
 
 
+#: Batches in a row a batcher takes from small requests while larger ones wait; the next
+#: is the larger ones' (their oldest first). Small requests go ahead, but cannot hold the
+#: others back for good: under a steady stream of them, larger requests still get a
+#: quarter of the batches.
+SMALL_TURNS_IN_A_ROW = 3
+
+
 class _Group(Generic[In]):
-    """The requests waiting under one key: those of small requests (the items of a
-    request that fits in one batch) ahead of the rest, each part in arrival order."""
+    """The requests waiting under one key: those of small requests (``_Pending.small``)
+    ahead of the rest, each part in arrival order."""
 
     def __init__(self) -> None:
         self.small: deque[_Pending[In]] = deque()
@@ -94,21 +102,28 @@ class _Group(Generic[In]):
         yield from self.small
         yield from self.rest
 
-    def __contains__(self, pending: object) -> bool:
-        return any(waiting is pending for waiting in self)
+    def _part(self, pending: _Pending[In]) -> deque[_Pending[In]]:
+        return self.small if pending.small else self.rest
 
-    def add(self, pending: _Pending[In], small: bool) -> None:
-        (self.small if small else self.rest).append(pending)
+    def __contains__(self, pending: _Pending[In]) -> bool:
+        return pending in self._part(pending)  # by identity (eq=False), deque's own scan
 
-    def head(self) -> _Pending[In]:
-        """The request served next."""
-        return self.small[0] if self.small else self.rest[0]
-
-    def popleft(self) -> _Pending[In]:
-        return self.small.popleft() if self.small else self.rest.popleft()
+    def add(self, pending: _Pending[In]) -> None:
+        self._part(pending).append(pending)
 
     def remove(self, pending: _Pending[In]) -> None:
-        (self.small if any(w is pending for w in self.small) else self.rest).remove(pending)
+        self._part(pending).remove(pending)
+
+    def head(self, rest_first: bool = False) -> _Pending[In]:
+        """The request served next (with ``rest_first``, a larger request's, if any)."""
+        if rest_first and self.rest:
+            return self.rest[0]
+        return self.small[0] if self.small else self.rest[0]
+
+    def popleft(self, rest_first: bool = False) -> _Pending[In]:
+        if rest_first and self.rest:
+            return self.rest.popleft()
+        return self.small.popleft() if self.small else self.rest.popleft()
 
     def order(self) -> tuple[int, float]:
         """Where the group comes in the turn: one with a small request waiting first, then
@@ -136,6 +151,7 @@ class MicroBatcher(Generic[In, Out]):
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self._groups: dict[Hashable, _Group[In]] = {}
+        self._small_turns = 0  # batches of small requests in a row while larger ones waited
         self._waiting = 0
         self._running = 0
         self._wakeup: asyncio.Event | None = None
@@ -215,7 +231,8 @@ class MicroBatcher(Generic[In, Out]):
         large image), so a 64 px upscale does not wait for every tile of the 512 px ones
         queued before it (9.5-11.4 s behind 16 of them on a 2-core CPU; 0.7 s now, the
         batch that was running). Larger requests keep their order among
-        themselves: a round of turns between them would finish each of them later.
+        themselves (a round of turns between them would finish each of them later), and
+        get every fourth batch while small ones stream (SMALL_TURNS_IN_A_ROW).
 
         Raises Busy (RESOURCE_EXHAUSTED) at once when the queue is full, DeadlineExceeded when the
         deadline (``timeout`` seconds from now) passes before the item is computed."""
@@ -229,8 +246,9 @@ class MicroBatcher(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = _Pending(item=item, future=loop.create_future(), deadline=deadline,
-                           idle_at_arrival=self.depth == 0, call=current_call.get())
-        self._groups.setdefault(key, _Group()).add(pending, small)
+                           idle_at_arrival=self.depth == 0, call=current_call.get(),
+                           small=small)
+        self._groups.setdefault(key, _Group()).add(pending)
         self._waiting += 1
         QUEUE_DEPTH.labels(self.name).set(self.depth)
         assert self._wakeup is not None
@@ -263,37 +281,51 @@ class MicroBatcher(Generic[In, Out]):
             return self.max_batch
         return max(1, min(self.max_batch, self._batch_limit(key)))
 
-    def _oldest(self) -> tuple[Hashable, _Group[In]]:
-        """The group served next, and its key: one with a small request waiting first,
-        then the one whose next request has waited longest. Groups are served by their
-        requests' waits, not by when the group was made: a group that a steady stream
-        keeps from ever emptying would otherwise be served again and again while a
-        request of another key (another tile shape, another method) waited until its
-        deadline."""
-        return min(self._groups.items(), key=lambda item: item[1].order())
+    def _next(self) -> tuple[Hashable, _Group[In], bool]:
+        """The group served next, its key, and whether its larger requests go first: a
+        group with a small request waiting first, then the one whose next request has
+        waited longest; but after SMALL_TURNS_IN_A_ROW batches of small requests while
+        larger ones waited, the group of the oldest larger one, that one first. Groups are
+        served by their requests' waits, not by when the group was made: a group that a
+        steady stream keeps from ever emptying would otherwise be served again and again
+        while a request of another key (another tile shape, another method) waited until
+        its deadline."""
+        if self._small_turns >= SMALL_TURNS_IN_A_ROW:
+            waiting = [(key, group) for key, group in self._groups.items() if group.rest]
+            if waiting:
+                key, group = min(waiting, key=lambda item: item[1].rest[0].enqueued)
+                return key, group, True
+        key, group = min(self._groups.items(), key=lambda item: item[1].order())
+        return key, group, False
 
     def _take_batch(self) -> list[_Pending[In]]:
-        """Pops up to the batch limit of requests of the group served next (its small
-        requests first)."""
-        key, group = self._oldest()
-        batch = [group.popleft() for _ in range(min(self._limit(key), len(group)))]
+        """Pops up to the batch limit of requests of the group served next (:meth:`_next`),
+        and counts the turns small requests took in a row while larger ones waited."""
+        key, group, rest_first = self._next()
+        batch = [group.popleft(rest_first) for _ in range(min(self._limit(key), len(group)))]
         if not group:
             del self._groups[key]
         self._waiting -= len(batch)
+        larger_waiting = any(group.rest for group in self._groups.values())
+        if not rest_first and larger_waiting and any(p.small for p in batch):
+            self._small_turns += 1
+        else:
+            self._small_turns = 0
         return batch
 
     def _arrived_alone(self) -> bool:
         """Only one request waits, and it came when nothing was queued or running."""
         if self._waiting != 1:
             return False
-        return self._oldest()[1].head().idle_at_arrival
+        _, group, rest_first = self._next()
+        return group.head(rest_first).idle_at_arrival
 
     async def _wait_for_companions(self) -> None:
         """Lets the oldest group fill up to its batch limit, for at most max_wait from
         its first request's arrival."""
         assert self._wakeup is not None
-        key, oldest = self._oldest()
-        until = oldest.head().enqueued + self.max_wait
+        key, oldest, rest_first = self._next()
+        until = oldest.head(rest_first).enqueued + self.max_wait
         limit = self._limit(key)
         while len(oldest) < limit and self._groups.get(key) is oldest:  # (all may leave)
             remaining = until - time.monotonic()

@@ -403,13 +403,13 @@ class EmbeddingService(ServiceModule, embed_pb2_grpc.EmbeddingServicer):
             raise InvalidArgument(f"{len(texts)} texts is over the batch limit of {limit}",
                                   field="texts")
         for i, text in enumerate(texts):
+            if len(text) > MAX_TEXT_CHARS:  # first: is_blank reads every character
+                raise InvalidArgument(f"text {i} has {len(text)} characters, over the limit "
+                                      f"of {MAX_TEXT_CHARS}", field=f"texts[{i}]")
             if is_blank(text):
                 raise InvalidArgument(f"text {i} is empty (nothing but spaces or invisible "
                                       "characters)" if text else f"text {i} is empty",
                                       field=f"texts[{i}]")
-            if len(text) > MAX_TEXT_CHARS:
-                raise InvalidArgument(f"text {i} has {len(text)} characters, over the limit "
-                                      f"of {MAX_TEXT_CHARS}", field=f"texts[{i}]")
         vectors = await self.text_batcher.submit(tuple(texts), timeout=timeout)
         if isinstance(vectors, ServiceError):
             raise vectors

@@ -10,9 +10,10 @@ given word. Several unlike pictures, not one: a retrained map can agree with the
 on one picture (the audit met 0.998) while its vectors of photos have moved; the least
 agreement over several pictures of unlike colour, scale and layout follows the photos'.
 
-The pixels are made with integer arithmetic only, so they are the same on every machine
-and with every numpy. They must never change: a record made with other pictures would be
-judged against vectors of these and refused. A test pins their digest.
+The pixels of the seven added pictures are made with integer arithmetic only, so they are
+the same on every machine and with every numpy; the first, the older records' probe, is as
+it always was (a float ramp, rounded). They must never change: a record made with other
+pictures would be judged against vectors of these and refused. A test pins their digest.
 """
 
 from __future__ import annotations

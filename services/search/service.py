@@ -656,12 +656,12 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
     async def SearchByText(self, request: search_pb2.SearchByTextRequest,
                            context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
         k, min_score = self._k(request.k), self._min_score(request)
+        if len(request.text) > MAX_TEXT_CHARS:  # first: is_blank reads every character
+            raise InvalidArgument(f"text has {len(request.text)} characters, over the limit "
+                                  f"of {MAX_TEXT_CHARS}", field="text")
         if is_blank(request.text):
             raise InvalidArgument("text is empty (nothing but spaces or invisible characters)"
                                   if request.text else "text is empty", field="text")
-        if len(request.text) > MAX_TEXT_CHARS:
-            raise InvalidArgument(f"text has {len(request.text)} characters, over the limit "
-                                  f"of {MAX_TEXT_CHARS}", field="text")
         return await self._hits(await self._embedding().embed_text(
             request.text, time_remaining(context)), k, min_score)
 

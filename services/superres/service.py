@@ -17,7 +17,7 @@ from services.common.alpha import ALPHA_FORMATS, fill_transparent, over_white
 from services.common.artifacts import list_artifacts, load_artifact
 from services.common.batching import MicroBatcher
 from services.common.device import choose_device, describe, dtype_name
-from services.common.errors import InvalidArgument, NotFound, shown
+from services.common.errors import InvalidArgument, NotFound, Unimplemented, shown
 from services.common.image_model import TiledImageModel
 from services.common.images import (
     check_output_size,
@@ -75,7 +75,9 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
                                     min_side=MIN_SIDE)
             model.start()
             self.models[name] = model
-        if not self.models:
+        if not self.models and self.config.service == "superres":
+            # a process that serves only this could do nothing, yet report ready (a load
+            # balancer would send it traffic); under `serve all` the others still serve
             raise StartupError(
                 f"no super-resolution artifact under --models-dir {self.config.models_dir}: "
                 "this server would answer every Upscale UNIMPLEMENTED while reporting ready "
@@ -91,7 +93,11 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
                                f"artifacts there: {', '.join(sorted(self.models)) or 'none'}")
         fallback = [n for n in PREFERRED_DEFAULTS if n in self.models] + sorted(self.models)
         self.default = requested or (fallback[0] if fallback else "")
-        if not requested and self.default != PREFERRED_DEFAULTS[0]:
+        if not self.models:
+            log.warning("no super-resolution artifacts: every Upscale is answered "
+                        "UNIMPLEMENTED (NO_MODEL_INSTALLED); the other services serve",
+                        extra={"models_dir": str(self.config.models_dir)})
+        elif not requested and self.default != PREFERRED_DEFAULTS[0]:
             log.warning(f"{PREFERRED_DEFAULTS[0]} is not installed: {self.default} is the "
                         "default model", extra={"models_dir": str(self.config.models_dir)})
         log.info("superres loaded", extra={"device": describe(self.device),
@@ -118,6 +124,9 @@ class SuperResolutionService(ServiceModule, superres_pb2_grpc.SuperResolutionSer
     @unary_errors
     async def Upscale(self, request: superres_pb2.UpscaleRequest,
                       context: grpc.aio.ServicerContext) -> superres_pb2.UpscaleResponse:
+        if not self.models:  # under `serve all` only: `serve superres` does not start
+            raise Unimplemented("no super-resolution model is installed in this server's "
+                                "--models-dir; train one with `percept train superres`")
         if request.scale not in (0, SCALE):
             raise InvalidArgument(f"scale must be {SCALE} (or 0 for the default), "
                                   f"got {request.scale}", field="scale")

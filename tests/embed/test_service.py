@@ -233,6 +233,8 @@ def test_bad_image_in_a_batch_is_named(stub: embed_pb2_grpc.EmbeddingStub,
     # nothing visible: a zero-width space, a byte order mark, a no-break space, a bidi mark
     (["a dog", "\u200b\ufeff\u00a0\u200e"], "text 1 is empty (nothing but spaces or invisible"),
     (["x" * 1001], "over the limit of 1000"),
+    # the length first: whether a text shows anything is read character by character
+    (["\u200b" * 5000], "text 0 has 5000 characters, over the limit of 1000"),
     (["x1 " * 300], "text is 602 word pieces long, over the text encoder's window of 256"),
     (["a dog", "x1 " * 300], "text 1 is 602 word pieces long")])
 def test_bad_texts(stub: embed_pb2_grpc.EmbeddingStub, texts: list[str], message: str) -> None:

@@ -268,15 +268,17 @@ def test_percept_serve_refuses_a_broken_artifact_in_one_line_and_a_wrong_default
     assert "Traceback" not in result.stderr
 
 
-def _load_superres(models: Path, caplog: pytest.LogCaptureFixture) -> tuple[str, list[str]]:
-    """The default a super-resolution service loading ``models`` picks, and its warnings."""
+def _load_superres(models: Path, caplog: pytest.LogCaptureFixture, serve: str = "superres"
+                   ) -> tuple[str, list[str]]:
+    """The default a super-resolution service loading ``models`` picks, and its warnings
+    (in a process started as ``percept serve <serve>``)."""
     import asyncio
 
     from services.superres.service import SuperResolutionService
     from tests.conftest import server_config
 
     async def load() -> str:
-        service = SuperResolutionService(server_config("superres", models_dir=models))
+        service = SuperResolutionService(server_config(serve, models_dir=models))
         await service.load()
         try:
             return service.default
@@ -291,7 +293,8 @@ def _load_superres(models: Path, caplog: pytest.LogCaptureFixture) -> tuple[str,
 def test_a_missing_preferred_default_is_a_warning_and_no_model_at_all_a_refusal(
         models: Path, caplog: pytest.LogCaptureFixture) -> None:
     """superres-perceptual is the default; without it another serves requests that name
-    no model, and the log says which; without any, the server does not start."""
+    no model, and the log says which; without any, `serve superres` does not start, and
+    under `serve all` Upscale is UNIMPLEMENTED while the other services serve."""
     assert _load_superres(models, caplog) == (
         SUPERRES, [f"superres-perceptual is not installed: {SUPERRES} is the default model"])
     caplog.clear()
@@ -299,3 +302,7 @@ def test_a_missing_preferred_default_is_a_warning_and_no_model_at_all_a_refusal(
         shutil.rmtree(models / name)
     with pytest.raises(StartupError, match="no super-resolution artifact under --models-dir"):
         _load_superres(models, caplog)
+    caplog.clear()
+    assert _load_superres(models, caplog, serve="all") == ("", [
+        "no super-resolution artifacts: every Upscale is answered UNIMPLEMENTED "
+        "(NO_MODEL_INSTALLED); the other services serve"])

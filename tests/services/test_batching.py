@@ -149,6 +149,41 @@ def test_a_small_request_goes_ahead_of_the_tiles_of_large_ones() -> None:
                                                              206, 207]
 
 
+def test_a_stream_of_small_requests_does_not_hold_back_a_large_one_for_good() -> None:
+    """Small requests go first, but after SMALL_TURNS_IN_A_ROW batches of them while a
+    larger request waits, the larger one's batch runs: a steady stream of small requests
+    left it waiting until its deadline."""
+    from services.common.batching import SMALL_TURNS_IN_A_ROW
+
+    recorder = Recorder(delay=0.01)
+
+    async def main() -> tuple[list[int], int]:
+        batcher = MicroBatcher("t-bound", recorder, max_batch=4, max_wait_ms=1, max_queue=64)
+        large_done = asyncio.Event()
+
+        async def stream() -> None:
+            while not large_done.is_set():
+                await batcher.submit(1, key="tile")
+
+        streams = [asyncio.ensure_future(stream()) for _ in range(8)]
+        await asyncio.sleep(0.2)  # small requests keep the batcher busy
+        before = len(recorder.batches)
+        try:  # (starved, it would wait for as long as the stream goes on)
+            results = await asyncio.wait_for(asyncio.gather(*(
+                batcher.submit(1000 + i, key="tile", small=False) for i in range(4))), 5)
+        finally:
+            large_done.set()
+            await asyncio.gather(*streams)
+        await batcher.stop()
+        ran_at = next(i for i, b in enumerate(recorder.batches) if 1000 in b)
+        return list(results), ran_at - before
+
+    results, batches_ahead = asyncio.run(main())
+    assert results == [2000, 2002, 2004, 2006]
+    # the batch running when it came, then at most SMALL_TURNS_IN_A_ROW of small ones
+    assert batches_ahead <= SMALL_TURNS_IN_A_ROW + 1
+
+
 def test_full_queue_refuses_at_once() -> None:
     recorder = Recorder()
     recorder.release.clear()  # block the worker so the queue fills

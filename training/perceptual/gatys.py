@@ -212,8 +212,9 @@ def _gaussian_blur(image: Tensor, sigma: float) -> Tensor:
 def generator_seed(seed: int) -> int:
     """The 32-bit seed the noise generator gets for a seed of up to 64 bits. Torch's CPU
     generator (mt19937) keeps only a seed's low 32 bits, so 1 and 1 + 2**32 made the same
-    noise: a seed from 2**32 up is mixed (the splitmix64 finaliser) so that every one of
-    its bits counts. Seeds below 2**32 are kept, and with them their noise."""
+    noise: a seed from 2**32 up is mixed (the splitmix64 finaliser) so that its high bits
+    count too. Seeds below 2**32 are kept, and with them their noise. A 32-bit generator
+    still has 2**32 starts: two seeds share one by chance, not by their low bits."""
     if seed < 2**32:
         return seed
     mask = 2**64 - 1
@@ -226,8 +227,8 @@ def generator_seed(seed: int) -> int:
 def blurred_noise(shape: tuple[int, ...], seed: int, sigma: float = NOISE_BLUR_SIGMA,
                   device: str | torch.device = "cpu") -> Tensor:
     """Uniform noise blurred with a Gaussian (the lecture's starting image), each channel
-    stretched back to [0, 1]. Deterministic for a seed; every bit of a 64-bit seed counts
-    (:func:`generator_seed`)."""
+    stretched back to [0, 1]. Deterministic for a seed; the high bits of a 64-bit seed count
+    too (:func:`generator_seed`)."""
     generator = torch.Generator().manual_seed(generator_seed(seed))
     noise = torch.rand(shape, generator=generator, dtype=torch.float32)
     smooth = _gaussian_blur(noise, sigma)

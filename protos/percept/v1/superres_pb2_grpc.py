@@ -50,10 +50,12 @@ class SuperResolutionServicer:
 
     def Upscale(self, request, context):
         """Upscales one image by 4x. Large images are processed in overlapping tiles, so the
-        server's memory stays bounded at any size. A server without a super-resolution model
-        does not start, so it never answers for want of one.
+        server's memory stays bounded at any size. A process that serves only this service
+        does not start without a super-resolution model.
         Errors, besides those image.proto lists for every RPC and every image field; ErrorInfo
         reasons in capitals:
+        - UNIMPLEMENTED NO_MODEL_INSTALLED: no super-resolution model is installed, in a
+        process that hosts other services too (`percept serve all`); checked first.
         - INVALID_ARGUMENT: scale other than 0 or 4; unknown output_format; quality outside
         0..100, whatever the output format; an image under 8x8 (IMAGE_TOO_SMALL), so
         elongated that it takes more tiles than one request may (IMAGE_TOO_MANY_TILES), or

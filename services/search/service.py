@@ -140,6 +140,13 @@ def recover_index(store: ImageStore, snapshots: Path, dimension: int,
                 f"the snapshot holds the record's changes up to {seq}, but the record's "
                 f"last change is {last}: the record was restored from an older copy, or "
                 "made anew, after the snapshot was taken")
+        pruned = store.pruned_through()
+        if seq < pruned:  # a catch-up needs the changes after seq, and some are gone
+            raise ValueError(
+                f"the snapshot holds the record's changes up to {seq}, but the record's "
+                f"change log was pruned through {pruned}: the snapshot is older than the "
+                "one the log was pruned for (restored from an older copy, or copied "
+                "apart from the record), and the changes in between are gone")
         changed = sorted({image_id for _, image_id, _ in store.changes_since(seq)})
         if changed:
             present = store.get(changed)

@@ -540,16 +540,43 @@ class ImageStore:
         Each chunk of PRUNE_CHUNK_ROWS rows is its own transaction, so writes never wait
         for a whole long log; a crash mid-way leaves only changes the snapshot holds,
         which the next prune deletes. DataDirProblem where the data directory refuses
-        the write (nothing of that chunk deleted)."""
+        the write (nothing of that chunk deleted).
+
+        Each chunk records, in its own transaction, the highest seq deleted so far (meta
+        key 'pruned_through', see ``pruned_through``): a snapshot older than that can no
+        longer be caught up, the changes after it being gone."""
+
+        def prune(cursor: sqlite3.Cursor) -> int:
+            # the chunk is the oldest rows up to ``through``, short of the latest one
+            high = cursor.execute(
+                "SELECT MAX(seq) FROM (SELECT seq FROM changes WHERE seq <= ? "
+                "AND seq < (SELECT MAX(seq) FROM changes) ORDER BY seq LIMIT ?)",
+                (through, PRUNE_CHUNK_ROWS)).fetchone()[0]
+            if high is None:
+                return 0
+            rows = cursor.execute("DELETE FROM changes WHERE seq <= ?", (high,)).rowcount
+            stored = cursor.execute(
+                "SELECT value FROM meta WHERE key='pruned_through'").fetchone()
+            if stored is None or int(stored[0]) < high:  # never lowered
+                cursor.execute("INSERT OR REPLACE INTO meta VALUES ('pruned_through', ?)",
+                               (str(high),))
+            return rows
+
         deleted = 0
         while True:
-            chunk = self._write(lambda cursor: cursor.execute(
-                "DELETE FROM changes WHERE seq IN (SELECT seq FROM changes WHERE seq <= ? "
-                "AND seq < (SELECT MAX(seq) FROM changes) ORDER BY seq LIMIT ?)",
-                (through, PRUNE_CHUNK_ROWS)).rowcount)
+            chunk = self._write(prune)
             deleted += chunk
             if chunk < PRUNE_CHUNK_ROWS:
                 return deleted
+
+    def pruned_through(self) -> int:
+        """The highest seq ``prune_changes`` deleted (0: the log was never pruned, as in
+        a record made before pruning): the changes up to it are gone, so only a snapshot
+        at that seq or later can be caught up from the log."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT value FROM meta WHERE key='pruned_through'").fetchone()
+        return int(row[0]) if row else 0
 
     def count(self) -> int:
         with self._lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -337,6 +338,131 @@ def test_a_crash_between_the_snapshot_and_its_prune_is_recovered(
         assert change_rows(service.store.path) == 1
     finally:
         service.store.close()
+
+
+def _rebuilt(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The reasons of the start's "rebuilding the index from the record" warnings."""
+    return [str(getattr(r, "reason", "")) for r in caplog.records
+            if r.getMessage() == "rebuilding the index from the record"]
+
+
+def _score_of(service: ImageSearchService, image_id: str, query: np.ndarray) -> float:
+    hits = dict(service.index.search(query, len(service.index))[0])
+    return hits[image_id]
+
+
+def test_a_snapshot_older_than_the_pruned_log_is_rebuilt_not_caught_up(
+        data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A snapshot restored from an older copy after a prune: the log lacks the changes
+    between it and the prune point, and a catch-up would keep the old vectors of ids
+    replaced since (the count agrees). The start rebuilds from the images, and says why."""
+    service = open_service(data_dir)
+    images = Images()
+    service._put([images.new(f"p-{i}") for i in range(6)])
+    service._snapshot()
+    assert service.snapshot_seq == 6
+    old_copy = data_dir.parent / "snapshots-backup"
+    shutil.copytree(service.snapshots, old_copy)
+    old = {i: images.live[i] for i in ("p-1", "p-4")}
+    service._put([images.new("p-1")])  # replaced under the same ids
+    service._put([images.new("p-4")])
+    service._snapshot()
+    assert service.snapshot_seq == 8 and service.store.pruned_through() == 7
+    shutil.rmtree(service.snapshots)
+    shutil.copytree(old_copy, service.snapshots)  # the older snapshot, restored
+    with caplog.at_level(logging.INFO, logger="percept.search"):
+        service = restart(service)
+    try:
+        assert _rebuilt(caplog) == [
+            "the snapshot holds the record's changes up to 6, but the record's change log "
+            "was pruned through 7: the snapshot is older than the one the log was pruned "
+            "for (restored from an older copy, or copied apart from the record), and the "
+            "changes in between are gone"]
+        assert service.snapshot_seq == service.store.last_seq() == 8
+        for image_id, before in old.items():  # its new vector, not the one replaced
+            now = images.live[image_id]
+            assert _score_of(service, image_id, now) == pytest.approx(1.0, abs=1e-5)
+            assert _score_of(service, image_id, before) < 0.99
+        assert_index_holds(service, images)
+    finally:
+        service.store.close()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="percept.search"):
+        service = open_service(data_dir)  # the rebuilt snapshot is caught up from again
+    try:
+        assert service.snapshot_seq == 8 and not _rebuilt(caplog)
+        assert_index_holds(service, images)
+    finally:
+        service.store.close()
+
+
+@pytest.mark.parametrize("written_before_the_prune", [False, True])
+def test_a_snapshot_at_the_prune_point_is_caught_up_not_rebuilt(
+        data_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        written_before_the_prune: bool) -> None:
+    """The snapshot a prune was made for is caught up from at every start: pruned through
+    its seq less one (the latest row kept), or through its seq exactly where writes came
+    between the save and the prune."""
+    service = open_service(data_dir)
+    images = Images()
+    service._put([images.new(f"q-{i}") for i in range(8)])
+    with monkeypatch.context() as late:
+        late.setattr(search_service, "prune_changes", lambda store, seq: None)
+        service._snapshot()
+    snapshot = service.snapshot_seq
+    if written_before_the_prune:
+        service._put([images.new("q-2"), images.new("q-9")])
+        service._delete([images.gone("q-5")])
+    search_service.prune_changes(service.store, snapshot)
+    assert service.store.pruned_through() == (
+        snapshot if written_before_the_prune else snapshot - 1)
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="percept.search"):
+            service = restart(service)
+        assert service.snapshot_seq == snapshot and not _rebuilt(caplog)
+        assert_index_holds(service, images)
+    service.store.close()
+
+
+def test_a_record_never_pruned_opens_and_catches_up_as_before(
+        data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A record made before pruning has no 'pruned_through': its snapshot, however old,
+    is caught up from the whole log; the first prune then records how far it went."""
+    images, snapshot = _old_format_record(data_dir)
+    with caplog.at_level(logging.INFO, logger="percept.search"):
+        service = open_service(data_dir)
+    try:
+        assert service.store.pruned_through() == 0
+        assert service.snapshot_seq == snapshot and not _rebuilt(caplog)
+        assert_index_holds(service, images)
+        last = service.store.last_seq()
+        service._snapshot()
+        assert service.store.pruned_through() == last - 1
+    finally:
+        service.store.close()
+
+
+def test_the_prune_point_is_recorded_with_each_chunk_and_never_lowered(
+        data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(search_store, "PRUNE_CHUNK_ROWS", 4)
+    store = ImageStore(data_dir / "images.sqlite3", DIMENSION)
+    try:
+        images = Images()
+        for i in range(20):
+            store.put_many([images.new(f"s-{i}")])
+        assert store.pruned_through() == 0
+        with monkeypatch.context() as crash:
+            crash.setattr(store, "_write", _failing_after(2, store._write)[0])
+            with pytest.raises(sqlite3.OperationalError):
+                store.prune_changes(15)
+        assert store.pruned_through() == 8  # the two chunks committed, and no further
+        assert store.prune_changes(15) == 7 and store.pruned_through() == 15
+        assert store.prune_changes(10) == 0 and store.pruned_through() == 15
+        assert store.prune_changes(30) == 4 and store.pruned_through() == 19
+        assert store.last_seq() == 20
+    finally:
+        store.close()
 
 
 # -- through a real search server on loopback ----------------------------------------------

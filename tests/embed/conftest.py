@@ -18,6 +18,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from percept.v1 import embed_pb2_grpc
+from services import client
+from services.common.server import RunningServer, start_in_thread
 from services.embed.word_vectors import (
     TextEncoder,
     build_noun_vectors,
@@ -25,6 +28,7 @@ from services.embed.word_vectors import (
     noun_vectors_path,
 )
 from services.embed.wordnet import NounVocabulary, load_vocabulary
+from tests.conftest import server_config
 
 DOG = "n02084071"
 GOLDEN_RETRIEVER = "n02099601"
@@ -51,6 +55,19 @@ def vocab() -> NounVocabulary:
 @pytest.fixture(scope="session")
 def encoder() -> Iterator[TextEncoder]:
     yield TextEncoder(batch_size=128)
+
+
+@pytest.fixture(scope="module")
+def embed_server() -> Iterator[RunningServer]:
+    """A real Embedding server on the committed models, one per test module."""
+    running = start_in_thread(server_config("embed", max_batch=8, max_wait_ms=20), timeout=900)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(embed_server: RunningServer) -> embed_pb2_grpc.EmbeddingStub:
+    return embed_pb2_grpc.EmbeddingStub(client.connect(embed_server.target))
 
 
 def subset_rows(vocab: NounVocabulary, extra: int = SUBSET_RANDOM, seed: int = 0) -> np.ndarray:

@@ -6,18 +6,17 @@ NounVocabulary.hyponym_rows); the labels are the same as with the uncached closu
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import grpc
 import numpy as np
 import pytest
 
 from percept.v1 import embed_pb2, embed_pb2_grpc
-from services import client
-from services.common.server import RunningServer, start_in_thread
+from services.common.server import RunningServer
 from services.embed.service import EmbeddingService
 from services.embed.wordnet import HYPONYM_ROWS_CACHE_SIZE, NounVocabulary, load_vocabulary
-from tests.conftest import encode, server_config
+from tests.conftest import encode
 
 ENTITY = "n00001740"  # the root: all 82,115 nouns
 ANIMAL = "n00015388"
@@ -30,18 +29,6 @@ WNIDS = [ENTITY, ANIMAL, DOG, FELINE, GOLDEN_RETRIEVER]
 @pytest.fixture(scope="module")
 def vocab() -> NounVocabulary:
     return load_vocabulary()
-
-
-@pytest.fixture(scope="module")
-def embed_server() -> Iterator[RunningServer]:
-    running = start_in_thread(server_config("embed", max_batch=8, max_wait_ms=20), timeout=900)
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def stub(embed_server: RunningServer) -> embed_pb2_grpc.EmbeddingStub:
-    return embed_pb2_grpc.EmbeddingStub(client.connect(embed_server.target))
 
 
 def _service(running: RunningServer) -> EmbeddingService:

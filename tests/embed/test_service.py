@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -24,20 +23,8 @@ CATS = {"n02123045", "n02123159", "n02124075", "n02121808", "n02121620", "n02123
 
 
 @pytest.fixture(scope="module")
-def embed_server() -> Iterator[RunningServer]:
-    running = start_in_thread(server_config("embed", max_batch=8, max_wait_ms=20), timeout=900)
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
 def vocab() -> NounVocabulary:
     return NounVocabulary.from_file()
-
-
-@pytest.fixture(scope="module")
-def stub(embed_server: RunningServer) -> embed_pb2_grpc.EmbeddingStub:
-    return embed_pb2_grpc.EmbeddingStub(client.connect(embed_server.target))
 
 
 def label(stub: embed_pb2_grpc.EmbeddingStub, image: bytes, **fields: object

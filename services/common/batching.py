@@ -37,12 +37,12 @@ from typing import Any, Generic, TypeVar
 from services.common.errors import Busy, DeadlineExceeded
 from services.common.metrics import (
     BATCH_SIZE,
-    DEADLINE_SLACK_SECONDS,
     QUEUE_DEPTH,
     REJECTED,
     Call,
     count_dropped,
     current_call,
+    ran_out_of_time,
 )
 
 #: A busy answer's retry pushback (milliseconds): about one batch's time, the time a place
@@ -75,9 +75,8 @@ class _Pending(Generic[In]):
         """Why a request whose caller left was dropped: ``deadline`` when it left at (or
         within DEADLINE_SLACK_SECONDS of) its deadline, as gRPC cancels a handler whose
         deadline passed and the client's own timer fires a moment before the server's."""
-        if self.deadline is not None and now >= self.deadline - DEADLINE_SLACK_SECONDS:
-            return "deadline"
-        return "cancelled"
+        remaining = None if self.deadline is None else self.deadline - now
+        return "deadline" if ran_out_of_time(remaining) else "cancelled"
 
 
 #: Batches in a row a batcher takes from small requests while larger ones wait; the next

@@ -63,12 +63,12 @@ from services.common.errors import (
 from services.common.logs import configure_logging
 from services.common.malformed import MalformedRequests
 from services.common.metrics import (
-    DEADLINE_SLACK_SECONDS,
     INFRASTRUCTURE_SERVICES,
     REJECTED,
     CallWithoutRequest,
     MetricsInterceptor,
     MetricsServers,
+    ran_out_of_time,
     start_metrics_server,
 )
 from services.common.request_ids import current_request_id, with_request_id
@@ -575,8 +575,7 @@ def _log_ended(call: _WorkCall, ended: BaseException) -> None:
                         request_id=call.request_id)
         return
     remaining = call.context.time_remaining()
-    code = (grpc.StatusCode.DEADLINE_EXCEEDED
-            if remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
+    code = (grpc.StatusCode.DEADLINE_EXCEEDED if ran_out_of_time(remaining)
             else grpc.StatusCode.CANCELLED)
     log_failed_call(call.method, code, request_id=call.request_id)
 

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from percept.v1 import search_pb2, search_pb2_grpc
-from tests.conftest import encode
+from services.common.server import start_in_thread
+from tests.conftest import encode, server_config
+
+
+@pytest.fixture(scope="module")
+def embed_target() -> Iterator[str]:
+    """One Embedding service for a test module's search servers (`--embed-target`, as the
+    Kubernetes deployment runs them): each of them, and each restart, then loads no
+    models of its own (2.6 instead of 9 s on 2 cores); the crashes under test are the
+    search process's."""
+    running = start_in_thread(server_config("embed"), timeout=900)
+    yield running.target
+    running.stop()
 
 
 def photo_variants(count: int, seed: int = 0) -> list[bytes]:

@@ -23,13 +23,11 @@ import pytest
 from percept.v1 import search_pb2, search_pb2_grpc
 from services import client
 from services.common.config import ServerConfig
-from services.common.server import start_in_thread
 from services.search import service as search_service
 from services.search import store as search_store
 from services.search.service import ImageSearchService, recover_index
 from services.search.store import ImageStore
 from services.search.vector_index import IndexSettings, VectorIndex
-from tests.conftest import server_config
 from tests.search.conftest import add, add_requests, photo_variants
 from tests.search.test_data_dir_faults import search_module, start_search
 
@@ -466,13 +464,6 @@ def test_the_prune_point_is_recorded_with_each_chunk_and_never_lowered(
 
 
 # -- through a real search server on loopback ----------------------------------------------
-@pytest.fixture(scope="module")
-def embed_target() -> Iterator[str]:
-    running = start_in_thread(server_config("embed"), timeout=900)
-    yield running.target
-    running.stop()
-
-
 def _snapshot(running: Any) -> None:
     """A periodic snapshot of the running server (the same code as the final one)."""
     asyncio.run_coroutine_threadsafe(search_module(running).snapshot(), running.loop).result(60)

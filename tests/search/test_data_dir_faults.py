@@ -284,15 +284,6 @@ def test_a_failed_snapshot_leaves_nothing_behind(tmp_path: Path,
 
 
 # -- the service, over gRPC ----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def embed_target() -> Iterator[str]:
-    """One Embedding service for the module's search servers (--embed-target): each of
-    them then starts in seconds."""
-    running = start_in_thread(server_config("embed"), timeout=900)
-    yield running.target
-    running.stop()
-
-
 def start_search(data_dir: Path, embed_target: str) -> RunningServer:
     return start_in_thread(server_config("search", data_dir=data_dir,
                                          embed_target=embed_target), timeout=900)

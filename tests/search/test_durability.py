@@ -17,20 +17,9 @@ import pytest
 
 from percept.v1 import search_pb2, search_pb2_grpc
 from services import client
-from services.common.server import start_in_thread
 from services.search.vector_index import IndexSettings
-from tests.conftest import REPO, free_port, server_config
+from tests.conftest import REPO, free_port
 from tests.search.conftest import add_requests, photo_variants
-
-
-@pytest.fixture(scope="module")
-def embed_target() -> Iterator[str]:
-    """One Embedding service for the module's search processes (`--embed-target`, as the
-    Kubernetes deployment runs them): each restart then loads no models of its own, 2.6
-    instead of 9 s on 2 cores. The crashes under test are the search process's."""
-    running = start_in_thread(server_config("embed"), timeout=900)
-    yield running.target
-    running.stop()
 
 
 class SearchProcess:

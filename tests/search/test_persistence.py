@@ -29,14 +29,14 @@ from prometheus_client import REGISTRY
 
 from percept.v1 import search_pb2, search_pb2_grpc
 from services import client
-from services.common.server import StartupError, start_in_thread
+from services.common.server import StartupError
 from services.search import service as search_service
 from services.search import store as search_store
 from services.search import vector_index
 from services.search.service import recover_index
 from services.search.store import ImageStore, recorded_dimension
 from services.search.vector_index import IndexSettings, VectorIndex, disk_bytes
-from tests.conftest import REPO, server_config
+from tests.conftest import REPO
 from tests.search.conftest import add, add_requests, photo_variants
 from tests.search.test_data_dir_faults import search_module, start_search, start_then_stop
 
@@ -80,13 +80,6 @@ def test_a_catch_up_over_more_ids_than_sqlite_takes_at_once_is_read_in_chunks(
 
 
 # -- 2: a catch-up is saved by the next snapshot -------------------------------------------
-@pytest.fixture(scope="module")
-def embed_target() -> Iterator[str]:
-    running = start_in_thread(server_config("embed"), timeout=900)
-    yield running.target
-    running.stop()
-
-
 @pytest.fixture(scope="module")
 def images() -> list[bytes]:
     return photo_variants(6, seed=47)

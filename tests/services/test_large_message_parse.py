@@ -140,17 +140,22 @@ def test_a_large_message_that_does_not_parse_is_invalid_argument(
     size = channel.unary_unary(f"/{SERVICE}/Size")
     with pytest.raises(grpc.RpcError) as error:
         size(truncated, timeout=30, metadata=[(REQUEST_ID_KEY, "large-malformed")])
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert error.value.details().startswith(  # type: ignore[attr-defined]
-        f"the request is not a valid percept.v1.UpscaleRequest message ({len(truncated)} "
-        "bytes): ")
-    assert _reason(error.value) == "MALFORMED_REQUEST"
-    trailers = error.value.trailing_metadata()  # type: ignore[attr-defined]
-    assert (REQUEST_ID_KEY, "large-malformed") in trailers
+    _assert_malformed(error.value, truncated, "large-malformed")
     [(thread, _, _)] = module.parser.seen
     assert thread is not running.thread
     # and the server goes on serving
     assert size(_message(SMALL), timeout=30) == str(SMALL - 8).encode()
+
+
+def _assert_malformed(error: grpc.RpcError, message: bytes, request_id: str) -> None:
+    """``error`` is the MALFORMED_REQUEST answer to the UpscaleRequest bytes ``message``,
+    with the call's request id."""
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert error.details().startswith(  # type: ignore[attr-defined]
+        f"the request is not a valid percept.v1.UpscaleRequest message ({len(message)} "
+        "bytes): ")
+    assert _reason(error) == "MALFORMED_REQUEST"
+    assert (REQUEST_ID_KEY, request_id) in error.trailing_metadata()  # type: ignore[attr-defined]
 
 
 def _varint(value: int) -> bytes:
@@ -172,10 +177,4 @@ def test_a_large_upscale_request_that_does_not_parse_is_invalid_argument(
         upscale = channel.unary_unary("/percept.v1.SuperResolution/Upscale")
         with pytest.raises(grpc.RpcError) as error:
             upscale(truncated, timeout=60, metadata=[(REQUEST_ID_KEY, "large-upscale")])
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert error.value.details().startswith(  # type: ignore[attr-defined]
-        f"the request is not a valid percept.v1.UpscaleRequest message ({len(truncated)} "
-        "bytes): ")
-    assert _reason(error.value) == "MALFORMED_REQUEST"
-    trailers = error.value.trailing_metadata()  # type: ignore[attr-defined]
-    assert (REQUEST_ID_KEY, "large-upscale") in trailers
+    _assert_malformed(error.value, truncated, "large-upscale")

@@ -55,6 +55,9 @@ TARGETS: tuple[Target, ...] = (
     Target("cluster", K8S_DIR / "cluster", "gpu", kind="cluster"),
     Target("overlays/gpu", K8S_DIR / "overlays" / "gpu", "gpu"),
     Target("overlays/cpu", K8S_DIR / "overlays" / "cpu", "cpu"),
+    # overlays/gpu with the optional components/tls (mutual TLS, probes on the plaintext
+    # health port): the component checked where it is used, on the whole stack.
+    Target("overlays/gpu-tls", K8S_DIR / "overlays" / "gpu-tls", "gpu"),
     Target(
         "jobs/train-superres",
         K8S_DIR / "jobs" / "train-superres",

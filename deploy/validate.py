@@ -1,7 +1,8 @@
 """Validate percept's Kubernetes deployment offline: `.venv/bin/python deploy/validate.py`.
 
-Renders every kustomize target (deploy/k8s/cluster, overlays/gpu, overlays/cpu, the
-training Job and the optional components/podmonitor) with the venv's `kubectl kustomize`,
+Renders every kustomize target (deploy/k8s/cluster, overlays/gpu, overlays/cpu,
+overlays/gpu-tls (overlays/gpu with the optional components/tls), the training Job and the
+optional components/podmonitor) with the venv's `kubectl kustomize`,
 validates each object against the bundled Kubernetes JSON schemas in strict mode
 (kubernetes-validate; the PodMonitor against our own schema, deploy/crds.py), loads it
 into the `kubernetes` client's typed models, runs the policy checks of deploy/policy/

@@ -11,8 +11,9 @@ STAMP=$VENV/.percept-setup
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
 # 1. Debian packages: headers pillow-simd compiles against (JPEG, zlib, WebP, TIFF, FreeType,
-#    and littlecms for colour management: CIELAB images, ICC profiles).
-APT_PKGS="libjpeg-dev zlib1g-dev libwebp-dev libtiff-dev libfreetype-dev liblcms2-dev"
+#    and littlecms for colour management: CIELAB images, ICC profiles), and openssl, whose
+#    certificate recipe in deploy/README.md a test runs.
+APT_PKGS="libjpeg-dev zlib1g-dev libwebp-dev libtiff-dev libfreetype-dev liblcms2-dev openssl"
 missing=""
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

@@ -86,6 +86,48 @@ def _add_target(parser: argparse.ArgumentParser, service: str) -> None:
                              f"localhost:{SERVICE_PORTS[service]} (the local cluster), "
                              "whichever answers)")
     parser.set_defaults(service_for_target=service)
+    _add_tls(parser)
+
+
+#: The client's TLS flags: (flag, ClientTls field, environment variable, help).
+_TLS_FLAGS = (
+    ("--tls-ca", "ca", "PERCEPT_TLS_CA", "PEM CA certificates that verify the server's TLS "
+     "certificate (turns TLS on)"),
+    ("--tls-client-cert", "cert", "PERCEPT_TLS_CLIENT_CERT", "PEM client certificate, for a "
+     "server that requires one (mutual TLS: its --tls-client-ca); with --tls-client-key"),
+    ("--tls-client-key", "key", "PERCEPT_TLS_CLIENT_KEY", "PEM private key of "
+     "--tls-client-cert"),
+    ("--tls-server-name", "server_name", "PERCEPT_TLS_SERVER_NAME", "the name to expect in "
+     "the server's certificate, where the target's host is not one it lists (an IP address)"),
+)
+
+
+def _add_tls(parser: argparse.ArgumentParser) -> None:
+    """The TLS flags of a command that calls a server (plaintext without any)."""
+    parser.add_argument("--tls", action="store_true", default=None,
+                        help="TLS, verifying the server with gRPC's bundled public CA roots "
+                             "($GRPC_DEFAULT_SSL_ROOTS_FILE_PATH replaces them; env "
+                             "PERCEPT_TLS=1); "
+                             "any --tls-* flag below turns TLS on too")
+    for flag, _, env, text in _TLS_FLAGS:
+        parser.add_argument(flag, default=None, help=f"{text} (env {env})",
+                            metavar="NAME" if flag == "--tls-server-name" else "FILE")
+
+
+def _client_tls(args: argparse.Namespace) -> None:
+    """Makes the command's TLS flags, each over its environment variable, how it reaches
+    servers; UsageError for a client certificate without its key or the other way round."""
+    if not hasattr(args, "tls_ca"):
+        return
+    from services.common.tls import TRUTHY, ClientTls, TlsError
+
+    values = {field: getattr(args, flag[2:].replace("-", "_")) or os.environ.get(env, "")
+              for flag, field, env, _ in _TLS_FLAGS}
+    tls = bool(args.tls) or os.environ.get("PERCEPT_TLS", "").strip().lower() in TRUTHY
+    try:
+        client.use_tls(ClientTls.of(**values, tls=tls))
+    except TlsError as error:
+        raise UsageError(f"{error} (--tls-client-cert, --tls-client-key)") from error
 
 
 class _Unreachable(grpc.RpcError):
@@ -152,7 +194,7 @@ def _nothing_at(target: str, timeout: float) -> bool:
     try:
         client.health_status(client.connect(target), "", timeout)
     except grpc.RpcError as error:
-        return error.code() == grpc.StatusCode.UNAVAILABLE
+        return client.absent(error)
     return False
 
 
@@ -200,8 +242,8 @@ def cmd_health(args: argparse.Namespace) -> int:
         try:
             status = client.health_status(client.connect(local), service, timeout)
         except grpc.RpcError as error:
-            status = f"{error.code().name}: {error.details()}"
-        print(f"{service} at {local}: {status}")
+            status = client.failure_text(error)
+        print(printable(f"{service} at {local}: {status}"))
         worst = max(worst, 0 if status == "SERVING" else 1)
     return worst
 
@@ -218,8 +260,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         try:
             answers.append((target, client.server_info(client.connect(target), timeout)))
         except grpc.RpcError as error:
-            print(printable(f"{target}: {error.code().name}: {error.details()}"),
-                  file=sys.stderr)
+            print(printable(f"{target}: {client.failure_text(error)}"), file=sys.stderr)
             failed = 1
     if args.json:
         print(json.dumps({"servers": [
@@ -1116,6 +1157,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "50051..50054)")
     health.add_argument("--service", default="", help="fully-qualified service name; '' = all")
     health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    _add_tls(health)
     health.set_defaults(handler=cmd_health)
 
     info = sub.add_parser("info", help="what a server hosts: its services, models (name, "
@@ -1124,6 +1166,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="host:port (default: as `percept health` finds the servers)")
     info.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     info.add_argument("--json", action="store_true", help="print JSON")
+    _add_tls(info)
     info.set_defaults(handler=cmd_info)
 
     upscale = sub.add_parser("upscale", help="4x super-resolution of IN into OUT")
@@ -1267,7 +1310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command_line = " ".join(["percept", *(shlex.quote(a) for a in arguments)])
     handler: Handler = getattr(args, "handler", None) or args.func
     writes_outputs = args.command in ("upscale", "stylize")
+    from services.common.tls import TlsError
+
     try:
+        _client_tls(args)
         with sigterm_raises() if writes_outputs else contextlib.nullcontext():
             return handler(args)
     except grpc.RpcError as error:
@@ -1284,8 +1330,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"cluster's: localhost:{SERVICE_PORTS[service]})?"
                      if service and address else "")
             details = f"{details} (the server does not serve this call{where})"
-        print(printable(f"{name}: {details}"), file=sys.stderr)
+        hint = client.tls_hint(error)
+        print(printable(f"{name}: {details}" + (f" ({hint})" if hint else "")),
+              file=sys.stderr)
         return 1
+    except TlsError as error:
+        print(printable(f"error: {error}"), file=sys.stderr)
+        return 2
     except RetriedTooLong as error:
         print(printable(str(error)), file=sys.stderr)
         return 1

@@ -22,7 +22,9 @@ from percept.v1 import (
     superres_pb2,
     superres_pb2_grpc,
 )
+from services.common.channels import open_channel
 from services.common.config import SERVICE_PORTS
+from services.common.tls import ClientTls, connection_hint
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: The largest image file the CLI sends: one request must fit :data:`MAX_MESSAGE_BYTES`,
@@ -48,14 +50,39 @@ def local_targets(service: str) -> dict[str, str]:
             f"localhost:{SERVICE_PORTS[service]}": f"the local cluster's {service} service"}
 
 
+def tls_hint(error: grpc.RpcError) -> str:
+    """What to change where ``error`` is a TLS handshake that failed (a plaintext client
+    of a TLS server, an unknown CA, ...), for :func:`default_tls`; "" otherwise."""
+    code = error.code() if hasattr(error, "code") else None
+    if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
+        return ""
+    details = error.details() if hasattr(error, "details") else ""
+    return connection_hint(details or "", default_tls())
+
+
+def failure_text(error: grpc.RpcError) -> str:
+    """``CODE: details`` of a failed call, with :func:`tls_hint` where there is one."""
+    code = error.code() if hasattr(error, "code") else None
+    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    details = error.details() if hasattr(error, "details") else str(error)
+    hint = tls_hint(error)
+    return f"{name}: {details}" + (f" ({hint})" if hint else "")
+
+
+def absent(error: grpc.RpcError) -> bool:
+    """Whether a failed health check says nothing listens there: UNAVAILABLE, but not a
+    TLS handshake that failed (a server is there, spoken to the wrong way)."""
+    return error.code() == grpc.StatusCode.UNAVAILABLE and not tls_hint(error)
+
+
 def listening(channel: grpc.Channel, timeout: float = PROBE_TIMEOUT_SECONDS) -> bool:
     """Whether a server listens on ``channel``: a health check that is not UNAVAILABLE
-    (a refused connection fails at once; a server that is slow to answer, or has no health
-    service, is there all the same)."""
+    (a refused connection fails at once; a server that is slow to answer, has no health
+    service, or refuses this client's TLS settings, is there all the same)."""
     try:
         health_status(channel, timeout=timeout)
     except grpc.RpcError as error:
-        return error.code() != grpc.StatusCode.UNAVAILABLE
+        return not absent(error)
     return True
 
 
@@ -71,14 +98,32 @@ def find_local_server(service: str, timeout: float = PROBE_TIMEOUT_SECONDS
     return None
 
 
-def connect(target: str) -> grpc.Channel:
-    """An insecure channel with percept's message-size limits and round-robin balancing
-    (a ``dns:///`` target over a headless Kubernetes Service spreads requests over pods)."""
-    return grpc.insecure_channel(target, options=[
+#: How :func:`connect` reaches servers when not told (:func:`use_tls`); None: from the
+#: environment (``PERCEPT_TLS_*``, :meth:`ClientTls.from_environment`).
+_default_tls: ClientTls | None = None
+
+
+def use_tls(tls: ClientTls | None) -> None:
+    """Makes ``tls`` how :func:`connect` reaches servers from now on (the CLI's flags);
+    None goes back to the environment's."""
+    global _default_tls
+    _default_tls = tls
+
+
+def default_tls() -> ClientTls:
+    return _default_tls if _default_tls is not None else ClientTls.from_environment()
+
+
+def connect(target: str, tls: ClientTls | None = None) -> grpc.Channel:
+    """A channel with percept's message-size limits and round-robin balancing (a
+    ``dns:///`` target over a headless Kubernetes Service spreads requests over pods):
+    plaintext, or TLS as ``tls`` (default: :func:`default_tls`) says; TlsError when its
+    files cannot be used."""
+    return open_channel(target, [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.lb_policy_name", "round_robin"),
-    ])
+    ], tls if tls is not None else default_tls())
 
 
 def format_for_path(path: str | Path) -> int:

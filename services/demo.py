@@ -18,6 +18,7 @@ from PIL import Image
 
 from percept.v1 import search_pb2, style_pb2
 from services import client
+from services.common.tls import ClientTls
 from services.contact_sheet import contact_sheet
 
 # scikit-image's bundled photos: small, real, and installed with the package.
@@ -74,15 +75,17 @@ def _step(report: DemoReport, name: str, action: Callable[[], None]) -> None:
 
 
 def run_demo(out_dir: Path, targets: Mapping[str, str], *,
-             gatys_iterations: int | None = None, gatys_size: int = 128) -> DemoReport:
-    """Runs every demo step against ``targets`` (service -> host:port)."""
+             gatys_iterations: int | None = None, gatys_size: int = 128,
+             tls: ClientTls | None = None) -> DemoReport:
+    """Runs every demo step against ``targets`` (service -> host:port), over ``tls``
+    (default: as ``PERCEPT_TLS_*`` say, :func:`client.default_tls`)."""
     report = DemoReport()
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = write_samples(out_dir)
     cat = samples["cat"]
     report.pictures.append(("content", cat))
     iterations = gatys_iterations or int(os.environ.get("PERCEPT_DEMO_ITERATIONS", "100"))
-    channels = {name: client.connect(target) for name, target in targets.items()}
+    channels = {name: client.connect(target, tls) for name, target in targets.items()}
 
     def info() -> None:
         # one line per server process (the local cluster runs one per service)

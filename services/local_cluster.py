@@ -15,7 +15,11 @@ import grpc
 
 from services import client
 from services.common.config import SERVICE_PORTS, SERVICES
+from services.common.tls import ClientTls
 from training.assets import REPO_ROOT
+
+#: The local cluster's servers speak plaintext on loopback, whatever PERCEPT_TLS_* say.
+PLAINTEXT = ClientTls()
 
 
 def _port_in_use(port: int) -> bool:
@@ -67,7 +71,7 @@ def wait_until_serving(processes: dict[str, subprocess.Popen[bytes]], log_dir: P
                 raise RuntimeError(f"{name} exited with {processes[name].returncode}:\n{log}")
             try:
                 target = f"localhost:{SERVICE_PORTS[name]}"
-                if client.health_status(client.connect(target), timeout=1) == "SERVING":
+                if client.health_status(client.connect(target, PLAINTEXT), timeout=1) == "SERVING":
                     print(f"  {name:9s} SERVING on {target} "
                           f"(metrics :{SERVICE_PORTS[name] + 9100 - 50050})", flush=True)
                     pending.discard(name)
@@ -104,7 +108,8 @@ def run_local_cluster(out_dir: Path, demo: bool = True, keep_serving: bool = Tru
         if demo:
             from services.demo import run_demo
 
-            report = run_demo(out_dir, {n: f"localhost:{SERVICE_PORTS[n]}" for n in SERVICES})
+            report = run_demo(out_dir, {n: f"localhost:{SERVICE_PORTS[n]}" for n in SERVICES},
+                              tls=PLAINTEXT)
             code = 1 if report.failures else 0
         if keep_serving:
             print("serving; try `percept stylize IN OUT --style-image S`. Ctrl-C stops.",

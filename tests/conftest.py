@@ -21,6 +21,11 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from services.common.config import ServerConfig
 from services.common.server import RunningServer, start_in_thread
 
+# the client's TLS settings (services/common/tls.py ClientTls.from_environment) of the
+# shell that runs the tests would turn every test client's channel to TLS
+for _name in [name for name in os.environ if name.startswith("PERCEPT_TLS")]:
+    del os.environ[_name]
+
 REPO = Path(__file__).resolve().parent.parent
 # The style_server's tile side (the service's default, --style-tile, is 1088).
 STYLE_TEST_TILE = 576

@@ -117,6 +117,13 @@ SERVER_FLAGS = (
     "search-ann-threshold",
     "search-nprobe",
     "search-ef-search",
+    "tls-cert",
+    "tls-key",
+    "tls-client-ca",
+    "health-port",
+    "embed-tls-ca",
+    "embed-tls-cert",
+    "embed-tls-key",
 )
 #: flags the server ConfigMap must set explicitly.
 REQUIRED_CONFIG = (
@@ -137,8 +144,17 @@ POSITIVE_INT_FLAGS = (
     "PERCEPT_MAX_ITERATIONS",
     "PERCEPT_MAX_OPTIMISATIONS",
 )
-NON_NEGATIVE_INT_FLAGS = ("PERCEPT_METRICS_PORT",)
+NON_NEGATIVE_INT_FLAGS = ("PERCEPT_METRICS_PORT", "PERCEPT_HEALTH_PORT")
 NON_NEGATIVE_FLOAT_FLAGS = ("PERCEPT_MAX_WAIT_MS", "PERCEPT_DRAIN_SECONDS")
+#: TLS (deploy/k8s/components/tls): the server's certificate, key and client CA, and
+#: search's CA, client certificate and key towards embed; each names a PEM file
+SERVER_TLS_ENV = ("PERCEPT_TLS_CERT", "PERCEPT_TLS_KEY", "PERCEPT_TLS_CLIENT_CA")
+EMBED_TLS_ENV = ("PERCEPT_EMBED_TLS_CA", "PERCEPT_EMBED_TLS_CERT", "PERCEPT_EMBED_TLS_KEY")
+TLS_FILE_ENV = SERVER_TLS_ENV + EMBED_TLS_ENV
+#: the port components/tls has every server answer grpc.health.v1 on in plaintext
+#: (PERCEPT_HEALTH_PORT, container port `health`), for the kubelet's probes, which speak no
+#: TLS; the policies check what the manifests set, not this number
+HEALTH_PORT = 50060
 #: cache and home directories that must be writable under a read-only root filesystem.
 WRITABLE_ENV = ("HOME", "TORCH_HOME", "TORCHINDUCTOR_CACHE_DIR")
 OPTIONAL_WRITABLE_ENV = (
@@ -362,6 +378,18 @@ def effective_env(bundle: Bundle, container: Any) -> dict[str, str]:
         else:
             env.setdefault(var.name, "")
     return env
+
+
+def serves_tls(env: dict[str, str]) -> bool:
+    """Whether a server with this environment serves gRPC over TLS (PERCEPT_TLS_CERT)."""
+    return bool(env.get("PERCEPT_TLS_CERT"))
+
+
+def health_port(env: dict[str, str]) -> int | None:
+    """The plaintext health port a server's PERCEPT_HEALTH_PORT turns on; None when it is
+    unset, 0 (off) or not a number."""
+    raw = env.get("PERCEPT_HEALTH_PORT", "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else None
 
 
 def parse_quantity(value: Any) -> Decimal:

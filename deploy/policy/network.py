@@ -115,7 +115,9 @@ def check_network_policy(bundle: Bundle) -> list[str]:
     port (also when the percept namespace itself carries the client label); namespaces
     labelled percept.io/client=true may reach the gRPC ports of superres/style/embed/search
     only, and an unlabelled namespace nothing; the monitoring namespace may scrape every
-    metrics port."""
+    metrics port; any other port (the plaintext health port of components/tls) no pod or
+    namespace may reach: the kubelet probes it from the pod's own node, which
+    NetworkPolicy always admits."""
     failures = []
     policies = bundle.of_kind("NetworkPolicy")
     ns = bundle.namespace

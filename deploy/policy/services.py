@@ -8,6 +8,7 @@ from typing import Any
 
 from deploy.objects import Resource
 from deploy.policy.model import (
+    EMBED_TLS_ENV,
     SERVICES,
     Bundle,
     all_containers,
@@ -20,6 +21,7 @@ from deploy.policy.model import (
     selector_is_empty,
     selector_matches,
     server_container,
+    serves_tls,
     serving_workloads,
 )
 
@@ -224,7 +226,10 @@ def check_search_statefulset(bundle: Bundle) -> list[str]:
     volumeClaimTemplate mounted at its PERCEPT_DATA_DIR and retained on delete, no GPU,
     and PERCEPT_EMBED_TARGET = dns:///embed:<embed grpc>: the headless embed Service by
     its short name, which the pod's DNS search path (dnsPolicy ClusterFirst) resolves in
-    its own namespace and cluster domain, whatever they are."""
+    its own namespace and cluster domain, whatever they are. Its channel to embed speaks
+    what embed serves: with embed on TLS, PERCEPT_EMBED_TLS_CA (and, where embed requires
+    client certificates, PERCEPT_EMBED_TLS_CERT and _KEY); with embed on plaintext, none
+    of them."""
     failures = []
     found = [w for w in bundle.workloads if app_name(w) == "search"]
     if len(found) != 1 or found[0].kind != "StatefulSet":
@@ -291,6 +296,37 @@ def check_search_statefulset(bundle: Bundle) -> list[str]:
     for cont in all_containers(pod_template(sts).spec):
         if gpu_count(cont, "limits") or gpu_count(cont, "requests"):
             failures.append(f"{located(sts, cont)}: search asks for a GPU")
+    failures += _embed_channel_tls(bundle, sts, env)
+    return failures
+
+
+def _embed_channel_tls(bundle: Bundle, sts: Resource, env: dict[str, str]) -> list[str]:
+    """search's PERCEPT_EMBED_TLS_* against what the embed servers serve."""
+    embeds = [c for w, c in serving_workloads(bundle) if app_name(w) == "embed"]
+    if not embeds:
+        return []  # no embed in this render: nothing to match
+    embed_env = effective_env(bundle, embeds[0])
+    set_here = [name for name in EMBED_TLS_ENV if env.get(name)]
+    failures = []
+    if not serves_tls(embed_env):
+        if set_here:
+            failures.append(
+                f"{sts.ref}: sets {', '.join(set_here)} but embed serves plaintext: the TLS "
+                "handshake with it would fail"
+            )
+        return failures
+    if not env.get("PERCEPT_EMBED_TLS_CA"):
+        failures.append(
+            f"{sts.ref}: embed serves TLS but PERCEPT_EMBED_TLS_CA is unset: search would "
+            "dial it in plaintext, or trust only the system's CAs"
+        )
+    if embed_env.get("PERCEPT_TLS_CLIENT_CA"):
+        for name in ("PERCEPT_EMBED_TLS_CERT", "PERCEPT_EMBED_TLS_KEY"):
+            if not env.get(name):
+                failures.append(
+                    f"{sts.ref}: embed requires client certificates (PERCEPT_TLS_CLIENT_CA) "
+                    f"but {name} is unset"
+                )
     return failures
 
 

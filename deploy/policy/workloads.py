@@ -12,6 +12,7 @@ from deploy.policy.model import (
     CPU_IMAGE_PLACEHOLDER,
     CUDA_BASE_ENV,
     CUDA_BASE_IMAGE,
+    EMBED_TLS_ENV,
     GPU_NODE_LABEL,
     GPU_RESOURCE,
     GRACE_MARGIN_SECONDS,
@@ -29,6 +30,7 @@ from deploy.policy.model import (
     REQUIRED_CONFIG,
     SERVER_FLAGS,
     SERVICES,
+    TLS_FILE_ENV,
     UID,
     WORKLOAD_KINDS,
     WRITABLE_ENV,
@@ -40,6 +42,7 @@ from deploy.policy.model import (
     field_value,
     flag_env,
     gpu_count,
+    health_port,
     image_version,
     located,
     model_services,
@@ -51,6 +54,7 @@ from deploy.policy.model import (
     selector_is_empty,
     selector_matches,
     server_container,
+    serves_tls,
     serving_workloads,
     split_image,
 )
@@ -223,11 +227,26 @@ _PROBE_NAMES = {
 def check_probes(bundle: Bundle) -> list[str]:
     """Serving containers have startup, readiness and liveness probes, all native gRPC on
     the `grpc` port: readiness asks grpc.health.v1 for the service's fully-qualified name,
-    startup and liveness for the overall server ("")."""
+    startup and liveness for the overall server (""). With TLS on (PERCEPT_TLS_CERT;
+    components/tls) the kubelet's gRPC probes, which speak no TLS, could not pass on the
+    grpc port: the server must have a plaintext health port (PERCEPT_HEALTH_PORT) and
+    every probe target it."""
     failures = []
     for res, c in serving_workloads(bundle):
         where = located(res, c)
         port = named_ports(c)["grpc"]
+        env = effective_env(bundle, c)
+        tls = serves_tls(env)
+        health = health_port(env)
+        if tls and health is None:
+            failures.append(
+                f"{where}: serves TLS (PERCEPT_TLS_CERT) but PERCEPT_HEALTH_PORT is "
+                f"{env.get('PERCEPT_HEALTH_PORT')!r}: the kubelet's gRPC probes speak no TLS "
+                "and need the plaintext health port"
+            )
+        # without TLS a probe may target the grpc port, or the health port when one is on
+        # (it answers the same statuses); under TLS the health port alone
+        plaintext_ports = {port} | ({health} if health is not None else set())
         spec = SERVICES.get(app_name(res))
         expected = {
             "startup_probe": "",
@@ -246,9 +265,21 @@ def check_probes(bundle: Bundle) -> list[str]:
                     f"{where}: {label} is not a gRPC probe ({', '.join(other) or 'none'})"
                 )
                 continue
-            if probe.grpc.port != port:
+            if tls and probe.grpc.port == port:
                 failures.append(
-                    f"{where}: {label} probes port {probe.grpc.port}, not grpc ({port})"
+                    f"{where}: {label} probes the grpc port {port}, which serves TLS: the "
+                    f"kubelet's gRPC probe cannot pass there; probe the plaintext health "
+                    f"port ({health})"
+                )
+            elif tls and health is not None and probe.grpc.port != health:
+                failures.append(
+                    f"{where}: {label} probes port {probe.grpc.port}, not the health port "
+                    f"({health})"
+                )
+            elif not tls and probe.grpc.port not in plaintext_ports:
+                also = f" or health ({health})" if health is not None else ""
+                failures.append(
+                    f"{where}: {label} probes port {probe.grpc.port}, not grpc ({port}){also}"
                 )
             service = probe.grpc.service or ""
             if want_service is not None and service != want_service:
@@ -521,7 +552,9 @@ def check_ports(bundle: Bundle) -> list[str]:
     """Each service runs as the workload kind and on the ports of docs/architecture.md:
     container ports `grpc` and `metrics`, PERCEPT_PORT/PERCEPT_METRICS_PORT, `args` naming
     the service for the image's `percept serve` entrypoint, and Prometheus scrape
-    annotations on the metrics port. A PodMonitor (components/podmonitor) selects every
+    annotations on the metrics port; a plaintext health port (PERCEPT_HEALTH_PORT, for the
+    probes under TLS) is declared as the container port `health` and is neither of the
+    other two. A PodMonitor (components/podmonitor) selects every
     server's pods and no others, and scrapes their `metrics` container port at /metrics,
     which the NetworkPolicies open to the monitoring namespace; its scrapeTimeout fits its
     interval."""
@@ -553,6 +586,22 @@ def check_ports(bundle: Bundle) -> list[str]:
         ):
             if env.get(var) != str(want):
                 failures.append(f"{where}: {var} is {env.get(var)!r}, want '{want}'")
+        health = health_port(env)
+        declared = ports.get("health")
+        if health is not None and declared != health:
+            failures.append(
+                f"{where}: PERCEPT_HEALTH_PORT is {health} but the container port named health "
+                f"is {declared}: declare it (the probes and the image's EXPOSE go by it)"
+            )
+        if declared is not None and health is None:
+            failures.append(
+                f"{where}: declares the container port health ({declared}) but "
+                f"PERCEPT_HEALTH_PORT is {env.get('PERCEPT_HEALTH_PORT')!r}: nothing listens there"
+            )
+        if health is not None and health in (spec.grpc_port, spec.metrics_port):
+            failures.append(
+                f"{where}: PERCEPT_HEALTH_PORT {health} is also its grpc or metrics port"
+            )
         if c.command:
             failures.append(f"{where}: overrides the image's entrypoint (command: {c.command})")
         if not c.args or c.args[0] != name:
@@ -666,9 +715,13 @@ def check_config(bundle: Bundle) -> list[str]:
     """The server ConfigMap sets the required flags (max batch, wait, queue, message size,
     pixels, drain, log format json) with valid values; every PERCEPT_* variable names a
     real `percept serve` flag (or PERCEPT_GIT_SHA, the image's commit); HF_HUB_OFFLINE=1
-    everywhere."""
+    everywhere. TLS: a certificate comes with its key (PERCEPT_TLS_CERT/KEY,
+    PERCEPT_EMBED_TLS_CERT/KEY), a client CA only with a certificate, PERCEPT_EMBED_TLS_*
+    only with PERCEPT_EMBED_TARGET (search), and the servers of a target serve TLS all or
+    none (a partly applied components/tls)."""
     failures = []
     known = {flag_env(f) for f in SERVER_FLAGS} | set(PERCEPT_NON_FLAG_ENV)
+    tls_on: dict[str, bool] = {}
     for cm in bundle.of_kind("ConfigMap"):
         for key in cm.model.data or {}:
             if key.startswith("PERCEPT_") and key not in known:
@@ -705,16 +758,56 @@ def check_config(bundle: Bundle) -> list[str]:
             batch, queue = env.get("PERCEPT_MAX_BATCH", ""), env.get("PERCEPT_MAX_QUEUE", "")
             if batch.isdigit() and queue.isdigit() and int(queue) < int(batch):
                 failures.append(f"{where}: PERCEPT_MAX_QUEUE {queue} < PERCEPT_MAX_BATCH {batch}")
+            failures += _tls_pairs(where, env)
+            tls_on[res.ref] = serves_tls(env)
+    if any(tls_on.values()) and not all(tls_on.values()):
+        on = ", ".join(ref for ref, tls in tls_on.items() if tls)
+        off = ", ".join(ref for ref, tls in tls_on.items() if not tls)
+        failures.append(
+            f"{on} serve TLS but {off} do not: components/tls applies to every server "
+            "(its patch target missed these)"
+        )
+    return failures
+
+
+def _tls_pairs(where: str, env: dict[str, str]) -> list[str]:
+    """A server's TLS settings that only work together (services/common/config.py refuses
+    the others): a certificate and its key, a client CA (mutual TLS) on a server that
+    serves TLS, search's TLS towards embed only where there is an embed target."""
+    failures = []
+    for cert, key in (
+        ("PERCEPT_TLS_CERT", "PERCEPT_TLS_KEY"),
+        ("PERCEPT_EMBED_TLS_CERT", "PERCEPT_EMBED_TLS_KEY"),
+    ):
+        if bool(env.get(cert)) != bool(env.get(key)):
+            given, lacking = (cert, key) if env.get(cert) else (key, cert)
+            failures.append(f"{where}: {given} is set without {lacking}")
+    if env.get("PERCEPT_TLS_CLIENT_CA") and not serves_tls(env):
+        failures.append(
+            f"{where}: PERCEPT_TLS_CLIENT_CA (mutual TLS) is set but PERCEPT_TLS_CERT is not: "
+            "the server serves plaintext"
+        )
+    embed_tls = [name for name in EMBED_TLS_ENV if env.get(name)]
+    if embed_tls and not env.get("PERCEPT_EMBED_TARGET"):
+        failures.append(
+            f"{where}: {', '.join(embed_tls)} set without PERCEPT_EMBED_TARGET (only search "
+            "calls embed): `percept serve` refuses to start"
+        )
     return failures
 
 
 def check_references(bundle: Bundle) -> list[str]:
     """Every ConfigMap (envFrom, env, volume) and PersistentVolumeClaim a pod refers to
-    exists in the render (a job's PVC in the overlay it is applied beside)."""
+    exists in the render (a job's PVC in the overlay it is applied beside). Every TLS file
+    a PERCEPT_*TLS* variable names lies on a Secret (or projected) volume of the pod that
+    lists that key, not optional, mounted read-only and whole (a subPath mount never sees a
+    rotated Secret; the Secret itself is made outside the render, by cert-manager or
+    kubectl)."""
     failures = []
     for res in bundle.workloads:
         spec = pod_template(res).spec
         for c in all_containers(spec):
+            failures += _tls_file_references(bundle, res, spec, c)
             for source in c.env_from or []:
                 ref = source.config_map_ref
                 if (
@@ -777,4 +870,77 @@ def check_jobs(bundle: Bundle) -> list[str]:
             failures.append(f"{job.ref}: retried (backoffLimit {spec.backoff_limit}) without "
                             "--resume-if-present: a retry would fail on the first try's "
                             "checkpoint")
+    return failures
+
+
+def _secret_keys(volume: Any) -> tuple[str, set[str] | None, bool] | None:
+    """(what, the file paths it holds or None when it holds every key of its Secrets,
+    optional) of a Secret or projected volume; None for any other volume."""
+    if volume.secret is not None:
+        items = volume.secret.items
+        paths = {i.path for i in items} if items else None
+        return f"Secret {volume.secret.secret_name}", paths, bool(volume.secret.optional)
+    if volume.projected is not None:
+        secrets = [s.secret for s in volume.projected.sources or [] if s.secret is not None]
+        if not secrets:
+            return None
+        listed: set[str] = set()
+        for secret in secrets:
+            listed |= {i.path for i in secret.items or []}
+        # a source without items projects every key of its Secret
+        held = None if any(not secret.items for secret in secrets) else listed
+        names = ", ".join(secret.name or "?" for secret in secrets)
+        return f"projected Secret {names}", held, any(bool(x.optional) for x in secrets)
+    return None
+
+
+def _tls_file_references(bundle: Bundle, res: Any, spec: Any, container: Any) -> list[str]:
+    """The TLS files a container's PERCEPT_*TLS* variables name: on a mounted Secret."""
+    failures = []
+    where = located(res, container)
+    env = effective_env(bundle, container)
+    volumes = {v.name: v for v in spec.volumes or []}
+    seen: set[str] = set()
+    for name in TLS_FILE_ENV:
+        path = env.get(name)
+        if not path:
+            continue
+        mounts = [
+            m
+            for m in container.volume_mounts or []
+            if _under(path, [m.mount_path]) and path.rstrip("/") != m.mount_path.rstrip("/")
+        ]
+        if not mounts:
+            failures.append(f"{where}: {name}={path} lies on no volume mount")
+            continue
+        mount = max(mounts, key=lambda m: len(m.mount_path))
+        volume = volumes.get(mount.name)
+        found = _secret_keys(volume) if volume is not None else None
+        if found is None:
+            failures.append(
+                f"{where}: {name}={path} lies on volume {mount.name}, which is not a Secret"
+            )
+            continue
+        what, paths, optional = found
+        relative = path[len(mount.mount_path.rstrip("/")) + 1 :]
+        if paths is not None and relative not in paths:
+            failures.append(
+                f"{where}: {name}={path}: volume {mount.name} ({what}) holds "
+                f"{', '.join(sorted(paths))}, not {relative}"
+            )
+        if mount.name in seen:
+            continue  # the mount itself is checked once
+        seen.add(mount.name)
+        if optional:
+            failures.append(
+                f"{where}: volume {mount.name} ({what}) is optional: a missing Secret "
+                "would start the server without its TLS files"
+            )
+        if not mount.read_only:
+            failures.append(f"{where}: volume {mount.name} is not mounted read-only")
+        if mount.sub_path or mount.sub_path_expr:
+            failures.append(
+                f"{where}: volume {mount.name} is mounted with a subPath, which never "
+                "sees a rotated Secret (mount the whole volume)"
+            )
     return failures

@@ -82,6 +82,14 @@ class ServerConfig:
     search_ann_threshold: int = 10_000
     search_nprobe: int = 128
     search_ef_search: int = 64
+    # TLS (services/common/tls.py): PEM files; no certificate = plaintext
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    health_port: int = 0
+    embed_tls_ca: str = ""
+    embed_tls_cert: str = ""
+    embed_tls_key: str = ""
 
     @property
     def max_message_bytes(self) -> int:
@@ -310,6 +318,24 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "search: IVF inverted lists searched per query")
     add("--search-ef-search", _positive(int), base.search_ef_search,
         "search: HNSW candidate list length per query")
+    add("--tls-cert", str, base.tls_cert,
+        "PEM certificate chain: serve gRPC over TLS (with --tls-key); re-read when the "
+        "file changes (a rotated Kubernetes Secret); empty = plaintext")
+    add("--tls-key", str, base.tls_key, "PEM private key of --tls-cert")
+    add("--tls-client-ca", str, base.tls_client_ca,
+        "PEM CA certificates: require every client to present a certificate they signed "
+        "(mutual TLS); empty = any client")
+    add("--health-port", _port, base.health_port,
+        "also answer grpc.health.v1 alone, in plaintext, on this port (the kubelet's gRPC "
+        "probes speak no TLS); 0 = off")
+    add("--embed-tls-ca", str, base.embed_tls_ca,
+        "search: PEM CA certificates that verify the Embedding service's TLS certificate; "
+        "setting this or --embed-tls-cert makes the call to --embed-target use TLS")
+    add("--embed-tls-cert", str, base.embed_tls_cert,
+        "search: PEM client certificate shown to the Embedding service (its "
+        "--tls-client-ca), with --embed-tls-key")
+    add("--embed-tls-key", str, base.embed_tls_key, "search: PEM private key of "
+        "--embed-tls-cert")
 
 
 def config_from_args(service: str, args: argparse.Namespace) -> ServerConfig:
@@ -325,4 +351,31 @@ def config_from_args(service: str, args: argparse.Namespace) -> ServerConfig:
         metrics_port = SERVICE_PORTS[service] + METRICS_PORT_OFFSET
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig)
               if f.name not in {"service", "port", "metrics_port"} and hasattr(args, f.name)}
-    return ServerConfig(service=service, port=port, metrics_port=metrics_port, **values)
+    config = ServerConfig(service=service, port=port, metrics_port=metrics_port, **values)
+    problems = tls_problems(config)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return config
+
+
+def tls_problems(config: ServerConfig) -> list[str]:
+    """What is wrong with the TLS and health-port settings together (the files
+    themselves are checked when the server starts)."""
+    problems = []
+    if config.tls_cert and not config.tls_key:
+        problems.append("--tls-cert needs --tls-key (its private key)")
+    if config.tls_key and not config.tls_cert:
+        problems.append("--tls-key needs --tls-cert (the certificate it belongs to)")
+    if config.tls_client_ca and not config.tls_cert:
+        problems.append("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key: "
+                        "a plaintext server cannot ask for client certificates")
+    if config.health_port and config.health_port in (config.port, config.metrics_port):
+        problems.append(f"--health-port {config.health_port} is taken by --port or "
+                        "--metrics-port: choose another")
+    if bool(config.embed_tls_cert) != bool(config.embed_tls_key):
+        problems.append("--embed-tls-cert and --embed-tls-key go together")
+    embed_tls = config.embed_tls_ca or config.embed_tls_cert or config.embed_tls_key
+    if embed_tls and not config.embed_target:
+        problems.append("--embed-tls-* apply to the call to --embed-target, which is not "
+                        "set (the embedding model runs in this process)")
+    return problems

@@ -80,6 +80,11 @@ INFLIGHT_PIXELS = Gauge("percept_inflight_pixels",
 REQUEST_SLOTS = Gauge("percept_request_slots_in_use",
                       "Request slots held (reading, decoding, computing or encoding), of "
                       "--max-queue (--max-optimisations for StylizeWithImage)", ["queue"])
+TLS_CERTIFICATE_EXPIRY = Gauge(
+    "percept_tls_certificate_expiry_timestamp_seconds",
+    "When the TLS certificate in use expires (Unix time), by certificate: server (with "
+    "--tls-cert), embed-client (search's, with --embed-tls-cert); absent without TLS. "
+    "Alert on it minus time()", ["certificate"])
 
 
 class Call:

@@ -2,8 +2,10 @@
 
 Lifecycle of a server process:
 
-1. bind the gRPC port (grpc.aio) with the message-size limits, the metrics interceptor,
-   ``grpc.health.v1`` and server reflection; start the Prometheus ``/metrics`` port;
+1. bind the gRPC port (grpc.aio; TLS with ``--tls-cert``: services/common/tls.py) with
+   the message-size limits, the metrics interceptor, ``grpc.health.v1`` and server
+   reflection; with ``--health-port``, ``grpc.health.v1`` alone in plaintext there too
+   (the kubelet's gRPC probes speak no TLS); start the Prometheus ``/metrics`` port;
 2. report NOT_SERVING while each service loads its models and runs a warm-up inference;
 3. report SERVING;
 4. on SIGTERM or SIGINT: report NOT_SERVING at once, stop taking new RPCs, let in-flight
@@ -76,6 +78,7 @@ from services.common.rpc import log_failed_call
 from services.common.server_info import SERVICE_NAME as SERVER_INFO
 from services.common.server_info import ServerInfoServicer
 from services.common.stall_watch import StallWatch
+from services.common.tls import ServerCredentials, ServerTlsFiles, TlsError, refresh_every
 
 log = logging.getLogger("percept.server")
 
@@ -597,6 +600,22 @@ def drain_message(grace: float, cause: str | None = None) -> str:
             f"finish within the {grace:g} s drain grace (--drain-seconds): retry")
 
 
+def _bind(server: grpc.aio.Server, host: str, port: int, flag: str,
+          credentials: grpc.ServerCredentials | None = None) -> int:
+    """Adds the port (TLS with ``credentials``) to ``server``; returns the bound port, or
+    StartupError naming ``flag`` when it cannot be had."""
+    address = listen_address(host, port)
+    try:
+        bound = (server.add_secure_port(address, credentials) if credentials is not None
+                 else server.add_insecure_port(address))
+    except RuntimeError:  # grpcio: "Failed to bind ...; set GRPC_VERBOSITY=debug ..."
+        bound = 0
+    if not bound:
+        raise StartupError(f"could not listen on {address}: the port is in use (another "
+                           f"server?) or not allowed here; choose another with {flag}")
+    return int(bound)
+
+
 class PerceptServer:
     """A grpc.aio server hosting one or more ServiceModules."""
 
@@ -606,8 +625,12 @@ class PerceptServer:
             module.siblings = [m for m in self.modules if m is not module]
         self.config = config
         self.port: int | None = None
+        self.health_port: int | None = None
         self.ready = asyncio.Event()
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.tls: ServerCredentials | None = None
+        self._tls_refresh: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
         self._streams = InfrastructureStreams()
         self._metrics_http: MetricsServers | None = None
@@ -673,32 +696,42 @@ class PerceptServer:
         reflection.enable_server_reflection(
             [*self.service_names, SERVER_INFO, health.SERVICE_NAME, reflection.SERVICE_NAME],
             server)
-        address = listen_address(config.host, config.port)
-        try:
-            self.port = server.add_insecure_port(address)
-        except RuntimeError:  # grpcio: "Failed to bind ...; set GRPC_VERBOSITY=debug ..."
-            self.port = 0
-        if not self.port:
-            raise StartupError(f"could not listen on {address}: the port is in use (another "
-                               "server?) or not allowed here; choose another with --port")
+        credentials = None
+        if config.tls_cert:
+            try:
+                self.tls = ServerCredentials(ServerTlsFiles(
+                    config.tls_cert, config.tls_key, config.tls_client_ca))
+            except TlsError as error:
+                raise StartupError(f"cannot serve TLS: {error}") from error
+            credentials = self.tls.credentials()
+        self.port = _bind(server, config.host, config.port, "--port", credentials)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
+        if self.tls is not None:
+            self._tls_refresh = asyncio.get_running_loop().create_task(
+                refresh_every(self.tls))
+        if config.health_port:
+            try:
+                await self._start_health_port(config)
+            except StartupError:
+                await self._stop_started(None)
+                raise
         if config.metrics_port:
             try:
                 self._metrics_http = start_metrics_server(config.metrics_port,
                                                           bare_host(config.host))
             except OSError as error:
-                await server.stop(None)
-                self._server = None
+                await self._stop_started(None)
                 raise StartupError(
                     f"could not serve /metrics on port {config.metrics_port}: {error.strerror}"
                     " (another percept server? its default comes from the service, not from"
                     " --port): pass --metrics-port P, or --metrics-port 0 to turn /metrics "
                     "off") from error
         log.info("listening; loading models", extra={
-            "port": self.port, "metrics_port": config.metrics_port,
-            "services": self.service_names})
+            "port": self.port, "tls": ("mutual" if config.tls_client_ca else "on")
+            if config.tls_cert else "off", "health_port": self.health_port,
+            "metrics_port": config.metrics_port, "services": self.service_names})
         started = time.perf_counter()
         for module in self.modules:
             await module.load()
@@ -721,6 +754,26 @@ class PerceptServer:
                                    "load_seconds": round(time.perf_counter() - started, 2)})
         return self.port
 
+    async def _start_health_port(self, config: ServerConfig) -> None:
+        """``grpc.health.v1`` alone, in plaintext, on ``--health-port``: the same statuses
+        as the main port's, for probes that speak no TLS (the kubelet's)."""
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024),
+                                          ("grpc.so_reuseport", 0)],
+                                 maximum_concurrent_rpcs=INFRASTRUCTURE_CALLS)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self.health_port = _bind(server, config.host, config.health_port, "--health-port")
+        await server.start()
+        self._health_server = server
+
+    async def _stop_started(self, grace: float | None) -> None:
+        """Stops the gRPC servers started so far (a start-up that failed half-way)."""
+        if self._tls_refresh is not None:
+            self._tls_refresh.cancel()
+        for server in (self._server, self._health_server):
+            if server is not None:
+                await server.stop(grace)
+        self._server = self._health_server = None
+
     async def stop(self, grace: float | None = None, cause: str | None = None) -> None:
         """NOT_SERVING at once, then drain in-flight RPCs for up to ``grace`` seconds;
         ``cause`` (the signal) is named to the calls the grace runs out on.
@@ -734,8 +787,9 @@ class PerceptServer:
         the grace period is about to end: then those still running are answered
         UNAVAILABLE (SERVER_DRAINING, with their request ids; :meth:`WorkCalls.end_all`)."""
         grace = self.config.drain_seconds if grace is None else grace
-        if self._stall_watch is not None:
-            self._stall_watch.cancel()
+        for task in (self._stall_watch, self._tls_refresh):
+            if task is not None:
+                task.cancel()
         await self._health.enter_graceful_shutdown()
         self._streams.drain()
         self._gate.close()  # a call that slips in before the stop below is refused
@@ -743,6 +797,8 @@ class PerceptServer:
                                     "in_flight": self._interceptor.active_work})
         if self._server is not None:
             await self._stop_server(self._server, grace, cause)
+        if self._health_server is not None:  # the probes saw NOT_SERVING until now
+            await self._health_server.stop(None)
         self._work.close()
         for module in self.modules:
             await module.close()
@@ -833,5 +889,12 @@ def start_in_thread(config: ServerConfig, modules: Sequence[ServiceModule] | Non
     thread = threading.Thread(target=run, name=f"percept-{config.service}", daemon=True)
     thread.start()
     started.wait()
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result(timeout)
-    return RunningServer(server=server, loop=loop, thread=thread)
+    running = RunningServer(server=server, loop=loop, thread=thread)
+    starting = asyncio.run_coroutine_threadsafe(server.start(), loop)
+    try:
+        starting.result(timeout)
+    except BaseException:  # what started is stopped, and the loop's thread ends
+        starting.cancel()
+        running.stop()
+        raise
+    return running

@@ -15,9 +15,11 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Counter
 
 from percept.v1 import embed_pb2, embed_pb2_grpc
+from services.common.channels import RenewingChannel
 from services.common.errors import (
     RETRY_PUSHBACK_KEY,
     STATUS_DETAILS_KEY,
@@ -28,6 +30,7 @@ from services.common.errors import (
     ServiceError,
     Unavailable,
 )
+from services.common.tls import EMBED_FLAGS, ClientTls, connection_hint
 from services.search.probes import probe_images
 
 if TYPE_CHECKING:  # a search process with a remote embedder never imports torch
@@ -168,19 +171,24 @@ class RemoteEmbedder(Embedder):
     """Calls the Embedding service at ``target`` (round-robin over a headless Service)."""
 
     def __init__(self, target: str, timeout: float = 120.0,
-                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_message_bytes: int = 64 * 1024 * 1024, tls: ClientTls | None = None
+                 ) -> None:
         self.target = target
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
-        self.channel = grpc.aio.insecure_channel(target, options=[
+        #: plaintext, or TLS whose files are read again when they change (TlsError: the
+        #: files cannot be used)
+        self.channels = RenewingChannel(target, [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.lb_policy_name", "round_robin"),
             # after an outage, reconnect within seconds of the service coming back, not
             # after gRPC's default backoff of up to two minutes
             ("grpc.initial_reconnect_backoff_ms", 500),
-            ("grpc.max_reconnect_backoff_ms", 5000)])
-        self.stub = embed_pb2_grpc.EmbeddingStub(self.channel)
+            ("grpc.max_reconnect_backoff_ms", 5000)], tls or ClientTls(), EMBED_FLAGS,
+            close_grace=timeout)
+        self._stub = embed_pb2_grpc.EmbeddingStub(self.channels.channel)
+        self._stub_channel = self.channels.channel
         #: what made the probe vectors of the latest start() (its answer's space and model)
         self.identity: Identity = ("", "")
         #: search's verdict on each (space, model) the embedding service has answered
@@ -193,6 +201,18 @@ class RemoteEmbedder(Embedder):
         #: its index is open. Until then answers are not checked.
         self.judge: Callable[[np.ndarray], str | None] | None = None
         self._judging: dict[Identity, asyncio.Future[str | None]] = {}
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        return self.channels.channel
+
+    @property
+    def stub(self) -> embed_pb2_grpc.EmbeddingStub:
+        """The stub for the next call (over a new channel once the TLS files changed)."""
+        channel = self.channels.current()
+        if channel is not self._stub_channel:
+            self._stub, self._stub_channel = embed_pb2_grpc.EmbeddingStub(channel), channel
+        return self._stub
 
     def _error(self, error: grpc.aio.AioRpcError) -> ServiceError:
         """The embedding service's error as search answers it, with its reason and field
@@ -220,6 +240,9 @@ class RemoteEmbedder(Embedder):
         UNAVAILABLE or, where a headless Service publishes no address yet,
         DEADLINE_EXCEEDED: both are waited through; any other answer is an error at once."""
         deadline = time.monotonic() + wait_seconds
+        # the wait below meets only its deadline; a health check fails at once with
+        # gRPC's reason: a TLS setting that is wrong is said before the wait, not after
+        hint = await self._tls_hint()
         while True:
             remaining = deadline - time.monotonic()
             try:
@@ -230,17 +253,38 @@ class RemoteEmbedder(Embedder):
             except ServiceError as error:
                 if error.code not in _NOT_UP_YET:
                     raise
+                if not hint:
+                    hint = await self._tls_hint()
                 if time.monotonic() > deadline:
-                    raise ServiceError(f"{error} (waited {wait_seconds:.0f} s for it)",
+                    raise ServiceError(f"{error} (waited {wait_seconds:.0f} s for it"
+                                       + (f"; {hint}" if hint else "") + ")",
                                        code=error.code) from error
                 await asyncio.sleep(1.0)
         self.identity = (response.space, response.model)
         self._set_probes([np.asarray(v.values, dtype=np.float32) for v in response.embeddings])
 
+    async def _tls_hint(self) -> str:
+        """Where TLS is on and a health check fails on a TLS setting, what to change
+        (also logged, as a WARNING); "" otherwise."""
+        if not self.channels.tls.enabled:
+            return ""
+        try:
+            await health_pb2_grpc.HealthStub(self.channels.current()).Check(
+                health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.aio.AioRpcError as error:
+            hint = connection_hint(error.details() or "", self.channels.tls, EMBED_FLAGS)
+            if hint:
+                _log.warning("the embedding service refuses the TLS connection; waiting "
+                             "for it all the same", extra={
+                                 "embed_target": self.target, "hint": hint,
+                                 "error": error.details()})
+            return hint
+        return ""
+
     async def close(self) -> None:
         for judging in list(self._judging.values()):
             judging.cancel()
-        await self.channel.close()
+        await self.channels.close()
 
     def _call_timeout(self, timeout: float | None) -> float:
         """The caller's time left, within this embedder's own limit."""

@@ -42,6 +42,7 @@ from services.common.images import probe_size
 from services.common.rpc import stream_errors, time_remaining, unary_errors
 from services.common.server import ServiceModule, StartupError
 from services.common.texts import is_blank
+from services.common.tls import ClientTls, TlsError
 from services.search.embedder import Embedder, InProcessEmbedder, RemoteEmbedder
 from services.search.store import (
     DataDirFull,
@@ -215,9 +216,16 @@ class ImageSearchService(ServiceModule, search_pb2_grpc.ImageSearchServicer):
 
     # -- lifecycle -----------------------------------------------------------------------
     def _make_embedder(self) -> Embedder:
-        if self.config.embed_target:
-            return RemoteEmbedder(self.config.embed_target,
-                                  max_message_bytes=self.config.max_message_bytes)
+        config = self.config
+        if config.embed_target:
+            try:
+                tls = ClientTls.of(config.embed_tls_ca, config.embed_tls_cert,
+                                   config.embed_tls_key)
+                return RemoteEmbedder(config.embed_target, tls=tls,
+                                      max_message_bytes=config.max_message_bytes)
+            except TlsError as error:
+                raise StartupError(f"cannot reach the embedding service over TLS: {error}"
+                                   ) from error
         # in-process only: a search process with a remote embedder never imports torch
         from services.embed.service import EmbeddingService
 

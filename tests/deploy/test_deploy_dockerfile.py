@@ -17,6 +17,7 @@ from deploy.policy import (
     named_ports,
     pod_template,
 )
+from deploy.policy.model import HEALTH_PORT
 
 
 def test_parser_joins_continuations_and_drops_comments() -> None:
@@ -101,8 +102,10 @@ def test_image_entrypoint_is_percept_serve(dockerfile: Dockerfile) -> None:
 
 
 def test_image_exposes_exactly_the_documented_ports(dockerfile: Dockerfile) -> None:
+    """The gRPC and metrics ports of docs/architecture.md, and the plaintext health port
+    that components/tls turns on (PERCEPT_HEALTH_PORT)."""
     documented = architecture_ports(render.ARCHITECTURE_DOC)
-    want = {p for pair in documented.values() for p in pair}
+    want = {p for pair in documented.values() for p in pair} | {HEALTH_PORT}
     assert dockerfile.exposed_ports() == want
     for variant in ("gpu", "cpu"):
         assert dockerfile.exposed_ports(overrides={"VARIANT": variant}) == want
@@ -142,6 +145,8 @@ def test_healthcheck_uses_grpc_health(dockerfile: Dockerfile) -> None:
     assert "start-period" in flags  # models load and warm up before SERVING
     for port in (ALL_IN_ONE.grpc_port, *(s.grpc_port for s in SERVICES.values())):
         assert str(port) in rest
+    # with TLS on the gRPC ports, the check goes to the plaintext health port instead
+    assert '[ "${PERCEPT_HEALTH_PORT:-0}" = 0 ] || ports="$PERCEPT_HEALTH_PORT"' in rest
 
 
 def test_image_pins_the_reference_versions(dockerfile: Dockerfile) -> None:

@@ -4,10 +4,8 @@ problem."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,52 +13,9 @@ import pytest
 
 from deploy import render
 from deploy.dockerfile import parse as parse_dockerfile
-from deploy.objects import Resource, to_model
 from deploy.pipeline import validate_targets
 from deploy.policy import Bundle, check_by_name
-
-Mutation = Callable[[dict[str, Any]], None]
-
-
-def broken(bundle: Bundle, kind: str, name: str, mutate: Mutation) -> Bundle:
-    """A copy of the bundle in which one object (by kind and name) was changed."""
-    resources = []
-    hit = False
-    for r in bundle.resources:
-        if r.kind == kind and (r.name == name or r.name.startswith(name + "-")):
-            raw = copy.deepcopy(r.raw)
-            mutate(raw)
-            resources.append(Resource(raw, to_model(raw)))
-            hit = True
-        else:
-            resources.append(r)
-    assert hit, f"no {kind}/{name} in {bundle.target}"
-    return dataclasses.replace(bundle, resources=resources)
-
-
-def failures(check: str, bundle: Bundle) -> list[str]:
-    """What one check says about a bundle."""
-    return check_by_name(check).func(bundle)
-
-
-def pod(raw: dict[str, Any]) -> dict[str, Any]:
-    """The pod spec of a workload dict."""
-    return raw["spec"]["template"]["spec"]
-
-
-def server(raw: dict[str, Any]) -> dict[str, Any]:
-    """The first container of a workload dict."""
-    return pod(raw)["containers"][0]
-
-
-def set_env(raw: dict[str, Any], name: str, value: str) -> None:
-    """Set (or add) an env var on the first container."""
-    env = server(raw).setdefault("env", [])
-    for var in env:
-        if var["name"] == name:
-            var["value"] = value
-            return
-    env.append({"name": name, "value": value})
+from tests.deploy.edits import Mutation, broken, failures, pod, server, set_env
 
 
 def _del(d: dict[str, Any], *path: str) -> Mutation:

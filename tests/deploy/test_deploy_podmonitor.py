@@ -78,9 +78,11 @@ def test_the_component_is_a_kustomize_component() -> None:
     assert TARGET.kind == "component" and TARGET.companion == "overlays/gpu"
     names = [t.name for t in render.TARGETS]
     assert names.index("overlays/gpu") < names.index(TARGET.name)
-    # no overlay includes it: it is optional
+    # no overlay includes it: it is optional (overlays/gpu-tls includes components/tls)
     for overlay in (render.K8S_DIR / "overlays").glob("*/kustomization.yaml"):
-        assert "components" not in yaml.safe_load(overlay.read_text()), overlay
+        components = yaml.safe_load(overlay.read_text()).get("components") or []
+        assert not any(c.rstrip("/").endswith("components/podmonitor") for c in components), (
+            overlay)
 
 
 def test_the_component_renders_one_valid_podmonitor(report: Report, component: Bundle) -> None:
@@ -370,9 +372,9 @@ def test_the_docs_say_what_the_component_is() -> None:
     assert "components: [../../components/podmonitor]" in scaling
     assert "release:" in scaling and "podMonitorSelectorNilUsesHelmValues=false" in scaling
     assert "add a PodMonitor for the" not in scaling  # the old advice: now it is provided
-    checks = " ".join(_section(text, "## 10. What `make deploy-validate` checks").split())
+    checks = " ".join(_section(text, "## 11. What `make deploy-validate` checks").split())
     for t in render.TARGETS:
         assert f"`{t.name}`" in checks, t.name
     assert "deploy/crds.py" in checks
-    ports_row = re.search(r"^\| ports \|.*$", _section(text, "## 10."), flags=re.M)
+    ports_row = re.search(r"^\| ports \|.*$", _section(text, "## 11."), flags=re.M)
     assert ports_row is not None and "PodMonitor" in ports_row.group(0)

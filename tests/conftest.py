@@ -31,6 +31,16 @@ REPO = Path(__file__).resolve().parent.parent
 STYLE_TEST_TILE = 576
 
 
+@pytest.fixture(autouse=True)
+def fresh_failed_call_lines() -> None:
+    """Each test's failed calls log from a fresh budget (services.common.rpc: one per
+    process, 20 lines of a kind every 10 s): an earlier test's flood of one kind holds
+    back no line a later test looks for."""
+    from services.common.rpc import DEFAULT_FAILED_CALL_LINES, FAILED_CALL_LINES
+
+    FAILED_CALL_LINES.configure(DEFAULT_FAILED_CALL_LINES)
+
+
 def is_pushback(value: object) -> bool:
     """Whether ``value`` is a busy answer's grpc-retry-pushback-ms: about one batch's time,
     50 ms to 10 s (services/common/batching.py)."""

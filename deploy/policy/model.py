@@ -101,6 +101,7 @@ SERVER_FLAGS = (
     "stall-seconds",
     "log-format",
     "log-level",
+    "failed-call-log-limit",
     "embed-target",
     "max-iterations",
     "max-optimisations",

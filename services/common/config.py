@@ -65,6 +65,7 @@ class ServerConfig:
     stall_seconds: float = 120.0
     log_format: str = "json"
     log_level: str = "info"
+    failed_call_log_limit: int = 20
     embed_target: str = ""
     max_iterations: int = 2000
     max_optimisations: int = 4
@@ -139,6 +140,13 @@ def _non_negative(text: str) -> float:
     value = float(text)
     if not 0 <= value < math.inf:  # NaN fails too
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
     return value
 
 
@@ -276,6 +284,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     add("--log-format", str, base.log_format, "json | text", choices=["json", "text"])
     add("--log-level", str.lower, base.log_level, "debug | info | warning | error | critical",
         choices=LOG_LEVELS)
+    add("--failed-call-log-limit", _count, base.failed_call_log_limit,
+        "log lines each kind of failed call (method, code, reason) writes every 10 s; "
+        "the rest are counted, in one 'failed calls not logged' line; 0 = every one")
     add("--embed-target", str, base.embed_target,
         "search: address of the Embedding service; empty = in-process")
     add("--max-iterations", _positive(int), base.max_iterations,

@@ -20,10 +20,17 @@ follows what the failure says of the server, and how many such calls a flood can
   ``--max-concurrent-rpcs`` of them, with one more line naming their ids).
 - ERROR: INTERNAL (a bug: ``unhandled error``, with its traceback), UNKNOWN, DATA_LOSS.
 
-A successful call writes no line at INFO or above."""
+A successful call writes no line at INFO or above.
+
+A flood of one kind of failure (the same method, code and reason) writes the first
+``--failed-call-log-limit`` lines (20) of each 10 s, and then one line, ``failed calls not
+logged``, at the highest level held back, with the kind and how many ``calls`` in how many
+``seconds`` (:class:`services.common.line_budget.LineBudget`); the metrics count every
+call."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,6 +44,7 @@ from services.common.errors import (
     fit_status_message,
     status_details,
 )
+from services.common.line_budget import Held, LineBudget
 from services.common.request_ids import current_request_id, with_request_id
 
 log = logging.getLogger("percept.rpc")
@@ -48,6 +56,48 @@ MAX_LOGGED_DETAIL_BYTES = 300
 #: The codes of a failure on the server's side: ERROR.
 _SERVER_FAULTS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
                             grpc.StatusCode.DATA_LOSS})
+
+
+#: Lines of one kind of failed call each window (``--failed-call-log-limit``; the server
+#: sets it): the first so many are written, the rest counted.
+DEFAULT_FAILED_CALL_LINES = 20
+FAILED_CALL_WINDOW_SECONDS = 10.0
+FAILED_CALL_LINES = LineBudget(DEFAULT_FAILED_CALL_LINES, FAILED_CALL_WINDOW_SECONDS)
+
+
+def _log_held(held: Held) -> None:
+    assert isinstance(held.kind, tuple)
+    method, code, reason = held.kind
+    extra: dict[str, Any] = {"method": method, "calls": held.lines,
+                             "seconds": round(held.seconds, 1)}
+    if code:
+        extra["code"] = code
+    if reason:
+        extra["reason"] = reason
+    log.log(held.level, "failed calls not logged", extra=extra)
+
+
+def log_held_lines(everything: bool = False) -> None:
+    """One line for each kind of failed call whose lines were held back in a window that
+    has ended (every window, with ``everything``: the server stops)."""
+    for held in FAILED_CALL_LINES.ended(everything):
+        _log_held(held)
+
+
+async def log_held_lines_every(seconds: float = FAILED_CALL_WINDOW_SECONDS) -> None:
+    """:func:`log_held_lines` every ``seconds`` until cancelled (the server runs it)."""
+    while True:
+        await asyncio.sleep(seconds)
+        log_held_lines()
+
+
+def _admitted(method: str, code: str | None, reason: str | None, level: int) -> bool:
+    """Whether a failed call's line is written (the budget of its kind); first tells the
+    lines of that kind held back in the window that ended before it."""
+    admitted, held = FAILED_CALL_LINES.admit((method, code, reason), level)
+    if held is not None:
+        _log_held(held)
+    return admitted
 
 
 def failure_level(code: grpc.StatusCode | None, *, retryable: bool = False) -> int:
@@ -63,17 +113,23 @@ def failure_level(code: grpc.StatusCode | None, *, retryable: bool = False) -> i
 def log_failed_call(method: str, code: grpc.StatusCode | None, message: str | None = None,
                     *, reason: str | None = None, field: str | None = None,
                     retryable: bool = False, level: int | None = None,
-                    request_id: str | None = None) -> None:
+                    request_id: str | None = None, every_one: bool = False) -> None:
     """Writes the one log line of a failed call (see the module's docstring). ``method``:
     its name, or gRPC's full path (``/percept.v1.StyleTransfer/Stylize``: its last part is
-    kept); ``request_id``: the call's, where this runs outside its task (the drain)."""
+    kept); ``request_id``: the call's, where this runs outside its task (the drain);
+    ``every_one``: not held back by the flood budget (the drain's, at most
+    ``--max-concurrent-rpcs`` once)."""
     if level is None:
         level = failure_level(code, retryable=retryable)
     if not log.isEnabledFor(level):  # cheap under a flood of busy answers
         return
+    name = method.rpartition("/")[2]
+    if not every_one and not _admitted(name, code.name if code is not None else None,
+                                       reason, level):
+        return
     if request_id is None:
         request_id = current_request_id.get()
-    extra: dict[str, Any] = {"method": method.rpartition("/")[2]}
+    extra: dict[str, Any] = {"method": name}
     if request_id is not None:
         extra["request_id"] = request_id
     if code is not None:
@@ -101,9 +157,10 @@ async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, method
                             with_request_id(context, error.trailing_metadata))
     else:
         request_id = current_request_id.get()
-        log.exception("unhandled error", extra={
-            "method": method, "code": "INTERNAL", "reason": "INTERNAL",
-            **({"request_id": request_id} if request_id is not None else {})})
+        if _admitted(method.rpartition("/")[2], "INTERNAL", "INTERNAL", logging.ERROR):
+            log.exception("unhandled error", extra={
+                "method": method, "code": "INTERNAL", "reason": "INTERNAL",
+                **({"request_id": request_id} if request_id is not None else {})})
         message = "internal error; see the server log" + (
             f" (request id {request_id})" if request_id else "")
         details = status_details(grpc.StatusCode.INTERNAL, message, "INTERNAL")

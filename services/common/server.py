@@ -74,7 +74,12 @@ from services.common.metrics import (
     start_metrics_server,
 )
 from services.common.request_ids import current_request_id, with_request_id
-from services.common.rpc import log_failed_call
+from services.common.rpc import (
+    FAILED_CALL_LINES,
+    log_failed_call,
+    log_held_lines,
+    log_held_lines_every,
+)
 from services.common.server_info import SERVICE_NAME as SERVER_INFO
 from services.common.server_info import ServerInfoServicer
 from services.common.stall_watch import StallWatch
@@ -483,7 +488,7 @@ class WorkCalls(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:  # the answer went out
                 log_failed_call(call.method, grpc.StatusCode.UNAVAILABLE, message,
                                 reason="SERVER_DRAINING", level=logging.WARNING,
-                                request_id=call.request_id)
+                                request_id=call.request_id, every_one=True)
             except Exception as error:  # it ended meanwhile, or its client is gone
                 log.debug("could not answer a call at the drain's end: %r", error,
                           extra={"request_id": call.request_id})
@@ -631,6 +636,7 @@ class PerceptServer:
         self._health_server: grpc.aio.Server | None = None
         self.tls: ServerCredentials | None = None
         self._tls_refresh: asyncio.Task[None] | None = None
+        self._held_lines: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
         self._streams = InfrastructureStreams()
         self._metrics_http: MetricsServers | None = None
@@ -708,6 +714,8 @@ class PerceptServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
+        FAILED_CALL_LINES.configure(config.failed_call_log_limit)
+        self._held_lines = asyncio.get_running_loop().create_task(log_held_lines_every())
         if self.tls is not None:
             self._tls_refresh = asyncio.get_running_loop().create_task(
                 refresh_every(self.tls))
@@ -767,8 +775,9 @@ class PerceptServer:
 
     async def _stop_started(self, grace: float | None) -> None:
         """Stops the gRPC servers started so far (a start-up that failed half-way)."""
-        if self._tls_refresh is not None:
-            self._tls_refresh.cancel()
+        for task in (self._tls_refresh, self._held_lines):
+            if task is not None:
+                task.cancel()
         for server in (self._server, self._health_server):
             if server is not None:
                 await server.stop(grace)
@@ -804,6 +813,9 @@ class PerceptServer:
             await module.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+        if self._held_lines is not None:
+            self._held_lines.cancel()
+            log_held_lines(everything=True)  # a flood's count is told before the end
         log.info("stopped")
 
 

@@ -121,6 +121,7 @@ SERVER_FLAGS = (
     "tls-cert",
     "tls-key",
     "tls-client-ca",
+    "tls-authorize",
     "health-port",
     "embed-tls-ca",
     "embed-tls-cert",

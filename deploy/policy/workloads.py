@@ -773,7 +773,8 @@ def check_config(bundle: Bundle) -> list[str]:
 def _tls_pairs(where: str, env: dict[str, str]) -> list[str]:
     """A server's TLS settings that only work together (services/common/config.py refuses
     the others): a certificate and its key, a client CA (mutual TLS) on a server that
-    serves TLS, search's TLS towards embed only where there is an embed target."""
+    serves TLS, authorization rules (--tls-authorize) on a server that asks for client
+    certificates, search's TLS towards embed only where there is an embed target."""
     failures = []
     for cert, key in (
         ("PERCEPT_TLS_CERT", "PERCEPT_TLS_KEY"),
@@ -786,6 +787,11 @@ def _tls_pairs(where: str, env: dict[str, str]) -> list[str]:
         failures.append(
             f"{where}: PERCEPT_TLS_CLIENT_CA (mutual TLS) is set but PERCEPT_TLS_CERT is not: "
             "the server serves plaintext"
+        )
+    if env.get("PERCEPT_TLS_AUTHORIZE") and not env.get("PERCEPT_TLS_CLIENT_CA"):
+        failures.append(
+            f"{where}: PERCEPT_TLS_AUTHORIZE is set without PERCEPT_TLS_CLIENT_CA: the names "
+            "it allows are those of verified client certificates"
         )
     embed_tls = [name for name in EMBED_TLS_ENV if env.get(name)]
     if embed_tls and not env.get("PERCEPT_EMBED_TARGET"):

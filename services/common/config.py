@@ -87,6 +87,7 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    tls_authorize: str = ""
     health_port: int = 0
     embed_tls_ca: str = ""
     embed_tls_cert: str = ""
@@ -148,6 +149,16 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
     return value
+
+
+def _authorization_rules(text: str) -> str:
+    from services.common.authorization import parse_rules
+
+    try:
+        parse_rules(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+    return text
 
 
 #: --log-level's choices (logging's level names, in lower case).
@@ -336,6 +347,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tls-client-ca", str, base.tls_client_ca,
         "PEM CA certificates: require every client to present a certificate they signed "
         "(mutual TLS); empty = any client")
+    add("--tls-authorize", _authorization_rules, base.tls_authorize,
+        "with --tls-client-ca: which clients may call which methods, by their "
+        "certificate's names: 'SERVICE/METHOD=NAME[,NAME...]; ...' (shell patterns, e.g. "
+        "'percept.v1.ImageSearch/AddImages=indexer;percept.v1.ImageSearch/DeleteImages="
+        "admin'); the first rule that matches decides, a method none matches is open; "
+        "empty = every client the CA accepts may call everything")
     add("--health-port", _port, base.health_port,
         "also answer grpc.health.v1 alone, in plaintext, on this port (the kubelet's gRPC "
         "probes speak no TLS); 0 = off")
@@ -380,6 +397,9 @@ def tls_problems(config: ServerConfig) -> list[str]:
     if config.tls_client_ca and not config.tls_cert:
         problems.append("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key: "
                         "a plaintext server cannot ask for client certificates")
+    if config.tls_authorize and not config.tls_client_ca:
+        problems.append("--tls-authorize needs --tls-client-ca: the names it allows are "
+                        "those of verified client certificates")
     if config.health_port and config.health_port in (config.port, config.metrics_port):
         problems.append(f"--health-port {config.health_port} is taken by --port or "
                         "--metrics-port: choose another")

@@ -41,6 +41,7 @@ from grpc_reflection.v1alpha import reflection
 
 from percept.v1 import server_pb2, server_pb2_grpc
 from services.common import allocator
+from services.common.authorization import Authorization, parse_rules
 from services.common.batching import (
     DEFAULT_PUSHBACK_MS,
     MAX_PUSHBACK_MS,
@@ -690,9 +691,13 @@ class PerceptServer:
         # metrics outermost, so that every call is counted, a malformed or a refused one
         # too; gRPC's own limit refuses (RESOURCE_EXHAUSTED "Concurrent RPC limit
         # exceeded!") only past the work calls' limit and the infrastructure's share
+        # who may call what (--tls-authorize) is settled before a work call's slot is
+        # taken or its request read
+        authorization = ([Authorization(parse_rules(config.tls_authorize))]
+                         if config.tls_authorize else [])
         server = grpc.aio.server(
-            options=options, interceptors=[self._interceptor, self._work, MalformedRequests(),
-                                           self._gate, self._streams],
+            options=options, interceptors=[self._interceptor, *authorization, self._work,
+                                           MalformedRequests(), self._gate, self._streams],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs + INFRASTRUCTURE_CALLS)
         for module in self.modules:
             module.add_to_server(server)

@@ -479,6 +479,16 @@ def test_the_tls_checks_leave_plaintext_alone(gpu: Bundle) -> None:
                for f in found), found
 
 
+def test_authorization_rules_need_client_certificates(tls: Bundle, gpu: Bundle) -> None:
+    def rules(raw: dict[str, Any]) -> None:
+        set_env(raw, "PERCEPT_TLS_AUTHORIZE", "percept.v1.ImageSearch/AddImages=indexer")
+
+    assert failures("config", broken(tls, "StatefulSet", "search", rules)) == []
+    found = failures("config", broken(gpu, "StatefulSet", "search", rules))
+    assert any("PERCEPT_TLS_AUTHORIZE is set without PERCEPT_TLS_CLIENT_CA" in f
+               for f in found), found
+
+
 def test_the_image_must_expose_the_health_port(tls: Bundle, gpu: Bundle) -> None:
     text = render.DOCKERFILE.read_text()
     assert f" {HEALTH_PORT}\n" in text

@@ -39,6 +39,7 @@ def fresh_failed_call_lines() -> None:
     from services.common.rpc import DEFAULT_FAILED_CALL_LINES, FAILED_CALL_LINES
 
     FAILED_CALL_LINES.configure(DEFAULT_FAILED_CALL_LINES)
+    FAILED_CALL_LINES.reset()
 
 
 def is_pushback(value: object) -> bool:

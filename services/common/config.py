@@ -296,8 +296,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     add("--log-level", str.lower, base.log_level, "debug | info | warning | error | critical",
         choices=LOG_LEVELS)
     add("--failed-call-log-limit", _count, base.failed_call_log_limit,
-        "log lines each kind of failed call (method, code, reason) writes every 10 s; "
-        "the rest are counted, in one 'failed calls not logged' line; 0 = every one")
+        "log lines each kind of failed call (method, code, reason) below ERROR writes "
+        "every 10 s; the rest are counted, in one 'failed calls not logged' line; 0 = "
+        "every one")
     add("--embed-target", str, base.embed_target,
         "search: address of the Embedding service; empty = in-process")
     add("--max-iterations", _positive(int), base.max_iterations,

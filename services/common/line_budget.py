@@ -14,7 +14,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+#: The most notes (request ids) a kind's window keeps of the lines it held back.
+MAX_NOTES = 20
 
 
 @dataclass
@@ -23,6 +26,10 @@ class _Window:
     written: int = 0
     held: int = 0
     level: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def told(self, kind: Hashable, now: float) -> Held:
+        return Held(kind, self.held, self.level, now - self.opened, tuple(self.notes))
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,8 @@ class Held:
     lines: int
     level: int
     seconds: float
+    #: the notes of the first :data:`MAX_NOTES` lines held back (their request ids)
+    notes: tuple[str, ...] = ()
 
 
 class LineBudget:
@@ -48,13 +57,20 @@ class LineBudget:
         self._windows: dict[Hashable, _Window] = {}
 
     def configure(self, per_window: int) -> None:
+        """A new share for every kind; the windows open now keep what they counted."""
         with self._lock:
             self.per_window = per_window
+
+    def reset(self) -> None:
+        """Forgets every window and what it counted (tests start afresh)."""
+        with self._lock:
             self._windows.clear()
 
-    def admit(self, kind: Hashable, level: int) -> tuple[bool, Held | None]:
+    def admit(self, kind: Hashable, level: int, note: str | None = None
+              ) -> tuple[bool, Held | None]:
         """Whether a line of ``kind`` may be written now, and the lines of that kind held
-        back in its window that ended before this one (to be told first), if any."""
+        back in its window that ended before this one (to be told first), if any;
+        ``note`` (a request id) is kept for a line held back."""
         if self.per_window <= 0:
             return True, None
         now = self._clock()
@@ -63,13 +79,15 @@ class LineBudget:
             ended = None
             if window is None or now - window.opened >= self.window_seconds:
                 if window is not None and window.held:
-                    ended = Held(kind, window.held, window.level, now - window.opened)
+                    ended = window.told(kind, now)
                 window = self._windows[kind] = _Window(now)
             if window.written < self.per_window:
                 window.written += 1
                 return True, ended
             window.held += 1
             window.level = max(window.level, level)
+            if note is not None and len(window.notes) < MAX_NOTES:
+                window.notes.append(note)
             return False, ended
 
     def ended(self, everything: bool = False) -> list[Held]:
@@ -82,6 +100,5 @@ class LineBudget:
                 if everything or now - window.opened >= self.window_seconds:
                     del self._windows[kind]
                     if window.held:
-                        held.append(Held(kind, window.held, window.level,
-                                         now - window.opened))
+                        held.append(window.told(kind, now))
         return held

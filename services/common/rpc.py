@@ -1,7 +1,8 @@
 """Helpers shared by every servicer: error mapping, the failed calls' log lines, and
 deadlines.
 
-Each failed call gets one log line (logger ``percept.rpc``, message ``call failed``), with
+Each failed call gets one log line (but for floods, below; logger ``percept.rpc``, message
+``call failed``), with
 the call's ``request_id``, its ``method``, the status ``code``, the ErrorInfo ``reason``,
 the request ``field`` at fault where there is one, and the status message as ``detail``
 (cut to :data:`MAX_LOGGED_DETAIL_BYTES`: it may quote what the client sent). Its level
@@ -22,15 +23,18 @@ follows what the failure says of the server, and how many such calls a flood can
 
 A successful call writes no line at INFO or above.
 
-A flood of one kind of failure (the same method, code and reason) writes the first
-``--failed-call-log-limit`` lines (20) of each 10 s, and then one line, ``failed calls not
-logged``, at the highest level held back, with the kind and how many ``calls`` in how many
-``seconds`` (:class:`services.common.line_budget.LineBudget`); the metrics count every
-call."""
+A flood of one kind of failure below ERROR (the same method, code and reason) writes the
+first ``--failed-call-log-limit`` lines (20) of each 10 s, and then one line, ``failed
+calls not logged``, at the highest level held back, with the kind, how many ``calls``,
+the ``seconds`` from its window's opening to the count, and the held calls'
+``request_ids`` (the first 20) (:class:`services.common.line_budget.LineBudget`, one per
+process); the metrics count every call. ERROR lines, faults of the server's own, are all
+written, as are the drain's."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -66,6 +70,9 @@ FAILED_CALL_LINES = LineBudget(DEFAULT_FAILED_CALL_LINES, FAILED_CALL_WINDOW_SEC
 
 
 def _log_held(held: Held) -> None:
+    """The line that counts a kind's held-back lines, written outside any call (it would
+    carry the request id of the call that happens to tell it), with the held calls' own
+    ids, the first 20."""
     assert isinstance(held.kind, tuple)
     method, code, reason = held.kind
     extra: dict[str, Any] = {"method": method, "calls": held.lines,
@@ -74,7 +81,11 @@ def _log_held(held: Held) -> None:
         extra["code"] = code
     if reason:
         extra["reason"] = reason
-    log.log(held.level, "failed calls not logged", extra=extra)
+    if held.notes:
+        more = held.lines - len(held.notes)
+        extra["request_ids"] = ", ".join(held.notes) + (f" and {more} more" if more > 0
+                                                       else "")
+    contextvars.Context().run(log.log, held.level, "failed calls not logged", extra=extra)
 
 
 def log_held_lines(everything: bool = False) -> None:
@@ -91,10 +102,14 @@ async def log_held_lines_every(seconds: float = FAILED_CALL_WINDOW_SECONDS) -> N
         log_held_lines()
 
 
-def _admitted(method: str, code: str | None, reason: str | None, level: int) -> bool:
-    """Whether a failed call's line is written (the budget of its kind); first tells the
-    lines of that kind held back in the window that ended before it."""
-    admitted, held = FAILED_CALL_LINES.admit((method, code, reason), level)
+def _admitted(method: str, code: str | None, reason: str | None, level: int,
+              request_id: str | None) -> bool:
+    """Whether a failed call's line is written (the budget of its kind; ERROR lines, a
+    fault of the server's own, always are); first tells the lines of that kind held back
+    in the window that ended before it."""
+    if level >= logging.ERROR:
+        return True
+    admitted, held = FAILED_CALL_LINES.admit((method, code, reason), level, request_id)
     if held is not None:
         _log_held(held)
     return admitted
@@ -124,11 +139,11 @@ def log_failed_call(method: str, code: grpc.StatusCode | None, message: str | No
     if not log.isEnabledFor(level):  # cheap under a flood of busy answers
         return
     name = method.rpartition("/")[2]
-    if not every_one and not _admitted(name, code.name if code is not None else None,
-                                       reason, level):
-        return
     if request_id is None:
         request_id = current_request_id.get()
+    if not every_one and not _admitted(name, code.name if code is not None else None,
+                                       reason, level, request_id):
+        return
     extra: dict[str, Any] = {"method": name}
     if request_id is not None:
         extra["request_id"] = request_id
@@ -157,10 +172,10 @@ async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, method
                             with_request_id(context, error.trailing_metadata))
     else:
         request_id = current_request_id.get()
-        if _admitted(method.rpartition("/")[2], "INTERNAL", "INTERNAL", logging.ERROR):
-            log.exception("unhandled error", extra={
-                "method": method, "code": "INTERNAL", "reason": "INTERNAL",
-                **({"request_id": request_id} if request_id is not None else {})})
+        # a bug: every one is written, with its traceback (its client is told to look)
+        log.exception("unhandled error", extra={
+            "method": method, "code": "INTERNAL", "reason": "INTERNAL",
+            **({"request_id": request_id} if request_id is not None else {})})
         message = "internal error; see the server log" + (
             f" (request id {request_id})" if request_id else "")
         details = status_details(grpc.StatusCode.INTERNAL, message, "INTERNAL")

@@ -60,9 +60,10 @@ def test_a_flood_of_bad_requests_writes_a_few_lines_and_one_count(
     try:
         with server_log(level="info") as log, grpc.insecure_channel(running.target) as channel:
             upscale = superres_pb2_grpc.SuperResolutionStub(channel).Upscale
-            for _ in range(30):
+            for n in range(30):
                 with pytest.raises(grpc.RpcError) as error:
-                    upscale(superres_pb2.UpscaleRequest(image=b"no image"), timeout=30)
+                    upscale(superres_pb2.UpscaleRequest(image=b"no image"), timeout=30,
+                            metadata=[("x-request-id", f"flood-{n:02d}")])
                 assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             with pytest.raises(grpc.RpcError):  # another kind: its own lines
                 upscale(superres_pb2.UpscaleRequest(image=b"no image", model="none"),
@@ -81,7 +82,28 @@ def test_a_flood_of_bad_requests_writes_a_few_lines_and_one_count(
     assert len(written) == 4, json.dumps(flood, indent=1)
     assert len(counted) == 1 and counted[0]["calls"] == 26
     assert counted[0]["level"] == "info"
+    # the held calls' own ids, the first 20; not the id of a call that happened to tell it
+    assert counted[0]["request_ids"] == ", ".join(
+        f"flood-{n:02d}" for n in range(4, 24)) + " and 6 more"
+    assert "request_id" not in counted[0]
     others = [line for line in lines if line["msg"] == "call failed"
               and line.get("code") == "NOT_FOUND"]
     assert len(others) == 1
     assert _requests("Upscale", "INVALID_ARGUMENT") - before == 30  # metrics count all
+
+
+def test_errors_of_the_server_are_all_written(caplog: pytest.LogCaptureFixture) -> None:
+    """ERROR lines (INTERNAL, a fault of the server's own) are not held back: a client told
+    to look for its request id in the log finds it."""
+    from services.common.rpc import FAILED_CALL_LINES, log_failed_call
+
+    FAILED_CALL_LINES.configure(2)
+    with caplog.at_level(logging.INFO, logger="percept.rpc"):
+        for n in range(5):
+            log_failed_call("Upscale", grpc.StatusCode.INTERNAL, "a bug",
+                            request_id=f"bug-{n}")
+            log_failed_call("Upscale", grpc.StatusCode.INVALID_ARGUMENT, "bad",
+                            request_id=f"bad-{n}")
+    ids = [getattr(r, "request_id", None) for r in caplog.records
+           if r.getMessage() == "call failed"]
+    assert ids == ["bug-0", "bad-0", "bug-1", "bad-1", "bug-2", "bug-3", "bug-4"]

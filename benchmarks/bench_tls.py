@@ -1,9 +1,13 @@
 """What TLS costs a client of percept: the super-resolution service on loopback, in
 plaintext (the baseline), with TLS (--tls-cert) and with mutual TLS (--tls-client-ca),
-three servers in one process, timed in the same run and interleaved.
+with ECDSA P-256 keys and with RSA 2048 ones (deploy/README's recipes), five servers in
+one process, timed in the same run and interleaved.
 
-- connect: a new channel's first call (a health Check): TCP, HTTP/2 and the TLS
-  handshake (ECDSA P-256 certificates from a throwaway CA);
+- connect: a new connection's first call (a health Check): TCP, HTTP/2 and, but for
+  plaintext, the TLS handshake. Every mode gets a connection of its own each time (a
+  channel with its own subchannel pool: gRPC would otherwise hand a new plaintext
+  channel the open connection of another), and the credentials are read from their
+  files once, before the timing;
 - health check: one call over an open channel (the per-call cost of the encryption on a
   tiny message);
 - 64 px upscale: one Upscale (a 64 x 64 PNG in, 256 x 256 out) over an open channel.
@@ -32,24 +36,29 @@ from services.common.tls import ClientTls
 from tests.conftest import server_config
 from tests.fixtures.certificates import Authority, secret
 
-MODES = ("plaintext", "TLS", "mutual TLS")
+MODES = ("plaintext", "TLS, P-256", "mutual TLS, P-256", "TLS, RSA 2048",
+         "mutual TLS, RSA 2048")
 MEASURES = ("connect", "health check", "64 px upscale")
+#: Each new channel its own connection (gRPC shares subchannels across channels with the
+#: same target and credentials, which would time plaintext without its TCP handshake).
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
 def _servers(folder: Path) -> dict[str, tuple[RunningServer, ClientTls]]:
-    authority = Authority()
-    server = secret(folder / "server", authority)
-    client = secret(folder / "client", authority, name="client")
-    files = {"tls_cert": str(server.cert), "tls_key": str(server.key)}
-    settings = {
-        "plaintext": ({}, ClientTls()),
-        "TLS": (files, ClientTls.of(ca=str(server.ca))),
-        "mutual TLS": ({**files, "tls_client_ca": str(server.ca)},
-                       ClientTls.of(ca=str(server.ca), cert=str(client.cert),
-                                    key=str(client.key)))}
-    running = {}
+    settings: dict[str, tuple[dict[str, str], ClientTls]] = {"plaintext": ({}, ClientTls())}
+    for key, label in (("ec", "P-256"), ("rsa", "RSA 2048")):
+        authority = Authority(key=key)
+        server = secret(folder / f"server-{key}", authority)
+        client = secret(folder / f"client-{key}", authority, name="client")
+        files = {"tls_cert": str(server.cert), "tls_key": str(server.key)}
+        settings[f"TLS, {label}"] = (files, ClientTls.of(ca=str(server.ca)))
+        settings[f"mutual TLS, {label}"] = (
+            {**files, "tls_client_ca": str(server.ca)},
+            ClientTls.of(ca=str(server.ca), cert=str(client.cert), key=str(client.key)))
+    running: dict[str, tuple[RunningServer, ClientTls]] = {}
     try:
-        for mode, (flags, tls) in settings.items():
+        for mode in MODES:
+            flags, tls = settings[mode]
             running[mode] = (start_in_thread(server_config(
                 "superres", warmup=False, log_level="warning", **flags)), tls)
     except BaseException:
@@ -59,35 +68,41 @@ def _servers(folder: Path) -> dict[str, tuple[RunningServer, ClientTls]]:
     return running
 
 
+def _connect(target: str, credentials: grpc.ChannelCredentials | None,
+             check: health_pb2.HealthCheckRequest) -> None:
+    """A new channel, with a connection of its own, and its first call."""
+    fresh = (grpc.secure_channel(target, credentials, options=OWN_CONNECTION)
+             if credentials is not None
+             else grpc.insecure_channel(target, options=OWN_CONNECTION))
+    try:
+        health_pb2_grpc.HealthStub(fresh).Check(check, timeout=30)
+    finally:
+        fresh.close()
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     image = encode_image(photo(64))
     request = superres_pb2.UpscaleRequest(image=image)
     check = health_pb2.HealthCheckRequest()
+    repeats = 15 if quick else 101
     with tempfile.TemporaryDirectory() as folder:
         servers = _servers(Path(folder))
         channels: dict[str, grpc.Channel] = {}
         try:
-            actions: dict[tuple[str, str], Callable[[], object]] = {}
+            actions: dict[str, Callable[[], object]] = {}
             for mode, (running, tls) in servers.items():
-                target = f"localhost:{running.port}"
+                # 127.0.0.1, where the servers listen: "localhost" would try ::1 first
+                target = f"127.0.0.1:{running.port}"
+                credentials = tls.channel_credentials() if tls.enabled else None
                 channel = channels[mode] = open_channel(target, [], tls)
-                health = health_pb2_grpc.HealthStub(channel).Check
-                upscale = superres_pb2_grpc.SuperResolutionStub(channel).Upscale
-
-                def connect(target: str = target, tls: ClientTls = tls) -> None:
-                    fresh = open_channel(target, [], tls)
-                    try:
-                        health_pb2_grpc.HealthStub(fresh).Check(check, timeout=30)
-                    finally:
-                        fresh.close()
-
-                actions[mode, "connect"] = connect
-                actions[mode, "health check"] = functools.partial(health, check, timeout=30)
-                actions[mode, "64 px upscale"] = functools.partial(upscale, request,
-                                                                   timeout=60)
-            medians = interleaved_medians(
-                {f"{mode}|{measure}": action for (mode, measure), action in actions.items()},
-                repeats=15 if quick else 101, warmup=3)
+                actions[f"{mode}|connect"] = functools.partial(_connect, target,
+                                                               credentials, check)
+                actions[f"{mode}|health check"] = functools.partial(
+                    health_pb2_grpc.HealthStub(channel).Check, check, timeout=30)
+                actions[f"{mode}|64 px upscale"] = functools.partial(
+                    superres_pb2_grpc.SuperResolutionStub(channel).Upscale, request,
+                    timeout=60)
+            medians = interleaved_medians(actions, repeats=repeats, warmup=3)
         finally:
             for channel in channels.values():
                 channel.close()
@@ -101,7 +116,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             rows.append({"measure": measure, "mode": mode, "ms": seconds * 1000,
                          "extra_ms": (seconds - baseline) * 1000,
                          "x_plaintext": seconds / baseline})
-    return {"machine": machine(), "repeats": 15 if quick else 101,
+    return {"machine": machine(), "repeats": repeats,
             "image": f"64 x 64 PNG, {len(image)} bytes", "rows": rows}
 
 

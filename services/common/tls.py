@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import logging
 import os
 import threading
@@ -108,6 +109,15 @@ def check_key_pair(leaf: x509.Certificate, key_pem: bytes, cert_what: str, cert_
                        "by this process only") from None
     except (ValueError, Exception) as error:  # cryptography raises several kinds here
         raise TlsError(f"{key_what} {key_path}: not a readable private key ({error})") from None
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey,
+                            ed25519.Ed25519PrivateKey)) or (
+            isinstance(key, ec.EllipticCurvePrivateKey)
+            and key.curve.name not in ("secp256r1", "secp384r1", "secp521r1")):
+        kind = getattr(getattr(key, "curve", None), "name", None) or type(key).__name__
+        raise TlsError(f"{key_what} {key_path}: gRPC's TLS does not take its key type "
+                       f"({kind}): use RSA, ECDSA P-256/P-384/P-521 or Ed25519")
     if _public_key_der(key.public_key()) != _public_key_der(leaf.public_key()):
         raise TlsError(f"{key_what} {key_path} is not the private key of the certificate in "
                        f"{cert_what} {cert_path} (a rotation half-way, or the wrong pair?)")
@@ -196,19 +206,25 @@ class ServerTlsFiles:
         return ServerTls(cert_pem, key_pem, client_ca_pem, leaf)
 
 
-Stamp = tuple[tuple[int, int, int, int], ...]
+Stamp = bytes
 #: A stamp no files have.
 NEVER = object()
 
 
 def file_stamps(paths: list[str]) -> Stamp | None:
-    """What changes when any of the files is replaced (a Secret's atomic symlink swap
-    included: the link is followed); None while one of them is missing."""
+    """A digest of the files' contents: what changes when any of them is replaced or
+    rewritten in place (a Secret's atomic symlink swap, or a copy over it within one tick
+    of the file system's clock, same size and all); None while one of them is missing.
+    The files are small: reading them before each handshake costs microseconds."""
+    digest = hashlib.sha256()
     try:
-        stats = [os.stat(path) for path in paths]
+        for path in paths:
+            data = Path(path).read_bytes()
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
     except OSError:
         return None
-    return tuple((s.st_dev, s.st_ino, s.st_mtime_ns, s.st_size) for s in stats)
+    return digest.digest()
 
 
 class ServerCredentials:
@@ -312,7 +328,10 @@ async def refresh_every(credentials: ServerCredentials,
     cancelled."""
     while True:
         await asyncio.sleep(seconds)
-        await asyncio.to_thread(credentials.refresh)
+        try:
+            await asyncio.to_thread(credentials.refresh)
+        except Exception:  # a bug: the next pass tries again, handshakes still ask
+            log.exception("reading the TLS files again failed; the previous ones stay")
 
 
 @dataclass(frozen=True)

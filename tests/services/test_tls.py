@@ -123,6 +123,7 @@ def test_good_files_load(files: SecretFiles) -> None:
     ("expired", r"--tls-cert .*: expired on 20\d\d-"),
     ("not yet valid", "--tls-cert .*: not valid until .*this machine's clock says"),
     ("no client ca", "--tls-client-ca .*nothing.pem: no such file"),
+    ("ed448 key", r"--tls-key .*: gRPC's TLS does not take its key type \(Ed448"),
 ])
 def test_each_bad_file_is_named_with_its_fault(files: SecretFiles, authority: Authority,
                                                spoil: str, message: str) -> None:
@@ -160,6 +161,13 @@ def test_each_bad_file_is_named_with_its_fault(files: SecretFiles, authority: Au
         files.write(authority.issue(not_before=NOW - 60 * DAY, not_after=NOW - DAY), authority)
     elif spoil == "not yet valid":
         files.write(authority.issue(not_before=NOW + DAY, not_after=NOW + 60 * DAY), authority)
+    elif spoil == "ed448 key":
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed448
+
+        files.key.write_bytes(ed448.Ed448PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
     elif spoil == "no client ca":
         changes["client_ca"] = str(files.folder / "nothing.pem")
     with pytest.raises(TlsError, match=message):
@@ -287,8 +295,9 @@ def test_the_health_port_says_not_serving_through_the_drain_and_closes_after_it(
             time.sleep(0.01)
         stopping = threading.Thread(target=running.stop, kwargs={"grace": 300})
         stopping.start()
-        status = health_pb2.HealthCheckResponse.SERVING
+        status, deadline = health_pb2.HealthCheckResponse.SERVING, time.monotonic() + 60
         while status == health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "the health port never said NOT_SERVING"
             status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE),
                                   timeout=10).status
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -562,3 +571,19 @@ def test_without_a_target_a_tls_server_on_the_default_port_is_found_and_named(
                      "--tls-ca", str(files.ca)]) == 0
     finally:
         running.stop()
+
+
+def test_a_copy_over_the_files_in_place_is_seen_whatever_their_stat_says(
+        files: SecretFiles, authority: Authority) -> None:
+    """cp over the old files, within one tick of the file system's clock and at the same
+    sizes: the contents changed, so the new pair is taken."""
+    credentials = tls_module.ServerCredentials(ServerTlsFiles(str(files.cert),
+                                                              str(files.key)))
+    times = {path: os.stat(path) for path in (files.cert, files.key)}
+    renewed = authority.issue(name="renewed")
+    files.cert.write_bytes(renewed.cert_pem)
+    files.key.write_bytes(renewed.key_pem)
+    for path, before in times.items():
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert credentials._fetch() is not None
+    assert tls_module.subject_name(credentials.current.leaf) == "renewed"

@@ -3,13 +3,16 @@
 
 The rules are ``METHOD=NAME[,NAME...]`` separated by ``;``. METHOD is a gRPC method path
 without its leading slash (``percept.v1.ImageSearch/AddImages``) or a pattern of them
-(``percept.v1.ImageSearch/*``: ``*``, ``?`` and ``[...]`` as in shell patterns); NAME is
-a client certificate's common name or one of its subjectAltName DNS names, or a pattern
-of them (``*.indexers.example.com``; ``*`` alone: any client the CA accepts). The first
-rule whose METHOD matches the call decides; a method no rule matches is open to every
-client the CA accepts. A refused call is answered PERMISSION_DENIED, reason
-``CLIENT_NOT_AUTHORIZED``, before its request is read and before it takes a slot of
-``--max-concurrent-rpcs``."""
+(``percept.v1.ImageSearch/*``: ``*``, ``?`` and ``[...]`` as in shell patterns, case
+sensitive); NAME is a client certificate's common name or one of its subjectAltName DNS
+names (not its URI, e-mail or IP names), or a pattern of them (``*.indexers.example.com``;
+``*`` alone: any client the CA accepts). The first rule whose METHOD matches the call
+decides; a method no rule matches is open to every client the CA accepts. At start, a
+rule that matches no method the server serves, or that an earlier rule hides, is warned
+of. A refused call is answered PERMISSION_DENIED, reason ``CLIENT_NOT_AUTHORIZED``; a
+call to a model service is refused before its request is read and before it takes a
+slot of ``--max-concurrent-rpcs`` (health, reflection and ServerInfo have their small
+request read first)."""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from services.common.errors import STATUS_DETAILS_KEY, status_details
+from services.common.errors import STATUS_DETAILS_KEY, fit_status_message, status_details
 from services.common.request_ids import with_request_id
 from services.common.rpc import log_failed_call
 
@@ -61,16 +64,29 @@ def parse_rules(text: str) -> list[Rule]:
 
 
 def client_names(context: grpc.aio.ServicerContext) -> list[str]:
-    """The names of the verified client certificate of the call (common name, then the
-    subjectAltName DNS names); empty without one."""
+    """The names of the verified client certificate of the call: its common name, then
+    its subjectAltName DNS names (``peer_dns``; not its URI, e-mail or IP names, which a
+    CA's policy on DNS names does not govern); empty without a certificate."""
     auth = context.auth_context() or {}
     names = []
-    for key in ("x509_common_name", "x509_subject_alternative_name"):
+    for key in ("x509_common_name", "peer_dns"):
         for value in auth.get(key, ()):
             name = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-            if name not in names:
+            if name and name not in names:
                 names.append(name)
     return names
+
+
+#: The most of a refused client's names its status message lists.
+NAMES_SHOWN = 3
+
+
+def _who(names: list[str]) -> str:
+    if not names:
+        return "a client certificate without a common name or DNS name"
+    more = len(names) - NAMES_SHOWN
+    shown = ", ".join(names[:NAMES_SHOWN]) + (f" and {more} more" if more > 0 else "")
+    return f"the client certificate of {shown}"
 
 
 Check = Callable[[grpc.aio.ServicerContext], Awaitable[None]]
@@ -109,11 +125,44 @@ def guarded(handler: grpc.RpcMethodHandler, check: Check) -> grpc.RpcMethodHandl
     return handler
 
 
+def served_methods(service_names: list[str]) -> list[str]:
+    """The method paths (``SERVICE/METHOD``) of the services a server registers, from the
+    protobuf descriptors."""
+    from google.protobuf import descriptor_pool
+
+    pool = descriptor_pool.Default()
+    methods = []
+    for name in service_names:
+        try:
+            service = pool.FindServiceByName(name)
+        except KeyError:
+            continue
+        methods += [f"{name}/{method.name}" for method in service.methods]
+    return methods
+
+
 class Authorization(grpc.aio.ServerInterceptor):
     """Refuses the calls ``rules`` do not allow the client's certificate to make."""
 
     def __init__(self, rules: list[Rule]) -> None:
         self.rules = rules
+
+    def problems(self, methods: list[str]) -> list[str]:
+        """What is wrong with the rules on a server that serves ``methods``: a rule that
+        matches none of them (a typo leaves the method it meant open), or one whose
+        methods an earlier rule decides for all of them."""
+        problems = []
+        decided: set[str] = set()
+        for number, rule in enumerate(self.rules, 1):
+            matched = {m for m in methods if fnmatch.fnmatchcase(m, rule.method)}
+            if not matched:
+                problems.append(f"rule {number} ({rule.method}) matches no method this "
+                                "server serves (names are case sensitive)")
+            elif matched <= decided:
+                problems.append(f"rule {number} ({rule.method}) never decides: earlier "
+                                "rules match all of its methods first")
+            decided |= matched
+        return problems
 
     def rule_for(self, method: str) -> Rule | None:
         path = method.lstrip("/")
@@ -132,10 +181,8 @@ class Authorization(grpc.aio.ServerInterceptor):
             names = client_names(context)
             if rule.allows(names):
                 return
-            who = (f"the client certificate of {', '.join(names)}" if names
-                   else "a client without a certificate")
-            message = (f"{who} may not call {method.lstrip('/')} (the server's "
-                       "--tls-authorize)")
+            message = fit_status_message(f"{_who(names)} may not call "
+                                         f"{method.lstrip('/')} (the server's --tls-authorize)")
             log_failed_call(method, grpc.StatusCode.PERMISSION_DENIED, message,
                             reason=REASON)
             details = ((STATUS_DETAILS_KEY, status_details(

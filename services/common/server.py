@@ -41,7 +41,7 @@ from grpc_reflection.v1alpha import reflection
 
 from percept.v1 import server_pb2, server_pb2_grpc
 from services.common import allocator
-from services.common.authorization import Authorization, parse_rules
+from services.common.authorization import Authorization, parse_rules, served_methods
 from services.common.batching import (
     DEFAULT_PUSHBACK_MS,
     MAX_PUSHBACK_MS,
@@ -695,6 +695,11 @@ class PerceptServer:
         # taken or its request read
         authorization = ([Authorization(parse_rules(config.tls_authorize))]
                          if config.tls_authorize else [])
+        for rules in authorization:
+            served = served_methods([*self.service_names, SERVER_INFO, health.SERVICE_NAME,
+                                     reflection.SERVICE_NAME])
+            for problem in rules.problems(served):
+                log.warning("--tls-authorize: %s", problem, extra={"rules": config.tls_authorize})
         server = grpc.aio.server(
             options=options, interceptors=[self._interceptor, *authorization, self._work,
                                            MalformedRequests(), self._gate, self._streams],
@@ -744,7 +749,8 @@ class PerceptServer:
         log.info("listening; loading models", extra={
             "port": self.port, "tls": ("mutual" if config.tls_client_ca else "on")
             if config.tls_cert else "off", "health_port": self.health_port,
-            "metrics_port": config.metrics_port, "services": self.service_names})
+            "metrics_port": config.metrics_port, "services": self.service_names,
+            **({"tls_authorize": config.tls_authorize} if config.tls_authorize else {})})
         started = time.perf_counter()
         for module in self.modules:
             await module.load()

@@ -149,3 +149,61 @@ def test_serve_refuses_rules_without_client_certificates_or_that_do_not_parse(
               "--tls-authorize", "Upscale=operator"])
     assert exited.value.code == 2
     assert "names no method" in capsys.readouterr().err
+
+
+def test_uri_email_and_ip_names_are_not_names_the_rules_match(
+        server: tuple[RunningServer, SecretFiles], tmp_path: Path, authority: Authority,
+        small_photo: np.ndarray) -> None:
+    """A CA's policy governs DNS names: a URI, e-mail or IP name that reads "operator" is
+    no grant (gRPC's auth context lists them all among the subjectAltNames)."""
+    running, files = server
+    mine = secret(tmp_path / "sly", authority, name="", dns=("sly.example",),
+                  ips=("10.0.0.1",), uris=("operator",), emails=("operator",))
+    with open_channel(f"localhost:{running.port}", [], ClientTls.of(
+            ca=str(files.ca), cert=str(mine.cert), key=str(mine.key))) as channel:
+        error = refusal(lambda: upscale(channel, small_photo))
+    assert error.details().startswith("the client certificate of sly.example may not call")
+
+
+def test_a_refusal_names_three_of_many_names(
+        server: tuple[RunningServer, SecretFiles], tmp_path: Path, authority: Authority,
+        small_photo: np.ndarray) -> None:
+    dns = tuple(f"host-{n}.example" for n in range(120))
+    with channel_of(server, tmp_path, authority, "many", dns=dns) as channel:
+        error = refusal(lambda: upscale(channel, small_photo))
+    assert error.details().startswith(
+        "the client certificate of many, host-0.example, host-1.example and 118 more may "
+        "not call percept.v1.SuperResolution/Upscale")
+
+
+def test_rules_that_match_nothing_or_never_decide_are_named() -> None:
+    from services.common.authorization import Authorization, served_methods
+
+    served = served_methods(["percept.v1.ImageSearch", "grpc.health.v1.Health"])
+    assert "percept.v1.ImageSearch/AddImages" in served
+    assert "grpc.health.v1.Health/Watch" in served
+    rules = Authorization(parse_rules(
+        "percept.v1.ImageSearch/*=reader;"
+        "percept.v1.ImageSearch/AddImages=indexer;"  # hidden by the first
+        "percept.v1.ImageSearch/addimages=indexer;"  # case
+        "grpc.health.v1.Health/Check=probe"))
+    assert rules.problems(served) == [
+        "rule 2 (percept.v1.ImageSearch/AddImages) never decides: earlier rules match all "
+        "of its methods first",
+        "rule 3 (percept.v1.ImageSearch/addimages) matches no method this server serves "
+        "(names are case sensitive)"]
+
+
+def test_a_server_warns_of_a_rule_that_matches_nothing(
+        tmp_path: Path, authority: Authority, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    files = secret(tmp_path / "server", authority)
+    with caplog.at_level(logging.WARNING, logger="percept.server"):
+        running = start_in_thread(server_config(
+            "superres", warmup=False, tls_cert=str(files.cert), tls_key=str(files.key),
+            tls_client_ca=str(files.ca),
+            tls_authorize="percept.v1.SuperResolution/upscale=operator"))
+        running.stop()
+    assert any("rule 1 (percept.v1.SuperResolution/upscale) matches no method" in
+               r.getMessage() for r in caplog.records)

@@ -124,6 +124,7 @@ def test_good_files_load(files: SecretFiles) -> None:
     ("not yet valid", "--tls-cert .*: not valid until .*this machine's clock says"),
     ("no client ca", "--tls-client-ca .*nothing.pem: no such file"),
     ("ed448 key", r"--tls-key .*: gRPC's TLS does not take its key type \(Ed448"),
+    ("p521 pair", r"--tls-key .*: gRPC's TLS does not take its key type \(secp521r1\)"),
 ])
 def test_each_bad_file_is_named_with_its_fault(files: SecretFiles, authority: Authority,
                                                spoil: str, message: str) -> None:
@@ -168,6 +169,8 @@ def test_each_bad_file_is_named_with_its_fault(files: SecretFiles, authority: Au
         files.key.write_bytes(ed448.Ed448PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption()))
+    elif spoil == "p521 pair":  # loads, and then every handshake fails
+        files.write(Authority(key="p521").issue(), authority)
     elif spoil == "no client ca":
         changes["client_ca"] = str(files.folder / "nothing.pem")
     with pytest.raises(TlsError, match=message):
@@ -577,13 +580,34 @@ def test_a_copy_over_the_files_in_place_is_seen_whatever_their_stat_says(
         files: SecretFiles, authority: Authority) -> None:
     """cp over the old files, within one tick of the file system's clock and at the same
     sizes: the contents changed, so the new pair is taken."""
+    renewed = authority.issue(name="renewed")
+    for path, data in ((files.cert, renewed.cert_pem), (files.key, renewed.key_pem)):
+        # the same size for sure: PEM readers skip the newlines after the block
+        path.write_bytes(path.read_bytes().ljust(4096, b"\n"))
+        assert len(data) < 4096
     credentials = tls_module.ServerCredentials(ServerTlsFiles(str(files.cert),
                                                               str(files.key)))
     times = {path: os.stat(path) for path in (files.cert, files.key)}
-    renewed = authority.issue(name="renewed")
-    files.cert.write_bytes(renewed.cert_pem)
-    files.key.write_bytes(renewed.key_pem)
+    files.cert.write_bytes(renewed.cert_pem.ljust(4096, b"\n"))
+    files.key.write_bytes(renewed.key_pem.ljust(4096, b"\n"))
     for path, before in times.items():
         os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(path)
+        assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+            before.st_size, before.st_mtime_ns, before.st_ino)  # stat sees no change
     assert credentials._fetch() is not None
     assert tls_module.subject_name(credentials.current.leaf) == "renewed"
+
+
+@pytest.mark.parametrize("key", ["p384", "rsa"])
+def test_the_other_key_types_grpc_takes_serve_mutual_tls(tmp_path: Path, key: str) -> None:
+    """RSA and ECDSA P-384 pairs pass the checks and do serve (a real handshake)."""
+    authority = Authority(key=key)
+    files = secret(tmp_path / "server", authority)
+    client_files = secret(tmp_path / "client", authority, name="client")
+    running = start_tls_server(files, mutual=True)
+    try:
+        assert check(open_channel(f"localhost:{running.port}", [], verifying(
+            files.ca, cert=str(client_files.cert), key=str(client_files.key)))) == "SERVING"
+    finally:
+        running.stop()

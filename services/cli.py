@@ -89,28 +89,30 @@ def _add_target(parser: argparse.ArgumentParser, service: str) -> None:
     _add_tls(parser)
 
 
-#: The client's TLS flags: (flag, ClientTls field, environment variable, help).
+#: The client's TLS flags: (flag, ClientTls field, help); each field's environment
+#: variable is services.common.tls.CLIENT_ENV's.
 _TLS_FLAGS = (
-    ("--tls-ca", "ca", "PERCEPT_TLS_CA", "PEM CA certificates that verify the server's TLS "
-     "certificate (turns TLS on)"),
-    ("--tls-client-cert", "cert", "PERCEPT_TLS_CLIENT_CERT", "PEM client certificate, for a "
-     "server that requires one (mutual TLS: its --tls-client-ca); with --tls-client-key"),
-    ("--tls-client-key", "key", "PERCEPT_TLS_CLIENT_KEY", "PEM private key of "
-     "--tls-client-cert"),
-    ("--tls-server-name", "server_name", "PERCEPT_TLS_SERVER_NAME", "the name to expect in "
-     "the server's certificate, where the target's host is not one it lists (an IP address)"),
+    ("--tls-ca", "ca", "PEM CA certificates that verify the server's TLS certificate (turns "
+     "TLS on)"),
+    ("--tls-client-cert", "cert", "PEM client certificate, for a server that requires one "
+     "(mutual TLS: its --tls-client-ca); with --tls-client-key"),
+    ("--tls-client-key", "key", "PEM private key of --tls-client-cert"),
+    ("--tls-server-name", "server_name", "the name to expect in the server's certificate, "
+     "where the target's host is not one it lists (an IP address)"),
 )
 
 
 def _add_tls(parser: argparse.ArgumentParser) -> None:
     """The TLS flags of a command that calls a server (plaintext without any)."""
+    from services.common.tls import CLIENT_ENV
+
     parser.add_argument("--tls", action="store_true", default=None,
                         help="TLS, verifying the server with gRPC's bundled public CA roots "
                              "($GRPC_DEFAULT_SSL_ROOTS_FILE_PATH replaces them; env "
                              "PERCEPT_TLS=1); "
                              "any --tls-* flag below turns TLS on too")
-    for flag, _, env, text in _TLS_FLAGS:
-        parser.add_argument(flag, default=None, help=f"{text} (env {env})",
+    for flag, field, text in _TLS_FLAGS:
+        parser.add_argument(flag, default=None, help=f"{text} (env {CLIENT_ENV[field]})",
                             metavar="NAME" if flag == "--tls-server-name" else "FILE")
 
 
@@ -119,13 +121,11 @@ def _client_tls(args: argparse.Namespace) -> None:
     servers; UsageError for a client certificate without its key or the other way round."""
     if not hasattr(args, "tls_ca"):
         return
-    from services.common.tls import TRUTHY, ClientTls, TlsError
+    from services.common.tls import ClientTls, TlsError
 
-    values = {field: getattr(args, flag[2:].replace("-", "_")) or os.environ.get(env, "")
-              for flag, field, env, _ in _TLS_FLAGS}
-    tls = bool(args.tls) or os.environ.get("PERCEPT_TLS", "").strip().lower() in TRUTHY
     try:
-        client.use_tls(ClientTls.of(**values, tls=tls))
+        client.use_tls(ClientTls.from_environment(tls=bool(args.tls), **{
+            field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _ in _TLS_FLAGS}))
     except TlsError as error:
         raise UsageError(f"{error} (--tls-client-cert, --tls-client-key)") from error
 

@@ -17,14 +17,11 @@ import grpc
 
 from services.common.tls import (
     CLI_FLAGS,
-    NEVER,
-    RETRY_REFUSED_SECONDS,
     ClientFlags,
     ClientTls,
     ClientTlsFiles,
-    Stamp,
+    FileWatch,
     TlsError,
-    file_stamps,
 )
 
 log = logging.getLogger("percept.channels")
@@ -72,8 +69,7 @@ class RenewingChannel:
         self.target, self.options, self.tls, self.flags = target, options, tls, flags
         self.certificate = certificate
         self.check_seconds, self.close_grace, self._clock = check_seconds, close_grace, clock
-        self._paths = [path for path in (tls.ca, tls.cert, tls.key) if path]
-        self._stamp = file_stamps(self._paths)
+        self._watch = FileWatch([path for path in (tls.ca, tls.cert, tls.key) if path], clock)
         if tls.enabled:
             files = tls.read(flags)  # TlsError: the server does not start
             self.channel = _secure_aio_channel(target, options, tls, files)
@@ -81,8 +77,6 @@ class RenewingChannel:
         else:
             self.channel = grpc.aio.insecure_channel(target, options=list(options))
         self._checked = clock()
-        self._refused: Stamp | object | None = NEVER
-        self._refused_at = 0.0
         self._closing: dict[asyncio.Task[None], grpc.aio.Channel] = {}
         self._closed = False
         #: channels made so far (1 + renewals)
@@ -102,24 +96,21 @@ class RenewingChannel:
         if not self.tls.enabled or self._closed or now - self._checked < self.check_seconds:
             return self.channel
         self._checked = now
-        stamp = file_stamps(self._paths)
-        if stamp == self._stamp or (stamp == self._refused
-                                    and now - self._refused_at < RETRY_REFUSED_SECONDS):
+        worth, stamp = self._watch.look()
+        if not worth:
             return self.channel
         loop = asyncio.get_running_loop()  # before anything changes
         try:
             files = self.tls.read(self.flags)
         except TlsError as error:
-            if stamp != self._refused:
+            if self._watch.refused(stamp):
                 log.error("the client TLS files changed but cannot be used; the previous "
                           "credentials stay in use", extra={"target": self.target,
                                                             "why": str(error)})
-            self._refused, self._refused_at = stamp, now
             return self.channel
         old = self.channel
         self.channel = _secure_aio_channel(self.target, self.options, self.tls, files)
-        self._stamp = stamp if stamp is not None else file_stamps(self._paths)
-        self._refused = NEVER
+        self._watch.took(stamp)
         self.generation += 1
         self._exported(files)
         log.info("client TLS credentials reloaded", extra={"target": self.target})

@@ -231,6 +231,44 @@ def file_stamps(paths: list[str]) -> Stamp | None:
     return digest.digest()
 
 
+class FileWatch:
+    """When a set of TLS files is worth reading again: they changed since they were last
+    taken, and they are not files refused less than :data:`RETRY_REFUSED_SECONDS` ago (a
+    renewal a clock's skew ahead becomes valid later). What reads them says whether it
+    took or refused them; a refusal is to be logged once per state of the files."""
+
+    def __init__(self, paths: list[str],
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.paths = paths
+        self._monotonic = monotonic
+        self._taken = file_stamps(paths)
+        #: the state of the files last refused (None: one was missing; NEVER: none), when
+        self._refused: Stamp | object | None = NEVER
+        self._refused_at = 0.0
+
+    def look(self) -> tuple[bool, Stamp | None]:
+        """Whether the files are worth reading now, and their state to report back."""
+        stamp = file_stamps(self.paths)
+        if stamp == self._taken:
+            return False, stamp
+        if stamp == self._refused and (self._monotonic() - self._refused_at
+                                       < RETRY_REFUSED_SECONDS):
+            return False, stamp
+        return True, stamp
+
+    def took(self, stamp: Stamp | None) -> None:
+        # a file missing at the look but read since: its state now
+        self._taken = stamp if stamp is not None else file_stamps(self.paths)
+        self._refused = NEVER
+
+    def refused(self, stamp: Stamp | None) -> bool:
+        """Records a refusal; whether it is the first of this state of the files (to
+        log)."""
+        first = stamp != self._refused
+        self._refused, self._refused_at = stamp, self._monotonic()
+        return first
+
+
 class ServerCredentials:
     """A server's TLS credentials, read again when their files change.
 
@@ -246,15 +284,12 @@ class ServerCredentials:
     def __init__(self, files: ServerTlsFiles, clock: Clock = _now,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.files = files
-        self._clock, self._monotonic = clock, monotonic
+        self._clock = clock
         self._lock = threading.Lock()
-        self._stamp = file_stamps(files.paths())
+        self._watch = FileWatch(files.paths(), monotonic)
         self.current = files.load(clock())  # TlsError: the server does not start
         #: what gRPC was last given (it asks before each handshake)
         self._given = self.current
-        #: the state of the files last refused (None: one was missing; NEVER: none), when
-        self._refused: Stamp | object | None = NEVER
-        self._refused_at = 0.0
         self._warned: int | None = None  # the serial number last warned of
         self._loaded(self.current, "TLS certificate loaded")
 
@@ -303,23 +338,18 @@ class ServerCredentials:
 
     def _reload_if_changed(self) -> None:
         """Under the lock: ``current`` from the files, if they changed and can be used."""
-        stamp = file_stamps(self.files.paths())
-        if stamp == self._stamp:
-            return
-        if stamp == self._refused and (self._monotonic() - self._refused_at
-                                       < RETRY_REFUSED_SECONDS):
+        worth, stamp = self._watch.look()
+        if not worth:
             return
         try:
             loaded = self.files.load(self._clock())  # a missing file is named
         except TlsError as error:
-            if stamp != self._refused:
+            if self._watch.refused(stamp):
                 log.error("the TLS files changed but cannot be used; the previous "
                           "certificate stays in use", extra={"why": str(error)})
-            self._refused, self._refused_at = stamp, self._monotonic()
             return
-        # a file missing at the first look but read since: its stamp now
-        self._stamp = stamp if stamp is not None else file_stamps(self.files.paths())
-        self._refused, self.current = NEVER, loaded
+        self._watch.took(stamp)
+        self.current = loaded
         self._loaded(loaded, "TLS certificate reloaded")
 
 
@@ -370,6 +400,11 @@ CLI_FLAGS = ClientFlags("--tls-ca", "--tls-client-cert", "--tls-client-key",
 EMBED_FLAGS = ClientFlags("--embed-tls-ca", "--embed-tls-cert", "--embed-tls-key", "")
 
 
+#: The environment variables a client's TLS settings come from, by ClientTls field.
+CLIENT_ENV = {"ca": "PERCEPT_TLS_CA", "cert": "PERCEPT_TLS_CLIENT_CERT",
+              "key": "PERCEPT_TLS_CLIENT_KEY", "server_name": "PERCEPT_TLS_SERVER_NAME"}
+
+
 @dataclass(frozen=True)
 class ClientTls:
     """How a client reaches a TLS server: ``ca`` (PEM CA certificates that verify the
@@ -395,15 +430,14 @@ class ClientTls:
         return cls(bool(tls or ca or cert or key or server_name), ca, cert, key, server_name)
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> ClientTls:
-        """From ``PERCEPT_TLS`` (1/true/yes/on), ``PERCEPT_TLS_CA``,
-        ``PERCEPT_TLS_CLIENT_CERT``, ``PERCEPT_TLS_CLIENT_KEY`` and
-        ``PERCEPT_TLS_SERVER_NAME``."""
-        return cls.of(environ.get("PERCEPT_TLS_CA", ""),
-                      environ.get("PERCEPT_TLS_CLIENT_CERT", ""),
-                      environ.get("PERCEPT_TLS_CLIENT_KEY", ""),
-                      environ.get("PERCEPT_TLS_SERVER_NAME", ""),
-                      environ.get("PERCEPT_TLS", "").strip().lower() in TRUTHY)
+    def from_environment(cls, environ: Mapping[str, str] = os.environ, tls: bool = False,
+                         **given: str | None) -> ClientTls:
+        """From ``PERCEPT_TLS`` (1/true/yes/on) and the variables of :data:`CLIENT_ENV`,
+        each under a value ``given`` for its field (the CLI's flags) or ``tls``."""
+        values = {field: given.get(field) or environ.get(name, "")
+                  for field, name in CLIENT_ENV.items()}
+        return cls.of(**values, tls=tls or environ.get("PERCEPT_TLS", "").strip().lower()
+                      in TRUTHY)
 
     def read(self, flags: ClientFlags = CLI_FLAGS,
              now: datetime.datetime | None = None) -> ClientTlsFiles:

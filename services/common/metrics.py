@@ -14,7 +14,11 @@ Exposed on ``--metrics-port`` at ``/metrics``:
   (images, tiles) were dropped (:func:`count_dropped`);
 - ``percept_rejected_total{queue}``: requests refused because the queue was full
   (``server-calls``: the process's --max-concurrent-rpcs);
-- ``percept_queue_stalled{queue}``: 1 while its batch has run past ``--stall-seconds``.
+- ``percept_queue_stalled{queue}``: 1 while its batch has run past ``--stall-seconds``;
+- ``percept_build_info{version}``: 1, labelled with the running percept's version;
+- ``percept_model_info{grpc_service, model, version, default}``: 1 for each model the
+  server serves, once it has loaded them (ServerInfo's models, for a dashboard or an alert
+  on pods of one service that serve different versions).
 
 The search service's own metrics (``percept_search_*``) are defined in its modules
 (services/search/), so only a process that hosts search exports them: a superres, style or
@@ -41,7 +45,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,6 +54,7 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.exposition import MetricsHandler
 
+from percept.v1 import server_pb2
 from services.common.request_ids import begin_request
 
 # The RPC labels are grpc_service, grpc_method and grpc_code (go-grpc-prometheus' names),
@@ -85,6 +90,30 @@ TLS_CERTIFICATE_EXPIRY = Gauge(
     "When the TLS certificate in use expires (Unix time), by certificate: server (with "
     "--tls-cert), embed-client (search's, with --embed-tls-cert); absent without TLS. "
     "Alert on it minus time()", ["certificate"])
+
+BUILD_INFO = Gauge("percept_build_info", "1, labelled with the running percept's version",
+                   ["version"])
+MODEL_INFO = Gauge("percept_model_info",
+                   "1 for each model the server serves (its artifact version; default: "
+                   "whether requests that name no model get it), once it has loaded them",
+                   ["grpc_service", "model", "version", "default"])
+
+
+def _model_labels(info: server_pb2.ModelInfo) -> tuple[str, str, str, str]:
+    return info.service, info.name, str(info.version), "true" if info.is_default else "false"
+
+
+def publish_models(infos: Iterable[server_pb2.ModelInfo]) -> None:
+    """percept_model_info of each model a server has loaded."""
+    for info in infos:
+        MODEL_INFO.labels(*_model_labels(info)).set(1)
+
+
+def withdraw_models(infos: Iterable[server_pb2.ModelInfo]) -> None:
+    """Takes a stopping server's models out of percept_model_info."""
+    for info in infos:
+        with contextlib.suppress(KeyError):
+            MODEL_INFO.remove(*_model_labels(info))
 
 
 class Call:

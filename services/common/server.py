@@ -66,13 +66,16 @@ from services.common.errors import (
 from services.common.logs import configure_logging
 from services.common.malformed import MalformedRequests
 from services.common.metrics import (
+    BUILD_INFO,
     INFRASTRUCTURE_SERVICES,
     REJECTED,
     CallWithoutRequest,
     MetricsInterceptor,
     MetricsServers,
+    publish_models,
     ran_out_of_time,
     start_metrics_server,
+    withdraw_models,
 )
 from services.common.request_ids import current_request_id, with_request_id
 from services.common.rpc import (
@@ -82,7 +85,7 @@ from services.common.rpc import (
     log_held_lines_every,
 )
 from services.common.server_info import SERVICE_NAME as SERVER_INFO
-from services.common.server_info import ServerInfoServicer
+from services.common.server_info import ServerInfoServicer, percept_version
 from services.common.stall_watch import StallWatch
 from services.common.tls import ServerCredentials, ServerTlsFiles, TlsError, refresh_every
 
@@ -646,6 +649,7 @@ class PerceptServer:
         self._work = WorkCalls(config.max_concurrent_rpcs,
                                release_free_memory if allocator.retaining() else None)
         self._stall_watch: asyncio.Task[None] | None = None
+        self._models: list[server_pb2.ModelInfo] = []  # what percept_model_info shows
 
     @property
     def service_names(self) -> list[str]:
@@ -724,6 +728,7 @@ class PerceptServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
+        BUILD_INFO.labels(percept_version()).set(1)
         FAILED_CALL_LINES.configure(config.failed_call_log_limit)
         self._held_lines = asyncio.get_running_loop().create_task(log_held_lines_every())
         if self.tls is not None:
@@ -764,6 +769,8 @@ class PerceptServer:
             gc.collect()
             gc.freeze()
         self._gate.ready = True
+        self._models = [info for module in self.modules for info in module.model_infos()]
+        publish_models(self._models)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if config.stall_seconds:
             watch = StallWatch(self.modules, config.stall_seconds, self._health.set)
@@ -820,6 +827,7 @@ class PerceptServer:
         if self._health_server is not None:  # the probes saw NOT_SERVING until now
             await self._health_server.stop(None)
         self._work.close()
+        withdraw_models(self._models)
         for module in self.modules:
             await module.close()
         if self._metrics_http is not None:

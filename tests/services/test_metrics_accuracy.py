@@ -4,6 +4,7 @@ search's metrics only where search runs."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import grpc
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 
 from percept.v1 import embed_pb2, embed_pb2_grpc
 from services import client
@@ -225,9 +227,11 @@ def test_embed_requests_expiring_in_the_queue_are_deadline_drops_once_each(
 # -- which process exports what ----------------------------------------------------------
 
 
-def test_a_superres_process_exports_no_search_metric() -> None:
+def test_a_superres_process_exports_its_models_and_no_search_metric() -> None:
     """A superres-only server's /metrics has no percept_search_* series (an alert on
-    percept_search_embedding_served == 0 fired on every non-search pod)."""
+    percept_search_embedding_served == 0 fired on every non-search pod); it has its
+    version and one percept_model_info series per model it serves, as ServerInfo lists
+    them, which its stop takes out again."""
     port = free_port()
     script = textwrap.dedent(f"""
         import urllib.request
@@ -244,10 +248,32 @@ def test_a_superres_process_exports_no_search_metric() -> None:
                                          timeout=10).read().decode())
         finally:
             running.stop()
+        from prometheus_client import REGISTRY, generate_latest
+        print("--- stopped ---")
+        print(generate_latest(REGISTRY).decode())
     """)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRPC_VERBOSITY": "ERROR"}
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "# TYPE percept_inflight_requests gauge" in done.stdout  # the metrics page
+    serving, _, stopped = done.stdout.partition("--- stopped ---")
+    assert "# TYPE percept_inflight_requests gauge" in serving  # the metrics page
     assert "percept_search" not in done.stdout
+    version = importlib.metadata.version("percept")
+    assert f'percept_build_info{{version="{version}"}} 1.0' in serving
+    service = "percept.v1.SuperResolution"
+    models = sorted(p.name for p in (REPO / "models").iterdir()
+                    if p.name.startswith("superres-"))
+    served = sorted(
+        (m["model"], m["default"]) for m in _info_series(serving, "percept_model_info"))
+    assert [name for name, _ in served] == models
+    assert [name for name, default in served if default == "true"] == ["superres-perceptual"]
+    for labels in _info_series(serving, "percept_model_info"):
+        assert labels["grpc_service"] == service and labels["version"].isdigit()
+    assert _info_series(stopped, "percept_model_info") == []
+
+
+def _info_series(text: str, name: str) -> list[dict[str, str]]:
+    """The label sets of an info metric's series that have the value 1."""
+    return [sample.labels for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == name and sample.value == 1]

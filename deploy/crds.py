@@ -2,19 +2,30 @@
 `kubernetes` client knows: a JSON schema of our own for each, checked as strictly as the
 bundled ones, and a typed model derived from that schema.
 
-One kind so far, the Prometheus Operator's PodMonitor (monitoring.coreos.com/v1) of
-deploy/k8s/components/podmonitor. PODMONITOR_SCHEMA is written for this project: a subset
-of the operator's CRD with only the fields that component uses, and stricter than the CRD
-(`podMetricsEndpoints` and each endpoint's `port` are required). It is not the operator's
-CRD (monitoring.coreos.com_podmonitors.yaml in prometheus-operator/prometheus-operator): a
-field the operator accepts but this schema lacks (honorLabels, relabelings ...) fails
-validation until it is added here. `metadata` and `selector` are the Kubernetes
-ObjectMeta and LabelSelector of the schemas kubernetes-validate bundles (strict).
+Two kinds of the Prometheus Operator (monitoring.coreos.com/v1), each schema
+written for this project: a subset of the operator's CRD with only the fields its
+component uses, and stricter than the CRD. They are not the operator's CRDs
+(monitoring.coreos.com_*.yaml in prometheus-operator/prometheus-operator): a field the
+operator accepts but a schema here lacks fails validation until it is added here.
+`metadata` and `selector` are the Kubernetes ObjectMeta and LabelSelector of the schemas
+kubernetes-validate bundles (strict).
+
+- PODMONITOR_SCHEMA, the PodMonitor of deploy/k8s/components/podmonitor:
+  `podMetricsEndpoints` and each endpoint's `port` are required (honorLabels,
+  relabelings ... are not there).
+- PROMETHEUSRULE_SCHEMA, the PrometheusRule of deploy/k8s/components/alerts: `groups` is
+  required and non-empty, each group has a `name` and at least one rule, each rule an
+  `expr` and exactly one of `alert` and `record` (a recording rule has no `for` and no
+  annotations, as Prometheus itself requires), `for` is a duration, `labels` and
+  `annotations` map strings to strings (group `interval`, `limit`, `keep_firing_for` ...
+  are not there). That group names, and alert names, are unique is the `alerts` policy's
+  to check (deploy/policy/monitoring.py): a JSON schema cannot say it.
 """
 
 from __future__ import annotations
 
 import functools
+import keyword
 import re
 from collections.abc import Callable
 from typing import Any
@@ -70,9 +81,91 @@ PODMONITOR_SCHEMA: dict[str, Any] = {
     },
 }
 
+#: a custom keyword: the message of an error of the `oneOf` or `not` beside it, instead of
+#: jsonschema's, which repeats the whole failing value (jsonschema ignores it)
+MESSAGE = "x-percept-message"
+#: a Prometheus metric name (what a recording rule records)
+METRIC_NAME_PATTERN = r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+
+
+def _forbidden(message: str) -> dict[str, Any]:
+    """A property that must be absent, with the message that says why."""
+    return {"not": {}, MESSAGE: message}
+
+
+PROMETHEUSRULE_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$comment": "percept's own subset of the Prometheus Operator's PrometheusRule "
+    "(deploy/crds.py)",
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": {"$ref": _K8S_META + "ObjectMeta", CLIENT_MODEL: "V1ObjectMeta"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            # unique in the PrometheusRule: the `alerts` policy checks it
+                            "name": {"type": "string", "minLength": 1},
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["expr"],
+                                    "properties": {
+                                        "alert": {"type": "string", "minLength": 1},
+                                        "record": {
+                                            "type": "string",
+                                            "pattern": METRIC_NAME_PATTERN,
+                                        },
+                                        # PromQL (the CRD also takes a number: not here)
+                                        "expr": {"type": "string", "minLength": 1},
+                                        "for": _DURATION,
+                                        "labels": _STRING_MAP,
+                                        "annotations": _STRING_MAP,
+                                    },
+                                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                    MESSAGE: "a rule has exactly one of `alert` (an alerting "
+                                    "rule) and `record` (a recording rule)",
+                                    # Prometheus refuses these on a recording rule
+                                    "if": {"required": ["record"]},
+                                    "then": {
+                                        "properties": {
+                                            "for": _forbidden("a recording rule has no `for`"),
+                                            "annotations": _forbidden(
+                                                "a recording rule has no annotations"
+                                            ),
+                                        }
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
 #: (apiVersion, kind) -> the schema of a custom resource percept renders
 SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
     ("monitoring.coreos.com/v1", "PodMonitor"): PODMONITOR_SCHEMA,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUSRULE_SCHEMA,
 }
 
 #: where an error of these schemas points a reader
@@ -117,13 +210,18 @@ def schema_errors(obj: dict[str, Any], version: str) -> list[str]:
         message = e.message
         if e.validator == "pattern" and e.validator_value == DURATION_PATTERN:
             message = f"{e.instance!r} is not a duration (30s, 1m30s, 500ms ...)"
+        elif e.validator in ("oneOf", "not") and MESSAGE in e.schema:
+            message = str(e.schema[MESSAGE])
         out.append(f"{'.'.join(str(p) for p in e.path) or '(root)'}: {message} ({SOURCE})")
     return out
 
 
 def _snake(name: str) -> str:
-    """podMetricsEndpoints -> pod_metrics_endpoints, as the kubernetes client names fields."""
-    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+    """podMetricsEndpoints -> pod_metrics_endpoints, as the kubernetes client names fields;
+    a Python keyword gets its `var_` prefix (a rule's `for` -> var_for, as `exec` is
+    var_exec in the client)."""
+    snake = re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+    return f"var_{snake}" if keyword.iskeyword(snake) else snake
 
 
 class CustomModel:

@@ -3,7 +3,8 @@
 Two independent readings of every object:
 1. JSON schema: kubernetes-validate's bundled OpenAPI schemas, in strict mode (an unknown
    field is an error), for the newest Kubernetes version it ships; a custom resource
-   (the PodMonitor) against our own schema in deploy/crds.py, as strictly.
+   (the PodMonitor, the PrometheusRule) against our own schema in deploy/crds.py, as
+   strictly.
 2. Typed models: the `kubernetes` Python client deserialises the object into its model
    classes (`V1Deployment`, `V2HorizontalPodAutoscaler` ...), which run the client-side
    validation of required fields; a custom resource becomes a `deploy.crds.CustomModel`

@@ -58,6 +58,9 @@ TARGETS: tuple[Target, ...] = (
     # overlays/gpu with the optional components/tls (mutual TLS, probes on the plaintext
     # health port): the component checked where it is used, on the whole stack.
     Target("overlays/gpu-tls", K8S_DIR / "overlays" / "gpu-tls", "gpu"),
+    # overlays/gpu with the optional monitoring components (podmonitor, alerts, dashboard):
+    # what to apply for a Prometheus Operator, checked as a whole stack.
+    Target("overlays/gpu-monitored", K8S_DIR / "overlays" / "gpu-monitored", "gpu"),
     Target(
         "jobs/train-superres",
         K8S_DIR / "jobs" / "train-superres",
@@ -70,6 +73,24 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "components/podmonitor",
         K8S_DIR / "components" / "podmonitor",
+        "gpu",
+        kind="component",
+        companion="overlays/gpu",
+    ),
+    # Optional, for the Prometheus Operator: the PrometheusRule of percept's alerts, on the
+    # metrics of the default overlay's servers.
+    Target(
+        "components/alerts",
+        K8S_DIR / "components" / "alerts",
+        "gpu",
+        kind="component",
+        companion="overlays/gpu",
+    ),
+    # Optional, for kube-prometheus-stack's Grafana: the dashboard ConfigMap (in the
+    # monitoring namespace), on the metrics of the default overlay's servers.
+    Target(
+        "components/dashboard",
+        K8S_DIR / "components" / "dashboard",
         "gpu",
         kind="component",
         companion="overlays/gpu",

@@ -1,10 +1,13 @@
 """Validate percept's Kubernetes deployment offline: `.venv/bin/python deploy/validate.py`.
 
 Renders every kustomize target (deploy/k8s/cluster, overlays/gpu, overlays/cpu,
-overlays/gpu-tls (overlays/gpu with the optional components/tls), the training Job and the
-optional components/podmonitor) with the venv's `kubectl kustomize`,
+overlays/gpu-tls (overlays/gpu with the optional components/tls), overlays/gpu-monitored
+(overlays/gpu with the optional components/podmonitor, alerts and dashboard), the training
+Job and the optional components/podmonitor, components/alerts and components/dashboard on
+their own) with the venv's `kubectl kustomize`,
 validates each object against the bundled Kubernetes JSON schemas in strict mode
-(kubernetes-validate; the PodMonitor against our own schema, deploy/crds.py), loads it
+(kubernetes-validate; the PodMonitor and the PrometheusRule against our own schemas,
+deploy/crds.py), loads it
 into the `kubernetes` client's typed models, runs the policy checks of deploy/policy/
 (some across targets: every target runs one image release; the PodMonitor is checked
 against the pods of overlays/gpu; the `images` check wants the variant each container

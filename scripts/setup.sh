@@ -11,9 +11,10 @@ STAMP=$VENV/.percept-setup
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
 # 1. Debian packages: headers pillow-simd compiles against (JPEG, zlib, WebP, TIFF, FreeType,
-#    and littlecms for colour management: CIELAB images, ICC profiles), and openssl, whose
-#    certificate recipe in deploy/README.md a test runs.
-APT_PKGS="libjpeg-dev zlib1g-dev libwebp-dev libtiff-dev libfreetype-dev liblcms2-dev openssl"
+#    and littlecms for colour management: CIELAB images, ICC profiles), openssl, whose
+#    certificate recipe in deploy/README.md a test runs, and prometheus (with promtool), which
+#    the tests of the alerting rules and the dashboard run (nothing starts it as a service).
+APT_PKGS="libjpeg-dev zlib1g-dev libwebp-dev libtiff-dev libfreetype-dev liblcms2-dev openssl prometheus"
 missing=""
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

@@ -30,11 +30,15 @@ from deploy.policy.model import (
     pre_stop_seconds,
     server_container,
 )
+from deploy.policy.monitoring import (
+    check_alert_rules,
+    check_dashboards,
+    check_object_namespaces,
+)
 from deploy.policy.network import Peer, check_network_policy, ingress_allowed
 from deploy.policy.services import (
     check_autoscaling,
     check_disruption_budgets,
-    check_namespace,
     check_search_statefulset,
     check_services,
     check_teardown,
@@ -139,11 +143,14 @@ CHECKS: tuple[PolicyCheck, ...] = (
     PolicyCheck("config", check_config),
     PolicyCheck("references", check_references),
     PolicyCheck("search-statefulset", check_search_statefulset, ("app",)),
-    PolicyCheck("namespace", check_namespace, ALL_KINDS),
+    # the Grafana dashboard ConfigMaps live in the monitoring namespace: `dashboards`
+    PolicyCheck("namespace", check_object_namespaces, ALL_KINDS),
     PolicyCheck("teardown", check_teardown, ALL_KINDS),
     PolicyCheck("jobs", check_jobs),
     PolicyCheck("dockerfile", check_dockerfile, ("app",)),
     PolicyCheck("image-contract", check_image_contract),
+    PolicyCheck("alerts", check_alert_rules, ("app", "component")),
+    PolicyCheck("dashboards", check_dashboards, ("app", "component")),
 )
 
 

@@ -78,11 +78,13 @@ def test_the_component_is_a_kustomize_component() -> None:
     assert TARGET.kind == "component" and TARGET.companion == "overlays/gpu"
     names = [t.name for t in render.TARGETS]
     assert names.index("overlays/gpu") < names.index(TARGET.name)
-    # no overlay includes it: it is optional (overlays/gpu-tls includes components/tls)
+    # optional: only overlays/gpu-monitored (the Prometheus Operator's monitoring) includes it
+    including = []
     for overlay in (render.K8S_DIR / "overlays").glob("*/kustomization.yaml"):
         components = yaml.safe_load(overlay.read_text()).get("components") or []
-        assert not any(c.rstrip("/").endswith("components/podmonitor") for c in components), (
-            overlay)
+        if any(c.rstrip("/").endswith("components/podmonitor") for c in components):
+            including.append(overlay.parent.name)
+    assert including == ["gpu-monitored"]
 
 
 def test_the_component_renders_one_valid_podmonitor(report: Report, component: Bundle) -> None:
@@ -318,37 +320,41 @@ def test_validation_fails_on_a_broken_copy(
 
 
 def _documented_overlay() -> str:
-    """The overlay of deploy/README.md, section 5, that adds the component."""
+    """The overlay of deploy/README.md, section 5, over overlays/gpu-monitored."""
     section = _section(DEPLOY_README.read_text(), "## 5. Scaling")
     blocks = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
-    (block,) = [b for b in blocks if "components:" in b]
+    (block,) = [b for b in blocks if "gpu-monitored" in b]
     return textwrap.dedent(block)
 
 
-def test_the_documented_overlay_that_adds_the_component_validates(
+def test_the_documented_overlay_over_gpu_monitored_validates(
     tmp_path: Path, gpu: Bundle
 ) -> None:
-    """What a user writes (deploy/README.md, section 5): an overlay beside overlays/gpu with
-    `components: [../../components/podmonitor]` and the release label; it validates as a
-    whole, and its PodMonitor is checked against the overlay's own pods."""
-    overlay = tmp_path / "gpu-monitored"
+    """What a user of kube-prometheus-stack writes (deploy/README.md, section 5): an
+    overlay over overlays/gpu-monitored with the release label on the PodMonitor and the
+    PrometheusRule; it validates as a whole, and its PodMonitor is checked against the
+    overlay's own pods."""
+    overlay = tmp_path / "mine"
     overlay.mkdir()
     text = _documented_overlay()
-    for documented, real in (
-        ("../../components/podmonitor", COMPONENT),
-        ("../gpu", render.K8S_DIR / "overlays" / "gpu"),
-    ):
-        assert f"- {documented}\n" in text, documented
-        text = text.replace(f"- {documented}\n", f"- {os.path.relpath(real, overlay)}\n")
-    (overlay / "kustomization.yaml").write_text(text)
-    report = validate_targets((render.Target("tmp/gpu-monitored", overlay, "gpu"),))
+    documented = "../gpu-monitored"
+    assert f"- {documented}\n" in text
+    real = os.path.relpath(render.K8S_DIR / "overlays" / "gpu-monitored", overlay)
+    (overlay / "kustomization.yaml").write_text(text.replace(f"- {documented}\n",
+                                                             f"- {real}\n"))
+    report = validate_targets((render.Target("tmp/mine", overlay, "gpu"),))
     assert report.ok, "\n".join(report.failures)
     (t,) = report.targets
     assert t.bundle is not None
     (pm,) = t.bundle.of_kind("PodMonitor")
     assert pm.ref == "PodMonitor/percept"
     assert pm.model.metadata.labels["release"] == "kube-prometheus-stack"
-    assert len(t.bundle.resources) == len(gpu.resources) + 1
+    (rule,) = t.bundle.of_kind("PrometheusRule")
+    assert rule.raw["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (dashboard,) = [r for r in t.bundle.of_kind("ConfigMap")
+                    if "grafana_dashboard" in (r.raw["metadata"].get("labels") or {})]
+    assert "release" not in dashboard.raw["metadata"]["labels"]
+    assert len(t.bundle.resources) == len(gpu.resources) + 3
     # the PodMonitor is checked against the overlay's own pods: break one port name there
     bundle = t.bundle
     sts = bundle.get("StatefulSet", "search")
@@ -370,7 +376,9 @@ def test_the_docs_say_what_the_component_is() -> None:
     text = DEPLOY_README.read_text()
     scaling = " ".join(_section(text, "## 5. Scaling").split())
     assert "components: [../../components/podmonitor]" in scaling
+    assert "`overlays/gpu-monitored`" in scaling
     assert "release:" in scaling and "podMonitorSelectorNilUsesHelmValues=false" in scaling
+    assert "ruleSelectorNilUsesHelmValues=false" in scaling
     assert "add a PodMonitor for the" not in scaling  # the old advice: now it is provided
     checks = " ".join(_section(text, "## 11. What `make deploy-validate` checks").split())
     for t in render.TARGETS:

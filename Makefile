@@ -22,7 +22,7 @@ run: setup
 
 ## test: the whole suite, on up to 4 cores (pytest-xdist)
 test: setup
-	@$(PY) -m pytest -q -n auto --maxprocesses 4
+	@$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 ## protos: regenerate percept/v1 Python code from the .proto files
 protos: setup

@@ -31,6 +31,8 @@ WIDTH, HEIGHT = 12, 8
 #: the pods of the picked namespaces (the `namespace` variable, any number of them)
 NS = 'namespace=~"$namespace"'
 RATE = "[$__rate_interval]"
+#: the model services' calls: not health checks, reflection or ServerInfo
+MODEL_SERVICES = 'grpc_service=~"percept.v1.*", grpc_service!="percept.v1.ServerInfo"'
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def _q(expr: str, legend: str) -> tuple[Query, ...]:
 def _latency(quantile: str) -> Query:
     return Query(
         f"histogram_quantile({quantile}, sum by (grpc_method, le) ("
-        f"rate(percept_request_seconds_bucket{{{NS}, grpc_service=~\"percept.v1.*\"}}{RATE})))",
+        f"rate(percept_request_seconds_bucket{{{NS}, {MODEL_SERVICES}}}{RATE})))",
         f"{{{{grpc_method}}}} p{quantile[2:].ljust(2, '0')}")
 
 
@@ -73,8 +75,7 @@ ROWS: tuple[Row, ...] = (
         Panel("Calls per second",
               "Finished calls of the model services, by method (health checks and "
               "ServerInfo left out).",
-              _q(f"sum by (grpc_method) (rate(percept_requests_total{{{NS}, "
-                 f"grpc_service=~\"percept.v1.*\", grpc_service!=\"percept.v1.ServerInfo\"}}"
+              _q(f"sum by (grpc_method) (rate(percept_requests_total{{{NS}, {MODEL_SERVICES}}}"
                  f"{RATE}))", "{{grpc_method}}"),
               unit="reqps", stacked=True),
         Panel("Failed calls per second, by status",
@@ -90,8 +91,7 @@ ROWS: tuple[Row, ...] = (
         Panel("Calls in progress, by pod",
               "Calls of the model services being handled (reading, queued, computing or "
               "answering): the load a prometheus-adapter HPA rule scales on.",
-              _q(f"sum by (pod) (percept_inflight_requests{{{NS}, "
-                 f"grpc_service=~\"percept.v1.*\", grpc_service!=\"percept.v1.ServerInfo\"}})",
+              _q(f"sum by (pod) (percept_inflight_requests{{{NS}, {MODEL_SERVICES}}})",
                  "{{pod}}")),
     )),
     Row("Capacity", (
@@ -146,17 +146,19 @@ ROWS: tuple[Row, ...] = (
               "--embed-tls-cert); cert-manager renews at a third of its life left.",
               _q(f"(percept_tls_certificate_expiry_timestamp_seconds{{{NS}}} - time()) "
                  "/ 86400", "{{pod}} {{certificate}}"),
-              unit="d"),
+              unit="none"),
     )),
     Row("Versions", (
-        Panel("percept release, by pod",
-              "The release each pod runs: more than one for long is a stuck rollout.",
-              _q(f"max by (pod, version) (percept_build_info{{{NS}}})", ""),
+        Panel("percept build, by pod",
+              "The release and commit each pod runs: more than one for long is a stuck "
+              "rollout.",
+              _q(f"max by (namespace, pod, version, revision) (percept_build_info{{{NS}}})",
+                 ""),
               kind="table"),
         Panel("Models, by pod",
               "Each model each pod serves, with its artifact version and whether it is "
               "the service's default.",
-              _q(f"max by (pod, grpc_service, model, version, default) "
+              _q(f"max by (namespace, pod, grpc_service, model, version, default) "
                  f"(percept_model_info{{{NS}}})", ""),
               kind="table"),
     )),

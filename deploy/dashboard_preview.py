@@ -270,7 +270,7 @@ def _legend(template: str, labels: dict[str, str]) -> str:
     return out.replace(POD, "pod") or "value"
 
 
-_UNIT_LABELS = {"reqps": "calls/s", "s": "seconds", "d": "days", "short": ""}
+_UNIT_LABELS = {"reqps": "calls/s", "s": "seconds", "short": "", "none": ""}
 
 
 def _draw_series(ax: Any, prometheus: str, panel: Panel, start: float, end: float,

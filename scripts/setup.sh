@@ -13,7 +13,8 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 # 1. Debian packages: headers pillow-simd compiles against (JPEG, zlib, WebP, TIFF, FreeType,
 #    and littlecms for colour management: CIELAB images, ICC profiles), openssl, whose
 #    certificate recipe in deploy/README.md a test runs, and prometheus (with promtool), which
-#    the tests of the alerting rules and the dashboard run (nothing starts it as a service).
+#    the tests of the alerting rules and the dashboard run. On a machine with systemd, the
+#    package enables and starts a Prometheus service; set-up stops and disables it again.
 APT_PKGS="libjpeg-dev zlib1g-dev libwebp-dev libtiff-dev libfreetype-dev liblcms2-dev openssl prometheus"
 missing=""
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
@@ -22,6 +23,9 @@ if [ -n "$missing" ]; then
     log "apt-get install$missing"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    if [[ " $missing " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+      systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    fi
   else
     log "missing Debian packages:$missing (run as root, or: sudo apt-get install$missing)"; exit 1
   fi

@@ -15,7 +15,8 @@ Exposed on ``--metrics-port`` at ``/metrics``:
 - ``percept_rejected_total{queue}``: requests refused because the queue was full
   (``server-calls``: the process's --max-concurrent-rpcs);
 - ``percept_queue_stalled{queue}``: 1 while its batch has run past ``--stall-seconds``;
-- ``percept_build_info{version}``: 1, labelled with the running percept's version;
+- ``percept_build_info{version, revision}``: 1, labelled with the running percept's
+  version and commit (``$PERCEPT_GIT_SHA``);
 - ``percept_model_info{grpc_service, model, version, default}``: 1 for each model the
   server serves, once it has loaded them (ServerInfo's models, for a dashboard or an alert
   on pods of one service that serve different versions).
@@ -36,12 +37,14 @@ thread with no timeout, and 4,000 idle ones took 4,021 threads and 165 s of one 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import inspect
 import io
 import ipaddress
 import logging
+import os
 import socket
 import threading
 import time
@@ -91,29 +94,73 @@ TLS_CERTIFICATE_EXPIRY = Gauge(
     "--tls-cert), embed-client (search's, with --embed-tls-cert); absent without TLS. "
     "Alert on it minus time()", ["certificate"])
 
-BUILD_INFO = Gauge("percept_build_info", "1, labelled with the running percept's version",
-                   ["version"])
+BUILD_INFO = Gauge("percept_build_info",
+                   "1, labelled with the running percept's version and the commit it was "
+                   "built from (PERCEPT_GIT_SHA, which `make image` sets; unknown without "
+                   "it)", ["version", "revision"])
 MODEL_INFO = Gauge("percept_model_info",
                    "1 for each model the server serves (its artifact version; default: "
                    "whether requests that name no model get it), once it has loaded them",
                    ["grpc_service", "model", "version", "default"])
+
+#: The status codes whose series every method has from the start, at 0: a series made by
+#: its first increment starts at 1, and rate() and increase() never count that first one
+#: (an alert on a rare INTERNAL would miss it).
+STARTING_CODES = ("OK", "INTERNAL", "UNKNOWN", "DATA_LOSS", "RESOURCE_EXHAUSTED",
+                  "DEADLINE_EXCEEDED", "UNAVAILABLE")
+#: percept_dropped_total's reasons
+DROP_REASONS = ("deadline", "cancelled")
+
+
+def build_revision() -> str:
+    """The commit the running percept was built from: ``$PERCEPT_GIT_SHA``, else unknown."""
+    return os.environ.get("PERCEPT_GIT_SHA", "").strip() or "unknown"
+
+
+def start_series(methods: Iterable[str], queues: Iterable[str]) -> None:
+    """Makes, at 0, the series an alert's rate() reads before anything counts in them:
+    ``STARTING_CODES`` for each method (``SERVICE/METHOD``), and the rejections and
+    drops of each queue."""
+    for path in methods:
+        service, _, method = path.partition("/")
+        for code in STARTING_CODES:
+            REQUESTS.labels(service, method, code)
+    for queue in queues:
+        REJECTED.labels(queue)
+        for reason in DROP_REASONS:
+            DROPPED.labels(queue, reason)
 
 
 def _model_labels(info: server_pb2.ModelInfo) -> tuple[str, str, str, str]:
     return info.service, info.name, str(info.version), "true" if info.is_default else "false"
 
 
+#: How many servers of this process publish each percept_model_info series (tests and
+#: embedded use run several): the last one to stop takes it out.
+_publishers: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
+_publishers_lock = threading.Lock()
+
+
 def publish_models(infos: Iterable[server_pb2.ModelInfo]) -> None:
     """percept_model_info of each model a server has loaded."""
-    for info in infos:
-        MODEL_INFO.labels(*_model_labels(info)).set(1)
+    with _publishers_lock:
+        for info in infos:
+            labels = _model_labels(info)
+            _publishers[labels] += 1
+            MODEL_INFO.labels(*labels).set(1)
 
 
 def withdraw_models(infos: Iterable[server_pb2.ModelInfo]) -> None:
-    """Takes a stopping server's models out of percept_model_info."""
-    for info in infos:
-        with contextlib.suppress(KeyError):
-            MODEL_INFO.remove(*_model_labels(info))
+    """Takes a stopping server's models out of percept_model_info (those no other server
+    of the process still publishes)."""
+    with _publishers_lock:
+        for info in infos:
+            labels = _model_labels(info)
+            _publishers[labels] -= 1
+            if _publishers[labels] <= 0:
+                del _publishers[labels]
+                with contextlib.suppress(KeyError):
+                    MODEL_INFO.remove(*labels)
 
 
 class Call:

@@ -72,9 +72,11 @@ from services.common.metrics import (
     CallWithoutRequest,
     MetricsInterceptor,
     MetricsServers,
+    build_revision,
     publish_models,
     ran_out_of_time,
     start_metrics_server,
+    start_series,
     withdraw_models,
 )
 from services.common.request_ids import current_request_id, with_request_id
@@ -728,7 +730,7 @@ class PerceptServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
-        BUILD_INFO.labels(percept_version()).set(1)
+        BUILD_INFO.labels(percept_version(), build_revision()).set(1)
         FAILED_CALL_LINES.configure(config.failed_call_log_limit)
         self._held_lines = asyncio.get_running_loop().create_task(log_held_lines_every())
         if self.tls is not None:
@@ -771,6 +773,9 @@ class PerceptServer:
         self._gate.ready = True
         self._models = [info for module in self.modules for info in module.model_infos()]
         publish_models(self._models)
+        queues = ["server-calls",
+                  *(batcher.name for module in self.modules for batcher in module.batchers())]
+        start_series(served_methods(self.service_names), queues)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if config.stall_seconds:
             watch = StallWatch(self.modules, config.stall_seconds, self._health.set)

@@ -252,7 +252,8 @@ def test_a_superres_process_exports_its_models_and_no_search_metric() -> None:
         print("--- stopped ---")
         print(generate_latest(REGISTRY).decode())
     """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRPC_VERBOSITY": "ERROR"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRPC_VERBOSITY": "ERROR",
+           "PERCEPT_GIT_SHA": "0123abc"}
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -260,7 +261,19 @@ def test_a_superres_process_exports_its_models_and_no_search_metric() -> None:
     assert "# TYPE percept_inflight_requests gauge" in serving  # the metrics page
     assert "percept_search" not in done.stdout
     version = importlib.metadata.version("percept")
-    assert f'percept_build_info{{version="{version}"}} 1.0' in serving
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(serving) for s in family.samples}
+    assert samples[("percept_build_info", (("revision", "0123abc"),
+                                           ("version", version)))] == 1.0
+    # the series alerts read exist from the start, at 0: rate() then counts the first one
+    for code in ("INTERNAL", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"):
+        key = ("percept_requests_total", (("grpc_code", code), ("grpc_method", "Upscale"),
+                                          ("grpc_service", "percept.v1.SuperResolution")))
+        assert samples.get(key) == 0.0, code
+    for queue in ("server-calls", "model-superres-perceptual"):
+        assert samples.get(("percept_rejected_total", (("queue", queue),))) == 0.0, queue
+    assert samples.get(("percept_dropped_total", (("queue", "model-superres-perceptual"),
+                                                  ("reason", "deadline")))) == 0.0
     service = "percept.v1.SuperResolution"
     models = sorted(p.name for p in (REPO / "models").iterdir()
                     if p.name.startswith("superres-"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,23 @@ log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+#: queue name -> the watches (of the servers of this process) that see it stalled: the
+#: gauge is 1 while any does. One server per process in a pod; tests run several, whose
+#: looks would otherwise overwrite each other's.
+_stalled_queues: dict[str, set[int]] = {}
+_stalled_lock = threading.Lock()
+
+
+def _show_stall(queue: str, watch: int, stalled: bool) -> None:
+    with _stalled_lock:
+        watches = _stalled_queues.setdefault(queue, set())
+        if stalled:
+            watches.add(watch)
+        else:
+            watches.discard(watch)
+        STALLED.labels(queue).set(1 if watches else 0)
 
 
 def _seconds(seconds: float) -> str:
@@ -52,7 +70,7 @@ class StallWatch:
         for module in self.modules:
             for batcher in module.batchers():
                 seconds = batcher.stalled_for()
-                STALLED.labels(batcher.name).set(0 if seconds is None else 1)
+                _show_stall(batcher.name, id(self), seconds is not None)
                 if seconds is not None:
                     found.setdefault(module.full_name, f"{batcher.name}'s batch has run "
                                                        f"{_seconds(seconds)}")
@@ -74,9 +92,14 @@ class StallWatch:
         self.stalled = found
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.period)
-            try:
-                await self.update()
-            except Exception:  # a look that failed is no reason to stop looking
-                log.exception("checking the batches for stalls failed")
+        try:
+            while True:
+                await asyncio.sleep(self.period)
+                try:
+                    await self.update()
+                except Exception:  # a look that failed is no reason to stop looking
+                    log.exception("checking the batches for stalls failed")
+        finally:  # the server stops: what this watch saw stalled is no longer shown
+            for module in self.modules:
+                for batcher in module.batchers():
+                    _show_stall(batcher.name, id(self), False)

@@ -143,3 +143,64 @@ def test_the_rest_of_a_batch_after_a_long_compile_counts_from_its_end() -> None:
         return just_after
 
     assert asyncio.run(run()) is None
+
+
+class _FixedStall:
+    """A batcher stand-in whose batch is stalled or not, as the test says."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.stalled: float | None = None
+
+    def stalled_for(self) -> float | None:
+        return self.stalled
+
+
+class _Module:
+    def __init__(self, full_name: str, batcher: _FixedStall) -> None:
+        self.full_name = full_name
+        self._batcher = batcher
+
+    def batchers(self) -> list[_FixedStall]:
+        return [self._batcher]
+
+
+def test_two_servers_of_one_queue_name_show_the_stall_of_either() -> None:
+    """Two servers in one process (tests run several) each watch a queue of the same name:
+    the gauge is 1 while either sees it stalled, not whichever looked last; a stopped
+    watch leaves nothing stalled behind."""
+    import asyncio
+
+    from services.common.stall_watch import StallWatch
+
+    queue = "t-two-watches"
+    stuck, fine = _FixedStall(queue), _FixedStall(queue)
+
+    async def noop(name: str, status: int) -> None:
+        return None
+
+    watches = [StallWatch([_Module("a", stuck)], 1.0, noop),  # type: ignore[list-item]
+               StallWatch([_Module("b", fine)], 1.0, noop)]  # type: ignore[list-item]
+
+    def gauge() -> float | None:
+        return REGISTRY.get_sample_value("percept_queue_stalled", {"queue": queue})
+
+    async def run() -> None:
+        stuck.stalled = 5.0
+        await watches[0].update()
+        await watches[1].update()  # sees its own batch fine: the stall stays shown
+        assert gauge() == 1
+        await watches[0].update()
+        assert gauge() == 1
+        stuck.stalled = None
+        await watches[0].update()
+        assert gauge() == 0
+        stuck.stalled = 5.0
+        await watches[0].update()
+        task = asyncio.ensure_future(watches[0].run())
+        await asyncio.sleep(0)
+        task.cancel()  # the server stops while its queue is stalled
+        await asyncio.gather(task, return_exceptions=True)
+        assert gauge() == 0
+
+    asyncio.run(run())

@@ -263,10 +263,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def server_process(service: str, *flags: str) -> Iterator[tuple[Any, Any]]:
+def server_process(service: str, *flags: str, host: str = "127.0.0.1"
+                   ) -> Iterator[tuple[Any, Any]]:
     """`percept serve SERVICE [FLAGS]` in a subprocess (its memory and its allocator
-    settings are its own); yields (process, channel) once it is SERVING, and stops it
-    afterwards."""
+    settings are its own), listening on ``host``; yields (process, channel) once it is
+    SERVING (the channel dials 127.0.0.1: ``host`` must take IPv4), and stops it
+    afterwards. ``process.percept_port`` is its gRPC port."""
     import subprocess
     import sys
 
@@ -274,10 +276,11 @@ def server_process(service: str, *flags: str) -> Iterator[tuple[Any, Any]]:
 
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", service,
-                                "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
+                                "--host", host, "--port", str(port), "--metrics-port",
                                 "0", "--log-format", "text", "--log-level", "warning",
                                 *flags],
                                cwd=REPO_ROOT, env={**os.environ, "GRPC_VERBOSITY": "ERROR"})
+    process.percept_port = port  # type: ignore[attr-defined]
     try:
         channel = client.connect(f"127.0.0.1:{port}")
         deadline = time.monotonic() + 600

@@ -34,7 +34,7 @@ from benchmarks.common import (
 )
 
 BENCHMARKS = ["preprocess", "png", "decode_bounds", "superres", "style", "style_gpu",
-              "noun_search", "embed", "search_scale", "tls"]
+              "noun_search", "embed", "search_scale", "tls", "fairness"]
 # A module renders its result with markdown(result) or table(result), or format_table(result).
 README = Path(__file__).resolve().parent / "README.md"
 BEGIN, END = "<!-- BEGIN RESULTS -->", "<!-- END RESULTS -->"

@@ -97,8 +97,9 @@ ROWS: tuple[Row, ...] = (
     Row("Capacity", (
         Panel("Busy answers per second, by queue",
               "Requests refused because a queue, the pixel budget (--max-inflight-mpixels) "
-              "or the process's --max-concurrent-rpcs (queue server-calls) was full; "
-              "clients retry them after the pushback.",
+              "or the process's --max-concurrent-rpcs (queue server-calls) was full, or "
+              "the client held its share of that while others called (queue "
+              "client-share, --fair-share); clients retry them after the pushback.",
               _q(f"sum by (queue) (rate(percept_rejected_total{{{NS}}}{RATE}))", "{{queue}}"),
               unit="reqps", stacked=True),
         Panel("Dropped before compute, per second",

@@ -94,6 +94,7 @@ SERVER_FLAGS = (
     "max-wait-ms",
     "max-queue",
     "max-concurrent-rpcs",
+    "fair-share",
     "max-message-mb",
     "max-pixels",
     "max-inflight-mpixels",

@@ -61,6 +61,7 @@ class ServerConfig:
     max_pixels: int = 64_000_000
     max_inflight_mpixels: int = 256
     max_concurrent_rpcs: int = 64
+    fair_share: bool = True
     drain_seconds: float = 20.0
     stall_seconds: float = 120.0
     log_format: str = "json"
@@ -285,6 +286,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "busy (RESOURCE_EXHAUSTED with the retry trailer) before its request is read, so "
         f"the request bytes held stay under this (plus {INFRASTRUCTURE_CALLS:,} for health "
         "checks, reflection and ServerInfo) times --max-message-mb")
+    add("--fair-share", _parse_bool, base.fair_share,
+        "on | off: the clients (each client certificate, else each IP address) share "
+        "--max-concurrent-rpcs: while others want calls, one at its share is answered "
+        "busy, so that one client's flood cannot lock the others out")
     add("--drain-seconds", _non_negative, base.drain_seconds,
         "grace period for in-flight RPCs on SIGTERM; a call still running a moment before "
         "it ends is answered UNAVAILABLE (SERVER_DRAINING)")

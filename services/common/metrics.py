@@ -13,7 +13,8 @@ Exposed on ``--metrics-port`` at ``/metrics``:
   ``deadline`` or ``cancelled``), each request once per queue however many of its items
   (images, tiles) were dropped (:func:`count_dropped`);
 - ``percept_rejected_total{queue}``: requests refused because the queue was full
-  (``server-calls``: the process's --max-concurrent-rpcs);
+  (``server-calls``: the process's --max-concurrent-rpcs; ``client-share``: the calling
+  client's share of it, --fair-share);
 - ``percept_queue_stalled{queue}``: 1 while its batch has run past ``--stall-seconds``;
 - ``percept_build_info{version, revision}``: 1, labelled with the running percept's
   version and commit (``$PERCEPT_GIT_SHA``);

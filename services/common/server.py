@@ -63,6 +63,7 @@ from services.common.errors import (
     StartupError,
     status_details,
 )
+from services.common.fair_share import FairShares, client_of, shown
 from services.common.logs import configure_logging
 from services.common.malformed import MalformedRequests
 from services.common.metrics import (
@@ -306,6 +307,7 @@ class _WorkCall:
     method: str = ""  # gRPC's full path of its method
     request_id: str | None = None
     cut_off: bool = False  # answered by the drain (WorkCalls.end_all), which logged it
+    client: str | None = None  # who made it, where the calls are shared (fair_share.py)
 
 
 _current_call: contextvars.ContextVar[_WorkCall | None] = contextvars.ContextVar(
@@ -378,11 +380,15 @@ class WorkCalls(grpc.aio.ServerInterceptor):
       "Cancelling all calls" and no trailers.
     - **Memory.** Once the last call whose request message was large ends,
       ``release_memory`` runs in a thread (:data:`LARGE_REQUEST_BYTES`).
+    - **Fair shares** (``fair_share``): the clients share the limit
+      (services/common/fair_share.py); a client at its share while others want calls is
+      answered busy too.
     """
 
-    def __init__(self, limit: int, release_memory: Callable[[], object] | None = None
-                 ) -> None:
+    def __init__(self, limit: int, release_memory: Callable[[], object] | None = None,
+                 fair_share: bool = False) -> None:
         self.limit = limit
+        self.shares = FairShares(limit) if fair_share else None
         self._calls: set[_WorkCall] = set()
         self._hold_seconds: float | None = None  # running mean of how long a call runs
         self._large_in_progress = 0
@@ -404,23 +410,40 @@ class WorkCalls(grpc.aio.ServerInterceptor):
         return int(min(MAX_PUSHBACK_MS, max(MIN_PUSHBACK_MS, round(per_call))))
 
     async def _enter(self, context: grpc.aio.ServicerContext, method: str) -> _WorkCall:
+        client = client_of(context) if self.shares is not None else None
+        busy = None
         if len(self._calls) >= self.limit:
+            if self.shares is not None and client is not None:
+                self.shares.note(client)
             REJECTED.labels("server-calls").inc()
             busy = Busy(f"the server is handling its limit of {self.limit} concurrent calls "
                         "(--max-concurrent-rpcs); retry after the pushback",
                         self.retry_after_ms)
+        elif self.shares is not None and client is not None:
+            over = self.shares.over_share(client)
+            if over is not None:
+                REJECTED.labels("client-share").inc()
+                busy = Busy(f"this client ({shown(client)}) has {over.held} of the server's "
+                            f"{self.limit} concurrent calls in progress, its share while "
+                            f"{over.clients} clients call (--fair-share); retry after the "
+                            "pushback", self.retry_after_ms)
+        if busy is not None:
             log_failed_call(method, busy.code, busy.message, reason=busy.reason,
                             retryable=True)
             await context.abort(busy.code, busy.message,
                                 with_request_id(context, busy.trailing_metadata))
         call = _WorkCall(asyncio.current_task(), context, time.monotonic(), method=method,
-                         request_id=current_request_id.get())
+                         request_id=current_request_id.get(), client=client)
         self._calls.add(call)
+        if self.shares is not None and client is not None:
+            self.shares.enter(client)
         _current_call.set(call)  # for the deserializer, which runs in this task
         return call
 
     def _leave(self, call: _WorkCall) -> None:
         self._calls.discard(call)
+        if self.shares is not None and call.client is not None:
+            self.shares.leave(call.client)
         call.task = None  # the task's context holds the call: a cycle until a full collection
         self._hold_seconds = running_mean(self._hold_seconds, time.monotonic() - call.started)
         if call.large:
@@ -649,7 +672,8 @@ class PerceptServer:
         self._interceptor = MetricsInterceptor()
         self._gate = ReadinessGate()
         self._work = WorkCalls(config.max_concurrent_rpcs,
-                               release_free_memory if allocator.retaining() else None)
+                               release_free_memory if allocator.retaining() else None,
+                               fair_share=config.fair_share)
         self._stall_watch: asyncio.Task[None] | None = None
         self._models: list[server_pb2.ModelInfo] = []  # what percept_model_info shows
 
@@ -773,7 +797,7 @@ class PerceptServer:
         self._gate.ready = True
         self._models = [info for module in self.modules for info in module.model_infos()]
         publish_models(self._models)
-        queues = ["server-calls",
+        queues = ["server-calls", *(["client-share"] if config.fair_share else []),
                   *(batcher.name for module in self.modules for batcher in module.batchers())]
         start_series(served_methods(self.service_names), queues)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

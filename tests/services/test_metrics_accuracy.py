@@ -270,7 +270,7 @@ def test_a_superres_process_exports_its_models_and_no_search_metric() -> None:
         key = ("percept_requests_total", (("grpc_code", code), ("grpc_method", "Upscale"),
                                           ("grpc_service", "percept.v1.SuperResolution")))
         assert samples.get(key) == 0.0, code
-    for queue in ("server-calls", "model-superres-perceptual"):
+    for queue in ("server-calls", "client-share", "model-superres-perceptual"):
         assert samples.get(("percept_rejected_total", (("queue", queue),))) == 0.0, queue
     assert samples.get(("percept_dropped_total", (("queue", "model-superres-perceptual"),
                                                   ("reason", "deadline")))) == 0.0

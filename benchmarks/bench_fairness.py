@@ -1,0 +1,167 @@
+"""What one client's flood does to another client's calls, with --fair-share (the
+default) and without it (the baseline), timed in the same run.
+
+Two `percept serve superres` processes, one with shares and one without, each with
+--max-concurrent-rpcs 8 and listening on :: so that 127.0.0.1 and ::1 are two clients.
+Against each in turn (alternating, twice), for the same time:
+- the flood: FLOOD_CALLERS threads from 127.0.0.1, each sending 64 px upscales one after
+  the other, and on a busy answer sending again after the server's pushback (as
+  percept's clients do);
+- the light client: one thread from ::1, one 64 px upscale at a time, retrying the same way.
+Measured: the light client's time from its first try to the answer (median, p95), its
+busy answers per call, and the flood's upscales per second (what the shares cost it).
+
+python -m benchmarks.bench_fairness [--quick]
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from contextlib import ExitStack
+from typing import Any
+
+import grpc
+
+from benchmarks.common import machine, markdown_table, run_as_script, server_process
+from benchmarks.image_models import photo
+from percept.v1 import superres_pb2, superres_pb2_grpc
+from services.common.errors import RETRY_PUSHBACK_KEY
+from services.common.images import encode_image
+
+LIMIT = 8
+FLOOD_CALLERS = 24
+MODES = ("without shares", "fair share")
+
+
+class Caller:
+    """Upscales in a loop until ``stop``, each retried after the pushback while busy."""
+
+    def __init__(self, target: str, image: bytes, stop: threading.Event) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.upscale = superres_pb2_grpc.SuperResolutionStub(self.channel).Upscale
+        self.request = superres_pb2.UpscaleRequest(image=image)
+        self.stop = stop
+        self.latencies: list[float] = []
+        self.busy = 0
+        self.failures: list[str] = []
+
+    def one(self) -> None:
+        started = time.perf_counter()
+        while not self.stop.is_set():
+            try:
+                self.upscale(self.request, timeout=60)
+            except grpc.RpcError as error:
+                pushback = dict(error.trailing_metadata() or ()).get(  # type: ignore[attr-defined]
+                    RETRY_PUSHBACK_KEY)
+                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or pushback is None:
+                    self.failures.append(f"{error.code().name}: {error.details()}")  # type: ignore[attr-defined]
+                    return
+                self.busy += 1
+                self.stop.wait(int(pushback) / 1000)
+                continue
+            self.latencies.append(time.perf_counter() - started)
+            return
+
+    def loop(self) -> None:
+        while not self.stop.is_set():
+            self.one()
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _phase(port: int, image: bytes, seconds: float) -> dict[str, Any]:
+    """One flood and one light client against the server on ``port`` for ``seconds``."""
+    stop = threading.Event()
+    flood = [Caller(f"127.0.0.1:{port}", image, stop) for _ in range(FLOOD_CALLERS)]
+    light = Caller(f"[::1]:{port}", image, stop)
+    threads = [threading.Thread(target=c.loop, daemon=True) for c in (*flood, light)]
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    for caller in (*flood, light):
+        caller.close()
+    failures = [f for c in (*flood, light) for f in c.failures]
+    if failures:
+        raise RuntimeError(f"calls failed: {failures[:3]}")
+    return {"light": light.latencies, "light_busy": light.busy,
+            "flood_calls": sum(len(c.latencies) for c in flood), "seconds": seconds}
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    image = encode_image(photo(64))
+    seconds = 5.0 if quick else 20.0
+    phases: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+    with ExitStack() as servers:
+        ports = {}
+        for mode in MODES:
+            flag = "on" if mode == "fair share" else "off"
+            process, channel = servers.enter_context(server_process(
+                "superres", f"--max-concurrent-rpcs={LIMIT}", f"--fair-share={flag}",
+                host="::"))
+            channel.close()
+            ports[mode] = process.percept_port
+        for round_index in range(2):
+            for mode in MODES if round_index == 0 else MODES[::-1]:
+                phases[mode].append(_phase(ports[mode], image, seconds))
+    rows = []
+    for mode in MODES:
+        light = [s for phase in phases[mode] for s in phase["light"]]
+        total = sum(phase["seconds"] for phase in phases[mode])
+        rows.append({
+            "mode": mode,
+            "light_calls": len(light),
+            "light_median_ms": statistics.median(light) * 1000 if light else None,
+            "light_p95_ms": (statistics.quantiles(light, n=20)[-1] * 1000
+                             if len(light) >= 20 else None),
+            "light_busy_per_call": (sum(p["light_busy"] for p in phases[mode])
+                                    / max(1, len(light))),
+            "flood_per_s": sum(p["flood_calls"] for p in phases[mode]) / total,
+        })
+    base, fair = rows
+    return {"machine": machine(), "limit": LIMIT, "flood_callers": FLOOD_CALLERS,
+            "seconds_per_mode": 2 * seconds, "image": f"64 x 64 PNG, {len(image)} bytes",
+            "rows": rows,
+            "light_median_x": _ratio(base["light_median_ms"], fair["light_median_ms"]),
+            "light_p95_x": _ratio(base["light_p95_ms"], fair["light_p95_ms"]),
+            "light_calls_x": _ratio(fair["light_calls"], base["light_calls"]),
+            "flood_rate_x": fair["flood_per_s"] / base["flood_per_s"]}
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator and denominator else None
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    table = markdown_table(
+        ["server", "light client's calls", "its median ms", "its p95 ms",
+         "busy answers per call", "flood upscales/s"],
+        [(r["mode"], r["light_calls"], _ms(r["light_median_ms"]), _ms(r["light_p95_ms"]),
+          f"{r['light_busy_per_call']:.1f}", f"{r['flood_per_s']:.1f}")
+         for r in result["rows"]])
+    def times(key: str) -> str:
+        value = result.get(key)
+        return f"{value:.1f}x" if value else "not measured"
+
+    return (f"### One client's flood against another client's calls (--fair-share)\n\n"
+            f"Machine: {result['machine']}; `percept serve superres "
+            f"--max-concurrent-rpcs {result['limit']}`; {result['flood_callers']} flood "
+            f"callers from 127.0.0.1, one light caller from ::1, "
+            f"{result['seconds_per_mode']:.0f} s per server (alternated); "
+            f"{result['image']}\n\n{table}\n\nWith shares, against the server without "
+            f"them: the light client's median {times('light_median_x')} and its p95 "
+            f"{times('light_p95_x')} shorter, {times('light_calls_x')} the calls done; the "
+            f"flood keeps {result['flood_rate_x']:.2f}x its rate.")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_as_script("fairness", __doc__, run, markdown))

@@ -7,7 +7,10 @@ that Grafana's dashboard sidecar loads).
 
 Every query reads the metrics of services/common/metrics.py and services/search, for the
 pods of the namespaces picked in the `namespace` variable, with the `namespace` and `pod`
-labels a PodMonitor scrape adds (deploy/k8s/components/podmonitor).
+labels a PodMonitor scrape adds (deploy/k8s/components/podmonitor). The rates of calls,
+failures, busy answers and drops keep only what is above 0: a server makes the series of
+every method, status, queue and reason at 0 from its start (so that rate() counts the
+first), and a panel would list them all.
 tests/deploy/test_deploy_dashboard.py checks each query against those metrics, with
 promtool, and in a real Prometheus scraping a real server.
 """
@@ -76,14 +79,14 @@ ROWS: tuple[Row, ...] = (
               "Finished calls of the model services, by method (health checks and "
               "ServerInfo left out).",
               _q(f"sum by (grpc_method) (rate(percept_requests_total{{{NS}, {MODEL_SERVICES}}}"
-                 f"{RATE}))", "{{grpc_method}}"),
+                 f"{RATE})) > 0", "{{grpc_method}}"),
               unit="reqps", stacked=True),
         Panel("Failed calls per second, by status",
               "Calls that did not end OK, by gRPC status: INVALID_ARGUMENT and NOT_FOUND "
               "are bad input, RESOURCE_EXHAUSTED busy answers, DEADLINE_EXCEEDED calls out "
               "of time, INTERNAL faults of the server (its log has each call's request id).",
               _q(f"sum by (grpc_code) (rate(percept_requests_total{{{NS}, "
-                 f"grpc_code!=\"OK\"}}{RATE}))", "{{grpc_code}}"),
+                 f"grpc_code!=\"OK\"}}{RATE})) > 0", "{{grpc_code}}"),
               unit="reqps", stacked=True),
         Panel("Latency by method (p50, p99)",
               "Time from a call's arrival to its answer, queueing included.",
@@ -100,12 +103,13 @@ ROWS: tuple[Row, ...] = (
               "or the process's --max-concurrent-rpcs (queue server-calls) was full, or "
               "the client held its share of that while others called (queue "
               "client-share, --fair-share); clients retry them after the pushback.",
-              _q(f"sum by (queue) (rate(percept_rejected_total{{{NS}}}{RATE}))", "{{queue}}"),
+              _q(f"sum by (queue) (rate(percept_rejected_total{{{NS}}}{RATE})) > 0",
+                 "{{queue}}"),
               unit="reqps", stacked=True),
         Panel("Dropped before compute, per second",
               "Requests whose deadline passed (deadline) or whose client hung up "
               "(cancelled) while they waited in a queue: no compute was spent on them.",
-              _q(f"sum by (queue, reason) (rate(percept_dropped_total{{{NS}}}{RATE}))",
+              _q(f"sum by (queue, reason) (rate(percept_dropped_total{{{NS}}}{RATE})) > 0",
                  "{{queue}} {{reason}}"),
               unit="reqps", stacked=True),
         Panel("Queue depth, by pod and queue",

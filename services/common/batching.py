@@ -43,6 +43,7 @@ from services.common.metrics import (
     count_dropped,
     current_call,
     ran_out_of_time,
+    start_queue_series,
 )
 
 #: A busy answer's retry pushback (milliseconds): about one batch's time, the time a place
@@ -144,6 +145,7 @@ class MicroBatcher(Generic[In, Out]):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.name = name
+        start_queue_series(name)
         self._process = process
         self.max_batch = max_batch
         self._batch_limit = batch_limit

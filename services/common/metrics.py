@@ -120,16 +120,22 @@ def build_revision() -> str:
 
 def start_series(methods: Iterable[str], queues: Iterable[str]) -> None:
     """Makes, at 0, the series an alert's rate() reads before anything counts in them:
-    ``STARTING_CODES`` for each method (``SERVICE/METHOD``), and the rejections and
-    drops of each queue."""
+    ``STARTING_CODES`` for each method (``SERVICE/METHOD``), and the rejections of the
+    server-wide ``queues`` (server-calls, client-share); each batcher makes its own
+    queue's (:func:`start_queue_series`)."""
     for path in methods:
         service, _, method = path.partition("/")
         for code in STARTING_CODES:
             REQUESTS.labels(service, method, code)
     for queue in queues:
         REJECTED.labels(queue)
-        for reason in DROP_REASONS:
-            DROPPED.labels(queue, reason)
+
+
+def start_queue_series(queue: str) -> None:
+    """A model queue's rejections and drops, at 0 (:func:`start_series`)."""
+    REJECTED.labels(queue)
+    for reason in DROP_REASONS:
+        DROPPED.labels(queue, reason)
 
 
 def _model_labels(info: server_pb2.ModelInfo) -> tuple[str, str, str, str]:

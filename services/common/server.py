@@ -797,9 +797,8 @@ class PerceptServer:
         self._gate.ready = True
         self._models = [info for module in self.modules for info in module.model_infos()]
         publish_models(self._models)
-        queues = ["server-calls", *(["client-share"] if config.fair_share else []),
-                  *(batcher.name for module in self.modules for batcher in module.batchers())]
-        start_series(served_methods(self.service_names), queues)
+        start_series(served_methods(self.service_names),
+                     ["server-calls", *(["client-share"] if config.fair_share else [])])
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if config.stall_seconds:
             watch = StallWatch(self.modules, config.stall_seconds, self._health.set)
@@ -857,6 +856,7 @@ class PerceptServer:
             await self._health_server.stop(None)
         self._work.close()
         withdraw_models(self._models)
+        self._models = []  # a second stop withdraws nothing more
         for module in self.modules:
             await module.close()
         if self._metrics_http is not None:

@@ -413,8 +413,6 @@ class WorkCalls(grpc.aio.ServerInterceptor):
         client = client_of(context) if self.shares is not None else None
         busy = None
         if len(self._calls) >= self.limit:
-            if self.shares is not None and client is not None:
-                self.shares.note(client)
             REJECTED.labels("server-calls").inc()
             busy = Busy(f"the server is handling its limit of {self.limit} concurrent calls "
                         "(--max-concurrent-rpcs); retry after the pushback",
@@ -428,6 +426,8 @@ class WorkCalls(grpc.aio.ServerInterceptor):
                             f"{over.clients} clients call (--fair-share); retry after the "
                             "pushback", self.retry_after_ms)
         if busy is not None:
+            if self.shares is not None and client is not None:
+                self.shares.refused(client, busy.retry_after_ms / 1000)
             log_failed_call(method, busy.code, busy.message, reason=busy.reason,
                             retryable=True)
             await context.abort(busy.code, busy.message,

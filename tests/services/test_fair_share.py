@@ -10,22 +10,27 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from prometheus_client import REGISTRY
 
+from services.common.channels import open_channel
 from services.common.config import add_server_arguments, config_from_args
 from services.common.errors import RETRY_PUSHBACK_KEY
 from services.common.fair_share import (
-    RECENT_SECONDS,
+    LINGER_SECONDS,
     FairShares,
     client_of,
     peer_host,
 )
 from services.common.server import RunningServer, ServiceModule, start_in_thread
+from services.common.tls import ClientTls
 from tests.conftest import is_pushback, server_config
+from tests.fixtures.certificates import Authority, SecretFiles, secret
+from tests.services.test_listen_address import ipv6_loopback_available
 from tests.services.test_work_calls import _reason, _trailer
 
 SERVICE = "test.Gated"
@@ -40,11 +45,9 @@ class Clock:
 
 
 def _take(shares: FairShares, client: str) -> bool:
-    """A call of ``client`` where the server's limit is not reached: admitted or not."""
-    if sum(shares.holding.values()) >= shares.limit:
-        shares.note(client)
-        return False
-    if shares.over_share(client) is not None:
+    """A call of ``client``, as WorkCalls makes it: admitted or refused (then wanting)."""
+    if shares.total >= shares.limit or shares.over_share(client) is not None:
+        shares.refused(client, 0.05)
         return False
     shares.enter(client)
     return True
@@ -62,50 +65,72 @@ def test_the_slots_a_flooding_client_frees_go_to_the_one_it_locked_out() -> None
     shares = FairShares(8, clock=Clock())
     for _ in range(8):
         assert _take(shares, "ip:a")
-    assert not _take(shares, "ip:b")  # the limit: b is now one of the clients calling
+    assert not _take(shares, "ip:b")  # the limit: b now wants calls
     shares.leave("ip:a")  # one of a's calls ends: 7 of 8, its share 4
     refusal = shares.over_share("ip:a")
     assert refusal is not None and (refusal.held, refusal.share, refusal.clients) == (7, 4, 2)
     assert _take(shares, "ip:b")  # the freed slot is b's
     for _ in range(3):
-        shares.leave("ip:a")  # a down to 4: its share; b holds 1
-    assert _take(shares, "ip:b") and _take(shares, "ip:b")  # under its share: any free slot
-    assert not _take(shares, "ip:a")  # 4 of 8 with b under its share and 1 slot free
+        shares.leave("ip:a")  # a down to 4, its share
+    assert _take(shares, "ip:a")  # 3 slots free, 1 kept for b (under its share)
+    assert _take(shares, "ip:b")  # b under its share: any free slot
+    assert not _take(shares, "ip:a")  # a at 5 of 8, 1 free, kept for b
+    assert _take(shares, "ip:b")
 
 
-def test_a_client_among_idle_ones_keeps_one_slot_free_for_them() -> None:
+def test_a_client_that_calls_one_after_another_keeps_its_slot_a_moment() -> None:
     clock = Clock()
     shares = FairShares(8, clock=clock)
-    shares.note("ip:b")  # b called a moment ago, and holds nothing now
-    assert [_take(shares, "ip:a") for _ in range(8)] == [True] * 7 + [False]
-    assert _take(shares, "ip:b")  # the slot kept for b
+    assert _take(shares, "ip:b")
+    assert sum(_take(shares, "ip:a") for _ in range(8)) == 6  # one slot kept for b
+    shares.leave("ip:b")  # b's call ends; its next one comes within LINGER_SECONDS
+    assert _take(shares, "ip:a")  # 2 free, 1 kept for b
+    assert not _take(shares, "ip:a")  # the last slot is kept for b ...
+    assert _take(shares, "ip:b")  # ... which takes it
     shares.leave("ip:b")
-    clock.now += RECENT_SECONDS + 1  # b is forgotten: a may have the last slot
+    clock.now += LINGER_SECONDS + 0.1  # b sends nothing more: the slot is a's again
     assert _take(shares, "ip:a")
+    assert shares.total == 8
 
 
-def test_the_slots_kept_for_idle_clients_are_at_most_a_quarter_of_the_limit() -> None:
+def test_clients_that_no_longer_want_calls_keep_no_slots() -> None:
+    """Clients refused a while ago, or seen once, hold nothing back (a quarter of the
+    limit stayed empty while 16 addresses called once every 10 s)."""
+    clock = Clock()
+    shares = FairShares(64, clock=clock)
+    for i in range(30):
+        shares.refused(f"ip:10.0.0.{i}", 0.05)
+    clock.now += LINGER_SECONDS + 0.1
+    assert sum(_take(shares, "ip:a") for _ in range(64)) == 64
+    assert shares.wanting == {}
+
+
+def test_the_slots_kept_for_waiting_clients_are_at_most_a_quarter_of_the_limit() -> None:
     shares = FairShares(16, clock=Clock())
     for i in range(10):
-        shares.note(f"ip:idle-{i}")
+        shares.refused(f"ip:waiting-{i}", 0.05)
     taken = sum(_take(shares, "ip:a") for _ in range(16))
-    assert taken == 12  # 16 less the 4 kept, however many idle clients there are
+    assert taken == 12  # 16 less the 4 kept, however many clients wait
 
 
-def test_clients_seen_long_ago_are_forgotten() -> None:
+def test_waiting_clients_are_forgotten_after_twice_their_pushback() -> None:
     clock = Clock()
     shares = FairShares(4, clock=clock)
-    for i in range(1000):
-        shares.note(f"ip:10.0.{i // 250}.{i % 250}")
-        clock.now += 0.1
-    assert len(shares.seen) <= RECENT_SECONDS / 0.1 + 1
+    shares.refused("ip:b", 3.0)  # a long pushback: b comes back in 3 s
+    clock.now += 5.0
+    shares.over_share("ip:a")
+    assert "ip:b" in shares.wanting
+    clock.now += 1.1
+    shares.over_share("ip:a")
+    assert "ip:b" not in shares.wanting
 
 
 @pytest.mark.parametrize(("peer", "host"), [
     ("ipv4:10.0.0.5:43210", "10.0.0.5"),
+    ("ipv6:%5B::1%5D:40654", "::1"),  # as grpcio sends it: percent-encoded brackets
     ("ipv6:[::1]:5555", "::1"),
-    ("ipv6:[::ffff:10.0.0.5]:5555", "10.0.0.5"),  # IPv4 on a dual-stack socket
-    ("ipv6:[fe80::1%eth0]:5555", "fe80::1"),
+    ("ipv6:%5B::ffff:10.0.0.5%5D:5555", "10.0.0.5"),  # IPv4 on a dual-stack socket
+    ("ipv6:%5Bfe80::fc:ff:fe00:1%254%5D:5555", "fe80::fc:ff:fe00:1"),  # a zone id
     ("unix:/tmp/socket", "unix:/tmp/socket"),
 ])
 def test_a_client_is_its_address_without_the_port(peer: str, host: str) -> None:
@@ -171,6 +196,8 @@ def _rejected(queue: str) -> float:
 
 @pytest.fixture(params=[True, False], ids=["fair-share", "no-shares"])
 def gated(request: pytest.FixtureRequest) -> Iterator[tuple[GatedModule, RunningServer, bool]]:
+    if not ipv6_loopback_available():
+        pytest.skip("no IPv6 loopback here: the certificate test below covers the shares")
     """A dual-stack server (--host ::) of 4 concurrent calls, with shares or without."""
     module = GatedModule()
     running = start_in_thread(server_config("all", host="::", max_concurrent_rpcs=4,
@@ -205,6 +232,9 @@ def test_a_flooding_client_cannot_lock_another_out(
         with pytest.raises(grpc.RpcError) as refused:
             b_wait(b"b0", timeout=30)
         assert "limit of 4 concurrent calls" in refused.value.details()
+        shares = running.server._work.shares
+        if fair:  # gRPC's percent-encoded IPv6 peer, read as the address
+            assert shares is not None and list(shares.wanting) == ["ip:::1"]
 
         module.gate(b"a0").set()
         assert held.pop(b"a0").result(30) == b"done:a0"
@@ -251,3 +281,45 @@ def test_the_flag_and_its_variable_turn_the_shares_off(monkeypatch: pytest.Monke
     parser = argparse.ArgumentParser()
     add_server_arguments(parser)
     assert config_from_args("superres", parser.parse_args([])).fair_share is False
+
+
+def test_under_mutual_tls_each_client_certificate_is_a_client(tmp_path: Path) -> None:
+    """Two clients on the same address, told apart by their certificates."""
+    authority = Authority()
+    server = secret(tmp_path / "server", authority)
+    alpha = secret(tmp_path / "alpha", authority, name="alpha")
+    beta = secret(tmp_path / "beta", authority, name="beta")
+    module = GatedModule()
+    running = start_in_thread(server_config(
+        "all", max_concurrent_rpcs=4, tls_cert=str(server.cert), tls_key=str(server.key),
+        tls_client_ca=str(server.ca)), modules=[module])
+
+    def channel(files: SecretFiles) -> grpc.Channel:
+        return open_channel(f"localhost:{running.port}", [], ClientTls.of(
+            ca=str(server.ca), cert=str(files.cert), key=str(files.key)))
+
+    a_channel, b_channel = channel(alpha), channel(beta)
+    a_wait = a_channel.unary_unary(f"/{SERVICE}/Wait")
+    b_wait = b_channel.unary_unary(f"/{SERVICE}/Wait")
+    try:
+        held = {f"a{i}".encode(): a_wait.future(f"a{i}".encode(), timeout=60)
+                for i in range(4)}
+        _wait_running(module, set(held))
+        with pytest.raises(grpc.RpcError):
+            b_wait(b"b0", timeout=30)  # the limit
+        module.gate(b"a0").set()
+        assert held.pop(b"a0").result(30) == b"done:a0"
+        with pytest.raises(grpc.RpcError) as over:
+            a_wait(b"a4", timeout=30)
+        assert over.value.details().startswith(  # type: ignore[attr-defined]
+            "this client (the certificate alpha) has 3 of the server's 4 concurrent calls")
+        b_call = b_wait.future(b"b1", timeout=60)
+        _wait_running(module, {b"b1"})
+        module.gate(b"b1").set()
+        assert b_call.result(30) == b"done:b1"
+    finally:
+        for gate in list(module.gates.values()):
+            gate.set()
+        a_channel.close()
+        b_channel.close()
+        running.stop()

@@ -215,6 +215,17 @@ def _wait_running(module: GatedModule, requests: set[bytes]) -> None:
         time.sleep(0.01)
 
 
+def _fill_and_lock_out(module: GatedModule, a_wait: Any, b_wait: Any) -> dict[bytes, Any]:
+    """a's calls a0..a3 fill the server's 4; b's call is refused at the limit. Returns
+    a's calls in progress."""
+    held = {f"a{i}".encode(): a_wait.future(f"a{i}".encode(), timeout=60) for i in range(4)}
+    _wait_running(module, set(held))
+    with pytest.raises(grpc.RpcError) as refused:
+        b_wait(b"b0", timeout=30)
+    assert "limit of 4 concurrent calls" in refused.value.details()  # type: ignore[attr-defined]
+    return held
+
+
 def test_a_flooding_client_cannot_lock_another_out(
         gated: tuple[GatedModule, RunningServer, bool]) -> None:
     """a (127.0.0.1) fills the 4 calls; b (::1) is refused at the limit. When one of a's
@@ -226,12 +237,7 @@ def test_a_flooding_client_cannot_lock_another_out(
     a_wait = a_channel.unary_unary(f"/{SERVICE}/Wait")
     b_wait = b_channel.unary_unary(f"/{SERVICE}/Wait")
     try:
-        held = {f"a{i}".encode(): a_wait.future(f"a{i}".encode(), timeout=60)
-                for i in range(4)}
-        _wait_running(module, set(held))
-        with pytest.raises(grpc.RpcError) as refused:
-            b_wait(b"b0", timeout=30)
-        assert "limit of 4 concurrent calls" in refused.value.details()
+        held = _fill_and_lock_out(module, a_wait, b_wait)
         shares = running.server._work.shares
         if fair:  # gRPC's percent-encoded IPv6 peer, read as the address
             assert shares is not None and list(shares.wanting) == ["ip:::1"]
@@ -302,11 +308,7 @@ def test_under_mutual_tls_each_client_certificate_is_a_client(tmp_path: Path) ->
     a_wait = a_channel.unary_unary(f"/{SERVICE}/Wait")
     b_wait = b_channel.unary_unary(f"/{SERVICE}/Wait")
     try:
-        held = {f"a{i}".encode(): a_wait.future(f"a{i}".encode(), timeout=60)
-                for i in range(4)}
-        _wait_running(module, set(held))
-        with pytest.raises(grpc.RpcError):
-            b_wait(b"b0", timeout=30)  # the limit
+        held = _fill_and_lock_out(module, a_wait, b_wait)
         module.gate(b"a0").set()
         assert held.pop(b"a0").result(30) == b"done:a0"
         with pytest.raises(grpc.RpcError) as over:

@@ -17,7 +17,10 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 #    package enables and starts a Prometheus service; set-up stops and disables it again.
 APT_PKGS="libjpeg-dev zlib1g-dev libwebp-dev libtiff-dev libfreetype-dev liblcms2-dev openssl prometheus"
 missing=""
-for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+# installed, not merely known: a removed package keeps its configuration, and `dpkg -s`
+# still answers 0 for it ("deinstall ok config-files")
+installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+for p in $APT_PKGS; do installed "$p" || missing="$missing $p"; done
 if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ]; then
     log "apt-get install$missing"

@@ -285,6 +285,7 @@ def _describe_server(target: str, info: server_pb2.GetServerInfoResponse) -> str
              if "percept.v1.StyleTransfer" in info.services else "")
     # (a server older than the field leaves it 0: not printed)
     calls = (f", {limits.max_concurrent_rpcs} calls at once"
+             + (" (shared fairly by clients)" if limits.fair_share else "")
              if limits.max_concurrent_rpcs else "")
     lines.append(f"  limits: {limits.max_message_bytes / 2**20:g} MiB messages, "
                  f"{limits.max_pixels:,} pixels an image, "

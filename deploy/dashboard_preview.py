@@ -23,7 +23,6 @@ import io
 import itertools
 import logging
 import math
-import shutil
 import socket
 import sys
 import tempfile
@@ -40,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from deploy.dashboard import ROWS, Panel
+from deploy.local_prometheus import prometheus as local_prometheus
 from deploy.render import REPO_ROOT
 
 DEFAULT_OUT = REPO_ROOT / "docs" / "images" / "dashboard.png"
@@ -91,46 +91,6 @@ def _server(data_dir: Path, metrics_port: int) -> Iterator[str]:
         yield running.target
     finally:
         running.stop()
-
-
-@contextmanager
-def _prometheus(workdir: Path, metrics_port: int) -> Iterator[str]:
-    import subprocess
-
-    import yaml
-
-    binary = shutil.which("prometheus")
-    if not binary:
-        raise SystemExit("prometheus not found: run `make setup` (Debian's prometheus package)")
-    port = _free_port()
-    config = {"global": {"scrape_interval": f"{SCRAPE_SECONDS}s"}, "scrape_configs": [{
-        "job_name": "percept", "static_configs": [{
-            "targets": [f"127.0.0.1:{metrics_port}"],
-            "labels": {"namespace": NAMESPACE, "pod": POD}}]}]}
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    with (workdir / "prometheus.log").open("wb") as out:
-        process = subprocess.Popen(
-            [binary, f"--config.file={workdir / 'prometheus.yml'}",
-             f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"prometheus exited: {(workdir / 'prometheus.log').read_text()}")
-            try:
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("prometheus did not get ready in 60 s") from None
-                time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 # -- the load -------------------------------------------------------------------------------
@@ -374,7 +334,10 @@ def preview(seconds: float, out: Path) -> None:
         metrics_port = _free_port()
         print("starting percept serve all and Prometheus ...", file=sys.stderr)
         with _server(workdir / "search", metrics_port) as target, \
-                _prometheus(workdir, metrics_port) as prometheus:
+                local_prometheus(workdir, _free_port(), metrics_port,
+                                 labels={"namespace": NAMESPACE, "pod": POD},
+                                 scrape_seconds=SCRAPE_SECONDS) as running:
+            prometheus = running.url
             load = Load(target, seconds)
             start = time.time()
             load.start()
@@ -403,7 +366,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seconds must be at least 10 (a rate needs a few scrapes)")
     if args.out.suffix.lower() != ".png":
         parser.error(f"--out must be a .png file, not {args.out}")
-    preview(args.seconds, args.out)
+    try:
+        preview(args.seconds, args.out)
+    except RuntimeError as error:  # no prometheus, or it would not start
+        print(f"dashboard preview: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,25 +1,19 @@
 """What the alert and dashboard tests share: the metrics percept's servers define, a check of
 a PromQL expression's metric and label names against them, promtool, and a real Prometheus
-server (Debian's `prometheus` package, which scripts/setup.sh installs with promtool)."""
+server (deploy/local_prometheus.py)."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
 from prometheus_client.metrics import MetricWrapperBase
+
+from deploy.local_prometheus import Prometheus, prometheus, stop_process
+
+__all__ = ["Prometheus", "prometheus", "stop_process"]
 
 #: labels a Prometheus scrape adds to every series (the PodMonitor's, and its own)
 SCRAPE_LABELS = frozenset({"namespace", "pod", "container", "endpoint", "instance", "job",
@@ -106,79 +100,3 @@ def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
     assert found, "promtool not found: run `make setup` (Debian's prometheus package)"
     return subprocess.run([found, *args], capture_output=True, text=True, timeout=120,
                           cwd=cwd, check=False)
-
-
-@dataclass
-class Prometheus:
-    """A running Prometheus server and its HTTP API."""
-
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def api(self, path: str, **params: str) -> Any:
-        query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        try:
-            with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}",
-                                        timeout=10) as answer:
-                body = json.load(answer)
-        except urllib.error.HTTPError as error:  # a bad query: 400 with the error in JSON
-            body = json.load(error)
-        return body
-
-    def query(self, expr: str) -> Any:
-        """The instant query's answer: {"status": "success", "data": ...} or an error."""
-        return self.api("query", query=expr)
-
-
-@contextmanager
-def prometheus(workdir: Path, port: int, scrape_port: int, rules: Path | None = None,
-               labels: dict[str, str] | None = None) -> Iterator[Prometheus]:
-    """A real Prometheus on 127.0.0.1:``port`` that scrapes 127.0.0.1:``scrape_port``
-    /metrics every second (with ``labels``, as a PodMonitor adds namespace and pod) and
-    evaluates ``rules`` every second."""
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus not found: run `make setup` (Debian's prometheus package)"
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(rules)] if rules else [],
-        "scrape_configs": [{
-            "job_name": "percept",
-            "static_configs": [{"targets": [f"127.0.0.1:{scrape_port}"],
-                                "labels": labels or {}}],
-        }],
-    }
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = workdir / "prometheus.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [binary, f"--config.file={workdir / 'prometheus.yml'}",
-             f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=out, stderr=subprocess.STDOUT)
-    server = Prometheus(f"http://127.0.0.1:{port}", process, log)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, f"prometheus exited: {log.read_text()[-2000:]}"
-            try:
-                with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"prometheus not ready: {log.read_text()}"
-            time.sleep(0.1)
-        yield server
-    finally:
-        stop_process(process, 20)
-
-
-def stop_process(process: subprocess.Popen[bytes], seconds: float) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within ``seconds``."""
-    process.terminate()
-    try:
-        process.wait(seconds)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()

@@ -98,3 +98,25 @@ def _fresh_python(code: str) -> str:
 def test_ci_entry_point_runs_make_test() -> None:
     text = (REPO / ".ci" / "run").read_text()
     assert "make test" in text
+
+
+def test_an_xdist_group_runs_on_one_worker(tmp_path: Path) -> None:
+    """`make test` runs --dist loadgroup so that the tests sharing one costly fixture (a live
+    Prometheus and server) run in one worker, once. Some pytest/xdist pairs drop the group
+    without a word (pytest 9.2 with xdist 3.8: pytest-xdist#1386); this notices that."""
+    for name in ("a", "b"):
+        (tmp_path / f"test_{name}.py").write_text(
+            "import pytest\n"
+            "pytestmark = pytest.mark.xdist_group('together')\n"
+            "@pytest.mark.parametrize('i', range(4))\n"
+            f"def test_{name}(i, worker_id):\n"
+            f"    open('{tmp_path}/' + worker_id + '.seen', 'a').write('x')\n")
+    (tmp_path / "test_free.py").write_text(
+        "import pytest\n@pytest.mark.parametrize('i', range(8))\ndef test_free(i):\n    pass\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup",
+         "-p", "no:cacheprovider", "-o", "addopts=", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    seen = {path.stem: len(path.read_text()) for path in tmp_path.glob("*.seen")}
+    assert list(seen.values()) == [8], f"the group ran on {seen}"

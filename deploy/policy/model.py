@@ -100,6 +100,8 @@ SERVER_FLAGS = (
     "max-inflight-mpixels",
     "drain-seconds",
     "stall-seconds",
+    "keepalive-seconds",
+    "min-client-ping-seconds",
     "log-format",
     "log-level",
     "failed-call-log-limit",

@@ -64,6 +64,8 @@ class ServerConfig:
     fair_share: bool = True
     drain_seconds: float = 20.0
     stall_seconds: float = 120.0
+    keepalive_seconds: float = 60.0
+    min_client_ping_seconds: float = 10.0
     log_format: str = "json"
     log_level: str = "info"
     failed_call_log_limit: int = 20
@@ -297,6 +299,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "a model batch running longer than this (a hung GPU) turns the service's health "
         "and the server's ('', the liveness probe's) NOT_SERVING until it ends; 0 never "
         "(Gatys optimisations and torch.compile of a new shape are exempt)")
+    add("--keepalive-seconds", _non_negative, base.keepalive_seconds,
+        "the server pings a connection quiet for this long, and closes it when no answer "
+        "comes within 20 s (or this, if shorter): a vanished client's streams end; 0 never")
+    add("--min-client-ping-seconds", _positive(float), base.min_client_ping_seconds,
+        "clients' keepalive pings are accepted this often, with or without calls in "
+        "progress; a client pinging more often is disconnected (GOAWAY too_many_pings)")
     add("--log-format", str, base.log_format, "json | text", choices=["json", "text"])
     add("--log-level", str.lower, base.log_level, "debug | info | warning | error | critical",
         choices=LOG_LEVELS)

@@ -55,6 +55,7 @@ from services.common.config import (
     bare_host,
     listen_address,
 )
+from services.common.connection_options import server_options
 from services.common.cpus import available_cpus
 from services.common.errors import (
     STATUS_DETAILS_KEY,
@@ -707,17 +708,7 @@ class PerceptServer:
         ``freeze_gc`` (the server process, not a test's): moves what exists by then out of
         the cycle collector's way (gc.freeze), before the first work call."""
         config = self.config
-        options = [
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-            # Clients balance requests round-robin over the pods they are connected to;
-            # recycling connections every 5 minutes lets them find pods added by a scale-up.
-            ("grpc.max_connection_age_ms", 300_000),
-            # The grace lets requests in flight on an aged connection finish: an hour, the
-            # longest default deadline of the CLI (a StylizeWithImage optimisation).
-            ("grpc.max_connection_age_grace_ms", 3_600_000),
-        ]
+        options = server_options(config)  # message limits, connection age, keepalive
         # metrics outermost, so that every call is counted, a malformed or a refused one
         # too; gRPC's own limit refuses (RESOURCE_EXHAUSTED "Concurrent RPC limit
         # exceeded!") only past the work calls' limit and the infrastructure's share

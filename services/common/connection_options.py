@@ -1,0 +1,65 @@
+"""The gRPC channel arguments of a server's main port: message limits, connection age and
+keepalive (gRFC A8, A9).
+
+Keepalive, both ways:
+
+- **Clients' pings.** A client may ping to keep its connection alive through NATs and load
+  balancers that drop idle ones (AWS's NLB after 350 s, for one), with or without calls in
+  progress, as often as every ``--min-client-ping-seconds`` (10: the shortest keepalive
+  time gRPC's Java and Go clients allow). gRPC's server defaults accept one every 5
+  minutes while calls run and one every 2 hours without: a client with a 10 s keepalive
+  had its health Watch stream ended UNAVAILABLE "Too many pings" after 30 s. A client
+  pinging more often than allowed is still told GOAWAY too_many_pings and disconnected
+  at its third such ping (gRPC's protection against ping floods).
+- **The server's pings.** A connection quiet for ``--keepalive-seconds`` (60) is pinged,
+  and closed when no answer comes within :func:`keepalive_timeout_ms`: a client that
+  vanished (its node lost, a partition) no longer holds its streams, Watch streams
+  included, for hours, and the pings keep idle connections open through the same NATs.
+  0 turns them off.
+"""
+
+from __future__ import annotations
+
+from services.common.config import ServerConfig
+
+#: Recycling connections every 5 minutes lets clients that balance round-robin over the
+#: pods they are connected to find pods added by a scale-up.
+MAX_CONNECTION_AGE_MS = 300_000
+#: Lets calls in flight on an aged connection finish: an hour, the longest default
+#: deadline of the CLI (a StylizeWithImage optimisation).
+MAX_CONNECTION_AGE_GRACE_MS = 3_600_000
+#: The longest the server waits for a ping's answer (gRPC's default, 20 s).
+KEEPALIVE_TIMEOUT_MS = 20_000
+#: gRPC's "never" for a keepalive time (its largest value, about 24 days).
+NEVER_MS = 2**31 - 1
+
+
+def keepalive_timeout_ms(keepalive_ms: int) -> int:
+    """How long the server waits for its ping's answer: 20 s, or the keepalive time
+    where that is shorter."""
+    return max(1, min(KEEPALIVE_TIMEOUT_MS, keepalive_ms))
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """The channel arguments of the main port's gRPC server."""
+    keepalive_ms = (max(1, round(config.keepalive_seconds * 1000))
+                    if config.keepalive_seconds > 0 else NEVER_MS)
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+        ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS),
+        # clients' pings: with or without calls, at most one per --min-client-ping-seconds
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms",
+         round(config.min_client_ping_seconds * 1000)),
+        ("grpc.http2.max_ping_strikes", 2),
+        # the server's pings: every --keepalive-seconds of quiet, however many in a row
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", keepalive_timeout_ms(keepalive_ms)),
+        # gRPC 1.85 waits for a ping's answer this long, keepalive pings too (1 minute
+        # by default, whatever the keepalive timeout)
+        ("grpc.http2.ping_timeout_ms", keepalive_timeout_ms(keepalive_ms)),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]

@@ -1,5 +1,5 @@
-"""The gRPC channel arguments of a server's main port: message limits, connection age and
-keepalive (gRFC A8, A9).
+"""The gRPC channel arguments of a server's main port (message limits, connection age,
+keepalive: gRFC A8, A9), and the keepalive of a percept client that holds a channel open.
 
 Keepalive, both ways:
 
@@ -16,6 +16,10 @@ Keepalive, both ways:
   vanished (its node lost, a partition) no longer holds its streams, Watch streams
   included, for hours, and the pings keep idle connections open through the same NATs.
   0 turns them off.
+- **A percept client's pings.** Search pings its Embedding service's connections after
+  :data:`CLIENT_KEEPALIVE_SECONDS` of quiet: when an embedding pod vanishes (its node
+  lost: nothing answers and nothing closes), its connection is dropped within 20 s of the
+  ping, and the calls go to the other pods, instead of each waiting out its deadline.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ MAX_CONNECTION_AGE_GRACE_MS = 3_600_000
 KEEPALIVE_TIMEOUT_MS = 20_000
 #: gRPC's "never" for a keepalive time (its largest value, about 24 days).
 NEVER_MS = 2**31 - 1
+#: How long a percept client's connection may stay quiet before it pings (seconds).
+CLIENT_KEEPALIVE_SECONDS = 30.0
 
 
 def keepalive_timeout_ms(keepalive_ms: int) -> int:
@@ -63,3 +69,17 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.ping_timeout_ms", keepalive_timeout_ms(keepalive_ms)),
         ("grpc.http2.max_pings_without_data", 0),
     ]
+
+
+def client_keepalive_options(seconds: float) -> list[tuple[str, int]]:
+    """Channel arguments for a client that pings a connection quiet for ``seconds`` (with
+    or without calls; at most once a second, gRPC's limit; 0 never) and drops it when no
+    answer comes within 20 s, or ``seconds`` where that is shorter."""
+    if seconds <= 0:
+        return []
+    every_ms = max(1000, round(seconds * 1000))
+    timeout_ms = keepalive_timeout_ms(every_ms)
+    return [("grpc.keepalive_time_ms", every_ms), ("grpc.keepalive_timeout_ms", timeout_ms),
+            ("grpc.http2.ping_timeout_ms", timeout_ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0)]

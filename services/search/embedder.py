@@ -20,6 +20,7 @@ from prometheus_client import Counter
 
 from percept.v1 import embed_pb2, embed_pb2_grpc
 from services.common.channels import RenewingChannel
+from services.common.connection_options import CLIENT_KEEPALIVE_SECONDS, client_keepalive_options
 from services.common.errors import (
     RETRY_PUSHBACK_KEY,
     STATUS_DETAILS_KEY,
@@ -171,8 +172,8 @@ class RemoteEmbedder(Embedder):
     """Calls the Embedding service at ``target`` (round-robin over a headless Service)."""
 
     def __init__(self, target: str, timeout: float = 120.0,
-                 max_message_bytes: int = 64 * 1024 * 1024, tls: ClientTls | None = None
-                 ) -> None:
+                 max_message_bytes: int = 64 * 1024 * 1024, tls: ClientTls | None = None,
+                 keepalive_seconds: float = CLIENT_KEEPALIVE_SECONDS) -> None:
         self.target = target
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
@@ -185,7 +186,9 @@ class RemoteEmbedder(Embedder):
             # after an outage, reconnect within seconds of the service coming back, not
             # after gRPC's default backoff of up to two minutes
             ("grpc.initial_reconnect_backoff_ms", 500),
-            ("grpc.max_reconnect_backoff_ms", 5000)], tls or ClientTls(), EMBED_FLAGS,
+            ("grpc.max_reconnect_backoff_ms", 5000),
+            # a pod that vanished (nothing answers, nothing closes) is noticed by its quiet
+            *client_keepalive_options(keepalive_seconds)], tls or ClientTls(), EMBED_FLAGS,
             close_grace=timeout)
         self._stub = embed_pb2_grpc.EmbeddingStub(self.channels.channel)
         self._stub_channel = self.channels.channel

@@ -24,6 +24,7 @@ from services.common.errors import RETRY_PUSHBACK_KEY, ServiceError
 from services.common.server import RunningServer, start_in_thread
 from services.search.embedder import IMAGE_FRAMING_BYTES, MESSAGE_OVERHEAD_BYTES, RemoteEmbedder
 from tests.conftest import pixel_budget_full, server_config
+from tests.fixtures.tcp_proxy import TcpProxy
 from tests.search.conftest import add, add_requests
 
 MESSAGE_MB = 4
@@ -520,3 +521,40 @@ def test_each_call_waits_for_a_new_models_check_within_its_own_deadline() -> Non
         await embedder.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("keepalive", [1.0, 0.0])
+def test_an_embedding_server_that_vanished_is_noticed_by_the_keepalive(
+        embed_server: RunningServer, keepalive: float) -> None:
+    """The connection stops passing bytes, as when the embedding pod's node is lost:
+    nothing answers and nothing closes. With pings after a second of quiet, a call on it
+    fails UNAVAILABLE within seconds and the next goes over a new connection; without
+    them (gRPC's default), the call waits out its deadline."""
+    proxy = TcpProxy(embed_server.port)
+
+    async def scenario() -> tuple[grpc.StatusCode | None, float, int]:
+        embedder = RemoteEmbedder(proxy.target, timeout=8.0, keepalive_seconds=keepalive)
+        try:
+            await embedder.start(wait_seconds=60)
+            proxy.freeze()
+            started = time.monotonic()
+            with pytest.raises(ServiceError) as failed:
+                await embedder.embed_text("a cat", timeout=8.0)
+            took = time.monotonic() - started
+            if failed.value.code != grpc.StatusCode.UNAVAILABLE:
+                return failed.value.code, took, 0
+            deadline = time.monotonic() + 10  # round-robin connects again by itself
+            while proxy.connections < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            vector = await embedder.embed_text("a cat", timeout=30.0)  # over it
+            return failed.value.code, took, len(vector)
+        finally:
+            await embedder.close()
+            proxy.close()
+
+    code, took, dimension = asyncio.run(scenario())
+    if keepalive:
+        assert code == grpc.StatusCode.UNAVAILABLE and took < 6, (code, took)
+        assert dimension > 0 and proxy.connections == 2
+    else:
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED and took >= 7.5, (code, took)

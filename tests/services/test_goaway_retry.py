@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from services.retries import LOST_AFTER_GOAWAY, retrying, unavailable_reason
+from tests.fixtures.tcp_proxy import TcpProxy
 
 FRAME_HEADER = 9  # HTTP/2: length (3 bytes), type, flags, stream id (4)
 GOAWAY, PING, ACK = 0x7, 0x6, 0x1
@@ -49,50 +50,35 @@ def frames(sock: socket.socket, start: bytes = b"") -> Iterator[tuple[int, int, 
             buffer = buffer[end:]
 
 
-class ResettingProxy:
-    """Loopback TCP in front of a plaintext gRPC server. On the first connection only, once
-    the server has sent a GOAWAY and the client has acknowledged the PING that follows it
-    (so the client has read the GOAWAY), the proxy resets the client's side (TCP RST)."""
+class ResettingProxy(TcpProxy):
+    """In front of a plaintext gRPC server: on the first connection only, once the server
+    has sent a GOAWAY and the client has acknowledged the PING that follows it (so the
+    client has read the GOAWAY), it resets the client's side (TCP RST)."""
 
     def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.reset_done = threading.Event()
-        self._armed = True
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._goaway_seen = threading.Event()
+        super().__init__(upstream_port)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            armed, self._armed = self._armed, False
-            goaway_seen = threading.Event()
-            threading.Thread(target=self._to_client, args=(upstream, client, goaway_seen),
-                             daemon=True).start()
-            threading.Thread(target=self._to_server, daemon=True,
-                             args=(client, upstream, goaway_seen if armed else None)).start()
-
-    @staticmethod
-    def _to_client(upstream: socket.socket, client: socket.socket,
-                   goaway_seen: threading.Event) -> None:
+    def to_client(self, upstream: socket.socket, client: socket.socket, number: int,
+                  frozen: threading.Event) -> None:
+        if number:
+            return self.pump(upstream, client, frozen)
         for kind, _, frame in frames(upstream):
             if kind == GOAWAY:
-                goaway_seen.set()
+                self._goaway_seen.set()
             try:
                 client.sendall(frame)
             except OSError:
                 break
         upstream.close()
 
-    def _to_server(self, client: socket.socket, upstream: socket.socket,
-                   goaway_seen: threading.Event | None) -> None:
+    def to_server(self, client: socket.socket, upstream: socket.socket, number: int,
+                  frozen: threading.Event) -> None:
+        if number:
+            return self.pump(client, upstream, frozen)
         for kind, flags, frame in frames(client, start=PREFACE):
-            if (goaway_seen is not None and goaway_seen.is_set() and kind == PING
-                    and flags & ACK):
+            if self._goaway_seen.is_set() and kind == PING and flags & ACK:
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 client.close()  # an abortive close: the client reads a reset
                 upstream.close()
@@ -103,9 +89,6 @@ class ResettingProxy:
             except OSError:
                 break
         client.close()
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 @pytest.fixture

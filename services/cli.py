@@ -287,10 +287,12 @@ def _describe_server(target: str, info: server_pb2.GetServerInfoResponse) -> str
     calls = (f", {limits.max_concurrent_rpcs} calls at once"
              + (" (shared fairly by clients)" if limits.fair_share else "")
              if limits.max_concurrent_rpcs else "")
+    pings = (f", keepalive pings {limits.min_client_ping_ms / 1000:g} s apart or more"
+             if limits.min_client_ping_ms else "")
     lines.append(f"  limits: {limits.max_message_bytes / 2**20:g} MiB messages, "
                  f"{limits.max_pixels:,} pixels an image, "
                  f"{limits.max_inflight_pixels / 1e6:g} MP in flight, "
-                 f"queue {limits.max_queue}, batch {limits.max_batch}{gatys}{calls}")
+                 f"queue {limits.max_queue}, batch {limits.max_batch}{gatys}{calls}{pings}")
     return "\n".join(printable(line) for line in lines)
 
 

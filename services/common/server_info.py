@@ -30,7 +30,8 @@ def limits(config: ServerConfig) -> server_pb2.ServerLimits:
         max_inflight_pixels=config.max_inflight_mpixels * 1_000_000,
         max_queue=config.max_queue, max_batch=config.max_batch,
         max_iterations=config.max_iterations, max_optimisations=config.max_optimisations,
-        max_concurrent_rpcs=config.max_concurrent_rpcs, fair_share=config.fair_share)
+        max_concurrent_rpcs=config.max_concurrent_rpcs, fair_share=config.fair_share,
+        min_client_ping_ms=round(config.min_client_ping_seconds * 1000))
 
 
 def percept_version() -> str:

@@ -386,7 +386,8 @@ def test_info_command(all_server: RunningServer, capsys: pytest.CaptureFixture[s
     assert text.startswith(f"{all_server.target}: percept ") and ", ready" in text
     assert "SuperResolution: superres-perceptual = superres-perceptual@" in text
     assert "(default)" in text and "64 MiB messages, 64,000,000 pixels an image" in text
-    assert text.rstrip().endswith("64 calls at once (shared fairly by clients)")
+    assert text.rstrip().endswith("64 calls at once (shared fairly by clients), keepalive "
+                                  "pings 10 s apart or more")
     assert main(["info", "--target", all_server.target, "--json"]) == 0
     [server] = json.loads(capsys.readouterr().out)["servers"]
     assert server["target"] == all_server.target and server["ready"] is True
@@ -394,6 +395,7 @@ def test_info_command(all_server: RunningServer, capsys: pytest.CaptureFixture[s
         m for m in server["models"] if m["name"] == "starry-night").items()
     assert server["limits"]["max_pixels"] == 64_000_000  # a number, not proto JSON's string
     assert server["limits"]["fair_share"] is True
+    assert server["limits"]["min_client_ping_ms"] == 10_000
     assert all(isinstance(model["version"], int) for model in server["models"])
 
 

@@ -101,6 +101,7 @@ def test_server_info_names_every_model_and_the_limits(all_server: RunningServer)
     assert info.limits.max_inflight_pixels == config.max_inflight_mpixels * 1_000_000
     assert info.limits.max_concurrent_rpcs == config.max_concurrent_rpcs
     assert info.limits.fair_share is config.fair_share is True  # the default
+    assert info.limits.min_client_ping_ms == 10_000  # --min-client-ping-seconds' default
     assert info.version  # the package version
 
 

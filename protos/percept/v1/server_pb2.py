@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17percept/v1/server.proto\x12\npercept.v1\"\x16\n\x14GetServerInfoRequest\"a\n\tModelInfo\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08\x61rtifact\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x12\n\nis_default\x18\x05 \x01(\x08\"\xe4\x01\n\x0cServerLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x12\n\nmax_pixels\x18\x02 \x01(\x03\x12\x1b\n\x13max_inflight_pixels\x18\x03 \x01(\x03\x12\x11\n\tmax_queue\x18\x04 \x01(\x05\x12\x11\n\tmax_batch\x18\x05 \x01(\x05\x12\x16\n\x0emax_iterations\x18\x06 \x01(\x05\x12\x19\n\x11max_optimisations\x18\x07 \x01(\x05\x12\x1b\n\x13max_concurrent_rpcs\x18\x08 \x01(\x05\x12\x12\n\nfair_share\x18\t \x01(\x08\"\x9a\x01\n\x15GetServerInfoResponse\x12\x10\n\x08services\x18\x01 \x03(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12%\n\x06models\x18\x03 \x03(\x0b\x32\x15.percept.v1.ModelInfo\x12(\n\x06limits\x18\x04 \x01(\x0b\x32\x18.percept.v1.ServerLimits\x12\x0f\n\x07version\x18\x05 \x01(\t2b\n\nServerInfo\x12T\n\rGetServerInfo\x12 .percept.v1.GetServerInfoRequest\x1a!.percept.v1.GetServerInfoResponseBD\n\x0e\x64\x65v.percept.v1P\x01Z#percept/gen/go/percept/v1;perceptv1\xaa\x02\nPercept.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17percept/v1/server.proto\x12\npercept.v1\"\x16\n\x14GetServerInfoRequest\"a\n\tModelInfo\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08\x61rtifact\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x12\n\nis_default\x18\x05 \x01(\x08\"\x80\x02\n\x0cServerLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x12\n\nmax_pixels\x18\x02 \x01(\x03\x12\x1b\n\x13max_inflight_pixels\x18\x03 \x01(\x03\x12\x11\n\tmax_queue\x18\x04 \x01(\x05\x12\x11\n\tmax_batch\x18\x05 \x01(\x05\x12\x16\n\x0emax_iterations\x18\x06 \x01(\x05\x12\x19\n\x11max_optimisations\x18\x07 \x01(\x05\x12\x1b\n\x13max_concurrent_rpcs\x18\x08 \x01(\x05\x12\x12\n\nfair_share\x18\t \x01(\x08\x12\x1a\n\x12min_client_ping_ms\x18\n \x01(\x05\"\x9a\x01\n\x15GetServerInfoResponse\x12\x10\n\x08services\x18\x01 \x03(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12%\n\x06models\x18\x03 \x03(\x0b\x32\x15.percept.v1.ModelInfo\x12(\n\x06limits\x18\x04 \x01(\x0b\x32\x18.percept.v1.ServerLimits\x12\x0f\n\x07version\x18\x05 \x01(\t2b\n\nServerInfo\x12T\n\rGetServerInfo\x12 .percept.v1.GetServerInfoRequest\x1a!.percept.v1.GetServerInfoResponseBD\n\x0e\x64\x65v.percept.v1P\x01Z#percept/gen/go/percept/v1;perceptv1\xaa\x02\nPercept.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,9 +37,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO']._serialized_start=63
   _globals['_MODELINFO']._serialized_end=160
   _globals['_SERVERLIMITS']._serialized_start=163
-  _globals['_SERVERLIMITS']._serialized_end=391
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=394
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=548
-  _globals['_SERVERINFO']._serialized_start=550
-  _globals['_SERVERINFO']._serialized_end=648
+  _globals['_SERVERLIMITS']._serialized_end=419
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=422
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=576
+  _globals['_SERVERINFO']._serialized_start=578
+  _globals['_SERVERINFO']._serialized_end=676
 # @@protoc_insertion_point(module_scope)

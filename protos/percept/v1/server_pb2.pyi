@@ -25,7 +25,7 @@ class ModelInfo(_message.Message):
     def __init__(self, service: _Optional[str] = ..., name: _Optional[str] = ..., artifact: _Optional[str] = ..., version: _Optional[int] = ..., is_default: _Optional[bool] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_pixels", "max_inflight_pixels", "max_queue", "max_batch", "max_iterations", "max_optimisations", "max_concurrent_rpcs", "fair_share")
+    __slots__ = ("max_message_bytes", "max_pixels", "max_inflight_pixels", "max_queue", "max_batch", "max_iterations", "max_optimisations", "max_concurrent_rpcs", "fair_share", "min_client_ping_ms")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_INFLIGHT_PIXELS_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class ServerLimits(_message.Message):
     MAX_OPTIMISATIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_RPCS_FIELD_NUMBER: _ClassVar[int]
     FAIR_SHARE_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLIENT_PING_MS_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_pixels: int
     max_inflight_pixels: int
@@ -44,7 +45,8 @@ class ServerLimits(_message.Message):
     max_optimisations: int
     max_concurrent_rpcs: int
     fair_share: bool
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_inflight_pixels: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_optimisations: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., fair_share: _Optional[bool] = ...) -> None: ...
+    min_client_ping_ms: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_inflight_pixels: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_optimisations: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., fair_share: _Optional[bool] = ..., min_client_ping_ms: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("services", "ready", "models", "limits", "version")

@@ -141,10 +141,38 @@ MIN_STYLE_TILE = 256
 
 
 def _non_negative(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not 0 <= value < math.inf:  # NaN fails too
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
+
+
+#: The longest time a gRPC channel argument holds (2^31 - 1 ms), in whole seconds.
+MAX_GRPC_SECONDS = (2**31 - 1) // 1000
+
+
+def _seconds_within(low: float, text: str, never: bool) -> float:
+    """``text`` as seconds from ``low`` to :data:`MAX_GRPC_SECONDS`, or 0 where ``never``."""
+    value = _non_negative(text)
+    if never and value == 0:
+        return 0.0
+    if not low <= value <= MAX_GRPC_SECONDS:
+        zero = "0 (never) or " if never else ""
+        raise argparse.ArgumentTypeError(
+            f"must be {zero}{low:g} to {MAX_GRPC_SECONDS:,} seconds, got {text}")
+    return value
+
+
+def _keepalive_seconds(text: str) -> float:
+    return _seconds_within(1.0, text, never=True)
+
+
+def _client_ping_seconds(text: str) -> float:
+    """At least a second: gRPC's clients ping at most once a second anyway."""
+    return _seconds_within(1.0, text, never=False)
 
 
 def _count(text: str) -> int:
@@ -299,10 +327,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "a model batch running longer than this (a hung GPU) turns the service's health "
         "and the server's ('', the liveness probe's) NOT_SERVING until it ends; 0 never "
         "(Gatys optimisations and torch.compile of a new shape are exempt)")
-    add("--keepalive-seconds", _non_negative, base.keepalive_seconds,
+    add("--keepalive-seconds", _keepalive_seconds, base.keepalive_seconds,
         "the server pings a connection quiet for this long, and closes it when no answer "
-        "comes within 20 s (or this, if shorter): a vanished client's streams end; 0 never")
-    add("--min-client-ping-seconds", _positive(float), base.min_client_ping_seconds,
+        "comes within 20 s, or this if shorter (any ping of the server's must be answered "
+        "that soon): a vanished client's streams end; 0 never, 1 at least")
+    add("--min-client-ping-seconds", _client_ping_seconds, base.min_client_ping_seconds,
         "clients' keepalive pings are accepted this often, with or without calls in "
         "progress; a client pinging more often is disconnected (GOAWAY too_many_pings)")
     add("--log-format", str, base.log_format, "json | text", choices=["json", "text"])

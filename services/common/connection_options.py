@@ -12,10 +12,11 @@ Keepalive, both ways:
   pinging more often than allowed is still told GOAWAY too_many_pings and disconnected
   at its third such ping (gRPC's protection against ping floods).
 - **The server's pings.** A connection quiet for ``--keepalive-seconds`` (60) is pinged,
-  and closed when no answer comes within :func:`keepalive_timeout_ms`: a client that
-  vanished (its node lost, a partition) no longer holds its streams, Watch streams
-  included, for hours, and the pings keep idle connections open through the same NATs.
-  0 turns them off.
+  and closed when no answer comes within :func:`keepalive_timeout_ms` (any ping of the
+  server's must be answered that soon): a client that vanished (its node lost, a
+  partition) no longer holds its streams, Watch streams included, until the connection's
+  maximum age and its grace end it (65 minutes), and the pings keep idle connections open
+  through the same NATs. 0 turns them off (and leaves gRPC's 1-minute ping timeout).
 - **A percept client's pings.** Search pings its Embedding service's connections after
   :data:`CLIENT_KEEPALIVE_SECONDS` of quiet: when an embedding pod vanishes (its node
   lost: nothing answers and nothing closes), its connection is dropped within 20 s of the
@@ -48,9 +49,7 @@ def keepalive_timeout_ms(keepalive_ms: int) -> int:
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     """The channel arguments of the main port's gRPC server."""
-    keepalive_ms = (max(1, round(config.keepalive_seconds * 1000))
-                    if config.keepalive_seconds > 0 else NEVER_MS)
-    return [
+    options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),
@@ -61,12 +60,19 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms",
          round(config.min_client_ping_seconds * 1000)),
         ("grpc.http2.max_ping_strikes", 2),
+    ]
+    if config.keepalive_seconds <= 0:
+        return [*options, ("grpc.keepalive_time_ms", NEVER_MS)]
+    every_ms = max(1, round(config.keepalive_seconds * 1000))
+    timeout_ms = keepalive_timeout_ms(every_ms)
+    return [
+        *options,
         # the server's pings: every --keepalive-seconds of quiet, however many in a row
-        ("grpc.keepalive_time_ms", keepalive_ms),
-        ("grpc.keepalive_timeout_ms", keepalive_timeout_ms(keepalive_ms)),
-        # gRPC 1.85 waits for a ping's answer this long, keepalive pings too (1 minute
-        # by default, whatever the keepalive timeout)
-        ("grpc.http2.ping_timeout_ms", keepalive_timeout_ms(keepalive_ms)),
+        ("grpc.keepalive_time_ms", every_ms),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        # gRPC 1.85 times keepalive pings out by this (1 minute by default, whatever the
+        # keepalive timeout); it applies to every ping the server sends
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
         ("grpc.http2.max_pings_without_data", 0),
     ]
 

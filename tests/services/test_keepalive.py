@@ -4,6 +4,7 @@ server's own pings close the connection of a client that stopped answering."""
 
 from __future__ import annotations
 
+import argparse
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.config import ServerConfig
+from services.common.config import ServerConfig, add_server_arguments, config_from_args
 from services.common.connection_options import server_options
 from services.common.server import RunningServer, start_in_thread
 from tests.conftest import REPO, server_config
@@ -26,6 +27,37 @@ def test_the_defaults_take_pings_every_10_s_and_ping_after_60_s_of_quiet() -> No
     assert options["grpc.keepalive_permit_without_calls"] == 1
     assert options["grpc.keepalive_time_ms"] == 60_000
     assert options["grpc.keepalive_timeout_ms"] == options["grpc.http2.ping_timeout_ms"] == 20_000
+
+
+def test_keepalive_off_leaves_the_ping_timeout_to_grpc() -> None:
+    options = dict(server_options(ServerConfig(service="superres", keepalive_seconds=0)))
+    assert options["grpc.keepalive_time_ms"] == 2**31 - 1  # never
+    assert "grpc.http2.ping_timeout_ms" not in options
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--keepalive-seconds", "0.5"], "must be 0 (never) or 1 to 2,147,483 seconds, got 0.5"),
+    (["--keepalive-seconds", "1e7"], "must be 0 (never) or 1 to 2,147,483 seconds, got 1e7"),
+    (["--keepalive-seconds", "inf"], "must be a number >= 0, got inf"),
+    (["--min-client-ping-seconds", "0"], "must be 1 to 2,147,483 seconds, got 0"),
+    (["--min-client-ping-seconds", "nan"], "must be a number >= 0, got nan"),
+    (["--min-client-ping-seconds", "soon"], "must be a number >= 0, got soon"),
+])
+def test_keepalive_flags_out_of_range_are_refused_in_one_line(
+        args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(args)
+    assert message in capsys.readouterr().err
+
+
+def test_keepalive_flags_in_range_are_taken() -> None:
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    config = config_from_args("superres", parser.parse_args(
+        ["--keepalive-seconds", "0", "--min-client-ping-seconds", "2147483"]))
+    assert (config.keepalive_seconds, config.min_client_ping_seconds) == (0, 2147483)
 
 
 @pytest.fixture(scope="module")

@@ -125,6 +125,7 @@ def proxy() -> Iterator[ResettingProxy]:
     asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
+    loop.close()
 
 
 def test_a_call_cut_off_after_the_goaway_is_retried_over_a_new_connection(

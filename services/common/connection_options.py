@@ -47,6 +47,17 @@ def keepalive_timeout_ms(keepalive_ms: int) -> int:
     return max(1, min(KEEPALIVE_TIMEOUT_MS, keepalive_ms))
 
 
+def _pinging(every_ms: int) -> list[tuple[str, int]]:
+    """A ping after ``every_ms`` of quiet, however many in a row; the connection is closed
+    when one goes unanswered for :func:`keepalive_timeout_ms`."""
+    timeout_ms = keepalive_timeout_ms(every_ms)
+    return [("grpc.keepalive_time_ms", every_ms), ("grpc.keepalive_timeout_ms", timeout_ms),
+            # gRPC 1.85 times keepalive pings out by this (1 minute by default, whatever
+            # the keepalive timeout); it applies to every ping this side sends
+            ("grpc.http2.ping_timeout_ms", timeout_ms),
+            ("grpc.http2.max_pings_without_data", 0)]
+
+
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     """The channel arguments of the main port's gRPC server."""
     options = [
@@ -63,18 +74,8 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
     if config.keepalive_seconds <= 0:
         return [*options, ("grpc.keepalive_time_ms", NEVER_MS)]
-    every_ms = max(1, round(config.keepalive_seconds * 1000))
-    timeout_ms = keepalive_timeout_ms(every_ms)
-    return [
-        *options,
-        # the server's pings: every --keepalive-seconds of quiet, however many in a row
-        ("grpc.keepalive_time_ms", every_ms),
-        ("grpc.keepalive_timeout_ms", timeout_ms),
-        # gRPC 1.85 times keepalive pings out by this (1 minute by default, whatever the
-        # keepalive timeout); it applies to every ping the server sends
-        ("grpc.http2.ping_timeout_ms", timeout_ms),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
+    # the server's pings: after --keepalive-seconds of quiet
+    return [*options, *_pinging(max(1, round(config.keepalive_seconds * 1000)))]
 
 
 def client_keepalive_options(seconds: float) -> list[tuple[str, int]]:
@@ -83,9 +84,5 @@ def client_keepalive_options(seconds: float) -> list[tuple[str, int]]:
     answer comes within 20 s, or ``seconds`` where that is shorter."""
     if seconds <= 0:
         return []
-    every_ms = max(1000, round(seconds * 1000))
-    timeout_ms = keepalive_timeout_ms(every_ms)
-    return [("grpc.keepalive_time_ms", every_ms), ("grpc.keepalive_timeout_ms", timeout_ms),
-            ("grpc.http2.ping_timeout_ms", timeout_ms),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0)]
+    return [*_pinging(max(1000, round(seconds * 1000))),
+            ("grpc.keepalive_permit_without_calls", 1)]

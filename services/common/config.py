@@ -156,10 +156,13 @@ MAX_GRPC_SECONDS = (2**31 - 1) // 1000
 
 def _seconds_within(low: float, text: str, never: bool) -> float:
     """``text`` as seconds from ``low`` to :data:`MAX_GRPC_SECONDS`, or 0 where ``never``."""
-    value = _non_negative(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if never and value == 0:
         return 0.0
-    if not low <= value <= MAX_GRPC_SECONDS:
+    if not low <= value <= MAX_GRPC_SECONDS:  # NaN fails too
         zero = "0 (never) or " if never else ""
         raise argparse.ArgumentTypeError(
             f"must be {zero}{low:g} to {MAX_GRPC_SECONDS:,} seconds, got {text}")

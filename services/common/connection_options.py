@@ -16,7 +16,8 @@ Keepalive, both ways:
   server's must be answered that soon): a client that vanished (its node lost, a
   partition) no longer holds its streams, Watch streams included, until the connection's
   maximum age and its grace end it (65 minutes), and the pings keep idle connections open
-  through the same NATs. 0 turns them off (and leaves gRPC's 1-minute ping timeout).
+  through the same NATs. 0 turns them off (other pings then time out after a minute, as
+  with gRPC's defaults).
 - **A percept client's pings.** Search pings its Embedding service's connections after
   :data:`CLIENT_KEEPALIVE_SECONDS` of quiet: when an embedding pod vanishes (its node
   lost: nothing answers and nothing closes), its connection is dropped within 20 s of the
@@ -35,8 +36,13 @@ MAX_CONNECTION_AGE_MS = 300_000
 MAX_CONNECTION_AGE_GRACE_MS = 3_600_000
 #: The longest the server waits for a ping's answer (gRPC's default, 20 s).
 KEEPALIVE_TIMEOUT_MS = 20_000
-#: gRPC's "never" for a keepalive time (its largest value, about 24 days).
+#: gRPC's "never" for a keepalive time (its largest value, about 24 days). With it and no
+#: timeouts given, gRPC takes those as never too: a raw client that never acknowledged the
+#: server's SETTINGS was still connected after 90 s (closed after 60 s with them given,
+#: the SETTINGS timeout being 2 x the keepalive timeout, at least a minute).
 NEVER_MS = 2**31 - 1
+#: gRPC's ping timeout where keepalive pings are off: a minute, its default.
+DEFAULT_PING_TIMEOUT_MS = 60_000
 #: How long a percept client's connection may stay quiet before it pings (seconds).
 CLIENT_KEEPALIVE_SECONDS = 30.0
 
@@ -72,8 +78,10 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
          round(config.min_client_ping_seconds * 1000)),
         ("grpc.http2.max_ping_strikes", 2),
     ]
-    if config.keepalive_seconds <= 0:
-        return [*options, ("grpc.keepalive_time_ms", NEVER_MS)]
+    if config.keepalive_seconds <= 0:  # no pings; gRPC's timeouts for the others
+        return [*options, ("grpc.keepalive_time_ms", NEVER_MS),
+                ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                ("grpc.http2.ping_timeout_ms", DEFAULT_PING_TIMEOUT_MS)]
     # the server's pings: after --keepalive-seconds of quiet
     return [*options, *_pinging(max(1, round(config.keepalive_seconds * 1000)))]
 

@@ -140,11 +140,16 @@ def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
 MIN_STYLE_TILE = 256
 
 
-def _non_negative(text: str) -> float:
+def _number(text: str) -> float:
+    """``text`` as a float; NaN (which every range check refuses) for one that is not."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        value = math.nan
+        return math.nan
+
+
+def _non_negative(text: str) -> float:
+    value = _number(text)
     if not 0 <= value < math.inf:  # NaN fails too
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
@@ -156,10 +161,7 @@ MAX_GRPC_SECONDS = (2**31 - 1) // 1000
 
 def _seconds_within(low: float, text: str, never: bool) -> float:
     """``text`` as seconds from ``low`` to :data:`MAX_GRPC_SECONDS`, or 0 where ``never``."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _number(text)
     if never and value == 0:
         return 0.0
     if not low <= value <= MAX_GRPC_SECONDS:  # NaN fails too

@@ -130,6 +130,34 @@ def _client_tls(args: argparse.Namespace) -> None:
         raise UsageError(f"{error} (--tls-client-cert, --tls-client-key)") from error
 
 
+#: The commands that run models or read training data. They need the checkout's whole
+#: environment (requirements.txt, which `make setup` installs), not only the client's that
+#: `pip install` of the project brings (pyproject.toml).
+CHECKOUT_COMMANDS = ("serve", "run", "data", "train", "eval")
+#: The commands whose dependencies are an extra of the package: command -> extra.
+EXTRA_COMMANDS = {"cluster": "cluster"}
+
+
+def missing_dependency_text(command: str, error: ModuleNotFoundError) -> str | None:
+    """What to install for ``command``, which stopped on ``error``; None where the command
+    is a client command (whose dependencies the package declares: a bug, not a setting)."""
+    module = (error.name or "?").split(".")[0]
+    if module in ("services", "training", "percept", "deploy"):
+        return None  # percept's own code: a broken install or a bug, shown whole
+    if command in EXTRA_COMMANDS:
+        extra = EXTRA_COMMANDS[command]
+        return (f"percept {command} needs the Python module '{module}', which is not "
+                f"installed here: pip install 'percept[{extra}]' (a checkout's make setup "
+                "installs it too)")
+    if command in CHECKOUT_COMMANDS:
+        return (f"percept {command} needs the Python module '{module}', which is not "
+                "installed here. A pip-installed percept holds the client commands only; "
+                f"{', '.join(CHECKOUT_COMMANDS[:-1])} and {CHECKOUT_COMMANDS[-1]} run from "
+                "a checkout of the percept repository (make setup installs what they "
+                "need) or from its container image (deploy/README.md)")
+    return None
+
+
 class _Unreachable(grpc.RpcError):
     """UNAVAILABLE before the first request: reported as a failed call (exit 1)."""
 
@@ -1349,6 +1377,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except folder_runs.FolderRunStopped as error:
         print(f"stopped: {error}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as error:
+        text = missing_dependency_text(args.command, error)
+        if text is None:
+            raise
+        print(f"error: {text}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     except Terminated:

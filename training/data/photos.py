@@ -122,7 +122,8 @@ def skimage_root() -> Path:
     """scikit-image's install folder (located without importing it)."""
     spec = importlib.util.find_spec("skimage")
     if spec is None or spec.origin is None:
-        raise PhotosError("scikit-image is not installed; it provides the bundled photos")
+        raise PhotosError("scikit-image, which provides the bundled photos, is not installed "
+                          "(a checkout's make setup installs it)")
     return Path(spec.origin).parent.parent
 
 

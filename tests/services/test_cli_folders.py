@@ -194,7 +194,7 @@ def test_ctrl_c_or_sigterm_stops_the_run_and_leaves_only_whole_files(
         code: int) -> None:
     folder, out = tmp_path / "big", tmp_path / "out"
     folder.mkdir()
-    large = np.asarray(Image.fromarray(photo).resize((1200, 800)))
+    large = np.asarray(Image.fromarray(photo).resize((600, 400)))
     for i in range(40):
         (folder / f"{i:02d}.png").write_bytes(encode(large))
     process = subprocess.Popen(

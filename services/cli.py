@@ -130,31 +130,43 @@ def _client_tls(args: argparse.Namespace) -> None:
         raise UsageError(f"{error} (--tls-client-cert, --tls-client-key)") from error
 
 
-#: The commands that run models or read training data. They need the checkout's whole
-#: environment (requirements.txt, which `make setup` installs), not only the client's that
-#: `pip install` of the project brings (pyproject.toml).
-CHECKOUT_COMMANDS = ("serve", "run", "data", "train", "eval")
+#: The commands that run models or read training data: they run from percept's source tree
+#: (a checkout after `make setup`, or the container image), whose models/, data/ and
+#: assets/ they use, not from a pip-installed percept (the client: pyproject.toml).
+SOURCE_TREE_COMMANDS = ("serve", "run", "data", "train", "eval")
 #: The commands whose dependencies are an extra of the package: command -> extra.
 EXTRA_COMMANDS = {"cluster": "cluster"}
 
 
+def source_tree_refusal(command: str) -> str | None:
+    """Why ``command`` cannot run here: a source-tree command in a pip-installed percept;
+    None where it can."""
+    from training.assets import REPO_ROOT, runs_from_source
+
+    if command not in SOURCE_TREE_COMMANDS or runs_from_source():
+        return None
+    return (f"percept {command} runs from percept's source tree: a checkout of the "
+            "repository (make setup installs what it needs) or the container image "
+            f"(deploy/README.md). This percept is installed in {REPO_ROOT}, with the client "
+            "commands only")
+
+
 def missing_dependency_text(command: str, error: ModuleNotFoundError) -> str | None:
     """What to install for ``command``, which stopped on ``error``; None where the command
-    is a client command (whose dependencies the package declares: a bug, not a setting)."""
-    module = (error.name or "?").split(".")[0]
-    if module in ("services", "training", "percept", "deploy"):
+    is a client command (whose dependencies the package declares: a bug, not a setting)
+    or the missing module is percept's own."""
+    module = error.name or "?"
+    if module.split(".")[0] in ("services", "training", "percept", "deploy"):
         return None  # percept's own code: a broken install or a bug, shown whole
     if command in EXTRA_COMMANDS:
         extra = EXTRA_COMMANDS[command]
         return (f"percept {command} needs the Python module '{module}', which is not "
-                f"installed here: pip install 'percept[{extra}]' (a checkout's make setup "
-                "installs it too)")
-    if command in CHECKOUT_COMMANDS:
+                f"installed here: install percept with its '{extra}' extra (pip install "
+                f"'path/to/percept[{extra}]'; a checkout's make setup installs it too)")
+    if command in SOURCE_TREE_COMMANDS:
         return (f"percept {command} needs the Python module '{module}', which is not "
-                "installed here. A pip-installed percept holds the client commands only; "
-                f"{', '.join(CHECKOUT_COMMANDS[:-1])} and {CHECKOUT_COMMANDS[-1]} run from "
-                "a checkout of the percept repository (make setup installs what they "
-                "need) or from its container image (deploy/README.md)")
+                "installed in this environment: make setup installs what the checkout's "
+                "commands need (requirements.txt)")
     return None
 
 
@@ -1341,6 +1353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command_line = " ".join(["percept", *(shlex.quote(a) for a in arguments)])
     handler: Handler = getattr(args, "handler", None) or args.func
     writes_outputs = args.command in ("upscale", "stylize")
+    refusal = source_tree_refusal(args.command)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     from services.common.tls import TlsError
 
     try:

@@ -28,6 +28,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def runs_from_source() -> bool:
+    """Whether percept runs from its source tree (a checkout, or the container image's
+    /app), where models/, data/ and assets/ lie beside the code; False for a pip-installed
+    percept (the client), whose REPO_ROOT is site-packages."""
+    return (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "services").is_dir()
+
+
 def assets_dir() -> Path:
     """The asset folder: ``$PERCEPT_ASSETS_DIR``, else ``<repo>/assets``."""
     return Path(os.environ.get("PERCEPT_ASSETS_DIR", REPO_ROOT / "assets"))

@@ -1,9 +1,13 @@
 """What one client's flood does to another client's calls, with --fair-share (the
 default) and without it (the baseline), timed in the same run.
 
-Two `percept serve superres` processes, one with shares and one without, each with
---max-concurrent-rpcs 8 and listening on :: so that 127.0.0.1 and ::1 are two clients.
-Against each in turn (alternating, twice), for the same time:
+Two scenarios, each with two `percept serve superres` processes, one with shares and one
+without, listening on :: so that 127.0.0.1 and ::1 are two clients:
+- at the call limit (--max-concurrent-rpcs 8): the flood holds more calls than the
+  limit, and the shares decide who is admitted;
+- below it (the default --max-concurrent-rpcs, 64): every call is admitted, and the
+  shares decide the order in the model's queue (small requests take turns by client).
+Against each server in turn (alternating, twice), for the same time:
 - the flood: FLOOD_CALLERS threads from 127.0.0.1, each sending 64 px upscales one after
   the other, and on a busy answer sending again after the server's pushback (as
   percept's clients do);
@@ -28,6 +32,7 @@ import grpc
 from benchmarks.common import machine, markdown_table, run_as_script, server_process
 from benchmarks.image_models import photo
 from percept.v1 import superres_pb2, superres_pb2_grpc
+from services.common.config import ServerConfig
 from services.common.errors import RETRY_PUSHBACK_KEY
 from services.common.images import encode_image
 
@@ -94,16 +99,19 @@ def _phase(port: int, image: bytes, seconds: float) -> dict[str, Any]:
             "flood_calls": sum(len(c.latencies) for c in flood), "seconds": seconds}
 
 
-def run(quick: bool = False) -> dict[str, Any]:
-    image = encode_image(photo(64))
-    seconds = 5.0 if quick else 20.0
+#: (name, --max-concurrent-rpcs): the flood over the call limit, and under it.
+SCENARIOS = (("at the call limit", LIMIT),
+             ("below the call limit", ServerConfig.max_concurrent_rpcs))
+
+
+def _scenario(limit: int, image: bytes, seconds: float) -> dict[str, Any]:
     phases: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     with ExitStack() as servers:
         ports = {}
         for mode in MODES:
             flag = "on" if mode == "fair share" else "off"
             process, channel = servers.enter_context(server_process(
-                "superres", f"--max-concurrent-rpcs={LIMIT}", f"--fair-share={flag}",
+                "superres", f"--max-concurrent-rpcs={limit}", f"--fair-share={flag}",
                 host="::"))
             channel.close()
             ports[mode] = process.percept_port
@@ -126,14 +134,21 @@ def run(quick: bool = False) -> dict[str, Any]:
             "total_per_s": (sum(p["flood_calls"] for p in phases[mode]) + len(light)) / total,
         })
     base, fair = rows
-    return {"machine": machine(), "limit": LIMIT, "flood_callers": FLOOD_CALLERS,
-            "seconds_per_mode": 2 * seconds, "image": f"64 x 64 PNG, {len(image)} bytes",
-            "rows": rows,
+    return {"limit": limit, "rows": rows,
             "light_median_x": _ratio(base["light_median_ms"], fair["light_median_ms"]),
             "light_p95_x": _ratio(base["light_p95_ms"], fair["light_p95_ms"]),
             "light_calls_x": _ratio(fair["light_calls"], base["light_calls"]),
             "flood_rate_x": fair["flood_per_s"] / base["flood_per_s"],
             "total_rate_x": fair["total_per_s"] / base["total_per_s"]}
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    image = encode_image(photo(64))
+    seconds = 5.0 if quick else 20.0
+    return {"machine": machine(), "flood_callers": FLOOD_CALLERS,
+            "seconds_per_mode": 2 * seconds, "image": f"64 x 64 PNG, {len(image)} bytes",
+            "scenarios": [{"name": name, **_scenario(limit, image, seconds)}
+                          for name, limit in SCENARIOS]}
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -144,28 +159,34 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def markdown(result: dict[str, Any]) -> str:
+def _scenario_markdown(scenario: dict[str, Any]) -> str:
     table = markdown_table(
         ["server", "light client's calls", "its median ms", "its p95 ms",
          "busy answers per call", "flood upscales/s", "all upscales/s"],
         [(r["mode"], r["light_calls"], _ms(r["light_median_ms"]), _ms(r["light_p95_ms"]),
           f"{r['light_busy_per_call']:.1f}", f"{r['flood_per_s']:.1f}",
           f"{r['total_per_s']:.1f}")
-         for r in result["rows"]])
+         for r in scenario["rows"]])
+
     def times(key: str) -> str:
-        value = result.get(key)
+        value = scenario.get(key)
         return f"{value:.1f}x" if value else "not measured"
 
-    return (f"### One client's flood against another client's calls (--fair-share)\n\n"
-            f"Machine: {result['machine']}; `percept serve superres "
-            f"--max-concurrent-rpcs {result['limit']}`; {result['flood_callers']} flood "
-            f"callers from 127.0.0.1, one light caller from ::1, "
-            f"{result['seconds_per_mode']:.0f} s per server (alternated); "
-            f"{result['image']}\n\n{table}\n\nWith shares, against the server without "
+    return (f"{scenario['name'].capitalize()} (`--max-concurrent-rpcs "
+            f"{scenario['limit']}`):\n\n{table}\n\nWith shares, against the server without "
             f"them: the light client's median {times('light_median_x')} and its p95 "
             f"{times('light_p95_x')} shorter, {times('light_calls_x')} the calls done; the "
-            f"flood keeps {result['flood_rate_x']:.2f}x its rate, and the server "
-            f"{result['total_rate_x']:.2f}x its throughput.")
+            f"flood keeps {scenario['flood_rate_x']:.2f}x its rate, and the server "
+            f"{scenario['total_rate_x']:.2f}x its throughput.")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    scenarios = "\n\n".join(_scenario_markdown(s) for s in result["scenarios"])
+    return (f"### One client's flood against another client's calls (--fair-share)\n\n"
+            f"Machine: {result['machine']}; `percept serve superres`; "
+            f"{result['flood_callers']} flood callers from 127.0.0.1, one light caller from "
+            f"::1, {result['seconds_per_mode']:.0f} s per server (alternated); "
+            f"{result['image']}\n\n{scenarios}")
 
 
 if __name__ == "__main__":

@@ -5,18 +5,20 @@ into one call of the batch function: the first request of a group waits at most
 ``max_wait_ms`` for up to ``max_batch - 1`` companions. Groups take turns by their oldest
 request, so a steady stream of one key never holds back the others, and the items of small
 requests (an image of one tile, a request of at most a batch of images) go ahead of those
-of larger ones (the tiles of a large image). A request that arrives while the batcher is
-idle (nothing queued, nothing running) and is still alone when the worker takes it runs at
-once: no burst is under way, and waiting would only add its latency (a sequential client's
-every request; on a GPU, where a request takes a millisecond or two, waiting for companions
-made the wait most of the request). The queue holds at most ``max_queue`` requests (waiting
-or running); one more is refused at once with RESOURCE_EXHAUSTED, so memory never grows
-without bound. A request whose deadline has passed, or whose caller went away, is dropped
-before compute, and counted in ``percept_dropped_total{queue, reason}`` once per RPC,
-however many of its items (images, tiles) are dropped (services/common/metrics.py,
-count_dropped): reason ``deadline`` when it went within DEADLINE_SLACK_SECONDS of its
-deadline (the client's RST_STREAM at its deadline reaches the server a moment before the
-server's own deadline passes), ``cancelled`` when its caller hung up before.
+of larger ones (the tiles of a large image); the small ones take turns by client (who made
+the RPC, where --fair-share is on), one each in turn. A request that arrives while the
+batcher is idle (nothing queued, nothing running) and is still alone when the worker takes
+it runs at once: no burst is under way, and waiting would only add its latency (a
+sequential client's every request; on a GPU, where a request takes a millisecond or two,
+waiting for companions made the wait most of the request). The queue holds at most
+``max_queue`` requests (waiting or running); one more is refused at once with
+RESOURCE_EXHAUSTED, so memory never grows without bound. A request whose deadline has
+passed, or whose caller went away, is dropped before compute, and counted in
+``percept_dropped_total{queue, reason}`` once per RPC, however many of its items (images,
+tiles) are dropped (services/common/metrics.py, count_dropped): reason ``deadline`` when it
+went within DEADLINE_SLACK_SECONDS of its deadline (the client's RST_STREAM at its deadline
+reaches the server a moment before the server's own deadline passes), ``cancelled`` when
+its caller hung up before.
 
 The batch function runs in a single worker thread per batcher (one model, one stream of
 work), off the event loop.
@@ -87,12 +89,75 @@ class _Pending(Generic[In]):
 SMALL_TURNS_IN_A_ROW = 3
 
 
-class _Group(Generic[In]):
-    """The requests waiting under one key: those of small requests (``_Pending.small``)
-    ahead of the rest, each part in arrival order."""
+def _client(pending: _Pending[Any]) -> Hashable:
+    """Who made the RPC ``pending`` is part of (services.common.metrics.Call.client), None
+    where that is not known."""
+    return None if pending.call is None else pending.call.client
+
+
+class _Turns(Generic[In]):
+    """Requests in turns by client: each client's in arrival order, the clients taking one
+    request each in turn (a client that arrives joins the end of the turn). A client that
+    keeps many requests queued (a batch job) so holds another's next request back by at
+    most one request of its own, not by all it queued before it. Requests of no known
+    client (fair shares off, items submitted outside an RPC) count as one client; with
+    shares off that is every request, in arrival order."""
 
     def __init__(self) -> None:
-        self.small: deque[_Pending[In]] = deque()
+        # insertion-ordered: the turn, the client served next first
+        self._queues: dict[Hashable, deque[_Pending[In]]] = {}
+        self._length = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __bool__(self) -> bool:
+        return self._length > 0
+
+    def __iter__(self) -> Iterator[_Pending[In]]:
+        for queue in self._queues.values():
+            yield from queue
+
+    def __contains__(self, pending: _Pending[In]) -> bool:
+        return pending in self._queues.get(_client(pending), ())  # by identity (eq=False)
+
+    def append(self, pending: _Pending[In]) -> None:
+        self._queues.setdefault(_client(pending), deque()).append(pending)
+        self._length += 1
+
+    def remove(self, pending: _Pending[In]) -> None:
+        client = _client(pending)
+        queue = self._queues[client]
+        queue.remove(pending)
+        if not queue:
+            del self._queues[client]
+        self._length -= 1
+
+    def head(self) -> _Pending[In]:
+        """The request served next."""
+        return next(iter(self._queues.values()))[0]
+
+    def popleft(self) -> _Pending[In]:
+        client, queue = next(iter(self._queues.items()))
+        pending = queue.popleft()
+        del self._queues[client]
+        if queue:  # to the end of the turn
+            self._queues[client] = queue
+        self._length -= 1
+        return pending
+
+    def oldest(self) -> float:
+        """When the request that has waited longest arrived."""
+        return min(queue[0].enqueued for queue in self._queues.values())
+
+
+class _Group(Generic[In]):
+    """The requests waiting under one key: those of small requests (``_Pending.small``)
+    ahead of the rest; the small ones in turns by client (:class:`_Turns`), the rest in
+    arrival order (a turn between large requests would finish each of them later)."""
+
+    def __init__(self) -> None:
+        self.small: _Turns[In] = _Turns()
         self.rest: deque[_Pending[In]] = deque()
 
     def __len__(self) -> int:
@@ -102,7 +167,7 @@ class _Group(Generic[In]):
         yield from self.small
         yield from self.rest
 
-    def _part(self, pending: _Pending[In]) -> deque[_Pending[In]]:
+    def _part(self, pending: _Pending[In]) -> _Turns[In] | deque[_Pending[In]]:
         return self.small if pending.small else self.rest
 
     def __contains__(self, pending: _Pending[In]) -> bool:
@@ -118,17 +183,23 @@ class _Group(Generic[In]):
         """The request served next (with ``rest_first``, a larger request's, if any)."""
         if rest_first and self.rest:
             return self.rest[0]
-        return self.small[0] if self.small else self.rest[0]
+        return self.small.head() if self.small else self.rest[0]
 
     def popleft(self, rest_first: bool = False) -> _Pending[In]:
         if rest_first and self.rest:
             return self.rest.popleft()
         return self.small.popleft() if self.small else self.rest.popleft()
 
+    def oldest(self, rest_first: bool = False) -> float:
+        """When the request that has waited longest of those served next arrived."""
+        if (rest_first and self.rest) or not self.small:
+            return self.rest[0].enqueued
+        return self.small.oldest()
+
     def order(self) -> tuple[int, float]:
         """Where the group comes in the turn: one with a small request waiting first, then
-        by how long its next request has waited."""
-        return (0 if self.small else 1, self.head().enqueued)
+        by how long its longest-waiting request has waited."""
+        return (0 if self.small else 1, self.oldest())
 
 
 class MicroBatcher(Generic[In, Out]):
@@ -326,7 +397,7 @@ class MicroBatcher(Generic[In, Out]):
         its first request's arrival."""
         assert self._wakeup is not None
         key, oldest, rest_first = self._next()
-        until = oldest.head(rest_first).enqueued + self.max_wait
+        until = oldest.oldest(rest_first) + self.max_wait
         limit = self._limit(key)
         while len(oldest) < limit and self._groups.get(key) is oldest:  # (all may leave)
             remaining = until - time.monotonic()

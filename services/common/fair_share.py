@@ -18,6 +18,11 @@ RESOURCE_EXHAUSTED almost every time it is sent. With them:
   pushback). So the slots its calls free go to the others, and a client alone has the
   whole limit.
 
+Below the limit, the same clients take turns in each model's queue: the small requests
+queued there (an image of one tile) are served one per client in turn
+(services/common/batching.py, ``_Turns``), so a client's request waits behind one
+request of each other client, not behind all a batch job queued before it.
+
 A client is the verified certificate of its call (mutual TLS: its common name, else its
 first DNS name) or else its IP address without the port (one client's connections and
 channels are one client). Clients behind one proxy, NAT or service mesh address are one

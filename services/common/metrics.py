@@ -171,12 +171,16 @@ def withdraw_models(infos: Iterable[server_pb2.ModelInfo]) -> None:
 
 
 class Call:
-    """One RPC, as percept_dropped_total sees it: the queues that have counted it dropped."""
+    """One RPC, as the batchers see it: the queues that have counted it dropped
+    (percept_dropped_total), and who made it (``client``: services.common.fair_share's
+    client_of, set where --fair-share is on; the batchers take small requests in turns by
+    it)."""
 
-    __slots__ = ("dropped_from",)
+    __slots__ = ("client", "dropped_from")
 
     def __init__(self) -> None:
         self.dropped_from: set[str] = set()
+        self.client: str | None = None
 
 
 #: The RPC the running code serves: set by MetricsInterceptor as the call begins, and

@@ -75,6 +75,7 @@ from services.common.metrics import (
     MetricsInterceptor,
     MetricsServers,
     build_revision,
+    current_call,
     publish_models,
     ran_out_of_time,
     start_metrics_server,
@@ -435,6 +436,9 @@ class WorkCalls(grpc.aio.ServerInterceptor):
                                 with_request_id(context, busy.trailing_metadata))
         call = _WorkCall(asyncio.current_task(), context, time.monotonic(), method=method,
                          request_id=current_request_id.get(), client=client)
+        queued_as = current_call.get()  # its items' turns in the batchers' queues
+        if queued_as is not None:
+            queued_as.client = client
         self._calls.add(call)
         if self.shares is not None and client is not None:
             self.shares.enter(client)

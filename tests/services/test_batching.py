@@ -149,6 +149,89 @@ def test_a_small_request_goes_ahead_of_the_tiles_of_large_ones() -> None:
                                                              206, 207]
 
 
+def _submit_as(batcher: MicroBatcher[int, int], client: str | None, item: int,
+               **options: object) -> asyncio.Future[int]:
+    """``item`` submitted as part of an RPC by ``client`` (as WorkCalls marks a call's
+    client where --fair-share is on)."""
+    from services.common.metrics import Call, current_call
+
+    call = Call()
+    call.client = client
+    token = current_call.set(call)
+    try:  # the task copies the context, with the call, as it is made
+        return asyncio.ensure_future(batcher.submit(item, **options))  # type: ignore[arg-type]
+    finally:
+        current_call.reset(token)
+
+
+def test_small_requests_take_turns_by_client() -> None:
+    """A client with many requests queued (a batch job) holds another's back by one of its
+    own per turn, not by all it queued first: each client's requests in their order, the
+    clients one request each in turn, a client that comes in joining the end of the turn.
+    Requests of no known client (fair shares off) are one more client."""
+    recorder = Recorder()
+    recorder.release.clear()  # the worker blocks on the first batch: the rest queue up
+
+    async def main() -> None:
+        batcher = MicroBatcher("t-turns", recorder, max_batch=4, max_wait_ms=1, max_queue=64)
+        first = _submit_as(batcher, "ip:10.0.0.1", -1)
+        await asyncio.sleep(0.05)  # running (blocked)
+        queued = [_submit_as(batcher, "ip:10.0.0.1", 100 + i) for i in range(8)]
+        await asyncio.sleep(0.01)
+        queued += [_submit_as(batcher, "ip:10.0.0.2", 200 + i) for i in range(2)]
+        await asyncio.sleep(0.01)
+        queued += [_submit_as(batcher, None, 300), _submit_as(batcher, "ip:10.0.0.3", 400)]
+        await asyncio.sleep(0.02)
+        recorder.release.set()
+        await asyncio.gather(first, *queued)
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert recorder.batches[0] == [-1]
+    assert recorder.batches[1:] == [[100, 200, 300, 400], [101, 201, 102, 103],
+                                    [104, 105, 106, 107]]
+
+
+def test_without_clients_small_requests_keep_their_arrival_order() -> None:
+    """Fair shares off: no request has a client, and the queue is first come, first
+    served, as before turns."""
+    recorder = Recorder()
+    recorder.release.clear()
+
+    async def main() -> None:
+        batcher = MicroBatcher("t-fifo", recorder, max_batch=4, max_wait_ms=1, max_queue=64)
+        first = _submit_as(batcher, None, -1)
+        await asyncio.sleep(0.05)
+        queued = [_submit_as(batcher, None, i) for i in range(10)]
+        await asyncio.sleep(0.02)
+        recorder.release.set()
+        await asyncio.gather(first, *queued)
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert recorder.batches == [[-1], [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_a_group_is_ordered_and_waits_by_its_longest_waiting_request() -> None:
+    """Turns may serve a newer request first; the group's place among the groups and its
+    wait for companions (max_wait) still count from its longest-waiting request."""
+    from services.common.batching import _Group, _Pending
+    from services.common.metrics import Call
+
+    def pending(client: str, enqueued: float) -> _Pending[int]:
+        call = Call()
+        call.client = client
+        return _Pending(item=0, future=None, deadline=None, enqueued=enqueued,  # type: ignore[arg-type]
+                        call=call)
+
+    group: _Group[int] = _Group()
+    a1, a2, b1 = pending("A", 1.0), pending("A", 2.0), pending("B", 3.0)
+    for item in (a1, a2, b1):
+        group.add(item)
+    assert group.popleft() is a1  # A goes to the end of the turn: B's request is next
+    assert group.head() is b1 and group.oldest() == 2.0 and group.order() == (0, 2.0)
+
+
 def test_a_stream_of_small_requests_does_not_hold_back_a_large_one_for_good() -> None:
     """Small requests go first, but after SMALL_TURNS_IN_A_ROW batches of them while a
     larger request waits, the larger one's batch runs: a steady stream of small requests

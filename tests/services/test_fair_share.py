@@ -325,3 +325,65 @@ def test_under_mutual_tls_each_client_certificate_is_a_client(tmp_path: Path) ->
         a_channel.close()
         b_channel.close()
         running.stop()
+
+
+@pytest.mark.parametrize("fair", [True, False], ids=["fair-share", "no-shares"])
+def test_a_client_s_request_takes_its_turn_ahead_of_a_flood_queued_before_it(
+        fair: bool, small_photo: Any) -> None:
+    """Below the call limit, in the model's queue: a (127.0.0.1) has 8 upscales queued
+    behind a running one when b's (::1) arrives. With shares, b's goes in the next batch
+    of 4 (turns by client); without them, after all of a's (arrival order)."""
+    if not ipv6_loopback_available():
+        pytest.skip("no IPv6 loopback here")
+    from services import client
+    from tests.conftest import encode
+
+    running = start_in_thread(server_config("superres", host="::", warmup=False, max_batch=4,
+                                            max_wait_ms=1, fair_share=fair))
+    batchers = running.server.modules[0].batchers()
+    gate = threading.Event()
+
+    def held(compute: Any) -> Any:
+        def process(items: Any) -> Any:
+            gate.wait(60)
+            return compute(items)
+        return process
+
+    for batcher in batchers:
+        batcher._process = held(batcher._process)
+    image = encode(small_photo)
+    done: list[str] = []
+    a = grpc.insecure_channel(f"127.0.0.1:{running.port}", options=[
+        ("grpc.max_receive_message_length", 64 << 20)])
+    b = grpc.insecure_channel(f"[::1]:{running.port}", options=[
+        ("grpc.max_receive_message_length", 64 << 20)])
+
+    def depth() -> int:
+        return sum(batcher.depth for batcher in batchers)
+
+    def send(channel: grpc.Channel, name: str, queued: int) -> Any:
+        future = client.upscale_future(channel, image, timeout=120)
+        future.add_done_callback(lambda _: done.append(name))
+        deadline = time.monotonic() + 30
+        while depth() < queued:
+            assert time.monotonic() < deadline, f"{name} never reached the queue"
+            time.sleep(0.01)
+        return future
+
+    try:
+        calls = [send(a, "a-running", 1)]
+        calls += [send(a, f"a{i}", 2 + i) for i in range(8)]
+        calls.append(send(b, "b", 10))
+        gate.set()
+        for call in calls:
+            call.result()
+        after_b = done[done.index("b") + 1:]
+        if fair:  # the batch after the running one: a0, b, a1, a2; then a3..a7
+            assert sum(name.startswith("a") for name in after_b) >= 4, done
+        else:
+            assert after_b == [], done
+    finally:
+        gate.set()
+        a.close()
+        b.close()
+        running.stop()

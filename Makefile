@@ -20,8 +20,10 @@ setup:
 run: setup
 	@$(PERCEPT) run
 
-## test: the whole suite, on up to 4 cores (pytest-xdist)
+## test: the whole suite, on up to 4 cores (pytest-xdist); scripts/setup_tests.sh adds what
+## only the tests need (Node.js and the grpc-js interop client's npm packages)
 test: setup
+	@scripts/setup_tests.sh
 	@$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 ## protos: regenerate percept/v1 Python code from the .proto files

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up of everything percept needs, from the project's own files:
 # Debian build libraries, a .venv with the pinned requirements, pillow-simd built last
-# (AVX2 when the CPU has it, SSE4 otherwise), the project itself, the offline assets, and
-# the packages of the Node.js client the interop tests run.
+# (AVX2 when the CPU has it, SSE4 otherwise), the project itself, and the offline assets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,11 +21,6 @@ missing=""
 # still answers 0 for it ("deinstall ok config-files")
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 for p in $APT_PKGS; do installed "$p" || missing="$missing $p"; done
-# Node.js and npm, for the client in another gRPC implementation that tests run (step 9);
-# any install of them will do (NodeSource's nodejs carries npm, and conflicts with Debian's)
-if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
-  missing="$missing nodejs npm"
-fi
 if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ]; then
     log "apt-get install$missing"
@@ -90,17 +84,6 @@ $VPY -m training.assets fetch
 # 8. Word vectors of all 82,115 WordNet noun synsets (all-MiniLM-L6-v2), built once and
 #    cached by content hash under assets/vectors/ (minutes on a CPU; skipped when cached).
 HF_HUB_OFFLINE=1 $VPY -m services.embed.word_vectors build --threads "$(nproc)"
-
-# 9. The Node.js client's packages (tests/interop/node: grpc-js, proto-loader, protobufjs),
-#    exactly as its package-lock.json says; again when that changes. Their install scripts
-#    do not run (protobufjs' only checks versions).
-NODE_DIR=tests/interop/node
-node_want=$(sha256sum < $NODE_DIR/package-lock.json | cut -c1-16)
-if [ "$(cat $NODE_DIR/node_modules/.percept-setup 2>/dev/null)" != "$node_want" ]; then
-  log "installing the Node.js interop client's packages (npm ci in $NODE_DIR)"
-  (cd $NODE_DIR && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error)
-  echo "$node_want" > $NODE_DIR/node_modules/.percept-setup
-fi
 
 echo "$want" > $STAMP
 log "ready: $($VPY -c 'import PIL, torch, grpc; print(f"PIL {PIL.__version__}, torch {torch.__version__}, grpcio {grpc.__version__}")')"

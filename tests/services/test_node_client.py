@@ -1,10 +1,11 @@
 """A client in another gRPC implementation: grpc-js (pure JavaScript, its own HTTP/2 and
 protobuf code), with the API loaded from protos/ at run time, against real servers
-(tests/interop/node/client.mjs; make setup installs its packages with npm ci). What README
-("Clients in other languages") promises a client in any language: the .proto files load
-as they are, replies over 4 MiB arrive with the receive limit raised, gzip-compressed
-requests are accepted, every error carries google.rpc details that decode outside Python,
-busy answers carry the pushback trailer, and streams work both ways."""
+(tests/interop/node/client.mjs; make test installs its packages with npm ci:
+scripts/setup_tests.sh). What README ("Clients in other languages") promises a client in
+any language: the .proto files load as they are, replies over 4 MiB arrive with the
+receive limit raised, gzip-compressed requests are accepted, every error carries
+google.rpc details that decode outside Python, busy answers carry the pushback trailer,
+and streams work both ways."""
 
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ def node_client(scenario: str, target: str, *args: str, timeout: float = 180
                 ) -> dict[str, Any]:
     """What client.mjs printed for ``scenario``; AssertionError where it failed."""
     node = shutil.which("node")
-    assert node, "node is not installed (make setup installs it)"
+    assert node, "node is not installed (make test installs it: scripts/setup_tests.sh)"
     assert (CLIENT.parent / "node_modules").is_dir(), \
-        "tests/interop/node has no node_modules (make setup runs npm ci there)"
+        "tests/interop/node has no node_modules (make test runs scripts/setup_tests.sh)"
     done = subprocess.run([node, str(CLIENT), scenario, target, "--protos",
                            str(REPO / "protos"), "--google-protos", str(_google_protos()),
                            *args], capture_output=True, text=True, timeout=timeout)
@@ -160,10 +161,11 @@ def test_a_bidirectional_stream_adds_and_rejects_then_search_finds(
     finally:
         with client.connect(all_server.target) as channel:
             client.delete_images(channel, [image_id])
-    added = [i for ack in result["acks"] for i in ack["added"]]
-    rejected = [r for ack in result["acks"] for r in ack["rejected"]]
-    assert added == [image_id]
-    assert [(r["id"], r["code"]) for r in rejected] == [(f"{image_id}-broken",
-                                                          "INVALID_ARGUMENT")]
+    # one acknowledgement per item: the second was sent only after the first had come
+    first, second = result["acks"]
+    assert first == {"added": [image_id], "rejected": []}
+    assert second["added"] == []
+    assert [(r["id"], r["code"]) for r in second["rejected"]] == [(f"{image_id}-broken",
+                                                                   "INVALID_ARGUMENT")]
     (hit,) = result["hits"]
     assert hit["uri"] == f"file:///{image_id}" and hit["score"] == pytest.approx(1, abs=1e-3)

@@ -5,8 +5,9 @@
 //
 //   node client.mjs SCENARIO TARGET --protos DIR --google-protos DIR [ARG...]
 //
-// --protos: protos/ (percept/v1/*.proto); --google-protos: where google/rpc/*.proto and
-// google/protobuf/*.proto are (the Python packages googleapis-common-protos, grpcio-tools).
+// --protos: protos/ (percept/v1/*.proto); --google-protos: where google/rpc/*.proto are
+// (the Python package googleapis-common-protos' folder); protobufjs carries the
+// google/protobuf ones they import.
 // Scenarios:
 //   upscale IMAGE OUT [gzip]  Upscale, the reply's image written to OUT (gzip: the request
 //                             sent gzip-compressed)
@@ -14,7 +15,9 @@
 //                             google.rpc details (ErrorInfo, BadRequest)
 //   busy IMAGE                one Upscale, expected busy: the status, the pushback
 //                             trailer and RetryInfo
-//   search IMAGE ID           AddImages (a bidirectional stream), then SearchByImage
+//   search IMAGE ID           AddImages (a bidirectional stream: the second item is sent
+//                             only once the first one's acknowledgement came back),
+//                             then SearchByImage
 //   stylize IMAGE STYLE       Stylize with a fixed style, then an unknown style's error
 import { readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
@@ -51,8 +54,15 @@ function details(error) {
   const out = { code: status.code, message: status.message, details: {} };
   for (const any of status.details) {
     const name = any.type_url.split("/").pop();
-    out.details[name] = rpc.lookupType(name).toObject(rpc.lookupType(name).decode(any.value),
-                                                       { longs: Number, defaults: true });
+    let type = null;
+    try {
+      type = rpc.lookupType(name);
+    } catch {
+      out.details[name] = { undecoded: any.value.length };  // a type this client lacks
+      continue;
+    }
+    out.details[name] = type.toObject(type.decode(any.value), { longs: Number,
+                                                                defaults: true });
   }
   return out;
 }
@@ -117,12 +127,16 @@ async function search(image, id) {
   const acks = await new Promise((resolve, reject) => {
     const stream = client.AddImages({ deadline: new Date(Date.now() + 120_000) });
     const received = [];
-    stream.on("data", (ack) => received.push({ added: ack.added, rejected: ack.rejected }));
+    stream.on("data", (ack) => {
+      received.push({ added: ack.added, rejected: ack.rejected });
+      if (received.length === 1) {  // the first item is acknowledged: send the next
+        stream.write({ id: `${id}-broken`, image: Buffer.from("broken") });
+        stream.end();
+      }
+    });
     stream.on("error", reject);
     stream.on("end", () => resolve(received));
     stream.write({ id, uri: `file:///${id}`, image: readFileSync(image) });
-    stream.write({ id: `${id}-broken`, image: Buffer.from("broken") });
-    stream.end();
   });
   const found = await unary(client, "SearchByImage", { image: readFileSync(image), k: 1 });
   return { acks, hits: found.hits.map((hit) => ({ id: hit.id, uri: hit.uri,

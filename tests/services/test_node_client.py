@@ -5,7 +5,7 @@ scripts/setup_tests.sh). What README ("Clients in other languages") promises a c
 any language: the .proto files load as they are, replies over 4 MiB arrive with the
 receive limit raised, gzip-compressed requests are accepted, every error carries
 google.rpc details that decode outside Python, busy answers carry the pushback trailer,
-and streams work both ways."""
+and streams work both ways; mutual TLS agrees with another TLS stack."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import threading
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from PIL import Image
 
 from services.common.server import RunningServer
 from tests.conftest import REPO, encode, pixel_budget_full
+from tests.fixtures.certificates import Authority, SecretFiles, secret
 from tests.fixtures.tcp_proxy import TcpProxy
 
 CLIENT = REPO / "tests" / "interop" / "node" / "client.mjs"
@@ -169,3 +171,45 @@ def test_a_bidirectional_stream_adds_and_rejects_then_search_finds(
                                                                    "INVALID_ARGUMENT")]
     (hit,) = result["hits"]
     assert hit["uri"] == f"file:///{image_id}" and hit["score"] == pytest.approx(1, abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def mtls_superres(tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[tuple[RunningServer, SecretFiles, SecretFiles]]:
+    """A super-resolution server that requires client certificates (gRPC core's TLS),
+    with its files and a client's of the same CA."""
+    from services.common.server import start_in_thread
+    from tests.conftest import server_config
+
+    authority = Authority()
+    root = tmp_path_factory.mktemp("node-mtls")
+    files = secret(root / "server", authority)
+    running = start_in_thread(server_config(
+        "superres", warmup=False, tls_cert=str(files.cert), tls_key=str(files.key),
+        tls_client_ca=str(files.ca)))
+    yield running, files, secret(root / "client", authority)
+    running.stop()
+
+
+def test_mutual_tls_with_node_s_openssl(
+        mtls_superres: tuple[RunningServer, SecretFiles, SecretFiles],
+        small_photo: np.ndarray, tmp_path: Path) -> None:
+    """Another TLS stack (Node's OpenSSL, against gRPC core's) agrees on the handshake:
+    with the client's certificate the call is served; without it, or trusting another CA,
+    the connection fails (UNAVAILABLE) and the server keeps serving."""
+    running, server, mine = mtls_superres
+    image = tmp_path / "cat.png"
+    image.write_bytes(encode(small_photo))
+    target = f"127.0.0.1:{running.port}"
+    served = node_client("tls", target, str(image), str(server.ca), str(mine.cert),
+                         str(mine.key))
+    height, width = small_photo.shape[:2]
+    assert (served["code"], served["width"], served["height"]) == ("OK", 4 * width,
+                                                                  4 * height)
+    assert node_client("tls", target, str(image), str(server.ca))["code"] == "UNAVAILABLE"
+    stranger = secret(tmp_path / "other", Authority("another CA"))
+    assert node_client("tls", target, str(image), str(stranger.ca), str(mine.cert),
+                       str(mine.key))["code"] == "UNAVAILABLE"
+    again = node_client("tls", target, str(image), str(server.ca), str(mine.cert),
+                        str(mine.key))
+    assert again["code"] == "OK"

@@ -19,6 +19,9 @@
 //                             only once the first one's acknowledgement came back),
 //                             then SearchByImage
 //   stylize IMAGE STYLE       Stylize with a fixed style, then an unknown style's error
+//   tls IMAGE CA [CERT KEY]   Upscale over TLS (Node's OpenSSL), verifying the server with
+//                             the CA, with a client certificate where given (mutual TLS):
+//                             the reply's size, or the failure
 import { readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { parseArgs } from "node:util";
@@ -154,7 +157,19 @@ async function stylize(image, style) {
            model: reply.model, unknown };
 }
 
-const scenarios = { upscale, error, busy, search, stylize };
+async function tls(image, ca, cert, key) {
+  const credentials = grpc.credentials.createSsl(
+    readFileSync(ca), key ? readFileSync(key) : null, cert ? readFileSync(cert) : null);
+  const client = new api.SuperResolution(target, credentials, channelOptions());
+  try {
+    const reply = await unary(client, "Upscale", { image: readFileSync(image) }, 60);
+    return { code: "OK", width: reply.width, height: reply.height };
+  } catch (error) {
+    return failure(error);
+  }
+}
+
+const scenarios = { upscale, error, busy, search, stylize, tls };
 if (!scenarios[scenario]) {
   console.error(`unknown scenario ${scenario}; one of ${Object.keys(scenarios).join(", ")}`);
   process.exit(2);

@@ -20,6 +20,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from services.common.config import ServerConfig
 from services.common.server import RunningServer, start_in_thread
+from tests.fixtures.certificates import Authority, SecretFiles, secret
 
 # the client's TLS settings (services/common/tls.py ClientTls.from_environment) of the
 # shell that runs the tests would turn every test client's channel to TLS
@@ -78,6 +79,21 @@ def style_server() -> Iterator[RunningServer]:
     of STYLE_TEST_TILE px (the tiling tests stay small)."""
     running = start_in_thread(server_config("style", style_tile=STYLE_TEST_TILE), timeout=600)
     yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def mtls_superres(tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[tuple[RunningServer, SecretFiles, SecretFiles]]:
+    """A super-resolution server that requires client certificates, with its files and a
+    client's of the same CA (tests/fixtures/certificates.py)."""
+    authority = Authority()
+    root = tmp_path_factory.mktemp("mtls")
+    files = secret(root / "server", authority)
+    running = start_in_thread(server_config(
+        "superres", warmup=False, tls_cert=str(files.cert), tls_key=str(files.key),
+        tls_client_ca=str(files.ca)))
+    yield running, files, secret(root / "client", authority)
     running.stop()
 
 

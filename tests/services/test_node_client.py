@@ -14,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -171,24 +170,6 @@ def test_a_bidirectional_stream_adds_and_rejects_then_search_finds(
                                                                    "INVALID_ARGUMENT")]
     (hit,) = result["hits"]
     assert hit["uri"] == f"file:///{image_id}" and hit["score"] == pytest.approx(1, abs=1e-3)
-
-
-@pytest.fixture(scope="module")
-def mtls_superres(tmp_path_factory: pytest.TempPathFactory
-                  ) -> Iterator[tuple[RunningServer, SecretFiles, SecretFiles]]:
-    """A super-resolution server that requires client certificates (gRPC core's TLS),
-    with its files and a client's of the same CA."""
-    from services.common.server import start_in_thread
-    from tests.conftest import server_config
-
-    authority = Authority()
-    root = tmp_path_factory.mktemp("node-mtls")
-    files = secret(root / "server", authority)
-    running = start_in_thread(server_config(
-        "superres", warmup=False, tls_cert=str(files.cert), tls_key=str(files.key),
-        tls_client_ca=str(files.ca)))
-    yield running, files, secret(root / "client", authority)
-    running.stop()
 
 
 def test_mutual_tls_with_node_s_openssl(

@@ -11,7 +11,8 @@ Against each server in turn (alternating, twice), for the same time:
 - the flood: FLOOD_CALLERS threads from 127.0.0.1, each sending 64 px upscales one after
   the other, and on a busy answer sending again after the server's pushback (as
   percept's clients do);
-- the light client: one thread from ::1, one 64 px upscale at a time, retrying the same way.
+- the light client: one thread from ::1, one 48 px upscale at a time (another batch key
+  than the flood's), retrying the same way.
 Measured: the light client's time from its first try to the answer (median, p95), its
 busy answers per call, the flood's upscales per second, and all upscales per second (what
 the shares cost the server: a slot kept for the light client is idle between its calls).
@@ -78,11 +79,12 @@ class Caller:
         self.channel.close()
 
 
-def _phase(port: int, image: bytes, seconds: float) -> dict[str, Any]:
+def _phase(port: int, images: tuple[bytes, bytes], seconds: float) -> dict[str, Any]:
     """One flood and one light client against the server on ``port`` for ``seconds``."""
     stop = threading.Event()
-    flood = [Caller(f"127.0.0.1:{port}", image, stop) for _ in range(FLOOD_CALLERS)]
-    light = Caller(f"[::1]:{port}", image, stop)
+    flood_image, light_image = images
+    flood = [Caller(f"127.0.0.1:{port}", flood_image, stop) for _ in range(FLOOD_CALLERS)]
+    light = Caller(f"[::1]:{port}", light_image, stop)
     threads = [threading.Thread(target=c.loop, daemon=True) for c in (*flood, light)]
     for thread in threads:
         thread.start()
@@ -104,7 +106,7 @@ SCENARIOS = (("at the call limit", LIMIT),
              ("below the call limit", ServerConfig.max_concurrent_rpcs))
 
 
-def _scenario(limit: int, image: bytes, seconds: float) -> dict[str, Any]:
+def _scenario(limit: int, images: tuple[bytes, bytes], seconds: float) -> dict[str, Any]:
     phases: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     with ExitStack() as servers:
         ports = {}
@@ -117,7 +119,7 @@ def _scenario(limit: int, image: bytes, seconds: float) -> dict[str, Any]:
             ports[mode] = process.percept_port
         for round_index in range(2):
             for mode in MODES if round_index == 0 else MODES[::-1]:
-                phases[mode].append(_phase(ports[mode], image, seconds))
+                phases[mode].append(_phase(ports[mode], images, seconds))
     rows = []
     for mode in MODES:
         light = [s for phase in phases[mode] for s in phase["light"]]
@@ -143,11 +145,14 @@ def _scenario(limit: int, image: bytes, seconds: float) -> dict[str, Any]:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    image = encode_image(photo(64))
+    # the light client's images are of another size: another batch key than the flood's
+    images = encode_image(photo(64)), encode_image(photo(48))
     seconds = 5.0 if quick else 20.0
     return {"machine": machine(), "flood_callers": FLOOD_CALLERS,
-            "seconds_per_mode": 2 * seconds, "image": f"64 x 64 PNG, {len(image)} bytes",
-            "scenarios": [{"name": name, **_scenario(limit, image, seconds)}
+            "seconds_per_mode": 2 * seconds,
+            "image": (f"the flood's 64 x 64 PNG of {len(images[0])} bytes, the light "
+                      f"client's 48 x 48 PNG of {len(images[1])} bytes"),
+            "scenarios": [{"name": name, **_scenario(limit, images, seconds)}
                           for name, limit in SCENARIOS]}
 
 

@@ -2,15 +2,16 @@
 
 Requests submitted with the same ``key`` (a compatible shape, a model name ...) are grouped
 into one call of the batch function: the first request of a group waits at most
-``max_wait_ms`` for up to ``max_batch - 1`` companions. Groups take turns by their oldest
-request, so a steady stream of one key never holds back the others, and the items of small
-requests (an image of one tile, a request of at most a batch of images) go ahead of those
-of larger ones (the tiles of a large image); the small ones take turns by client (who made
-the RPC, where --fair-share is on), one each in turn. A request that arrives while the
-batcher is idle (nothing queued, nothing running) and is still alone when the worker takes
-it runs at once: no burst is under way, and waiting would only add its latency (a
-sequential client's every request; on a GPU, where a request takes a millisecond or two,
-waiting for companions made the wait most of the request). The queue holds at most
+``max_wait_ms`` for up to ``max_batch - 1`` companions. The items of small requests (an
+image of one tile, a request of at most a batch of images) go ahead of those of larger ones
+(the tiles of a large image), and the small requests take turns by client (who made the
+RPC, where --fair-share is on): one request of each client in turn, whatever its key, a
+request's items together; with shares off, in their order of arrival. Groups are served by
+their requests, so a steady stream of one key never holds back the others. A request that
+arrives while the batcher is idle (nothing queued, nothing running) and is still alone when
+the worker takes it runs at once: no burst is under way, and waiting would only add its
+latency (a sequential client's every request; on a GPU, where a request takes a millisecond
+or two, waiting for companions made the wait most of the request). The queue holds at most
 ``max_queue`` requests (waiting or running); one more is refused at once with
 RESOURCE_EXHAUSTED, so memory never grows without bound. A request whose deadline has
 passed, or whose caller went away, is dropped before compute, and counted in
@@ -27,7 +28,9 @@ work), off the event loop.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -73,6 +76,8 @@ class _Pending(Generic[In]):
     idle_at_arrival: bool = False  # nothing was queued or running when it was submitted
     call: Call | None = None  # the RPC it is part of (its drop is counted once per RPC)
     small: bool = True  # a whole small request (MicroBatcher.submit)
+    turn: int = 0  # a small request's turn (MicroBatcher._turn_of): served by (turn, seq)
+    seq: int = 0  # its number in arrival order
 
     def drop_reason(self, now: float) -> str:
         """Why a request whose caller left was dropped: ``deadline`` when it left at (or
@@ -89,75 +94,28 @@ class _Pending(Generic[In]):
 SMALL_TURNS_IN_A_ROW = 3
 
 
-def _client(pending: _Pending[Any]) -> Hashable:
-    """Who made the RPC ``pending`` is part of (services.common.metrics.Call.client), None
-    where that is not known."""
-    return None if pending.call is None else pending.call.client
+def _turn_order(pending: _Pending[Any]) -> tuple[int, int]:
+    return pending.turn, pending.seq
 
 
-class _Turns(Generic[In]):
-    """Requests in turns by client: each client's in arrival order, the clients taking one
-    request each in turn (a client that arrives joins the end of the turn). A client that
-    keeps many requests queued (a batch job) so holds another's next request back by at
-    most one request of its own, not by all it queued before it. Requests of no known
-    client (fair shares off, items submitted outside an RPC) count as one client; with
-    shares off that is every request, in arrival order."""
+@dataclass
+class _RequestTurn:
+    """A request's turn while items of it wait (MicroBatcher._turn_of)."""
 
-    def __init__(self) -> None:
-        # insertion-ordered: the turn, the client served next first
-        self._queues: dict[Hashable, deque[_Pending[In]]] = {}
-        self._length = 0
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __bool__(self) -> bool:
-        return self._length > 0
-
-    def __iter__(self) -> Iterator[_Pending[In]]:
-        for queue in self._queues.values():
-            yield from queue
-
-    def __contains__(self, pending: _Pending[In]) -> bool:
-        return pending in self._queues.get(_client(pending), ())  # by identity (eq=False)
-
-    def append(self, pending: _Pending[In]) -> None:
-        self._queues.setdefault(_client(pending), deque()).append(pending)
-        self._length += 1
-
-    def remove(self, pending: _Pending[In]) -> None:
-        client = _client(pending)
-        queue = self._queues[client]
-        queue.remove(pending)
-        if not queue:
-            del self._queues[client]
-        self._length -= 1
-
-    def head(self) -> _Pending[In]:
-        """The request served next."""
-        return next(iter(self._queues.values()))[0]
-
-    def popleft(self) -> _Pending[In]:
-        client, queue = next(iter(self._queues.items()))
-        pending = queue.popleft()
-        del self._queues[client]
-        if queue:  # to the end of the turn
-            self._queues[client] = queue
-        self._length -= 1
-        return pending
-
-    def oldest(self) -> float:
-        """When the request that has waited longest arrived."""
-        return min(queue[0].enqueued for queue in self._queues.values())
+    client: Hashable
+    turn: int
+    in_turn: int = 0  # its items given this turn
+    waiting: int = 0  # its small items queued
 
 
 class _Group(Generic[In]):
     """The requests waiting under one key: those of small requests (``_Pending.small``)
-    ahead of the rest; the small ones in turns by client (:class:`_Turns`), the rest in
-    arrival order (a turn between large requests would finish each of them later)."""
+    ahead of the rest; the small ones by their turn (clients' requests in turns, see
+    MicroBatcher._turn_of), then arrival; the rest in arrival order (a turn between large
+    requests would finish each of them later)."""
 
     def __init__(self) -> None:
-        self.small: _Turns[In] = _Turns()
+        self.small: list[_Pending[In]] = []  # sorted by _turn_order
         self.rest: deque[_Pending[In]] = deque()
 
     def __len__(self) -> int:
@@ -167,39 +125,42 @@ class _Group(Generic[In]):
         yield from self.small
         yield from self.rest
 
-    def _part(self, pending: _Pending[In]) -> _Turns[In] | deque[_Pending[In]]:
-        return self.small if pending.small else self.rest
-
     def __contains__(self, pending: _Pending[In]) -> bool:
-        return pending in self._part(pending)  # by identity (eq=False), deque's own scan
+        part = self.small if pending.small else self.rest
+        return pending in part  # by identity (eq=False)
 
     def add(self, pending: _Pending[In]) -> None:
-        self._part(pending).append(pending)
+        if pending.small:
+            bisect.insort(self.small, pending, key=_turn_order)
+        else:
+            self.rest.append(pending)
 
     def remove(self, pending: _Pending[In]) -> None:
-        self._part(pending).remove(pending)
+        (self.small if pending.small else self.rest).remove(pending)
+
+    def _rest_next(self, rest_first: bool) -> bool:
+        return (rest_first and bool(self.rest)) or not self.small
 
     def head(self, rest_first: bool = False) -> _Pending[In]:
         """The request served next (with ``rest_first``, a larger request's, if any)."""
-        if rest_first and self.rest:
-            return self.rest[0]
-        return self.small.head() if self.small else self.rest[0]
+        return self.rest[0] if self._rest_next(rest_first) else self.small[0]
 
     def popleft(self, rest_first: bool = False) -> _Pending[In]:
-        if rest_first and self.rest:
-            return self.rest.popleft()
-        return self.small.popleft() if self.small else self.rest.popleft()
+        return self.rest.popleft() if self._rest_next(rest_first) else self.small.pop(0)
 
     def oldest(self, rest_first: bool = False) -> float:
-        """When the request that has waited longest of those served next arrived."""
-        if (rest_first and self.rest) or not self.small:
+        """When the request that has waited longest of those served next arrived: a turn
+        may serve a newer one first, but the wait for companions counts from this one."""
+        if self._rest_next(rest_first):
             return self.rest[0].enqueued
-        return self.small.oldest()
+        return min(pending.enqueued for pending in self.small)
 
-    def order(self) -> tuple[int, float]:
-        """Where the group comes in the turn: one with a small request waiting first, then
-        by how long its longest-waiting request has waited."""
-        return (0 if self.small else 1, self.oldest())
+    def order(self) -> tuple[int, int, int]:
+        """Where the group comes among the groups: one with a small request waiting first,
+        by that request's turn, then arrival; then the others by arrival."""
+        if self.small:
+            return (0, *_turn_order(self.small[0]))
+        return (1, 0, self.rest[0].seq)
 
 
 class MicroBatcher(Generic[In, Out]):
@@ -224,6 +185,10 @@ class MicroBatcher(Generic[In, Out]):
         self.max_queue = max_queue
         self._groups: dict[Hashable, _Group[In]] = {}
         self._small_turns = 0  # batches of small requests in a row while larger ones waited
+        self._arrivals = itertools.count()
+        self._turn_now = 0  # the turn of the last small request taken into a batch
+        self._request_turns: dict[Call, _RequestTurn] = {}  # the requests with items waiting
+        self._client_turns: dict[Hashable, list[int]] = {}  # client -> [latest turn, requests]
         self._waiting = 0
         self._running = 0
         self._wakeup: asyncio.Event | None = None
@@ -292,6 +257,8 @@ class MicroBatcher(Generic[In, Out]):
                 if not pending.future.done():
                     pending.future.cancel()
         self._groups.clear()
+        self._request_turns.clear()
+        self._client_turns.clear()
         self._waiting = 0
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -317,9 +284,11 @@ class MicroBatcher(Generic[In, Out]):
                 retry_after_ms=self.retry_after_ms)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
+        call = current_call.get()
         pending = _Pending(item=item, future=loop.create_future(), deadline=deadline,
-                           idle_at_arrival=self.depth == 0, call=current_call.get(),
-                           small=small)
+                           idle_at_arrival=self.depth == 0, call=call, small=small,
+                           turn=self._turn_of(call) if small else 0,
+                           seq=next(self._arrivals))
         self._groups.setdefault(key, _Group()).add(pending)
         self._waiting += 1
         QUEUE_DEPTH.labels(self.name).set(self.depth)
@@ -332,6 +301,58 @@ class MicroBatcher(Generic[In, Out]):
             self._withdraw(key, pending)
             raise
 
+    def _turn_of(self, call: Call | None) -> int:
+        """The turn of a small item of ``call``'s request. Clients take turns: a client's
+        first waiting request gets the current turn, each further one the turn after its
+        previous one's, so a client that queued many requests (a batch job) holds another's
+        back by one batch at most (the one that takes its current request), not by all it
+        queued, whatever the other's key (the shape of its image). A request's items share
+        its turn, up to a batch of them: a request of several images is served together,
+        and a stream of many (search's AddImages) takes a turn per batch of them. The
+        client is Call.client (where --fair-share is on; None otherwise: one client, whose
+        requests are then served in their order of arrival). An item outside any RPC
+        (warm-up) takes the current turn."""
+        if call is None:
+            return self._turn_now
+        request = self._request_turns.get(call)
+        if request is None:
+            request = self._request_turns[call] = _RequestTurn(call.client,
+                                                               self._next_turn(call.client))
+        elif request.in_turn >= self.max_batch:  # a batch of its items has this turn
+            request.turn, request.in_turn = self._next_turn(call.client, again=True), 0
+        request.in_turn += 1
+        request.waiting += 1
+        return request.turn
+
+    def _next_turn(self, client: Hashable, again: bool = False) -> int:
+        """The turn of ``client``'s next request (``again``: of the next batch of items of
+        a request it has waiting)."""
+        latest = self._client_turns.get(client)
+        turn = self._turn_now if latest is None else max(self._turn_now, latest[0] + 1)
+        if latest is None:
+            self._client_turns[client] = latest = [turn, 0]
+        latest[0] = turn
+        if not again:
+            latest[1] += 1  # its requests waiting
+        return turn
+
+    def _left(self, pending: _Pending[In]) -> None:
+        """Forgets a small item that left the queue (taken into a batch, or withdrawn);
+        a client with no request waiting any more starts afresh at its next one."""
+        request = (self._request_turns.get(pending.call)
+                   if pending.small and pending.call is not None else None)
+        if request is None:  # not a small item of an RPC (or stop() forgot every turn)
+            return
+        request.waiting -= 1
+        if request.waiting:
+            return
+        del self._request_turns[pending.call]  # type: ignore[arg-type]
+        client = self._client_turns.get(request.client)
+        if client is not None:
+            client[1] -= 1
+            if not client[1]:
+                del self._client_turns[request.client]
+
     def _withdraw(self, key: Hashable, pending: _Pending[In]) -> None:
         """Takes a request whose caller left out of the queue at once, so that its place
         is free for the next one (once its batch has started, it is only not answered)."""
@@ -339,6 +360,7 @@ class MicroBatcher(Generic[In, Out]):
         if group is None or pending not in group:
             return
         group.remove(pending)
+        self._left(pending)
         if not group:
             del self._groups[key]
         self._waiting -= 1
@@ -354,18 +376,18 @@ class MicroBatcher(Generic[In, Out]):
         return max(1, min(self.max_batch, self._batch_limit(key)))
 
     def _next(self) -> tuple[Hashable, _Group[In], bool]:
-        """The group served next, its key, and whether its larger requests go first: a
-        group with a small request waiting first, then the one whose next request has
-        waited longest; but after SMALL_TURNS_IN_A_ROW batches of small requests while
-        larger ones waited, the group of the oldest larger one, that one first. Groups are
-        served by their requests' waits, not by when the group was made: a group that a
-        steady stream keeps from ever emptying would otherwise be served again and again
-        while a request of another key (another tile shape, another method) waited until
-        its deadline."""
+        """The group served next, its key, and whether its larger requests go first: the
+        group of the small request whose turn comes first (:meth:`_turn_of`; then the
+        earliest to arrive), then the one whose larger request arrived first; but after
+        SMALL_TURNS_IN_A_ROW batches of small requests while larger ones waited, the group
+        of the oldest larger one, that one first. Groups are served by their requests, not
+        by when the group was made: a group that a steady stream keeps from ever emptying
+        would otherwise be served again and again while a request of another key (another
+        tile shape, another method) waited until its deadline."""
         if self._small_turns >= SMALL_TURNS_IN_A_ROW:
             waiting = [(key, group) for key, group in self._groups.items() if group.rest]
             if waiting:
-                key, group = min(waiting, key=lambda item: item[1].rest[0].enqueued)
+                key, group = min(waiting, key=lambda item: item[1].rest[0].seq)
                 return key, group, True
         key, group = min(self._groups.items(), key=lambda item: item[1].order())
         return key, group, False
@@ -375,6 +397,10 @@ class MicroBatcher(Generic[In, Out]):
         and counts the turns small requests took in a row while larger ones waited."""
         key, group, rest_first = self._next()
         batch = [group.popleft(rest_first) for _ in range(min(self._limit(key), len(group)))]
+        for pending in batch:
+            self._left(pending)
+            if pending.small:
+                self._turn_now = max(self._turn_now, pending.turn)
         if not group:
             del self._groups[key]
         self._waiting -= len(batch)

@@ -212,24 +212,143 @@ def test_without_clients_small_requests_keep_their_arrival_order() -> None:
     assert recorder.batches == [[-1], [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
-def test_a_group_is_ordered_and_waits_by_its_longest_waiting_request() -> None:
-    """Turns may serve a newer request first; the group's place among the groups and its
-    wait for companions (max_wait) still count from its longest-waiting request."""
-    from services.common.batching import _Group, _Pending
-    from services.common.metrics import Call
+def test_a_client_s_request_of_another_key_takes_its_turn_too() -> None:
+    """Turns run across keys (a one-tile image's key is its shape): b's request of another
+    shape waits for the batch that holds a's current request, not for all of a's. Without
+    clients (shares off), it waits for all that arrived before it."""
 
-    def pending(client: str, enqueued: float) -> _Pending[int]:
+    def batches(clients: tuple[str | None, str | None]) -> list[list[int]]:
+        recorder = Recorder()
+        recorder.release.clear()
+
+        async def main() -> None:
+            batcher = MicroBatcher("t-keys-turns", recorder, max_batch=4, max_wait_ms=1,
+                                   max_queue=64)
+            first = _submit_as(batcher, clients[0], -1, key="other")
+            await asyncio.sleep(0.05)  # running (blocked)
+            queued = [_submit_as(batcher, clients[0], 100 + i, key="64x64") for i in range(8)]
+            await asyncio.sleep(0.01)
+            queued.append(_submit_as(batcher, clients[1], 200, key="60x80"))
+            await asyncio.sleep(0.02)
+            recorder.release.set()
+            await asyncio.gather(first, *queued)
+            await batcher.stop()
+
+        asyncio.run(main())
+        return recorder.batches
+
+    assert batches(("ip:10.0.0.1", "ip:10.0.0.2")) == [[-1], [100, 101, 102, 103], [200],
+                                                      [104, 105, 106, 107]]
+    assert batches((None, None)) == [[-1], [100, 101, 102, 103], [104, 105, 106, 107], [200]]
+
+
+def test_a_request_s_items_take_its_turn_together() -> None:
+    """The images of one request (one RPC) share its turn: a request of four images that
+    came first is served first, whole, not one image per turn behind the later clients."""
+    from services.common.metrics import Call, current_call
+
+    recorder = Recorder()
+    recorder.release.clear()
+
+    async def main() -> None:
+        batcher = MicroBatcher("t-together", recorder, max_batch=4, max_wait_ms=1,
+                               max_queue=64)
+        first = _submit_as(batcher, "ip:10.0.0.9", -1)
+        await asyncio.sleep(0.05)
         call = Call()
-        call.client = client
-        return _Pending(item=0, future=None, deadline=None, enqueued=enqueued,  # type: ignore[arg-type]
-                        call=call)
+        call.client = "ip:10.0.0.1"
+        token = current_call.set(call)
+        try:
+            images = [asyncio.ensure_future(batcher.submit(10 + i)) for i in range(4)]
+        finally:
+            current_call.reset(token)
+        await asyncio.sleep(0.01)
+        others = [_submit_as(batcher, f"ip:10.0.1.{i}", 20 + i) for i in range(4)]
+        await asyncio.sleep(0.02)
+        recorder.release.set()
+        await asyncio.gather(first, *images, *others)
+        await batcher.stop()
 
-    group: _Group[int] = _Group()
-    a1, a2, b1 = pending("A", 1.0), pending("A", 2.0), pending("B", 3.0)
-    for item in (a1, a2, b1):
-        group.add(item)
-    assert group.popleft() is a1  # A goes to the end of the turn: B's request is next
-    assert group.head() is b1 and group.oldest() == 2.0 and group.order() == (0, 2.0)
+    asyncio.run(main())
+    assert recorder.batches == [[-1], [10, 11, 12, 13], [20, 21, 22, 23]]
+
+
+def test_a_request_of_many_items_takes_a_turn_per_batch_of_them() -> None:
+    """A stream of many items in one RPC (search's AddImages) shares a turn a batch of
+    items at a time: another client's request, queued after six of its items, goes in the
+    batch after its first two (max_batch 2), not after all six."""
+    from services.common.metrics import Call, current_call
+
+    recorder = Recorder()
+    recorder.release.clear()
+
+    async def main() -> None:
+        batcher = MicroBatcher("t-stream", recorder, max_batch=2, max_wait_ms=1,
+                               max_queue=64)
+        first = _submit_as(batcher, "ip:10.0.0.9", -1)
+        await asyncio.sleep(0.05)
+        call = Call()
+        call.client = "ip:10.0.0.1"
+        token = current_call.set(call)
+        try:
+            stream = [asyncio.ensure_future(batcher.submit(10 + i)) for i in range(6)]
+        finally:
+            current_call.reset(token)
+        await asyncio.sleep(0.01)
+        other = _submit_as(batcher, "ip:10.0.0.2", 20)
+        await asyncio.sleep(0.02)
+        recorder.release.set()
+        await asyncio.gather(first, *stream, other)
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert recorder.batches == [[-1], [10, 11], [20, 12], [13, 14], [15]]
+
+
+class GatedBatches:
+    """A batch function whose n-th batch waits for ``gates[n]``; it records each batch
+    and when it started."""
+
+    def __init__(self, gates: int) -> None:
+        self.gates = [threading.Event() for _ in range(gates)]
+        self.batches: list[tuple[float, list[int]]] = []
+
+    def __call__(self, items: Sequence[int]) -> list[int]:
+        number = len(self.batches)
+        self.batches.append((time.monotonic(), list(items)))
+        if number < len(self.gates):
+            self.gates[number].wait(30)
+        return list(items)
+
+
+def test_the_wait_for_companions_counts_from_the_longest_waiting_request() -> None:
+    """A turn may put a newer request at the head of its group (b's, turn 2, ahead of a's
+    fourth, turn 3, queued long before it); the group's wait for companions (max_wait
+    2 s) still counts from a's, whose 2 s have passed when the worker comes back to the
+    group: the batch runs at once, not 2 s after b's arrival."""
+    gated = GatedBatches(gates=2)
+
+    async def main() -> float:
+        batcher = MicroBatcher("t-oldest", gated, max_batch=3, max_wait_ms=2000,
+                               max_queue=64)
+        calls = [_submit_as(batcher, "ip:10.0.0.9", -1, key="other")]  # runs at once
+        await asyncio.sleep(0.05)
+        calls += [_submit_as(batcher, "ip:10.0.0.1", i) for i in range(4)]
+        await asyncio.sleep(0.05)
+        gated.gates[0].set()  # a's first three are the next batch (full: no wait)
+        await asyncio.sleep(0.95)
+        calls.append(_submit_as(batcher, "ip:10.0.0.2", 9))
+        await asyncio.sleep(1.2)  # a's fourth has waited over 2 s
+        released = time.monotonic()
+        gated.gates[1].set()
+        await asyncio.gather(*calls)
+        await batcher.stop()
+        return released
+
+    released = asyncio.run(main())
+    assert [items for _, items in gated.batches] == [[-1], [0, 1, 2], [9, 3]]
+    started = gated.batches[2][0]
+    assert started - released < 0.5, started - released  # not ~0.8 s more
 
 
 def test_a_stream_of_small_requests_does_not_hold_back_a_large_one_for_good() -> None:

@@ -327,12 +327,14 @@ def test_under_mutual_tls_each_client_certificate_is_a_client(tmp_path: Path) ->
         running.stop()
 
 
+@pytest.mark.parametrize("same_shape", [True, False], ids=["same-shape", "another-shape"])
 @pytest.mark.parametrize("fair", [True, False], ids=["fair-share", "no-shares"])
 def test_a_client_s_request_takes_its_turn_ahead_of_a_flood_queued_before_it(
-        fair: bool, small_photo: Any) -> None:
+        fair: bool, same_shape: bool, small_photo: Any) -> None:
     """Below the call limit, in the model's queue: a (127.0.0.1) has 8 upscales queued
-    behind a running one when b's (::1) arrives. With shares, b's goes in the next batch
-    of 4 (turns by client); without them, after all of a's (arrival order)."""
+    behind a running one when b's (::1) arrives, of a's image size or another (another
+    batch key). With shares, b's goes in the first or second batch of 4 (turns by client,
+    across keys); without them, after all of a's (arrival order)."""
     if not ipv6_loopback_available():
         pytest.skip("no IPv6 loopback here")
     from services import client
@@ -352,6 +354,7 @@ def test_a_client_s_request_takes_its_turn_ahead_of_a_flood_queued_before_it(
     for batcher in batchers:
         batcher._process = held(batcher._process)
     image = encode(small_photo)
+    b_image = image if same_shape else encode(small_photo[:40, :56])
     done: list[str] = []
     a = grpc.insecure_channel(f"127.0.0.1:{running.port}", options=[
         ("grpc.max_receive_message_length", 64 << 20)])
@@ -361,7 +364,7 @@ def test_a_client_s_request_takes_its_turn_ahead_of_a_flood_queued_before_it(
     def depth() -> int:
         return sum(batcher.depth for batcher in batchers)
 
-    def send(channel: grpc.Channel, name: str, queued: int) -> Any:
+    def send(channel: grpc.Channel, name: str, queued: int, image: bytes = image) -> Any:
         future = client.upscale_future(channel, image, timeout=120)
         future.add_done_callback(lambda _: done.append(name))
         deadline = time.monotonic() + 30
@@ -373,12 +376,12 @@ def test_a_client_s_request_takes_its_turn_ahead_of_a_flood_queued_before_it(
     try:
         calls = [send(a, "a-running", 1)]
         calls += [send(a, f"a{i}", 2 + i) for i in range(8)]
-        calls.append(send(b, "b", 10))
+        calls.append(send(b, "b", 10, b_image))
         gate.set()
         for call in calls:
             call.result()
         after_b = done[done.index("b") + 1:]
-        if fair:  # the batch after the running one: a0, b, a1, a2; then a3..a7
+        if fair:  # a0, b, a1, a2 (same shape) or a0..a3, then b: then the rest of a's
             assert sum(name.startswith("a") for name in after_b) >= 4, done
         else:
             assert after_b == [], done

@@ -6,20 +6,20 @@ into one call of the batch function: the first request of a group waits at most
 image of one tile, a request of at most a batch of images) go ahead of those of larger ones
 (the tiles of a large image), and the small requests take turns by client (who made the
 RPC, where --fair-share is on): one request of each client in turn, whatever its key, a
-request's items together; with shares off, in their order of arrival. Groups are served by
-their requests, so a steady stream of one key never holds back the others. A request that
-arrives while the batcher is idle (nothing queued, nothing running) and is still alone when
-the worker takes it runs at once: no burst is under way, and waiting would only add its
-latency (a sequential client's every request; on a GPU, where a request takes a millisecond
-or two, waiting for companions made the wait most of the request). The queue holds at most
-``max_queue`` requests (waiting or running); one more is refused at once with
-RESOURCE_EXHAUSTED, so memory never grows without bound. A request whose deadline has
-passed, or whose caller went away, is dropped before compute, and counted in
-``percept_dropped_total{queue, reason}`` once per RPC, however many of its items (images,
-tiles) are dropped (services/common/metrics.py, count_dropped): reason ``deadline`` when it
-went within DEADLINE_SLACK_SECONDS of its deadline (the client's RST_STREAM at its deadline
-reaches the server a moment before the server's own deadline passes), ``cancelled`` when
-its caller hung up before.
+request's items together (MicroBatcher._turn_of); with shares off, in their order of
+arrival. Groups are served by their requests, so a steady stream of one key never holds
+back the others. A request that arrives while the batcher is idle (nothing queued, nothing
+running) and is still alone when the worker takes it runs at once: no burst is under way,
+and waiting would only add its latency (a sequential client's every request; on a GPU,
+where a request takes a millisecond or two, waiting for companions made the wait most of
+the request). The queue holds at most ``max_queue`` requests (waiting or running); one more
+is refused at once with RESOURCE_EXHAUSTED, so memory never grows without bound. A request
+whose deadline has passed, or whose caller went away, is dropped before compute, and
+counted in ``percept_dropped_total{queue, reason}`` once per RPC, however many of its items
+(images, tiles) are dropped (services/common/metrics.py, count_dropped): reason
+``deadline`` when it went within DEADLINE_SLACK_SECONDS of its deadline (the client's
+RST_STREAM at its deadline reaches the server a moment before the server's own deadline
+passes), ``cancelled`` when its caller hung up before.
 
 The batch function runs in a single worker thread per batcher (one model, one stream of
 work), off the event loop.
@@ -302,14 +302,17 @@ class MicroBatcher(Generic[In, Out]):
             raise
 
     def _turn_of(self, call: Call | None) -> int:
-        """The turn of a small item of ``call``'s request. Clients take turns: a client's
-        first waiting request gets the current turn, each further one the turn after its
-        previous one's, so a client that queued many requests (a batch job) holds another's
-        back by one batch at most (the one that takes its current request), not by all it
-        queued, whatever the other's key (the shape of its image). A request's items share
-        its turn, up to a batch of them: a request of several images is served together,
-        and a stream of many (search's AddImages) takes a turn per batch of them. The
-        client is Call.client (where --fair-share is on; None otherwise: one client, whose
+        """The turn of a small item of ``call``'s request. Clients take turns, as in
+        start-time fair queuing: a client's request gets the turn after its previous
+        request's, or the current turn (the highest taken into a batch) if that is later;
+        a client new, or back after its turns fell behind, starts at the current turn.
+        Items are served by turn, then arrival, so a client that queued many requests (a
+        batch job) holds another's request back by about one batch for each batch key
+        (image size) its earlier-turn requests use, not by all it queued; and a client
+        that sends one request at a time keeps its place in the turns, so several of them
+        cannot starve a client with two requests waiting. A request's items share its
+        turn, up to a batch of them (a request of more takes a turn per batch). The client
+        is Call.client (where --fair-share is on; None otherwise: one client, whose
         requests are then served in their order of arrival). An item outside any RPC
         (warm-up) takes the current turn."""
         if call is None:
@@ -336,9 +339,20 @@ class MicroBatcher(Generic[In, Out]):
             latest[1] += 1  # its requests waiting
         return turn
 
+    def _forget_idle_clients(self) -> None:
+        """Drops the clients with no request waiting whose last turn is behind the current
+        one (their next request starts at the current turn either way); once there are
+        many clients, those at the current turn too, so that a stream of ever new
+        clients keeps no more than a few hundred entries."""
+        many = len(self._client_turns) > 4 * self.max_queue
+        if not many and len(self._client_turns) <= self.max_queue:
+            return
+        for client, (turn, waiting) in list(self._client_turns.items()):
+            if not waiting and (turn < self._turn_now or (many and turn <= self._turn_now)):
+                del self._client_turns[client]
+
     def _left(self, pending: _Pending[In]) -> None:
-        """Forgets a small item that left the queue (taken into a batch, or withdrawn);
-        a client with no request waiting any more starts afresh at its next one."""
+        """Forgets a small item that left the queue (taken into a batch, or withdrawn)."""
         request = (self._request_turns.get(pending.call)
                    if pending.small and pending.call is not None else None)
         if request is None:  # not a small item of an RPC (or stop() forgot every turn)
@@ -349,9 +363,7 @@ class MicroBatcher(Generic[In, Out]):
         del self._request_turns[pending.call]  # type: ignore[arg-type]
         client = self._client_turns.get(request.client)
         if client is not None:
-            client[1] -= 1
-            if not client[1]:
-                del self._client_turns[request.client]
+            client[1] -= 1  # its requests waiting; its last turn is kept
 
     def _withdraw(self, key: Hashable, pending: _Pending[In]) -> None:
         """Takes a request whose caller left out of the queue at once, so that its place
@@ -401,6 +413,7 @@ class MicroBatcher(Generic[In, Out]):
             self._left(pending)
             if pending.small:
                 self._turn_now = max(self._turn_now, pending.turn)
+        self._forget_idle_clients()
         if not group:
             del self._groups[key]
         self._waiting -= len(batch)

@@ -21,8 +21,9 @@ RESOURCE_EXHAUSTED almost every time it is sent. With them:
 Below the limit, the same clients take turns in each model's queue: the small requests
 queued there (an image of one tile, a request of at most a batch of images) are served one
 request of each client in turn, whatever their key (services/common/batching.py,
-``MicroBatcher._turn_of``), so a client's request waits for the batch that takes each
-other client's current request, not for all a batch job queued before it.
+``MicroBatcher._turn_of``), so a client's request waits for about one batch for each key
+(image size) another client's earlier-turn requests use, not for all a batch job queued
+before it.
 
 A client is the verified certificate of its call (mutual TLS: its common name, else its
 first DNS name) or else its IP address without the port (one client's connections and

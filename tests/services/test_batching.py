@@ -174,7 +174,7 @@ def test_small_requests_take_turns_by_client() -> None:
 
     async def main() -> None:
         batcher = MicroBatcher("t-turns", recorder, max_batch=4, max_wait_ms=1, max_queue=64)
-        first = _submit_as(batcher, "ip:10.0.0.1", -1)
+        first = _submit_as(batcher, "ip:10.0.0.9", -1)  # another client's, running
         await asyncio.sleep(0.05)  # running (blocked)
         queued = [_submit_as(batcher, "ip:10.0.0.1", 100 + i) for i in range(8)]
         await asyncio.sleep(0.01)
@@ -224,8 +224,8 @@ def test_a_client_s_request_of_another_key_takes_its_turn_too() -> None:
         async def main() -> None:
             batcher = MicroBatcher("t-keys-turns", recorder, max_batch=4, max_wait_ms=1,
                                    max_queue=64)
-            first = _submit_as(batcher, clients[0], -1, key="other")
-            await asyncio.sleep(0.05)  # running (blocked)
+            first = _submit_as(batcher, None, -1, key="other")  # warm-up, running
+            await asyncio.sleep(0.05)  # (blocked)
             queued = [_submit_as(batcher, clients[0], 100 + i, key="64x64") for i in range(8)]
             await asyncio.sleep(0.01)
             queued.append(_submit_as(batcher, clients[1], 200, key="60x80"))
@@ -303,6 +303,38 @@ def test_a_request_of_many_items_takes_a_turn_per_batch_of_them() -> None:
 
     asyncio.run(main())
     assert recorder.batches == [[-1], [10, 11], [20, 12], [13, 14], [15]]
+
+
+def test_clients_sending_one_request_at_a_time_cannot_starve_one_with_two_waiting() -> None:
+    """Six clients that send their next request as soon as the last is answered keep
+    their places in the turns (each next request a turn later), so h's second request,
+    a turn after its first, is served in its turn, not after they stop (it waited for all
+    of their 30 rounds when a client with nothing waiting started afresh at the current
+    turn every time)."""
+    recorder = Recorder(delay=0.002)
+    recorder.release.clear()
+
+    async def main() -> None:
+        batcher = MicroBatcher("t-starve", recorder, max_batch=2, max_wait_ms=5,
+                               max_queue=64)
+        first = _submit_as(batcher, "ip:10.0.0.9", -1)
+        await asyncio.sleep(0.05)  # running (blocked)
+        h = [_submit_as(batcher, "ip:10.0.0.1", 100 + i) for i in range(2)]
+
+        async def one_at_a_time(number: int) -> None:
+            for round_number in range(30):
+                await _submit_as(batcher, f"ip:10.0.1.{number}", 1000 * number + round_number)
+
+        light = [asyncio.ensure_future(one_at_a_time(n)) for n in range(1, 7)]
+        await asyncio.sleep(0.02)
+        recorder.release.set()
+        await asyncio.gather(first, *h, *light)
+        await batcher.stop()
+
+    asyncio.run(main())
+    served = [i for batch in recorder.batches for i in batch]
+    assert len(served) == 1 + 2 + 180
+    assert served.index(101) < 16, recorder.batches[:10]  # h's second: within its turn
 
 
 class GatedBatches:

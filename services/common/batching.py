@@ -186,7 +186,7 @@ class MicroBatcher(Generic[In, Out]):
         self._groups: dict[Hashable, _Group[In]] = {}
         self._small_turns = 0  # batches of small requests in a row while larger ones waited
         self._arrivals = itertools.count()
-        self._turn_now = 0  # the turn of the last small request taken into a batch
+        self._turn_now = 0  # the highest turn of the small requests taken into batches
         self._request_turns: dict[Call, _RequestTurn] = {}  # the requests with items waiting
         self._client_turns: dict[Hashable, list[int]] = {}  # client -> [latest turn, requests]
         self._waiting = 0

@@ -149,19 +149,27 @@ def test_a_small_request_goes_ahead_of_the_tiles_of_large_ones() -> None:
                                                              206, 207]
 
 
-def _submit_as(batcher: MicroBatcher[int, int], client: str | None, item: int,
-               **options: object) -> asyncio.Future[int]:
-    """``item`` submitted as part of an RPC by ``client`` (as WorkCalls marks a call's
-    client where --fair-share is on)."""
+def _submit_request(batcher: MicroBatcher[int, int], client: str | None,
+                    items: Sequence[int], **options: object) -> list[asyncio.Future[int]]:
+    """``items`` submitted as one RPC's by ``client`` (as WorkCalls marks a call's client
+    where --fair-share is on)."""
     from services.common.metrics import Call, current_call
 
     call = Call()
     call.client = client
     token = current_call.set(call)
-    try:  # the task copies the context, with the call, as it is made
-        return asyncio.ensure_future(batcher.submit(item, **options))  # type: ignore[arg-type]
+    try:  # each task copies the context, with the call, as it is made
+        return [asyncio.ensure_future(batcher.submit(item, **options))  # type: ignore[arg-type]
+                for item in items]
     finally:
         current_call.reset(token)
+
+
+def _submit_as(batcher: MicroBatcher[int, int], client: str | None, item: int,
+               **options: object) -> asyncio.Future[int]:
+    """``item`` submitted as an RPC of its own by ``client``."""
+    (future,) = _submit_request(batcher, client, [item], **options)
+    return future
 
 
 def test_small_requests_take_turns_by_client() -> None:
@@ -245,8 +253,6 @@ def test_a_client_s_request_of_another_key_takes_its_turn_too() -> None:
 def test_a_request_s_items_take_its_turn_together() -> None:
     """The images of one request (one RPC) share its turn: a request of four images that
     came first is served first, whole, not one image per turn behind the later clients."""
-    from services.common.metrics import Call, current_call
-
     recorder = Recorder()
     recorder.release.clear()
 
@@ -255,13 +261,7 @@ def test_a_request_s_items_take_its_turn_together() -> None:
                                max_queue=64)
         first = _submit_as(batcher, "ip:10.0.0.9", -1)
         await asyncio.sleep(0.05)
-        call = Call()
-        call.client = "ip:10.0.0.1"
-        token = current_call.set(call)
-        try:
-            images = [asyncio.ensure_future(batcher.submit(10 + i)) for i in range(4)]
-        finally:
-            current_call.reset(token)
+        images = _submit_request(batcher, "ip:10.0.0.1", range(10, 14))
         await asyncio.sleep(0.01)
         others = [_submit_as(batcher, f"ip:10.0.1.{i}", 20 + i) for i in range(4)]
         await asyncio.sleep(0.02)
@@ -274,11 +274,9 @@ def test_a_request_s_items_take_its_turn_together() -> None:
 
 
 def test_a_request_of_many_items_takes_a_turn_per_batch_of_them() -> None:
-    """A stream of many items in one RPC (search's AddImages) shares a turn a batch of
-    items at a time: another client's request, queued after six of its items, goes in the
-    batch after its first two (max_batch 2), not after all six."""
-    from services.common.metrics import Call, current_call
-
+    """A request of more items than a batch (a stream of many, say) shares a turn a batch
+    of items at a time: another client's request, queued after six of its items, goes in
+    the batch after its first two (max_batch 2), not after all six."""
     recorder = Recorder()
     recorder.release.clear()
 
@@ -287,13 +285,7 @@ def test_a_request_of_many_items_takes_a_turn_per_batch_of_them() -> None:
                                max_queue=64)
         first = _submit_as(batcher, "ip:10.0.0.9", -1)
         await asyncio.sleep(0.05)
-        call = Call()
-        call.client = "ip:10.0.0.1"
-        token = current_call.set(call)
-        try:
-            stream = [asyncio.ensure_future(batcher.submit(10 + i)) for i in range(6)]
-        finally:
-            current_call.reset(token)
+        stream = _submit_request(batcher, "ip:10.0.0.1", range(10, 16))
         await asyncio.sleep(0.01)
         other = _submit_as(batcher, "ip:10.0.0.2", 20)
         await asyncio.sleep(0.02)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import pytest
@@ -172,52 +172,56 @@ def _submit_as(batcher: MicroBatcher[int, int], client: str | None, item: int,
     return future
 
 
-def test_small_requests_take_turns_by_client() -> None:
-    """A client with many requests queued (a batch job) holds another's back by one of its
-    own per turn, not by all it queued first: each client's requests in their order, the
-    clients one request each in turn, a client that comes in joining the end of the turn.
-    Requests of no known client (fair shares off) are one more client."""
+#: Requests submitted together: (client, the items of one request, key) each.
+Wave = list[tuple[str | None, Sequence[int], Hashable]]
+
+
+def _batches_behind_a_running_one(max_batch: int, waves: Sequence[Wave],
+                                  first_client: str | None = "ip:10.0.0.9",
+                                  first_key: Hashable = None) -> list[list[int]]:
+    """The batches a batcher (``max_batch``, max_wait 1 ms) makes of requests queued while
+    another one, the first batch, runs blocked: each wave's requests submitted together, a
+    wave 10 ms after the one before."""
     recorder = Recorder()
-    recorder.release.clear()  # the worker blocks on the first batch: the rest queue up
+    recorder.release.clear()
 
     async def main() -> None:
-        batcher = MicroBatcher("t-turns", recorder, max_batch=4, max_wait_ms=1, max_queue=64)
-        first = _submit_as(batcher, "ip:10.0.0.9", -1)  # another client's, running
+        batcher = MicroBatcher("t-queued", recorder, max_batch=max_batch, max_wait_ms=1,
+                               max_queue=64)
+        first = _submit_as(batcher, first_client, -1, key=first_key)
         await asyncio.sleep(0.05)  # running (blocked)
-        queued = [_submit_as(batcher, "ip:10.0.0.1", 100 + i) for i in range(8)]
-        await asyncio.sleep(0.01)
-        queued += [_submit_as(batcher, "ip:10.0.0.2", 200 + i) for i in range(2)]
-        await asyncio.sleep(0.01)
-        queued += [_submit_as(batcher, None, 300), _submit_as(batcher, "ip:10.0.0.3", 400)]
+        queued: list[asyncio.Future[int]] = []
+        for wave in waves:
+            for client, items, key in wave:
+                queued += _submit_request(batcher, client, items, key=key)
+            await asyncio.sleep(0.01)
         await asyncio.sleep(0.02)
         recorder.release.set()
         await asyncio.gather(first, *queued)
         await batcher.stop()
 
     asyncio.run(main())
-    assert recorder.batches[0] == [-1]
-    assert recorder.batches[1:] == [[100, 200, 300, 400], [101, 201, 102, 103],
-                                    [104, 105, 106, 107]]
+    return recorder.batches
+
+
+def test_small_requests_take_turns_by_client() -> None:
+    """A client with many requests queued (a batch job) holds another's back by one of its
+    own per turn, not by all it queued first: each client's requests in their order, the
+    clients one request each in turn. Requests of no known client (fair shares off) are
+    one more client."""
+    batches = _batches_behind_a_running_one(4, [
+        [("ip:10.0.0.1", [100 + i], None) for i in range(8)],
+        [("ip:10.0.0.2", [200 + i], None) for i in range(2)],
+        [(None, [300], None), ("ip:10.0.0.3", [400], None)]])
+    assert batches == [[-1], [100, 200, 300, 400], [101, 201, 102, 103], [104, 105, 106, 107]]
 
 
 def test_without_clients_small_requests_keep_their_arrival_order() -> None:
     """Fair shares off: no request has a client, and the queue is first come, first
     served, as before turns."""
-    recorder = Recorder()
-    recorder.release.clear()
-
-    async def main() -> None:
-        batcher = MicroBatcher("t-fifo", recorder, max_batch=4, max_wait_ms=1, max_queue=64)
-        first = _submit_as(batcher, None, -1)
-        await asyncio.sleep(0.05)
-        queued = [_submit_as(batcher, None, i) for i in range(10)]
-        await asyncio.sleep(0.02)
-        recorder.release.set()
-        await asyncio.gather(first, *queued)
-        await batcher.stop()
-
-    asyncio.run(main())
-    assert recorder.batches == [[-1], [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    batches = _batches_behind_a_running_one(4, [[(None, [i], None) for i in range(10)]],
+                                            first_client=None)
+    assert batches == [[-1], [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
 def test_a_client_s_request_of_another_key_takes_its_turn_too() -> None:
@@ -225,76 +229,32 @@ def test_a_client_s_request_of_another_key_takes_its_turn_too() -> None:
     shape waits for the batch that holds a's current request, not for all of a's. Without
     clients (shares off), it waits for all that arrived before it."""
 
-    def batches(clients: tuple[str | None, str | None]) -> list[list[int]]:
-        recorder = Recorder()
-        recorder.release.clear()
+    def batches(a: str | None, b: str | None) -> list[list[int]]:
+        return _batches_behind_a_running_one(4, [
+            [(a, [100 + i], "64x64") for i in range(8)], [(b, [200], "60x80")]],
+            first_client=None, first_key="other")  # a warm-up item runs first
 
-        async def main() -> None:
-            batcher = MicroBatcher("t-keys-turns", recorder, max_batch=4, max_wait_ms=1,
-                                   max_queue=64)
-            first = _submit_as(batcher, None, -1, key="other")  # warm-up, running
-            await asyncio.sleep(0.05)  # (blocked)
-            queued = [_submit_as(batcher, clients[0], 100 + i, key="64x64") for i in range(8)]
-            await asyncio.sleep(0.01)
-            queued.append(_submit_as(batcher, clients[1], 200, key="60x80"))
-            await asyncio.sleep(0.02)
-            recorder.release.set()
-            await asyncio.gather(first, *queued)
-            await batcher.stop()
-
-        asyncio.run(main())
-        return recorder.batches
-
-    assert batches(("ip:10.0.0.1", "ip:10.0.0.2")) == [[-1], [100, 101, 102, 103], [200],
-                                                      [104, 105, 106, 107]]
-    assert batches((None, None)) == [[-1], [100, 101, 102, 103], [104, 105, 106, 107], [200]]
+    assert batches("ip:10.0.0.1", "ip:10.0.0.2") == [[-1], [100, 101, 102, 103], [200],
+                                                     [104, 105, 106, 107]]
+    assert batches(None, None) == [[-1], [100, 101, 102, 103], [104, 105, 106, 107], [200]]
 
 
 def test_a_request_s_items_take_its_turn_together() -> None:
     """The images of one request (one RPC) share its turn: a request of four images that
     came first is served first, whole, not one image per turn behind the later clients."""
-    recorder = Recorder()
-    recorder.release.clear()
-
-    async def main() -> None:
-        batcher = MicroBatcher("t-together", recorder, max_batch=4, max_wait_ms=1,
-                               max_queue=64)
-        first = _submit_as(batcher, "ip:10.0.0.9", -1)
-        await asyncio.sleep(0.05)
-        images = _submit_request(batcher, "ip:10.0.0.1", range(10, 14))
-        await asyncio.sleep(0.01)
-        others = [_submit_as(batcher, f"ip:10.0.1.{i}", 20 + i) for i in range(4)]
-        await asyncio.sleep(0.02)
-        recorder.release.set()
-        await asyncio.gather(first, *images, *others)
-        await batcher.stop()
-
-    asyncio.run(main())
-    assert recorder.batches == [[-1], [10, 11, 12, 13], [20, 21, 22, 23]]
+    batches = _batches_behind_a_running_one(4, [
+        [("ip:10.0.0.1", range(10, 14), None)],
+        [(f"ip:10.0.1.{i}", [20 + i], None) for i in range(4)]])
+    assert batches == [[-1], [10, 11, 12, 13], [20, 21, 22, 23]]
 
 
 def test_a_request_of_many_items_takes_a_turn_per_batch_of_them() -> None:
     """A request of more items than a batch (a stream of many, say) shares a turn a batch
     of items at a time: another client's request, queued after six of its items, goes in
     the batch after its first two (max_batch 2), not after all six."""
-    recorder = Recorder()
-    recorder.release.clear()
-
-    async def main() -> None:
-        batcher = MicroBatcher("t-stream", recorder, max_batch=2, max_wait_ms=1,
-                               max_queue=64)
-        first = _submit_as(batcher, "ip:10.0.0.9", -1)
-        await asyncio.sleep(0.05)
-        stream = _submit_request(batcher, "ip:10.0.0.1", range(10, 16))
-        await asyncio.sleep(0.01)
-        other = _submit_as(batcher, "ip:10.0.0.2", 20)
-        await asyncio.sleep(0.02)
-        recorder.release.set()
-        await asyncio.gather(first, *stream, other)
-        await batcher.stop()
-
-    asyncio.run(main())
-    assert recorder.batches == [[-1], [10, 11], [20, 12], [13, 14], [15]]
+    batches = _batches_behind_a_running_one(2, [
+        [("ip:10.0.0.1", range(10, 16), None)], [("ip:10.0.0.2", [20], None)]])
+    assert batches == [[-1], [10, 11], [20, 12], [13, 14], [15]]
 
 
 def test_clients_sending_one_request_at_a_time_cannot_starve_one_with_two_waiting() -> None:

@@ -335,6 +335,34 @@ def test_the_wait_for_companions_counts_from_the_longest_waiting_request() -> No
     assert started - released < 0.5, started - released  # not ~0.8 s more
 
 
+def test_a_client_that_arrives_later_starts_at_the_turn_reached_so_far() -> None:
+    """The turns move on as batches are taken: a client whose first requests arrive after
+    four of a's have run starts at the turn reached (a's fourth), and takes turns with
+    a's rest, not at the first turn, where all three of its requests would go ahead of
+    every one a has waiting (as they would if the current turn never advanced)."""
+    gated = GatedBatches(gates=5)
+
+    async def main() -> None:
+        batcher = MicroBatcher("t-later", gated, max_batch=1, max_wait_ms=1, max_queue=64)
+        calls = [_submit_as(batcher, "ip:10.0.0.9", -1)]  # runs at once
+        await asyncio.sleep(0.05)
+        calls += [_submit_as(batcher, "ip:10.0.0.1", 100 + i) for i in range(8)]
+        for number, gate in enumerate(gated.gates[:4]):  # a's first four are taken
+            gate.set()
+            while len(gated.batches) < number + 2:  # the next batch (of one) started
+                await asyncio.sleep(0.005)
+        calls += [_submit_as(batcher, "ip:10.0.0.2", 200 + i) for i in range(3)]
+        await asyncio.sleep(0.05)
+        gated.gates[4].set()
+        await asyncio.gather(*calls)
+        await batcher.stop()
+
+    asyncio.run(main())
+    served = [items for _, items in gated.batches]
+    assert served == [[-1], [100], [101], [102], [103],
+                      [200], [104], [201], [105], [202], [106], [107]], served
+
+
 def test_a_stream_of_small_requests_does_not_hold_back_a_large_one_for_good() -> None:
     """Small requests go first, but after SMALL_TURNS_IN_A_ROW batches of them while a
     larger request waits, the larger one's batch runs: a steady stream of small requests

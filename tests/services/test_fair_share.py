@@ -125,6 +125,67 @@ def test_waiting_clients_are_forgotten_after_twice_their_pushback() -> None:
     assert "ip:b" not in shares.wanting
 
 
+def test_a_client_at_its_share_leaves_the_last_slot_of_a_small_limit_to_another() -> None:
+    """--max-concurrent-rpcs 3: a at 2, its share of 3 between two clients (ceil), is
+    refused the last free slot, kept for b (at least one slot is kept, however small the
+    limit), which takes it."""
+    shares = FairShares(3, clock=Clock())
+    assert [_take(shares, "ip:a") for _ in range(3)] == [True] * 3
+    assert not _take(shares, "ip:b")
+    shares.leave("ip:a")
+    refusal = shares.over_share("ip:a")
+    assert refusal is not None and (refusal.held, refusal.share, refusal.clients) == (2, 2, 2)
+    assert not _take(shares, "ip:a")
+    assert _take(shares, "ip:b")
+
+
+def test_a_share_of_a_limit_that_does_not_divide_evenly_rounds_up() -> None:
+    """7 calls between three clients: each one's share is 3, so a with 2 is under it and
+    takes the last slot while c waits (b, over its share, holds 4)."""
+    shares = FairShares(7, clock=Clock())
+    for client, calls in (("ip:a", 2), ("ip:b", 4)):
+        for _ in range(calls):
+            shares.enter(client)
+    shares.refused("ip:c", 0.05)
+    assert shares.over_share("ip:a") is None
+    assert _take(shares, "ip:a")
+
+
+def test_no_slot_is_kept_for_a_client_already_at_its_share() -> None:
+    """12 calls, a and b at their share of 4, c at 2: one slot is kept for c, the only
+    client under its share, so of the two free a may take one."""
+    shares = FairShares(12, clock=Clock())
+    for client, calls in (("ip:a", 4), ("ip:b", 4), ("ip:c", 2)):
+        for _ in range(calls):
+            shares.enter(client)
+    assert _take(shares, "ip:a")
+    assert not _take(shares, "ip:a")  # the last free slot is c's
+    assert _take(shares, "ip:c")
+
+
+def test_a_refused_client_that_gets_a_call_in_counts_once() -> None:
+    shares = FairShares(8, clock=Clock())
+    for _ in range(8):
+        shares.enter("ip:a")
+    assert not _take(shares, "ip:b")
+    shares.leave("ip:a")
+    assert _take(shares, "ip:b")  # b now holds a call: no longer among the waiting
+    refusal = shares.over_share("ip:a")
+    assert refusal is not None and refusal.clients == 2, refusal
+
+
+def test_a_shorter_pushback_does_not_cut_a_longer_wait_short() -> None:
+    """Refused with a 3 s pushback, then (another call) with 50 ms: b still wants calls
+    until 6 s after the first refusal."""
+    clock = Clock()
+    shares = FairShares(4, clock=clock)
+    shares.refused("ip:b", 3.0)
+    shares.refused("ip:b", 0.05)
+    clock.now += 5.0
+    shares.over_share("ip:a")
+    assert "ip:b" in shares.wanting
+
+
 @pytest.mark.parametrize(("peer", "host"), [
     ("ipv4:10.0.0.5:43210", "10.0.0.5"),
     ("ipv6:%5B::1%5D:40654", "::1"),  # as grpcio sends it: percent-encoded brackets

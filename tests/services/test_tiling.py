@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 import numpy as np
+import pytest
 import torch
 
 from services.common.tiling import TilePlan, _ramp, tiled_apply
@@ -55,7 +56,7 @@ def _whole_image_blend(image: np.ndarray, tile: int, overlap: int) -> np.ndarray
     into one float image of the whole size, divided by the summed weights."""
     height, width = image.shape[:2]
     plan = TilePlan(height, width, tile, overlap)
-    th, tw = plan.tile_height, plan.tile_width
+    th, tw = min(tile, height), min(tile, width)
     total = np.zeros((height, width, 3), np.float64)
     weight = np.zeros((height, width, 1), np.float64)
     for y0 in plan.rows:
@@ -77,6 +78,29 @@ def test_the_banded_blend_equals_blending_the_whole_image_at_once() -> None:
     banded = _apply(image, outputs_in_uint8=False, tile=64)
     reference = _whole_image_blend(image, tile=64, overlap=16)
     assert np.abs(banded.astype(int) - reference.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(("shape", "tiles"), [((64, 150), 3), ((150, 64), 3), ((40, 203), 4),
+                                             ((203, 40), 4), ((64, 64), 1)])
+def test_sides_of_exactly_one_tile_or_under_one_are_tiled_along_the_other(
+        shape: tuple[int, int], tiles: int) -> None:
+    """A side exactly one tile long is one tile along it (no step between tiles to
+    divide by); a side under a tile makes tiles as short as the image along it. The
+    other side takes the fewest 64 px tiles that overlap by 16: 3 for 150 px, 4 for 203."""
+    image = np.random.default_rng(4).integers(0, 256, (*shape, 3), np.uint8)
+    image[shape[0] // 2:, shape[1] // 2:] //= 4  # tiles with different means disagree
+    seen: list[tuple[int, ...]] = []
+
+    async def process(tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
+        seen.extend(tile.shape for tile in tiles)
+        return _tile_dependent(tiles)
+
+    tiled = asyncio.run(tiled_apply(image, process, scale=1, tile=64, overlap=16))
+    assert tiled.shape == image.shape
+    assert set(seen) == {(min(64, shape[0]), min(64, shape[1]), 3)}
+    assert len(seen) == tiles
+    reference = _whole_image_blend(image, tile=64, overlap=16)
+    assert np.abs(tiled.astype(int) - reference.astype(int)).max() <= 1
 
 
 def test_torch_tile_outputs_blend_like_numpy_ones() -> None:

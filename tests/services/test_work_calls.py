@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -312,10 +312,10 @@ class _FailsOnce(ServiceModule):
 
         super().__init__(server_config("all"))
         self.failed = False
-        self.batcher = MicroBatcher("fails-once", self._process, max_batch=1, max_wait_ms=0,
-                                    max_queue=8)
+        self.batcher: MicroBatcher[bytes, bytes] = MicroBatcher(
+            "fails-once", self._process, max_batch=1, max_wait_ms=0, max_queue=8)
 
-    def _process(self, items: list[bytes]) -> list[bytes]:
+    def _process(self, items: Sequence[bytes]) -> list[bytes]:
         if not self.failed:
             self.failed = True
             raise RuntimeError("CUDA out of memory (simulated)")

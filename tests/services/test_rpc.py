@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from services.common.errors import InvalidArgument, NotFound
 from services.common.rpc import stream_errors, unary_errors
@@ -27,6 +29,8 @@ class Servicer:
             raise RuntimeError(f"could not open {SECRET}")
         if request.startswith(b"long:"):  # a message echoing what the client sent, whole
             raise InvalidArgument(f"no such name: {request[5:].decode()}")
+        if request.startswith(b"field:"):  # the same, naming the field (BadRequest too)
+            raise InvalidArgument(f"no such name: {request[6:].decode()}", field="name")
         if request == b"abort":
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "aborted by the method")
         return b"echo:" + request
@@ -69,7 +73,9 @@ def channel() -> Iterator[grpc.Channel]:
     thread = threading.Thread(target=_serve, args=(ready,), daemon=True)
     thread.start()
     port, loop, done = ready.get(timeout=30)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as open_channel:
+    # trailers over 8 KiB refused every time (by default, between 8 and 16 KiB at random)
+    options = [("grpc.max_metadata_size", 8192), ("grpc.absolute_max_metadata_size", 8192)]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as open_channel:
         yield open_channel
     loop.call_soon_threadsafe(done.set)
     thread.join(timeout=30)
@@ -97,32 +103,56 @@ def test_a_service_error_is_answered_with_its_status_and_message(channel: grpc.C
     assert _unary(channel, b"ok") == b"echo:ok"
 
 
+#: What gRPC sends a status message's bytes as: printable ASCII but % as it is, the rest
+#: percent-encoded (%XX for each UTF-8 byte).
+_AS_SENT = "".join(chr(c) for c in range(0x20, 0x7F) if c != 0x25)
+
+
+@pytest.mark.parametrize("prefix", [b"long:", b"field:"])
 @pytest.mark.parametrize("name", ["x" * 20_000, "é" * 20_000, "%" * 20_000])
 def test_a_message_too_long_for_a_trailer_is_cut_not_turned_into_another_status(
-        channel: grpc.Channel, name: str) -> None:
+        channel: grpc.Channel, name: str, prefix: bytes) -> None:
     """gRPC percent-encodes the message into a trailer, which a client refuses over 8 KiB
-    (RESOURCE_EXHAUSTED: "received metadata size exceeds"): the status must survive."""
+    (RESOURCE_EXHAUSTED: "received metadata size exceeds"): the status must survive, its
+    message cut to 2,048 bytes as sent, the field's description (BadRequest) to 200
+    characters."""
     with pytest.raises(grpc.RpcError) as error:
-        _unary(channel, b"long:" + name.encode())
+        _unary(channel, prefix + name.encode())
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = error.value.details()
     assert details.startswith("no such name: " + name[:100])
-    assert details.endswith(" characters cut)") and len(details) < 4096
+    assert details.endswith(" characters cut)")
+    assert 1900 < len(urllib.parse.quote(details, safe=_AS_SENT)) <= 2048
     # the whole trailer block, the details carrying the message again, stays under 8 KiB
-    trailers = error.value.trailing_metadata()  # type: ignore[attr-defined]
-    from services.common.errors import _wire_bytes
-
-    size = _wire_bytes(details) + sum(  # the message percent-encoded; base64 for -bin
-        len(k) + (len(v) * 4 // 3 + 4 if isinstance(v, bytes) else len(v)) for k, v in trailers)
-    assert size < 8192 and any(k == "grpc-status-details-bin" for k, _ in trailers)
+    trailers = dict(error.value.trailing_metadata())  # type: ignore[attr-defined]
+    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+    assert status.message == details
+    violations = [violation for detail in status.details
+                  if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR)
+                  for violation in _unpacked(detail, error_details_pb2.BadRequest)
+                  .field_violations]
+    if prefix == b"field:":
+        assert [v.field for v in violations] == ["name"]
+        assert violations[0].description == details[:200]
+    else:
+        assert violations == []
     assert _unary(channel, b"ok") == b"echo:ok"
 
 
-def test_an_abort_from_the_method_goes_through_unchanged(channel: grpc.Channel) -> None:
-    with pytest.raises(grpc.RpcError) as error:
+def _unpacked(detail: Any, kind: Any) -> Any:
+    message = kind()
+    detail.Unpack(message)
+    return message
+
+
+def test_an_abort_from_the_method_goes_through_unchanged(
+        channel: grpc.Channel, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="percept.rpc"), \
+            pytest.raises(grpc.RpcError) as error:
         _unary(channel, b"abort")
     assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error.value.details() == "aborted by the method"
+    assert [r.getMessage() for r in caplog.records if r.name == "percept.rpc"] == []
 
 
 def test_a_bug_is_internal_logged_and_not_leaked(channel: grpc.Channel,

@@ -22,11 +22,12 @@ from services.common.alpha import over_white
 from services.common.image_model import TiledImageModel
 from services.common.images import DecodedImage, decode_image
 from services.common.server import RunningServer, start_in_thread
-from services.common.tiling import TilePlan, tiled_apply
+from services.common.tiling import TileOutput, TilePlan, tiled_apply
 from services.style.service import OVERLAP
 from tests.conftest import STYLE_TEST_TILE as TILE
 from tests.conftest import encode, server_config
 from tests.fixtures import bad_images, icc
+from tests.services.test_work_calls import _reason
 from tests.style.committed import EACH_STYLE, FIRST, MODELS, NAMES, STYLES, needs_styles
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -232,6 +233,7 @@ def test_no_style_networks_is_unimplemented_with_a_way_out(
         with pytest.raises(grpc.RpcError) as error:
             stylize(channel, encode(small_photo), "starry-night")
         assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert _reason(error.value) == "NO_MODEL_INSTALLED"  # for clients that branch on it
         details = error.value.details()
         assert "no fast style networks are installed in this server's --models-dir" in details
         assert str(empty) not in details  # no server paths in what a client sees
@@ -554,7 +556,7 @@ def untiled_pass(model: TiledImageModel, image: np.ndarray) -> np.ndarray:
 
 def unfeathered_tiling(model: TiledImageModel, image: np.ndarray) -> np.ndarray:
     """The same tiles without feathered overlaps: what a broken tiler would return."""
-    async def process(tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
+    async def process(tiles: Sequence[np.ndarray]) -> Sequence[TileOutput]:
         return model.run_batch(tiles)
     return asyncio.run(tiled_apply(image, process, scale=1, tile=TILE, overlap=0))
 
@@ -670,9 +672,10 @@ def test_a_stopped_optimisation_leaves_no_cycle_holding_its_tensors(
     import torch
 
     from services.style.optimisation import OptimisationJob
+    from services.style.service import StyleTransferService
     from training.perceptual.gatys import GatysOptions, StopRequested
 
-    service = next(m for m in style_server.server.modules if m.name == "style")
+    service = next(m for m in style_server.server.modules if isinstance(m, StyleTransferService))
     job = OptimisationJob(content=torch.rand(1, 3, 32, 32), style=torch.rand(1, 3, 32, 32),
                           mask=None, alpha=None, options=GatysOptions(iterations=5),
                           progress_every=1, output_format=0, quality=90,

@@ -42,6 +42,44 @@ def test_a_budget_writes_its_share_then_counts_the_rest_per_window() -> None:
     assert budget.ended(everything=True) == [Held(KIND, 1, logging.INFO, 0.0)]
     unlimited = LineBudget(0)
     assert all(unlimited.admit(KIND, logging.INFO)[0] for _ in range(100))
+    budget.admit(KIND, logging.INFO)  # a window that held nothing back ...
+    now[0] = 40.0
+    assert budget.admit(KIND, logging.INFO) == (True, None)  # ... has nothing to tell
+    now[0] = 50.0
+    assert budget.ended() == []
+
+
+def test_the_next_failed_call_of_a_kind_tells_what_its_last_window_held_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count of a window's held-back lines is written by the first failed call of its
+    kind after the window (before the server's periodic look), outside that call: with
+    the held calls' ids, not the telling call's."""
+    import time
+
+    from services.common.request_ids import current_request_id
+    from services.common.rpc import FAILED_CALL_LINES, log_failed_call
+
+    FAILED_CALL_LINES.configure(1)
+    monkeypatch.setattr(FAILED_CALL_LINES, "window_seconds", 0.5)
+
+    def failed(request_id: str) -> None:
+        token = current_request_id.set(request_id)
+        try:
+            log_failed_call("Upscale", grpc.StatusCode.INVALID_ARGUMENT, "bad",
+                            reason="NOT_AN_IMAGE")
+        finally:
+            current_request_id.reset(token)
+
+    with server_log(level="info") as log:  # the server's format: ids from the context
+        for n in range(3):
+            failed(f"held-{n}")
+        time.sleep(0.55)  # the window has ended
+        failed("teller")
+    lines = [(line["msg"], line.get("request_id"), line.get("calls"), line.get("request_ids"))
+             for line in _lines(log) if line.get("method") == "Upscale"]
+    assert lines == [("call failed", "held-0", None, None),
+                     ("failed calls not logged", None, 2, "held-1, held-2"),
+                     ("call failed", "teller", None, None)]
 
 
 def _requests(method: str, code: str) -> float:

@@ -4,6 +4,7 @@ the committed super-resolution model, with its forward pass held on an event."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -204,3 +205,56 @@ def test_two_servers_of_one_queue_name_show_the_stall_of_either() -> None:
         assert gauge() == 0
 
     asyncio.run(run())
+
+
+class _FailsOnce(_FixedStall):
+    """Its first look fails (a batcher in a state the watch did not expect)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.looks = 0
+
+    def stalled_for(self) -> float | None:
+        self.looks += 1
+        if self.looks == 1:
+            raise RuntimeError("a look that failed")
+        return self.stalled
+
+
+def test_the_watch_looks_every_second_at_most_and_a_failed_look_does_not_stop_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With the default --stall-seconds of 120 the batches are looked at every second
+    (a hang is reported within a second of passing it), and a look that raises is logged
+    and followed by the next, which still turns health NOT_SERVING."""
+    import asyncio
+
+    from services.common.config import ServerConfig
+    from services.common.stall_watch import NOT_SERVING, StallWatch
+
+    batcher = _FailsOnce("t-fails-once")
+    health: list[tuple[str, int]] = []
+
+    async def set_health(name: str, status: int) -> None:
+        health.append((name, status))
+
+    assert StallWatch([], ServerConfig.stall_seconds, set_health).period == 1.0
+    watch = StallWatch([_Module("test.FailsOnce", batcher)],  # type: ignore[list-item]
+                       0.1, set_health)
+    assert watch.period == pytest.approx(0.05)  # not a loop that spins
+
+    async def run() -> None:
+        batcher.stalled = 5.0
+        task = asyncio.ensure_future(watch.run())
+        for _ in range(200):
+            if health:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(run())
+    assert batcher.looks >= 2
+    assert ("test.FailsOnce", NOT_SERVING) in health and ("", NOT_SERVING) in health
+    assert any(r.getMessage() == "checking the batches for stalls failed"
+               for r in caplog.records)

@@ -131,6 +131,13 @@ ROWS: tuple[Row, ...] = (
               _q(f"sum by (queue) (rate(percept_batch_size_sum{{{NS}}}{RATE})) / "
                  f"sum by (queue) (rate(percept_batch_size_count{{{NS}}}{RATE}))",
                  "{{queue}}")),
+        Panel("Model busy, by pod and queue",
+              "The share of the time each model queue ran a batch: near 100 % the model "
+              "is the bottleneck (scale out, or batch more); low while calls queue, the "
+              "time goes elsewhere (decoding, encoding, the network).",
+              _q(f"sum by (pod, queue) (rate(percept_batch_seconds_sum{{{NS}}}{RATE}))",
+                 "{{pod}} {{queue}}"),
+              unit="percentunit"),
     )),
     Row("Health", (
         Panel("Stalled queues and search pods that cannot embed",

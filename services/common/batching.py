@@ -41,6 +41,7 @@ from typing import Any, Generic, TypeVar
 
 from services.common.errors import Busy, DeadlineExceeded
 from services.common.metrics import (
+    BATCH_SECONDS,
     BATCH_SIZE,
     QUEUE_DEPTH,
     REJECTED,
@@ -504,8 +505,9 @@ class MicroBatcher(Generic[In, Out]):
                         pending.future.set_exception(error)
             finally:
                 self._batch_started = None
-                self.batch_seconds = running_mean(self.batch_seconds,
-                                                  time.monotonic() - started)
+                ran = time.monotonic() - started
+                BATCH_SECONDS.labels(self.name).observe(ran)
+                self.batch_seconds = running_mean(self.batch_seconds, ran)
                 self.batches_run += 1
                 self._running = 0
                 QUEUE_DEPTH.labels(self.name).set(self.depth)

@@ -7,6 +7,9 @@ Exposed on ``--metrics-port`` at ``/metrics``:
 - ``percept_request_seconds{grpc_service, grpc_method}``: latency histogram;
 - ``percept_inflight_requests{grpc_service}``;
 - ``percept_batch_size{queue}``: micro-batch sizes;
+- ``percept_batch_seconds{queue}``: how long each micro-batch ran (the model's forward
+  pass and what the batch function does around it); its ``_sum``'s rate is the fraction of
+  the time the queue's model was busy (1: never idle);
 - ``percept_queue_depth{queue}``: work items waiting or running per model queue (tiles, for
   the image models: one large image counts many);
 - ``percept_dropped_total{queue, reason}``: requests dropped before compute (reason
@@ -73,6 +76,10 @@ LATENCY = Histogram("percept_request_seconds", "RPC latency in seconds",
 INFLIGHT = Gauge("percept_inflight_requests", "RPCs in progress", ["grpc_service"])
 BATCH_SIZE = Histogram("percept_batch_size", "Micro-batch sizes", ["queue"],
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
+BATCH_SECONDS = Histogram("percept_batch_seconds", "Time each micro-batch ran, in seconds",
+                          ["queue"],
+                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                                   2.5, 5, 10, 30, 60, 120))
 QUEUE_DEPTH = Gauge("percept_queue_depth",
                     "Work items waiting or running (tiles, for the image models)", ["queue"])
 DROPPED = Counter("percept_dropped_total",

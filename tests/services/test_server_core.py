@@ -264,7 +264,8 @@ def test_metrics_endpoint_counts_requests_by_status(all_server: RunningServer,
     assert ('percept_requests_total{grpc_code="INVALID_ARGUMENT",grpc_method="StylizeWithImage",'
             'grpc_service="percept.v1.StyleTransfer"}') in text
     for family in ("percept_request_seconds_bucket", "percept_queue_depth",
-                   "percept_batch_size_bucket", "percept_inflight_requests"):
+                   "percept_batch_size_bucket", "percept_batch_seconds_bucket",
+                   "percept_inflight_requests"):
         assert family in text
 
 

@@ -6,7 +6,8 @@ import asyncio
 import io
 import json
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -18,7 +19,7 @@ from PIL import Image
 from services import client
 from services.common.images import decode_image
 from services.common.server import RunningServer, start_in_thread
-from services.common.tiling import tiled_apply
+from services.common.tiling import TileOutput, tiled_apply
 from tests.conftest import (
     check_a_hung_up_header_read_holds_its_slot,
     encode,
@@ -35,8 +36,10 @@ ARCH = {"type": "superres-resnet", "width": 8, "blocks": 2}
 def make_tiny_model(models_dir: Path, name: str, seed: int) -> None:
     torch.manual_seed(seed)
     module = nets.build(ARCH)
+    tail = module.get_submodule("tail")
+    assert isinstance(tail, torch.nn.Conv2d)
     with torch.no_grad():  # make the untrained residual visible, not just bicubic
-        module.tail.weight.mul_(20.0)
+        tail.weight.mul_(20.0)
     export_artifact(models_dir / name, name=name, task="superres", architecture=ARCH,
                     module=module, metrics={"note": "untrained test model"}, data=[],
                     command="tests", device="cpu")
@@ -289,13 +292,17 @@ def test_a_result_over_the_message_limit_says_what_to_do(sr_models: Path) -> Non
 
 def test_tiled_and_untiled_outputs_agree(sr_server: RunningServer, photo: np.ndarray) -> None:
     """A 512 px image in 128 px tiles against one untiled forward pass."""
-    model = sr_server.server.modules[0].models["superres-psnr"]
+    from services.superres.service import SuperResolutionService
+
+    service = sr_server.server.modules[0]
+    assert isinstance(service, SuperResolutionService)
+    model = service.models["superres-psnr"]
     image = np.asarray(Image.fromarray(photo).resize((512, 341), Image.Resampling.BICUBIC))
     untiled = model.run_batch([image])[0]
     assert untiled.dtype == np.uint8
 
     async def tiled() -> np.ndarray:
-        async def process(tiles: list[np.ndarray]) -> list[np.ndarray]:
+        async def process(tiles: Sequence[np.ndarray]) -> Sequence[TileOutput]:
             return model.run_batch(tiles) if len({t.shape for t in tiles}) == 1 else \
                 [model.run_batch([t])[0] for t in tiles]
         return await tiled_apply(image, process, scale=4, tile=128, overlap=16)
@@ -312,16 +319,24 @@ def test_concurrent_requests_batch_their_tiles(sr_server: RunningServer,
     from prometheus_client import REGISTRY
 
     queue = {"queue": "model-superres-perceptual"}
-    count_before = REGISTRY.get_sample_value("percept_batch_size_count", queue) or 0.0
-    sum_before = REGISTRY.get_sample_value("percept_batch_size_sum", queue) or 0.0
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name, queue) or 0.0
+
+    names = ("percept_batch_size_count", "percept_batch_size_sum",
+             "percept_batch_seconds_count", "percept_batch_seconds_sum")
+    before = [sample(name) for name in names]
     channel = client.connect(sr_server.target)
     data = encode(small_photo)
+    started = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda _: client.upscale(channel, data), range(16)))
-    batches = REGISTRY.get_sample_value("percept_batch_size_count", queue) - count_before
-    items = REGISTRY.get_sample_value("percept_batch_size_sum", queue) - sum_before
+    took = time.monotonic() - started
+    batches, items, timed, busy = (sample(name) - value for name, value in zip(names, before,
+                                                                                 strict=True))
     assert items == 16
     assert batches < 16, "16 concurrent requests ran as 16 batches of one"
+    assert timed == batches  # each batch's time, one after another on one model thread:
+    assert 0 < busy < took  # the model was busy for part of the calls' time
 
 
 def test_an_unknown_output_format_is_refused_before_any_tile_runs(

@@ -14,8 +14,16 @@ Against each server in turn (alternating, twice), for the same time:
 - the light client: one thread from ::1, one 48 px upscale at a time (another batch key
   than the flood's), retrying the same way.
 Measured: the light client's time from its first try to the answer (median, p95), its
-busy answers per call, the flood's upscales per second, and all upscales per second (what
-the shares cost the server: a slot kept for the light client is idle between its calls).
+busy answers per call, the flood's upscales per second, and the input pixels upscaled per
+second (what the shares cost the server). Where that cost goes: the batches the model ran
+and the share of the time it was busy running them (the server's percept_batch_size and
+percept_batch_seconds histograms, read from /metrics before and after each phase). The
+light client's requests are alone in theirs (its 48 px is a batch key of its own, and it
+has one call out at a time), so the flood's batches and their mean size follow. On a
+2-core CPU the model ran batches all the time under both servers: what the shares cost is
+the model time the light client's one-image batches take, not idle time (below the limit
+on 2026-11-29, solving the two servers' batch counts for each kind's time: about 15 ms a
+one-image batch, against about 7 ms for each image of the flood's batches of 8).
 
 python -m benchmarks.bench_fairness [--quick]
 """
@@ -25,12 +33,14 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+import urllib.request
 from contextlib import ExitStack
 from typing import Any
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.common import machine, markdown_table, run_as_script, server_process
+from benchmarks.common import free_port, machine, markdown_table, run_as_script, server_process
 from benchmarks.image_models import photo
 from percept.v1 import superres_pb2, superres_pb2_grpc
 from services.common.config import ServerConfig
@@ -79,8 +89,28 @@ class Caller:
         self.channel.close()
 
 
-def _phase(port: int, images: tuple[bytes, bytes], seconds: float) -> dict[str, Any]:
+def _batches_so_far(metrics_port: int) -> tuple[float, float, float]:
+    """(batches run, images in them, seconds they ran) by the server whose /metrics is on
+    ``metrics_port``, over all its queues."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    batches = images = seconds = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "percept_batch_size_count":
+                batches += sample.value
+            elif sample.name == "percept_batch_size_sum":
+                images += sample.value
+            elif sample.name == "percept_batch_seconds_sum":
+                seconds += sample.value
+    return batches, images, seconds
+
+
+def _phase(port: int, metrics_port: int, images: tuple[bytes, bytes],
+           seconds: float) -> dict[str, Any]:
     """One flood and one light client against the server on ``port`` for ``seconds``."""
+    before, since = _batches_so_far(metrics_port), time.monotonic()
     stop = threading.Event()
     flood_image, light_image = images
     flood = [Caller(f"127.0.0.1:{port}", flood_image, stop) for _ in range(FLOOD_CALLERS)]
@@ -97,8 +127,14 @@ def _phase(port: int, images: tuple[bytes, bytes], seconds: float) -> dict[str, 
     failures = [f for c in (*flood, light) for f in c.failures]
     if failures:
         raise RuntimeError(f"calls failed: {failures[:3]}")
+    batches, batch_images, batch_seconds = (
+        after - earlier for after, earlier in zip(_batches_so_far(metrics_port), before,
+                                                  strict=True))
+    between_reads = time.monotonic() - since  # the calls in flight at the end finished
     return {"light": light.latencies, "light_busy": light.busy,
-            "flood_calls": sum(len(c.latencies) for c in flood), "seconds": seconds}
+            "flood_calls": sum(len(c.latencies) for c in flood), "seconds": seconds,
+            "batches": batches, "batch_images": batch_images, "batch_seconds": batch_seconds,
+            "between_reads": between_reads}
 
 
 #: (name, --max-concurrent-rpcs): the flood over the call limit, and under it.
@@ -115,18 +151,24 @@ def _scenario(limit: int, images: tuple[bytes, bytes], sides: tuple[int, int],
         ports = {}
         for mode in MODES:
             flag = "on" if mode == "fair share" else "off"
+            metrics_port = free_port()
             process, channel = servers.enter_context(server_process(
                 "superres", f"--max-concurrent-rpcs={limit}", f"--fair-share={flag}",
-                host="::"))
+                f"--metrics-port={metrics_port}", host="::"))
             channel.close()
-            ports[mode] = process.percept_port
+            ports[mode] = process.percept_port, metrics_port
         for round_index in range(2):
             for mode in MODES if round_index == 0 else MODES[::-1]:
-                phases[mode].append(_phase(ports[mode], images, seconds))
+                phases[mode].append(_phase(*ports[mode], images, seconds))
     rows = []
     for mode in MODES:
         light = [s for phase in phases[mode] for s in phase["light"]]
         total = sum(phase["seconds"] for phase in phases[mode])
+        batches = sum(phase["batches"] for phase in phases[mode])
+        batch_images = sum(phase["batch_images"] for phase in phases[mode])
+        batch_seconds = sum(phase["batch_seconds"] for phase in phases[mode])
+        # the light client's calls each ran alone in a batch (a key of its own)
+        flood_batches = batches - len(light)
         rows.append({
             "mode": mode,
             "light_calls": len(light),
@@ -138,6 +180,11 @@ def _scenario(limit: int, images: tuple[bytes, bytes], sides: tuple[int, int],
             "flood_per_s": sum(p["flood_calls"] for p in phases[mode]) / total,
             "total_kpixels_per_s": (sum(p["flood_calls"] for p in phases[mode]) * sides[0] ** 2
                                     + len(light) * sides[1] ** 2) / total / 1000,
+            "batches_per_s": batches / total,
+            "flood_batches_per_s": flood_batches / total,
+            "flood_images_per_batch": ((batch_images - len(light)) / flood_batches
+                                       if flood_batches > 0 else None),
+            "model_busy": batch_seconds / sum(phase["between_reads"] for phase in phases[mode]),
         })
     base, fair = rows
     return {"limit": limit, "rows": rows,
@@ -169,13 +216,30 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
+def _batch_rates(row: dict[str, Any]) -> str:
+    if "batches_per_s" not in row:  # a result from before batches were counted
+        return "-"
+    return f"{row['batches_per_s']:.1f} ({row['flood_batches_per_s']:.1f})"
+
+
+def _busy(row: dict[str, Any]) -> str:
+    value = row.get("model_busy")
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _per_batch(row: dict[str, Any]) -> str:
+    value = row.get("flood_images_per_batch")
+    return "-" if value is None else f"{value:.1f}"
+
+
 def _scenario_markdown(scenario: dict[str, Any]) -> str:
     table = markdown_table(
         ["server", "light client's calls", "its median ms", "its p95 ms",
-         "busy answers per call", "flood upscales/s", "input kpixels upscaled/s"],
+         "busy answers per call", "flood upscales/s", "input kpixels upscaled/s",
+         "batches/s (the flood's)", "flood images per batch", "model busy"],
         [(r["mode"], r["light_calls"], _ms(r["light_median_ms"]), _ms(r["light_p95_ms"]),
           f"{r['light_busy_per_call']:.1f}", f"{r['flood_per_s']:.1f}",
-          f"{r['total_kpixels_per_s']:.0f}")
+          f"{r['total_kpixels_per_s']:.0f}", _batch_rates(r), _per_batch(r), _busy(r))
          for r in scenario["rows"]])
 
     def times(key: str) -> str:
@@ -187,7 +251,24 @@ def _scenario_markdown(scenario: dict[str, Any]) -> str:
             f"them: the light client's median {times('light_median_x')} and its p95 "
             f"{times('light_p95_x')} shorter, {times('light_calls_x')} the calls done; the "
             f"flood keeps {scenario['flood_rate_x']:.2f}x its rate, and the server "
-            f"{scenario['total_rate_x']:.2f}x its throughput (input pixels upscaled).")
+            f"{scenario['total_rate_x']:.2f}x its throughput (input pixels upscaled)."
+            f"{_batches_markdown(scenario['rows'])}")
+
+
+def _batches_markdown(rows: list[dict[str, Any]]) -> str:
+    """Where the throughput went: the batches each server ran (absent from results saved
+    before they were counted)."""
+    base, fair = rows
+    if "batches_per_s" not in base:
+        return ""
+    light_base = base["batches_per_s"] - base["flood_batches_per_s"]
+    light_fair = fair["batches_per_s"] - fair["flood_batches_per_s"]
+    return (f" The model ran {light_fair:.1f} of the light client's one-image batches a "
+            f"second with shares against {light_base:.1f} without, and "
+            f"{fair['flood_batches_per_s']:.1f} of the flood's against "
+            f"{base['flood_batches_per_s']:.1f}, which held "
+            f"{_per_batch(fair)} images each against {_per_batch(base)}; the model ran "
+            f"batches {_busy(fair)} of the time against {_busy(base)}.")
 
 
 def markdown(result: dict[str, Any]) -> str:

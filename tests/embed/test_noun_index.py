@@ -11,6 +11,7 @@ from services.embed.noun_index import (
     NounIndex,
     allowed_mask,
     brute_force_search,
+    normalise_rows,
 )
 from services.embed.wordnet import NounVocabulary, imagenet_indices
 from tests.embed.conftest import ANIMAL, CAR, DOG, GOLDEN_RETRIEVER, NounVectors
@@ -252,3 +253,40 @@ def test_a_single_query_is_searched_on_one_openmp_thread_whatever_the_caller_set
     assert after == 3
     unit = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
     _assert_same_topk(scores, rows, *brute_force_search(flat.vectors, unit, K))
+
+
+def test_ties_go_to_the_lower_row() -> None:
+    """Rows 2, 5 and 7 hold one vector: a query of it finds them in that order."""
+    vectors = np.random.default_rng(4).standard_normal((10, 8)).astype(np.float32)
+    vectors[[5, 7]] = vectors[2]
+    scores, rows = brute_force_search(normalise_rows(vectors), normalise_rows(vectors[2:3]), 3)
+    assert rows.tolist() == [[2, 5, 7]] and np.allclose(scores, 1.0)
+
+
+def test_a_boolean_exclude_mask_excludes_what_it_marks() -> None:
+    vectors = np.random.default_rng(5).standard_normal((200, 16)).astype(np.float32)
+    index = NounIndex(vectors, backend="flat")
+    queries = vectors[:4]
+    marked = np.zeros(200, dtype=bool)
+    marked[[0, 1, 2, 3, 50, 60]] = True
+    by_mask = index.search(queries, 5, exclude=marked)
+    by_ids = index.search(queries, 5, exclude=[0, 1, 2, 3, 50, 60])
+    assert by_mask[1].tolist() == by_ids[1].tolist()
+    assert not set(by_mask[1].ravel().tolist()) & {0, 1, 2, 3, 50, 60}
+
+
+def test_a_filter_of_exactly_exact_below_rows_is_searched_exactly() -> None:
+    """An approximate index (IVF, one cell of 32 probed) searches a filter that leaves
+    ``exact_below`` rows or fewer by brute force over them, so every one can be found."""
+    rng = np.random.default_rng(6)
+    vectors = rng.standard_normal((2000, 16)).astype(np.float32)
+    rows = np.sort(rng.choice(2000, 50, replace=False))
+    queries = rng.standard_normal((8, 16)).astype(np.float32)
+    index = NounIndex(vectors, backend="ivf", nlist=32, nprobe=1, exact_below=50)
+    scores, found = index.search(queries, 10, restrict=rows)
+    allowed = np.zeros(2000, dtype=bool)
+    allowed[rows] = True
+    expected_scores, expected = brute_force_search(normalise_rows(vectors),
+                                                   normalise_rows(queries), 10, allowed)
+    assert found.tolist() == expected.tolist()
+    assert np.allclose(scores, expected_scores, atol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -231,6 +232,33 @@ def test_bad_texts(stub: embed_pb2_grpc.EmbeddingStub, texts: list[str], message
     assert message in error.value.details()
 
 
+def test_requests_at_each_limit_are_served_and_one_past_it_refused(
+        stub: embed_pb2_grpc.EmbeddingStub, photo: np.ndarray) -> None:
+    """The documented limits are inclusive: k 100, a text of 1,000 characters or of 256
+    word pieces (the encoder's window, [CLS] and [SEP] included: "x1" is two), and
+    max_batch x 8 = 64 images in one EmbedImages (this server's --max-batch is 8)."""
+    image = encode(photo)
+
+    def refused(call: Any, message: str) -> None:
+        with pytest.raises(grpc.RpcError) as error:
+            call()
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in error.value.details()
+
+    assert len(label(stub, image, k=100).labels) == 100
+    refused(lambda: label(stub, image, k=101), "k must be 1..100, got 101")
+    for texts in (["x" * 1000], ["x1 " * 127]):
+        assert len(stub.EmbedText(embed_pb2.EmbedTextRequest(texts=texts),
+                                  timeout=60).embeddings) == 1
+    refused(lambda: stub.EmbedText(embed_pb2.EmbedTextRequest(texts=["x1 " * 127 + "x"]),
+                                   timeout=60), "text is 257 word pieces long")
+    small = encode(photo[:32, :32])
+    assert len(stub.EmbedImages(embed_pb2.EmbedImagesRequest(images=[small] * 64),
+                                timeout=120).embeddings) == 64
+    refused(lambda: stub.EmbedImages(embed_pb2.EmbedImagesRequest(images=[small] * 65),
+                                     timeout=60), "65 images is over the batch limit of 64")
+
+
 def test_a_long_text_is_read_to_its_end(stub: embed_pb2_grpc.EmbeddingStub) -> None:
     """A phrase of 203 word pieces (806 characters) is read whole: its last word counts.
     The noun vectors' 64-piece window would have cut "rocket" and "banana" off."""
@@ -263,8 +291,8 @@ def test_concurrent_embeds_are_batched(embed_server: RunningServer, photo: np.nd
     data = encode(photo)
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda _: client.label_image(channel, data, k=1), range(16)))
-    batches = REGISTRY.get_sample_value("percept_batch_size_count", queue) - count
-    items = REGISTRY.get_sample_value("percept_batch_size_sum", queue) - total
+    batches = (REGISTRY.get_sample_value("percept_batch_size_count", queue) or 0.0) - count
+    items = (REGISTRY.get_sample_value("percept_batch_size_sum", queue) or 0.0) - total
     assert items == 16 and batches < 16
 
 
@@ -278,7 +306,9 @@ def test_phrases_are_batched_behind_a_bounded_queue(embed_server: RunningServer,
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    module = next(m for m in embed_server.server.modules if m.name == "embed")
+    from services.embed.service import EmbeddingService
+
+    module = next(m for m in embed_server.server.modules if isinstance(m, EmbeddingService))
     real, gate, calls = module.text, threading.Event(), []
 
     class Gated:

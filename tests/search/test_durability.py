@@ -156,3 +156,16 @@ def test_lost_or_corrupt_snapshot_is_rebuilt(data_dir: Path, embed_target: str, 
     log = restarted.log.read_text()
     assert "rebuilding the index from the record" in log
     assert ("fails its checksum" in log) == (damage == "corrupt")
+
+
+def test_the_record_is_synced_at_every_commit(tmp_path: Path) -> None:
+    """SQLite in WAL mode with synchronous=FULL: an acknowledged write survives a power
+    cut, not only a kill -9 (which NORMAL would survive too, so no crash test tells)."""
+    from services.search.store import ImageStore
+
+    store = ImageStore(tmp_path / "images.sqlite3", dimension=2)
+    try:
+        assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        store.close()

@@ -111,8 +111,8 @@ def test_replace_and_delete(stub: search_pb2_grpc.ImageSearchStub, variants: lis
     hit = stub.SearchByImage(search_pb2.SearchByImageRequest(image=second, k=1),
                              timeout=60).hits[0]
     assert (hit.id, hit.uri) == ("swap", "second")
-    response = stub.DeleteImages(search_pb2.DeleteImagesRequest(ids=["swap", "never-added"]),
-                                 timeout=30)
+    response = stub.DeleteImages(search_pb2.DeleteImagesRequest(  # an id named twice: once
+        ids=["swap", "never-added", "swap", "never-added"]), timeout=30)
     assert response.deleted == 1 and list(response.missing) == ["never-added"]
     assert count(stub) == before
     hits = stub.SearchByImage(search_pb2.SearchByImageRequest(image=second, k=50),

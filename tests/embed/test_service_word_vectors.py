@@ -26,12 +26,13 @@ from training.nets.devise import DeViSEMap
 DIM = 8
 
 
-def write_glove(path: Path, vocab: NounVocabulary) -> Path:
-    """Every ImageNet class's first lemma, "golden_retriever" as a known unit vector, and
-    "golden" / "retriever": seeded random 8-d GloVe rows."""
+def write_glove(path: Path, vocab: NounVocabulary, omit: frozenset[str] = frozenset()
+                ) -> Path:
+    """Every ImageNet class's first lemma (but those in ``omit``), "golden_retriever" as
+    a known unit vector, and "golden" / "retriever": seeded random 8-d GloVe rows."""
     rng = np.random.default_rng(0)
     words = [w for w in dict.fromkeys(vocab[x].lemmas[0] for x in imagenet_wnids())
-             if w != "golden_retriever"]
+             if w != "golden_retriever" and w not in omit]
     rows = [f"{w} {' '.join(f'{x:.5f}' for x in rng.standard_normal(DIM))}"
             for w in [*words, "golden", "retriever"]]
     rows.append("golden_retriever " + " ".join(["1"] + ["0"] * (DIM - 1)))
@@ -186,8 +187,9 @@ def test_a_phrase_the_vectors_lack_fails_only_its_own_request_of_a_batch() -> No
             return np.arange(len(texts) * 2, dtype=np.float32).reshape(len(texts), 2)
 
     fake = types.SimpleNamespace(text=Words())
-    fake._encode_one_request = functools.partial(EmbeddingService._encode_one_request, fake)
-    fake._encode = functools.partial(EmbeddingService._encode, fake)
+    fake._encode_one_request = functools.partial(
+        EmbeddingService._encode_one_request, fake)  # type: ignore[arg-type]
+    fake._encode = functools.partial(EmbeddingService._encode, fake)  # type: ignore[arg-type]
     results = EmbeddingService._encode_requests(
         fake, [("a dog", "a cat"), ("tax return",), ("a cow",)])  # type: ignore[arg-type]
     assert [r.shape for r in results[::2]] == [(2, 2), (1, 2)]  # type: ignore[union-attr]
@@ -198,3 +200,44 @@ def test_a_phrase_the_vectors_lack_fails_only_its_own_request_of_a_batch() -> No
     assert isinstance(alone, InvalidArgument) and alone.field == "texts[1]"
     together = EmbeddingService._encode_requests(fake, [("a", "b"), ("c",)])  # type: ignore[arg-type]
     assert [r.tolist() for r in together] == [[[0, 1], [2, 3]], [[4, 5]]]  # type: ignore[union-attr]
+
+
+def test_conse_combines_the_most_probable_classes_the_word_vectors_cover(
+        tmp_path: Path, vocab: NounVocabulary, photo: np.ndarray) -> None:
+    """With a word-vector file that lacks the photo's ten most probable ImageNet classes,
+    ConSE combines the ten most probable classes it has vectors for: the lacking classes'
+    zero vectors would otherwise take the places of the top ten (and leave the embedding
+    zero)."""
+    from services.embed.preprocess import preprocess
+    from services.embed.service import CONSE_TOP_T, serving_backbone
+    from services.embed.wordnet import imagenet_indices
+    from training.nets.devise import conse_embed
+
+    backbone = serving_backbone(torch.device("cpu"))
+    pixels = torch.from_numpy(np.array(preprocess(photo))).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        probabilities = torch.softmax(backbone._fc(backbone.features(pixels)), dim=1)
+    top = probabilities[0].argsort(descending=True)[:CONSE_TOP_T].tolist()
+    wnids = imagenet_wnids()
+    # their lemmas and the words in them (a phrase is covered by its words' vectors)
+    lemmas = {lemma for i in top for lemma in vocab[wnids[i]].lemmas}
+    path = write_glove(tmp_path / "glove.lacking.txt", vocab, omit=frozenset(
+        lemmas | {word for lemma in lemmas for word in lemma.split("_")}))
+    space = load_noun_space(vocab, path, progress=False)
+    rows = imagenet_indices(vocab)
+    covered = torch.from_numpy(space.covered[rows].astype(np.float32))
+    assert not covered[top].any(), "the file still covers one of the photo's top classes"
+    expected = conse_embed(probabilities * covered, torch.from_numpy(space.matrix[rows]),
+                           CONSE_TOP_T)[0].numpy()
+    empty = tmp_path / "models"
+    empty.mkdir()
+    running = start(empty, path)
+    try:
+        stub = embed_pb2_grpc.EmbeddingStub(client.connect(running.target))
+        served = stub.EmbedImages(embed_pb2.EmbedImagesRequest(
+            images=[encode(photo)], method=embed_pb2.EMBEDDING_METHOD_CONSE), timeout=60)
+    finally:
+        running.stop()
+    vector = np.asarray(served.embeddings[0].values)
+    assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-4
+    assert float(vector @ expected) > 0.99, float(vector @ expected)

@@ -446,3 +446,22 @@ def test_a_snapshot_is_on_disk_before_current_names_it_and_the_name_is_synced_to
     assert events[3:] == [("rename", name), ("fsync", "snapshots"),
                           ("fsync", ".CURRENT.tmp"), ("rename", "CURRENT"),
                           ("fsync", "snapshots")]
+
+
+def test_a_snapshot_that_disagrees_with_its_record_is_rebuilt(tmp_path: Path) -> None:
+    """A snapshot of this record at its last change, but holding other images (a copy of
+    the data directory whose snapshots and record went apart): the index it gives does
+    not match the record's count, so the record is read again, and the images the
+    snapshot lacked are found."""
+    store = ImageStore(tmp_path / "images.sqlite3", DIMENSION)
+    data = clustered(30)
+    names = ids(30)
+    store.put_many([(n, f"file:///{n}", v) for n, v in zip(names, data, strict=True)])
+    snapshots = tmp_path / "snapshots"
+    wrong = VectorIndex(DIMENSION, settings())
+    wrong.put(names[:20], data[:20])  # ten images short, at the record's last change
+    wrong.save_snapshot(snapshots, store.last_seq(), record=store.record_id)
+    recovered, seq = recover_index(store, snapshots, DIMENSION, settings())
+    assert len(recovered) == 30 == store.count() and seq == store.last_seq()
+    assert [row[0][0] for row in recovered.search(data[20:], 1)] == names[20:]
+    store.close()

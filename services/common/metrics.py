@@ -69,17 +69,16 @@ from services.common.request_ids import begin_request
 # `service` (the Kubernetes Service), which renamed ours to exported_service.
 REQUESTS = Counter("percept_requests_total", "Finished RPCs by status code",
                    ["grpc_service", "grpc_method", "grpc_code"])
+#: Histogram buckets of durations (seconds): a 1 ms CPU call to a 5 min Gatys run.
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+                   60, 120, 300)
 LATENCY = Histogram("percept_request_seconds", "RPC latency in seconds",
-                    ["grpc_service", "grpc_method"],
-                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
-                             10, 30, 60, 120, 300))
+                    ["grpc_service", "grpc_method"], buckets=SECONDS_BUCKETS)
 INFLIGHT = Gauge("percept_inflight_requests", "RPCs in progress", ["grpc_service"])
 BATCH_SIZE = Histogram("percept_batch_size", "Micro-batch sizes", ["queue"],
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
 BATCH_SECONDS = Histogram("percept_batch_seconds", "Time each micro-batch ran, in seconds",
-                          ["queue"],
-                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
-                                   2.5, 5, 10, 30, 60, 120))
+                          ["queue"], buckets=SECONDS_BUCKETS)
 QUEUE_DEPTH = Gauge("percept_queue_depth",
                     "Work items waiting or running (tiles, for the image models)", ["queue"])
 DROPPED = Counter("percept_dropped_total",

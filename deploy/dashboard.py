@@ -132,9 +132,11 @@ ROWS: tuple[Row, ...] = (
                  f"sum by (queue) (rate(percept_batch_size_count{{{NS}}}{RATE}))",
                  "{{queue}}")),
         Panel("Model busy, by pod and queue",
-              "The share of the time each model queue ran a batch: near 100 % the model "
-              "is the bottleneck (scale out, or batch more); low while calls queue, the "
-              "time goes elsewhere (decoding, encoding, the network).",
+              "The share of the time each model queue ran a batch (wall time, counted as "
+              "each batch ends). Near 100 %, its batches run back to back and calls wait "
+              "for the model: scale out, or batch more. The queues of one pod (style: one "
+              "per style; embed: images and texts) share its device, so read their sum; "
+              "a Gatys run (style-optimise) shows as one spike when it ends.",
               _q(f"sum by (pod, queue) (rate(percept_batch_seconds_sum{{{NS}}}{RATE}))",
                  "{{pod}} {{queue}}"),
               unit="percentunit"),

@@ -138,8 +138,11 @@ def start_series(methods: Iterable[str], queues: Iterable[str]) -> None:
 
 
 def start_queue_series(queue: str) -> None:
-    """A model queue's rejections and drops, at 0 (:func:`start_series`)."""
+    """A model queue's rejections, drops and batches, at 0 (:func:`start_series`): a
+    rate() over a series that appears only with its first batch misses that batch."""
     REJECTED.labels(queue)
+    BATCH_SIZE.labels(queue)
+    BATCH_SECONDS.labels(queue)
     for reason in DROP_REASONS:
         DROPPED.labels(queue, reason)
 

@@ -340,18 +340,31 @@ def test_a_failed_batch_leaves_the_model_answering() -> None:
     """The error of a failed batch reaches its caller through a future, with the batcher's
     suspended loop in its traceback: letting go of an answered call's frames must not
     clear that one (it would close the loop, and every later call would wait out its
-    deadline)."""
+    deadline). The failed batch's time is counted like any other's."""
+    from prometheus_client import REGISTRY
+
     from tests.conftest import server_config
 
     module = _FailsOnce()
     running = start_in_thread(server_config("all"), modules=[module])
+
+    def timed() -> float:
+        value = REGISTRY.get_sample_value("percept_batch_seconds_count",
+                                          {"queue": "fails-once"})
+        assert value is not None  # the series is there before the first batch
+        return value - before
+
+    before = 0.0
     try:
+        before = timed()
         channel = client.connect(running.target)
         run = channel.unary_unary("/test.FailsOnce/Run")
         with pytest.raises(grpc.RpcError) as failed:
             run(b"x", timeout=10)
         assert failed.value.code() == grpc.StatusCode.INTERNAL
+        assert timed() == 1
         assert [run(b"y", timeout=10), run(b"z", timeout=10)] == [b"ok:y", b"ok:z"]
+        assert timed() == 3
         channel.close()
     finally:
         running.stop()

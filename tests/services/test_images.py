@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 
 import numpy as np
@@ -310,3 +311,45 @@ def test_without_colour_management_a_cielab_image_is_a_precise_invalid_argument(
         decode_image(data, max_pixels=CAP)
     assert str(caught.value) == ("cannot convert a LAB image to RGB: this server's image "
                                  "library has no colour management; send RGB")
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_dark_16_bit_grey_png_stays_dark() -> None:
+    """16-bit samples are scaled from 0..65535 however dark the image: values up to 200
+    are near black, not read as 8-bit ones (257 times too bright)."""
+    values = np.linspace(0, 200, 64 * 64).reshape(64, 64).astype(np.uint16)
+    data = _png(Image.fromarray(values))
+    decoded = decode_image(data, max_pixels=10**6)
+    assert decoded.grey and int(decoded.rgb.max()) == 1  # 200 * 255 / 65535, rounded
+
+
+def test_an_opaque_alpha_channel_is_dropped_and_a_bilevel_image_is_grey() -> None:
+    """An alpha of 255 everywhere holds nothing: the reply is RGB (not RGBA); a mode "1"
+    (bilevel) PNG is a grey image, answered in grey."""
+    rgba = np.dstack([np.full((16, 16, 3), 90, np.uint8), np.full((16, 16), 255, np.uint8)])
+    opaque = decode_image(_png(Image.fromarray(rgba, "RGBA")), max_pixels=10**6)
+    assert opaque.alpha is None and not opaque.grey
+    bilevel = Image.fromarray(np.tile([[0, 255], [255, 0]], (8, 8)).astype(np.uint8)).convert("1")
+    assert decode_image(_png(bilevel), max_pixels=10**6).grey
+
+
+def test_luma_weighs_red_green_and_blue_as_pillow_does() -> None:
+    from services.common.images import luma
+
+    primaries = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]]], np.uint8)
+    assert luma(primaries).tolist() == [[76, 150, 29]]
+    pillow = np.asarray(Image.fromarray(primaries).convert("L")).astype(int)
+    assert np.abs(luma(primaries).astype(int) - pillow).max() <= 1
+
+
+def test_the_transparent_part_of_a_mask_is_not_stylised() -> None:
+    """A white mask whose left half is transparent: that half reads 0 (not stylised)."""
+    rgba = np.full((32, 32, 4), 255, np.uint8)
+    rgba[:, :16, 3] = 0
+    mask = decode_mask(_png(Image.fromarray(rgba, "RGBA")), max_pixels=10**6, size=(32, 32))
+    assert float(mask[:, :16].max()) == 0.0 and float(mask[:, 16:].min()) == 1.0

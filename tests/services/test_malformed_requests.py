@@ -76,6 +76,21 @@ def test_a_server_streaming_request_that_does_not_parse_is_invalid_argument(
     assert "percept.v1.StylizeWithImageRequest" in error.value.details()
 
 
+def test_a_health_watch_request_that_does_not_parse_is_invalid_argument(
+        all_server: RunningServer) -> None:
+    """Health's Watch writes its stream from a coroutine (context.write), another path
+    than the services' streams: a request that does not parse is refused there too."""
+    with grpc.insecure_channel(all_server.target) as channel:
+        call = channel.unary_stream("/grpc.health.v1.Health/Watch",
+                                    request_serializer=_identity,
+                                    response_deserializer=_identity)
+        with pytest.raises(grpc.RpcError) as error:
+            list(call(CORRUPT, timeout=30))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "grpc.health.v1.HealthCheckRequest" in error.value.details()
+    assert _reason(error.value) == "MALFORMED_REQUEST"
+
+
 def _reason(error: grpc.RpcError) -> str:
     """The google.rpc.ErrorInfo reason of a failed call's status details."""
     from google.rpc import error_details_pb2, status_pb2

@@ -119,3 +119,16 @@ def test_a_whole_png_with_bytes_after_its_end_is_never_called_truncated(
     with pytest.raises(InvalidArgument) as error:
         decode_image(bytes(header) + after_end, max_pixels=CAP)
     assert error.value.reason == "IMAGE_UNDECODABLE", str(error.value)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "GIF"])
+def test_padding_after_the_end_mark_is_not_called_cut_short(small_photo: np.ndarray,
+                                                             fmt: str) -> None:
+    """Zeros after a JPEG's end-of-image marker or a GIF's trailer (a file padded to a
+    block size): the file ends as its format ends; damaged inside, it is corrupt."""
+    whole = _file(small_photo, fmt) + bytes(16)
+    assert how_cut_short(whole, fmt) is None
+    damaged = bytearray(whole)
+    middle = len(damaged) // 2
+    damaged[middle:middle + 40] = bytes(40)
+    assert how_cut_short(bytes(damaged), fmt) is None

@@ -129,7 +129,7 @@ ROWS: tuple[Row, ...] = (
               "Items per micro-batch: above 1 when concurrent requests share the model's "
               "forward passes (--max-batch, --max-wait-ms).",
               _q(f"sum by (queue) (rate(percept_batch_size_sum{{{NS}}}{RATE})) / "
-                 f"sum by (queue) (rate(percept_batch_size_count{{{NS}}}{RATE}))",
+                 f"(sum by (queue) (rate(percept_batch_size_count{{{NS}}}{RATE})) > 0)",
                  "{{queue}}")),
         Panel("Model busy, by pod and queue",
               "The share of the time each model queue ran a batch (wall time, counted as "

@@ -77,8 +77,8 @@ def test_bfloat16_serving_stays_close_to_float32(style: str) -> None:
     leave room for other photos, not for a broken cast (a wrong scale or a channel mix-up
     lands far below 30 dB)."""
     image = np.ascontiguousarray(_real_photo()[:192, :256])
-    f32 = _model("float32", style).run_batch([image])[0]
-    bf16 = _model("bfloat16", style).run_batch([image])[0]
+    f32 = np.asarray(_model("float32", style).run_batch([image])[0])  # numpy on a CPU
+    bf16 = np.asarray(_model("bfloat16", style).run_batch([image])[0])
     assert psnr(f32, bf16) > 45
     assert np.abs(bf16.astype(int) - f32).max() <= 24
 
@@ -362,3 +362,34 @@ def test_a_busy_answer_waits_for_a_request_to_end_not_one_tile_batch() -> None:
     model.slot_seconds = 0.01  # short requests: a batch is the better guess
     assert model.retry_after_ms == 300
     model.active_requests = 0
+
+
+def test_a_forward_pass_takes_no_more_tiles_than_its_pixel_cap() -> None:
+    """A cap of two full tiles' pixels: eight 128 px tiles queued at once go through in
+    batches of two, though --max-batch is 8; an image smaller than a tile batches up to
+    --max-batch as before."""
+    artifact = load_artifact(MODELS, STYLES[0], torch.device("cpu"))
+    config = ServerConfig(service="style", compile="off", cpu_dtype="float32", max_batch=8,
+                          max_wait_ms=200)
+    model = TiledImageModel(artifact, torch.device("cpu"), config, scale=1, tile=128,
+                            overlap=32, max_batch_pixels=2 * 128 * 128)
+    batches: list[tuple[int, ...]] = []
+    forward = model.forward
+
+    def counting(batch: torch.Tensor) -> torch.Tensor:
+        batches.append(tuple(batch.shape))
+        return forward(batch)
+
+    model.forward = counting  # type: ignore[method-assign]
+    wide = np.random.default_rng(2).integers(0, 256, (128, 8 * 96 + 32, 3), np.uint8)
+    small = np.random.default_rng(3).integers(0, 256, (32, 32, 3), np.uint8)
+
+    async def run() -> None:
+        await model.apply(wide)
+        await asyncio.gather(*(model.apply(small) for _ in range(8)))
+        await model.stop()
+
+    asyncio.run(run())
+    full = [shape[0] for shape in batches if shape[2:] == (128, 128)]
+    assert sum(full) == 8 and max(full) == 2, batches
+    assert [shape[0] for shape in batches if shape[2:] == (32, 32)] == [8], batches

@@ -561,3 +561,31 @@ def test_an_embedding_server_that_vanished_is_noticed_by_the_keepalive(
     else:
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED and took >= deadline - 0.5, (code,
                                                                                    took)
+
+
+def test_an_idle_connection_to_a_vanished_embedding_server_is_replaced_before_it_is_needed(
+        embed_server: RunningServer) -> None:
+    """The keepalive pings a connection with no call in progress too: one that stopped
+    passing bytes while search sat idle is closed within seconds and round-robin opens
+    another, so the next call goes straight over it. A client that pinged only during
+    calls would keep the dead connection until a call met it."""
+    proxy = TcpProxy(embed_server.port)
+
+    async def scenario() -> tuple[int, int]:
+        embedder = RemoteEmbedder(proxy.target, timeout=15.0, keepalive_seconds=1.0)
+        try:
+            await embedder.start(wait_seconds=60)
+            await asyncio.sleep(2)  # the pings about start()'s calls are answered by now
+            proxy.freeze()
+            until = time.monotonic() + 10
+            while proxy.connections < 2 and time.monotonic() < until:
+                await asyncio.sleep(0.05)
+            replaced_while_idle = proxy.connections
+            vector = await embedder.embed_text("a cat", timeout=15.0)
+            return replaced_while_idle, len(vector)
+        finally:
+            await embedder.close()
+            proxy.close()
+
+    replaced_while_idle, dimension = asyncio.run(scenario())
+    assert replaced_while_idle == 2 and dimension > 0

@@ -38,7 +38,7 @@ from services.common.errors import (
     Unavailable,
     shown,
 )
-from services.common.images import probe_size
+from services.common.images import REPLY_OVERHEAD_BYTES, probe_size
 from services.common.rpc import stream_errors, time_remaining, unary_errors
 from services.common.server import ServiceModule, StartupError
 from services.common.texts import is_blank
@@ -82,8 +82,6 @@ ADD_IDLE_SECONDS = 0.5
 MAX_ID_CHARS = 256
 #: The longest uri an image is added with (a path or URL; hits and listings carry it).
 MAX_URI_CHARS = 4096
-#: Room kept in a reply for its other fields and framing (bytes).
-REPLY_OVERHEAD_BYTES = 4096
 MAX_TEXT_CHARS = 1000
 MAX_K = 1000
 DEFAULT_K = 10

@@ -126,7 +126,8 @@ def test_unknown_style_is_not_found_and_lists_the_styles(channel: grpc.Channel,
         stylize(channel, encode(small_photo), "van-gogh")
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     assert error.value.details() == f"unknown style 'van-gogh'; available: {', '.join(NAMES)}"
-    for typo in (FIRST.upper(), f" {FIRST}", FIRST[:-1]):  # a near miss gets a suggestion
+    # a near miss gets a suggestion, three quarters of the name too
+    for typo in (FIRST.upper(), f" {FIRST}", FIRST[:-1], FIRST[:len(FIRST) * 3 // 4]):
         with pytest.raises(grpc.RpcError) as error:
             stylize(channel, encode(small_photo), typo)
         assert error.value.code() == grpc.StatusCode.NOT_FOUND
@@ -262,6 +263,38 @@ def test_two_artifacts_of_one_style_name_stop_the_start(tmp_path: Path,
     assert str(models / "style-mine") in failure and "retrain one with another --name" in failure
 
 
+def test_styles_are_listed_by_name_and_a_style_without_a_title_is_titled_by_its_name(
+        tmp_path: Path, small_photo: np.ndarray) -> None:
+    """Two copies of a committed net named so that their folders and their names sort
+    in opposite orders: ListStyles and the NOT_FOUND list go by name."""
+    import json
+    import shutil
+
+    models = tmp_path / "models"
+    for folder, name, title in (("style-a", "zebra", "Zebra stripes"), ("style-b", "apple",
+                                                                         None)):
+        shutil.copytree(MODELS / STYLES[FIRST]["name"], models / folder)
+        config = json.loads((models / folder / "config.json").read_text())
+        config["style"]["name"] = name
+        if title is None:
+            del config["style"]["title"]
+        else:
+            config["style"]["title"] = title
+        (models / folder / "config.json").write_text(json.dumps(config))
+    running = start_in_thread(server_config("style", models_dir=models, warmup=False))
+    try:
+        channel = client.connect(running.target)
+        styles = client.list_styles(channel)
+        assert [(s.name, s.title) for s in styles] == [("apple", "apple"),
+                                                        ("zebra", "Zebra stripes")]
+        with pytest.raises(grpc.RpcError) as error:
+            stylize(channel, encode(small_photo), "mango")
+        assert error.value.details() == "unknown style 'mango'; available: apple, zebra"
+        channel.close()
+    finally:
+        running.stop()
+
+
 # -- strength, colour preservation, masks ---------------------------------------------------
 @pytest.mark.parametrize("style", EACH_STYLE)
 def test_strength_blends_from_the_content_to_the_stylisation(
@@ -275,6 +308,25 @@ def test_strength_blends_from_the_content_to_the_stylisation(
     # Measured: 0.25 (the rounding to 8 bits) for every style.
     assert mean_abs(half, (photo.astype(np.float64) + full) / 2) < 1.0
     assert 0.4 < mean_abs(half, photo) / mean_abs(full, photo) < 0.6
+    # rounded to the nearest level, not cut down: half the blends end in .5 and go up
+    bias = float(np.mean(half - (photo.astype(np.float64) + full) / 2))
+    assert 0.0 < bias < 0.5, bias
+    # a quarter of the way, not three quarters (0.5 could not tell them apart)
+    quarter = stylize(channel, content, style, strength=0.25)[1].rgb
+    assert mean_abs(quarter, 0.75 * photo.astype(np.float64) + 0.25 * full) < 1.0
+    assert 0.15 < mean_abs(quarter, photo) / mean_abs(full, photo) < 0.35
+
+
+@pytest.mark.parametrize("style", EACH_STYLE)
+def test_preserve_color_at_half_strength_blends_the_colour_kept_result(
+        channel: grpc.Channel, photo: np.ndarray, style: str) -> None:
+    """Half way from the content to its stylisation with the content's colours, which
+    keeps the content's chroma too."""
+    content = encode(photo)
+    kept = stylize(channel, content, style, preserve_color=True)[1].rgb
+    both = stylize(channel, content, style, preserve_color=True, strength=0.5)[1].rgb
+    assert mean_abs(both, (photo.astype(np.float64) + kept) / 2) < 1.0
+    assert chroma_error(both, photo) < 4.0
 
 
 def chroma_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -324,6 +376,14 @@ def test_mask_limits_the_effect_to_its_white_part(channel: grpc.Channel,
     resized = stylize(channel, content, style, mask=small_mask)[1].rgb
     assert np.abs(resized[:, half + 3:].astype(int) - photo[:, half + 3:]).max() <= 1
     assert mean_abs(resized[:, :half - 3], full[:, :half - 3]) < 0.5
+    # grey is a weight, not a yes or no: 128 of 255 is half the way, a ramp a gradient
+    grey = stylize(channel, content, style, mask=encode(np.full((height, width), 128,
+                                                                np.uint8)))[1].rgb
+    assert mean_abs(grey, photo + (128 / 255) * (full - photo.astype(np.float64))) < 1.0
+    ramp = np.tile(np.linspace(0, 255, width).round().astype(np.uint8), (height, 1))
+    graded = stylize(channel, content, style, mask=encode(ramp))[1].rgb
+    assert mean_abs(graded, photo + ramp[..., None] / 255 * (full - photo.astype(np.float64))
+                    ) < 1.0
 
 
 @needs_styles

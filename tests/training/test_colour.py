@@ -67,3 +67,17 @@ def test_blend_with_mask() -> None:
     assert torch.allclose(half, (stylised + content) / 2, atol=1e-6)
     with pytest.raises(ValueError, match="mask"):
         blend_with_mask(stylised, content, torch.ones(1, 1, 32, 32))
+
+
+def test_images_or_masks_of_another_batch_size_are_refused_not_broadcast() -> None:
+    """One content image against two stylisations would broadcast in torch's arithmetic
+    and give two results without a word; so would a mask for two images."""
+    one, two = photo("astronaut"), torch.cat([photo("coffee"), photo("chelsea")])
+    with pytest.raises(ValueError, match=r"stylised \(2, 3, 64, 64\) and content "
+                                         r"\(1, 3, 64, 64\) differ in shape"):
+        preserve_colour(two, one)
+    with pytest.raises(ValueError, match=r"mask must be \(N, 1, H, W\) matching the image "
+                                         r"\(1, 3, 64, 64\), got \(2, 1, 64, 64\)"):
+        blend_with_mask(one, one, torch.ones(2, 1, 64, 64))
+    both = blend_with_mask(two, two.flip(0), torch.ones(1, 1, 64, 64))  # one for all
+    assert torch.allclose(both, two, atol=1e-6)

@@ -257,7 +257,9 @@ def test_two_artifacts_of_one_style_name_stop_the_start(tmp_path: Path,
     source = MODELS / STYLES[FIRST]["name"]
     shutil.copytree(source, models / STYLES[FIRST]["name"])
     shutil.copytree(source, models / "style-mine")
-    assert asyncio.run(serve(server_config("style", models_dir=models, warmup=False))) == 1
+    # bounded: a server that started instead would serve until stopped
+    assert asyncio.run(asyncio.wait_for(
+        serve(server_config("style", models_dir=models, warmup=False)), 120)) == 1
     failure = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
     assert f"two style artifacts are both named {FIRST!r}" in failure
     assert str(models / "style-mine") in failure and "retrain one with another --name" in failure

@@ -6,7 +6,6 @@ and the test fixture's Display P3 and gamma-2.2 profiles, written byte by byte."
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -45,17 +44,6 @@ OTHER_RGB_PROFILES = {
 }
 
 
-def _littlecms_to_srgb(rgb: np.ndarray, profile: bytes) -> np.ndarray:
-    """``rgb`` converted from ``profile`` to sRGB by littlecms directly (what to_srgb
-    did for every profile before)."""
-    source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
-    target = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-    converted = ImageCms.profileToProfile(Image.fromarray(rgb, "RGB"), source, target,
-                                          outputMode="RGB")
-    assert converted is not None
-    return np.asarray(converted)
-
-
 def _photo_jpeg(photo: np.ndarray, profile: bytes) -> bytes:
     return bad_images.with_icc_profile(photo, "RGB", profile, "JPEG")
 
@@ -72,7 +60,7 @@ def test_an_srgb_tagged_photo_is_taken_as_it_is(photo: np.ndarray, name: str) ->
     decoded = decode_image(data, max_pixels=CAP, srgb=True)
     assert decoded.icc_profile is None  # it is sRGB now, as far as the caller knows
     np.testing.assert_array_equal(decoded.rgb, kept.rgb)
-    converted = _littlecms_to_srgb(kept.rgb, profile)
+    converted = icc.littlecms_to_srgb(kept.rgb, profile)
     assert np.abs(decoded.rgb.astype(int) - converted).max() <= 1
 
 
@@ -83,7 +71,7 @@ def test_any_other_rgb_profile_is_still_converted(photo: np.ndarray, name: str) 
     data = _photo_jpeg(photo, profile)
     kept = decode_image(data, max_pixels=CAP)
     decoded = decode_image(data, max_pixels=CAP, srgb=True)
-    converted = _littlecms_to_srgb(kept.rgb, profile)
+    converted = icc.littlecms_to_srgb(kept.rgb, profile)
     assert np.abs(decoded.rgb.astype(int) - converted).max() <= 1
     moved = np.abs(decoded.rgb.astype(int) - kept.rgb)
     assert moved.max() >= 5 and moved.mean() > 0.5, (moved.max(), moved.mean())

@@ -27,7 +27,7 @@ import struct
 
 import numpy as np
 import pytest
-from PIL import Image, ImageCms
+from PIL import Image
 
 from percept.v1 import image_pb2
 from services.common import alpha as alpha_module
@@ -144,15 +144,6 @@ def _probe_grid_levels() -> np.ndarray:
     return np.linspace(0, 255, SRGB_PROBE_LEVELS).round().astype(int)
 
 
-def _littlecms_to_srgb(rgb: np.ndarray, profile: bytes) -> np.ndarray:
-    source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
-    target = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-    converted = ImageCms.profileToProfile(Image.fromarray(rgb, "RGB"), source, target,
-                                          outputMode="RGB")
-    assert converted is not None
-    return np.asarray(converted)
-
-
 def test_a_profile_that_leaves_srgb_only_between_the_grid_levels_is_converted(
         small_photo: np.ndarray) -> None:
     """sRGB's primaries and sRGB's curve at every level of the probe's grid, but a curve
@@ -168,13 +159,13 @@ def test_a_profile_that_leaves_srgb_only_between_the_grid_levels_is_converted(
                               name="percept test sRGB, wavy between 16ths")
     cube = np.stack(np.meshgrid(grid, grid, grid, indexing="ij"), axis=-1) \
         .reshape(-1, 1, 3).astype(np.uint8)
-    assert np.abs(_littlecms_to_srgb(cube, profile).astype(int) - cube).max() <= 1
+    assert np.abs(icc.littlecms_to_srgb(cube, profile).astype(int) - cube).max() <= 1
     assert not is_srgb_profile(profile)
     ramp = np.repeat(level.astype(np.uint8)[:, None, None], 3, axis=2)
     assert np.abs(to_srgb(ramp, profile).astype(int) - ramp).max() >= 3
     data = bad_images.with_icc_profile(small_photo, "RGB", profile, "PNG")
     converted = decode_image(data, max_pixels=CAP, srgb=True)
-    np.testing.assert_array_equal(converted.rgb, _littlecms_to_srgb(small_photo, profile))
+    np.testing.assert_array_equal(converted.rgb, icc.littlecms_to_srgb(small_photo, profile))
     assert not np.array_equal(converted.rgb, small_photo)
 
 

@@ -20,10 +20,11 @@ and the share of the time it was busy running them (the server's percept_batch_s
 percept_batch_seconds histograms, read from /metrics before and after each phase). The
 light client's requests are alone in theirs (its 48 px is a batch key of its own, and it
 has one call out at a time), so the flood's batches and their mean size follow. On a
-2-core CPU a batch was running nearly all the time under both servers (99.6 % on
-2026-11-29): what the shares cost is the batch time the light client's one-image batches
-take, not idle time. (A batch's time is wall time, on cores that the server's codecs and
-gRPC and these client threads share: it says a batch ran, not what limited it.)
+2-core CPU a batch was running nearly all the time under both servers (99.6 % in
+both scenarios on 2026-11-29): what the shares cost is the batch time the light
+client's one-image batches take, not idle time. (A batch's time is wall time, on cores
+that the server's codecs and gRPC and these client threads share: it says a batch ran,
+not what limited it.)
 
 python -m benchmarks.bench_fairness [--quick]
 """
@@ -226,7 +227,7 @@ def _batch_rates(row: dict[str, Any]) -> str:
 
 def _busy(row: dict[str, Any]) -> str:
     value = row.get("model_busy")
-    return "-" if value is None else f"{value:.0%}"
+    return "-" if value is None else f"{value:.1%}"
 
 
 def _per_batch(row: dict[str, Any]) -> str:

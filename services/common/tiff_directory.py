@@ -53,7 +53,7 @@ def count_tiff_directory(data: bytes) -> TiffDirectory:
     directory lists for them; 0 for a compressed page). Nothing for bytes that are no
     TIFF; where the directory is cut short or out of the file, its entries as it claims
     them and no pieces (the decoder reports the damage)."""
-    found = _first_directory(data)
+    found = first_directory(data)
     if found is None:
         return TiffDirectory(0, 0)
     order, offset_size, entry_size, entries_at, entries = found
@@ -81,13 +81,14 @@ def count_tiff_entries(data: bytes) -> int:
     """The entries of ``data``'s first directory as it claims them, from the header and
     the directory's count alone; 0 for bytes that are no TIFF or a directory out of them.
     (For an EXIF block, a TIFF directory too, where only the count is wanted.)"""
-    found = _first_directory(data)
+    found = first_directory(data)
     return 0 if found is None else found[-1]
 
 
-def _first_directory(data: bytes) -> tuple[str, int, int, int, int] | None:
-    """(byte order, offset size, entry size, where the entries start, how many) of the
-    first directory of ``data``, a classic TIFF or a BigTIFF; None where there is none."""
+def first_directory(data: bytes) -> tuple[str, int, int, int, int] | None:
+    """(byte order, "<" or ">"; offset size; entry size; where the entries start; how
+    many) of the first directory of ``data``, a classic TIFF or a BigTIFF; None where
+    there is none (no TIFF, or a directory whose count is out of the data)."""
     if not data.startswith(TIFF_SIGNATURES):
         return None
     order = "<" if data[:2] == b"II" else ">"

@@ -11,9 +11,12 @@ page's strips or tiles end: a cut before any of those ends shows.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Literal
+
+import numpy as np
+
+from services.common.tiff_directory import TIFF_SIGNATURES, first_directory
 
 #: How far from the end a format's end mark may sit (padding some writers add after it).
 _SLACK = 64
@@ -56,7 +59,7 @@ def how_cut_short(data: bytes, fmt: str) -> CutShort | None:
         if expected > size:
             return CutShort(f"the BMP {ends}, of the {expected} its header gives", True)
     if fmt == "TIFF" and size >= 8 and data[:2] in (b"II", b"MM"):
-        return _tiff_cut_short(data, "little" if data[:2] == b"II" else "big", ends)
+        return _tiff_cut_short(data, ends)
     return None
 
 
@@ -83,54 +86,83 @@ def _png_cut_short(data: bytes, ends: str) -> CutShort:
     return CutShort(f"the PNG {ends}, without its IEND chunk", False)
 
 
-#: Bytes per value of each classic TIFF field type (1 BYTE, 2 ASCII, 3 SHORT, 4 LONG,
-#: 5 RATIONAL, 6 SBYTE, 7 UNDEFINED, 8 SSHORT, 9 SLONG, 10 SRATIONAL, 11 FLOAT, 12 DOUBLE,
-#: 13 IFD); a type not listed is skipped.
+#: Bytes per value of each TIFF field type (1 BYTE, 2 ASCII, 3 SHORT, 4 LONG, 5 RATIONAL,
+#: 6 SBYTE, 7 UNDEFINED, 8 SSHORT, 9 SLONG, 10 SRATIONAL, 11 FLOAT, 12 DOUBLE, 13 IFD;
+#: BigTIFF's 16 LONG8, 17 SLONG8, 18 IFD8); a type not listed is skipped.
 _TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4,
-                    12: 8, 13: 4}
+                    12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
 #: The tags that give where a page's pieces start, with those giving their lengths:
 #: StripOffsets and StripByteCounts, TileOffsets and TileByteCounts.
 _PIECE_TAGS = {273: 279, 324: 325}
+#: The tags whose values decoding the first page reads: BitsPerSample, the pieces'
+#: offsets and lengths, ColorMap, ExtraSamples, SampleFormat, JPEGTables and
+#: YCbCrSubSampling. Others (a private tag, XMP, a damaged count) Pillow skips when
+#: their values are out of the file, so such a value says nothing of a cut.
+_DECODING_TAGS = frozenset({258, *_PIECE_TAGS, *_PIECE_TAGS.values(), 320, 338, 339, 347,
+                            530})
+#: The most strips or tiles whose ends are compared with the file's (a page lists one
+#: per row at most; a count beyond this is damage, not a picture).
+_MAX_PIECES_CHECKED = 1 << 20
+_UNSIGNED = {3: "u2", 4: "u4", 16: "u8"}  # SHORT, LONG, LONG8: a piece's offset or length
 
 
-def _tiff_cut_short(data: bytes, order: Literal["little", "big"], ends: str
-                    ) -> CutShort | None:
-    """A classic TIFF is cut short where it ends before the end of its first directory,
-    of the values that directory keeps outside it, or of the first page's strips or
-    tiles (the directory gives where each starts and how long it is). A BigTIFF only
-    where it ends before its first directory's count."""
-    first = int.from_bytes(data[4:8], order)
-    if first + 2 > len(data):  # a directory: a 2-byte count, 12-byte entries, an offset
+def _tiff_cut_short(data: bytes, ends: str) -> CutShort | None:
+    """A TIFF (classic or BigTIFF) is cut short where it ends before the end of its first
+    directory, of the values of that directory's that decoding reads and it keeps outside
+    itself, or of the first page's strips or tiles (the directory gives where each starts
+    and how long it is)."""
+    found = first_directory(data)
+    big = data[2:4] in (b"+\0", b"\0+")
+    if found is None:
+        if not data.startswith(TIFF_SIGNATURES):
+            return None  # not a TIFF header at all: the bytes are damaged, not cut
+        start, size = (8, 8) if big else (4, 4)
+        first = int.from_bytes(data[start:start + size], "little" if data[:2] == b"II"
+                               else "big")
         return CutShort(f"the TIFF {ends}, before its first directory (at byte {first})",
                         True)
-    if data[2:4] in (b"+\0", b"\0+"):  # BigTIFF: its offsets are 8 bytes, not read here
-        return None
-    entries = int.from_bytes(data[first:first + 2], order)
-    if first + 2 + 12 * entries + 4 > len(data):
+    order, offset_size, entry_size, entries_at, entries = found
+    first = entries_at - (8 if big else 2)
+    if entries_at + entry_size * entries + offset_size > len(data):
         return CutShort(f"the TIFF {ends}, inside its first directory (at byte {first})",
                         True)
-    fmt = "<HHI4s" if order == "little" else ">HHI4s"
-    values: dict[int, list[int]] = {}
-    for tag, kind, count, field in struct.iter_unpack(
-            fmt, data[first + 2:first + 2 + 12 * entries]):
-        size = _TIFF_TYPE_SIZES.get(kind, 0) * count
-        stored = field
-        if size > 4:  # the field holds where the values are
-            at = int.from_bytes(field, order)
-            if at + size > len(data):
-                return CutShort(f"the TIFF {ends}, inside the values of its first "
-                                f"directory's tag {tag} (bytes {at} to {at + size})", True)
-            stored = data[at:at + size]
-        if kind in (3, 4) and (tag in _PIECE_TAGS or tag in _PIECE_TAGS.values()):
-            code = ("H" if kind == 3 else "I") * count
-            values[tag] = list(struct.unpack((("<" if order == "little" else ">") + code),
-                                             stored[:size]))
+    fields = np.frombuffer(data, np.dtype([
+        ("tag", f"{order}u2"), ("type", f"{order}u2"), ("count", f"{order}u{offset_size}"),
+        ("value", f"V{offset_size}")]), count=entries, offset=entries_at)
+    byteorder: Literal["little", "big"] = "little" if order == "<" else "big"
+    needed: dict[int, np.void] = {}
+    for field in fields[np.isin(fields["tag"], list(_DECODING_TAGS))]:
+        needed.setdefault(int(field["tag"]), field)  # the first of a repeated tag counts
+    for tag, field in sorted(needed.items()):
+        size = _TIFF_TYPE_SIZES.get(int(field["type"]), 0) * int(field["count"])
+        at = int.from_bytes(field["value"].tobytes(), byteorder)
+        if size > offset_size and at + size > len(data):  # kept outside, past the end
+            return CutShort(f"the TIFF {ends}, inside the values of its first directory's "
+                            f"tag {tag} (bytes {at} to {at + size})", True)
     for offsets_tag, lengths_tag in _PIECE_TAGS.items():
-        offsets, lengths = values.get(offsets_tag), values.get(lengths_tag)
-        if offsets and lengths and len(offsets) == len(lengths):
-            end = max(at + length for at, length in zip(offsets, lengths, strict=True))
+        starts = _piece_values(data, order, offset_size, needed.get(offsets_tag))
+        lengths = _piece_values(data, order, offset_size, needed.get(lengths_tag))
+        if starts is not None and lengths is not None and len(starts) == len(lengths) > 0:
+            end = int((starts.astype(np.uint64) + lengths.astype(np.uint64)).max())
             if end > len(data):
                 pieces = "strips" if offsets_tag == 273 else "tiles"
                 return CutShort(f"the TIFF {ends}, inside its image data (its {pieces} run "
                                 f"to byte {end})", True)
     return None
+
+
+def _piece_values(data: bytes, order: str, offset_size: int, field: np.void | None
+                  ) -> np.ndarray | None:
+    """The unsigned values of ``field``, a piece's offsets or lengths (inline where they
+    fit its value, left-justified; else where it points, inside ``data``: checked
+    before); None for another type, or more than :data:`_MAX_PIECES_CHECKED`."""
+    if field is None or int(field["type"]) not in _UNSIGNED:
+        return None
+    count = int(field["count"])
+    if count > _MAX_PIECES_CHECKED:
+        return None
+    dtype = np.dtype(f"{order}{_UNSIGNED[int(field['type'])]}")
+    if dtype.itemsize * count <= offset_size:
+        return np.frombuffer(field["value"].tobytes(), dtype, count=count)
+    at = int.from_bytes(field["value"].tobytes(), "little" if order == "<" else "big")
+    return np.frombuffer(data, dtype, count=count, offset=at)

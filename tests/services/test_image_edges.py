@@ -34,6 +34,7 @@ from services.common import alpha as alpha_module
 from services.common.alpha import BAND_ROWS, fill_transparent, over_white
 from services.common.colour import SRGB_PROBE_LEVELS, is_srgb_profile, to_srgb
 from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.images import REPLY_OVERHEAD_BYTES as OVERHEAD
 from services.common.images import decode_image, encode_image
 from services.common.png import encode_png, up_filtered_rows
 from services.common.truncation import how_cut_short
@@ -41,8 +42,6 @@ from services.style import postprocess
 from tests.fixtures import bad_images, icc
 
 CAP = 64_000_000
-#: The room encode_image leaves in a reply for its other fields and protobuf framing.
-OVERHEAD = 4096
 RED = (220, 20, 20)
 
 
@@ -56,17 +55,22 @@ def _tiff_directory_end(data: bytes) -> int:
 # ----------------------------------------------------------------------------- truncation
 
 
-@pytest.mark.parametrize("rows_per_strip, big_endian", [(8, False), (8, True),
-                                                       (10_000, False), (10_000, True)])
+@pytest.mark.parametrize("rows_per_strip", [8, 10_000])
+@pytest.mark.parametrize("big_endian", [False, True])
+@pytest.mark.parametrize("short_strips", [False, True])
 @pytest.mark.parametrize("kept", ["inside the first strip", "half", "all but one byte"])
 def test_a_tiff_cut_inside_its_pixel_data_is_truncated_where_its_strips_run_to(
-        small_photo: np.ndarray, kept: str, rows_per_strip: int, big_endian: bool) -> None:
-    """An uncompressed TIFF, its directory first, in strips of 8 rows or in one: the cut
-    leaves the directory whole, but the strips it lists run past the end, which says it
-    was cut short (whatever the decoder makes of it; libtiff, which decodes compressed
-    strips, would have no such word for it)."""
+        small_photo: np.ndarray, kept: str, rows_per_strip: int, big_endian: bool,
+        short_strips: bool) -> None:
+    """An uncompressed TIFF, its directory first, in strips of 8 rows or in one, listed
+    as LONGs or SHORTs (inline, left-justified, for one strip): the cut leaves the
+    directory whole, but the strips it lists run past the end, which says it was cut
+    short (whatever the decoder makes of it; libtiff, which decodes compressed strips,
+    would have no such word for it)."""
     grey = small_photo[..., 1]
-    whole = bad_images.uncompressed_tiff(grey, rows_per_strip, big_endian=big_endian)
+    whole = bad_images.uncompressed_tiff(grey, rows_per_strip, big_endian=big_endian,
+                                         short_strips=short_strips)
+    assert decode_image(whole, max_pixels=CAP).rgb.shape[:2] == grey.shape
     data_at = len(whole) - grey.size
     size = {"inside the first strip": data_at + 100, "half": len(whole) // 2,
             "all but one byte": len(whole) - 1}[kept]
@@ -100,9 +104,9 @@ def test_a_tiff_cut_inside_its_next_directory_offset_is_truncated_inside_its_dir
 def test_a_tiff_cut_just_after_its_first_directory_is_cut_inside_that_directory_s_values(
         small_photo: np.ndarray) -> None:
     """Pillow writes an uncompressed TIFF's directory first, then the values it keeps
-    outside itself (the strips' offsets and lengths, the bits per sample): a cut right
-    after the directory leaves them out, which the directory's own offsets say. (Before,
-    such a file was "not a decodable image: damaged TIFF header".)"""
+    outside itself (of an RGB photo in one strip, the three bits per sample): a cut
+    right after the directory leaves them out, which the directory's own offset says.
+    (Before, such a file was "not a decodable image: damaged TIFF header".)"""
     whole = bad_images.save(Image.fromarray(small_photo), "TIFF")
     size = _tiff_directory_end(whole) + 4
     with pytest.raises(InvalidArgument) as error:
@@ -110,7 +114,39 @@ def test_a_tiff_cut_just_after_its_first_directory_is_cut_inside_that_directory_
     assert error.value.reason == "IMAGE_TRUNCATED", str(error.value)
     assert str(error.value).startswith(
         f"truncated image: the TIFF ends after {size} bytes, inside the values of its "
-        "first directory's tag "), str(error.value)
+        f"first directory's tag 258 (bytes {size} to {size + 6})"), str(error.value)
+
+
+def test_the_values_of_a_tag_decoding_skips_say_nothing_of_a_cut(
+        small_photo: np.ndarray) -> None:
+    """A private tag whose values would lie far past the end (a damaged count or
+    offset): Pillow skips it, and the file is whole."""
+    whole = bytearray(bad_images.uncompressed_tiff(small_photo[..., 1], 8, extra_tags=1))
+    entry = 8 + 2 + 12 * 9  # the private tag's, after the nine the fixture writes
+    assert struct.unpack_from("<H", whole, entry)[0] == 65000
+    struct.pack_into("<II", whole, entry + 4, 1000, 2**31)  # 1,000 SHORTs at 2 GiB
+    assert how_cut_short(bytes(whole), "TIFF") is None
+    assert decode_image(bytes(whole), max_pixels=CAP).rgb.shape[:2] == small_photo.shape[:2]
+
+
+def _bigtiff(order: str, directory_at: int, size: int) -> bytes:
+    """A BigTIFF header (its 8-byte offsets) pointing at a directory of no entries."""
+    head = (b"II+\0" if order == "<" else b"MM\0+") + struct.pack(order + "HHQ", 8, 0,
+                                                                   directory_at)
+    body = bytes(directory_at - len(head)) + struct.pack(order + "QQ", 0, 0)
+    return (head + body)[:size]
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_a_bigtiff_is_read_with_its_own_offsets(order: str) -> None:
+    """Its first directory's offset is 8 bytes at byte 8 (bytes 4 to 8 hold the offset
+    size, 8): a whole one is not cut, and one cut before its directory is. (Before, a
+    big-endian one was read as if its directory were at byte 524,288.)"""
+    whole = _bigtiff(order, 64, 80)
+    assert how_cut_short(whole, "TIFF") is None
+    cut = how_cut_short(whole[:40], "TIFF")
+    assert cut is not None and cut.how == ("the TIFF ends after 40 bytes, before its first "
+                                           "directory (at byte 64)")
 
 
 @pytest.mark.parametrize("compression", ["raw", "tiff_lzw", "tiff_deflate", "packbits",

@@ -4,7 +4,9 @@ real gRPC on loopback, with the real committed models under models/style-*."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import shutil
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -249,8 +251,6 @@ def test_two_artifacts_of_one_style_name_stop_the_start(tmp_path: Path,
                                                          caplog: pytest.LogCaptureFixture
                                                          ) -> None:
     """Neither may silently hide the other: `percept serve` exits 1 and names both."""
-    import shutil
-
     from services.common.server import serve
 
     models = tmp_path / "models"
@@ -265,13 +265,11 @@ def test_two_artifacts_of_one_style_name_stop_the_start(tmp_path: Path,
     assert str(models / "style-mine") in failure and "retrain one with another --name" in failure
 
 
+@needs_styles
 def test_styles_are_listed_by_name_and_a_style_without_a_title_is_titled_by_its_name(
         tmp_path: Path, small_photo: np.ndarray) -> None:
     """Two copies of a committed net named so that their folders and their names sort
     in opposite orders: ListStyles and the NOT_FOUND list go by name."""
-    import json
-    import shutil
-
     models = tmp_path / "models"
     for folder, name, title in (("style-a", "zebra", "Zebra stripes"), ("style-b", "apple",
                                                                          None)):
@@ -284,16 +282,16 @@ def test_styles_are_listed_by_name_and_a_style_without_a_title_is_titled_by_its_
             config["style"]["title"] = title
         (models / folder / "config.json").write_text(json.dumps(config))
     running = start_in_thread(server_config("style", models_dir=models, warmup=False))
+    channel = client.connect(running.target)
     try:
-        channel = client.connect(running.target)
         styles = client.list_styles(channel)
         assert [(s.name, s.title) for s in styles] == [("apple", "apple"),
                                                         ("zebra", "Zebra stripes")]
         with pytest.raises(grpc.RpcError) as error:
             stylize(channel, encode(small_photo), "mango")
         assert error.value.details() == "unknown style 'mango'; available: apple, zebra"
-        channel.close()
     finally:
+        channel.close()
         running.stop()
 
 

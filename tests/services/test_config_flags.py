@@ -4,17 +4,10 @@ and a health port of its own."""
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
-from services.common.config import ConfigError, add_server_arguments, config_from_args
-
-
-def _parsed(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_server_arguments(parser)
-    return parser.parse_args(argv)
+from services.common.config import ConfigError, config_from_args
+from tests.services.test_config_env import _parsed
 
 
 def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

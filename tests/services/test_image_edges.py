@@ -37,6 +37,7 @@ from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.images import REPLY_OVERHEAD_BYTES as OVERHEAD
 from services.common.images import decode_image, encode_image
 from services.common.png import encode_png, up_filtered_rows
+from services.common.tiff_directory import first_directory
 from services.common.truncation import how_cut_short
 from services.style import postprocess
 from tests.fixtures import bad_images, icc
@@ -46,10 +47,11 @@ RED = (220, 20, 20)
 
 
 def _tiff_directory_end(data: bytes) -> int:
-    """Where a little-endian classic TIFF's first directory's entries end: its 4-byte
-    offset of the next directory follows."""
-    first = struct.unpack_from("<I", data, 4)[0]
-    return first + 2 + 12 * struct.unpack_from("<H", data, first)[0]
+    """Where a TIFF's first directory's entries end: its next-directory offset follows."""
+    found = first_directory(data)
+    assert found is not None
+    _, _, entry_size, entries_at, entries = found
+    return entries_at + entry_size * entries
 
 
 # ----------------------------------------------------------------------------- truncation
